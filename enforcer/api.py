@@ -1,0 +1,141 @@
+"""The enforcer's HTTP faces: billing webhooks, the operator control socket, and /metrics.
+
+Webhooks are verified with the Standard Webhooks reference implementation before the body
+is even parsed; an unsigned request learns nothing but 401. The control socket is a Unix
+socket whose file permissions decide who may use it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from .daemon import Enforcer
+from .events import EventError, parse_event
+
+log = logging.getLogger("walled_garden.api")
+ENFORCER_KEY = web.AppKey("enforcer", Enforcer)
+VERIFIER_KEY = web.AppKey("verifier", object)
+#: Largest webhook body accepted; a billing event is a few hundred bytes.
+MAX_EVENT_BYTES = 64 * 1024
+
+
+class SecretError(ValueError):
+    pass
+
+
+def load_webhook_secret(path: str) -> Webhook:
+    """Read ``whsec_<base64>``; errors name the file and the problem, never the secret."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SecretError(f"{path}: cannot read webhook secret: {exc.strerror or exc}") from None
+    if not text.startswith("whsec_"):
+        raise SecretError(f"{path}: webhook secret must look like whsec_<base64>")
+    try:
+        key = binascii.a2b_base64(text[len("whsec_"):] + "==")
+    except binascii.Error:
+        raise SecretError(f"{path}: the part after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise SecretError(f"{path}: webhook secret is too short (at least 16 bytes after decoding)")
+    return Webhook(key)
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, sort_keys=True))
+
+
+async def post_event(request: web.Request) -> web.Response:
+    received = time.perf_counter()
+    enforcer = request.app[ENFORCER_KEY]
+    verifier = request.app[VERIFIER_KEY]
+    if not isinstance(verifier, Webhook):
+        enforcer.metrics.events.labels("unknown", "unavailable").inc()
+        return _json(503, {"error": "webhook secret not configured on this gateway"})
+    if request.content_length is not None and request.content_length > MAX_EVENT_BYTES:
+        return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
+    body = await request.read()
+    if len(body) > MAX_EVENT_BYTES:
+        return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
+    try:
+        verifier.verify(body, dict(request.headers), json_parse=False)
+    except (WebhookVerificationError, ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        enforcer.metrics.events.labels("unknown", "unauthorized").inc()
+        log.warning("event=webhook_rejected peer=%s why=%r", request.remote, str(exc) or type(exc).__name__)
+        return _json(401, {"error": "missing or invalid webhook signature, or timestamp more than 5 minutes off"})
+    event_id = request.headers["webhook-id"]
+    try:
+        event = parse_event(event_id, body)
+    except EventError as exc:
+        enforcer.metrics.events.labels("unknown", "malformed").inc()
+        return _json(400, {"error": str(exc), "id": event_id})
+    status, answer = await enforcer.handle_event(event, received)
+    return _json(status, answer)
+
+
+def webhook_app(enforcer: Enforcer, verifier: Webhook | None) -> web.Application:
+    app = web.Application(client_max_size=MAX_EVENT_BYTES)
+    app[ENFORCER_KEY] = enforcer
+    app[VERIFIER_KEY] = verifier if verifier is not None else object()
+    app.router.add_post("/v1/events", post_event)
+    return app
+
+
+async def get_lookup(request: web.Request) -> web.Response:
+    address = request.query.get("address", "")
+    try:
+        return _json(200, request.app[ENFORCER_KEY].lookup(address))
+    except ValueError:
+        return _json(400, {"error": f"address {address!r} is not an IP address"})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return _json(200, request.app[ENFORCER_KEY].status())
+
+
+def control_app(enforcer: Enforcer) -> web.Application:
+    app = web.Application()
+    app[ENFORCER_KEY] = enforcer
+    app.router.add_get("/v1/lookup", get_lookup)
+    app.router.add_get("/v1/status", get_status)
+    return app
+
+
+def metrics_app(enforcer: Enforcer) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(enforcer.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:
+    """Serve ``app`` on a Unix socket readable by owner and group only."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    old = os.umask(0o117)
+    try:
+        await web.UnixSite(runner, path).start()
+    finally:
+        os.umask(old)
+    return runner
+
+
+async def start_tcp_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner

@@ -1,0 +1,148 @@
+"""``walled-garden`` command line (SPEC §1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .config import Config, ConfigError, default_config_path, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or default_config_path())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import run
+    return run(_config(args))
+
+
+def cmd_portal(args: argparse.Namespace) -> int:
+    from captive_portal.server import run
+    run(_config(args))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config, the list file and the webhook secret; name every problem."""
+    from .api import SecretError, load_webhook_secret
+    from .subscribers import ListError
+    from .sources import read_list_file
+
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"config: {len(exc.issues)} error(s)", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    problems: list[str] = []
+    entries = None
+    if not config.subscribers.is_url:
+        try:
+            entries = len(read_list_file(config.subscribers.source).subscribers)
+        except ListError as exc:
+            problems += [str(i) for i in exc.issues]
+        except OSError as exc:
+            problems.append(f"{config.subscribers.source}: cannot read the subscriber list: {exc.strerror or exc}")
+    try:
+        load_webhook_secret(config.api.webhook_secret_file)
+    except SecretError as exc:
+        problems.append(str(exc))
+    if problems:
+        print(f"{config.path}: {len(problems)} error(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    listed = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
+    print(f"{config.path}: OK (table inet {config.gateway.table}{listed})")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Print the transaction a cold start would run with the current list; touches nothing."""
+    from .daemon import base_layout
+    from .dataplane.fake import FakeDataplane
+    from .policy import PolicyInputs
+    from .reconciler import Reconciler
+    from .sources import read_list_file
+
+    config = _config(args)
+    listed = {}
+    if not config.subscribers.is_url:
+        listed = {s.id: s for s in read_list_file(config.subscribers.source).subscribers}
+    fake = FakeDataplane(config.gateway.table)
+    Reconciler(fake, base_layout(config)).sync_all(PolicyInputs(listed, {}, {}).decide_all(0.0))
+    sys.stdout.write(fake.dump())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .control import ControlError, request
+
+    try:
+        status = request(_config(args).api.socket, "GET", "/v1/status")
+    except ControlError as exc:
+        print(f"walled-garden: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    modes = ", ".join(f"{k}={v}" for k, v in status["modes"].items())
+    sync = status.get("last_sync") or {}
+    source = status["source"]
+    print(f"restricted: {modes}")
+    print(f"kernel: {'in sync' if status['kernel_in_sync'] else 'OUT OF SYNC (repairing)'}; "
+          f"last sync {sync.get('kind', '-')} of {sync.get('elements', 0)} elements in {sync.get('seconds', 0)}s")
+    in_force = source.get("list_in_force") or {}
+    print(f"source: {source['configured']}; list in force: {in_force.get('entries', 0)} entries, "
+          f"age {source.get('list_age_seconds')}s")
+    if source.get("last_error"):
+        print(f"source error: {source['last_error']['message']}")
+    print(f"payment graces: {status['graces']}; overrides: {status['overrides']}; "
+          f"held changes: {len(status['held_changes'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import main
+    return main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="walled-garden",
+                                     description="Keep non-paying subscribers in a walled garden; "
+                                                 "let them out the moment they pay.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", help=f"config file (default {default_config_path()})")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("run", cmd_run, "run the enforcer daemon (foreground)")
+    add("portal", cmd_portal, "run the captive portal web server")
+    add("check-config", cmd_check_config, "validate the config, subscriber list and webhook secret")
+    add("render", cmd_render, "print the nftables ruleset that would be installed")
+    add("status", cmd_status, "show the running daemon's state").add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
+    demo.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"walled-garden: invalid configuration:\n{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

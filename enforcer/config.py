@@ -1,0 +1,347 @@
+"""Typed configuration (SPEC §2) and its validation.
+
+Every problem is collected rather than raised on the first one, so ``check-config`` can name
+them all at once by key path and line. Unknown keys are errors: a typo such as
+``payment_grase`` must not silently leave the default in force on a production router.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from . import yamlsource
+
+DEFAULT_PATH = "/etc/walled-garden/config.yaml"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def default_config_path() -> str:
+    """``WALLED_GARDEN_CONFIG`` overrides the packaged default."""
+    return os.environ.get("WALLED_GARDEN_CONFIG") or DEFAULT_PATH
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SubscribersConfig:
+    source: str
+    poll_interval: float = 60.0
+
+    @property
+    def is_url(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    subscriber_interfaces: tuple[str, ...] = ()
+    table: str = "walled_garden"
+
+
+@dataclass(frozen=True)
+class GardenConfig:
+    allow_networks: tuple[Network, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None  # None = any
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str = ""
+    phone: str = ""
+    email: str = ""
+    website: str = ""
+    hours: str = ""
+
+
+@dataclass(frozen=True)
+class PortalConfig:
+    listen: Listen = Listen("0.0.0.0", 8080)
+    url: str = "http://portal.isp.example/"
+    provider: Provider = Provider()
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    socket: str = "/run/walled-garden/control.sock"
+    listen: Listen | None = Listen("0.0.0.0", 8787)
+    webhook_secret_file: str = "/etc/walled-garden/webhook.secret"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Listen | None = Listen("127.0.0.1", 9640)
+    portal_listen: Listen | None = Listen("127.0.0.1", 9641)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    payment_grace: float = 3 * 86400.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    state_dir: str
+    subscribers: SubscribersConfig
+    gateway: GatewayConfig = GatewayConfig()
+    walled_garden: GardenConfig = GardenConfig()
+    portal: PortalConfig = PortalConfig()
+    api: ApiConfig = ApiConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    policy: PolicyConfig = PolicyConfig()
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    where: str  # "portal.url (config.yaml:12)"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised with every issue found; ``str()`` lists them one per line."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"15m"``, ``"72h"``, ``"3d"`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90, '15m', '72h' or '3d'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (examples: 90, '15m', '72h', '3d')")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_listen(value: Any) -> Listen:
+    """``"0.0.0.0:8080"`` or ``"[::]:8080"``: literal addresses only, no name lookups at bind."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not ADDRESS:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"port {number} is out of range 1-65535")
+    return Listen(host, number)
+
+
+class _Reader:
+    """Walks the raw mapping, records issues with key path and line, returns typed values."""
+
+    def __init__(self, located: yamlsource.Located, filename: str) -> None:
+        self.located = located
+        self.filename = filename
+        self.issues: list[ConfigIssue] = []
+
+    def where(self, path: tuple[str | int, ...]) -> str:
+        dotted = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path).replace(".[", "[")
+        line = self.located.line(path)
+        location = f"{self.filename}:{line}" if line else self.filename
+        return f"{dotted or '(top level)'} ({location})"
+
+    def fail(self, path: tuple[str | int, ...], message: str) -> None:
+        self.issues.append(ConfigIssue(self.where(path), message))
+
+    def section(self, raw: Any, path: tuple[str, ...], known: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.fail(path, f"expected a mapping, got {type(raw).__name__}")
+            return {}
+        for key in raw:
+            if key not in known:
+                self.fail(path + (str(key),), f"unknown key; expected one of: {', '.join(sorted(known))}")
+        return raw
+
+    def get(self, raw: dict[str, Any], path: tuple[str, ...], convert: Callable[[Any], Any], default: Any) -> Any:
+        key = path[-1]
+        if key not in raw:
+            return default
+        try:
+            return convert(raw[key])
+        except (ValueError, TypeError) as exc:
+            self.fail(path, str(exc))
+            return default
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _number(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _optional_listen(value: Any) -> Listen | None:
+    return None if value in (None, "", False) else parse_listen(value)
+
+
+def _http_url(value: Any) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate; raises ``ConfigError`` naming every problem."""
+    path = path or default_config_path()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(path, f"cannot read: {exc.strerror or exc}")]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str = "config.yaml") -> Config:
+    try:
+        located = yamlsource.load(text)
+    except yamlsource.YamlSyntaxError as exc:
+        where = f"{path}:{exc.line}" if exc.line else path
+        raise ConfigError([ConfigIssue(where, f"not valid YAML: {exc}")]) from None
+    r = _Reader(located, path)
+    top = r.section(located.data, (), {"state_dir", "subscribers", "gateway", "walled_garden",
+                                       "portal", "api", "metrics", "policy"})
+    if located.data is None:
+        r.fail((), "the file is empty")
+
+    state_dir = r.get(top, ("state_dir",), _string, "/var/lib/walled-garden")
+
+    raw = r.section(top.get("subscribers"), ("subscribers",), {"source", "poll_interval"})
+    if "subscribers" not in top or "source" not in raw:
+        r.fail(("subscribers", "source"), "required: a file path or an http(s) URL of the restricted list")
+    source = r.get(raw, ("subscribers", "source"), _string, "")
+    if source.startswith(("http://", "https://")):
+        r.get(raw, ("subscribers", "source"), _http_url, "")
+    elif source and not source.startswith("/"):
+        source = str((Path(path).parent / source).resolve())
+    subscribers = SubscribersConfig(source, r.get(raw, ("subscribers", "poll_interval"), _number, 60.0))
+
+    raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table"})
+    interfaces: list[str] = []
+    names = raw.get("subscriber_interfaces", [])
+    if not isinstance(names, list):
+        r.fail(("gateway", "subscriber_interfaces"), "expected a list of interface names ([] = any)")
+        names = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and _IFNAME.match(name):
+            interfaces.append(name)
+        else:
+            r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters)")
+    table = r.get(raw, ("gateway", "table"), _table_name, "walled_garden")
+    gateway = GatewayConfig(tuple(interfaces), table)
+
+    garden = _garden(r, r.section(top.get("walled_garden"), ("walled_garden",), {"allow", "dns"}))
+
+    raw = r.section(top.get("portal"), ("portal",), {"listen", "url", "provider"})
+    provider_raw = r.section(raw.get("provider"), ("portal", "provider"), set(Provider.__dataclass_fields__))
+    provider = Provider(**{k: r.get(provider_raw, ("portal", "provider", k), _string, "")
+                           for k in Provider.__dataclass_fields__})
+    portal = PortalConfig(
+        listen=r.get(raw, ("portal", "listen"), parse_listen, PortalConfig.listen),
+        url=r.get(raw, ("portal", "url"), _http_url, PortalConfig.url),
+        provider=provider,
+    )
+
+    raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file"})
+    api = ApiConfig(
+        socket=r.get(raw, ("api", "socket"), _string, ApiConfig.socket),
+        listen=r.get(raw, ("api", "listen"), _optional_listen, ApiConfig.listen),
+        webhook_secret_file=r.get(raw, ("api", "webhook_secret_file"), _string, ApiConfig.webhook_secret_file),
+    )
+
+    raw = r.section(top.get("metrics"), ("metrics",), {"listen", "portal_listen"})
+    metrics = MetricsConfig(
+        listen=r.get(raw, ("metrics", "listen"), _optional_listen, MetricsConfig.listen),
+        portal_listen=r.get(raw, ("metrics", "portal_listen"), _optional_listen, MetricsConfig.portal_listen),
+    )
+
+    raw = r.section(top.get("policy"), ("policy",), {"payment_grace"})
+    policy = PolicyConfig(payment_grace=r.get(raw, ("policy", "payment_grace"), parse_duration,
+                                              PolicyConfig.payment_grace))
+
+    if r.issues:
+        raise ConfigError(r.issues)
+    return Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
+                  walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy)
+
+
+def _table_name(value: Any) -> str:
+    text = _string(value)
+    if not _TABLE.match(text):
+        raise ValueError(f"{text!r} is not a valid nftables table name (letters, digits, _; max 32)")
+    return text
+
+
+def _garden(r: _Reader, raw: dict[str, Any]) -> GardenConfig:
+    networks: list[Network] = []
+    hosts: list[str] = []
+    allow = raw.get("allow", [])
+    if not isinstance(allow, list):
+        r.fail(("walled_garden", "allow"), "expected a list of CIDRs or hostnames")
+        allow = []
+    for i, item in enumerate(allow):
+        text = str(item)
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+            continue
+        except ValueError:
+            pass
+        if isinstance(item, str) and _HOSTNAME.match(text) and not text.replace(".", "").isdigit():
+            hosts.append(text.rstrip("."))
+        else:
+            r.fail(("walled_garden", "allow", i), f"{text!r} is neither a CIDR nor a hostname")
+    dns_raw = raw.get("dns", "any")
+    dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
+    if dns_raw != "any":
+        dns = []
+        if not isinstance(dns_raw, list):
+            r.fail(("walled_garden", "dns"), "expected 'any' or a list of resolver addresses")
+        else:
+            for i, item in enumerate(dns_raw):
+                try:
+                    dns.append(ipaddress.ip_address(str(item)))
+                except ValueError:
+                    r.fail(("walled_garden", "dns", i), f"{item!r} is not an IP address")
+    return GardenConfig(tuple(networks), tuple(hosts), None if dns is None else tuple(dns))

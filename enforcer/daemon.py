@@ -1,0 +1,326 @@
+"""The enforcer: inputs in, kernel changes out, one change at a time.
+
+Every input (the list, a billing event, a grace expiring) updates the policy inputs, the
+policy decides, the reconciler turns decisions into a kernel transaction, and connections of
+subscribers whose enforcement changed are flushed. An asyncio lock orders changes; kernel
+calls run on one dedicated thread so a 100k-element load never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from . import policy
+from .config import Config
+from .conntrack import Conntrack, ConntrackError
+from .dataplane.backend import Dataplane, DataplaneError
+from .dataplane.layout import Layout, mode_map
+from .events import PAYMENT, RELEASED, RESTRICTED, Event
+from .metrics import Metrics
+from .policy import Decision, Override
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
+from .sources import ListUpdate, SourceFailure
+from .store import Store
+from .subscribers import Mode, Network
+
+log = logging.getLogger("walled_garden.enforcer")
+T = TypeVar("T")
+
+#: Seconds between attempts to repair the kernel table after a failed sync.
+RESYNC_SECONDS = 2.0
+
+
+def base_layout(config: Config) -> Layout:
+    return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
+                  allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
+                  portal_port=config.portal.listen.port)
+
+
+class Enforcer:
+    def __init__(self, config: Config, dataplane: Dataplane | None = None, conntrack: Conntrack | None = None,
+                 clock: Callable[[], float] = time.time, store: Store | None = None) -> None:
+        if dataplane is None:
+            from .dataplane.kernel import KernelDataplane
+            dataplane = KernelDataplane(config.gateway.table)
+        self.config = config
+        self.clock = clock
+        self.store = store or Store(config.state_dir)
+        self.inputs = self.store.load_inputs()
+        self.metrics = Metrics()
+        self.reconciler = Reconciler(dataplane, base_layout(config))
+        self.conntrack = conntrack or Conntrack()
+        self.lock = asyncio.Lock()
+        self.decisions: dict[str, Decision] = {}
+        self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
+        self._changed = asyncio.Event()   # wakes the timer when graces change
+        self._background: set[asyncio.Task[Any]] = set()
+        self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
+        self.source_error: dict[str, Any] | None = None
+        self.last_sync: dict[str, Any] = {}
+        self.metrics.list_entries.set(len(self.inputs.listed))
+
+    # -- kernel ---------------------------------------------------------------------------
+    async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)
+
+    async def sync_all(self, read_kernel: bool = False) -> SyncResult:
+        """Make the whole table match the policy now (caller holds the lock)."""
+        now = self.clock()
+        decisions = self.inputs.decide_all(now)
+        started = time.perf_counter()
+        try:
+            result = await self._kernel(self.reconciler.sync_all, decisions, read_kernel)
+        except DataplaneError as exc:
+            self.metrics.sync_failures.inc()
+            log.error("event=sync_failed kind=full error=%r", str(exc))
+            raise
+        self._synced(result, time.perf_counter() - started)
+        self.decisions = decisions
+        self._record_enforced(decisions, removed=(), full=True)
+        self._spawn(self._flush(result.changed, "sync"))
+        return result
+
+    async def _update(self, decisions: dict[str, Decision]) -> SyncResult:
+        """Apply a few subscribers' decisions as a diff (caller holds the lock)."""
+        started = time.perf_counter()
+        try:
+            result = await self._kernel(self.reconciler.update, decisions)
+        except NeedsFullSync:
+            return await self.sync_all()
+        except AddressConflict:
+            raise
+        except DataplaneError as exc:
+            self.metrics.sync_failures.inc()
+            log.error("event=sync_failed kind=partial error=%r", str(exc))
+            raise
+        self._synced(result, time.perf_counter() - started)
+        self.decisions.update(decisions)
+        self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted])
+        return result
+
+    def _synced(self, result: SyncResult, seconds: float) -> None:
+        self.metrics.sync_seconds.labels(result.kind).observe(seconds)
+        self.metrics.last_sync.set(self.clock())
+        self.last_sync = {"kind": result.kind, "at": self.clock(), "seconds": round(seconds, 6),
+                          "elements": result.elements}
+        log.info("event=sync kind=%s elements=%d seconds=%.4f changed=%d", result.kind, result.elements,
+                 seconds, len(result.changed))
+
+    def _record_enforced(self, decisions: dict[str, Decision], removed: Any, full: bool = False) -> None:
+        counts: dict[Mode, int] = {}
+        for decision in self.decisions.values():
+            if decision.restricted:
+                counts[decision.mode] = counts.get(decision.mode, 0) + 1
+        self.metrics.set_modes(counts)
+        rows = {sid: (d.mode.value, [str(a) for a in d.subscriber.addresses], d.subscriber.reason)
+                for sid, d in decisions.items() if d.restricted and d.subscriber}
+        gone = set(removed)
+        if full:  # anything not restricted any more goes
+            gone |= set(self.store.enforced()) - set(rows)
+        self.store.save_enforced(rows, gone)
+
+    async def _flush(self, networks: set[Network], why: str) -> int | None:
+        if not networks:
+            return 0
+        try:
+            deleted = await self.conntrack.flush(networks)
+        except (ConntrackError, OSError) as exc:
+            self.metrics.conntrack_failures.inc()
+            log.error("event=conntrack_flush_failed cause=%s error=%r", why, str(exc))
+            return None
+        self.metrics.conntrack_flushed.inc(deleted)
+        log.info("event=conntrack_flushed cause=%s networks=%d entries=%d", why, len(networks), deleted)
+        return deleted
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- start-up -------------------------------------------------------------------------
+    async def restore(self) -> SyncResult:
+        """Enforce what the state says, reconciling with whatever the kernel holds."""
+        async with self.lock:
+            result = await self.sync_all(read_kernel=True)
+        log.info("event=restored restricted=%d kind=%s", sum(d.restricted for d in self.decisions.values()),
+                 result.kind)
+        return result
+
+    # -- the list -------------------------------------------------------------------------
+    async def on_list(self, update: ListUpdate) -> None:
+        new = {s.id: s for s in update.subscribers}
+        async with self.lock:
+            old = self.inputs.listed
+            changed = policy.apply_list(self.inputs, new)
+            meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
+                    "fingerprint": update.fingerprint}
+            self.store.save_list(old, new, meta)
+            self.list_status, self.source_error = meta, None
+            self.metrics.source_success.set(self.clock())
+            self.metrics.list_entries.set(len(new))
+            log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
+            if changed or self.reconciler.needs_full:
+                try:
+                    await self.sync_all()
+                except DataplaneError:
+                    self._changed.set()  # the repair loop retries
+
+    async def on_source_failure(self, failure: SourceFailure) -> None:
+        self.metrics.source_failures.labels(failure.reason).inc()
+        self.source_error = {"origin": failure.origin, "reason": failure.reason, "message": failure.message,
+                             "at": self.clock()}
+        log.error("event=list_rejected origin=%s reason=%s detail=%r (nothing changed)", failure.origin,
+                  failure.reason, failure.message)
+
+    # -- billing events ------------------------------------------------------------------------
+    async def handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
+        """Apply one verified event; answers only after the kernel commit and the flush."""
+        async with self.lock:
+            prior = self.store.event_answer(event.id)
+            if prior is not None:
+                self.metrics.events.labels(event.type, "duplicate").inc()
+                return prior
+            sid = event.subscriber_id
+            stale = self._stale(event)
+            if stale:
+                answer = {"id": event.id, "result": "ignored", "detail": stale}
+                self.store.record_event(event.id, 200, answer)
+                self.metrics.events.labels(event.type, "stale").inc()
+                return 200, answer
+            saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid))
+            now = self.clock()
+            self._apply_event(event, now)
+            decision = self.inputs.decide(sid, now)
+            try:
+                result = await self._update({sid: decision})
+            except AddressConflict as exc:
+                self._restore_inputs(sid, saved)
+                self.metrics.events.labels(event.type, "conflict").inc()
+                return 409, {"error": str(exc)}
+            except DataplaneError as exc:
+                self._restore_inputs(sid, saved)
+                self.metrics.events.labels(event.type, "error").inc()
+                return 503, {"error": f"kernel change failed, retry later: {exc}"}
+            self.metrics.event_to_enforce.observe(time.perf_counter() - received)
+            self._changed.set()
+        flushed = await self._flush(result.changed, f"event {event.id}")
+        answer = {"id": event.id, "result": "applied", "subscriber": sid, "mode": decision.mode.value,
+                  "cause": decision.cause, "connections_flushed": flushed}
+        if decision.until:
+            answer["until"] = decision.until
+        async with self.lock:
+            self.store.record_event(event.id, 200, answer, self.inputs, sid)
+        self.metrics.events.labels(event.type, "applied").inc()
+        log.info("event=billing_event id=%s type=%s subscriber=%s mode=%s", event.id, event.type, sid,
+                 decision.mode.value)
+        return 200, answer
+
+    def _stale(self, event: Event) -> str:
+        """Why an event is older than what we already know about its subscriber, or ''."""
+        override = self.inputs.overrides.get(event.subscriber_id)
+        grace = self.inputs.graces.get(event.subscriber_id)
+        latest = max([o for o in (override.at if override else None, grace.paid_at if grace else None)
+                      if o is not None], default=None)
+        if latest is not None and event.timestamp < latest:
+            return f"older than the last event for {event.subscriber_id}; not applied"
+        return ""
+
+    def _apply_event(self, event: Event, now: float) -> None:
+        sid, at = event.subscriber_id, min(event.timestamp, now)
+        cause = f"event {event.id} ({event.type})"
+        if event.type == PAYMENT:
+            policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause)
+        elif event.type == RESTRICTED:
+            policy.record_override(self.inputs, sid, Override(True, at, cause, event.subscriber))
+        elif event.type == RELEASED:
+            policy.record_override(self.inputs, sid, Override(False, at, cause))
+
+    def _restore_inputs(self, sid: str, saved: tuple[Override | None, policy.Grace | None]) -> None:
+        for table, value in zip((self.inputs.overrides, self.inputs.graces), saved):
+            if value is None:
+                table.pop(sid, None)
+            else:
+                table[sid] = value  # type: ignore[index]
+
+    # -- time ---------------------------------------------------------------------------------
+    async def timers(self, stop: asyncio.Event) -> None:
+        """Expire graces at their instant, and repair the kernel table after failures."""
+        while not stop.is_set():
+            now = self.clock()
+            due = self.inputs.next_change(now)
+            wait = RESYNC_SECONDS if self.reconciler.needs_full else (min(due - now, 3600.0) if due else 3600.0)
+            self._changed.clear()
+            stopper = asyncio.ensure_future(stop.wait())
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({stopper, changed}, timeout=max(wait, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            changed.cancel()
+            if stop.is_set():
+                return
+            try:
+                await self._tick()
+            except DataplaneError:
+                pass  # logged and counted; retried on the next round
+
+    async def _tick(self) -> None:
+        async with self.lock:
+            if self.reconciler.needs_full:
+                await self.sync_all(read_kernel=True)
+                return
+            now = self.clock()
+            ended = policy.expire(self.inputs, now)
+            if not ended:
+                return
+            self.store.drop_graces(ended)
+            decisions = {sid: self.inputs.decide(sid, now) for sid in ended}
+            result = await self._update(decisions)
+        log.info("event=grace_expired subscribers=%s", ",".join(sorted(ended)))
+        await self._flush(result.changed, "grace expiry")
+
+    # -- queries ------------------------------------------------------------------------------
+    def lookup(self, address: str) -> dict[str, Any]:
+        """Is this address restricted, in which mode, and why (category only)?"""
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        layout = self.reconciler.layout
+        prefixes = sorted((p for p in (layout.prefixes if layout else ()) if p[0] == ip.version),
+                          key=lambda p: -p[1])
+        for version, plen in prefixes:
+            key = str(ipaddress.ip_network(f"{ip}/{plen}", strict=False).network_address)
+            sid = self.reconciler.owner.get((mode_map(version, plen), key))
+            decision = self.decisions.get(sid) if sid else None
+            if decision is not None and decision.restricted and decision.subscriber is not None:
+                return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
+                        "reason": decision.subscriber.reason, "subscriber": sid}
+        return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None}
+
+    def status(self) -> dict[str, Any]:
+        counts = {m.value: 0 for m in Mode.restricting()}
+        for decision in self.decisions.values():
+            if decision.restricted:
+                counts[decision.mode.value] += 1
+        now = self.clock()
+        loaded = self.list_status.get("loaded_at")
+        return {
+            "modes": counts,
+            "last_sync": self.last_sync,
+            "kernel_in_sync": not self.reconciler.needs_full,
+            "source": {"configured": self.config.subscribers.source, "list_in_force": self.list_status,
+                       "list_age_seconds": round(now - loaded, 1) if loaded else None,
+                       "last_error": self.source_error},
+            "graces": len(self.inputs.graces),
+            "overrides": len(self.inputs.overrides),
+            "held_changes": [],
+        }
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        self._kernel_thread.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,163 @@
+"""The shape of our one nftables table: chains, sets, maps and the rules that use them.
+
+Subscriber addresses live in hash maps keyed by address, one map per (family, prefix
+length), looked up with a mask for prefixes; interval sets are avoided because deleting
+from large ones is slow (SPEC §7). Each restricted address is one element in a verdict map
+(filter hook: which mode chain applies) and one element in a redirect set (nat hook: send
+plain HTTP to the portal). Everything the layout renders is derived from config, so a
+``tag`` of the rendered text tells whether the kernel already holds this exact layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..subscribers import Mode, Network
+
+#: Prefix lengths kept ready even when no subscriber uses them yet, so the common cases never
+#: need a layout change (which costs a full sync).
+STANDARD_PREFIXES: frozenset[tuple[int, int]] = frozenset({(4, 32), (6, 128), (6, 64), (6, 56)})
+
+#: The chain each restricting mode jumps to from the forward hook.
+MODE_CHAINS: dict[Mode, str] = {
+    Mode.WALLED_GARDEN: "garden",
+    Mode.NOTICE: "notice",
+    Mode.THROTTLE: "throttle",
+}
+
+_ICMP4_ERRORS = "destination-unreachable, time-exceeded, parameter-problem"
+_ICMP6_ERRORS = "destination-unreachable, packet-too-big, time-exceeded, parameter-problem"
+
+
+MODE_PREFIX = "mode"
+
+
+def mode_map(version: int, prefixlen: int) -> str:
+    return f"{MODE_PREFIX}{version}_{prefixlen}"
+
+
+def redirect_set(version: int, prefixlen: int) -> str:
+    return f"portal{version}_{prefixlen}"
+
+
+HOST_ALLOW = {4: "allowhost4", 6: "allowhost6"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything static about the table; two equal layouts render identical text."""
+
+    table: str
+    interfaces: tuple[str, ...]
+    allow: tuple[Network, ...]
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None
+    portal_port: int
+    prefixes: frozenset[tuple[int, int]] = STANDARD_PREFIXES
+
+    def with_prefixes(self, used: set[tuple[int, int]]) -> "Layout":
+        wanted = STANDARD_PREFIXES | frozenset(used)
+        if wanted == self.prefixes:
+            return self
+        return Layout(self.table, self.interfaces, self.allow, self.dns, self.portal_port, wanted)
+
+    def containers(self) -> dict[str, str]:
+        """Name → ``"map"`` or ``"set"`` for every element container the reconciler fills."""
+        out: dict[str, str] = {}
+        for version, plen in sorted(self.prefixes):
+            out[mode_map(version, plen)] = "map"
+            out[redirect_set(version, plen)] = "set"
+        out[HOST_ALLOW[4]] = "set"
+        out[HOST_ALLOW[6]] = "set"
+        return out
+
+    @cached_property
+    def tag(self) -> str:
+        return hashlib.sha256(self._body.encode()).hexdigest()[:16]
+
+    def render(self) -> str:
+        """The table as ``nft -f`` text, without subscriber elements."""
+        return self._body.replace("@@TAG@@", self.tag)
+
+    @cached_property
+    def _body(self) -> str:
+        lines = [f"table inet {self.table} {{",
+                 '\tcomment "managed by walled-garden; do not edit: changes are overwritten"']
+        for version, plen in sorted(self.prefixes):
+            addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+            lines.append(f"\tmap {mode_map(version, plen)} {{ type {addr} : verdict; }}")
+            lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
+        for version in (4, 6):
+            addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+            nets = ", ".join(str(n) for n in self.allow if n.version == version)
+            elements = f" elements = {{ {nets} }};" if nets else ""
+            lines.append(f"\tset allow{version} {{ type {addr}; flags interval;{elements} }}")
+            lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
+            if self.dns is not None:
+                resolvers = ", ".join(str(a) for a in self.dns if a.version == version)
+                elements = f" elements = {{ {resolvers} }};" if resolvers else ""
+                lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
+        lines += self._garden_chain() + self._open_chains() + self._hooks()
+        lines.append("\tchain layout {")
+        lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
+        lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def _garden_chain(self) -> list[str]:
+        """Walled-garden mode: the allowed few pass, TCP gets a reset, the rest admin-prohibited."""
+        rules = ["ip daddr @allow4 accept", "ip6 daddr @allow6 accept",
+                 f"ip daddr @{HOST_ALLOW[4]} accept", f"ip6 daddr @{HOST_ALLOW[6]} accept"]
+        if self.dns is None:
+            rules.append("meta l4proto { tcp, udp } th dport 53 accept")
+        else:
+            rules.append("ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept")
+            rules.append("ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept")
+        rules += ["udp dport 123 accept",
+                  f"icmp type {{ {_ICMP4_ERRORS} }} accept",
+                  f"icmpv6 type {{ {_ICMP6_ERRORS} }} accept",
+                  'meta l4proto tcp counter name "refused_tcp" reject with tcp reset',
+                  'counter name "refused_other" reject with icmpx admin-prohibited']
+        return ["\tcounter refused_tcp { }", "\tcounter refused_other { }", "\tcounter redirected { }",
+                "\tchain garden {"] + [f"\t\t{r}" for r in rules] + ["\t}"]
+
+    def _open_chains(self) -> list[str]:
+        """Notice and throttle leave forwarding open; their difference is the portal's business."""
+        return ["\tchain notice {", "\t}", "\tchain throttle {", "\t}"]
+
+    def _hooks(self) -> list[str]:
+        iif = ""
+        if self.interfaces:
+            iif = "iifname { " + ", ".join(f'"{name}"' for name in self.interfaces) + " } "
+        forward, nat = [], []
+        # Longest prefix first so the most specific entry decides.
+        for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
+            match = _masked_saddr(version, plen)
+            forward.append(f"{iif}{match} vmap @{mode_map(version, plen)}")
+            daddr = "ip daddr" if version == 4 else "ip6 daddr"
+            nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 "
+                       f"{daddr} != @allow{version} {daddr} != @{HOST_ALLOW[version]} "
+                       f'counter name "redirected" redirect to :{self.portal_port}')
+        return (["\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;"]
+                + [f"\t\t{r}" for r in forward] + ["\t}",
+                   "\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat - 10; policy accept;"]
+                + [f"\t\t{r}" for r in nat] + ["\t}"])
+
+
+def _masked_saddr(version: int, prefixlen: int) -> str:
+    field_ = "ip saddr" if version == 4 else "ip6 saddr"
+    full = 32 if version == 4 else 128
+    if prefixlen == full:
+        return field_
+    mask = ipaddress.ip_network(f"{'0.0.0.0' if version == 4 else '::'}/{prefixlen}").netmask
+    return f"{field_} & {mask}"
+
+
+def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | None]]:
+    """The (container, key, value) elements that restrict one address or prefix in ``mode``."""
+    version, plen = network.version, network.prefixlen
+    key = str(network.network_address)
+    return [(mode_map(version, plen), key, f"goto {MODE_CHAINS[mode]}"),
+            (redirect_set(version, plen), key, None)]

@@ -1,0 +1,76 @@
+"""A batch of table changes that the kernel applies all-or-nothing.
+
+Modelled on knftables: callers build a ``Transaction`` of a few kinds of operation, and a
+backend runs it atomically. ``render()`` gives ``nft -f`` text, so what the fake records
+is exactly what the kernel would be asked to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class ReplaceTable:
+    """Create the table afresh with ``layout`` (atomic: no moment without it)."""
+
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class AddElements:
+    container: str
+    items: tuple[tuple[str, str | None], ...]  # (key, verdict or None for a plain set)
+
+
+@dataclass(frozen=True)
+class DeleteElements:
+    container: str
+    keys: tuple[str, ...]
+
+
+Operation = ReplaceTable | AddElements | DeleteElements
+
+
+@dataclass
+class Transaction:
+    table: str
+    operations: list[Operation] = field(default_factory=list)
+
+    def replace_table(self, layout: Layout) -> None:
+        self.operations.append(ReplaceTable(layout))
+
+    def add(self, container: str, items: Iterable[tuple[str, str | None]]) -> None:
+        items = tuple(items)
+        if items:
+            self.operations.append(AddElements(container, items))
+
+    def delete(self, container: str, keys: Iterable[str]) -> None:
+        keys = tuple(keys)
+        if keys:
+            self.operations.append(DeleteElements(container, keys))
+
+    def __bool__(self) -> bool:
+        return bool(self.operations)
+
+    def element_count(self) -> int:
+        return sum(len(op.items) if isinstance(op, AddElements) else len(op.keys)
+                   for op in self.operations if not isinstance(op, ReplaceTable))
+
+    def render(self) -> str:
+        out: list[str] = []
+        prefix = f"inet {self.table}"
+        for op in self.operations:
+            if isinstance(op, ReplaceTable):
+                # "add" makes the delete valid when the table is absent; all one batch.
+                out.append(f"add table {prefix}\ndelete table {prefix}\n")
+                out.append(op.layout.render())
+            elif isinstance(op, AddElements):
+                body = ", ".join(key if value is None else f"{key} : {value}" for key, value in op.items)
+                out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
+            else:
+                out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")
+        return "".join(out)

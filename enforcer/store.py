@@ -1,0 +1,160 @@
+"""Durable state in SQLite under ``state_dir``.
+
+What must survive a reboot (when the kernel's table is gone): the last good list, the
+overrides and payment graces the policy reads, the answers to processed webhook ids (so a
+retry acts once), and what we enforce (for ``status`` and audits). With these the daemon
+restores enforcement at start-up before any source answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .policy import Grace, Override, PolicyInputs
+from .subscribers import Subscriber
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS overrides (id TEXT PRIMARY KEY, restrict_ INTEGER NOT NULL, at REAL NOT NULL,
+    cause TEXT NOT NULL, entry TEXT);
+CREATE TABLE IF NOT EXISTS graces (id TEXT PRIMARY KEY, paid_at REAL NOT NULL, until REAL NOT NULL,
+    cause TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, received_at REAL NOT NULL,
+    status INTEGER NOT NULL, answer TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS enforced (id TEXT PRIMARY KEY, mode TEXT NOT NULL, addresses TEXT NOT NULL,
+    reason TEXT NOT NULL, since REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (received_at);
+"""
+
+#: How long a processed webhook id is remembered; Standard Webhooks retries stop well before.
+EVENT_RETENTION = 7 * 86400.0
+
+
+class Store:
+    def __init__(self, state_dir: str) -> None:
+        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.path = os.path.join(state_dir, "state.sqlite3")
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ---------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- policy inputs --------------------------------------------------------------------
+    def load_inputs(self) -> PolicyInputs:
+        listed = {row[0]: Subscriber.from_json(json.loads(row[1]))
+                  for row in self.db.execute("SELECT id, entry FROM listed")}
+        overrides = {
+            row[0]: Override(bool(row[1]), row[2], row[3],
+                             Subscriber.from_json(json.loads(row[4])) if row[4] else None)
+            for row in self.db.execute("SELECT id, restrict_, at, cause, entry FROM overrides")}
+        graces = {row[0]: Grace(row[1], row[2], row[3])
+                  for row in self.db.execute("SELECT id, paid_at, until, cause FROM graces")}
+        return PolicyInputs(listed, overrides, graces)
+
+    def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any]) -> None:
+        """Store a new good list as a diff against the previous one, in one transaction."""
+        with self._transaction():
+            self.db.executemany("DELETE FROM listed WHERE id = ?", [(sid,) for sid in old.keys() - new.keys()])
+            self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
+                                [(sid, json.dumps(sub.to_json())) for sid, sub in new.items()
+                                 if old.get(sid) != sub])
+            self.db.executemany("DELETE FROM overrides WHERE id = ?",
+                                [(sid,) for sid in (old.keys() ^ new.keys())
+                                 | {s for s in old.keys() & new.keys() if old[s] != new[s]}])
+            self.set_meta("list", meta)
+
+    def save_subscriber(self, inputs: PolicyInputs, subscriber_id: str) -> None:
+        """Persist one subscriber's override and grace as they now stand in ``inputs``."""
+        with self._transaction():
+            self._write_subscriber(inputs, subscriber_id)
+
+    def _write_subscriber(self, inputs: PolicyInputs, sid: str) -> None:
+        override = inputs.overrides.get(sid)
+        if override is None:
+            self.db.execute("DELETE FROM overrides WHERE id = ?", (sid,))
+        else:
+            entry = json.dumps(override.subscriber.to_json()) if override.subscriber else None
+            self.db.execute("INSERT OR REPLACE INTO overrides VALUES (?, ?, ?, ?, ?)",
+                            (sid, int(override.restrict), override.at, override.cause, entry))
+        grace = inputs.graces.get(sid)
+        if grace is None:
+            self.db.execute("DELETE FROM graces WHERE id = ?", (sid,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO graces VALUES (?, ?, ?, ?)",
+                            (sid, grace.paid_at, grace.until, grace.cause))
+
+    def drop_graces(self, ids: Iterable[str]) -> None:
+        with self._transaction():
+            self.db.executemany("DELETE FROM graces WHERE id = ?", [(sid,) for sid in ids])
+
+    # -- webhook ids ----------------------------------------------------------------------
+    def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:
+        row = self.db.execute("SELECT status, answer FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    def record_event(self, event_id: str, status: int, answer: dict[str, Any],
+                     inputs: PolicyInputs | None = None, subscriber_id: str | None = None) -> None:
+        """The answer and the policy change it caused, committed together."""
+        now = time.time()
+        with self._transaction():
+            if inputs is not None and subscriber_id is not None:
+                self._write_subscriber(inputs, subscriber_id)
+            self.db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                            (event_id, now, status, json.dumps(answer)))
+
+    def prune_events(self, now: float | None = None) -> int:
+        cutoff = (now or time.time()) - EVENT_RETENTION
+        return self.db.execute("DELETE FROM events WHERE received_at < ?", (cutoff,)).rowcount
+
+    # -- enforcement record ------------------------------------------------------------------
+    def save_enforced(self, rows: dict[str, tuple[str, list[str], str]], removed: Iterable[str]) -> None:
+        """Upsert ``id → (mode, addresses, reason)`` rows; ``since`` is kept when nothing changed."""
+        now = time.time()
+        with self._transaction():
+            self.db.executemany("DELETE FROM enforced WHERE id = ?", [(sid,) for sid in removed])
+            if len(rows) > 64:  # one scan beats many point reads on a full sync
+                current = {r[0]: r[1:] for r in self.db.execute("SELECT id, mode, addresses, reason FROM enforced")}
+            else:
+                current = {sid: r for sid in rows for r in self.db.execute(
+                    "SELECT mode, addresses, reason FROM enforced WHERE id = ?", (sid,))}
+            self.db.executemany("INSERT OR REPLACE INTO enforced VALUES (?, ?, ?, ?, ?)",
+                                [(sid, mode, json.dumps(addresses), reason, now)
+                                 for sid, (mode, addresses, reason) in rows.items()
+                                 if current.get(sid) != (mode, json.dumps(addresses), reason)])
+
+    def enforced(self) -> dict[str, dict[str, Any]]:
+        return {row[0]: {"mode": row[1], "addresses": json.loads(row[2]), "reason": row[3], "since": row[4]}
+                for row in self.db.execute("SELECT id, mode, addresses, reason, since FROM enforced")}
+
+    def _transaction(self) -> "_Tx":
+        return _Tx(self.db)
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE``/``COMMIT`` (autocommit connection), rolled back on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,269 @@
+"""The restricted-subscriber list from billing (SPEC §3): data model and parsing.
+
+A list is all-or-nothing: one bad line rejects the whole list, so a truncated or corrupted
+export can never lift or restrict anybody by accident. Every problem is reported with
+``file:line`` so the billing team can fix the export without guessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any, Iterable
+
+from . import yamlsource
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Broadest prefix one subscriber may hold; anything wider is almost surely an export bug.
+MIN_PREFIX = {4: 16, 6: 32}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+_REASON = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_FIELDS = ("id", "addresses", "mode", "reason")
+
+
+class Mode(str, enum.Enum):
+    """How a subscriber is restricted; ``FREE`` is the absence of any restriction."""
+
+    FREE = "free"
+    NOTICE = "notice"
+    THROTTLE = "throttle"
+    WALLED_GARDEN = "walled-garden"
+
+    @classmethod
+    def restricting(cls) -> tuple["Mode", ...]:
+        return (cls.NOTICE, cls.THROTTLE, cls.WALLED_GARDEN)
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """One restricted subscriber as billing names it."""
+
+    id: str
+    addresses: tuple[Network, ...]
+    mode: Mode = Mode.WALLED_GARDEN
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "addresses": [str(a) for a in self.addresses],
+                "mode": self.mode.value, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Subscriber":
+        return cls(data["id"], tuple(ipaddress.ip_network(a) for a in data["addresses"]),
+                   Mode(data["mode"]), data.get("reason", ""))
+
+
+@dataclass(frozen=True)
+class ListIssue:
+    location: str  # "restricted.csv:12"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class ListError(Exception):
+    """The list was rejected; nothing from it may be applied."""
+
+    def __init__(self, issues: list[ListIssue]) -> None:
+        self.issues = issues
+        shown = "\n".join(str(i) for i in issues[:20])
+        more = f"\n... and {len(issues) - 20} more" if len(issues) > 20 else ""
+        super().__init__(shown + more)
+
+
+def parse_address(text: str) -> Network:
+    """An address or prefix as billing writes it; host bits in a prefix are an error."""
+    network = ipaddress.ip_network(text.strip(), strict=True)
+    if network.prefixlen < MIN_PREFIX[network.version]:
+        raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "
+                         "refusing a prefix that wide for one subscriber")
+    return network
+
+
+def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber | None:
+    """Check one list/event entry (a mapping); append issues, return the subscriber if clean."""
+    if not isinstance(raw, dict):
+        issues.append(ListIssue(where, f"expected a mapping with id and addresses, got {type(raw).__name__}"))
+        return None
+    before = len(issues)
+    for key in raw:
+        if key not in _FIELDS:
+            issues.append(ListIssue(where, f"unknown field {key!r}; expected {', '.join(_FIELDS)}"))
+    ident = raw.get("id")
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.match(str(ident)):
+        issues.append(ListIssue(where, f"id {ident!r} is missing or not a subscriber id "
+                                       "(letters, digits and . _ : / -, at most 64)"))
+    addresses_raw = raw.get("addresses")
+    if isinstance(addresses_raw, str):
+        addresses_raw = addresses_raw.split()
+    networks: list[Network] = []
+    if not isinstance(addresses_raw, list) or not addresses_raw:
+        issues.append(ListIssue(where, "addresses: at least one IPv4/IPv6 address or prefix is required"))
+    else:
+        for item in addresses_raw:
+            try:
+                network = parse_address(str(item))
+            except ValueError as exc:
+                issues.append(ListIssue(where, f"address {item!r}: {exc}"))
+                continue
+            if network in networks:
+                issues.append(ListIssue(where, f"address {network} is listed twice"))
+            networks.append(network)
+    mode = Mode.WALLED_GARDEN
+    mode_raw = raw.get("mode")
+    if mode_raw not in (None, ""):
+        try:
+            mode = Mode(str(mode_raw))
+            if mode is Mode.FREE:
+                raise ValueError
+        except ValueError:
+            issues.append(ListIssue(where, f"mode {mode_raw!r} is not one of "
+                                           f"{', '.join(m.value for m in Mode.restricting())}"))
+    reason = raw.get("reason") or ""
+    if reason and (not isinstance(reason, str) or not _REASON.match(reason)):
+        issues.append(ListIssue(where, f"reason {reason!r} must be a short category such as 'overdue' "
+                                       "(lowercase letters, digits, - and _; no names or amounts)"))
+    if len(issues) > before:
+        return None
+    return Subscriber(str(ident), tuple(networks), mode, reason)
+
+
+def detect_format(name: str, text: str, content_type: str = "") -> str:
+    """``yaml``, ``json`` or ``csv`` from the content type, file suffix, or the text itself."""
+    content_type = content_type.split(";")[0].strip().lower()
+    if content_type.endswith("json"):
+        return "json"
+    if content_type.endswith(("yaml", "yml")):
+        return "yaml"
+    if content_type in ("text/csv", "application/csv"):
+        return "csv"
+    suffix = PurePath(name.split("?")[0]).suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    if suffix == ".json":
+        return "json"
+    if suffix == ".csv":
+        return "csv"
+    head = text.lstrip()[:200]
+    if head.startswith(("{", "[")):
+        return "json"
+    if head.startswith(("subscribers:", "---", "#")) and "subscribers:" in text[:4096]:
+        return "yaml"
+    return "csv"
+
+
+def parse_list(text: str, name: str, content_type: str = "") -> list[Subscriber]:
+    """Parse a whole list; raises ``ListError`` naming every bad line, or returns all entries."""
+    if not text.strip():
+        raise ListError([ListIssue(f"{name}:1", "the list is empty (a truncated export?); "
+                                                "an empty list must be written explicitly")])
+    fmt = detect_format(name, text, content_type)
+    if fmt == "csv":
+        return _check_unique(_parse_csv(text, name), name)
+    return _check_unique(_parse_document(text, name, fmt), name)
+
+
+def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, int]]:
+    if fmt == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ListError([ListIssue(f"{name}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from None
+    try:
+        located = yamlsource.load(text)
+    except yamlsource.YamlSyntaxError as exc:
+        raise ListError([ListIssue(f"{name}:{exc.line or 1}", f"not valid {fmt.upper()}: {exc}")]) from None
+    data = located.data
+    if not isinstance(data, dict) or "subscribers" not in data:
+        raise ListError([ListIssue(f"{name}:1", "expected a top-level 'subscribers:' list")])
+    extra = [k for k in data if k != "subscribers"]
+    issues: list[ListIssue] = [ListIssue(f"{name}:{located.line((k,))}", f"unknown top-level key {k!r}")
+                               for k in extra]
+    entries = data["subscribers"]
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        issues.append(ListIssue(f"{name}:{located.line(('subscribers',))}", "'subscribers' must be a list"))
+        raise ListError(issues)
+    out: list[tuple[Subscriber, int]] = []
+    for i, raw in enumerate(entries):
+        line = located.line(("subscribers", i)) or 1
+        sub = validate_entry(raw, f"{name}:{line}", issues)
+        if sub is not None:
+            out.append((sub, line))
+    if issues:
+        raise ListError(issues)
+    return out
+
+
+def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
+    issues: list[ListIssue] = []
+    out: list[tuple[Subscriber, int]] = []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            cells = [c.strip() for c in row]
+            if [c.lower() for c in cells] == list(_FIELDS[: len(cells)]) and len(out) == 0:
+                continue  # header row
+            if not 2 <= len(cells) <= 4:
+                issues.append(ListIssue(f"{name}:{line}", f"expected 2 to 4 columns (id,addresses,mode,reason), "
+                                                          f"got {len(cells)}"))
+                continue
+            raw = dict(zip(_FIELDS, cells))
+            sub = validate_entry(raw, f"{name}:{line}", issues)
+            if sub is not None:
+                out.append((sub, line))
+    except csv.Error as exc:
+        issues.append(ListIssue(f"{name}:{reader.line_num}", f"not valid CSV: {exc}"))
+    if not text.endswith(("\n", "\r")):
+        # An export cut off mid-line still parses as CSV; refuse it rather than guess.
+        issues.append(ListIssue(f"{name}:{text.count(chr(10)) + 1}",
+                                "the last line has no line ending (a truncated export?)"))
+    if issues:
+        raise ListError(issues)
+    return out
+
+
+def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[Subscriber]:
+    """Reject duplicate ids and addresses shared or overlapped by two subscribers."""
+    issues: list[ListIssue] = []
+    ids: dict[str, int] = {}
+    owners: dict[Network, tuple[str, int]] = {}
+    lengths: set[tuple[int, int]] = set()
+    result: list[Subscriber] = []
+    for sub, line in entries:
+        if sub.id in ids:
+            issues.append(ListIssue(f"{name}:{line}", f"subscriber {sub.id} is listed again (first at line {ids[sub.id]})"))
+            continue
+        ids[sub.id] = line
+        result.append(sub)
+        for network in sub.addresses:
+            owners.setdefault(network, (sub.id, line))
+            if owners[network][0] != sub.id:
+                other, other_line = owners[network]
+                issues.append(ListIssue(f"{name}:{line}", f"address {network} of {sub.id} is also held by "
+                                                          f"{other} (line {other_line})"))
+            lengths.add((network.version, network.prefixlen))
+    for network, (owner, line) in owners.items():
+        for version, plen in lengths:
+            if version != network.version or plen >= network.prefixlen:
+                continue
+            covering = owners.get(network.supernet(new_prefix=plen))
+            if covering and covering[0] != owner:
+                issues.append(ListIssue(f"{name}:{line}", f"address {network} of {owner} lies inside "
+                                                          f"{network.supernet(new_prefix=plen)} of {covering[0]} "
+                                                          f"(line {covering[1]})"))
+    if issues:
+        raise ListError(issues)
+    return result
