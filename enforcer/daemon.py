@@ -234,7 +234,7 @@ class Enforcer:
         sid, at = event.subscriber_id, min(event.timestamp, now)
         cause = f"event {event.id} ({event.type})"
         if event.type == PAYMENT:
-            policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause)
+            policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause, now)
         elif event.type == RESTRICTED:
             policy.record_override(self.inputs, sid, Override(True, at, cause, event.subscriber))
         elif event.type == RELEASED:

@@ -121,13 +121,17 @@ def expire(inputs: PolicyInputs, now: float) -> set[str]:
 
 
 def record_payment(inputs: PolicyInputs, subscriber_id: str, paid_at: float, grace_seconds: float,
-                   cause: str) -> None:
-    """A payment supersedes older overrides and opens (or extends) the grace period."""
+                   cause: str, received_at: float | None = None) -> None:
+    """A payment supersedes older overrides and opens (or extends) the grace period.
+
+    The grace runs from when we learnt of the payment: a webhook retried for hours must
+    still lift the subscriber rather than arrive with its grace already spent.
+    """
     override = inputs.overrides.get(subscriber_id)
     if override is not None and override.at <= paid_at:
         del inputs.overrides[subscriber_id]
     previous = inputs.graces.get(subscriber_id)
-    until = paid_at + grace_seconds
+    until = max(paid_at, received_at if received_at is not None else paid_at) + grace_seconds
     if previous is not None and previous.until > until:
         until = previous.until
     inputs.graces[subscriber_id] = Grace(paid_at, until, cause)

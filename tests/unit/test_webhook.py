@@ -1,0 +1,228 @@
+"""Billing webhook: Standard Webhooks signatures, malformed bodies, replays, ordering.
+
+Runs the real aiohttp app and the real Enforcer over the fake dataplane, without root.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from standardwebhooks.webhooks import Webhook
+
+from enforcer.api import SecretError, load_webhook_secret, webhook_app
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import EventError, parse_event
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import parse_list
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+class FakeConntrack:
+    def __init__(self) -> None:
+        self.flushed: list[set[Any]] = []
+
+    async def flush(self, networks: Any) -> int:
+        self.flushed.append(set(networks))
+        return len(networks)
+
+
+def _config(tmp: Path) -> Any:
+    return parse_config(f"""
+state_dir: {tmp}/state
+subscribers: {{source: {tmp}/list.yaml}}
+policy: {{payment_grace: 1h}}
+""", str(tmp / "config.yaml"))
+
+
+def _event(kind: str, sid: str, ts: str = "2026-11-23T10:00:00Z", **data: Any) -> str:
+    return json.dumps({"type": kind, "timestamp": ts, "data": {"subscriber": sid, **data}})
+
+
+def _headers(body: str, msg_id: str = "msg_1", secret: str = SECRET, at: float | None = None) -> dict[str, str]:
+    when = datetime.fromtimestamp(at if at is not None else time.time(), tz=timezone.utc)
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
+            "webhook-signature": Webhook(secret).sign(msg_id, when, body), "content-type": "application/json"}
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> Any:
+    clock = [datetime(2026, 11, 23, 10, 30, tzinfo=timezone.utc).timestamp()]
+    fake, conntrack = FakeDataplane(), FakeConntrack()
+    enforcer = Enforcer(_config(tmp_path), dataplane=fake, conntrack=conntrack,  # type: ignore[arg-type]
+                        clock=lambda: clock[0])
+    await enforcer.restore()
+    subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56']}\n", "l.yaml")
+    await enforcer.on_list(ListUpdate(subs, "l.yaml", "1"))
+    client = TestClient(TestServer(webhook_app(enforcer, Webhook(base64.b64decode(SECRET[6:])))))
+    await client.start_server()
+    yield client, enforcer, fake, conntrack, clock
+    await client.close()
+    await enforcer.close()
+
+
+def _restricted(fake: FakeDataplane) -> set[str]:
+    assert fake.state is not None
+    return set(fake.state.elements["mode4_32"]) | set(fake.state.elements["mode6_56"])
+
+
+@pytest.mark.asyncio
+async def test_signed_payment_lifts_and_flushes(setup: Any) -> None:
+    client, enforcer, fake, conntrack, _ = setup
+    assert _restricted(fake) == {"100.64.0.10", "2001:db8:10:100::"}
+    body = _event("payment.received", "C-1")
+    response = await client.post("/v1/events", data=body, headers=_headers(body))
+    answer = await response.json()
+    assert response.status == 200, answer
+    assert answer["mode"] == "free" and answer["result"] == "applied"
+    assert _restricted(fake) == set()
+    assert {str(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56"}
+    assert enforcer.metrics.event_to_enforce._sum.get() > 0
+
+
+@pytest.mark.asyncio
+async def test_replay_of_same_id_answers_the_same_and_acts_once(setup: Any) -> None:
+    client, _, fake, _, _ = setup
+    body = _event("payment.received", "C-1")
+    first = await client.post("/v1/events", data=body, headers=_headers(body, "msg_dup"))
+    transactions = len(fake.transactions)
+    second = await client.post("/v1/events", data=body, headers=_headers(body, "msg_dup"))
+    assert first.status == second.status == 200
+    assert await first.json() == await second.json()
+    assert len(fake.transactions) == transactions
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mutate", ["no-signature", "wrong-secret", "tampered-body", "stale", "future",
+                                    "garbage-signature", "no-id"])
+async def test_bad_signatures_are_401_and_change_nothing(setup: Any, mutate: str) -> None:
+    client, _, fake, _, _ = setup
+    body = _event("payment.received", "C-1")
+    headers = _headers(body)
+    if mutate == "no-signature":
+        del headers["webhook-signature"]
+    elif mutate == "wrong-secret":
+        headers = _headers(body, secret="whsec_" + base64.b64encode(b"x" * 32).decode())
+    elif mutate == "tampered-body":
+        body = _event("payment.received", "C-2")
+    elif mutate == "stale":
+        headers = _headers(body, at=time.time() - 301)
+    elif mutate == "future":
+        headers = _headers(body, at=time.time() + 301)
+    elif mutate == "garbage-signature":
+        headers["webhook-signature"] = "v1"
+    elif mutate == "no-id":
+        del headers["webhook-id"]
+    before = len(fake.transactions)
+    response = await client.post("/v1/events", data=body, headers=headers)
+    assert response.status == 401
+    assert len(fake.transactions) == before
+    assert _restricted(fake)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body, needle", [
+    ("not json", "not JSON"),
+    (json.dumps([1]), "JSON object"),
+    (json.dumps({"type": "payment.refunded", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}),
+     "payment.refunded"),
+    (json.dumps({"type": "payment.received", "data": {"subscriber": "C-1"}}), "timestamp is missing"),
+    (json.dumps({"type": "payment.received", "timestamp": "yesterday", "data": {"subscriber": "C-1"}}), "RFC 3339"),
+    (json.dumps({"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {}}), "data.subscriber"),
+    (_event("subscriber.restricted", "C-9", addresses=["100.64.0.300"]), "100.64.0.300"),
+    (_event("subscriber.restricted", "C-9"), "addresses"),
+])
+async def test_malformed_bodies_are_400_naming_the_problem(setup: Any, body: str, needle: str) -> None:
+    client, _, fake, _, _ = setup
+    before = len(fake.transactions)
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "msg_bad"))
+    answer = await response.json()
+    assert response.status == 400
+    assert needle in answer["error"]
+    assert len(fake.transactions) == before
+
+
+@pytest.mark.asyncio
+async def test_restricted_event_then_release_and_stale_event_ignored(setup: Any) -> None:
+    client, enforcer, fake, _, _ = setup
+    body = _event("subscriber.restricted", "C-7", "2026-11-23T10:00:00Z", addresses=["100.64.0.77"], reason="suspended")
+    assert (await client.post("/v1/events", data=body, headers=_headers(body, "m1"))).status == 200
+    assert "100.64.0.77" in _restricted(fake)
+    body = _event("subscriber.released", "C-7", "2026-11-23T10:05:00Z")
+    assert (await client.post("/v1/events", data=body, headers=_headers(body, "m2"))).status == 200
+    assert "100.64.0.77" not in _restricted(fake)
+    # An older restriction arriving late must not undo the newer release.
+    body = _event("subscriber.restricted", "C-7", "2026-11-23T09:59:00Z", addresses=["100.64.0.77"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "m3"))
+    assert response.status == 200 and (await response.json())["result"] == "ignored"
+    assert "100.64.0.77" not in _restricted(fake)
+
+
+@pytest.mark.asyncio
+async def test_address_held_by_another_subscriber_is_409(setup: Any) -> None:
+    client, _, fake, _, _ = setup
+    body = _event("subscriber.restricted", "C-8", addresses=["100.64.0.10"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "m9"))
+    assert response.status == 409
+    assert "C-1" in (await response.json())["error"]
+
+
+@pytest.mark.asyncio
+async def test_grace_keeps_paid_subscriber_free_then_expires(setup: Any) -> None:
+    client, enforcer, fake, _, clock = setup
+    body = _event("payment.received", "C-1", "2026-11-23T08:00:00Z")  # delivered late: grace runs from receipt
+    assert (await client.post("/v1/events", data=body, headers=_headers(body, "p1"))).status == 200
+    # Billing re-exports the list without having booked the payment yet: still free.
+    subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10]}\n", "l.yaml")
+    await enforcer.on_list(ListUpdate(subs, "l.yaml", "2"))
+    assert _restricted(fake) == set()
+    clock[0] += 3599
+    await enforcer._tick()
+    assert _restricted(fake) == set()
+    clock[0] += 1  # grace (1h from receipt at 10:30) is over at 11:30
+    await enforcer._tick()
+    assert _restricted(fake) == {"100.64.0.10"}
+
+
+@pytest.mark.asyncio
+async def test_kernel_failure_answers_503_and_state_is_unchanged(setup: Any) -> None:
+    client, enforcer, fake, _, _ = setup
+    fake.fail_next = "Could not process rule: Cannot allocate memory"
+    body = _event("payment.received", "C-1")
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "f1"))
+    assert response.status == 503
+    assert "C-1" not in enforcer.inputs.graces
+    assert _restricted(fake) == {"100.64.0.10", "2001:db8:10:100::"}
+    # The retry (same id) is processed, not answered from a cache of the failure.
+    await enforcer._tick()  # repair: full sync from the kernel
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "f1"))
+    assert response.status == 200
+
+
+def test_parse_event_accepts_unix_seconds_and_rejects_naive_times() -> None:
+    assert parse_event("x", _event("payment.received", "C-1", ts=1795420800)).timestamp == 1795420800.0  # type: ignore[arg-type]
+    with pytest.raises(EventError, match="time zone"):
+        parse_event("x", _event("payment.received", "C-1", ts="2026-11-23T10:00:00"))
+
+
+def test_webhook_secret_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    with pytest.raises(SecretError, match=str(path)):
+        load_webhook_secret(str(path))
+    path.write_text("hunter2\n")
+    with pytest.raises(SecretError, match="whsec_"):
+        load_webhook_secret(str(path))
+    path.write_text("whsec_c2hvcnQ=\n")
+    with pytest.raises(SecretError, match="too short"):
+        load_webhook_secret(str(path))
+    path.write_text(SECRET + "\n")
+    assert load_webhook_secret(str(path))
