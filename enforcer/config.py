@@ -8,6 +8,7 @@ them all at once by key path and line. Unknown keys are errors: a typo such as
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class ConfigError(Exception):
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+_IFNAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.@+-]{1,15}$")  # what Linux accepts
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
 
 
@@ -141,8 +142,8 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (examples: 90, '15m', '72h', '3d')")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a usable duration (finite, not negative)")
     return seconds
 
 

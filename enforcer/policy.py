@@ -56,7 +56,7 @@ def decide(subscriber_id: str, listed: Subscriber | None, override: Override | N
            grace: Grace | None, now: float) -> Decision:
     """The mode one subscriber should be in at ``now``."""
     active_grace = grace if grace is not None and grace.paid_at <= now < grace.until else None
-    if override is not None and (grace is None or override.at > grace.paid_at):
+    if override is not None and (grace is None or override.at >= grace.paid_at):
         if not override.restrict:
             return Decision(subscriber_id, Mode.FREE, override.cause)
         assert override.subscriber is not None
@@ -116,7 +116,10 @@ def expire(inputs: PolicyInputs, now: float) -> set[str]:
     """Drop graces that ended; returns the ids to re-evaluate."""
     ended = {sid for sid, g in inputs.graces.items() if g.until <= now}
     for sid in ended:
-        del inputs.graces[sid]
+        grace = inputs.graces.pop(sid)
+        override = inputs.overrides.get(sid)
+        if override is not None and override.at < grace.paid_at:
+            del inputs.overrides[sid]  # the payment already superseded it
     return ended
 
 

@@ -2,6 +2,8 @@
 
 Like kube-proxy's nftables proxier: keep a mirror of what we put in each container, emit only
 changed elements, and fall back to one atomic full sync at start-up and after any failure.
+The full path is written for 100k subscribers: plain dicts of strings, no per-subscriber
+objects, and address keys rendered once (``address_key`` caches them).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, Layout, elements_for
+from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, mode_map, \
+    redirect_set
 from .dataplane.state import TableState
 from .dataplane.transaction import Transaction
 from .policy import Decision
@@ -21,6 +24,7 @@ from .subscribers import Network
 log = logging.getLogger(__name__)
 
 Element = tuple[str, str, str | None]  # (container, key, value)
+Elements = dict[str, dict[str, str | None]]
 
 
 @dataclass
@@ -30,16 +34,32 @@ class SyncResult:
     changed: set[Network] = field(default_factory=set)  # enforcement changed: flush their connections
 
 
+class NeedsFullSync(DataplaneError):
+    """The change cannot be a diff (e.g. a new prefix length); run ``sync_all``."""
+
+
+class AddressConflict(ValueError):
+    """An address is already enforced for another subscriber."""
+
+
 def subscriber_elements(decision: Decision) -> frozenset[Element]:
+    """The elements one decision puts in the table (none when free)."""
     if not decision.restricted or decision.subscriber is None:
         return frozenset()
-    return frozenset(e for network in decision.subscriber.addresses
-                     for e in elements_for(network, decision.mode))
+    verdict = MODE_VERDICTS[decision.mode]
+    out: set[Element] = set()
+    for version, plen, key in decision.subscriber.keys:
+        out.add((mode_map(version, plen), key, verdict))
+        out.add((redirect_set(version, plen), key, None))
+    return frozenset(out)
 
 
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
-    return {(n.version, n.prefixlen) for d in decisions if d.restricted and d.subscriber
-            for n in d.subscriber.addresses}
+    out: set[tuple[int, int]] = set()
+    for decision in decisions:
+        if decision.subscriber is not None and decision.restricted:
+            out.update(key[:2] for key in decision.subscriber.keys)
+    return out
 
 
 class Reconciler:
@@ -50,8 +70,8 @@ class Reconciler:
         self.base_layout = base_layout
         self.layout: Layout | None = None
         self.mirror: TableState | None = None
-        self.owned: dict[str, frozenset[Element]] = {}
-        self.owner: dict[tuple[str, str], str] = {}
+        self.owned: dict[str, Decision] = {}          # subscriber → the decision enforced for them
+        self.owner: dict[tuple[str, str], str] = {}   # (mode map, key) → subscriber
         self.host_allow: dict[str, None] = {}
         self.needs_full = True
 
@@ -64,93 +84,101 @@ class Reconciler:
         element diff, anything else one atomic replace.
         """
         layout = self.base_layout.with_prefixes(_prefixes(decisions.values()))
-        if read_kernel or self.mirror is None:
+        if read_kernel or self.mirror is None or self.needs_full:
             self.mirror = self.dataplane.read()
             self.layout = layout if self.mirror and self.mirror.layout_tag == layout.tag else None
-        owned, owner, conflicts = self._assign(decisions)
-        desired: dict[str, dict[str, str | None]] = {name: {} for name in layout.containers()}
-        for elements in owned.values():
-            for container, key, value in elements:
-                desired[container][key] = value
-        for address in self.host_allow:
-            desired[HOST_ALLOW[6 if ":" in address else 4]][address] = None
+        desired, owned, owner, networks = self._desired(decisions, layout)
         tx = Transaction(self.dataplane.table)
+        before = self.mirror or TableState(None)
         if self.layout is None or self.layout.tag != layout.tag or self.mirror is None:
             tx.replace_table(layout)
             for container, items in desired.items():
                 tx.add(container, items.items())
-            kind, before = "full", self.mirror or TableState(None)
+            kind = "full"
         else:
-            kind, before = "partial", self.mirror
+            kind = "partial"
             _diff(tx, before.elements, desired)
         self._apply(tx)
-        changed = changed_networks(before.elements, desired)
+        changed = changed_networks(before.elements, desired, networks)
         self.layout, self.mirror = layout, TableState(layout.tag, desired)
         self.owned, self.owner = owned, owner
         self.needs_full = False
-        for sid, holder in conflicts:
-            log.warning("address conflict: %s is not enforced for %s, already held by %s", sid, sid, holder)
         return SyncResult(kind, tx.element_count(), changed)
 
-    def _assign(self, decisions: Mapping[str, Decision]) -> tuple[dict, dict, list]:
-        owned: dict[str, frozenset[Element]] = {}
+    def _desired(self, decisions: Mapping[str, Decision], layout: Layout
+                 ) -> tuple[Elements, dict[str, Decision], dict[tuple[str, str], str], dict[tuple[str, str], Network]]:
+        desired: Elements = {name: {} for name in layout.containers()}
+        owned: dict[str, Decision] = {}
         owner: dict[tuple[str, str], str] = {}
-        conflicts: list[tuple[str, str]] = []
+        networks: dict[tuple[str, str], Network] = {}
+        names = {p: (mode_map(*p), redirect_set(*p)) for p in layout.prefixes}
         for sid in sorted(decisions):
-            elements = subscriber_elements(decisions[sid])
-            if not elements:
+            decision = decisions[sid]
+            subscriber = decision.subscriber
+            if subscriber is None or not decision.restricted:
                 continue
-            clash = next((owner[(c, k)] for c, k, _ in elements if (c, k) in owner), None)
+            keys = [(names[(v, plen)], key) for v, plen, key in subscriber.keys]
+            clash = next((owner[(m, k)] for (m, _), k in keys if (m, k) in owner), None)
             if clash is not None:
-                conflicts.append((sid, clash))
+                log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, clash)
                 continue
-            owned[sid] = elements
-            for container, key, _ in elements:
-                owner[(container, key)] = sid
-        return owned, owner, conflicts
+            verdict = MODE_VERDICTS[decision.mode]
+            for ((mode_name, redirect_name), key), network in zip(keys, subscriber.addresses):
+                desired[mode_name][key] = verdict
+                desired[redirect_name][key] = None
+                owner[(mode_name, key)] = sid
+                networks[(mode_name, key)] = network
+            owned[sid] = decision
+        for address in self.host_allow:
+            desired[HOST_ALLOW[6 if ":" in address else 4]][address] = None
+        return desired, owned, owner, networks
 
     # -- small changes -----------------------------------------------------------------
     def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
         """Apply new decisions for a few subscribers as an element diff."""
         if self.needs_full or self.mirror is None or self.layout is None:
-            raise DataplaneError("a full sync is required first")
+            raise NeedsFullSync("the kernel table must be re-read and synced in full first")
         if not self.layout.prefixes >= _prefixes(decisions.values()):
             raise NeedsFullSync("a new prefix length needs a layout change")
-        tx = Transaction(self.dataplane.table)
-        new_owned: dict[str, frozenset[Element]] = {}
-        for sid, decision in decisions.items():
-            elements = subscriber_elements(decision)
+        before = {sid: subscriber_elements(self.owned[sid]) if sid in self.owned else frozenset()
+                  for sid in decisions}
+        after = {sid: subscriber_elements(d) for sid, d in decisions.items()}
+        claimed: dict[tuple[str, str], str] = {}
+        for sid, elements in after.items():
             for container, key, _ in elements:
-                holder = self.owner.get((container, key))
-                if holder is not None and holder != sid:
+                if not container.startswith(MODE_PREFIX):
+                    continue
+                holder = claimed.setdefault((container, key), sid)
+                if holder == sid:
+                    holder = self.owner.get((container, key), sid)
+                    if holder in decisions and holder != sid and not after.get(holder):
+                        holder = sid  # released in this same batch
+                if holder != sid:
                     raise AddressConflict(f"{key} is already enforced for subscriber {holder}")
-            new_owned[sid] = elements
-        before = {sid: self.owned.get(sid, frozenset()) for sid in decisions}
-        removed = [e for sid in decisions for e in before[sid] - new_owned[sid]]
-        added = [e for sid in decisions for e in new_owned[sid] - before[sid]]
-        old: dict[str, dict[str, str | None]] = {}
-        new: dict[str, dict[str, str | None]] = {}
-        for container, key, value in removed:
-            old.setdefault(container, {})[key] = value
-        for container, key, value in added:
-            new.setdefault(container, {})[key] = value
+        old: Elements = {}
+        new: Elements = {}
+        for sid in decisions:
+            for container, key, value in before[sid] - after[sid]:
+                old.setdefault(container, {})[key] = value
+            for container, key, value in after[sid] - before[sid]:
+                new.setdefault(container, {})[key] = value
+        tx = Transaction(self.dataplane.table)
         _diff(tx, old, {c: new.get(c, {}) for c in old.keys() | new.keys()})
         self._apply(tx)
-        changed = {_network(c, k) for c, k, _ in removed + added if c.startswith(MODE_PREFIX)}
-        for sid in decisions:
-            if before[sid] == new_owned[sid]:
-                continue
-            for container, key, _ in before[sid]:
+        for container, items in old.items():
+            for key in items:
                 self.mirror.elements[container].pop(key, None)
                 self.owner.pop((container, key), None)
-            for container, key, value in new_owned[sid]:
+        for sid in decisions:
+            for container, key, value in after[sid]:
                 self.mirror.elements[container][key] = value
-                self.owner[(container, key)] = sid
-            if new_owned[sid]:
-                self.owned[sid] = new_owned[sid]
+                if container.startswith(MODE_PREFIX):
+                    self.owner[(container, key)] = sid
+            if after[sid]:
+                self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        return SyncResult("partial", tx.element_count(), changed)
+        return SyncResult("partial", tx.element_count(), changed_networks(old, new))
 
     def set_host_allow(self, addresses: Iterable[str]) -> None:
         """Addresses that walled-garden hostnames resolve to, kept as a diff like the rest."""
@@ -159,17 +187,11 @@ class Reconciler:
             self.host_allow = wanted
             return
         tx = Transaction(self.dataplane.table)
-        for version in (4, 6):
-            name = HOST_ALLOW[version]
-            current = self.mirror.elements.get(name, {})
-            mine = {a: None for a in wanted if (":" in a) == (version == 6)}
-            tx.delete(name, [a for a in current if a not in mine])
-            tx.add(name, [(a, None) for a in mine if a not in current])
+        target = {HOST_ALLOW[v]: {a: None for a in wanted if (":" in a) == (v == 6)} for v in (4, 6)}
+        _diff(tx, {name: self.mirror.elements.get(name, {}) for name in target}, target)
         self._apply(tx)
         self.host_allow = wanted
-        for version in (4, 6):
-            self.mirror.elements[HOST_ALLOW[version]] = {a: None for a in wanted
-                                                         if (":" in a) == (version == 6)}
+        self.mirror.elements.update(target)
 
     def _apply(self, tx: Transaction) -> None:
         try:
@@ -179,16 +201,9 @@ class Reconciler:
             raise
 
 
-class NeedsFullSync(DataplaneError):
-    """The change cannot be a diff (e.g. a new prefix length); run ``sync_all``."""
-
-
-class AddressConflict(ValueError):
-    """An address is already enforced for another subscriber."""
-
-
 def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
           desired: Mapping[str, Mapping[str, str | None]]) -> None:
+    """Deletes (of missing or changed keys) before adds, so a changed verdict is delete+add."""
     for container, want in desired.items():
         have = current.get(container, {})
         tx.delete(container, [k for k, v in have.items() if k not in want or want[k] != v])
@@ -197,18 +212,18 @@ def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
         tx.add(container, [(k, v) for k, v in want.items() if k not in have or have[k] != v])
 
 
-def _network(container: str, key: str) -> Network:
-    return ipaddress.ip_network(f"{key}/{container.rsplit('_', 1)[1]}")
-
-
-def changed_networks(before: Mapping[str, Mapping[str, str | None]],
-                     after: Mapping[str, Mapping[str, str | None]]) -> set[Network]:
+def changed_networks(before: Mapping[str, Mapping[str, str | None]], after: Mapping[str, Mapping[str, str | None]],
+                     known: Mapping[tuple[str, str], Network] | None = None) -> set[Network]:
     """Addresses whose mode-map entry was added, removed or changed between two states."""
     out: set[Network] = set()
+    known = known or {}
     for container in before.keys() | after.keys():
         if not container.startswith(MODE_PREFIX):
             continue
         old, new = before.get(container, {}), after.get(container, {})
-        out.update(_network(container, k) for k in old.keys() ^ new.keys())
-        out.update(_network(container, k) for k in old.keys() & new.keys() if old[k] != new[k])
+        keys = [k for k in new if old.get(k, "absent") != new[k]] + [k for k in old if k not in new]
+        plen = container.rsplit("_", 1)[1]
+        for key in keys:
+            network = known.get((container, key))
+            out.add(network if network is not None else ipaddress.ip_network(f"{key}/{plen}"))
     return out

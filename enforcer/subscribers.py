@@ -13,7 +13,9 @@ import io
 import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import PurePath
 from typing import Any, Iterable
 
@@ -49,6 +51,12 @@ class Subscriber:
     addresses: tuple[Network, ...]
     mode: Mode = Mode.WALLED_GARDEN
     reason: str = ""
+
+    @cached_property
+    def keys(self) -> tuple[tuple[int, int, str], ...]:
+        """(version, prefix length, address text as nft prints it) per address, computed once."""
+        return tuple((n.version, n.prefixlen, socket.inet_ntop(socket.AF_INET if n.version == 4 else socket.AF_INET6,
+                                                               n.network_address.packed)) for n in self.addresses)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "addresses": [str(a) for a in self.addresses],
@@ -162,6 +170,7 @@ def detect_format(name: str, text: str, content_type: str = "") -> str:
 
 def parse_list(text: str, name: str, content_type: str = "") -> list[Subscriber]:
     """Parse a whole list; raises ``ListError`` naming every bad line, or returns all entries."""
+    text = text.removeprefix("\ufeff")  # spreadsheet "CSV UTF-8" exports start with a BOM
     if not text.strip():
         raise ListError([ListIssue(f"{name}:1", "the list is empty (a truncated export?); "
                                                 "an empty list must be written explicitly")])
@@ -178,7 +187,7 @@ def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, in
         except json.JSONDecodeError as exc:
             raise ListError([ListIssue(f"{name}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from None
     try:
-        located = yamlsource.load(text)
+        located = yamlsource.load(text, plain_strings=True)
     except yamlsource.YamlSyntaxError as exc:
         raise ListError([ListIssue(f"{name}:{exc.line or 1}", f"not valid {fmt.upper()}: {exc}")]) from None
     data = located.data
@@ -188,10 +197,10 @@ def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, in
     issues: list[ListIssue] = [ListIssue(f"{name}:{located.line((k,))}", f"unknown top-level key {k!r}")
                                for k in extra]
     entries = data["subscribers"]
-    if entries is None:
-        entries = []
     if not isinstance(entries, list):
-        issues.append(ListIssue(f"{name}:{located.line(('subscribers',))}", "'subscribers' must be a list"))
+        issues.append(ListIssue(f"{name}:{located.line(('subscribers',))}",
+                                "'subscribers' must be a list (write 'subscribers: []' for an empty list; "
+                                "an empty value looks like a truncated export)"))
         raise ListError(issues)
     out: list[tuple[Subscriber, int]] = []
     for i, raw in enumerate(entries):

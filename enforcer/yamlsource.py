@@ -38,11 +38,17 @@ class YamlSyntaxError(ValueError):
 
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PlainLoader = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 
 
-def load(text: str) -> Located:
-    """Parse one YAML (or JSON, a YAML subset) document keeping line numbers."""
-    loader = _Loader(text)
+def load(text: str, plain_strings: bool = False) -> Located:
+    """Parse one YAML (or JSON, a YAML subset) document keeping line numbers.
+
+    ``plain_strings`` keeps every scalar as the text written: for billing data, where YAML 1.1
+    would otherwise turn an id like ``0123`` into 83 or ``10:20`` into 620, and an empty value
+    into None.
+    """
+    loader = (_PlainLoader if plain_strings else _Loader)(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -27,6 +28,9 @@ MODE_CHAINS: dict[Mode, str] = {
     Mode.NOTICE: "notice",
     Mode.THROTTLE: "throttle",
 }
+
+#: The verdict stored in the mode maps for each mode.
+MODE_VERDICTS: dict[Mode, str] = {mode: f"goto {chain}" for mode, chain in MODE_CHAINS.items()}
 
 _ICMP4_ERRORS = "destination-unreachable, time-exceeded, parameter-problem"
 _ICMP6_ERRORS = "destination-unreachable, packet-too-big, time-exceeded, parameter-problem"
@@ -91,7 +95,9 @@ class Layout:
             lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
         for version in (4, 6):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
-            nets = ", ".join(str(n) for n in self.allow if n.version == version)
+            # Overlapping CIDRs would make nft reject the whole interval set: merge them first.
+            nets = ", ".join(str(n) for n in ipaddress.collapse_addresses(
+                a for a in self.allow if a.version == version))
             elements = f" elements = {{ {nets} }};" if nets else ""
             lines.append(f"\tset allow{version} {{ type {addr}; flags interval;{elements} }}")
             lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
@@ -158,6 +164,6 @@ def _masked_saddr(version: int, prefixlen: int) -> str:
 def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | None]]:
     """The (container, key, value) elements that restrict one address or prefix in ``mode``."""
     version, plen = network.version, network.prefixlen
-    key = str(network.network_address)
-    return [(mode_map(version, plen), key, f"goto {MODE_CHAINS[mode]}"),
+    key = socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, network.network_address.packed)
+    return [(mode_map(version, plen), key, MODE_VERDICTS[mode]),
             (redirect_set(version, plen), key, None)]

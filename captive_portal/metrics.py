@@ -1,0 +1,50 @@
+"""The portal's Prometheus metrics, in a registry the app owns.
+
+A registry per app (not the process-global default) so tests can build many apps and read
+exact counts, and so ``/metrics`` on ``metrics.portal_listen`` shows only portal series.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+
+class RequestKind(str, enum.Enum):
+    """What a request turned out to be; the ``kind`` label of the request counter."""
+
+    REDIRECT = "redirect"        # some other site, sent to portal.url
+    PAGE = "page"                # the portal page
+    CAPTIVE_API = "captive_api"  # RFC 8908 API
+    NOT_FOUND = "not_found"      # the portal host, but no such page (or method)
+    ERROR = "error"              # we could not answer (5xx: exception, enforcer unavailable)
+
+
+class PortalMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "walled_garden_portal_requests", "HTTP requests answered by the portal, by kind.",
+            ["kind"], registry=self.registry)
+        self.lookup_failures = Counter(
+            "walled_garden_portal_lookup_failures",
+            "Lookups the enforcer did not answer (socket missing, timeout, bad answer).",
+            registry=self.registry)
+        for kind in RequestKind:  # every series exists from the start, so rate() sees the first one
+            self.requests.labels(kind=kind.value)
+
+    def count(self, kind: RequestKind) -> None:
+        self.requests.labels(kind=kind.value).inc()
+
+
+def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+    """A separate tiny app for ``GET /metrics``, served on its own (usually loopback) address."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,158 @@
+"""Running the portal: listening sockets, the metrics endpoint, signals (``walled-garden portal``).
+
+The gateway redirects restricted subscribers' port 80 to ``portal.listen`` on whichever of
+its addresses the packet arrived at, IPv4 or IPv6. A wildcard listen address therefore binds
+both families, as two sockets (the IPv6 one ``IPV6_V6ONLY``, so they do not clash and IPv4
+callers keep plain IPv4 peer addresses for the lookup). Sockets are built here from literal
+addresses only: start-up never waits on name resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import signal
+import socket
+
+from aiohttp import web
+
+from enforcer.config import Config, Listen
+
+from .app import REGISTRY_KEY, create_app
+from .enforcer_client import LookupClient
+from .metrics import create_metrics_app
+
+log = logging.getLogger(__name__)
+
+WILDCARDS = ("0.0.0.0", "::")
+#: Long enough for an in-flight page (its lookup times out after 2 s), short enough for systemd.
+SHUTDOWN_TIMEOUT = 5.0
+BACKLOG = 1024
+#: What binding ``::`` fails with on a kernel or container without IPv6.
+_NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
+
+
+def bind_sockets(listen: Listen) -> list[socket.socket]:
+    """Bound, non-blocking TCP sockets for ``listen``; a wildcard gets one per address family.
+
+    A host without IPv6 still serves IPv4 (logged); any other bind failure is raised, with the
+    sockets already made closed.
+    """
+    if listen.host not in WILDCARDS:
+        address = ipaddress.ip_address(listen.host)  # ValueError for a name: we never resolve
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return [_bind(family, listen.host, listen.port)]
+    first = _bind(socket.AF_INET, "0.0.0.0", listen.port)
+    port = first.getsockname()[1]  # the same port on both, even when asked for port 0
+    try:
+        second = _bind(socket.AF_INET6, "::", port)
+    except OSError as exc:
+        if exc.errno not in _NO_IPV6:
+            first.close()
+            raise
+        log.warning("no IPv6 on this host (%s): listening on IPv4 only", exc.strerror or exc)
+        return [first]
+    return [first, second]
+
+
+def _bind(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def describe(sockets: list[socket.socket]) -> str:
+    """``0.0.0.0:8080, [::]:8080`` from what was actually bound."""
+    names = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
+    return ", ".join(names)
+
+
+class PortalServer:
+    """The portal app and its metrics app on their sockets: ``start()``, later ``close()``.
+
+    Tests use it directly (port 0, then read ``sockets``); ``serve`` wraps it for the CLI.
+    """
+
+    def __init__(self, config: Config, client: LookupClient | None = None) -> None:
+        self.config = config
+        self.app = create_app(config, client)
+        self.sockets: list[socket.socket] = []
+        self.metrics_sockets: list[socket.socket] = []
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        """Bind and serve; on failure whatever was started is closed again before raising."""
+        try:
+            self.sockets = await self._serve(self.app, self.config.portal.listen, SHUTDOWN_TIMEOUT)
+            if self.config.metrics.portal_listen is not None:
+                self.metrics_sockets = await self._serve(
+                    create_metrics_app(self.app[REGISTRY_KEY]), self.config.metrics.portal_listen, 1.0)
+        except BaseException:
+            await self.close()
+            raise
+        where = f"portal {self.config.portal.url} listening on {describe(self.sockets)}"
+        if self.metrics_sockets:
+            where += f"; metrics on {describe(self.metrics_sockets)} /metrics"
+        log.info("%s; enforcer socket %s", where, self.config.api.socket)
+
+    async def close(self) -> None:
+        while self._runners:
+            await self._runners.pop().cleanup()
+
+    async def _serve(self, app: web.Application, listen: Listen, shutdown_timeout: float) -> list[socket.socket]:
+        # No access log: it would record every subscriber's browsing while restricted, at volume.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+        await runner.setup()
+        self._runners.append(runner)
+        sockets = bind_sockets(listen)
+        started = 0
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
+                started += 1
+        except BaseException:
+            for sock in sockets[started:]:  # sites already started close theirs on cleanup
+                sock.close()
+            raise
+        return sockets
+
+
+async def serve(config: Config, stop: asyncio.Event, client: LookupClient | None = None) -> None:
+    """Serve the portal until ``stop`` is set."""
+    server = PortalServer(config, client)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("portal stopping")
+    finally:
+        await server.close()
+
+
+def run(config: Config) -> None:
+    """Blocking entry point of ``walled-garden portal``: serve until SIGTERM or SIGINT."""
+    asyncio.run(_main(config))
+
+
+async def _main(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(config, stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

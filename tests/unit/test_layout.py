@@ -1,0 +1,297 @@
+"""The table layout (SPEC §7): hash maps per prefix length, masked lookups, a tag of the layout;
+and reading a ``nft -j list table`` listing back."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+
+from enforcer.dataplane.kernel import parse_listing
+from enforcer.dataplane.layout import (
+    HOST_ALLOW,
+    STANDARD_PREFIXES,
+    Layout,
+    elements_for,
+    mode_map,
+    redirect_set,
+)
+from enforcer.subscribers import Mode
+
+net = ipaddress.ip_network
+ip = ipaddress.ip_address
+
+
+def layout(**kw) -> Layout:
+    args = dict(table="walled_garden", interfaces=("eth1",),
+                allow=(net("192.0.2.0/24"), net("2001:db8:ffff::/48")), dns=None, portal_port=8080)
+    args.update(kw)
+    return Layout(**args)
+
+
+def block(text: str, kind: str, name: str) -> str:
+    """The one-line declaration of a set or map."""
+    (line,) = [line.strip() for line in text.splitlines() if line.strip().startswith(f"{kind} {name} ")]
+    return line
+
+
+def chain(text: str, name: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(f"\tchain {name} {{")
+    end = lines.index("\t}", start)
+    return [line.strip() for line in lines[start + 1:end]]
+
+
+# -- render ---------------------------------------------------------------------------------
+
+def test_one_map_and_one_redirect_set_per_prefix_length():
+    text = layout().with_prefixes({(4, 24)}).render()
+    for version, plen in STANDARD_PREFIXES | {(4, 24)}:
+        addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+        assert text.count(f"map mode{version}_{plen} ") == 1
+        assert text.count(f"set portal{version}_{plen} ") == 1
+        assert block(text, "map", f"mode{version}_{plen}") == f"map mode{version}_{plen} {{ type {addr} : verdict; }}"
+        assert block(text, "set", f"portal{version}_{plen}") == f"set portal{version}_{plen} {{ type {addr}; }}"
+    assert len(re.findall(r"^\tmap ", text, re.M)) == 5
+
+
+def test_standard_prefixes():
+    assert STANDARD_PREFIXES == {(4, 32), (6, 128), (6, 64), (6, 56)}
+    assert layout().prefixes == STANDARD_PREFIXES
+
+
+def test_subscriber_containers_are_hash_not_interval():
+    text = layout().with_prefixes({(4, 24), (6, 48)}).render()
+    for line in text.splitlines():
+        if re.match(r"\s*(map mode|set portal|set allowhost)", line):
+            assert "interval" not in line, line
+    # the static allow sets are the only interval sets
+    assert [l.split()[1] for l in text.splitlines() if "flags interval" in l] == ["allow4", "allow6"]
+
+
+def test_masked_lookups_for_non_host_prefixes():
+    text = layout().with_prefixes({(4, 24)}).render()
+    forward = chain(text, "forward")
+    assert 'iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ff00:: vmap @mode6_56' in forward
+    assert 'iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ffff:: vmap @mode6_64' in forward
+    assert 'iifname { "eth1" } ip saddr & 255.255.255.0 vmap @mode4_24' in forward
+    assert 'iifname { "eth1" } ip saddr vmap @mode4_32' in forward  # host prefix: no mask
+    assert 'iifname { "eth1" } ip6 saddr vmap @mode6_128' in forward
+    nat = chain(text, "prerouting")
+    assert any(r.startswith('iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ff00:: @portal6_56 tcp dport 80 ')
+               for r in nat)
+    assert any(r.startswith('iifname { "eth1" } ip saddr @portal4_32 tcp dport 80 ') for r in nat)
+
+
+def test_longest_prefix_is_looked_up_first():
+    forward = chain(layout().with_prefixes({(4, 24), (4, 16)}).render(), "forward")
+    order = [re.search(r"@mode(\d)_(\d+)", r).groups() for r in forward if "vmap" in r]
+    assert order == [("4", "32"), ("4", "24"), ("4", "16"), ("6", "128"), ("6", "64"), ("6", "56")]
+
+
+def test_forward_and_nat_hooks():
+    text = layout().render()
+    forward = chain(text, "forward")
+    assert forward[0] == "type filter hook forward priority filter - 10; policy accept;"
+    nat = chain(text, "prerouting")
+    assert nat[0] == "type nat hook prerouting priority dstnat - 10; policy accept;"
+    assert all(r.endswith("redirect to :8080") for r in nat[1:])
+    assert all("ip daddr != @allow4 ip daddr != @allowhost4" in r for r in nat[1:] if "ip saddr" in r)
+    assert all("ip6 daddr != @allow6 ip6 daddr != @allowhost6" in r for r in nat[1:] if "ip6 saddr" in r)
+    assert "redirect to :9999" in layout(portal_port=9999).render()
+
+
+def test_iifname_only_when_interfaces_given():
+    text = layout(interfaces=()).render()
+    assert "iifname" not in text
+    assert "\t\tip saddr vmap @mode4_32" in text
+    two = layout(interfaces=("eth1", "eth2.100")).render()
+    forward = chain(two, "forward")
+    assert all(r.startswith('iifname { "eth1", "eth2.100" } ') for r in forward[1:])
+    assert all(r.startswith('iifname { "eth1", "eth2.100" } ') for r in chain(two, "prerouting")[1:])
+
+
+def test_garden_chain():
+    rules = chain(layout().render(), "garden")
+    assert rules[:4] == ["ip daddr @allow4 accept", "ip6 daddr @allow6 accept",
+                         "ip daddr @allowhost4 accept", "ip6 daddr @allowhost6 accept"]
+    assert "meta l4proto { tcp, udp } th dport 53 accept" in rules  # dns: any
+    assert "udp dport 123 accept" in rules
+    assert rules[-2] == 'meta l4proto tcp counter name "refused_tcp" reject with tcp reset'
+    assert rules[-1] == 'counter name "refused_other" reject with icmpx admin-prohibited'
+    assert any(r.startswith("icmp type {") for r in rules)
+    assert any(r.startswith("icmpv6 type {") and "packet-too-big" in r for r in rules)
+    assert chain(layout().render(), "notice") == []
+    assert chain(layout().render(), "throttle") == []
+
+
+def test_dns_list_restricts_resolvers():
+    text = layout(dns=(ip("192.0.2.53"), ip("2001:db8::53"))).render()
+    assert block(text, "set", "dns4") == "set dns4 { type ipv4_addr; elements = { 192.0.2.53 }; }"
+    assert block(text, "set", "dns6") == "set dns6 { type ipv6_addr; elements = { 2001:db8::53 }; }"
+    rules = chain(text, "garden")
+    assert "ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept" in rules
+    assert "ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept" in rules
+    assert "meta l4proto { tcp, udp } th dport 53 accept" not in rules
+    assert "set dns4" not in layout(dns=None).render()
+
+
+def test_allow_sets_hold_the_configured_networks():
+    text = layout().render()
+    assert block(text, "set", "allow4") == "set allow4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 }; }"
+    assert block(text, "set", "allow6") == ("set allow6 { type ipv6_addr; flags interval; "
+                                           "elements = { 2001:db8:ffff::/48 }; }")
+    empty = layout(allow=()).render()
+    assert block(empty, "set", "allow4") == "set allow4 { type ipv4_addr; flags interval; }"
+    assert block(empty, "set", HOST_ALLOW[4]) == "set allowhost4 { type ipv4_addr; }"
+
+
+@pytest.mark.parametrize("allow", [
+    (net("192.0.2.0/24"), net("192.0.2.128/25")),
+    (net("192.0.2.0/24"), net("192.0.2.0/24")),
+])
+def test_allow_set_elements_do_not_overlap(allow):
+    text = layout(allow=allow).render()
+    elements = re.search(r"set allow4 \{[^}]*elements = \{ ([^}]*) \}", text).group(1).split(", ")
+    nets = [net(e) for e in elements]
+    for i, a in enumerate(nets):
+        for b in nets[i + 1:]:
+            assert not a.overlaps(b), f"{a} overlaps {b}"
+
+
+def test_table_header_and_layout_tag_rule():
+    lay = layout(table="wg_test")
+    text = lay.render()
+    assert text.startswith("table inet wg_test {\n")
+    assert text.endswith("}\n")
+    assert chain(text, "layout") == [f'counter comment "walled-garden layout {lay.tag}"']
+    assert "@@TAG@@" not in text
+    assert text.count("{") == text.count("}")
+
+
+def test_tag_is_stable():
+    assert layout().tag == layout().tag
+    assert re.fullmatch(r"[0-9a-f]{16}", layout().tag)
+    assert layout().with_prefixes(set()).tag == layout().tag
+    assert layout().render() == layout().render()
+    base = layout()
+    assert base.with_prefixes({(4, 32)}) is base  # nothing new: the same layout
+
+
+@pytest.mark.parametrize("change", [
+    dict(table="other"),
+    dict(interfaces=()),
+    dict(interfaces=("eth2",)),
+    dict(allow=(net("198.51.100.0/24"),)),
+    dict(dns=(ip("192.0.2.53"),)),
+    dict(portal_port=8081),
+])
+def test_tag_changes_when_config_changes(change):
+    assert layout(**change).tag != layout().tag
+
+
+def test_tag_changes_with_a_new_prefix_length():
+    base = layout()
+    wider = base.with_prefixes({(4, 24)})
+    assert wider.prefixes == STANDARD_PREFIXES | {(4, 24)}
+    assert wider.tag != base.tag
+    assert wider.with_prefixes({(4, 24)}) == wider
+    assert wider.with_prefixes({(4, 24)}).tag == wider.tag
+    assert wider.with_prefixes(set()).tag == base.tag  # back to the standard shape
+
+
+def test_containers():
+    c = layout().with_prefixes({(4, 24)}).containers()
+    assert c == {
+        "mode4_24": "map", "portal4_24": "set", "mode4_32": "map", "portal4_32": "set",
+        "mode6_56": "map", "portal6_56": "set", "mode6_64": "map", "portal6_64": "set",
+        "mode6_128": "map", "portal6_128": "set", "allowhost4": "set", "allowhost6": "set",
+    }
+
+
+# -- elements_for ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("network, mode, expected", [
+    ("100.64.0.10/32", Mode.WALLED_GARDEN,
+     [("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None)]),
+    ("100.64.1.0/24", Mode.NOTICE,
+     [("mode4_24", "100.64.1.0", "goto notice"), ("portal4_24", "100.64.1.0", None)]),
+    ("2001:db8:10:100::/56", Mode.THROTTLE,
+     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("portal6_56", "2001:db8:10:100::", None)]),
+    ("2001:db8::1/128", Mode.WALLED_GARDEN,
+     [("mode6_128", "2001:db8::1", "goto garden"), ("portal6_128", "2001:db8::1", None)]),
+])
+def test_elements_for(network, mode, expected):
+    assert elements_for(net(network), mode) == expected
+
+
+def test_container_names():
+    assert mode_map(6, 56) == "mode6_56"
+    assert redirect_set(4, 32) == "portal4_32"
+
+
+# -- reading the kernel back ----------------------------------------------------------------
+
+LISTING = {"nftables": [
+    {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+    {"table": {"family": "inet", "name": "walled_garden", "handle": 7}},
+    {"map": {"family": "inet", "name": "mode4_32", "table": "walled_garden", "type": "ipv4_addr",
+             "handle": 12, "map": "verdict",
+             "elem": [["100.64.0.10", {"goto": {"target": "garden"}}],
+                      [{"elem": {"val": "100.64.0.11", "counter": {"packets": 3, "bytes": 180}}},
+                       {"goto": {"target": "notice"}}],
+                      ["100.64.0.12", {"accept": None}]]}},
+    {"set": {"family": "inet", "name": "portal4_32", "table": "walled_garden", "type": "ipv4_addr",
+             "handle": 13, "elem": ["100.64.0.10", "100.64.0.11"]}},
+    {"map": {"family": "inet", "name": "mode6_56", "table": "walled_garden", "type": "ipv6_addr",
+             "handle": 14, "map": "verdict",
+             "elem": [["2001:db8:10:100::", {"goto": {"target": "throttle"}}]]}},
+    {"set": {"family": "inet", "name": "portal6_56", "table": "walled_garden", "type": "ipv6_addr",
+             "handle": 15}},
+    {"set": {"family": "inet", "name": "allow4", "table": "walled_garden", "type": "ipv4_addr",
+             "handle": 20, "flags": ["interval"],
+             "elem": [{"prefix": {"addr": "192.0.2.0", "len": 24}}, "198.51.100.7"]}},
+    {"set": {"family": "inet", "name": "intruder", "table": "someone_else", "type": "ipv4_addr",
+             "elem": ["10.0.0.1"]}},
+    {"chain": {"family": "inet", "table": "walled_garden", "name": "layout", "handle": 30}},
+    {"rule": {"family": "inet", "table": "walled_garden", "chain": "forward", "handle": 40,
+              "comment": "walled-garden layout 0000000000000000", "expr": []}},
+    {"rule": {"family": "inet", "table": "walled_garden", "chain": "layout", "handle": 61,
+              "comment": "walled-garden layout e11a588d2d6056ef",
+              "expr": [{"counter": {"packets": 0, "bytes": 0}}]}},
+]}
+
+
+def test_parse_listing():
+    state = parse_listing(LISTING, "walled_garden")
+    assert state.layout_tag == "e11a588d2d6056ef"  # only from the layout chain
+    assert state.elements == {
+        "mode4_32": {"100.64.0.10": "goto garden", "100.64.0.11": "goto notice", "100.64.0.12": "accept"},
+        "portal4_32": {"100.64.0.10": None, "100.64.0.11": None},
+        "mode6_56": {"2001:db8:10:100::": "goto throttle"},
+        "portal6_56": {},
+        "allow4": {"192.0.2.0/24": None, "198.51.100.7": None},
+    }
+
+
+def test_parse_listing_without_layout_rule_or_table():
+    assert parse_listing({"nftables": []}, "walled_garden").layout_tag is None
+    assert parse_listing({}, "walled_garden").elements == {}
+    no_tag = {"nftables": [r for r in LISTING["nftables"] if "rule" not in r]}
+    assert parse_listing(no_tag, "walled_garden").layout_tag is None
+
+
+def test_parse_listing_round_trips_what_the_layout_renders():
+    lay = layout()
+    rule = {"rule": {"family": "inet", "table": "walled_garden", "chain": "layout", "handle": 1,
+                     "comment": f"walled-garden layout {lay.tag}", "expr": []}}
+    elements = [("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None)]
+    listing = {"nftables": [rule,
+                            {"map": {"table": "walled_garden", "name": "mode4_32",
+                                     "elem": [["100.64.0.10", {"goto": {"target": "garden"}}]]}},
+                            {"set": {"table": "walled_garden", "name": "portal4_32", "elem": ["100.64.0.10"]}}]}
+    state = parse_listing(listing, "walled_garden")
+    assert state.layout_tag == lay.tag
+    assert {(c, k, v) for c, items in state.elements.items() for k, v in items.items()} == set(elements)
+    assert elements_for(net("100.64.0.10/32"), Mode.WALLED_GARDEN) == elements

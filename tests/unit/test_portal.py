@@ -1,0 +1,489 @@
+"""Captive portal (SPEC §5): redirects, the page, the RFC 8908 API, metrics, the enforcer client.
+
+The app runs for real on aiohttp's test server; the enforcer is a fake client, except in the
+client tests, which talk HTTP to a real aiohttp server on a temporary Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from captive_portal.app import CAPTIVE_JSON, REGISTRY_KEY, caller_address, create_app
+from captive_portal.enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup
+from captive_portal.language import choose_language, parse_accept_language
+from captive_portal.messages import EN, MESSAGES, Messages
+from captive_portal.page import render_page
+from captive_portal.portal_url import PortalUrl, parse_host_header
+from enforcer.config import Config, Provider, parse_config
+
+PORTAL_HOST = "portal.isp.example"
+PORTAL_URL = "http://portal.isp.example/"
+WEBSITE = "http://pay.isp.example/"
+
+CONFIG_YAML = f"""
+state_dir: /tmp/x
+subscribers: {{source: /tmp/x/list.yaml}}
+portal:
+  listen: "0.0.0.0:8080"
+  url: "{PORTAL_URL}"
+  provider: {{name: "Example ISP", phone: "+420 123 456 789", email: "help@isp.example",
+              website: "{WEBSITE}", hours: "Mon-Fri 8-18"}}
+api: {{socket: /tmp/x/control.sock}}
+"""
+
+OVERDUE = Lookup("127.0.0.1", True, "walled-garden", "overdue", "R-7F3K")
+FREE = Lookup("127.0.0.1", False, "free", "", "")
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config(CONFIG_YAML)
+
+
+def with_provider(config: Config, **fields: str) -> Config:
+    return replace(config, portal=replace(config.portal, provider=replace(config.portal.provider, **fields)))
+
+
+class FakeEnforcer:
+    """Answers lookups with a fixed result, or fails like an unreachable enforcer."""
+
+    def __init__(self, result: Lookup | None = OVERDUE) -> None:
+        self.result = result
+        self.asked: list[str] = []
+
+    async def lookup(self, address: str) -> Lookup:
+        self.asked.append(address)
+        if self.result is None:
+            raise EnforcerUnavailable("cannot reach the enforcer: test")
+        return self.result
+
+
+@asynccontextmanager
+async def portal(config: Config, enforcer: Any = None) -> AsyncIterator[TestClient]:
+    app = create_app(config, enforcer if enforcer is not None else FakeEnforcer())
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+def on_portal(**headers: str) -> dict[str, str]:
+    return {"Host": PORTAL_HOST, **headers}
+
+
+def requests_total(client: TestClient, kind: str) -> float:
+    value = client.app[REGISTRY_KEY].get_sample_value("walled_garden_portal_requests_total", {"kind": kind})
+    assert value is not None
+    return value
+
+
+# --- redirect ----------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method,path", [("GET", "/"), ("GET", "/some/page.html?q=1&x=%3C"),
+                                         ("POST", "/login"), ("HEAD", "/"), ("PUT", "/api/captive"),
+                                         ("GET", "/api/captive")])
+async def test_foreign_host_is_redirected_without_lookup(config: Config, method: str, path: str) -> None:
+    enforcer = FakeEnforcer()
+    async with portal(config, enforcer) as client:
+        response = await client.request(method, path, headers={"Host": "example.com"},
+                                        data=b"user=a&password=b" if method in ("POST", "PUT") else None,
+                                        allow_redirects=False)
+        assert response.status == 302
+        assert response.headers["Location"] == PORTAL_URL
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Content-Type"].startswith("text/html")
+        if method != "HEAD":
+            assert f'href="{PORTAL_URL}"' in await response.text()
+        assert requests_total(client, "redirect") == 1
+    assert enforcer.asked == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", ["example.com", "portal.isp.example:8080", "portal.isp.example.evil",
+                                  "100.64.0.1", "[2001:db8::1]", "portal.isp.example:abc", ""])
+async def test_anything_but_the_portal_host_and_port_redirects(config: Config, host: str) -> None:
+    async with portal(config) as client:
+        response = await client.get("/", headers={"Host": host}, allow_redirects=False)
+        assert response.status == 302, host
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", ["portal.isp.example", "PORTAL.ISP.Example", "portal.isp.example:80",
+                                  "portal.isp.example."])
+async def test_portal_host_matches_case_insensitively_with_default_port(config: Config, host: str) -> None:
+    async with portal(config) as client:
+        response = await client.get("/", headers={"Host": host}, allow_redirects=False)
+        assert response.status == 200, host
+
+
+def test_portal_url_parsing() -> None:
+    https = PortalUrl.parse("https://Portal.Example:8443/walled/")
+    assert (https.host, https.port, https.path) == ("portal.example", 8443, "/walled/")
+    assert https.is_addressed_by("portal.example:8443")
+    assert not https.is_addressed_by("portal.example")
+    assert PortalUrl.parse("https://p.example").is_addressed_by("p.example:443")
+    v6 = PortalUrl.parse("http://[2001:db8::1]:8080/")
+    assert v6.is_addressed_by("[2001:DB8::1]:8080") and not v6.is_addressed_by("[2001:db8::1]")
+    assert not v6.is_addressed_by(None)
+    assert parse_host_header("[2001:db8::1", 80) is None
+    assert parse_host_header("example.com:99999", 80) is None
+    assert parse_host_header("example.com:", 80) is None
+    with pytest.raises(ValueError):
+        PortalUrl.parse("ftp://portal.example/")
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_restricted_page_in_english(config: Config) -> None:
+    enforcer = FakeEnforcer(OVERDUE)
+    async with portal(config, enforcer) as client:
+        response = await client.get("/", headers=on_portal())
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Content-Language"] == "en"
+        page = await response.text()
+    assert enforcer.asked == ["127.0.0.1"]
+    assert '<html lang="en">' in page
+    assert '<meta name="viewport"' in page
+    assert "Your internet service is restricted" in page
+    assert "Web access is limited until your account is settled." in page
+    assert EN["reason_overdue"] in page
+    assert f'<a href="{WEBSITE}">{WEBSITE}</a>' in page
+    assert 'href="tel:+420123456789">+420 123 456 789</a>' in page
+    assert 'href="mailto:help@isp.example">help@isp.example</a>' in page
+    assert "Mon-Fri 8-18" in page
+    assert "<code>R-7F3K</code>" in page
+    assert "This page comes from your provider Example ISP; we will never ask for your password." in page
+
+
+@pytest.mark.asyncio
+async def test_active_page_when_not_restricted(config: Config) -> None:
+    async with portal(config, FakeEnforcer(FREE)) as client:
+        page = await (await client.get("/", headers=on_portal())).text()
+    assert "Your service is active" in page
+    assert EN["heading_restricted"] not in page and EN["summary_restricted"] not in page
+    assert EN["pay_heading"] not in page
+    assert "help@isp.example" in page  # contact details stay useful
+
+
+@pytest.mark.asyncio
+async def test_lookup_failure_still_shows_the_restricted_page_without_reason(config: Config) -> None:
+    async with portal(config, FakeEnforcer(None)) as client:
+        response = await client.get("/", headers=on_portal())
+        assert response.status == 200
+        page = await response.text()
+        assert client.app[REGISTRY_KEY].get_sample_value("walled_garden_portal_lookup_failures_total") == 1
+        assert requests_total(client, "page") == 1
+    assert "Your internet service is restricted" in page
+    assert "Why:" not in page and "<code>" not in page
+    assert f'href="{WEBSITE}"' in page
+
+
+@pytest.mark.parametrize("reason,key", [("overdue", "reason_overdue"), ("suspended", "reason_suspended"),
+                                        ("notice", "reason_notice"), ("Overdue", "reason_overdue"),
+                                        ("fraud-check", "reason_other"), ("", "reason_other")])
+def test_reason_is_a_category_sentence(config: Config, reason: str, key: str) -> None:
+    page = render_page(replace(OVERDUE, reason=reason), config.portal.provider, "en")
+    assert EN[key] in page  # type: ignore[literal-required]
+    assert reason not in page.replace(EN[key], "") or reason in ("", "notice")  # type: ignore[literal-required]
+
+
+def test_page_without_optional_provider_details() -> None:
+    page = render_page(replace(OVERDUE, reference=""), Provider(), "en")
+    assert EN["pay_contact"] in page
+    assert f"<h2>{EN['contact_heading']}</h2>" not in page
+    assert EN["trust_unnamed"] in page
+    assert "<code>" not in page
+
+
+def test_everything_from_config_and_enforcer_is_escaped() -> None:
+    provider = Provider(name="<script>alert(1)</script>", phone='+1 "5" <6>', email="a@b.example\"><x",
+                        website="javascript:alert(1)", hours="<b>24/7</b>")
+    lookup = replace(OVERDUE, reason="<i>", reference='"><img src=x>')
+    page = render_page(lookup, provider, "en")
+    assert "<script" not in page and "<img" not in page and "<b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'href="tel:+1&quot;5&quot;&lt;6&gt;"' in page
+    assert "mailto:" not in page           # not an address we dare to link
+    assert 'href="javascript' not in page  # shown as text, never as a link
+    assert "javascript:alert(1)" in page
+
+
+def test_page_is_small_and_self_contained(config: Config) -> None:
+    for lookup in (OVERDUE, FREE, None):
+        page = render_page(lookup, config.portal.provider, "en")
+        assert len(page.encode()) < 30_000
+        assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {WEBSITE}
+        assert not re.search(r"<script|<link|<img|<iframe|\bsrc=|@import|url\(", page, re.IGNORECASE)
+
+
+# --- languages ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("header,expected", [
+    (None, "en"), ("", "en"), ("en-GB", "en"),
+    ("cs-CZ,cs;q=0.9,en;q=0.8", "cs"),
+    ("en;q=0.2, cs;q=0.9", "cs"),        # weight, not order, decides
+    ("fr, cs;q=0.5, en;q=0.4", "cs"),     # first acceptable one we have
+    ("cs;q=0, en", "en"),                 # q=0 means "not this"
+    ("fr-FR, de;q=0.5", "en"),            # nothing we have: fallback
+    ("*", "en"), ("cs;q=abc, en;q=0.1", "en"), ("cs;q=2", "en"),
+    ("pt-BR;q=0.8, CS-cz;q=0.7", "cs"),
+])
+def test_language_choice(header: str | None, expected: str) -> None:
+    assert choose_language(header, {"en", "cs"}) == expected
+
+
+def test_accept_language_parsing_keeps_order_for_equal_weights() -> None:
+    assert parse_accept_language("de, en;q=0.5, fr") == [("de", 1.0), ("fr", 1.0), ("en", 0.5)]
+
+
+def test_every_language_has_every_message() -> None:
+    required = Messages.__required_keys__
+    for language, messages in MESSAGES.items():
+        assert set(messages) == required, language
+        assert all(isinstance(text, str) and text for text in messages.values()), language
+
+
+@pytest.mark.asyncio
+async def test_page_follows_accept_language_and_a_new_language_is_one_dict_entry(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(MESSAGES, "cs", {**EN, "heading_restricted": "Vaše připojení je omezeno"})
+    async with portal(config) as client:
+        czech = await client.get("/", headers=on_portal(**{"Accept-Language": "cs-CZ,cs;q=0.9,en;q=0.8"}))
+        other = await client.get("/", headers=on_portal(**{"Accept-Language": "de-DE, fr;q=0.5"}))
+        weighted = await client.get("/", headers=on_portal(**{"Accept-Language": "cs;q=0.3, en;q=0.9"}))
+        assert czech.headers["Content-Language"] == "cs"
+        page = await czech.text()
+        assert '<html lang="cs">' in page and "Vaše připojení je omezeno" in page
+        assert '<html lang="en">' in await other.text()
+        assert '<html lang="en">' in await weighted.text()
+
+
+# --- RFC 8908 API ------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lookup,captive", [(OVERDUE, True), (FREE, False)])
+async def test_captive_api(config: Config, lookup: Lookup, captive: bool) -> None:
+    enforcer = FakeEnforcer(lookup)
+    async with portal(config, enforcer) as client:
+        response = await client.get("/api/captive", headers=on_portal())
+        assert response.status == 200
+        assert response.headers["Content-Type"] == CAPTIVE_JSON
+        assert response.headers["Cache-Control"] == "private, no-store"
+        assert await response.json(content_type=CAPTIVE_JSON) == {"captive": captive,
+                                                                  "user-portal-url": PORTAL_URL}
+        assert requests_total(client, "captive_api") == 1
+    assert enforcer.asked == ["127.0.0.1"]
+
+
+@pytest.mark.asyncio
+async def test_captive_api_answers_503_when_the_enforcer_is_unavailable(config: Config) -> None:
+    async with portal(config, FakeEnforcer(None)) as client:
+        response = await client.get("/api/captive", headers=on_portal())
+        assert response.status == 503
+        assert response.headers["Cache-Control"] == "private, no-store"
+        body = await response.json()
+        assert body["error"] == "enforcer-unavailable" and "captive" not in body
+        assert requests_total(client, "error") == 1
+        assert requests_total(client, "captive_api") == 0
+
+
+def test_caller_address_unwraps_ipv4_mapped_ipv6() -> None:
+    def request(remote: str | None) -> Any:
+        return SimpleNamespace(remote=remote)
+
+    assert caller_address(request("::ffff:100.64.0.10")) == "100.64.0.10"
+    assert caller_address(request("2001:db8::10")) == "2001:db8::10"
+    assert caller_address(request(None)) is None
+    assert caller_address(request("not-an-ip")) is None
+
+
+# --- 404 and metrics ---------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_unknown_path_on_the_portal_host_is_404(config: Config) -> None:
+    enforcer = FakeEnforcer()
+    async with portal(config, enforcer) as client:
+        response = await client.get("/wp-login.php", headers=on_portal())
+        assert response.status == 404
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert response.headers["Cache-Control"] == "no-store"
+        assert PORTAL_URL in await response.text()
+        assert requests_total(client, "not_found") == 1
+    assert enforcer.asked == []
+
+
+@pytest.mark.asyncio
+async def test_every_request_is_counted_by_kind(config: Config) -> None:
+    async with portal(config) as client:
+        assert {kind: requests_total(client, kind)
+                for kind in ("redirect", "page", "captive_api", "not_found", "error")} == dict.fromkeys(
+            ("redirect", "page", "captive_api", "not_found", "error"), 0.0)
+        for _ in range(3):
+            await client.get("/x", headers={"Host": "example.org"}, allow_redirects=False)
+        await client.post("/", headers={"Host": "example.org"}, allow_redirects=False)
+        await client.get("/", headers=on_portal())
+        await client.get("/", headers=on_portal())
+        await client.get("/api/captive", headers=on_portal())
+        await client.get("/nope", headers=on_portal())
+        assert (await client.post("/", headers=on_portal())).status == 405
+        assert requests_total(client, "redirect") == 4
+        assert requests_total(client, "page") == 2
+        assert requests_total(client, "captive_api") == 1
+        assert requests_total(client, "not_found") == 2
+        assert requests_total(client, "error") == 0
+
+
+@pytest.mark.asyncio
+async def test_a_crashing_lookup_counts_as_error(config: Config) -> None:
+    class Broken:
+        async def lookup(self, address: str) -> Lookup:
+            raise RuntimeError("bug")
+
+    async with portal(config, Broken()) as client:
+        assert (await client.get("/", headers=on_portal())).status == 500
+        assert requests_total(client, "error") == 1
+
+
+@pytest.mark.asyncio
+async def test_each_app_has_its_own_registry(config: Config) -> None:
+    async with portal(config) as first, portal(config) as second:
+        await first.get("/", headers={"Host": "a.example"}, allow_redirects=False)
+        assert requests_total(first, "redirect") == 1
+        assert requests_total(second, "redirect") == 0
+
+
+# --- the enforcer client -----------------------------------------------------------------------
+
+@asynccontextmanager
+async def unix_enforcer(path: Path, handler: Any) -> AsyncIterator[list[dict[str, str]]]:
+    """A real HTTP server on a Unix socket at ``path``; yields the queries it received."""
+    seen: list[dict[str, str]] = []
+
+    async def lookup(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.query))
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_get("/v1/lookup", lookup)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        yield seen
+    finally:
+        await runner.cleanup()
+
+
+async def answer_restricted(request: web.Request) -> web.Response:
+    return web.json_response({"address": request.query["address"], "restricted": True,
+                              "mode": "walled-garden", "reason": "overdue", "reference": "R-1",
+                              "subscriber": "C-1001"})
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_returns_a_lookup(tmp_path: Path) -> None:
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, answer_restricted) as seen:
+        client = EnforcerClient(str(socket_path))
+        try:
+            assert await client.lookup("100.64.0.10") == Lookup("100.64.0.10", True, "walled-garden",
+                                                                "overdue", "R-1")
+            assert (await client.lookup("2001:db8::10")).address == "2001:db8::10"
+        finally:
+            await client.close()
+    assert seen == [{"address": "100.64.0.10"}, {"address": "2001:db8::10"}]
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_fills_in_missing_optional_fields(tmp_path: Path) -> None:
+    async def free(request: web.Request) -> web.Response:
+        return web.json_response({"address": "10.0.0.1", "restricted": False, "mode": "free",
+                                  "reason": None, "subscriber": None})
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, free):
+        client = EnforcerClient(str(socket_path))
+        try:
+            assert await client.lookup("10.0.0.1") == Lookup("10.0.0.1", False, "free", "", "")
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_raises_when_the_socket_does_not_exist(tmp_path: Path) -> None:
+    client = EnforcerClient(str(tmp_path / "missing.sock"))
+    try:
+        with pytest.raises(EnforcerUnavailable, match="missing.sock"):
+            await client.lookup("100.64.0.10")
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", [
+    web.Response(status=400, text="bad address"),
+    web.Response(status=500),
+    web.Response(text="not json"),
+    web.json_response({"restricted": "yes", "mode": "free"}),
+    web.json_response(["not", "an", "object"]),
+])
+async def test_enforcer_client_raises_on_bad_answers(tmp_path: Path, answer: web.Response) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return answer
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, handler):
+        client = EnforcerClient(str(socket_path))
+        try:
+            with pytest.raises(EnforcerUnavailable):
+                await client.lookup("100.64.0.10")
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_times_out(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, slow):
+        client = EnforcerClient(str(socket_path), timeout=0.1)
+        try:
+            with pytest.raises(EnforcerUnavailable, match="no answer in time"):
+                await client.lookup("100.64.0.10")
+        finally:
+            release.set()
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_app_asks_the_enforcer_on_the_configured_socket(config: Config, tmp_path: Path) -> None:
+    """Without a client passed in, the app makes its own on ``api.socket`` and closes it."""
+    socket_path = tmp_path / "c.sock"
+    config = replace(config, api=replace(config.api, socket=str(socket_path)))
+    async with TestClient(TestServer(create_app(config))) as client:
+        unavailable = await client.get("/api/captive", headers=on_portal())
+        assert unavailable.status == 503
+        async with unix_enforcer(socket_path, answer_restricted) as seen:
+            response = await client.get("/api/captive", headers=on_portal())
+            assert (await response.json(content_type=None))["captive"] is True
+            page = await (await client.get("/", headers=on_portal())).text()
+            assert "<code>R-1</code>" in page
+        assert seen == [{"address": "127.0.0.1"}, {"address": "127.0.0.1"}]

@@ -1,0 +1,160 @@
+"""Running the portal: dual-stack sockets, the metrics endpoint, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from captive_portal.enforcer_client import Lookup
+from captive_portal.server import PortalServer, bind_sockets
+from enforcer.config import Config, Listen, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTAL_HOST = "portal.isp.example"
+PORTAL_URL = f"http://{PORTAL_HOST}/"
+CONFIG_YAML = f"""
+state_dir: /tmp/x
+subscribers: {{source: /tmp/x/list.yaml}}
+portal: {{listen: "0.0.0.0:8080", url: "{PORTAL_URL}", provider: {{name: "Example ISP"}}}}
+api: {{socket: /tmp/x/control.sock}}
+"""
+
+
+class FakeEnforcer:
+    """Says every caller is restricted and remembers who asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def lookup(self, address: str) -> Lookup:
+        self.asked.append(address)
+        return Lookup(address, True, "walled-garden", "overdue", "")
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _ipv6_available(), reason="no IPv6 loopback here")
+
+
+def local_config(portal: Listen, metrics: Listen | None = Listen("127.0.0.1", 0)) -> Config:
+    config = parse_config(CONFIG_YAML)
+    return replace(config, portal=replace(config.portal, listen=portal),
+                   metrics=replace(config.metrics, portal_listen=metrics))
+
+
+def test_a_literal_address_gets_one_socket() -> None:
+    sockets = bind_sockets(Listen("127.0.0.1", 0))
+    try:
+        assert [s.family for s in sockets] == [socket.AF_INET]
+        assert sockets[0].getsockname()[0] == "127.0.0.1"
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@needs_ipv6
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_a_wildcard_binds_both_families_on_one_port(wildcard: str) -> None:
+    sockets = bind_sockets(Listen(wildcard, 0))
+    try:
+        assert [s.family for s in sockets] == [socket.AF_INET, socket.AF_INET6]
+        v4, v6 = sockets
+        assert v4.getsockname()[1] == v6.getsockname()[1]
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_names_are_never_resolved() -> None:
+    with pytest.raises(ValueError):
+        bind_sockets(Listen("localhost", 0))
+
+
+@pytest.mark.asyncio
+async def test_server_serves_portal_and_metrics() -> None:
+    server = PortalServer(local_config(Listen("127.0.0.1", 0)), FakeEnforcer())
+    await server.start()
+    try:
+        port = server.sockets[0].getsockname()[1]
+        metrics_port = server.metrics_sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/anything", headers={"Host": "example.com"},
+                                allow_redirects=False) as response:
+                assert response.status == 302 and response.headers["Location"] == PORTAL_URL
+            async with http.get(f"http://127.0.0.1:{port}/", headers={"Host": PORTAL_HOST}) as response:
+                assert response.status == 200
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/plain; version=")
+                text = await response.text()
+    finally:
+        await server.close()
+    assert 'walled_garden_portal_requests_total{kind="redirect"} 1.0' in text
+    assert 'walled_garden_portal_requests_total{kind="page"} 1.0' in text
+    assert "# TYPE walled_garden_portal_requests_total counter" in text
+
+
+@needs_ipv6
+@pytest.mark.asyncio
+async def test_wildcard_server_answers_on_ipv4_and_ipv6_with_plain_peer_addresses() -> None:
+    enforcer = FakeEnforcer()
+    server = PortalServer(local_config(Listen("0.0.0.0", 0), metrics=None), enforcer)
+    await server.start()
+    try:
+        assert server.metrics_sockets == []
+        port = server.sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            for host in ("127.0.0.1", "[::1]"):
+                async with http.get(f"http://{host}:{port}/api/captive", headers={"Host": PORTAL_HOST}) as r:
+                    assert r.status == 200
+    finally:
+        await server.close()
+    assert enforcer.asked == ["127.0.0.1", "::1"]
+
+
+def test_run_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """The CLI entry point: one start-up line naming where it listens, exit 0 on SIGTERM."""
+    script = textwrap.dedent(f"""
+        import logging
+        from dataclasses import replace
+        from enforcer.config import Listen, parse_config
+        from captive_portal.server import run
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        config = parse_config({CONFIG_YAML!r})
+        config = replace(config, portal=replace(config.portal, listen=Listen("127.0.0.1", 0)),
+                         metrics=replace(config.metrics, portal_listen=Listen("127.0.0.1", 0)))
+        run(config)
+        print("exited", flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert "listening on 127.0.0.1:" in line and "metrics on 127.0.0.1:" in line, line
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert "exited" in stdout

@@ -1,0 +1,479 @@
+"""Decisions → the smallest transaction, against the in-memory FakeDataplane (SPEC §7)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from enforcer.dataplane.backend import DataplaneError
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.dataplane.layout import Layout, elements_for
+from enforcer.dataplane.state import TableState
+from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
+from enforcer.policy import Decision
+from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
+from enforcer.subscribers import Mode, Subscriber
+
+net = ipaddress.ip_network
+TABLE = "walled_garden"
+BASE = Layout(TABLE, ("eth1",), (net("192.0.2.0/24"),), None, 8080)
+
+
+def restricted(sid: str, *addresses: str, mode: Mode = Mode.WALLED_GARDEN) -> Decision:
+    sub = Subscriber(sid, tuple(net(a) for a in addresses), mode, "overdue")
+    return Decision(sid, mode, "on the restricted list", sub)
+
+
+def free(sid: str) -> Decision:
+    return Decision(sid, Mode.FREE, "not on the restricted list")
+
+
+def desired_elements(decisions: dict[str, Decision]) -> dict[str, dict[str, str | None]]:
+    """What the kernel should hold for ``decisions`` (no conflicts), by container."""
+    layout = BASE.with_prefixes({(n.version, n.prefixlen) for d in decisions.values() if d.subscriber
+                                 for n in d.subscriber.addresses})
+    out: dict[str, dict[str, str | None]] = {name: {} for name in layout.containers()}
+    for d in decisions.values():
+        if d.restricted:
+            for a in d.subscriber.addresses:
+                for container, key, value in elements_for(a, d.mode):
+                    out[container][key] = value
+    return out
+
+
+def ops(tx: Transaction) -> list:
+    return list(tx.operations)
+
+
+@pytest.fixture
+def fake() -> FakeDataplane:
+    return FakeDataplane(TABLE)
+
+
+@pytest.fixture
+def rec(fake: FakeDataplane) -> Reconciler:
+    return Reconciler(fake, BASE)
+
+
+INITIAL = {
+    "C-1": restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56"),
+    "C-2": restricted("C-2", "100.64.0.11", mode=Mode.NOTICE),
+    "C-3": free("C-3"),
+}
+
+
+def synced(rec: Reconciler, fake: FakeDataplane, decisions=None) -> dict[str, Decision]:
+    decisions = dict(INITIAL if decisions is None else decisions)
+    rec.sync_all(decisions)
+    fake.transactions.clear()
+    return decisions
+
+
+# -- full syncs -----------------------------------------------------------------------------
+
+def test_first_sync_replaces_the_table_in_one_transaction(rec, fake):
+    result = rec.sync_all(INITIAL)
+    assert result.kind == "full"
+    assert len(fake.transactions) == 1
+    (tx,) = fake.transactions
+    assert isinstance(tx.operations[0], ReplaceTable)
+    assert tx.operations[0].layout == BASE
+    assert all(isinstance(op, AddElements) for op in tx.operations[1:])
+    added = {(op.container, k, v) for op in tx.operations[1:] for k, v in op.items}
+    assert added == {
+        ("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None),
+        ("mode6_56", "2001:db8:10:100::", "goto garden"), ("portal6_56", "2001:db8:10:100::", None),
+        ("mode4_32", "100.64.0.11", "goto notice"), ("portal4_32", "100.64.0.11", None),
+    }
+    assert result.elements == 6
+    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
+    assert fake.state.layout_tag == BASE.tag
+    assert fake.state.elements == desired_elements(INITIAL)
+    assert not rec.needs_full
+
+
+def test_second_sync_with_one_subscriber_added_is_partial(rec, fake):
+    decisions = synced(rec, fake)
+    decisions["C-4"] = restricted("C-4", "100.64.0.40")
+    result = rec.sync_all(decisions)
+    assert result.kind == "partial"
+    assert result.elements == 2
+    (tx,) = fake.transactions
+    assert ops(tx) == [AddElements("mode4_32", (("100.64.0.40", "goto garden"),)),
+                       AddElements("portal4_32", (("100.64.0.40", None),))]
+    assert result.changed == {net("100.64.0.40/32")}
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_removal_deletes_both_elements(rec, fake):
+    decisions = synced(rec, fake)
+    decisions["C-2"] = free("C-2")
+    result = rec.sync_all(decisions)
+    assert result.kind == "partial"
+    (tx,) = fake.transactions
+    assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("mode4_32", ("100.64.0.11",)),
+                                                         DeleteElements("portal4_32", ("100.64.0.11",))]
+    assert result.changed == {net("100.64.0.11/32")}
+    assert "100.64.0.11" not in fake.state.elements["mode4_32"]
+
+
+def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
+    decisions = synced(rec, fake)
+    del decisions["C-1"]
+    result = rec.sync_all(decisions)
+    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert result.elements == 4
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_mode_change_touches_only_the_map_element(rec, fake):
+    decisions = synced(rec, fake)
+    decisions["C-1"] = restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56", mode=Mode.NOTICE)
+    result = rec.sync_all(decisions)
+    assert result.kind == "partial"
+    (tx,) = fake.transactions
+    deletes = [op for op in tx.operations if isinstance(op, DeleteElements)]
+    adds = [op for op in tx.operations if isinstance(op, AddElements)]
+    assert {op.container for op in tx.operations} == {"mode4_32", "mode6_56"}  # no portal set touched
+    assert {(op.container, op.keys) for op in deletes} == {("mode4_32", ("100.64.0.10",)),
+                                                          ("mode6_56", ("2001:db8:10:100::",))}
+    assert {(op.container, op.items) for op in adds} == {("mode4_32", (("100.64.0.10", "goto notice"),)),
+                                                        ("mode6_56", (("2001:db8:10:100::", "goto notice"),))}
+    # every delete comes before any add, so the kernel never sees the same key twice
+    last_delete = max(i for i, op in enumerate(tx.operations) if isinstance(op, DeleteElements))
+    first_add = min(i for i, op in enumerate(tx.operations) if isinstance(op, AddElements))
+    assert last_delete < first_add
+    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert fake.state.elements["mode4_32"]["100.64.0.10"] == "goto notice"
+    assert fake.state.elements["portal4_32"]["100.64.0.10"] is None
+
+
+def test_nothing_changed_means_empty_diff(rec, fake):
+    decisions = synced(rec, fake)
+    before = fake.state.copy()
+    result = rec.sync_all(decisions)
+    assert result.kind == "partial"
+    assert result.elements == 0
+    assert result.changed == set()
+    assert all(not tx for tx in fake.transactions)
+    assert fake.state == before
+
+
+def test_sync_all_with_read_kernel_on_unchanged_kernel_is_empty(rec, fake):
+    decisions = synced(rec, fake)
+    result = rec.sync_all(decisions, read_kernel=True)
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+
+
+# -- small updates --------------------------------------------------------------------------
+
+def test_update_one_subscriber_is_a_tiny_transaction(rec, fake):
+    synced(rec, fake)
+    result = rec.update({"C-5": restricted("C-5", "100.64.0.50")})
+    assert result.kind == "partial"
+    assert result.elements == 2
+    (tx,) = fake.transactions
+    assert sorted(ops(tx), key=lambda o: o.container) == [
+        AddElements("mode4_32", (("100.64.0.50", "goto garden"),)),
+        AddElements("portal4_32", (("100.64.0.50", None),))]
+    assert result.changed == {net("100.64.0.50/32")}
+    assert sorted(tx.render().splitlines()) == [
+        "add element inet walled_garden mode4_32 { 100.64.0.50 : goto garden }",
+        "add element inet walled_garden portal4_32 { 100.64.0.50 }"]
+
+
+def test_update_lift_deletes(rec, fake):
+    decisions = synced(rec, fake)
+    result = rec.update({"C-1": free("C-1")})
+    assert result.elements == 4
+    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    decisions["C-1"] = free("C-1")
+    assert fake.state.elements == desired_elements(decisions)
+    assert "C-1" not in rec.owned
+
+
+def test_update_mode_change(rec, fake):
+    synced(rec, fake)
+    result = rec.update({"C-2": restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)})
+    (tx,) = fake.transactions
+    assert ops(tx) == [DeleteElements("mode4_32", ("100.64.0.11",)),
+                       AddElements("mode4_32", (("100.64.0.11", "goto throttle"),))]
+    assert result.changed == {net("100.64.0.11/32")}
+
+
+def test_update_address_change(rec, fake):
+    decisions = synced(rec, fake)
+    new = restricted("C-2", "100.64.0.12", mode=Mode.NOTICE)
+    result = rec.update({"C-2": new})
+    assert result.changed == {net("100.64.0.11/32"), net("100.64.0.12/32")}
+    decisions["C-2"] = new
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_update_nothing_changed(rec, fake):
+    synced(rec, fake)
+    result = rec.update({"C-1": INITIAL["C-1"], "C-3": free("C-3"), "C-9": free("C-9")})
+    assert (result.elements, result.changed) == (0, set())
+    assert all(not tx for tx in fake.transactions)
+
+
+def test_update_then_sync_all_agree(rec, fake):
+    decisions = synced(rec, fake)
+    rec.update({"C-5": restricted("C-5", "100.64.0.50")})
+    rec.update({"C-1": free("C-1")})
+    decisions.update({"C-5": restricted("C-5", "100.64.0.50"), "C-1": free("C-1")})
+    fake.transactions.clear()
+    result = rec.sync_all(decisions)
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_update_before_any_full_sync_is_refused(rec):
+    with pytest.raises(DataplaneError):
+        rec.update({"C-1": INITIAL["C-1"]})
+
+
+def test_new_prefix_length_needs_a_full_sync(rec, fake):
+    decisions = synced(rec, fake)
+    wide = restricted("C-6", "100.64.7.0/24")
+    with pytest.raises(NeedsFullSync):
+        rec.update({"C-6": wide})
+    assert fake.transactions == []
+    decisions["C-6"] = wide
+    result = rec.sync_all(decisions)
+    assert result.kind == "full"
+    (tx,) = fake.transactions
+    assert isinstance(tx.operations[0], ReplaceTable)
+    assert (4, 24) in tx.operations[0].layout.prefixes
+    text = tx.render()
+    assert "map mode4_24 { type ipv4_addr : verdict; }" in text
+    assert "ip saddr & 255.255.255.0 vmap @mode4_24" in text
+    assert "add element inet walled_garden mode4_24 { 100.64.7.0 : goto garden }" in text
+    assert fake.state.layout_tag == tx.operations[0].layout.tag
+    assert fake.state.elements == desired_elements(decisions)
+    # only the new subscriber's enforcement changed: the atomic replace kept everyone else as is
+    assert result.changed == {net("100.64.7.0/24")}
+    # and now diffs work for /24 too
+    fake.transactions.clear()
+    assert rec.update({"C-7": restricted("C-7", "100.64.8.0/24")}).kind == "partial"
+
+
+def test_address_conflict_in_update(rec, fake):
+    synced(rec, fake)
+    with pytest.raises(AddressConflict, match="C-1"):
+        rec.update({"C-8": restricted("C-8", "100.64.0.10")})
+    assert fake.transactions == []
+    assert "C-8" not in rec.owned
+
+
+def test_address_conflict_within_one_update_batch(rec, fake):
+    synced(rec, fake)
+    try:
+        rec.update({"A": restricted("A", "100.64.0.99"), "B": restricted("B", "100.64.0.99")})
+    except AddressConflict:
+        return
+    rec.update({"A": free("A")})
+    # B is still restricted, so its address must still be in the kernel
+    assert fake.state.elements["mode4_32"].get("100.64.0.99") == "goto garden"
+
+
+def test_address_conflict_in_sync_all_enforces_the_first_holder_only(rec, fake):
+    decisions = {"A": restricted("A", "100.64.0.10"), "B": restricted("B", "100.64.0.10", mode=Mode.NOTICE)}
+    result = rec.sync_all(decisions)
+    assert fake.state.elements["mode4_32"] == {"100.64.0.10": "goto garden"}
+    assert set(rec.owned) == {"A"}
+    assert result.changed == {net("100.64.0.10/32")}
+
+
+# -- restarts -------------------------------------------------------------------------------
+
+def test_restart_over_matching_kernel_is_a_partial_diff(fake):
+    desired = {
+        "A": restricted("A", "100.64.0.1"),                          # already right in the kernel
+        "C": restricted("C", "100.64.0.3"),                          # missing from the kernel
+        "D": restricted("D", "2001:db8:40::/64", mode=Mode.THROTTLE),  # kernel has notice
+        "E": free("E"),
+    }
+    kernel = TableState(BASE.tag, {name: {} for name in BASE.containers()})
+    kernel.elements["mode4_32"].update({"100.64.0.1": "goto garden", "100.64.0.2": "goto garden"})
+    kernel.elements["portal4_32"].update({"100.64.0.1": None, "100.64.0.2": None})  # B: no longer wanted
+    kernel.elements["mode6_64"]["2001:db8:40::"] = "goto notice"
+    kernel.elements["portal6_64"]["2001:db8:40::"] = None
+    fake.state = kernel
+
+    rec = Reconciler(fake, BASE)  # a new daemon: no mirror yet
+    result = rec.sync_all(desired, read_kernel=True)
+
+    assert result.kind == "partial"
+    (tx,) = fake.transactions
+    assert not any(isinstance(op, ReplaceTable) for op in tx.operations)
+    assert fake.state.layout_tag == BASE.tag
+    assert fake.state.elements == desired_elements(desired)
+    assert result.changed == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
+    assert result.elements == 2 + 2 + 2  # delete B (2), add C (2), D's map entry delete + add
+    # and the reconciler is ready for diffs straight away
+    assert rec.update({"A": free("A")}).elements == 2
+
+
+def test_restart_without_read_kernel_flag_still_reads_the_kernel_first(fake):
+    kernel = TableState(BASE.tag, {name: {} for name in BASE.containers()})
+    kernel.elements["mode4_32"]["100.64.0.1"] = "goto garden"
+    kernel.elements["portal4_32"]["100.64.0.1"] = None
+    fake.state = kernel
+    result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")})
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+
+
+def test_restart_over_other_layout_replaces_the_table_once(fake):
+    kernel = TableState("0123456789abcdef", {"mode4_32": {"100.64.0.1": "goto garden", "100.64.0.2": "goto notice"},
+                                             "portal4_32": {"100.64.0.1": None, "100.64.0.2": None}})
+    fake.state = kernel
+    desired = {"A": restricted("A", "100.64.0.1"), "C": restricted("C", "100.64.0.3")}
+    result = Reconciler(fake, BASE).sync_all(desired, read_kernel=True)
+    assert result.kind == "full"
+    assert len(fake.transactions) == 1
+    (tx,) = fake.transactions
+    assert sum(isinstance(op, ReplaceTable) for op in tx.operations) == 1
+    assert isinstance(tx.operations[0], ReplaceTable)
+    assert fake.state.layout_tag == BASE.tag
+    assert fake.state.elements == desired_elements(desired)
+    # A stayed restricted through the atomic replace; B lost and C gained a restriction
+    assert result.changed == {net("100.64.0.2/32"), net("100.64.0.3/32")}
+
+
+def test_restart_with_no_table_in_the_kernel(fake):
+    assert fake.read() is None
+    result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")}, read_kernel=True)
+    assert result.kind == "full"
+    assert result.changed == {net("100.64.0.1/32")}
+
+
+# -- failures -------------------------------------------------------------------------------
+
+def test_failed_transaction_changes_nothing_and_requires_a_full_sync(rec, fake):
+    decisions = synced(rec, fake)
+    before = fake.state.copy()
+    fake.fail_next = "Error: Could not process rule: No buffer space available"
+    decisions["C-4"] = restricted("C-4", "100.64.0.40")
+    with pytest.raises(DataplaneError, match="No buffer space"):
+        rec.sync_all(decisions)
+    assert rec.needs_full
+    assert fake.state == before
+    with pytest.raises(DataplaneError):
+        rec.update({"C-5": restricted("C-5", "100.64.0.50")})
+    assert fake.state == before
+    # the next sync converges
+    result = rec.sync_all(decisions, read_kernel=True)
+    assert not rec.needs_full
+    assert result.changed == {net("100.64.0.40/32")}
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_failed_update_changes_nothing(rec, fake):
+    synced(rec, fake)
+    before = fake.state.copy()
+    owned = dict(rec.owned)
+    fake.fail_next = "boom"
+    with pytest.raises(DataplaneError, match="boom"):
+        rec.update({"C-1": free("C-1")})
+    assert rec.needs_full
+    assert fake.state == before
+    assert rec.owned == owned
+    assert rec.sync_all(dict(INITIAL, **{"C-1": free("C-1")})).elements == 4
+
+
+def test_failed_first_sync_then_retry(rec, fake):
+    fake.fail_next = "boom"
+    with pytest.raises(DataplaneError):
+        rec.sync_all(INITIAL)
+    assert fake.state is None and rec.needs_full
+    assert rec.sync_all(INITIAL).kind == "full"
+    assert fake.state.elements == desired_elements(INITIAL)
+
+
+def test_kernel_drift_is_repaired_by_reading_the_kernel(rec, fake):
+    """Someone deleted an element by hand: the mirror is stale, the diff fails, a re-read fixes it."""
+    decisions = synced(rec, fake)
+    del fake.state.elements["mode4_32"]["100.64.0.11"]
+    decisions["C-2"] = free("C-2")
+    with pytest.raises(DataplaneError):
+        rec.sync_all(decisions)
+    assert rec.needs_full
+    rec.sync_all(decisions, read_kernel=True)
+    assert fake.state.elements == desired_elements(decisions)
+
+
+# -- host allow -----------------------------------------------------------------------------
+
+def test_host_allow_addresses(rec, fake):
+    rec.set_host_allow(["198.51.100.7", "2001:db8::80"])  # before the first sync: kept for it
+    rec.sync_all(INITIAL)
+    assert fake.state.elements["allowhost4"] == {"198.51.100.7": None}
+    assert fake.state.elements["allowhost6"] == {"2001:db8::80": None}
+    fake.transactions.clear()
+    rec.set_host_allow(["198.51.100.8", "2001:db8::80"])
+    (tx,) = fake.transactions
+    assert ops(tx) == [DeleteElements("allowhost4", ("198.51.100.7",)),
+                       AddElements("allowhost4", (("198.51.100.8", None),))]
+    assert rec.sync_all(INITIAL).elements == 0
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+def test_transactions_render_as_nft_syntax(rec, fake):
+    rec.sync_all({"C-1": restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56")})
+    rec.sync_all({"C-1": restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56", mode=Mode.NOTICE)})
+    rec.sync_all({})
+    text = fake.dump()
+    assert text.startswith("add table inet walled_garden\ndelete table inet walled_garden\n"
+                           "table inet walled_garden {\n")
+    assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto garden }\n" in text
+    assert "add element inet walled_garden portal4_32 { 100.64.0.10 }\n" in text
+    assert "add element inet walled_garden mode6_56 { 2001:db8:10:100:: : goto garden }\n" in text
+    assert "delete element inet walled_garden mode4_32 { 100.64.0.10 }\n" in text
+    assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto notice }\n" in text
+    assert "delete element inet walled_garden portal4_32 { 100.64.0.10 }\n" in text
+    for line in text.splitlines():
+        if line.startswith(("add element", "delete element")):
+            assert line.count("{") == 1 and line.endswith("}")
+
+
+def test_transaction_render_and_count():
+    tx = Transaction("wg")
+    tx.add("mode4_32", [])
+    tx.delete("mode4_32", [])
+    assert not tx and tx.render() == "" and tx.element_count() == 0
+    tx.add("mode4_32", [("100.64.0.1", "goto garden"), ("100.64.0.2", "goto notice")])
+    tx.delete("portal4_32", ["100.64.0.3"])
+    assert tx.element_count() == 3
+    assert tx.render() == ("add element inet wg mode4_32 { 100.64.0.1 : goto garden, 100.64.0.2 : goto notice }\n"
+                           "delete element inet wg portal4_32 { 100.64.0.3 }\n")
+
+
+def test_changed_networks_helper():
+    before = {"mode4_32": {"100.64.0.1": "goto garden", "100.64.0.2": "goto garden"},
+              "portal4_32": {"100.64.0.9": None}}
+    after = {"mode4_32": {"100.64.0.1": "goto garden", "100.64.0.2": "goto notice"},
+             "mode6_56": {"2001:db8:10:100::": "goto garden"}}
+    assert changed_networks(before, after) == {net("100.64.0.2/32"), net("2001:db8:10:100::/56")}
+
+
+# -- the fake keeps the kernel's rules ----------------------------------------------------------
+
+def test_fake_refuses_what_the_kernel_refuses(fake):
+    tx = Transaction(TABLE)
+    tx.add("mode4_32", [("100.64.0.1", "goto garden")])
+    with pytest.raises(DataplaneError):
+        fake.apply(tx)  # no table yet
+    full = Transaction(TABLE)
+    full.replace_table(BASE)
+    full.add("mode4_32", [("100.64.0.1", "goto garden")])
+    fake.apply(full)
+    for bad in (AddElements("mode4_32", (("100.64.0.1", "goto notice"),)),
+                DeleteElements("mode4_32", ("100.64.0.2",)),
+                AddElements("mode4_24", (("100.64.0.0", "goto garden"),))):
+        before = fake.state.copy()
+        with pytest.raises(DataplaneError):
+            fake.apply(Transaction(TABLE, [AddElements("mode4_32", (("100.64.0.5", "goto garden"),)), bad]))
+        assert fake.state == before  # all or nothing

@@ -1,0 +1,502 @@
+"""The restricted-subscriber list (SPEC §3): YAML / JSON / CSV, all-or-nothing, every problem at file:line."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import textwrap
+
+import pytest
+
+from enforcer.subscribers import (
+    ListError,
+    Mode,
+    Subscriber,
+    detect_format,
+    parse_address,
+    parse_list,
+    validate_entry,
+)
+
+net = ipaddress.ip_network
+
+YAML_LIST = textwrap.dedent("""\
+    subscribers:
+      - id: C-1001
+        addresses: ["100.64.0.10", "2001:db8:10:100::/56"]
+        mode: walled-garden
+        reason: overdue
+      - id: C-1002
+        addresses: ["100.64.0.11"]
+        mode: notice
+      - id: C-1003
+        addresses: ["100.64.1.0/24", "2001:db8:20::/64"]
+        mode: throttle
+        reason: fair_use
+      - id: "1004"
+        addresses: ["2001:db8:30::1"]
+""")
+
+JSON_LIST = json.dumps({"subscribers": [
+    {"id": "C-1001", "addresses": ["100.64.0.10", "2001:db8:10:100::/56"], "mode": "walled-garden",
+     "reason": "overdue"},
+    {"id": "C-1002", "addresses": ["100.64.0.11"], "mode": "notice"},
+    {"id": "C-1003", "addresses": ["100.64.1.0/24", "2001:db8:20::/64"], "mode": "throttle", "reason": "fair_use"},
+    {"id": "1004", "addresses": ["2001:db8:30::1"]},
+]}, indent=2)
+
+CSV_LIST = textwrap.dedent("""\
+    id,addresses,mode,reason
+    C-1001,100.64.0.10 2001:db8:10:100::/56,walled-garden,overdue
+    C-1002,100.64.0.11,notice
+    C-1003,"100.64.1.0/24 2001:db8:20::/64",throttle,fair_use
+    1004,2001:db8:30::1
+""")
+
+EXPECTED = [
+    Subscriber("C-1001", (net("100.64.0.10/32"), net("2001:db8:10:100::/56")), Mode.WALLED_GARDEN, "overdue"),
+    Subscriber("C-1002", (net("100.64.0.11/32"),), Mode.NOTICE, ""),
+    Subscriber("C-1003", (net("100.64.1.0/24"), net("2001:db8:20::/64")), Mode.THROTTLE, "fair_use"),
+    Subscriber("1004", (net("2001:db8:30::1/128"),), Mode.WALLED_GARDEN, ""),
+]
+
+
+def issues(text: str, name: str) -> list[tuple[str, str]]:
+    with pytest.raises(ListError) as info:
+        parse_list(text, name)
+    return [(i.location, i.message) for i in info.value.issues]
+
+
+def locations(text: str, name: str) -> list[str]:
+    return [loc for loc, _ in issues(text, name)]
+
+
+def yaml_entry(body: str) -> str:
+    """A one-entry YAML list; the entry starts on line 2."""
+    return "subscribers:\n" + textwrap.indent(textwrap.dedent(body), "  ")
+
+
+# -- the three formats ----------------------------------------------------------------------
+
+def test_yaml_json_csv_of_the_same_list_are_equal():
+    from_yaml = parse_list(YAML_LIST, "restricted.yaml")
+    from_json = parse_list(JSON_LIST, "restricted.json")
+    from_csv = parse_list(CSV_LIST, "restricted.csv")
+    assert from_yaml == EXPECTED
+    assert from_json == EXPECTED
+    assert from_csv == EXPECTED
+
+
+def test_formats_are_sniffed_without_a_suffix():
+    assert parse_list(YAML_LIST, "restricted") == EXPECTED
+    assert parse_list(JSON_LIST, "restricted") == EXPECTED
+    assert parse_list(CSV_LIST, "restricted") == EXPECTED
+
+
+def test_json_indented_with_tabs():
+    text = json.dumps(json.loads(JSON_LIST), indent="\t")
+    assert parse_list(text, "restricted.json") == EXPECTED
+
+
+def test_ipv6_prefix_kept_as_a_56():
+    (sub,) = parse_list(yaml_entry("""\
+        - id: C-1
+          addresses: ["2001:db8:10:100::/56"]
+    """), "l.yaml")
+    assert sub.addresses == (net("2001:db8:10:100::/56"),)
+    assert sub.addresses[0].prefixlen == 56
+    assert sub.mode is Mode.WALLED_GARDEN  # the default
+    assert sub.reason == ""
+
+
+def test_csv_header_is_optional_and_comments_blank_lines_skipped():
+    text = textwrap.dedent("""\
+        # exported by billing 2026-11-23
+
+        C-1001,100.64.0.10 2001:db8:10:100::/56,walled-garden,overdue
+          # an indented comment
+        C-1002,100.64.0.11,notice
+
+        C-1003,"100.64.1.0/24 2001:db8:20::/64",throttle,fair_use
+        1004,2001:db8:30::1
+    """)
+    assert parse_list(text, "restricted.csv") == EXPECTED
+
+
+def test_csv_header_after_comment_and_case_insensitive():
+    text = "# billing\nID, Addresses, Mode, Reason\nC-1,100.64.0.10,,\n"
+    assert parse_list(text, "l.csv") == [Subscriber("C-1", (net("100.64.0.10/32"),))]
+
+
+def test_csv_crlf_line_endings():
+    text = CSV_LIST.replace("\n", "\r\n")
+    assert parse_list(text, "restricted.csv") == EXPECTED
+
+
+def test_explicit_empty_list_is_valid():
+    assert parse_list("subscribers: []\n", "l.yaml") == []
+    assert parse_list('{"subscribers": []}', "l.json") == []
+    assert parse_list("id,addresses,mode,reason\n", "l.csv") == []
+
+
+def test_subscriber_json_round_trip():
+    for sub in EXPECTED:
+        assert Subscriber.from_json(json.loads(json.dumps(sub.to_json()))) == sub
+
+
+# -- one bad line each ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("address, fragment", [
+    ("100.64.0.300", "100.64.0.300"),
+    ("not-an-ip", "not-an-ip"),
+    ("100.64.0.10/24", "host bits"),
+    ("2001:db8:10:101::/56", "host bits"),
+    ("10.0.0.0/8", "broader than /16"),
+    ("2001:db8::/29", "broader than /32"),
+    ("::/0", "broader"),
+])
+def test_bad_address_in_yaml_reported_at_the_entry_line(address, fragment):
+    text = yaml_entry(f"""\
+        - id: C-1
+          addresses: ["100.64.0.1"]
+        - id: C-2
+          addresses: ["100.64.0.2", "{address}"]
+    """)
+    found = issues(text, "restricted.yaml")
+    assert [loc for loc, _ in found] == ["restricted.yaml:4"]
+    assert fragment in found[0][1]
+    assert repr(address) in found[0][1]
+
+
+def test_broadest_allowed_prefixes():
+    assert parse_address("100.64.0.0/16") == net("100.64.0.0/16")
+    assert parse_address("2001:db8::/32") == net("2001:db8::/32")
+    assert parse_address(" 100.64.0.1 ") == net("100.64.0.1/32")
+
+
+@pytest.mark.parametrize("address", ["100.64.0.10/24", "100.64.0.300", "10.0.0.0/15"])
+def test_bad_address_in_csv(address):
+    text = f"C-1,100.64.0.1\nC-2,{address},notice\n"
+    assert locations(text, "restricted.csv") == ["restricted.csv:2"]
+
+
+@pytest.mark.parametrize("mode", ["blocked", "free", "Walled-Garden", "walled_garden"])
+def test_unknown_mode(mode):
+    found = issues(f"C-1,100.64.0.1\nC-2,100.64.0.2,{mode}\n", "l.csv")
+    assert [loc for loc, _ in found] == ["l.csv:2"]
+    assert "mode" in found[0][1] and "walled-garden" in found[0][1]
+
+
+@pytest.mark.parametrize("reason", ["owes 120 EUR", "Overdue", "overdue!", "x" * 33, "unpaid since 2026-01-01"])
+def test_bad_reason(reason):
+    text = yaml_entry(f"""\
+        - id: C-1
+          addresses: ["100.64.0.1"]
+          reason: "{reason}"
+    """)
+    found = issues(text, "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:2"]
+    assert "reason" in found[0][1]
+
+
+def test_reason_must_be_a_string():
+    text = yaml_entry("""\
+        - id: C-1
+          addresses: ["100.64.0.1"]
+          reason: [overdue]
+    """)
+    assert locations(text, "l.yaml") == ["l.yaml:2"]
+
+
+@pytest.mark.parametrize("entry", [
+    "- addresses: [100.64.0.1]\n",
+    "- id: ''\n  addresses: [100.64.0.1]\n",
+    "- id: 'has space'\n  addresses: [100.64.0.1]\n",
+    "- id: [C-1]\n  addresses: [100.64.0.1]\n",
+    "- id: -leading-dash\n  addresses: [100.64.0.1]\n",
+])
+def test_missing_or_bad_id(entry):
+    found = issues(yaml_entry(entry), "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:2"]
+    assert "id" in found[0][1]
+
+
+def test_missing_id_in_csv():
+    assert locations("C-1,100.64.0.1\n,100.64.0.2\n", "l.csv") == ["l.csv:2"]
+
+
+@pytest.mark.parametrize("addresses", ["[]", "null", "''", "{a: 1}"])
+def test_missing_addresses(addresses):
+    found = issues(yaml_entry(f"- id: C-1\n  addresses: {addresses}\n"), "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:2"]
+    assert "address" in found[0][1]
+
+
+def test_same_address_twice_in_one_entry():
+    found = issues(yaml_entry("- id: C-1\n  addresses: [100.64.0.1, 100.64.0.1]\n"), "l.yaml")
+    assert found == [("l.yaml:2", "address 100.64.0.1/32 is listed twice")]
+
+
+def test_duplicate_id():
+    text = "C-1,100.64.0.1\nC-2,100.64.0.2\nC-1,100.64.0.3\n"
+    found = issues(text, "l.csv")
+    assert [loc for loc, _ in found] == ["l.csv:3"]
+    assert "C-1" in found[0][1] and "line 1" in found[0][1]
+
+
+def test_same_address_in_two_subscribers():
+    text = yaml_entry("""\
+        - id: C-1
+          addresses: [100.64.0.1]
+        - id: C-2
+          addresses: [100.64.0.2]
+        - id: C-3
+          addresses: ["100.64.0.2"]
+    """)
+    found = issues(text, "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:6"]
+    assert "C-3" in found[0][1] and "C-2" in found[0][1] and "line 4" in found[0][1]
+
+
+def test_host_inside_another_subscribers_prefix():
+    text = "C-1,100.64.0.0/24\nC-2,100.64.1.1\nC-3,100.64.0.77\n"
+    found = issues(text, "l.csv")
+    assert [loc for loc, _ in found] == ["l.csv:3"]
+    assert "100.64.0.77/32" in found[0][1] and "100.64.0.0/24" in found[0][1] and "C-1" in found[0][1]
+
+
+def test_ipv6_prefix_inside_another_subscribers_prefix():
+    text = "C-1,2001:db8:10:100::/56\nC-2,2001:db8:10:1ff::/64\n"
+    assert locations(text, "l.csv") == ["l.csv:2"]
+
+
+def test_one_subscriber_may_hold_nested_prefixes_of_its_own():
+    (sub,) = parse_list("C-1,100.64.0.0/24 100.64.0.7\n", "l.csv")
+    assert sub.addresses == (net("100.64.0.0/24"), net("100.64.0.7/32"))
+
+
+def test_unknown_field():
+    text = yaml_entry("- id: C-1\n  addresses: [100.64.0.1]\n  amount: 120\n")
+    found = issues(text, "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:2"]
+    assert "'amount'" in found[0][1]
+
+
+def test_unknown_top_level_key_in_yaml():
+    text = "generated: 2026-11-23\nsubscribers: []\n"
+    found = issues(text, "l.yaml")
+    assert [loc for loc, _ in found] == ["l.yaml:1"]
+    assert "generated" in found[0][1]
+
+
+def test_subscribers_must_be_a_list():
+    assert locations("subscribers: {id: C-1}\n", "l.yaml") == ["l.yaml:1"]
+    assert locations("- id: C-1\n", "l.yaml") == ["l.yaml:1"]
+
+
+def test_entry_not_a_mapping():
+    assert locations("subscribers:\n  - C-1\n", "l.yaml") == ["l.yaml:2"]
+
+
+@pytest.mark.parametrize("row, columns", [("C-1", 1), ("C-1,100.64.0.2,notice,overdue,extra", 5)])
+def test_csv_wrong_column_count(row, columns):
+    found = issues(f"C-0,100.64.0.1\n{row}\n", "l.csv")
+    assert [loc for loc, _ in found] == ["l.csv:2"]
+    assert f"got {columns}" in found[0][1]
+
+
+def test_csv_without_trailing_newline_is_truncated():
+    text = "C-1,100.64.0.1\nC-2,100.64.0.2\nC-3,100.64.0."
+    found = issues(text, "l.csv")
+    assert ("l.csv:3", "the last line has no line ending (a truncated export?)") in found
+
+
+def test_csv_truncated_even_if_the_last_line_looks_fine():
+    found = issues("C-1,100.64.0.1\nC-2,100.64.0.2", "l.csv")
+    assert found == [("l.csv:2", "the last line has no line ending (a truncated export?)")]
+
+
+def test_csv_unterminated_quote():
+    found = issues('C-1,100.64.0.1\nC-2,"100.64.0.2\n', "l.csv")
+    assert any("not valid CSV" in message for _, message in found)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n", "\n"])
+@pytest.mark.parametrize("name", ["l.csv", "l.yaml", "l.json"])
+def test_empty_file(text, name):
+    found = issues(text, name)
+    assert [loc for loc, _ in found] == [f"{name}:1"]
+    assert "empty" in found[0][1]
+
+
+@pytest.mark.parametrize("text, name", [("subscribers:\n", "l.yaml"), ('{"subscribers": null}', "l.json")])
+def test_null_subscribers_is_not_an_empty_list(text, name):
+    with pytest.raises(ListError):
+        parse_list(text, name)
+
+
+@pytest.mark.parametrize("ident", ["0123", "10:20", "1_000"])
+def test_unquoted_numeric_looking_ids_keep_their_text(ident):
+    from_yaml = parse_list(yaml_entry(f"- id: {ident}\n  addresses: [100.64.0.1]\n"), "l.yaml")
+    from_csv = parse_list(f"{ident},100.64.0.1\n", "l.csv")
+    assert from_csv[0].id == ident
+    assert from_yaml == from_csv
+
+
+@pytest.mark.parametrize("text, name", [
+    ("\ufeff" + CSV_LIST, "restricted.csv"),
+    ("\ufeff" + JSON_LIST, "restricted.json"),
+])
+def test_byte_order_mark_is_ignored(text, name):
+    assert parse_list(text, name) == EXPECTED
+
+
+def test_byte_order_mark_in_yaml_is_ignored():
+    assert parse_list("\ufeff" + YAML_LIST, "restricted.yaml") == EXPECTED
+
+
+def test_plain_integer_ids_match_csv():
+    from_yaml = parse_list(yaml_entry("- id: 1001\n  addresses: [100.64.0.1]\n"), "l.yaml")
+    assert from_yaml == parse_list("1001,100.64.0.1\n", "l.csv")
+
+
+# -- everything at once ---------------------------------------------------------------------
+
+def test_list_error_carries_every_issue_yaml():
+    text = textwrap.dedent("""\
+        subscribers:
+          - id: C-1
+            addresses: ["100.64.0.300"]
+          - id: C-2
+            addresses: ["100.64.0.2"]
+            mode: blocked
+          - id: C-3
+            addresses: ["100.64.0.3"]
+            reason: "owes 50 EUR"
+          - addresses: ["100.64.0.4"]
+          - id: C-5
+            addresses: ["100.64.0.5"]
+            colour: red
+    """)
+    found = issues(text, "restricted.yaml")
+    assert [loc for loc, _ in found] == ["restricted.yaml:2", "restricted.yaml:4", "restricted.yaml:7",
+                                         "restricted.yaml:10", "restricted.yaml:11"]
+    with pytest.raises(ListError) as info:
+        parse_list(text, "restricted.yaml")
+    assert len(str(info.value).splitlines()) == 5
+
+
+def test_list_error_carries_every_issue_csv():
+    text = textwrap.dedent("""\
+        id,addresses,mode,reason
+        C-1,100.64.0.300
+        C-2,100.64.0.2,blocked
+        C-3
+        C-4,100.64.0.4,,Overdue
+        C-5,100.64.0.5
+    """)
+    assert locations(text, "restricted.csv") == [f"restricted.csv:{n}" for n in (2, 3, 4, 5)]
+
+
+def test_entry_with_several_problems_reports_each():
+    text = yaml_entry("- id: 'a b'\n  addresses: ['x']\n  mode: off-ish\n  reason: 'Big Debt'\n  foo: 1\n")
+    found = issues(text, "l.yaml")
+    assert len(found) == 5
+    assert {loc for loc, _ in found} == {"l.yaml:2"}
+
+
+def test_list_error_message_is_capped_but_issues_are_not():
+    text = "".join(f"C-{i},100.64.0.{i}/24\n" for i in range(1, 31))  # host bits everywhere
+    with pytest.raises(ListError) as info:
+        parse_list(text, "l.csv")
+    assert len(info.value.issues) == 30
+    assert str(info.value).endswith("... and 10 more")
+
+
+def test_duplicate_id_reported_at_the_later_line():
+    text = "C-1,100.64.0.1\nC-1,100.64.0.2\n"
+    assert locations(text, "l.csv") == ["l.csv:2"]
+
+
+# -- syntax errors --------------------------------------------------------------------------
+
+def test_json_syntax_error_has_line_number():
+    text = '{\n  "subscribers": [\n    {"id": "C-1", "addresses": ["100.64.0.1"]},\n    {"id": "C-2",,}\n  ]\n}\n'
+    found = issues(text, "restricted.json")
+    assert len(found) == 1
+    assert found[0][0] == "restricted.json:4"
+    assert found[0][1].startswith("not valid JSON")
+
+
+def test_json_trailing_comma_is_rejected():
+    found = issues('{"subscribers": [\n{"id": "C-1", "addresses": ["100.64.0.1"]},\n]}', "l.json")
+    assert found[0][0] == "l.json:3"
+
+
+def test_json_entry_error_has_line_number():
+    text = '{\n  "subscribers": [\n    {"id": "C-1", "addresses": ["100.64.0.1"]},\n' \
+           '    {"id": "C-2", "addresses": ["bad"]}\n  ]\n}\n'
+    assert locations(text, "l.json") == ["l.json:4"]
+
+
+def test_yaml_syntax_error_has_line_number():
+    text = "subscribers:\n  - id: C-1\n    addresses: [100.64.0.1\n  - id: C-2\n"
+    found = issues(text, "l.yaml")
+    assert len(found) == 1
+    loc = found[0][0]
+    assert loc.startswith("l.yaml:") and int(loc.split(":")[1]) in (3, 4)
+    assert "not valid YAML" in found[0][1]
+
+
+def test_yaml_duplicate_key_in_entry():
+    text = yaml_entry("- id: C-1\n  addresses: [100.64.0.1]\n  id: C-2\n")
+    found = issues(text, "l.yaml")
+    assert found[0][0] == "l.yaml:4"
+    assert "duplicate key" in found[0][1]
+
+
+# -- validate_entry (shared with billing events) --------------------------------------------
+
+def test_validate_entry_accepts_address_string_and_reports_into_list():
+    found: list = []
+    sub = validate_entry({"id": "C-1", "addresses": "100.64.0.1 2001:db8::/64", "mode": "notice"}, "ev", found)
+    assert found == []
+    assert sub == Subscriber("C-1", (net("100.64.0.1/32"), net("2001:db8::/64")), Mode.NOTICE)
+    assert validate_entry(["C-1"], "ev", found) is None
+    assert [i.location for i in found] == ["ev"]
+
+
+# -- format detection -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, content_type, expected", [
+    ("x", "", "application/json", "json"),
+    ("x", "", "application/json; charset=utf-8", "json"),
+    ("x", "", "application/vnd.billing+json", "json"),
+    ("x", "", "application/yaml", "yaml"),
+    ("x", "", "application/x-yaml", "yaml"),
+    ("x", "", "text/yaml", "yaml"),
+    ("x", "", "text/csv", "csv"),
+    ("x", "", "application/csv", "csv"),
+    ("list.csv", "subscribers: []", "application/json", "json"),  # content type wins over suffix
+    ("list.yaml", "", "", "yaml"),
+    ("list.YML", "", "", "yaml"),
+    ("list.json", "", "", "json"),
+    ("list.csv", "{}", "", "csv"),  # suffix wins over content
+    ("https://billing.example/export.json?token=abc", "", "", "json"),
+    ("https://billing.example/export.csv?x=1.yaml", "", "text/plain", "csv"),
+    ("restricted", '  {"subscribers": []}', "", "json"),
+    ("restricted", "[]", "", "json"),
+    ("restricted", "subscribers:\n  - id: C-1\n", "", "yaml"),
+    ("restricted", "---\nsubscribers: []\n", "", "yaml"),
+    ("restricted", "# billing export\nsubscribers: []\n", "", "yaml"),
+    ("restricted", "# billing export\nC-1,100.64.0.1\n", "", "csv"),
+    ("restricted", "id,addresses\nC-1,100.64.0.1\n", "", "csv"),
+    ("https://billing.example/restricted", "C-1,100.64.0.1\n", "application/octet-stream", "csv"),
+])
+def test_detect_format(name, text, content_type, expected):
+    assert detect_format(name, text, content_type) == expected
+
+
+def test_content_type_decides_parsing():
+    assert parse_list(JSON_LIST, "https://billing.example/export", "application/json") == EXPECTED
+    assert parse_list(CSV_LIST, "https://billing.example/export", "text/csv; charset=utf-8") == EXPECTED
