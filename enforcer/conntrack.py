@@ -9,14 +9,19 @@ filter is exact-address only, and its IPv6 filter is broken on kernel 6.18).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import shutil
+from typing import Iterable
 
 from .subscribers import Network
 
 log = logging.getLogger(__name__)
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
+_SOURCE = re.compile(r"^\S+\s+\d+\s.*?src=(\S+)", re.MULTILINE)  # the first src= is the original source
+#: Above this many networks, list the table once instead of one delete per network.
+BULK_THRESHOLD = 32
 #: conntrack processes run at once; each is a short dump-and-delete in the kernel.
 CONCURRENCY = 8
 
@@ -30,13 +35,48 @@ class Conntrack:
         self.binary = binary or shutil.which("conntrack") or "/usr/sbin/conntrack"
         self._slots = asyncio.Semaphore(CONCURRENCY)
 
-    async def flush(self, networks: set[Network] | list[Network]) -> int:
-        """Delete every entry whose original source lies in ``networks``; returns how many."""
-        results = await asyncio.gather(*(self._flush_one(n) for n in networks), return_exceptions=True)
+    async def flush(self, networks: Iterable[Network]) -> int:
+        """Delete every entry whose original source lies in ``networks``; returns how many.
+
+        A few networks (an event) get one kernel-filtered delete each. Many (a cold start or
+        a big list change) would mean thousands of processes, so we list the table once and
+        delete only for the networks that really have connections.
+        """
+        targets = list(networks)
+        if len(targets) > BULK_THRESHOLD:
+            targets = await self._with_connections(targets)
+        results = await asyncio.gather(*(self._flush_one(n) for n in targets), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ConntrackError("; ".join(str(e) for e in errors[:5]))
         return sum(r for r in results if isinstance(r, int))
+
+    async def _with_connections(self, networks: list[Network]) -> list[Network]:
+        """The subset of ``networks`` that is the original source of at least one entry."""
+        index: dict[tuple[int, int], dict[int, Network]] = {}
+        for network in networks:
+            index.setdefault((network.version, network.prefixlen), {})[int(network.network_address)] = network
+        found: dict[Network, None] = {}
+        for family, version in (("ipv4", 4), ("ipv6", 6)):
+            lengths = [(plen, table) for (v, plen), table in index.items() if v == version]
+            if not lengths:
+                continue
+            width = 32 if version == 4 else 128
+            for source in await self._sources(family):
+                value = int(ipaddress.ip_address(source))
+                for plen, table in lengths:
+                    network = table.get(value >> (width - plen) << (width - plen))
+                    if network is not None:
+                        found[network] = None
+        return list(found)
+
+    async def _sources(self, family: str) -> set[str]:
+        proc = await asyncio.create_subprocess_exec(self.binary, "-L", "-f", family, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise ConntrackError(f"conntrack -L -f {family} failed ({proc.returncode}): {err.decode().strip()}")
+        return {match.group(1) for match in _SOURCE.finditer(out.decode(errors="replace"))}
 
     async def _flush_one(self, network: Network) -> int:
         family = "ipv4" if network.version == 4 else "ipv6"

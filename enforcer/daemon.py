@@ -56,6 +56,7 @@ class Enforcer:
         self.conntrack = conntrack or Conntrack()
         self.lock = asyncio.Lock()
         self.decisions: dict[str, Decision] = {}
+        self.mode_counts: dict[Mode, int] = {}
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._changed = asyncio.Event()   # wakes the timer when graces change
         self._background: set[asyncio.Task[Any]] = set()
@@ -99,8 +100,10 @@ class Enforcer:
             log.error("event=sync_failed kind=partial error=%r", str(exc))
             raise
         self._synced(result, time.perf_counter() - started)
+        previous = {sid: self.decisions[sid] for sid in decisions if sid in self.decisions}
         self.decisions.update(decisions)
-        self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted])
+        self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted],
+                              previous=previous)
         return result
 
     def _synced(self, result: SyncResult, seconds: float) -> None:
@@ -111,12 +114,22 @@ class Enforcer:
         log.info("event=sync kind=%s elements=%d seconds=%.4f changed=%d", result.kind, result.elements,
                  seconds, len(result.changed))
 
-    def _record_enforced(self, decisions: dict[str, Decision], removed: Any, full: bool = False) -> None:
-        counts: dict[Mode, int] = {}
-        for decision in self.decisions.values():
-            if decision.restricted:
-                counts[decision.mode] = counts.get(decision.mode, 0) + 1
-        self.metrics.set_modes(counts)
+    def _record_enforced(self, decisions: dict[str, Decision], removed: Any, full: bool = False,
+                         previous: dict[str, Decision] | None = None) -> None:
+        """Keep mode counts and the ``enforced`` table current; O(changed), except on full syncs."""
+        if full or previous is None:
+            self.mode_counts = {}
+            for decision in self.decisions.values():
+                if decision.restricted:
+                    self.mode_counts[decision.mode] = self.mode_counts.get(decision.mode, 0) + 1
+        else:
+            for sid, decision in decisions.items():
+                old = previous.get(sid)
+                if old is not None and old.restricted:
+                    self.mode_counts[old.mode] -= 1
+                if decision.restricted:
+                    self.mode_counts[decision.mode] = self.mode_counts.get(decision.mode, 0) + 1
+        self.metrics.set_modes(self.mode_counts)
         rows = {sid: (d.mode.value, [str(a) for a in d.subscriber.addresses], d.subscriber.reason)
                 for sid, d in decisions.items() if d.restricted and d.subscriber}
         gone = set(removed)
@@ -147,8 +160,7 @@ class Enforcer:
         """Enforce what the state says, reconciling with whatever the kernel holds."""
         async with self.lock:
             result = await self.sync_all(read_kernel=True)
-        log.info("event=restored restricted=%d kind=%s", sum(d.restricted for d in self.decisions.values()),
-                 result.kind)
+        log.info("event=restored restricted=%d kind=%s", sum(self.mode_counts.values()), result.kind)
         return result
 
     # -- the list -------------------------------------------------------------------------
@@ -293,7 +305,7 @@ class Enforcer:
                           key=lambda p: -p[1])
         for version, plen in prefixes:
             key = str(ipaddress.ip_network(f"{ip}/{plen}", strict=False).network_address)
-            sid = self.reconciler.owner.get((mode_map(version, plen), key))
+            sid = self.reconciler.owner_of(mode_map(version, plen), key)
             decision = self.decisions.get(sid) if sid else None
             if decision is not None and decision.restricted and decision.subscriber is not None:
                 return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
@@ -301,10 +313,7 @@ class Enforcer:
         return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None}
 
     def status(self) -> dict[str, Any]:
-        counts = {m.value: 0 for m in Mode.restricting()}
-        for decision in self.decisions.values():
-            if decision.restricted:
-                counts[decision.mode.value] += 1
+        counts = {m.value: self.mode_counts.get(m, 0) for m in Mode.restricting()}
         now = self.clock()
         loaded = self.list_status.get("loaded_at")
         return {

@@ -31,7 +31,7 @@ Elements = dict[str, dict[str, str | None]]
 class SyncResult:
     kind: str                       # "full" (table replaced) or "partial" (element diff)
     elements: int                   # elements added or deleted
-    changed: set[Network] = field(default_factory=set)  # enforcement changed: flush their connections
+    changed: list[Network] = field(default_factory=list)  # enforcement changed: flush their connections
 
 
 class NeedsFullSync(DataplaneError):
@@ -55,6 +55,7 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
 
 
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
+    """Prefix lengths the decisions use (small batches only: ``sync_all`` folds this in)."""
     out: set[tuple[int, int]] = set()
     for decision in decisions:
         if decision.subscriber is not None and decision.restricted:
@@ -71,7 +72,7 @@ class Reconciler:
         self.layout: Layout | None = None
         self.mirror: TableState | None = None
         self.owned: dict[str, Decision] = {}          # subscriber → the decision enforced for them
-        self.owner: dict[tuple[str, str], str] = {}   # (mode map, key) → subscriber
+        self.owners: dict[str, dict[str, str]] = {}   # mode map → key → subscriber
         self.host_allow: dict[str, None] = {}
         self.needs_full = True
 
@@ -83,55 +84,76 @@ class Reconciler:
         the kernel really holds, so restarting never opens a window: a matching table gets an
         element diff, anything else one atomic replace.
         """
-        layout = self.base_layout.with_prefixes(_prefixes(decisions.values()))
         if read_kernel or self.mirror is None or self.needs_full:
             self.mirror = self.dataplane.read()
-            self.layout = layout if self.mirror and self.mirror.layout_tag == layout.tag else None
-        desired, owned, owner, networks = self._desired(decisions, layout)
+        before = self.mirror.elements if self.mirror else {}
+        desired, owned, owners, changed, used = self._desired(decisions, before)
+        layout = self.base_layout.with_prefixes(used)
+        for name in layout.containers():
+            desired.setdefault(name, {})
         tx = Transaction(self.dataplane.table)
-        before = self.mirror or TableState(None)
-        if self.layout is None or self.layout.tag != layout.tag or self.mirror is None:
+        if self.mirror is None or self.mirror.layout_tag != layout.tag:
             tx.replace_table(layout)
             for container, items in desired.items():
                 tx.add(container, items.items())
             kind = "full"
         else:
             kind = "partial"
-            _diff(tx, before.elements, desired)
+            _diff(tx, before, desired)
         self._apply(tx)
-        changed = changed_networks(before.elements, desired, networks)
         self.layout, self.mirror = layout, TableState(layout.tag, desired)
-        self.owned, self.owner = owned, owner
+        self.owned, self.owners = owned, owners
         self.needs_full = False
         return SyncResult(kind, tx.element_count(), changed)
 
-    def _desired(self, decisions: Mapping[str, Decision], layout: Layout
-                 ) -> tuple[Elements, dict[str, Decision], dict[tuple[str, str], str], dict[tuple[str, str], Network]]:
-        desired: Elements = {name: {} for name in layout.containers()}
+    def _desired(self, decisions: Mapping[str, Decision], before: Elements
+                 ) -> tuple[Elements, dict[str, Decision], dict[str, dict[str, str]], list[Network], set]:
+        """One pass over all decisions: elements, owners, and the addresses whose entry changes.
+
+        Written for 100k subscribers: no per-element tuples or address parsing on this path.
+        """
+        desired: Elements = {}
+        owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
-        owner: dict[tuple[str, str], str] = {}
-        networks: dict[tuple[str, str], Network] = {}
-        names = {p: (mode_map(*p), redirect_set(*p)) for p in layout.prefixes}
-        for sid in sorted(decisions):
+        changed: list[Network] = []
+        slots: dict[tuple[int, int], tuple[dict, dict, dict, dict]] = {}
+        for sid in sorted(decisions):  # sorted: on a conflict the same subscriber always wins
             decision = decisions[sid]
             subscriber = decision.subscriber
             if subscriber is None or not decision.restricted:
                 continue
-            keys = [(names[(v, plen)], key) for v, plen, key in subscriber.keys]
-            clash = next((owner[(m, k)] for (m, _), k in keys if (m, k) in owner), None)
+            entries = []
+            clash = None
+            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
+                slot = slots.get((version, plen))
+                if slot is None:
+                    mode_name, redirect_name = mode_map(version, plen), redirect_set(version, plen)
+                    slot = slots[(version, plen)] = (desired.setdefault(mode_name, {}),
+                                                     desired.setdefault(redirect_name, {}),
+                                                     owners.setdefault(mode_name, {}), before.get(mode_name, {}))
+                clash = slot[2].get(key)
+                if clash is not None:
+                    break
+                entries.append((slot, key, network))
             if clash is not None:
                 log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, clash)
                 continue
             verdict = MODE_VERDICTS[decision.mode]
-            for ((mode_name, redirect_name), key), network in zip(keys, subscriber.addresses):
-                desired[mode_name][key] = verdict
-                desired[redirect_name][key] = None
-                owner[(mode_name, key)] = sid
-                networks[(mode_name, key)] = network
+            for (modes, redirects, holders, was), key, network in entries:
+                modes[key] = verdict
+                redirects[key] = None
+                holders[key] = sid
+                if was.get(key) != verdict:
+                    changed.append(network)
             owned[sid] = decision
+        for container, items in before.items():  # entries that go away
+            if container.startswith(MODE_PREFIX):
+                keep = desired.get(container, {})
+                plen = container.rsplit("_", 1)[1]
+                changed.extend(ipaddress.ip_network(f"{k}/{plen}") for k in items if k not in keep)
         for address in self.host_allow:
-            desired[HOST_ALLOW[6 if ":" in address else 4]][address] = None
-        return desired, owned, owner, networks
+            desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
+        return desired, owned, owners, changed, set(slots)
 
     # -- small changes -----------------------------------------------------------------
     def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
@@ -150,7 +172,7 @@ class Reconciler:
                     continue
                 holder = claimed.setdefault((container, key), sid)
                 if holder == sid:
-                    holder = self.owner.get((container, key), sid)
+                    holder = self.owner_of(container, key) or sid
                     if holder in decisions and holder != sid and not after.get(holder):
                         holder = sid  # released in this same batch
                 if holder != sid:
@@ -168,17 +190,21 @@ class Reconciler:
         for container, items in old.items():
             for key in items:
                 self.mirror.elements[container].pop(key, None)
-                self.owner.pop((container, key), None)
+                self.owners.get(container, {}).pop(key, None)
         for sid in decisions:
             for container, key, value in after[sid]:
                 self.mirror.elements[container][key] = value
                 if container.startswith(MODE_PREFIX):
-                    self.owner[(container, key)] = sid
+                    self.owners.setdefault(container, {})[key] = sid
             if after[sid]:
                 self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        return SyncResult("partial", tx.element_count(), changed_networks(old, new))
+        return SyncResult("partial", tx.element_count(), sorted(changed_networks(old, new), key=str))
+
+    def owner_of(self, container: str, key: str) -> str | None:
+        """The subscriber whose restriction put ``key`` into mode map ``container``."""
+        return self.owners.get(container, {}).get(key)
 
     def set_host_allow(self, addresses: Iterable[str]) -> None:
         """Addresses that walled-garden hostnames resolve to, kept as a diff like the rest."""
@@ -212,18 +238,15 @@ def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
         tx.add(container, [(k, v) for k, v in want.items() if k not in have or have[k] != v])
 
 
-def changed_networks(before: Mapping[str, Mapping[str, str | None]], after: Mapping[str, Mapping[str, str | None]],
-                     known: Mapping[tuple[str, str], Network] | None = None) -> set[Network]:
+def changed_networks(before: Mapping[str, Mapping[str, str | None]],
+                     after: Mapping[str, Mapping[str, str | None]]) -> set[Network]:
     """Addresses whose mode-map entry was added, removed or changed between two states."""
     out: set[Network] = set()
-    known = known or {}
     for container in before.keys() | after.keys():
         if not container.startswith(MODE_PREFIX):
             continue
         old, new = before.get(container, {}), after.get(container, {})
         keys = [k for k in new if old.get(k, "absent") != new[k]] + [k for k in old if k not in new]
         plen = container.rsplit("_", 1)[1]
-        for key in keys:
-            network = known.get((container, key))
-            out.add(network if network is not None else ipaddress.ip_network(f"{key}/{plen}"))
+        out.update(ipaddress.ip_network(f"{key}/{plen}") for key in keys)
     return out

@@ -229,3 +229,24 @@ def test_metrics_endpoint_reports_the_contract_names(topo: Topology, lab: Lab) -
                  "walled_garden_events_total{result=\"applied\",type=\"payment.received\"} 1.0"):
         assert name in text, name
     assert json.loads(json.dumps(lab.status()))["modes"]["walled-garden"] == 0
+
+
+def test_big_list_change_flushes_connections_with_one_table_listing(topo: Topology, lab: Lab) -> None:
+    """More than BULK_THRESHOLD networks at once: list once, delete only where there are entries."""
+    free = topo.subscribers[1]
+    gw = topo.gateway.netns
+    for sport in (1000, 1001):
+        topo.run(gw, "conntrack", "-I", "-s", free.addr4, "-d", "198.51.100.10", "-p", "tcp", "--sport", str(sport),
+                 "--dport", "80", "--state", "ESTABLISHED", "-t", "120", "-u", "SEEN_REPLY", check=True)
+    topo.run(gw, "conntrack", "-I", "-s", "100.64.9.9", "-d", "198.51.100.10", "-p", "tcp", "--sport", "1000",
+             "--dport", "80", "--state", "ESTABLISHED", "-t", "120", "-u", "SEEN_REPLY", check=True)
+    entries = [{"id": f"C-9{i:03d}", "addresses": [f"100.64.200.{i}"]} for i in range(1, 41)]
+    entries.append({"id": "C-2002", "addresses": [free.addr4]})
+    lab.write_list(entries)
+    lab.wait_for(lambda: lab.lookup(free.addr4)["restricted"], timeout=3, what="big list applied")
+
+    def entries_from(address: str) -> int:
+        return sum("src=" in line for line in topo.run(gw, "conntrack", "-L", "-s", address).stdout.splitlines())
+    lab.wait_for(lambda: entries_from(free.addr4) == 0, timeout=5, what="C-2002's connections flushed")
+    assert entries_from("100.64.9.9") == 1, "a subscriber whose state did not change keeps its connections"
+    assert "event=conntrack_flushed cause=sync networks=" in lab.log()

@@ -87,7 +87,7 @@ def test_first_sync_replaces_the_table_in_one_transaction(rec, fake):
         ("mode4_32", "100.64.0.11", "goto notice"), ("portal4_32", "100.64.0.11", None),
     }
     assert result.elements == 6
-    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(INITIAL)
     assert not rec.needs_full
@@ -102,7 +102,7 @@ def test_second_sync_with_one_subscriber_added_is_partial(rec, fake):
     (tx,) = fake.transactions
     assert ops(tx) == [AddElements("mode4_32", (("100.64.0.40", "goto garden"),)),
                        AddElements("portal4_32", (("100.64.0.40", None),))]
-    assert result.changed == {net("100.64.0.40/32")}
+    assert set(result.changed) == {net("100.64.0.40/32")}
     assert fake.state.elements == desired_elements(decisions)
 
 
@@ -114,7 +114,7 @@ def test_removal_deletes_both_elements(rec, fake):
     (tx,) = fake.transactions
     assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("mode4_32", ("100.64.0.11",)),
                                                          DeleteElements("portal4_32", ("100.64.0.11",))]
-    assert result.changed == {net("100.64.0.11/32")}
+    assert set(result.changed) == {net("100.64.0.11/32")}
     assert "100.64.0.11" not in fake.state.elements["mode4_32"]
 
 
@@ -122,7 +122,7 @@ def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
     decisions = synced(rec, fake)
     del decisions["C-1"]
     result = rec.sync_all(decisions)
-    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
     assert result.elements == 4
     assert fake.state.elements == desired_elements(decisions)
 
@@ -144,7 +144,7 @@ def test_mode_change_touches_only_the_map_element(rec, fake):
     last_delete = max(i for i, op in enumerate(tx.operations) if isinstance(op, DeleteElements))
     first_add = min(i for i, op in enumerate(tx.operations) if isinstance(op, AddElements))
     assert last_delete < first_add
-    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
     assert fake.state.elements["mode4_32"]["100.64.0.10"] == "goto notice"
     assert fake.state.elements["portal4_32"]["100.64.0.10"] is None
 
@@ -155,7 +155,7 @@ def test_nothing_changed_means_empty_diff(rec, fake):
     result = rec.sync_all(decisions)
     assert result.kind == "partial"
     assert result.elements == 0
-    assert result.changed == set()
+    assert set(result.changed) == set()
     assert all(not tx for tx in fake.transactions)
     assert fake.state == before
 
@@ -163,7 +163,7 @@ def test_nothing_changed_means_empty_diff(rec, fake):
 def test_sync_all_with_read_kernel_on_unchanged_kernel_is_empty(rec, fake):
     decisions = synced(rec, fake)
     result = rec.sync_all(decisions, read_kernel=True)
-    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, [])
 
 
 # -- small updates --------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_update_one_subscriber_is_a_tiny_transaction(rec, fake):
     assert sorted(ops(tx), key=lambda o: o.container) == [
         AddElements("mode4_32", (("100.64.0.50", "goto garden"),)),
         AddElements("portal4_32", (("100.64.0.50", None),))]
-    assert result.changed == {net("100.64.0.50/32")}
+    assert set(result.changed) == {net("100.64.0.50/32")}
     assert sorted(tx.render().splitlines()) == [
         "add element inet walled_garden mode4_32 { 100.64.0.50 : goto garden }",
         "add element inet walled_garden portal4_32 { 100.64.0.50 }"]
@@ -187,7 +187,7 @@ def test_update_lift_deletes(rec, fake):
     decisions = synced(rec, fake)
     result = rec.update({"C-1": free("C-1")})
     assert result.elements == 4
-    assert result.changed == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
     decisions["C-1"] = free("C-1")
     assert fake.state.elements == desired_elements(decisions)
     assert "C-1" not in rec.owned
@@ -199,14 +199,14 @@ def test_update_mode_change(rec, fake):
     (tx,) = fake.transactions
     assert ops(tx) == [DeleteElements("mode4_32", ("100.64.0.11",)),
                        AddElements("mode4_32", (("100.64.0.11", "goto throttle"),))]
-    assert result.changed == {net("100.64.0.11/32")}
+    assert set(result.changed) == {net("100.64.0.11/32")}
 
 
 def test_update_address_change(rec, fake):
     decisions = synced(rec, fake)
     new = restricted("C-2", "100.64.0.12", mode=Mode.NOTICE)
     result = rec.update({"C-2": new})
-    assert result.changed == {net("100.64.0.11/32"), net("100.64.0.12/32")}
+    assert set(result.changed) == {net("100.64.0.11/32"), net("100.64.0.12/32")}
     decisions["C-2"] = new
     assert fake.state.elements == desired_elements(decisions)
 
@@ -214,7 +214,7 @@ def test_update_address_change(rec, fake):
 def test_update_nothing_changed(rec, fake):
     synced(rec, fake)
     result = rec.update({"C-1": INITIAL["C-1"], "C-3": free("C-3"), "C-9": free("C-9")})
-    assert (result.elements, result.changed) == (0, set())
+    assert (result.elements, result.changed) == (0, [])
     assert all(not tx for tx in fake.transactions)
 
 
@@ -225,7 +225,7 @@ def test_update_then_sync_all_agree(rec, fake):
     decisions.update({"C-5": restricted("C-5", "100.64.0.50"), "C-1": free("C-1")})
     fake.transactions.clear()
     result = rec.sync_all(decisions)
-    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, [])
     assert fake.state.elements == desired_elements(decisions)
 
 
@@ -253,7 +253,7 @@ def test_new_prefix_length_needs_a_full_sync(rec, fake):
     assert fake.state.layout_tag == tx.operations[0].layout.tag
     assert fake.state.elements == desired_elements(decisions)
     # only the new subscriber's enforcement changed: the atomic replace kept everyone else as is
-    assert result.changed == {net("100.64.7.0/24")}
+    assert set(result.changed) == {net("100.64.7.0/24")}
     # and now diffs work for /24 too
     fake.transactions.clear()
     assert rec.update({"C-7": restricted("C-7", "100.64.8.0/24")}).kind == "partial"
@@ -283,7 +283,7 @@ def test_address_conflict_in_sync_all_enforces_the_first_holder_only(rec, fake):
     result = rec.sync_all(decisions)
     assert fake.state.elements["mode4_32"] == {"100.64.0.10": "goto garden"}
     assert set(rec.owned) == {"A"}
-    assert result.changed == {net("100.64.0.10/32")}
+    assert set(result.changed) == {net("100.64.0.10/32")}
 
 
 # -- restarts -------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
     assert not any(isinstance(op, ReplaceTable) for op in tx.operations)
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(desired)
-    assert result.changed == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
+    assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
     assert result.elements == 2 + 2 + 2  # delete B (2), add C (2), D's map entry delete + add
     # and the reconciler is ready for diffs straight away
     assert rec.update({"A": free("A")}).elements == 2
@@ -322,7 +322,7 @@ def test_restart_without_read_kernel_flag_still_reads_the_kernel_first(fake):
     kernel.elements["portal4_32"]["100.64.0.1"] = None
     fake.state = kernel
     result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")})
-    assert (result.kind, result.elements, result.changed) == ("partial", 0, set())
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, [])
 
 
 def test_restart_over_other_layout_replaces_the_table_once(fake):
@@ -339,14 +339,14 @@ def test_restart_over_other_layout_replaces_the_table_once(fake):
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(desired)
     # A stayed restricted through the atomic replace; B lost and C gained a restriction
-    assert result.changed == {net("100.64.0.2/32"), net("100.64.0.3/32")}
+    assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32")}
 
 
 def test_restart_with_no_table_in_the_kernel(fake):
     assert fake.read() is None
     result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")}, read_kernel=True)
     assert result.kind == "full"
-    assert result.changed == {net("100.64.0.1/32")}
+    assert set(result.changed) == {net("100.64.0.1/32")}
 
 
 # -- failures -------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def test_failed_transaction_changes_nothing_and_requires_a_full_sync(rec, fake):
     # the next sync converges
     result = rec.sync_all(decisions, read_kernel=True)
     assert not rec.needs_full
-    assert result.changed == {net("100.64.0.40/32")}
+    assert set(result.changed) == {net("100.64.0.40/32")}
     assert fake.state.elements == desired_elements(decisions)
 
 
@@ -477,3 +477,10 @@ def test_fake_refuses_what_the_kernel_refuses(fake):
         with pytest.raises(DataplaneError):
             fake.apply(Transaction(TABLE, [AddElements("mode4_32", (("100.64.0.5", "goto garden"),)), bad]))
         assert fake.state == before  # all or nothing
+
+
+def test_changed_lists_each_network_once(rec, fake):
+    """``changed`` is a list (no hashing on the 100k path); it must still hold no duplicates."""
+    d = {"A": restricted("A", "100.64.0.1", "2001:db8:1::/64"), "B": restricted("B", "100.64.0.2")}
+    result = rec.sync_all(d)
+    assert len(result.changed) == len(set(result.changed)) == 3
