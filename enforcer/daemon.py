@@ -294,6 +294,15 @@ class Enforcer:
         log.info("event=grace_expired subscribers=%s", ",".join(sorted(ended)))
         await self._flush(result.changed, "grace expiry")
 
+    async def set_garden_addresses(self, addresses: set[str]) -> None:
+        """Addresses of ``walled_garden.allow`` hostnames, as resolved now."""
+        async with self.lock:
+            try:
+                await self._kernel(self.reconciler.set_host_allow, addresses)
+            except DataplaneError as exc:
+                log.error("event=garden_hosts_not_applied error=%r", str(exc))
+                self._changed.set()
+
     # -- queries ------------------------------------------------------------------------------
     def lookup(self, address: str) -> dict[str, Any]:
         """Is this address restricted, in which mode, and why (category only)?"""

@@ -21,6 +21,7 @@ from .api import SecretError, control_app, load_webhook_secret, metrics_app, sta
 from .config import Config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
+from .garden_hosts import GardenHosts
 from .sources import FileSource
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -85,6 +86,9 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
             await source.check()
             tasks.append(asyncio.create_task(source.run(stop)))
         tasks.append(asyncio.create_task(enforcer.timers(stop)))
+        if config.walled_garden.allow_hosts:
+            hosts = GardenHosts(config.walled_garden.allow_hosts, enforcer.set_garden_addresses)
+            tasks.append(asyncio.create_task(hosts.run(stop)))
         sd_notify("READY=1")
         log.info("event=started table=%s api=%s control=%s metrics=%s", config.gateway.table, config.api.listen,
                  config.api.socket, config.metrics.listen)

@@ -89,7 +89,20 @@ class ListError(Exception):
 
 def parse_address(text: str) -> Network:
     """An address or prefix as billing writes it; host bits in a prefix are an error."""
-    network = ipaddress.ip_network(text.strip(), strict=True)
+    text = text.strip()
+    address, _, length = text.partition("/")
+    network: Network | None = None
+    try:  # the C parser is 3x faster than ipaddress's; 100k-line lists spend most time here
+        if ":" in address:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+            network = ipaddress.IPv6Network((value, int(length)) if length else value)
+        else:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+            network = ipaddress.IPv4Network((value, int(length)) if length else value)
+    except (OSError, ValueError):
+        network = None  # let ipaddress word the error
+    if network is None:
+        network = ipaddress.ip_network(text, strict=True)
     if network.prefixlen < MIN_PREFIX[network.version]:
         raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "
                          "refusing a prefix that wide for one subscriber")
@@ -223,7 +236,7 @@ def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             cells = [c.strip() for c in row]
-            if [c.lower() for c in cells] == list(_FIELDS[: len(cells)]) and len(out) == 0:
+            if not out and not issues and [c.lower() for c in cells] == list(_FIELDS[: len(cells)]):
                 continue  # header row
             if not 2 <= len(cells) <= 4:
                 issues.append(ListIssue(f"{name}:{line}", f"expected 2 to 4 columns (id,addresses,mode,reason), "
@@ -248,8 +261,8 @@ def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[
     """Reject duplicate ids and addresses shared or overlapped by two subscribers."""
     issues: list[ListIssue] = []
     ids: dict[str, int] = {}
-    owners: dict[Network, tuple[str, int]] = {}
-    lengths: set[tuple[int, int]] = set()
+    owners: dict[tuple[int, int, int], tuple[str, int]] = {}   # (version, plen, address as int)
+    lengths: dict[int, set[int]] = {4: set(), 6: set()}
     result: list[Subscriber] = []
     for sub, line in entries:
         if sub.id in ids:
@@ -258,20 +271,22 @@ def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[
         ids[sub.id] = line
         result.append(sub)
         for network in sub.addresses:
-            owners.setdefault(network, (sub.id, line))
-            if owners[network][0] != sub.id:
-                other, other_line = owners[network]
+            slot = (network.version, network.prefixlen, int(network.network_address))
+            other, other_line = owners.setdefault(slot, (sub.id, line))
+            if other != sub.id:
                 issues.append(ListIssue(f"{name}:{line}", f"address {network} of {sub.id} is also held by "
                                                           f"{other} (line {other_line})"))
-            lengths.add((network.version, network.prefixlen))
-    for network, (owner, line) in owners.items():
-        for version, plen in lengths:
-            if version != network.version or plen >= network.prefixlen:
+            lengths[network.version].add(network.prefixlen)
+    for (version, plen, value), (owner, line) in owners.items():
+        width = 32 if version == 4 else 128
+        for shorter in lengths[version]:
+            if shorter >= plen:
                 continue
-            covering = owners.get(network.supernet(new_prefix=plen))
+            covering = owners.get((version, shorter, value >> (width - shorter) << (width - shorter)))
             if covering and covering[0] != owner:
+                network = ipaddress.ip_network((value, plen))
                 issues.append(ListIssue(f"{name}:{line}", f"address {network} of {owner} lies inside "
-                                                          f"{network.supernet(new_prefix=plen)} of {covering[0]} "
+                                                          f"{network.supernet(new_prefix=shorter)} of {covering[0]} "
                                                           f"(line {covering[1]})"))
     if issues:
         raise ListError(issues)

@@ -27,7 +27,7 @@ API_PORT = 8787
 
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
-                 payment_grace: str = "1h") -> None:
+                 payment_grace: str = "1h", allow: list[str] | None = None) -> None:
         self.topo = topo
         self.work = Path(workdir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,8 @@ class Lab:
             "state_dir": str(self.work / "state"),
             "subscribers": {"source": str(self.list_path)},
             "gateway": {"subscriber_interfaces": list(topo.subscriber_interfaces), "table": self.table},
-            "walled_garden": {"allow": ["203.0.113.0/24", "2001:db8:203::/64"], "dns": "any"},
+            "walled_garden": {"allow": allow if allow is not None else ["203.0.113.0/24", "2001:db8:203::/64"],
+                              "dns": "any"},
             "portal": {"listen": f"0.0.0.0:{PORTAL_PORT}", "url": self.portal_url,
                        "provider": {"name": "Example Regional ISP", "phone": "+420 800 123 456",
                                     "email": "billing@isp.example", "website": "http://203.0.113.10/",
