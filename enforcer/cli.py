@@ -34,7 +34,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
     except ConfigError as exc:
-        print(f"config: {len(exc.issues)} error(s)", file=sys.stderr)
+        print(f"{args.config or default_config_path()}: {len(exc.issues)} error(s)", file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return 1

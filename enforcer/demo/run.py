@@ -33,12 +33,23 @@ def _step(text: str) -> None:
 def _show(label: str, result: tuple[int, str, dict[str, str], float]) -> None:
     status, body, headers, seconds = result
     if status == 0:
-        _say(f"   {label}: refused ({body.splitlines()[-1] if body else 'no answer'}) after {seconds * 1000:.1f} ms")
+        _say(f"   {label}: refused at once, {seconds * 1000:.1f} ms ({body.splitlines()[-1] if body else 'no answer'})")
     elif status in (301, 302, 303, 307):
         _say(f"   {label}: {status} -> {headers.get('location')} (Cache-Control: {headers.get('cache-control')})")
     else:
-        first = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body)).strip()[:90]
+        heading = re.search(r"<h1[^>]*>(.*?)</h1>", body, re.S)
+        first = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", heading.group(1) if heading else body)).strip()[:90]
         _say(f"   {label}: {status} \"{first}\" in {seconds * 1000:.1f} ms")
+
+
+def _event_to_enforce(topo: Topology) -> float | None:
+    """Mean of walled_garden_event_to_enforce_seconds, scraped from the gateway's /metrics."""
+    text = topo.run(topo.gateway.netns, "curl", "-s", "--max-time", "2", "http://127.0.0.1:9640/metrics").stdout
+    values = dict(re.findall(r"^walled_garden_event_to_enforce_seconds_(sum|count) (\S+)$", text, re.M))
+    try:
+        return float(values["sum"]) / float(values["count"])
+    except (KeyError, ValueError, ZeroDivisionError):
+        return None
 
 
 def preflight() -> list[str]:
@@ -92,10 +103,13 @@ def main() -> int:
             return 1
 
         _step("measured")
-        _say(f"   event sent -> kernel committed, connections flushed, 200 received: "
-             f"{result['seconds'] * 1000:.1f} ms (HTTP round trip)")
-        _say(f"   event sent -> subscriber's next page served by the internet host: {restored_at * 1000:.1f} ms "
-             f"(includes starting curl)")
+        committed = _event_to_enforce(topo)
+        if committed is not None:
+            _say(f"   lift latency, event received -> kernel commit (daemon's own histogram): {committed * 1000:.2f} ms")
+        _say(f"   lift latency, webhook sent -> 200 (kernel committed, connections flushed): "
+             f"{result['seconds'] * 1000:.1f} ms")
+        _say(f"   billing process started -> subscriber's next page loaded from the internet host: "
+             f"{restored_at * 1000:.0f} ms (includes starting Python and curl)")
         _step("cleaning up")
         lab.stop_daemon()
     _say("   namespaces, processes and the table are gone. Done.")

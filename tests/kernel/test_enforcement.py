@@ -250,3 +250,18 @@ def test_big_list_change_flushes_connections_with_one_table_listing(topo: Topolo
     lab.wait_for(lambda: entries_from(free.addr4) == 0, timeout=5, what="C-2002's connections flushed")
     assert entries_from("100.64.9.9") == 1, "a subscriber whose state did not change keeps its connections"
     assert "event=conntrack_flushed cause=sync networks=" in lab.log()
+
+
+def test_render_output_is_accepted_by_nft_and_status_cli_reports(topo: Topology, lab: Lab) -> None:
+    rendered = subprocess.run([sys.executable, "-m", "enforcer.cli", "render", "--config", str(lab.config_path)],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+    check = subprocess.run(["ip", "netns", "exec", topo.upstream.netns, "nft", "-c", "-f", "-"], input=rendered,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    status = subprocess.run([sys.executable, "-m", "enforcer.cli", "status", "--config", str(lab.config_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "walled-garden=1" in status.stdout and "kernel: in sync" in status.stdout
+    as_json = subprocess.run([sys.executable, "-m", "enforcer.cli", "status", "--json", "--config",
+                              str(lab.config_path)], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(as_json.stdout)["modes"]["walled-garden"] == 1
