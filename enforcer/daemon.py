@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 #: Seconds between attempts to repair the kernel table after a failed sync.
 RESYNC_SECONDS = 2.0
+#: How often processed webhook ids older than their retention are dropped.
+PRUNE_SECONDS = 3600.0
 
 
 def base_layout(config: Config) -> Layout:
@@ -60,6 +62,7 @@ class Enforcer:
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._changed = asyncio.Event()   # wakes the timer when graces change
         self._background: set[asyncio.Task[Any]] = set()
+        self._pruned = time.monotonic()
         self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
@@ -82,7 +85,7 @@ class Enforcer:
             raise
         self._synced(result, time.perf_counter() - started)
         self.decisions = decisions
-        self._record_enforced(decisions, removed=(), full=True)
+        await asyncio.to_thread(self._record_enforced, decisions, (), True)  # 100k rows: off the loop
         self._spawn(self._flush(result.changed, "sync"))
         return result
 
@@ -171,7 +174,7 @@ class Enforcer:
             changed = policy.apply_list(self.inputs, new)
             meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
                     "fingerprint": update.fingerprint}
-            self.store.save_list(old, new, meta)
+            await asyncio.to_thread(self.store.save_list, old, new, meta)
             self.list_status, self.source_error = meta, None
             self.metrics.source_success.set(self.clock())
             self.metrics.list_entries.set(len(new))
@@ -265,7 +268,8 @@ class Enforcer:
         while not stop.is_set():
             now = self.clock()
             due = self.inputs.next_change(now)
-            wait = RESYNC_SECONDS if self.reconciler.needs_full else (min(due - now, 3600.0) if due else 3600.0)
+            wait = RESYNC_SECONDS if self.reconciler.needs_full else min(due - now if due else PRUNE_SECONDS,
+                                                                         PRUNE_SECONDS)
             self._changed.clear()
             stopper = asyncio.ensure_future(stop.wait())
             changed = asyncio.ensure_future(self._changed.wait())
@@ -281,6 +285,11 @@ class Enforcer:
 
     async def _tick(self) -> None:
         async with self.lock:
+            if time.monotonic() - self._pruned > PRUNE_SECONDS:
+                self._pruned = time.monotonic()
+                pruned = self.store.prune_events()
+                if pruned:
+                    log.info("event=webhook_ids_pruned count=%d", pruned)
             if self.reconciler.needs_full:
                 await self.sync_all(read_kernel=True)
                 return
