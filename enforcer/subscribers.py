@@ -28,6 +28,7 @@ MIN_PREFIX = {4: 16, 6: 32}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 _REASON = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _FIELDS = ("id", "addresses", "mode", "reason")
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 class Mode(str, enum.Enum):
@@ -55,8 +56,12 @@ class Subscriber:
     @cached_property
     def keys(self) -> tuple[tuple[int, int, str], ...]:
         """(version, prefix length, address text as nft prints it) per address, computed once."""
-        return tuple((n.version, n.prefixlen, socket.inet_ntop(socket.AF_INET if n.version == 4 else socket.AF_INET6,
-                                                               n.network_address.packed)) for n in self.addresses)
+        out = []
+        for network in self.addresses:
+            version = network.version
+            out.append((version, network.prefixlen,
+                        socket.inet_ntop(_FAMILIES[version], network.network_address.packed)))
+        return tuple(out)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "addresses": [str(a) for a in self.addresses],
@@ -154,7 +159,9 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber 
                                        "(lowercase letters, digits, - and _; no names or amounts)"))
     if len(issues) > before:
         return None
-    return Subscriber(str(ident), tuple(networks), mode, reason)
+    subscriber = Subscriber(str(ident), tuple(networks), mode, reason)
+    subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
+    return subscriber
 
 
 def detect_format(name: str, text: str, content_type: str = "") -> str:

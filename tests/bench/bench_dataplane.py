@@ -73,7 +73,8 @@ def cold_load(sizes: list[int], repeat: int, config_text: str) -> None:
         parsed = parse_list(csv_text, "bench.csv")
         parse_s = time.perf_counter() - started
         assert len(parsed) == n
-        decisions = PolicyInputs({s.id: s for s in subs}, {}, {}).decide_all(0.0)
+        # Start from parsed entries, as the daemon does (parsing also renders their kernel keys).
+        decisions = PolicyInputs({s.id: s for s in parsed}, {}, {}).decide_all(0.0)
         ours, raw = [], []
         elements = 0
         with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as handle:
