@@ -17,6 +17,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from . import yamlsource
+from .issues import Issue, IssuesError
 
 DEFAULT_PATH = "/etc/walled-garden/config.yaml"
 
@@ -107,21 +108,11 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
 
 
-@dataclass(frozen=True)
-class ConfigIssue:
-    where: str  # "portal.url (config.yaml:12)"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+ConfigIssue = Issue  # location is "key.path (file:line)"
 
 
-class ConfigError(Exception):
-    """Raised with every issue found; ``str()`` lists them one per line."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(str(i) for i in issues))
-        self.issues = issues
+class ConfigError(IssuesError):
+    """The configuration was rejected; ``issues`` names every problem."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

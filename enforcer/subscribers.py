@@ -20,6 +20,7 @@ from pathlib import PurePath
 from typing import Any, Iterable
 
 from . import yamlsource
+from .issues import Issue, IssuesError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,23 +74,11 @@ class Subscriber:
                    Mode(data["mode"]), data.get("reason", ""))
 
 
-@dataclass(frozen=True)
-class ListIssue:
-    location: str  # "restricted.csv:12"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.message}"
+ListIssue = Issue  # location is "file:line"
 
 
-class ListError(Exception):
+class ListError(IssuesError):
     """The list was rejected; nothing from it may be applied."""
-
-    def __init__(self, issues: list[ListIssue]) -> None:
-        self.issues = issues
-        shown = "\n".join(str(i) for i in issues[:20])
-        more = f"\n... and {len(issues) - 20} more" if len(issues) > 20 else ""
-        super().__init__(shown + more)
 
 
 def parse_address(text: str) -> Network:
