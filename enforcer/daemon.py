@@ -63,6 +63,7 @@ class Enforcer:
         self._changed = asyncio.Event()   # wakes the timer when graces change
         self._background: set[asyncio.Task[Any]] = set()
         self._pruned = time.monotonic()
+        self._inflight: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
         self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
@@ -194,7 +195,28 @@ class Enforcer:
 
     # -- billing events ------------------------------------------------------------------------
     async def handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
-        """Apply one verified event; answers only after the kernel commit and the flush."""
+        """Apply one verified event; answers only after the kernel commit and the flush.
+
+        A retry of an id still being processed waits for, and gets, the first one's answer.
+        """
+        pending = self._inflight.get(event.id)
+        if pending is not None:
+            self.metrics.events.labels(event.type, "duplicate").inc()
+            return await asyncio.shield(pending)
+        future: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._inflight[event.id] = future
+        try:
+            answer = await self._handle_event(event, received)
+            future.set_result(answer)
+            return answer
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            del self._inflight[event.id]
+
+    async def _handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
         async with self.lock:
             prior = self.store.event_answer(event.id)
             if prior is not None:

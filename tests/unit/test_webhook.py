@@ -237,3 +237,18 @@ def test_processed_ids_are_pruned_after_retention(tmp_path: Path) -> None:
     store.db.execute("UPDATE events SET received_at = received_at - ? WHERE event_id = 'old'", (EVENT_RETENTION + 1,))
     assert store.prune_events() == 1
     assert store.event_answer("old") is None and store.event_answer("new") == (200, {"a": 2})
+
+
+async def test_concurrent_retry_of_the_same_id_acts_once(setup: Any) -> None:
+    import asyncio
+
+    client, _, fake, conntrack, _ = setup
+    body = _event("payment.received", "C-1")
+    headers = _headers(body, "msg_race")
+    before = len(fake.transactions)
+    first, second = await asyncio.gather(client.post("/v1/events", data=body, headers=headers),
+                                         client.post("/v1/events", data=body, headers=headers))
+    assert first.status == second.status == 200
+    assert await first.json() == await second.json()
+    assert len(fake.transactions) == before + 1
+    assert len(conntrack.flushed) == 2  # the list's restriction, then this one lift
