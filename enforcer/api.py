@@ -8,6 +8,7 @@ socket whose file permissions decide who may use it.
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import json
 import logging
 import os
@@ -102,11 +103,30 @@ async def get_status(request: web.Request) -> web.Response:
     return _json(200, request.app[ENFORCER_KEY].status())
 
 
+async def post_acknowledge(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        address = str(ipaddress.ip_address(str(body["address"])))
+    except (ValueError, KeyError, TypeError):
+        return _json(400, {"error": 'expected {"address": "<IP address>"}'})
+    status, answer = await request.app[ENFORCER_KEY].acknowledge(address)
+    return _json(status, answer)
+
+
+async def get_explain(request: web.Request) -> web.Response:
+    query = request.query.get("q", "")
+    if not query:
+        return _json(400, {"error": "q= is required: a subscriber id, an address or a reference code"})
+    return _json(200, request.app[ENFORCER_KEY].explain(query))
+
+
 def control_app(enforcer: Enforcer) -> web.Application:
     app = web.Application()
     app[ENFORCER_KEY] = enforcer
     app.router.add_get("/v1/lookup", get_lookup)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/explain", get_explain)
+    app.router.add_post("/v1/acknowledge", post_acknowledge)
     return app
 
 

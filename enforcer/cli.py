@@ -106,6 +106,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from .control import ControlError, request
+
+    try:
+        answer = request(_config(args).api.socket, "GET", f"/v1/explain?q={quote(args.query)}")
+    except ControlError as exc:
+        print(f"walled-garden: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    if not answer["found"]:
+        print(f"{answer['query']}: not restricted ({answer['why']})")
+        return 0
+    state = f"RESTRICTED ({answer['mode']})" if answer["restricted"] else "free"
+    print(f"{answer['subscriber']} [{answer['reference']}]: {state}")
+    print(f"  why: {answer['why']}")
+    if answer["addresses"]:
+        print(f"  addresses: {' '.join(answer['addresses'])}")
+    if answer["list"]:
+        entry = answer["list"]
+        print(f"  billing list: {entry['mode']}, reason {entry['reason'] or '-'}")
+    else:
+        print("  billing list: not listed")
+    for key, label in (("override", "last event"), ("payment_grace", "payment grace")):
+        if answer[key]:
+            print(f"  {label}: {answer[key]['cause']}" + (f", until {answer[key]['until']:.0f}"
+                                                         if "until" in answer[key] else ""))
+    print(f"  in the kernel now: {answer['enforced_in_kernel']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import main
     return main()
@@ -128,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate the config, subscriber list and webhook secret")
     add("render", cmd_render, "print the nftables ruleset that would be installed")
     add("status", cmd_status, "show the running daemon's state").add_argument("--json", action="store_true")
+    explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")
+    explain.add_argument("query", metavar="ID-or-ADDRESS")
+    explain.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
     demo.set_defaults(fn=cmd_demo)
     return parser

@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -70,11 +70,49 @@ class Provider:
     hours: str = ""
 
 
+#: Page languages (SPEC §5); the portal has a full catalogue for each.
+LANGUAGES = ("en", "cs", "hu", "es", "uk", "ru", "pt")
+#: The logo is inlined into the page, which must stay under 30 KB.
+MAX_LOGO_BYTES = 12 * 1024
+
+
+@dataclass(frozen=True)
+class PaymentLink:
+    """A way to pay, inside the walled garden (its host must be in ``walled_garden.allow``)."""
+
+    label: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PortalTls:
+    listen: Listen
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Branding:
+    logo: str = ""                      # PNG/SVG/JPEG/WebP file, inlined as a data: URI
+    primary_color: str = "#0b5394"
+    background_color: str = "#f4f6f8"
+    text_color: str = "#1a1a1a"
+
+
 @dataclass(frozen=True)
 class PortalConfig:
     listen: Listen = Listen("0.0.0.0", 8080)
     url: str = "http://portal.isp.example/"
     provider: Provider = Provider()
+    payment_links: tuple[PaymentLink, ...] = ()
+    tls: PortalTls | None = None
+    branding: Branding = Branding()
+    templates_dir: str = ""             # a page.html here replaces the built-in template
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)   # language → message key → text
+    default_language: str = "en"
+    show_account: bool = False          # show the account id and the caller's address on the page
+    notice_ack_for: float = 86400.0     # how long "continue" lifts the notice interstitial
+    posts_per_minute: int = 10          # per caller address, on every POST
 
 
 @dataclass(frozen=True)
@@ -266,15 +304,7 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
 
     garden = _garden(r, r.section(top.get("walled_garden"), ("walled_garden",), {"allow", "dns"}))
 
-    raw = r.section(top.get("portal"), ("portal",), {"listen", "url", "provider"})
-    provider_raw = r.section(raw.get("provider"), ("portal", "provider"), set(Provider.__dataclass_fields__))
-    provider = Provider(**{k: r.get(provider_raw, ("portal", "provider", k), _string, "")
-                           for k in Provider.__dataclass_fields__})
-    portal = PortalConfig(
-        listen=r.get(raw, ("portal", "listen"), parse_listen, PortalConfig.listen),
-        url=r.get(raw, ("portal", "url"), _http_url, PortalConfig.url),
-        provider=provider,
-    )
+    portal = _portal(r, r.section(top.get("portal"), ("portal",), set(PortalConfig.__dataclass_fields__)), path)
 
     raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file"})
     api = ApiConfig(
@@ -337,3 +367,134 @@ def _garden(r: _Reader, raw: dict[str, Any]) -> GardenConfig:
                 except ValueError:
                     r.fail(("walled_garden", "dns", i), f"{item!r} is not an IP address")
     return GardenConfig(tuple(networks), tuple(hosts), None if dns is None else tuple(dns))
+
+
+_COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
+_EMAIL = re.compile(r"^[^@\s<>\"']+@[^@\s<>\"']+\.[^@\s<>\"']+$")
+
+
+def _color(value: Any) -> str:
+    text = _string(value)
+    if not _COLOR.match(text):
+        raise ValueError(f"{text!r} is not a colour like '#0b5394'")
+    return text
+
+
+def _readable_file(value: Any) -> str:
+    text = _string(value)
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"{text}: not a readable file")
+    return text
+
+
+def _logo(value: Any) -> str:
+    text = _readable_file(value)
+    size = os.path.getsize(text)
+    if size > MAX_LOGO_BYTES:
+        raise ValueError(f"{text}: {size} bytes; the logo is inlined into the page and may be at most "
+                         f"{MAX_LOGO_BYTES} bytes")
+    if not text.lower().endswith((".png", ".svg", ".jpg", ".jpeg", ".webp", ".gif")):
+        raise ValueError(f"{text}: use a .png, .svg, .jpg, .webp or .gif logo")
+    return text
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a whole number greater than zero")
+    return value
+
+
+def _portal(r: _Reader, raw: dict[str, Any], config_path: str) -> PortalConfig:
+    base = ("portal",)
+    provider_raw = r.section(raw.get("provider"), base + ("provider",), set(Provider.__dataclass_fields__))
+    provider = Provider(**{k: r.get(provider_raw, base + ("provider", k), _string, "")
+                           for k in Provider.__dataclass_fields__})
+    if provider.email:
+        r.get(provider_raw, base + ("provider", "email"), _email, "")
+    if provider.website:
+        r.get(provider_raw, base + ("provider", "website"), _http_url, "")
+
+    links: list[PaymentLink] = []
+    links_raw = raw.get("payment_links", [])
+    if not isinstance(links_raw, list):
+        r.fail(base + ("payment_links",), "expected a list of {label, url}")
+        links_raw = []
+    for i, item in enumerate(links_raw):
+        where = base + ("payment_links", i)
+        item = r.section(item, where, {"label", "url"})
+        label, url = r.get(item, where + ("label",), _string, ""), r.get(item, where + ("url",), _http_url, "")
+        if not label or not url:
+            r.fail(where, "each payment link needs a label and an http(s) url")
+        else:
+            links.append(PaymentLink(label, url))
+
+    tls = None
+    if raw.get("tls") is not None:
+        tls_raw = r.section(raw.get("tls"), base + ("tls",), {"listen", "cert", "key"})
+        missing = [k for k in ("listen", "cert", "key") if k not in tls_raw]
+        if missing:
+            r.fail(base + ("tls",), f"missing {', '.join(missing)} (listen, cert and key are all needed)")
+        else:
+            tls = PortalTls(r.get(tls_raw, base + ("tls", "listen"), parse_listen, Listen("0.0.0.0", 8443)),
+                            r.get(tls_raw, base + ("tls", "cert"), _readable_file, ""),
+                            r.get(tls_raw, base + ("tls", "key"), _readable_file, ""))
+
+    branding_raw = r.section(raw.get("branding"), base + ("branding",), set(Branding.__dataclass_fields__))
+    branding = Branding(
+        logo=r.get(branding_raw, base + ("branding", "logo"), _logo, ""),
+        primary_color=r.get(branding_raw, base + ("branding", "primary_color"), _color, Branding.primary_color),
+        background_color=r.get(branding_raw, base + ("branding", "background_color"), _color,
+                               Branding.background_color),
+        text_color=r.get(branding_raw, base + ("branding", "text_color"), _color, Branding.text_color),
+    )
+
+    templates_dir = r.get(raw, base + ("templates_dir",), _string, "")
+    if templates_dir:
+        if not templates_dir.startswith("/"):
+            templates_dir = str((Path(config_path).parent / templates_dir).resolve())
+        if not os.path.isdir(templates_dir):
+            r.fail(base + ("templates_dir",), f"{templates_dir}: not a directory")
+
+    texts: dict[str, dict[str, str]] = {}
+    texts_raw = r.section(raw.get("texts"), base + ("texts",), set(LANGUAGES))
+    for language, strings in texts_raw.items():
+        if language not in LANGUAGES:
+            continue  # already reported as an unknown key
+        if not isinstance(strings, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in strings.items()):
+            r.fail(base + ("texts", language), "expected a mapping of message key → text")
+            continue
+        texts[language] = dict(strings)
+
+    default_language = r.get(raw, base + ("default_language",), _string, "en")
+    if default_language not in LANGUAGES:
+        r.fail(base + ("default_language",), f"{default_language!r} is not one of {', '.join(LANGUAGES)}")
+        default_language = "en"
+
+    return PortalConfig(
+        listen=r.get(raw, base + ("listen",), parse_listen, PortalConfig.listen),
+        url=r.get(raw, base + ("url",), _http_url, PortalConfig.url),
+        provider=provider,
+        payment_links=tuple(links),
+        tls=tls,
+        branding=branding,
+        templates_dir=templates_dir,
+        texts=texts,
+        default_language=default_language,
+        show_account=r.get(raw, base + ("show_account",), _boolean, False),
+        notice_ack_for=r.get(raw, base + ("notice_ack_for",), _number, PortalConfig.notice_ack_for),
+        posts_per_minute=r.get(raw, base + ("posts_per_minute",), _positive_int, PortalConfig.posts_per_minute),
+    )
+
+
+def _email(value: Any) -> str:
+    text = _string(value)
+    if not _EMAIL.match(text):
+        raise ValueError(f"{text!r} is not an e-mail address")
+    return text

@@ -9,8 +9,12 @@ calls run on one dedicated thread so a 100k-element load never stalls the event 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
@@ -64,6 +68,13 @@ class Enforcer:
         self._background: set[asyncio.Task[Any]] = set()
         self._pruned = time.monotonic()
         self._inflight: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        self.acknowledged: dict[str, float] = {}   # notice acknowledgements we made (kernel keeps the truth)
+        self._references: dict[str, str] = {}
+        key = self.store.get_meta("reference_key")
+        if key is None:
+            key = secrets.token_hex(16)
+            self.store.set_meta("reference_key", key)
+        self._reference_key = bytes.fromhex(key)
         self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
@@ -334,6 +345,74 @@ class Enforcer:
                 log.error("event=garden_hosts_not_applied error=%r", str(exc))
                 self._changed.set()
 
+    # -- the portal's requests ------------------------------------------------------------
+    async def acknowledge(self, address: str) -> tuple[int, dict[str, Any]]:
+        """A notice/throttle subscriber pressed "continue": stop redirecting their HTTP for a while."""
+        found = self.lookup(address)
+        if not found["restricted"]:
+            return 200, {"acknowledged": False, "mode": Mode.FREE.value}
+        if found["mode"] == Mode.WALLED_GARDEN.value:
+            return 409, {"error": "this connection is in the walled garden; it cannot be acknowledged away"}
+        sid = found["subscriber"]
+        seconds = int(self.config.portal.notice_ack_for)
+        async with self.lock:
+            decision = self.decisions.get(sid)
+            if decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
+                return 409, {"error": "the restriction changed; reload the page"}
+            try:
+                await self._kernel(self.reconciler.acknowledge, decision, seconds)
+            except DataplaneError as exc:
+                return 503, {"error": f"kernel change failed: {exc}"}
+            until = self.clock() + seconds
+            self.acknowledged[sid] = until
+        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found["address"], until)
+        return 200, {"acknowledged": True, "until": until}
+
+    def reference(self, subscriber_id: str) -> str:
+        """A code for the portal page that support can resolve, which reveals nothing by itself."""
+        code = self._references.get(subscriber_id)
+        if code is None:
+            digest = hmac.new(self._reference_key, subscriber_id.encode(), hashlib.sha256).digest()
+            letters = base64.b32encode(digest).decode()[:8]
+            code = self._references[subscriber_id] = f"WG-{letters[:4]}-{letters[4:]}"
+        return code
+
+    def explain(self, query: str) -> dict[str, Any]:
+        """Why a subscriber (by id, address or reference code) is or is not restricted."""
+        query = query.strip()
+        sid: str | None = None
+        address = None
+        if query in self.inputs.known_ids() or query in self.decisions:
+            sid = query
+        else:
+            try:
+                address = self.lookup(query)
+                sid = address["subscriber"]
+            except ValueError:
+                wanted = query.upper()
+                sid = next((s for s in self.inputs.known_ids() if self.reference(s) == wanted), None)
+        if sid is None:
+            why = ("no restricted subscriber holds this address" if address else
+                   "not a subscriber id, address or reference code this gateway knows")
+            return {"query": query, "found": False, "restricted": False, "why": why}
+        now = self.clock()
+        decision = self.inputs.decide(sid, now)
+        listed = self.inputs.listed.get(sid)
+        override = self.inputs.overrides.get(sid)
+        grace = self.inputs.graces.get(sid)
+        enforced = self.decisions.get(sid)
+        return {
+            "query": query, "found": True, "subscriber": sid, "reference": self.reference(sid),
+            "restricted": decision.restricted, "mode": decision.mode.value, "why": decision.cause,
+            "until": decision.until,
+            "addresses": [str(a) for a in decision.subscriber.addresses] if decision.subscriber else [],
+            "list": listed.to_json() if listed else None,
+            "override": {"restrict": override.restrict, "at": override.at, "cause": override.cause} if override else None,
+            "payment_grace": {"paid_at": grace.paid_at, "until": grace.until, "cause": grace.cause} if grace else None,
+            "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
+            "notice_acknowledged_until": self.acknowledged.get(sid),
+        }
+
     # -- queries ------------------------------------------------------------------------------
     def lookup(self, address: str) -> dict[str, Any]:
         """Is this address restricted, in which mode, and why (category only)?"""
@@ -348,9 +427,12 @@ class Enforcer:
             sid = self.reconciler.owner_of(mode_map(version, plen), key)
             decision = self.decisions.get(sid) if sid else None
             if decision is not None and decision.restricted and decision.subscriber is not None:
+                until = self.acknowledged.get(sid)
                 return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
-                        "reason": decision.subscriber.reason, "subscriber": sid}
-        return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None}
+                        "reason": decision.subscriber.reason, "subscriber": sid, "reference": self.reference(sid),
+                        "ack_until": until if until and until > self.clock() else None}
+        return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None,
+                "reference": "", "ack_until": None}
 
     def status(self) -> dict[str, Any]:
         counts = {m.value: self.mode_counts.get(m, 0) for m in Mode.restricting()}

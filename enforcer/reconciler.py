@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, mode_map, \
+from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, ack_set, mode_map, \
     redirect_set
 from .dataplane.state import TableState
 from .dataplane.transaction import Transaction
 from .policy import Decision
-from .subscribers import Network
+from .subscribers import Mode, Network
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
     out: set[Element] = set()
     for version, plen, key in decision.subscriber.keys:
         out.add((mode_map(version, plen), key, verdict))
-        out.add((redirect_set(version, plen), key, None))
+        out.add((redirect_set(version, plen, decision.mode), key, None))
     return frozenset(out)
 
 
@@ -129,13 +129,16 @@ class Reconciler:
                 continue
             entries = []
             clash = None
+            notice = decision.mode is not Mode.WALLED_GARDEN
             for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
-                slot = slots.get((version, plen))
+                slot = slots.get((version, plen, notice))
                 if slot is None:
-                    mode_name, redirect_name = mode_map(version, plen), redirect_set(version, plen)
-                    slot = slots[(version, plen)] = (desired.setdefault(mode_name, {}),
-                                                     desired.setdefault(redirect_name, {}),
-                                                     owners.setdefault(mode_name, {}), before.get(mode_name, {}))
+                    mode_name = mode_map(version, plen)
+                    redirect_name = redirect_set(version, plen, decision.mode)
+                    slot = slots[(version, plen, notice)] = (desired.setdefault(mode_name, {}),
+                                                             desired.setdefault(redirect_name, {}),
+                                                             owners.setdefault(mode_name, {}),
+                                                             before.get(mode_name, {}))
                 clash = slot[2].get(key)
                 if clash is not None:
                     break
@@ -158,7 +161,7 @@ class Reconciler:
                 changed.extend(ipaddress.ip_network(f"{k}/{plen}") for k in items if k not in keep)
         for address in self.host_allow:
             desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
-        return desired, owned, owners, changed, set(slots), clashes
+        return desired, owned, owners, changed, {slot[:2] for slot in slots}, clashes
 
     # -- small changes -----------------------------------------------------------------
     def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
@@ -206,6 +209,20 @@ class Reconciler:
             else:
                 self.owned.pop(sid, None)
         return SyncResult("partial", tx.element_count(), sorted(changed_networks(old, new), key=str))
+
+    def acknowledge(self, decision: Decision, seconds: int) -> None:
+        """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
+
+        The elements are not mirrored: the kernel drops them on time, and nothing else
+        ever deletes them, so there is no state of ours that could go stale.
+        """
+        if self.needs_full or self.layout is None:
+            raise NeedsFullSync("the kernel table must be synced before acknowledging")
+        assert decision.subscriber is not None
+        tx = Transaction(self.dataplane.table)
+        for version, plen, key in decision.subscriber.keys:
+            tx.add(ack_set(version, plen), [(key, None)], timeout=seconds)
+        self._apply(tx)
 
     def owner_of(self, container: str, key: str) -> str | None:
         """The subscriber whose restriction put ``key`` into mode map ``container``."""

@@ -26,7 +26,8 @@ class FakeDataplane:
         state = self.state.copy() if self.state else None
         for op in tx.operations:
             if isinstance(op, ReplaceTable):
-                state = TableState(op.layout.tag, {name: {} for name in op.layout.containers()})
+                names = [*op.layout.containers(), *op.layout.ack_sets()]
+                state = TableState(op.layout.tag, {name: {} for name in names})
                 continue
             if state is None:
                 raise DataplaneError(f"No such file or directory: table inet {self.table}")

@@ -43,8 +43,18 @@ def mode_map(version: int, prefixlen: int) -> str:
     return f"{MODE_PREFIX}{version}_{prefixlen}"
 
 
-def redirect_set(version: int, prefixlen: int) -> str:
-    return f"portal{version}_{prefixlen}"
+def redirect_set(version: int, prefixlen: int, mode: Mode = Mode.WALLED_GARDEN) -> str:
+    """Where an address goes so its plain HTTP lands on the portal.
+
+    Walled-garden subscribers are always redirected; notice and throttle subscribers only until
+    they acknowledge the notice (an element in the ``ack_set``, which expires by itself).
+    """
+    kind = "portal" if mode is Mode.WALLED_GARDEN else "notice"
+    return f"{kind}{version}_{prefixlen}"
+
+
+def ack_set(version: int, prefixlen: int) -> str:
+    return f"noticeack{version}_{prefixlen}"
 
 
 HOST_ALLOW = {4: "allowhost4", 6: "allowhost6"}
@@ -73,9 +83,14 @@ class Layout:
         for version, plen in sorted(self.prefixes):
             out[mode_map(version, plen)] = "map"
             out[redirect_set(version, plen)] = "set"
+            out[redirect_set(version, plen, Mode.NOTICE)] = "set"
         out[HOST_ALLOW[4]] = "set"
         out[HOST_ALLOW[6]] = "set"
         return out
+
+    def ack_sets(self) -> list[str]:
+        """Timeout sets the daemon adds to on request and the kernel empties by itself."""
+        return [ack_set(version, plen) for version, plen in sorted(self.prefixes)]
 
     @cached_property
     def tag(self) -> str:
@@ -93,6 +108,8 @@ class Layout:
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
             lines.append(f"\tmap {mode_map(version, plen)} {{ type {addr} : verdict; }}")
             lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
+            lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; }}")
+            lines.append(f"\tset {ack_set(version, plen)} {{ type {addr}; flags timeout; }}")
         for version in (4, 6):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
             # Overlapping CIDRs would make nft reject the whole interval set: merge them first.
@@ -143,9 +160,11 @@ class Layout:
             match = _masked_saddr(version, plen)
             forward.append(f"{iif}{match} vmap @{mode_map(version, plen)}")
             daddr = "ip daddr" if version == 4 else "ip6 daddr"
-            nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 "
-                       f"{daddr} != @allow{version} {daddr} != @{HOST_ALLOW[version]} "
-                       f'counter name "redirected" redirect to :{self.portal_port}')
+            garden = f"{daddr} != @allow{version} {daddr} != @{HOST_ALLOW[version]} "
+            redirect = f'counter name "redirected" redirect to :{self.portal_port}'
+            nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 {garden}{redirect}")
+            nat.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} "
+                       f"{match} != @{ack_set(version, plen)} tcp dport 80 {garden}{redirect}")
         return (["\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;"]
                 + [f"\t\t{r}" for r in forward] + ["\t}",
                    "\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat - 10; policy accept;"]
@@ -166,4 +185,4 @@ def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | Non
     version, plen = network.version, network.prefixlen
     key = socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, network.network_address.packed)
     return [(mode_map(version, plen), key, MODE_VERDICTS[mode]),
-            (redirect_set(version, plen), key, None)]
+            (redirect_set(version, plen, mode), key, None)]

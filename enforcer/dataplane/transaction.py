@@ -24,6 +24,7 @@ class ReplaceTable:
 class AddElements:
     container: str
     items: tuple[tuple[str, str | None], ...]  # (key, verdict or None for a plain set)
+    timeout: int | None = None                  # seconds, for sets with ``flags timeout``
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ class Transaction:
     def replace_table(self, layout: Layout) -> None:
         self.operations.append(ReplaceTable(layout))
 
-    def add(self, container: str, items: Iterable[tuple[str, str | None]]) -> None:
+    def add(self, container: str, items: Iterable[tuple[str, str | None]], timeout: int | None = None) -> None:
         items = tuple(items)
         if items:
-            self.operations.append(AddElements(container, items))
+            self.operations.append(AddElements(container, items, timeout))
 
     def delete(self, container: str, keys: Iterable[str]) -> None:
         keys = tuple(keys)
@@ -69,7 +70,9 @@ class Transaction:
                 out.append(f"add table {prefix}\ndelete table {prefix}\n")
                 out.append(op.layout.render())
             elif isinstance(op, AddElements):
-                body = ", ".join(key if value is None else f"{key} : {value}" for key, value in op.items)
+                expiry = f" timeout {op.timeout}s" if op.timeout else ""
+                body = ", ".join(f"{key}{expiry}" if value is None else f"{key}{expiry} : {value}"
+                                 for key, value in op.items)
                 out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
             else:
                 out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")

@@ -203,11 +203,11 @@ def test_tag_changes_with_a_new_prefix_length():
 
 def test_containers():
     c = layout().with_prefixes({(4, 24)}).containers()
-    assert c == {
-        "mode4_24": "map", "portal4_24": "set", "mode4_32": "map", "portal4_32": "set",
-        "mode6_56": "map", "portal6_56": "set", "mode6_64": "map", "portal6_64": "set",
-        "mode6_128": "map", "portal6_128": "set", "allowhost4": "set", "allowhost6": "set",
-    }
+    expected = {"allowhost4": "set", "allowhost6": "set"}
+    for v, plen in ((4, 24), (4, 32), (6, 56), (6, 64), (6, 128)):
+        expected.update({f"mode{v}_{plen}": "map", f"portal{v}_{plen}": "set", f"notice{v}_{plen}": "set"})
+    assert c == expected
+    assert not any(name.startswith("noticeack") for name in c), "acknowledgements are not reconciled"
 
 
 # -- elements_for ---------------------------------------------------------------------------
@@ -216,9 +216,9 @@ def test_containers():
     ("100.64.0.10/32", Mode.WALLED_GARDEN,
      [("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None)]),
     ("100.64.1.0/24", Mode.NOTICE,
-     [("mode4_24", "100.64.1.0", "goto notice"), ("portal4_24", "100.64.1.0", None)]),
+     [("mode4_24", "100.64.1.0", "goto notice"), ("notice4_24", "100.64.1.0", None)]),
     ("2001:db8:10:100::/56", Mode.THROTTLE,
-     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("portal6_56", "2001:db8:10:100::", None)]),
+     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("notice6_56", "2001:db8:10:100::", None)]),
     ("2001:db8::1/128", Mode.WALLED_GARDEN,
      [("mode6_128", "2001:db8::1", "goto garden"), ("portal6_128", "2001:db8::1", None)]),
 ])
@@ -229,6 +229,7 @@ def test_elements_for(network, mode, expected):
 def test_container_names():
     assert mode_map(6, 56) == "mode6_56"
     assert redirect_set(4, 32) == "portal4_32"
+    assert redirect_set(4, 32, Mode.NOTICE) == redirect_set(4, 32, Mode.THROTTLE) == "notice4_32"
 
 
 # -- reading the kernel back ----------------------------------------------------------------

@@ -33,7 +33,7 @@ def desired_elements(decisions: dict[str, Decision]) -> dict[str, dict[str, str 
     """What the kernel should hold for ``decisions`` (no conflicts), by container."""
     layout = BASE.with_prefixes({(n.version, n.prefixlen) for d in decisions.values() if d.subscriber
                                  for n in d.subscriber.addresses})
-    out: dict[str, dict[str, str | None]] = {name: {} for name in layout.containers()}
+    out: dict[str, dict[str, str | None]] = {name: {} for name in [*layout.containers(), *layout.ack_sets()]}
     for d in decisions.values():
         if d.restricted:
             for a in d.subscriber.addresses:
@@ -84,7 +84,7 @@ def test_first_sync_replaces_the_table_in_one_transaction(rec, fake):
     assert added == {
         ("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None),
         ("mode6_56", "2001:db8:10:100::", "goto garden"), ("portal6_56", "2001:db8:10:100::", None),
-        ("mode4_32", "100.64.0.11", "goto notice"), ("portal4_32", "100.64.0.11", None),
+        ("mode4_32", "100.64.0.11", "goto notice"), ("notice4_32", "100.64.0.11", None),
     }
     assert result.elements == 6
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
@@ -113,7 +113,7 @@ def test_removal_deletes_both_elements(rec, fake):
     assert result.kind == "partial"
     (tx,) = fake.transactions
     assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("mode4_32", ("100.64.0.11",)),
-                                                         DeleteElements("portal4_32", ("100.64.0.11",))]
+                                                         DeleteElements("notice4_32", ("100.64.0.11",))]
     assert set(result.changed) == {net("100.64.0.11/32")}
     assert "100.64.0.11" not in fake.state.elements["mode4_32"]
 
@@ -127,26 +127,37 @@ def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
     assert fake.state.elements == desired_elements(decisions)
 
 
-def test_mode_change_touches_only_the_map_element(rec, fake):
+def test_mode_change_within_notice_modes_touches_only_the_map_element(rec, fake):
+    decisions = synced(rec, fake)
+    decisions["C-2"] = restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)
+    result = rec.sync_all(decisions)
+    (tx,) = fake.transactions
+    assert [(type(op).__name__, op.container) for op in tx.operations] == [("DeleteElements", "mode4_32"),
+                                                                          ("AddElements", "mode4_32")]
+    assert set(result.changed) == {net("100.64.0.11/32")}
+    assert fake.state.elements["notice4_32"]["100.64.0.11"] is None
+
+
+def test_mode_change_to_notice_moves_the_redirect_element(rec, fake):
     decisions = synced(rec, fake)
     decisions["C-1"] = restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56", mode=Mode.NOTICE)
     result = rec.sync_all(decisions)
     assert result.kind == "partial"
     (tx,) = fake.transactions
-    deletes = [op for op in tx.operations if isinstance(op, DeleteElements)]
-    adds = [op for op in tx.operations if isinstance(op, AddElements)]
-    assert {op.container for op in tx.operations} == {"mode4_32", "mode6_56"}  # no portal set touched
-    assert {(op.container, op.keys) for op in deletes} == {("mode4_32", ("100.64.0.10",)),
-                                                          ("mode6_56", ("2001:db8:10:100::",))}
-    assert {(op.container, op.items) for op in adds} == {("mode4_32", (("100.64.0.10", "goto notice"),)),
-                                                        ("mode6_56", (("2001:db8:10:100::", "goto notice"),))}
+    deletes = {(op.container, op.keys) for op in tx.operations if isinstance(op, DeleteElements)}
+    adds = {(op.container, op.items) for op in tx.operations if isinstance(op, AddElements)}
+    assert deletes == {("mode4_32", ("100.64.0.10",)), ("mode6_56", ("2001:db8:10:100::",)),
+                       ("portal4_32", ("100.64.0.10",)), ("portal6_56", ("2001:db8:10:100::",))}
+    assert adds == {("mode4_32", (("100.64.0.10", "goto notice"),)),
+                    ("mode6_56", (("2001:db8:10:100::", "goto notice"),)),
+                    ("notice4_32", (("100.64.0.10", None),)), ("notice6_56", (("2001:db8:10:100::", None),))}
     # every delete comes before any add, so the kernel never sees the same key twice
     last_delete = max(i for i, op in enumerate(tx.operations) if isinstance(op, DeleteElements))
     first_add = min(i for i, op in enumerate(tx.operations) if isinstance(op, AddElements))
     assert last_delete < first_add
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
     assert fake.state.elements["mode4_32"]["100.64.0.10"] == "goto notice"
-    assert fake.state.elements["portal4_32"]["100.64.0.10"] is None
+    assert "100.64.0.10" not in fake.state.elements["portal4_32"]
 
 
 def test_nothing_changed_means_empty_diff(rec, fake):
@@ -295,11 +306,11 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
         "D": restricted("D", "2001:db8:40::/64", mode=Mode.THROTTLE),  # kernel has notice
         "E": free("E"),
     }
-    kernel = TableState(BASE.tag, {name: {} for name in BASE.containers()})
+    kernel = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
     kernel.elements["mode4_32"].update({"100.64.0.1": "goto garden", "100.64.0.2": "goto garden"})
     kernel.elements["portal4_32"].update({"100.64.0.1": None, "100.64.0.2": None})  # B: no longer wanted
     kernel.elements["mode6_64"]["2001:db8:40::"] = "goto notice"
-    kernel.elements["portal6_64"]["2001:db8:40::"] = None
+    kernel.elements["notice6_64"]["2001:db8:40::"] = None
     fake.state = kernel
 
     rec = Reconciler(fake, BASE)  # a new daemon: no mirror yet
@@ -317,7 +328,7 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
 
 
 def test_restart_without_read_kernel_flag_still_reads_the_kernel_first(fake):
-    kernel = TableState(BASE.tag, {name: {} for name in BASE.containers()})
+    kernel = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
     kernel.elements["mode4_32"]["100.64.0.1"] = "goto garden"
     kernel.elements["portal4_32"]["100.64.0.1"] = None
     fake.state = kernel
@@ -484,3 +495,18 @@ def test_changed_lists_each_network_once(rec, fake):
     d = {"A": restricted("A", "100.64.0.1", "2001:db8:1::/64"), "B": restricted("B", "100.64.0.2")}
     result = rec.sync_all(d)
     assert len(result.changed) == len(set(result.changed)) == 3
+
+
+def test_acknowledge_adds_expiring_elements_outside_the_mirror(rec, fake):
+    decisions = synced(rec, fake)
+    sub = restricted("N", "100.64.0.20", "2001:db8:20::/64", mode=Mode.NOTICE)
+    decisions["N"] = sub
+    rec.sync_all(decisions)
+    rec.acknowledge(sub, 3600)
+    text = fake.transactions[-1].render()
+    assert "add element inet walled_garden noticeack4_32 { 100.64.0.20 timeout 3600s }" in text
+    assert "add element inet walled_garden noticeack6_64 { 2001:db8:20:: timeout 3600s }" in text
+    # a later full diff leaves acknowledgements alone (the kernel expires them)
+    fake.transactions.clear()
+    result = rec.sync_all(decisions, read_kernel=True)
+    assert result.elements == 0 and fake.state.elements["noticeack4_32"] == {"100.64.0.20": None}

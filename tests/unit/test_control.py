@@ -1,0 +1,87 @@
+"""The control API the portal and the CLI use: lookup, acknowledge, explain, reference codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from enforcer.api import control_app
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import parse_list
+
+LIST = """subscribers:
+  - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56'], reason: overdue}
+  - {id: C-2, addresses: [100.64.0.20], mode: notice, reason: notice}
+"""
+
+
+class NoConntrack:
+    async def flush(self, networks: Any) -> int:
+        return 0
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> Any:
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          "portal: {notice_ack_for: 2h}\n")
+    fake = FakeDataplane()
+    enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: 1_800_000_000.0)  # type: ignore[arg-type]
+    await enforcer.restore()
+    await enforcer.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
+    client = TestClient(TestServer(control_app(enforcer)))
+    await client.start_server()
+    yield client, enforcer, fake
+    await client.close()
+    await enforcer.close()
+
+
+async def test_lookup_by_address_and_prefix(control: Any) -> None:
+    client, enforcer, _ = control
+    answer = await (await client.get("/v1/lookup", params={"address": "2001:db8:10:100:abcd::1"})).json()
+    assert answer["restricted"] and answer["subscriber"] == "C-1" and answer["reason"] == "overdue"
+    assert answer["reference"] == enforcer.reference("C-1")
+    assert (await (await client.get("/v1/lookup", params={"address": "100.64.0.99"})).json())["restricted"] is False
+    assert (await client.get("/v1/lookup", params={"address": "nonsense"})).status == 400
+
+
+def test_reference_codes_are_stable_and_reveal_nothing(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
+    first = Enforcer(config, dataplane=FakeDataplane())
+    code = first.reference("C-1")
+    assert code.startswith("WG-") and len(code) == 12 and "C-1" not in code
+    second = Enforcer(config, dataplane=FakeDataplane())  # same state dir: same per-installation key
+    assert second.reference("C-1") == code != second.reference("C-2")
+    other = parse_config(f"state_dir: {tmp_path}/other\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
+    assert Enforcer(other, dataplane=FakeDataplane()).reference("C-1") != code
+
+
+async def test_acknowledge_only_in_notice_modes(control: Any) -> None:
+    client, enforcer, fake = control
+    response = await client.post("/v1/acknowledge", json={"address": "100.64.0.20"})
+    answer = await response.json()
+    assert response.status == 200 and answer["acknowledged"] and answer["until"] == 1_800_000_000.0 + 7200
+    assert fake.state.elements["noticeack4_32"] == {"100.64.0.20": None}
+    assert "timeout 7200s" in fake.transactions[-1].render()
+    assert (await (await client.get("/v1/lookup", params={"address": "100.64.0.20"})).json())["ack_until"]
+    assert (await client.post("/v1/acknowledge", json={"address": "100.64.0.10"})).status == 409
+    free = await (await client.post("/v1/acknowledge", json={"address": "100.64.0.99"})).json()
+    assert free == {"acknowledged": False, "mode": "free"}
+    assert (await client.post("/v1/acknowledge", json={"address": "x"})).status == 400
+
+
+async def test_explain_by_id_address_and_reference(control: Any) -> None:
+    client, enforcer, _ = control
+    for query in ("C-1", "100.64.0.10", enforcer.reference("C-1").lower()):
+        answer = await (await client.get("/v1/explain", params={"q": query})).json()
+        assert answer["found"] and answer["subscriber"] == "C-1", query
+        assert answer["mode"] == "walled-garden" and answer["why"] == "on the restricted list"
+        assert answer["enforced_in_kernel"] == "walled-garden"
+    missing = await (await client.get("/v1/explain", params={"q": "100.64.0.99"})).json()
+    assert missing["found"] is False and "no restricted subscriber" in missing["why"]
+    assert (await client.get("/v1/explain")).status == 400
