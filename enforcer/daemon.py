@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from . import policy
@@ -27,7 +28,8 @@ from .dataplane.layout import Layout, mode_map
 from .events import PAYMENT, RELEASED, RESTRICTED, Event
 from .metrics import Metrics
 from .policy import Decision, Override
-from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
+from .batcher import Batcher
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
 from .store import Store
 from .subscribers import Mode, Network
@@ -39,6 +41,15 @@ T = TypeVar("T")
 RESYNC_SECONDS = 2.0
 #: How often processed webhook ids older than their retention are dropped.
 PRUNE_SECONDS = 3600.0
+
+
+@dataclass
+class Pending:
+    """A verified event waiting for its batch; ``answer`` resolves after commit and flush."""
+
+    event: Event
+    received: float
+    answer: asyncio.Future[tuple[int, dict[str, Any]]]
 
 
 def base_layout(config: Config) -> Layout:
@@ -68,6 +79,7 @@ class Enforcer:
         self._background: set[asyncio.Task[Any]] = set()
         self._pruned = time.monotonic()
         self._inflight: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        self.batcher: Batcher[Pending] = Batcher(self._commit_batch)
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements we made (kernel keeps the truth)
         self._references: dict[str, str] = {}
         key = self.store.get_meta("reference_key")
@@ -228,45 +240,100 @@ class Enforcer:
             del self._inflight[event.id]
 
     async def _handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
+        pending = Pending(event, received, asyncio.get_running_loop().create_future())
+        self.batcher.submit(pending)
+        return await pending.answer
+
+    async def _commit_batch(self, batch: list["Pending"]) -> None:
+        """Apply a burst of events: policy per event, one kernel transaction, one flush round."""
+        answers: dict[int, tuple[int, dict[str, Any]]] = {}
+        applied: list[tuple[int, str, tuple[Override | None, policy.Grace | None]]] = []
+        touched: dict[str, Decision] = {}
+        result: SyncResult | None = None
         async with self.lock:
-            prior = self.store.event_answer(event.id)
-            if prior is not None:
-                self.metrics.events.labels(event.type, "duplicate").inc()
-                return prior
-            sid = event.subscriber_id
-            stale = self._stale(event)
-            if stale:
-                answer = {"id": event.id, "result": "ignored", "detail": stale}
-                self.store.record_event(event.id, 200, answer)
-                self.metrics.events.labels(event.type, "stale").inc()
-                return 200, answer
-            saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid))
             now = self.clock()
-            self._apply_event(event, now)
-            decision = self.inputs.decide(sid, now)
-            try:
-                result = await self._update({sid: decision})
-            except AddressConflict as exc:
-                self._restore_inputs(sid, saved)
-                self.metrics.events.labels(event.type, "conflict").inc()
-                return 409, {"error": str(exc)}
-            except DataplaneError as exc:
-                self._restore_inputs(sid, saved)
-                self.metrics.events.labels(event.type, "error").inc()
-                return 503, {"error": f"kernel change failed, retry later: {exc}"}
-            self.metrics.event_to_enforce.observe(time.perf_counter() - received)
-            self._changed.set()
-        flushed = await self._flush(result.changed, f"event {event.id}")
-        answer = {"id": event.id, "result": "applied", "subscriber": sid, "mode": decision.mode.value,
-                  "cause": decision.cause, "connections_flushed": flushed}
-        if decision.until:
-            answer["until"] = decision.until
-        async with self.lock:
-            self.store.record_event(event.id, 200, answer, self.inputs, sid)
-        self.metrics.events.labels(event.type, "applied").inc()
-        log.info("event=billing_event id=%s type=%s subscriber=%s mode=%s", event.id, event.type, sid,
-                 decision.mode.value)
-        return 200, answer
+            for index, item in enumerate(batch):
+                event, sid = item.event, item.event.subscriber_id
+                prior = self.store.event_answer(event.id)
+                if prior is not None:
+                    self.metrics.events.labels(event.type, "duplicate").inc()
+                    answers[index] = prior
+                    continue
+                stale = self._stale(event)
+                if stale:
+                    answers[index] = (200, {"id": event.id, "result": "ignored", "detail": stale})
+                    self.metrics.events.labels(event.type, "stale").inc()
+                    continue
+                saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid))
+                self._apply_event(event, now)
+                decision = self.inputs.decide(sid, now)
+                clash = self._clash(sid, decision, touched)
+                if clash:
+                    self._restore_inputs(sid, saved)
+                    self.metrics.events.labels(event.type, "conflict").inc()
+                    answers[index] = (409, {"error": clash, "id": event.id})
+                    continue
+                touched[sid] = decision
+                applied.append((index, sid, saved))
+            if touched:
+                try:
+                    result = await self._update(touched)
+                except DataplaneError as exc:
+                    for index, sid, saved in reversed(applied):
+                        self._restore_inputs(sid, saved)
+                        event = batch[index].event
+                        self.metrics.events.labels(event.type, "error").inc()
+                        answers[index] = (503, {"error": f"kernel change failed, retry later: {exc}", "id": event.id})
+                    applied = []
+                committed = time.perf_counter()
+                for index, _, _ in applied:
+                    self.metrics.event_to_enforce.observe(committed - batch[index].received)
+                self._changed.set()
+        self._spawn(self._finish_batch(batch, answers, applied, result))
+
+    async def _finish_batch(self, batch: list["Pending"], answers: dict[int, tuple[int, dict[str, Any]]],
+                            applied: list[tuple[int, str, Any]], result: SyncResult | None) -> None:
+        """After the commit: flush connections once for the batch, record answers, reply."""
+        try:
+            flushed = await self._flush(set(result.changed), f"{len(applied)} event(s)") if result else 0
+            records: list[tuple[str, int, dict[str, Any], str | None]] = []
+            for index, sid, _ in applied:
+                event = batch[index].event
+                decision = self.decisions.get(sid) or self.inputs.decide(sid, self.clock())
+                answer = {"id": event.id, "result": "applied", "subscriber": sid, "mode": decision.mode.value,
+                          "cause": decision.cause, "connections_flushed": flushed}
+                if decision.until:
+                    answer["until"] = decision.until
+                answers[index] = (200, answer)
+                self.metrics.events.labels(event.type, "applied").inc()
+                log.info("event=billing_event id=%s type=%s subscriber=%s mode=%s", event.id, event.type, sid,
+                         decision.mode.value)
+                records.append((event.id, 200, answer, sid))
+            records += [(batch[i].event.id, status, answer, None) for i, (status, answer) in answers.items()
+                        if status == 200 and answer.get("result") == "ignored"]
+            async with self.lock:
+                self.store.record_events(records, self.inputs)
+        except Exception as exc:  # answer every waiter whatever went wrong
+            log.exception("event=batch_finish_failed")
+            for index in range(len(batch)):
+                answers.setdefault(index, (503, {"error": f"internal error: {exc}"}))
+        for index, item in enumerate(batch):
+            if not item.answer.done():
+                item.answer.set_result(answers.get(index, (503, {"error": "not processed"})))
+
+    def _clash(self, sid: str, decision: Decision, touched: dict[str, Decision]) -> str:
+        """Which other subscriber already holds one of this decision's addresses, if any."""
+        mine = subscriber_elements(decision)
+        for other, theirs in touched.items():
+            if other != sid and mine & subscriber_elements(theirs):
+                return f"an address of {sid} is also claimed by {other} in this batch"
+        for container, key, _ in mine:
+            holder = self.reconciler.owner_of(container, key)
+            if holder is not None and holder != sid and (holder not in touched or
+                                                         (container, key) in {(c, k) for c, k, _ in
+                                                                              subscriber_elements(touched[holder])}):
+                return f"{key} is already enforced for subscriber {holder}"
+        return ""
 
     def _stale(self, event: Event) -> str:
         """Why an event is older than what we already know about its subscriber, or ''."""
@@ -451,6 +518,7 @@ class Enforcer:
         }
 
     async def close(self) -> None:
+        await self.batcher.close()
         for task in list(self._background):
             task.cancel()
         self._kernel_thread.shutdown(wait=True)

@@ -119,6 +119,16 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
                             (event_id, now, status, json.dumps(answer)))
 
+    def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
+                      inputs: PolicyInputs) -> None:
+        """A batch's answers and the policy state of the subscribers it touched, in one commit."""
+        now = time.time()
+        with self._transaction():
+            for sid in {r[3] for r in records if r[3] is not None}:
+                self._write_subscriber(inputs, sid)
+            self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                                [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
+
     def prune_events(self, now: float | None = None) -> int:
         cutoff = (now or time.time()) - EVENT_RETENTION
         return self.db.execute("DELETE FROM events WHERE received_at < ?", (cutoff,)).rowcount

@@ -252,3 +252,43 @@ async def test_concurrent_retry_of_the_same_id_acts_once(setup: Any) -> None:
     assert await first.json() == await second.json()
     assert len(fake.transactions) == before + 1
     assert len(conntrack.flushed) == 2  # the list's restriction, then this one lift
+
+
+async def test_a_burst_is_coalesced_into_few_transactions_and_one_bad_event_fails_alone(setup: Any) -> None:
+    import asyncio
+
+    client, enforcer, fake, _, _ = setup
+    bodies = [_event("subscriber.restricted", f"B-{i}", addresses=[f"100.64.9.{i}"]) for i in range(1, 41)]
+    bodies.append(_event("subscriber.restricted", "B-bad", addresses=["100.64.0.10"]))  # C-1's address
+    before = len(fake.transactions)
+    responses = await asyncio.gather(*(client.post("/v1/events", data=b, headers=_headers(b, f"burst{i}"))
+                                       for i, b in enumerate(bodies)))
+    statuses = [r.status for r in responses]
+    assert statuses[:-1] == [200] * 40 and statuses[-1] == 409
+    assert len(fake.transactions) - before < 10, "a burst must not cost one transaction per event"
+    assert enforcer.batcher.largest > 1
+    assert {f"100.64.9.{i}" for i in range(1, 41)} <= _restricted(fake)
+    assert "C-1" == enforcer.lookup("100.64.0.10")["subscriber"]
+
+
+async def test_batcher_runs_a_lone_item_at_once() -> None:
+    import asyncio
+
+    from enforcer.batcher import Batcher
+
+    seen: list[list[int]] = []
+
+    async def commit(batch: list[int]) -> None:
+        seen.append(batch)
+        await asyncio.sleep(0.01)
+
+    batcher: Batcher[int] = Batcher(commit)
+    batcher.submit(1)
+    await asyncio.sleep(0)  # one loop turn, no timer
+    await asyncio.sleep(0)
+    assert seen == [[1]]
+    for i in range(2, 6):
+        batcher.submit(i)  # arrive while the first batch is committing
+    await asyncio.sleep(0.05)
+    assert seen == [[1], [2, 3, 4, 5]]
+    await batcher.close()
