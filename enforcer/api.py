@@ -12,6 +12,9 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,54 @@ async def get_explain(request: web.Request) -> web.Response:
     return _json(200, request.app[ENFORCER_KEY].explain(query))
 
 
+def peer(request: web.Request) -> str:
+    """Who is on the other end of the control socket (SO_PEERCRED): the audited actor."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return "unknown"
+    pid, uid, _ = struct.unpack("3i", creds)
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid {uid}"
+    return f"{name} (uid {uid}, pid {pid})"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be JSON"}), content_type="application/json")
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    return body
+
+
+async def post_operator(request: web.Request) -> web.Response:
+    body = await _body(request)
+    sid = body.get("subscriber")
+    if not isinstance(sid, str) or not sid:
+        return _json(400, {"error": "subscriber is required"})
+    restrict = request.match_info["action"] == "restrict"
+    addresses = body.get("addresses")
+    if addresses is not None and not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
+        return _json(400, {"error": "addresses must be a list of strings"})
+    status, answer = await request.app[ENFORCER_KEY].operator_change(
+        peer(request), sid, restrict, str(body.get("reason") or ""), body.get("mode"), addresses)
+    return _json(status, answer)
+
+
+async def post_held(request: web.Request) -> web.Response:
+    body = await _body(request)
+    enforcer = request.app[ENFORCER_KEY]
+    action = enforcer.approve if request.match_info["action"] == "approve" else enforcer.reject
+    status, answer = await action(peer(request), str(body.get("reason") or ""))
+    return _json(status, answer)
+
+
 def control_app(enforcer: Enforcer) -> web.Application:
     app = web.Application()
     app[ENFORCER_KEY] = enforcer
@@ -127,6 +178,8 @@ def control_app(enforcer: Enforcer) -> web.Application:
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/explain", get_explain)
     app.router.add_post("/v1/acknowledge", post_acknowledge)
+    app.router.add_post(r"/v1/{action:restrict|lift}", post_operator)
+    app.router.add_post(r"/v1/{action:approve|reject}", post_held)
     return app
 
 

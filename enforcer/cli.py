@@ -101,6 +101,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"age {source.get('list_age_seconds')}s")
     if source.get("last_error"):
         print(f"source error: {source['last_error']['message']}")
+    for held in status["held_changes"]:
+        print(f"HELD: a list from {held['origin']} would restrict {held['restricting']} and lift "
+              f"{held['lifting']}: {held['why']} -> walled-garden approve | reject")
     print(f"payment graces: {status['graces']}; overrides: {status['overrides']}; "
           f"held changes: {len(status['held_changes'])}")
     return 0
@@ -140,6 +143,44 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace, path: str, body: dict) -> int:
+    """POST an operator action; print the answer for a person, or as JSON."""
+    from .control import ControlError, request
+
+    try:
+        answer = request(_config(args).api.socket, "POST", path, body)
+    except ControlError as exc:
+        print(f"walled-garden: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    elif "mode" in answer:
+        print(f"{answer.get('subscriber', body.get('subscriber'))}: now {answer['mode']} ({answer.get('cause', '')}); "
+              f"{answer.get('connections_flushed') or 0} connection(s) flushed")
+    else:
+        print(", ".join(f"{k}: {v}" for k, v in answer.items()))
+    return 0
+
+
+def cmd_restrict(args: argparse.Namespace) -> int:
+    body = {"subscriber": args.id, "reason": args.reason, "mode": args.mode}
+    if args.address:
+        body["addresses"] = args.address
+    return _control(args, "/v1/restrict", body)
+
+
+def cmd_lift(args: argparse.Namespace) -> int:
+    return _control(args, "/v1/lift", {"subscriber": args.id, "reason": args.reason})
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _control(args, "/v1/approve", {"reason": args.reason})
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _control(args, "/v1/reject", {"reason": args.reason})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import main
     return main()
@@ -165,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")
     explain.add_argument("query", metavar="ID-or-ADDRESS")
     explain.add_argument("--json", action="store_true")
+    restrict = add("restrict", cmd_restrict, "restrict a subscriber now (audited)")
+    restrict.add_argument("id")
+    restrict.add_argument("--mode", choices=["walled-garden", "notice", "throttle"])
+    restrict.add_argument("--address", action="append", help="address or prefix, if not on the list (repeat)")
+    lift = add("lift", cmd_lift, "lift a subscriber's restriction now (audited)")
+    lift.add_argument("id")
+    approve = add("approve", cmd_approve, "apply the list change held by the mass-change guard")
+    reject = add("reject", cmd_reject, "drop the list change held by the mass-change guard")
+    for p in (restrict, lift, approve, reject):
+        p.add_argument("--reason", default="", help="why (recorded with your user name)")
+        p.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
     demo.set_defaults(fn=cmd_demo)
     return parser

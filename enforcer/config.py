@@ -39,9 +39,31 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """Hold a new list that would restrict or lift too many subscribers at once.
+
+    A change is held when it exceeds *both* the count and the share of those restricted now,
+    so small deployments are not held for ten changes and large ones not for 101. The first
+    list on an empty gateway that restricts more than ``max_restrict`` is held too: approve it
+    once with ``walled-garden approve``.
+    """
+
+    max_restrict: int = 100
+    max_restrict_share: float = 0.25
+    max_lift: int = 100
+    max_lift_share: float = 0.25
+
+
+@dataclass(frozen=True)
 class SubscribersConfig:
     source: str
     poll_interval: float = 60.0
+    timeout: float = 30.0               # whole request, for URL sources
+    bearer_token_file: str = ""         # Authorization: Bearer <first line>
+    client_cert: str = ""               # PEM certificate (may include the key)
+    client_key: str = ""
+    ca_file: str = ""                   # trust only this CA bundle for the source
+    guard: Guard = Guard()
 
     @property
     def is_url(self) -> bool:
@@ -278,7 +300,7 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
 
     state_dir = r.get(top, ("state_dir",), _string, "/var/lib/walled-garden")
 
-    raw = r.section(top.get("subscribers"), ("subscribers",), {"source", "poll_interval"})
+    raw = r.section(top.get("subscribers"), ("subscribers",), set(SubscribersConfig.__dataclass_fields__))
     if "subscribers" not in top or "source" not in raw:
         r.fail(("subscribers", "source"), "required: a file path or an http(s) URL of the restricted list")
     source = r.get(raw, ("subscribers", "source"), _string, "")
@@ -286,7 +308,22 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
         r.get(raw, ("subscribers", "source"), _http_url, "")
     elif source and not source.startswith("/"):
         source = str((Path(path).parent / source).resolve())
-    subscribers = SubscribersConfig(source, r.get(raw, ("subscribers", "poll_interval"), _number, 60.0))
+    sub = ("subscribers",)
+    guard_raw = r.section(raw.get("guard"), sub + ("guard",), set(Guard.__dataclass_fields__))
+    guard = Guard(
+        max_restrict=r.get(guard_raw, sub + ("guard", "max_restrict"), _positive_int, Guard.max_restrict),
+        max_restrict_share=r.get(guard_raw, sub + ("guard", "max_restrict_share"), _share, Guard.max_restrict_share),
+        max_lift=r.get(guard_raw, sub + ("guard", "max_lift"), _positive_int, Guard.max_lift),
+        max_lift_share=r.get(guard_raw, sub + ("guard", "max_lift_share"), _share, Guard.max_lift_share),
+    )
+    files = {key: r.get(raw, sub + (key,), _readable_file, "")
+             for key in ("bearer_token_file", "client_cert", "client_key", "ca_file")}
+    if any(files.values()) and not source.startswith(("http://", "https://")):
+        r.fail(sub, "bearer_token_file, client_cert, client_key and ca_file apply only to an http(s) source")
+    if files["client_key"] and not files["client_cert"]:
+        r.fail(sub + ("client_key",), "client_key needs client_cert")
+    subscribers = SubscribersConfig(source, r.get(raw, sub + ("poll_interval",), _number, 60.0),
+                                    r.get(raw, sub + ("timeout",), _number, 30.0), guard=guard, **files)
 
     raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table"})
     interfaces: list[str] = []
@@ -498,3 +535,9 @@ def _email(value: Any) -> str:
     if not _EMAIL.match(text):
         raise ValueError(f"{text!r} is not an e-mail address")
     return text
+
+
+def _share(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError("expected a share between 0 and 1, e.g. 0.25")
+    return float(value)

@@ -32,7 +32,7 @@ from .batcher import Batcher
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
 from .store import Store
-from .subscribers import Mode, Network
+from .subscribers import Mode, Network, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
 T = TypeVar("T")
@@ -41,6 +41,17 @@ T = TypeVar("T")
 RESYNC_SECONDS = 2.0
 #: How often processed webhook ids older than their retention are dropped.
 PRUNE_SECONDS = 3600.0
+
+
+@dataclass
+class HeldChange:
+    """A list the mass-change guard stopped; applied only by ``walled-garden approve``."""
+
+    update: ListUpdate
+    restricting: int
+    lifting: int
+    since: float
+    why: str
 
 
 @dataclass
@@ -80,6 +91,7 @@ class Enforcer:
         self._pruned = time.monotonic()
         self._inflight: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
         self.batcher: Batcher[Pending] = Batcher(self._commit_batch)
+        self.held: HeldChange | None = None
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements we made (kernel keeps the truth)
         self._references: dict[str, str] = {}
         key = self.store.get_meta("reference_key")
@@ -191,16 +203,31 @@ class Enforcer:
         return result
 
     # -- the list -------------------------------------------------------------------------
-    async def on_list(self, update: ListUpdate) -> None:
+    async def on_list(self, update: ListUpdate, approved_by: str = "") -> None:
         new = {s.id: s for s in update.subscribers}
         async with self.lock:
+            self.metrics.source_success.set(self.clock())
+            if not approved_by:
+                restricting, lifting = policy.preview_list(self.inputs, new, self.clock())
+                why = policy.guard_reason(restricting, lifting, sum(self.mode_counts.values()),
+                                          self.config.subscribers.guard)
+                if why:
+                    self.held = HeldChange(update, restricting, lifting, self.clock(), why)
+                    self.source_error = None
+                    self.metrics.held_changes.set(1)
+                    log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
+                                "(walled-garden approve | reject)", update.origin, len(new), restricting, lifting, why)
+                    return
+            if approved_by:
+                log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
+            self.held = None
+            self.metrics.held_changes.set(0)
             old = self.inputs.listed
             changed = policy.apply_list(self.inputs, new)
             meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
                     "fingerprint": update.fingerprint}
             await asyncio.to_thread(self.store.save_list, old, new, meta)
             self.list_status, self.source_error = meta, None
-            self.metrics.source_success.set(self.clock())
             self.metrics.list_entries.set(len(new))
             log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
             if changed or self.reconciler.needs_full:
@@ -208,6 +235,53 @@ class Enforcer:
                     await self.sync_all()
                 except DataplaneError:
                     self._changed.set()  # the repair loop retries
+
+    async def on_source_unchanged(self, origin: str) -> None:
+        """The source answered 'not modified': the list in force is still current."""
+        self.metrics.source_success.set(self.clock())
+        self.source_error = None
+
+    async def approve(self, actor: str, note: str) -> tuple[int, dict[str, Any]]:
+        held = self.held
+        if held is None:
+            return 409, {"error": "no change is held"}
+        await self.on_list(held.update, approved_by=f"{actor} ({note or 'no reason given'})")
+        return 200, {"approved": True, "restricting": held.restricting, "lifting": held.lifting,
+                     "origin": held.update.origin}
+
+    async def reject(self, actor: str, note: str) -> tuple[int, dict[str, Any]]:
+        async with self.lock:
+            held, self.held = self.held, None
+            self.metrics.held_changes.set(0)
+        if held is None:
+            return 409, {"error": "no change is held"}
+        log.warning("event=list_rejected_by_operator by=%s reason=%r origin=%s restricting=%d lifting=%d",
+                    actor, note, held.update.origin, held.restricting, held.lifting)
+        return 200, {"rejected": True, "origin": held.update.origin,
+                     "note": "the list in force stays; a new export is evaluated again"}
+
+    async def operator_change(self, actor: str, subscriber_id: str, restrict: bool, note: str,
+                              mode: str | None = None, addresses: list[str] | None = None
+                              ) -> tuple[int, dict[str, Any]]:
+        """``walled-garden restrict|lift``: an override like a billing event, attributed to a person."""
+        subscriber = None
+        if restrict:
+            known = self.inputs.listed.get(subscriber_id) or (self.decisions.get(subscriber_id) or
+                                                              Decision(subscriber_id, Mode.FREE, "")).subscriber
+            raw = {"id": subscriber_id,
+                   "addresses": addresses or ([str(a) for a in known.addresses] if known else None),
+                   "mode": mode or (known.mode.value if known else None),
+                   "reason": known.reason if known else None}
+            issues: list[Any] = []
+            subscriber = validate_entry(raw, "request", issues)
+            if subscriber is None:
+                hint = "" if addresses or known else " (this subscriber is not on the list: give --address)"
+                return 400, {"error": "; ".join(i.message for i in issues) + hint}
+        event = Event(f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, self.clock(), subscriber_id,
+                      subscriber, actor=actor, note=note)
+        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r", actor,
+                    "restrict" if restrict else "lift", subscriber_id, note)
+        return await self.handle_event(event, time.perf_counter())
 
     async def on_source_failure(self, failure: SourceFailure) -> None:
         self.metrics.source_failures.labels(failure.reason).inc()
@@ -347,7 +421,8 @@ class Enforcer:
 
     def _apply_event(self, event: Event, now: float) -> None:
         sid, at = event.subscriber_id, min(event.timestamp, now)
-        cause = f"event {event.id} ({event.type})"
+        cause = (f"operator {event.actor}: {event.note or 'no reason given'}" if event.actor
+                 else f"event {event.id} ({event.type})")
         if event.type == PAYMENT:
             policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause, now)
         elif event.type == RESTRICTED:
@@ -514,7 +589,10 @@ class Enforcer:
                        "last_error": self.source_error},
             "graces": len(self.inputs.graces),
             "overrides": len(self.inputs.overrides),
-            "held_changes": [],
+            "held_changes": [] if self.held is None else [{
+                "origin": self.held.update.origin, "entries": len(self.held.update.subscribers),
+                "restricting": self.held.restricting, "lifting": self.held.lifting,
+                "since": self.held.since, "why": self.held.why}],
         }
 
     async def close(self) -> None:

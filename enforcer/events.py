@@ -29,6 +29,8 @@ class Event:
     timestamp: float        # when billing says it happened (unix seconds)
     subscriber_id: str
     subscriber: Subscriber | None = None   # for subscriber.restricted
+    actor: str = ""                         # an operator (CLI), or "" for billing
+    note: str = ""                          # the operator's reason
 
 
 def parse_timestamp(value: Any) -> float:

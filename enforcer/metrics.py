@@ -35,6 +35,9 @@ class Metrics:
         self.source_failures = Counter("walled_garden_source_failures",
                                        "Subscriber lists that could not be read or were rejected",
                                        ["reason"], registry=r)
+        self.held_changes = Gauge("walled_garden_held_changes",
+                                  "List changes held by the mass-change guard, waiting for approve/reject",
+                                  registry=r)
         self.list_entries = Gauge("walled_garden_list_entries", "Entries in the list in force", registry=r)
         self.events = Counter("walled_garden_events", "Billing webhook requests by type and result",
                               ["type", "result"], registry=r)

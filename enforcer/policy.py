@@ -15,9 +15,12 @@ No I/O and no clock here: callers pass ``now``, so every rule is testable with a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .subscribers import Mode, Subscriber
+
+if TYPE_CHECKING:
+    from .config import Guard
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,26 @@ def record_override(inputs: PolicyInputs, subscriber_id: str, override: Override
 
 def restricted_ids(decisions: Iterable[Decision]) -> set[str]:
     return {d.subscriber_id for d in decisions if d.restricted}
+
+
+def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float) -> tuple[int, int]:
+    """How many subscribers a new list would newly restrict and newly free, without applying it."""
+    restricting = lifting = 0
+    for sid in list_changes(inputs.listed, new):
+        before = inputs.decide(sid, now).restricted
+        after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now).restricted
+        restricting += after and not before
+        lifting += before and not after
+    return restricting, lifting
+
+
+def guard_reason(restricting: int, lifting: int, restricted_now: int, guard: "Guard") -> str:
+    """Why a list change must wait for an operator, or '' if it may go ahead."""
+    reasons = []
+    if restricting > guard.max_restrict and restricting > guard.max_restrict_share * restricted_now:
+        reasons.append(f"it would restrict {restricting} subscribers at once (limits: {guard.max_restrict} and "
+                       f"{guard.max_restrict_share:.0%} of the {restricted_now} restricted now)")
+    if lifting > guard.max_lift and lifting > guard.max_lift_share * restricted_now:
+        reasons.append(f"it would lift {lifting} subscribers at once (limits: {guard.max_lift} and "
+                       f"{guard.max_lift_share:.0%} of the {restricted_now} restricted now)")
+    return "; ".join(reasons)

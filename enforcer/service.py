@@ -22,7 +22,7 @@ from .config import Config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
 from .garden_hosts import GardenHosts
-from .sources import FileSource
+from .sources import FileSource, UrlSource
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -79,8 +79,9 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
             runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
                                                 config.metrics.listen.port))
         if config.subscribers.is_url:
-            log.error("event=source_unsupported source=%s (URL sources arrive with issue 4; enforcing the saved list)",
-                      config.subscribers.source)
+            url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
+                                   enforcer.on_source_unchanged)
+            tasks.append(asyncio.create_task(url_source.run(stop)))
         else:
             source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure)
             await source.check()

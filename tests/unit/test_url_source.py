@@ -1,0 +1,136 @@
+"""The HTTP(S) list source: every failure class is reported and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from enforcer.config import SubscribersConfig
+from enforcer.sources import BACKOFF_START, SourceFailure, UrlSource
+
+GOOD = "subscribers:\n  - {id: C-1, addresses: [100.64.0.10]}\n"
+
+
+class Billing:
+    """A billing export endpoint whose next answer each test chooses."""
+
+    def __init__(self) -> None:
+        self.body: bytes = GOOD.encode()
+        self.status = 200
+        self.delay = 0.0
+        self.content_type = "application/yaml"
+        self.etag = '"v1"'
+        self.truncate = False
+        self.seen: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(dict(request.headers))
+        await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return web.Response(status=self.status, text="billing is down")
+        if request.headers.get("If-None-Match") == self.etag:
+            return web.Response(status=304)
+        if self.truncate:  # announce more than we send, then hang up
+            response = web.StreamResponse(headers={"Content-Length": str(len(self.body) + 100),
+                                                   "Content-Type": self.content_type})
+            await response.prepare(request)
+            await response.write(self.body)
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        return web.Response(body=self.body, content_type=self.content_type, headers={"ETag": self.etag})
+
+
+@pytest.fixture
+async def source(tmp_path: Path) -> Any:
+    billing = Billing()
+    app = web.Application()
+    app.router.add_get("/export", billing.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    config = SubscribersConfig(source=str(server.make_url("/export")), poll_interval=60, timeout=0.5,
+                               bearer_token_file=str(token))
+    lists: list[Any] = []
+    failures: list[SourceFailure] = []
+    unchanged: list[str] = []
+
+    async def on_list(update: Any) -> None:
+        lists.append(update)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failures.append(failure)
+
+    async def on_unchanged(origin: str) -> None:
+        unchanged.append(origin)
+
+    url_source = UrlSource(config, on_list, on_failure, on_unchanged)
+    async with aiohttp.ClientSession() as session:
+        yield url_source, session, billing, lists, failures, unchanged
+    await server.close()
+
+
+async def test_good_list_then_304_uses_etag_and_bearer_token(source: Any) -> None:
+    url_source, session, billing, lists, failures, unchanged = source
+    assert await url_source.poll(session)
+    assert [s.id for s in lists[0].subscribers] == ["C-1"] and lists[0].fingerprint == '"v1"'
+    assert billing.seen[0]["Authorization"] == "Bearer s3cret"
+    assert await url_source.poll(session)
+    assert billing.seen[1]["If-None-Match"] == '"v1"'
+    assert len(lists) == 1 and len(unchanged) == 1 and not failures
+
+
+@pytest.mark.parametrize("case, reason, needle", [
+    ("timeout", "timeout", "within 0.5 s"),
+    ("500", "http_500", "HTTP 500"),
+    ("bad json", "invalid", "not valid JSON"),
+    ("truncated csv", "invalid", "no line ending"),
+    ("validation", "invalid", "100.64.0.999"),
+    ("cut connection", "truncated", "cut short"),
+    ("not utf-8", "invalid", "UTF-8"),
+])
+async def test_failures_are_reported_and_hand_over_nothing(source: Any, case: str, reason: str, needle: str) -> None:
+    url_source, session, billing, lists, failures, _ = source
+    if case == "timeout":
+        billing.delay = 1.0
+    elif case == "500":
+        billing.status = 500
+    elif case == "bad json":
+        billing.body, billing.content_type = b'{"subscribers": [', "application/json"
+    elif case == "truncated csv":
+        billing.body, billing.content_type = b"id,addresses\nC-1,100.64.0.10\nC-2,100.64", "text/csv"
+    elif case == "validation":
+        billing.body = b"subscribers:\n  - {id: C-1, addresses: [100.64.0.999]}\n"
+    elif case == "cut connection":
+        billing.truncate = True
+    elif case == "not utf-8":
+        billing.body = b"subscribers:\n  - {id: C-\xff, addresses: [100.64.0.10]}\n"
+    assert not await url_source.poll(session)
+    assert lists == []
+    assert [f.reason for f in failures] == [reason]
+    assert needle in failures[0].message, failures[0].message
+
+
+def test_backoff_grows_with_failures_and_is_jittered() -> None:
+    config = SubscribersConfig(source="http://192.0.2.1/x", poll_interval=300)
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    url_source = UrlSource(config, nothing, nothing, nothing)
+    delays = []
+    for failures in range(0, 10):
+        url_source.failures = failures
+        delays.append(url_source.next_delay())
+    assert 225 <= delays[0] <= 375                      # healthy: the poll interval ±25 %
+    assert BACKOFF_START * 0.75 <= delays[1] <= BACKOFF_START * 1.25
+    assert delays[3] > delays[1] * 2                    # grows
+    assert all(d <= 300 * 1.25 for d in delays)         # capped at the interval
+    url_source.failures = 4
+    assert len({round(url_source.next_delay(), 6) for _ in range(20)}) > 1  # jittered
