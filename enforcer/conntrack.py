@@ -15,13 +15,15 @@ import re
 import shutil
 from typing import Iterable
 
+from .batcher import Batcher
 from .subscribers import Network
 
 log = logging.getLogger(__name__)
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 _SOURCE = re.compile(r"^\S+\s+\d+\s.*?src=(\S+)", re.MULTILINE)  # the first src= is the original source
-#: Above this many networks, list the table once instead of one delete per network.
-BULK_THRESHOLD = 32
+#: Above this many networks, one listing per family (two kernel table walks in all) beats a
+#: filtered delete per network (one walk each), whatever the number of networks.
+BULK_THRESHOLD = 4
 #: conntrack processes run at once; each is a short dump-and-delete in the kernel.
 CONCURRENCY = 8
 
@@ -31,11 +33,37 @@ class ConntrackError(Exception):
 
 
 class Conntrack:
+    """Flushes run one pass at a time; requests that arrive meanwhile share the next pass."""
+
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or shutil.which("conntrack") or "/usr/sbin/conntrack"
         self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._batcher: Batcher[tuple[set[Network], asyncio.Future[int]]] | None = None
 
     async def flush(self, networks: Iterable[Network]) -> int:
+        """Delete entries whose original source is in ``networks``; returns how many (in the pass)."""
+        wanted = set(networks)
+        if not wanted:
+            return 0
+        if self._batcher is None:
+            self._batcher = Batcher(self._pass)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._batcher.submit((wanted, done))
+        return await done
+
+    async def _pass(self, requests: list[tuple[set[Network], asyncio.Future[int]]]) -> None:
+        union: set[Network] = set().union(*(networks for networks, _ in requests))
+        try:
+            deleted = await self.flush_now(union)
+        except Exception as exc:
+            for _, done in requests:
+                done.set_exception(exc)
+                done.exception()
+            return
+        for _, done in requests:
+            done.set_result(deleted)
+
+    async def flush_now(self, networks: Iterable[Network]) -> int:
         """Delete every entry whose original source lies in ``networks``; returns how many.
 
         A few networks (an event) get one kernel-filtered delete each. Many (a cold start or

@@ -24,8 +24,8 @@ from . import policy
 from .config import Config
 from .conntrack import Conntrack, ConntrackError
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import Layout, mode_map
-from .events import PAYMENT, RELEASED, RESTRICTED, Event
+from .dataplane.layout import MODE_PREFIX, Layout, mode_map
+from .events import PAYMENT, READDRESSED, RELEASED, RESTRICTED, Event
 from .metrics import Metrics
 from .policy import Decision, Override
 from .batcher import Batcher
@@ -52,6 +52,28 @@ class HeldChange:
     lifting: int
     since: float
     why: str
+
+
+class BatchClaims:
+    """Addresses claimed by the decisions of one batch, for conflict checks in O(addresses)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str], str] = {}
+        self.by_subscriber: dict[str, set[tuple[str, str]]] = {}
+
+    def claim(self, sid: str, decision: Decision) -> None:
+        for key in self.by_subscriber.pop(sid, set()):
+            del self.by_key[key]
+        mine = {(c, k) for c, k, _ in subscriber_elements(decision) if c.startswith(MODE_PREFIX)}
+        self.by_subscriber[sid] = mine
+        self.by_key.update(dict.fromkeys(mine, sid))
+
+    def holder(self, container: str, key: str, enforced_by: str | None) -> str | None:
+        """Who holds a key once this batch applies: its claims replace their owners' old ones."""
+        claimed = self.by_key.get((container, key))
+        if claimed is not None:
+            return claimed
+        return None if enforced_by in self.by_subscriber else enforced_by
 
 
 @dataclass
@@ -120,8 +142,8 @@ class Enforcer:
             log.error("event=sync_failed kind=full error=%r", str(exc))
             raise
         self._synced(result, time.perf_counter() - started)
-        self.decisions = decisions
-        await asyncio.to_thread(self._record_enforced, decisions, (), True)  # 100k rows: off the loop
+        previous, self.decisions = self.decisions, decisions
+        await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
         self._spawn(self._flush(result.changed, "sync"))
         return result
 
@@ -169,11 +191,16 @@ class Enforcer:
                 if decision.restricted:
                     self.mode_counts[decision.mode] = self.mode_counts.get(decision.mode, 0) + 1
         self.metrics.set_modes(self.mode_counts)
+        if full and previous:  # write only what changed: a 1 % churn must not rewrite 100k rows
+            changed = {sid: d for sid, d in decisions.items() if previous.get(sid) != d}
+            gone = {sid for sid, d in previous.items() if d.restricted and not (sid in decisions and
+                                                                             decisions[sid].restricted)}
+        else:
+            changed = decisions
+            gone = set(removed) | ((set(self.store.enforced()) - set(decisions)) if full else set())
         rows = {sid: (d.mode.value, [str(a) for a in d.subscriber.addresses], d.subscriber.reason)
-                for sid, d in decisions.items() if d.restricted and d.subscriber}
-        gone = set(removed)
-        if full:  # anything not restricted any more goes
-            gone |= set(self.store.enforced()) - set(rows)
+                for sid, d in changed.items() if d.restricted and d.subscriber}
+        gone |= {sid for sid, d in changed.items() if not d.restricted}
         self.store.save_enforced(rows, gone)
 
     async def _flush(self, networks: set[Network], why: str) -> int | None:
@@ -323,6 +350,7 @@ class Enforcer:
         answers: dict[int, tuple[int, dict[str, Any]]] = {}
         applied: list[tuple[int, str, tuple[Override | None, policy.Grace | None]]] = []
         touched: dict[str, Decision] = {}
+        claims = BatchClaims()
         result: SyncResult | None = None
         async with self.lock:
             now = self.clock()
@@ -338,16 +366,18 @@ class Enforcer:
                     answers[index] = (200, {"id": event.id, "result": "ignored", "detail": stale})
                     self.metrics.events.labels(event.type, "stale").inc()
                     continue
-                saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid))
+                saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid),
+                         self.inputs.readdressed.get(sid))
                 self._apply_event(event, now)
                 decision = self.inputs.decide(sid, now)
-                clash = self._clash(sid, decision, touched)
+                clash = self._clash(sid, decision, claims)
                 if clash:
                     self._restore_inputs(sid, saved)
                     self.metrics.events.labels(event.type, "conflict").inc()
                     answers[index] = (409, {"error": clash, "id": event.id})
                     continue
                 touched[sid] = decision
+                claims.claim(sid, decision)
                 applied.append((index, sid, saved))
             if touched:
                 try:
@@ -395,17 +425,13 @@ class Enforcer:
             if not item.answer.done():
                 item.answer.set_result(answers.get(index, (503, {"error": "not processed"})))
 
-    def _clash(self, sid: str, decision: Decision, touched: dict[str, Decision]) -> str:
+    def _clash(self, sid: str, decision: Decision, claims: "BatchClaims") -> str:
         """Which other subscriber already holds one of this decision's addresses, if any."""
-        mine = subscriber_elements(decision)
-        for other, theirs in touched.items():
-            if other != sid and mine & subscriber_elements(theirs):
-                return f"an address of {sid} is also claimed by {other} in this batch"
-        for container, key, _ in mine:
-            holder = self.reconciler.owner_of(container, key)
-            if holder is not None and holder != sid and (holder not in touched or
-                                                         (container, key) in {(c, k) for c, k, _ in
-                                                                              subscriber_elements(touched[holder])}):
+        for container, key, _ in subscriber_elements(decision):
+            if not container.startswith(MODE_PREFIX):
+                continue
+            holder = claims.holder(container, key, self.reconciler.owner_of(container, key))
+            if holder is not None and holder != sid:
                 return f"{key} is already enforced for subscriber {holder}"
         return ""
 
@@ -413,8 +439,9 @@ class Enforcer:
         """Why an event is older than what we already know about its subscriber, or ''."""
         override = self.inputs.overrides.get(event.subscriber_id)
         grace = self.inputs.graces.get(event.subscriber_id)
-        latest = max([o for o in (override.at if override else None, grace.paid_at if grace else None)
-                      if o is not None], default=None)
+        moved = self.inputs.readdressed.get(event.subscriber_id)
+        latest = max([o for o in (override.at if override else None, grace.paid_at if grace else None,
+                                  moved.at if moved else None) if o is not None], default=None)
         if latest is not None and event.timestamp < latest:
             return f"older than the last event for {event.subscriber_id}; not applied"
         return ""
@@ -429,13 +456,17 @@ class Enforcer:
             policy.record_override(self.inputs, sid, Override(True, at, cause, event.subscriber))
         elif event.type == RELEASED:
             policy.record_override(self.inputs, sid, Override(False, at, cause))
+        elif event.type == READDRESSED:
+            assert event.subscriber is not None
+            self.inputs.readdressed[sid] = policy.Readdress(event.subscriber.addresses, at, cause)
 
-    def _restore_inputs(self, sid: str, saved: tuple[Override | None, policy.Grace | None]) -> None:
-        for table, value in zip((self.inputs.overrides, self.inputs.graces), saved):
+    def _restore_inputs(self, sid: str, saved: tuple[Any, Any, Any]) -> None:
+        tables = (self.inputs.overrides, self.inputs.graces, self.inputs.readdressed)
+        for table, value in zip(tables, saved, strict=True):
             if value is None:
                 table.pop(sid, None)
             else:
-                table[sid] = value  # type: ignore[index]
+                table[sid] = value
 
     # -- time ---------------------------------------------------------------------------------
     async def timers(self, stop: asyncio.Event) -> None:

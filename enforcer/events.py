@@ -15,7 +15,8 @@ from .subscribers import ListIssue, Subscriber, validate_entry
 PAYMENT = "payment.received"
 RESTRICTED = "subscriber.restricted"
 RELEASED = "subscriber.released"
-TYPES = (PAYMENT, RESTRICTED, RELEASED)
+READDRESSED = "subscriber.addresses_changed"
+TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED)
 
 
 class EventError(ValueError):
@@ -70,7 +71,7 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
     if not isinstance(sid, str) or not sid:
         raise EventError("data.subscriber must be the subscriber id (a string)")
     subscriber = None
-    if kind == RESTRICTED:
+    if kind in (RESTRICTED, READDRESSED):
         issues: list[ListIssue] = []
         entry = {"id": sid, "addresses": payload.get("addresses"),
                  "mode": payload.get("mode"), "reason": payload.get("reason")}

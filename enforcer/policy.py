@@ -14,10 +14,10 @@ No I/O and no clock here: callers pass ``now``, so every rule is testable with a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from .subscribers import Mode, Subscriber
+from .subscribers import Mode, Network, Subscriber
 
 if TYPE_CHECKING:
     from .config import Guard
@@ -43,6 +43,15 @@ class Grace:
 
 
 @dataclass(frozen=True)
+class Readdress:
+    """Billing says the subscriber's addresses changed: enforce on the new ones from now on."""
+
+    addresses: tuple[Network, ...]
+    at: float
+    cause: str
+
+
+@dataclass(frozen=True)
 class Decision:
     subscriber_id: str
     mode: Mode
@@ -56,8 +65,17 @@ class Decision:
 
 
 def decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
-           grace: Grace | None, now: float) -> Decision:
+           grace: Grace | None, now: float, readdress: Readdress | None = None) -> Decision:
     """The mode one subscriber should be in at ``now``."""
+    decision = _decide(subscriber_id, listed, override, grace, now)
+    if readdress is not None and decision.subscriber is not None:
+        moved = replace(decision.subscriber, addresses=readdress.addresses)
+        return replace(decision, subscriber=moved, cause=f"{decision.cause}; addresses from {readdress.cause}")
+    return decision
+
+
+def _decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
+            grace: Grace | None, now: float) -> Decision:
     active_grace = grace if grace is not None and grace.paid_at <= now < grace.until else None
     if override is not None and (grace is None or override.at >= grace.paid_at):
         if not override.restrict:
@@ -79,13 +97,14 @@ class PolicyInputs:
     listed: dict[str, Subscriber]
     overrides: dict[str, Override]
     graces: dict[str, Grace]
+    readdressed: dict[str, Readdress] = field(default_factory=dict)
 
     def known_ids(self) -> set[str]:
         return set(self.listed) | set(self.overrides) | set(self.graces)
 
     def decide(self, subscriber_id: str, now: float) -> Decision:
         return decide(subscriber_id, self.listed.get(subscriber_id), self.overrides.get(subscriber_id),
-                      self.graces.get(subscriber_id), now)
+                      self.graces.get(subscriber_id), now, self.readdressed.get(subscriber_id))
 
     def decide_all(self, now: float) -> dict[str, Decision]:
         return {sid: self.decide(sid, now) for sid in self.known_ids()}
@@ -111,6 +130,7 @@ def apply_list(inputs: PolicyInputs, new: Mapping[str, Subscriber]) -> set[str]:
     changed = list_changes(inputs.listed, new)
     for sid in changed:
         inputs.overrides.pop(sid, None)
+        inputs.readdressed.pop(sid, None)  # the list's own addresses are the newer word
     inputs.listed = dict(new)
     return changed
 

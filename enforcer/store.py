@@ -8,6 +8,7 @@ restores enforcement at start-up before any source answers.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sqlite3
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .policy import Grace, Override, PolicyInputs
+from .policy import Grace, Override, PolicyInputs, Readdress
 from .subscribers import Subscriber
 
 SCHEMA = """
@@ -29,6 +30,8 @@ CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, received_at REAL N
     status INTEGER NOT NULL, answer TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enforced (id TEXT PRIMARY KEY, mode TEXT NOT NULL, addresses TEXT NOT NULL,
     reason TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS readdressed (id TEXT PRIMARY KEY, addresses TEXT NOT NULL, at REAL NOT NULL,
+    cause TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (received_at);
 """
 
@@ -66,7 +69,9 @@ class Store:
             for row in self.db.execute("SELECT id, restrict_, at, cause, entry FROM overrides")}
         graces = {row[0]: Grace(row[1], row[2], row[3])
                   for row in self.db.execute("SELECT id, paid_at, until, cause FROM graces")}
-        return PolicyInputs(listed, overrides, graces)
+        readdressed = {row[0]: Readdress(tuple(ipaddress.ip_network(a) for a in json.loads(row[1])), row[2], row[3])
+                       for row in self.db.execute("SELECT id, addresses, at, cause FROM readdressed")}
+        return PolicyInputs(listed, overrides, graces, readdressed)
 
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any]) -> None:
         """Store a new good list as a diff against the previous one, in one transaction."""
@@ -75,9 +80,10 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
                                 [(sid, json.dumps(sub.to_json())) for sid, sub in new.items()
                                  if old.get(sid) != sub])
-            self.db.executemany("DELETE FROM overrides WHERE id = ?",
-                                [(sid,) for sid in (old.keys() ^ new.keys())
-                                 | {s for s in old.keys() & new.keys() if old[s] != new[s]}])
+            superseded = [(sid,) for sid in (old.keys() ^ new.keys())
+                          | {s for s in old.keys() & new.keys() if old[s] != new[s]}]
+            self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
+            self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
             self.set_meta("list", meta)
 
     def save_subscriber(self, inputs: PolicyInputs, subscriber_id: str) -> None:
@@ -93,6 +99,12 @@ class Store:
             entry = json.dumps(override.subscriber.to_json()) if override.subscriber else None
             self.db.execute("INSERT OR REPLACE INTO overrides VALUES (?, ?, ?, ?, ?)",
                             (sid, int(override.restrict), override.at, override.cause, entry))
+        moved = inputs.readdressed.get(sid)
+        if moved is None:
+            self.db.execute("DELETE FROM readdressed WHERE id = ?", (sid,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO readdressed VALUES (?, ?, ?, ?)",
+                            (sid, json.dumps([str(a) for a in moved.addresses]), moved.at, moved.cause))
         grace = inputs.graces.get(sid)
         if grace is None:
             self.db.execute("DELETE FROM graces WHERE id = ?", (sid,))
@@ -139,15 +151,12 @@ class Store:
         now = time.time()
         with self._transaction():
             self.db.executemany("DELETE FROM enforced WHERE id = ?", [(sid,) for sid in removed])
-            if len(rows) > 64:  # one scan beats many point reads on a full sync
-                current = {r[0]: r[1:] for r in self.db.execute("SELECT id, mode, addresses, reason FROM enforced")}
-            else:
-                current = {sid: r for sid in rows for r in self.db.execute(
-                    "SELECT mode, addresses, reason FROM enforced WHERE id = ?", (sid,))}
-            self.db.executemany("INSERT OR REPLACE INTO enforced VALUES (?, ?, ?, ?, ?)",
-                                [(sid, mode, json.dumps(addresses), reason, now)
-                                 for sid, (mode, addresses, reason) in rows.items()
-                                 if current.get(sid) != (mode, json.dumps(addresses), reason)])
+            # One statement: "since" only moves when mode, addresses or reason really changed.
+            self.db.executemany(
+                "INSERT INTO enforced VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET mode = excluded.mode, "
+                "addresses = excluded.addresses, reason = excluded.reason, since = excluded.since "
+                "WHERE mode != excluded.mode OR addresses != excluded.addresses OR reason != excluded.reason",
+                [(sid, mode, json.dumps(addresses), reason, now) for sid, (mode, addresses, reason) in rows.items()])
 
     def enforced(self) -> dict[str, dict[str, Any]]:
         return {row[0]: {"mode": row[1], "addresses": json.loads(row[2]), "reason": row[3], "since": row[4]}

@@ -292,3 +292,21 @@ async def test_batcher_runs_a_lone_item_at_once() -> None:
     await asyncio.sleep(0.05)
     assert seen == [[1], [2, 3, 4, 5]]
     await batcher.close()
+
+
+async def test_address_change_moves_enforcement_and_survives_restart(setup: Any, tmp_path: Path) -> None:
+    client, enforcer, fake, conntrack, _ = setup
+    body = _event("subscriber.addresses_changed", "C-1", addresses=["100.64.0.77", "2001:db8:77::/56"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "move1"))
+    assert response.status == 200, await response.json()
+    assert _restricted(fake) == {"100.64.0.77", "2001:db8:77::"}
+    assert {str(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56",
+                                                       "100.64.0.77/32", "2001:db8:77::/56"}
+    assert "addresses from event move1" in enforcer.explain("C-1")["why"]
+    reloaded = enforcer.store.load_inputs()
+    assert [str(a) for a in reloaded.readdressed["C-1"].addresses] == ["100.64.0.77/32", "2001:db8:77::/56"]
+    # A new export that changes C-1's entry is the newer word about its addresses.
+    subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.88]}\n", "l.yaml")
+    await enforcer.on_list(ListUpdate(subs, "l.yaml", "3"))
+    assert _restricted(fake) == {"100.64.0.88"}
+    assert "C-1" not in enforcer.store.load_inputs().readdressed

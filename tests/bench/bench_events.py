@@ -1,0 +1,190 @@
+"""Issue 4 benchmarks: sustained signed events per second with 100k restricted, and list churn.
+
+    sudo .venv/bin/python tests/bench/bench_events.py [--subscribers 100000] [--rate 2000] [--seconds 10]
+
+Runs in a private network namespace (created and removed here). The daemon side (webhook API,
+batching, kernel, conntrack, SQLite) runs in this process; the load comes from a separate
+process with pre-signed requests, open loop at ``--rate``, so a slow daemon shows up as
+latency rather than as a politely slower client. Every event changes kernel state: payments
+lift and restrictions re-restrict alternately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[2]))
+sys.path.insert(0, str(HERE.parent))
+
+from bench_dataplane import TABLE, subscribers  # noqa: E402
+
+from enforcer.api import load_webhook_secret, start_tcp_site, webhook_app  # noqa: E402
+from enforcer.config import parse_config  # noqa: E402
+from enforcer.daemon import Enforcer  # noqa: E402
+from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
+from enforcer.dataplane.libnftables import Nftables  # noqa: E402
+from enforcer.sources import ListUpdate  # noqa: E402
+
+PORT = 18788
+
+LOAD = r"""
+import asyncio, json, sys, time
+import aiohttp
+from enforcer.demo.billing import signed_request
+
+async def main():
+    url, secret, rate, seconds, subs = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), json.loads(sys.stdin.read())
+    total = int(rate * seconds)
+    now = time.time()
+    requests = []
+    for i in range(total):
+        sid, addr = subs[i // 2 % len(subs)]
+        if i % 2 == 0:
+            body = {"type": "payment.received", "timestamp": now + i * 1e-6, "data": {"subscriber": sid}}
+        else:
+            body = {"type": "subscriber.restricted", "timestamp": now + i * 1e-6,
+                    "data": {"subscriber": sid, "addresses": [addr], "reason": "overdue"}}
+        r = signed_request(url, secret, body)
+        requests.append((r.data, dict(r.header_items())))
+    latencies, errors = [], 0
+    connector = aiohttp.TCPConnector(limit=400)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(data, headers, due):
+            nonlocal errors
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=data, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
+        start = time.perf_counter() + 0.5
+        await asyncio.gather(*(one(d, h, start + i / rate) for i, (d, h) in enumerate(requests)))
+        elapsed = time.perf_counter() - start
+    print(json.dumps({"sent": total, "errors": errors, "elapsed": elapsed, "latencies": latencies}))
+
+asyncio.run(main())
+"""
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] if ordered else float("nan")
+
+
+async def run(args: argparse.Namespace, work: str) -> None:
+    secret_file = Path(work, "secret")
+    secret_file.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    config = parse_config(json.dumps({
+        "state_dir": f"{work}/state", "subscribers": {"source": f"{work}/list.csv"},
+        "gateway": {"subscriber_interfaces": ["eth1"], "table": TABLE},
+        "walled_garden": {"allow": ["203.0.113.0/24"]},
+        "api": {"socket": f"{work}/control.sock", "webhook_secret_file": str(secret_file)}}))
+    nft = Nftables()
+    try:
+        nft.run(f"delete table inet {TABLE}")
+    except Exception:
+        pass
+    commits: list[float] = []
+    enforcer = Enforcer(config, dataplane=KernelDataplane(TABLE, nft))
+    observe = enforcer.metrics.event_to_enforce.observe
+    enforcer.metrics.event_to_enforce.observe = lambda v: (commits.append(v), observe(v))  # type: ignore
+    await enforcer.restore()
+    subs = subscribers(args.subscribers)
+    started = time.perf_counter()
+    await enforcer.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
+    cold_s = time.perf_counter() - started
+    cold_sync = enforcer.last_sync["seconds"]
+
+    # 1 % churn: 1 % of entries replaced by new subscribers (half restrict, half lift).
+    churn = args.subscribers // 100
+    changed = subs[churn:] + subscribers(args.subscribers + churn)[args.subscribers:]
+    started = time.perf_counter()
+    await enforcer.on_list(ListUpdate(changed, "bench", "2"), approved_by="benchmark")
+    churn_s = time.perf_counter() - started
+    churn_sync = enforcer.last_sync["seconds"]
+    await enforcer.on_list(ListUpdate(subs, "bench", "3"), approved_by="benchmark")
+    await asyncio.sleep(1)  # let background flushes of the list loads finish
+
+    runner = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
+    targets = [(s.id, str(s.addresses[0].network_address)) for s in subs[: max(1000, int(args.rate))]]
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOAD, f"http://127.0.0.1:{PORT}/v1/events", secret_file.read_text(), str(args.rate),
+        str(args.seconds), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(HERE.parents[2])})
+    commits.clear()
+    batches_before = enforcer.batcher.batches
+    out, _ = await load.communicate(json.dumps(targets).encode())
+    result = json.loads(out)
+    await runner.cleanup()
+    batches = enforcer.batcher.batches - batches_before
+    await enforcer.close()
+    try:
+        nft.run(f"delete table inet {TABLE}")
+    except Exception:
+        pass
+    achieved = result["sent"] / result["elapsed"]
+    lat = result["latencies"]
+    print(f"\n# list churn with {args.subscribers} restricted (kernel sync only / whole on_list incl. state)")
+    print(f"cold load:  sync {cold_sync:.3f} s, on_list {cold_s:.2f} s")
+    print(f"1 % churn:  sync {churn_sync:.3f} s, on_list {churn_s:.2f} s  "
+          f"(sync ratio {churn_sync / cold_sync:.3f} of cold)")
+    print(f"\n# sustained signed events, {args.subscribers} restricted, target {args.rate:.0f}/s for {args.seconds:.0f} s")
+    print(f"sent {result['sent']}, errors {result['errors']}, achieved {achieved:.0f}/s, "
+          f"{batches} kernel batches ({result['sent'] / max(batches, 1):.1f} events per transaction)")
+    print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, p99 {pct(commits, 99) * 1000:.1f} ms")
+    print(f"request -> 200 (incl. conntrack flush): p50 {pct(lat, 50) * 1000:.1f} ms, "
+          f"p99 {pct(lat, 99) * 1000:.1f} ms, mean {statistics.mean(lat) * 1000:.1f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscribers", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=2000)
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (it creates a private network namespace)", file=sys.stderr)
+        return 1
+    if not os.environ.get("WG_BENCH_NETNS"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        name = f"wgbench{secrets.token_hex(3)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+            return subprocess.run(["ip", "netns", "exec", name, sys.executable, str(HERE), *sys.argv[1:]],
+                                  env={**os.environ, "WG_BENCH_NETNS": name}).returncode
+        finally:
+            subprocess.run(["ip", "netns", "del", name])
+    with tempfile.TemporaryDirectory() as work:
+        if os.environ.get("WG_BENCH_PROFILE"):  # where the daemon side spends its time
+            import cProfile
+            import pstats
+            profile = cProfile.Profile()
+            profile.runcall(asyncio.run, run(args, work))
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        else:
+            asyncio.run(run(args, work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
