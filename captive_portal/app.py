@@ -7,9 +7,15 @@ Request flow, outermost first:
    trying to reach some other site: ``302`` to ``portal.url``, no lookup, no routing. 302 rather
    than 511 because that is what makes Android, Apple, Windows and Firefox offer "sign in to
    network". It must stay cheap: it answers every HTTP request of every restricted subscriber.
+   It notes the URL asked for (``original_urls``), so a notice subscriber who presses
+   "Continue" goes back there, and closes the connection: a browser must not keep a
+   connection that is really to the portal under another site's name once it is let out.
 3. ``portal_not_found``: the portal host, but no such page: a small HTML 404.
-4. The handlers: the page at ``portal.url``'s path and the RFC 8908 API at ``/api/captive``.
-   Only these ask the enforcer about the caller.
+4. ``guard_posts``: every POST the portal answers is rate limited per address (429), must not
+   come from another origin and must carry a CSRF token issued to the same address in the
+   last hour (403).
+5. The handlers: the page at ``portal.url``'s path, the RFC 8908 API at ``/api/captive``, and
+   ``POST /continue`` for the notice interstitial. Only these ask the enforcer.
 """
 
 from __future__ import annotations
@@ -18,30 +24,41 @@ import ipaddress
 import json
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 
 from enforcer.config import Config
 
+from .csrf import CsrfTokens
 from .enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup, LookupClient
-from .language import choose_language
-from .messages import DEFAULT_LANGUAGE, MESSAGES
+from .language import page_language
+from .messages import MessageKey
 from .metrics import PortalMetrics, RequestKind
-from .page import escape, render_page
-from .portal_url import PortalUrl
+from .original_urls import OriginalUrls, page_url
+from .page import CONTINUE_PATH, Caller, Pages, escape
+from .portal_url import DEFAULT_PORTS, PortalUrl, parse_host_header, parse_origin
+from .ratelimit import RateLimiter, retry_after
 
 log = logging.getLogger(__name__)
 
 CAPTIVE_API_PATH = "/api/captive"
 CAPTIVE_JSON = "application/captive+json"  # RFC 8908 §5
+#: A form post is two short fields; nothing the portal accepts is bigger.
+MAX_BODY = 16 * 1024
 
 CONFIG_KEY = web.AppKey("config", Config)
 PORTAL_URL_KEY = web.AppKey("portal_url", PortalUrl)
 CLIENT_KEY = web.AppKey("client", LookupClient)
 METRICS_KEY = web.AppKey("metrics", PortalMetrics)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+PAGES_KEY = web.AppKey("pages", Pages)
+CSRF_KEY = web.AppKey("csrf", CsrfTokens)
+LIMITER_KEY = web.AppKey("limiter", RateLimiter)
+URLS_KEY = web.AppKey("original_urls", OriginalUrls)
+CLOCK_KEY = web.AppKey("clock", Callable[[], float])
 #: Set by whoever answers a request; read by ``count_requests`` for the ``kind`` label.
 KIND_KEY = web.RequestKey("kind", RequestKind)
 
@@ -58,21 +75,30 @@ SECURITY_HEADERS = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-def create_app(config: Config, client: LookupClient | None = None) -> web.Application:
+def create_app(config: Config, client: LookupClient | None = None, *,
+               clock: Callable[[], float] = time.time) -> web.Application:
     """The portal app; without ``client`` it makes an ``EnforcerClient`` and closes it on cleanup.
 
-    A client passed in (tests, or a caller sharing one) stays the caller's to close.
+    A client passed in (tests, or a caller sharing one) stays the caller's to close. ``clock``
+    (unix time) decides whether an acknowledged notice is still in force.
     """
     portal = PortalUrl.parse(config.portal.url)
     metrics = PortalMetrics()
-    app = web.Application(middlewares=[count_requests(metrics), redirect_other_hosts(portal),
-                                       portal_not_found])
+    urls = OriginalUrls()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[
+        count_requests(metrics), redirect_other_hosts(portal, urls), portal_not_found, guard_posts])
     app[CONFIG_KEY] = config
     app[PORTAL_URL_KEY] = portal
     app[METRICS_KEY] = metrics
     app[REGISTRY_KEY] = metrics.registry
+    app[PAGES_KEY] = Pages.from_config(config)
+    app[CSRF_KEY] = CsrfTokens()
+    app[LIMITER_KEY] = RateLimiter(config.portal.posts_per_minute)
+    app[URLS_KEY] = urls
+    app[CLOCK_KEY] = clock
     if client is None:
         owned = EnforcerClient(config.api.socket)
 
@@ -86,12 +112,13 @@ def create_app(config: Config, client: LookupClient | None = None) -> web.Applic
     app.router.add_get(portal.path, portal_page)
     if portal.path != CAPTIVE_API_PATH:
         app.router.add_get(CAPTIVE_API_PATH, captive_api)
+    app.router.add_post(CONTINUE_PATH, continue_post)
     return app
 
 
 # --- middlewares -----------------------------------------------------------------------------
 
-def count_requests(metrics: PortalMetrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def count_requests(metrics: PortalMetrics) -> Middleware:
     """Count each request once, by what it turned out to be; 5xx of any kind counts as error."""
 
     @web.middleware
@@ -121,7 +148,7 @@ def _kind(request: web.Request, status: int) -> RequestKind:
     return RequestKind.ERROR
 
 
-def redirect_other_hosts(portal: PortalUrl) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls) -> Middleware:
     """Send every request for another host to the portal, whatever its method or path."""
     link = escape(portal.url)
     body = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{link}</title></head>\n'
@@ -130,11 +157,19 @@ def redirect_other_hosts(portal: PortalUrl) -> Callable[[web.Request, Handler], 
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if portal.is_addressed_by(request.headers.get(hdrs.HOST)):
+        host = request.headers.get(hdrs.HOST)
+        if portal.is_addressed_by(host) or (request.secure and portal.names_host(host)):
             return await handler(request)
         request[KIND_KEY] = RequestKind.REDIRECT
-        return web.Response(status=302, body=body, content_type="text/html", charset="utf-8",
-                            headers=headers)
+        url = page_url(request.method, request.headers, request.raw_path)
+        if url is not None:
+            address = caller_address(request)
+            if address is not None:
+                urls.remember(address, url)
+        response = web.Response(status=302, body=body, content_type="text/html", charset="utf-8",
+                                headers=headers)
+        response.force_close()
+        return response
 
     return middleware
 
@@ -157,17 +192,95 @@ async def portal_not_found(request: web.Request, handler: Handler) -> web.Stream
                             headers={hdrs.CACHE_CONTROL: NO_STORE, **SECURITY_HEADERS})
 
 
+@web.middleware
+async def guard_posts(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rate limit, then origin and CSRF token, for every POST that reaches a handler.
+
+    The limit comes first so that even a flood of forged posts costs one dict operation each.
+    """
+    if request.method != hdrs.METH_POST or request.match_info.http_exception is not None:
+        return await handler(request)
+    address = caller_address(request)
+    wait = request.app[LIMITER_KEY].take(address or "")
+    if wait > 0:
+        request[KIND_KEY] = RequestKind.RATE_LIMITED
+        return _problem(request, "too_many", 429, request_language(request),
+                        {hdrs.RETRY_AFTER: retry_after(wait)})
+    request[KIND_KEY] = RequestKind.FORBIDDEN  # until the handler says otherwise (413 included)
+    try:
+        form = await request.post()
+    except ValueError:  # a body that is not a form
+        form = None
+    lang = form.get("lang") if form is not None else None
+    language = request_language(request, lang if isinstance(lang, str) else None)
+    token = form.get("csrf") if form is not None else None
+    if (address is None or not origin_allowed(request) or not isinstance(token, str)
+            or not request.app[CSRF_KEY].check(token, address)):
+        return _problem(request, "expired", 403, language)
+    return await handler(request)
+
+
+def origin_allowed(request: web.Request) -> bool:
+    """No ``Origin`` header, or the portal's own origin (as configured, or as this request came)."""
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is None:
+        return True
+    parsed = parse_origin(origin)
+    if parsed is None:  # "null" (sandboxed or privacy-sensitive contexts) and junk
+        return False
+    if parsed == request.app[PORTAL_URL_KEY].origin:
+        return True
+    own = parse_host_header(request.host, DEFAULT_PORTS[request.scheme])
+    return own is not None and parsed == (request.scheme, *own)
+
+
 # --- handlers --------------------------------------------------------------------------------
 
 async def portal_page(request: web.Request) -> web.Response:
     """The page, in the caller's language; never an error page, even without the enforcer."""
     request[KIND_KEY] = RequestKind.PAGE
     lookup = await lookup_caller(request)
-    language = choose_language(request.headers.get(hdrs.ACCEPT_LANGUAGE), MESSAGES, DEFAULT_LANGUAGE)
-    text = render_page(lookup, request.app[CONFIG_KEY].portal.provider, language)
-    return web.Response(text=text, content_type="text/html", charset="utf-8", headers={
-        hdrs.CACHE_CONTROL: NO_STORE, hdrs.CONTENT_LANGUAGE: language, hdrs.VARY: hdrs.ACCEPT_LANGUAGE,
-        **SECURITY_HEADERS})
+    return _caller_page(request, lookup, request_language(request))
+
+
+async def continue_post(request: web.Request) -> web.StreamResponse:
+    """"Continue to the internet": acknowledge the notice, then back to where they were going.
+
+    ``guard_posts`` has checked rate, origin and token. The only places this redirects to are
+    the URL this address asked for when it was redirected here, and the portal page.
+    """
+    request[KIND_KEY] = RequestKind.CONTINUE
+    address = caller_address(request)
+    if address is None:  # guard_posts has answered 403 already; this is for type checkers
+        raise web.HTTPForbidden()
+    form = await request.post()  # parsed once already; aiohttp keeps it
+    lang = form.get("lang")
+    language = request_language(request, lang if isinstance(lang, str) else None)
+    try:
+        ack = await request.app[CLIENT_KEY].acknowledge(address)
+    except EnforcerUnavailable as exc:
+        request.app[_FAILURES_KEY].failed(f"acknowledge: {exc}")
+        lookup = await lookup_caller(request)
+        return _caller_page(request, lookup, language, note="continue_failed", status=503,
+                            headers={hdrs.RETRY_AFTER: "5"})
+    if not ack.acknowledged:
+        log.debug("acknowledgement refused for %s: %s", address, ack.error)
+        lookup = await lookup_caller(request)
+        return _caller_page(request, lookup, language, note="continue_not_needed", status=409)
+    location = request.app[URLS_KEY].pop(address)
+    if location is None:
+        # The portal page, which now says "carry on"; in the language picked on the page if
+        # that is not what the browser's Accept-Language gives anyway.
+        location = request.app[PORTAL_URL_KEY].url
+        pages = request.app[PAGES_KEY]
+        browser = page_language(None, request.headers.get(hdrs.ACCEPT_LANGUAGE), pages.messages,
+                                pages.default_language)
+        if language != browser:
+            location = _with_query(location, {"lang": language})
+    response = web.Response(status=303, headers={hdrs.LOCATION: location, hdrs.CACHE_CONTROL: NO_STORE,
+                                                 **SECURITY_HEADERS})
+    response.force_close()  # "Connection: close": the next request must start afresh
+    return response
 
 
 async def captive_api(request: web.Request) -> web.Response:
@@ -179,15 +292,54 @@ async def captive_api(request: web.Request) -> web.Response:
     """
     request[KIND_KEY] = RequestKind.CAPTIVE_API
     headers = {hdrs.CACHE_CONTROL: "private, no-store"}
+    portal = request.app[PORTAL_URL_KEY]
     lookup = await lookup_caller(request)
     if lookup is None:
-        return web.json_response({"error": "enforcer-unavailable",
+        return web.json_response({"error": "enforcer-unavailable", "user-portal-url": portal.url,
                                   "message": "Cannot tell whether this address is restricted; try again."},
                                  status=503, headers={**headers, hdrs.RETRY_AFTER: "5"})
-    portal = request.app[PORTAL_URL_KEY]
+    now = request.app[CLOCK_KEY]()
+    answer: dict[str, object] = {"captive": lookup.captive(now), "user-portal-url": portal.url}
+    if lookup.acknowledged(now) and lookup.ack_until is not None:
+        answer["seconds-remaining"] = int(lookup.ack_until - now)
     # Bytes, so aiohttp adds no charset parameter: the media type defines none (JSON is UTF-8).
-    body = json.dumps({"captive": lookup.restricted, "user-portal-url": portal.url}).encode()
-    return web.Response(body=body, content_type=CAPTIVE_JSON, headers=headers)
+    return web.Response(body=json.dumps(answer).encode(), content_type=CAPTIVE_JSON, headers=headers)
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+def request_language(request: web.Request, form_lang: str | None = None) -> str:
+    """``lang`` from the form or the query, else ``Accept-Language``, else the default."""
+    pages = request.app[PAGES_KEY]
+    return page_language(form_lang or request.query.get("lang"), request.headers.get(hdrs.ACCEPT_LANGUAGE),
+                         pages.messages, pages.default_language)
+
+
+def _html(text: str, language: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers={
+        hdrs.CACHE_CONTROL: NO_STORE, hdrs.CONTENT_LANGUAGE: language, hdrs.VARY: hdrs.ACCEPT_LANGUAGE,
+        **SECURITY_HEADERS, **(headers or {})})
+
+
+def _caller_page(request: web.Request, lookup: Lookup | None, language: str, *, note: MessageKey | None = None,
+                 status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    address = caller_address(request) or ""
+    token = request.app[CSRF_KEY].issue(address) if address else ""
+    caller = Caller(lookup, language, address, token, request.app[CLOCK_KEY](), note)
+    pages = request.app[PAGES_KEY]
+    return _html(pages.caller_page(caller), pages.catalogue(language)[0], status, headers)
+
+
+def _problem(request: web.Request, problem: str, status: int, language: str,
+             headers: dict[str, str] | None = None) -> web.Response:
+    pages = request.app[PAGES_KEY]
+    return _html(pages.problem_page(problem, language), pages.catalogue(language)[0], status, headers)
+
+
+def _with_query(url: str, params: dict[str, str]) -> str:
+    parts = urlsplit(url)
+    query = "&".join(filter(None, [parts.query, urlencode(params)]))
+    return parts._replace(query=query).geturl()
 
 
 # --- asking the enforcer ---------------------------------------------------------------------
@@ -235,13 +387,13 @@ class _FailureLog:
             self._suppressed += 1
             return
         more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-        log.warning("enforcer lookup failed: %s%s", message, more)
+        log.warning("enforcer request failed: %s%s", message, more)
         self._last, self._suppressed = now, 0
 
     def succeeded(self) -> None:
         if self._last is not None:
             more = f" ({self._suppressed} failures not reported)" if self._suppressed else ""
-            log.info("enforcer lookups work again%s", more)
+            log.info("enforcer requests work again%s", more)
             self._last, self._suppressed = None, 0
 
 

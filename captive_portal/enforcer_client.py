@@ -1,8 +1,10 @@
 """Asking the enforcer about a caller, over its control socket.
 
 The portal is unprivileged and keeps no state: the enforcer alone knows who is restricted.
-It answers ``GET /v1/lookup?address=...`` on the Unix socket ``api.socket``; file permissions
-on that socket are the access control, so nothing here needs credentials.
+It answers ``GET /v1/lookup?address=...`` on the Unix socket ``api.socket``, and
+``POST /v1/acknowledge`` with ``{"address": ...}`` when a subscriber in notice or throttle mode
+presses "Continue to the internet"; file permissions on that socket are the access control,
+so nothing here needs credentials.
 
 Every failure (no socket, refused, timeout, bad status, malformed answer) becomes one
 exception, ``EnforcerUnavailable``: callers must decide what a missing answer means for them
@@ -12,6 +14,8 @@ rather than mistake it for "not restricted".
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +23,9 @@ import aiohttp
 
 #: The host part is ignored on a Unix socket; it only has to make a valid URL.
 LOOKUP_URL = "http://enforcer/v1/lookup"
+ACKNOWLEDGE_URL = "http://enforcer/v1/acknowledge"
+#: Modes in which the subscriber may read the notice and carry on (the others are walled in).
+NOTICE_MODES = frozenset({"notice", "throttle"})
 DEFAULT_TIMEOUT = 2.0
 
 
@@ -35,9 +42,24 @@ class Lookup:
     mode: str        # "free" | "notice" | "throttle" | "walled-garden"
     reason: str      # category for the page ("overdue", ...), "" when none
     reference: str   # code the subscriber quotes to the provider, "" when none
+    subscriber: str = ""            # account id; shown only with portal.show_account
+    ack_until: float | None = None  # unix time an acknowledged notice lasts until
+
+    @property
+    def in_notice(self) -> bool:
+        """Restricted in a mode the subscriber can acknowledge (notice or throttle)."""
+        return self.restricted and self.mode in NOTICE_MODES
+
+    def acknowledged(self, now: float) -> bool:
+        """In notice mode and the notice has been acknowledged, still in force at ``now``."""
+        return self.in_notice and self.ack_until is not None and self.ack_until > now
+
+    def captive(self, now: float) -> bool:
+        """RFC 8908 ``captive``: must this caller visit the portal before browsing normally?"""
+        return self.restricted and not self.acknowledged(now)
 
     @classmethod
-    def from_json(cls, data: Any) -> "Lookup":
+    def from_json(cls, data: Any) -> Lookup:
         """Strict about the two fields decisions hang on, lenient about the optional ones."""
         if not isinstance(data, dict):
             raise ValueError("lookup answer is not a JSON object")
@@ -48,13 +70,29 @@ class Lookup:
         if not isinstance(mode, str) or not mode:
             raise ValueError("lookup answer has no 'mode'")
         return cls(address=str(data.get("address") or ""), restricted=restricted, mode=mode,
-                   reason=_text(data.get("reason")), reference=_text(data.get("reference")))
+                   reason=_text(data.get("reason")), reference=_text(data.get("reference")),
+                   subscriber=_text(data.get("subscriber")), ack_until=_time(data.get("ack_until")))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The enforcer's answer to an acknowledgement.
+
+    ``acknowledged`` False means the enforcer refused (409: the address is not in notice or
+    throttle mode, e.g. it is walled in, or already free); ``error`` then says why.
+    """
+
+    acknowledged: bool
+    until: float | None = None
+    error: str = ""
 
 
 class LookupClient(Protocol):
-    """What the app needs from a client; tests pass a fake with the same method."""
+    """What the app needs from a client; tests pass a fake with the same methods."""
 
     async def lookup(self, address: str) -> Lookup: ...
+
+    async def acknowledge(self, address: str) -> Ack: ...
 
 
 class EnforcerClient:
@@ -79,21 +117,45 @@ class EnforcerClient:
 
     async def lookup(self, address: str) -> Lookup:
         """The enforcer's view of ``address``; raises ``EnforcerUnavailable`` when it has none."""
-        session = self._get_session()
+        _, data = await self._call("GET", LOOKUP_URL, f"a lookup of {address}", params={"address": address})
         try:
-            async with session.get(LOOKUP_URL, params={"address": address}) as response:
-                if response.status != 200:
-                    raise EnforcerUnavailable(
-                        f"enforcer answered {response.status} to a lookup of {address}")
-                data = await response.json(content_type=None)
             return Lookup.from_json(data)
-        except EnforcerUnavailable:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise EnforcerUnavailable(
-                f"cannot reach the enforcer at {self.socket_path}: {_describe(exc)}") from exc
         except ValueError as exc:  # not JSON, or not the expected shape
             raise EnforcerUnavailable(f"malformed lookup answer from the enforcer: {exc}") from exc
+
+    async def acknowledge(self, address: str) -> Ack:
+        """Tell the enforcer the subscriber at ``address`` has read the notice.
+
+        200 ``{"acknowledged": true, "until": <unix seconds>}`` → ``Ack(True, until)``;
+        409 ``{"error": ...}`` (not in notice or throttle mode) → ``Ack(False, error=...)``;
+        anything else, 400 for a bad address included, raises ``EnforcerUnavailable``.
+        """
+        status, data = await self._call("POST", ACKNOWLEDGE_URL, f"an acknowledgement for {address}",
+                                        json={"address": address}, answers=(200, 409))
+        if status == 409:  # a refusal is an answer, whatever its body looks like
+            error = _text(data.get("error")) if isinstance(data, dict) else ""
+            return Ack(False, error=error or "not in notice or throttle mode")
+        if not isinstance(data, dict) or data.get("acknowledged") is not True:
+            raise EnforcerUnavailable("malformed acknowledgement answer from the enforcer: "
+                                      "no JSON object with 'acknowledged': true")
+        return Ack(True, until=_time(data.get("until")))
+
+    async def _call(self, method: str, url: str, what: str, *, answers: tuple[int, ...] = (200,),
+                    **kwargs: Any) -> tuple[int, Any]:
+        """(status, JSON body or None if it is not JSON); any other status or failure raises."""
+        try:
+            async with self._get_session().request(method, url, **kwargs) as response:
+                if response.status not in answers:
+                    raise EnforcerUnavailable(f"enforcer answered {response.status} to {what}")
+                body = await response.read()
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise EnforcerUnavailable(
+                f"cannot reach the enforcer at {self.socket_path}: {_describe(exc)}") from exc
+        try:
+            return status, json.loads(body)
+        except ValueError:  # not JSON (or not UTF-8)
+            return status, None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -103,6 +165,13 @@ class EnforcerClient:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _time(value: Any) -> float | None:
+    """A unix time from JSON, or None for null, missing or nonsense."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _describe(exc: BaseException) -> str:

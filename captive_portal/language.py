@@ -3,6 +3,9 @@
 Phones send their system languages in order (``cs-CZ,cs;q=0.9,en;q=0.8``); we take the most
 preferred one we have, matching a regional tag to its base language, and fall back to a
 default rather than failing: a page in the wrong language still beats no page.
+
+The page's language switcher links carry ``?lang=xx``, which beats the header; nothing is
+stored (no cookie), so the choice travels in the links and in the notice form.
 """
 
 from __future__ import annotations
@@ -48,3 +51,15 @@ def choose_language(header: str | None, available: Container[str], default: str 
         if primary in available:
             return primary
     return default
+
+
+def page_language(query: str | None, header: str | None, available: Container[str], default: str = "en") -> str:
+    """``?lang=`` when it names a language we have, else the best match for ``Accept-Language``."""
+    if query:
+        tag = query.strip().lower()
+        if tag in available:
+            return tag
+        primary = tag.split("-", 1)[0]
+        if primary in available:
+            return primary
+    return choose_language(header, available, default)

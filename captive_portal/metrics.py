@@ -18,6 +18,9 @@ class RequestKind(str, enum.Enum):
     REDIRECT = "redirect"        # some other site, sent to portal.url
     PAGE = "page"                # the portal page
     CAPTIVE_API = "captive_api"  # RFC 8908 API
+    CONTINUE = "continue"        # "Continue to the internet" posted (acknowledged, or refused: 409)
+    RATE_LIMITED = "rate_limited"  # a POST over portal.posts_per_minute: 429
+    FORBIDDEN = "forbidden"      # a POST without a valid CSRF token or from another origin: 403
     NOT_FOUND = "not_found"      # the portal host, but no such page (or method)
     ERROR = "error"              # we could not answer (5xx: exception, enforcer unavailable)
 

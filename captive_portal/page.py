@@ -1,27 +1,33 @@
-"""The portal page: restricted, active, or restricted-without-details when the lookup failed.
+"""The portal page, in every state a caller can be in, and the small problem pages.
 
-The page is self-contained (inline CSS, no scripts, images or fonts) because a restricted
-subscriber cannot fetch anything from outside the walled garden, and small so it loads on a
-poor mobile link. Everything that comes from config, the enforcer or a translation is escaped
-here, once: values become ``Markup`` only by passing through ``escape`` or the element
-builders below, and the template accepts nothing else.
+States: ``restricted`` (walled garden, or the enforcer could not be asked), ``notice`` and
+``throttle`` (an interstitial with "Continue to the internet"), ``acknowledged`` (the notice
+was read: carry on), ``active`` (not restricted at all), and ``problem`` (a form that expired,
+too many attempts).
+
+The page is self-contained (inline CSS and an inlined logo; no scripts, fonts or other
+requests) because a restricted subscriber cannot fetch anything outside the walled garden,
+and small so it loads on a poor mobile link. Everything that comes from config, the
+enforcer or a catalogue is escaped here, once: values become ``Markup`` only by passing
+through ``escape`` or the element builders below, and the template gets nothing else.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from functools import cache
-from importlib import resources
-from string import Template
+from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from enforcer.config import Provider
+from enforcer.config import Config, PaymentLink, PortalConfig, Provider
 
+from . import branding
 from .enforcer_client import Lookup
-from .messages import DEFAULT_LANGUAGE, MESSAGES, REASONS, Messages, ReasonKey
+from .messages import DEFAULT_LANGUAGE, LANGUAGE_NAMES, MESSAGES, MessageKey, Messages, reason_key
 
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
+#: Where the notice form posts to (on the portal host).
+CONTINUE_PATH = "/continue"
 
 
 class Markup(str):
@@ -35,95 +41,212 @@ def escape(value: str) -> Markup:
 
 def element(tag: str, content: str, **attributes: str) -> Markup:
     """``<tag a="v">content</tag>``; plain-text content and every attribute value get escaped."""
-    attrs = "".join(f' {name.rstrip("_")}="{escape(value)}"' for name, value in attributes.items())
+    attrs = "".join(f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"'
+                    for name, value in attributes.items())
     return Markup(f"<{tag}{attrs}>{escape(content)}</{tag}>")
+
+
+def void(tag: str, **attributes: str) -> Markup:
+    """``<tag a="v">`` without content (``input``, ``img``)."""
+    return Markup(element(tag, "", **attributes)[:-len(f"</{tag}>")])
 
 
 def join(*parts: str) -> Markup:
     return Markup("".join(escape(part) for part in parts))
 
 
-@cache
-def _template() -> Template:
-    text = resources.files(__package__).joinpath("templates/page.html").read_text(encoding="utf-8")
-    return Template(text)
+def fill(text: str, **values: str) -> Markup:
+    """A catalogue text with its ``$placeholders`` filled; text and values escaped.
 
-
-def render_page(lookup: Lookup | None, provider: Provider, language: str = DEFAULT_LANGUAGE) -> str:
-    """The page for a caller; ``lookup`` is None when the enforcer could not be asked.
-
-    Without an answer we show the restricted page minus the reason: the caller reached the
-    portal, most likely because they are restricted, and an error page would help no one.
+    Markup values (a ``tel:`` link) go in as they are; an unknown ``$name`` stays as written.
     """
-    messages = MESSAGES.get(language) or MESSAGES[DEFAULT_LANGUAGE]
-    lang = language if language in MESSAGES else DEFAULT_LANGUAGE
-    if lookup is not None and not lookup.restricted:
-        state, title, heading, summary = "active", "title_active", "heading_active", "summary_active"
-        details = _contact(messages, provider)
-    else:
-        state, title, heading = "restricted", "title_restricted", "heading_restricted"
-        summary = "summary_restricted"
-        details = join(_reason(messages, lookup), _payment(messages, provider),
-                       _contact(messages, provider), _reference(messages, lookup))
-    if provider.name:
-        trust = Template(messages["trust_named"]).safe_substitute(provider=provider.name)
-    else:
-        trust = messages["trust_unnamed"]
-    return _template().substitute(
-        lang=escape(lang), state=escape(state), title=escape(messages[title]),
-        heading=escape(messages[heading]), summary=escape(messages[summary]),
-        details=details, trust=escape(trust))
+    parts: list[str] = []
+    position = 0
+    for match in branding.TEXT_PLACEHOLDER.finditer(text):
+        parts.append(escape(text[position:match.start()]))
+        name = match.group(2) or match.group(3)
+        if match.group(1):
+            parts.append("$")
+        elif name and name in values:
+            parts.append(escape(values[name]))
+        else:
+            parts.append(escape(match.group(0)))
+        position = match.end()
+    parts.append(escape(text[position:]))
+    return join(*parts)
 
 
-def _reason(messages: Messages, lookup: Lookup | None) -> Markup:
-    if lookup is None:
-        return Markup()
-    key: ReasonKey = REASONS.get(lookup.reason.strip().lower(), "reason_other")
-    return element("p", messages[key], class_="reason")
+@dataclass(frozen=True)
+class Caller:
+    """Who asked for the page, and what the portal knows about them."""
+
+    lookup: Lookup | None       # None: the enforcer could not be asked
+    language: str = DEFAULT_LANGUAGE
+    address: str = ""           # shown only with portal.show_account
+    token: str = ""             # CSRF token for the notice form
+    now: float = 0.0            # unix time, for "is the acknowledgement still in force"
+    note: MessageKey | None = None  # one sentence above everything (after "continue" went wrong)
 
 
-def _payment(messages: Messages, provider: Provider) -> Markup:
-    website = provider.website.strip()
-    if _is_web_url(website):
-        how = join(element("p", join(messages["pay_online"], " ", element("a", website, href=website))))
-    elif website:  # not a URL we dare to link (config only checks it is a string): show as text
-        how = element("p", f'{messages["pay_online"]} {website}')
-    else:
-        how = element("p", messages["pay_contact"])
-    return join("\n", element("h2", messages["pay_heading"]), "\n", how, "\n",
-                element("p", messages["pay_restore"]), "\n")
+class Pages:
+    """Renders pages from config; logo, template and texts are loaded once, here."""
 
+    def __init__(self, portal: PortalConfig, portal_path: str = "/") -> None:
+        self.provider = portal.provider
+        self.payment_links = portal.payment_links
+        self.show_account = portal.show_account
+        self.default_language = portal.default_language if portal.default_language in MESSAGES else DEFAULT_LANGUAGE
+        self.portal_path = portal_path
+        self.messages = branding.catalogue(portal.texts)
+        self.template = branding.load_template(portal.templates_dir)
+        self.style = Markup(branding.style(portal.branding))
+        logo = branding.load_logo(portal.branding)
+        self.logo = void("img", src=logo, alt=self.provider.name, class_="logo") if logo else Markup()
 
-def _contact(messages: Messages, provider: Provider) -> Markup:
-    items: list[Markup] = []
-    if provider.name:
-        items.append(element("li", element("strong", provider.name)))
-    if provider.phone:
-        number = _PHONE_SEPARATORS.sub("", provider.phone)
-        items.append(_item(messages["contact_phone"], element("a", provider.phone, href=f"tel:{number}")))
-    if provider.email:
-        address = provider.email.strip()
-        link: Markup | str = address
-        if _is_email(address):
-            link = element("a", address, href="mailto:" + quote(address, safe="@+._-"))
-        items.append(_item(messages["contact_email"], link))
-    if provider.hours:
-        items.append(_item(messages["contact_hours"], provider.hours))
-    if not items:
-        return Markup()
-    return join(element("h2", messages["contact_heading"]), "\n",
-                element("ul", join(*(join("\n", item) for item in items), "\n")), "\n")
+    @classmethod
+    def from_config(cls, config: Config) -> Pages:
+        return cls(config.portal, urlsplit(config.portal.url).path or "/")
+
+    def catalogue(self, language: str) -> tuple[str, Messages]:
+        lang = language if language in self.messages else self.default_language
+        return lang, self.messages[lang]
+
+    # --- whole pages ---------------------------------------------------------------------
+
+    def caller_page(self, caller: Caller) -> str:
+        """The page at ``portal.url`` for this caller."""
+        lang, m = self.catalogue(caller.language)
+        lookup = caller.lookup
+        note = element("p", m[caller.note], class_="note", role="status") if caller.note else Markup()
+        if lookup is not None and not lookup.restricted:
+            state = "active"
+            details = join(note, self._contact(m, None), self._account(m, caller))
+        else:
+            if lookup is None:
+                state = "restricted"
+            elif lookup.acknowledged(caller.now):
+                state = "acknowledged"
+            elif lookup.in_notice:
+                state = lookup.mode  # notice | throttle
+            else:
+                state = "restricted"
+            form = self._continue(m, lang, caller.token) if state in ("notice", "throttle") else Markup()
+            details = join(note, self._reason(m, lookup), self._payment(m), form,
+                           self._contact(m, lookup), self._account(m, caller))
+        return self._render(lang, m, state, m[f"title_{state}"], m[f"heading_{state}"],  # type: ignore[literal-required]
+                            m[f"summary_{state}"], details)  # type: ignore[literal-required]
+
+    def problem_page(self, problem: str, language: str) -> str:
+        """``expired`` (CSRF check failed) or ``too_many`` (rate limited): say so, link back."""
+        lang, m = self.catalogue(language)
+        back = element("p", element("a", m["back_link"], href=self._page_link(lang)))
+        title = m[f"title_{problem}"]  # type: ignore[literal-required]
+        return self._render(lang, m, "problem", title, title, m[f"summary_{problem}"],  # type: ignore[literal-required]
+                            join(back, "\n", self._contact(m, None)))
+
+    def _render(self, lang: str, m: Messages, state: str, title: str, heading: str, summary: str,
+                details: Markup) -> str:
+        return self.template.safe_substitute(
+            lang=escape(lang), title=escape(title), heading=escape(heading), summary=escape(summary),
+            details=details, trust=self._trust(m), languages=self._languages(m, lang),
+            style=self.style, state=escape(state), logo=self.logo, provider=escape(self.provider.name))
+
+    # --- parts ---------------------------------------------------------------------------
+
+    def _page_link(self, lang: str) -> str:
+        return f"{self.portal_path}?lang={quote(lang)}"
+
+    def _languages(self, m: Messages, current: str) -> Markup:
+        items = []
+        for code in self.messages:
+            attributes = {"href": self._page_link(code), "hreflang": code, "lang": code}
+            if code == current:
+                attributes["aria_current"] = "true"
+            items.append(element("li", element("a", LANGUAGE_NAMES.get(code, code), **attributes)))
+        return element("nav", element("ul", join(*items)), aria_label=m["language_label"])
+
+    def _reason(self, m: Messages, lookup: Lookup | None) -> Markup:
+        if lookup is None:
+            return Markup()
+        return join("\n", element("p", m[reason_key(lookup.reason)], class_="reason"))
+
+    def _payment(self, m: Messages) -> Markup:
+        parts: list[str] = ["\n", element("h2", m["pay_heading"])]
+        links = [link for link in self.payment_links if _is_web_url(link.url)]
+        if links:
+            parts += ["\n", element("ul", join(*(_payment_link(link) for link in links)), class_="pay")]
+        website = self.provider.website.strip()
+        if _is_web_url(website):
+            parts += ["\n", element("p", join(m["pay_online"], " ", element("a", website, href=website)))]
+        elif website:  # not a URL we dare to link (config checks it, texts may not): show as text
+            parts += ["\n", element("p", f'{m["pay_online"]} {website}')]
+        elif not links:
+            parts += ["\n", element("p", m["pay_contact"])]
+        parts += ["\n", element("p", m["pay_restore"])]
+        return join(*parts)
+
+    def _continue(self, m: Messages, lang: str, token: str) -> Markup:
+        fields = join(element("p", m["continue_intro"]),
+                      void("input", type="hidden", name="csrf", value=token),
+                      void("input", type="hidden", name="lang", value=lang),
+                      element("button", m["continue_button"], type="submit"))
+        return join("\n", element("form", fields, method="post", action=CONTINUE_PATH, class_="continue"))
+
+    def _contact(self, m: Messages, lookup: Lookup | None) -> Markup:
+        provider = self.provider
+        items: list[Markup] = []
+        if provider.name:
+            items.append(element("li", element("strong", provider.name)))
+        if provider.phone:
+            items.append(_item(m["contact_phone"], _phone_link(provider.phone)))
+        if provider.email:
+            address = provider.email.strip()
+            link: Markup | str = address
+            if _is_email(address):
+                link = element("a", address, href="mailto:" + quote(address, safe="@+._-"))
+            items.append(_item(m["contact_email"], link))
+        if provider.hours:
+            items.append(_item(m["contact_hours"], provider.hours))
+        reference = Markup()
+        if lookup is not None and lookup.reference:
+            reference = element("p", join(f'{m["reference_label"]}: ', element("code", lookup.reference),
+                                          " ", m["reference_hint"]), class_="reference")
+        if not items and not reference:
+            return Markup()
+        contacts = join("\n", element("ul", join(*items))) if items else Markup()
+        return join("\n", element("h2", m["contact_heading"]), contacts, "\n" if reference else "", reference)
+
+    def _account(self, m: Messages, caller: Caller) -> Markup:
+        if not self.show_account:
+            return Markup()
+        items = []
+        if caller.lookup is not None and caller.lookup.subscriber:
+            items.append(_item(m["account_label"], element("code", caller.lookup.subscriber)))
+        if caller.address:
+            items.append(_item(m["address_label"], element("code", caller.address)))
+        if not items:
+            return Markup()
+        return join("\n", element("h2", m["account_heading"]), "\n", element("ul", join(*items)))
+
+    def _trust(self, m: Messages) -> Markup:
+        provider = self.provider
+        named = fill(m["trust_named"], provider=provider.name) if provider.name else escape(m["trust_unnamed"])
+        parts = [named, " ", m["trust_never"]]
+        if provider.phone:
+            parts += [" ", fill(m["trust_call"], phone=_phone_link(provider.phone))]
+        return join(*parts)
 
 
 def _item(label: str, value: str) -> Markup:
     return element("li", join(element("span", f"{label}: ", class_="label"), value))
 
 
-def _reference(messages: Messages, lookup: Lookup | None) -> Markup:
-    if lookup is None or not lookup.reference:
-        return Markup()
-    return element("p", join(f'{messages["reference_label"]}: ', element("code", lookup.reference),
-                             " ", messages["reference_hint"]), class_="reference")
+def _payment_link(link: PaymentLink) -> Markup:
+    return element("li", element("a", link.label, href=link.url, class_="button"))
+
+
+def _phone_link(phone: str) -> Markup:
+    return element("a", phone, href=f"tel:{_PHONE_SEPARATORS.sub('', phone)}")
 
 
 def _is_web_url(text: str) -> bool:
@@ -134,3 +257,22 @@ def _is_web_url(text: str) -> bool:
 def _is_email(text: str) -> bool:
     local, at, domain = text.rpartition("@")
     return bool(at and local and "." in domain) and not any(c.isspace() or c in "<>?&\"'" for c in text)
+
+
+def render_page(lookup: Lookup | None, provider: Provider, language: str = DEFAULT_LANGUAGE) -> str:
+    """The page with built-in texts and template, default colours and no logo (tests, tools)."""
+    return Pages(PortalConfig(provider=provider)).caller_page(Caller(lookup, language))
+
+
+def largest_page(config: Config) -> tuple[str, int]:
+    """(language, bytes) of the biggest page this config makes: a notice page with everything."""
+    pages = Pages.from_config(config)
+    lookup = Lookup("203.0.113.255", True, "notice", "verification", "WG-XXXX-XXXX", "X" * 24)
+    biggest = (DEFAULT_LANGUAGE, 0)
+    for language in pages.messages:
+        caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "f" * 8 + "." + "x" * 43,
+                        note="continue_not_needed")
+        size = len(pages.caller_page(caller).encode())
+        biggest = max(biggest, (language, size), key=lambda pair: pair[1])
+    return biggest
+

@@ -26,7 +26,7 @@ class PortalUrl:
     path: str   # where the page lives, at least "/"
 
     @classmethod
-    def parse(cls, url: str) -> "PortalUrl":
+    def parse(cls, url: str) -> PortalUrl:
         """Config validation already checked this is an http(s) URL with a host."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -41,6 +41,20 @@ class PortalUrl:
             return False
         # A Host without a port means the scheme's default, not necessarily the portal's port.
         return parse_host_header(host_header, DEFAULT_PORTS[self.scheme]) == (self.host, self.port)
+
+    def names_host(self, host_header: str | None) -> bool:
+        """True when a Host header names the portal's host, on whatever port.
+
+        Enough for requests on the portal's HTTPS listener: the gateway only ever redirects
+        port 80 to us, so a TLS connection naming our host came to us on purpose.
+        """
+        parsed = parse_host_header(host_header, 0) if host_header else None
+        return parsed is not None and parsed[0] == self.host
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """(scheme, host, port): what an ``Origin`` header of the portal's own page parses to."""
+        return self.scheme, self.host, self.port
 
 
 def parse_host_header(value: str, default_port: int) -> tuple[str, int] | None:
@@ -72,3 +86,13 @@ def parse_host_header(value: str, default_port: int) -> tuple[str, int] | None:
 
 def _normal_host(host: str) -> str:
     return host.lower().rstrip(".")
+
+
+def parse_origin(value: str) -> tuple[str, str, int] | None:
+    """``Origin: https://Portal.example`` → ``("https", "portal.example", 443)``; "null", junk → None."""
+    scheme, sep, rest = value.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS or "/" in rest:
+        return None
+    parsed = parse_host_header(rest, DEFAULT_PORTS[scheme])
+    return None if parsed is None else (scheme, *parsed)

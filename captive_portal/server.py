@@ -5,6 +5,10 @@ its addresses the packet arrived at, IPv4 or IPv6. A wildcard listen address the
 both families, as two sockets (the IPv6 one ``IPV6_V6ONLY``, so they do not clash and IPv4
 callers keep plain IPv4 peer addresses for the lookup). Sockets are built here from literal
 addresses only: start-up never waits on name resolution.
+
+With ``portal.tls`` the same app is also served over HTTPS on ``tls.listen`` (same rules for
+wildcards), from the certificate and key files named there. ``SIGHUP`` reloads them, so a
+renewed certificate needs no restart (connections already open keep the old one).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 
 from aiohttp import web
 
-from enforcer.config import Config, Listen
+from enforcer.config import Config, Listen, PortalTls
 
 from .app import REGISTRY_KEY, create_app
 from .enforcer_client import LookupClient
@@ -80,8 +85,18 @@ def describe(sockets: list[socket.socket]) -> str:
     return ", ".join(names)
 
 
+def tls_context(tls: PortalTls) -> ssl.SSLContext:
+    """A server context with the configured certificate chain; TLS 1.2 at least."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
 class PortalServer:
-    """The portal app and its metrics app on their sockets: ``start()``, later ``close()``.
+    """The portal app (HTTP, and HTTPS with ``portal.tls``) and its metrics app on their
+    sockets: ``start()``, later ``close()``.
 
     Tests use it directly (port 0, then read ``sockets``); ``serve`` wraps it for the CLI.
     """
@@ -90,38 +105,64 @@ class PortalServer:
         self.config = config
         self.app = create_app(config, client)
         self.sockets: list[socket.socket] = []
+        self.tls_sockets: list[socket.socket] = []
         self.metrics_sockets: list[socket.socket] = []
+        self.tls: ssl.SSLContext | None = None
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
         """Bind and serve; on failure whatever was started is closed again before raising."""
+        tls = self.config.portal.tls
         try:
-            self.sockets = await self._serve(self.app, self.config.portal.listen, SHUTDOWN_TIMEOUT)
+            if tls is not None:  # before binding anything: a bad certificate fails start-up at once
+                self.tls = tls_context(tls)
+            runner = await self._runner(self.app, SHUTDOWN_TIMEOUT)
+            self.sockets = await self._serve(runner, self.config.portal.listen)
+            if tls is not None:
+                self.tls_sockets = await self._serve(runner, tls.listen, self.tls)
             if self.config.metrics.portal_listen is not None:
-                self.metrics_sockets = await self._serve(
-                    create_metrics_app(self.app[REGISTRY_KEY]), self.config.metrics.portal_listen, 1.0)
+                metrics = await self._runner(create_metrics_app(self.app[REGISTRY_KEY]), 1.0)
+                self.metrics_sockets = await self._serve(metrics, self.config.metrics.portal_listen)
         except BaseException:
             await self.close()
             raise
         where = f"portal {self.config.portal.url} listening on {describe(self.sockets)}"
+        if self.tls_sockets:
+            where += f", HTTPS on {describe(self.tls_sockets)}"
         if self.metrics_sockets:
             where += f"; metrics on {describe(self.metrics_sockets)} /metrics"
         log.info("%s; enforcer socket %s", where, self.config.api.socket)
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key again (after renewal); a failure keeps the old ones."""
+        tls = self.config.portal.tls
+        if tls is None or self.tls is None:
+            return
+        try:
+            self.tls.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS certificate not reloaded, still serving the old one: %s", exc)
+            return
+        log.info("TLS certificate reloaded from %s", tls.cert)
 
     async def close(self) -> None:
         while self._runners:
             await self._runners.pop().cleanup()
 
-    async def _serve(self, app: web.Application, listen: Listen, shutdown_timeout: float) -> list[socket.socket]:
+    async def _runner(self, app: web.Application, shutdown_timeout: float) -> web.AppRunner:
         # No access log: it would record every subscriber's browsing while restricted, at volume.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
         await runner.setup()
         self._runners.append(runner)
+        return runner
+
+    async def _serve(self, runner: web.AppRunner, listen: Listen,
+                     ssl_context: ssl.SSLContext | None = None) -> list[socket.socket]:
         sockets = bind_sockets(listen)
         started = 0
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock, backlog=BACKLOG).start()
+                await web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=ssl_context).start()
                 started += 1
         except BaseException:
             for sock in sockets[started:]:  # sites already started close theirs on cleanup
@@ -131,13 +172,21 @@ class PortalServer:
 
 
 async def serve(config: Config, stop: asyncio.Event, client: LookupClient | None = None) -> None:
-    """Serve the portal until ``stop`` is set."""
+    """Serve the portal until ``stop`` is set; SIGHUP reloads the TLS certificate."""
     server = PortalServer(config, client)
+    loop = asyncio.get_running_loop()
     try:
         await server.start()
+        if server.tls is not None:
+            try:
+                loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+            except (ValueError, RuntimeError):  # not the main thread: no signals, no reload
+                log.debug("SIGHUP not handled outside the main thread")
         await stop.wait()
         log.info("portal stopping")
     finally:
+        if server.tls is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         await server.close()
 
 

@@ -51,6 +51,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         load_webhook_secret(config.api.webhook_secret_file)
     except SecretError as exc:
         problems.append(str(exc))
+    from captive_portal.branding import validate as validate_portal
+
+    problems += validate_portal(config)
     if problems:
         print(f"{config.path}: {len(problems)} error(s)", file=sys.stderr)
         for problem in problems:

@@ -85,12 +85,13 @@ class Conntrack:
         for network in networks:
             index.setdefault((network.version, network.prefixlen), {})[int(network.network_address)] = network
         found: dict[Network, None] = {}
-        for family, version in (("ipv4", 4), ("ipv6", 6)):
+        families = [(family, version) for family, version in (("ipv4", 4), ("ipv6", 6))
+                    if any(v == version for v, _ in index)]
+        listings = await asyncio.gather(*(self._sources(family) for family, _ in families))
+        for (family, version), sources in zip(families, listings, strict=True):
             lengths = [(plen, table) for (v, plen), table in index.items() if v == version]
-            if not lengths:
-                continue
             width = 32 if version == 4 else 128
-            for source in await self._sources(family):
+            for source in sources:
                 value = int(ipaddress.ip_address(source))
                 for plen, table in lengths:
                     network = table.get(value >> (width - plen) << (width - plen))

@@ -27,7 +27,7 @@ API_PORT = 8787
 
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
-                 payment_grace: str = "1h", allow: list[str] | None = None) -> None:
+                 payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None) -> None:
         self.topo = topo
         self.work = Path(workdir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ class Lab:
         self.table = f"wg_{topo.tag}"
         self.config = {
             "state_dir": str(self.work / "state"),
-            "subscribers": {"source": str(self.list_path)},
+            "subscribers": {"source": source or str(self.list_path), "poll_interval": 1, "timeout": 2},
             "gateway": {"subscriber_interfaces": list(topo.subscriber_interfaces), "table": self.table},
             "walled_garden": {"allow": allow if allow is not None else ["203.0.113.0/24", "2001:db8:203::/64"],
                               "dns": "any"},

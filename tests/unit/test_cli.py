@@ -60,3 +60,9 @@ def test_render_prints_one_atomic_transaction(tmp_path: Path, capsys: pytest.Cap
     assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto garden }" in out
     assert "add element inet walled_garden mode6_56 { 2001:db8:1:: : goto garden }" in out
     assert not (tmp_path / "state").exists(), "render must touch nothing"
+
+
+def test_check_config_reports_portal_text_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path, "portal:\n  texts:\n    cs:\n      heading_restriced: Pozor\n")
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "portal.texts.cs.heading_restriced" in capsys.readouterr().err

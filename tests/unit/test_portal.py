@@ -1,13 +1,16 @@
-"""Captive portal (SPEC §5): redirects, the page, the RFC 8908 API, metrics, the enforcer client.
+"""Captive portal (SPEC §5): redirects, the page, languages, the RFC 8908 API, metrics, the client.
 
 The app runs for real on aiohttp's test server; the enforcer is a fake client, except in the
-client tests, which talk HTTP to a real aiohttp server on a temporary Unix socket.
+client tests, which talk HTTP to a real aiohttp server on a temporary Unix socket. The notice
+flow and POST safety are in ``test_portal_continue``, branding in ``test_portal_branding``;
+both use the helpers here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -20,12 +23,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from captive_portal.app import CAPTIVE_JSON, REGISTRY_KEY, caller_address, create_app
-from captive_portal.enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup
-from captive_portal.language import choose_language, parse_accept_language
-from captive_portal.messages import EN, MESSAGES, Messages
+from captive_portal.branding import text_placeholders
+from captive_portal.enforcer_client import Ack, EnforcerClient, EnforcerUnavailable, Lookup
+from captive_portal.language import choose_language, page_language, parse_accept_language
+from captive_portal.messages import (EN, LANGUAGE_NAMES, MESSAGES, PLACEHOLDERS, MessageKey, Messages,
+                                     reason_key)
 from captive_portal.page import render_page
 from captive_portal.portal_url import PortalUrl, parse_host_header
-from enforcer.config import Config, Provider, parse_config
+from enforcer.config import LANGUAGES, Config, PaymentLink, Provider, parse_config
 
 PORTAL_HOST = "portal.isp.example"
 PORTAL_URL = "http://portal.isp.example/"
@@ -42,8 +47,18 @@ portal:
 api: {{socket: /tmp/x/control.sock}}
 """
 
-OVERDUE = Lookup("127.0.0.1", True, "walled-garden", "overdue", "R-7F3K")
+OVERDUE = Lookup("127.0.0.1", True, "walled-garden", "overdue", "R-7F3K", "C-1001")
 FREE = Lookup("127.0.0.1", False, "free", "", "")
+NOTICE = Lookup("127.0.0.1", True, "notice", "overdue", "WG-7K2M-Q9XD", "C-2002")
+ACKED = Ack(True, 4102444800.0)  # acknowledged until 2100
+
+#: What Android, Apple, Windows and Firefox fetch to find out whether they are behind a portal.
+OS_PROBES = [
+    ("connectivitycheck.gstatic.com", "/generate_204"),
+    ("captive.apple.com", "/hotspot-detect.html"),
+    ("www.msftconnecttest.com", "/connecttest.txt"),
+    ("detectportal.firefox.com", "/canonical.html"),
+]
 
 
 @pytest.fixture
@@ -55,18 +70,46 @@ def with_provider(config: Config, **fields: str) -> Config:
     return replace(config, portal=replace(config.portal, provider=replace(config.portal.provider, **fields)))
 
 
-class FakeEnforcer:
-    """Answers lookups with a fixed result, or fails like an unreachable enforcer."""
+def with_portal(config: Config, **fields: Any) -> Config:
+    return replace(config, portal=replace(config.portal, **fields))
 
-    def __init__(self, result: Lookup | None = OVERDUE) -> None:
+
+class FakeEnforcer:
+    """Answers lookups with a fixed result, or fails like an unreachable enforcer.
+
+    ``ack`` is what ``acknowledge`` answers (None: unreachable); an acknowledgement turns a
+    notice lookup into an acknowledged one, as the real enforcer would.
+    """
+
+    def __init__(self, result: Lookup | None = OVERDUE, ack: Ack | None = ACKED) -> None:
         self.result = result
+        self.ack = ack
         self.asked: list[str] = []
+        self.acknowledged: list[str] = []
 
     async def lookup(self, address: str) -> Lookup:
         self.asked.append(address)
         if self.result is None:
             raise EnforcerUnavailable("cannot reach the enforcer: test")
         return self.result
+
+    async def acknowledge(self, address: str) -> Ack:
+        self.acknowledged.append(address)
+        if self.ack is None:
+            raise EnforcerUnavailable("cannot reach the enforcer: test")
+        if self.ack.acknowledged and self.result is not None:
+            self.result = replace(self.result, ack_until=self.ack.until)
+        return self.ack
+
+
+class MustNotAsk:
+    """A client that fails the test if the portal asks the enforcer anything."""
+
+    async def lookup(self, address: str) -> Lookup:
+        raise AssertionError(f"lookup of {address} on a redirected request")
+
+    async def acknowledge(self, address: str) -> Ack:
+        raise AssertionError(f"acknowledge of {address} on a redirected request")
 
 
 @asynccontextmanager
@@ -101,11 +144,24 @@ async def test_foreign_host_is_redirected_without_lookup(config: Config, method:
         assert response.status == 302
         assert response.headers["Location"] == PORTAL_URL
         assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Connection"] == "close"
         assert response.headers["Content-Type"].startswith("text/html")
         if method != "HEAD":
             assert f'href="{PORTAL_URL}"' in await response.text()
         assert requests_total(client, "redirect") == 1
     assert enforcer.asked == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host,path", OS_PROBES)
+async def test_os_captive_probes_get_the_302_without_any_enforcer_call(config: Config, host: str, path: str) -> None:
+    async with portal(config, MustNotAsk()) as client:
+        response = await client.get(path, headers={"Host": host, "User-Agent": "probe"}, allow_redirects=False)
+        assert response.status == 302
+        assert response.headers["Location"] == PORTAL_URL
+        assert response.headers["Cache-Control"] == "no-store"
+        assert requests_total(client, "redirect") == 1
+        assert requests_total(client, "error") == 0
 
 
 @pytest.mark.asyncio
@@ -124,6 +180,13 @@ async def test_portal_host_matches_case_insensitively_with_default_port(config: 
     async with portal(config) as client:
         response = await client.get("/", headers={"Host": host}, allow_redirects=False)
         assert response.status == 200, host
+
+
+def test_on_https_the_portal_host_is_enough_whatever_the_port() -> None:
+    portal_url = PortalUrl.parse("http://portal.isp.example/")
+    assert portal_url.names_host("portal.isp.example:8443") and portal_url.names_host("PORTAL.isp.example")
+    assert not portal_url.names_host("example.com:8443") and not portal_url.names_host(None)
+    assert portal_url.origin == ("http", "portal.isp.example", 80)
 
 
 def test_portal_url_parsing() -> None:
@@ -165,7 +228,31 @@ async def test_restricted_page_in_english(config: Config) -> None:
     assert 'href="mailto:help@isp.example">help@isp.example</a>' in page
     assert "Mon-Fri 8-18" in page
     assert "<code>R-7F3K</code>" in page
-    assert "This page comes from your provider Example ISP; we will never ask for your password." in page
+    assert "This page comes from your internet provider, Example ISP." in page
+    assert ("We will never ask for your password or card details on this page. If in doubt, call us on "
+            '<a href="tel:+420123456789">+420 123 456 789</a>.') in page
+    assert "<form" not in page  # walled in: nothing to continue to
+    assert "C-1001" not in page and "127.0.0.1" not in page  # portal.show_account is off
+    assert page.count("<h1>") == 1
+
+
+@pytest.mark.asyncio
+async def test_payment_links_are_buttons_next_to_the_website(config: Config) -> None:
+    links = (PaymentLink("Pay by card", "https://pay.isp.example/card?a=1&b=2"),
+             PaymentLink("Bank <transfer>", "https://pay.isp.example/bank"))
+    async with portal(with_portal(config, payment_links=links)) as client:
+        page = await (await client.get("/", headers=on_portal())).text()
+    assert '<a href="https://pay.isp.example/card?a=1&amp;b=2" class="button">Pay by card</a>' in page
+    assert '<a href="https://pay.isp.example/bank" class="button">Bank &lt;transfer&gt;</a>' in page
+    assert f'<a href="{WEBSITE}">{WEBSITE}</a>' in page
+
+
+@pytest.mark.asyncio
+async def test_show_account_adds_the_account_id_and_the_callers_address(config: Config) -> None:
+    async with portal(with_portal(config, show_account=True)) as client:
+        page = await (await client.get("/", headers=on_portal())).text()
+    assert "<code>C-1001</code>" in page and "<code>127.0.0.1</code>" in page
+    assert EN["account_heading"] in page
 
 
 @pytest.mark.asyncio
@@ -187,24 +274,28 @@ async def test_lookup_failure_still_shows_the_restricted_page_without_reason(con
         assert client.app[REGISTRY_KEY].get_sample_value("walled_garden_portal_lookup_failures_total") == 1
         assert requests_total(client, "page") == 1
     assert "Your internet service is restricted" in page
-    assert "Why:" not in page and "<code>" not in page
+    assert "Why:" not in page and "<code>" not in page and "<form" not in page
     assert f'href="{WEBSITE}"' in page
 
 
 @pytest.mark.parametrize("reason,key", [("overdue", "reason_overdue"), ("suspended", "reason_suspended"),
                                         ("notice", "reason_notice"), ("Overdue", "reason_overdue"),
+                                        ("fair_use", "reason_fair_use"), ("Fair-Use", "reason_fair_use"),
+                                        ("security", "reason_security"), ("verification", "reason_verification"),
                                         ("fraud-check", "reason_other"), ("", "reason_other")])
-def test_reason_is_a_category_sentence(config: Config, reason: str, key: str) -> None:
+def test_reason_is_a_category_sentence(config: Config, reason: str, key: MessageKey) -> None:
+    assert reason_key(reason) == key
     page = render_page(replace(OVERDUE, reason=reason), config.portal.provider, "en")
-    assert EN[key] in page  # type: ignore[literal-required]
-    assert reason not in page.replace(EN[key], "") or reason in ("", "notice")  # type: ignore[literal-required]
+    assert EN[key] in page
+    assert reason not in page.replace(EN[key], "") or reason in ("", "notice", "security")
 
 
 def test_page_without_optional_provider_details() -> None:
     page = render_page(replace(OVERDUE, reference=""), Provider(), "en")
     assert EN["pay_contact"] in page
     assert f"<h2>{EN['contact_heading']}</h2>" not in page
-    assert EN["trust_unnamed"] in page
+    assert EN["trust_unnamed"] in page and EN["trust_never"] in page
+    assert "tel:" not in page  # no phone, no "call us on"
     assert "<code>" not in page
 
 
@@ -219,6 +310,8 @@ def test_everything_from_config_and_enforcer_is_escaped() -> None:
     assert "mailto:" not in page           # not an address we dare to link
     assert 'href="javascript' not in page  # shown as text, never as a link
     assert "javascript:alert(1)" in page
+    # the trust line's placeholders are filled with escaped values, too
+    assert "This page comes from your internet provider, &lt;script&gt;alert(1)&lt;/script&gt;." in page
 
 
 def test_page_is_small_and_self_contained(config: Config) -> None:
@@ -226,6 +319,7 @@ def test_page_is_small_and_self_contained(config: Config) -> None:
         page = render_page(lookup, config.portal.provider, "en")
         assert len(page.encode()) < 30_000
         assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {WEBSITE}
+        assert page.count("<h1>") == 1
         assert not re.search(r"<script|<link|<img|<iframe|\bsrc=|@import|url\(", page, re.IGNORECASE)
 
 
@@ -249,26 +343,85 @@ def test_accept_language_parsing_keeps_order_for_equal_weights() -> None:
     assert parse_accept_language("de, en;q=0.5, fr") == [("de", 1.0), ("fr", 1.0), ("en", 0.5)]
 
 
+def test_page_language_query_beats_the_header_and_falls_back_to_the_default() -> None:
+    have = set(LANGUAGES)
+    assert page_language("cs", "en-US,en;q=0.9", have) == "cs"
+    assert page_language("PT-br", None, have) == "pt"
+    assert page_language("xx", "hu", have) == "hu"       # an unknown ?lang= is ignored
+    assert page_language("", "de, fr;q=0.5", have, "es") == "es"
+    assert page_language(None, None, have, "uk") == "uk"
+
+
 def test_every_language_has_every_message() -> None:
+    """Every catalogue is complete: each key, non-empty, the same placeholders as English."""
     required = Messages.__required_keys__
+    assert set(MESSAGES) == set(LANGUAGES) == set(LANGUAGE_NAMES)
+    assert set(MessageKey.__args__) == required  # type: ignore[attr-defined]
     for language, messages in MESSAGES.items():
         assert set(messages) == required, language
-        assert all(isinstance(text, str) and text for text in messages.values()), language
+        for key, text in messages.items():
+            assert isinstance(text, str) and text.strip() == text and text, (language, key)
+            names, stray = text_placeholders(text)
+            assert names == set(PLACEHOLDERS.get(key, ())) and not stray, (language, key)
+            assert "<" not in text and "&" not in text, (language, key)  # plain text, never HTML
+
+
+@pytest.mark.parametrize("language", [lang for lang in LANGUAGES if lang != "en"])
+def test_every_language_is_really_translated(language: str) -> None:
+    same = [key for key, text in MESSAGES[language].items() if text == EN[key]]  # type: ignore[literal-required]
+    assert set(same) <= {"contact_phone", "contact_email"}, same  # "Telefon", "E-mail" may match
 
 
 @pytest.mark.asyncio
-async def test_page_follows_accept_language_and_a_new_language_is_one_dict_entry(
-        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(MESSAGES, "cs", {**EN, "heading_restricted": "Vaše připojení je omezeno"})
+async def test_page_follows_accept_language(config: Config) -> None:
     async with portal(config) as client:
         czech = await client.get("/", headers=on_portal(**{"Accept-Language": "cs-CZ,cs;q=0.9,en;q=0.8"}))
         other = await client.get("/", headers=on_portal(**{"Accept-Language": "de-DE, fr;q=0.5"}))
-        weighted = await client.get("/", headers=on_portal(**{"Accept-Language": "cs;q=0.3, en;q=0.9"}))
+        weighted = await client.get("/", headers=on_portal(**{"Accept-Language": "cs;q=0.3, ru;q=0.9"}))
         assert czech.headers["Content-Language"] == "cs"
+        assert czech.headers["Vary"] == "Accept-Language"
         page = await czech.text()
-        assert '<html lang="cs">' in page and "Vaše připojení je omezeno" in page
+        assert '<html lang="cs">' in page and MESSAGES["cs"]["heading_restricted"] in page
         assert '<html lang="en">' in await other.text()
-        assert '<html lang="en">' in await weighted.text()
+        assert MESSAGES["ru"]["heading_restricted"] in await weighted.text()
+
+
+@pytest.mark.asyncio
+async def test_lang_query_overrides_accept_language_and_the_switcher_links_every_language(config: Config) -> None:
+    async with portal(config) as client:
+        response = await client.get("/?lang=hu", headers=on_portal(**{"Accept-Language": "cs"}))
+        assert response.headers["Content-Language"] == "hu"
+        page = await response.text()
+    assert '<html lang="hu">' in page and MESSAGES["hu"]["heading_restricted"] in page
+    nav = re.search(r'<nav aria-label="([^"]+)">(.*?)</nav>', page, re.DOTALL)
+    assert nav and nav.group(1) == MESSAGES["hu"]["language_label"]
+    for code, name in LANGUAGE_NAMES.items():
+        assert f'href="/?lang={code}" hreflang="{code}" lang="{code}"' in nav.group(2)
+        assert f">{name}</a>" in nav.group(2)
+    assert nav.group(2).count('aria-current="true"') == 1 and 'lang="hu" aria-current="true"' in nav.group(2)
+
+
+@pytest.mark.asyncio
+async def test_default_language_is_the_fallback(config: Config) -> None:
+    async with portal(with_portal(config, default_language="es")) as client:
+        nothing = await client.get("/", headers=on_portal())
+        unknown = await client.get("/?lang=de", headers=on_portal(**{"Accept-Language": "de, fr"}))
+        english = await client.get("/", headers=on_portal(**{"Accept-Language": "en"}))
+        assert nothing.headers["Content-Language"] == "es"
+        assert unknown.headers["Content-Language"] == "es"
+        assert english.headers["Content-Language"] == "en"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_language_renders_every_state(config: Config, language: str) -> None:
+    m = MESSAGES[language]
+    for lookup, heading in ((OVERDUE, "heading_restricted"), (FREE, "heading_active"),
+                            (NOTICE, "heading_notice"), (replace(NOTICE, mode="throttle"), "heading_throttle"),
+                            (replace(NOTICE, ack_until=time.time() + 60), "heading_acknowledged"),
+                            (None, "heading_restricted")):
+        page = render_page(lookup, config.portal.provider, language)
+        assert f'<html lang="{language}">' in page
+        assert f"<h1>{m[heading]}</h1>" in page, (language, heading)  # type: ignore[literal-required]
 
 
 # --- RFC 8908 API ------------------------------------------------------------------------------
@@ -296,8 +449,25 @@ async def test_captive_api_answers_503_when_the_enforcer_is_unavailable(config: 
         assert response.headers["Cache-Control"] == "private, no-store"
         body = await response.json()
         assert body["error"] == "enforcer-unavailable" and "captive" not in body
+        assert body["user-portal-url"] == PORTAL_URL
         assert requests_total(client, "error") == 1
         assert requests_total(client, "captive_api") == 0
+
+
+@pytest.mark.asyncio
+async def test_captive_api_for_notice_subscribers(config: Config) -> None:
+    """Captive until the notice is acknowledged; then free, with the time the acknowledgement lasts."""
+    enforcer = FakeEnforcer(NOTICE)
+    async with portal(config, enforcer) as client:
+        before = await (await client.get("/api/captive", headers=on_portal())).json(content_type=CAPTIVE_JSON)
+        enforcer.result = replace(NOTICE, ack_until=time.time() + 3600)
+        after = await (await client.get("/api/captive", headers=on_portal())).json(content_type=CAPTIVE_JSON)
+        enforcer.result = replace(NOTICE, ack_until=time.time() - 1)  # lapsed: captive again
+        lapsed = await (await client.get("/api/captive", headers=on_portal())).json(content_type=CAPTIVE_JSON)
+    assert before == {"captive": True, "user-portal-url": PORTAL_URL}
+    assert after["captive"] is False and after["user-portal-url"] == PORTAL_URL
+    assert 3590 <= after["seconds-remaining"] <= 3600
+    assert lapsed == {"captive": True, "user-portal-url": PORTAL_URL}
 
 
 def test_caller_address_unwraps_ipv4_mapped_ipv6() -> None:
@@ -331,6 +501,7 @@ async def test_every_request_is_counted_by_kind(config: Config) -> None:
         assert {kind: requests_total(client, kind)
                 for kind in ("redirect", "page", "captive_api", "not_found", "error")} == dict.fromkeys(
             ("redirect", "page", "captive_api", "not_found", "error"), 0.0)
+        assert all(requests_total(client, kind) == 0 for kind in ("continue", "rate_limited", "forbidden"))
         for _ in range(3):
             await client.get("/x", headers={"Host": "example.org"}, allow_redirects=False)
         await client.post("/", headers={"Host": "example.org"}, allow_redirects=False)
@@ -368,16 +539,22 @@ async def test_each_app_has_its_own_registry(config: Config) -> None:
 # --- the enforcer client -----------------------------------------------------------------------
 
 @asynccontextmanager
-async def unix_enforcer(path: Path, handler: Any) -> AsyncIterator[list[dict[str, str]]]:
-    """A real HTTP server on a Unix socket at ``path``; yields the queries it received."""
-    seen: list[dict[str, str]] = []
+async def unix_enforcer(path: Path, handler: Any, acknowledge: Any = None) -> AsyncIterator[list[Any]]:
+    """A real HTTP server on a Unix socket at ``path``; yields the queries (and bodies) it received."""
+    seen: list[Any] = []
 
     async def lookup(request: web.Request) -> web.StreamResponse:
         seen.append(dict(request.query))
         return await handler(request)
 
+    async def ack(request: web.Request) -> web.StreamResponse:
+        seen.append((request.headers.get("Content-Type"), await request.json()))
+        return await acknowledge(request)
+
     app = web.Application()
     app.router.add_get("/v1/lookup", lookup)
+    if acknowledge is not None:
+        app.router.add_post("/v1/acknowledge", ack)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
@@ -400,7 +577,7 @@ async def test_enforcer_client_returns_a_lookup(tmp_path: Path) -> None:
         client = EnforcerClient(str(socket_path))
         try:
             assert await client.lookup("100.64.0.10") == Lookup("100.64.0.10", True, "walled-garden",
-                                                                "overdue", "R-1")
+                                                                "overdue", "R-1", "C-1001")
             assert (await client.lookup("2001:db8::10")).address == "2001:db8::10"
         finally:
             await client.close()
@@ -411,7 +588,7 @@ async def test_enforcer_client_returns_a_lookup(tmp_path: Path) -> None:
 async def test_enforcer_client_fills_in_missing_optional_fields(tmp_path: Path) -> None:
     async def free(request: web.Request) -> web.Response:
         return web.json_response({"address": "10.0.0.1", "restricted": False, "mode": "free",
-                                  "reason": None, "subscriber": None})
+                                  "reason": None, "subscriber": None, "ack_until": "soon"})
 
     socket_path = tmp_path / "c.sock"
     async with unix_enforcer(socket_path, free):
@@ -420,6 +597,80 @@ async def test_enforcer_client_fills_in_missing_optional_fields(tmp_path: Path) 
             assert await client.lookup("10.0.0.1") == Lookup("10.0.0.1", False, "free", "", "")
         finally:
             await client.close()
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_reads_ack_until(tmp_path: Path) -> None:
+    async def notice(request: web.Request) -> web.Response:
+        return web.json_response({"address": "10.0.0.1", "restricted": True, "mode": "notice",
+                                  "reason": "overdue", "reference": "WG-1", "subscriber": "C-2",
+                                  "ack_until": 1900000000})
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, notice):
+        client = EnforcerClient(str(socket_path))
+        try:
+            lookup = await client.lookup("10.0.0.1")
+        finally:
+            await client.close()
+    assert lookup.ack_until == 1900000000.0 and lookup.in_notice
+    assert lookup.acknowledged(1899999999.0) and not lookup.acknowledged(1900000000.0)
+    assert not lookup.captive(1899999999.0) and lookup.captive(1900000001.0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer,expected", [
+    (web.json_response({"acknowledged": True, "until": 1900000000}), Ack(True, 1900000000.0)),
+    (web.json_response({"acknowledged": True}), Ack(True, None)),
+    (web.json_response({"error": "C-1 is in walled-garden mode"}, status=409),
+     Ack(False, error="C-1 is in walled-garden mode")),
+    (web.Response(status=409, text="no"), Ack(False, error="not in notice or throttle mode")),
+])
+async def test_enforcer_client_acknowledges(tmp_path: Path, answer: web.Response, expected: Ack) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return answer
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, answer_restricted, handler) as seen:
+        client = EnforcerClient(str(socket_path))
+        try:
+            assert await client.acknowledge("100.64.0.10") == expected
+        finally:
+            await client.close()
+    assert seen == [("application/json", {"address": "100.64.0.10"})]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", [
+    web.json_response({"error": "'x' is not an IP address"}, status=400),
+    web.Response(status=500),
+    web.Response(status=404),
+    web.Response(text="not json"),
+    web.json_response({"acknowledged": False}),
+    web.json_response(["acknowledged"]),
+])
+async def test_enforcer_client_acknowledge_raises_on_bad_answers(tmp_path: Path, answer: web.Response) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return answer
+
+    socket_path = tmp_path / "c.sock"
+    async with unix_enforcer(socket_path, answer_restricted, handler):
+        client = EnforcerClient(str(socket_path))
+        try:
+            with pytest.raises(EnforcerUnavailable):
+                await client.acknowledge("100.64.0.10")
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_enforcer_client_acknowledge_without_a_socket(tmp_path: Path) -> None:
+    client = EnforcerClient(str(tmp_path / "missing.sock"))
+    try:
+        with pytest.raises(EnforcerUnavailable, match="missing.sock"):
+            await client.acknowledge("100.64.0.10")
+    finally:
+        await client.close()
 
 
 @pytest.mark.asyncio

@@ -1,10 +1,12 @@
-"""Running the portal: dual-stack sockets, the metrics endpoint, clean exit on SIGTERM."""
+"""Running the portal: dual-stack sockets, HTTPS, the metrics endpoint, clean exit on SIGTERM."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -12,11 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import aiohttp.abc
 import pytest
 
-from captive_portal.enforcer_client import Lookup
-from captive_portal.server import PortalServer, bind_sockets
-from enforcer.config import Config, Listen, parse_config
+from captive_portal.enforcer_client import Ack, Lookup
+from captive_portal.server import PortalServer, bind_sockets, tls_context
+from enforcer.config import Config, Listen, PortalTls, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTAL_HOST = "portal.isp.example"
@@ -38,6 +41,9 @@ class FakeEnforcer:
     async def lookup(self, address: str) -> Lookup:
         self.asked.append(address)
         return Lookup(address, True, "walled-garden", "overdue", "")
+
+    async def acknowledge(self, address: str) -> Ack:
+        return Ack(False, error="walled-garden")
 
 
 def _ipv6_available() -> bool:
@@ -127,6 +133,104 @@ async def test_wildcard_server_answers_on_ipv4_and_ipv6_with_plain_peer_addresse
     finally:
         await server.close()
     assert enforcer.asked == ["127.0.0.1", "::1"]
+
+
+def make_certificate(directory: Path, name: str = "portal") -> PortalTls:
+    """A self-signed certificate for ``portal.isp.example`` (P-256: made in milliseconds)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", f"/CN={PORTAL_HOST}",
+                    "-addext", f"subjectAltName=DNS:{PORTAL_HOST}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=20)
+    return PortalTls(Listen("127.0.0.1", 0), str(cert), str(key))
+
+
+def trusting(tls: PortalTls) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=tls.cert)
+
+
+@pytest.mark.asyncio
+async def test_https_listener_serves_the_same_portal(tmp_path: Path) -> None:
+    tls = make_certificate(tmp_path)
+    config = local_config(Listen("127.0.0.1", 0), metrics=None)
+    config = replace(config, portal=replace(config.portal, url=f"https://{PORTAL_HOST}/", tls=tls))
+    enforcer = FakeEnforcer()
+    server = PortalServer(config, enforcer)
+    await server.start()
+    try:
+        plain_port = server.sockets[0].getsockname()[1]
+        port = server.tls_sockets[0].getsockname()[1]
+        # Resolve the portal's name to the test listener, so the certificate is verified for real.
+        connector = aiohttp.TCPConnector(ssl=trusting(tls), resolver=Pinned())
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(f"https://{PORTAL_HOST}:{port}/") as response:
+                assert response.status == 200  # host named, on its HTTPS port: the portal page
+                assert "restricted" in await response.text()
+            async with http.get(f"https://{PORTAL_HOST}:{port}/api/captive") as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == "application/captive+json"
+                assert response.headers["Cache-Control"] == "private, no-store"
+                assert await response.json(content_type=None) == {
+                    "captive": True, "user-portal-url": f"https://{PORTAL_HOST}/"}
+            async with http.get(f"https://{PORTAL_HOST}:{port}/x", headers={"Host": "example.com"},
+                                allow_redirects=False) as response:
+                assert response.status == 302 and response.headers["Location"] == f"https://{PORTAL_HOST}/"
+            async with http.get(f"http://127.0.0.1:{plain_port}/generate_204",
+                                headers={"Host": "connectivitycheck.gstatic.com"}, allow_redirects=False) as response:
+                assert response.status == 302 and response.headers["Location"] == f"https://{PORTAL_HOST}/"
+        # A renewed certificate is picked up on SIGHUP; a broken one keeps the old.
+        renewed = make_certificate(tmp_path, "renewed")
+        os.replace(renewed.cert, tls.cert)
+        os.replace(renewed.key, tls.key)
+        server.reload_tls()
+        Path(tls.key).write_text("broken")
+        server.reload_tls()
+        # Only the renewed certificate is trusted now (tls.cert holds it): the server must present it.
+        connector = aiohttp.TCPConnector(ssl=trusting(tls), resolver=Pinned())
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(f"https://{PORTAL_HOST}:{port}/api/captive") as response:
+                assert response.status == 200
+    finally:
+        await server.close()
+    assert enforcer.asked == ["127.0.0.1", "127.0.0.1", "127.0.0.1"]
+
+
+class Pinned(aiohttp.abc.AbstractResolver):
+    """Resolves the portal's name to 127.0.0.1 and nothing else."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        assert host == PORTAL_HOST, host
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
+
+
+@needs_ipv6
+@pytest.mark.asyncio
+async def test_https_wildcard_binds_both_families(tmp_path: Path) -> None:
+    tls = replace(make_certificate(tmp_path), listen=Listen("::", 0))
+    config = local_config(Listen("127.0.0.1", 0), metrics=None)
+    server = PortalServer(replace(config, portal=replace(config.portal, tls=tls)), FakeEnforcer())
+    await server.start()
+    try:
+        assert [s.family for s in server.tls_sockets] == [socket.AF_INET, socket.AF_INET6]
+        port = server.tls_sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http:
+            for host in ("127.0.0.1", "[::1]"):
+                async with http.get(f"https://{host}:{port}/api/captive", headers={"Host": PORTAL_HOST}) as r:
+                    assert r.status == 200
+    finally:
+        await server.close()
+
+
+def test_a_bad_certificate_fails_start_up(tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("not a certificate")
+    with pytest.raises(ssl.SSLError):
+        tls_context(PortalTls(Listen("127.0.0.1", 0), str(tmp_path / "c.pem"), str(tmp_path / "c.pem")))
 
 
 def test_run_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
