@@ -2,14 +2,15 @@
 
 Request flow, outermost first:
 
-1. ``count_requests``: every request lands in ``walled_garden_portal_requests_total{kind}``.
-2. ``redirect_other_hosts``: a Host that is not ``portal.url``'s is a redirected subscriber
+1. ``redirect_other_hosts``: a Host that is not ``portal.url``'s is a redirected subscriber
    trying to reach some other site: ``302`` to ``portal.url``, no lookup, no routing. 302 rather
    than 511 because that is what makes Android, Apple, Windows and Firefox offer "sign in to
-   network". It must stay cheap: it answers every HTTP request of every restricted subscriber.
-   It notes the URL asked for (``original_urls``), so a notice subscriber who presses
-   "Continue" goes back there, and closes the connection: a browser must not keep a
-   connection that is really to the portal under another site's name once it is let out.
+   network". It must stay cheap: it answers every HTTP request of every restricted subscriber,
+   so it is outermost and counts its own requests. It notes the URL asked for
+   (``original_urls``), so a notice subscriber who presses "Continue" goes back there, and
+   closes the connection: a browser must not keep a connection that is really to the portal
+   under another site's name once it is let out.
+2. ``count_requests``: every other request lands in ``walled_garden_portal_requests_total{kind}``.
 3. ``portal_not_found``: the portal host, but no such page: a small HTML 404.
 4. ``guard_posts``: every POST the portal answers is rate limited per address (429), must not
    come from another origin and must carry a CSRF token issued to the same address in the
@@ -21,6 +22,7 @@ Request flow, outermost first:
 from __future__ import annotations
 
 import ipaddress
+import re
 import json
 import logging
 import time
@@ -89,7 +91,7 @@ def create_app(config: Config, client: LookupClient | None = None, *,
     metrics = PortalMetrics()
     urls = OriginalUrls()
     app = web.Application(client_max_size=MAX_BODY, middlewares=[
-        count_requests(metrics), redirect_other_hosts(portal, urls), portal_not_found, guard_posts])
+        redirect_other_hosts(portal, urls, metrics), count_requests(metrics), portal_not_found, guard_posts])
     app[CONFIG_KEY] = config
     app[PORTAL_URL_KEY] = portal
     app[METRICS_KEY] = metrics
@@ -148,27 +150,31 @@ def _kind(request: web.Request, status: int) -> RequestKind:
     return RequestKind.ERROR
 
 
-def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls) -> Middleware:
-    """Send every request for another host to the portal, whatever its method or path."""
+def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalMetrics) -> Middleware:
+    """Send every request for another host to the portal, whatever its method or path.
+
+    Outermost, and counting its own requests: this is the hot path (every restricted
+    subscriber's every HTTP request), so it skips the rest of the middleware chain.
+    """
     link = escape(portal.url)
     body = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{link}</title></head>\n'
             f'<body><p><a href="{link}">{link}</a></p></body></html>\n').encode()
-    headers = {hdrs.LOCATION: portal.url, hdrs.CACHE_CONTROL: NO_STORE, **SECURITY_HEADERS}
+    headers = {hdrs.LOCATION: portal.url, hdrs.CACHE_CONTROL: NO_STORE,
+               hdrs.CONTENT_TYPE: "text/html; charset=utf-8", **SECURITY_HEADERS}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get(hdrs.HOST)
         if portal.is_addressed_by(host) or (request.secure and portal.names_host(host)):
             return await handler(request)
-        request[KIND_KEY] = RequestKind.REDIRECT
         url = page_url(request.method, request.headers, request.raw_path)
         if url is not None:
             address = caller_address(request)
             if address is not None:
                 urls.remember(address, url)
-        response = web.Response(status=302, body=body, content_type="text/html", charset="utf-8",
-                                headers=headers)
+        response = web.Response(status=302, body=body, headers=headers)
         response.force_close()
+        metrics.count(RequestKind.REDIRECT)
         return response
 
     return middleware
@@ -361,10 +367,16 @@ async def lookup_caller(request: web.Request) -> Lookup | None:
     return lookup
 
 
+_PLAIN_IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
+
+
 def caller_address(request: web.Request) -> str | None:
     """The peer's IP as the enforcer knows it: IPv4-mapped IPv6 (``::ffff:a.b.c.d``) unwrapped."""
+    remote = request.remote or ""
+    if _PLAIN_IPV4.fullmatch(remote):  # the kernel's own formatting: nothing to normalise (hot path)
+        return remote
     try:
-        address = ipaddress.ip_address(request.remote or "")
+        address = ipaddress.ip_address(remote)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

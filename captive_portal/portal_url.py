@@ -15,6 +15,10 @@ from urllib.parse import urlsplit
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+_ADDRESSED: dict[tuple["PortalUrl", str], bool] = {}
+_ADDRESSED_MAX = 4096
+
+
 @dataclass(frozen=True)
 class PortalUrl:
     """``portal.url`` taken apart once, at start-up."""
@@ -39,8 +43,14 @@ class PortalUrl:
         """True when a Host header names the portal itself (host and port, case-insensitive)."""
         if not host_header:
             return False
-        # A Host without a port means the scheme's default, not necessarily the portal's port.
-        return parse_host_header(host_header, DEFAULT_PORTS[self.scheme]) == (self.host, self.port)
+        known = _ADDRESSED.get((self, host_header))
+        if known is None:  # redirected traffic repeats a few hosts: remember recent answers
+            # A Host without a port means the scheme's default, not necessarily the portal's port.
+            known = parse_host_header(host_header, DEFAULT_PORTS[self.scheme]) == (self.host, self.port)
+            if len(_ADDRESSED) >= _ADDRESSED_MAX:
+                _ADDRESSED.clear()
+            _ADDRESSED[(self, host_header)] = known
+        return known
 
     def names_host(self, host_header: str | None) -> bool:
         """True when a Host header names the portal's host, on whatever port.
