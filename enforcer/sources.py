@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import ssl
+from email.utils import parsedate_to_datetime
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -178,7 +179,8 @@ class UrlSource:
                     return await self._fail("truncated", f"{self.url}: body cut short ({len(body)} of "
                                                          f"{response.content_length} bytes)")
                 content_type = response.headers.get("Content-Type", "")
-                etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+                etag = response.headers.get("ETag")
+                modified = _usable_last_modified(response.headers.get("Last-Modified"), response.headers.get("Date"))
         except asyncio.TimeoutError:
             return await self._fail("timeout", f"{self.url}: no complete answer within {self.config.timeout:g} s")
         except aiohttp.ClientPayloadError as exc:
@@ -201,3 +203,18 @@ class UrlSource:
     async def _fail(self, reason: str, message: str) -> bool:
         await self.on_failure(SourceFailure(self.url, reason, message))
         return False
+
+
+def _usable_last_modified(last_modified: str | None, date: str | None) -> str | None:
+    """Last-Modified as a validator only when it is a second or more older than the response.
+
+    It has one-second resolution: an export rewritten within the same second would otherwise
+    be answered "304 not modified" forever (RFC 7232 §2.2.2 calls such a date weak).
+    """
+    if not last_modified or not date:
+        return None
+    try:
+        modified, sent = parsedate_to_datetime(last_modified), parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    return last_modified if (sent - modified).total_seconds() >= 1 else None

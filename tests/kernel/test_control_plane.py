@@ -36,7 +36,7 @@ def test_broken_billing_export_changes_nothing_then_a_good_one_applies(topo: Top
     exports.mkdir()
     first = [{"id": SUB1, "addresses": [topo.subscribers[0].addr4]}]
     _export(exports, first)
-    topo.popen(topo.upstream.netns, sys.executable, "-c", FILE_SERVER, str(exports))
+    server = topo.popen(topo.upstream.netns, sys.executable, "-c", FILE_SERVER, str(exports))
     lab = Lab(topo, tmp_path / "gw", source="http://198.51.100.10:8081/export.yaml")
     lab.start_daemon()
     try:
@@ -53,9 +53,15 @@ def test_broken_billing_export_changes_nothing_then_a_good_one_applies(topo: Top
         status = lab.status() or {}
         assert "export.yaml" in status["source"]["last_error"]["message"]
         # The billing server goes away entirely: still nothing changes.
-        # A good export applies.
+        server.kill()
+        server.wait(5)
+        lab.wait_for(lambda: ((lab.status() or {}).get("source", {}).get("last_error") or {}).get("reason")
+                     == "unreachable", timeout=15, what="unreachable source reported")
+        assert lab.lookup(restricted.addr4)["restricted"] and not lab.lookup(free.addr4)["restricted"]
+        # It comes back with a good export, which applies.
         _export(exports, [{"id": "C-2002", "addresses": [free.addr4]}])
-        lab.wait_for(lambda: lab.lookup(free.addr4)["restricted"], timeout=10, what="good list applied")
+        topo.popen(topo.upstream.netns, sys.executable, "-c", FILE_SERVER, str(exports))
+        lab.wait_for(lambda: lab.lookup(free.addr4)["restricted"], timeout=30, what="good list applied")
         assert not lab.lookup(restricted.addr4)["restricted"]
         assert (lab.status() or {})["source"]["last_error"] is None
     finally:

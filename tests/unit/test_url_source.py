@@ -134,3 +134,13 @@ def test_backoff_grows_with_failures_and_is_jittered() -> None:
     assert all(d <= 300 * 1.25 for d in delays)         # capped at the interval
     url_source.failures = 4
     assert len({round(url_source.next_delay(), 6) for _ in range(20)}) > 1  # jittered
+
+
+def test_last_modified_is_only_a_validator_when_safely_old() -> None:
+    from enforcer.sources import _usable_last_modified
+
+    sent = "Mon, 23 Nov 2026 10:00:05 GMT"
+    assert _usable_last_modified("Mon, 23 Nov 2026 10:00:00 GMT", sent) == "Mon, 23 Nov 2026 10:00:00 GMT"
+    assert _usable_last_modified("Mon, 23 Nov 2026 10:00:05 GMT", sent) is None  # same second: weak
+    assert _usable_last_modified("garbage", sent) is None
+    assert _usable_last_modified("Mon, 23 Nov 2026 10:00:00 GMT", None) is None
