@@ -144,3 +144,62 @@ def test_last_modified_is_only_a_validator_when_safely_old() -> None:
     assert _usable_last_modified("Mon, 23 Nov 2026 10:00:05 GMT", sent) is None  # same second: weak
     assert _usable_last_modified("garbage", sent) is None
     assert _usable_last_modified("Mon, 23 Nov 2026 10:00:00 GMT", None) is None
+
+
+def _pki(folder: Path) -> dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    import subprocess
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=folder, check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=test billing CA")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: str(folder / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+async def test_https_source_with_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    pki = _pki(tmp_path)
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca.pem"])
+    server_ssl.load_cert_chain(pki["server.pem"], pki["server.key"])
+    server_ssl.verify_mode = ssl.CERT_REQUIRED
+    billing = Billing()
+    app = web.Application()
+    app.router.add_get("/export", billing.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    lists: list[Any] = []
+    failures: list[SourceFailure] = []
+
+    async def on_list(update: Any) -> None:
+        lists.append(update)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failures.append(failure)
+
+    try:
+        url = f"https://127.0.0.1:{port}/export"
+        with_cert = SubscribersConfig(source=url, timeout=5, ca_file=pki["ca.pem"], client_cert=pki["client.pem"],
+                                      client_key=pki["client.key"])
+        without_cert = SubscribersConfig(source=url, timeout=5, ca_file=pki["ca.pem"])
+        async with aiohttp.ClientSession() as session:
+            assert await UrlSource(with_cert, on_list, on_failure, on_list).poll(session)
+            assert [s.id for s in lists[0].subscribers] == ["C-1"]
+            assert not await UrlSource(without_cert, on_list, on_failure, on_list).poll(session)
+            assert failures[-1].reason == "unreachable"
+            untrusted = SubscribersConfig(source=url, timeout=5)  # system CAs do not know our test CA
+            assert not await UrlSource(untrusted, on_list, on_failure, on_list).poll(session)
+            assert "certificate" in failures[-1].message.lower()
+    finally:
+        await runner.cleanup()
