@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .config import Config, ConfigError, default_config_path, load_config
 
@@ -82,17 +82,29 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    """One request to the daemon; prints the answer itself for ``--json``.
+
+    Returns the answer for the caller to print for a person, or an exit code (int) when
+    there is nothing more to do: 1 after an error, 0 after the JSON was printed.
+    """
     from .control import ControlError, request
 
     try:
-        status = request(_config(args).api.socket, "GET", "/v1/status")
+        answer = request(_config(args).api.socket, method, path, body)
     except ControlError as exc:
         print(f"walled-garden: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _ask(args, "GET", "/v1/status")
+    if isinstance(status, int):
+        return status
     modes = ", ".join(f"{k}={v}" for k, v in status["modes"].items())
     sync = status.get("last_sync") or {}
     source = status["source"]
@@ -115,16 +127,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from .control import ControlError, request
-
-    try:
-        answer = request(_config(args).api.socket, "GET", f"/v1/explain?q={quote(args.query)}")
-    except ControlError as exc:
-        print(f"walled-garden: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-        return 0
+    answer = _ask(args, "GET", f"/v1/explain?q={quote(args.query)}")
+    if isinstance(answer, int):
+        return answer
     if not answer["found"]:
         print(f"{answer['query']}: not restricted ({answer['why']})")
         return 0
@@ -148,16 +153,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _control(args: argparse.Namespace, path: str, body: dict) -> int:
     """POST an operator action; print the answer for a person, or as JSON."""
-    from .control import ControlError, request
-
-    try:
-        answer = request(_config(args).api.socket, "POST", path, body)
-    except ControlError as exc:
-        print(f"walled-garden: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    elif "mode" in answer:
+    answer = _ask(args, "POST", path, body)
+    if isinstance(answer, int):
+        return answer
+    if "mode" in answer:
         print(f"{answer.get('subscriber', body.get('subscriber'))}: now {answer['mode']} ({answer.get('cause', '')}); "
               f"{answer.get('connections_flushed') or 0} connection(s) flushed")
     else:

@@ -16,7 +16,6 @@ import ipaddress
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[2]))
+sys.path.insert(0, str(HERE.parent))
 
 from enforcer.config import parse_config  # noqa: E402
+from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.daemon import Enforcer, base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
@@ -167,19 +168,9 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("run as root (it creates a private network namespace)", file=sys.stderr)
-        return 1
-    if not os.environ.get("WG_BENCH_NETNS"):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the namespace is removed on timeout
-        name = f"wgbench{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        try:
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-            return subprocess.run(["ip", "netns", "exec", name, sys.executable, str(HERE), *sys.argv[1:]],
-                                  env={**os.environ, "WG_BENCH_NETNS": name}).returncode
-        finally:
-            subprocess.run(["ip", "netns", "del", name])
+    code = reexec_in_private_netns(str(HERE))
+    if code is not None:
+        return code
     with tempfile.TemporaryDirectory() as work:
         secret = Path(work, "secret")
         secret.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())

@@ -17,9 +17,7 @@ import base64
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from bench_dataplane import TABLE, subscribers  # noqa: E402
 
 from enforcer.api import load_webhook_secret, start_tcp_site, webhook_app  # noqa: E402
 from enforcer.config import parse_config  # noqa: E402
+from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
@@ -161,19 +160,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("run as root (it creates a private network namespace)", file=sys.stderr)
-        return 1
-    if not os.environ.get("WG_BENCH_NETNS"):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        name = f"wgbench{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        try:
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-            return subprocess.run(["ip", "netns", "exec", name, sys.executable, str(HERE), *sys.argv[1:]],
-                                  env={**os.environ, "WG_BENCH_NETNS": name}).returncode
-        finally:
-            subprocess.run(["ip", "netns", "del", name])
+    code = reexec_in_private_netns(str(HERE))
+    if code is not None:
+        return code
     with tempfile.TemporaryDirectory() as work:
         if os.environ.get("WG_BENCH_PROFILE"):  # where the daemon side spends its time
             import cProfile
