@@ -154,8 +154,6 @@ class Enforcer:
             result = await self._kernel(self.reconciler.update, decisions)
         except NeedsFullSync:
             return await self.sync_all()
-        except AddressConflict:
-            raise
         except DataplaneError as exc:
             self.metrics.sync_failures.inc()
             log.error("event=sync_failed kind=partial error=%r", str(exc))
@@ -346,6 +344,17 @@ class Enforcer:
         return await pending.answer
 
     async def _commit_batch(self, batch: list["Pending"]) -> None:
+        """Commit a batch; whatever goes wrong, no webhook request is left waiting."""
+        try:
+            await self._commit_events(batch)
+        except Exception as exc:
+            log.exception("event=batch_failed size=%d", len(batch))
+            for item in batch:
+                if not item.answer.done():
+                    item.answer.set_result((503, {"error": f"internal error, retry later: {exc}",
+                                                  "id": item.event.id}))
+
+    async def _commit_events(self, batch: list["Pending"]) -> None:
         """Apply a burst of events: policy per event, one kernel transaction, one flush round."""
         answers: dict[int, tuple[int, dict[str, Any]]] = {}
         applied: list[tuple[int, str, tuple[Override | None, policy.Grace | None]]] = []
@@ -382,7 +391,7 @@ class Enforcer:
             if touched:
                 try:
                     result = await self._update(touched)
-                except DataplaneError as exc:
+                except (DataplaneError, AddressConflict) as exc:  # nothing of the batch was applied
                     for index, sid, saved in reversed(applied):
                         self._restore_inputs(sid, saved)
                         event = batch[index].event

@@ -310,3 +310,18 @@ async def test_address_change_moves_enforcement_and_survives_restart(setup: Any,
     await enforcer.on_list(ListUpdate(subs, "l.yaml", "3"))
     assert _restricted(fake) == {"100.64.0.88"}
     assert "C-1" not in enforcer.store.load_inputs().readdressed
+
+
+async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, monkeypatch: Any) -> None:
+    client, enforcer, fake, _, _ = setup
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(enforcer, "_stale", broken)
+    body = _event("payment.received", "C-1")
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "boom"))
+    assert response.status == 503 and "retry" in (await response.json())["error"]
+    monkeypatch.undo()
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "boom"))
+    assert response.status == 200, "the failed id was not cached; the retry is processed"
