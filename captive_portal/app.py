@@ -270,7 +270,7 @@ async def continue_post(request: web.Request) -> web.StreamResponse:
         return _caller_page(request, lookup, language, note="continue_failed", status=503,
                             headers={hdrs.RETRY_AFTER: "5"})
     if not ack.acknowledged:
-        log.debug("acknowledgement refused for %s: %s", address, ack.error)
+        log.debug("event=acknowledgement_refused address=%s error=%r", address, ack.error)
         lookup = await lookup_caller(request)
         return _caller_page(request, lookup, language, note="continue_not_needed", status=409)
     location = request.app[URLS_KEY].pop(address)
@@ -398,14 +398,14 @@ class _FailureLog:
         if self._last is not None and now - self._last < self.interval:
             self._suppressed += 1
             return
-        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-        log.warning("enforcer request failed: %s%s", message, more)
+        more = f" suppressed_since_last={self._suppressed}" if self._suppressed else ""
+        log.warning("event=enforcer_request_failed error=%r%s", message, more)
         self._last, self._suppressed = now, 0
 
     def succeeded(self) -> None:
         if self._last is not None:
-            more = f" ({self._suppressed} failures not reported)" if self._suppressed else ""
-            log.info("enforcer requests work again%s", more)
+            more = f" unreported_failures={self._suppressed}" if self._suppressed else ""
+            log.info("event=enforcer_requests_work_again%s", more)
             self._last, self._suppressed = None, 0
 
 

@@ -159,7 +159,7 @@ def load_logo(branding: Branding) -> str:
     try:
         return logo_data_uri(branding.logo)
     except (OSError, ValueError) as exc:
-        log.error("portal.branding.logo not used: %s", exc)
+        log.error("event=logo_not_used key=portal.branding.logo error=%r", str(exc))
         return ""
 
 
@@ -262,7 +262,7 @@ def load_template(templates_dir: str) -> Template:
         if not problems:
             return Template(text)
     for problem in problems:
-        log.error("custom page template not used: %s", problem)
+        log.error("event=template_not_used problem=%r", str(problem))
     return builtin_template()
 
 

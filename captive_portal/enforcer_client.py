@@ -3,8 +3,9 @@
 The portal is unprivileged and keeps no state: the enforcer alone knows who is restricted.
 It answers ``GET /v1/lookup?address=...`` on the Unix socket ``api.socket``, and
 ``POST /v1/acknowledge`` with ``{"address": ...}`` when a subscriber in notice or throttle mode
-presses "Continue to the internet"; file permissions on that socket are the access control,
-so nothing here needs credentials.
+presses "Continue to the internet", and ``POST /v1/promise`` with ``{"address": ...}`` when a
+restricted subscriber presses "I promise to pay"; file permissions on that socket are the access
+control, so nothing here needs credentials.
 
 Every failure (no socket, refused, timeout, bad status, malformed answer) becomes one
 exception, ``EnforcerUnavailable``: callers must decide what a missing answer means for them
@@ -24,6 +25,7 @@ import aiohttp
 #: The host part is ignored on a Unix socket; it only has to make a valid URL.
 LOOKUP_URL = "http://enforcer/v1/lookup"
 ACKNOWLEDGE_URL = "http://enforcer/v1/acknowledge"
+PROMISE_URL = "http://enforcer/v1/promise"
 #: Modes in which the subscriber may read the notice and carry on (the others are walled in).
 NOTICE_MODES = frozenset({"notice", "throttle"})
 DEFAULT_TIMEOUT = 2.0
@@ -31,6 +33,33 @@ DEFAULT_TIMEOUT = 2.0
 
 class EnforcerUnavailable(Exception):
     """The enforcer could not give an answer; the reason is in the message."""
+
+
+@dataclass(frozen=True)
+class PromiseOffer:
+    """Whether the caller may press "I promise to pay" now (the lookup's ``promise``).
+
+    ``why`` is the enforcer's category (``eligible``, ``limit_reached``, ...; "" when an older
+    enforcer said nothing); ``term`` is how long a promise would lift the restriction, seconds.
+    """
+
+    eligible: bool = False
+    why: str = ""
+    term: float | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> PromiseOffer:
+        """Lenient: anything missing or odd means "no button" (an older enforcer sends nothing)."""
+        if not isinstance(data, dict):
+            return cls()
+        term = _time(data.get("term_seconds"))
+        term = term if term is not None and term > 0 else None
+        # Without a term the page could not say what the button does: no button then.
+        return cls(eligible=data.get("eligible") is True and term is not None, why=_text(data.get("why")),
+                   term=term)
+
+
+NOT_OFFERED = PromiseOffer()
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,7 @@ class Lookup:
     reference: str   # code the subscriber quotes to the provider, "" when none
     subscriber: str = ""            # account id; shown only with portal.show_account
     ack_until: float | None = None  # unix time an acknowledged notice lasts until
+    promise: PromiseOffer = NOT_OFFERED  # may the caller promise to pay now, and for how long
 
     @property
     def in_notice(self) -> bool:
@@ -71,7 +101,8 @@ class Lookup:
             raise ValueError("lookup answer has no 'mode'")
         return cls(address=str(data.get("address") or ""), restricted=restricted, mode=mode,
                    reason=_text(data.get("reason")), reference=_text(data.get("reference")),
-                   subscriber=_text(data.get("subscriber")), ack_until=_time(data.get("ack_until")))
+                   subscriber=_text(data.get("subscriber")), ack_until=_time(data.get("ack_until")),
+                   promise=PromiseOffer.from_json(data.get("promise")))
 
 
 @dataclass(frozen=True)
@@ -87,12 +118,28 @@ class Ack:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class Promised:
+    """The enforcer's answer to "I promise to pay".
+
+    ``made`` True: the restriction is lifted until ``until`` (unix time). False: refused, and
+    ``why`` says why: one of the lookup's ``promise.why`` categories (403: not eligible), or
+    ``not_restricted`` (409: nothing to lift).
+    """
+
+    made: bool
+    until: float | None = None
+    why: str = ""
+
+
 class LookupClient(Protocol):
     """What the app needs from a client; tests pass a fake with the same methods."""
 
     async def lookup(self, address: str) -> Lookup: ...
 
     async def acknowledge(self, address: str) -> Ack: ...
+
+    async def promise(self, address: str) -> Promised: ...
 
 
 class EnforcerClient:
@@ -139,6 +186,26 @@ class EnforcerClient:
             raise EnforcerUnavailable("malformed acknowledgement answer from the enforcer: "
                                       "no JSON object with 'acknowledged': true")
         return Ack(True, until=_time(data.get("until")))
+
+    async def promise(self, address: str) -> Promised:
+        """Ask the enforcer to lift ``address``'s restriction on the subscriber's promise to pay.
+
+        200 ``{"promised": true, "until": <unix>}`` (lifted in the kernel) → ``Promised(True, until)``;
+        403 ``{"eligible": false, "why": ...}`` → ``Promised(False, why=...)``; 409 (not restricted)
+        → ``Promised(False, why="not_restricted")``; anything else (400, 503 after a failed kernel
+        change, 404 from an enforcer without promises) raises ``EnforcerUnavailable``.
+        """
+        status, data = await self._call("POST", PROMISE_URL, f"a promise to pay for {address}",
+                                        json={"address": address}, answers=(200, 403, 409))
+        if status == 409:
+            return Promised(False, why="not_restricted")
+        if status == 403:  # a refusal is an answer, whatever its body looks like
+            why = _text(data.get("why")) if isinstance(data, dict) else ""
+            return Promised(False, why=why or "not_eligible")
+        if not isinstance(data, dict) or data.get("promised") is not True:
+            raise EnforcerUnavailable("malformed promise answer from the enforcer: "
+                                      "no JSON object with 'promised': true")
+        return Promised(True, until=_time(data.get("until")))
 
     async def _call(self, method: str, url: str, what: str, *, answers: tuple[int, ...] = (200,),
                     **kwargs: Any) -> tuple[int, Any]:

@@ -9,6 +9,9 @@ addresses only: start-up never waits on name resolution.
 With ``portal.tls`` the same app is also served over HTTPS on ``tls.listen`` (same rules for
 wildcards), from the certificate and key files named there. ``SIGHUP`` reloads them, so a
 renewed certificate needs no restart (connections already open keep the old one).
+
+Under systemd (``Type=notify``) the portal says READY=1 once every socket is bound and pets
+the watchdog from its event loop, so a hung loop is restarted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import ssl
 
 from aiohttp import web
 
+from enforcer import systemd_notify
 from enforcer.config import Config, Listen, PortalTls
+from enforcer.logs import setup_logging
 
 from .app import REGISTRY_KEY, create_app
 from .enforcer_client import LookupClient
@@ -57,7 +62,7 @@ def bind_sockets(listen: Listen) -> list[socket.socket]:
         if exc.errno not in _NO_IPV6:
             first.close()
             raise
-        log.warning("no IPv6 on this host (%s): listening on IPv4 only", exc.strerror or exc)
+        log.warning("event=no_ipv6 error=%r (listening on IPv4 only)", exc.strerror or str(exc))
         return [first]
     return [first, second]
 
@@ -126,12 +131,9 @@ class PortalServer:
         except BaseException:
             await self.close()
             raise
-        where = f"portal {self.config.portal.url} listening on {describe(self.sockets)}"
-        if self.tls_sockets:
-            where += f", HTTPS on {describe(self.tls_sockets)}"
-        if self.metrics_sockets:
-            where += f"; metrics on {describe(self.metrics_sockets)} /metrics"
-        log.info("%s; enforcer socket %s", where, self.config.api.socket)
+        log.info("event=portal_started url=%s listen=%s https=%s metrics=%s enforcer_socket=%s",
+                 self.config.portal.url, _joined(self.sockets), _joined(self.tls_sockets),
+                 _joined(self.metrics_sockets), self.config.api.socket)
 
     def reload_tls(self) -> None:
         """Load the certificate and key again (after renewal); a failure keeps the old ones."""
@@ -141,9 +143,10 @@ class PortalServer:
         try:
             self.tls.load_cert_chain(tls.cert, tls.key)
         except (OSError, ssl.SSLError) as exc:
-            log.error("TLS certificate not reloaded, still serving the old one: %s", exc)
+            log.error("event=tls_reload_failed cert=%s error=%r (still serving the old certificate)", tls.cert,
+                      str(exc))
             return
-        log.info("TLS certificate reloaded from %s", tls.cert)
+        log.info("event=tls_reloaded cert=%s", tls.cert)
 
     async def close(self) -> None:
         while self._runners:
@@ -173,25 +176,45 @@ class PortalServer:
 
 async def serve(config: Config, stop: asyncio.Event, client: LookupClient | None = None) -> None:
     """Serve the portal until ``stop`` is set; SIGHUP reloads the TLS certificate."""
+    watchdog = asyncio.create_task(systemd_notify.watchdog(), name="watchdog")
     server = PortalServer(config, client)
     loop = asyncio.get_running_loop()
+    hup = False
     try:
         await server.start()
-        if server.tls is not None:
-            try:
-                loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-            except (ValueError, RuntimeError):  # not the main thread: no signals, no reload
-                log.debug("SIGHUP not handled outside the main thread")
+        try:
+            loop.add_signal_handler(signal.SIGHUP, _on_hup, server)
+            hup = True
+        except (ValueError, RuntimeError):  # not the main thread: no signals, no reload
+            log.debug("event=sighup_unhandled (not the main thread)")
+        systemd_notify.notify(f"READY=1\nSTATUS=serving {config.portal.url}")
         await stop.wait()
-        log.info("portal stopping")
+        log.info("event=portal_stopping")
     finally:
-        if server.tls is not None:
+        systemd_notify.notify("STOPPING=1")
+        watchdog.cancel()
+        if hup:
             loop.remove_signal_handler(signal.SIGHUP)
         await server.close()
 
 
+def _on_hup(server: PortalServer) -> None:
+    if server.tls is None:
+        log.info("event=reload_ignored (no TLS certificate to reload; other portal settings need a restart)")
+        return
+    systemd_notify.reloading()
+    server.reload_tls()
+    systemd_notify.notify("READY=1")
+
+
+def _joined(sockets: list[socket.socket]) -> str:
+    return describe(sockets).replace(" ", "") or "-"
+
+
 def run(config: Config) -> None:
     """Blocking entry point of ``walled-garden portal``: serve until SIGTERM or SIGINT."""
+    if not logging.getLogger().handlers:  # one line per event on stdout, unless the caller set logging up
+        setup_logging()
     asyncio.run(_main(config))
 
 

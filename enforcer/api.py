@@ -8,6 +8,7 @@ socket whose file permissions decide who may use it.
 from __future__ import annotations
 
 import binascii
+import grp
 import ipaddress
 import json
 import logging
@@ -25,16 +26,26 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from .daemon import Enforcer
 from .events import EventError, parse_event
+from .exemptions import check_category, parse_instant, parse_until
 
 log = logging.getLogger("walled_garden.api")
 ENFORCER_KEY = web.AppKey("enforcer", Enforcer)
-VERIFIER_KEY = web.AppKey("verifier", object)
 #: Largest webhook body accepted; a billing event is a few hundred bytes.
 MAX_EVENT_BYTES = 64 * 1024
 
 
 class SecretError(ValueError):
     pass
+
+
+class Verifier:
+    """The webhook verifier in force; ``SIGHUP`` swaps in a new secret without a restart."""
+
+    def __init__(self, webhook: Webhook | None) -> None:
+        self.webhook = webhook
+
+
+VERIFIER_KEY = web.AppKey("verifier", Verifier)
 
 
 def load_webhook_secret(path: str) -> Webhook:
@@ -61,8 +72,8 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 async def post_event(request: web.Request) -> web.Response:
     received = time.perf_counter()
     enforcer = request.app[ENFORCER_KEY]
-    verifier = request.app[VERIFIER_KEY]
-    if not isinstance(verifier, Webhook):
+    verifier = request.app[VERIFIER_KEY].webhook
+    if verifier is None:
         enforcer.metrics.events.labels("unknown", "unavailable").inc()
         return _json(503, {"error": "webhook secret not configured on this gateway"})
     if request.content_length is not None and request.content_length > MAX_EVENT_BYTES:
@@ -86,10 +97,10 @@ async def post_event(request: web.Request) -> web.Response:
     return _json(status, answer)
 
 
-def webhook_app(enforcer: Enforcer, verifier: Webhook | None) -> web.Application:
+def webhook_app(enforcer: Enforcer, verifier: Webhook | Verifier | None) -> web.Application:
     app = web.Application(client_max_size=MAX_EVENT_BYTES)
     app[ENFORCER_KEY] = enforcer
-    app[VERIFIER_KEY] = verifier if verifier is not None else object()
+    app[VERIFIER_KEY] = verifier if isinstance(verifier, Verifier) else Verifier(verifier)
     app.router.add_post("/v1/events", post_event)
     return app
 
@@ -171,6 +182,49 @@ async def post_held(request: web.Request) -> web.Response:
     return _json(status, answer)
 
 
+async def post_exempt(request: web.Request) -> web.Response:
+    body = await _body(request)
+    enforcer = request.app[ENFORCER_KEY]
+    sid = body.get("subscriber")
+    if not isinstance(sid, str) or not sid:
+        return _json(400, {"error": "subscriber is required"})
+    note = str(body.get("note") or "")
+    if request.match_info["action"] == "unexempt":
+        category = body.get("category") or None
+        status, answer = await enforcer.unexempt(peer(request), sid, category, note)
+        return _json(status, answer)
+    try:
+        category = check_category(body.get("category"))
+        until = parse_until(body.get("until"), enforcer.clock(), enforcer.config.policy.windows.tz)
+    except ValueError as exc:
+        return _json(400, {"error": str(exc)})
+    if len(note) > 500:
+        return _json(400, {"error": "note: at most 500 characters"})
+    status, answer = await enforcer.exempt(peer(request), sid, category, until, note)
+    return _json(status, answer)
+
+
+async def post_promise(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        address = str(ipaddress.ip_address(str(body["address"])))
+    except (ValueError, KeyError, TypeError):
+        return _json(400, {"error": 'expected {"address": "<IP address>"}'})
+    status, answer = await request.app[ENFORCER_KEY].promise(address)
+    return _json(status, answer)
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        since = parse_instant(query["since"]) if query.get("since") else None
+        limit = int(query.get("limit", "200"))
+    except ValueError as exc:
+        return _json(400, {"error": f"since/limit: {exc}"})
+    entries = request.app[ENFORCER_KEY].audit(query.get("subscriber") or None, since, max(1, min(limit, 100_000)))
+    return _json(200, {"entries": entries})
+
+
 def control_app(enforcer: Enforcer) -> web.Application:
     app = web.Application()
     app[ENFORCER_KEY] = enforcer
@@ -180,11 +234,15 @@ def control_app(enforcer: Enforcer) -> web.Application:
     app.router.add_post("/v1/acknowledge", post_acknowledge)
     app.router.add_post(r"/v1/{action:restrict|lift}", post_operator)
     app.router.add_post(r"/v1/{action:approve|reject}", post_held)
+    app.router.add_post(r"/v1/{action:exempt|unexempt}", post_exempt)
+    app.router.add_post("/v1/promise", post_promise)
+    app.router.add_get("/v1/audit", get_audit)
     return app
 
 
 def metrics_app(enforcer: Enforcer) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
+        await enforcer.metrics.kernel.refresh(enforcer.read_kernel_counters)
         return web.Response(body=generate_latest(enforcer.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
     app = web.Application()
@@ -192,8 +250,12 @@ def metrics_app(enforcer: Enforcer) -> web.Application:
     return app
 
 
-async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:
-    """Serve ``app`` on a Unix socket readable by owner and group only."""
+async def start_unix_site(app: web.Application, path: str, group: str = "") -> web.AppRunner:
+    """Serve ``app`` on a Unix socket usable by owner and group only (``group``, if named).
+
+    Changing the group needs no capability when we are a member of it (the unit's
+    ``SupplementaryGroups=walled-garden``).
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)
@@ -204,6 +266,12 @@ async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:
         await web.UnixSite(runner, path).start()
     finally:
         os.umask(old)
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, OSError) as exc:
+            await runner.cleanup()
+            raise OSError(f"{path}: cannot give the control socket to group {group!r}: {exc}") from None
     return runner
 
 

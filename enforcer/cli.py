@@ -121,6 +121,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{held['lifting']}: {held['why']} -> walled-garden approve | reject")
     print(f"payment graces: {status['graces']}; overrides: {status['overrides']}; "
           f"held changes: {len(status['held_changes'])}")
+    print(f"exemptions: {status.get('exemptions', 0)}; promises to pay in force: {status.get('promises_active', 0)}; "
+          f"outgoing webhooks queued: {status.get('outbox', 0)}")
+    print(f"enforcement windows: {status.get('windows', '-')}; restrictions waiting for a window: "
+          f"{status.get('waiting_for_window', 0)}")
     return 0
 
 
@@ -148,6 +152,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"  {label}: {answer[key]['cause']}" + (f", until {answer[key]['until']:.0f}"
                                                          if "until" in answer[key] else ""))
     print(f"  in the kernel now: {answer['enforced_in_kernel']}")
+    if answer.get("chain"):
+        print("  chain of reasons:")
+        for step in answer["chain"]:
+            print(f"    - {step}")
+    if answer.get("audit"):
+        from .audit import format_entry
+        print("  recent audit:")
+        for entry in answer["audit"]:
+            print(f"    {format_entry(entry)}")
     return 0
 
 
@@ -181,6 +194,30 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_reject(args: argparse.Namespace) -> int:
     return _control(args, "/v1/reject", {"reason": args.reason})
+
+
+def cmd_exempt(args: argparse.Namespace) -> int:
+    return _control(args, "/v1/exempt", {"subscriber": args.id, "category": args.category, "until": args.until,
+                                         "note": args.note})
+
+
+def cmd_unexempt(args: argparse.Namespace) -> int:
+    return _control(args, "/v1/unexempt", {"subscriber": args.id, "category": args.category, "note": args.note})
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from .audit import format_entry
+    query = {k: v for k, v in (("subscriber", args.id), ("since", args.since), ("limit", args.limit)) if v}
+    answer = _ask(args, "GET", "/v1/audit?" + urlencode(query))
+    if isinstance(answer, int):
+        return answer
+    for entry in answer["entries"]:
+        print(format_entry(entry))
+    if not answer["entries"]:
+        print("no audit entries" + (f" for {args.id}" if args.id else "") + (f" since {args.since}" if args.since else ""))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -219,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (restrict, lift, approve, reject):
         p.add_argument("--reason", default="", help="why (recorded with your user name)")
         p.add_argument("--json", action="store_true")
+    from .exemptions import CATEGORIES
+    exempt = add("exempt", cmd_exempt, "exempt a subscriber from restriction until a date (audited)")
+    exempt.add_argument("id")
+    exempt.add_argument("--category", required=True, choices=list(CATEGORIES),
+                        help="; ".join(f"{k}: {v}" for k, v in CATEGORIES.items()))
+    exempt.add_argument("--until", required=True, help="a date (2026-12-31, through that day), a time, or 14d")
+    exempt.add_argument("--note", default="", help="free text for colleagues (recorded with your user name)")
+    unexempt = add("unexempt", cmd_unexempt, "end a subscriber's exemption now (audited)")
+    unexempt.add_argument("id")
+    unexempt.add_argument("--category", choices=list(CATEGORIES), help="only this category (default: all)")
+    unexempt.add_argument("--note", default="")
+    for p in (exempt, unexempt):
+        p.add_argument("--json", action="store_true")
+    audit = add("audit", cmd_audit, "the audit log: every change of a subscriber's state and its cause")
+    audit.add_argument("id", nargs="?", help="one subscriber (default: all)")
+    audit.add_argument("--since", help="a date or RFC 3339 time")
+    audit.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
+    audit.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
     demo.set_defaults(fn=cmd_demo)
     return parser

@@ -7,6 +7,7 @@ them all at once by key path and line. Unknown keys are errors: a typo such as
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
 import os
@@ -18,6 +19,10 @@ from urllib.parse import urlsplit
 
 from . import yamlsource
 from .issues import Issue, IssuesError
+from .policy import EscalationStep
+from .promises import PromiseRules
+from .subscribers import Mode
+from .windows import HolidayError, Windows, check_zone, load_holidays, parse_days, parse_hours
 
 DEFAULT_PATH = "/etc/walled-garden/config.yaml"
 
@@ -142,6 +147,7 @@ class ApiConfig:
     socket: str = "/run/walled-garden/control.sock"
     listen: Listen | None = Listen("0.0.0.0", 8787)
     webhook_secret_file: str = "/etc/walled-garden/webhook.secret"
+    socket_group: str = ""              # group given access to the socket (the portal's), "" = owner's
 
 
 @dataclass(frozen=True)
@@ -150,9 +156,27 @@ class MetricsConfig:
     portal_listen: Listen | None = Listen("127.0.0.1", 9641)
 
 
+#: ``policy.throttle_rate`` default: 1 mbit/s, in bytes per second.
+DEFAULT_THROTTLE_RATE = 125_000
+#: The smallest ``throttle_burst`` chosen by default (64 KiB: one GSO/GRO super-packet).
+MIN_DEFAULT_THROTTLE_BURST = 64 * 1024
+
+
+def default_throttle_burst(rate: int) -> int:
+    """A tenth of a second at ``rate``, but at least 64 KiB (see ``throttle_burst``)."""
+    return max(rate // 10, MIN_DEFAULT_THROTTLE_BURST)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     payment_grace: float = 3 * 86400.0
+    throttle_rate: int = DEFAULT_THROTTLE_RATE       # bytes per second, per subscriber and direction
+    throttle_burst: int = default_throttle_burst(DEFAULT_THROTTLE_RATE)  # bytes above the rate
+    windows: Windows = field(default_factory=Windows.always)  # when new restrictions may start
+    escalation: tuple[EscalationStep, ...] = ()               # list mode → stricter after a while
+    promise_to_pay: PromiseRules = field(default_factory=PromiseRules)
+    exemption_default: float = 30 * 86400.0  # a dispute/outage opened by billing without an end
+    audit_retention: float = 400 * 86400.0   # audit rows older than this are deleted
 
 
 @dataclass(frozen=True)
@@ -196,6 +220,63 @@ def parse_duration(value: Any) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a usable duration (finite, not negative)")
     return seconds
+
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_PREFIXES = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+#: Spelled-out units (any case) → multiplier: ``byte``, ``kbyte``, ``kibyte``... / ``bit``, ``kbit``...
+_BYTE_WORDS = {f"{p}{u}": m for p, m in _PREFIXES.items() for u in ("byte", "bytes")}
+_BIT_WORDS = {f"{p}{u}": m for p, m in _PREFIXES.items() for u in ("bit", "bits")}
+#: Abbreviations, case as written: a capital B is bytes ("Mb" would be ambiguous, so it is refused).
+_BYTE_SYMBOLS = {"B": 1, "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+                 "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_PER_SECOND = re.compile(r"\s*/\s*s(?:ec(?:ond)?)?\s*$", re.IGNORECASE)
+MIN_THROTTLE_RATE = 1000  # bytes/s (8 kbit/s): anything less is a typo, not a policy
+
+
+def _byte_unit(unit: str) -> int | None:
+    return _BYTE_WORDS.get(unit.lower()) or _BYTE_SYMBOLS.get(unit)
+
+
+def parse_size(value: Any) -> int:
+    """``65536``, ``"64 kbyte"``, ``"64 KiB"``, ``"1 MB"`` → bytes (k/m/g = 1000ⁿ, Ki/Mi/Gi = 1024ⁿ)."""
+    problem = f"{value!r} is not a size in bytes (examples: 65536, '64 kbyte', '64 KiB')"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(problem)
+    match = _AMOUNT.match(str(value))
+    multiplier = _byte_unit(match.group(2) or "byte") if match else None
+    if match is None or multiplier is None:
+        raise ValueError(problem)
+    size = int(float(match.group(1)) * multiplier)
+    if size >= 2**32:
+        raise ValueError(f"{value!r} is too large (at most 4 GB)")
+    return size
+
+
+def parse_rate(value: Any) -> int:
+    """``"1 mbit/s"``, ``"512 kbit/s"``, ``"2 mbyte/s"`` → bytes per second.
+
+    Bits use SI prefixes as ISPs sell them (1 mbit/s = 1,000,000 bit/s = 125,000 bytes/s);
+    ``kibit``/``KiB`` and friends are 1024-based. A bare number is refused: bits or bytes?
+    """
+    problem = f"{value!r} is not a rate (examples: '1 mbit/s', '512 kbit/s', '2 mbyte/s')"
+    text = value if isinstance(value, str) else ""
+    per_second = _PER_SECOND.search(text)
+    match = _AMOUNT.match(text[:per_second.start()]) if per_second else None
+    if match is None or not match.group(2):
+        raise ValueError(problem)
+    number, unit = float(match.group(1)), match.group(2)
+    if unit.lower() in _BIT_WORDS:
+        rate = int(number * _BIT_WORDS[unit.lower()] / 8)
+    elif _byte_unit(unit) is not None:
+        rate = int(number * (_byte_unit(unit) or 1))
+    else:
+        raise ValueError(problem)
+    if rate < MIN_THROTTLE_RATE:
+        raise ValueError(f"{value!r} is below the minimum of 8 kbit/s (1000 bytes/s)")
+    if rate >= 2**40:
+        raise ValueError(f"{value!r} is too large")
+    return rate
 
 
 def parse_listen(value: Any) -> Listen:
@@ -276,6 +357,111 @@ def _http_url(value: Any) -> str:
     return text
 
 
+def _windows(r: _Reader, value: Any) -> Windows:
+    """``policy.windows``: weekdays, hour ranges, time zone, holiday calendar."""
+    path = ("policy", "windows")
+    raw = r.section(value, path, {"timezone", "days", "hours", "holidays_file"})
+    if not raw:
+        return Windows.always()
+    zone = r.get(raw, path + ("timezone",), lambda v: check_zone(_string(v)), "UTC")
+    days = r.get(raw, path + ("days",), lambda v: parse_days(_string_list(v)), frozenset(range(5)))
+    hours = r.get(raw, path + ("hours",), lambda v: tuple(sorted(parse_hours(h) for h in _string_list(v))),
+                  ((8 * 60, 18 * 60),))
+    holidays: frozenset[Any] = frozenset()
+    if raw.get("holidays_file"):
+        try:
+            holidays = load_holidays(_string(raw["holidays_file"]))
+        except HolidayError as exc:
+            for issue in exc.issues:
+                r.fail(path + ("holidays_file",), str(issue))
+        except ValueError as exc:
+            r.fail(path + ("holidays_file",), str(exc))
+    return Windows(zone=zone, days=days, hours=hours, holidays=holidays, configured=True)
+
+
+def _string_list(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+        raise ValueError("expected a string or a non-empty list of strings")
+    return items
+
+
+def _escalation(r: _Reader, value: Any) -> tuple[EscalationStep, ...]:
+    """``policy.escalation``: ``[{after: 7d, mode: throttle}, {after: 14d, mode: walled-garden}]``."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.fail(("policy", "escalation"), "expected a list of {after: DURATION, mode: MODE}")
+        return ()
+    steps = []
+    for i, item in enumerate(value):
+        path = ("policy", "escalation", i)
+        raw = r.section(item, path, {"after", "mode"})  # type: ignore[arg-type]
+        if not raw or "after" not in raw or "mode" not in raw:
+            r.fail(path, "each step needs after (a duration) and mode")  # type: ignore[arg-type]
+            continue
+        after = r.get(raw, path + ("after",), _number, None)  # type: ignore[operator]
+        mode = r.get(raw, path + ("mode",), _restricting_mode, None)  # type: ignore[operator]
+        if after is not None and mode is not None:
+            steps.append(EscalationStep(after, mode))
+    steps.sort(key=lambda s: s.after)
+    for earlier, later in zip(steps, steps[1:]):
+        if later.mode is earlier.mode or _SEVERITY[later.mode] < _SEVERITY[earlier.mode]:
+            r.fail(("policy", "escalation"), f"step {later.mode.value} after {later.after / 86400:g} days is not "
+                                             f"stricter than {earlier.mode.value} before it")
+    return tuple(steps)
+
+
+_SEVERITY = {Mode.NOTICE: 1, Mode.THROTTLE: 2, Mode.WALLED_GARDEN: 3}
+
+
+def _restricting_mode(value: Any) -> Mode:
+    try:
+        mode = Mode(str(value))
+    except ValueError:
+        mode = Mode.FREE
+    if mode is Mode.FREE:
+        raise ValueError(f"{value!r} is not one of {', '.join(m.value for m in Mode.restricting())}")
+    return mode
+
+
+def _promise_rules(r: _Reader, value: Any) -> PromiseRules:
+    """``policy.promise_to_pay``: the portal's "I promise to pay" button and its limits."""
+    path = ("policy", "promise_to_pay")
+    raw = r.section(value, path, {"enabled", "term", "max", "period", "reasons", "webhook_url",
+                                  "webhook_secret_file"})
+    if not raw:
+        return PromiseRules()
+    defaults = PromiseRules()
+
+    def count(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError("expected a whole number of at least 1")
+        return v
+
+    def flag(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError("expected true or false")
+        return v
+
+    def reasons(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+            raise ValueError("expected a list of reason categories, e.g. [overdue] ([] = any reason)")
+        return tuple(v)
+
+    rules = PromiseRules(
+        enabled=r.get(raw, path + ("enabled",), flag, True),
+        term=r.get(raw, path + ("term",), _number, defaults.term),
+        max_count=r.get(raw, path + ("max",), count, defaults.max_count),
+        period=r.get(raw, path + ("period",), _number, defaults.period),
+        reasons=r.get(raw, path + ("reasons",), reasons, defaults.reasons),
+        webhook_url=r.get(raw, path + ("webhook_url",), _http_url, None),
+        webhook_secret_file=r.get(raw, path + ("webhook_secret_file",), _string, None))
+    if rules.term > rules.period:
+        r.fail(path + ("term",), "the term is longer than the period the limit counts over")
+    return rules
+
+
 def load_config(path: str | None = None) -> Config:
     """Read and validate; raises ``ConfigError`` naming every problem."""
     path = path or default_config_path()
@@ -343,11 +529,12 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
 
     portal = _portal(r, r.section(top.get("portal"), ("portal",), set(PortalConfig.__dataclass_fields__)), path)
 
-    raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file"})
+    raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file", "socket_group"})
     api = ApiConfig(
         socket=r.get(raw, ("api", "socket"), _string, ApiConfig.socket),
         listen=r.get(raw, ("api", "listen"), _optional_listen, ApiConfig.listen),
         webhook_secret_file=r.get(raw, ("api", "webhook_secret_file"), _string, ApiConfig.webhook_secret_file),
+        socket_group=r.get(raw, ("api", "socket_group"), _group, ""),
     )
 
     raw = r.section(top.get("metrics"), ("metrics",), {"listen", "portal_listen"})
@@ -356,14 +543,35 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
         portal_listen=r.get(raw, ("metrics", "portal_listen"), _optional_listen, MetricsConfig.portal_listen),
     )
 
-    raw = r.section(top.get("policy"), ("policy",), {"payment_grace"})
+    raw = r.section(top.get("policy"), ("policy",), {"payment_grace", "throttle_rate", "throttle_burst", "windows",
+                                                     "escalation", "promise_to_pay", "exemption_default",
+                                                     "audit_retention"})
+    throttle_rate = r.get(raw, ("policy", "throttle_rate"), parse_rate, DEFAULT_THROTTLE_RATE)
+    throttle_burst = r.get(raw, ("policy", "throttle_burst"), parse_size, default_throttle_burst(throttle_rate))
     policy = PolicyConfig(payment_grace=r.get(raw, ("policy", "payment_grace"), parse_duration,
-                                              PolicyConfig.payment_grace))
+                                              PolicyConfig.payment_grace),
+                          throttle_rate=throttle_rate, throttle_burst=throttle_burst,
+                          windows=_windows(r, raw.get("windows")), escalation=_escalation(r, raw.get("escalation")),
+                          promise_to_pay=_promise_rules(r, raw.get("promise_to_pay")),
+                          exemption_default=r.get(raw, ("policy", "exemption_default"), _number,
+                                                  PolicyConfig.exemption_default),
+                          audit_retention=r.get(raw, ("policy", "audit_retention"), _number,
+                                                PolicyConfig.audit_retention))
 
     if r.issues:
         raise ConfigError(r.issues)
     return Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
                   walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy)
+
+
+def _group(value: Any) -> str:
+    """A group that exists on this machine (``groupadd --system walled-garden`` creates ours)."""
+    text = _string(value)
+    try:
+        grp.getgrnam(text)
+    except KeyError:
+        raise ValueError(f"no group {text!r} on this machine (create it: groupadd --system {text})") from None
+    return text
 
 
 def _table_name(value: Any) -> str:

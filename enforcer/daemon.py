@@ -21,18 +21,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from . import policy
+from .audit import audit_rows, state as audit_state
 from .config import Config
 from .conntrack import Conntrack, ConntrackError
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import MODE_PREFIX, Layout, mode_map
-from .events import PAYMENT, READDRESSED, RELEASED, RESTRICTED, Event
+from .events import EXEMPTION_CLOSED, EXEMPTION_OPENED, PAYMENT, READDRESSED, RELEASED, RESTRICTED, Event
+from .exemptions import Exemption
+from .promises import Promise, eligibility
 from .metrics import Metrics
 from .policy import Decision, Override
 from .batcher import Batcher
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
 from .store import Store
-from .subscribers import Mode, Network, validate_entry
+from .subscribers import Mode, Network, Subscriber, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
 T = TypeVar("T")
@@ -41,6 +44,8 @@ T = TypeVar("T")
 RESYNC_SECONDS = 2.0
 #: How often processed webhook ids older than their retention are dropped.
 PRUNE_SECONDS = 3600.0
+#: How often the escalation ladder is checked (O(list); steps are days apart anyway).
+ESCALATION_SECONDS = 300.0
 
 
 @dataclass
@@ -85,6 +90,23 @@ class Pending:
     answer: asyncio.Future[tuple[int, dict[str, Any]]]
 
 
+def policy_rules(config: Config) -> policy.Rules:
+    return policy.Rules(windows=config.policy.windows, escalation=config.policy.escalation)
+
+
+def enforced_before(store: Store) -> dict[str, Decision]:
+    out = {}
+    for sid, row in store.enforced().items():
+        try:
+            mode = Mode(row["mode"])
+            subscriber = Subscriber(sid, tuple(ipaddress.ip_network(a) for a in row["addresses"]), mode,
+                                    row["reason"])
+        except ValueError:
+            continue
+        out[sid] = Decision(sid, mode, "enforced before the restart", subscriber)
+    return out
+
+
 def base_layout(config: Config) -> Layout:
     return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
                   allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
@@ -101,11 +123,17 @@ class Enforcer:
         self.clock = clock
         self.store = store or Store(config.state_dir)
         self.inputs = self.store.load_inputs()
+        self.inputs.rules = policy_rules(config)
         self.metrics = Metrics()
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.conntrack = conntrack or Conntrack()
         self.lock = asyncio.Lock()
-        self.decisions: dict[str, Decision] = {}
+        # What the kernel enforces, per subscriber; seeded from state so that a restart outside
+        # an enforcement window keeps (and does not newly start) restrictions.
+        self.decisions: dict[str, Decision] = enforced_before(self.store)
+        self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
+        self._escalated = 0.0
+        self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
         self.mode_counts: dict[Mode, int] = {}
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._changed = asyncio.Event()   # wakes the timer when graces change
@@ -125,6 +153,7 @@ class Enforcer:
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
         self.metrics.list_entries.set(len(self.inputs.listed))
+        self.metrics.observe(self)
 
     # -- kernel ---------------------------------------------------------------------------
     async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
@@ -133,7 +162,7 @@ class Enforcer:
     async def sync_all(self, read_kernel: bool = False) -> SyncResult:
         """Make the whole table match the policy now (caller holds the lock)."""
         now = self.clock()
-        decisions = self.inputs.decide_all(now)
+        decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()
         try:
             result = await self._kernel(self.reconciler.sync_all, decisions, read_kernel)
@@ -147,7 +176,7 @@ class Enforcer:
         self._spawn(self._flush(result.changed, "sync"))
         return result
 
-    async def _update(self, decisions: dict[str, Decision]) -> SyncResult:
+    async def _update(self, decisions: dict[str, Decision], note: str = "") -> SyncResult:
         """Apply a few subscribers' decisions as a diff (caller holds the lock)."""
         started = time.perf_counter()
         try:
@@ -162,7 +191,7 @@ class Enforcer:
         previous = {sid: self.decisions[sid] for sid in decisions if sid in self.decisions}
         self.decisions.update(decisions)
         self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted],
-                              previous=previous)
+                              previous=previous, note=note)
         return result
 
     def _synced(self, result: SyncResult, seconds: float) -> None:
@@ -174,7 +203,7 @@ class Enforcer:
                  seconds, len(result.changed))
 
     def _record_enforced(self, decisions: dict[str, Decision], removed: Any, full: bool = False,
-                         previous: dict[str, Decision] | None = None) -> None:
+                         previous: dict[str, Decision] | None = None, note: str = "") -> None:
         """Keep mode counts and the ``enforced`` table current; O(changed), except on full syncs."""
         if full or previous is None:
             self.mode_counts = {}
@@ -200,6 +229,13 @@ class Enforcer:
                 for sid, d in changed.items() if d.restricted and d.subscriber}
         gone |= {sid for sid, d in changed.items() if not d.restricted}
         self.store.save_enforced(rows, gone)
+        self.store.append_audit(audit_rows(previous or {}, decisions, self.clock(), note))
+        if full:
+            self.waiting = {sid for sid, d in decisions.items() if d.pending is not None}
+        else:
+            self.waiting.difference_update(decisions)
+            self.waiting.update(sid for sid, d in decisions.items() if d.pending is not None)
+        self.metrics.waiting.set(len(self.waiting))
 
     async def _flush(self, networks: set[Network], why: str) -> int | None:
         if not networks:
@@ -248,10 +284,10 @@ class Enforcer:
             self.held = None
             self.metrics.held_changes.set(0)
             old = self.inputs.listed
-            changed = policy.apply_list(self.inputs, new)
+            changed = policy.apply_list(self.inputs, new, self.clock())
             meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
                     "fingerprint": update.fingerprint}
-            await asyncio.to_thread(self.store.save_list, old, new, meta)
+            await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since)
             self.list_status, self.source_error = meta, None
             self.metrics.list_entries.set(len(new))
             log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
@@ -375,10 +411,9 @@ class Enforcer:
                     answers[index] = (200, {"id": event.id, "result": "ignored", "detail": stale})
                     self.metrics.events.labels(event.type, "stale").inc()
                     continue
-                saved = (self.inputs.overrides.get(sid), self.inputs.graces.get(sid),
-                         self.inputs.readdressed.get(sid))
+                saved = self._save_inputs(sid)
                 self._apply_event(event, now)
-                decision = self.inputs.decide(sid, now)
+                decision = self.inputs.decide(sid, now, self.decisions.get(sid))
                 clash = self._clash(sid, decision, claims)
                 if clash:
                     self._restore_inputs(sid, saved)
@@ -412,7 +447,7 @@ class Enforcer:
             records: list[tuple[str, int, dict[str, Any], str | None]] = []
             for index, sid, _ in applied:
                 event = batch[index].event
-                decision = self.decisions.get(sid) or self.inputs.decide(sid, self.clock())
+                decision = self.decisions.get(sid) or self.inputs.decide(sid, self.clock(), None)
                 answer = {"id": event.id, "result": "applied", "subscriber": sid, "mode": decision.mode.value,
                           "cause": decision.cause, "connections_flushed": flushed}
                 if decision.until:
@@ -446,6 +481,12 @@ class Enforcer:
 
     def _stale(self, event: Event) -> str:
         """Why an event is older than what we already know about its subscriber, or ''."""
+        category = EXEMPTION_OPENED.get(event.type) or EXEMPTION_CLOSED.get(event.type)
+        if category:  # exemptions are ordered among themselves, per category
+            current = self.inputs.exemptions.get(event.subscriber_id, {}).get(category)
+            if current is not None and event.timestamp < current.set_at:
+                return f"older than the {category} exemption in force for {event.subscriber_id}; not applied"
+            return ""
         override = self.inputs.overrides.get(event.subscriber_id)
         grace = self.inputs.graces.get(event.subscriber_id)
         moved = self.inputs.readdressed.get(event.subscriber_id)
@@ -460,6 +501,9 @@ class Enforcer:
         cause = (f"operator {event.actor}: {event.note or 'no reason given'}" if event.actor
                  else f"event {event.id} ({event.type})")
         if event.type == PAYMENT:
+            promise = self.inputs.promise(sid)
+            if promise is not None and promise.active(now):
+                self.metrics.promises.labels("kept").inc()
             policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause, now)
         elif event.type == RESTRICTED:
             policy.record_override(self.inputs, sid, Override(True, at, cause, event.subscriber))
@@ -468,10 +512,26 @@ class Enforcer:
         elif event.type == READDRESSED:
             assert event.subscriber is not None
             self.inputs.readdressed[sid] = policy.Readdress(event.subscriber.addresses, at, cause)
+        elif event.type in EXEMPTION_OPENED:
+            until = event.until or max(at, now) + self.config.policy.exemption_default
+            policy.record_exemption(self.inputs, sid, Exemption(EXEMPTION_OPENED[event.type], until, event.note,
+                                                                f"event {event.id}", at))
+        elif event.type in EXEMPTION_CLOSED:
+            policy.clear_exemption(self.inputs, sid, EXEMPTION_CLOSED[event.type])
 
-    def _restore_inputs(self, sid: str, saved: tuple[Any, Any, Any]) -> None:
-        tables = (self.inputs.overrides, self.inputs.graces, self.inputs.readdressed)
-        for table, value in zip(tables, saved, strict=True):
+    def _tables(self) -> tuple[dict[str, Any], ...]:
+        i = self.inputs
+        return (i.overrides, i.graces, i.readdressed, i.exemptions, i.promises)
+
+    def _save_inputs(self, sid: str) -> tuple[Any, ...]:
+        """One subscriber's policy inputs, to put back if their batch cannot be applied."""
+        saved = [table.get(sid) for table in self._tables()]
+        saved[3] = dict(saved[3]) if saved[3] is not None else None   # exemptions are changed in place
+        saved[4] = list(saved[4]) if saved[4] is not None else None   # and so is the promise history
+        return tuple(saved)
+
+    def _restore_inputs(self, sid: str, saved: tuple[Any, ...]) -> None:
+        for table, value in zip(self._tables(), saved, strict=True):
             if value is None:
                 table.pop(sid, None)
             else:
@@ -479,10 +539,14 @@ class Enforcer:
 
     # -- time ---------------------------------------------------------------------------------
     async def timers(self, stop: asyncio.Event) -> None:
-        """Expire graces at their instant, and repair the kernel table after failures."""
+        """Expire graces, promises and exemptions at their instant, start restrictions that waited
+        for the enforcement window, climb the escalation ladder, and repair the kernel table."""
         while not stop.is_set():
             now = self.clock()
-            due = self.inputs.next_change(now)
+            due = self.inputs.next_change(now, waiting=bool(self.waiting))
+            if self.inputs.rules.escalation:
+                check = self._escalated + ESCALATION_SECONDS
+                due = min(due, check) if due else check
             wait = RESYNC_SECONDS if self.reconciler.needs_full else min(due - now if due else PRUNE_SECONDS,
                                                                          PRUNE_SECONDS)
             self._changed.clear()
@@ -509,14 +573,29 @@ class Enforcer:
                 await self.sync_all(read_kernel=True)
                 return
             now = self.clock()
-            ended = policy.expire(self.inputs, now)
-            if not ended:
+            lapsing = sum(1 for h in self.inputs.promises.values()
+                          if h and h[-1].outcome == "active" and h[-1].until <= now)
+            expired = policy.expire(self.inputs, now)
+            self.metrics.promises.labels("lapsed").inc(lapsing)
+            opened = set(self.waiting) if self.waiting and self.inputs.rules.windows.is_open(now) else set()
+            escalating: set[str] = set()
+            if self.inputs.rules.escalation and now >= self._escalated + ESCALATION_SECONDS:
+                self._escalated = now
+                escalating = policy.escalation_due(self.inputs, now, self.decisions)
+            todo = expired | opened | escalating
+            if not todo:
                 return
-            self.store.drop_graces(ended)
-            decisions = {sid: self.inputs.decide(sid, now) for sid in ended}
+            if expired:
+                await asyncio.to_thread(self.store.save_subscribers, self.inputs, expired)
+            decisions = {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in todo}
             result = await self._update(decisions)
-        log.info("event=grace_expired subscribers=%s", ",".join(sorted(ended)))
-        await self._flush(result.changed, "grace expiry")
+            self._count_exemptions()
+        log.info("event=policy_timer expired=%d window_opened=%d escalated=%d changed_networks=%d", len(expired),
+                 len(opened), len(escalating), len(result.changed))
+        await self._flush(result.changed, "policy timer")
+
+    def _count_exemptions(self) -> None:
+        self.metrics.exemptions.set(sum(len(e) for e in self.inputs.exemptions.values()))
 
     async def set_garden_addresses(self, addresses: set[str]) -> None:
         """Addresses of ``walled_garden.allow`` hostnames, as resolved now."""
@@ -526,6 +605,95 @@ class Enforcer:
             except DataplaneError as exc:
                 log.error("event=garden_hosts_not_applied error=%r", str(exc))
                 self._changed.set()
+
+    # -- exemptions, promises, audit ----------------------------------------------------------
+    async def _change_inputs(self, sid: str, change: Callable[[float], None], note: str
+                             ) -> tuple[int, dict[str, Any]]:
+        """Apply a policy-input change for one subscriber: decide, commit, persist, audit, flush."""
+        async with self.lock:
+            now = self.clock()
+            saved = self._save_inputs(sid)
+            change(now)
+            previous = self.decisions.get(sid)
+            decision = self.inputs.decide(sid, now, previous)
+            try:
+                result = await self._update({sid: decision}, note)
+            except (DataplaneError, AddressConflict) as exc:
+                self._restore_inputs(sid, saved)
+                return 503 if isinstance(exc, DataplaneError) else 409, {"error": str(exc)}
+            await asyncio.to_thread(self.store.save_subscribers, self.inputs, [sid])
+            if audit_state(previous) == audit_state(decision):   # no mode change: record the action itself
+                self.store.append_audit([(now, sid, audit_state(decision), audit_state(decision), note)])
+            self._count_exemptions()
+            self._changed.set()
+        await self._flush(set(result.changed), note)
+        return 200, {"subscriber": sid, "mode": decision.mode.value, "cause": decision.cause,
+                     "until": decision.until, "pending": decision.pending.value if decision.pending else None}
+
+    async def exempt(self, actor: str, sid: str, category: str, until: float, note: str
+                     ) -> tuple[int, dict[str, Any]]:
+        """``walled-garden exempt``: keep a subscriber free until ``until`` whatever the list says."""
+        if sid not in self.inputs.known_ids() and sid not in self.decisions:
+            log.info("event=exemption_for_unknown subscriber=%s (kept; applies if they are listed later)", sid)
+        exemption = Exemption(category, until, note, f"operator {actor}", self.clock())
+        log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%r", actor, sid, category,
+                    policy.when(until), note)
+        return await self._change_inputs(sid, lambda now: policy.record_exemption(self.inputs, sid, exemption),
+                                         f"exemption set by operator {actor}: {category} until "
+                                         f"{policy.when(until)}: {note or 'no note'}")
+
+    async def unexempt(self, actor: str, sid: str, category: str | None, note: str) -> tuple[int, dict[str, Any]]:
+        current = self.inputs.exemptions.get(sid, {})
+        if not current or (category and category not in current):
+            return 404, {"error": f"{sid} has no {category + ' ' if category else ''}exemption"}
+        log.warning("event=exemption_ended by=%s subscriber=%s category=%s note=%r", actor, sid, category or "all",
+                    note)
+        return await self._change_inputs(sid, lambda now: policy.clear_exemption(self.inputs, sid, category),
+                                         f"exemption ({category or 'all'}) ended by operator {actor}: "
+                                         f"{note or 'no note'}")
+
+    def promise_eligibility(self, sid: str) -> Any:
+        decision = self.decisions.get(sid)
+        override = self.inputs.overrides.get(sid)
+        mode = decision.mode if decision else Mode.FREE
+        reason = decision.subscriber.reason if decision and decision.subscriber else ""
+        ordered = bool(override and override.restrict and override.operator)
+        return eligibility(self.config.policy.promise_to_pay, self.inputs.promises.get(sid, []), mode, reason,
+                           ordered, self.clock())
+
+    async def promise(self, address: str) -> tuple[int, dict[str, Any]]:
+        """The portal's "I promise to pay" button: lift for the configured term, tell billing."""
+        found = self.lookup(address)
+        sid = found["subscriber"]
+        if not found["restricted"] or sid is None:
+            return 409, {"error": "this connection is not restricted", "eligible": False, "why": "not_restricted"}
+        verdict = self.promise_eligibility(sid)
+        if not verdict.eligible:
+            self.metrics.promises.labels("refused").inc()
+            return 403, {"error": "a promise to pay is not available for this connection", "eligible": False,
+                         "why": verdict.why}
+        made: dict[str, Any] = {}
+
+        def record(now: float) -> None:
+            promise = Promise(sid, now, now + verdict.term, address=found["address"])
+            policy.record_promise(self.inputs, promise)
+            made.update(until=promise.until, made_at=now)
+            if self.config.policy.promise_to_pay.webhook_url:
+                message = f"wg_promise_{secrets.token_hex(12)}"
+                self.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
+                    "subscriber": sid, "until": policy.when(promise.until), "reference": self.reference(sid),
+                    "address": found["address"]}}, now)
+        status, answer = await self._change_inputs(sid, record, "promise to pay made on the portal")
+        if status != 200:
+            return status, answer
+        self.metrics.promises.labels("made").inc()
+        self.outbox_wake.set()
+        log.warning("event=promise_made subscriber=%s address=%s until=%s", sid, found["address"],
+                    policy.when(made["until"]))
+        return 200, {"promised": True, "until": made["until"], "mode": answer["mode"]}
+
+    def audit(self, subscriber: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
+        return self.store.audit(subscriber, since, limit)
 
     # -- the portal's requests ------------------------------------------------------------
     async def acknowledge(self, address: str) -> tuple[int, dict[str, Any]]:
@@ -564,7 +732,7 @@ class Enforcer:
         query = query.strip()
         sid: str | None = None
         address = None
-        if query in self.inputs.known_ids() or query in self.decisions:
+        if query in self.inputs.known_ids() or query in self.decisions or query in self.inputs.exemptions:
             sid = query
         else:
             try:
@@ -578,15 +746,24 @@ class Enforcer:
                    "not a subscriber id, address or reference code this gateway knows")
             return {"query": query, "found": False, "restricted": False, "why": why}
         now = self.clock()
-        decision = self.inputs.decide(sid, now)
+        enforced = self.decisions.get(sid)
+        decision = self.inputs.decide(sid, now, enforced)
         listed = self.inputs.listed.get(sid)
         override = self.inputs.overrides.get(sid)
         grace = self.inputs.graces.get(sid)
-        enforced = self.decisions.get(sid)
+        exemptions = self.inputs.exemptions.get(sid, {})
+        promises = self.inputs.promises.get(sid, [])
         return {
             "query": query, "found": True, "subscriber": sid, "reference": self.reference(sid),
             "restricted": decision.restricted, "mode": decision.mode.value, "why": decision.cause,
-            "until": decision.until,
+            "until": decision.until, "pending": decision.pending.value if decision.pending else None,
+            "chain": self._chain(sid, now, decision),
+            "exemptions": [e.to_json() for e in exemptions.values()],
+            "promises": [p.to_json() for p in promises],
+            "promise_eligibility": self.promise_eligibility(sid).why,
+            "listed_since": self.inputs.listed_since.get(sid),
+            "windows": self.inputs.rules.windows.describe(),
+            "audit": self.store.audit(sid, limit=10),
             "addresses": [str(a) for a in decision.subscriber.addresses] if decision.subscriber else [],
             "list": listed.to_json() if listed else None,
             "override": {"restrict": override.restrict, "at": override.at, "cause": override.cause} if override else None,
@@ -594,6 +771,39 @@ class Enforcer:
             "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
             "notice_acknowledged_until": self.acknowledged.get(sid),
         }
+
+    def _chain(self, sid: str, now: float, decision: Decision) -> list[str]:
+        """Every input that bears on the subscriber, in the order the policy weighs them."""
+        when = policy.when
+        chain = []
+        listed = self.inputs.listed.get(sid)
+        if listed is None:
+            chain.append("list: not on the restricted list in force")
+        else:
+            since = self.inputs.listed_since.get(sid)
+            chain.append(f"list: {listed.mode.value} (reason {listed.reason or 'none'})"
+                         + (f", listed since {when(since)}" if since else ""))
+            if listed.exempt_until:
+                chain.append(f"list: exempt ({listed.exempt_category}) until {when(listed.exempt_until)}")
+        if self.inputs.rules.escalation:
+            chain.append("escalation ladder: " + ", ".join(f"{s.mode.value} after {s.after / 86400:g} d"
+                                                             for s in self.inputs.rules.escalation))
+        override = self.inputs.overrides.get(sid)
+        if override is not None:
+            chain.append(f"override: {'restrict' if override.restrict else 'lift'} at {when(override.at)} "
+                         f"by {override.cause}")
+        grace = self.inputs.graces.get(sid)
+        if grace is not None:
+            state = "in force" if grace.until > now else "ended"
+            chain.append(f"payment grace {state} until {when(grace.until)} ({grace.cause})")
+        for promise in self.inputs.promises.get(sid, [])[-3:]:
+            chain.append(f"promise to pay {when(promise.made_at)} - {when(promise.until)}: {promise.outcome}")
+        for exemption in self.inputs.exemptions.get(sid, {}).values():
+            chain.append(f"{exemption.describe()} until {when(exemption.until)}")
+        if decision.pending is not None:
+            chain.append(f"window: {decision.pending.value} waits; windows are {self.inputs.rules.windows.describe()}")
+        chain.append(f"result: {decision.mode.value}: {decision.cause}")
+        return chain
 
     # -- queries ------------------------------------------------------------------------------
     def lookup(self, address: str) -> dict[str, Any]:
@@ -610,11 +820,15 @@ class Enforcer:
             decision = self.decisions.get(sid) if sid else None
             if decision is not None and decision.restricted and decision.subscriber is not None:
                 until = self.acknowledged.get(sid)
+                verdict = self.promise_eligibility(sid)
                 return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
                         "reason": decision.subscriber.reason, "subscriber": sid, "reference": self.reference(sid),
-                        "ack_until": until if until and until > self.clock() else None}
+                        "ack_until": until if until and until > self.clock() else None,
+                        "promise": {"eligible": verdict.eligible, "why": verdict.why,
+                                    "term_seconds": verdict.term or None}}
         return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None,
-                "reference": "", "ack_until": None}
+                "reference": "", "ack_until": None, "promise": {"eligible": False, "why": "not_restricted",
+                                                                 "term_seconds": None}}
 
     def status(self) -> dict[str, Any]:
         counts = {m.value: self.mode_counts.get(m, 0) for m in Mode.restricting()}
@@ -629,6 +843,11 @@ class Enforcer:
                        "last_error": self.source_error},
             "graces": len(self.inputs.graces),
             "overrides": len(self.inputs.overrides),
+            "exemptions": sum(len(e) for e in self.inputs.exemptions.values()),
+            "promises_active": sum(1 for h in self.inputs.promises.values() if h and h[-1].active(now)),
+            "waiting_for_window": len(self.waiting),
+            "windows": self.inputs.rules.windows.describe(),
+            "outbox": self.store.outbox_size(),
             "held_changes": [] if self.held is None else [{
                 "origin": self.held.update.origin, "entries": len(self.held.update.subscribers),
                 "restricting": self.held.restricting, "lifting": self.held.lifting,
@@ -641,3 +860,76 @@ class Enforcer:
             task.cancel()
         self._kernel_thread.shutdown(wait=True)
         self.store.close()
+
+    # -- operations: metrics and reload ---------------------------------------------------
+    async def read_kernel_counters(self) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) of the table's named counters, read on the kernel thread."""
+        read = getattr(self.reconciler.dataplane, "counters", None)
+        return await self._kernel(read) if read is not None else {}
+
+    async def verify_table(self) -> bool:
+        """Is our table still in the kernel as we left it? If it was removed or replaced behind our
+        back (a firewall reload with ``flush ruleset``), the repair loop installs it again now."""
+        read = getattr(self.reconciler.dataplane, "layout_tag", None)
+        layout = self.reconciler.layout
+        if read is None or layout is None or self.reconciler.needs_full:
+            return True
+        tag = await self._kernel(read)
+        if tag == layout.tag or self.reconciler.layout is not layout:  # a sync replaced it meanwhile
+            return True
+        log.error("event=table_lost table=%s found=%s (someone removed or replaced it; restoring now)",
+                  self.config.gateway.table, tag or "nothing")
+        self.reconciler.needs_full = True
+        self._changed.set()
+        return False
+
+    async def reload(self, config: Config) -> list[str]:
+        """Take a new, already validated configuration (SIGHUP) without dropping enforcement.
+
+        Values read where they are used (policy, guard, source settings, ``notice_ack_for``)
+        simply change; a different table layout (``walled_garden``, ``gateway.subscriber_interfaces``,
+        policy values the layout renders) is installed by one atomic full sync, and notice
+        acknowledgements still running are put back into the new table. Settings bound at
+        start-up keep their old value; their keys are returned as needing a restart.
+        """
+        from dataclasses import replace
+
+        old = self.config
+        bound = {"state_dir": lambda c: c.state_dir, "gateway.table": lambda c: c.gateway.table,
+                 "api.socket": lambda c: c.api.socket, "api.socket_group": lambda c: c.api.socket_group,
+                 "api.listen": lambda c: c.api.listen, "metrics.listen": lambda c: c.metrics.listen,
+                 "portal.listen": lambda c: c.portal.listen}
+        restart = [key for key, get in bound.items() if get(config) != get(old)]
+        config = replace(config, state_dir=old.state_dir, gateway=replace(config.gateway, table=old.gateway.table),
+                         api=replace(config.api, socket=old.api.socket, socket_group=old.api.socket_group,
+                                     listen=old.api.listen),
+                         metrics=replace(config.metrics, listen=old.metrics.listen),
+                         portal=replace(config.portal, listen=old.portal.listen))
+        layout = base_layout(config)
+        async with self.lock:
+            self.config = config
+            if layout == self.reconciler.base_layout:
+                return restart
+            self.reconciler.base_layout = layout
+            try:
+                result = await self.sync_all()
+            except DataplaneError:
+                self._changed.set()  # the repair loop retries, with the new layout
+                return restart
+            if result.kind == "full":
+                await self._reacknowledge()
+        log.info("event=layout_reloaded tag=%s", self.reconciler.layout.tag if self.reconciler.layout else "")
+        return restart
+
+    async def _reacknowledge(self) -> None:
+        """After a table replace: notice acknowledgements still running go back in (caller holds the lock)."""
+        now = self.clock()
+        for sid, until in list(self.acknowledged.items()):
+            decision = self.decisions.get(sid)
+            if until <= now or decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
+                del self.acknowledged[sid]
+                continue
+            try:
+                await self._kernel(self.reconciler.acknowledge, decision, max(int(until - now), 1))
+            except DataplaneError as exc:
+                log.warning("event=acknowledgement_not_restored subscriber=%s error=%r", sid, str(exc))

@@ -16,7 +16,10 @@ PAYMENT = "payment.received"
 RESTRICTED = "subscriber.restricted"
 RELEASED = "subscriber.released"
 READDRESSED = "subscriber.addresses_changed"
-TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED)
+#: Billing (or the fault-ticket system) opens and closes dispute/outage exemptions.
+EXEMPTION_OPENED = {"dispute.opened": "dispute", "outage.opened": "outage"}
+EXEMPTION_CLOSED = {"dispute.closed": "dispute", "outage.closed": "outage"}
+TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED, *EXEMPTION_OPENED, *EXEMPTION_CLOSED)
 
 
 class EventError(ValueError):
@@ -31,7 +34,8 @@ class Event:
     subscriber_id: str
     subscriber: Subscriber | None = None   # for subscriber.restricted
     actor: str = ""                         # an operator (CLI), or "" for billing
-    note: str = ""                          # the operator's reason
+    note: str = ""                          # the operator's reason, or billing's note on an exemption
+    until: float | None = None              # when an opened exemption ends (None: the configured default)
 
 
 def parse_timestamp(value: Any) -> float:
@@ -83,4 +87,16 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
         validate_entry({"id": sid, "addresses": ["192.0.2.1"]}, "data", issues)
         if issues:
             raise EventError(f"data.subscriber: {issues[0].message}")
-    return Event(event_id, kind, timestamp, sid, subscriber)
+    note, until = "", None
+    if kind in EXEMPTION_OPENED or kind in EXEMPTION_CLOSED:
+        note = payload.get("note") or ""
+        if not isinstance(note, str) or len(note) > 500:
+            raise EventError("data.note must be a string of at most 500 characters")
+        if kind in EXEMPTION_OPENED and payload.get("until") not in (None, ""):
+            try:
+                until = parse_timestamp(payload["until"])
+            except EventError as exc:
+                raise EventError(f"data.until: {exc}") from None
+            if until <= timestamp:
+                raise EventError("data.until lies before the event's timestamp")
+    return Event(event_id, kind, timestamp, sid, subscriber, note=note, until=until)

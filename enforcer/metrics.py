@@ -1,13 +1,29 @@
 """The enforcer's Prometheus metrics (SPEC §6), in a registry of its own.
 
-Gauges are set when state changes, never computed by listing the kernel on a scrape.
+Gauges are set when state changes, or read at scrape time from counts the daemon already
+keeps; a scrape never lists a kernel set. The packet counters of the table's named nftables
+counters come from one ``list counters`` call, at most once a second (``KernelCounters``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .subscribers import Mode
+
+if TYPE_CHECKING:
+    from .daemon import Enforcer
+
+log = logging.getLogger("walled_garden.metrics")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SYNC = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -39,13 +55,122 @@ class Metrics:
                                   "List changes held by the mass-change guard, waiting for approve/reject",
                                   registry=r)
         self.list_entries = Gauge("walled_garden_list_entries", "Entries in the list in force", registry=r)
+        self.waiting = Gauge("walled_garden_restrictions_waiting",
+                             "Restrictions held until the enforcement window opens", registry=r)
+        self.exemptions = Gauge("walled_garden_exemptions", "Exemptions in force (operator and billing)",
+                                registry=r)
+        self.promises = Counter("walled_garden_promises", "Promises to pay by outcome",
+                                ["outcome"], registry=r)
+        for outcome in ("made", "refused", "kept", "lapsed"):
+            self.promises.labels(outcome)
+        self.outbox = Gauge("walled_garden_outbox_messages",
+                            "Outgoing webhooks to billing not yet delivered", registry=r)
+        self.outbox_failures = Counter("walled_garden_outbox_failures",
+                                       "Failed deliveries of outgoing webhooks (each is retried)", registry=r)
         self.events = Counter("walled_garden_events", "Billing webhook requests by type and result",
                               ["type", "result"], registry=r)
         self.conntrack_flushed = Counter("walled_garden_conntrack_flushed_entries",
                                          "Tracked connections deleted on state changes", registry=r)
         self.conntrack_failures = Counter("walled_garden_conntrack_flush_failures",
                                           "conntrack flushes that failed", registry=r)
+        self.reloads = Counter("walled_garden_config_reloads", "Configuration reloads (SIGHUP) by result",
+                               ["result"], registry=r)
+        for result in ("applied", "rejected"):
+            self.reloads.labels(result)
+        self.kernel = KernelCounters()
+        r.register(self.kernel)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():
             self.subscribers.labels(mode.value).set(counts.get(mode, 0))
+
+    def observe(self, enforcer: Enforcer) -> None:
+        """Gauges read from the enforcer's own bookkeeping at scrape time: O(1), or O(graces)."""
+        r = self.registry
+        loaded = float(enforcer.list_status.get("loaded_at") or 0.0)
+        if loaded:  # the list in force was read and accepted then, before this start
+            self.source_success.set(loaded)
+        Gauge("walled_garden_list_age_seconds", "Seconds since the list in force was accepted from the source "
+              "(kept across restarts; NaN before the first list)", registry=r).set_function(
+            lambda: _age(enforcer.list_status.get("loaded_at"), enforcer.clock()))
+        Gauge("walled_garden_kernel_in_sync", "1 when the kernel table matches the policy, 0 while a failed "
+              "sync is being repaired", registry=r).set_function(lambda: 0.0 if enforcer.reconciler.needs_full
+                                                                 else 1.0)
+        Gauge("walled_garden_payment_graces", "Payment graces in force: subscribers kept free after paying "
+              "until the grace expires", registry=r).set_function(lambda: len(enforcer.inputs.graces))
+        Gauge("walled_garden_next_grace_expiry_timestamp_seconds", "Unix time the next payment grace expires "
+              "(0 when none is pending)", registry=r).set_function(lambda: _next_expiry(enforcer))
+        Gauge("walled_garden_grace_expiries_due", "Payment graces past their end but not yet applied "
+              "(stays 0 unless expiry is stuck)", registry=r).set_function(lambda: _due(enforcer))
+        Gauge("walled_garden_overrides", "Billing-event and operator overrides in force", registry=r
+              ).set_function(lambda: len(enforcer.inputs.overrides))
+        held = Gauge("walled_garden_held_change_subscribers", "Subscribers the held list change would restrict "
+                     "or lift (0 when nothing is held)", ["change"], registry=r)
+        held.labels("restrict").set_function(lambda: enforcer.held.restricting if enforcer.held else 0)
+        held.labels("lift").set_function(lambda: enforcer.held.lifting if enforcer.held else 0)
+
+
+def _age(at: Any, now: float) -> float:
+    return now - float(at) if at else math.nan
+
+
+def _next_expiry(enforcer: Enforcer) -> float:
+    now = enforcer.clock()
+    return min((g.until for g in enforcer.inputs.graces.values() if g.until > now), default=0.0)
+
+
+def _due(enforcer: Enforcer) -> float:
+    now = enforcer.clock()
+    return sum(1 for g in enforcer.inputs.graces.values() if g.until <= now)
+
+
+#: Seconds a reading of the kernel counters is served before the next scrape reads again.
+COUNTER_MAX_AGE = 1.0
+#: How long a scrape waits for a reading (the kernel thread may be busy with a big sync);
+#: after that it is served the previous reading.
+COUNTER_WAIT = 0.25
+
+
+class KernelCounters(Collector):
+    """Our table's named nftables counters (``redirected``, ``refused_tcp``, ``refused_other``, ...).
+
+    ``refresh`` (awaited by the /metrics handler) reads them with one ``list counters`` call
+    on the daemon's kernel thread, at most once per ``COUNTER_MAX_AGE``; ``collect`` serves the
+    last reading. Replacing the table (a layout change) resets them, as counters may.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[int, int]] = {}
+        self._read_at = -math.inf
+        self._pending: asyncio.Future[dict[str, tuple[int, int]]] | None = None
+
+    async def refresh(self, read: Callable[[], Awaitable[dict[str, tuple[int, int]]]]) -> None:
+        if self._pending is None and time.monotonic() - self._read_at >= COUNTER_MAX_AGE:
+            self._pending = asyncio.ensure_future(read())
+        task = self._pending
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=COUNTER_WAIT)
+        if not done or self._pending is not task:
+            return
+        self._pending, self._read_at = None, time.monotonic()
+        try:
+            values = task.result()
+        except Exception as exc:  # noqa: BLE001 (a scrape must not fail because nft did)
+            log.warning("event=kernel_counters_unreadable error=%r", str(exc))
+            return
+        if values:
+            self.values = values
+
+    def collect(self) -> Iterator[Metric]:
+        packets = CounterMetricFamily("walled_garden_kernel_packets", "Packets counted by the table's named "
+                                      "nftables counters (redirected: first packet of each connection sent to "
+                                      "the portal; refused_tcp/refused_other: packets refused in the garden "
+                                      "chain)", labels=["counter"])
+        octets = CounterMetricFamily("walled_garden_kernel_bytes", "Bytes counted by the table's named "
+                                     "nftables counters", labels=["counter"])
+        for name, (count, size) in sorted(self.values.items()):
+            packets.add_metric([name], count)
+            octets.add_metric([name], size)
+        yield packets
+        yield octets

@@ -1,13 +1,19 @@
 """Who should be restricted, and why: a pure function of the inputs and the time.
 
-Inputs are the last good list from billing, per-subscriber overrides (billing events, later
-operator actions), and payment graces. The rules, in order:
+Inputs are the last good list from billing, per-subscriber overrides (billing events and
+operator actions), payment graces, exemptions, promises to pay, and the rules from config
+(escalation ladder, enforcement windows). The rules, in order:
 
 1. an override is the newest word about a subscriber and wins; it lasts until a newer event,
    or until the list itself changes what it says about that subscriber;
 2. a payment lifts at once and, for the grace period, keeps the subscriber free even if the
    list still names them (payments are often booked after the next export);
-3. otherwise the list decides; a subscriber absent from it is free.
+3. otherwise the list decides; a subscriber absent from it is free; a list restriction
+   escalates along the ladder (notice → throttle → walled garden) the longer it lasts;
+4. an active promise to pay, then an exemption, turn any restriction into freedom, except an
+   operator's restriction made after them (a person looked at the case);
+5. a restriction that would start or get stricter waits for the next enforcement window,
+   unless an operator ordered it; lifting is never delayed.
 
 No I/O and no clock here: callers pass ``now``, so every rule is testable with a fake clock.
 """
@@ -15,9 +21,13 @@ No I/O and no clock here: callers pass ``now``, so every rule is testable with a
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from .exemptions import Exemption
+from .promises import Promise, settle
 from .subscribers import Mode, Network, Subscriber
+from .windows import Windows
 
 if TYPE_CHECKING:
     from .config import Guard
@@ -29,8 +39,13 @@ class Override:
 
     restrict: bool
     at: float                       # when it was said (event timestamp, unix seconds)
-    cause: str                      # "event <id>", later "operator <user>"
+    cause: str                      # "event <id> (...)" or "operator <user>: <reason>"
     subscriber: Subscriber | None = None   # addresses/mode when ``restrict``
+
+    @property
+    def operator(self) -> bool:
+        """Ordered by a person on the control socket (not billing)."""
+        return self.cause.startswith("operator ")
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,30 @@ class Readdress:
     cause: str
 
 
+#: How strict each mode is: a move to a stricter mode is a new restriction (windows apply).
+SEVERITY: dict[Mode, int] = {Mode.FREE: 0, Mode.NOTICE: 1, Mode.THROTTLE: 2, Mode.WALLED_GARDEN: 3}
+LISTED = "on the restricted list"
+
+
+@dataclass(frozen=True)
+class EscalationStep:
+    """After ``after`` seconds on the list, a lighter list mode becomes ``mode``."""
+
+    after: float
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The configured parts of the policy."""
+
+    windows: Windows = field(default_factory=Windows.always)
+    escalation: tuple[EscalationStep, ...] = ()
+
+
+DEFAULT_RULES = Rules()
+
+
 @dataclass(frozen=True)
 class Decision:
     subscriber_id: str
@@ -58,20 +97,80 @@ class Decision:
     cause: str
     subscriber: Subscriber | None = None   # set when restricted: what to enforce
     until: float | None = None             # when this decision changes by itself
+    pending: Mode | None = None            # a stricter mode waiting for the enforcement window
 
     @property
     def restricted(self) -> bool:
         return self.mode is not Mode.FREE
 
 
+def when(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
-           grace: Grace | None, now: float, readdress: Readdress | None = None) -> Decision:
-    """The mode one subscriber should be in at ``now``."""
+           grace: Grace | None, now: float, readdress: Readdress | None = None, *,
+           exemptions: Iterable[Exemption] = (), promise: Promise | None = None,
+           listed_since: float | None = None, rules: Rules = DEFAULT_RULES,
+           enforced: Decision | None = None) -> Decision:
+    """The mode one subscriber should be in at ``now``, given what the kernel enforces now."""
     decision = _decide(subscriber_id, listed, override, grace, now)
+    if decision.cause == LISTED and listed is not None and listed_since is not None:
+        decision = _escalate(decision, listed, listed_since, rules.escalation, now)
+    ordered = override is not None and override.restrict and override.operator and decision.cause == override.cause
+    if decision.restricted:
+        decision = _relieve(decision, listed, override if ordered else None, exemptions, promise, now)
     if readdress is not None and decision.subscriber is not None:
         moved = replace(decision.subscriber, addresses=readdress.addresses)
-        return replace(decision, subscriber=moved, cause=f"{decision.cause}; addresses from {readdress.cause}")
+        decision = replace(decision, subscriber=moved, cause=f"{decision.cause}; addresses from {readdress.cause}")
+    if decision.restricted and not ordered:
+        decision = _wait_for_window(decision, enforced, rules.windows, now)
     return decision
+
+
+def _escalate(decision: Decision, listed: Subscriber, since: float, ladder: tuple[EscalationStep, ...],
+              now: float) -> Decision:
+    mode, step_cause, upcoming = decision.mode, "", None
+    for step in ladder:
+        if SEVERITY[step.mode] <= SEVERITY[mode]:
+            continue
+        if now >= since + step.after:
+            mode, step_cause = step.mode, f"; escalated to {step.mode.value} after {step.after / 86400:g} days"
+        elif upcoming is None or since + step.after < upcoming:
+            upcoming = since + step.after
+    if mode is decision.mode:
+        return replace(decision, until=upcoming) if upcoming else decision
+    return replace(decision, mode=mode, subscriber=replace(listed, mode=mode),
+                   cause=f"{LISTED} since {when(since)}{step_cause}", until=upcoming)
+
+
+def _relieve(decision: Decision, listed: Subscriber | None, ordered: Override | None,
+             exemptions: Iterable[Exemption], promise: Promise | None, now: float) -> Decision:
+    """A promise to pay or an exemption frees the subscriber, unless a person restricted them since."""
+    sid = decision.subscriber_id
+    if promise is not None and promise.active(now) and (ordered is None or ordered.at < promise.made_at):
+        return Decision(sid, Mode.FREE, f"promise to pay made {when(promise.made_at)}, until {when(promise.until)}",
+                        until=promise.until)
+    active = [e for e in exemptions if e.active(now) and (ordered is None or ordered.at < e.set_at)]
+    if listed is not None and listed.exempt_until and now < listed.exempt_until and ordered is None:
+        active.append(Exemption(listed.exempt_category or "other", listed.exempt_until, "", "the list", 0.0))
+    if active:
+        longest = max(active, key=lambda e: e.until)
+        return Decision(sid, Mode.FREE, f"{longest.describe()} until {when(longest.until)}; "
+                                        f"otherwise: {decision.cause}", until=longest.until)
+    return decision
+
+
+def _wait_for_window(decision: Decision, enforced: Decision | None, windows: Windows, now: float) -> Decision:
+    current = enforced if enforced is not None and enforced.restricted else None
+    if SEVERITY[decision.mode] <= SEVERITY[current.mode if current else Mode.FREE] or windows.is_open(now):
+        return decision
+    opens = windows.next_open(now)
+    cause = (f"{decision.mode.value} waits for the enforcement window ({windows.describe()}; next opens "
+             f"{when(opens) if opens else 'never'}); reason: {decision.cause}")
+    if current is not None:
+        return replace(current, cause=cause, until=opens, pending=decision.mode)
+    return Decision(decision.subscriber_id, Mode.FREE, cause, until=opens, pending=decision.mode)
 
 
 def _decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
@@ -86,7 +185,7 @@ def _decide(subscriber_id: str, listed: Subscriber | None, override: Override | 
         return Decision(subscriber_id, Mode.FREE, f"payment grace ({active_grace.cause})",
                         until=active_grace.until if listed is not None else None)
     if listed is not None:
-        return Decision(subscriber_id, listed.mode, "on the restricted list", listed)
+        return Decision(subscriber_id, listed.mode, LISTED, listed)
     return Decision(subscriber_id, Mode.FREE, "not on the restricted list")
 
 
@@ -98,21 +197,52 @@ class PolicyInputs:
     overrides: dict[str, Override]
     graces: dict[str, Grace]
     readdressed: dict[str, Readdress] = field(default_factory=dict)
+    exemptions: dict[str, dict[str, Exemption]] = field(default_factory=dict)   # id → category → exemption
+    promises: dict[str, list[Promise]] = field(default_factory=dict)           # id → history, oldest first
+    listed_since: dict[str, float] = field(default_factory=dict)               # id → first listed (this run)
+    rules: Rules = DEFAULT_RULES
+    _list_exempt: tuple[dict[str, Subscriber], list[Subscriber]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     def known_ids(self) -> set[str]:
         return set(self.listed) | set(self.overrides) | set(self.graces)
 
-    def decide(self, subscriber_id: str, now: float) -> Decision:
+    def promise(self, subscriber_id: str) -> Promise | None:
+        history = self.promises.get(subscriber_id)
+        return history[-1] if history else None
+
+    def decide(self, subscriber_id: str, now: float, enforced: Decision | None = None) -> Decision:
+        exemptions = self.exemptions.get(subscriber_id)
         return decide(subscriber_id, self.listed.get(subscriber_id), self.overrides.get(subscriber_id),
-                      self.graces.get(subscriber_id), now, self.readdressed.get(subscriber_id))
+                      self.graces.get(subscriber_id), now, self.readdressed.get(subscriber_id),
+                      exemptions=exemptions.values() if exemptions else (), promise=self.promise(subscriber_id),
+                      listed_since=self.listed_since.get(subscriber_id), rules=self.rules, enforced=enforced)
 
-    def decide_all(self, now: float) -> dict[str, Decision]:
-        return {sid: self.decide(sid, now) for sid in self.known_ids()}
+    def decide_all(self, now: float, enforced: Mapping[str, Decision] | None = None) -> dict[str, Decision]:
+        enforced = enforced or {}
+        return {sid: self.decide(sid, now, enforced.get(sid)) for sid in self.known_ids() | set(enforced)}
 
-    def next_change(self, now: float) -> float | None:
-        """The earliest future instant at which some decision changes without new input."""
+    def next_change(self, now: float, waiting: bool = False) -> float | None:
+        """The earliest future instant at which some decision changes without new input.
+
+        Escalation steps are not in here (O(list) to compute); the daemon checks them on a
+        slow timer. ``waiting``: some restriction waits for the enforcement window.
+        """
         times = [g.until for g in self.graces.values() if g.until > now]
+        times += [p.until for h in self.promises.values() for p in h[-1:] if p.active(now)]
+        times += [e.until for ex in self.exemptions.values() for e in ex.values() if e.until > now]
+        times += [s.exempt_until for s in self.list_exempt() if s.exempt_until and s.exempt_until > now]
+        if waiting and self.rules.windows.configured:
+            opens = self.rules.windows.next_open(now)
+            if opens is not None and opens > now:
+                times.append(opens)
         return min(times) if times else None
+
+    def list_exempt(self) -> list[Subscriber]:
+        """Listed entries that carry their own exemption (cached per list)."""
+        if self._list_exempt is None or self._list_exempt[0] is not self.listed:
+            self._list_exempt = (self.listed, [s for s in self.listed.values() if s.exempt_until])
+        return self._list_exempt[1]
 
 
 def list_changes(old: Mapping[str, Subscriber], new: Mapping[str, Subscriber]) -> set[str]:
@@ -122,28 +252,61 @@ def list_changes(old: Mapping[str, Subscriber], new: Mapping[str, Subscriber]) -
     return changed
 
 
-def apply_list(inputs: PolicyInputs, new: Mapping[str, Subscriber]) -> set[str]:
+def apply_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float | None = None) -> set[str]:
     """Install a new list; overrides about subscribers whose entry changed are superseded.
 
-    Returns the ids whose inputs changed (for re-evaluation).
+    Returns the ids whose inputs changed (for re-evaluation). ``listed_since`` starts for
+    newly listed ids at ``now`` and ends for ids the list dropped (escalation restarts).
     """
     changed = list_changes(inputs.listed, new)
     for sid in changed:
         inputs.overrides.pop(sid, None)
         inputs.readdressed.pop(sid, None)  # the list's own addresses are the newer word
+    for sid in inputs.listed.keys() - new.keys():
+        inputs.listed_since.pop(sid, None)
+    if now is not None:
+        for sid in new.keys() - inputs.listed_since.keys():
+            inputs.listed_since[sid] = now
     inputs.listed = dict(new)
     return changed
 
 
 def expire(inputs: PolicyInputs, now: float) -> set[str]:
-    """Drop graces that ended; returns the ids to re-evaluate."""
+    """Drop graces, exemptions and promises that ended; returns the ids to re-evaluate."""
     ended = {sid for sid, g in inputs.graces.items() if g.until <= now}
     for sid in ended:
         grace = inputs.graces.pop(sid)
         override = inputs.overrides.get(sid)
         if override is not None and override.at < grace.paid_at:
             del inputs.overrides[sid]  # the payment already superseded it
+    for sid, by_category in list(inputs.exemptions.items()):
+        for category in [c for c, e in by_category.items() if e.until <= now]:
+            del by_category[category]
+            ended.add(sid)
+        if not by_category:
+            del inputs.exemptions[sid]
+    for sid, history in inputs.promises.items():
+        if history and history[-1].outcome == "active" and history[-1].until <= now:
+            inputs.promises[sid] = settle(history, now, paid=False)
+            ended.add(sid)
+    ended.update(s.id for s in inputs.list_exempt() if s.exempt_until and s.exempt_until <= now)
     return ended
+
+
+def escalation_due(inputs: PolicyInputs, now: float, enforced: Mapping[str, Decision]) -> set[str]:
+    """Listed subscribers whose ladder step is due but not yet enforced (O(list), run rarely)."""
+    ladder = inputs.rules.escalation
+    if not ladder:
+        return set()
+    due = set()
+    for sid, since in inputs.listed_since.items():
+        target = max((s for s in ladder if now >= since + s.after), key=lambda s: SEVERITY[s.mode], default=None)
+        if target is None:
+            continue
+        current = enforced.get(sid)
+        if current is None or (SEVERITY[current.mode] < SEVERITY[target.mode] and current.pending is None):
+            due.add(sid)
+    return due
 
 
 def record_payment(inputs: PolicyInputs, subscriber_id: str, paid_at: float, grace_seconds: float,
@@ -161,6 +324,25 @@ def record_payment(inputs: PolicyInputs, subscriber_id: str, paid_at: float, gra
     if previous is not None and previous.until > until:
         until = previous.until
     inputs.graces[subscriber_id] = Grace(paid_at, until, cause)
+    if subscriber_id in inputs.promises:
+        inputs.promises[subscriber_id] = settle(inputs.promises[subscriber_id], paid_at, paid=True)
+
+
+def record_promise(inputs: PolicyInputs, promise: Promise) -> None:
+    inputs.promises.setdefault(promise.subscriber_id, []).append(promise)
+
+
+def record_exemption(inputs: PolicyInputs, subscriber_id: str, exemption: Exemption) -> None:
+    inputs.exemptions.setdefault(subscriber_id, {})[exemption.category] = exemption
+
+
+def clear_exemption(inputs: PolicyInputs, subscriber_id: str, category: str | None = None) -> list[Exemption]:
+    """End one category of exemption (or all); returns what was ended."""
+    by_category = inputs.exemptions.get(subscriber_id, {})
+    ended = [by_category.pop(c) for c in list(by_category) if category in (None, c)]
+    if not by_category:
+        inputs.exemptions.pop(subscriber_id, None)
+    return ended
 
 
 def record_override(inputs: PolicyInputs, subscriber_id: str, override: Override) -> None:
@@ -176,7 +358,9 @@ def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float
     restricting = lifting = 0
     for sid in list_changes(inputs.listed, new):
         before = inputs.decide(sid, now).restricted
-        after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now).restricted
+        exemptions = inputs.exemptions.get(sid)
+        after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now,
+                       exemptions=exemptions.values() if exemptions else (), promise=inputs.promise(sid)).restricted
         restricting += after and not before
         lifting += before and not after
     return restricting, lifting

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, ack_set, mode_map, \
-    redirect_set
+    redirect_set, throttle_set
 from .dataplane.state import TableState
 from .dataplane.transaction import Transaction
 from .policy import Decision
@@ -51,6 +51,8 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
     for version, plen, key in decision.subscriber.keys:
         out.add((mode_map(version, plen), key, verdict))
         out.add((redirect_set(version, plen, decision.mode), key, None))
+        if decision.mode is Mode.THROTTLE:
+            out.add((throttle_set(version, plen), key, None))
     return frozenset(out)
 
 
@@ -120,7 +122,7 @@ class Reconciler:
         owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
         changed: list[Network] = []
-        slots: dict[tuple[int, int], tuple[dict, dict, dict, dict]] = {}
+        slots: dict[tuple[int, int, Mode], tuple[dict, dict, dict, dict, dict | None]] = {}
         clashes: list[tuple[str, str]] = []
         for sid in order:
             decision = decisions[sid]
@@ -129,16 +131,17 @@ class Reconciler:
                 continue
             entries = []
             clash = None
-            notice = decision.mode is not Mode.WALLED_GARDEN
+            mode = decision.mode
             for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
-                slot = slots.get((version, plen, notice))
+                slot = slots.get((version, plen, mode))
                 if slot is None:
                     mode_name = mode_map(version, plen)
-                    redirect_name = redirect_set(version, plen, decision.mode)
-                    slot = slots[(version, plen, notice)] = (desired.setdefault(mode_name, {}),
-                                                             desired.setdefault(redirect_name, {}),
-                                                             owners.setdefault(mode_name, {}),
-                                                             before.get(mode_name, {}))
+                    redirect_name = redirect_set(version, plen, mode)
+                    throttled = desired.setdefault(throttle_set(version, plen), {}) if mode is Mode.THROTTLE else None
+                    slot = slots[(version, plen, mode)] = (desired.setdefault(mode_name, {}),
+                                                           desired.setdefault(redirect_name, {}),
+                                                           owners.setdefault(mode_name, {}),
+                                                           before.get(mode_name, {}), throttled)
                 clash = slot[2].get(key)
                 if clash is not None:
                     break
@@ -147,9 +150,11 @@ class Reconciler:
                 clashes.append((sid, clash))
                 continue
             verdict = MODE_VERDICTS[decision.mode]
-            for (modes, redirects, holders, was), key, network in entries:
+            for (modes, redirects, holders, was, throttled), key, network in entries:
                 modes[key] = verdict
                 redirects[key] = None
+                if throttled is not None:
+                    throttled[key] = None
                 holders[key] = sid
                 if was.get(key) != verdict:
                     changed.append(network)

@@ -1,60 +1,202 @@
-"""``walled-garden run``: start-up order and shutdown of the enforcer process.
+"""``walled-garden run``: start-up order, reload and shutdown of the enforcer process.
 
 Order matters: enforcement is restored from saved state before anything else (after a
 reboot the kernel table is empty), then the list source and the APIs start, and systemd
-hears READY=1 only after that first sync.
+hears READY=1 only after that first sync. The watchdog is petted from the event loop from
+the first moment, so a loop that hangs anywhere (start-up included) gets the process restarted.
+
+``SIGHUP`` re-reads the configuration: an invalid one is logged and changes nothing; a valid
+one is applied as far as it can be without a restart (``Enforcer.reload``), and the list
+source, the garden hostname resolver and the webhook secret are renewed here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
-import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
-from .api import SecretError, control_app, load_webhook_secret, metrics_app, start_tcp_site, start_unix_site, \
-    webhook_app
-from .config import Config
+from . import systemd_notify
+from .api import (
+    SecretError,
+    Verifier,
+    control_app,
+    load_webhook_secret,
+    metrics_app,
+    start_tcp_site,
+    start_unix_site,
+    webhook_app,
+)
+from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
 from .garden_hosts import GardenHosts
+from .outbox import Outbox
+from .logs import setup_logging
 from .sources import FileSource, UrlSource
 
+__all__ = ["run", "sd_notify", "serve", "setup_logging"]
+
 log = logging.getLogger("walled_garden.enforcer")
+#: How often the kernel is asked whether our table is still there; the longest gap after
+#: someone else flushes the ruleset.
+TABLE_CHECK_SECONDS = 5.0
+sd_notify = systemd_notify.notify
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """One line per event, key=value, to stdout: journald adds time and unit."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("level=%(levelname)s logger=%(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+class Service:
+    """The enforcer's long-running parts around one ``Enforcer``: APIs, list source, resolver."""
 
+    def __init__(self, config: Config, enforcer: Enforcer, stop: asyncio.Event) -> None:
+        self.config = config
+        self.enforcer = enforcer
+        self.stop = stop
+        self.verifier = Verifier(None)
+        self.runners: list[web.AppRunner] = []
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; silent when not run by systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    def _task(self, name: str, coro: Coroutine[Any, Any, Any] | None) -> None:
+        """Start ``coro`` as ``name``, cancelling the task of that name it replaces."""
+        old = self.tasks.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if coro is not None:
+            self.tasks[name] = asyncio.create_task(coro, name=name)
+
+    async def start(self) -> None:
+        config, enforcer = self.config, self.enforcer
+        self.verifier.webhook = self._load_secret(config)
+        self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
+                                                  config.api.socket_group))
+        if config.api.listen is not None:
+            self.runners.append(await start_tcp_site(webhook_app(enforcer, self.verifier), config.api.listen.host,
+                                                     config.api.listen.port))
+        if config.metrics.listen is not None:
+            self.runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
+                                                     config.metrics.listen.port))
+        await self._start_source(config)
+        self._task("timers", enforcer.timers(self.stop))
+        self._task("outbox", Outbox(enforcer).run(self.stop))
+        self._task("table_check", self._check_table())
+        await self._start_hosts(config)
+
+    @staticmethod
+    def _load_secret(config: Config) -> Any:
         try:
-            sock.sendto(message.encode(), path)
-        except OSError as exc:
-            log.warning("event=sd_notify_failed error=%r", str(exc))
+            return load_webhook_secret(config.api.webhook_secret_file)
+        except SecretError as exc:
+            log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
+            return None
+
+    async def _check_table(self) -> None:
+        """Every few seconds, one small listing: is our table still there (see ``verify_table``)?"""
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), TABLE_CHECK_SECONDS)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.enforcer.verify_table()
+            except DataplaneError as exc:
+                log.warning("event=table_check_failed error=%r", str(exc))
+
+    async def _start_source(self, config: Config) -> None:
+        enforcer = self.enforcer
+        if config.subscribers.is_url:
+            url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
+                                   enforcer.on_source_unchanged)
+            self._task("source", url_source.run(self.stop))
+        else:
+            self._task("source", None)
+            source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure)
+            await source.check()
+            self._task("source", source.run(self.stop))
+
+    async def _start_hosts(self, config: Config) -> None:
+        if config.walled_garden.allow_hosts:
+            hosts = GardenHosts(config.walled_garden.allow_hosts, self.enforcer.set_garden_addresses)
+            self._task("hosts", hosts.run(self.stop))
+        else:
+            self._task("hosts", None)
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file; True when a valid one was applied."""
+        old = self.enforcer.config
+        try:
+            new = await asyncio.to_thread(load_config, old.path)
+        except ConfigError as exc:
+            self.enforcer.metrics.reloads.labels("rejected").inc()
+            for issue in exc.issues:
+                log.error("event=reload_problem problem=%r", str(issue))
+            log.error("event=reload_rejected path=%s errors=%d (still running with the previous configuration)",
+                      old.path, len(exc.issues))
+            return False
+        webhook = self.verifier.webhook
+        try:
+            webhook = await asyncio.to_thread(load_webhook_secret, new.api.webhook_secret_file)
+        except SecretError as exc:
+            if webhook is not None:  # never trade a working secret for a broken one
+                self.enforcer.metrics.reloads.labels("rejected").inc()
+                log.error("event=reload_rejected path=%s error=%r (still running with the previous configuration)",
+                          old.path, str(exc))
+                return False
+            log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
+        restart = await self.enforcer.reload(new)
+        self.verifier.webhook = webhook
+        if new.subscribers != old.subscribers:
+            await self._start_source(new)
+        if new.walled_garden.allow_hosts != old.walled_garden.allow_hosts:
+            await self._start_hosts(new)
+            if not new.walled_garden.allow_hosts:
+                await self.enforcer.set_garden_addresses(set())
+        changed = [name for name in ("state_dir", "subscribers", "gateway", "walled_garden", "portal", "api",
+                                     "metrics", "policy") if getattr(new, name) != getattr(old, name)]
+        self.enforcer.metrics.reloads.labels("applied").inc()
+        log.info("event=reloaded path=%s changed=%s needs_restart=%s", old.path, ",".join(changed) or "-",
+                 ",".join(restart) or "-")
+        if restart:
+            log.warning("event=reload_needs_restart keys=%s (kept the running values: systemctl restart "
+                        "walled-garden)", ",".join(restart))
+        if new.portal != old.portal or new.metrics.portal_listen != old.metrics.portal_listen:
+            log.warning("event=reload_portal_settings_changed (the portal reads them at start: systemctl restart "
+                        "walled-garden-portal)")
+        return True
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for runner in self.runners:
+            await runner.cleanup()
 
 
-async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None = None) -> None:
+async def _reloads(service: Service, requests: asyncio.Event) -> None:
+    """One reload at a time, however many SIGHUPs arrive meanwhile."""
+    while True:
+        await requests.wait()
+        requests.clear()
+        systemd_notify.reloading()
+        try:
+            await service.reload()
+        except Exception:  # a reload must never take the running daemon down
+            log.exception("event=reload_failed (still running)")
+        systemd_notify.notify("READY=1")
+
+
+async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None = None,
+                reload_requests: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set; each time ``reload_requests`` is set, reload the configuration."""
+    watchdog = asyncio.create_task(systemd_notify.watchdog(), name="watchdog")
     enforcer = enforcer or Enforcer(config)
-    runners: list[web.AppRunner] = []
-    tasks: list[asyncio.Task[None]] = []
+    service = Service(config, enforcer, stop)
+    reloader: asyncio.Task[None] | None = None
     try:
+        systemd_notify.notify("STATUS=restoring enforcement from saved state")
         while True:
             try:
                 await enforcer.restore()
@@ -64,43 +206,22 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
                 try:
                     await asyncio.wait_for(stop.wait(), 2.0)
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
-        try:
-            verifier = load_webhook_secret(config.api.webhook_secret_file)
-        except SecretError as exc:
-            verifier = None
-            log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
-        runners.append(await start_unix_site(control_app(enforcer), config.api.socket))
-        if config.api.listen is not None:
-            runners.append(await start_tcp_site(webhook_app(enforcer, verifier), config.api.listen.host,
-                                                config.api.listen.port))
-        if config.metrics.listen is not None:
-            runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
-                                                config.metrics.listen.port))
-        if config.subscribers.is_url:
-            url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
-                                   enforcer.on_source_unchanged)
-            tasks.append(asyncio.create_task(url_source.run(stop)))
-        else:
-            source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure)
-            await source.check()
-            tasks.append(asyncio.create_task(source.run(stop)))
-        tasks.append(asyncio.create_task(enforcer.timers(stop)))
-        if config.walled_garden.allow_hosts:
-            hosts = GardenHosts(config.walled_garden.allow_hosts, enforcer.set_garden_addresses)
-            tasks.append(asyncio.create_task(hosts.run(stop)))
-        sd_notify("READY=1")
-        log.info("event=started table=%s api=%s control=%s metrics=%s", config.gateway.table, config.api.listen,
-                 config.api.socket, config.metrics.listen)
+        await service.start()
+        if reload_requests is not None:
+            reloader = asyncio.create_task(_reloads(service, reload_requests), name="reload")
+        restricted = sum(enforcer.mode_counts.values())
+        systemd_notify.notify(f"READY=1\nSTATUS=enforcing: {restricted} subscriber(s) restricted")
+        log.info("event=started table=%s api=%s control=%s metrics=%s restricted=%d", config.gateway.table,
+                 config.api.listen, config.api.socket, config.metrics.listen, restricted)
         await stop.wait()
     finally:
-        sd_notify("STOPPING=1")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for runner in runners:
-            await runner.cleanup()
+        systemd_notify.notify("STOPPING=1")
+        for task in (reloader, watchdog):
+            if task is not None:
+                task.cancel()
+        await service.close()
         await enforcer.close()
         log.info("event=stopped (restrictions stay in the kernel)")
 
@@ -109,11 +230,13 @@ def run(config: Config) -> int:
     setup_logging()
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, hup = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+        handlers: dict[signal.Signals, Callable[[], None]] = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+                                                              signal.SIGHUP: hup.set}
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
+        await serve(config, stop, reload_requests=hup)
 
     asyncio.run(main())
     return 0

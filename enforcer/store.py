@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from .exemptions import Exemption
 from .policy import Grace, Override, PolicyInputs, Readdress
+from .promises import Promise
 from .subscribers import Subscriber
 
 SCHEMA = """
@@ -33,6 +35,19 @@ CREATE TABLE IF NOT EXISTS enforced (id TEXT PRIMARY KEY, mode TEXT NOT NULL, ad
 CREATE TABLE IF NOT EXISTS readdressed (id TEXT PRIMARY KEY, addresses TEXT NOT NULL, at REAL NOT NULL,
     cause TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (received_at);
+CREATE TABLE IF NOT EXISTS listed_since (id TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS exemptions (id TEXT NOT NULL, category TEXT NOT NULL, until REAL NOT NULL,
+    note TEXT NOT NULL, set_by TEXT NOT NULL, set_at REAL NOT NULL, PRIMARY KEY (id, category));
+CREATE TABLE IF NOT EXISTS promises (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, made_at REAL NOT NULL,
+    until REAL NOT NULL, outcome TEXT NOT NULL, address TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS promises_by_id ON promises (id, made_at);
+-- Append-only: rows are inserted, and deleted only by retention.
+CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, subscriber TEXT NOT NULL,
+    old_mode TEXT NOT NULL, new_mode TEXT NOT NULL, cause TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_by_subscriber ON audit (subscriber, at);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '');
 """
 
 #: How long a processed webhook id is remembered; Standard Webhooks retries stop well before.
@@ -71,11 +86,23 @@ class Store:
                   for row in self.db.execute("SELECT id, paid_at, until, cause FROM graces")}
         readdressed = {row[0]: Readdress(tuple(ipaddress.ip_network(a) for a in json.loads(row[1])), row[2], row[3])
                        for row in self.db.execute("SELECT id, addresses, at, cause FROM readdressed")}
-        return PolicyInputs(listed, overrides, graces, readdressed)
+        exemptions: dict[str, dict[str, Exemption]] = {}
+        for row in self.db.execute("SELECT id, category, until, note, set_by, set_at FROM exemptions"):
+            exemptions.setdefault(row[0], {})[row[1]] = Exemption(row[1], row[2], row[3], row[4], row[5])
+        promises: dict[str, list[Promise]] = {}
+        for row in self.db.execute("SELECT id, made_at, until, outcome, address FROM promises ORDER BY id, made_at"):
+            promises.setdefault(row[0], []).append(Promise(*row))
+        since = dict(self.db.execute("SELECT id, since FROM listed_since").fetchall())
+        return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since)
 
-    def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any]) -> None:
+    def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
+                  since: dict[str, float] | None = None) -> None:
         """Store a new good list as a diff against the previous one, in one transaction."""
         with self._transaction():
+            if since is not None:
+                self.db.executemany("DELETE FROM listed_since WHERE id = ?", [(sid,) for sid in old.keys() - new.keys()])
+                self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)",
+                                    [(sid, since[sid]) for sid in new.keys() - old.keys() if sid in since])
             self.db.executemany("DELETE FROM listed WHERE id = ?", [(sid,) for sid in old.keys() - new.keys()])
             self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
                                 [(sid, json.dumps(sub.to_json())) for sid, sub in new.items()
@@ -111,6 +138,19 @@ class Store:
         else:
             self.db.execute("INSERT OR REPLACE INTO graces VALUES (?, ?, ?, ?)",
                             (sid, grace.paid_at, grace.until, grace.cause))
+        self.db.execute("DELETE FROM exemptions WHERE id = ?", (sid,))
+        self.db.executemany("INSERT INTO exemptions VALUES (?, ?, ?, ?, ?, ?)",
+                            [(sid, e.category, e.until, e.note, e.set_by, e.set_at)
+                             for e in inputs.exemptions.get(sid, {}).values()])
+        if sid in inputs.promises:
+            self.db.execute("DELETE FROM promises WHERE id = ?", (sid,))
+            self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
+                                [(sid, p.made_at, p.until, p.outcome, p.address) for p in inputs.promises[sid]])
+
+    def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:
+        with self._transaction():
+            for sid in ids:
+                self._write_subscriber(inputs, sid)
 
     def drop_graces(self, ids: Iterable[str]) -> None:
         with self._transaction():
@@ -161,6 +201,58 @@ class Store:
     def enforced(self) -> dict[str, dict[str, Any]]:
         return {row[0]: {"mode": row[1], "addresses": json.loads(row[2]), "reason": row[3], "since": row[4]}
                 for row in self.db.execute("SELECT id, mode, addresses, reason, since FROM enforced")}
+
+    # -- audit log ----------------------------------------------------------------------------
+    def append_audit(self, rows: list[tuple[float, str, str, str, str]]) -> None:
+        """(at, subscriber, old mode, new mode, cause) rows; never updated afterwards."""
+        if rows:
+            with self._transaction():
+                self.db.executemany("INSERT INTO audit (at, subscriber, old_mode, new_mode, cause) VALUES (?, ?, ?, ?, ?)",
+                                    rows)
+
+    def audit(self, subscriber: str | None = None, since: float | None = None, limit: int = 1000
+              ) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries (optionally of one subscriber, since a time), oldest first."""
+        where, args = [], []
+        if subscriber:
+            where.append("subscriber = ?")
+            args.append(subscriber)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(since)
+        sql = ("SELECT seq, at, subscriber, old_mode, new_mode, cause FROM audit"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?")
+        rows = self.db.execute(sql, (*args, limit)).fetchall()
+        return [{"seq": r[0], "at": r[1], "subscriber": r[2], "old": r[3], "new": r[4], "cause": r[5]}
+                for r in reversed(rows)]
+
+    def prune_audit(self, before: float) -> int:
+        with self._transaction():
+            return self.db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
+
+    # -- outgoing webhooks ----------------------------------------------------------------------
+    def add_outbox(self, message_id: str, body: dict[str, Any], now: float) -> None:
+        self.db.execute("INSERT OR IGNORE INTO outbox (id, created, body, next_at) VALUES (?, ?, ?, ?)",
+                        (message_id, now, json.dumps(body), now))
+
+    def outbox_due(self, now: float, limit: int = 50) -> list[tuple[str, float, dict[str, Any], int]]:
+        rows = self.db.execute("SELECT id, created, body, attempts FROM outbox WHERE next_at <= ? ORDER BY next_at "
+                               "LIMIT ?", (now, limit)).fetchall()
+        return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    def outbox_next(self) -> float | None:
+        row = self.db.execute("SELECT MIN(next_at) FROM outbox").fetchone()
+        return row[0] if row else None
+
+    def outbox_size(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_delivered(self, message_id: str) -> None:
+        self.db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+
+    def outbox_failed(self, message_id: str, next_at: float, error: str) -> None:
+        self.db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ? WHERE id = ?",
+                        (next_at, error[:500], message_id))
 
     def _transaction(self) -> "_Tx":
         return _Tx(self.db)

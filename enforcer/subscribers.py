@@ -14,6 +14,7 @@ import ipaddress
 import json
 import re
 import socket
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import PurePath
@@ -28,7 +29,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MIN_PREFIX = {4: 16, 6: 32}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 _REASON = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_FIELDS = ("id", "addresses", "mode", "reason")
+_FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category")
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
@@ -53,6 +54,8 @@ class Subscriber:
     addresses: tuple[Network, ...]
     mode: Mode = Mode.WALLED_GARDEN
     reason: str = ""
+    exempt_until: float | None = None      # billing's own exemption (e.g. an agreed arrangement)
+    exempt_category: str = ""
 
     @cached_property
     def keys(self) -> tuple[tuple[int, int, str], ...]:
@@ -65,13 +68,17 @@ class Subscriber:
         return tuple(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "addresses": [str(a) for a in self.addresses],
-                "mode": self.mode.value, "reason": self.reason}
+        out = {"id": self.id, "addresses": [str(a) for a in self.addresses],
+               "mode": self.mode.value, "reason": self.reason}
+        if self.exempt_until:
+            out.update(exempt_until=self.exempt_until, exempt_category=self.exempt_category)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Subscriber":
         return cls(data["id"], tuple(ipaddress.ip_network(a) for a in data["addresses"]),
-                   Mode(data["mode"]), data.get("reason", ""))
+                   Mode(data["mode"]), data.get("reason", ""), data.get("exempt_until"),
+                   data.get("exempt_category", ""))
 
 
 ListIssue = Issue  # location is "file:line"
@@ -146,11 +153,38 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber 
     if reason and (not isinstance(reason, str) or not _REASON.match(reason)):
         issues.append(ListIssue(where, f"reason {reason!r} must be a short category such as 'overdue' "
                                        "(lowercase letters, digits, - and _; no names or amounts)"))
+    exempt_until, exempt_category = _entry_exemption(raw, where, issues)
     if len(issues) > before:
         return None
-    subscriber = Subscriber(str(ident), tuple(networks), mode, reason)
+    subscriber = Subscriber(str(ident), tuple(networks), mode, reason, exempt_until, exempt_category)
     subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
     return subscriber
+
+
+def _entry_exemption(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> tuple[float | None, str]:
+    """``exempt_until`` (a date or RFC 3339 time) and ``exempt_category`` of a list entry.
+
+    A date in the past is not an error (the exemption simply ended); a date more than the
+    maximum away is, as is a category we do not know.
+    """
+    from .exemptions import CATEGORIES, MAX_SECONDS, parse_instant
+    until_raw, category_raw = raw.get("exempt_until"), raw.get("exempt_category")
+    if until_raw in (None, ""):
+        if category_raw not in (None, ""):
+            issues.append(ListIssue(where, "exempt_category without exempt_until (every exemption needs an end)"))
+        return None, ""
+    category = str(category_raw or "other").strip().lower()
+    if category not in CATEGORIES:
+        issues.append(ListIssue(where, f"exempt_category {category_raw!r} is not one of {', '.join(CATEGORIES)}"))
+    try:
+        until = parse_instant(until_raw)
+    except ValueError as exc:
+        issues.append(ListIssue(where, f"exempt_until: {exc}"))
+        return None, ""
+    if until - time.time() > MAX_SECONDS:
+        issues.append(ListIssue(where, f"exempt_until {until_raw!r} is more than {int(MAX_SECONDS // 86400)} "
+                                       "days away; exemptions must be renewed"))
+    return until, category
 
 
 def detect_format(name: str, text: str, content_type: str = "") -> str:
@@ -234,9 +268,9 @@ def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
             cells = [c.strip() for c in row]
             if not out and not issues and [c.lower() for c in cells] == list(_FIELDS[: len(cells)]):
                 continue  # header row
-            if not 2 <= len(cells) <= 4:
-                issues.append(ListIssue(f"{name}:{line}", f"expected 2 to 4 columns (id,addresses,mode,reason), "
-                                                          f"got {len(cells)}"))
+            if not 2 <= len(cells) <= len(_FIELDS):
+                issues.append(ListIssue(f"{name}:{line}", f"expected 2 to {len(_FIELDS)} columns "
+                                                          f"({','.join(_FIELDS)}), got {len(cells)}"))
                 continue
             raw = dict(zip(_FIELDS, cells))
             sub = validate_entry(raw, f"{name}:{line}", issues)

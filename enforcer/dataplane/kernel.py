@@ -37,17 +37,31 @@ class KernelDataplane:
             raise DataplaneError(str(exc)) from None
         return parse_listing(data, self.table)
 
-    def counters(self) -> dict[str, int]:
-        """Packet counts of our named counters, cheap: no set contents are listed."""
+    def layout_tag(self) -> str | None:
+        """The layout tag of our table in the kernel, listing one small chain; None if the table is gone."""
+        try:
+            data = self._nft.run_json(f"list chain inet {self.table} layout")
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                return None
+            raise DataplaneError(str(exc)) from None
+        for obj in data.get("nftables", []):
+            match = _TAG.search((obj.get("rule") or {}).get("comment", ""))
+            if match:
+                return match.group(1)
+        return None
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) of our named counters, cheap: no set contents are listed."""
         try:
             data = self._nft.run_json(f"list counters table inet {self.table}")
         except NftError:
             return {}
-        out: dict[str, int] = {}
+        out: dict[str, tuple[int, int]] = {}
         for obj in data.get("nftables", []):
             counter = obj.get("counter")
             if counter and counter.get("table") == self.table:
-                out[counter["name"]] = int(counter.get("packets", 0))
+                out[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
         return out
 
 

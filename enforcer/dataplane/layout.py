@@ -4,7 +4,9 @@ Subscriber addresses live in hash maps keyed by address, one map per (family, pr
 length), looked up with a mask for prefixes; interval sets are avoided because deleting
 from large ones is slow (SPEC §7). Each restricted address is one element in a verdict map
 (filter hook: which mode chain applies) and one element in a redirect set (nat hook: send
-plain HTTP to the portal). Everything the layout renders is derived from config, so a
+plain HTTP to the portal); a throttle-mode address is also in a throttle set, so the
+download can be rate-limited by destination (the upload is limited in the ``throttle``
+chain). Everything the layout renders is derived from config, so a
 ``tag`` of the rendered text tells whether the kernel already holds this exact layout.
 """
 
@@ -13,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
+from ..config import DEFAULT_THROTTLE_RATE, default_throttle_burst
 from ..subscribers import Mode, Network
 
 #: Prefix lengths kept ready even when no subscriber uses them yet, so the common cases never
@@ -57,6 +60,26 @@ def ack_set(version: int, prefixlen: int) -> str:
     return f"noticeack{version}_{prefixlen}"
 
 
+def throttle_set(version: int, prefixlen: int) -> str:
+    """Addresses in throttle mode, so packets *to* them can be rate-limited (matched by daddr)."""
+    return f"throttle{version}_{prefixlen}"
+
+
+def throttle_meter(version: int, prefixlen: int, direction: str) -> str:
+    """The dynamic set holding one token bucket per throttled key, ``direction`` up or down.
+
+    The kernel fills it from the packet path; the reconciler never touches it.
+    """
+    return f"thr{direction}{version}_{prefixlen}"
+
+
+#: Most keys a throttle meter holds per prefix length; a key beyond it would go unlimited
+#: (the kernel cannot add its bucket), so this is far above any gateway's subscriber count.
+THROTTLE_METER_SIZE = 1 << 20
+#: An idle subscriber's bucket is dropped after this; it is full again by then anyway.
+THROTTLE_METER_TIMEOUT = "1m"
+
+
 HOST_ALLOW = {4: "allowhost4", 6: "allowhost6"}
 
 
@@ -70,12 +93,14 @@ class Layout:
     dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None
     portal_port: int
     prefixes: frozenset[tuple[int, int]] = STANDARD_PREFIXES
+    throttle_rate: int = DEFAULT_THROTTLE_RATE                              # bytes/s per key and direction
+    throttle_burst: int = default_throttle_burst(DEFAULT_THROTTLE_RATE)    # bytes
 
     def with_prefixes(self, used: set[tuple[int, int]]) -> "Layout":
         wanted = STANDARD_PREFIXES | frozenset(used)
         if wanted == self.prefixes:
             return self
-        return Layout(self.table, self.interfaces, self.allow, self.dns, self.portal_port, wanted)
+        return replace(self, prefixes=wanted)
 
     def containers(self) -> dict[str, str]:
         """Name → ``"map"`` or ``"set"`` for every element container the reconciler fills."""
@@ -84,6 +109,7 @@ class Layout:
             out[mode_map(version, plen)] = "map"
             out[redirect_set(version, plen)] = "set"
             out[redirect_set(version, plen, Mode.NOTICE)] = "set"
+            out[throttle_set(version, plen)] = "set"
         out[HOST_ALLOW[4]] = "set"
         out[HOST_ALLOW[6]] = "set"
         return out
@@ -110,6 +136,10 @@ class Layout:
             lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
             lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; }}")
             lines.append(f"\tset {ack_set(version, plen)} {{ type {addr}; flags timeout; }}")
+            lines.append(f"\tset {throttle_set(version, plen)} {{ type {addr}; }}")
+            for direction in ("up", "down"):
+                lines.append(f"\tset {throttle_meter(version, plen, direction)} {{ type {addr}; "
+                             f"size {THROTTLE_METER_SIZE}; flags dynamic,timeout; timeout {THROTTLE_METER_TIMEOUT}; }}")
         for version in (4, 6):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
             # Overlapping CIDRs would make nft reject the whole interval set: merge them first.
@@ -122,7 +152,7 @@ class Layout:
                 resolvers = ", ".join(str(a) for a in self.dns if a.version == version)
                 elements = f" elements = {{ {resolvers} }};" if resolvers else ""
                 lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
-        lines += self._garden_chain() + self._open_chains() + self._hooks()
+        lines += self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
         lines.append("\tchain layout {")
         lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
         lines.append("\t}")
@@ -147,8 +177,59 @@ class Layout:
                 "\tchain garden {"] + [f"\t\t{r}" for r in rules] + ["\t}"]
 
     def _open_chains(self) -> list[str]:
-        """Notice and throttle leave forwarding open; their difference is the portal's business."""
-        return ["\tchain notice {", "\t}", "\tchain throttle {", "\t}"]
+        """Notice leaves forwarding open; throttle too, but rate-limits the upload (see below)."""
+        return ["\tchain notice {", "\t}", "\tchain throttle {"] + [f"\t\t{r}" for r in self._throttle_up()] + ["\t}"]
+
+    def _limit(self) -> str:
+        return f"limit rate over {self.throttle_rate} bytes/second burst {self.throttle_burst} bytes"
+
+    def _throttle_up(self) -> list[str]:
+        """Upload: one token bucket per subscriber key, above the rate packets are dropped.
+
+        The forward hook jumps here when the source's longest matching entry is throttle, so
+        the first throttle set that holds the source (longest prefix first) is that entry;
+        ``accept`` then keeps a shorter throttled prefix of someone else from counting it too.
+        Walled-garden destinations (how to pay) are never slowed.
+        """
+        rules = ["ip daddr @allow4 accept", "ip6 daddr @allow6 accept",
+                 f"ip daddr @{HOST_ALLOW[4]} accept", f"ip6 daddr @{HOST_ALLOW[6]} accept"]
+        for version, plen, shorter in self._longest_first():
+            key = _masked(version, plen, "saddr")
+            rules.append(f"{key} @{throttle_set(version, plen)} update @{throttle_meter(version, plen, 'up')} "
+                         f"{{ {key} {self._limit()} }} drop")
+            if shorter:
+                rules.append(f"{key} @{throttle_set(version, plen)} accept")
+        return rules
+
+    def _download_hook(self) -> list[str]:
+        """Download: packets *to* a throttled key, in a forward hook of their own.
+
+        A base chain of its own, after ``forward``: its ``accept`` ends only this chain, so it
+        can never let a restricted subscriber's own packets skip the mode maps. Longest prefix
+        first, and an address whose longest entry is another mode (``portal``/``notice`` sets
+        hold every restricted key) stops the walk, so it is never limited by a shorter
+        throttled prefix of someone else.
+        """
+        oif = ""
+        if self.interfaces:
+            oif = "oifname { " + ", ".join(f'"{name}"' for name in self.interfaces) + " } "
+        rules = []
+        for version, plen, shorter in self._longest_first():
+            key = _masked(version, plen, "daddr")
+            src = "ip saddr" if version == 4 else "ip6 saddr"
+            garden = f"{src} != @allow{version} {src} != @{HOST_ALLOW[version]} "
+            rules.append(f"{oif}{key} @{throttle_set(version, plen)} {garden}"
+                         f"update @{throttle_meter(version, plen, 'down')} {{ {key} {self._limit()} }} drop")
+            if shorter:
+                rules.append(f"{oif}{key} @{redirect_set(version, plen, Mode.NOTICE)} accept")
+                rules.append(f"{oif}{key} @{redirect_set(version, plen)} accept")
+        return (["\tchain download {", "\t\ttype filter hook forward priority filter - 9; policy accept;"]
+                + [f"\t\t{r}" for r in rules] + ["\t}"])
+
+    def _longest_first(self) -> list[tuple[int, int, bool]]:
+        """(version, prefix length, whether a shorter prefix of the family follows), longest first."""
+        ordered = sorted(self.prefixes, key=lambda p: (p[0], -p[1]))
+        return [(v, plen, i + 1 < len(ordered) and ordered[i + 1][0] == v) for i, (v, plen) in enumerate(ordered)]
 
     def _hooks(self) -> list[str]:
         iif = ""
@@ -172,7 +253,11 @@ class Layout:
 
 
 def _masked_saddr(version: int, prefixlen: int) -> str:
-    field_ = "ip saddr" if version == 4 else "ip6 saddr"
+    return _masked(version, prefixlen, "saddr")
+
+
+def _masked(version: int, prefixlen: int, direction: str) -> str:
+    field_ = f"ip {direction}" if version == 4 else f"ip6 {direction}"
     full = 32 if version == 4 else 128
     if prefixlen == full:
         return field_
@@ -184,5 +269,8 @@ def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | Non
     """The (container, key, value) elements that restrict one address or prefix in ``mode``."""
     version, plen = network.version, network.prefixlen
     key = socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, network.network_address.packed)
-    return [(mode_map(version, plen), key, MODE_VERDICTS[mode]),
-            (redirect_set(version, plen, mode), key, None)]
+    out = [(mode_map(version, plen), key, MODE_VERDICTS[mode]),
+           (redirect_set(version, plen, mode), key, None)]
+    if mode is Mode.THROTTLE:
+        out.append((throttle_set(version, plen), key, None))
+    return out

@@ -68,22 +68,23 @@ class Lab:
         os.replace(tmp, self.list_path)
 
     # -- processes ------------------------------------------------------------------------
-    def _start(self, command: str, log_name: str) -> subprocess.Popen[Any]:
+    def _start(self, command: str, log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
         log = open(self.work / log_name, "ab")
         try:
             return self.topo.popen(self.topo.gateway.netns, sys.executable, "-m", "enforcer.cli", command,
                                    "--config", str(self.config_path), stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         finally:
             log.close()
 
-    def start_daemon(self, timeout: float = 20.0) -> None:
-        self.daemon = self._start("run", "daemon.log")
+    def start_daemon(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
+        """``env`` is added to the environment (e.g. a test's ``NOTIFY_SOCKET``)."""
+        self.daemon = self._start("run", "daemon.log", env)
         self._wait(lambda: self.status() is not None, timeout, "daemon", self.daemon, "daemon.log")
 
-    def start_portal(self, timeout: float = 15.0) -> None:
-        self.portal = self._start("portal", "portal.log")
+    def start_portal(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> None:
+        self.portal = self._start("portal", "portal.log", env)
 
         def ready() -> bool:
             probe = self.topo.run(self.topo.gateway.netns, "curl", "-s", "-o", "/dev/null", "--max-time", "1",

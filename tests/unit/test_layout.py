@@ -123,7 +123,6 @@ def test_garden_chain():
     assert any(r.startswith("icmp type {") for r in rules)
     assert any(r.startswith("icmpv6 type {") and "packet-too-big" in r for r in rules)
     assert chain(layout().render(), "notice") == []
-    assert chain(layout().render(), "throttle") == []
 
 
 def test_dns_list_restricts_resolvers():
@@ -205,9 +204,12 @@ def test_containers():
     c = layout().with_prefixes({(4, 24)}).containers()
     expected = {"allowhost4": "set", "allowhost6": "set"}
     for v, plen in ((4, 24), (4, 32), (6, 56), (6, 64), (6, 128)):
-        expected.update({f"mode{v}_{plen}": "map", f"portal{v}_{plen}": "set", f"notice{v}_{plen}": "set"})
+        expected.update({f"mode{v}_{plen}": "map", f"portal{v}_{plen}": "set", f"notice{v}_{plen}": "set",
+                         f"throttle{v}_{plen}": "set"})
     assert c == expected
     assert not any(name.startswith("noticeack") for name in c), "acknowledgements are not reconciled"
+    assert not any(name.startswith("thr") and not name.startswith("throttle") for name in c), \
+        "throttle meters are filled by the kernel, not reconciled"
 
 
 # -- elements_for ---------------------------------------------------------------------------
@@ -218,7 +220,8 @@ def test_containers():
     ("100.64.1.0/24", Mode.NOTICE,
      [("mode4_24", "100.64.1.0", "goto notice"), ("notice4_24", "100.64.1.0", None)]),
     ("2001:db8:10:100::/56", Mode.THROTTLE,
-     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("notice6_56", "2001:db8:10:100::", None)]),
+     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("notice6_56", "2001:db8:10:100::", None),
+      ("throttle6_56", "2001:db8:10:100::", None)]),
     ("2001:db8::1/128", Mode.WALLED_GARDEN,
      [("mode6_128", "2001:db8::1", "goto garden"), ("portal6_128", "2001:db8::1", None)]),
 ])

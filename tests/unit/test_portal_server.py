@@ -253,7 +253,8 @@ def test_run_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
-        assert "listening on 127.0.0.1:" in line and "metrics on 127.0.0.1:" in line, line
+        assert "event=portal_started" in line and " listen=127.0.0.1:" in line, line
+        assert " metrics=127.0.0.1:" in line and "\n" not in line.rstrip("\n"), line
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=5)
     finally:

@@ -127,15 +127,27 @@ def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
     assert fake.state.elements == desired_elements(decisions)
 
 
-def test_mode_change_within_notice_modes_touches_only_the_map_element(rec, fake):
+def test_mode_change_within_notice_modes_touches_the_map_and_throttle_set_only(rec, fake):
     decisions = synced(rec, fake)
     decisions["C-2"] = restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)
     result = rec.sync_all(decisions)
     (tx,) = fake.transactions
     assert [(type(op).__name__, op.container) for op in tx.operations] == [("DeleteElements", "mode4_32"),
-                                                                          ("AddElements", "mode4_32")]
+                                                                          ("AddElements", "mode4_32"),
+                                                                          ("AddElements", "throttle4_32")]
     assert set(result.changed) == {net("100.64.0.11/32")}
     assert fake.state.elements["notice4_32"]["100.64.0.11"] is None
+    assert fake.state.elements["throttle4_32"] == {"100.64.0.11": None}
+    # and back to notice: out of the throttle set, still redirected
+    decisions["C-2"] = restricted("C-2", "100.64.0.11", mode=Mode.NOTICE)
+    fake.transactions.clear()
+    rec.sync_all(decisions)
+    (tx,) = fake.transactions
+    assert [(type(op).__name__, op.container) for op in tx.operations] == [("DeleteElements", "mode4_32"),
+                                                                          ("DeleteElements", "throttle4_32"),
+                                                                          ("AddElements", "mode4_32")]
+    assert fake.state.elements["throttle4_32"] == {}
+    assert fake.state.elements == desired_elements(decisions)
 
 
 def test_mode_change_to_notice_moves_the_redirect_element(rec, fake):
@@ -208,9 +220,12 @@ def test_update_mode_change(rec, fake):
     synced(rec, fake)
     result = rec.update({"C-2": restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)})
     (tx,) = fake.transactions
-    assert ops(tx) == [DeleteElements("mode4_32", ("100.64.0.11",)),
-                       AddElements("mode4_32", (("100.64.0.11", "goto throttle"),))]
+    assert ops(tx)[0] == DeleteElements("mode4_32", ("100.64.0.11",))
+    assert set(ops(tx)[1:]) == {AddElements("mode4_32", (("100.64.0.11", "goto throttle"),)),
+                                AddElements("throttle4_32", (("100.64.0.11", None),))}
     assert set(result.changed) == {net("100.64.0.11/32")}
+    assert rec.update({"C-2": free("C-2")}).elements == 3  # map entry, notice and throttle set elements
+    assert fake.state.elements["throttle4_32"] == {}
 
 
 def test_update_address_change(rec, fake):
@@ -322,7 +337,7 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(desired)
     assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
-    assert result.elements == 2 + 2 + 2  # delete B (2), add C (2), D's map entry delete + add
+    assert result.elements == 2 + 2 + 2 + 1  # delete B (2), add C (2), D's map entry delete + add, D throttled
     # and the reconciler is ready for diffs straight away
     assert rec.update({"A": free("A")}).elements == 2
 

@@ -1,0 +1,97 @@
+"""Case-by-case exemptions: people the list names but who must not be restricted (yet).
+
+A vulnerable household, a small business that lives on its connection, an open billing
+dispute or fault ticket, an agreed payment arrangement: support staff (or billing, for
+disputes and outages) record an exemption with a category, a note, who set it and an
+expiry. An exempt subscriber stays free whatever the list says; at expiry the policy
+re-evaluates by itself. Every exemption expires: "forever" is how people get forgotten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, time as dtime, timedelta, timezone
+from typing import Any
+
+#: Categories and what support staff see for them.
+CATEGORIES: dict[str, str] = {
+    "vulnerable": "vulnerable household",
+    "business": "small business that depends on the connection",
+    "dispute": "open billing dispute",
+    "outage": "open outage or fault ticket",
+    "arrangement": "payment arrangement",
+    "other": "other (see note)",
+}
+#: Billing events may open and close only these (the others are people's decisions).
+EVENT_CATEGORIES = ("dispute", "outage")
+#: Longest exemption one action may set; renewing is a conscious act.
+MAX_SECONDS = 400 * 86400.0
+
+
+@dataclass(frozen=True)
+class Exemption:
+    category: str
+    until: float                 # unix seconds; the exemption ends by itself then
+    note: str
+    set_by: str                  # "operator alice", "event msg_…", "list"
+    set_at: float
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def describe(self) -> str:
+        note = f": {self.note}" if self.note else ""
+        return f"exempt ({CATEGORIES.get(self.category, self.category)}{note}; set by {self.set_by})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"category": self.category, "until": self.until, "note": self.note, "set_by": self.set_by,
+                "set_at": self.set_at}
+
+
+def check_category(value: Any) -> str:
+    text = str(value or "").strip().lower()
+    if text not in CATEGORIES:
+        raise ValueError(f"category {value!r} is not one of {', '.join(CATEGORIES)}")
+    return text
+
+
+def parse_instant(value: Any, zone: Any = None) -> float:
+    """A date (``2026-12-31``: through the end of that day, local time), an RFC 3339 time, or
+    unix seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a date such as 2026-12-31 or a time")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    tz = zone or datetime.now().astimezone().tzinfo
+    try:
+        day = date.fromisoformat(text)
+        return datetime.combine(day + timedelta(days=1), dtime(0, 0), tz).timestamp()
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a date (2026-12-31) or an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.astimezone(timezone.utc).timestamp()
+
+
+def parse_until(value: Any, now: float, zone: Any = None) -> float:
+    """An exemption's end as an operator gives it: an instant (see ``parse_instant``) or a
+    duration from now (``14d``, ``36h``, ``2w``); in the future and not too far away."""
+    relative = _relative(str(value).strip(), now) if isinstance(value, str) else None
+    until = relative if relative is not None else parse_instant(value, zone)
+    if until <= now:
+        raise ValueError("until lies in the past")
+    if until - now > MAX_SECONDS:
+        raise ValueError(f"until is more than {int(MAX_SECONDS // 86400)} days away; exemptions must be renewed")
+    return until
+
+
+def _relative(text: str, now: float) -> float | None:
+    units = {"h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+    if len(text) > 1 and text[-1] in units and text[:-1].isdigit():
+        return now + int(text[:-1]) * units[text[-1]]
+    return None

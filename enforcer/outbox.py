@@ -1,0 +1,103 @@
+"""Outgoing webhooks to billing (promises to pay), delivered at least once.
+
+A promise the customer made on the portal must reach billing even if billing is down for an
+hour or the gateway reboots: messages are written to SQLite in the same step that lifts the
+customer, and this loop delivers them, signed the Standard Webhooks way (the same scheme
+billing uses towards us), retrying with jittered exponential backoff until billing answers
+2xx. The webhook id is stable across retries, so billing can de-duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from .daemon import Enforcer
+
+log = logging.getLogger("walled_garden.outbox")
+
+#: First retry after this many seconds, doubling per attempt up to ``MAX_BACKOFF``.
+FIRST_BACKOFF = 15.0
+MAX_BACKOFF = 3600.0
+#: Each delivery attempt gives up after this long.
+TIMEOUT = 10.0
+#: With nothing due, look again at least this often (new messages also wake the loop).
+IDLE = 60.0
+
+
+def backoff(attempts: int) -> float:
+    return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** attempts) * random.uniform(0.75, 1.25)
+
+
+class Outbox:
+    def __init__(self, enforcer: "Enforcer") -> None:
+        self.enforcer = enforcer
+        rules = enforcer.config.policy.promise_to_pay
+        self.url = rules.webhook_url
+        self.secret_file = rules.webhook_secret_file or enforcer.config.api.webhook_secret_file
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.url:
+            return
+        store, metrics = self.enforcer.store, self.enforcer.metrics
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+            while not stop.is_set():
+                await self.deliver_due(session)
+                metrics.outbox.set(store.outbox_size())
+                upcoming = store.outbox_next()
+                now = self.enforcer.clock()
+                wait = IDLE if upcoming is None else max(0.0, min(IDLE, upcoming - now))
+                wake = self.enforcer.outbox_wake
+                wake.clear()
+                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def deliver_due(self, session: aiohttp.ClientSession) -> int:
+        """Try every due message once; returns how many were delivered."""
+        from .api import SecretError, load_webhook_secret
+
+        store, metrics = self.enforcer.store, self.enforcer.metrics
+        due = store.outbox_due(self.enforcer.clock())
+        if not due or not self.url:
+            return 0
+        try:
+            signer = load_webhook_secret(self.secret_file)
+        except SecretError as exc:
+            log.error("event=outbox_no_secret error=%r queued=%d", str(exc), len(due))
+            for message_id, _, _, attempts in due:
+                store.outbox_failed(message_id, self.enforcer.clock() + backoff(attempts), str(exc))
+            return 0
+        delivered = 0
+        for message_id, _, body, attempts in due:
+            payload = json.dumps(body, sort_keys=True)
+            sent = datetime.now(tz=timezone.utc)
+            headers = {"content-type": "application/json", "webhook-id": message_id,
+                       "webhook-timestamp": str(int(sent.timestamp())),
+                       "webhook-signature": signer.sign(message_id, sent, payload)}
+            try:
+                async with session.post(self.url, data=payload.encode(), headers=headers) as response:
+                    await response.read()
+                    ok, error = 200 <= response.status < 300, f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                ok, error = False, f"{type(exc).__name__}: {exc}"
+            if ok:
+                store.outbox_delivered(message_id)
+                delivered += 1
+                log.info("event=outbox_delivered id=%s type=%s attempts=%d", message_id, body.get("type"),
+                         attempts + 1)
+            else:
+                retry = backoff(attempts)
+                store.outbox_failed(message_id, self.enforcer.clock() + retry, error)
+                metrics.outbox_failures.inc()
+                log.warning("event=outbox_failed id=%s error=%r attempt=%d retry_in=%.0fs", message_id, error,
+                            attempts + 1, retry)
+        return delivered

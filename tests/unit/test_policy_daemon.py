@@ -1,0 +1,254 @@
+"""Issue 5 through the daemon (fake kernel, real control socket and CLI): exemptions, dispute
+events, enforcement windows across restarts, escalation, promises with the outgoing webhook,
+and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from enforcer.api import control_app, start_tcp_site, start_unix_site
+from enforcer.cli import main
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import parse_event
+from enforcer.outbox import Outbox
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Mode, Subscriber, parse_address
+
+DAY = 86400.0
+MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+class NoConntrack:
+    async def flush(self, networks: Any) -> int:
+        return 0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sub(sid: str = "C-1", ip: str = "100.64.0.10", mode: Mode = Mode.WALLED_GARDEN) -> Subscriber:
+    return Subscriber(sid, (parse_address(ip),), mode, "overdue")
+
+
+def make_config(tmp: Path, policy: str = "", port: int = 0) -> Any:
+    (tmp / "secret").write_text(SECRET)
+    text = (f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+            f"api: {{socket: {tmp}/control.sock, webhook_secret_file: {tmp}/secret}}\n" + policy)
+    (tmp / "config.yaml").write_text(text)
+    return parse_config(text, str(tmp / "config.yaml"))
+
+
+@contextlib.asynccontextmanager
+async def running(config: Any, clock: Clock, fake: FakeDataplane | None = None) -> Any:
+    fake = fake or FakeDataplane()
+    enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=clock)  # type: ignore[arg-type]
+    await enforcer.restore()
+    runner = await start_unix_site(control_app(enforcer), config.api.socket)
+    try:
+        yield enforcer, fake
+    finally:
+        await runner.cleanup()
+        await enforcer.close()
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = await asyncio.to_thread(main, list(argv))
+    return code, out.getvalue()
+
+
+def kernel_mode(fake: FakeDataplane, ip: str = "100.64.0.10") -> str | None:
+    assert fake.state is not None
+    return fake.state.elements["mode4_32"].get(ip)
+
+
+async def test_exempt_and_unexempt_via_cli_are_audited(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    async with running(config, Clock(MONDAY_10)) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        assert kernel_mode(fake) == "goto garden"
+        code, out = await cli("exempt", "C-1", "--category", "vulnerable", "--until", "14d",
+                              "--note", "medical equipment", "--config", str(tmp_path / "config.yaml"))
+        assert code == 0 and "now free" in out, out
+        assert kernel_mode(fake) is None
+        code, out = await cli("explain", "C-1", "--config", str(tmp_path / "config.yaml"))
+        assert "vulnerable household: medical equipment" in out and "chain of reasons" in out
+        code, out = await cli("unexempt", "C-1", "--config", str(tmp_path / "config.yaml"), "--note", "resolved")
+        assert code == 0 and kernel_mode(fake) == "goto garden"
+        code, out = await cli("audit", "C-1", "--config", str(tmp_path / "config.yaml"))
+        lines = out.strip().splitlines()
+        assert [line.split()[3] for line in lines] == ["free", "walled-garden", "free"], out
+        assert "->" in lines[1] and "exempt (vulnerable household" in lines[1]
+        assert "ended by operator" in lines[2]
+        code, out = await cli("exempt", "C-1", "--category", "vulnerable", "--until", "2020-01-01",
+                              "--config", str(tmp_path / "config.yaml"))
+        assert code == 1
+
+
+async def test_exemption_expires_by_itself(tmp_path: Path) -> None:
+    clock = Clock(MONDAY_10)
+    async with running(make_config(tmp_path), clock) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        status, _ = await enforcer.exempt("alice", "C-1", "business", MONDAY_10 + DAY, "shop till")
+        assert status == 200 and kernel_mode(fake) is None
+        assert enforcer.inputs.next_change(clock.now) == MONDAY_10 + DAY
+        clock.now = MONDAY_10 + DAY
+        await enforcer._tick()
+        assert kernel_mode(fake) == "goto garden"
+        assert enforcer.audit("C-1", None, 10)[-1]["new"] == "walled-garden"
+
+
+async def test_dispute_events_open_and_close_an_exemption(tmp_path: Path) -> None:
+    clock = Clock(MONDAY_10)
+    async with running(make_config(tmp_path), clock) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+
+        async def send(kind: str, ts: float, eid: str, **data: Any) -> tuple[int, dict]:
+            body = json.dumps({"type": kind, "timestamp": ts, "data": {"subscriber": "C-1", **data}})
+            return await enforcer.handle_event(parse_event(eid, body), 0.0)
+
+        status, answer = await send("dispute.opened", MONDAY_10 - 60, "e1", note="ticket 4711")
+        assert status == 200 and answer["mode"] == "free" and kernel_mode(fake) is None
+        assert enforcer.inputs.exemptions["C-1"]["dispute"].until == MONDAY_10 + 30 * DAY  # configured default
+        status, answer = await send("dispute.closed", MONDAY_10 - 120, "e2")          # older: ignored
+        assert answer["result"] == "ignored" and kernel_mode(fake) is None
+        status, answer = await send("dispute.closed", MONDAY_10, "e3")
+        assert answer["mode"] == "walled-garden" and kernel_mode(fake) == "goto garden"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"type": "outage.opened", "timestamp": 1, "data": {"subscriber": "C-1", "until": "soon"}}, "data.until"),
+    ({"type": "outage.opened", "timestamp": 100, "data": {"subscriber": "C-1", "until": 50}}, "before"),
+    ({"type": "dispute.opened", "timestamp": 1, "data": {"subscriber": "C-1", "note": 5}}, "data.note"),
+])
+def test_malformed_exemption_events(body: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_event("x", json.dumps(body))
+
+
+WINDOWS = "policy:\n  windows: {timezone: UTC, days: [mon, tue, wed, thu, fri], hours: '08:00-17:00'}\n"
+
+
+async def test_restriction_waits_for_window_and_survives_restart(tmp_path: Path) -> None:
+    config = make_config(tmp_path, WINDOWS)
+    saturday = MONDAY_10 + 5 * DAY
+    clock = Clock(saturday)
+    fake = FakeDataplane()
+    async with running(config, clock, fake) as (enforcer, _):
+        await enforcer.on_list(ListUpdate([sub("C-1"), sub("C-2", "100.64.0.11")], "l.yaml", "1"))
+        assert kernel_mode(fake) is None and enforcer.status()["waiting_for_window"] == 2
+        explained = enforcer.explain("C-1")
+        assert explained["pending"] == "walled-garden" and "waits for the enforcement window" in explained["why"]
+        # a payment while waiting lifts nothing further but clears the wait
+        body = json.dumps({"type": "payment.received", "timestamp": saturday, "data": {"subscriber": "C-2"}})
+        await enforcer.handle_event(parse_event("p1", body), 0.0)
+        assert enforcer.status()["waiting_for_window"] == 1
+    clock.now = MONDAY_10 + 7 * DAY - 2 * 3600      # Monday 08:00
+    async with running(config, clock, fake) as (enforcer, _):
+        assert kernel_mode(fake) == "goto garden"     # restart inside the window: applied at start
+        assert kernel_mode(fake, "100.64.0.11") is None
+    clock.now = MONDAY_10 + 7 * DAY + 9 * 3600       # Monday 19:00: window closed again
+    async with running(config, clock, fake) as (enforcer, _):
+        assert kernel_mode(fake) == "goto garden", "a restart outside the window keeps restrictions"
+
+
+async def test_window_opening_applies_waiting_restrictions(tmp_path: Path) -> None:
+    clock = Clock(MONDAY_10 + 10 * 3600)             # Monday 20:00
+    async with running(make_config(tmp_path, WINDOWS), clock) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        assert kernel_mode(fake) is None
+        opens = enforcer.inputs.next_change(clock.now, waiting=True)
+        assert opens == MONDAY_10 + DAY - 2 * 3600    # Tuesday 08:00
+        clock.now = opens
+        await enforcer._tick()
+        assert kernel_mode(fake) == "goto garden"
+        assert enforcer.status()["waiting_for_window"] == 0
+
+
+async def test_escalation_climbs_the_ladder(tmp_path: Path) -> None:
+    ladder = "policy:\n  escalation: [{after: 7d, mode: throttle}, {after: 14d, mode: walled-garden}]\n"
+    clock = Clock(MONDAY_10)
+    async with running(make_config(tmp_path, ladder), clock) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub(mode=Mode.NOTICE)], "l.yaml", "1"))
+        assert kernel_mode(fake) == "goto notice"
+        clock.now = MONDAY_10 + 7 * DAY + 1
+        await enforcer._tick()
+        assert kernel_mode(fake) == "goto throttle"
+        clock.now = MONDAY_10 + 14 * DAY + 400
+        await enforcer._tick()
+        assert kernel_mode(fake) == "goto garden"
+        assert "escalated to walled-garden" in enforcer.explain("C-1")["why"]
+
+
+PROMISE = ("policy:\n  promise_to_pay: {term: 3d, max: 2, period: 90d, reasons: [overdue], "
+           "webhook_url: 'http://127.0.0.1:%d/hook'}\n")
+
+
+async def test_promise_to_pay_lifts_tells_billing_and_lapses(tmp_path: Path, unused_tcp_port: int) -> None:
+    received: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), dict(request.headers)))
+        return web.Response(status=500 if len(received) == 1 else 204)   # first delivery fails: retried
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    billing = await start_tcp_site(app, "127.0.0.1", unused_tcp_port)
+    clock = Clock(MONDAY_10)
+    try:
+        async with running(make_config(tmp_path, PROMISE % unused_tcp_port), clock) as (enforcer, fake):
+            await enforcer.on_list(ListUpdate([sub(), Subscriber("C-9", (parse_address("100.64.0.99"),),
+                                                                 Mode.WALLED_GARDEN, "fraud")], "l.yaml", "1"))
+            assert enforcer.lookup("100.64.0.10")["promise"]["eligible"] is True
+            assert enforcer.lookup("100.64.0.99")["promise"]["why"] == "reason_not_eligible"
+            status, answer = await enforcer.promise("100.64.0.10")
+            assert status == 200 and answer["until"] == MONDAY_10 + 3 * DAY and kernel_mode(fake) is None
+            assert (await enforcer.promise("100.64.0.10"))[0] == 409          # not restricted any more
+            assert (await enforcer.promise("100.64.0.99"))[0] == 403
+            outbox = Outbox(enforcer)
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                assert await outbox.deliver_due(session) == 0                   # billing answered 500
+                assert enforcer.store.outbox_size() == 1
+                clock.now += 3600                                              # past the backoff
+                assert await outbox.deliver_due(session) == 1
+            assert enforcer.store.outbox_size() == 0
+            body, headers = received[-1]
+            assert received[0][1]["webhook-id"] == headers["webhook-id"], "retries keep the id"
+            Webhook(SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
+            payload = json.loads(body)
+            assert payload["type"] == "promise.made" and payload["data"]["subscriber"] == "C-1"
+            assert payload["data"]["reference"] == enforcer.reference("C-1")
+            clock.now = MONDAY_10 + 3 * DAY
+            await enforcer._tick()
+            assert kernel_mode(fake) == "goto garden"
+            assert enforcer.lookup("100.64.0.10")["promise"]["why"] == "last_promise_lapsed"
+            chain = enforcer.explain("C-1")["chain"]
+            assert any("promise to pay" in step and "lapsed" in step for step in chain)
+    finally:
+        await billing.cleanup()
+
+
+async def test_operator_restriction_is_not_promisable(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path, PROMISE % 9), Clock(MONDAY_10)) as (enforcer, _):
+        await enforcer.operator_change("alice", "C-5", True, "abuse", addresses=["100.64.0.55"])
+        assert enforcer.lookup("100.64.0.55")["promise"]["why"] == "operator_restriction"

@@ -1,0 +1,126 @@
+"""sd_notify and the watchdog against a fake systemd: a Unix datagram socket in a temp dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforcer import systemd_notify
+
+
+class FakeSystemd:
+    """Collects what arrives on ``NOTIFY_SOCKET``, with arrival times."""
+
+    def __init__(self, path: str, address: str | bytes) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.05)
+
+    def drain(self) -> list[tuple[float, str]]:
+        out = []
+        while True:
+            try:
+                out.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except (TimeoutError, socket.timeout):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
+    path = str(tmp_path / "notify.sock")
+    fake = FakeSystemd(path, path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    yield fake
+    fake.close()
+
+
+def test_notify_sends_one_datagram(systemd: FakeSystemd) -> None:
+    assert systemd_notify.notify("READY=1\nSTATUS=enforcing")
+    assert [m for _, m in systemd.drain()] == ["READY=1\nSTATUS=enforcing"]
+
+
+def test_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"wg-test-{os.getpid()}-{time.monotonic_ns()}"
+    fake = FakeSystemd("@" + name, "\0" + name)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    try:
+        assert systemd_notify.notify("WATCHDOG=1")
+        assert [m for _, m in fake.drain()] == ["WATCHDOG=1"]
+    finally:
+        fake.close()
+
+
+def test_without_systemd_notify_is_silent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd_notify.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert systemd_notify.notify("READY=1") is False  # logged, never raised
+
+
+def test_reloading_carries_a_monotonic_timestamp(systemd: FakeSystemd) -> None:
+    systemd_notify.reloading()
+    (_, message), = systemd.drain()
+    lines = message.split("\n")
+    assert lines[0] == "RELOADING=1" and lines[1].startswith("MONOTONIC_USEC=")
+    assert abs(int(lines[1].split("=")[1]) - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 5_000_000
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, None),
+    ({"WATCHDOG_USEC": "30000000"}, 30.0),
+    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "OURS"}, 30.0),
+    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),   # meant for another process
+    ({"WATCHDOG_USEC": "0"}, None),
+    ({"WATCHDOG_USEC": "soon"}, None),
+])
+def test_watchdog_timeout_from_the_environment(env: dict[str, str], expected: float | None) -> None:
+    env = {k: str(os.getpid()) if v == "OURS" else v for k, v in env.items()}
+    assert systemd_notify.watchdog_seconds(env) == expected
+
+
+def test_watchdog_pets_from_the_loop_and_stops_when_the_loop_hangs(systemd: FakeSystemd,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """WATCHDOG=1 every half timeout while the loop runs; nothing at all once it is blocked."""
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")   # 0.2 s: a pet every 0.1 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        petting = asyncio.run_coroutine_threadsafe(systemd_notify.watchdog(), loop)
+        time.sleep(0.6)
+        running = [t for t, m in systemd.drain() if m == "WATCHDOG=1"]
+        assert len(running) >= 4, running            # ~6 in 0.6 s
+        gaps = [b - a for a, b in zip(running, running[1:])]
+        assert max(gaps) < 0.2, gaps                  # never as late as the timeout itself
+
+        blocked = threading.Event()
+        loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(1.0)))  # the loop hangs for 1 s
+        assert blocked.wait(2)
+        time.sleep(0.1)
+        systemd.drain()                               # a pet already in flight when it blocked
+        time.sleep(0.7)
+        assert systemd.drain() == [], "a blocked loop must not pet the watchdog"
+        time.sleep(0.5)                               # the loop is free again: petting resumes
+        assert [m for _, m in systemd.drain()].count("WATCHDOG=1") >= 2
+        petting.cancel()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(3)
+        loop.close()
+
+
+async def test_watchdog_returns_at_once_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    await asyncio.wait_for(systemd_notify.watchdog(), 1)
