@@ -3,8 +3,9 @@
 Every catalogue has every key (the ``Messages`` TypedDict and a unit test keep them in step);
 an ISP rewords any of them per language with ``portal.texts`` without touching code.
 Translations are plain text, never HTML: the page escapes them. The only placeholders are
-``$provider`` and ``$phone``, and only in the keys listed in ``PLACEHOLDERS``; ``$$`` is a
-literal dollar sign.
+``$provider``, ``$phone``, ``$term`` and ``$until``, and only in the keys listed in
+``PLACEHOLDERS``; ``$$`` is a literal dollar sign. ``$term`` ("3 days") and ``$until`` (a date
+and time) are built from ``TERM_UNITS`` and ``DATE_FORMATS`` below, in the same language.
 
 Reasons are categories from billing, deliberately vague: the page must not reveal amounts,
 names or addresses to whoever happens to be using the connection.
@@ -55,6 +56,16 @@ class Messages(TypedDict):
     continue_button: str
     continue_not_needed: str
     continue_failed: str
+    # "I promise to pay" (policy.promise_to_pay) and what pressing it can lead to
+    promise_heading: str
+    promise_intro: str
+    promise_button: str
+    promise_refused_soon: str
+    promise_refused: str
+    promise_not_needed: str
+    title_promised: str
+    heading_promised: str
+    summary_promised: str
     title_expired: str
     summary_expired: str
     title_too_many: str
@@ -89,6 +100,8 @@ MessageKey = Literal[
     "reason_verification", "reason_other",
     "pay_heading", "pay_online", "pay_contact", "pay_restore",
     "continue_intro", "continue_button", "continue_not_needed", "continue_failed",
+    "promise_heading", "promise_intro", "promise_button", "promise_refused_soon", "promise_refused",
+    "promise_not_needed", "title_promised", "heading_promised", "summary_promised",
     "title_expired", "summary_expired", "title_too_many", "summary_too_many", "back_link",
     "contact_heading", "contact_phone", "contact_email", "contact_hours",
     "reference_label", "reference_hint",
@@ -102,7 +115,45 @@ ReasonKey = Literal["reason_overdue", "reason_suspended", "reason_notice", "reas
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "trust_named": frozenset({"provider"}),
     "trust_call": frozenset({"phone"}),
+    "promise_intro": frozenset({"term"}),
+    "summary_promised": frozenset({"until"}),
 }
+
+#: ``$term`` is a number and a unit in the form the sentence around it needs ("na 3 dny",
+#: "3 napra"): per language and unit, the forms for one, few (cs, uk, ru: 2-4) and many.
+TERM_UNITS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "en": {"day": ("day", "days", "days"), "hour": ("hour", "hours", "hours")},
+    "cs": {"day": ("den", "dny", "dní"), "hour": ("hodinu", "hodiny", "hodin")},
+    "hu": {"day": ("napra", "napra", "napra"), "hour": ("órára", "órára", "órára")},
+    "es": {"day": ("día", "días", "días"), "hour": ("hora", "horas", "horas")},
+    "uk": {"day": ("день", "дні", "днів"), "hour": ("годину", "години", "годин")},
+    "ru": {"day": ("день", "дня", "дней"), "hour": ("час", "часа", "часов")},
+    "pt": {"day": ("dia", "dias", "dias"), "hour": ("hora", "horas", "horas")},
+}
+
+#: ``$until``: how each language writes a date and time (24-hour clock; the zone follows).
+DATE_FORMATS: dict[str, str] = {
+    "en": "{day} {month_name} {year}, {hour:02}:{minute:02}",
+    "cs": "{day}. {month}. {year} {hour:02}:{minute:02}",
+    "hu": "{year}. {month:02}. {day:02}. {hour:02}:{minute:02}",
+    "es": "{day:02}/{month:02}/{year} {hour:02}:{minute:02}",
+    "uk": "{day:02}.{month:02}.{year} {hour:02}:{minute:02}",
+    "ru": "{day:02}.{month:02}.{year} {hour:02}:{minute:02}",
+    "pt": "{day:02}/{month:02}/{year} {hour:02}:{minute:02}",
+}
+MONTH_NAMES_EN = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+                  "October", "November", "December")
+
+
+def plural_form(language: str, n: int) -> int:
+    """0 (one), 1 (few) or 2 (many): which of ``TERM_UNITS``' forms goes with the number ``n``."""
+    if language == "cs":
+        return 0 if n == 1 else 1 if 2 <= n <= 4 else 2
+    if language in ("uk", "ru"):
+        if n % 10 == 1 and n % 100 != 11:
+            return 0
+        return 1 if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else 2
+    return 0 if n == 1 else 2
 
 #: Reason categories (as billing writes them, normalised to lower case with ``_``) that have
 #: their own sentence; any other reason gets ``reason_other``.
@@ -158,6 +209,18 @@ EN: Messages = {
     "continue_button": "Continue to the internet",
     "continue_not_needed": "There is no notice to confirm for this connection.",
     "continue_failed": "We could not complete this step just now. Please try again in a moment.",
+    "promise_heading": "Need a little more time?",
+    "promise_intro": "If you cannot pay right now, you can promise to pay and get your full service back "
+                     "for $term. If your payment has not arrived by then, the service will be restricted again.",
+    "promise_button": "I promise to pay",
+    "promise_refused_soon": "A promise to pay is not available again so soon. "
+                            "Please pay to restore your service, or contact us.",
+    "promise_refused": "A promise to pay is not available for this connection. "
+                       "Please pay to restore your service, or contact us.",
+    "promise_not_needed": "Your service is not restricted at the moment, so there is nothing to promise.",
+    "title_promised": "Service restored",
+    "heading_promised": "Your service is back",
+    "summary_promised": "Your service is back until $until. Please pay by then, or it will be restricted again.",
     "title_expired": "This page has expired",
     "summary_expired": "For your security, the button only works for a limited time. "
                        "Please open the page again and press it once more.",
@@ -213,6 +276,18 @@ CS: Messages = {
     "continue_button": "Pokračovat na internet",
     "continue_not_needed": "Pro toto připojení není potřeba nic potvrzovat.",
     "continue_failed": "Tento krok se teď nepodařilo dokončit. Zkuste to prosím za chvíli znovu.",
+    "promise_heading": "Potřebujete trochu víc času?",
+    "promise_intro": "Pokud teď nemůžete zaplatit, můžete slíbit platbu a získat plnou službu zpět na $term. "
+                     "Pokud do té doby platba nedorazí, služba bude znovu omezena.",
+    "promise_button": "Slibuji, že zaplatím",
+    "promise_refused_soon": "Slib platby nelze znovu využít tak brzy. "
+                            "Pro obnovení služby prosím zaplaťte, nebo nás kontaktujte.",
+    "promise_refused": "Slib platby není pro toto připojení k dispozici. "
+                       "Pro obnovení služby prosím zaplaťte, nebo nás kontaktujte.",
+    "promise_not_needed": "Vaše služba teď není omezena, není tedy co slibovat.",
+    "title_promised": "Služba obnovena",
+    "heading_promised": "Vaše služba opět funguje",
+    "summary_promised": "Vaše služba funguje do $until. Do té doby prosím zaplaťte, jinak bude znovu omezena.",
     "title_expired": "Platnost stránky vypršela",
     "summary_expired": "Z bezpečnostních důvodů tlačítko funguje jen omezenou dobu. "
                        "Otevřete prosím stránku znovu a stiskněte ho ještě jednou.",
@@ -269,6 +344,20 @@ HU: Messages = {
     "continue_button": "Tovább az internetre",
     "continue_not_needed": "Ehhez a kapcsolathoz nincs megerősítendő értesítés.",
     "continue_failed": "Ezt a lépést most nem sikerült végrehajtani. Kérjük, próbálja újra egy kis idő múlva.",
+    "promise_heading": "Egy kis haladékra van szüksége?",
+    "promise_intro": "Ha most nem tud fizetni, fizetési ígéretet tehet, és szolgáltatását $term teljes "
+                     "egészében visszakapja. Ha addig nem érkezik meg a befizetés, a szolgáltatás ismét "
+                     "korlátozva lesz.",
+    "promise_button": "Ígérem, hogy fizetek",
+    "promise_refused_soon": "Fizetési ígéretet ilyen hamar nem tehet újra. Kérjük, fizessen a szolgáltatás "
+                            "visszaállításához, vagy lépjen kapcsolatba velünk.",
+    "promise_refused": "Ennél a kapcsolatnál nem tehető fizetési ígéret. Kérjük, fizessen a szolgáltatás "
+                       "visszaállításához, vagy lépjen kapcsolatba velünk.",
+    "promise_not_needed": "Szolgáltatása jelenleg nincs korlátozva, így nincs mit megígérnie.",
+    "title_promised": "Szolgáltatás visszaállítva",
+    "heading_promised": "Szolgáltatása újra működik",
+    "summary_promised": "Szolgáltatása eddig működik: $until. Kérjük, addig fizessen, különben ismét "
+                        "korlátozva lesz.",
     "title_expired": "Az oldal érvényessége lejárt",
     "summary_expired": "Biztonsági okokból a gomb csak korlátozott ideig működik. "
                        "Kérjük, nyissa meg újra az oldalt, és nyomja meg ismét a gombot.",
@@ -326,6 +415,20 @@ ES: Messages = {
     "continue_not_needed": "No hay ningún aviso que confirmar para esta conexión.",
     "continue_failed": "No hemos podido completar este paso en este momento. "
                        "Inténtelo de nuevo en unos instantes.",
+    "promise_heading": "¿Necesita un poco más de tiempo?",
+    "promise_intro": "Si ahora no puede pagar, puede comprometerse a pagar y recuperar el servicio completo "
+                     "durante $term. Si para entonces no hemos recibido el pago, el servicio volverá a "
+                     "restringirse.",
+    "promise_button": "Me comprometo a pagar",
+    "promise_refused_soon": "No es posible volver a comprometerse a pagar tan pronto. "
+                            "Pague para restablecer el servicio o póngase en contacto con nosotros.",
+    "promise_refused": "El compromiso de pago no está disponible para esta conexión. "
+                       "Pague para restablecer el servicio o póngase en contacto con nosotros.",
+    "promise_not_needed": "Su servicio no está restringido en este momento, así que no hay nada que prometer.",
+    "title_promised": "Servicio restablecido",
+    "heading_promised": "Su servicio vuelve a funcionar",
+    "summary_promised": "Su servicio funciona hasta el $until. Pague antes de esa fecha o volverá a "
+                        "restringirse.",
     "title_expired": "Esta página ha caducado",
     "summary_expired": "Por su seguridad, el botón solo funciona durante un tiempo limitado. "
                        "Abra de nuevo la página y vuelva a pulsarlo.",
@@ -386,6 +489,19 @@ UK: Messages = {
     "continue_button": "Перейти до інтернету",
     "continue_not_needed": "Для цього з’єднання немає повідомлення, яке потрібно підтвердити.",
     "continue_failed": "Зараз не вдалося виконати цей крок. Будь ласка, спробуйте ще раз за хвилину.",
+    "promise_heading": "Потрібно трохи більше часу?",
+    "promise_intro": "Якщо ви не можете оплатити зараз, ви можете пообіцяти оплату й отримати повний доступ "
+                     "на $term. Якщо до того часу оплата не надійде, доступ знову буде обмежено.",
+    "promise_button": "Обіцяю оплатити",
+    "promise_refused_soon": "Пообіцяти оплату знову так скоро не можна. Будь ласка, оплатіть, щоб відновити "
+                            "послугу, або зверніться до нас.",
+    "promise_refused": "Обіцянка оплати недоступна для цього підключення. Будь ласка, оплатіть, щоб відновити "
+                       "послугу, або зверніться до нас.",
+    "promise_not_needed": "Ваша послуга зараз не обмежена, тож обіцяти нічого не потрібно.",
+    "title_promised": "Послугу відновлено",
+    "heading_promised": "Ваша послуга знову працює",
+    "summary_promised": "Ваша послуга працює до $until. Будь ласка, оплатіть до цього часу, інакше її знову "
+                        "буде обмежено.",
     "title_expired": "Термін дії сторінки минув",
     "summary_expired": "З міркувань безпеки кнопка діє лише обмежений час. Будь ласка, відкрийте "
                        "сторінку знову й натисніть кнопку ще раз.",
@@ -446,6 +562,19 @@ RU: Messages = {
     "continue_button": "Перейти в интернет",
     "continue_not_needed": "Для этого подключения нет уведомления, которое нужно подтвердить.",
     "continue_failed": "Сейчас не удалось выполнить этот шаг. Пожалуйста, попробуйте ещё раз через минуту.",
+    "promise_heading": "Нужно немного больше времени?",
+    "promise_intro": "Если вы не можете оплатить сейчас, вы можете пообещать оплату и получить полный доступ "
+                     "на $term. Если к этому времени оплата не поступит, доступ снова будет ограничен.",
+    "promise_button": "Обещаю оплатить",
+    "promise_refused_soon": "Снова пообещать оплату так скоро нельзя. Пожалуйста, оплатите, чтобы восстановить "
+                            "услугу, или свяжитесь с нами.",
+    "promise_refused": "Обещание оплаты недоступно для этого подключения. Пожалуйста, оплатите, чтобы "
+                       "восстановить услугу, или свяжитесь с нами.",
+    "promise_not_needed": "Ваша услуга сейчас не ограничена, поэтому обещать ничего не нужно.",
+    "title_promised": "Услуга восстановлена",
+    "heading_promised": "Ваша услуга снова работает",
+    "summary_promised": "Ваша услуга работает до $until. Пожалуйста, оплатите до этого времени, иначе она "
+                        "снова будет ограничена.",
     "title_expired": "Срок действия страницы истёк",
     "summary_expired": "В целях безопасности кнопка действует ограниченное время. Пожалуйста, "
                        "откройте страницу снова и нажмите кнопку ещё раз.",
@@ -503,6 +632,19 @@ PT: Messages = {
     "continue_not_needed": "Não há nenhum aviso a confirmar para esta ligação.",
     "continue_failed": "Não foi possível concluir este passo neste momento. "
                        "Tente novamente dentro de instantes.",
+    "promise_heading": "Precisa de um pouco mais de tempo?",
+    "promise_intro": "Se não puder pagar agora, pode comprometer-se a pagar e recuperar o serviço completo "
+                     "durante $term. Se o pagamento não chegar até lá, o serviço volta a ser restrito.",
+    "promise_button": "Comprometo-me a pagar",
+    "promise_refused_soon": "Não é possível voltar a comprometer-se a pagar tão cedo. "
+                            "Pague para repor o serviço ou contacte-nos.",
+    "promise_refused": "O compromisso de pagamento não está disponível para esta ligação. "
+                       "Pague para repor o serviço ou contacte-nos.",
+    "promise_not_needed": "O seu serviço não está restrito neste momento, por isso não há nada a prometer.",
+    "title_promised": "Serviço reposto",
+    "heading_promised": "O seu serviço voltou",
+    "summary_promised": "O seu serviço funciona até $until. Pague até essa data, caso contrário voltará a "
+                        "ser restrito.",
     "title_expired": "Esta página expirou",
     "summary_expired": "Por motivos de segurança, o botão só funciona durante um tempo limitado. "
                        "Abra novamente a página e carregue no botão outra vez.",

@@ -569,6 +569,9 @@ class Enforcer:
                 pruned = self.store.prune_events()
                 if pruned:
                     log.info("event=webhook_ids_pruned count=%d", pruned)
+                aged = self.store.prune_audit(self.clock() - self.config.policy.audit_retention)
+                if aged:
+                    log.info("event=audit_rows_pruned count=%d", aged)
             if self.reconciler.needs_full:
                 await self.sync_all(read_kernel=True)
                 return

@@ -252,3 +252,14 @@ async def test_operator_restriction_is_not_promisable(tmp_path: Path) -> None:
     async with running(make_config(tmp_path, PROMISE % 9), Clock(MONDAY_10)) as (enforcer, _):
         await enforcer.operator_change("alice", "C-5", True, "abuse", addresses=["100.64.0.55"])
         assert enforcer.lookup("100.64.0.55")["promise"]["why"] == "operator_restriction"
+
+
+async def test_audit_retention_and_since(tmp_path: Path) -> None:
+    clock = Clock(MONDAY_10)
+    async with running(make_config(tmp_path, "policy: {audit_retention: 30d}\n"), clock) as (enforcer, _):
+        enforcer.store.append_audit([(MONDAY_10 - 40 * DAY, "C-1", "free", "walled-garden", "old"),
+                                     (MONDAY_10 - 10 * DAY, "C-1", "walled-garden", "free", "recent")])
+        assert [e["cause"] for e in enforcer.audit("C-1", MONDAY_10 - 20 * DAY, 10)] == ["recent"]
+        enforcer._pruned = -1e9          # the hourly prune is due
+        await enforcer._tick()
+        assert [e["cause"] for e in enforcer.audit(None, None, 10)] == ["recent"]
