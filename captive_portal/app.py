@@ -15,8 +15,9 @@ Request flow, outermost first:
 4. ``guard_posts``: every POST the portal answers is rate limited per address (429), must not
    come from another origin and must carry a CSRF token issued to the same address in the
    last hour (403).
-5. The handlers: the page at ``portal.url``'s path, the RFC 8908 API at ``/api/captive``, and
-   ``POST /continue`` for the notice interstitial. Only these ask the enforcer.
+5. The handlers: the page at ``portal.url``'s path, the RFC 8908 API at ``/api/captive``,
+   ``POST /continue`` for the notice interstitial and ``POST /promise`` for "I promise to pay".
+   Only these ask the enforcer.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from prometheus_client import CollectorRegistry
 from enforcer.config import Config
 
 from .csrf import CsrfTokens
-from .enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup, LookupClient
+from .enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup, LookupClient, Promised
 from .language import page_language
 from .messages import MessageKey
 from .metrics import PortalMetrics, RequestKind
 from .original_urls import OriginalUrls, page_url
-from .page import CONTINUE_PATH, Caller, Pages, escape
+from .page import CONTINUE_PATH, PROMISE_PATH, Caller, Pages, escape
 from .portal_url import DEFAULT_PORTS, PortalUrl, parse_host_header, parse_origin
 from .ratelimit import RateLimiter, retry_after
 
@@ -115,6 +116,7 @@ def create_app(config: Config, client: LookupClient | None = None, *,
     if portal.path != CAPTIVE_API_PATH:
         app.router.add_get(CAPTIVE_API_PATH, captive_api)
     app.router.add_post(CONTINUE_PATH, continue_post)
+    app.router.add_post(PROMISE_PATH, promise_post)
     return app
 
 
@@ -289,6 +291,48 @@ async def continue_post(request: web.Request) -> web.StreamResponse:
     return response
 
 
+#: Refusals the customer is told are about timing ("not again so soon"); any other refusal
+#: (disabled, a reason or an operator's restriction the button is not for) gets the plain "not
+#: available for this connection". Neither says more: the page is no place for account details.
+_REFUSED_SOON = frozenset({"limit_reached", "last_promise_lapsed", "promise_active"})
+
+
+async def promise_post(request: web.Request) -> web.Response:
+    """"I promise to pay": the enforcer lifts the restriction for a term and tells billing.
+
+    ``guard_posts`` has checked rate, origin and token; the address is the TCP peer's, never a
+    form field. Success answers the confirmation page itself (the date comes from the enforcer,
+    not from a URL anyone could craft), with ``Connection: close`` so the browser's next request
+    starts afresh now that the gateway lets it out. Refusals show the page as it now stands with
+    one sentence on top: ``403`` not eligible, ``409`` not restricted, ``503`` enforcer trouble.
+    """
+    request[KIND_KEY] = RequestKind.PROMISE
+    address = caller_address(request)
+    if address is None:  # guard_posts has answered 403 already; this is for type checkers
+        raise web.HTTPForbidden()
+    form = await request.post()  # parsed once already; aiohttp keeps it
+    lang = form.get("lang")
+    language = request_language(request, lang if isinstance(lang, str) else None)
+    try:
+        answer: Promised = await request.app[CLIENT_KEY].promise(address)
+    except EnforcerUnavailable as exc:
+        request.app[_FAILURES_KEY].failed(f"promise: {exc}")
+        lookup = await lookup_caller(request)
+        return _caller_page(request, lookup, language, note="continue_failed", status=503,
+                            headers={hdrs.RETRY_AFTER: "5"})
+    if not answer.made:
+        log.info("event=promise_refused address=%s why=%s", address, answer.why)
+        lookup = await lookup_caller(request)
+        if answer.why == "not_restricted":
+            return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
+        note: MessageKey = "promise_refused_soon" if answer.why in _REFUSED_SOON else "promise_refused"
+        return _caller_page(request, lookup, language, note=note, status=403)
+    log.info("event=promise_made address=%s until=%s", address, answer.until)
+    response = _caller_page(request, None, language, promised_until=answer.until)
+    response.force_close()
+    return response
+
+
 async def captive_api(request: web.Request) -> web.Response:
     """RFC 8908 status for the caller's address.
 
@@ -328,10 +372,11 @@ def _html(text: str, language: str, status: int = 200, headers: dict[str, str] |
 
 
 def _caller_page(request: web.Request, lookup: Lookup | None, language: str, *, note: MessageKey | None = None,
-                 status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+                 status: int = 200, headers: dict[str, str] | None = None,
+                 promised_until: float | None = None) -> web.Response:
     address = caller_address(request) or ""
     token = request.app[CSRF_KEY].issue(address) if address else ""
-    caller = Caller(lookup, language, address, token, request.app[CLOCK_KEY](), note)
+    caller = Caller(lookup, language, address, token, request.app[CLOCK_KEY](), note, promised_until)
     pages = request.app[PAGES_KEY]
     return _html(pages.caller_page(caller), pages.catalogue(language)[0], status, headers)
 

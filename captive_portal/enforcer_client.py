@@ -122,9 +122,9 @@ class Ack:
 class Promised:
     """The enforcer's answer to "I promise to pay".
 
-    ``made`` True: the restriction is lifted until ``until`` (unix time). False: refused, and
-    ``why`` says why: one of the lookup's ``promise.why`` categories (403: not eligible), or
-    ``not_restricted`` (409: nothing to lift).
+    ``made`` True: the restriction is lifted until ``until`` (unix time, always set then).
+    False: refused, and ``why`` says why: one of the lookup's ``promise.why`` categories (403:
+    not eligible), or ``not_restricted`` (409: nothing to lift).
     """
 
     made: bool
@@ -202,10 +202,11 @@ class EnforcerClient:
         if status == 403:  # a refusal is an answer, whatever its body looks like
             why = _text(data.get("why")) if isinstance(data, dict) else ""
             return Promised(False, why=why or "not_eligible")
-        if not isinstance(data, dict) or data.get("promised") is not True:
+        until = _time(data.get("until")) if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("promised") is not True or until is None:
             raise EnforcerUnavailable("malformed promise answer from the enforcer: "
-                                      "no JSON object with 'promised': true")
-        return Promised(True, until=_time(data.get("until")))
+                                      "no JSON object with 'promised': true and 'until'")
+        return Promised(True, until=until)
 
     async def _call(self, method: str, url: str, what: str, *, answers: tuple[int, ...] = (200,),
                     **kwargs: Any) -> tuple[int, Any]:

@@ -19,6 +19,7 @@ class RequestKind(str, enum.Enum):
     PAGE = "page"                # the portal page
     CAPTIVE_API = "captive_api"  # RFC 8908 API
     CONTINUE = "continue"        # "Continue to the internet" posted (acknowledged, or refused: 409)
+    PROMISE = "promise"          # "I promise to pay" posted (made, or refused: 403/409)
     RATE_LIMITED = "rate_limited"  # a POST over portal.posts_per_minute: 429
     FORBIDDEN = "forbidden"      # a POST without a valid CSRF token or from another origin: 403
     NOT_FOUND = "not_found"      # the portal host, but no such page (or method)

@@ -2,8 +2,9 @@
 
 States: ``restricted`` (walled garden, or the enforcer could not be asked), ``notice`` and
 ``throttle`` (an interstitial with "Continue to the internet"), ``acknowledged`` (the notice
-was read: carry on), ``active`` (not restricted at all), and ``problem`` (a form that expired,
-too many attempts).
+was read: carry on), ``active`` (not restricted at all), ``promised`` (the subscriber has just
+promised to pay: service is back until a date), and ``problem`` (a form that expired, too many
+attempts). Any restricted state may also offer "I promise to pay", when the enforcer says so.
 
 The page is self-contained (inline CSS and an inlined logo; no scripts, fonts or other
 requests) because a restricted subscriber cannot fetch anything outside the walled garden,
@@ -17,17 +18,21 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from urllib.parse import quote, urlsplit
 
 from enforcer.config import Config, PaymentLink, PortalConfig, Provider
 
 from . import branding
-from .enforcer_client import Lookup
-from .messages import DEFAULT_LANGUAGE, LANGUAGE_NAMES, MESSAGES, MessageKey, Messages, reason_key
+from .enforcer_client import Lookup, PromiseOffer
+from .messages import (DATE_FORMATS, DEFAULT_LANGUAGE, LANGUAGE_NAMES, MESSAGES, MONTH_NAMES_EN, TERM_UNITS,
+                       MessageKey, Messages, plural_form, reason_key)
 
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 #: Where the notice form posts to (on the portal host).
 CONTINUE_PATH = "/continue"
+#: Where the "I promise to pay" form posts to.
+PROMISE_PATH = "/promise"
 
 
 class Markup(str):
@@ -86,17 +91,19 @@ class Caller:
     token: str = ""             # CSRF token for the notice form
     now: float = 0.0            # unix time, for "is the acknowledgement still in force"
     note: MessageKey | None = None  # one sentence above everything (after "continue" went wrong)
+    promised_until: float | None = None  # set: the caller has just promised to pay (unix time it lasts)
 
 
 class Pages:
     """Renders pages from config; logo, template and texts are loaded once, here."""
 
-    def __init__(self, portal: PortalConfig, portal_path: str = "/") -> None:
+    def __init__(self, portal: PortalConfig, portal_path: str = "/", tz: tzinfo | None = None) -> None:
         self.provider = portal.provider
         self.payment_links = portal.payment_links
         self.show_account = portal.show_account
         self.default_language = portal.default_language if portal.default_language in MESSAGES else DEFAULT_LANGUAGE
         self.portal_path = portal_path
+        self.tz = tz  # for dates on the page; None: the machine's local time
         self.messages = branding.catalogue(portal.texts)
         self.template = branding.load_template(portal.templates_dir)
         self.style = Markup(branding.style(portal.branding))
@@ -105,7 +112,9 @@ class Pages:
 
     @classmethod
     def from_config(cls, config: Config) -> Pages:
-        return cls(config.portal, urlsplit(config.portal.url).path or "/")
+        windows = config.policy.windows
+        tz = windows.tz if windows.configured else None  # the operator's zone, if they named one
+        return cls(config.portal, urlsplit(config.portal.url).path or "/", tz)
 
     def catalogue(self, language: str) -> tuple[str, Messages]:
         lang = language if language in self.messages else self.default_language
@@ -118,6 +127,10 @@ class Pages:
         lang, m = self.catalogue(caller.language)
         lookup = caller.lookup
         note = element("p", m[caller.note], class_="note", role="status") if caller.note else Markup()
+        if caller.promised_until is not None:
+            summary = fill(m["summary_promised"], until=self.date(caller.promised_until, lang))
+            details = join(note, self._payment(m, restore=False), self._contact(m, None), self._account(m, caller))
+            return self._render(lang, m, "promised", m["title_promised"], m["heading_promised"], summary, details)
         if lookup is not None and not lookup.restricted:
             state = "active"
             details = join(note, self._contact(m, None), self._account(m, caller))
@@ -131,7 +144,9 @@ class Pages:
             else:
                 state = "restricted"
             form = self._continue(m, lang, caller.token) if state in ("notice", "throttle") else Markup()
-            details = join(note, self._reason(m, lookup), self._payment(m), form,
+            offer = lookup.promise if lookup is not None else None
+            promise = self._promise(m, lang, caller.token, offer) if offer and offer.eligible else Markup()
+            details = join(note, self._reason(m, lookup), self._payment(m), form, promise,
                            self._contact(m, lookup), self._account(m, caller))
         return self._render(lang, m, state, m[f"title_{state}"], m[f"heading_{state}"],  # type: ignore[literal-required]
                             m[f"summary_{state}"], details)  # type: ignore[literal-required]
@@ -170,7 +185,7 @@ class Pages:
             return Markup()
         return join("\n", element("p", m[reason_key(lookup.reason)], class_="reason"))
 
-    def _payment(self, m: Messages) -> Markup:
+    def _payment(self, m: Messages, restore: bool = True) -> Markup:
         parts: list[str] = ["\n", element("h2", m["pay_heading"])]
         links = [link for link in self.payment_links if _is_web_url(link.url)]
         if links:
@@ -182,7 +197,8 @@ class Pages:
             parts += ["\n", element("p", f'{m["pay_online"]} {website}')]
         elif not links:
             parts += ["\n", element("p", m["pay_contact"])]
-        parts += ["\n", element("p", m["pay_restore"])]
+        if restore:
+            parts += ["\n", element("p", m["pay_restore"])]
         return join(*parts)
 
     def _continue(self, m: Messages, lang: str, token: str) -> Markup:
@@ -191,6 +207,24 @@ class Pages:
                       void("input", type="hidden", name="lang", value=lang),
                       element("button", m["continue_button"], type="submit"))
         return join("\n", element("form", fields, method="post", action=CONTINUE_PATH, class_="continue"))
+
+    def _promise(self, m: Messages, lang: str, token: str, offer: PromiseOffer) -> Markup:
+        """"I promise to pay": what it does and for how long, and the button (a form like continue's)."""
+        fields = join(void("input", type="hidden", name="csrf", value=token),
+                      void("input", type="hidden", name="lang", value=lang),
+                      element("button", m["promise_button"], type="submit"))
+        intro = fill(m["promise_intro"], term=term_text(offer.term or 0.0, lang))
+        return join("\n", element("h2", m["promise_heading"]), "\n", element("p", intro), "\n",
+                    element("form", fields, method="post", action=PROMISE_PATH, class_="promise"))
+
+    def date(self, when: float, lang: str) -> str:
+        """A unix time as this language writes a date and time, in the operator's zone, zone named."""
+        local = datetime.fromtimestamp(when, self.tz) if self.tz else datetime.fromtimestamp(when).astimezone()
+        text = DATE_FORMATS.get(lang, DATE_FORMATS[DEFAULT_LANGUAGE]).format(
+            day=local.day, month=local.month, year=local.year, hour=local.hour, minute=local.minute,
+            month_name=MONTH_NAMES_EN[local.month - 1])
+        zone = local.tzname()
+        return f"{text} {zone}" if zone else text
 
     def _contact(self, m: Messages, lookup: Lookup | None) -> Markup:
         provider = self.provider
@@ -237,6 +271,16 @@ class Pages:
         return join(*parts)
 
 
+def term_text(seconds: float, language: str) -> str:
+    """How long a promise lasts, as the promise text needs it: "3 days", "na 3 dny", "36 hours"."""
+    units = TERM_UNITS.get(language, TERM_UNITS[DEFAULT_LANGUAGE])
+    if seconds >= 86400 and seconds % 86400 == 0:
+        count, unit = int(seconds // 86400), "day"
+    else:
+        count, unit = max(1, round(seconds / 3600)), "hour"
+    return f"{count} {units[unit][plural_form(language, count)]}"
+
+
 def _item(label: str, value: str) -> Markup:
     return element("li", join(element("span", f"{label}: ", class_="label"), value))
 
@@ -267,11 +311,12 @@ def render_page(lookup: Lookup | None, provider: Provider, language: str = DEFAU
 def largest_page(config: Config) -> tuple[str, int]:
     """(language, bytes) of the biggest page this config makes: a notice page with everything."""
     pages = Pages.from_config(config)
-    lookup = Lookup("203.0.113.255", True, "notice", "verification", "WG-XXXX-XXXX", "X" * 24)
+    lookup = Lookup("203.0.113.255", True, "notice", "verification", "WG-XXXX-XXXX", "X" * 24,
+                    promise=PromiseOffer(True, "eligible", 30 * 86400.0))
     biggest = (DEFAULT_LANGUAGE, 0)
     for language in pages.messages:
         caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "f" * 8 + "." + "x" * 43,
-                        note="continue_not_needed")
+                        note="promise_refused_soon")
         size = len(pages.caller_page(caller).encode())
         biggest = max(biggest, (language, size), key=lambda pair: pair[1])
     return biggest

@@ -110,7 +110,8 @@ def enforced_before(store: Store) -> dict[str, Decision]:
 def base_layout(config: Config) -> Layout:
     return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
                   allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
-                  portal_port=config.portal.listen.port)
+                  portal_port=config.portal.listen.port, throttle_rate=config.policy.throttle_rate,
+                  throttle_burst=config.policy.throttle_burst)
 
 
 class Enforcer:
@@ -677,17 +678,32 @@ class Enforcer:
                          "why": verdict.why}
         made: dict[str, Any] = {}
 
+        class Refused(Exception):
+            pass
+
         def record(now: float) -> None:
+            # Again, under the lock: a second press (another address of theirs, a double click)
+            # may have waited for the lock while the first one made its promise.
+            again = self.promise_eligibility(sid)
+            if not again.eligible:
+                raise Refused(again.why)
             promise = Promise(sid, now, now + verdict.term, address=found["address"])
             policy.record_promise(self.inputs, promise)
             made.update(until=promise.until, made_at=now)
             if self.config.policy.promise_to_pay.webhook_url:
-                message = f"wg_promise_{secrets.token_hex(12)}"
+                message = made["message"] = f"wg_promise_{secrets.token_hex(12)}"
                 self.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
                     "subscriber": sid, "until": policy.when(promise.until), "reference": self.reference(sid),
                     "address": found["address"]}}, now)
-        status, answer = await self._change_inputs(sid, record, "promise to pay made on the portal")
+        try:
+            status, answer = await self._change_inputs(sid, record, "promise to pay made on the portal")
+        except Refused as exc:
+            self.metrics.promises.labels("refused").inc()
+            return 409 if str(exc) == "not_restricted" else 403, {
+                "error": "a promise to pay is not available for this connection", "eligible": False, "why": str(exc)}
         if status != 200:
+            if "message" in made:   # the kernel change failed and the promise was undone: billing must not hear of it
+                self.store.outbox_delivered(made["message"])
             return status, answer
         self.metrics.promises.labels("made").inc()
         self.outbox_wake.set()

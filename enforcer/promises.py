@@ -59,7 +59,7 @@ def eligibility(rules: PromiseRules, history: list[Promise], mode: Mode, reason:
         return Eligibility(False, "not_restricted")
     if operator_restriction:
         return Eligibility(False, "operator_restriction")
-    if rules.reasons and reason not in rules.reasons:
+    if rules.reasons and _category(reason) not in {_category(r) for r in rules.reasons}:
         return Eligibility(False, "reason_not_eligible")
     if any(p.active(now) for p in history):
         return Eligibility(False, "promise_active")
@@ -69,6 +69,11 @@ def eligibility(rules: PromiseRules, history: list[Promise], mode: Mode, reason:
     if len(recent) >= rules.max_count:
         return Eligibility(False, "limit_reached")
     return Eligibility(True, "eligible", rules.term)
+
+
+def _category(reason: str) -> str:
+    """Reasons compare as the portal reads them: case, ``-`` and spaces do not matter."""
+    return reason.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 def settle(history: list[Promise], now: float, paid: bool) -> list[Promise]:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -35,8 +36,8 @@ from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
 from .garden_hosts import GardenHosts
-from .outbox import Outbox
 from .logs import setup_logging
+from .outbox import Outbox
 from .sources import FileSource, UrlSource
 
 __all__ = ["run", "sd_notify", "serve", "setup_logging"]
@@ -148,7 +149,7 @@ class Service:
             log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
         restart = await self.enforcer.reload(new)
         self.verifier.webhook = webhook
-        if new.subscribers != old.subscribers:
+        if replace(new.subscribers, guard=old.subscribers.guard) != old.subscribers:  # the guard is read live
             await self._start_source(new)
         if new.walled_garden.allow_hosts != old.walled_garden.allow_hosts:
             await self._start_hosts(new)

@@ -4,20 +4,25 @@ back, and both processes speak systemd's notify protocol (READY, WATCHDOG, RELOA
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from kernel_helpers import SUB1, tcp_connect
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1, tcp_connect
 
 UPSTREAM = "http://198.51.100.10/"
 
@@ -38,7 +43,7 @@ def scrape(topo: Topology, port: int) -> str:
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -141,7 +146,7 @@ class NotifySocket:
                 return
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 pass
         raise AssertionError(f"{wanted} not received within {timeout}s: {self.messages}")
 
@@ -150,7 +155,7 @@ class NotifySocket:
         while time.monotonic() < deadline:
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 pass
 
     def count(self, wanted: str) -> int:
@@ -191,3 +196,37 @@ def test_both_processes_notify_systemd_and_pet_the_watchdog(topo: Topology, tmp_
         if lab.portal is not None:
             os.killpg(lab.portal.pid, signal.SIGTERM)
             lab.portal.wait(10)
+
+
+def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Topology) -> None:
+    """What the portal unit relies on: a DynamicUser with SupplementaryGroups= reaches the socket."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (util-linux)")
+    work = Path(tempfile.mkdtemp(prefix="wg-ops-"))
+    try:
+        work.chmod(0o755)
+        lab = Lab(topo, work, [{"id": SUB1, "addresses": [topo.subscribers[0].addr4]}])
+        config = _config(lab)
+        lab.socket = config["api"]["socket"] = str(work / "run" / "control.sock")
+        config["api"]["socket_group"] = "nogroup"
+        _write_config(lab, config)
+        lab.start_daemon()
+        st = os.stat(lab.socket)
+        assert st.st_gid == grp.getgrnam("nogroup").gr_gid and stat.S_IMODE(st.st_mode) == 0o660
+        url = f"http://enforcer/v1/lookup?address={topo.subscribers[0].addr4}"
+
+        def as_user(*groups: int) -> subprocess.CompletedProcess[str]:
+            """uid nobody with a primary group of its own (like a DynamicUser), plus ``groups``."""
+            ids = ["--reuid=65534", f"--regid={grp.getgrnam('users').gr_gid}", "--inh-caps=-all"]
+            ids += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+            return subprocess.run([setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, url],
+                                  capture_output=True, text=True, check=False, timeout=10)
+
+        member = as_user(grp.getgrnam("nogroup").gr_gid)   # SupplementaryGroups=
+        assert member.returncode == 0 and json.loads(member.stdout)["restricted"] is True, member.stderr
+        stranger = as_user()
+        assert stranger.returncode != 0, "a user outside the group must not reach the control socket"
+        lab.stop_daemon()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

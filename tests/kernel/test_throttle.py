@@ -26,7 +26,7 @@ RATE_BYTES = 500_000          # 4 mbit/s in bytes per second
 TOLERANCE = 0.20
 PORT = 9100
 WARMUP = 1.5                  # seconds not counted: the initial bucket, TCP slow start
-WINDOW = 5.0                  # seconds of a measured (throttled) transfer
+WINDOW = 6.0                  # seconds of a measured (throttled) transfer
 QUICK = 1.5                   # seconds of an unthrottled transfer
 
 # The far end of each measurement: "D" streams zeros to the caller (capped in time and size),
