@@ -36,11 +36,11 @@ TEMPLATE_PLACEHOLDERS: dict[str, bool] = {
     "title": True,       # the page title (plain text)
     "heading": True,     # the one <h1> text
     "summary": True,     # one sentence under the heading
-    "details": True,     # reason, how to pay, the notice form, contact, reference (HTML)
+    "details": True,     # reason, how to pay, the notice and promise forms, contact, reference (HTML)
     "trust": True,       # "this page is really from us" line (HTML)
     "languages": True,   # the language switcher (<nav>, HTML)
     "style": False,      # CSS custom properties for the branding colours, inside <style>
-    "state": False,      # restricted | notice | throttle | acknowledged | active | problem
+    "state": False,      # restricted | notice | throttle | acknowledged | active | promised | problem
     "logo": False,       # <img> with the inlined logo, or nothing
     "provider": False,   # the provider's name (plain text)
 }

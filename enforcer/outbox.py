@@ -49,8 +49,11 @@ class Outbox:
         store, metrics = self.enforcer.store, self.enforcer.metrics
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
             while not stop.is_set():
-                await self.deliver_due(session)
-                metrics.outbox.set(store.outbox_size())
+                try:
+                    await self.deliver_due(session)
+                    metrics.outbox.set(store.outbox_size())
+                except Exception:  # never let billing's promises stop flowing for good
+                    log.exception("event=outbox_round_failed (retrying in %.0fs)", IDLE)
                 upcoming = store.outbox_next()
                 now = self.enforcer.clock()
                 wait = IDLE if upcoming is None else max(0.0, min(IDLE, upcoming - now))

@@ -13,8 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -83,13 +84,10 @@ def received(path: Path) -> list[dict[str, Any]]:
 def billing(topo: Topology, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """The receiver in the upstream namespace: (webhook URL, file it records to)."""
     record = tmp_path / "billing-received.jsonl"
-    log = open(tmp_path / "billing.log", "wb")
-    try:
+    with open(tmp_path / "billing.log", "wb") as log:
         proc = topo.popen(topo.upstream.netns, sys.executable, "-c", _RECEIVER, topo.upstream.addr4,
                           str(RECEIVER_PORT), str(record), stdin=subprocess.DEVNULL, stdout=log,
                           stderr=subprocess.STDOUT)
-    finally:
-        log.close()
     ready = Path(str(record) + ".ready")
     wait(lambda: ready.exists() or proc.poll() is not None, 10, "billing receiver listening")
     assert proc.poll() is None, (tmp_path / "billing.log").read_text()
@@ -128,7 +126,7 @@ def promise_form(page: str, portal_url: str) -> tuple[str, tuple[str, ...]]:
 
 def cli(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "enforcer.cli", *argv, "--config", str(lab.config_path)],
-                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
 
 
 def test_promise_to_pay_lets_the_subscriber_out_and_tells_billing_once(
