@@ -756,7 +756,7 @@ class Enforcer:
         else:
             try:
                 address = self.lookup(query)
-                sid = address["subscriber"]
+                sid = address["subscriber"] or self._holder_of(query)
             except ValueError:
                 wanted = query.upper()
                 sid = next((s for s in self.inputs.known_ids() if self.reference(s) == wanted), None)
@@ -790,6 +790,18 @@ class Enforcer:
             "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
             "notice_acknowledged_until": self.acknowledged.get(sid),
         }
+
+    def _holder_of(self, address: str) -> str | None:
+        """Which known subscriber's addresses contain ``address`` (restricted or not): O(list),
+        for the operator's ``explain`` of someone a promise, grace or exemption freed."""
+        ip = ipaddress.ip_address(address)
+        sources = [self.inputs.listed.items(),
+                   ((sid, o.subscriber) for sid, o in self.inputs.overrides.items() if o.subscriber)]
+        for pairs in sources:
+            for sid, subscriber in pairs:
+                if any(ip.version == n.version and ip in n for n in subscriber.addresses):
+                    return sid
+        return None
 
     def _chain(self, sid: str, now: float, decision: Decision) -> list[str]:
         """Every input that bears on the subscriber, in the order the policy weighs them."""

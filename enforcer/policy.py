@@ -118,7 +118,7 @@ def decide(subscriber_id: str, listed: Subscriber | None, override: Override | N
     if decision.cause == LISTED and listed is not None and listed_since is not None:
         decision = _escalate(decision, listed, listed_since, rules.escalation, now)
     ordered = override is not None and override.restrict and override.operator and decision.cause == override.cause
-    if decision.restricted:
+    if decision.restricted and (exemptions or promise is not None or (listed is not None and listed.exempt_until)):
         decision = _relieve(decision, listed, override if ordered else None, exemptions, promise, now)
     if readdress is not None and decision.subscriber is not None:
         moved = replace(decision.subscriber, addresses=readdress.addresses)

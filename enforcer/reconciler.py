@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -17,7 +18,7 @@ from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, ack_set, mode_map, \
     redirect_set, throttle_set
 from .dataplane.state import TableState
-from .dataplane.transaction import Transaction
+from .dataplane.transaction import ReplaceTable, Transaction
 from .policy import Decision
 from .subscribers import Mode, Network
 
@@ -56,6 +57,38 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
     return frozenset(out)
 
 
+_MEMBER = re.compile(r"^(portal|notice|throttle)([46])_(\d+)$")
+
+
+def with_mode_view(state: TableState | None) -> TableState | None:
+    """Add the mode view (``modeV_L`` → key → verdict) that the kernel's sets imply.
+
+    A key in ``portal`` is walled-garden, in ``throttle`` throttle, in ``notice`` only notice;
+    this is the inverse of ``subscriber_elements``, so a table read back after a restart
+    diffs cleanly against the decisions.
+    """
+    if state is None:
+        return None
+    view: Elements = {}
+    rank = {"notice": 0, "throttle": 1, "portal": 2}
+    mode_of = {"portal": Mode.WALLED_GARDEN, "throttle": Mode.THROTTLE, "notice": Mode.NOTICE}
+    best: dict[tuple[str, str], str] = {}
+    for container, items in state.elements.items():
+        match = _MEMBER.match(container)
+        if match is None:
+            continue
+        kind, version, plen = match.groups()
+        name = mode_map(int(version), int(plen))
+        view.setdefault(name, {})
+        for key in items:
+            held = best.get((name, key))
+            if held is None or rank[kind] > rank[held]:
+                best[(name, key)] = kind
+    for (name, key), kind in best.items():
+        view.setdefault(name, {})[key] = MODE_VERDICTS[mode_of[kind]]
+    return TableState(state.layout_tag, {**state.elements, **view})
+
+
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
     """Prefix lengths the decisions use (small batches only: ``sync_all`` folds this in)."""
     out: set[tuple[int, int]] = set()
@@ -87,7 +120,7 @@ class Reconciler:
         element diff, anything else one atomic replace.
         """
         if read_kernel or self.mirror is None or self.needs_full:
-            self.mirror = self.dataplane.read()
+            self.mirror = with_mode_view(self.dataplane.read())
         before = self.mirror.elements if self.mirror else {}
         desired, owned, owners, changed, used, clashes = self._desired(decisions, before, decisions)
         if clashes:  # rare: redo in a fixed order so the same subscriber always wins
@@ -95,7 +128,7 @@ class Reconciler:
             for sid, holder in clashes:
                 log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, holder)
         layout = self.base_layout.with_prefixes(used)
-        for name in layout.containers():
+        for name in [*layout.containers(), *(mode_map(v, p) for v, p in layout.prefixes)]:
             desired.setdefault(name, {})
         tx = Transaction(self.dataplane.table)
         if self.mirror is None or self.mirror.layout_tag != layout.tag:
@@ -106,11 +139,11 @@ class Reconciler:
         else:
             kind = "partial"
             _diff(tx, before, desired)
-        self._apply(tx)
+        count = self._apply(tx)
         self.layout, self.mirror = layout, TableState(layout.tag, desired)
         self.owned, self.owners = owned, owners
         self.needs_full = False
-        return SyncResult(kind, tx.element_count(), changed)
+        return SyncResult(kind, count, changed)
 
     def _desired(self, decisions: Mapping[str, Decision], before: Elements, order: Iterable[str]
                  ) -> tuple[Elements, dict[str, Decision], dict[str, dict[str, str]], list[Network], set, list]:
@@ -199,21 +232,21 @@ class Reconciler:
                 new.setdefault(container, {})[key] = value
         tx = Transaction(self.dataplane.table)
         _diff(tx, old, {c: new.get(c, {}) for c in old.keys() | new.keys()})
-        self._apply(tx)
+        count = self._apply(tx)
         for container, items in old.items():
             for key in items:
                 self.mirror.elements[container].pop(key, None)
                 self.owners.get(container, {}).pop(key, None)
         for sid in decisions:
             for container, key, value in after[sid]:
-                self.mirror.elements[container][key] = value
+                self.mirror.elements.setdefault(container, {})[key] = value
                 if container.startswith(MODE_PREFIX):
                     self.owners.setdefault(container, {})[key] = sid
             if after[sid]:
                 self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        return SyncResult("partial", tx.element_count(), sorted(changed_networks(old, new), key=str))
+        return SyncResult("partial", count, sorted(changed_networks(old, new), key=str))
 
     def acknowledge(self, decision: Decision, seconds: int) -> None:
         """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
@@ -246,12 +279,16 @@ class Reconciler:
         self.host_allow = wanted
         self.mirror.elements.update(target)
 
-    def _apply(self, tx: Transaction) -> None:
+    def _apply(self, tx: Transaction) -> int:
+        """Run the kernel part of ``tx`` (the mode view is ours alone); returns its element count."""
+        kernel = Transaction(tx.table, [op for op in tx.operations
+                                        if isinstance(op, ReplaceTable) or not op.container.startswith(MODE_PREFIX)])
         try:
-            self.dataplane.apply(tx)
+            self.dataplane.apply(kernel)
         except DataplaneError:
             self.needs_full = True
             raise
+        return kernel.element_count()
 
 
 def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],

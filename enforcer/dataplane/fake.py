@@ -47,6 +47,14 @@ class FakeDataplane:
         self.state = state
         self.transactions.append(tx)
 
+    @property
+    def view(self) -> dict[str, dict[str, str | None]]:
+        """The elements plus the reconciler's mode view they imply (``mode4_32`` → key → verdict),
+        so tests can ask "which mode is this address in" the way the daemon does."""
+        from ..reconciler import with_mode_view
+        state = with_mode_view(self.state)
+        return {} if state is None else state.elements
+
     def read(self) -> TableState | None:
         return self.state.copy() if self.state else None
 

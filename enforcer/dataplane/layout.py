@@ -1,12 +1,15 @@
 """The shape of our one nftables table: chains, sets, maps and the rules that use them.
 
-Subscriber addresses live in hash maps keyed by address, one map per (family, prefix
+Subscriber addresses live in hash sets keyed by address, one set per (mode, family, prefix
 length), looked up with a mask for prefixes; interval sets are avoided because deleting
-from large ones is slow (SPEC §7). Each restricted address is one element in a verdict map
-(filter hook: which mode chain applies) and one element in a redirect set (nat hook: send
-plain HTTP to the portal); a throttle-mode address is also in a throttle set, so the
-download can be rate-limited by destination (the upload is limited in the ``throttle``
-chain). Everything the layout renders is derived from config, so a
+from large ones is slow (SPEC §7). A walled-garden address is one element of ``portalV_L``,
+a notice address one of ``noticeV_L``, a throttled one of ``noticeV_L`` and ``throttleV_L``:
+the forward hook sends members to their mode's chain, the nat hook sends their plain HTTP
+to the portal, and the throttle set also lets the download be rate-limited by destination
+(the upload is limited in the ``throttle`` chain). Not verdict maps: every transaction that
+adds a ``goto`` element to a verdict map makes the kernel re-validate the whole map
+(measured: +26 ms per transaction at 100k elements, docs/benchmarks.md), an O(n) walk on
+every payment. Everything the layout renders is derived from config, so a
 ``tag`` of the rendered text tells whether the kernel already holds this exact layout.
 """
 
@@ -32,7 +35,9 @@ MODE_CHAINS: dict[Mode, str] = {
     Mode.THROTTLE: "throttle",
 }
 
-#: The verdict stored in the mode maps for each mode.
+#: How the reconciler's per-prefix "mode view" records each mode. The view (``modeV_L`` →
+#: key → verdict) is bookkeeping only: who holds a key and in which mode; the kernel holds
+#: the same facts as set membership (``containers``).
 MODE_VERDICTS: dict[Mode, str] = {mode: f"goto {chain}" for mode, chain in MODE_CHAINS.items()}
 
 _ICMP4_ERRORS = "destination-unreachable, time-exceeded, parameter-problem"
@@ -43,6 +48,7 @@ MODE_PREFIX = "mode"
 
 
 def mode_map(version: int, prefixlen: int) -> str:
+    """The name of the reconciler's mode view for one prefix length (not a kernel object)."""
     return f"{MODE_PREFIX}{version}_{prefixlen}"
 
 
@@ -106,7 +112,6 @@ class Layout:
         """Name → ``"map"`` or ``"set"`` for every element container the reconciler fills."""
         out: dict[str, str] = {}
         for version, plen in sorted(self.prefixes):
-            out[mode_map(version, plen)] = "map"
             out[redirect_set(version, plen)] = "set"
             out[redirect_set(version, plen, Mode.NOTICE)] = "set"
             out[throttle_set(version, plen)] = "set"
@@ -132,7 +137,6 @@ class Layout:
                  '\tcomment "managed by walled-garden; do not edit: changes are overwritten"']
         for version, plen in sorted(self.prefixes):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
-            lines.append(f"\tmap {mode_map(version, plen)} {{ type {addr} : verdict; }}")
             lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
             lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; }}")
             lines.append(f"\tset {ack_set(version, plen)} {{ type {addr}; flags timeout; }}")
@@ -239,7 +243,10 @@ class Layout:
         # Longest prefix first so the most specific entry decides.
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)
-            forward.append(f"{iif}{match} vmap @{mode_map(version, plen)}")
+            # Membership decides the chain; throttle keys are in the notice set too, so first.
+            forward.append(f"{iif}{match} @{redirect_set(version, plen)} goto {MODE_CHAINS[Mode.WALLED_GARDEN]}")
+            forward.append(f"{iif}{match} @{throttle_set(version, plen)} goto {MODE_CHAINS[Mode.THROTTLE]}")
+            forward.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto {MODE_CHAINS[Mode.NOTICE]}")
             daddr = "ip daddr" if version == 4 else "ip6 daddr"
             garden = f"{daddr} != @allow{version} {daddr} != @{HOST_ALLOW[version]} "
             redirect = f'counter name "redirected" redirect to :{self.portal_port}'
@@ -269,8 +276,7 @@ def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | Non
     """The (container, key, value) elements that restrict one address or prefix in ``mode``."""
     version, plen = network.version, network.prefixlen
     key = socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, network.network_address.packed)
-    out = [(mode_map(version, plen), key, MODE_VERDICTS[mode]),
-           (redirect_set(version, plen, mode), key, None)]
+    out = [(redirect_set(version, plen, mode), key, None)]
     if mode is Mode.THROTTLE:
         out.append((throttle_set(version, plen), key, None))
     return out

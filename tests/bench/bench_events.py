@@ -167,9 +167,18 @@ async def run(args: argparse.Namespace, work: str) -> None:
         url = f"http://127.0.0.1:{PORT}/v1/events"
         commits.clear()
         batches_before = enforcer.batcher.batches
+        profile = None
+        if os.environ.get("WG_BENCH_PROFILE_EVENTS"):  # the daemon side during the load only
+            import cProfile
+            profile = cProfile.Profile()
+            profile.enable()
         cpu_before = time.process_time()
         result = await run_wrk(args, url, secret_file.read_text(), targets, work)
         cpu = time.process_time() - cpu_before
+        if profile is not None:
+            import pstats
+            profile.disable()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         batches = enforcer.batcher.batches - batches_before
         await runner.cleanup()
         await enforcer.close()

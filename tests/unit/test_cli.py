@@ -57,8 +57,10 @@ def test_render_prints_one_atomic_transaction(tmp_path: Path, capsys: pytest.Cap
     assert main(["render", "--config", str(_setup(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert out.startswith("add table inet walled_garden\ndelete table inet walled_garden\n")
-    assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto garden }" in out
-    assert "add element inet walled_garden mode6_56 { 2001:db8:1:: : goto garden }" in out
+    assert "add element inet walled_garden portal4_32 { 100.64.0.10 }" in out
+    assert "add element inet walled_garden portal6_56 { 2001:db8:1:: }" in out
+    assert "\t\tip saddr @portal4_32 goto garden\n" in out
+    assert "vmap" not in out and "mode4_32" not in out, "the mode view is not part of the ruleset"
     assert not (tmp_path / "state").exists(), "render must touch nothing"
 
 

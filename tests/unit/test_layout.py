@@ -1,5 +1,5 @@
-"""The table layout (SPEC §7): hash maps per prefix length, masked lookups, a tag of the layout;
-and reading a ``nft -j list table`` listing back."""
+"""The table layout (SPEC §7): hash sets per mode and prefix length (no verdict maps), masked
+lookups, a tag of the layout; and reading a ``nft -j list table`` listing back."""
 
 from __future__ import annotations
 
@@ -45,15 +45,17 @@ def chain(text: str, name: str) -> list[str]:
 
 # -- render ---------------------------------------------------------------------------------
 
-def test_one_map_and_one_redirect_set_per_prefix_length():
+def test_one_portal_notice_and_throttle_set_per_prefix_length_and_no_verdict_maps():
     text = layout().with_prefixes({(4, 24)}).render()
     for version, plen in STANDARD_PREFIXES | {(4, 24)}:
         addr = "ipv4_addr" if version == 4 else "ipv6_addr"
-        assert text.count(f"map mode{version}_{plen} ") == 1
-        assert text.count(f"set portal{version}_{plen} ") == 1
-        assert block(text, "map", f"mode{version}_{plen}") == f"map mode{version}_{plen} {{ type {addr} : verdict; }}"
-        assert block(text, "set", f"portal{version}_{plen}") == f"set portal{version}_{plen} {{ type {addr}; }}"
-    assert len(re.findall(r"^\tmap ", text, re.M)) == 5
+        for kind in ("portal", "notice", "throttle"):
+            name = f"{kind}{version}_{plen}"
+            assert text.count(f"set {name} ") == 1
+            assert block(text, "set", name) == f"set {name} {{ type {addr}; }}"
+    # a verdict map is re-validated whole by the kernel on every transaction that adds a goto
+    assert re.findall(r"^\s*map ", text, re.M) == []
+    assert "vmap" not in text and "mode4_32" not in text
 
 
 def test_standard_prefixes():
@@ -64,7 +66,7 @@ def test_standard_prefixes():
 def test_subscriber_containers_are_hash_not_interval():
     text = layout().with_prefixes({(4, 24), (6, 48)}).render()
     for line in text.splitlines():
-        if re.match(r"\s*(map mode|set portal|set allowhost)", line):
+        if re.match(r"\s*(map |set (portal|notice|throttle)[46]_|set allowhost)", line):
             assert "interval" not in line, line
     # the static allow sets are the only interval sets
     assert [l.split()[1] for l in text.splitlines() if "flags interval" in l] == ["allow4", "allow6"]
@@ -73,11 +75,12 @@ def test_subscriber_containers_are_hash_not_interval():
 def test_masked_lookups_for_non_host_prefixes():
     text = layout().with_prefixes({(4, 24)}).render()
     forward = chain(text, "forward")
-    assert 'iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ff00:: vmap @mode6_56' in forward
-    assert 'iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ffff:: vmap @mode6_64' in forward
-    assert 'iifname { "eth1" } ip saddr & 255.255.255.0 vmap @mode4_24' in forward
-    assert 'iifname { "eth1" } ip saddr vmap @mode4_32' in forward  # host prefix: no mask
-    assert 'iifname { "eth1" } ip6 saddr vmap @mode6_128' in forward
+    for match, suffix in (("ip6 saddr & ffff:ffff:ffff:ff00::", "6_56"), ("ip6 saddr & ffff:ffff:ffff:ffff::", "6_64"),
+                          ("ip saddr & 255.255.255.0", "4_24"),
+                          ("ip saddr", "4_32"), ("ip6 saddr", "6_128")):  # host prefixes: no mask
+        assert f'iifname {{ "eth1" }} {match} @portal{suffix} goto garden' in forward
+        assert f'iifname {{ "eth1" }} {match} @throttle{suffix} goto throttle' in forward
+        assert f'iifname {{ "eth1" }} {match} @notice{suffix} goto notice' in forward
     nat = chain(text, "prerouting")
     assert any(r.startswith('iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ff00:: @portal6_56 tcp dport 80 ')
                for r in nat)
@@ -86,8 +89,12 @@ def test_masked_lookups_for_non_host_prefixes():
 
 def test_longest_prefix_is_looked_up_first():
     forward = chain(layout().with_prefixes({(4, 24), (4, 16)}).render(), "forward")
-    order = [re.search(r"@mode(\d)_(\d+)", r).groups() for r in forward if "vmap" in r]
-    assert order == [("4", "32"), ("4", "24"), ("4", "16"), ("6", "128"), ("6", "64"), ("6", "56")]
+    order = [re.fullmatch(r'iifname \{ "eth1" \} .*@(\w+?)(\d)_(\d+) goto (\w+)', r).groups() for r in forward[1:]]
+    # per prefix length, longest first: walled garden, then throttle before notice (a throttled
+    # key is in the notice set too, so the throttle lookup must come first)
+    assert order == [(kind, v, plen, chain_) for v, plen in (("4", "32"), ("4", "24"), ("4", "16"),
+                                                              ("6", "128"), ("6", "64"), ("6", "56"))
+                     for kind, chain_ in (("portal", "garden"), ("throttle", "throttle"), ("notice", "notice"))]
 
 
 def test_forward_and_nat_hooks():
@@ -105,7 +112,8 @@ def test_forward_and_nat_hooks():
 def test_iifname_only_when_interfaces_given():
     text = layout(interfaces=()).render()
     assert "iifname" not in text
-    assert "\t\tip saddr vmap @mode4_32" in text
+    assert "\t\tip saddr @portal4_32 goto garden\n\t\tip saddr @throttle4_32 goto throttle\n" \
+           "\t\tip saddr @notice4_32 goto notice\n" in text
     two = layout(interfaces=("eth1", "eth2.100")).render()
     forward = chain(two, "forward")
     assert all(r.startswith('iifname { "eth1", "eth2.100" } ') for r in forward[1:])
@@ -204,9 +212,9 @@ def test_containers():
     c = layout().with_prefixes({(4, 24)}).containers()
     expected = {"allowhost4": "set", "allowhost6": "set"}
     for v, plen in ((4, 24), (4, 32), (6, 56), (6, 64), (6, 128)):
-        expected.update({f"mode{v}_{plen}": "map", f"portal{v}_{plen}": "set", f"notice{v}_{plen}": "set",
-                         f"throttle{v}_{plen}": "set"})
+        expected.update({f"portal{v}_{plen}": "set", f"notice{v}_{plen}": "set", f"throttle{v}_{plen}": "set"})
     assert c == expected
+    assert not any(name.startswith("mode") for name in c), "the mode view is the reconciler's, not the kernel's"
     assert not any(name.startswith("noticeack") for name in c), "acknowledgements are not reconciled"
     assert not any(name.startswith("thr") and not name.startswith("throttle") for name in c), \
         "throttle meters are filled by the kernel, not reconciled"
@@ -215,15 +223,11 @@ def test_containers():
 # -- elements_for ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("network, mode, expected", [
-    ("100.64.0.10/32", Mode.WALLED_GARDEN,
-     [("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None)]),
-    ("100.64.1.0/24", Mode.NOTICE,
-     [("mode4_24", "100.64.1.0", "goto notice"), ("notice4_24", "100.64.1.0", None)]),
+    ("100.64.0.10/32", Mode.WALLED_GARDEN, [("portal4_32", "100.64.0.10", None)]),
+    ("100.64.1.0/24", Mode.NOTICE, [("notice4_24", "100.64.1.0", None)]),
     ("2001:db8:10:100::/56", Mode.THROTTLE,
-     [("mode6_56", "2001:db8:10:100::", "goto throttle"), ("notice6_56", "2001:db8:10:100::", None),
-      ("throttle6_56", "2001:db8:10:100::", None)]),
-    ("2001:db8::1/128", Mode.WALLED_GARDEN,
-     [("mode6_128", "2001:db8::1", "goto garden"), ("portal6_128", "2001:db8::1", None)]),
+     [("notice6_56", "2001:db8:10:100::", None), ("throttle6_56", "2001:db8:10:100::", None)]),
+    ("2001:db8::1/128", Mode.WALLED_GARDEN, [("portal6_128", "2001:db8::1", None)]),
 ])
 def test_elements_for(network, mode, expected):
     assert elements_for(net(network), mode) == expected
@@ -290,12 +294,15 @@ def test_parse_listing_round_trips_what_the_layout_renders():
     lay = layout()
     rule = {"rule": {"family": "inet", "table": "walled_garden", "chain": "layout", "handle": 1,
                      "comment": f"walled-garden layout {lay.tag}", "expr": []}}
-    elements = [("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None)]
+    elements = [("portal4_32", "100.64.0.10", None),
+                ("notice6_56", "2001:db8:10:100::", None), ("throttle6_56", "2001:db8:10:100::", None)]
     listing = {"nftables": [rule,
-                            {"map": {"table": "walled_garden", "name": "mode4_32",
-                                     "elem": [["100.64.0.10", {"goto": {"target": "garden"}}]]}},
-                            {"set": {"table": "walled_garden", "name": "portal4_32", "elem": ["100.64.0.10"]}}]}
+                            {"set": {"table": "walled_garden", "name": "portal4_32", "elem": ["100.64.0.10"]}},
+                            {"set": {"table": "walled_garden", "name": "notice6_56", "elem": ["2001:db8:10:100::"]}},
+                            {"set": {"table": "walled_garden", "name": "throttle6_56",
+                                     "elem": ["2001:db8:10:100::"]}}]}
     state = parse_listing(listing, "walled_garden")
     assert state.layout_tag == lay.tag
     assert {(c, k, v) for c, items in state.elements.items() for k, v in items.items()} == set(elements)
-    assert elements_for(net("100.64.0.10/32"), Mode.WALLED_GARDEN) == elements
+    assert (elements_for(net("100.64.0.10/32"), Mode.WALLED_GARDEN)
+            + elements_for(net("2001:db8:10:100::/56"), Mode.THROTTLE)) == elements

@@ -100,7 +100,7 @@ async def running(tmp_path: Path) -> Any:
 
 def restricted_in_kernel(fake: FakeDataplane) -> bool:
     assert fake.state is not None
-    return fake.state.elements["mode4_32"].get("100.64.0.10") == "goto garden"
+    return fake.view["mode4_32"].get("100.64.0.10") == "goto garden"
 
 
 # -- reload -----------------------------------------------------------------------------------

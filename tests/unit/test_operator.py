@@ -89,10 +89,10 @@ async def test_operator_restrict_and_lift_are_attributed_to_the_unix_user(daemon
     user = getpass.getuser()
     explained = enforcer.explain("C-1")
     assert explained["why"].startswith(f"operator {user} (uid ") and "hospital stay" in explained["why"]
-    assert "100.64.0.2" not in fake.state.elements["mode4_32"]
+    assert "100.64.0.2" not in fake.view["mode4_32"]
     code, out = await cli("restrict", "C-9", "--config", str(config), "--address", "100.64.7.7", "--mode", "notice")
     assert code == 0 and "now notice" in out
-    assert fake.state.elements["mode4_32"]["100.64.7.7"] == "goto notice"
+    assert fake.view["mode4_32"]["100.64.7.7"] == "goto notice"
     code, _ = await cli("restrict", "C-404", "--config", str(config))
     assert code == 1, "an unknown subscriber without --address is refused"
     code, out = await cli("explain", "C-9", "--config", str(config))

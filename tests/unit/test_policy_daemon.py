@@ -78,7 +78,7 @@ async def cli(*argv: str) -> tuple[int, str]:
 
 def kernel_mode(fake: FakeDataplane, ip: str = "100.64.0.10") -> str | None:
     assert fake.state is not None
-    return fake.state.elements["mode4_32"].get(ip)
+    return fake.view["mode4_32"].get(ip)
 
 
 async def test_exempt_and_unexempt_via_cli_are_audited(tmp_path: Path) -> None:
@@ -263,3 +263,12 @@ async def test_audit_retention_and_since(tmp_path: Path) -> None:
         enforcer._pruned = -1e9          # the hourly prune is due
         await enforcer._tick()
         assert [e["cause"] for e in enforcer.audit(None, None, 10)] == ["recent"]
+
+
+async def test_explain_by_address_finds_a_freed_subscriber(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path), Clock(MONDAY_10)) as (enforcer, _):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await enforcer.exempt("alice", "C-1", "outage", MONDAY_10 + DAY, "fibre cut")
+        answer = enforcer.explain("100.64.0.10")
+        assert answer["found"] and answer["subscriber"] == "C-1" and not answer["restricted"]
+        assert enforcer.explain("100.64.9.9")["found"] is False

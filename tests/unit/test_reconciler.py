@@ -1,4 +1,8 @@
-"""Decisions → the smallest transaction, against the in-memory FakeDataplane (SPEC §7)."""
+"""Decisions → the smallest transaction, against the in-memory FakeDataplane (SPEC §7).
+
+The kernel holds set memberships only (``portalV_L``, ``noticeV_L``, ``throttleV_L``); the
+reconciler's mode view ``modeV_L`` never reaches it, so ``fake.state`` has no ``mode`` container
+and ``fake.view`` adds the view the sets imply."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from enforcer.dataplane.layout import Layout, elements_for
 from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from enforcer.policy import Decision
-from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
+from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks, with_mode_view
 from enforcer.subscribers import Mode, Subscriber
 
 net = ipaddress.ip_network
@@ -44,6 +48,15 @@ def desired_elements(decisions: dict[str, Decision]) -> dict[str, dict[str, str 
 
 def ops(tx: Transaction) -> list:
     return list(tx.operations)
+
+
+def kernel_state(**sets: dict[str, None]) -> TableState:
+    """What the kernel holds for BASE with these set elements (the rest empty)."""
+    state = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
+    for name, items in sets.items():
+        assert name in state.elements, name
+        state.elements[name].update(items)
+    return state
 
 
 @pytest.fixture
@@ -82,14 +95,15 @@ def test_first_sync_replaces_the_table_in_one_transaction(rec, fake):
     assert all(isinstance(op, AddElements) for op in tx.operations[1:])
     added = {(op.container, k, v) for op in tx.operations[1:] for k, v in op.items}
     assert added == {
-        ("mode4_32", "100.64.0.10", "goto garden"), ("portal4_32", "100.64.0.10", None),
-        ("mode6_56", "2001:db8:10:100::", "goto garden"), ("portal6_56", "2001:db8:10:100::", None),
-        ("mode4_32", "100.64.0.11", "goto notice"), ("notice4_32", "100.64.0.11", None),
+        ("portal4_32", "100.64.0.10", None), ("portal6_56", "2001:db8:10:100::", None),
+        ("notice4_32", "100.64.0.11", None),
     }
-    assert result.elements == 6
+    assert result.elements == 3
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(INITIAL)
+    assert fake.view["mode4_32"] == {"100.64.0.10": "goto garden", "100.64.0.11": "goto notice"}
+    assert fake.view["mode6_56"] == {"2001:db8:10:100::": "goto garden"}
     assert not rec.needs_full
 
 
@@ -98,24 +112,24 @@ def test_second_sync_with_one_subscriber_added_is_partial(rec, fake):
     decisions["C-4"] = restricted("C-4", "100.64.0.40")
     result = rec.sync_all(decisions)
     assert result.kind == "partial"
-    assert result.elements == 2
+    assert result.elements == 1
     (tx,) = fake.transactions
-    assert ops(tx) == [AddElements("mode4_32", (("100.64.0.40", "goto garden"),)),
-                       AddElements("portal4_32", (("100.64.0.40", None),))]
+    assert ops(tx) == [AddElements("portal4_32", (("100.64.0.40", None),))]
     assert set(result.changed) == {net("100.64.0.40/32")}
     assert fake.state.elements == desired_elements(decisions)
 
 
-def test_removal_deletes_both_elements(rec, fake):
+def test_removal_deletes_the_set_element(rec, fake):
     decisions = synced(rec, fake)
     decisions["C-2"] = free("C-2")
     result = rec.sync_all(decisions)
     assert result.kind == "partial"
+    assert result.elements == 1
     (tx,) = fake.transactions
-    assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("mode4_32", ("100.64.0.11",)),
-                                                         DeleteElements("notice4_32", ("100.64.0.11",))]
+    assert ops(tx) == [DeleteElements("notice4_32", ("100.64.0.11",))]
     assert set(result.changed) == {net("100.64.0.11/32")}
-    assert "100.64.0.11" not in fake.state.elements["mode4_32"]
+    assert "100.64.0.11" not in fake.view["mode4_32"]
+    assert fake.state.elements == desired_elements(decisions)
 
 
 def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
@@ -123,30 +137,33 @@ def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
     del decisions["C-1"]
     result = rec.sync_all(decisions)
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
-    assert result.elements == 4
+    assert result.elements == 2
+    (tx,) = fake.transactions
+    assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("portal4_32", ("100.64.0.10",)),
+                                                         DeleteElements("portal6_56", ("2001:db8:10:100::",))]
     assert fake.state.elements == desired_elements(decisions)
 
 
-def test_mode_change_within_notice_modes_touches_the_map_and_throttle_set_only(rec, fake):
+def test_mode_change_within_notice_modes_touches_the_throttle_set_only(rec, fake):
     decisions = synced(rec, fake)
     decisions["C-2"] = restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)
     result = rec.sync_all(decisions)
     (tx,) = fake.transactions
-    assert [(type(op).__name__, op.container) for op in tx.operations] == [("DeleteElements", "mode4_32"),
-                                                                          ("AddElements", "mode4_32"),
-                                                                          ("AddElements", "throttle4_32")]
+    assert ops(tx) == [AddElements("throttle4_32", (("100.64.0.11", None),))]
+    assert result.elements == 1
     assert set(result.changed) == {net("100.64.0.11/32")}
     assert fake.state.elements["notice4_32"]["100.64.0.11"] is None
     assert fake.state.elements["throttle4_32"] == {"100.64.0.11": None}
+    assert fake.view["mode4_32"]["100.64.0.11"] == "goto throttle"
     # and back to notice: out of the throttle set, still redirected
     decisions["C-2"] = restricted("C-2", "100.64.0.11", mode=Mode.NOTICE)
     fake.transactions.clear()
-    rec.sync_all(decisions)
+    result = rec.sync_all(decisions)
     (tx,) = fake.transactions
-    assert [(type(op).__name__, op.container) for op in tx.operations] == [("DeleteElements", "mode4_32"),
-                                                                          ("DeleteElements", "throttle4_32"),
-                                                                          ("AddElements", "mode4_32")]
+    assert ops(tx) == [DeleteElements("throttle4_32", ("100.64.0.11",))]
+    assert set(result.changed) == {net("100.64.0.11/32")}
     assert fake.state.elements["throttle4_32"] == {}
+    assert fake.view["mode4_32"]["100.64.0.11"] == "goto notice"
     assert fake.state.elements == desired_elements(decisions)
 
 
@@ -158,17 +175,15 @@ def test_mode_change_to_notice_moves_the_redirect_element(rec, fake):
     (tx,) = fake.transactions
     deletes = {(op.container, op.keys) for op in tx.operations if isinstance(op, DeleteElements)}
     adds = {(op.container, op.items) for op in tx.operations if isinstance(op, AddElements)}
-    assert deletes == {("mode4_32", ("100.64.0.10",)), ("mode6_56", ("2001:db8:10:100::",)),
-                       ("portal4_32", ("100.64.0.10",)), ("portal6_56", ("2001:db8:10:100::",))}
-    assert adds == {("mode4_32", (("100.64.0.10", "goto notice"),)),
-                    ("mode6_56", (("2001:db8:10:100::", "goto notice"),)),
-                    ("notice4_32", (("100.64.0.10", None),)), ("notice6_56", (("2001:db8:10:100::", None),))}
+    assert deletes == {("portal4_32", ("100.64.0.10",)), ("portal6_56", ("2001:db8:10:100::",))}
+    assert adds == {("notice4_32", (("100.64.0.10", None),)), ("notice6_56", (("2001:db8:10:100::", None),))}
+    assert len(tx.operations) == 4 and result.elements == 4
     # every delete comes before any add, so the kernel never sees the same key twice
     last_delete = max(i for i, op in enumerate(tx.operations) if isinstance(op, DeleteElements))
     first_add = min(i for i, op in enumerate(tx.operations) if isinstance(op, AddElements))
     assert last_delete < first_add
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
-    assert fake.state.elements["mode4_32"]["100.64.0.10"] == "goto notice"
+    assert fake.view["mode4_32"]["100.64.0.10"] == "goto notice"
     assert "100.64.0.10" not in fake.state.elements["portal4_32"]
 
 
@@ -195,21 +210,21 @@ def test_update_one_subscriber_is_a_tiny_transaction(rec, fake):
     synced(rec, fake)
     result = rec.update({"C-5": restricted("C-5", "100.64.0.50")})
     assert result.kind == "partial"
-    assert result.elements == 2
+    assert result.elements == 1
     (tx,) = fake.transactions
-    assert sorted(ops(tx), key=lambda o: o.container) == [
-        AddElements("mode4_32", (("100.64.0.50", "goto garden"),)),
-        AddElements("portal4_32", (("100.64.0.50", None),))]
+    assert ops(tx) == [AddElements("portal4_32", (("100.64.0.50", None),))]
     assert set(result.changed) == {net("100.64.0.50/32")}
-    assert sorted(tx.render().splitlines()) == [
-        "add element inet walled_garden mode4_32 { 100.64.0.50 : goto garden }",
-        "add element inet walled_garden portal4_32 { 100.64.0.50 }"]
+    assert tx.render().splitlines() == ["add element inet walled_garden portal4_32 { 100.64.0.50 }"]
+    assert fake.view["mode4_32"]["100.64.0.50"] == "goto garden"
 
 
 def test_update_lift_deletes(rec, fake):
     decisions = synced(rec, fake)
     result = rec.update({"C-1": free("C-1")})
-    assert result.elements == 4
+    assert result.elements == 2
+    (tx,) = fake.transactions
+    assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("portal4_32", ("100.64.0.10",)),
+                                                         DeleteElements("portal6_56", ("2001:db8:10:100::",))]
     assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
     decisions["C-1"] = free("C-1")
     assert fake.state.elements == desired_elements(decisions)
@@ -217,15 +232,28 @@ def test_update_lift_deletes(rec, fake):
 
 
 def test_update_mode_change(rec, fake):
-    synced(rec, fake)
+    decisions = synced(rec, fake)
     result = rec.update({"C-2": restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)})
     (tx,) = fake.transactions
-    assert ops(tx)[0] == DeleteElements("mode4_32", ("100.64.0.11",))
-    assert set(ops(tx)[1:]) == {AddElements("mode4_32", (("100.64.0.11", "goto throttle"),)),
-                                AddElements("throttle4_32", (("100.64.0.11", None),))}
+    assert ops(tx) == [AddElements("throttle4_32", (("100.64.0.11", None),))]
     assert set(result.changed) == {net("100.64.0.11/32")}
-    assert rec.update({"C-2": free("C-2")}).elements == 3  # map entry, notice and throttle set elements
-    assert fake.state.elements["throttle4_32"] == {}
+    assert fake.view["mode4_32"]["100.64.0.11"] == "goto throttle"
+    assert rec.update({"C-2": free("C-2")}).elements == 2  # the notice and throttle set elements
+    assert fake.state.elements["notice4_32"] == {} and fake.state.elements["throttle4_32"] == {}
+    # walled garden → throttle moves the key between sets, deletes before adds
+    fake.transactions.clear()
+    throttled = restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56", mode=Mode.THROTTLE)
+    result = rec.update({"C-1": throttled})
+    (tx,) = fake.transactions
+    assert [type(op) for op in tx.operations] == [DeleteElements] * 2 + [AddElements] * 4
+    assert {(op.container, op.keys) for op in tx.operations[:2]} == {("portal4_32", ("100.64.0.10",)),
+                                                                     ("portal6_56", ("2001:db8:10:100::",))}
+    assert {(op.container, op.items) for op in tx.operations[2:]} == {
+        ("notice4_32", (("100.64.0.10", None),)), ("throttle4_32", (("100.64.0.10", None),)),
+        ("notice6_56", (("2001:db8:10:100::", None),)), ("throttle6_56", (("2001:db8:10:100::", None),))}
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    decisions.update({"C-1": throttled, "C-2": free("C-2")})
+    assert fake.state.elements == desired_elements(decisions)
 
 
 def test_update_address_change(rec, fake):
@@ -273,9 +301,10 @@ def test_new_prefix_length_needs_a_full_sync(rec, fake):
     assert isinstance(tx.operations[0], ReplaceTable)
     assert (4, 24) in tx.operations[0].layout.prefixes
     text = tx.render()
-    assert "map mode4_24 { type ipv4_addr : verdict; }" in text
-    assert "ip saddr & 255.255.255.0 vmap @mode4_24" in text
-    assert "add element inet walled_garden mode4_24 { 100.64.7.0 : goto garden }" in text
+    assert "set portal4_24 { type ipv4_addr; }" in text
+    assert "ip saddr & 255.255.255.0 @portal4_24 goto garden" in text
+    assert "add element inet walled_garden portal4_24 { 100.64.7.0 }" in text
+    assert "mode4_24" not in text and "vmap" not in text
     assert fake.state.layout_tag == tx.operations[0].layout.tag
     assert fake.state.elements == desired_elements(decisions)
     # only the new subscriber's enforcement changed: the atomic replace kept everyone else as is
@@ -301,13 +330,14 @@ def test_address_conflict_within_one_update_batch(rec, fake):
         return
     rec.update({"A": free("A")})
     # B is still restricted, so its address must still be in the kernel
-    assert fake.state.elements["mode4_32"].get("100.64.0.99") == "goto garden"
+    assert fake.view["mode4_32"].get("100.64.0.99") == "goto garden"
 
 
 def test_address_conflict_in_sync_all_enforces_the_first_holder_only(rec, fake):
     decisions = {"A": restricted("A", "100.64.0.10"), "B": restricted("B", "100.64.0.10", mode=Mode.NOTICE)}
     result = rec.sync_all(decisions)
-    assert fake.state.elements["mode4_32"] == {"100.64.0.10": "goto garden"}
+    assert fake.view["mode4_32"] == {"100.64.0.10": "goto garden"}
+    assert fake.state.elements["notice4_32"] == {}
     assert set(rec.owned) == {"A"}
     assert set(result.changed) == {net("100.64.0.10/32")}
 
@@ -321,12 +351,8 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
         "D": restricted("D", "2001:db8:40::/64", mode=Mode.THROTTLE),  # kernel has notice
         "E": free("E"),
     }
-    kernel = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
-    kernel.elements["mode4_32"].update({"100.64.0.1": "goto garden", "100.64.0.2": "goto garden"})
-    kernel.elements["portal4_32"].update({"100.64.0.1": None, "100.64.0.2": None})  # B: no longer wanted
-    kernel.elements["mode6_64"]["2001:db8:40::"] = "goto notice"
-    kernel.elements["notice6_64"]["2001:db8:40::"] = None
-    fake.state = kernel
+    fake.state = kernel_state(portal4_32={"100.64.0.1": None, "100.64.0.2": None},  # B: no longer wanted
+                              notice6_64={"2001:db8:40::": None})
 
     rec = Reconciler(fake, BASE)  # a new daemon: no mirror yet
     result = rec.sync_all(desired, read_kernel=True)
@@ -337,23 +363,27 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
     assert fake.state.layout_tag == BASE.tag
     assert fake.state.elements == desired_elements(desired)
     assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
-    assert result.elements == 2 + 2 + 2 + 1  # delete B (2), add C (2), D's map entry delete + add, D throttled
+    assert sorted(ops(tx), key=lambda o: o.container) == [
+        DeleteElements("portal4_32", ("100.64.0.2",)),      # B
+        AddElements("portal4_32", (("100.64.0.3", None),)),  # C
+        AddElements("throttle6_64", (("2001:db8:40::", None),)),  # D: notice → throttle, stays in notice
+    ]
+    assert result.elements == 3
     # and the reconciler is ready for diffs straight away
-    assert rec.update({"A": free("A")}).elements == 2
+    assert rec.update({"A": free("A")}).elements == 1
 
 
 def test_restart_without_read_kernel_flag_still_reads_the_kernel_first(fake):
-    kernel = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
-    kernel.elements["mode4_32"]["100.64.0.1"] = "goto garden"
-    kernel.elements["portal4_32"]["100.64.0.1"] = None
-    fake.state = kernel
+    fake.state = kernel_state(portal4_32={"100.64.0.1": None})
     result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")})
     assert (result.kind, result.elements, result.changed) == ("partial", 0, [])
 
 
 def test_restart_over_other_layout_replaces_the_table_once(fake):
+    # e.g. an older release's table, which still had a verdict map beside the sets
     kernel = TableState("0123456789abcdef", {"mode4_32": {"100.64.0.1": "goto garden", "100.64.0.2": "goto notice"},
-                                             "portal4_32": {"100.64.0.1": None, "100.64.0.2": None}})
+                                             "portal4_32": {"100.64.0.1": None},
+                                             "notice4_32": {"100.64.0.2": None}})
     fake.state = kernel
     desired = {"A": restricted("A", "100.64.0.1"), "C": restricted("C", "100.64.0.3")}
     result = Reconciler(fake, BASE).sync_all(desired, read_kernel=True)
@@ -406,7 +436,7 @@ def test_failed_update_changes_nothing(rec, fake):
     assert rec.needs_full
     assert fake.state == before
     assert rec.owned == owned
-    assert rec.sync_all(dict(INITIAL, **{"C-1": free("C-1")})).elements == 4
+    assert rec.sync_all(dict(INITIAL, **{"C-1": free("C-1")})).elements == 2
 
 
 def test_failed_first_sync_then_retry(rec, fake):
@@ -421,7 +451,7 @@ def test_failed_first_sync_then_retry(rec, fake):
 def test_kernel_drift_is_repaired_by_reading_the_kernel(rec, fake):
     """Someone deleted an element by hand: the mirror is stale, the diff fails, a re-read fixes it."""
     decisions = synced(rec, fake)
-    del fake.state.elements["mode4_32"]["100.64.0.11"]
+    del fake.state.elements["notice4_32"]["100.64.0.11"]
     decisions["C-2"] = free("C-2")
     with pytest.raises(DataplaneError):
         rec.sync_all(decisions)
@@ -454,15 +484,15 @@ def test_transactions_render_as_nft_syntax(rec, fake):
     text = fake.dump()
     assert text.startswith("add table inet walled_garden\ndelete table inet walled_garden\n"
                            "table inet walled_garden {\n")
-    assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto garden }\n" in text
     assert "add element inet walled_garden portal4_32 { 100.64.0.10 }\n" in text
-    assert "add element inet walled_garden mode6_56 { 2001:db8:10:100:: : goto garden }\n" in text
-    assert "delete element inet walled_garden mode4_32 { 100.64.0.10 }\n" in text
-    assert "add element inet walled_garden mode4_32 { 100.64.0.10 : goto notice }\n" in text
+    assert "add element inet walled_garden portal6_56 { 2001:db8:10:100:: }\n" in text
     assert "delete element inet walled_garden portal4_32 { 100.64.0.10 }\n" in text
+    assert "add element inet walled_garden notice4_32 { 100.64.0.10 }\n" in text
+    assert "delete element inet walled_garden notice6_56 { 2001:db8:10:100:: }\n" in text
     for line in text.splitlines():
         if line.startswith(("add element", "delete element")):
             assert line.count("{") == 1 and line.endswith("}")
+            assert " mode" not in line and " : " not in line, "only set elements reach the kernel"
 
 
 def test_transaction_render_and_count():
@@ -489,20 +519,34 @@ def test_changed_networks_helper():
 
 def test_fake_refuses_what_the_kernel_refuses(fake):
     tx = Transaction(TABLE)
-    tx.add("mode4_32", [("100.64.0.1", "goto garden")])
+    tx.add("portal4_32", [("100.64.0.1", None)])
     with pytest.raises(DataplaneError):
         fake.apply(tx)  # no table yet
     full = Transaction(TABLE)
     full.replace_table(BASE)
-    full.add("mode4_32", [("100.64.0.1", "goto garden")])
+    full.add("portal4_32", [("100.64.0.1", None)])
     fake.apply(full)
-    for bad in (AddElements("mode4_32", (("100.64.0.1", "goto notice"),)),
-                DeleteElements("mode4_32", ("100.64.0.2",)),
-                AddElements("mode4_24", (("100.64.0.0", "goto garden"),))):
+    for bad in (DeleteElements("portal4_32", ("100.64.0.2",)),            # no such element
+                AddElements("portal4_24", (("100.64.0.0", None),)),       # no such set in this layout
+                AddElements("mode4_32", (("100.64.0.5", "goto garden"),))):  # the mode view is not in the kernel
         before = fake.state.copy()
         with pytest.raises(DataplaneError):
-            fake.apply(Transaction(TABLE, [AddElements("mode4_32", (("100.64.0.5", "goto garden"),)), bad]))
+            fake.apply(Transaction(TABLE, [AddElements("portal4_32", (("100.64.0.5", None),)), bad]))
         assert fake.state == before  # all or nothing
+
+
+def test_mode_view_is_derived_from_the_sets():
+    """The inverse of the elements a decision puts in the kernel: what a restart reads back."""
+    state = kernel_state(portal4_32={"100.64.0.1": None}, notice4_32={"100.64.0.2": None, "100.64.0.3": None},
+                         throttle4_32={"100.64.0.3": None}, notice6_56={"2001:db8:10:100::": None})
+    view = with_mode_view(state)
+    assert view.layout_tag == BASE.tag
+    assert view.elements["mode4_32"] == {"100.64.0.1": "goto garden", "100.64.0.2": "goto notice",
+                                         "100.64.0.3": "goto throttle"}
+    assert view.elements["mode6_56"] == {"2001:db8:10:100::": "goto notice"}
+    assert view.elements["mode6_128"] == {}
+    assert {k: v for k, v in view.elements.items() if not k.startswith("mode")} == state.elements
+    assert with_mode_view(None) is None
 
 
 def test_changed_lists_each_network_once(rec, fake):

@@ -72,7 +72,7 @@ async def setup(tmp_path: Path) -> Any:
 
 def _restricted(fake: FakeDataplane) -> set[str]:
     assert fake.state is not None
-    return set(fake.state.elements["mode4_32"]) | set(fake.state.elements["mode6_56"])
+    return set(fake.view["mode4_32"]) | set(fake.view["mode6_56"])
 
 
 @pytest.mark.asyncio
