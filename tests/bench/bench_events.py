@@ -112,7 +112,6 @@ def presign(url: str, secret: str, targets: list[tuple[str, str]], count: int) -
 async def run_wrk(args: argparse.Namespace, url: str, secret: str, targets: list[tuple[str, str]],
                   work: str) -> dict[str, float]:
     requests_file = Path(work, "requests.bin")
-    requests_file.write_bytes(presign(url, secret, targets, int(args.rate * args.seconds * 1.5) + 1000))
     wrk = await asyncio.create_subprocess_exec(
         "wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds:.0f}s", "--timeout", "10s",
         "-s", str(HERE.parent / "presigned.lua"), url, "--", str(requests_file),
@@ -167,6 +166,8 @@ async def run(args: argparse.Namespace, work: str) -> None:
         url = f"http://127.0.0.1:{PORT}/v1/events"
         commits.clear()
         batches_before = enforcer.batcher.batches
+        Path(work, "requests.bin").write_bytes(presign(url, secret_file.read_text(), targets,
+                                                       int(args.rate * args.seconds * 1.5) + 1000))
         profile = None
         if os.environ.get("WG_BENCH_PROFILE_EVENTS"):  # the daemon side during the load only
             import cProfile

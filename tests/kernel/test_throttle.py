@@ -116,6 +116,8 @@ if kind == "down":
         total += len(data)
         marks.append((time.monotonic(), total))
     inside = [(t, n) for t, n in marks if t - start >= warmup]
+    if len(inside) < 2:  # an unthrottled transfer can finish its 512 MiB before the warm-up ends
+        inside = [(start, 0)] + marks
     rate = 0.0
     if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
         rate = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
