@@ -30,7 +30,6 @@ from .api import (
     metrics_app,
     start_tcp_site,
     start_unix_site,
-    webhook_app,
 )
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
@@ -38,6 +37,7 @@ from .dataplane.backend import DataplaneError
 from .garden_hosts import GardenHosts
 from .logs import setup_logging
 from .outbox import Outbox
+from .webhook_worker import WorkerBridge
 from .sources import FileSource, UrlSource
 
 __all__ = ["run", "sd_notify", "serve", "setup_logging"]
@@ -57,6 +57,7 @@ class Service:
         self.enforcer = enforcer
         self.stop = stop
         self.verifier = Verifier(None)
+        self.webhooks: WorkerBridge | None = None
         self.runners: list[web.AppRunner] = []
         self.tasks: dict[str, asyncio.Task[Any]] = {}
 
@@ -73,9 +74,11 @@ class Service:
         self.verifier.webhook = self._load_secret(config)
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
                                                   config.api.socket_group))
-        if config.api.listen is not None:
-            self.runners.append(await start_tcp_site(webhook_app(enforcer, self.verifier), config.api.listen.host,
-                                                     config.api.listen.port))
+        if config.api.listen is not None:  # in a worker process: see webhook_worker
+            self.webhooks = WorkerBridge(enforcer, config.api.listen.host, config.api.listen.port,
+                                         config.api.webhook_secret_file)
+            self._task("webhooks", self.webhooks.run(self.stop))
+            await self.webhooks.wait_ready()
         if config.metrics.listen is not None:
             self.runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
                                                      config.metrics.listen.port))
@@ -149,6 +152,8 @@ class Service:
             log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
         restart = await self.enforcer.reload(new)
         self.verifier.webhook = webhook
+        if self.webhooks is not None and webhook is not None:
+            self.webhooks.reload_secret(new.api.webhook_secret_file)
         if replace(new.subscribers, guard=old.subscribers.guard) != old.subscribers:  # the guard is read live
             await self._start_source(new)
         if new.walled_garden.allow_hosts != old.walled_garden.allow_hosts:

@@ -40,6 +40,7 @@ from enforcer.daemon import Enforcer  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.sources import ListUpdate  # noqa: E402
+from enforcer.webhook_worker import WorkerBridge  # noqa: E402
 
 PORT = 18788
 
@@ -160,7 +161,21 @@ async def run(args: argparse.Namespace, work: str) -> None:
     await enforcer.on_list(ListUpdate(subs, "bench", "3"), approved_by="benchmark")
     await asyncio.sleep(1)  # let background flushes of the list loads finish
 
-    runner = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
+    if args.in_process:  # the pre-worker design, for comparison
+        site = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
+        stop_worker, worker_task = None, None
+    else:  # as `walled-garden run` does it: HTTP and signatures in the webhook worker process
+        stop_worker = asyncio.Event()
+        bridge = WorkerBridge(enforcer, "127.0.0.1", PORT, str(secret_file))
+        worker_task = asyncio.create_task(bridge.run(stop_worker))
+        await bridge.wait_ready()
+
+    async def cleanup() -> None:
+        if stop_worker is not None and worker_task is not None:
+            stop_worker.set()
+            await worker_task
+        else:
+            await site.cleanup()
     targets = [(s.id, str(s.addresses[0].network_address)) for s in subs[: max(1000, int(args.rate))]]
     if args.client == "wrk":
         url = f"http://127.0.0.1:{PORT}/v1/events"
@@ -181,14 +196,15 @@ async def run(args: argparse.Namespace, work: str) -> None:
             profile.disable()
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         batches = enforcer.batcher.batches - batches_before
-        await runner.cleanup()
+        await cleanup()
         await enforcer.close()
         rate = result["requests"] / (result["duration_us"] / 1e6)
         print(f"\n# sustained signed events, {args.subscribers} restricted, wrk closed loop, "
               f"{args.connections} connections, {args.seconds:.0f} s")
         print(f"answered {result['requests']} ({rate:.0f}/s), statuses {result['statuses']}, socket errors "
               f"{result['errors']}, {batches} kernel batches ({result['requests'] / max(batches, 1):.1f} per transaction)")
-        print(f"daemon CPU {cpu / max(result['requests'], 1) * 1e6:.0f} us per event (this process, all threads)")
+        print(f"daemon CPU {cpu / max(result['requests'], 1) * 1e6:.0f} us per event (the daemon process, all threads; "
+              f"{'webhooks in it' if args.in_process else 'not counting the webhook worker'})")
         print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, p99 {pct(commits, 99) * 1000:.1f} ms")
         print(f"request -> 200 (wrk, incl. conntrack flush): p50 {result['p50_us'] / 1000:.1f} ms, "
               f"p90 {result['p90_us'] / 1000:.1f} ms, p99 {result['p99_us'] / 1000:.1f} ms")
@@ -201,7 +217,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
     batches_before = enforcer.batcher.batches
     out, _ = await load.communicate(json.dumps(targets).encode())
     result = json.loads(out)
-    await runner.cleanup()
+    await cleanup()
     batches = enforcer.batcher.batches - batches_before
     await enforcer.close()
     try:
@@ -229,6 +245,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--client", choices=("python", "wrk"), default="python")
     parser.add_argument("--connections", type=int, default=64, help="requests in flight (wrk client)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="serve webhooks in the daemon process (the design before the webhook worker)")
     args = parser.parse_args()
     code = reexec_in_private_netns(str(HERE))
     if code is not None:

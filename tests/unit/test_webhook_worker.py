@@ -1,0 +1,108 @@
+"""The webhook worker process: a real child serving HTTP on loopback, the daemon's enforcer
+behind the socketpair (fake kernel), signed requests from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.demo.billing import signed_request
+from enforcer.events import Event, parse_event
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Subscriber, parse_address
+from enforcer.webhook_worker import WorkerBridge, event_from_wire, event_to_wire
+
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+class NoConntrack:
+    async def flush(self, networks: Any) -> int:
+        return 0
+
+
+def test_wire_round_trip() -> None:
+    body = json.dumps({"type": "subscriber.restricted", "timestamp": 5, "data": {
+        "subscriber": "C-1", "addresses": ["100.64.0.10", "2001:db8:1::/56"], "mode": "notice", "reason": "overdue"}})
+    event = parse_event("e1", body)
+    assert event_from_wire(json.loads(json.dumps(event_to_wire(event)))) == event
+    opened = Event("e2", "dispute.opened", 5.0, "C-1", note="ticket", until=99.0)
+    assert event_from_wire(event_to_wire(opened)) == opened
+
+
+@pytest.fixture
+async def bridge(tmp_path: Path, unused_tcp_port: int) -> Any:
+    (tmp_path / "secret").write_text(SECRET)
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          f"api: {{socket: {tmp_path}/c.sock, webhook_secret_file: {tmp_path}/secret}}\n")
+    fake = FakeDataplane()
+    enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack())  # type: ignore[arg-type]
+    await enforcer.restore()
+    await enforcer.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),))], "l", "1"))
+    stop = asyncio.Event()
+    worker = WorkerBridge(enforcer, "127.0.0.1", unused_tcp_port, str(tmp_path / "secret"))
+    task = asyncio.create_task(worker.run(stop))
+    assert await worker.wait_ready(15.0)
+    yield worker, enforcer, fake, f"http://127.0.0.1:{unused_tcp_port}/v1/events", tmp_path
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await enforcer.close()
+
+
+async def post(url: str, secret: str, body: dict, event_id: str | None = None) -> tuple[int, dict]:
+    request = signed_request(url, secret, body, event_id=event_id)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=request.data, headers=dict(request.header_items())) as response:
+            return response.status, await response.json()
+
+
+async def test_events_flow_through_the_worker(bridge: Any) -> None:
+    worker, enforcer, fake, url, tmp = bridge
+    pay = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
+    status, answer = await post(url, SECRET, pay, "msg_1")
+    assert status == 200 and answer["result"] == "applied" and answer["mode"] == "free"
+    assert "100.64.0.10" not in fake.view["mode4_32"]
+    assert (await post(url, SECRET, pay, "msg_1")) == (status, answer), "a replay gets the same answer"
+    assert enforcer.metrics.event_to_enforce._sum.get() > 0
+    status, answer = await post(url, "whsec_" + "A" * 43, pay)
+    assert status == 401
+    status, answer = await post(url, SECRET, {"type": "nonsense", "timestamp": 1, "data": {}})
+    assert status == 400 and "type" in answer["error"]
+    await asyncio.sleep(0.2)  # the counts travel on the socketpair
+    assert enforcer.metrics.events.labels("unknown", "unauthorized")._value.get() == 1
+    assert enforcer.metrics.events.labels("unknown", "malformed")._value.get() == 1
+
+
+async def test_secret_reload_and_worker_restart(bridge: Any) -> None:
+    worker, enforcer, fake, url, tmp = bridge
+    new = "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"
+    (tmp / "secret2").write_text(new)
+    worker.reload_secret(str(tmp / "secret2"))
+    body = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
+    for _ in range(50):
+        if (await post(url, new, body))[0] == 200:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the reloaded secret was never accepted")
+    assert (await post(url, SECRET, body))[0] == 401
+    assert worker.process is not None
+    worker.process.kill()                        # a crashed worker is restarted
+    await asyncio.sleep(0.1)
+    assert await worker.wait_ready(15.0)
+    for _ in range(100):
+        try:
+            if (await post(url, new, body))[0] == 200:
+                break
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the restarted worker never answered")
