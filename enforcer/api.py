@@ -134,14 +134,39 @@ async def get_explain(request: web.Request) -> web.Response:
     return _json(200, request.app[ENFORCER_KEY].explain(query))
 
 
-def peer(request: web.Request) -> str:
-    """Who is on the other end of the control socket (SO_PEERCRED): the audited actor."""
+def peer_credentials(request: web.Request) -> tuple[int, int] | None:
+    """(pid, uid) of the process on the other end of the control socket (SO_PEERCRED)."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except (AttributeError, OSError):
-        return "unknown"
+        return None
     pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+#: What the portal needs; everything else on the control socket is for operators.
+PORTAL_PATHS = frozenset({"/v1/lookup", "/v1/acknowledge", "/v1/promise"})
+
+
+@web.middleware
+async def operators_only(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The socket's group lets the portal in; operator actions and subscriber details
+    (status, explain, audit, restrict, lift, exempt, approve...) need root or the daemon's own
+    user, so a compromised portal cannot lift anyone or read the audit log."""
+    if request.path not in PORTAL_PATHS:
+        creds = peer_credentials(request)
+        if creds is None or creds[1] not in (0, os.geteuid()):
+            return _json(403, {"error": "operator commands need root (sudo walled-garden ...)"})
+    return await handler(request)
+
+
+def peer(request: web.Request) -> str:
+    """Who is on the other end of the control socket (SO_PEERCRED): the audited actor."""
+    creds = peer_credentials(request)
+    if creds is None:
+        return "unknown"
+    pid, uid = creds
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -226,7 +251,7 @@ async def get_audit(request: web.Request) -> web.Response:
 
 
 def control_app(enforcer: Enforcer) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[operators_only])
     app[ENFORCER_KEY] = enforcer
     app.router.add_get("/v1/lookup", get_lookup)
     app.router.add_get("/v1/status", get_status)

@@ -74,11 +74,10 @@ class Service:
         self.verifier.webhook = self._load_secret(config)
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
                                                   config.api.socket_group))
-        if config.api.listen is not None:  # in a worker process: see webhook_worker
+        if config.api.listen is not None:  # in a worker process (see webhook_worker); starts meanwhile
             self.webhooks = WorkerBridge(enforcer, config.api.listen.host, config.api.listen.port,
                                          config.api.webhook_secret_file)
             self._task("webhooks", self.webhooks.run(self.stop))
-            await self.webhooks.wait_ready()
         if config.metrics.listen is not None:
             self.runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
                                                      config.metrics.listen.port))
@@ -87,6 +86,8 @@ class Service:
         self._task("outbox", Outbox(enforcer).run(self.stop))
         self._task("table_check", self._check_table())
         await self._start_hosts(config)
+        if self.webhooks is not None:  # READY=1 (after start) means billing can reach us
+            await self.webhooks.wait_ready()
 
     @staticmethod
     def _load_secret(config: Config) -> Any:

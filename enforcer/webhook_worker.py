@@ -167,8 +167,10 @@ class WorkerBridge:
         self.process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         delay = RESTART_FIRST
         while not stop.is_set():
             started = time.monotonic()
@@ -190,20 +192,23 @@ class WorkerBridge:
                 "--port", str(self.port), "--secret-file", self.secret_file, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
+        process = self.process
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
         serving = asyncio.create_task(self._serve(reader))
         stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        self.ready.clear()
-        self._writer.close()          # the child sees EOF and exits
         try:
-            code = await asyncio.wait_for(self.process.wait(), 5.0)
-        except TimeoutError:
-            self.process.kill()
-            code = await self.process.wait()
-        serving.cancel()
-        return code
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled: never leave the child behind
+            stopping.cancel()
+            serving.cancel()
+            self.ready.clear()
+            self._writer.close()          # the child sees EOF and exits
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), 5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                if process.returncode is None:
+                    process.kill()
+        return process.returncode
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -235,12 +240,16 @@ class WorkerBridge:
         self._send({"reload": secret_file})
 
     async def wait_ready(self, timeout: float = READY_TIMEOUT) -> bool:
-        try:
-            await asyncio.wait_for(self.ready.wait(), timeout)
-            return True
-        except TimeoutError:
+        """Until the worker listens; gives up early when the daemon is being stopped."""
+        waiters = {asyncio.ensure_future(self.ready.wait())}
+        if self._stop is not None:
+            waiters.add(asyncio.ensure_future(self._stop.wait()))
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if not self.ready.is_set() and not (self._stop is not None and self._stop.is_set()):
             log.error("event=webhook_worker_not_ready timeout=%.0fs (events cannot be received yet)", timeout)
-            return False
+        return self.ready.is_set()
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ class Lab:
 
     def start_daemon(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
         """``env`` is added to the environment (e.g. a test's ``NOTIFY_SOCKET``)."""
+        before = self._starts()
         self.daemon = self._start("run", "daemon.log", env)
-        self._wait(lambda: self.status() is not None, timeout, "daemon", self.daemon, "daemon.log")
+        # "started" is logged with READY=1: the list is applied and the webhook worker listens
+        self._wait(lambda: self._starts() > before and self.status() is not None, timeout,
+                   "daemon", self.daemon, "daemon.log")
 
     def start_portal(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> None:
         self.portal = self._start("portal", "portal.log", env)
@@ -111,6 +114,12 @@ class Lab:
             pass
         self.daemon.wait(timeout)
         self.daemon = None
+
+    def _starts(self) -> int:
+        try:
+            return (self.work / "daemon.log").read_text(errors="replace").count("event=started ")
+        except OSError:
+            return 0
 
     def log(self, name: str = "daemon.log") -> str:
         try:

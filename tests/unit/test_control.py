@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
-from enforcer.api import control_app
+from enforcer.api import control_app, start_unix_site
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
@@ -34,11 +35,30 @@ async def control(tmp_path: Path) -> Any:
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: 1_800_000_000.0)  # type: ignore[arg-type]
     await enforcer.restore()
     await enforcer.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
-    client = TestClient(TestServer(control_app(enforcer)))
-    await client.start_server()
+    # A real Unix socket, as in production: operator endpoints check the peer (SO_PEERCRED)
+    runner = await start_unix_site(control_app(enforcer), str(tmp_path / "control.sock"))
+    client = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tmp_path / "control.sock")),
+                                   base_url="http://enforcer")
     yield client, enforcer, fake
     await client.close()
+    await runner.cleanup()
     await enforcer.close()
+
+
+async def test_operator_endpoints_need_a_unix_peer(tmp_path: Path) -> None:
+    """Served over TCP (no SO_PEERCRED) the operator endpoints refuse; the portal's answer."""
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
+    enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
+    await enforcer.restore()
+    client = TestClient(TestServer(control_app(enforcer)))
+    await client.start_server()
+    try:
+        assert (await client.get("/v1/status")).status == 403
+        assert (await client.post("/v1/lift", json={"subscriber": "C-1"})).status == 403
+        assert (await client.get("/v1/lookup", params={"address": "100.64.0.1"})).status == 200
+    finally:
+        await client.close()
+        await enforcer.close()
 
 
 async def test_lookup_by_address_and_prefix(control: Any) -> None:

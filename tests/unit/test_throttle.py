@@ -1,5 +1,5 @@
 """Throttle mode: ``policy.throttle_rate``/``throttle_burst``, the rules that enforce them, and the
-throttle sets the reconciler keeps (the kernel test measures the rate: tests/kernel/test_throttle.py)."""
+throttle sets the reconciler keeps (the kernel test measures the rate: tests/kernel/test_throttle_rate.py)."""
 
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Top
     """What the portal unit relies on: a DynamicUser with SupplementaryGroups= reaches the socket."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("needs setpriv (util-linux)")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs setpriv (util-linux)")
     work = Path(tempfile.mkdtemp(prefix="wg-ops-"))
     try:
         work.chmod(0o755)
@@ -216,15 +216,24 @@ def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Top
         assert st.st_gid == grp.getgrnam("nogroup").gr_gid and stat.S_IMODE(st.st_mode) == 0o660
         url = f"http://enforcer/v1/lookup?address={topo.subscribers[0].addr4}"
 
-        def as_user(*groups: int) -> subprocess.CompletedProcess[str]:
+        def as_user(*groups: int, target: str = url, post: str = "") -> subprocess.CompletedProcess[str]:
             """uid nobody with a primary group of its own (like a DynamicUser), plus ``groups``."""
             ids = ["--reuid=65534", f"--regid={grp.getgrnam('users').gr_gid}", "--inh-caps=-all"]
             ids += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
-            return subprocess.run([setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, url],
+            data = ["-d", post] if post else []
+            return subprocess.run([setpriv, *ids, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *data,
+                                   "--max-time", "3", "--unix-socket", lab.socket, target] if post else
+                                  [setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, target],
                                   capture_output=True, text=True, check=False, timeout=10)
 
         member = as_user(grp.getgrnam("nogroup").gr_gid)   # SupplementaryGroups=
         assert member.returncode == 0 and json.loads(member.stdout)["restricted"] is True, member.stderr
+        # ... but only for what the portal needs: operator actions and subscriber details are refused
+        lift = as_user(grp.getgrnam("nogroup").gr_gid, target="http://enforcer/v1/lift",
+                       post=json.dumps({"subscriber": SUB1, "reason": "portal compromised"}))
+        assert lift.stdout == "403", lift
+        audit = as_user(grp.getgrnam("nogroup").gr_gid, target="http://enforcer/v1/audit", post="")
+        assert audit.returncode != 0, "the audit log is for operators"
         stranger = as_user()
         assert stranger.returncode != 0, "a user outside the group must not reach the control socket"
         lab.stop_daemon()
