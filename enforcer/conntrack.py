@@ -2,8 +2,10 @@
 
 Without a flush, connections opened before a restriction keep flowing (conntrack has already
 said yes) and connections redirected to the portal keep landing there after a payment. We use
-conntrack-tools: it handles IPv4 and IPv6 prefixes through ``--mask-src`` (pyroute2's kernel
-filter is exact-address only, and its IPv6 filter is broken on kernel 6.18).
+libnetfilter_conntrack in-process (``ctnetlink``: one dump per pass, no process starts) and
+fall back to the conntrack-tools binary when the library cannot be used; the tool handles
+IPv4 and IPv6 prefixes through ``--mask-src`` (pyroute2's kernel filter is exact-address
+only, and its IPv6 filter is broken on kernel 6.18).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import ipaddress
 import logging
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from .batcher import Batcher
+from .ctnetlink import Ctnetlink
 from .subscribers import Network
 
 log = logging.getLogger(__name__)
@@ -35,10 +39,13 @@ class ConntrackError(Exception):
 class Conntrack:
     """Flushes run one pass at a time; requests that arrive meanwhile share the next pass."""
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, netlink: bool = True) -> None:
         self.binary = binary or shutil.which("conntrack") or "/usr/sbin/conntrack"
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._batcher: Batcher[tuple[set[Network], asyncio.Future[int]]] | None = None
+        self._netlink: Ctnetlink | None = None
+        self._use_netlink = netlink            # tried on first use; False after it failed
+        self._thread: ThreadPoolExecutor | None = None
 
     async def flush(self, networks: Iterable[Network]) -> int:
         """Delete entries whose original source is in ``networks``; returns how many (in the pass)."""
@@ -71,6 +78,13 @@ class Conntrack:
         delete only for the networks that really have connections.
         """
         targets = list(networks)
+        netlink = self._open_netlink()
+        if netlink is not None:
+            assert self._thread is not None
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._thread, netlink.flush, targets)
+            except OSError as exc:
+                raise ConntrackError(f"conntrack netlink flush failed: {exc}") from None
         if len(targets) > BULK_THRESHOLD:
             targets = await self._with_connections(targets)
         results = await asyncio.gather(*(self._flush_one(n) for n in targets), return_exceptions=True)
@@ -78,6 +92,16 @@ class Conntrack:
         if errors:
             raise ConntrackError("; ".join(str(e) for e in errors[:5]))
         return sum(r for r in results if isinstance(r, int))
+
+    def _open_netlink(self) -> "Ctnetlink | None":
+        if self._netlink is None and self._use_netlink:
+            try:
+                self._netlink = Ctnetlink()
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="conntrack")
+            except OSError as exc:
+                self._use_netlink = False
+                log.warning("event=conntrack_netlink_unavailable error=%r (using the conntrack tool)", str(exc))
+        return self._netlink
 
     async def _with_connections(self, networks: list[Network]) -> list[Network]:
         """The subset of ``networks`` that is the original source of at least one entry."""
