@@ -1,0 +1,54 @@
+"""Both conntrack flush paths on real conntrack entries: the in-process netlink dump (the
+default) and the conntrack tool (the fallback). Each runs in a private network namespace
+(``unshare -n``), with loopback connections tracked by a table of its own there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import asyncio, ipaddress, json, socket, subprocess, sys
+sys.path.insert(0, sys.argv[2])
+from enforcer.conntrack import Conntrack
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["nft", "add table inet ctt; add chain inet ctt c { type filter hook output priority 0; }; "
+                       "add rule inet ctt c ct state new counter"], check=True)
+servers = {}
+for host in ("127.0.0.1", "::1"):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.bind((host, 0)); s.listen(64); servers[host] = s
+def connect(src, dst, n):
+    out = []
+    for _ in range(n):
+        c = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET)
+        c.bind((src, 0)); c.connect((dst, servers[dst].getsockname()[1])); out.append(c)
+    return out
+keep = connect("127.0.0.1", "127.0.0.1", 4) + connect("127.0.0.2", "127.0.0.1", 3) + connect("::1", "::1", 2)
+def count(family):
+    text = subprocess.run(["conntrack", "-L", "-f", family], capture_output=True, text=True).stdout
+    return len([l for l in text.splitlines() if l.strip()])
+before = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
+ct = Conntrack(netlink=sys.argv[1] == "netlink")
+targets = [ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("::1/128")]
+deleted = asyncio.run(ct.flush_now(targets))
+after = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
+print(json.dumps({"before": before, "after": after, "deleted": deleted, "netlink": ct._netlink is not None}))
+"""
+
+
+@pytest.mark.parametrize("path", ["netlink", "tool"])
+def test_flush_deletes_only_the_given_sources(path: str) -> None:
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT, path, root], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["netlink"] is (path == "netlink")
+    assert result["before"] == {"ipv4": 7, "ipv6": 2}, result
+    # 127.0.0.2 (3 connections) and ::1 (2) go; the 4 connections from 127.0.0.1 stay
+    assert result["deleted"] == 5 and result["after"] == {"ipv4": 4, "ipv6": 0}, result
