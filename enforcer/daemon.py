@@ -945,7 +945,15 @@ class Enforcer:
         layout = base_layout(config)
         async with self.lock:
             self.config = config
+            rules = policy_rules(config)
+            rules_changed, self.inputs.rules = rules != self.inputs.rules, rules
+            self._changed.set()   # windows or graces may now end at other times
             if layout == self.reconciler.base_layout:
+                if rules_changed:  # windows/escalation: re-decide everyone (an element diff)
+                    try:
+                        await self.sync_all()
+                    except DataplaneError:
+                        self._changed.set()
                 return restart
             self.reconciler.base_layout = layout
             try:

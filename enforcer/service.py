@@ -152,6 +152,8 @@ class Service:
                 return False
             log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
         restart = await self.enforcer.reload(new)
+        if new.policy.promise_to_pay != old.policy.promise_to_pay:  # the outbox reads its URL and secret at start
+            self._task("outbox", Outbox(self.enforcer).run(self.stop))
         self.verifier.webhook = webhook
         if self.webhooks is not None and webhook is not None:
             self.webhooks.reload_secret(new.api.webhook_secret_file)

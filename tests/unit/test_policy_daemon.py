@@ -272,3 +272,19 @@ async def test_explain_by_address_finds_a_freed_subscriber(tmp_path: Path) -> No
         answer = enforcer.explain("100.64.0.10")
         assert answer["found"] and answer["subscriber"] == "C-1" and not answer["restricted"]
         assert enforcer.explain("100.64.9.9")["found"] is False
+
+
+async def test_reload_with_new_windows_re_decides(tmp_path: Path) -> None:
+    clock = Clock(MONDAY_10 + 5 * DAY)   # Saturday
+    config = make_config(tmp_path)
+    async with running(config, clock) as (enforcer, fake):
+        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        assert kernel_mode(fake) == "goto garden"
+        await enforcer.operator_change("alice", "C-1", False, "checking")
+        assert kernel_mode(fake) is None
+        windowed = make_config(tmp_path, WINDOWS)
+        await enforcer.reload(windowed)
+        assert enforcer.inputs.rules.windows.configured
+        # a new list entry on Saturday now waits for Monday 08:00
+        await enforcer.on_list(ListUpdate([sub(), sub("C-2", "100.64.0.11")], "l.yaml", "2"))
+        assert kernel_mode(fake, "100.64.0.11") is None and "C-2" in enforcer.waiting
