@@ -19,9 +19,15 @@ MAX_BATCH = 2000
 
 
 class Batcher(Generic[T]):
-    def __init__(self, commit: Callable[[list[T]], Awaitable[None]], max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, commit: Callable[[list[T]], Awaitable[None]], max_batch: int = MAX_BATCH,
+                 min_interval: float = 0.0) -> None:
+        """``min_interval``: rounds start at least this far apart (a round that is costly
+        whatever its size, like a conntrack table walk, then serves more items); an item
+        arriving after a quiet spell still starts a round at once."""
         self.commit = commit
         self.max_batch = max_batch
+        self.min_interval = min_interval
+        self._last_start = -1e9
         self._queue: list[T] = []
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -39,6 +45,10 @@ class Batcher(Generic[T]):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                wait = self._last_start + self.min_interval - asyncio.get_running_loop().time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._last_start = asyncio.get_running_loop().time()
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
                 self.batches += 1
                 self.largest = max(self.largest, len(batch))

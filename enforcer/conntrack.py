@@ -28,6 +28,11 @@ _SOURCE = re.compile(r"^\S+\s+\d+\s.*?src=(\S+)", re.MULTILINE)  # the first src
 #: Above this many networks, one listing per family (two kernel table walks in all) beats a
 #: filtered delete per network (one walk each), whatever the number of networks.
 BULK_THRESHOLD = 4
+#: Flush passes start at least this far apart. Each pass walks the kernel's whole conntrack
+#: hash (~19 ms of kernel CPU with 262,144 buckets, however few entries), so under a webhook
+#: flood back-to-back passes ate a core; spaced out, one pass serves every event of the gap.
+#: A flush after a quiet spell is not delayed.
+PASS_INTERVAL = 0.05
 #: conntrack processes run at once; each is a short dump-and-delete in the kernel.
 CONCURRENCY = 8
 
@@ -53,7 +58,7 @@ class Conntrack:
         if not wanted:
             return 0
         if self._batcher is None:
-            self._batcher = Batcher(self._pass)
+            self._batcher = Batcher(self._pass, min_interval=PASS_INTERVAL)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._batcher.submit((wanted, done))
         return await done
