@@ -251,26 +251,36 @@ async def portal_page(request: web.Request) -> web.Response:
     return _caller_page(request, lookup, request_language(request))
 
 
+async def _form_post(request: web.Request, kind: RequestKind) -> tuple[str, str]:
+    """The caller's address (the TCP peer) and the language picked on the page, for a form POST."""
+    request[KIND_KEY] = kind
+    address = caller_address(request)
+    if address is None:  # guard_posts has answered 403 already; this is for type checkers
+        raise web.HTTPForbidden()
+    form = await request.post()  # parsed once already; aiohttp keeps it
+    lang = form.get("lang")
+    return address, request_language(request, lang if isinstance(lang, str) else None)
+
+
+async def _enforcer_down(request: web.Request, language: str, what: str, exc: Exception) -> web.Response:
+    """A form POST the enforcer could not answer: the page as it stands, "try again", 503."""
+    request.app[_FAILURES_KEY].failed(f"{what}: {exc}")
+    lookup = await lookup_caller(request)
+    return _caller_page(request, lookup, language, note="continue_failed", status=503,
+                        headers={hdrs.RETRY_AFTER: "5"})
+
+
 async def continue_post(request: web.Request) -> web.StreamResponse:
     """"Continue to the internet": acknowledge the notice, then back to where they were going.
 
     ``guard_posts`` has checked rate, origin and token. The only places this redirects to are
     the URL this address asked for when it was redirected here, and the portal page.
     """
-    request[KIND_KEY] = RequestKind.CONTINUE
-    address = caller_address(request)
-    if address is None:  # guard_posts has answered 403 already; this is for type checkers
-        raise web.HTTPForbidden()
-    form = await request.post()  # parsed once already; aiohttp keeps it
-    lang = form.get("lang")
-    language = request_language(request, lang if isinstance(lang, str) else None)
+    address, language = await _form_post(request, RequestKind.CONTINUE)
     try:
         ack = await request.app[CLIENT_KEY].acknowledge(address)
     except EnforcerUnavailable as exc:
-        request.app[_FAILURES_KEY].failed(f"acknowledge: {exc}")
-        lookup = await lookup_caller(request)
-        return _caller_page(request, lookup, language, note="continue_failed", status=503,
-                            headers={hdrs.RETRY_AFTER: "5"})
+        return await _enforcer_down(request, language, "acknowledge", exc)
     if not ack.acknowledged:
         log.debug("event=acknowledgement_refused address=%s error=%r", address, ack.error)
         lookup = await lookup_caller(request)
@@ -306,20 +316,11 @@ async def promise_post(request: web.Request) -> web.Response:
     starts afresh now that the gateway lets it out. Refusals show the page as it now stands with
     one sentence on top: ``403`` not eligible, ``409`` not restricted, ``503`` enforcer trouble.
     """
-    request[KIND_KEY] = RequestKind.PROMISE
-    address = caller_address(request)
-    if address is None:  # guard_posts has answered 403 already; this is for type checkers
-        raise web.HTTPForbidden()
-    form = await request.post()  # parsed once already; aiohttp keeps it
-    lang = form.get("lang")
-    language = request_language(request, lang if isinstance(lang, str) else None)
+    address, language = await _form_post(request, RequestKind.PROMISE)
     try:
         answer: Promised = await request.app[CLIENT_KEY].promise(address)
     except EnforcerUnavailable as exc:
-        request.app[_FAILURES_KEY].failed(f"promise: {exc}")
-        lookup = await lookup_caller(request)
-        return _caller_page(request, lookup, language, note="continue_failed", status=503,
-                            headers={hdrs.RETRY_AFTER: "5"})
+        return await _enforcer_down(request, language, "promise", exc)
     if not answer.made:
         log.info("event=promise_refused address=%s why=%s", address, answer.why)
         lookup = await lookup_caller(request)

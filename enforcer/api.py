@@ -117,13 +117,16 @@ async def get_status(request: web.Request) -> web.Response:
     return _json(200, request.app[ENFORCER_KEY].status())
 
 
-async def post_acknowledge(request: web.Request) -> web.Response:
+async def post_for_address(request: web.Request) -> web.Response:
+    """The portal's actions for the caller's address: ``acknowledge`` a notice, ``promise`` to pay."""
     try:
         body = await request.json()
         address = str(ipaddress.ip_address(str(body["address"])))
     except (ValueError, KeyError, TypeError):
         return _json(400, {"error": 'expected {"address": "<IP address>"}'})
-    status, answer = await request.app[ENFORCER_KEY].acknowledge(address)
+    enforcer = request.app[ENFORCER_KEY]
+    action = enforcer.acknowledge if request.match_info["action"] == "acknowledge" else enforcer.promise
+    status, answer = await action(address)
     return _json(status, answer)
 
 
@@ -229,16 +232,6 @@ async def post_exempt(request: web.Request) -> web.Response:
     return _json(status, answer)
 
 
-async def post_promise(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-        address = str(ipaddress.ip_address(str(body["address"])))
-    except (ValueError, KeyError, TypeError):
-        return _json(400, {"error": 'expected {"address": "<IP address>"}'})
-    status, answer = await request.app[ENFORCER_KEY].promise(address)
-    return _json(status, answer)
-
-
 async def get_audit(request: web.Request) -> web.Response:
     query = request.query
     try:
@@ -256,11 +249,10 @@ def control_app(enforcer: Enforcer) -> web.Application:
     app.router.add_get("/v1/lookup", get_lookup)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/explain", get_explain)
-    app.router.add_post("/v1/acknowledge", post_acknowledge)
+    app.router.add_post(r"/v1/{action:acknowledge|promise}", post_for_address)
     app.router.add_post(r"/v1/{action:restrict|lift}", post_operator)
     app.router.add_post(r"/v1/{action:approve|reject}", post_held)
     app.router.add_post(r"/v1/{action:exempt|unexempt}", post_exempt)
-    app.router.add_post("/v1/promise", post_promise)
     app.router.add_get("/v1/audit", get_audit)
     return app
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from . import yamlsource
 from .issues import Issue, IssuesError
-from .policy import EscalationStep
+from .policy import SEVERITY, EscalationStep
 from .promises import PromiseRules
 from .subscribers import Mode
 from .windows import HolidayError, Windows, check_zone, load_holidays, parse_days, parse_hours
@@ -406,13 +406,10 @@ def _escalation(r: _Reader, value: Any) -> tuple[EscalationStep, ...]:
             steps.append(EscalationStep(after, mode))
     steps.sort(key=lambda s: s.after)
     for earlier, later in zip(steps, steps[1:]):
-        if later.mode is earlier.mode or _SEVERITY[later.mode] < _SEVERITY[earlier.mode]:
+        if later.mode is earlier.mode or SEVERITY[later.mode] < SEVERITY[earlier.mode]:
             r.fail(("policy", "escalation"), f"step {later.mode.value} after {later.after / 86400:g} days is not "
                                              f"stricter than {earlier.mode.value} before it")
     return tuple(steps)
-
-
-_SEVERITY = {Mode.NOTICE: 1, Mode.THROTTLE: 2, Mode.WALLED_GARDEN: 3}
 
 
 def _restricting_mode(value: Any) -> Mode:

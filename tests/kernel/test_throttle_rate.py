@@ -29,18 +29,39 @@ WARMUP = 1.5                  # seconds not counted: the initial bucket, TCP slo
 WINDOW = 6.0                  # seconds of a measured (throttled) transfer
 QUICK = 1.5                   # seconds of an unthrottled transfer
 
-# The far end of each measurement: "D" streams zeros to the caller (capped in time and size),
-# "U<seconds>" reads for that long and answers the rate it received after the warm-up.
-_STREAM_SERVER = r"""
-import socket, sys, threading, time
+# Both ends measure what they receive the same way: bytes over time after the warm-up.
+_RECEIVE = r"""
+import socket, time
 
-WARMUP, CAP_SECONDS, CAP_BYTES = float(sys.argv[3]), 30.0, 512 << 20
+def receive(conn, start, seconds):
+    total, marks = 0, []
+    conn.settimeout(0.5)
+    while time.monotonic() - start < seconds:
+        try:
+            data = conn.recv(262144)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        total += len(data)
+        marks.append((time.monotonic(), total))
+    return total, marks
 
-def rate_of(marks, start):
-    inside = [(t, n) for t, n in marks if t - start >= WARMUP]
+def rate_of(marks, start, warmup):
+    inside = [(t, n) for t, n in marks if t - start >= warmup]
+    if len(inside) < 2:  # an unthrottled transfer can finish its 512 MiB before the warm-up ends
+        inside = [(start, 0)] + marks
     if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
         return 0.0
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+"""
+
+# The far end of each measurement: "D" streams zeros to the caller (capped in time and size),
+# "U<seconds>" reads for that long and answers the rate it received after the warm-up.
+_STREAM_SERVER = _RECEIVE + r"""
+import sys, threading
+
+WARMUP, CAP_SECONDS, CAP_BYTES = float(sys.argv[3]), 30.0, 512 << 20
 
 def serve(conn):
     with conn:
@@ -57,18 +78,8 @@ def serve(conn):
                 sent += len(chunk)
         elif kind.startswith(b"U"):
             seconds = min(float(kind[1:].decode()), CAP_SECONDS)
-            total, marks = 0, []
-            conn.settimeout(0.5)
-            while time.monotonic() - start < seconds:
-                try:
-                    data = conn.recv(262144)
-                except socket.timeout:
-                    continue
-                if not data:
-                    break
-                total += len(data)
-                marks.append((time.monotonic(), total))
-            conn.sendall(f"RATE {rate_of(marks, start):.0f} {total}\n".encode())
+            total, marks = receive(conn, start, seconds)
+            conn.sendall(f"RATE {rate_of(marks, start, WARMUP):.0f} {total}\n".encode())
 
 def listen(addr, port):
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -93,8 +104,8 @@ threading.Event().wait(120)
 """
 
 # The subscriber's end: prints the measured rate in bytes per second.
-_STREAM_CLIENT = r"""
-import select, socket, sys, time
+_STREAM_CLIENT = _RECEIVE + r"""
+import select, sys
 
 host, port, kind, seconds, warmup = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -104,24 +115,8 @@ s.connect((host, port))
 start = time.monotonic()
 if kind == "down":
     s.sendall(b"D")
-    total, marks = 0, []
-    s.settimeout(0.5)
-    while time.monotonic() - start < seconds:
-        try:
-            data = s.recv(262144)
-        except socket.timeout:
-            continue
-        if not data:
-            break
-        total += len(data)
-        marks.append((time.monotonic(), total))
-    inside = [(t, n) for t, n in marks if t - start >= warmup]
-    if len(inside) < 2:  # an unthrottled transfer can finish its 512 MiB before the warm-up ends
-        inside = [(start, 0)] + marks
-    rate = 0.0
-    if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
-        rate = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
-    print(f"{rate:.0f} {total}")
+    total, marks = receive(s, start, seconds)
+    print(f"{rate_of(marks, start, warmup):.0f} {total}")
 else:
     # A small send buffer keeps what is queued (and still drains after the window) small.
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)

@@ -15,16 +15,12 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
+from daemon_helpers import NoConntrack
 
 LIST = """subscribers:
   - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56'], reason: overdue}
   - {id: C-2, addresses: [100.64.0.20], mode: notice, reason: notice}
 """
-
-
-class NoConntrack:
-    async def flush(self, networks: Any) -> int:
-        return 0
 
 
 @pytest.fixture

@@ -33,14 +33,10 @@ from enforcer.logs import OneLineFormatter
 from enforcer.service import Service
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
+from daemon_helpers import NoConntrack
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-
-
-class NoConntrack:
-    async def flush(self, networks: Any) -> int:
-        return 0
 
 
 class TaggedFake(FakeDataplane):

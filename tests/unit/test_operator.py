@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 from pathlib import Path
@@ -11,17 +10,12 @@ from typing import Any
 import pytest
 
 from enforcer.api import control_app, start_unix_site
-from enforcer.cli import main
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
-
-
-class NoConntrack:
-    async def flush(self, networks: Any) -> int:
-        return 0
+from daemon_helpers import NoConntrack, cli
 
 
 def _subs(n: int, start: int = 1) -> list[Subscriber]:
@@ -42,16 +36,6 @@ async def daemon(tmp_path: Path) -> Any:
     yield enforcer, fake, config_path
     await runner.cleanup()
     await enforcer.close()
-
-
-async def cli(*argv: str) -> tuple[int, str]:
-    """Run the (blocking) CLI in a thread so the daemon on this loop can answer it."""
-    import contextlib
-    import io
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = await asyncio.to_thread(main, list(argv))
-    return code, out.getvalue()
 
 
 async def test_mass_restriction_is_held_until_approved(daemon: Any) -> None:

@@ -4,9 +4,7 @@ and the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +15,6 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from enforcer.api import control_app, start_tcp_site, start_unix_site
-from enforcer.cli import main
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
@@ -25,15 +22,11 @@ from enforcer.events import parse_event
 from enforcer.outbox import Outbox
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
+from daemon_helpers import NoConntrack, cli
 
 DAY = 86400.0
 MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-class NoConntrack:
-    async def flush(self, networks: Any) -> int:
-        return 0
 
 
 class Clock:
@@ -67,13 +60,6 @@ async def running(config: Any, clock: Clock, fake: FakeDataplane | None = None) 
     finally:
         await runner.cleanup()
         await enforcer.close()
-
-
-async def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = await asyncio.to_thread(main, list(argv))
-    return code, out.getvalue()
 
 
 def kernel_mode(fake: FakeDataplane, ip: str = "100.64.0.10") -> str | None:

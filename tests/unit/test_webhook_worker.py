@@ -19,13 +19,9 @@ from enforcer.events import Event, parse_event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.webhook_worker import WorkerBridge, event_from_wire, event_to_wire
+from daemon_helpers import NoConntrack
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-class NoConntrack:
-    async def flush(self, networks: Any) -> int:
-        return 0
 
 
 def test_wire_round_trip() -> None:
