@@ -35,7 +35,7 @@ from .policy import Decision, Override
 from .batcher import Batcher
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
-from .store import Store
+from .store import EnforcedWrite, Store
 from .subscribers import Mode, Network, Subscriber, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -93,6 +93,12 @@ class Pending:
 
 def policy_rules(config: Config) -> policy.Rules:
     return policy.Rules(windows=config.policy.windows, escalation=config.policy.escalation)
+
+
+def enforced_row(decision: Decision) -> tuple[str, list[str], str]:
+    """A restricted decision as an ``enforced`` table row: (mode, addresses, reason)."""
+    assert decision.subscriber is not None
+    return decision.mode.value, [str(a) for a in decision.subscriber.addresses], decision.subscriber.reason
 
 
 def enforced_before(store: Store) -> dict[str, Decision]:
@@ -183,8 +189,12 @@ class Enforcer:
         gc.freeze()
         return result
 
-    async def _update(self, decisions: dict[str, Decision], note: str = "") -> SyncResult:
-        """Apply a few subscribers' decisions as a diff (caller holds the lock)."""
+    async def _update(self, decisions: dict[str, Decision], note: str = "",
+                      deferred: list[EnforcedWrite] | None = None) -> SyncResult:
+        """Apply a few subscribers' decisions as a diff (caller holds the lock).
+
+        With ``deferred`` the state-table writes are appended there for the caller to commit
+        together with its own (a webhook batch: one SQLite commit instead of three)."""
         started = time.perf_counter()
         try:
             result = await self._kernel(self.reconciler.update, decisions)
@@ -197,8 +207,10 @@ class Enforcer:
         self._synced(result, time.perf_counter() - started)
         previous = {sid: self.decisions[sid] for sid in decisions if sid in self.decisions}
         self.decisions.update(decisions)
-        self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted],
-                              previous=previous, note=note)
+        write = self._record_enforced(decisions, removed=[s for s, d in decisions.items() if not d.restricted],
+                                      previous=previous, note=note, persist=deferred is None)
+        if deferred is not None:
+            deferred.append(write)
         return result
 
     def _synced(self, result: SyncResult, seconds: float) -> None:
@@ -210,8 +222,11 @@ class Enforcer:
                  seconds, len(result.changed))
 
     def _record_enforced(self, decisions: dict[str, Decision], removed: Any, full: bool = False,
-                         previous: dict[str, Decision] | None = None, note: str = "") -> None:
-        """Keep mode counts and the ``enforced`` table current; O(changed), except on full syncs."""
+                         previous: dict[str, Decision] | None = None, note: str = "",
+                         persist: bool = True) -> EnforcedWrite:
+        """Keep mode counts and the ``enforced`` table current; O(changed), except on full syncs.
+
+        Returns the table writes; ``persist=False`` leaves committing them to the caller."""
         if full or previous is None:
             self.mode_counts = {}
             for decision in self.decisions.values():
@@ -232,17 +247,26 @@ class Enforcer:
         else:
             changed = decisions
             gone = set(removed) | ((set(self.store.enforced()) - set(decisions)) if full else set())
-        rows = {sid: (d.mode.value, [str(a) for a in d.subscriber.addresses], d.subscriber.reason)
-                for sid, d in changed.items() if d.restricted and d.subscriber}
+        rows = {sid: enforced_row(d) for sid, d in changed.items() if d.restricted and d.subscriber}
         gone |= {sid for sid, d in changed.items() if not d.restricted}
-        self.store.save_enforced(rows, gone)
-        self.store.append_audit(audit_rows(previous or {}, decisions, self.clock(), note))
+        write = EnforcedWrite(rows, gone, audit_rows(previous or {}, decisions, self.clock(), note))
+        if persist:
+            self.store.record_events([], None, [write])
         if full:
             self.waiting = {sid for sid, d in decisions.items() if d.pending is not None}
         else:
             self.waiting.difference_update(decisions)
             self.waiting.update(sid for sid, d in decisions.items() if d.pending is not None)
         self.metrics.waiting.set(len(self.waiting))
+        return write
+
+    def _enforced_now(self, writes: list[EnforcedWrite]) -> EnforcedWrite:
+        """Deferred writes with their rows as the subscribers stand now: a list sync may have
+        changed them again since the batch's commit, and an older row must not win."""
+        sids: set[str] = set().union(*(w.rows.keys() | w.gone for w in writes))
+        rows = {sid: enforced_row(d) for sid in sids
+                if (d := self.decisions.get(sid)) is not None and d.restricted and d.subscriber}
+        return EnforcedWrite(rows, sids - rows.keys(), [row for w in writes for row in w.audit])
 
     async def _flush(self, networks: set[Network], why: str) -> int | None:
         if not networks:
@@ -360,31 +384,29 @@ class Enforcer:
 
     # -- billing events ------------------------------------------------------------------------
     async def handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
-        """Apply one verified event; answers only after the kernel commit and the flush.
+        """Apply one verified event; answers only after the kernel commit and the flush."""
+        return await asyncio.shield(self.submit_event(event, received))
 
-        A retry of an id still being processed waits for, and gets, the first one's answer.
+    def submit_event(self, event: Event, received: float) -> asyncio.Future[tuple[int, dict[str, Any]]]:
+        """Queue one verified event; the future resolves after the commit and the flush.
+
+        A retry of an id still being processed gets the first one's future (and answer).
+        No task per event: at 2,000 events/s the webhook worker's bridge only adds a callback.
         """
-        pending = self._inflight.get(event.id)
-        if pending is not None:
+        inflight = self._inflight.get(event.id)
+        if inflight is not None:
             self.metrics.events.labels(event.type, "duplicate").inc()
-            return await asyncio.shield(pending)
-        future: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._inflight[event.id] = future
-        try:
-            answer = await self._handle_event(event, received)
-            future.set_result(answer)
-            return answer
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        finally:
-            del self._inflight[event.id]
-
-    async def _handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
+            return inflight
         pending = Pending(event, received, asyncio.get_running_loop().create_future())
+        self._inflight[event.id] = pending.answer
+
+        def done(future: asyncio.Future[Any], event_id: str = event.id) -> None:
+            if self._inflight.get(event_id) is future:
+                del self._inflight[event_id]
+
+        pending.answer.add_done_callback(done)
         self.batcher.submit(pending)
-        return await pending.answer
+        return pending.answer
 
     async def _commit_batch(self, batch: list["Pending"]) -> None:
         """Commit a batch; whatever goes wrong, no webhook request is left waiting."""
@@ -404,11 +426,13 @@ class Enforcer:
         touched: dict[str, Decision] = {}
         claims = BatchClaims()
         result: SyncResult | None = None
+        writes: list[EnforcedWrite] = []
         async with self.lock:
             now = self.clock()
+            known = self.store.event_answers(item.event.id for item in batch)
             for index, item in enumerate(batch):
                 event, sid = item.event, item.event.subscriber_id
-                prior = self.store.event_answer(event.id)
+                prior = known.get(event.id)
                 if prior is not None:
                     self.metrics.events.labels(event.type, "duplicate").inc()
                     answers[index] = prior
@@ -432,7 +456,7 @@ class Enforcer:
                 applied.append((index, sid, saved))
             if touched:
                 try:
-                    result = await self._update(touched)
+                    result = await self._update(touched, deferred=writes)
                 except (DataplaneError, AddressConflict) as exc:  # nothing of the batch was applied
                     for index, sid, saved in reversed(applied):
                         self._restore_inputs(sid, saved)
@@ -444,10 +468,11 @@ class Enforcer:
                 for index, _, _ in applied:
                     self.metrics.event_to_enforce.observe(committed - batch[index].received)
                 self._changed.set()
-        self._spawn(self._finish_batch(batch, answers, applied, result))
+        self._spawn(self._finish_batch(batch, answers, applied, result, writes))
 
     async def _finish_batch(self, batch: list["Pending"], answers: dict[int, tuple[int, dict[str, Any]]],
-                            applied: list[tuple[int, str, Any]], result: SyncResult | None) -> None:
+                            applied: list[tuple[int, str, Any]], result: SyncResult | None,
+                            writes: list[EnforcedWrite]) -> None:
         """After the commit: flush connections once for the batch, record answers, reply."""
         try:
             flushed = await self._flush(set(result.changed), f"{len(applied)} event(s)") if result else 0
@@ -467,7 +492,7 @@ class Enforcer:
             records += [(batch[i].event.id, status, answer, None) for i, (status, answer) in answers.items()
                         if status == 200 and answer.get("result") == "ignored"]
             async with self.lock:
-                self.store.record_events(records, self.inputs)
+                self.store.record_events(records, self.inputs, [self._enforced_now(writes)] if writes else [])
         except Exception as exc:  # answer every waiter whatever went wrong
             log.exception("event=batch_finish_failed")
             for index in range(len(batch)):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .subscribers import ListIssue, Subscriber, validate_entry
+from .subscribers import ListIssue, Subscriber, id_problem, validate_entry
 
 PAYMENT = "payment.received"
 RESTRICTED = "subscriber.restricted"
@@ -83,10 +83,9 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
         if subscriber is None:
             raise EventError("; ".join(i.message for i in issues))
     else:
-        issues = []
-        validate_entry({"id": sid, "addresses": ["192.0.2.1"]}, "data", issues)
-        if issues:
-            raise EventError(f"data.subscriber: {issues[0].message}")
+        problem = id_problem(sid)
+        if problem:
+            raise EventError(f"data.subscriber: {problem}")
     note, until = "", None
     if kind in EXEMPTION_OPENED or kind in EXEMPTION_CLOSED:
         note = payload.get("note") or ""

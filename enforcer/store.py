@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,6 +53,17 @@ CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, created REAL NOT NULL, b
 
 #: How long a processed webhook id is remembered; Standard Webhooks retries stop well before.
 EVENT_RETENTION = 7 * 86400.0
+#: Ids per ``IN (...)`` query (SQLite's default limit on bound parameters is 999 before 3.32).
+_IN_CHUNK = 500
+
+
+@dataclass
+class EnforcedWrite:
+    """What one kernel change means for the ``enforced`` table and the audit log."""
+
+    rows: dict[str, tuple[str, list[str], str]] = field(default_factory=dict)   # id → (mode, addresses, reason)
+    gone: set[str] = field(default_factory=set)
+    audit: list[tuple[float, str, str, str, str]] = field(default_factory=list)
 
 
 class Store:
@@ -62,6 +74,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._depth = 0          # nested _transaction()s join the outermost one
 
     def close(self) -> None:
         self.db.close()
@@ -114,43 +127,41 @@ class Store:
             self.set_meta("list", meta)
 
     def save_subscriber(self, inputs: PolicyInputs, subscriber_id: str) -> None:
-        """Persist one subscriber's override and grace as they now stand in ``inputs``."""
-        with self._transaction():
-            self._write_subscriber(inputs, subscriber_id)
-
-    def _write_subscriber(self, inputs: PolicyInputs, sid: str) -> None:
-        override = inputs.overrides.get(sid)
-        if override is None:
-            self.db.execute("DELETE FROM overrides WHERE id = ?", (sid,))
-        else:
-            entry = json.dumps(override.subscriber.to_json()) if override.subscriber else None
-            self.db.execute("INSERT OR REPLACE INTO overrides VALUES (?, ?, ?, ?, ?)",
-                            (sid, int(override.restrict), override.at, override.cause, entry))
-        moved = inputs.readdressed.get(sid)
-        if moved is None:
-            self.db.execute("DELETE FROM readdressed WHERE id = ?", (sid,))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO readdressed VALUES (?, ?, ?, ?)",
-                            (sid, json.dumps([str(a) for a in moved.addresses]), moved.at, moved.cause))
-        grace = inputs.graces.get(sid)
-        if grace is None:
-            self.db.execute("DELETE FROM graces WHERE id = ?", (sid,))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO graces VALUES (?, ?, ?, ?)",
-                            (sid, grace.paid_at, grace.until, grace.cause))
-        self.db.execute("DELETE FROM exemptions WHERE id = ?", (sid,))
-        self.db.executemany("INSERT INTO exemptions VALUES (?, ?, ?, ?, ?, ?)",
-                            [(sid, e.category, e.until, e.note, e.set_by, e.set_at)
-                             for e in inputs.exemptions.get(sid, {}).values()])
-        if sid in inputs.promises:
-            self.db.execute("DELETE FROM promises WHERE id = ?", (sid,))
-            self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
-                                [(sid, p.made_at, p.until, p.outcome, p.address) for p in inputs.promises[sid]])
+        """Persist one subscriber's policy inputs as they now stand in ``inputs``."""
+        self.save_subscribers(inputs, [subscriber_id])
 
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:
+        """Persist these subscribers' overrides, graces, exemptions and promises.
+
+        One statement per table for the whole group (a batch of webhooks touches hundreds of
+        subscribers; a statement each cost ~25 µs, a fifth of the daemon's time per event).
+        """
+        sids = list(dict.fromkeys(ids))
+        if not sids:
+            return
+        keys = [(sid,) for sid in sids]
+        overrides = [(sid, inputs.overrides[sid]) for sid in sids if sid in inputs.overrides]
+        moved = [(sid, inputs.readdressed[sid]) for sid in sids if sid in inputs.readdressed]
+        graces = [(sid, inputs.graces[sid]) for sid in sids if sid in inputs.graces]
         with self._transaction():
-            for sid in ids:
-                self._write_subscriber(inputs, sid)
+            for table in ("overrides", "readdressed", "graces", "exemptions"):
+                self.db.executemany(f"DELETE FROM {table} WHERE id = ?", keys)
+            self.db.executemany("INSERT INTO overrides VALUES (?, ?, ?, ?, ?)",
+                                [(sid, int(o.restrict), o.at, o.cause,
+                                  json.dumps(o.subscriber.to_json()) if o.subscriber else None)
+                                 for sid, o in overrides])
+            self.db.executemany("INSERT INTO readdressed VALUES (?, ?, ?, ?)",
+                                [(sid, json.dumps([str(a) for a in m.addresses]), m.at, m.cause) for sid, m in moved])
+            self.db.executemany("INSERT INTO graces VALUES (?, ?, ?, ?)",
+                                [(sid, g.paid_at, g.until, g.cause) for sid, g in graces])
+            self.db.executemany("INSERT INTO exemptions VALUES (?, ?, ?, ?, ?, ?)",
+                                [(sid, e.category, e.until, e.note, e.set_by, e.set_at)
+                                 for sid in sids for e in inputs.exemptions.get(sid, {}).values()])
+            promised = [sid for sid in sids if sid in inputs.promises]
+            self.db.executemany("DELETE FROM promises WHERE id = ?", [(sid,) for sid in promised])
+            self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
+                                [(sid, p.made_at, p.until, p.outcome, p.address)
+                                 for sid in promised for p in inputs.promises[sid]])
 
     def drop_graces(self, ids: Iterable[str]) -> None:
         with self._transaction():
@@ -158,26 +169,35 @@ class Store:
 
     # -- webhook ids ----------------------------------------------------------------------
     def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:
-        row = self.db.execute("SELECT status, answer FROM events WHERE event_id = ?", (event_id,)).fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+        return self.event_answers([event_id]).get(event_id)
+
+    def event_answers(self, event_ids: Iterable[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The recorded answers of those ids that were processed before: one query per batch."""
+        ids = list(event_ids)
+        found: dict[str, tuple[int, dict[str, Any]]] = {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            sql = f"SELECT event_id, status, answer FROM events WHERE event_id IN ({','.join('?' * len(chunk))})"
+            for event_id, status, answer in self.db.execute(sql, chunk):
+                found[event_id] = (status, json.loads(answer))
+        return found
 
     def record_event(self, event_id: str, status: int, answer: dict[str, Any],
                      inputs: PolicyInputs | None = None, subscriber_id: str | None = None) -> None:
         """The answer and the policy change it caused, committed together."""
-        now = time.time()
-        with self._transaction():
-            if inputs is not None and subscriber_id is not None:
-                self._write_subscriber(inputs, subscriber_id)
-            self.db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                            (event_id, now, status, json.dumps(answer)))
+        self.record_events([(event_id, status, answer, subscriber_id)], inputs)
 
     def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
-                      inputs: PolicyInputs) -> None:
-        """A batch's answers and the policy state of the subscribers it touched, in one commit."""
+                      inputs: PolicyInputs | None, enforced: Iterable[EnforcedWrite] = ()) -> None:
+        """A batch's answers, the policy state of the subscribers it touched and what the
+        batch changed in the kernel (``enforced``), in one commit."""
         now = time.time()
         with self._transaction():
-            for sid in {r[3] for r in records if r[3] is not None}:
-                self._write_subscriber(inputs, sid)
+            for write in enforced:
+                self.save_enforced(write.rows, write.gone)
+                self.append_audit(write.audit)
+            if inputs is not None:
+                self.save_subscribers(inputs, (r[3] for r in records if r[3] is not None))
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
                                 [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
 
@@ -255,17 +275,24 @@ class Store:
                         (next_at, error[:500], message_id))
 
     def _transaction(self) -> "_Tx":
-        return _Tx(self.db)
+        return _Tx(self)
 
 
 class _Tx:
-    """``BEGIN IMMEDIATE``/``COMMIT`` (autocommit connection), rolled back on error."""
+    """``BEGIN IMMEDIATE``/``COMMIT`` (autocommit connection), rolled back on error.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    Nested uses join the outermost transaction, so a batch's writes compose from the
+    single-purpose methods and still cost one commit (~0.4 ms in WAL mode)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.store._depth == 0:
+            self.store.db.execute("BEGIN IMMEDIATE")
+        self.store._depth += 1
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        self.store._depth -= 1
+        if self.store._depth == 0:
+            self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")

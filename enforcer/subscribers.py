@@ -76,7 +76,7 @@ class Subscriber:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Subscriber":
-        return cls(data["id"], tuple(ipaddress.ip_network(a) for a in data["addresses"]),
+        return cls(data["id"], tuple(_network(a) for a in data["addresses"]),
                    Mode(data["mode"]), data.get("reason", ""), data.get("exempt_until"),
                    data.get("exempt_category", ""))
 
@@ -88,22 +88,32 @@ class ListError(IssuesError):
     """The list was rejected; nothing from it may be applied."""
 
 
+def _network(text: str) -> Network:
+    """``ip_network(text, strict=True)``, 3x faster for well-formed text: the C parser
+    (100k-line lists, restores and every webhook spend most of their parsing time here)."""
+    address, _, length = text.partition("/")
+    try:
+        if ":" in address:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+            return ipaddress.IPv6Network((value, int(length)) if length else value)
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+        return ipaddress.IPv4Network((value, int(length)) if length else value)
+    except (OSError, ValueError):
+        return ipaddress.ip_network(text, strict=True)  # let ipaddress word the error
+
+
+def id_problem(ident: Any) -> str | None:
+    """Why ``ident`` is not a subscriber id, or None."""
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.match(str(ident)):
+        return (f"id {ident!r} is missing or not a subscriber id "
+                "(letters, digits and . _ : / -, at most 64)")
+    return None
+
+
 def parse_address(text: str) -> Network:
     """An address or prefix as billing writes it; host bits in a prefix are an error."""
     text = text.strip()
-    address, _, length = text.partition("/")
-    network: Network | None = None
-    try:  # the C parser is 3x faster than ipaddress's; 100k-line lists spend most time here
-        if ":" in address:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
-            network = ipaddress.IPv6Network((value, int(length)) if length else value)
-        else:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
-            network = ipaddress.IPv4Network((value, int(length)) if length else value)
-    except (OSError, ValueError):
-        network = None  # let ipaddress word the error
-    if network is None:
-        network = ipaddress.ip_network(text, strict=True)
+    network = _network(text)
     if network.prefixlen < MIN_PREFIX[network.version]:
         raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "
                          "refusing a prefix that wide for one subscriber")
@@ -120,9 +130,9 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber 
         if key not in _FIELDS:
             issues.append(ListIssue(where, f"unknown field {key!r}; expected {', '.join(_FIELDS)}"))
     ident = raw.get("id")
-    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.match(str(ident)):
-        issues.append(ListIssue(where, f"id {ident!r} is missing or not a subscriber id "
-                                       "(letters, digits and . _ : / -, at most 64)"))
+    problem = id_problem(ident)
+    if problem:
+        issues.append(ListIssue(where, problem))
     addresses_raw = raw.get("addresses")
     if isinstance(addresses_raw, str):
         addresses_raw = addresses_raw.split()

@@ -57,6 +57,29 @@ def event_from_wire(data: dict[str, Any]) -> Event:
                  note=data.get("note") or "", until=data.get("until"))
 
 
+class LineWriter:
+    """JSON lines to the other process, written once per event-loop turn (the daemon's answers).
+
+    A batch's answers are all ready in the same turn; one write of them all costs one system
+    call instead of one each (~18 µs apiece, measured). The child does not batch its events:
+    one of its loop turns handles many requests (tens of ms under a flood), and an event held
+    to the turn's end would wait that long before the daemon sees it."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._lines: list[bytes] = []
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._lines.append(json.dumps(message, separators=(",", ":")).encode())
+        if len(self._lines) == 1:
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        data, self._lines = b"\n".join(self._lines) + b"\n", []
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+
 # -- the child ----------------------------------------------------------------------------------
 class _Count:
     def __init__(self, send: Any, labels: tuple[str, str]) -> None:
@@ -156,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(child_main(args.fd, args.host, args.port, args.secret_file))
 
 
+def _answer(future: asyncio.Future[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    if future.cancelled() or future.exception() is not None:
+        return {"status": 503, "answer": {"error": f"internal error, retry later: {future.exception() or 'cancelled'}"}}
+    status, answer = future.result()
+    return {"status": status, "answer": answer}
+
+
 # -- the daemon's side --------------------------------------------------------------------------
 class WorkerBridge:
     """Starts and supervises the webhook worker; feeds its events to the ``Enforcer``."""
@@ -166,7 +196,7 @@ class WorkerBridge:
         self.ready = asyncio.Event()
         self.process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lines: LineWriter | None = None
         self._stop: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,6 +224,7 @@ class WorkerBridge:
             theirs.close()
         process = self.process
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        self._lines = LineWriter(self._writer)
         serving = asyncio.create_task(self._serve(reader))
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -214,26 +245,30 @@ class WorkerBridge:
         while line := await reader.readline():
             message = json.loads(line)
             if "event" in message:
-                task = asyncio.create_task(self._handle(message))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._submit(message)
             elif "count" in message:
                 self.enforcer.metrics.events.labels(*message["count"]).inc()
             elif message.get("ready"):
                 self.ready.set()
 
-    async def _handle(self, message: dict[str, Any]) -> None:
+    def _submit(self, message: dict[str, Any]) -> None:
+        """Queue the event; its answer goes back when its future resolves (no task per event).
+
+        The answer goes to the child that asked: if that one died meanwhile, it is dropped
+        rather than sent to its successor, whose request numbers start again at 1."""
+        n, lines = message["n"], self._lines
+        assert lines is not None
         try:
-            status, answer = await self.enforcer.handle_event(event_from_wire(message["event"]),
-                                                             float(message["received"]))
+            answer = self.enforcer.submit_event(event_from_wire(message["event"]), float(message["received"]))
         except Exception as exc:  # answer the request whatever happened
             log.exception("event=webhook_event_failed")
-            status, answer = 503, {"error": f"internal error, retry later: {exc}"}
-        self._send({"n": message["n"], "status": status, "answer": answer})
+            lines.send({"n": n, "status": 503, "answer": {"error": f"internal error, retry later: {exc}"}})
+            return
+        answer.add_done_callback(lambda future: lines.send({"n": n, **_answer(future)}))
 
     def _send(self, message: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        if self._lines is not None:
+            self._lines.send(message)
 
     def reload_secret(self, secret_file: str) -> None:
         self.secret_file = secret_file   # also for the next restart

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import secrets
 import statistics
 import sys
@@ -122,6 +123,14 @@ async def run_wrk(args: argparse.Namespace, url: str, secret: str, targets: list
     return json.loads(line)
 
 
+def process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a running process (0 for none), from /proc."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] if ordered else float("nan")
@@ -188,12 +197,19 @@ async def run(args: argparse.Namespace, work: str) -> None:
             import cProfile
             profile = cProfile.Profile()
             profile.enable()
-        cpu_before = time.process_time()
+        worker_pid = None if args.in_process else bridge.process.pid  # type: ignore[union-attr]
+        cpu_before, worker_before = time.process_time(), process_cpu(worker_pid)
+        wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = await run_wrk(args, url, secret_file.read_text(), targets, work)
-        cpu = time.process_time() - cpu_before
+        cpu, worker_cpu = time.process_time() - cpu_before, process_cpu(worker_pid) - worker_before
+        wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
         if profile is not None:
             import pstats
             profile.disable()
+            target = os.environ["WG_BENCH_PROFILE_EVENTS"]
+            if target.endswith(".prof"):          # for pstats / snakeviz: callers, call graphs
+                profile.dump_stats(target)
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         batches = enforcer.batcher.batches - batches_before
         await cleanup()
@@ -203,8 +219,10 @@ async def run(args: argparse.Namespace, work: str) -> None:
               f"{args.connections} connections, {args.seconds:.0f} s")
         print(f"answered {result['requests']} ({rate:.0f}/s), statuses {result['statuses']}, socket errors "
               f"{result['errors']}, {batches} kernel batches ({result['requests'] / max(batches, 1):.1f} per transaction)")
-        print(f"daemon CPU {cpu / max(result['requests'], 1) * 1e6:.0f} us per event (the daemon process, all threads; "
-              f"{'webhooks in it' if args.in_process else 'not counting the webhook worker'})")
+        per_event = 1e6 / max(result["requests"], 1)
+        print(f"CPU per event: daemon {cpu * per_event:.0f} us (all threads{', webhooks in it' if args.in_process else ''}), "
+              f"webhook worker {worker_cpu * per_event:.0f} us, wrk {wrk_cpu * per_event:.0f} us "
+              f"({(cpu + worker_cpu + wrk_cpu) / (result['duration_us'] / 1e6):.2f} of {os.cpu_count()} cores busy)")
         print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, p99 {pct(commits, 99) * 1000:.1f} ms")
         print(f"request -> 200 (wrk, incl. conntrack flush): p50 {result['p50_us'] / 1000:.1f} ms, "
               f"p90 {result['p90_us'] / 1000:.1f} ms, p99 {result['p99_us'] / 1000:.1f} ms")
