@@ -232,7 +232,10 @@ class Store:
 
     def audit(self, subscriber: str | None = None, since: float | None = None, limit: int = 1000
               ) -> list[dict[str, Any]]:
-        """The newest ``limit`` entries (optionally of one subscriber, since a time), oldest first."""
+        """The newest ``limit`` entries (optionally of one subscriber, since a time), oldest first.
+
+        Ordered by time, not by insertion: a webhook batch's rows are written after its
+        conntrack flush, possibly after a change that happened later."""
         where, args = [], []
         if subscriber:
             where.append("subscriber = ?")
@@ -241,7 +244,7 @@ class Store:
             where.append("at >= ?")
             args.append(since)
         sql = ("SELECT seq, at, subscriber, old_mode, new_mode, cause FROM audit"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?")
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at DESC, seq DESC LIMIT ?")
         rows = self.db.execute(sql, (*args, limit)).fetchall()
         return [{"seq": r[0], "at": r[1], "subscriber": r[2], "old": r[3], "new": r[4], "cause": r[5]}
                 for r in reversed(rows)]

@@ -91,13 +91,15 @@ class ListError(IssuesError):
 def _network(text: str) -> Network:
     """``ip_network(text, strict=True)``, 3x faster for well-formed text: the C parser
     (100k-line lists, restores and every webhook spend most of their parsing time here)."""
-    address, _, length = text.partition("/")
+    address, slash, length = text.partition("/")
     try:
+        if slash and not (length.isascii() and length.isdigit()):   # int() would take " 24", "+24"
+            raise ValueError(length)
         if ":" in address:
             value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
-            return ipaddress.IPv6Network((value, int(length)) if length else value)
+            return ipaddress.IPv6Network((value, int(length)) if slash else value)
         value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
-        return ipaddress.IPv4Network((value, int(length)) if length else value)
+        return ipaddress.IPv4Network((value, int(length)) if slash else value)
     except (OSError, ValueError):
         return ipaddress.ip_network(text, strict=True)  # let ipaddress word the error
 

@@ -7,12 +7,16 @@ import json
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enforcer.subscribers import (
     ListError,
     Mode,
     Subscriber,
+    _network,
     detect_format,
+    id_problem,
     parse_address,
     parse_list,
     validate_entry,
@@ -500,3 +504,33 @@ def test_detect_format(name, text, content_type, expected):
 def test_content_type_decides_parsing():
     assert parse_list(JSON_LIST, "https://billing.example/export", "application/json") == EXPECTED
     assert parse_list(CSV_LIST, "https://billing.example/export", "text/csv; charset=utf-8") == EXPECTED
+
+
+_ADDRESS_TEXT = st.one_of(
+    st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str),
+    st.tuples(st.ip_addresses(), st.integers(0, 130)).map(lambda t: f"{t[0]}/{t[1]}"),
+    st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(
+        lambda t: f"{ipaddress.ip_network(f'{t[0]}/{t[1]}', strict=False).network_address}/{t[1]}"),
+    st.sampled_from(["", "/", "1.2.3", "1.2.3.4/", "::/x", "1.2.3.4/33", "01.2.3.4", "::ffff:1.2.3.4",
+                     "fe80::1%eth0", "1.2.3.4 ", "2001:db8::/64/1", "1.2.3.0/+24", "1.2.3.0/ 24", "1.2.3.0/2_4",
+                     "1.2.3.0/\uff12\uff14", "1.2.3.0/024", "1.2.3.0/255.255.255.0", "::/0x10"]),
+    st.text(max_size=12))
+
+
+@given(_ADDRESS_TEXT)
+@settings(max_examples=400, deadline=None)
+def test_fast_address_parser_agrees_with_ipaddress(text: str) -> None:
+    """The C-parser fast path must accept, reject and normalise exactly as ``ip_network(strict=True)``."""
+    try:
+        expected = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _network(text)
+        return
+    assert _network(text) == expected
+
+
+def test_subscriber_id_problems_are_named() -> None:
+    assert id_problem("C-1001") is None and id_problem(42) is None
+    for bad in ("", "-x", "a" * 65, "a b", None, True, 1.5):
+        assert "not a subscriber id" in (id_problem(bad) or "")

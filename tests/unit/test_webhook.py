@@ -325,3 +325,36 @@ async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, 
     monkeypatch.undo()
     response = await client.post("/v1/events", data=body, headers=_headers(body, "boom"))
     assert response.status == 200, "the failed id was not cached; the retry is processed"
+
+
+async def test_state_written_after_the_flush_is_the_subscribers_state_then(setup: Any) -> None:
+    """A batch's state rows are written after its flush; a list change that lands in between
+    (and restricts the subscriber again) must not be overwritten by the batch's older lift."""
+    import asyncio
+
+    client, enforcer, fake, conntrack, clock = setup
+    release = asyncio.Event()
+    flush = conntrack.flush
+
+    async def slow_flush(networks: Any) -> int:
+        await release.wait()
+        return await flush(networks)
+
+    conntrack.flush = slow_flush
+    body = _event("subscriber.released", "C-1")
+    lifted = asyncio.ensure_future(client.post("/v1/events", data=body, headers=_headers(body, "release-1")))
+    for _ in range(200):                       # until the lift is committed (its flush waits)
+        if "100.64.0.10" not in _restricted(fake):
+            break
+        await asyncio.sleep(0.01)
+    assert enforcer.store.enforced()["C-1"]["mode"] == "walled-garden", "the batch's rows wait for its flush"
+    clock[0] += 5
+    changed = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10], mode: notice}\n", "l.yaml")
+    await enforcer.on_list(ListUpdate(changed, "l.yaml", "2"))   # a changed entry supersedes the event
+    assert "100.64.0.10" in _restricted(fake)
+    assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
+    release.set()
+    assert (await lifted).status == 200
+    assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
+    assert [(a["old"], a["new"]) for a in enforcer.store.audit("C-1")][-2:] == [
+        ("walled-garden", "free"), ("free", "notice")], "the audit log keeps both, in the order they happened"

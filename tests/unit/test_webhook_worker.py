@@ -18,7 +18,7 @@ from enforcer.demo.billing import signed_request
 from enforcer.events import Event, parse_event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
-from enforcer.webhook_worker import WorkerBridge, event_from_wire, event_to_wire
+from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
 from daemon_helpers import NoConntrack
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -102,3 +102,41 @@ async def test_secret_reload_and_worker_restart(bridge: Any) -> None:
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the restarted worker never answered")
+
+
+async def test_answers_of_a_turn_go_out_in_one_write() -> None:
+    class Writer:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closing = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+    writer = Writer()
+    lines = LineWriter(writer)  # type: ignore[arg-type]
+    for n in range(3):
+        lines.send({"n": n})
+    assert writer.writes == []
+    await asyncio.sleep(0)
+    assert writer.writes == [b'{"n":0}\n{"n":1}\n{"n":2}\n']
+    writer.closing = True          # the child that asked is gone: its answers are dropped
+    lines.send({"n": 4})
+    await asyncio.sleep(0)
+    assert len(writer.writes) == 1
+
+
+async def test_a_burst_through_the_worker_gets_each_request_its_own_answer(bridge: Any) -> None:
+    worker, enforcer, fake, url, tmp = bridge
+    bodies = [{"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
+               "data": {"subscriber": f"B-{i}", "addresses": [f"100.64.7.{i}"]}} for i in range(1, 61)]
+    bodies.append({"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}})
+    results = await asyncio.gather(*(post(url, SECRET, body, f"burst-{i}") for i, body in enumerate(bodies)))
+    assert [status for status, _ in results] == [200] * 61
+    assert [answer["id"] for _, answer in results] == [f"burst-{i}" for i in range(61)]
+    assert [answer["subscriber"] for _, answer in results] == [f"B-{i}" for i in range(1, 61)] + ["C-1"]
+    assert {f"100.64.7.{i}" for i in range(1, 61)} <= set(fake.view["mode4_32"])
+    assert enforcer.batcher.largest > 1

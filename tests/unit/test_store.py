@@ -1,0 +1,88 @@
+"""The SQLite state store: grouped writes come back as they went in, a batch is one
+transaction (all or nothing), and processed webhook ids are found in one query."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from enforcer.exemptions import Exemption
+from enforcer.policy import Grace, Override, PolicyInputs, Readdress
+from enforcer.promises import Promise
+from enforcer.store import EnforcedWrite, Store
+from enforcer.subscribers import Mode, Subscriber, parse_address
+
+
+def sub(sid: str, ip: str) -> Subscriber:
+    return Subscriber(sid, (parse_address(ip),), Mode.NOTICE, "overdue")
+
+
+def full_inputs() -> PolicyInputs:
+    """Three subscribers with every kind of per-subscriber input, one with none at all."""
+    return PolicyInputs(
+        listed={},
+        overrides={"A": Override(True, 10.0, "operator alice: test", sub("A", "100.64.0.1")),
+                   "B": Override(False, 11.0, "event e1 (payment.received)")},
+        graces={"B": Grace(11.0, 99.0, "event e1 (payment.received)")},
+        readdressed={"A": Readdress((parse_address("100.64.0.9"), parse_address("2001:db8::/64")), 12.0, "event e2")},
+        exemptions={"C": {"dispute": Exemption("dispute", 500.0, "ticket 7", "event e3", 13.0),
+                          "vulnerable": Exemption("vulnerable", 900.0, "", "operator bob", 14.0)}},
+        promises={"C": [Promise("C", 1.0, 5.0, "kept", "100.64.0.3"), Promise("C", 20.0, 30.0)]})
+
+
+def test_grouped_subscriber_writes_round_trip(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    inputs = full_inputs()
+    store.save_subscribers(inputs, ["A", "B", "C", "D", "A"])
+    loaded = store.load_inputs()
+    assert loaded.overrides == inputs.overrides
+    assert loaded.graces == inputs.graces
+    assert loaded.readdressed == inputs.readdressed
+    assert loaded.exemptions == inputs.exemptions
+    assert loaded.promises == inputs.promises
+
+
+def test_grouped_writes_remove_what_is_gone_and_leave_others_alone(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    inputs = full_inputs()
+    store.save_subscribers(inputs, ["A", "B", "C"])
+    inputs.overrides.pop("A")
+    inputs.readdressed.pop("A")
+    inputs.exemptions["C"].pop("dispute")
+    inputs.graces["B"] = Grace(50.0, 60.0, "event e9")   # in memory only: B is not written
+    store.save_subscribers(inputs, ["A", "C"])
+    loaded = store.load_inputs()
+    assert "A" not in loaded.overrides and "A" not in loaded.readdressed
+    assert list(loaded.exemptions["C"]) == ["vulnerable"]
+    assert loaded.graces["B"] == Grace(11.0, 99.0, "event e1 (payment.received)")
+    assert loaded.overrides["B"] == full_inputs().overrides["B"]
+
+
+def test_event_answers_are_found_in_one_query_per_chunk(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.record_events([(f"msg_{i}", 200, {"id": f"msg_{i}", "n": i}, None) for i in range(0, 1200, 2)], None)
+    asked = [f"msg_{i}" for i in range(1200)]          # more ids than one IN (...) may carry
+    found = store.event_answers(asked)
+    assert set(found) == {f"msg_{i}" for i in range(0, 1200, 2)}
+    assert found["msg_1198"] == (200, {"id": "msg_1198", "n": 1198})
+    assert store.event_answer("msg_3") is None
+    assert store.event_answers([]) == {}
+
+
+def test_a_batch_is_one_transaction_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    inputs = full_inputs()
+    write = EnforcedWrite({"A": ("notice", ["100.64.0.1"], "overdue")}, set(),
+                          [(1.0, "A", "free", "notice", "list")])
+    with pytest.raises(TypeError):   # an answer that cannot be stored: nothing of the batch may stay
+        store.record_events([("msg_1", 200, {"bad": object()}, "A")], inputs, [write])
+    assert store.enforced() == {} and store.audit() == [] and store.event_answer("msg_1") is None
+    assert store.load_inputs().overrides == {}
+    store.record_events([("msg_1", 200, {"ok": True}, "A")], inputs, [write])
+    assert store.enforced()["A"]["mode"] == "notice"
+    assert [(a["subscriber"], a["new"]) for a in store.audit()] == [("A", "notice")]
+    assert store.event_answer("msg_1") == (200, {"ok": True})
+    assert store.load_inputs().overrides["A"] == inputs.overrides["A"]
+    store.record_events([], None, [EnforcedWrite({}, {"A"}, [])])
+    assert store.enforced() == {}
