@@ -70,9 +70,12 @@ class Transaction:
                 out.append(f"add table {prefix}\ndelete table {prefix}\n")
                 out.append(op.layout.render())
             elif isinstance(op, AddElements):
-                expiry = f" timeout {op.timeout}s" if op.timeout else ""
-                body = ", ".join(f"{key}{expiry}" if value is None else f"{key}{expiry} : {value}"
-                                 for key, value in op.items)
+                if op.timeout:
+                    expiry = f" timeout {op.timeout}s"
+                    body = ", ".join([f"{key}{expiry}" if value is None else f"{key}{expiry} : {value}"
+                                      for key, value in op.items])
+                else:   # the cold-load case: 100k+ plain set keys
+                    body = ", ".join([key if value is None else f"{key} : {value}" for key, value in op.items])
                 out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
             else:
                 out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")

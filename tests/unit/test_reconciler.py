@@ -569,3 +569,44 @@ def test_acknowledge_adds_expiring_elements_outside_the_mirror(rec, fake):
     fake.transactions.clear()
     result = rec.sync_all(decisions, read_kernel=True)
     assert result.elements == 0 and fake.state.elements["noticeack4_32"] == {"100.64.0.20": None}
+
+
+_MODES = [Mode.WALLED_GARDEN, Mode.NOTICE, Mode.THROTTLE, Mode.FREE]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_grouped_desired_state_equals_the_exact_pass(seed: int) -> None:
+    """The bulk path (``_desired``) and the per-subscriber pass agree on elements, owners,
+    changed addresses and prefix lengths, with or without a previous state and clashes."""
+    import random
+
+    rng = random.Random(seed)
+    pool = [f"100.64.{i // 250}.{i % 250}" for i in range(60)] + [f"2001:db8:{i}::/56" for i in range(20)] \
+        + ["198.51.100.0/30", "198.51.100.4/30"]
+    clash = seed % 4 == 0            # a quarter of the cases claim some address twice
+
+    def decisions() -> dict[str, Decision]:
+        out: dict[str, Decision] = {}
+        free_pool = rng.sample(pool, len(pool))
+        for i in range(30):
+            mode = rng.choice(_MODES)
+            take = [free_pool.pop() for _ in range(rng.randint(1, 2)) if free_pool]
+            if clash and i % 7 == 3:
+                take.append(rng.choice(pool))
+            if not take or mode is Mode.FREE:
+                out[f"S-{i}"] = free(f"S-{i}")
+            else:
+                out[f"S-{i}"] = restricted(f"S-{i}", *dict.fromkeys(take), mode=mode)
+        return out
+
+    rec = Reconciler(FakeDataplane(TABLE), BASE)
+    rec.host_allow = {"203.0.113.7": None}
+    before, _, _, _, _, _ = rec._desired_exact(decisions(), {}, sorted(decisions()))
+    for previous in ({}, before):
+        now = decisions()
+        fast = rec._desired(now, previous, sorted(now))
+        exact = rec._desired_exact(now, previous, sorted(now))
+        assert fast[0] == exact[0] and fast[1] == exact[1] and fast[2] == exact[2]
+        assert sorted(fast[3], key=str) == sorted(exact[3], key=str) and fast[4] == exact[4]
+        assert fast[5] == exact[5]
+        assert clash or not exact[5], "without a deliberate clash the fast path itself was compared"
