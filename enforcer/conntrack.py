@@ -1,11 +1,11 @@
 """Flush a subscriber's tracked connections when their enforcement changes.
 
-Without a flush, connections opened before a restriction keep flowing (conntrack has already
-said yes) and connections redirected to the portal keep landing there after a payment. We use
-libnetfilter_conntrack in-process (``ctnetlink``: one dump per pass, no process starts) and
-fall back to the conntrack-tools binary when the library cannot be used; the tool handles
-IPv4 and IPv6 prefixes through ``--mask-src`` (pyroute2's kernel filter is exact-address
-only, and its IPv6 filter is broken on kernel 6.18).
+Without a flush, connections opened before a restriction keep their NAT and conntrack state,
+and connections redirected to the portal keep landing there after a payment. We speak
+ctnetlink in-process (``ctnetlink``: kernel-filtered dumps for a few IPv4 addresses, one
+parsed full dump otherwise, no process starts) and fall back to the conntrack-tools binary
+when the netlink socket cannot be opened; the tool handles IPv4 and IPv6 prefixes through
+``--mask-src``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Both conntrack flush paths on real conntrack entries: the in-process netlink dump (the
-default) and the conntrack tool (the fallback). Each runs in a private network namespace
-(``unshare -n``), with loopback connections tracked by a table of its own there."""
+"""The conntrack flush paths on real conntrack entries: in-process ctnetlink with one full
+dump, with kernel-filtered dumps (exact IPv4 addresses), and the conntrack tool (the
+fallback). Each runs in a private network namespace (``unshare -n``), with loopback
+connections tracked by a table of its own there."""
 
 from __future__ import annotations
 
@@ -32,15 +33,26 @@ def count(family):
     text = subprocess.run(["conntrack", "-L", "-f", family], capture_output=True, text=True).stdout
     return len([l for l in text.splitlines() if l.strip()])
 before = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
-ct = Conntrack(netlink=sys.argv[1] == "netlink")
 targets = [ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("::1/128")]
-deleted = asyncio.run(ct.flush_now(targets))
+if sys.argv[1] == "filtered":            # exact IPv4 only: two addresses, one of them without entries
+    from enforcer.ctnetlink import Ctnetlink
+    netlink = Ctnetlink()
+    targets = [ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("127.0.0.9/32")]
+    deleted = netlink.flush(targets, filtered=True)
+    assert netlink.last_pass == "filtered"
+    deleted += netlink.flush([ipaddress.ip_network("::1/128")])      # IPv6: always a full dump
+    assert netlink.last_pass == "full"
+    used_netlink = True
+else:
+    ct = Conntrack(netlink=sys.argv[1] == "netlink")
+    deleted = asyncio.run(ct.flush_now(targets))
+    used_netlink = ct._netlink is not None
 after = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
-print(json.dumps({"before": before, "after": after, "deleted": deleted, "netlink": ct._netlink is not None}))
+print(json.dumps({"before": before, "after": after, "deleted": deleted, "netlink": used_netlink}))
 """
 
 
-@pytest.mark.parametrize("path", ["netlink", "tool"])
+@pytest.mark.parametrize("path", ["netlink", "filtered", "tool"])
 def test_flush_deletes_only_the_given_sources(path: str) -> None:
     from pathlib import Path
     root = str(Path(__file__).resolve().parents[2])
@@ -48,7 +60,7 @@ def test_flush_deletes_only_the_given_sources(path: str) -> None:
                          timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["netlink"] is (path == "netlink")
+    assert result["netlink"] is (path != "tool")
     assert result["before"] == {"ipv4": 7, "ipv6": 2}, result
     # 127.0.0.2 (3 connections) and ::1 (2) go; the 4 connections from 127.0.0.1 stay
     assert result["deleted"] == 5 and result["after"] == {"ipv4": 4, "ipv6": 0}, result
