@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .exemptions import Exemption
+from .gc_pause import gc_paused
 from .policy import Grace, Override, PolicyInputs, Readdress
 from .promises import Promise
 from .subscribers import Subscriber
@@ -89,6 +90,10 @@ class Store:
 
     # -- policy inputs --------------------------------------------------------------------
     def load_inputs(self) -> PolicyInputs:
+        with gc_paused():    # 100k listed entries at start-up: see gc_pause
+            return self._load_inputs()
+
+    def _load_inputs(self) -> PolicyInputs:
         listed = {row[0]: Subscriber.from_json(json.loads(row[1]))
                   for row in self.db.execute("SELECT id, entry FROM listed")}
         overrides = {

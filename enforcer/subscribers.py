@@ -21,6 +21,7 @@ from pathlib import PurePath
 from typing import Any, Iterable
 
 from . import yamlsource
+from .gc_pause import gc_paused
 from .issues import Issue, IssuesError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -225,6 +226,11 @@ def detect_format(name: str, text: str, content_type: str = "") -> str:
 
 def parse_list(text: str, name: str, content_type: str = "") -> list[Subscriber]:
     """Parse a whole list; raises ``ListError`` naming every bad line, or returns all entries."""
+    with gc_paused():
+        return _parse_list(text, name, content_type)
+
+
+def _parse_list(text: str, name: str, content_type: str) -> list[Subscriber]:
     text = text.removeprefix("\ufeff")  # spreadsheet "CSV UTF-8" exports start with a BOM
     if not text.strip():
         raise ListError([ListIssue(f"{name}:1", "the list is empty (a truncated export?); "
