@@ -251,7 +251,7 @@ class Enforcer:
         gone |= {sid for sid, d in changed.items() if not d.restricted}
         write = EnforcedWrite(rows, gone, audit_rows(previous or {}, decisions, self.clock(), note))
         if persist:
-            self.store.record_events([], None, [write])
+            self.store.record_state([write])
         if full:
             self.waiting = {sid for sid, d in decisions.items() if d.pending is not None}
         else:
@@ -259,14 +259,6 @@ class Enforcer:
             self.waiting.update(sid for sid, d in decisions.items() if d.pending is not None)
         self.metrics.waiting.set(len(self.waiting))
         return write
-
-    def _enforced_now(self, writes: list[EnforcedWrite]) -> EnforcedWrite:
-        """Deferred writes with their rows as the subscribers stand now: a list sync may have
-        changed them again since the batch's commit, and an older row must not win."""
-        sids: set[str] = set().union(*(w.rows.keys() | w.gone for w in writes))
-        rows = {sid: enforced_row(d) for sid in sids
-                if (d := self.decisions.get(sid)) is not None and d.restricted and d.subscriber}
-        return EnforcedWrite(rows, sids - rows.keys(), [row for w in writes for row in w.audit])
 
     async def _flush(self, networks: set[Network], why: str) -> int | None:
         if not networks:
@@ -465,14 +457,15 @@ class Enforcer:
                         answers[index] = (503, {"error": f"kernel change failed, retry later: {exc}", "id": event.id})
                     applied = []
                 committed = time.perf_counter()
+                if applied:   # before any answer: a restart must not undo what billing was told
+                    self.store.record_state(writes, self.inputs, touched)
                 for index, _, _ in applied:
                     self.metrics.event_to_enforce.observe(committed - batch[index].received)
                 self._changed.set()
-        self._spawn(self._finish_batch(batch, answers, applied, result, writes))
+        self._spawn(self._finish_batch(batch, answers, applied, result))
 
     async def _finish_batch(self, batch: list["Pending"], answers: dict[int, tuple[int, dict[str, Any]]],
-                            applied: list[tuple[int, str, Any]], result: SyncResult | None,
-                            writes: list[EnforcedWrite]) -> None:
+                            applied: list[tuple[int, str, Any]], result: SyncResult | None) -> None:
         """After the commit: flush connections once for the batch, record answers, reply."""
         try:
             flushed = await self._flush(set(result.changed), f"{len(applied)} event(s)") if result else 0
@@ -492,7 +485,7 @@ class Enforcer:
             records += [(batch[i].event.id, status, answer, None) for i, (status, answer) in answers.items()
                         if status == 200 and answer.get("result") == "ignored"]
             async with self.lock:
-                self.store.record_events(records, self.inputs, [self._enforced_now(writes)] if writes else [])
+                self.store.record_events(records, None)
         except Exception as exc:  # answer every waiter whatever went wrong
             log.exception("event=batch_finish_failed")
             for index in range(len(batch)):

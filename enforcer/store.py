@@ -193,18 +193,26 @@ class Store:
         self.record_events([(event_id, status, answer, subscriber_id)], inputs)
 
     def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
-                      inputs: PolicyInputs | None, enforced: Iterable[EnforcedWrite] = ()) -> None:
-        """A batch's answers, the policy state of the subscribers it touched and what the
-        batch changed in the kernel (``enforced``), in one commit."""
+                      inputs: PolicyInputs | None) -> None:
+        """A batch's answers (and, with ``inputs``, the policy state of the subscribers they
+        name), in one commit."""
         now = time.time()
         with self._transaction():
-            for write in enforced:
-                self.save_enforced(write.rows, write.gone)
-                self.append_audit(write.audit)
             if inputs is not None:
                 self.save_subscribers(inputs, (r[3] for r in records if r[3] is not None))
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
                                 [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
+
+    def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
+                     ids: Iterable[str] = ()) -> None:
+        """What kernel changes mean for the ``enforced`` table and the audit log, and the
+        policy inputs of ``ids``, in one commit (a webhook batch's whole state)."""
+        with self._transaction():
+            for write in writes:
+                self.save_enforced(write.rows, write.gone)
+                self.append_audit(write.audit)
+            if inputs is not None:
+                self.save_subscribers(inputs, ids)
 
     def prune_events(self, now: float | None = None) -> int:
         cutoff = (now or time.time()) - EVENT_RETENTION

@@ -70,19 +70,30 @@ def test_event_answers_are_found_in_one_query_per_chunk(tmp_path: Path) -> None:
     assert store.event_answers([]) == {}
 
 
-def test_a_batch_is_one_transaction_all_or_nothing(tmp_path: Path) -> None:
+def test_a_batch_state_is_one_transaction_all_or_nothing(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     inputs = full_inputs()
     write = EnforcedWrite({"A": ("notice", ["100.64.0.1"], "overdue")}, set(),
                           [(1.0, "A", "free", "notice", "list")])
-    with pytest.raises(TypeError):   # an answer that cannot be stored: nothing of the batch may stay
-        store.record_events([("msg_1", 200, {"bad": object()}, "A")], inputs, [write])
-    assert store.enforced() == {} and store.audit() == [] and store.event_answer("msg_1") is None
+    inputs.exemptions["C"]["bad"] = Exemption("bad", object(), "", "x", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(Exception):    # a row SQLite cannot store: nothing of the batch may stay
+        store.record_state([write], inputs, ["A", "C"])
+    assert store.enforced() == {} and store.audit() == []
     assert store.load_inputs().overrides == {}
-    store.record_events([("msg_1", 200, {"ok": True}, "A")], inputs, [write])
+    del inputs.exemptions["C"]["bad"]
+    store.record_state([write], inputs, ["A", "C"])
     assert store.enforced()["A"]["mode"] == "notice"
     assert [(a["subscriber"], a["new"]) for a in store.audit()] == [("A", "notice")]
-    assert store.event_answer("msg_1") == (200, {"ok": True})
     assert store.load_inputs().overrides["A"] == inputs.overrides["A"]
-    store.record_events([], None, [EnforcedWrite({}, {"A"}, [])])
+    store.record_state([EnforcedWrite({}, {"A"}, [])])
     assert store.enforced() == {}
+
+
+def test_answers_are_recorded_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    with pytest.raises(TypeError):
+        store.record_events([("msg_1", 200, {"ok": True}, None), ("msg_2", 200, {"bad": object()}, None)], None)
+    assert store.event_answers(["msg_1", "msg_2"]) == {}
+    store.record_events([("msg_1", 200, {"ok": True}, "A")], full_inputs())
+    assert store.event_answer("msg_1") == (200, {"ok": True})
+    assert store.load_inputs().overrides["A"] == full_inputs().overrides["A"]

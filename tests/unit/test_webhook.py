@@ -327,9 +327,10 @@ async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, 
     assert response.status == 200, "the failed id was not cached; the retry is processed"
 
 
-async def test_state_written_after_the_flush_is_the_subscribers_state_then(setup: Any) -> None:
-    """A batch's state rows are written after its flush; a list change that lands in between
-    (and restricts the subscriber again) must not be overwritten by the batch's older lift."""
+async def test_a_batch_state_is_saved_at_its_commit_before_the_flush(setup: Any) -> None:
+    """The batch's state rows are written when its kernel change commits, not when its flush
+    ends: a restart in between must not undo it, and a list change that lands meanwhile (and
+    restricts the subscriber again) is recorded after it, not overwritten by it."""
     import asyncio
 
     client, enforcer, fake, conntrack, clock = setup
@@ -347,14 +348,16 @@ async def test_state_written_after_the_flush_is_the_subscribers_state_then(setup
         if "100.64.0.10" not in _restricted(fake):
             break
         await asyncio.sleep(0.01)
-    assert enforcer.store.enforced()["C-1"]["mode"] == "walled-garden", "the batch's rows wait for its flush"
+    assert "C-1" not in enforcer.store.enforced(), "saved at the commit, while the flush still runs"
+    assert enforcer.store.load_inputs().overrides["C-1"].restrict is False
+    assert enforcer.store.event_answer("release-1") is None, "the answer is recorded after the flush"
     clock[0] += 5
     changed = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10], mode: notice}\n", "l.yaml")
     await enforcer.on_list(ListUpdate(changed, "l.yaml", "2"))   # a changed entry supersedes the event
     assert "100.64.0.10" in _restricted(fake)
-    assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
     release.set()
     assert (await lifted).status == 200
+    assert enforcer.store.event_answer("release-1") is not None
     assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
     assert [(a["old"], a["new"]) for a in enforcer.store.audit("C-1")][-2:] == [
-        ("walled-garden", "free"), ("free", "notice")], "the audit log keeps both, in the order they happened"
+        ("walled-garden", "free"), ("free", "notice")]
