@@ -310,15 +310,37 @@ class Enforcer:
             changed = policy.apply_list(self.inputs, new, self.clock())
             meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
                     "fingerprint": update.fingerprint}
-            await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since)
+            await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since, changed)
             self.list_status, self.source_error = meta, None
             self.metrics.list_entries.set(len(new))
             log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
-            if changed or self.reconciler.needs_full:
-                try:
-                    await self.sync_all()
-                except DataplaneError:
-                    self._changed.set()  # the repair loop retries
+            try:
+                await self._apply_list_changes(changed, update.origin)
+            except DataplaneError:
+                self._changed.set()  # the repair loop retries
+
+    async def _apply_list_changes(self, changed: set[str], origin: str) -> None:
+        """Re-decide only the subscribers whose entry changed, as an element diff (caller holds
+        the lock). A whole pass over 100k decisions took ~2 s of a 1 % churn's ~3.5 s, all
+        under the lock that every webhook waits for. A first list, a needed full sync, a new
+        prefix length or an address claimed twice still go through ``sync_all``, which
+        resolves conflicts for the whole table."""
+        if self.reconciler.needs_full or len(changed) * 2 > max(len(self.decisions), 1):
+            await self.sync_all()
+            return
+        if not changed:
+            return
+        now = self.clock()
+        decisions = {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in sorted(changed)}
+        try:
+            result = await self._update(decisions)
+        except AddressConflict as exc:
+            log.warning("event=list_conflict origin=%s detail=%r (applying the list in a full pass)", origin, str(exc))
+            await self.sync_all()
+            return
+        if result.kind == "partial":   # a full sync (new prefix length) has flushed already
+            self._spawn(self._flush(set(result.changed), "list"))
+        gc.freeze()   # the new list's objects live on; see sync_all
 
     async def on_source_unchanged(self, origin: str) -> None:
         """The source answered 'not modified': the list in force is still current."""

@@ -114,19 +114,23 @@ class Store:
         return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since)
 
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
-                  since: dict[str, float] | None = None) -> None:
-        """Store a new good list as a diff against the previous one, in one transaction."""
+                  since: dict[str, float] | None = None, changed: set[str] | None = None) -> None:
+        """Store a new good list as a diff against the previous one, in one transaction.
+
+        ``changed``: the ids whose entry was added, removed or altered, when the caller has
+        computed them already (``policy.apply_list``); otherwise they are computed here."""
+        if changed is None:
+            changed = set(old.keys() ^ new.keys()) | {s for s in old.keys() & new.keys() if old[s] != new[s]}
+        gone = [(sid,) for sid in changed if sid not in new]
         with self._transaction():
             if since is not None:
-                self.db.executemany("DELETE FROM listed_since WHERE id = ?", [(sid,) for sid in old.keys() - new.keys()])
+                self.db.executemany("DELETE FROM listed_since WHERE id = ?", gone)
                 self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)",
-                                    [(sid, since[sid]) for sid in new.keys() - old.keys() if sid in since])
-            self.db.executemany("DELETE FROM listed WHERE id = ?", [(sid,) for sid in old.keys() - new.keys()])
+                                    [(sid, since[sid]) for sid in changed if sid in new and sid in since])
+            self.db.executemany("DELETE FROM listed WHERE id = ?", gone)
             self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
-                                [(sid, json.dumps(sub.to_json())) for sid, sub in new.items()
-                                 if old.get(sid) != sub])
-            superseded = [(sid,) for sid in (old.keys() ^ new.keys())
-                          | {s for s in old.keys() & new.keys() if old[s] != new[s]}]
+                                [(sid, json.dumps(new[sid].to_json())) for sid in changed if sid in new])
+            superseded = [(sid,) for sid in changed]
             self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
             self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
             self.set_meta("list", meta)
