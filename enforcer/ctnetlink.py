@@ -39,6 +39,9 @@ _CTA_TUPLE_IP, _CTA_IP_V4_SRC, _CTA_IP_V6_SRC = 1, 1, 3
 _CTA_FILTER_ORIG_FLAGS, _CTA_FILTER_REPLY_FLAGS, _CTA_FILTER_F_IP_SRC = 1, 2, 1
 _NESTED, _TYPE_MASK = 0x8000, 0x3FFF
 _HEADER = struct.Struct("=IHHII")
+_SOL_NETLINK, _NETLINK_CAP_ACK, _SO_RCVBUFFORCE = 270, 10, 33
+#: Deletes per write; each chunk's acknowledgements are read before the next is sent.
+DELETE_CHUNK = 256
 #: A kernel that stops answering must not hang every later flush (and the webhooks waiting on them).
 RECV_TIMEOUT = 10.0
 #: A dump's cost before one was measured: an empty table's walk (262,144 buckets) here.
@@ -129,7 +132,11 @@ class Ctnetlink:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             self.sock.bind((0, 0))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            try:   # past net.core.rmem_max: we have CAP_NET_ADMIN anyway, or deletes fail
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 1 << 22)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            self.sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)   # acks without the request echoed
             self.sock.settimeout(RECV_TIMEOUT)
         except OSError as exc:
             raise CtnetlinkError(exc.errno, f"ctnetlink socket: {exc.strerror}") from None
@@ -225,20 +232,28 @@ class Ctnetlink:
                     yield _identity(data, start, end)
 
     def _delete(self, identities: list[bytes]) -> int:
-        """Delete the entries (family byte + attributes each) in few writes; an entry that
-        vanished meanwhile is not an error."""
-        if not identities:
-            return 0
-        messages, sequences = [], set()
-        for identity in identities:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            payload = struct.pack("=BBH", identity[0], 0, 0) + identity[1:]
-            messages.append(_HEADER.pack(16 + len(payload), _CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0)
-                            + payload)
-            sequences.add(self._seq)
-        for start in range(0, len(messages), 512):     # keep each write well under the socket buffer
-            self.sock.sendall(b"".join(messages[start:start + 512]))
+        """Delete the entries (family byte + attributes each); returns how many went.
+
+        In chunks, each acknowledged before the next is sent: 20,000 deletes written at once
+        overflowed the socket's receive buffer with their acknowledgements (ENOBUFS, tested).
+        An entry that vanished meanwhile is not an error.
+        """
         deleted = 0
+        for start in range(0, len(identities), DELETE_CHUNK):
+            messages, sequences = [], set()
+            for identity in identities[start:start + DELETE_CHUNK]:
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                payload = struct.pack("=BBH", identity[0], 0, 0) + identity[1:]
+                messages.append(_HEADER.pack(16 + len(payload), _CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0)
+                                + payload)
+                sequences.add(self._seq)
+            self.sock.sendall(b"".join(messages))
+            deleted += self._acknowledged(sequences)
+        return deleted
+
+    def _acknowledged(self, sequences: set[int]) -> int:
+        """Read the acknowledgements of ``sequences``; returns how many report success."""
+        ok = 0
         while sequences:
             data = self.sock.recv(1 << 20)
             offset = 0
@@ -246,6 +261,6 @@ class Ctnetlink:
                 length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
                 if kind == _NLMSG_ERROR and msg_seq in sequences:
                     sequences.discard(msg_seq)
-                    deleted += struct.unpack_from("=i", data, offset + _HEADER.size)[0] == 0
+                    ok += struct.unpack_from("=i", data, offset + _HEADER.size)[0] == 0
                 offset += (max(length, _HEADER.size) + 3) & ~3
-        return deleted
+        return ok

@@ -64,3 +64,36 @@ def test_flush_deletes_only_the_given_sources(path: str) -> None:
     assert result["before"] == {"ipv4": 7, "ipv6": 2}, result
     # 127.0.0.2 (3 connections) and ::1 (2) go; the 4 connections from 127.0.0.1 stay
     assert result["deleted"] == 5 and result["after"] == {"ipv4": 4, "ipv6": 0}, result
+
+
+BULK = r"""
+import ipaddress, json, subprocess, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+from enforcer.ctnetlink import Ctnetlink
+subprocess.run(["nft", "add table inet ctt; add chain inet ctt c { type filter hook forward priority 0; }; "
+                       "add rule inet ctt c ct state new counter"], check=True)
+with tempfile.NamedTemporaryFile("w", suffix=".ct") as lines:
+    for i in range(5000):      # 5,000 in 100.64.0.0/18 (to flush), 100 in 100.65.0.0/24 (to keep)
+        lines.write(f"-I -p tcp -s 100.64.{i // 250}.{i % 250 + 1} -d 192.0.2.1 --sport {10000 + i} --dport 443 "
+                    "--state ESTABLISHED -t 600 -u SEEN_REPLY\n")
+    for i in range(100):
+        lines.write(f"-I -p tcp -s 100.65.0.{i + 1} -d 192.0.2.1 --sport 2000 --dport 443 "
+                    "--state ESTABLISHED -t 600 -u SEEN_REPLY\n")
+    lines.flush()
+    subprocess.run(["conntrack", "-R", lines.name], check=True, capture_output=True)
+count = lambda: int(subprocess.run(["conntrack", "-C"], capture_output=True, text=True, check=True).stdout)
+before = count()
+deleted = Ctnetlink().flush([ipaddress.ip_network("100.64.0.0/18")])
+print(json.dumps({"before": before, "deleted": deleted, "after": count()}))
+"""
+
+
+def test_a_bulk_flush_counts_every_delete() -> None:
+    """Thousands of deletes at once: their acknowledgements once overflowed the socket buffer."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", BULK, root], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {"before": 5100, "deleted": 5000, "after": 100}, result
