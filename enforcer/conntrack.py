@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .batcher import Batcher
 from .ctnetlink import Ctnetlink
@@ -51,6 +52,8 @@ class Conntrack:
         self._netlink: Ctnetlink | None = None
         self._use_netlink = netlink            # tried on first use; False after it failed
         self._thread: ThreadPoolExecutor | None = None
+        #: Called with (kind of dump, seconds) after each pass: the daemon's metrics.
+        self.observe: Callable[[str, float], None] = lambda dump, seconds: None
 
     async def flush(self, networks: Iterable[Network]) -> int:
         """Delete entries whose original source is in ``networks``; returns how many (in the pass)."""
@@ -84,18 +87,22 @@ class Conntrack:
         """
         targets = list(networks)
         netlink = self._open_netlink()
+        started = time.perf_counter()
         if netlink is not None:
             assert self._thread is not None
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._thread, netlink.flush, targets)
+                deleted = await asyncio.get_running_loop().run_in_executor(self._thread, netlink.flush, targets)
             except OSError as exc:
                 raise ConntrackError(f"conntrack netlink flush failed: {exc}") from None
+            self.observe(netlink.last_pass, time.perf_counter() - started)
+            return deleted
         if len(targets) > BULK_THRESHOLD:
             targets = await self._with_connections(targets)
         results = await asyncio.gather(*(self._flush_one(n) for n in targets), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ConntrackError("; ".join(str(e) for e in errors[:5]))
+        self.observe("tool", time.perf_counter() - started)
         return sum(r for r in results if isinstance(r, int))
 
     def _open_netlink(self) -> "Ctnetlink | None":

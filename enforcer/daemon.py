@@ -135,6 +135,8 @@ class Enforcer:
         self.metrics = Metrics()
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.conntrack = conntrack or Conntrack()
+        if isinstance(self.conntrack, Conntrack):
+            self.conntrack.observe = lambda dump, seconds: self.metrics.conntrack_seconds.labels(dump).observe(seconds)
         self.lock = asyncio.Lock()
         # What the kernel enforces, per subscriber; seeded from state so that a restart outside
         # an enforcement window keeps (and does not newly start) restrictions.

@@ -73,6 +73,11 @@ class Metrics:
                                          "Tracked connections deleted on state changes", registry=r)
         self.conntrack_failures = Counter("walled_garden_conntrack_flush_failures",
                                           "conntrack flushes that failed", registry=r)
+        self.conntrack_seconds = Histogram("walled_garden_conntrack_flush_seconds",
+                                           "Duration of conntrack flush passes by kind of dump",
+                                           ["dump"], buckets=_SYNC, registry=r)
+        for dump in ("filtered", "full", "tool"):
+            self.conntrack_seconds.labels(dump)
         self.reloads = Counter("walled_garden_config_reloads", "Configuration reloads (SIGHUP) by result",
                                ["result"], registry=r)
         for result in ("applied", "rejected"):

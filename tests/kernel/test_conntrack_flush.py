@@ -34,6 +34,7 @@ def count(family):
     return len([l for l in text.splitlines() if l.strip()])
 before = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
 targets = [ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("::1/128")]
+observed = []
 if sys.argv[1] == "filtered":            # exact IPv4 only: two addresses, one of them without entries
     from enforcer.ctnetlink import Ctnetlink
     netlink = Ctnetlink()
@@ -45,10 +46,12 @@ if sys.argv[1] == "filtered":            # exact IPv4 only: two addresses, one o
     used_netlink = True
 else:
     ct = Conntrack(netlink=sys.argv[1] == "netlink")
+    ct.observe = lambda dump, seconds: observed.append(dump)
     deleted = asyncio.run(ct.flush_now(targets))
     used_netlink = ct._netlink is not None
 after = {"ipv4": count("ipv4"), "ipv6": count("ipv6")}
-print(json.dumps({"before": before, "after": after, "deleted": deleted, "netlink": used_netlink}))
+print(json.dumps({"before": before, "after": after, "deleted": deleted, "netlink": used_netlink,
+                  "observed": observed}))
 """
 
 
@@ -64,6 +67,7 @@ def test_flush_deletes_only_the_given_sources(path: str) -> None:
     assert result["before"] == {"ipv4": 7, "ipv6": 2}, result
     # 127.0.0.2 (3 connections) and ::1 (2) go; the 4 connections from 127.0.0.1 stay
     assert result["deleted"] == 5 and result["after"] == {"ipv4": 4, "ipv6": 0}, result
+    assert result["observed"] == {"netlink": ["full"], "filtered": [], "tool": ["tool"]}[path], result
 
 
 BULK = r"""
