@@ -121,8 +121,9 @@ def _source(data: bytes, start: int, end: int) -> tuple[int, int] | None:
 def _identity(data: bytes, start: int, end: int) -> bytes:
     """The attributes that name one entry for a delete: original tuple and zone, as sent
     (the delete also needs the entry's family, from its message header)."""
-    return data[start - 4:start - 3] + b"".join(data[offset - 4:(stop + 3) & ~3] for kind, offset, stop in _attrs(data, start, end)
-                    if kind in (_CTA_TUPLE_ORIG, _CTA_ZONE))
+    family = data[start - 4:start - 3]
+    return family + b"".join(data[offset - 4:(stop + 3) & ~3] for kind, offset, stop in _attrs(data, start, end)
+                             if kind in (_CTA_TUPLE_ORIG, _CTA_ZONE))
 
 
 class Ctnetlink:
