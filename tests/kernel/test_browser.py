@@ -45,6 +45,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
+from required import tool
 from aiohttp import web
 
 from enforcer.config import parse_config
@@ -72,13 +73,7 @@ CURL = shutil.which("curl") or "curl"
 
 
 def _chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = "needs the chromium package (bash .ci/install installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test cannot run: {message} (CI refuses to skip)")
-        pytest.skip(message)
-    return path
+    return tool("chromium", "chromium")
 
 
 def _catalogue(language: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+from required import tool
 import yaml
 from kernel_helpers import SUB1, tcp_connect
 
@@ -28,12 +28,7 @@ UPSTREAM = "http://198.51.100.10/"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: CI refuses to skip (.ci/install installs the prometheus package)")
-        pytest.skip("needs promtool (Debian package prometheus)")
-    return path
+    return tool("promtool", "prometheus")
 
 
 def scrape(topo: Topology, port: int) -> str:
@@ -200,9 +195,7 @@ def test_both_processes_notify_systemd_and_pet_the_watchdog(topo: Topology, tmp_
 
 def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Topology) -> None:
     """What the portal unit relies on: a DynamicUser with SupplementaryGroups= reaches the socket."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs setpriv (util-linux)")
+    setpriv = tool("setpriv", "util-linux")
     work = Path(tempfile.mkdtemp(prefix="wg-ops-"))
     try:
         work.chmod(0o755)

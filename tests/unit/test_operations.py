@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import subprocess
 from dataclasses import replace
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from required import tool
 import yaml
 from prometheus_client import generate_latest
 
@@ -251,12 +251,7 @@ async def test_kernel_counters_are_read_at_most_once_a_second(running: Any, monk
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: CI refuses to skip (.ci/install installs the prometheus package)")
-        pytest.skip("needs promtool (Debian package prometheus)")
-    return path
+    return tool("promtool", "prometheus")
 
 
 async def exposition(enforcer: Enforcer) -> tuple[str, str]:
