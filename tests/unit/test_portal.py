@@ -31,6 +31,7 @@ from captive_portal.messages import (EN, LANGUAGE_NAMES, MESSAGES, PLACEHOLDERS,
 from captive_portal.page import render_page
 from captive_portal.portal_url import PortalUrl, parse_host_header
 from enforcer.config import LANGUAGES, Config, PaymentLink, Provider, parse_config
+from portal_helpers import unix_enforcer
 
 PORTAL_HOST = "portal.isp.example"
 PORTAL_URL = "http://portal.isp.example/"
@@ -537,32 +538,6 @@ async def test_each_app_has_its_own_registry(config: Config) -> None:
 
 
 # --- the enforcer client -----------------------------------------------------------------------
-
-@asynccontextmanager
-async def unix_enforcer(path: Path, handler: Any, acknowledge: Any = None) -> AsyncIterator[list[Any]]:
-    """A real HTTP server on a Unix socket at ``path``; yields the queries (and bodies) it received."""
-    seen: list[Any] = []
-
-    async def lookup(request: web.Request) -> web.StreamResponse:
-        seen.append(dict(request.query))
-        return await handler(request)
-
-    async def ack(request: web.Request) -> web.StreamResponse:
-        seen.append((request.headers.get("Content-Type"), await request.json()))
-        return await acknowledge(request)
-
-    app = web.Application()
-    app.router.add_get("/v1/lookup", lookup)
-    if acknowledge is not None:
-        app.router.add_post("/v1/acknowledge", ack)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
-    try:
-        yield seen
-    finally:
-        await runner.cleanup()
-
 
 async def answer_restricted(request: web.Request) -> web.Response:
     return web.json_response({"address": request.query["address"], "restricted": True,

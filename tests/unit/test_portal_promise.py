@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from captive_portal.page import Caller, Pages, term_text
 from enforcer.config import LANGUAGES, Config, parse_config
 from test_portal import (CONFIG_YAML, FREE, NOTICE, OVERDUE, FakeEnforcer, config, on_portal, portal, requests_total,
                          with_portal)
+from portal_helpers import unix_enforcer
 
 __all__ = ["config"]  # the fixture, shared with test_portal
 
@@ -278,29 +277,6 @@ async def test_no_amounts_names_or_addresses_on_any_promise_page(config: Config)
 
 
 # --- the client ----------------------------------------------------------------------------------
-
-@asynccontextmanager
-async def unix_enforcer(path: Path, lookup: Any = None, promise: Any = None) -> AsyncIterator[list[Any]]:
-    """A real HTTP server on a Unix socket; yields the promise bodies it received."""
-    seen: list[Any] = []
-
-    async def on_promise(request: web.Request) -> web.StreamResponse:
-        seen.append((request.headers.get("Content-Type"), await request.json()))
-        return await promise(request)
-
-    app = web.Application()
-    if lookup is not None:
-        app.router.add_get("/v1/lookup", lookup)
-    if promise is not None:
-        app.router.add_post("/v1/promise", on_promise)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
-    try:
-        yield seen
-    finally:
-        await runner.cleanup()
-
 
 RESTRICTED = {"address": "100.64.0.10", "restricted": True, "mode": "walled-garden", "reason": "overdue",
               "reference": "WG-1", "subscriber": "C-1"}
