@@ -135,10 +135,6 @@ class Store:
             self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
             self.set_meta("list", meta)
 
-    def save_subscriber(self, inputs: PolicyInputs, subscriber_id: str) -> None:
-        """Persist one subscriber's policy inputs as they now stand in ``inputs``."""
-        self.save_subscribers(inputs, [subscriber_id])
-
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:
         """Persist these subscribers' overrides, graces, exemptions and promises.
 
@@ -172,10 +168,6 @@ class Store:
                                 [(sid, p.made_at, p.until, p.outcome, p.address)
                                  for sid in promised for p in inputs.promises[sid]])
 
-    def drop_graces(self, ids: Iterable[str]) -> None:
-        with self._transaction():
-            self.db.executemany("DELETE FROM graces WHERE id = ?", [(sid,) for sid in ids])
-
     # -- webhook ids ----------------------------------------------------------------------
     def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:
         return self.event_answers([event_id]).get(event_id)
@@ -190,11 +182,6 @@ class Store:
             for event_id, status, answer in self.db.execute(sql, chunk):
                 found[event_id] = (status, json.loads(answer))
         return found
-
-    def record_event(self, event_id: str, status: int, answer: dict[str, Any],
-                     inputs: PolicyInputs | None = None, subscriber_id: str | None = None) -> None:
-        """The answer and the policy change it caused, committed together."""
-        self.record_events([(event_id, status, answer, subscriber_id)], inputs)
 
     def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
                       inputs: PolicyInputs | None) -> None:

@@ -232,8 +232,8 @@ def test_processed_ids_are_pruned_after_retention(tmp_path: Path) -> None:
     from enforcer.store import EVENT_RETENTION, Store
 
     store = Store(str(tmp_path))
-    store.record_event("old", 200, {"a": 1})
-    store.record_event("new", 200, {"a": 2})
+    store.record_events([("old", 200, {"a": 1}, None)], None)
+    store.record_events([("new", 200, {"a": 2}, None)], None)
     store.db.execute("UPDATE events SET received_at = received_at - ? WHERE event_id = 'old'", (EVENT_RETENTION + 1,))
     assert store.prune_events() == 1
     assert store.event_answer("old") is None and store.event_answer("new") == (200, {"a": 2})
