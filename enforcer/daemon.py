@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from . import policy
@@ -33,6 +33,8 @@ from .promises import Promise, eligibility
 from .metrics import Metrics
 from .policy import Decision, Override
 from .batcher import Batcher
+from .billing_order import BillingOrder
+from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
 from .store import EnforcedWrite, Store
@@ -82,6 +84,14 @@ class BatchClaims:
         return None if enforced_by in self.by_subscriber else enforced_by
 
 
+@dataclass(frozen=True)
+class Undo:
+    """What a change of one subscriber's inputs replaced, to put back if it cannot be applied."""
+
+    inputs: policy.Snapshot
+    billing: dict[str, float] | None
+
+
 @dataclass
 class Pending:
     """A verified event waiting for its batch; ``answer`` resolves after commit and flush."""
@@ -114,6 +124,16 @@ def enforced_before(store: Store) -> dict[str, Decision]:
     return out
 
 
+def newest_receipt(inputs: policy.PolicyInputs) -> float:
+    """The newest receipt instant stored, so receipt order survives a restart after a clock step."""
+    instants = [o.at for o in inputs.overrides.values()]
+    instants += [g.paid_at for g in inputs.graces.values()]
+    instants += [r.at for r in inputs.readdressed.values()]
+    instants += [e.set_at for by_category in inputs.exemptions.values() for e in by_category.values()]
+    instants += [p.made_at for history in inputs.promises.values() for p in history]
+    return max(instants, default=0.0)
+
+
 def base_layout(config: Config) -> Layout:
     return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
                   allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
@@ -123,7 +143,11 @@ def base_layout(config: Config) -> Layout:
 
 class Enforcer:
     def __init__(self, config: Config, dataplane: Dataplane | None = None, conntrack: Conntrack | None = None,
-                 clock: Callable[[], float] = time.time, store: Store | None = None) -> None:
+                 clock: Callable[[], float] = time.time, store: Store | None = None,
+                 monotonic: Callable[[], float] | None = None) -> None:
+        """``clock`` is the wall clock; ``monotonic`` the clock it is checked against for steps
+        (default: ``time.monotonic`` with the real clock; a test's own clock is its own
+        monotonic one unless it passes another, so advancing it is time passing, not a step)."""
         if dataplane is None:
             from .dataplane.kernel import KernelDataplane
             dataplane = KernelDataplane(config.gateway.table)
@@ -132,6 +156,12 @@ class Enforcer:
         self.store = store or Store(config.state_dir)
         self.inputs = self.store.load_inputs()
         self.inputs.rules = policy_rules(config)
+        # Inputs are ordered by receipt (receipt_clock), billing's events by billing's clock
+        # among themselves (billing_order); never one clock against the other.
+        if monotonic is None:
+            monotonic = time.monotonic if clock is time.time else clock
+        self.receipts = ReceiptClock(clock, floor=newest_receipt(self.inputs), monotonic=monotonic)
+        self.billing_order = BillingOrder(self.store.billing_order())
         self.metrics = Metrics()
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.conntrack = conntrack or Conntrack()
@@ -165,13 +195,27 @@ class Enforcer:
         self.metrics.list_entries.set(len(self.inputs.listed))
         self.metrics.observe(self)
 
+    # -- time -----------------------------------------------------------------------------
+    def _now(self) -> float:
+        """The instant to decide at (caller holds the lock).
+
+        A forward step of the wall clock first moves the ends of graces and promises by as
+        much (``receipt_clock``): a jump never ends anyone's freedom early."""
+        jump = self.receipts.step()
+        if jump:
+            moved = policy.clock_stepped(self.inputs, jump, self.clock())
+            log.warning("event=clock_stepped_forward seconds=%.1f graces_and_promises_moved=%d", jump, len(moved))
+            if moved:
+                self.store.save_subscribers(self.inputs, moved)
+        return self.clock()
+
     # -- kernel ---------------------------------------------------------------------------
     async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)
 
     async def sync_all(self, read_kernel: bool = False) -> SyncResult:
         """Make the whole table match the policy now (caller holds the lock)."""
-        now = self.clock()
+        now = self._now()
         decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()
         try:
@@ -332,7 +376,7 @@ class Enforcer:
             return
         if not changed:
             return
-        now = self.clock()
+        now = self._now()
         decisions = {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in sorted(changed)}
         try:
             result = await self._update(decisions)
@@ -438,13 +482,13 @@ class Enforcer:
     async def _commit_events(self, batch: list["Pending"]) -> None:
         """Apply a burst of events: policy per event, one kernel transaction, one flush round."""
         answers: dict[int, tuple[int, dict[str, Any]]] = {}
-        applied: list[tuple[int, str, tuple[Override | None, policy.Grace | None]]] = []
+        applied: list[tuple[int, str, Undo]] = []
         touched: dict[str, Decision] = {}
         claims = BatchClaims()
         result: SyncResult | None = None
         writes: list[EnforcedWrite] = []
         async with self.lock:
-            now = self.clock()
+            now = self._now()
             known = self.store.event_answers(item.event.id for item in batch)
             for index, item in enumerate(batch):
                 event, sid = item.event, item.event.subscriber_id
@@ -453,7 +497,7 @@ class Enforcer:
                     self.metrics.events.labels(event.type, "duplicate").inc()
                     answers[index] = prior
                     continue
-                stale = self._stale(event)
+                stale = self.billing_order.stale(event)
                 if stale:
                     answers[index] = (200, {"id": event.id, "result": "ignored", "detail": stale})
                     self.metrics.events.labels(event.type, "stale").inc()
@@ -483,6 +527,7 @@ class Enforcer:
                 committed = time.perf_counter()
                 if applied:   # before any answer: a restart must not undo what billing was told
                     self.store.record_state(writes, self.inputs, touched)
+                    self.store.save_billing_order(self.billing_order.rows(sid for _, sid, _ in applied))
                 for index, _, _ in applied:
                     self.metrics.event_to_enforce.observe(committed - batch[index].received)
                 self._changed.set()
@@ -528,32 +573,17 @@ class Enforcer:
                 return f"{key} is already enforced for subscriber {holder}"
         return ""
 
-    def _stale(self, event: Event) -> str:
-        """Why an event is older than what we already know about its subscriber, or ''."""
-        category = EXEMPTION_OPENED.get(event.type) or EXEMPTION_CLOSED.get(event.type)
-        if category:  # exemptions are ordered among themselves, per category
-            current = self.inputs.exemptions.get(event.subscriber_id, {}).get(category)
-            if current is not None and event.timestamp < current.set_at:
-                return f"older than the {category} exemption in force for {event.subscriber_id}; not applied"
-            return ""
-        override = self.inputs.overrides.get(event.subscriber_id)
-        grace = self.inputs.graces.get(event.subscriber_id)
-        moved = self.inputs.readdressed.get(event.subscriber_id)
-        latest = max([o for o in (override.at if override else None, grace.paid_at if grace else None,
-                                  moved.at if moved else None) if o is not None], default=None)
-        if latest is not None and event.timestamp < latest:
-            return f"older than the last event for {event.subscriber_id}; not applied"
-        return ""
-
     def _apply_event(self, event: Event, now: float) -> None:
-        sid, at = event.subscriber_id, min(event.timestamp, now)
+        """One event into the policy inputs, stamped with its receipt instant (``receipt_clock``)."""
+        sid, at = event.subscriber_id, self.receipts.stamp()
         cause = (f"operator {event.actor}: {event.note or 'no reason given'}" if event.actor
                  else f"event {event.id} ({event.type})")
+        self.billing_order.record(event)
         if event.type == PAYMENT:
             promise = self.inputs.promise(sid)
             if promise is not None and promise.active(now):
                 self.metrics.promises.labels("kept").inc()
-            policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause, now)
+            policy.record_payment(self.inputs, sid, at, self.config.policy.payment_grace, cause, at)
         elif event.type == RESTRICTED:
             policy.record_override(self.inputs, sid, Override(True, at, cause, event.subscriber))
         elif event.type == RELEASED:
@@ -562,29 +592,19 @@ class Enforcer:
             assert event.subscriber is not None
             self.inputs.readdressed[sid] = policy.Readdress(event.subscriber.addresses, at, cause)
         elif event.type in EXEMPTION_OPENED:
-            until = event.until or max(at, now) + self.config.policy.exemption_default
+            until = event.until or at + self.config.policy.exemption_default
             policy.record_exemption(self.inputs, sid, Exemption(EXEMPTION_OPENED[event.type], until, event.note,
                                                                 f"event {event.id}", at))
         elif event.type in EXEMPTION_CLOSED:
             policy.clear_exemption(self.inputs, sid, EXEMPTION_CLOSED[event.type])
 
-    def _tables(self) -> tuple[dict[str, Any], ...]:
-        i = self.inputs
-        return (i.overrides, i.graces, i.readdressed, i.exemptions, i.promises)
+    def _save_inputs(self, sid: str) -> "Undo":
+        """One subscriber's inputs, to put back if their change cannot be applied."""
+        return Undo(self.inputs.snapshot(sid), self.billing_order.snapshot(sid))
 
-    def _save_inputs(self, sid: str) -> tuple[Any, ...]:
-        """One subscriber's policy inputs, to put back if their batch cannot be applied."""
-        saved = [table.get(sid) for table in self._tables()]
-        saved[3] = dict(saved[3]) if saved[3] is not None else None   # exemptions are changed in place
-        saved[4] = list(saved[4]) if saved[4] is not None else None   # and so is the promise history
-        return tuple(saved)
-
-    def _restore_inputs(self, sid: str, saved: tuple[Any, ...]) -> None:
-        for table, value in zip(self._tables(), saved, strict=True):
-            if value is None:
-                table.pop(sid, None)
-            else:
-                table[sid] = value
+    def _restore_inputs(self, sid: str, saved: "Undo") -> None:
+        self.inputs.restore(saved.inputs)
+        self.billing_order.restore(sid, saved.billing)
 
     # -- time ---------------------------------------------------------------------------------
     async def timers(self, stop: asyncio.Event) -> None:
@@ -624,7 +644,7 @@ class Enforcer:
             if self.reconciler.needs_full:
                 await self.sync_all(read_kernel=True)
                 return
-            now = self.clock()
+            now = self._now()
             lapsing = sum(1 for h in self.inputs.promises.values()
                           if h and h[-1].outcome == "active" and h[-1].until <= now)
             expired = policy.expire(self.inputs, now)
@@ -663,9 +683,9 @@ class Enforcer:
                              ) -> tuple[int, dict[str, Any]]:
         """Apply a policy-input change for one subscriber: decide, commit, persist, audit, flush."""
         async with self.lock:
-            now = self.clock()
+            now = self._now()
             saved = self._save_inputs(sid)
-            change(now)
+            change(self.receipts.stamp())   # the change is ordered by its receipt (receipt_clock)
             previous = self.decisions.get(sid)
             decision = self.inputs.decide(sid, now, previous)
             try:
@@ -687,10 +707,11 @@ class Enforcer:
         """``walled-garden exempt``: keep a subscriber free until ``until`` whatever the list says."""
         if sid not in self.inputs.known_ids() and sid not in self.decisions:
             log.info("event=exemption_for_unknown subscriber=%s (kept; applies if they are listed later)", sid)
-        exemption = Exemption(category, until, note, f"operator {actor}", self.clock())
+        exemption = Exemption(category, until, note, f"operator {actor}", 0.0)   # set_at: its receipt
         log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%r", actor, sid, category,
                     policy.when(until), note)
-        return await self._change_inputs(sid, lambda now: policy.record_exemption(self.inputs, sid, exemption),
+        return await self._change_inputs(sid, lambda at: policy.record_exemption(self.inputs, sid,
+                                                                                 replace(exemption, set_at=at)),
                                          f"exemption set by operator {actor}: {category} until "
                                          f"{policy.when(until)}: {note or 'no note'}")
 

@@ -38,7 +38,7 @@ class Override:
     """An explicit instruction about one subscriber, newer than the list."""
 
     restrict: bool
-    at: float                       # when it was said (event timestamp, unix seconds)
+    at: float                       # when this gateway received it (``receipt_clock``)
     cause: str                      # "event <id> (...)" or "operator <user>: <reason>"
     subscriber: Subscriber | None = None   # addresses/mode when ``restrict``
 
@@ -50,7 +50,10 @@ class Override:
 
 @dataclass(frozen=True)
 class Grace:
-    """A payment: free from ``paid_at`` until ``until`` whatever the list says."""
+    """A payment: free until ``until`` whatever the list says.
+
+    ``paid_at`` is when this gateway received the payment (``receipt_clock``), the instant it
+    is ordered by against overrides; the grace runs from it."""
 
     paid_at: float
     until: float
@@ -175,7 +178,8 @@ def _wait_for_window(decision: Decision, enforced: Decision | None, windows: Win
 
 def _decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
             grace: Grace | None, now: float) -> Decision:
-    active_grace = grace if grace is not None and grace.paid_at <= now < grace.until else None
+    # Ends only: a clock stepped back must never make a grace received "in the future" void.
+    active_grace = grace if grace is not None and now < grace.until else None
     if override is not None and (grace is None or override.at >= grace.paid_at):
         if not override.restrict:
             return Decision(subscriber_id, Mode.FREE, override.cause)
@@ -187,6 +191,18 @@ def _decide(subscriber_id: str, listed: Subscriber | None, override: Override | 
     if listed is not None:
         return Decision(subscriber_id, listed.mode, LISTED, listed)
     return Decision(subscriber_id, Mode.FREE, "not on the restricted list")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One subscriber's policy inputs at one moment (``PolicyInputs.snapshot``)."""
+
+    subscriber_id: str
+    override: Override | None
+    grace: Grace | None
+    readdress: Readdress | None
+    exemptions: dict[str, Exemption] | None
+    promises: list[Promise] | None
 
 
 @dataclass
@@ -237,6 +253,25 @@ class PolicyInputs:
             if opens is not None and opens > now:
                 times.append(opens)
         return min(times) if times else None
+
+    def snapshot(self, subscriber_id: str) -> "Snapshot":
+        """One subscriber's overrides, grace, addresses, exemptions and promises, copied."""
+        exemptions = self.exemptions.get(subscriber_id)
+        promises = self.promises.get(subscriber_id)
+        return Snapshot(subscriber_id, self.overrides.get(subscriber_id), self.graces.get(subscriber_id),
+                        self.readdressed.get(subscriber_id), dict(exemptions) if exemptions is not None else None,
+                        list(promises) if promises is not None else None)
+
+    def restore(self, snapshot: "Snapshot") -> None:
+        """Put back what ``snapshot`` copied (a change that could not be applied)."""
+        sid = snapshot.subscriber_id
+        for table, value in ((self.overrides, snapshot.override), (self.graces, snapshot.grace),
+                             (self.readdressed, snapshot.readdress), (self.exemptions, snapshot.exemptions),
+                             (self.promises, snapshot.promises)):
+            if value is None:
+                table.pop(sid, None)   # type: ignore[attr-defined]
+            else:
+                table[sid] = value     # type: ignore[index]
 
     def list_exempt(self) -> list[Subscriber]:
         """Listed entries that carry their own exemption (cached per list)."""
@@ -326,6 +361,23 @@ def record_payment(inputs: PolicyInputs, subscriber_id: str, paid_at: float, gra
     inputs.graces[subscriber_id] = Grace(paid_at, until, cause)
     if subscriber_id in inputs.promises:
         inputs.promises[subscriber_id] = settle(inputs.promises[subscriber_id], paid_at, paid=True)
+
+
+def clock_stepped(inputs: PolicyInputs, seconds: float, now: float) -> set[str]:
+    """The wall clock jumped ``seconds`` forward: durations that run from receipt (payment
+    graces, promises) still running at ``now - seconds`` end that much later, so the jump
+    costs nobody their freedom. Returns the ids whose inputs changed (to persist)."""
+    before = now - seconds
+    moved = set()
+    for sid, grace in inputs.graces.items():
+        if grace.until > before:
+            inputs.graces[sid] = replace(grace, until=grace.until + seconds)
+            moved.add(sid)
+    for sid, history in inputs.promises.items():
+        if history and history[-1].outcome == "active" and history[-1].until > before:
+            history[-1] = replace(history[-1], until=history[-1].until + seconds)
+            moved.add(sid)
+    return moved
 
 
 def record_promise(inputs: PolicyInputs, promise: Promise) -> None:

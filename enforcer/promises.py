@@ -37,7 +37,7 @@ class Promise:
     address: str = ""            # where the button was pressed (for support)
 
     def active(self, now: float) -> bool:
-        return self.outcome == ACTIVE and self.made_at <= now < self.until
+        return self.outcome == ACTIVE and now < self.until   # not made_at <= now: see receipt_clock
 
     def to_json(self) -> dict[str, Any]:
         return {"made_at": self.made_at, "until": self.until, "outcome": self.outcome, "address": self.address}

@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL
     old_mode TEXT NOT NULL, new_mode TEXT NOT NULL, cause TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_subscriber ON audit (subscriber, at);
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+-- Newest billing timestamp applied per subscriber and stream (billing_order): late retries stay stale.
+CREATE TABLE IF NOT EXISTS billing_order (id TEXT NOT NULL, stream TEXT NOT NULL, ts REAL NOT NULL,
+    PRIMARY KEY (id, stream));
 CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '');
 """
@@ -167,6 +170,16 @@ class Store:
             self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
                                 [(sid, p.made_at, p.until, p.outcome, p.address)
                                  for sid in promised for p in inputs.promises[sid]])
+
+    # -- billing order ------------------------------------------------------------------------
+    def billing_order(self) -> list[tuple[str, str, float]]:
+        return [(row[0], row[1], float(row[2]))
+                for row in self.db.execute("SELECT id, stream, ts FROM billing_order")]
+
+    def save_billing_order(self, rows: Iterable[tuple[str, str, float]]) -> None:
+        """Upsert (subscriber, stream, newest billing timestamp) rows; see ``billing_order``."""
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO billing_order (id, stream, ts) VALUES (?, ?, ?)", list(rows))
 
     # -- webhook ids ----------------------------------------------------------------------
     def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:

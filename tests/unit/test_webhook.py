@@ -318,7 +318,7 @@ async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, 
     def broken(*_: Any) -> str:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(enforcer, "_stale", broken)
+    monkeypatch.setattr(enforcer.billing_order, "stale", broken)
     body = _event("payment.received", "C-1")
     response = await client.post("/v1/events", data=body, headers=_headers(body, "boom"))
     assert response.status == 503 and "retry" in (await response.json())["error"]

@@ -1,0 +1,54 @@
+"""When the gateway received an input: one ordering for everything, whatever the clocks do.
+
+Inputs about a subscriber (billing events, operator actions, promises, exemptions) are weighed
+against each other by *when this gateway received them*, never by billing's timestamps: billing
+may run a minute ahead or behind (the signature tolerance is five minutes), and comparing its
+clock with ours is what once let a restriction stamped "later" beat the payment that followed
+it. Receipt instants come from ``ReceiptClock.stamp``: wall-clock seconds (they are shown to
+people and persisted) that never repeat and never go backwards, even when the gateway's clock
+is stepped back; the floor is the newest instant already stored, so a restart after a step back
+keeps the order too.
+
+A step *forward* cannot be undone by ordering: every grace or promise would end early by the
+size of the step (a router that boots with a stale clock and then syncs NTP would re-restrict
+paid subscribers). ``ReceiptClock.step`` compares the wall clock with the monotonic clock and
+reports such a step, so the daemon can push the ends of durations that run from receipt
+(payment graces, promises) forward by the same amount. Backward steps need nothing: an end
+in the future stays in the future (freedom lasts longer, never shorter).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+#: Receipt instants are at least this far apart, so no two inputs ever share one.
+TICK = 1e-6
+#: A disagreement between wall and monotonic clock above this is a step, not drift.
+STEP_THRESHOLD = 2.0
+
+
+class ReceiptClock:
+    def __init__(self, clock: Callable[[], float] = time.time, floor: float = 0.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.monotonic = monotonic
+        self.last = floor
+        self._anchor = (clock(), monotonic())
+
+    def stamp(self) -> float:
+        """A receipt instant for one input: now, but after every instant handed out before."""
+        self.last = max(self.clock(), self.last + TICK)
+        return self.last
+
+    def step(self) -> float:
+        """Seconds the wall clock jumped forward since the last call (0 when it did not)."""
+        wall, mono = self.clock(), self.monotonic()
+        then_wall, then_mono = self._anchor
+        self._anchor = (wall, mono)
+        jump = (wall - then_wall) - (mono - then_mono)
+        return jump if jump > STEP_THRESHOLD else 0.0
+
+    def stepped_back(self) -> float:
+        """How far the wall clock is behind the newest receipt instant (for status and logs)."""
+        return max(self.last - self.clock(), 0.0)

@@ -1,0 +1,176 @@
+"""A payment answered 200 keeps the subscriber free for the grace, whatever the clocks say.
+
+SPEC §8: billing's clock may be ahead or behind (within the signature tolerance), the gateway's
+clock may be stepped either way, and retries arrive in any order. Inputs are ordered by receipt
+(``receipt_clock``), billing's events among themselves by billing's clock (``billing_order``).
+Each scenario here failed before that rule: the restriction beat the payment, or a full sync
+after a step back re-restricted a subscriber who had just paid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Mode, Subscriber, parse_address
+
+from daemon_helpers import NoConntrack
+
+NOW = 1_795_000_000.0   # 2026-11-18
+GRACE = 3600.0
+
+
+class Clocks:
+    """A wall clock that can be stepped, and the monotonic clock it is checked against."""
+
+    def __init__(self) -> None:
+        self.wall = NOW
+        self.mono = 1000.0
+
+    def pass_(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
+        self.wall += seconds
+
+
+def config(tmp: Path) -> Any:
+    return parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+                        f"policy: {{payment_grace: {int(GRACE)}}}\n", str(tmp / "c.yaml"))
+
+
+SUB = Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.WALLED_GARDEN, "overdue")
+
+
+@contextlib.asynccontextmanager
+async def enforcer(tmp: Path, clocks: Clocks, fake: FakeDataplane | None = None,
+                   listed: bool = True) -> AsyncIterator[tuple[Enforcer, FakeDataplane]]:
+    fake = fake or FakeDataplane()
+    e = Enforcer(config(tmp), dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
+                 clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await e.restore()
+    if listed:
+        await e.on_list(ListUpdate([SUB], "l.yaml", "1"))
+    try:
+        yield e, fake
+    finally:
+        await e.close()
+
+
+def walled(fake: FakeDataplane) -> bool:
+    return "100.64.0.10" in fake.view["mode4_32"]
+
+
+async def send(e: Enforcer, kind: str, ts: float, eid: str) -> tuple[int, dict[str, Any]]:
+    subscriber = SUB if kind == RESTRICTED else None
+    return await e.handle_event(Event(eid, kind, ts, "C-1", subscriber), 0.0)
+
+
+async def test_billing_clock_ahead_restriction_then_payment(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        assert (await send(e, RESTRICTED, NOW + 60, "r1"))[0] == 200
+        assert walled(fake)
+        status, answer = await send(e, PAYMENT, NOW + 61, "p1")
+        assert (status, answer["result"], answer["mode"]) == (200, "applied", "free")
+        assert not walled(fake)
+
+
+async def test_billing_clock_ahead_both_in_one_batch(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        restricted = e.submit_event(Event("r1", RESTRICTED, NOW + 60, "C-1", SUB), 0.0)
+        paid = e.submit_event(Event("p1", PAYMENT, NOW + 61, "C-1"), 0.0)
+        assert (await restricted)[0] == 200
+        status, answer = await paid
+        assert (status, answer["mode"]) == (200, "free")
+        assert not walled(fake)
+
+
+async def test_gateway_clock_stepped_back_then_payment(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        await send(e, RESTRICTED, NOW, "r1")
+        clocks.step(-600)
+        status, answer = await send(e, PAYMENT, NOW + 5, "p1")
+        assert (status, answer["mode"]) == (200, "free")
+        assert not walled(fake)
+
+
+async def test_step_back_then_full_sync_keeps_the_payer_free(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks) as (e, fake):
+        assert walled(fake)
+        assert (await send(e, PAYMENT, NOW, "p1"))[1]["mode"] == "free"
+        clocks.step(-600)
+        async with e.lock:
+            await e.sync_all(read_kernel=True)
+        assert not walled(fake)
+
+
+async def test_forward_step_does_not_end_the_grace_early(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks) as (e, fake):
+        await send(e, PAYMENT, NOW, "p1")
+        clocks.pass_(60)
+        clocks.step(86400)          # NTP fixes a clock that was a day behind
+        await e._tick()
+        assert not walled(fake)
+        clocks.pass_(GRACE - 120)   # still inside the grace as really lived
+        await e._tick()
+        assert not walled(fake)
+        clocks.pass_(120)           # now it has really ended
+        await e._tick()
+        assert walled(fake)
+
+
+@pytest.mark.parametrize("restriction_ts", [NOW - 30, NOW])
+async def test_late_retry_of_an_older_restriction_is_stale(tmp_path: Path, restriction_ts: float) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        await send(e, PAYMENT, NOW, "p1")
+        status, answer = await send(e, RESTRICTED, restriction_ts, "r-late")
+        assert (status, answer["result"]) == (200, "ignored")
+        assert not walled(fake)
+
+
+async def test_a_payment_booked_late_still_lifts(tmp_path: Path) -> None:
+    """Billing stamped the payment before the restriction it sent first: the payment still lifts."""
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        await send(e, RESTRICTED, NOW, "r1")
+        status, answer = await send(e, PAYMENT, NOW - 3600, "p-booked-late")
+        assert (status, answer["result"], answer["mode"]) == (200, "applied", "free")
+        assert not walled(fake)
+
+
+async def test_a_newer_restriction_after_the_payment_applies(tmp_path: Path) -> None:
+    clocks = Clocks()
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        await send(e, PAYMENT, NOW, "p1")
+        assert (await send(e, RESTRICTED, NOW + 10, "r-new"))[1]["result"] == "applied"
+        assert walled(fake)
+        assert (await send(e, RELEASED, NOW + 5, "rel-old"))[1]["result"] == "ignored"
+        assert walled(fake)
+
+
+async def test_order_survives_a_restart_after_a_step_back(tmp_path: Path) -> None:
+    clocks = Clocks()
+    fake = FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake=fake) as (e, _):
+        await send(e, PAYMENT, NOW, "p1")
+    clocks.step(-3600)
+    async with enforcer(tmp_path, clocks, fake=fake, listed=False) as (e, _):
+        assert e.receipts.stamp() > NOW
+        # a late retry of an older restriction, after the restart: still stale
+        assert (await send(e, RESTRICTED, NOW - 1, "r-late"))[1]["result"] == "ignored"
+        assert not walled(fake)
