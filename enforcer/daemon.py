@@ -47,6 +47,8 @@ T = TypeVar("T")
 RESYNC_SECONDS = 2.0
 #: How often processed webhook ids older than their retention are dropped.
 PRUNE_SECONDS = 3600.0
+#: How often decisions held back by an address conflict are tried again.
+CONFLICT_RETRY_SECONDS = 60.0
 #: How often the escalation ladder is checked (O(list); steps are days apart anyway).
 ESCALATION_SECONDS = 300.0
 
@@ -172,6 +174,7 @@ class Enforcer:
         # an enforcement window keeps (and does not newly start) restrictions.
         self.decisions: dict[str, Decision] = enforced_before(self.store)
         self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
+        self.conflicts: dict[str, dict[str, Any]] = {}   # decisions not enforced: an address is another's
         self._escalated = 0.0
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
         self.mode_counts: dict[Mode, int] = {}
@@ -258,6 +261,36 @@ class Enforcer:
         if deferred is not None:
             deferred.append(write)
         return result
+
+    async def _update_resolving(self, decisions: dict[str, Decision], why: str) -> SyncResult:
+        """``_update`` for changes nobody waits on (timers): a subscriber whose new decision
+        claims an address another subscriber holds keeps what is enforced now, reported in
+        ``conflicts`` (and retried each timer round), while everyone else's change applies.
+        One reassigned address must never stop graces, promises and windows for all."""
+        try:
+            result = await self._update(decisions)
+        except AddressConflict:
+            result = None
+        if result is not None:
+            for sid in decisions:
+                self.conflicts.pop(sid, None)
+            return result
+        merged = SyncResult("partial", 0, [])
+        for sid, decision in decisions.items():
+            try:
+                one = await self._update({sid: decision})
+            except AddressConflict as exc:
+                if sid not in self.conflicts:
+                    log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "
+                                "retried each timer round)", sid, why, str(exc))
+                self.conflicts[sid] = {"detail": str(exc), "since": self.conflicts.get(sid, {}).get(
+                    "since", self.clock()), "wanted": decision.mode.value}
+                continue
+            self.conflicts.pop(sid, None)
+            merged.elements += one.elements
+            merged.changed += one.changed
+            merged.kind = "full" if one.kind == "full" else merged.kind
+        return merged
 
     def _synced(self, result: SyncResult, seconds: float) -> None:
         self.metrics.sync_seconds.labels(result.kind).observe(seconds)
@@ -618,6 +651,8 @@ class Enforcer:
                 due = min(due, check) if due else check
             wait = RESYNC_SECONDS if self.reconciler.needs_full else min(due - now if due else PRUNE_SECONDS,
                                                                          PRUNE_SECONDS)
+            if self.conflicts:
+                wait = min(wait, CONFLICT_RETRY_SECONDS)
             self._changed.clear()
             stopper = asyncio.ensure_future(stop.wait())
             changed = asyncio.ensure_future(self._changed.wait())
@@ -654,13 +689,13 @@ class Enforcer:
             if self.inputs.rules.escalation and now >= self._escalated + ESCALATION_SECONDS:
                 self._escalated = now
                 escalating = policy.escalation_due(self.inputs, now, self.decisions)
-            todo = expired | opened | escalating
+            todo = expired | opened | escalating | set(self.conflicts)
             if not todo:
                 return
             if expired:
                 await asyncio.to_thread(self.store.save_subscribers, self.inputs, expired)
             decisions = {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in todo}
-            result = await self._update(decisions)
+            result = await self._update_resolving(decisions, "policy timer")
             self._count_exemptions()
         log.info("event=policy_timer expired=%d window_opened=%d escalated=%d changed_networks=%d", len(expired),
                  len(opened), len(escalating), len(result.changed))
@@ -946,6 +981,8 @@ class Enforcer:
             "exemptions": sum(len(e) for e in self.inputs.exemptions.values()),
             "promises_active": sum(1 for h in self.inputs.promises.values() if h and h[-1].active(now)),
             "waiting_for_window": len(self.waiting),
+            "address_conflicts": dict(sorted(self.conflicts.items())[:20]),
+            "address_conflicts_total": len(self.conflicts),
             "windows": self.inputs.rules.windows.describe(),
             "outbox": self.store.outbox_size(),
             "held_changes": [] if self.held is None else [{

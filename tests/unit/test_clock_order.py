@@ -174,3 +174,34 @@ async def test_order_survives_a_restart_after_a_step_back(tmp_path: Path) -> Non
         # a late retry of an older restriction, after the restart: still stale
         assert (await send(e, RESTRICTED, NOW - 1, "r-late"))[1]["result"] == "ignored"
         assert not walled(fake)
+
+
+async def test_an_address_conflict_in_the_timer_does_not_stop_the_timers(tmp_path: Path) -> None:
+    """C-1 pays, billing restricts C-2 on C-1's old address, C-1's grace ends: C-1 cannot be
+    walled on an address C-2 holds. That is reported and retried; the timer task lives on and
+    still ends C-3's grace."""
+    import asyncio
+
+    clocks = Clocks()
+    c3 = Subscriber("C-3", (parse_address("100.64.0.30"),), Mode.WALLED_GARDEN, "overdue")
+    async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
+        await e.on_list(ListUpdate([SUB, c3], "l.yaml", "2"))
+        await send(e, PAYMENT, NOW, "p1")
+        await e.handle_event(Event("p3", PAYMENT, NOW, "C-3"), 0.0)
+        c2 = Subscriber("C-2", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue")
+        assert (await e.handle_event(Event("r2", RESTRICTED, NOW + 1, "C-2", c2), 0.0))[0] == 200
+        stop = asyncio.Event()
+        timers = asyncio.create_task(e.timers(stop))
+        await asyncio.sleep(0.05)   # the timer is waiting for its next instant
+        clocks.pass_(GRACE + 1)
+        e._changed.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if "100.64.0.30" in fake.view["mode4_32"]:
+                break
+        assert "100.64.0.30" in fake.view["mode4_32"], "C-3's grace did not end"
+        assert not timers.done(), timers.exception() if timers.done() else None
+        assert fake.view["mode4_32"]["100.64.0.10"] == "goto notice"     # C-2 keeps its address
+        assert "C-1" in e.status()["address_conflicts"]
+        stop.set()
+        await asyncio.wait_for(timers, 5)
