@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .policy import Decision, Override
 from .batcher import Batcher
 from .billing_order import BillingOrder
+from .claims import ClaimsIndex
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
 from .sources import ListUpdate, SourceFailure
@@ -62,28 +63,6 @@ class HeldChange:
     lifting: int
     since: float
     why: str
-
-
-class BatchClaims:
-    """Addresses claimed by the decisions of one batch, for conflict checks in O(addresses)."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[tuple[str, str], str] = {}
-        self.by_subscriber: dict[str, set[tuple[str, str]]] = {}
-
-    def claim(self, sid: str, decision: Decision) -> None:
-        for key in self.by_subscriber.pop(sid, set()):
-            del self.by_key[key]
-        mine = {(c, k) for c, k, _ in subscriber_elements(decision) if c.startswith(MODE_PREFIX)}
-        self.by_subscriber[sid] = mine
-        self.by_key.update(dict.fromkeys(mine, sid))
-
-    def holder(self, container: str, key: str, enforced_by: str | None) -> str | None:
-        """Who holds a key once this batch applies: its claims replace their owners' old ones."""
-        claimed = self.by_key.get((container, key))
-        if claimed is not None:
-            return claimed
-        return None if enforced_by in self.by_subscriber else enforced_by
 
 
 @dataclass(frozen=True)
@@ -124,6 +103,13 @@ def enforced_before(store: Store) -> dict[str, Decision]:
             continue
         out[sid] = Decision(sid, mode, "enforced before the restart", subscriber)
     return out
+
+
+def held(decision: Decision) -> tuple[Network, ...]:
+    """The networks a decision puts in the kernel (none when free)."""
+    if decision.restricted and decision.subscriber is not None:
+        return decision.subscriber.addresses
+    return ()
 
 
 def newest_receipt(inputs: policy.PolicyInputs) -> float:
@@ -174,7 +160,8 @@ class Enforcer:
         # an enforcement window keeps (and does not newly start) restrictions.
         self.decisions: dict[str, Decision] = enforced_before(self.store)
         self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
-        self.conflicts: dict[str, dict[str, Any]] = {}   # decisions not enforced: an address is another's
+        self.conflicts: dict[str, dict[str, Any]] = {}
+        self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
         self._escalated = 0.0
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
         self.mode_counts: dict[Mode, int] = {}
@@ -228,6 +215,7 @@ class Enforcer:
             log.error("event=sync_failed kind=full error=%r", str(exc))
             raise
         self._synced(result, time.perf_counter() - started)
+        self.claims.rebuild({sid: held(d) for sid, d in self.reconciler.owned.items()})
         previous, self.decisions = self.decisions, decisions
         await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
         self._spawn(self._flush(result.changed, "sync"))
@@ -245,11 +233,16 @@ class Enforcer:
         With ``deferred`` the state-table writes are appended there for the caller to commit
         together with its own (a webhook batch: one SQLite commit instead of three)."""
         started = time.perf_counter()
+        undo = self._claim(decisions)
         try:
             result = await self._kernel(self.reconciler.update, decisions)
         except NeedsFullSync:
             return await self.sync_all()
-        except DataplaneError as exc:
+        except (DataplaneError, AddressConflict) as exc:
+            for sid, previous in reversed(undo):
+                self.claims.claim(sid, previous)
+            if isinstance(exc, AddressConflict):
+                raise
             self.metrics.sync_failures.inc()
             log.error("event=sync_failed kind=partial error=%r", str(exc))
             raise
@@ -261,6 +254,19 @@ class Enforcer:
         if deferred is not None:
             deferred.append(write)
         return result
+
+    def _claim(self, decisions: dict[str, Decision]) -> list[tuple[str, tuple[Network, ...]]]:
+        """Claim the decisions' addresses (releases first), or raise ``AddressConflict`` having
+        claimed nothing; returns what the claims replaced, to put back if the kernel fails."""
+        undo: list[tuple[str, tuple[Network, ...]]] = []
+        for sid, decision in sorted(decisions.items(), key=lambda item: item[1].restricted):
+            conflict = self.claims.conflict(sid, held(decision))
+            if conflict is not None:
+                for done, previous in reversed(undo):
+                    self.claims.claim(done, previous)
+                raise AddressConflict(str(conflict))
+            undo.append((sid, self.claims.claim(sid, held(decision))))
+        return undo
 
     async def _update_resolving(self, decisions: dict[str, Decision], why: str) -> SyncResult:
         """``_update`` for changes nobody waits on (timers): a subscriber whose new decision
@@ -372,7 +378,8 @@ class Enforcer:
             self.metrics.source_success.set(self.clock())
             if not approved_by:
                 restricting, lifting = policy.preview_list(self.inputs, new, self.clock())
-                why = policy.guard_reason(restricting, lifting, sum(self.mode_counts.values()),
+                restricted_now = sum(policy.weight(d.subscriber) for d in self.decisions.values() if d.restricted)
+                why = policy.guard_reason(restricting, lifting, restricted_now,
                                           self.config.subscribers.guard)
                 if why:
                     self.held = HeldChange(update, restricting, lifting, self.clock(), why)
@@ -517,7 +524,7 @@ class Enforcer:
         answers: dict[int, tuple[int, dict[str, Any]]] = {}
         applied: list[tuple[int, str, Undo]] = []
         touched: dict[str, Decision] = {}
-        claims = BatchClaims()
+        claimed: list[tuple[str, tuple[Network, ...]]] = []   # what the batch's claims replaced
         result: SyncResult | None = None
         writes: list[EnforcedWrite] = []
         async with self.lock:
@@ -538,19 +545,21 @@ class Enforcer:
                 saved = self._save_inputs(sid)
                 self._apply_event(event, now)
                 decision = self.inputs.decide(sid, now, self.decisions.get(sid))
-                clash = self._clash(sid, decision, claims)
-                if clash:
+                conflict = self.claims.conflict(sid, held(decision))
+                if conflict is not None:
                     self._restore_inputs(sid, saved)
                     self.metrics.events.labels(event.type, "conflict").inc()
-                    answers[index] = (409, {"error": clash, "id": event.id})
+                    answers[index] = (409, {"error": str(conflict), "id": event.id})
                     continue
                 touched[sid] = decision
-                claims.claim(sid, decision)
+                claimed.append((sid, self.claims.claim(sid, held(decision))))
                 applied.append((index, sid, saved))
             if touched:
                 try:
                     result = await self._update(touched, deferred=writes)
                 except (DataplaneError, AddressConflict) as exc:  # nothing of the batch was applied
+                    for sid, previous in reversed(claimed):
+                        self.claims.claim(sid, previous)
                     for index, sid, saved in reversed(applied):
                         self._restore_inputs(sid, saved)
                         event = batch[index].event
@@ -595,16 +604,6 @@ class Enforcer:
         for index, item in enumerate(batch):
             if not item.answer.done():
                 item.answer.set_result(answers.get(index, (503, {"error": "not processed"})))
-
-    def _clash(self, sid: str, decision: Decision, claims: "BatchClaims") -> str:
-        """Which other subscriber already holds one of this decision's addresses, if any."""
-        for container, key, _ in subscriber_elements(decision):
-            if not container.startswith(MODE_PREFIX):
-                continue
-            holder = claims.holder(container, key, self.reconciler.owner_of(container, key))
-            if holder is not None and holder != sid:
-                return f"{key} is already enforced for subscriber {holder}"
-        return ""
 
     def _apply_event(self, event: Event, now: float) -> None:
         """One event into the policy inputs, stamped with its receipt instant (``receipt_clock``)."""

@@ -405,16 +405,36 @@ def restricted_ids(decisions: Iterable[Decision]) -> set[str]:
     return {d.subscriber_id for d in decisions if d.restricted}
 
 
+#: An IPv6 prefix counts once per /56 (a usual per-subscriber delegation) in ``weight``.
+IPV6_UNIT = 56
+
+
+def weight(subscriber: Subscriber | None) -> int:
+    """How many subscribers' worth of address space an entry covers, for the mass-change guard:
+    an IPv4 prefix counts one per address, an IPv6 prefix one per /56, a subscriber at least 1.
+    So one entry with ``100.64.0.0/16`` weighs 65,536 and is held like 65,536 new restrictions."""
+    if subscriber is None:
+        return 1
+    units = 1
+    for network in subscriber.addresses:
+        spare = (32 - network.prefixlen) if network.version == 4 else (IPV6_UNIT - network.prefixlen)
+        units = max(units, 1 << spare if spare > 0 else 1)
+    return units
+
+
 def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float) -> tuple[int, int]:
-    """How many subscribers a new list would newly restrict and newly free, without applying it."""
+    """How much a new list would newly restrict and newly free, without applying it, weighed
+    by address space (``weight``)."""
     restricting = lifting = 0
     for sid in list_changes(inputs.listed, new):
         before = inputs.decide(sid, now).restricted
         exemptions = inputs.exemptions.get(sid)
         after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now,
                        exemptions=exemptions.values() if exemptions else (), promise=inputs.promise(sid)).restricted
-        restricting += after and not before
-        lifting += before and not after
+        if after and not before:
+            restricting += weight(new.get(sid))
+        if before and not after:
+            lifting += weight(inputs.listed.get(sid) or new.get(sid))
     return restricting, lifting
 
 
@@ -422,7 +442,8 @@ def guard_reason(restricting: int, lifting: int, restricted_now: int, guard: "Gu
     """Why a list change must wait for an operator, or '' if it may go ahead."""
     reasons = []
     if restricting > guard.max_restrict and restricting > guard.max_restrict_share * restricted_now:
-        reasons.append(f"it would restrict {restricting} subscribers at once (limits: {guard.max_restrict} and "
+        reasons.append(f"it would restrict {restricting} subscribers at once, prefixes weighed by the space they "
+                       f"cover (limits: {guard.max_restrict} and "
                        f"{guard.max_restrict_share:.0%} of the {restricted_now} restricted now)")
     if lifting > guard.max_lift and lifting > guard.max_lift_share * restricted_now:
         reasons.append(f"it would lift {lifting} subscribers at once (limits: {guard.max_lift} and "

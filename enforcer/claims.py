@@ -1,0 +1,151 @@
+"""Who holds which addresses: one index, so no input can wall a neighbour (SPEC §8).
+
+An address or prefix belongs to at most one subscriber's enforcement. The kernel's sets are
+keyed per (family, prefix length), so a clash of *equal* keys is easy to see, but a
+``subscriber.restricted`` naming ``100.64.0.0/16`` clashes with every subscriber inside it
+without sharing a single key. This index answers "does this network overlap anyone else's?"
+in O(prefix lengths in use):
+
+- *containing or equal*: for each length in use up to the network's own, the network masked
+  to that length is looked up among the held networks of that length;
+- *contained*: for each length in use, ``inside`` counts the held networks of longer prefixes
+  under each masked key, so one lookup says whether anything lies within.
+
+Keys are integers (``network_address`` as int), lengths per family are few (a gateway uses
+/32 and /128, /64 and /56, maybe a /29), so a 100k-subscriber index is a few dicts of ints.
+A length seen for the first time gets its ``inside`` counts by one scan of the held networks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .subscribers import Network
+
+Slot = tuple[int, int]            # (IP version, prefix length)
+_BITS = {4: 32, 6: 128}
+
+
+def _masked(value: int, version: int, plen: int) -> int:
+    shift = _BITS[version] - plen
+    return (value >> shift) << shift
+
+
+class Conflict(ValueError):
+    """A network overlaps one another subscriber holds."""
+
+    def __init__(self, network: Network, holder: str, theirs: Network) -> None:
+        relation = "is" if network == theirs else ("lies within" if network.prefixlen > theirs.prefixlen
+                                                    else "covers")
+        super().__init__(f"{network} {relation} {theirs}, held by subscriber {holder}")
+        self.network, self.holder, self.theirs = network, holder, theirs
+
+
+class ClaimsIndex:
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[Network, ...]] = {}
+        self._exact: dict[Slot, dict[int, str]] = {}
+        self._inside: dict[Slot, dict[int, dict[str, int]]] = {}
+        self._lengths: dict[int, list[int]] = {4: [], 6: []}
+
+    # -- queries -----------------------------------------------------------------------
+    def conflict(self, sid: str, networks: Iterable[Network]) -> Conflict | None:
+        """The first overlap of ``networks`` with a network another subscriber holds."""
+        for network in networks:
+            found = self._overlap(sid, network)
+            if found is not None:
+                return found
+        return None
+
+    def _overlap(self, sid: str, network: Network) -> Conflict | None:
+        version, plen = network.version, network.prefixlen
+        value = int(network.network_address)
+        for length in self._lengths[version]:
+            if length > plen:
+                break
+            holder = self._exact[(version, length)].get(_masked(value, version, length))
+            if holder is not None and holder != sid:
+                return Conflict(network, holder, self._network_of(holder, network, length))
+        self._ensure_inside(version, plen)
+        below = self._inside[(version, plen)].get(value)
+        if below:
+            for holder in below:
+                if holder != sid:
+                    return Conflict(network, holder, self._network_of(holder, network, None))
+        return None
+
+    def _network_of(self, holder: str, near: Network, length: int | None) -> Network:
+        """Which of ``holder``'s networks overlaps ``near`` (for the message)."""
+        for theirs in self.held.get(holder, ()):
+            if theirs.version == near.version and (theirs.subnet_of(near) or  # type: ignore[arg-type]
+                                                   theirs.supernet_of(near)):  # type: ignore[arg-type]
+                return theirs
+        return near
+
+    # -- changes -------------------------------------------------------------------------
+    def claim(self, sid: str, networks: Iterable[Network]) -> tuple[Network, ...]:
+        """Make ``networks`` the ones ``sid`` holds (none: release); returns what they held."""
+        previous = self.held.pop(sid, ())
+        for network in previous:
+            self._remove(sid, network)
+        for network in networks:   # held grows as they are added: see _ensure_inside
+            self._add(sid, network)
+            self.held[sid] = (*self.held.get(sid, ()), network)
+        return previous
+
+    def rebuild(self, holdings: Mapping[str, Iterable[Network]]) -> None:
+        self.__init__()   # type: ignore[misc]
+        for sid, networks in holdings.items():
+            self.claim(sid, networks)
+
+    def _add(self, sid: str, network: Network) -> None:
+        version, plen = network.version, network.prefixlen
+        value = int(network.network_address)
+        if plen not in self._lengths[version]:
+            self._new_length(version, plen)
+        self._exact[(version, plen)][value] = sid
+        for length in self._lengths[version]:
+            if length >= plen:
+                break
+            counts = self._inside[(version, length)].setdefault(_masked(value, version, length), {})
+            counts[sid] = counts.get(sid, 0) + 1
+
+    def _remove(self, sid: str, network: Network) -> None:
+        version, plen = network.version, network.prefixlen
+        value = int(network.network_address)
+        exact = self._exact.get((version, plen), {})
+        if exact.get(value) == sid:
+            del exact[value]
+        for length in self._lengths[version]:
+            if length >= plen:
+                break
+            key = _masked(value, version, length)
+            counts = self._inside[(version, length)].get(key)
+            if counts and sid in counts:
+                counts[sid] -= 1
+                if not counts[sid]:
+                    del counts[sid]
+                if not counts:
+                    del self._inside[(version, length)][key]
+
+    def _new_length(self, version: int, plen: int) -> None:
+        self._lengths[version] = sorted([*self._lengths[version], plen])
+        self._exact[(version, plen)] = {}
+        self._ensure_inside(version, plen)
+
+    def _ensure_inside(self, version: int, plen: int) -> None:
+        """Counts of held longer prefixes under each /plen key (one scan, first time only)."""
+        if (version, plen) in self._inside:
+            return
+        counts: dict[int, dict[str, int]] = {}
+        for sid, networks in self.held.items():
+            for network in networks:
+                if network.version == version and network.prefixlen > plen:
+                    key = _masked(int(network.network_address), version, plen)
+                    slot = counts.setdefault(key, {})
+                    slot[sid] = slot.get(sid, 0) + 1
+        self._inside[(version, plen)] = counts
+        if plen not in self._lengths[version]:
+            # tracked for ``inside`` upkeep from now on, though nothing of this length is held
+            self._lengths[version] = sorted([*self._lengths[version], plen])
+            self._exact.setdefault((version, plen), {})
