@@ -1,22 +1,42 @@
 """The enforcer's HTTP faces: billing webhooks, the operator control socket, and /metrics.
 
 Webhooks are verified with the Standard Webhooks reference implementation before the body
-is even parsed; an unsigned request learns nothing but 401. The control socket is a Unix
-socket whose file permissions decide who may use it.
+is even parsed; an unsigned request learns nothing but 401, and a flood of them writes one
+log line per ``REJECT_LOG_EVERY`` seconds (with the count held back) while each is counted in
+``walled_garden_events_total{result="unauthorized"}``. The control socket is a Unix socket
+whose file permissions decide who may use it.
+
+The TCP listeners (webhooks, metrics) face the network, so each connection is guarded
+(``ConnectionGuard``): aiohttp's server has no header or body timeout of its own (only
+``keepalive_timeout``, which since 3.1x also closes a connection that never sent a request,
+but not one that trickles a header a byte at a time) and no connection cap. Rather than
+rely on that, a thin ``asyncio.Protocol`` wraps aiohttp's per-connection protocol and keeps
+one deadline per connection: a complete request head within ``HEAD_TIMEOUT`` seconds of
+connecting (or of the previous answer), the body within ``BODY_TIMEOUT`` of the head;
+at most ``max_connections()`` connections are open, and one beyond that closes the oldest
+connection that is still waiting for or reading its request (never one whose request is
+being handled). So a few hundred idle or slow clients cannot hold the file descriptors that
+billing's next request needs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import binascii
 import grp
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
 import pwd
+import resource
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +52,42 @@ log = logging.getLogger("walled_garden.api")
 ENFORCER_KEY = web.AppKey("enforcer", Enforcer)
 #: Largest webhook body accepted; a billing event is a few hundred bytes.
 MAX_EVENT_BYTES = 64 * 1024
+#: Longest ``webhook-id`` accepted (Standard Webhooks ids are ~30 characters).
+MAX_ID_CHARS = 256
+#: At most one ``webhook_rejected`` line per this many seconds; the next says how many were held back.
+REJECT_LOG_EVERY = 10.0
+#: Signature timestamps further than this from our clock are refused (the reference's tolerance).
+SIGNATURE_TOLERANCE = 300.0
+#: A TCP connection must deliver a complete request head within this many seconds of opening
+#: (or of its previous answer on a kept-alive connection), and then its body within BODY_TIMEOUT.
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 10.0
+#: Most connections a TCP listener keeps open at once (see ``max_connections``); file
+#: descriptors kept free for everything else the process opens.
+MAX_CONNECTIONS = 1000
+FD_RESERVE = 64
+
+
+class LogLimiter:
+    """Allows one log line per ``every`` seconds and counts the ones it holds back.
+
+    A flood of bad requests must not turn into a flood of journal lines (disk, CPU, and the
+    operator's signal lost in noise); the metric counts every one of them anyway."""
+
+    def __init__(self, every: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self.next_at = float("-inf")
+        self.held = 0
+
+    def allow(self) -> int | None:
+        """None: hold this line back; else log it, with this many held back since the last one."""
+        now = self.clock()
+        if now < self.next_at:
+            self.held += 1
+            return None
+        held, self.held = self.held, 0
+        self.next_at = now + self.every
+        return held
 
 
 class SecretError(ValueError):
@@ -69,6 +125,48 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, sort_keys=True))
 
 
+def _signed_raw(webhook: Webhook, body: bytes, headers: dict[str, str]) -> bool:
+    """The Standard Webhooks check over the raw bytes, for a body that is not UTF-8.
+
+    The reference implementation decodes the body first, so it can only say 401 for such a
+    body; billing that signed it deserves the 400 that says what is wrong with it."""
+    if not (headers.get("webhook-id") and headers.get("webhook-signature")):
+        return False
+    try:
+        stamp = float(headers.get("webhook-timestamp", ""))
+        if abs(time.time() - stamp) > SIGNATURE_TOLERANCE:
+            return False
+        signed = f"{headers.get('webhook-id', '')}.{int(stamp)}.".encode() + body
+        expected = hmac.new(webhook._whsecret, signed, hashlib.sha256).digest()  # the reference's own key field
+        for candidate in headers.get("webhook-signature", "").split(" "):
+            version, _, signature = candidate.partition(",")
+            if version == "v1" and hmac.compare_digest(expected, base64.b64decode(signature, validate=True)):
+                return True
+    except (ValueError, OverflowError, binascii.Error, UnicodeEncodeError):
+        return False
+    return False
+
+
+def _verify(webhook: Webhook, body: bytes, request: web.Request) -> str | None:
+    """Why the signature does not hold, or None when it does."""
+    headers = dict(request.headers)
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None if _signed_raw(webhook, body, {k.lower(): v for k, v in headers.items()}) else "body not UTF-8"
+    try:
+        webhook.verify(body, headers, json_parse=False)
+    except (WebhookVerificationError, ValueError, binascii.Error) as exc:  # UnicodeError is a ValueError
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _id_problem(event_id: str) -> str | None:
+    if len(event_id) > MAX_ID_CHARS or not event_id.isprintable():
+        return f"webhook-id must be at most {MAX_ID_CHARS} printable characters"
+    return None
+
+
 async def post_event(request: web.Request) -> web.Response:
     received = time.perf_counter()
     enforcer = request.app[ENFORCER_KEY]
@@ -78,29 +176,41 @@ async def post_event(request: web.Request) -> web.Response:
         return _json(503, {"error": "webhook secret not configured on this gateway"})
     if request.content_length is not None and request.content_length > MAX_EVENT_BYTES:
         return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # chunked, without a length to check first
+        return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
     if len(body) > MAX_EVENT_BYTES:
         return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
-    try:
-        verifier.verify(body, dict(request.headers), json_parse=False)
-    except (WebhookVerificationError, ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    why = _verify(verifier, body, request)
+    if why is not None:
         enforcer.metrics.events.labels("unknown", "unauthorized").inc()
-        log.warning("event=webhook_rejected peer=%s why=%r", request.remote, str(exc) or type(exc).__name__)
+        held = request.app[REJECT_LOG_KEY].allow()
+        if held is not None:
+            log.warning("event=webhook_rejected peer=%s why=%r held_back=%d (at most one line per %.0fs; "
+                        "walled_garden_events_total counts them all)", request.remote, why, held, REJECT_LOG_EVERY)
         return _json(401, {"error": "missing or invalid webhook signature, or timestamp more than 5 minutes off"})
     event_id = request.headers["webhook-id"]
+    problem = _id_problem(event_id)
     try:
+        if problem:
+            raise EventError(problem)
         event = parse_event(event_id, body)
     except EventError as exc:
         enforcer.metrics.events.labels("unknown", "malformed").inc()
-        return _json(400, {"error": str(exc), "id": event_id})
+        return _json(400, {"error": str(exc), "id": event_id if not problem else event_id[:MAX_ID_CHARS]})
     status, answer = await enforcer.handle_event(event, received)
     return _json(status, answer)
+
+
+REJECT_LOG_KEY = web.AppKey("reject_log", LogLimiter)
 
 
 def webhook_app(enforcer: Enforcer, verifier: Webhook | Verifier | None) -> web.Application:
     app = web.Application(client_max_size=MAX_EVENT_BYTES)
     app[ENFORCER_KEY] = enforcer
     app[VERIFIER_KEY] = verifier if isinstance(verifier, Verifier) else Verifier(verifier)
+    app[REJECT_LOG_KEY] = LogLimiter(REJECT_LOG_EVERY)
     app.router.add_post("/v1/events", post_event)
     return app
 
@@ -292,8 +402,147 @@ async def start_unix_site(app: web.Application, path: str, group: str = "") -> w
     return runner
 
 
+# -- the TCP listeners' guard (see the module docstring) -----------------------------------------
+def max_connections() -> int:
+    """``MAX_CONNECTIONS``, or fewer when the open-files limit (``LimitNOFILE=``) is lower:
+    past that limit ``accept`` fails and billing could not connect at all."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One TCP connection: aiohttp's protocol inside, this connection's deadline outside."""
+
+    def __init__(self, guard: "ConnectionGuard", inner: asyncio.Protocol) -> None:
+        self.guard, self.inner = guard, inner
+        self.transport: asyncio.Transport | None = None
+        self.handling = False        # a complete request is being answered: never shed
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self.expect(HEAD_TIMEOUT, "head")
+        self.guard.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        self.guard.closed(self)
+        self.inner.connection_lost(exc)
+
+    def expect(self, seconds: float, what: str) -> None:
+        """The next part of the request (``head`` or ``body``) must arrive within ``seconds``."""
+        self._cancel()
+        self._deadline = asyncio.get_running_loop().call_later(seconds, self.shed, f"{what}_timeout")
+
+    def busy(self) -> None:
+        self._cancel()
+        self.handling = True
+
+    def idle(self) -> None:
+        self.handling = False
+        self.expect(HEAD_TIMEOUT, "head")
+
+    def shed(self, why: str) -> None:
+        """Close at once (nothing of ours is unsent: the request is not complete)."""
+        self._cancel()
+        self.guard.closed(self)
+        self.guard.shed(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+class ConnectionGuard:
+    """Deadlines and a cap for one TCP listener's connections (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.connections: dict[GuardedConnection, None] = {}   # oldest first
+        self.shed_counts: dict[str, int] = {}
+        self._log = LogLimiter(REJECT_LOG_EVERY)
+
+    def protocol(self, inner: asyncio.Protocol) -> GuardedConnection:
+        return GuardedConnection(self, inner)
+
+    def opened(self, connection: GuardedConnection) -> None:
+        self.connections[connection] = None
+        if len(self.connections) <= max_connections():
+            return
+        victim = next((c for c in self.connections if not c.handling and c is not connection), connection)
+        victim.shed("connection_cap")
+
+    def closed(self, connection: GuardedConnection) -> None:
+        self.connections.pop(connection, None)
+
+    def shed(self, why: str) -> None:
+        self.shed_counts[why] = self.shed_counts.get(why, 0) + 1
+        held = self._log.allow()
+        if held is not None:
+            log.warning("event=connection_shed listener=%s why=%s open=%d held_back=%d totals=%s", self.name, why,
+                        len(self.connections), held, ",".join(f"{k}:{v}" for k, v in sorted(self.shed_counts.items())))
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """The head is in: read the body under its deadline, then answer with no deadline."""
+        connection = request.transport.get_protocol() if request.transport is not None else None
+        if not isinstance(connection, GuardedConnection):
+            return await handler(request)
+        connection.expect(BODY_TIMEOUT, "body")
+        length = request.content_length
+        if length is None or length <= request.client_max_size:  # a handler answers the oversized
+            try:
+                await request.read()   # kept by aiohttp: the handler's read returns it
+            except web.HTTPRequestEntityTooLarge:
+                return _json(413, {"error": f"body larger than {request.client_max_size} bytes"})
+        connection.busy()
+        try:
+            return await handler(request)
+        finally:
+            connection.idle()
+
+
+class GuardedSite(web.TCPSite):
+    """``web.TCPSite`` whose connections go through a ``ConnectionGuard``."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)   # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: self.guard.protocol(server()), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address)
+
+
 async def start_tcp_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on TCP, each connection guarded (deadlines, cap: the module docstring)."""
+    guard = ConnectionGuard(f"{host}:{port}")
+    app.middlewares.insert(0, guard.middleware)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    await GuardedSite(runner, host, port, guard).start()
     return runner

@@ -1,11 +1,17 @@
 """Billing events (SPEC §4): the body of a verified webhook, parsed and validated.
 
-A malformed event is refused with a message naming the field, never half-applied.
+A malformed event is refused with a message naming the field, never half-applied. Whatever
+the bytes, ``parse_event`` returns an ``Event`` or raises ``EventError`` (a signed body from a
+buggy billing system must get a 400 it can act on, not a 500): the body must be UTF-8 JSON
+without duplicate keys, NaN/Infinity or unpaired surrogates, nested at most ``MAX_DEPTH``
+deep, and every time must lie between 1970 and 9999 (what ``datetime`` and the state
+database can hold).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -20,6 +26,14 @@ READDRESSED = "subscriber.addresses_changed"
 EXEMPTION_OPENED = {"dispute.opened": "dispute", "outage.opened": "outage"}
 EXEMPTION_CLOSED = {"dispute.closed": "dispute", "outage.closed": "outage"}
 TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED, *EXEMPTION_OPENED, *EXEMPTION_CLOSED)
+
+
+#: Times outside [1970-01-01, 10000-01-01) are refused: nothing billing sends lies there, and
+#: ``datetime`` cannot hold the upper end (OverflowError downstream instead of a 400).
+EARLIEST, LATEST = 0.0, 253402300800.0
+#: Deepest nesting a body may have; an event is three levels deep. A deeper body is refused
+#: before ``json`` recurses into it (100k-deep arrays raise RecursionError).
+MAX_DEPTH = 32
 
 
 class EventError(ValueError):
@@ -38,33 +52,110 @@ class Event:
     until: float | None = None              # when an opened exemption ends (None: the configured default)
 
 
+def _shown(value: Any) -> str:
+    """``repr`` cut to a length that fits an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_range(value: Any, seconds: float) -> float:
+    if not (math.isfinite(seconds) and EARLIEST <= seconds < LATEST):
+        raise EventError(f"timestamp {_shown(value)} lies outside 1970-01-01..9999-12-31")
+    return seconds
+
+
 def parse_timestamp(value: Any) -> float:
-    """RFC 3339 (``2026-11-23T10:00:00Z``) or unix seconds."""
+    """RFC 3339 (``2026-11-23T10:00:00Z``) or unix seconds, between 1970 and 9999."""
     if isinstance(value, bool):
         raise EventError("timestamp must be an RFC 3339 time or unix seconds")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return _in_range(value, float(value))
+        except OverflowError:  # an integer beyond float's range
+            raise EventError(f"timestamp {_shown(value)} lies outside 1970-01-01..9999-12-31") from None
     if not isinstance(value, str):
         raise EventError("timestamp must be an RFC 3339 time such as 2026-11-23T10:00:00Z")
+    shown = value if len(value) <= 40 else value[:40] + "..."  # quoted with !r below
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise EventError(f"timestamp {value!r} is not an RFC 3339 time such as 2026-11-23T10:00:00Z") from None
+        raise EventError(f"timestamp {shown!r} is not an RFC 3339 time such as 2026-11-23T10:00:00Z") from None
     if parsed.tzinfo is None:
-        raise EventError(f"timestamp {value!r} has no time zone (add Z or +01:00)")
-    return parsed.astimezone(timezone.utc).timestamp()
+        raise EventError(f"timestamp {shown!r} has no time zone (add Z or +01:00)")
+    try:  # 0001-01-01T00:00+01:00 lies before datetime.min in UTC
+        return _in_range(shown, parsed.astimezone(timezone.utc).timestamp())
+    except (OverflowError, ValueError):
+        raise EventError(f"timestamp {shown!r} lies outside 1970-01-01..9999-12-31") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise EventError(f"key {key!r} appears twice in one object")
+        data[key] = value
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise EventError(f"{name} is not a JSON number")
+
+
+def _depth(text: str) -> int:
+    """How deep brackets nest outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_json(body: bytes | str) -> Any:
+    """Decode a webhook body: strict UTF-8 JSON, or EventError saying what is wrong and where."""
+    if isinstance(body, bytes):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventError(f"body is not UTF-8: byte {exc.start} ({body[exc.start:exc.start + 1]!r})") from None
+    else:
+        text = body
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+        raise EventError(f"body is nested more than {MAX_DEPTH} levels deep")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except ValueError as exc:  # EventError is one too
+        if isinstance(exc, EventError):
+            raise
+        raise EventError(f"body is not JSON: {exc}") from None
+    except RecursionError:  # _depth should have caught it; never a 500
+        raise EventError(f"body is nested more than {MAX_DEPTH} levels deep") from None
+    try:  # "\ud800" escapes decode to strings that cannot be stored or sent on
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EventError(f"body holds an unpaired surrogate ({exc.object[exc.start:exc.end]!r})") from None
+    return data
 
 
 def parse_event(event_id: str, body: bytes | str) -> Event:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EventError(f"body is not JSON: {exc}") from None
+    data = load_json(body)
     if not isinstance(data, dict):
         raise EventError("body must be a JSON object with type, timestamp and data")
     kind = data.get("type")
     if kind not in TYPES:
-        raise EventError(f"type {kind!r} is not one of {', '.join(TYPES)}")
+        raise EventError(f"type {_shown(kind)} is not one of {', '.join(TYPES)}")
     if "timestamp" not in data:
         raise EventError("timestamp is missing")
     timestamp = parse_timestamp(data["timestamp"])

@@ -11,9 +11,19 @@ answers once the kernel change is committed and flushed, and the child answers b
 Wire format: one JSON object per line.
   child → daemon: ``{"n": seq, "event": {...}, "received": perf_counter}`` (CLOCK_MONOTONIC is
   shared by all processes, so latency is still measured from the request's arrival),
-  ``{"count": [type, result]}`` for requests the child refused itself, ``{"ready": true}``.
+  ``{"count": [type, result], "by": k}`` for requests the child refused itself (summed over
+  one loop turn, so a flood of unsigned requests costs the daemon one line per turn, not one
+  per request), ``{"ready": true}``.
   daemon → child: ``{"n": seq, "status": 200, "answer": {...}}``, ``{"reload": secret_file}``.
 The child exits when the daemon's end closes; the daemon restarts a child that dies.
+
+The listener faces the network, so it is built to survive it (SPEC §8): ``api.start_tcp_site``
+wraps each connection in ``api.GuardedConnection`` (aiohttp has no header timeout or
+connection cap, so the deadlines and the cap live in a small protocol wrapper there: a request
+head within ``api.HEAD_TIMEOUT`` s, its body within ``api.BODY_TIMEOUT`` s, and at most
+``api.max_connections()`` connections, the oldest idle one closed for a new one), bodies are
+capped at ``api.MAX_EVENT_BYTES``, and refused requests are logged at most once per
+``api.REJECT_LOG_EVERY`` s. The daemon's answer (status and body) reaches billing unchanged.
 """
 
 from __future__ import annotations
@@ -82,19 +92,32 @@ class LineWriter:
 
 # -- the child ----------------------------------------------------------------------------------
 class _Count:
-    def __init__(self, send: Any, labels: tuple[str, str]) -> None:
-        self.send, self.labels_ = send, labels
+    def __init__(self, events: "_Events", labels: tuple[str, str]) -> None:
+        self.events, self.labels_ = events, labels
 
     def inc(self, amount: float = 1) -> None:
-        self.send({"count": list(self.labels_)})
+        self.events.add(self.labels_, int(amount))
 
 
 class _Events:
+    """``events_total`` as the child sees it: sums sent to the daemon once per loop turn."""
+
     def __init__(self, send: Any) -> None:
         self.send = send
+        self._sums: dict[tuple[str, str], int] = {}
 
     def labels(self, kind: str, result: str) -> _Count:
-        return _Count(self.send, (kind, result))
+        return _Count(self, (kind, result))
+
+    def add(self, labels: tuple[str, str], amount: int) -> None:
+        if not self._sums:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._sums[labels] = self._sums.get(labels, 0) + amount
+
+    def _flush(self) -> None:
+        sums, self._sums = self._sums, {}
+        for labels, amount in sums.items():
+            self.send({"count": list(labels), "by": amount})
 
 
 class _Metrics:
@@ -247,7 +270,7 @@ class WorkerBridge:
             if "event" in message:
                 self._submit(message)
             elif "count" in message:
-                self.enforcer.metrics.events.labels(*message["count"]).inc()
+                self.enforcer.metrics.events.labels(*message["count"]).inc(int(message.get("by", 1)))
             elif message.get("ready"):
                 self.ready.set()
 
