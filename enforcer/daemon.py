@@ -36,7 +36,7 @@ from .batcher import Batcher
 from .billing_order import BillingOrder
 from .claims import ClaimsIndex
 from .receipt_clock import ReceiptClock
-from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, subscriber_elements
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, with_mode_view
 from .sources import ListUpdate, SourceFailure
 from .store import EnforcedWrite, Store
 from .subscribers import Mode, Network, Subscriber, validate_entry
@@ -126,7 +126,8 @@ def base_layout(config: Config) -> Layout:
     return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
                   allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
                   portal_port=config.portal.listen.port, throttle_rate=config.policy.throttle_rate,
-                  throttle_burst=config.policy.throttle_burst)
+                  throttle_burst=config.policy.throttle_burst,
+                  portal_tls_port=config.portal.tls.listen.port if config.portal.tls else None)
 
 
 class Enforcer:
@@ -161,6 +162,7 @@ class Enforcer:
         self.decisions: dict[str, Decision] = enforced_before(self.store)
         self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
         self.conflicts: dict[str, dict[str, Any]] = {}
+        self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
         self._escalated = 0.0
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
@@ -205,6 +207,8 @@ class Enforcer:
 
     async def sync_all(self, read_kernel: bool = False) -> SyncResult:
         """Make the whole table match the policy now (caller holds the lock)."""
+        if self.rebuilding is not None:
+            raise DataplaneError("the state was lost: the kernel table is kept as it is until the list arrives")
         now = self._now()
         decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()
@@ -364,18 +368,56 @@ class Enforcer:
         task.add_done_callback(self._background.discard)
 
     # -- start-up -------------------------------------------------------------------------
-    async def restore(self) -> SyncResult:
-        """Enforce what the state says, reconciling with whatever the kernel holds."""
+    async def restore(self) -> SyncResult | None:
+        """Enforce what the state says, reconciling with whatever the kernel holds.
+
+        With no state at all (a quarantined or deleted database) but our table in the kernel,
+        the table is left enforcing exactly as it is until the list arrives: an empty state
+        would otherwise free everyone the kernel restricts. ``_rebuild`` then rebuilds from
+        the kernel and the list (see there); kernel changes wait for it (503 to billing)."""
         async with self.lock:
+            if not self.inputs.known_ids() and self.store.get_meta("list") is None:
+                kernel = await self._kernel(self.reconciler.dataplane.read)
+                view = with_mode_view(kernel)
+                restricted = {(c, k) for c, items in (view.elements if view else {}).items()
+                              if c.startswith(MODE_PREFIX) for k in items}
+                if restricted:
+                    self.rebuilding = restricted
+                    log.error("event=state_empty_kernel_enforcing restricted_keys=%d (the kernel table is kept "
+                              "as it is until the list arrives; then enforcement is rebuilt from both)",
+                              len(restricted))
+                    return None
             result = await self.sync_all(read_kernel=True)
         log.info("event=restored restricted=%d kind=%s", sum(self.mode_counts.values()), result.kind)
         return result
+
+    def _rebuild(self, new: dict[str, Subscriber]) -> None:
+        """The first list after the state was lost (caller holds the lock): a listed subscriber
+        whom the kernel held free was free for a reason the lost state knew (a payment, a
+        promise, an exemption), so they get a payment grace from now rather than being walled
+        again; a kernel restriction the list does not name is lifted (billing's word is gone
+        with the state, and billing retries its events)."""
+        assert self.rebuilding is not None
+        now = self.receipts.stamp()
+        kept_free = []
+        for sid, subscriber in new.items():
+            keys = {(mode_map(version, plen), key) for version, plen, key in subscriber.keys}
+            if not keys & self.rebuilding:
+                policy.record_payment(self.inputs, sid, now, self.config.policy.payment_grace,
+                                      "rebuilt after the state was lost: free in the kernel then", now)
+                kept_free.append(sid)
+        self.rebuilding = None
+        self.store.save_subscribers(self.inputs, kept_free)
+        log.warning("event=state_rebuilt listed=%d kept_free=%d", len(new), len(kept_free))
 
     # -- the list -------------------------------------------------------------------------
     async def on_list(self, update: ListUpdate, approved_by: str = "") -> None:
         new = {s.id: s for s in update.subscribers}
         async with self.lock:
             self.metrics.source_success.set(self.clock())
+            if self.rebuilding is not None:
+                self._rebuild(new)
+                approved_by = "the rebuild from the kernel after the state was lost"
             if not approved_by:
                 restricting, lifting = policy.preview_list(self.inputs, new, self.clock())
                 restricted_now = sum(policy.weight(d.subscriber) for d in self.decisions.values() if d.restricted)
@@ -979,6 +1021,7 @@ class Enforcer:
             "overrides": len(self.inputs.overrides),
             "exemptions": sum(len(e) for e in self.inputs.exemptions.values()),
             "promises_active": sum(1 for h in self.inputs.promises.values() if h and h[-1].active(now)),
+            "rebuilding_from_kernel": self.rebuilding is not None,
             "waiting_for_window": len(self.waiting),
             "address_conflicts": dict(sorted(self.conflicts.items())[:20]),
             "address_conflicts_total": len(self.conflicts),

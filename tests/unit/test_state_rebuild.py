@@ -1,0 +1,54 @@
+"""The state is lost but the table is in the kernel: nobody is freed or walled by the loss (SPEC §8).
+
+A quarantined (or deleted) state database leaves the daemon with no inputs. The kernel still
+enforces; ``restore`` keeps it as it is until the list arrives, then rebuilds: listed and
+restricted in the kernel stays restricted, listed but free in the kernel (a payment the lost
+state knew) stays free for a grace, restricted but unlisted is lifted.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import PAYMENT, RESTRICTED, Event
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Mode, Subscriber, parse_address
+
+from daemon_helpers import NoConntrack
+
+NOW = 1_795_000_000.0
+
+
+def sub(sid: str, address: str) -> Subscriber:
+    return Subscriber(sid, (parse_address(address),), Mode.WALLED_GARDEN, "overdue")
+
+
+async def test_lost_state_keeps_the_kernel_until_the_list_then_rebuilds(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    fake = FakeDataplane()
+    listed = [sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")]
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate(listed, "l.yaml", "1"))
+    await e.handle_event(Event("p2", PAYMENT, NOW, "C-2"), 0.0)                       # C-2 paid: free
+    await e.handle_event(Event("r3", RESTRICTED, NOW, "C-3", sub("C-3", "100.64.0.3")), 0.0)  # by event only
+    await e.close()
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.3"}
+
+    shutil.rmtree(tmp_path / "state")          # the database is gone (or was quarantined)
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW + 60)  # type: ignore[arg-type]
+    await e.restore()
+    assert e.status()["rebuilding_from_kernel"]
+    assert set(fake.state.elements["portal4_32"]) == {"100.64.0.1", "100.64.0.3"}   # untouched
+    status, _ = await e.handle_event(Event("x", RESTRICTED, NOW, "C-4", sub("C-4", "100.64.0.4")), 0.0)
+    assert status == 503                        # billing retries once the list has rebuilt the state
+    await e.on_list(ListUpdate(listed, "l.yaml", "1"))
+    assert not e.status()["rebuilding_from_kernel"]
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1"}    # C-2 stays free, C-3 (unlisted) lifted
+    assert e.explain("C-2")["mode"] == "free"
+    await e.close()
