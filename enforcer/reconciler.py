@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, Layout, ack_set, mode_map, \
+from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, SENTINELS, Layout, ack_set, mode_map, \
     redirect_set, throttle_set
 from .dataplane.state import TableState
 from .dataplane.transaction import ReplaceTable, Transaction
@@ -86,7 +86,7 @@ def with_mode_view(state: TableState | None) -> TableState | None:
                 best[(name, key)] = kind
     for (name, key), kind in best.items():
         view.setdefault(name, {})[key] = MODE_VERDICTS[mode_of[kind]]
-    return TableState(state.layout_tag, {**state.elements, **view})
+    return TableState(state.layout_tag, {**state.elements, **view}, set(state.sealed))
 
 
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
@@ -131,7 +131,9 @@ class Reconciler:
         for name in [*layout.containers(), *(mode_map(v, p) for v, p in layout.prefixes)]:
             desired.setdefault(name, {})
         tx = Transaction(self.dataplane.table)
-        if self.mirror is None or self.mirror.layout_tag != layout.tag:
+        # A set that lost its sentinel was flushed behind our back: only a replace restores it.
+        if (self.mirror is None or self.mirror.layout_tag != layout.tag
+                or not self.mirror.sealed.issuperset(layout.containers())):
             tx.replace_table(layout)
             for container, items in desired.items():
                 if not container.startswith(MODE_PREFIX):   # the mode view never goes to the kernel
@@ -141,7 +143,7 @@ class Reconciler:
             kind = "partial"
             _diff(tx, before, desired)
         count = self._apply(tx)
-        self.layout, self.mirror = layout, TableState(layout.tag, desired)
+        self.layout, self.mirror = layout, TableState(layout.tag, desired, set(layout.containers()))
         self.owned, self.owners = owned, owners
         self.needs_full = False
         return SyncResult(kind, count, changed)
@@ -321,7 +323,10 @@ class Reconciler:
 
     def set_host_allow(self, addresses: Iterable[str]) -> None:
         """Addresses that walled-garden hostnames resolve to, kept as a diff like the rest."""
-        wanted = dict.fromkeys(sorted(set(addresses)))
+        found = set(addresses)
+        for sentinel in found.intersection(SENTINELS.values()):   # broadcast/multicast: never a host
+            log.warning("event=host_allow_ignored address=%s (the layout's sentinel, not a host)", sentinel)
+        wanted = dict.fromkeys(sorted(found.difference(SENTINELS.values())))
         if self.mirror is None or self.needs_full:
             self.host_allow = wanted
             return
@@ -331,6 +336,34 @@ class Reconciler:
         self._apply(tx)
         self.host_allow = wanted
         self.mirror.elements.update(target)
+
+    # -- drift ---------------------------------------------------------------------------
+    def check_kernel(self, full: bool = False) -> str:
+        """Does the kernel still hold what the mirror says? ``""`` if so, else what differs.
+
+        Runs on the caller's thread (the daemon's kernel thread, like every other call here).
+        Cheap (``full=False``, every few seconds): the layout tag (one small chain) and each
+        reconciled set's sentinel (one batch of ``get element``), so a deleted or replaced table
+        and a ``flush set`` are seen. Full (``full=True``, rarely: it lists every element, see
+        docs/benchmarks.md): every reconciled set compared element by element with the mirror,
+        so a single deleted or added element is seen too. A difference sets ``needs_full``: the
+        next ``sync_all`` re-reads the kernel and repairs it (a diff, or one atomic replace when
+        a set was flushed). Nothing is checked, and ``""`` returned, while ``needs_full`` is
+        already set or before the first sync. The kernel's own failures raise ``DataplaneError``.
+        """
+        layout, mirror = self.layout, self.mirror
+        if self.needs_full or layout is None or mirror is None:
+            return ""
+        if full:
+            problem = _compare(self.dataplane.read(), layout, mirror)
+        else:
+            problem = _tag_problem(self.dataplane.layout_tag(), layout)
+            if not problem:
+                flushed = self.dataplane.missing_sentinels(layout.containers())
+                problem = f"set(s) flushed: {_few(flushed)}" if flushed else ""
+        if problem:
+            self.needs_full = True
+        return problem
 
     def _apply(self, tx: Transaction) -> int:
         """Run the kernel part of ``tx`` (the mode view is ours alone); returns its element count."""
@@ -367,3 +400,37 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
         plen = container.rsplit("_", 1)[1]
         out.update(ipaddress.ip_network(f"{key}/{plen}") for key in keys)
     return out
+
+
+def _tag_problem(tag: str | None, layout: Layout) -> str:
+    if tag is None:
+        return "table missing"
+    return "" if tag == layout.tag else f"layout {tag} instead of {layout.tag}"
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _compare(state: TableState | None, layout: Layout, mirror: TableState) -> str:
+    """What differs between the kernel's reconciled sets and the mirror, in a line or two."""
+    problem = _tag_problem(state.layout_tag if state else None, layout)
+    if problem or state is None:
+        return problem
+    problems: list[str] = []
+    for name in layout.containers():
+        have = state.elements.get(name)
+        if have is None:
+            problems.append(f"{name} missing")
+            continue
+        if name not in state.sealed:
+            problems.append(f"{name} flushed")
+        want = mirror.elements.get(name, {})
+        if have != want:
+            gone = sorted(k for k in want if k not in have)
+            extra = sorted(k for k in have if k not in want)
+            parts = ([f"{len(gone)} missing (e.g. {gone[0]})"] if gone else []) + \
+                    ([f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else [])
+            problems.append(f"{name}: " + ", ".join(parts or ["values differ"]))
+    return "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

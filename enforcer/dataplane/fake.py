@@ -2,10 +2,15 @@
 
 It fails where nftables fails (deleting a missing element, re-adding a map key with another
 verdict, touching a container the layout does not have) and applies nothing of a failed
-transaction, so reconciler tests catch the mistakes the kernel would.
+transaction, so reconciler tests catch the mistakes the kernel would. It implements the whole
+``Dataplane`` Protocol; ``tests/unit/test_dataplane_conformance.py`` holds it to the kernel's
+behaviour. ``flush_set`` and ``drop_element`` play another tool changing the table behind our back.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
 
 from .backend import DataplaneError
 from .state import TableState
@@ -13,21 +18,29 @@ from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 
 
 class FakeDataplane:
-    def __init__(self, table: str = "walled_garden") -> None:
+    def __init__(self, table: str = "walled_garden", callers_seen_by_default: bool = True) -> None:
+        """``callers_seen_by_default``: ``recent_caller`` answers True for every address (tests
+        that predate the portal-caller check); strict tests pass False and mark callers with
+        ``saw_caller``."""
         self.table = table
         self.state: TableState | None = None
         self.transactions: list[Transaction] = []
         self.fail_next: str | None = None  # make the next apply fail with this message
+        self.callers_seen_by_default = callers_seen_by_default
+        self.callers: set[str] = set()
+        self.counter_values: dict[str, tuple[int, int]] = {}
 
     def apply(self, tx: Transaction) -> None:
         if self.fail_next:
             message, self.fail_next = self.fail_next, None
             raise DataplaneError(message)
         state = self.state.copy() if self.state else None
+        replaced = False
         for op in tx.operations:
             if isinstance(op, ReplaceTable):
                 names = [*op.layout.containers(), *op.layout.ack_sets()]
-                state = TableState(op.layout.tag, {name: {} for name in names})
+                state = TableState(op.layout.tag, {name: {} for name in names}, set(op.layout.containers()))
+                replaced = True
                 continue
             if state is None:
                 raise DataplaneError(f"No such file or directory: table inet {self.table}")
@@ -45,6 +58,8 @@ class FakeDataplane:
                         raise DataplaneError(f"No such file or directory: {op.container} {key}")
                     del container[key]
         self.state = state
+        if replaced:   # the caller sets are part of the table: a new table starts them empty
+            self.callers.clear()
         self.transactions.append(tx)
 
     @property
@@ -57,6 +72,52 @@ class FakeDataplane:
 
     def read(self) -> TableState | None:
         return self.state.copy() if self.state else None
+
+    def layout_tag(self) -> str | None:
+        return self.state.layout_tag if self.state else None
+
+    def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
+        sealed = self.state.sealed if self.state else set()
+        return [name for name in containers if name not in sealed]
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """``counter_values`` as a test set them (the kernel's named counters); none without a table."""
+        return dict(self.counter_values) if self.state else {}
+
+    def recent_caller(self, address: str) -> bool:
+        try:
+            parsed = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ValueError(f"recent_caller: {address!r} is not an IP address") from None
+        if self.callers_seen_by_default:
+            return True
+        return self.state is not None and parsed in self.callers
+
+    # -- what the packet path and other tools do ------------------------------------------
+    def saw_caller(self, address: str) -> None:
+        """``address`` connected to the portal's ports (the kernel's input hook records it).
+        Needs the table, as the kernel does; lost when the table is replaced."""
+        if self.state is None:
+            raise DataplaneError(f"No such file or directory: table inet {self.table}")
+        self.callers.add(str(ipaddress.ip_address(address)))
+
+    def flush_set(self, name: str) -> None:
+        """``nft flush set``: every element goes, the sentinel too."""
+        if self.state is None or name not in self.state.elements:
+            raise DataplaneError(f"No such file or directory: {name}")
+        self.state.elements[name].clear()
+        self.state.sealed.discard(name)
+
+    def drop_element(self, name: str, key: str) -> None:
+        """``nft delete element`` by someone else."""
+        if self.state is None or key not in self.state.elements.get(name, {}):
+            raise DataplaneError(f"No such file or directory: {name} {key}")
+        del self.state.elements[name][key]
+
+    def drop_table(self) -> None:
+        """``nft delete table`` (or ``flush ruleset``) by someone else."""
+        self.state = None
+        self.callers.clear()
 
     def dump(self) -> str:
         """Every transaction applied so far as ``nft -f`` text."""

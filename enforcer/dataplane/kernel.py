@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any
+from typing import Any, Iterable
 
 from .backend import DataplaneError
+from .layout import CALLER_SET, SENTINELS
 from .libnftables import Nftables, NftError
 from .state import TableState
 from .transaction import Transaction
 
 _TAG = re.compile(r"walled-garden layout ([0-9a-f]+)")
+_MISSING = "No such file or directory"
+_SENTINEL_KEYS = frozenset(SENTINELS.values())
+_FAMILY = re.compile(r"([46])(?:_\d+)?$")  # portal4_32 → 4, allowhost6 → 6
 
 
 class KernelDataplane:
@@ -32,7 +37,7 @@ class KernelDataplane:
         try:
             data = self._nft.run_json(f"list table inet {self.table}")
         except NftError as exc:
-            if "No such file or directory" in str(exc):
+            if _MISSING in str(exc):
                 return None
             raise DataplaneError(str(exc)) from None
         return parse_listing(data, self.table)
@@ -42,14 +47,35 @@ class KernelDataplane:
         try:
             data = self._nft.run_json(f"list chain inet {self.table} layout")
         except NftError as exc:
-            if "No such file or directory" in str(exc):
+            if _MISSING in str(exc):
                 return None
             raise DataplaneError(str(exc)) from None
-        for obj in data.get("nftables", []):
-            match = _TAG.search((obj.get("rule") or {}).get("comment", ""))
-            if match:
-                return match.group(1)
-        return None
+        return parse_listing(data, self.table).layout_tag
+
+    def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
+        """One batch of ``get element`` for every sentinel (~0.1 ms per set, whatever its size);
+        only when the batch fails is each looked up alone, to name the sets that lost theirs."""
+        names = list(containers)
+        lookups = {name: self._sentinel_lookup(name) for name in names}
+        if not names or self._found("\n".join(lookups.values())):
+            return []
+        return [name for name in names if not self._found(lookups[name])]
+
+    def _sentinel_lookup(self, name: str) -> str:
+        family = _FAMILY.search(name)
+        if family is None:
+            raise ValueError(f"missing_sentinels: {name!r} is not a reconciled set of the layout")
+        version = int(family.group(1))
+        return f"get element inet {self.table} {name} {{ {SENTINELS[version]} }}"
+
+    def _found(self, commands: str) -> bool:
+        try:
+            self._nft.run(commands)
+        except NftError as exc:
+            if _MISSING in str(exc):
+                return False
+            raise DataplaneError(str(exc)) from None
+        return True
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of our named counters, cheap: no set contents are listed."""
@@ -58,39 +84,93 @@ class KernelDataplane:
         except NftError:
             return {}
         out: dict[str, tuple[int, int]] = {}
-        for obj in data.get("nftables", []):
+        for obj in _objects(data):
             counter = obj.get("counter")
-            if counter and counter.get("table") == self.table:
-                out[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+            if isinstance(counter, dict) and counter.get("table") == self.table and isinstance(counter.get("name"), str):
+                try:
+                    out[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+                except (TypeError, ValueError):
+                    raise DataplaneError(f"counter {counter['name']!r}: packets/bytes are not numbers") from None
         return out
 
+    def recent_caller(self, address: str) -> bool:
+        """One ``get element`` in ``portalcallerV``: present means a packet to the portal's ports
+        within ``CALLER_TIMEOUT``; absent (or no table) is False, never an error."""
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"recent_caller: {address!r} is not an IP address") from None
+        return self._found(f"get element inet {self.table} {CALLER_SET[parsed.version]} {{ {parsed} }}")
 
-def parse_listing(data: dict[str, Any], table: str) -> TableState:
-    """``nft -j list table`` output → layout tag and elements of every set and map."""
+
+def parse_listing(data: Any, table: str) -> TableState:
+    """``nft -j list table`` output → layout tag and elements of every set and map.
+
+    The layout's sentinels are not elements: they are taken out and their sets listed in
+    ``sealed``. Anything not shaped like nft's JSON raises ``DataplaneError`` naming what.
+    """
     state = TableState(layout_tag=None)
-    for obj in data.get("nftables", []):
-        if "rule" in obj and obj["rule"].get("chain") == "layout":
-            match = _TAG.search(obj["rule"].get("comment", ""))
+    for obj in _objects(data):
+        rule = obj.get("rule")
+        if isinstance(rule, dict) and rule.get("chain") == "layout":
+            comment = rule.get("comment", "")
+            match = _TAG.search(comment) if isinstance(comment, str) else None
             if match:
                 state.layout_tag = match.group(1)
         for kind in ("set", "map"):
-            if kind in obj and obj[kind].get("table") == table:
-                state.elements[obj[kind]["name"]] = dict(_element(e) for e in obj[kind].get("elem", []))
+            body = obj.get(kind)
+            if not isinstance(body, dict) or body.get("table") != table:
+                continue
+            name = body.get("name")
+            if not isinstance(name, str):
+                raise DataplaneError(f"nft listing: a {kind} of table {table} without a name")
+            raw = body.get("elem", [])
+            if not isinstance(raw, list):
+                raise DataplaneError(f"nft listing: {kind} {name}: 'elem' is not a list")
+            items = dict(_element(e, name) for e in raw)
+            if _SENTINEL_KEYS.intersection(items):
+                for key in _SENTINEL_KEYS:
+                    items.pop(key, None)
+                state.sealed.add(name)
+            state.elements[name] = items
     return state
 
 
-def _element(raw: Any) -> tuple[str, str | None]:
+def _objects(data: Any) -> list[dict[str, Any]]:
+    if not isinstance(data, dict):
+        raise DataplaneError("nft listing: not a JSON object")
+    objects = data.get("nftables", [])
+    if not isinstance(objects, list):
+        raise DataplaneError("nft listing: 'nftables' is not a list")
+    return [obj for obj in objects if isinstance(obj, dict)]
+
+
+def _element(raw: Any, container: str = "?") -> tuple[str, str | None]:
     if isinstance(raw, list):  # map element: [key, verdict]
+        if len(raw) != 2 or not isinstance(raw[1], dict) or len(raw[1]) != 1:
+            raise DataplaneError(f"nft listing: {container}: map element {raw!r:.80} is not [key, {{verdict}}]")
         key, value = raw
         (verb, arg), = value.items()
         target = arg.get("target") if isinstance(arg, dict) else None
-        return _key(key), f"{verb} {target}" if target else verb
-    return _key(raw), None
+        return _key(key, container), f"{verb} {target}" if target else str(verb)
+    return _key(raw, container), None
 
 
-def _key(raw: Any) -> str:
+def _key(raw: Any, container: str = "?") -> str:
+    while isinstance(raw, dict) and "elem" in raw:   # an element with attributes (counter, expiry)
+        elem = raw["elem"]
+        if not isinstance(elem, dict) or "val" not in elem:
+            raise DataplaneError(f"nft listing: {container}: element {raw!r:.80} without a value")
+        raw = elem["val"]
     if isinstance(raw, dict) and "prefix" in raw:
-        return f"{raw['prefix']['addr']}/{raw['prefix']['len']}"
-    if isinstance(raw, dict) and "elem" in raw:
-        return _key(raw["elem"]["val"])
-    return str(raw)
+        prefix = raw["prefix"]
+        if not isinstance(prefix, dict) or "addr" not in prefix or "len" not in prefix:
+            raise DataplaneError(f"nft listing: {container}: prefix {raw!r:.80} without addr and len")
+        return f"{_scalar(prefix['addr'], container)}/{_scalar(prefix['len'], container)}"
+    return _scalar(raw, container)
+
+
+def _scalar(raw: Any, container: str) -> str:
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        return str(raw)
+    raise DataplaneError(f"nft listing: {container}: unexpected element {raw!r:.80}")

@@ -11,6 +11,32 @@ adds a ``goto`` element to a verdict map makes the kernel re-validate the whole 
 (measured: +26 ms per transaction at 100k elements, docs/benchmarks.md), an O(n) walk on
 every payment. Everything the layout renders is derived from config, so a
 ``tag`` of the rendered text tells whether the kernel already holds this exact layout.
+
+The gateway itself (issue 18, SPEC §8). Every subscriber, restricted or not, that connects to one
+of the gateway's own addresses (``fib daddr type local``) on TCP 80 is redirected to the portal
+listener, and on TCP 443 to the portal's TLS listener when ``portal.tls`` is set: ``portal.url``
+and ``/api/captive`` answer free subscribers too, and the portal never needs port 80 itself. A
+port the listener already has (``portal.listen`` on 80) is left alone rather than redirected.
+``redirect`` sends the connection to the primary address of the interface it came in on, so the
+portal listens on ``0.0.0.0`` (or that address). The ``input`` hook then:
+
+* marks every connection from a subscriber interface to the portal's ports with the conntrack
+  mark bit ``PORTAL_CT_MARK`` (the conntrack flush spares those entries, so the answer to
+  "I promise to pay" survives the lift; operators must not use that bit of ``ct mark``), and
+  records the source address in ``portalcallerV`` (a timeout set, ``CALLER_TIMEOUT``), so the
+  daemon can check that an address asking for a promise really called the portal recently;
+* sends packets whose source is a restricted subscriber (any ``portal``/``notice`` set; throttle
+  keys are in ``notice`` too) to the ``local`` chain, where only the portal ports, DNS (UDP/TCP
+  53), established/related traffic and, as network-essential exceptions to SPEC §8's "only the
+  portal and DNS", DHCP (UDP 67/68, 546/547) and ICMP/ICMPv6 (neighbour discovery, router
+  solicitation, echo) pass; everything else gets a TCP reset or ICMP admin-prohibited and counts
+  in ``refused_local``. Free subscribers never enter that chain.
+
+Drift (issue 11 item 14). Every reconciled set is created holding one sentinel element
+(``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved multicast,
+never a subscriber address nor a source of a forwarded packet, and with host bits set so a masked
+lookup never matches it). The sentinel is part of the layout, not of the reconciled elements: a
+``flush set`` by another tool removes it, and one cheap ``get element`` batch per check notices.
 """
 
 from __future__ import annotations
@@ -88,6 +114,23 @@ THROTTLE_METER_TIMEOUT = "1m"
 
 HOST_ALLOW = {4: "allowhost4", 6: "allowhost6"}
 
+#: The ``ct mark`` bit set on every connection from a subscriber interface to the portal's ports.
+#: The conntrack flush spares connections carrying it, so a lift never cuts the portal's answer.
+#: Reserved: operators' own rules must not set or clear this bit of ``ct mark``.
+PORTAL_CT_MARK = 0x00400000
+
+#: Timeout sets of source addresses that recently connected to the portal's ports (per family).
+CALLER_SET = {4: "portalcaller4", 6: "portalcaller6"}
+#: How long a caller stays in ``CALLER_SET`` after its last packet to the portal.
+CALLER_TIMEOUT = "15m"
+
+#: The element every reconciled set holds from its creation on (see the module docstring); it is
+#: never mirrored, diffed or read back as an element: ``TableState.sealed`` says where it is.
+SENTINELS = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
+
+#: UDP ports of DHCP (v4 server/client) and DHCPv6 (client/server) a restricted subscriber keeps.
+DHCP_PORTS = (67, 68, 546, 547)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -101,6 +144,15 @@ class Layout:
     prefixes: frozenset[tuple[int, int]] = STANDARD_PREFIXES
     throttle_rate: int = DEFAULT_THROTTLE_RATE                              # bytes/s per key and direction
     throttle_burst: int = default_throttle_burst(DEFAULT_THROTTLE_RATE)    # bytes
+    portal_tls_port: int | None = None       # PortalConfig.tls.listen.port, when portal.tls is set
+
+    @property
+    def portal_ports(self) -> tuple[int, ...]:
+        """The portal's listener ports (plain, then TLS), each once."""
+        ports = [self.portal_port]
+        if self.portal_tls_port is not None and self.portal_tls_port != self.portal_port:
+            ports.append(self.portal_tls_port)
+        return tuple(ports)
 
     def with_prefixes(self, used: set[tuple[int, int]]) -> "Layout":
         wanted = STANDARD_PREFIXES | frozenset(used)
@@ -137,10 +189,11 @@ class Layout:
                  '\tcomment "managed by walled-garden; do not edit: changes are overwritten"']
         for version, plen in sorted(self.prefixes):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
-            lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
-            lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; }}")
+            sealed = f"elements = {{ {SENTINELS[version]} }};"
+            lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; {sealed} }}")
+            lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; {sealed} }}")
             lines.append(f"\tset {ack_set(version, plen)} {{ type {addr}; flags timeout; }}")
-            lines.append(f"\tset {throttle_set(version, plen)} {{ type {addr}; }}")
+            lines.append(f"\tset {throttle_set(version, plen)} {{ type {addr}; {sealed} }}")
             for direction in ("up", "down"):
                 lines.append(f"\tset {throttle_meter(version, plen, direction)} {{ type {addr}; "
                              f"size {THROTTLE_METER_SIZE}; flags dynamic,timeout; timeout {THROTTLE_METER_TIMEOUT}; }}")
@@ -151,12 +204,15 @@ class Layout:
                 a for a in self.allow if a.version == version))
             elements = f" elements = {{ {nets} }};" if nets else ""
             lines.append(f"\tset allow{version} {{ type {addr}; flags interval;{elements} }}")
-            lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
+            lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; elements = {{ {SENTINELS[version]} }}; }}")
+            lines.append(f"\tset {CALLER_SET[version]} {{ type {addr}; size {THROTTLE_METER_SIZE}; "
+                         f"flags dynamic,timeout; timeout {CALLER_TIMEOUT}; }}")
             if self.dns is not None:
                 resolvers = ", ".join(str(a) for a in self.dns if a.version == version)
                 elements = f" elements = {{ {resolvers} }};" if resolvers else ""
                 lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
-        lines += self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
+        lines += (self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
+                  + self._local_chain() + self._input_hook())
         lines.append("\tchain layout {")
         lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
         lines.append("\t}")
@@ -205,6 +261,44 @@ class Layout:
                 rules.append(f"{key} @{throttle_set(version, plen)} accept")
         return rules
 
+    def _iif(self) -> str:
+        if not self.interfaces:
+            return ""
+        return "iifname { " + ", ".join(f'"{name}"' for name in self.interfaces) + " } "
+
+    def _ports(self) -> str:
+        ports = self.portal_ports
+        return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(str(p) for p in ports) + " }"
+
+    def _local_chain(self) -> list[str]:
+        """What a restricted subscriber may reach on the gateway itself (see the module docstring)."""
+        rules = ["ct state established,related accept",
+                 f"tcp dport {self._ports()} accept",
+                 "meta l4proto { tcp, udp } th dport 53 accept",
+                 "udp dport { " + ", ".join(str(p) for p in DHCP_PORTS) + " } accept",
+                 "meta l4proto { icmp, ipv6-icmp } accept",
+                 'meta l4proto tcp counter name "refused_local" reject with tcp reset',
+                 'counter name "refused_local" reject with icmpx admin-prohibited']
+        return (["\tcounter refused_local { }", "\tchain local {"] + [f"\t\t{r}" for r in rules] + ["\t}"])
+
+    def _input_hook(self) -> list[str]:
+        """Packets to the gateway itself: mark and remember portal callers, then confine the restricted.
+
+        The mark and the caller update are rules of their own: an ``update`` on a full set ends its
+        rule, and the mark must be set whatever happens to the caller set.
+        """
+        iif = self._iif()
+        portal = f"{iif}tcp dport {self._ports()} "
+        rules = [f"{portal}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
+                 f"{portal}update @{CALLER_SET[4]} {{ ip saddr }}",
+                 f"{portal}update @{CALLER_SET[6]} {{ ip6 saddr }}"]
+        for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
+            match = _masked_saddr(version, plen)
+            rules.append(f"{iif}{match} @{redirect_set(version, plen)} goto local")
+            rules.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto local")
+        return (["\tchain input {", "\t\ttype filter hook input priority filter - 10; policy accept;"]
+                + [f"\t\t{r}" for r in rules] + ["\t}"])
+
     def _download_hook(self) -> list[str]:
         """Download: packets *to* a throttled key, in a forward hook of their own.
 
@@ -214,9 +308,7 @@ class Layout:
         hold every restricted key) stops the walk, so it is never limited by a shorter
         throttled prefix of someone else.
         """
-        oif = ""
-        if self.interfaces:
-            oif = "oifname { " + ", ".join(f'"{name}"' for name in self.interfaces) + " } "
+        oif = self._iif().replace("iifname", "oifname", 1)
         rules = []
         for version, plen, shorter in self._longest_first():
             key = _masked(version, plen, "daddr")
@@ -236,10 +328,12 @@ class Layout:
         return [(v, plen, i + 1 < len(ordered) and ordered[i + 1][0] == v) for i, (v, plen) in enumerate(ordered)]
 
     def _hooks(self) -> list[str]:
-        iif = ""
-        if self.interfaces:
-            iif = "iifname { " + ", ".join(f'"{name}"' for name in self.interfaces) + " } "
+        iif = self._iif()
         forward, nat = [], []
+        # The gateway's own addresses: every subscriber reaches the portal at the advertised ports.
+        for advertised, listener in ((80, self.portal_port), (443, self.portal_tls_port)):
+            if listener is not None and listener != advertised:
+                nat.append(f"{iif}fib daddr type local tcp dport {advertised} redirect to :{listener}")
         # Longest prefix first so the most specific entry decides.
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)

@@ -71,7 +71,15 @@ class Nftables:
     def run_json(self, command: str) -> dict[str, Any]:
         """Run a command with JSON output (``nft -j``), e.g. ``list table inet t``."""
         out = self._run(self._json, command)
-        return json.loads(out) if out.strip() else {"nftables": []}
+        if not out.strip():
+            return {"nftables": []}
+        try:
+            data = json.loads(out)
+        except ValueError:   # e.g. nft 1.0.6 answers ``get element`` in text even in JSON mode
+            raise NftError(f"nft gave no JSON for {command[:200]!r}: {_shorten(out, 300)}") from None
+        if not isinstance(data, dict):
+            raise NftError(f"nft gave JSON that is not an object for {command[:200]!r}")
+        return data
 
     def _run(self, ctx: int, commands: str) -> str:
         with self._lock:

@@ -11,6 +11,8 @@ import pytest
 from enforcer.dataplane.kernel import parse_listing
 from enforcer.dataplane.layout import (
     HOST_ALLOW,
+    PORTAL_CT_MARK,
+    SENTINELS,
     STANDARD_PREFIXES,
     Layout,
     elements_for,
@@ -52,7 +54,8 @@ def test_one_portal_notice_and_throttle_set_per_prefix_length_and_no_verdict_map
         for kind in ("portal", "notice", "throttle"):
             name = f"{kind}{version}_{plen}"
             assert text.count(f"set {name} ") == 1
-            assert block(text, "set", name) == f"set {name} {{ type {addr}; }}"
+            sentinel = SENTINELS[version]
+            assert block(text, "set", name) == f"set {name} {{ type {addr}; elements = {{ {sentinel} }}; }}"
     # a verdict map is re-validated whole by the kernel on every transaction that adds a goto
     assert re.findall(r"^\s*map ", text, re.M) == []
     assert "vmap" not in text and "mode4_32" not in text
@@ -151,7 +154,7 @@ def test_allow_sets_hold_the_configured_networks():
                                            "elements = { 2001:db8:ffff::/48 }; }")
     empty = layout(allow=()).render()
     assert block(empty, "set", "allow4") == "set allow4 { type ipv4_addr; flags interval; }"
-    assert block(empty, "set", HOST_ALLOW[4]) == "set allowhost4 { type ipv4_addr; }"
+    assert block(empty, "set", HOST_ALLOW[4]) == "set allowhost4 { type ipv4_addr; elements = { 255.255.255.255 }; }"
 
 
 @pytest.mark.parametrize("allow", [
@@ -306,3 +309,91 @@ def test_parse_listing_round_trips_what_the_layout_renders():
     assert {(c, k, v) for c, items in state.elements.items() for k, v in items.items()} == set(elements)
     assert (elements_for(net("100.64.0.10/32"), Mode.WALLED_GARDEN)
             + elements_for(net("2001:db8:10:100::/56"), Mode.THROTTLE)) == elements
+
+
+# -- the gateway itself: the portal for everyone, the restricted confined (issue 18, SPEC §8) ----
+
+def test_every_subscriber_reaching_the_gateway_on_80_and_443_lands_on_the_portal():
+    nat = chain(layout(portal_tls_port=8443).render(), "prerouting")
+    # first, before the restricted-only rules, and without any subscriber set: free ones too
+    assert nat[1:3] == ['iifname { "eth1" } fib daddr type local tcp dport 80 redirect to :8080',
+                        'iifname { "eth1" } fib daddr type local tcp dport 443 redirect to :8443']
+    # the restricted subscribers' HTTP to other hosts is still redirected
+    assert any("@portal4_32 tcp dport 80 ip daddr != @allow4" in r and r.endswith("redirect to :8080")
+               for r in nat[3:])
+    # no TLS listener: 443 on the gateway is not redirected
+    assert not any("dport 443" in r for r in chain(layout().render(), "prerouting"))
+
+
+def test_a_portal_already_on_80_or_443_is_not_redirected():
+    nat = chain(layout(portal_port=80, portal_tls_port=443).render(), "prerouting")
+    assert not any("fib daddr" in r for r in nat)
+    nat = chain(layout(portal_port=80, portal_tls_port=8443).render(), "prerouting")
+    assert [r for r in nat if "fib daddr" in r] == [
+        'iifname { "eth1" } fib daddr type local tcp dport 443 redirect to :8443']
+
+
+def test_input_hook_marks_and_remembers_portal_callers_before_confining():
+    text = layout(portal_tls_port=8443).render()
+    rules = chain(text, "input")
+    assert rules[0] == "type filter hook input priority filter - 10; policy accept;"
+    assert rules[1:4] == [f'iifname {{ "eth1" }} tcp dport {{ 8080, 8443 }} ct mark set ct mark or {PORTAL_CT_MARK:#010x}',
+                          'iifname { "eth1" } tcp dport { 8080, 8443 } update @portalcaller4 { ip saddr }',
+                          'iifname { "eth1" } tcp dport { 8080, 8443 } update @portalcaller6 { ip6 saddr }']
+    assert bin(PORTAL_CT_MARK).count("1") == 1, "one bit of ct mark, so the operators' other bits survive"
+    for version in (4, 6):
+        addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+        assert block(text, "set", f"portalcaller{version}") == (
+            f"set portalcaller{version} {{ type {addr}; size 1048576; flags dynamic,timeout; timeout 15m; }}")
+    assert "tcp dport 8080 ct mark set" in layout().render(), "one port: no anonymous set needed"
+
+
+def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gateway():
+    text = layout(portal_tls_port=8443).with_prefixes({(4, 24)}).render()
+    jumps = chain(text, "input")[4:]
+    # every portal and notice set (throttle keys are in notice too), longest prefix first, masked
+    expected = []
+    for version, plen in ((4, 32), (4, 24), (6, 128), (6, 64), (6, 56)):
+        match = {(4, 32): "ip saddr", (4, 24): "ip saddr & 255.255.255.0", (6, 128): "ip6 saddr",
+                 (6, 64): "ip6 saddr & ffff:ffff:ffff:ffff::", (6, 56): "ip6 saddr & ffff:ffff:ffff:ff00::"}
+        for kind in ("portal", "notice"):
+            expected.append(f'iifname {{ "eth1" }} {match[(version, plen)]} @{kind}{version}_{plen} goto local')
+    assert jumps == expected
+    assert chain(text, "local") == [
+        "ct state established,related accept",
+        "tcp dport { 8080, 8443 } accept",
+        "meta l4proto { tcp, udp } th dport 53 accept",
+        "udp dport { 67, 68, 546, 547 } accept",
+        "meta l4proto { icmp, ipv6-icmp } accept",
+        'meta l4proto tcp counter name "refused_local" reject with tcp reset',
+        'counter name "refused_local" reject with icmpx admin-prohibited']
+    assert "\tcounter refused_local { }" in text.splitlines()
+
+
+def test_every_reconciled_set_is_created_with_its_sentinel_and_no_other():
+    text = layout().with_prefixes({(4, 24)}).render()
+    lay = layout().with_prefixes({(4, 24)})
+    for name in lay.containers():
+        version = 6 if name.endswith("6") or "6_" in name else 4
+        assert f"elements = {{ {SENTINELS[version]} }};" in block(text, "set", name), name
+    for name in lay.ack_sets() + ["portalcaller4", "portalcaller6"]:
+        assert "elements" not in block(text, "set", name), name
+    # never a subscriber: limited broadcast and reserved-scope multicast
+    assert ip(SENTINELS[4]) == ip("255.255.255.255") and ip(SENTINELS[6]).is_multicast
+
+
+def test_parse_listing_takes_the_sentinel_out_and_says_which_sets_hold_it():
+    listing = {"nftables": [
+        {"set": {"table": "walled_garden", "name": "portal4_32", "elem": ["100.64.0.10", "255.255.255.255"]}},
+        {"set": {"table": "walled_garden", "name": "notice4_32", "elem": ["100.64.0.11"]}},
+        {"set": {"table": "walled_garden", "name": "portal6_64", "elem": [SENTINELS[6]]}},
+    ]}
+    state = parse_listing(listing, "walled_garden")
+    assert state.elements == {"portal4_32": {"100.64.0.10": None}, "notice4_32": {"100.64.0.11": None},
+                              "portal6_64": {}}
+    assert state.sealed == {"portal4_32", "portal6_64"}
+
+
+@pytest.mark.parametrize("change", [dict(portal_tls_port=8443)])
+def test_tag_changes_with_the_tls_port(change):
+    assert layout(**change).tag != layout().tag

@@ -51,8 +51,10 @@ def ops(tx: Transaction) -> list:
 
 
 def kernel_state(**sets: dict[str, None]) -> TableState:
-    """What the kernel holds for BASE with these set elements (the rest empty)."""
-    state = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]})
+    """What the kernel holds for BASE with these set elements (the rest empty), every
+    reconciled set still holding the sentinel the layout created it with."""
+    state = TableState(BASE.tag, {name: {} for name in [*BASE.containers(), *BASE.ack_sets()]},
+                       set(BASE.containers()))
     for name, items in sets.items():
         assert name in state.elements, name
         state.elements[name].update(items)
@@ -301,7 +303,7 @@ def test_new_prefix_length_needs_a_full_sync(rec, fake):
     assert isinstance(tx.operations[0], ReplaceTable)
     assert (4, 24) in tx.operations[0].layout.prefixes
     text = tx.render()
-    assert "set portal4_24 { type ipv4_addr; }" in text
+    assert "set portal4_24 { type ipv4_addr; elements = { 255.255.255.255 }; }" in text
     assert "ip saddr & 255.255.255.0 @portal4_24 goto garden" in text
     assert "add element inet walled_garden portal4_24 { 100.64.7.0 }" in text
     assert "mode4_24" not in text and "vmap" not in text
@@ -610,3 +612,86 @@ def test_grouped_desired_state_equals_the_exact_pass(seed: int) -> None:
         assert sorted(fast[3], key=str) == sorted(exact[3], key=str) and fast[4] == exact[4]
         assert fast[5] == exact[5]
         assert clash or not exact[5], "without a deliberate clash the fast path itself was compared"
+
+
+# -- drift: check_kernel (issue 11 item 14) -------------------------------------------------
+
+def test_check_kernel_on_a_matching_kernel_is_empty_both_ways(rec, fake):
+    synced(rec, fake)
+    assert rec.check_kernel() == "" and rec.check_kernel(full=True) == ""
+    assert not rec.needs_full and fake.transactions == []
+
+
+def test_check_kernel_before_the_first_sync_or_while_a_full_sync_is_due_checks_nothing(rec, fake):
+    assert rec.check_kernel() == "" and rec.check_kernel(full=True) == ""
+    synced(rec, fake)
+    fake.drop_table()
+    rec.needs_full = True
+    assert rec.check_kernel() == ""
+
+
+def test_a_flushed_set_is_seen_by_the_cheap_check_and_repaired_by_one_atomic_replace(rec, fake):
+    decisions = synced(rec, fake)
+    fake.flush_set("portal4_32")
+    problem = rec.check_kernel()
+    assert problem == "set(s) flushed: portal4_32"
+    assert rec.needs_full
+    result = rec.sync_all(decisions)
+    assert result.kind == "full", "a diff would put the elements back but never the sentinel"
+    (tx,) = fake.transactions
+    assert isinstance(tx.operations[0], ReplaceTable)
+    assert fake.state.elements == desired_elements(decisions)
+    assert rec.check_kernel() == "" and rec.check_kernel(full=True) == ""
+
+
+def test_a_flushed_empty_set_is_seen_too(rec, fake):
+    synced(rec, fake)
+    assert fake.state.elements["throttle6_56"] == {}
+    fake.flush_set("throttle6_56")
+    assert "throttle6_56" in rec.check_kernel()
+
+
+def test_a_lost_or_replaced_table_is_seen_by_the_cheap_check(rec, fake):
+    decisions = synced(rec, fake)
+    fake.drop_table()
+    assert rec.check_kernel() == "table missing" and rec.needs_full
+    rec.sync_all(decisions)
+    fake.state.layout_tag = "0123456789abcdef"
+    assert rec.check_kernel() == f"layout 0123456789abcdef instead of {rec.layout.tag}"
+
+
+def test_a_single_deleted_element_is_seen_only_by_the_full_check_and_repaired_by_a_diff(rec, fake):
+    decisions = synced(rec, fake)
+    fake.drop_element("portal4_32", "100.64.0.10")
+    assert rec.check_kernel() == "", "the cheap check sees sets, not elements"
+    problem = rec.check_kernel(full=True)
+    assert problem == "portal4_32: 1 missing (e.g. 100.64.0.10)"
+    assert rec.needs_full
+    result = rec.sync_all(decisions)
+    assert (result.kind, result.elements) == ("partial", 1)
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_an_element_added_by_someone_else_is_seen_by_the_full_check(rec, fake):
+    decisions = synced(rec, fake)
+    fake.state.elements["notice6_64"]["2001:db8:99::"] = None
+    assert rec.check_kernel(full=True) == "notice6_64: 1 unexpected (e.g. 2001:db8:99::)"
+    rec.sync_all(decisions)
+    assert fake.state.elements == desired_elements(decisions)
+
+
+def test_the_full_check_names_a_missing_set_and_summarises_many(rec, fake):
+    synced(rec, fake)
+    del fake.state.elements["portal6_56"]
+    for name in ("portal4_32", "notice4_32", "portal6_64", "notice6_64", "throttle4_32"):
+        fake.flush_set(name)
+    problem = rec.check_kernel(full=True)
+    assert problem.startswith("portal4_32 flushed; portal4_32: 1 missing (e.g. 100.64.0.10); notice4_32 flushed")
+    assert problem.endswith("more") and "portal6_56 missing" not in problem  # summarised, not a wall of text
+
+
+def test_the_sentinel_never_enters_the_mirror_the_view_or_a_diff(rec, fake):
+    synced(rec, fake)
+    rec.set_host_allow(["255.255.255.255", "198.51.100.7"])
+    assert fake.state.elements["allowhost4"] == {"198.51.100.7": None}
+    assert rec.check_kernel(full=True) == ""
