@@ -7,7 +7,7 @@ import re
 from typing import Any, Iterable
 
 from .backend import DataplaneError
-from .layout import CALLER_SET, SENTINELS
+from .layout import CALLER_SET, SENTINELS, sentinel_family
 from .libnftables import Nftables, NftError
 from .state import TableState
 from .transaction import Transaction
@@ -15,7 +15,6 @@ from .transaction import Transaction
 _TAG = re.compile(r"walled-garden layout ([0-9a-f]+)")
 _MISSING = "No such file or directory"
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
-_FAMILY = re.compile(r"([46])(?:_\d+)?$")  # portal4_32 → 4, allowhost6 → 6
 
 
 class KernelDataplane:
@@ -62,11 +61,7 @@ class KernelDataplane:
         return [name for name in names if not self._found(lookups[name])]
 
     def _sentinel_lookup(self, name: str) -> str:
-        family = _FAMILY.search(name)
-        if family is None:
-            raise ValueError(f"missing_sentinels: {name!r} is not a reconciled set of the layout")
-        version = int(family.group(1))
-        return f"get element inet {self.table} {name} {{ {SENTINELS[version]} }}"
+        return f"get element inet {self.table} {name} {{ {SENTINELS[sentinel_family(name)]} }}"
 
     def _found(self, commands: str) -> bool:
         try:

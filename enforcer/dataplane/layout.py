@@ -35,7 +35,8 @@ portal listens on ``0.0.0.0`` (or that address). The ``input`` hook then:
 Drift (issue 11 item 14). Every reconciled set is created holding one sentinel element
 (``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved multicast,
 never a subscriber address nor a source of a forwarded packet, and with host bits set so a masked
-lookup never matches it). The sentinel is part of the layout, not of the reconciled elements: a
+lookup never matches it), added in the batch that creates the table. The sentinel is part of the
+layout, not of the reconciled elements: a
 ``flush set`` by another tool removes it, and one cheap ``get element`` batch per check notices.
 """
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -71,6 +73,14 @@ _ICMP6_ERRORS = "destination-unreachable, packet-too-big, time-exceeded, paramet
 
 
 MODE_PREFIX = "mode"
+
+
+def sentinel_family(container: str) -> int:
+    """4 or 6: the address family of a reconciled set (``portal4_16`` → 4, ``allowhost6`` → 6)."""
+    match = re.search(r"([46])(?:_\d+)?$", container)
+    if match is None:
+        raise ValueError(f"{container!r} is not a reconciled set of the layout")
+    return int(match.group(1))
 
 
 def mode_map(version: int, prefixlen: int) -> str:
@@ -189,11 +199,10 @@ class Layout:
                  '\tcomment "managed by walled-garden; do not edit: changes are overwritten"']
         for version, plen in sorted(self.prefixes):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
-            sealed = f"elements = {{ {SENTINELS[version]} }};"
-            lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; {sealed} }}")
-            lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; {sealed} }}")
+            lines.append(f"\tset {redirect_set(version, plen)} {{ type {addr}; }}")
+            lines.append(f"\tset {redirect_set(version, plen, Mode.NOTICE)} {{ type {addr}; }}")
             lines.append(f"\tset {ack_set(version, plen)} {{ type {addr}; flags timeout; }}")
-            lines.append(f"\tset {throttle_set(version, plen)} {{ type {addr}; {sealed} }}")
+            lines.append(f"\tset {throttle_set(version, plen)} {{ type {addr}; }}")
             for direction in ("up", "down"):
                 lines.append(f"\tset {throttle_meter(version, plen, direction)} {{ type {addr}; "
                              f"size {THROTTLE_METER_SIZE}; flags dynamic,timeout; timeout {THROTTLE_METER_TIMEOUT}; }}")
@@ -204,7 +213,7 @@ class Layout:
                 a for a in self.allow if a.version == version))
             elements = f" elements = {{ {nets} }};" if nets else ""
             lines.append(f"\tset allow{version} {{ type {addr}; flags interval;{elements} }}")
-            lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; elements = {{ {SENTINELS[version]} }}; }}")
+            lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
             lines.append(f"\tset {CALLER_SET[version]} {{ type {addr}; size {THROTTLE_METER_SIZE}; "
                          f"flags dynamic,timeout; timeout {CALLER_TIMEOUT}; }}")
             if self.dns is not None:
@@ -217,6 +226,9 @@ class Layout:
         lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
         lines.append("\t}")
         lines.append("}")
+        # Each reconciled set's sentinel, in the same batch as the table (see the module docstring).
+        for name in self.containers():
+            lines.append(f"add element inet {self.table} {name} {{ {SENTINELS[sentinel_family(name)]} }}")
         return "\n".join(lines) + "\n"
 
     def _garden_chain(self) -> list[str]:

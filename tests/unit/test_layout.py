@@ -54,8 +54,7 @@ def test_one_portal_notice_and_throttle_set_per_prefix_length_and_no_verdict_map
         for kind in ("portal", "notice", "throttle"):
             name = f"{kind}{version}_{plen}"
             assert text.count(f"set {name} ") == 1
-            sentinel = SENTINELS[version]
-            assert block(text, "set", name) == f"set {name} {{ type {addr}; elements = {{ {sentinel} }}; }}"
+            assert block(text, "set", name) == f"set {name} {{ type {addr}; }}"
     # a verdict map is re-validated whole by the kernel on every transaction that adds a goto
     assert re.findall(r"^\s*map ", text, re.M) == []
     assert "vmap" not in text and "mode4_32" not in text
@@ -154,7 +153,7 @@ def test_allow_sets_hold_the_configured_networks():
                                            "elements = { 2001:db8:ffff::/48 }; }")
     empty = layout(allow=()).render()
     assert block(empty, "set", "allow4") == "set allow4 { type ipv4_addr; flags interval; }"
-    assert block(empty, "set", HOST_ALLOW[4]) == "set allowhost4 { type ipv4_addr; elements = { 255.255.255.255 }; }"
+    assert block(empty, "set", HOST_ALLOW[4]) == "set allowhost4 { type ipv4_addr; }"
 
 
 @pytest.mark.parametrize("allow", [
@@ -371,13 +370,14 @@ def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gatew
 
 
 def test_every_reconciled_set_is_created_with_its_sentinel_and_no_other():
-    text = layout().with_prefixes({(4, 24)}).render()
-    lay = layout().with_prefixes({(4, 24)})
-    for name in lay.containers():
-        version = 6 if name.endswith("6") or "6_" in name else 4
-        assert f"elements = {{ {SENTINELS[version]} }};" in block(text, "set", name), name
-    for name in lay.ack_sets() + ["portalcaller4", "portalcaller6"]:
-        assert "elements" not in block(text, "set", name), name
+    lay = layout(table="wg_s").with_prefixes({(4, 24), (4, 16)})
+    text = lay.render()
+    added = [line for line in text.splitlines() if line.startswith("add element")]
+    family = {name: int(re.search(r"([46])(?:_\d+)?$", name).group(1)) for name in lay.containers()}
+    assert added == [f"add element inet wg_s {name} {{ {SENTINELS[family[name]]} }}" for name in lay.containers()]
+    assert "add element inet wg_s portal4_16 { 255.255.255.255 }" in added    # not mistaken for v6
+    assert "add element inet wg_s allowhost6 { ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff }" in added
+    assert not any(name in line for line in added for name in lay.ack_sets() + ["portalcaller"])
     # never a subscriber: limited broadcast and reserved-scope multicast
     assert ip(SENTINELS[4]) == ip("255.255.255.255") and ip(SENTINELS[6]).is_multicast
 

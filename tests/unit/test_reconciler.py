@@ -303,7 +303,7 @@ def test_new_prefix_length_needs_a_full_sync(rec, fake):
     assert isinstance(tx.operations[0], ReplaceTable)
     assert (4, 24) in tx.operations[0].layout.prefixes
     text = tx.render()
-    assert "set portal4_24 { type ipv4_addr; elements = { 255.255.255.255 }; }" in text
+    assert "set portal4_24 { type ipv4_addr; }" in text
     assert "ip saddr & 255.255.255.0 @portal4_24 goto garden" in text
     assert "add element inet walled_garden portal4_24 { 100.64.7.0 }" in text
     assert "mode4_24" not in text and "vmap" not in text
