@@ -13,6 +13,7 @@ import ipaddress
 from typing import Iterable
 
 from .backend import DataplaneError
+from .layout import COUNTERS
 from .state import TableState
 from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 
@@ -81,8 +82,8 @@ class FakeDataplane:
         return [name for name in containers if name not in sealed]
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """``counter_values`` as a test set them (the kernel's named counters); none without a table."""
-        return dict(self.counter_values) if self.state else {}
+        """The layout's named counters, zero unless a test set ``counter_values``; none without a table."""
+        return {name: self.counter_values.get(name, (0, 0)) for name in COUNTERS} if self.state else {}
 
     def recent_caller(self, address: str) -> bool:
         try:

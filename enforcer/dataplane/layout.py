@@ -138,6 +138,11 @@ CALLER_TIMEOUT = "15m"
 #: never mirrored, diffed or read back as an element: ``TableState.sealed`` says where it is.
 SENTINELS = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 
+#: The table's named counters (``walled_garden_kernel_packets_total{counter}``): ``redirected``
+#: restricted HTTP sent to the portal, ``refused_tcp``/``refused_other`` refused in the garden
+#: chain, ``refused_local`` a restricted subscriber's packets to the gateway itself refused.
+COUNTERS = ("redirected", "refused_tcp", "refused_other", "refused_local")
+
 #: UDP ports of DHCP (v4 server/client) and DHCPv6 (client/server) a restricted subscriber keeps.
 DHCP_PORTS = (67, 68, 546, 547)
 
