@@ -26,7 +26,7 @@ from .audit import audit_rows, state as audit_state
 from .config import Config
 from .conntrack import Conntrack, ConntrackError
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import MODE_PREFIX, Layout, mode_map
+from .dataplane.layout import MODE_PREFIX, PORTAL_CT_MARK, Layout, mode_map
 from .events import EXEMPTION_CLOSED, EXEMPTION_OPENED, PAYMENT, READDRESSED, RELEASED, RESTRICTED, Event
 from .exemptions import Exemption
 from .promises import Promise, eligibility
@@ -50,6 +50,9 @@ RESYNC_SECONDS = 2.0
 PRUNE_SECONDS = 3600.0
 #: How often decisions held back by an address conflict are tried again.
 CONFLICT_RETRY_SECONDS = 60.0
+#: How often ``verify_table`` compares every element with the mirror (a listing of every set:
+#: see docs/benchmarks.md for its cost); the cheap check runs on every call.
+TABLE_FULL_CHECK_SECONDS = 60.0
 #: How often the escalation ladder is checked (O(list); steps are days apart anyway).
 ESCALATION_SECONDS = 300.0
 
@@ -162,7 +165,9 @@ class Enforcer:
         self.decisions: dict[str, Decision] = enforced_before(self.store)
         self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
         self.conflicts: dict[str, dict[str, Any]] = {}
-        self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
+        self.rebuilding: set[tuple[str, str]] | None = None
+        self._full_check = time.monotonic()
+        self.table_repairs = 0        # drift found by verify_table (status)   # kernel keys kept until the list (restore)
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
         self._escalated = 0.0
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
@@ -353,7 +358,8 @@ class Enforcer:
         if not networks:
             return 0
         try:
-            deleted = await self.conntrack.flush(networks)
+            # The portal's own connections survive: the page confirming a lift must arrive.
+            deleted = await self.conntrack.flush(networks, keep_mark=PORTAL_CT_MARK)
         except (ConntrackError, OSError) as exc:
             self.metrics.conntrack_failures.inc()
             log.error("event=conntrack_flush_failed cause=%s error=%r", why, str(exc))
@@ -812,6 +818,9 @@ class Enforcer:
 
     async def promise(self, address: str) -> tuple[int, dict[str, Any]]:
         """The portal's "I promise to pay" button: lift for the configured term, tell billing."""
+        refused = await self._not_a_caller(address, "promise")
+        if refused is not None:
+            return refused
         found = self.lookup(address)
         sid = found["subscriber"]
         if not found["restricted"] or sid is None:
@@ -862,6 +871,9 @@ class Enforcer:
     # -- the portal's requests ------------------------------------------------------------
     async def acknowledge(self, address: str) -> tuple[int, dict[str, Any]]:
         """A notice/throttle subscriber pressed "continue": stop redirecting their HTTP for a while."""
+        refused = await self._not_a_caller(address, "acknowledge")
+        if refused is not None:
+            return refused
         found = self.lookup(address)
         if not found["restricted"]:
             return 200, {"acknowledged": False, "mode": Mode.FREE.value}
@@ -881,6 +893,21 @@ class Enforcer:
             self.acknowledged[sid] = until
         log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found["address"], until)
         return 200, {"acknowledged": True, "until": until}
+
+    async def _not_a_caller(self, address: str, action: str) -> tuple[int, dict[str, Any]] | None:
+        """The portal may act only for an address the kernel saw connect to it recently (the
+        table's ``portalcaller`` sets), so even a compromised portal process cannot promise or
+        acknowledge for anyone else. ``None`` when the address may act."""
+        try:
+            seen = await self._kernel(self.reconciler.dataplane.recent_caller, address)
+        except DataplaneError as exc:
+            return 503, {"error": f"cannot check the caller in the kernel: {exc}"}
+        if seen:
+            return None
+        self.metrics.portal_refusals.labels(action).inc()
+        log.warning("event=portal_action_refused action=%s address=%s why=not_a_recent_caller", action, address)
+        return 403, {"error": "this address has not connected to the portal recently; reload the page",
+                     "eligible": False, "why": "not_a_recent_caller"}
 
     def reference(self, subscriber_id: str) -> str:
         """A code for the portal page that support can resolve, which reveals nothing by itself."""
@@ -1022,6 +1049,7 @@ class Enforcer:
             "exemptions": sum(len(e) for e in self.inputs.exemptions.values()),
             "promises_active": sum(1 for h in self.inputs.promises.values() if h and h[-1].active(now)),
             "rebuilding_from_kernel": self.rebuilding is not None,
+            "table_repairs": self.table_repairs,
             "waiting_for_window": len(self.waiting),
             "address_conflicts": dict(sorted(self.conflicts.items())[:20]),
             "address_conflicts_total": len(self.conflicts),
@@ -1043,22 +1071,25 @@ class Enforcer:
     # -- operations: metrics and reload ---------------------------------------------------
     async def read_kernel_counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of the table's named counters, read on the kernel thread."""
-        read = getattr(self.reconciler.dataplane, "counters", None)
-        return await self._kernel(read) if read is not None else {}
+        return await self._kernel(self.reconciler.dataplane.counters)
 
     async def verify_table(self) -> bool:
-        """Is our table still in the kernel as we left it? If it was removed or replaced behind our
-        back (a firewall reload with ``flush ruleset``), the repair loop installs it again now."""
-        read = getattr(self.reconciler.dataplane, "layout_tag", None)
+        """Is our table still in the kernel as we left it? Every call checks the layout tag and
+        each set's sentinel (a deleted table, a ``flush ruleset`` or a ``flush set``); every
+        ``TABLE_FULL_CHECK_SECONDS`` all elements are compared too (a single deleted element).
+        A difference is repaired now by the timer's full sync (``Reconciler.check_kernel``)."""
         layout = self.reconciler.layout
-        if read is None or layout is None or self.reconciler.needs_full:
+        if layout is None or self.reconciler.needs_full:
             return True
-        tag = await self._kernel(read)
-        if tag == layout.tag or self.reconciler.layout is not layout:  # a sync replaced it meanwhile
+        full = time.monotonic() - self._full_check >= TABLE_FULL_CHECK_SECONDS
+        if full:
+            self._full_check = time.monotonic()
+        problem = await self._kernel(self.reconciler.check_kernel, full)
+        if not problem:
             return True
-        log.error("event=table_lost table=%s found=%s (someone removed or replaced it; restoring now)",
-                  self.config.gateway.table, tag or "nothing")
-        self.reconciler.needs_full = True
+        log.error("event=table_drift table=%s check=%s detail=%r (someone changed our table; repairing now)",
+                  self.config.gateway.table, "full" if full else "quick", problem)
+        self.table_repairs += 1
         self._changed.set()
         return False
 

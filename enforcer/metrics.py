@@ -63,6 +63,11 @@ class Metrics:
                                 ["outcome"], registry=r)
         for outcome in ("made", "refused", "kept", "lapsed"):
             self.promises.labels(outcome)
+        self.portal_refusals = Counter("walled_garden_portal_actions_refused",
+                                       "Portal actions refused: the address had not connected to the portal "
+                                       "recently (a compromised or misconfigured portal)", ["action"], registry=r)
+        for action in ("promise", "acknowledge"):
+            self.portal_refusals.labels(action)
         self.outbox = Gauge("walled_garden_outbox_messages",
                             "Outgoing webhooks to billing not yet delivered", registry=r)
         self.outbox_failures = Counter("walled_garden_outbox_failures",

@@ -14,7 +14,7 @@ from enforcer.cli import main
 class NoConntrack:
     """No kernel here: every flush succeeds and finds nothing."""
 
-    async def flush(self, networks: Any) -> int:
+    async def flush(self, networks: Any, keep_mark: int = 0) -> int:
         return 0
 
 

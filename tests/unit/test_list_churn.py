@@ -22,7 +22,7 @@ class CountingConntrack:
     def __init__(self) -> None:
         self.passes: list[set[Any]] = []
 
-    async def flush(self, networks: Any) -> int:
+    async def flush(self, networks: Any, keep_mark: int = 0) -> int:
         self.passes.append(set(networks))
         return 0
 

@@ -31,7 +31,7 @@ class FakeConntrack:
     def __init__(self) -> None:
         self.flushed: list[set[Any]] = []
 
-    async def flush(self, networks: Any) -> int:
+    async def flush(self, networks: Any, keep_mark: int = 0) -> int:
         self.flushed.append(set(networks))
         return len(networks)
 
@@ -337,7 +337,7 @@ async def test_a_batch_state_is_saved_at_its_commit_before_the_flush(setup: Any)
     release = asyncio.Event()
     flush = conntrack.flush
 
-    async def slow_flush(networks: Any) -> int:
+    async def slow_flush(networks: Any, keep_mark: int = 0) -> int:
         await release.wait()
         return await flush(networks)
 

@@ -1,0 +1,42 @@
+"""The portal may promise or acknowledge only for an address the kernel saw connect to it.
+
+README's claim "a compromised portal cannot lift anyone" rests on this: the table records
+every subscriber connecting to the portal's ports (``portalcaller4/6``), and the enforcer
+refuses a promise or an acknowledgement for any other address.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Mode, Subscriber, parse_address
+
+from daemon_helpers import NoConntrack
+
+NOW = 1_795_000_000.0
+
+
+async def test_promise_and_acknowledge_only_for_recent_callers(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          "policy: {promise_to_pay: {enabled: true}}\n", str(tmp_path / "c.yaml"))
+    fake = FakeDataplane(callers_seen_by_default=False)
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue"),
+                                Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
+                               "l.yaml", "1"))
+    status, answer = await e.promise("100.64.0.1")
+    assert (status, answer["why"]) == (403, "not_a_recent_caller")
+    assert fake.view["mode4_32"]["100.64.0.1"] == "goto garden"
+    assert (await e.acknowledge("100.64.0.2"))[0] == 403
+    fake.saw_caller("100.64.0.1")
+    fake.saw_caller("100.64.0.2")
+    status, answer = await e.promise("100.64.0.1")
+    assert status == 200 and answer["promised"]
+    assert "100.64.0.1" not in fake.view["mode4_32"]
+    assert (await e.acknowledge("100.64.0.2"))[0] == 200
+    await e.close()
