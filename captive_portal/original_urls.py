@@ -3,8 +3,9 @@
 When the gateway sends a subscriber's plain HTTP request here and we answer ``302`` to the
 portal, we first note the URL they asked for (``http://`` + Host + path and query, exactly
 as sent), keyed by their address: one per address, the latest wins, forgotten after 15
-minutes, at most 65536 addresses (oldest dropped). No enforcer lookup is involved, so this
-costs a dict operation on the redirect path.
+minutes, at most 65536 in all (oldest dropped) and at most 8 addresses per IPv4 address or
+IPv6 /64, so one subscriber cannot push out everyone else's. No enforcer lookup is involved,
+so this costs a few dict operations on the redirect path.
 
 Only plausible page loads are noted: GET requests for a well-formed host, not the operating
 systems' captive-portal probes (returning someone to ``/generate_204`` would show a blank
@@ -21,8 +22,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
+from .ratelimit import bucket_key
+
 TTL = 15 * 60.0
 MAX_ENTRIES = 65536
+#: Addresses remembered per subscriber key (an IPv4 address, an IPv6 /64).
+PER_KEY = 8
 MAX_URL = 1024
 
 #: Hosts that exist only to detect captive portals (Android, Apple, Windows, Firefox, Linux).
@@ -43,33 +48,84 @@ _PATH = re.compile(r"/[\x21-\x7e]*")
 
 
 class OriginalUrls:
-    def __init__(self, *, ttl: float = TTL, max_entries: int = MAX_ENTRIES,
+    """Remembered URLs, at most ``per_key`` addresses per subscriber key and ``max_entries`` in all.
+
+    The key is ``ratelimit.bucket_key``: the address for IPv4, its /64 for IPv6 (issue 11 item
+    13). One subscriber's devices pick IPv6 addresses from a whole /64 at will, so keyed by full
+    address one /64 could write thousands of entries and push everyone else's out. Within a key
+    each address keeps its own URL (two devices of one household go back to their own pages),
+    but a key holds at most ``per_key`` of them, its own oldest dropped first; the global bound
+    then only ever drops the least recently written keys' entries, and one key can never hold
+    more than ``per_key`` of the ``max_entries``.
+    """
+
+    def __init__(self, *, ttl: float = TTL, max_entries: int = MAX_ENTRIES, per_key: int = PER_KEY,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1 or per_key < 1:
+            raise ValueError("max_entries and per_key must be positive")
         self.ttl = ttl
         self.max_entries = max_entries
+        self.per_key = per_key
         self.clock = clock
-        self._urls: OrderedDict[str, tuple[float, str]] = OrderedDict()  # address → (noted at, url)
+        # key → (address → (noted at, url)); both levels in write order, oldest first.
+        self._keys: OrderedDict[str, OrderedDict[str, tuple[float, str]]] = OrderedDict()
+        self._count = 0
 
     def remember(self, address: str, url: str) -> None:
         now = self.clock()
-        self._urls.pop(address, None)
-        self._urls[address] = (now, url)
-        # Insertion order is time order: expired entries, if any, are at the front.
-        while self._urls:
-            oldest, _ = next(iter(self._urls.values()))
-            if len(self._urls) <= self.max_entries and now - oldest < self.ttl:
-                break
-            self._urls.popitem(last=False)
+        key = bucket_key(address)
+        entries = self._keys.pop(key, None)
+        if entries is None:
+            entries = OrderedDict()
+        elif entries.pop(address, None) is not None:
+            self._count -= 1
+        entries[address] = (now, url)
+        self._count += 1
+        while len(entries) > self.per_key:  # this subscriber's own oldest
+            entries.popitem(last=False)
+            self._count -= 1
+        self._keys[key] = entries  # the most recently written key goes last
+        self._sweep(now)
 
-    def pop(self, address: str) -> str | None:
-        """The URL noted for ``address`` within the TTL, forgotten as it is handed out."""
-        entry = self._urls.pop(address, None)
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries and, over the bound, the oldest keys' oldest entries."""
+        # Keys are in order of their latest write and entries within a key in time order, so the
+        # front is the oldest key's oldest entry. Expired entries behind a fresh one wait for a
+        # later sweep: peek and pop never hand them out, and they count against the bound.
+        while self._keys:
+            key, entries = next(iter(self._keys.items()))
+            noted, _ = next(iter(entries.values()))
+            if self._count <= self.max_entries and now - noted < self.ttl:
+                break
+            entries.popitem(last=False)
+            self._count -= 1
+            if not entries:
+                del self._keys[key]
+
+    def peek(self, address: str) -> str | None:
+        """The URL noted for ``address`` within the TTL, kept (the page shows it as a link)."""
+        entries = self._keys.get(bucket_key(address))
+        entry = entries.get(address) if entries is not None else None
         if entry is None or self.clock() - entry[0] >= self.ttl:
             return None
         return entry[1]
 
+    def pop(self, address: str) -> str | None:
+        """The URL noted for ``address`` within the TTL, forgotten as it is handed out."""
+        key = bucket_key(address)
+        entries = self._keys.get(key)
+        entry = entries.pop(address, None) if entries is not None else None
+        if entry is None:
+            return None
+        self._count -= 1
+        if not entries:
+            del self._keys[key]
+        if self.clock() - entry[0] >= self.ttl:
+            return None
+        return entry[1]
+
     def __len__(self) -> int:
-        return len(self._urls)
+        return self._count
 
 
 def page_url(method: str, headers: Mapping[str, str], raw_path: str) -> str | None:

@@ -331,3 +331,29 @@ def test_lookup_states() -> None:
     free = Lookup("x", False, "free", "", "", ack_until=now + 5)
     assert not free.in_notice and not free.captive(now)
     assert PORTAL_HOST in PORTAL_URL
+
+
+def test_one_ipv6_64_cannot_evict_another_subscribers_remembered_url() -> None:
+    """Issue 11 item 13: keyed per /64 and bounded per key, a /64 writing thousands of distinct
+    addresses keeps at most ``per_key`` entries and pushes nobody else out."""
+    urls = OriginalUrls(max_entries=64, per_key=4)
+    urls.remember("100.64.0.7", "http://victim.example/4")
+    urls.remember("2001:db8:aaaa:1::7", "http://victim.example/6")
+    for i in range(5000):
+        urls.remember(f"2001:db8:bbbb:1::{i:x}", f"http://flood.example/{i}")
+    assert len(urls) == 2 + 4
+    assert urls.pop("100.64.0.7") == "http://victim.example/4"
+    assert urls.pop("2001:db8:aaaa:1::7") == "http://victim.example/6"
+    # Within its own /64 the flooder keeps its newest few, each address its own URL.
+    assert urls.peek("2001:db8:bbbb:1::1387") == "http://flood.example/4999"
+    assert urls.peek("2001:db8:bbbb:1::0") is None
+
+
+def test_addresses_in_one_64_keep_their_own_urls() -> None:
+    urls = OriginalUrls()
+    urls.remember("2001:db8:1:2::a", "http://a.example/")
+    urls.remember("2001:db8:1:2::b", "http://b.example/")
+    assert urls.peek("2001:db8:1:2::a") == "http://a.example/"  # peek keeps it
+    assert urls.pop("2001:db8:1:2::a") == "http://a.example/"
+    assert urls.pop("2001:db8:1:2::a") is None and urls.pop("2001:db8:1:2::c") is None
+    assert urls.pop("2001:db8:1:2::b") == "http://b.example/" and len(urls) == 0
