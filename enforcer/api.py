@@ -409,7 +409,7 @@ def max_connections() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+    return min(MAX_CONNECTIONS, max(8, soft - FD_RESERVE))
 
 
 class GuardedConnection(asyncio.Protocol):

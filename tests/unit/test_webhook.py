@@ -361,3 +361,98 @@ async def test_a_batch_state_is_saved_at_its_commit_before_the_flush(setup: Any)
     assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
     assert [(a["old"], a["new"]) for a in enforcer.store.audit("C-1")][-2:] == [
         ("walled-garden", "free"), ("free", "notice")]
+
+
+def _raw_headers(body: bytes, msg_id: str) -> dict[str, str]:
+    """Standard Webhooks headers signed over raw bytes (the reference signs only text)."""
+    import hashlib
+    import hmac
+
+    stamp = str(int(time.time()))
+    digest = hmac.new(base64.b64decode(SECRET[6:]), f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": stamp,
+            "webhook-signature": "v1," + base64.b64encode(digest).decode(), "content-type": "application/json"}
+
+
+_PAY = '{"type": "payment.received", "timestamp": %s, "data": {"subscriber": "C-1"}}'
+
+
+@pytest.mark.parametrize("body, needle", [
+    (_PAY % '"0000-01-01T00:00:00Z"', "RFC 3339"),
+    (_PAY % '"10000-01-01T00:00:00Z"', "RFC 3339"),
+    (_PAY % '"0001-01-01T00:00:00+01:00"', "outside 1970"),
+    (_PAY % '"9999-12-31T23:30:00-01:00"', "outside 1970"),
+    (_PAY % "1e400", "outside 1970"),
+    (_PAY % "-5", "outside 1970"),
+    (_PAY % ("9" * 400), "outside 1970"),
+    (_PAY % "NaN", "NaN"),
+    (_PAY % "Infinity", "Infinity"),
+    (_PAY % "-Infinity", "Infinity"),
+    ('{"type": "dispute.opened", "timestamp": 5, "data": {"subscriber": "C-1", "until": 1e300}}', "data.until"),
+    ('{"type": "dispute.opened", "timestamp": 5, "data": {"subscriber": "C-1", "until": "99999-01-01"}}',
+     "data.until"),
+    ("[" * 30_000 + "]" * 30_000, "nested"),
+    ('{"type": ' + "[" * 5000 + "]" * 5000 + "}", "nested"),
+    ("5", "JSON object"),
+    ('"payment.received"', "JSON object"),
+    ("null", "JSON object"),
+    ('{"type": "payment.received", "type": "subscriber.released", "timestamp": 5, "data": {"subscriber": "C-1"}}',
+     "twice"),
+    ('{"type": "payment.received", "timestamp": 5, "data": {"subscriber": "C-1"}, "data": {"subscriber": "C-2"}}',
+     "twice"),
+    ('{"type": "dispute.opened", "timestamp": 5, "data": {"subscriber": "C-1", "note": "\\ud800"}}', "surrogate"),
+    ('{"type": ["payment.received"], "timestamp": 5, "data": {"subscriber": "C-1"}}', "type"),
+    ('{"type": "payment.received", "timestamp": [5], "data": {"subscriber": "C-1"}}', "timestamp"),
+    ('{"type": "payment.received", "timestamp": 5, "data": [1]}', "data"),
+    ('{"type": "payment.received", "timestamp": 5, "data": {"subscriber": {"id": "C-1"}}}', "data.subscriber"),
+    ('{"type": "subscriber.restricted", "timestamp": 5, "data": {"subscriber": "C-9", "addresses": {"a": 1}}}',
+     "addresses"),
+    ('{"type": "subscriber.restricted", "timestamp": 5, "data": {"subscriber": "C-9", "addresses": ["100.64.0.9"],'
+     ' "mode": ["x"]}}', "mode"),
+    ('{"type": "dispute.opened", "timestamp": 5, "data": {"subscriber": "C-1", "note": {"x": 1}}}', "data.note"),
+])
+async def test_signed_bodies_that_no_event_can_be_are_400_never_500(setup: Any, body: str, needle: str) -> None:
+    client, _, fake, _, _ = setup
+    before = len(fake.transactions)
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "msg_odd"))
+    answer = await response.json()
+    assert response.status == 400, answer
+    assert needle in answer["error"]
+    assert len(fake.transactions) == before
+
+
+@pytest.mark.parametrize("body, needle", [(b'{"type": "payment.received\xff"}', "not UTF-8: byte 26"),
+                                          (b"\xff\xfe{\x00}\x00", "not UTF-8: byte 0")])
+async def test_a_signed_body_that_is_not_utf8_is_400(setup: Any, body: bytes, needle: str) -> None:
+    client, _, _, _, _ = setup
+    response = await client.post("/v1/events", data=body, headers=_raw_headers(body, "msg_bytes"))
+    assert response.status == 400 and needle in (await response.json())["error"]
+    headers = {**_raw_headers(body, "msg_bytes"), "webhook-signature": "v1," + base64.b64encode(b"x" * 32).decode()}
+    assert (await client.post("/v1/events", data=body, headers=headers)).status == 401, "unsigned: learns nothing"
+
+
+@pytest.mark.parametrize("msg_id", ["x" * 257, "id\twith-a-tab", "zero\u200bwidth"])
+async def test_an_unusable_webhook_id_is_400(setup: Any, msg_id: str) -> None:
+    client, _, fake, _, _ = setup
+    body = _event("payment.received", "C-1")
+    response = await client.post("/v1/events", data=body, headers=_headers(body, msg_id))
+    assert response.status == 400 and "webhook-id" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize("status", [200, 400, 409, 422, 503])
+async def test_the_daemons_answer_reaches_billing_unchanged(setup: Any, monkeypatch: Any, status: int) -> None:
+    """The in-process path: whatever (status, body) the daemon's future resolves to is the answer."""
+    import asyncio
+
+    client, enforcer, _, _, _ = setup
+
+    def submit(event: Any, received: float) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result((status, {"id": event.id, "error": f"daemon says {status}"}))
+        return future
+
+    monkeypatch.setattr(enforcer, "submit_event", submit)
+    body = _event("subscriber.restricted", "C-5", addresses=["100.64.0.55"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, f"pass-{status}"))
+    assert response.status == status
+    assert await response.json() == {"id": f"pass-{status}", "error": f"daemon says {status}"}
