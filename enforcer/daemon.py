@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -166,6 +167,8 @@ class Enforcer:
         self.waiting: set[str] = set()       # restrictions held until the enforcement window opens
         self.conflicts: dict[str, dict[str, Any]] = {}
         self.rebuilding: set[tuple[str, str]] | None = None
+        self.unsaved_list: ListUpdate | None = None   # a list whose saving failed, retried by the timer
+        self.unsaved_approval = ""
         self._full_check = time.monotonic()
         self.table_repairs = 0        # drift found by verify_table (status)   # kernel keys kept until the list (restore)
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
@@ -440,11 +443,23 @@ class Enforcer:
                 log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
             self.held = None
             self.metrics.held_changes.set(0)
-            old = self.inputs.listed
+            old, since = self.inputs.listed, dict(self.inputs.listed_since)
+            saved = [self.inputs.snapshot(sid) for sid in policy.list_changes(old, new)]
             changed = policy.apply_list(self.inputs, new, self.clock())
             meta = {"origin": update.origin, "loaded_at": self.clock(), "entries": len(new),
                     "fingerprint": update.fingerprint}
-            await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since, changed)
+            try:
+                await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since, changed)
+            except (sqlite3.Error, OSError) as exc:   # not durable: not in force either; the next read retries
+                self.inputs.listed, self.inputs.listed_since = old, since
+                for snapshot in saved:
+                    self.inputs.restore(snapshot)
+                self._report_source_failure(SourceFailure(update.origin, "state",
+                                                          f"the list could not be saved: {exc}"))
+                self.unsaved_list, self.unsaved_approval = update, approved_by   # the timer tries again
+                self._changed.set()
+                return
+            self.unsaved_list = None
             self.list_status, self.source_error = meta, None
             self.metrics.list_entries.set(len(new))
             log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
@@ -524,6 +539,9 @@ class Enforcer:
         return await self.handle_event(event, time.perf_counter())
 
     async def on_source_failure(self, failure: SourceFailure) -> None:
+        self._report_source_failure(failure)
+
+    def _report_source_failure(self, failure: SourceFailure) -> None:
         self.metrics.source_failures.labels(failure.reason).inc()
         self.source_error = {"origin": failure.origin, "reason": failure.reason, "message": failure.message,
                              "at": self.clock()}
@@ -700,6 +718,8 @@ class Enforcer:
                                                                          PRUNE_SECONDS)
             if self.conflicts:
                 wait = min(wait, CONFLICT_RETRY_SECONDS)
+            if self.unsaved_list is not None:
+                wait = min(wait, RESYNC_SECONDS)
             self._changed.clear()
             stopper = asyncio.ensure_future(stop.wait())
             changed = asyncio.ensure_future(self._changed.wait())
@@ -712,6 +732,8 @@ class Enforcer:
                 await self._tick()
             except DataplaneError:
                 pass  # logged and counted; retried on the next round
+            if self.unsaved_list is not None:
+                await self.on_list(self.unsaved_list, approved_by=self.unsaved_approval)
 
     async def _tick(self) -> None:
         async with self.lock:

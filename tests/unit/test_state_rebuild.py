@@ -52,3 +52,42 @@ async def test_lost_state_keeps_the_kernel_until_the_list_then_rebuilds(tmp_path
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}    # C-2 stays free, C-3 (unlisted) lifted
     assert e.explain("C-2")["mode"] == "free"
     await e.close()
+
+
+async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_path: Path) -> None:
+    """A transient SQLite error while saving a list: reported as a list error, nothing enforced
+    from it (it is not durable), the source and the timer live on, and it applies once saving works."""
+    import asyncio
+    import sqlite3
+
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    fake = FakeDataplane()
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    real = e.store.save_list
+    failures = [1]
+
+    def flaky(*args: object) -> None:
+        if failures:
+            failures.pop()
+            raise sqlite3.OperationalError("database is locked")
+        real(*args)  # type: ignore[arg-type]
+
+    e.store.save_list = flaky  # type: ignore[method-assign]
+    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "2"))
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
+    assert set(e.inputs.listed) == {"C-1"}
+    assert "could not be saved" in e.status()["source"]["last_error"]["message"]
+    stop = asyncio.Event()
+    timers = asyncio.create_task(e.timers(stop))
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if "100.64.0.2" in fake.view["mode4_32"]:
+            break
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}
+    assert e.status()["source"]["last_error"] is None
+    stop.set()
+    await timers
+    await e.close()
