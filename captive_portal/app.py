@@ -3,7 +3,9 @@
 Request flow, outermost first:
 
 1. ``redirect_other_hosts``: a Host that is not ``portal.url``'s is a redirected subscriber
-   trying to reach some other site: ``302`` to ``portal.url``, no lookup, no routing. 302 rather
+   trying to reach some other site (or any subscriber naming the gateway some other way, since
+   the gateway's own port 80 lands here for everyone): ``302`` to ``portal.url``, no lookup, no
+   routing. 302 rather
    than 511 because that is what makes Android, Apple, Windows and Firefox offer "sign in to
    network". It must stay cheap: it answers every HTTP request of every restricted subscriber,
    so it is outermost and counts its own requests. It notes the URL asked for
@@ -36,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from enforcer.config import Config
 
 from .csrf import CsrfTokens
-from .enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup, LookupClient, Promised
+from .enforcer_client import EnforcerClient, EnforcerUnavailable, Lookup, LookupClient, NotRecentCaller, Promised
 from .language import page_language
 from .messages import MessageKey
 from .metrics import PortalMetrics, RequestKind
@@ -170,7 +172,7 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
         if portal.is_addressed_by(host) or (request.secure and portal.names_host(host)):
             return await handler(request)
         url = page_url(request.method, request.headers, request.raw_path)
-        if url is not None:
+        if url is not None and not portal.names_host(host) and not _names_this_socket(request, host):
             address = caller_address(request)
             if address is not None:
                 urls.remember(address, url)
@@ -180,6 +182,23 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
         return response
 
     return middleware
+
+
+def _names_this_socket(request: web.Request, host: str | None) -> bool:
+    """Does the Host header name the address this connection arrived at (the gateway itself)?
+
+    Every subscriber's port 80 to the gateway's own addresses lands here (issue 18), so a free
+    subscriber typing the gateway's address gets the portal too; that is no page to send them
+    back to. (The portal's own name on another port is caught by ``names_host``.)
+    """
+    parsed = parse_host_header(host, 80) if host else None
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if parsed is None or not isinstance(sockname, tuple) or not sockname:
+        return False
+    try:
+        return ipaddress.ip_address(parsed[0]) == ipaddress.ip_address(str(sockname[0]).partition("%")[0])
+    except ValueError:  # a name, not an address literal
+        return False
 
 
 _NOT_FOUND_BODY = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -262,29 +281,64 @@ async def _form_post(request: web.Request, kind: RequestKind) -> tuple[str, str]
     return address, request_language(request, lang if isinstance(lang, str) else None)
 
 
-async def _enforcer_down(request: web.Request, language: str, what: str, exc: Exception) -> web.Response:
+async def _enforcer_down(request: web.Request, language: str, what: str, exc: Exception,
+                         lookup: Lookup | None) -> web.Response:
     """A form POST the enforcer could not answer: the page as it stands, "try again", 503."""
     request.app[_FAILURES_KEY].failed(f"{what}: {exc}")
-    lookup = await lookup_caller(request)
     return _caller_page(request, lookup, language, note="continue_failed", status=503,
                         headers={hdrs.RETRY_AFTER: "5"})
+
+
+def _not_recent(request: web.Request, language: str, address: str, what: str,
+                lookup: Lookup | None) -> web.Response:
+    """The enforcer has not seen this address call the portal lately (issue 11 item 6).
+
+    Typically a page left open longer than the kernel remembers callers, or a request that came
+    some other way than the gateway's portal address: reloading the page makes that connection,
+    and the page it shows has fresh buttons. ``403``, the page as it stands, one sentence on top.
+    """
+    log.info("event=portal_action_refused action=%s address=%s why=not_a_recent_caller", what, address)
+    return _caller_page(request, lookup, language, note="reload_needed", status=403)
+
+
+def _free(lookup: Lookup | None) -> bool:
+    """The enforcer's latest word is that this caller is not restricted (paid, promised, lifted)."""
+    return lookup is not None and not lookup.restricted
 
 
 async def continue_post(request: web.Request) -> web.StreamResponse:
     """"Continue to the internet": acknowledge the notice, then back to where they were going.
 
     ``guard_posts`` has checked rate, origin and token. The only places this redirects to are
-    the URL this address asked for when it was redirected here, and the portal page.
+    the URL this address asked for when it was redirected here, and the portal page. A caller
+    who is free by the time they press (a payment or a promise in between) goes there too,
+    whatever the enforcer says about the acknowledgement: there is nothing left to read.
     """
     address, language = await _form_post(request, RequestKind.CONTINUE)
+    client = request.app[CLIENT_KEY]
     try:
-        ack = await request.app[CLIENT_KEY].acknowledge(address)
+        ack = await client.acknowledge(address)
     except EnforcerUnavailable as exc:
-        return await _enforcer_down(request, language, "acknowledge", exc)
+        lookup = await lookup_caller(request)
+        if _free(lookup):
+            return _continue_to(request, address, language)
+        return await _enforcer_down(request, language, "acknowledge", exc, lookup)
+    except NotRecentCaller:
+        lookup = await lookup_caller(request)
+        if _free(lookup):
+            return _continue_to(request, address, language)
+        return _not_recent(request, language, address, "acknowledge", lookup)
     if not ack.acknowledged:
         log.debug("event=acknowledgement_refused address=%s error=%r", address, ack.error)
         lookup = await lookup_caller(request)
+        if _free(lookup):
+            return _continue_to(request, address, language)
         return _caller_page(request, lookup, language, note="continue_not_needed", status=409)
+    return _continue_to(request, address, language)
+
+
+def _continue_to(request: web.Request, address: str, language: str) -> web.Response:
+    """``303`` to the URL this address was redirected from, else to the portal page."""
     location = request.app[URLS_KEY].pop(address)
     if location is None:
         # The portal page, which now says "carry on"; in the language picked on the page if
@@ -312,19 +366,30 @@ async def promise_post(request: web.Request) -> web.Response:
 
     ``guard_posts`` has checked rate, origin and token; the address is the TCP peer's, never a
     form field. Success answers the confirmation page itself (the date comes from the enforcer,
-    not from a URL anyone could craft), with ``Connection: close`` so the browser's next request
-    starts afresh now that the gateway lets it out. Refusals show the page as it now stands with
-    one sentence on top: ``403`` not eligible, ``409`` not restricted, ``503`` enforcer trouble.
+    not from a URL anyone could craft), whatever a lookup would say now (free, of course), with
+    ``Connection: close`` so the browser's next request starts afresh now that the gateway lets
+    it out. Refusals show the page as it now stands with one sentence on top: ``403`` not
+    eligible, or not a recent caller ("reload the page"), ``503`` enforcer trouble. A caller who
+    is free by now whatever the refusal (a payment arrived, a promise made by an earlier press)
+    gets ``409`` and the "your service is active" page, never a complaint.
     """
     address, language = await _form_post(request, RequestKind.PROMISE)
     try:
         answer: Promised = await request.app[CLIENT_KEY].promise(address)
     except EnforcerUnavailable as exc:
-        return await _enforcer_down(request, language, "promise", exc)
+        lookup = await lookup_caller(request)
+        if _free(lookup):
+            return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
+        return await _enforcer_down(request, language, "promise", exc, lookup)
+    except NotRecentCaller:
+        lookup = await lookup_caller(request)
+        if _free(lookup):
+            return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
+        return _not_recent(request, language, address, "promise", lookup)
     if not answer.made:
         log.info("event=promise_refused address=%s why=%s", address, answer.why)
         lookup = await lookup_caller(request)
-        if answer.why == "not_restricted":
+        if answer.why == "not_restricted" or _free(lookup):
             return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
         note: MessageKey = "promise_refused_soon" if answer.why in _REFUSED_SOON else "promise_refused"
         return _caller_page(request, lookup, language, note=note, status=403)
@@ -375,9 +440,18 @@ def _html(text: str, language: str, status: int = 200, headers: dict[str, str] |
 def _caller_page(request: web.Request, lookup: Lookup | None, language: str, *, note: MessageKey | None = None,
                  status: int = 200, headers: dict[str, str] | None = None,
                  promised_until: float | None = None) -> web.Response:
+    """The page for this caller as the enforcer last described them (``lookup``).
+
+    A caller who may browse (promised just now, free, or an acknowledged notice) gets a link back
+    to the page they were redirected from, if it was noted: kept, not handed out once, so a
+    reload shows it again.
+    """
     address = caller_address(request) or ""
     token = request.app[CSRF_KEY].issue(address) if address else ""
-    caller = Caller(lookup, language, address, token, request.app[CLOCK_KEY](), note, promised_until)
+    now = request.app[CLOCK_KEY]()
+    browsing = promised_until is not None or _free(lookup) or (lookup is not None and lookup.acknowledged(now))
+    back_to = (request.app[URLS_KEY].peek(address) or "") if browsing and address else ""
+    caller = Caller(lookup, language, address, token, now, note, promised_until, back_to)
     pages = request.app[PAGES_KEY]
     return _html(pages.caller_page(caller), pages.catalogue(language)[0], status, headers)
 

@@ -10,6 +10,11 @@ control, so nothing here needs credentials.
 Every failure (no socket, refused, timeout, bad status, malformed answer) becomes one
 exception, ``EnforcerUnavailable``: callers must decide what a missing answer means for them
 rather than mistake it for "not restricted".
+
+The enforcer acts only for an address the kernel saw connect to the portal lately (issue 11
+item 6): otherwise it answers an acknowledgement or a promise with ``403`` and
+``"why": "not_a_recent_caller"``, which becomes ``NotRecentCaller`` (the page asks the caller to
+reload, which makes that connection). The portal only ever sends the TCP peer's own address.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ DEFAULT_TIMEOUT = 2.0
 
 class EnforcerUnavailable(Exception):
     """The enforcer could not give an answer; the reason is in the message."""
+
+
+#: The enforcer's ``why`` for an address the kernel has not seen connect to the portal lately.
+NOT_A_RECENT_CALLER = "not_a_recent_caller"
+
+
+class NotRecentCaller(Exception):
+    """The enforcer refused to act: the kernel has not seen this address call the portal lately."""
 
 
 @dataclass(frozen=True)
@@ -175,10 +188,12 @@ class EnforcerClient:
 
         200 ``{"acknowledged": true, "until": <unix seconds>}`` → ``Ack(True, until)``;
         409 ``{"error": ...}`` (not in notice or throttle mode) → ``Ack(False, error=...)``;
-        anything else, 400 for a bad address included, raises ``EnforcerUnavailable``.
+        403 (not a recent caller of the portal) raises ``NotRecentCaller``; anything else, 400 for a bad address included, raises ``EnforcerUnavailable``.
         """
         status, data = await self._call("POST", ACKNOWLEDGE_URL, f"an acknowledgement for {address}",
-                                        json={"address": address}, answers=(200, 409))
+                                        json={"address": address}, answers=(200, 403, 409))
+        if status == 403:  # the only refusal of an acknowledgement by who asks
+            raise NotRecentCaller(f"the enforcer has not seen {address} call the portal lately")
         if status == 409:  # a refusal is an answer, whatever its body looks like
             error = _text(data.get("error")) if isinstance(data, dict) else ""
             return Ack(False, error=error or "not in notice or throttle mode")
@@ -191,7 +206,8 @@ class EnforcerClient:
         """Ask the enforcer to lift ``address``'s restriction on the subscriber's promise to pay.
 
         200 ``{"promised": true, "until": <unix>}`` (lifted in the kernel) → ``Promised(True, until)``;
-        403 ``{"eligible": false, "why": ...}`` → ``Promised(False, why=...)``; 409 (not restricted)
+        403 ``{"eligible": false, "why": ...}`` → ``Promised(False, why=...)``, except ``"why":
+        "not_a_recent_caller"``, which raises ``NotRecentCaller``; 409 (not restricted)
         → ``Promised(False, why="not_restricted")``; anything else (400, 503 after a failed kernel
         change, 404 from an enforcer without promises) raises ``EnforcerUnavailable``.
         """
@@ -201,6 +217,8 @@ class EnforcerClient:
             return Promised(False, why="not_restricted")
         if status == 403:  # a refusal is an answer, whatever its body looks like
             why = _text(data.get("why")) if isinstance(data, dict) else ""
+            if why == NOT_A_RECENT_CALLER:
+                raise NotRecentCaller(f"the enforcer has not seen {address} call the portal lately")
             return Promised(False, why=why or "not_eligible")
         until = _time(data.get("until")) if isinstance(data, dict) else None
         if not isinstance(data, dict) or data.get("promised") is not True or until is None:

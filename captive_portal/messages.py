@@ -63,6 +63,10 @@ class Messages(TypedDict):
     promise_refused_soon: str
     promise_refused: str
     promise_not_needed: str
+    # the enforcer did not see this address connect to the portal lately (issue 11 item 6)
+    reload_needed: str
+    # on a page of a caller who may browse: a link back to the page they had asked for
+    back_to_page: str
     title_promised: str
     heading_promised: str
     summary_promised: str
@@ -101,7 +105,7 @@ MessageKey = Literal[
     "pay_heading", "pay_online", "pay_contact", "pay_restore",
     "continue_intro", "continue_button", "continue_not_needed", "continue_failed",
     "promise_heading", "promise_intro", "promise_button", "promise_refused_soon", "promise_refused",
-    "promise_not_needed", "title_promised", "heading_promised", "summary_promised",
+    "promise_not_needed", "reload_needed", "back_to_page", "title_promised", "heading_promised", "summary_promised",
     "title_expired", "summary_expired", "title_too_many", "summary_too_many", "back_link",
     "contact_heading", "contact_phone", "contact_email", "contact_hours",
     "reference_label", "reference_hint",
@@ -218,6 +222,8 @@ EN: Messages = {
     "promise_refused": "A promise to pay is not available for this connection. "
                        "Please pay to restore your service, or contact us.",
     "promise_not_needed": "Your service is not restricted at the moment, so there is nothing to promise.",
+    "reload_needed": "Please reload this page, then press the button again.",
+    "back_to_page": "Continue to the page you asked for:",
     "title_promised": "Service restored",
     "heading_promised": "Your service is back",
     "summary_promised": "Your service is back until $until. Please pay by then, or it will be restricted again.",
@@ -285,6 +291,8 @@ CS: Messages = {
     "promise_refused": "Slib platby není pro toto připojení k dispozici. "
                        "Pro obnovení služby prosím zaplaťte, nebo nás kontaktujte.",
     "promise_not_needed": "Vaše služba teď není omezena, není tedy co slibovat.",
+    "reload_needed": "Načtěte prosím tuto stránku znovu a pak tlačítko stiskněte ještě jednou.",
+    "back_to_page": "Pokračovat na stránku, kterou jste chtěli otevřít:",
     "title_promised": "Služba obnovena",
     "heading_promised": "Vaše služba opět funguje",
     "summary_promised": "Vaše služba funguje do $until. Do té doby prosím zaplaťte, jinak bude znovu omezena.",
@@ -354,6 +362,8 @@ HU: Messages = {
     "promise_refused": "Ennél a kapcsolatnál nem tehető fizetési ígéret. Kérjük, fizessen a szolgáltatás "
                        "visszaállításához, vagy lépjen kapcsolatba velünk.",
     "promise_not_needed": "Szolgáltatása jelenleg nincs korlátozva, így nincs mit megígérnie.",
+    "reload_needed": "Kérjük, töltse be újra ezt az oldalt, majd nyomja meg ismét a gombot.",
+    "back_to_page": "Tovább a kért oldalra:",
     "title_promised": "Szolgáltatás visszaállítva",
     "heading_promised": "Szolgáltatása újra működik",
     "summary_promised": "Szolgáltatása eddig működik: $until. Kérjük, addig fizessen, különben ismét "
@@ -425,6 +435,8 @@ ES: Messages = {
     "promise_refused": "El compromiso de pago no está disponible para esta conexión. "
                        "Pague para restablecer el servicio o póngase en contacto con nosotros.",
     "promise_not_needed": "Su servicio no está restringido en este momento, así que no hay nada que prometer.",
+    "reload_needed": "Vuelva a cargar esta página y pulse el botón otra vez.",
+    "back_to_page": "Continuar a la página que había solicitado:",
     "title_promised": "Servicio restablecido",
     "heading_promised": "Su servicio vuelve a funcionar",
     "summary_promised": "Su servicio funciona hasta el $until. Pague antes de esa fecha o volverá a "
@@ -498,6 +510,8 @@ UK: Messages = {
     "promise_refused": "Обіцянка оплати недоступна для цього підключення. Будь ласка, оплатіть, щоб відновити "
                        "послугу, або зверніться до нас.",
     "promise_not_needed": "Ваша послуга зараз не обмежена, тож обіцяти нічого не потрібно.",
+    "reload_needed": "Будь ласка, перезавантажте цю сторінку й натисніть кнопку ще раз.",
+    "back_to_page": "Перейти на сторінку, яку ви відкривали:",
     "title_promised": "Послугу відновлено",
     "heading_promised": "Ваша послуга знову працює",
     "summary_promised": "Ваша послуга працює до $until. Будь ласка, оплатіть до цього часу, інакше її знову "
@@ -571,6 +585,8 @@ RU: Messages = {
     "promise_refused": "Обещание оплаты недоступно для этого подключения. Пожалуйста, оплатите, чтобы "
                        "восстановить услугу, или свяжитесь с нами.",
     "promise_not_needed": "Ваша услуга сейчас не ограничена, поэтому обещать ничего не нужно.",
+    "reload_needed": "Пожалуйста, перезагрузите эту страницу и нажмите кнопку ещё раз.",
+    "back_to_page": "Перейти на страницу, которую вы открывали:",
     "title_promised": "Услуга восстановлена",
     "heading_promised": "Ваша услуга снова работает",
     "summary_promised": "Ваша услуга работает до $until. Пожалуйста, оплатите до этого времени, иначе она "
@@ -641,6 +657,8 @@ PT: Messages = {
     "promise_refused": "O compromisso de pagamento não está disponível para esta ligação. "
                        "Pague para repor o serviço ou contacte-nos.",
     "promise_not_needed": "O seu serviço não está restrito neste momento, por isso não há nada a prometer.",
+    "reload_needed": "Por favor, recarregue esta página e carregue novamente no botão.",
+    "back_to_page": "Continuar para a página que pediu:",
     "title_promised": "Serviço reposto",
     "heading_promised": "O seu serviço voltou",
     "summary_promised": "O seu serviço funciona até $until. Pague até essa data, caso contrário voltará a "

@@ -5,6 +5,8 @@ States: ``restricted`` (walled garden, or the enforcer could not be asked), ``no
 was read: carry on), ``active`` (not restricted at all), ``promised`` (the subscriber has just
 promised to pay: service is back until a date), and ``problem`` (a form that expired, too many
 attempts). Any restricted state may also offer "I promise to pay", when the enforcer says so.
+The states in which the caller may browse (``acknowledged``, ``active``, ``promised``) link back
+to the page they had asked for when it was redirected here, if the portal noted it (issue 18).
 
 The page is self-contained (inline CSS and an inlined logo; no scripts, fonts or other
 requests) because a restricted subscriber cannot fetch anything outside the walled garden,
@@ -33,6 +35,8 @@ _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 CONTINUE_PATH = "/continue"
 #: Where the "I promise to pay" form posts to.
 PROMISE_PATH = "/promise"
+#: The text (not the target) of the link back to a remembered page is cut to this many characters.
+MAX_LINK_TEXT = 80
 
 
 class Markup(str):
@@ -92,6 +96,7 @@ class Caller:
     now: float = 0.0            # unix time, for "is the acknowledgement still in force"
     note: MessageKey | None = None  # one sentence above everything (after "continue" went wrong)
     promised_until: float | None = None  # set: the caller has just promised to pay (unix time it lasts)
+    back_to: str = ""           # the page this caller had asked for, linked once they may browse
 
 
 class Pages:
@@ -129,11 +134,12 @@ class Pages:
         note = element("p", m[caller.note], class_="note", role="status") if caller.note else Markup()
         if caller.promised_until is not None:
             summary = fill(m["summary_promised"], until=self.date(caller.promised_until, lang))
-            details = join(note, self._payment(m, restore=False), self._contact(m, None), self._account(m, caller))
+            details = join(note, self._back(m, caller.back_to), self._payment(m, restore=False),
+                           self._contact(m, None), self._account(m, caller))
             return self._render(lang, m, "promised", m["title_promised"], m["heading_promised"], summary, details)
         if lookup is not None and not lookup.restricted:
             state = "active"
-            details = join(note, self._contact(m, None), self._account(m, caller))
+            details = join(note, self._back(m, caller.back_to), self._contact(m, None), self._account(m, caller))
         else:
             if lookup is None:
                 state = "restricted"
@@ -146,7 +152,8 @@ class Pages:
             form = self._continue(m, lang, caller.token) if state in ("notice", "throttle") else Markup()
             offer = lookup.promise if lookup is not None else None
             promise = self._promise(m, lang, caller.token, offer) if offer and offer.eligible else Markup()
-            details = join(note, self._reason(m, lookup), self._payment(m), form, promise,
+            back = self._back(m, caller.back_to) if state == "acknowledged" else Markup()
+            details = join(note, back, self._reason(m, lookup), self._payment(m), form, promise,
                            self._contact(m, lookup), self._account(m, caller))
         return self._render(lang, m, state, m[f"title_{state}"], m[f"heading_{state}"],  # type: ignore[literal-required]
                             m[f"summary_{state}"], details)  # type: ignore[literal-required]
@@ -179,6 +186,17 @@ class Pages:
                 attributes["aria_current"] = "true"
             items.append(element("li", element("a", LANGUAGE_NAMES.get(code, code), **attributes)))
         return element("nav", element("ul", join(*items)), aria_label=m["language_label"])
+
+    def _back(self, m: Messages, url: str) -> Markup:
+        """"Continue to the page you asked for: <link>", for a caller who may browse again.
+
+        ``url`` is what ``original_urls`` noted for this very caller (an ``http://`` URL of
+        printable ASCII); anything else is not linked. Long URLs are shortened in the text only.
+        """
+        if not url or not _is_web_url(url):
+            return Markup()
+        text = url if len(url) <= MAX_LINK_TEXT else url[:MAX_LINK_TEXT - 1] + "…"
+        return join("\n", element("p", join(m["back_to_page"], " ", element("a", text, href=url)), class_="back"))
 
     def _reason(self, m: Messages, lookup: Lookup | None) -> Markup:
         if lookup is None:

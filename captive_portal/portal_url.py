@@ -1,7 +1,8 @@
 """Is a request addressed to the portal, or to some other site the gateway redirected here?
 
-The gateway's nftables rule redirects a restricted subscriber's TCP port 80 to us but leaves
-the request untouched, so the Host header still names the site they wanted. Only requests
+The gateway's nftables rule redirects a restricted subscriber's TCP port 80 (and every
+subscriber's port 80 to the gateway itself) to us but leaves the request untouched, so the Host
+header still names the site they wanted. Only requests
 whose Host is the host[:port] of ``portal.url`` are the portal's own; every other one gets
 the redirect. The comparison is pure string work (no name resolution) because it runs on
 every redirected request.
@@ -55,8 +56,9 @@ class PortalUrl:
     def names_host(self, host_header: str | None) -> bool:
         """True when a Host header names the portal's host, on whatever port.
 
-        Enough for requests on the portal's HTTPS listener: the gateway only ever redirects
-        port 80 to us, so a TLS connection naming our host came to us on purpose.
+        Enough for requests on the portal's HTTPS listener: the gateway redirects only the
+        gateway's own port 443 there, and only the portal holds its certificate, so a TLS
+        connection naming our host came to us on purpose.
         """
         parsed = parse_host_header(host_header, 0) if host_header else None
         return parsed is not None and parsed[0] == self.host

@@ -1,7 +1,8 @@
 """Running the portal: listening sockets, the metrics endpoint, signals (``walled-garden portal``).
 
-The gateway redirects restricted subscribers' port 80 to ``portal.listen`` on whichever of
-its addresses the packet arrived at, IPv4 or IPv6. A wildcard listen address therefore binds
+The gateway redirects restricted subscribers' port 80, and every subscriber's port 80 to the
+gateway's own addresses (port 443 to ``portal.tls.listen`` likewise), to ``portal.listen`` on
+the primary address of the interface the packet arrived at, IPv4 or IPv6. A wildcard listen address therefore binds
 both families, as two sockets (the IPv6 one ``IPV6_V6ONLY``, so they do not clash and IPv4
 callers keep plain IPv4 peer addresses for the lookup). Sockets are built here from literal
 addresses only: start-up never waits on name resolution.

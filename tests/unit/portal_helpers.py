@@ -42,3 +42,24 @@ async def unix_enforcer(path: Path, lookup: Any = None, acknowledge: Any = None,
         yield seen
     finally:
         await runner.cleanup()
+
+
+#: A header only tests use: which TCP peer a request is to seem to come from (see ``with_test_peer``).
+TEST_PEER = "X-Test-Peer"
+
+
+def with_test_peer(app: web.Application) -> web.Application:
+    """Let a test pick the TCP peer address per request, as if the connection came from it.
+
+    The test client always connects from 127.0.0.1; this outermost middleware replaces the
+    peer with ``X-Test-Peer``'s value (as aiohttp's own ``request.clone(remote=...)`` does), so
+    IPv6 callers and neighbours in one /64 can be tried. The portal itself never reads headers
+    for the caller's address; tests that check that use no such middleware.
+    """
+    @web.middleware
+    async def peer(request: web.Request, handler: Any) -> web.StreamResponse:
+        remote = request.headers.get(TEST_PEER)
+        return await handler(request.clone(remote=remote) if remote else request)
+
+    app.middlewares.insert(0, peer)
+    return app
