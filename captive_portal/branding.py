@@ -26,6 +26,7 @@ from string import Template
 
 from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config
 
+from . import reachability
 from .messages import MESSAGES, PLACEHOLDERS, Messages
 
 log = logging.getLogger(__name__)
@@ -269,9 +270,12 @@ def load_template(templates_dir: str) -> Template:
 # --- check-config ----------------------------------------------------------------------------
 
 def validate(config: Config) -> list[str]:
-    """Problems with the portal's branding, template and texts, each naming its key path.
+    """Problems with the portal's branding, template and texts, and with reaching ``portal.url``
+    (``reachability.problems``), each naming its key path.
 
-    An empty list means the page will render as configured. Called by ``check-config``.
+    An empty list means the page will render as configured and subscribers can reach it as far
+    as the config alone can tell. Called by ``check-config``, which counts every line as an
+    error; the hints that depend on this machine are ``reachability.warnings``.
     """
     portal = config.portal
     problems = _texts_problems(portal.texts)
@@ -290,6 +294,7 @@ def validate(config: Config) -> list[str]:
         problems += template_issues
     if not problems:
         problems += _size_problems(config)
+    problems += reachability.problems(config)
     return problems
 
 
