@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from .daemon import Enforcer
-from .events import EventError, parse_event
+from .events import EventError, load_json, parse_event
 from .exemptions import check_category, parse_instant, parse_until
 
 log = logging.getLogger("walled_garden.api")
@@ -230,7 +230,7 @@ async def get_status(request: web.Request) -> web.Response:
 async def post_for_address(request: web.Request) -> web.Response:
     """The portal's actions for the caller's address: ``acknowledge`` a notice, ``promise`` to pay."""
     try:
-        body = await request.json()
+        body = load_json(await request.read())
         address = str(ipaddress.ip_address(str(body["address"])))
     except (ValueError, KeyError, TypeError):
         return _json(400, {"error": 'expected {"address": "<IP address>"}'})
@@ -288,10 +288,12 @@ def peer(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, read as strictly as a webhook's (``events.load_json``)."""
     try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be JSON"}), content_type="application/json")
+        body = load_json(await request.read())
+    except EventError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"body must be JSON: {exc}"}),
+                                 content_type="application/json")
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
                                  content_type="application/json")
@@ -328,14 +330,18 @@ async def post_exempt(request: web.Request) -> web.Response:
         return _json(400, {"error": "subscriber is required"})
     note = str(body.get("note") or "")
     if request.match_info["action"] == "unexempt":
-        category = body.get("category") or None
+        try:
+            category = check_category(body["category"]) if body.get("category") else None
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
         status, answer = await enforcer.unexempt(peer(request), sid, category, note)
         return _json(status, answer)
     try:
         category = check_category(body.get("category"))
         until = parse_until(body.get("until"), enforcer.clock(), enforcer.config.policy.windows.tz)
-    except ValueError as exc:
-        return _json(400, {"error": str(exc)})
+    except (ValueError, OverflowError) as exc:  # 9999-12-31 ends in year 10000
+        return _json(400, {"error": f"until {body.get('until')!r}: out of range" if isinstance(exc, OverflowError)
+                           else str(exc)})
     if len(note) > 500:
         return _json(400, {"error": "note: at most 500 characters"})
     status, answer = await enforcer.exempt(peer(request), sid, category, until, note)
@@ -347,7 +353,7 @@ async def get_audit(request: web.Request) -> web.Response:
     try:
         since = parse_instant(query["since"]) if query.get("since") else None
         limit = int(query.get("limit", "200"))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: a time zone past year 1 or 9999
         return _json(400, {"error": f"since/limit: {exc}"})
     entries = request.app[ENFORCER_KEY].audit(query.get("subscriber") or None, since, max(1, min(limit, 100_000)))
     return _json(200, {"entries": entries})
