@@ -140,3 +140,42 @@ async def test_a_burst_through_the_worker_gets_each_request_its_own_answer(bridg
     assert [answer["subscriber"] for _, answer in results] == [f"B-{i}" for i in range(1, 61)] + ["C-1"]
     assert {f"100.64.7.{i}" for i in range(1, 61)} <= set(fake.view["mode4_32"])
     assert enforcer.batcher.largest > 1
+
+
+@pytest.mark.parametrize("status", [400, 409, 422, 503])
+async def test_the_daemons_status_reaches_billing_through_the_worker_unchanged(bridge: Any, monkeypatch: Any,
+                                                                              status: int) -> None:
+    """E.g. 409 for an address another subscriber holds, 400 for an address outside
+    ``gateway.subscriber_prefixes``: the bridge carries (status, body) as the daemon gave them."""
+    worker, enforcer, fake, url, tmp = bridge
+
+    def submit(event: Event, received: float) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result((status, {"id": event.id, "error": f"daemon says {status}"}))
+        return future
+
+    monkeypatch.setattr(enforcer, "submit_event", submit)
+    body = {"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
+            "data": {"subscriber": "C-5", "addresses": ["100.64.0.55"]}}
+    assert await post(url, SECRET, body, f"pass-{status}") == (status, {"id": f"pass-{status}",
+                                                                        "error": f"daemon says {status}"})
+
+
+async def test_an_address_conflict_is_409_through_the_worker(bridge: Any) -> None:
+    worker, enforcer, fake, url, tmp = bridge
+    body = {"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
+            "data": {"subscriber": "C-8", "addresses": ["100.64.0.10"]}}
+    status, answer = await post(url, SECRET, body, "clash-1")
+    assert status == 409 and "C-1" in answer["error"]
+
+
+async def test_a_flood_of_refusals_is_counted_in_full_with_few_lines_to_the_daemon(bridge: Any) -> None:
+    worker, enforcer, fake, url, tmp = bridge
+    body = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
+    results = await asyncio.gather(*(post(url, "whsec_" + "A" * 43, body) for _ in range(100)))
+    assert {status for status, _ in results} == {401}
+    for _ in range(50):
+        if enforcer.metrics.events.labels("unknown", "unauthorized")._value.get() == 100:
+            break
+        await asyncio.sleep(0.05)
+    assert enforcer.metrics.events.labels("unknown", "unauthorized")._value.get() == 100
