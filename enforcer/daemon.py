@@ -192,6 +192,7 @@ class Enforcer:
         self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
+        self.supervisor: Any = None  # set by the Service; status shows its tasks
         self.metrics.list_entries.set(len(self.inputs.listed))
         self.metrics.observe(self)
 
@@ -1077,6 +1078,7 @@ class Enforcer:
             "address_conflicts_total": len(self.conflicts),
             "windows": self.inputs.rules.windows.describe(),
             "outbox": self.store.outbox_size(),
+            "tasks": self.supervisor.status() if self.supervisor is not None else {},
             "held_changes": [] if self.held is None else [{
                 "origin": self.held.update.origin, "entries": len(self.held.update.subscribers),
                 "restricting": self.held.restricting, "lifting": self.held.lifting,
