@@ -342,9 +342,9 @@ class Reconciler:
         """Does the kernel still hold what the mirror says? ``""`` if so, else what differs.
 
         Runs on the caller's thread (the daemon's kernel thread, like every other call here).
-        Cheap (``full=False``, every few seconds): the layout tag (one small chain) and each
-        reconciled set's sentinel (one batch of ``get element``), so a deleted or replaced table
-        and a ``flush set`` are seen. Full (``full=True``, rarely: it lists every element, see
+        Cheap (``full=False``, every few seconds; ~0.3 ms at 100k elements): one batch of ``get
+        element`` for the layout tag's element and each reconciled set's sentinel, so a deleted or
+        replaced table and a ``flush set`` are seen (only then is the table listed, to say what). Full (``full=True``, rarely: it lists every element, see
         docs/benchmarks.md): every reconciled set compared element by element with the mirror,
         so a single deleted or added element is seen too. A difference sets ``needs_full``: the
         next ``sync_all`` re-reads the kernel and repairs it (a diff, or one atomic replace when
@@ -357,7 +357,9 @@ class Reconciler:
         if full:
             problem = _compare(self.dataplane.read(), layout, mirror)
         else:
-            problem = _tag_problem(self.dataplane.layout_tag(), layout)
+            if self.dataplane.holds_layout(layout.tag, layout.containers()):
+                return ""
+            problem = _tag_problem(self.dataplane.layout_tag(), layout)   # what is wrong, then
             if not problem:
                 flushed = self.dataplane.missing_sentinels(layout.containers())
                 problem = f"set(s) flushed: {_few(flushed)}" if flushed else ""

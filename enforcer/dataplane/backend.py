@@ -26,11 +26,16 @@ class Dataplane(Protocol):
         """Our table as the kernel holds it now, or ``None`` if it does not exist."""
 
     def layout_tag(self) -> str | None:
-        """The layout tag of our table (one small listing), ``None`` if the table is gone."""
+        """The layout tag of our table, ``None`` if the table is gone. Costly on a big table (nft
+        loads every set to list a chain): for diagnosis, ``holds_layout`` for routine checks."""
+
+    def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
+        """The cheap check, one batch of constant-time lookups (~0.3 ms at 100k elements): does
+        the table exist with layout ``tag`` and does each of ``containers`` hold its sentinel?"""
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """Which of ``containers`` no longer hold their sentinel element (flushed, deleted, or the
-        table is gone): the cheap drift check, one batch of constant-time lookups."""
+        table is gone): names them once ``holds_layout`` said something is wrong."""
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of our named counters; no set contents are listed."""

@@ -77,6 +77,9 @@ class FakeDataplane:
     def layout_tag(self) -> str | None:
         return self.state.layout_tag if self.state else None
 
+    def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
+        return self.state is not None and self.state.layout_tag == tag and not self.missing_sentinels(containers)
+
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         sealed = self.state.sealed if self.state else set()
         return [name for name in containers if name not in sealed]

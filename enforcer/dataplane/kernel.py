@@ -7,7 +7,7 @@ import re
 from typing import Any, Iterable
 
 from .backend import DataplaneError
-from .layout import CALLER_SET, SENTINELS, sentinel_family
+from .layout import CALLER_SET, SENTINELS, TAG_SET, sentinel_family, tag_address
 from .libnftables import Nftables, NftError
 from .state import TableState
 from .transaction import Transaction
@@ -50,6 +50,12 @@ class KernelDataplane:
                 return None
             raise DataplaneError(str(exc)) from None
         return parse_listing(data, self.table).layout_tag
+
+    def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
+        """One batch: the tag's element in ``layouttag`` and every container's sentinel."""
+        lookups = [f"get element inet {self.table} {TAG_SET} {{ {tag_address(tag)} }}"]
+        lookups += [self._sentinel_lookup(name) for name in containers]
+        return self._found("\n".join(lookups))
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """One batch of ``get element`` for every sentinel (~0.1 ms per set, whatever its size);

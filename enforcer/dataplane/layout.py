@@ -37,7 +37,8 @@ Drift (issue 11 item 14). Every reconciled set is created holding one sentinel e
 never a subscriber address nor a source of a forwarded packet, and with host bits set so a masked
 lookup never matches it), added in the batch that creates the table. The sentinel is part of the
 layout, not of the reconciled elements: a
-``flush set`` by another tool removes it, and one cheap ``get element`` batch per check notices.
+``flush set`` by another tool removes it, and one cheap ``get element`` batch per check notices;
+the same batch asks for the layout tag as an element of ``layouttag`` (``TAG_SET``).
 """
 
 from __future__ import annotations
@@ -143,6 +144,17 @@ SENTINELS = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 #: chain, ``refused_local`` a restricted subscriber's packets to the gateway itself refused.
 COUNTERS = ("redirected", "refused_tcp", "refused_other", "refused_local")
 
+#: A set holding the layout tag as one element (``tag_address``): asking the kernel for that one
+#: element costs ~0.2 ms whatever the table holds, where listing the ``layout`` chain makes nft
+#: 1.0.6 load every set's elements first (~0.8 s at 100k subscribers, docs/benchmarks.md).
+TAG_SET = "layouttag"
+
+
+def tag_address(tag: str) -> str:
+    """The layout tag (16 hex digits) as the IPv6 address stored in ``TAG_SET``."""
+    return str(ipaddress.IPv6Address(int(tag, 16)))
+
+
 #: UDP ports of DHCP (v4 server/client) and DHCPv6 (client/server) a restricted subscriber keeps.
 DHCP_PORTS = (67, 68, 546, 547)
 
@@ -196,7 +208,8 @@ class Layout:
 
     def render(self) -> str:
         """The table as ``nft -f`` text, without subscriber elements."""
-        return self._body.replace("@@TAG@@", self.tag)
+        tag_element = f"add element inet {self.table} {TAG_SET} {{ {tag_address(self.tag)} }}\n"
+        return self._body.replace("@@TAG@@", self.tag) + tag_element
 
     @cached_property
     def _body(self) -> str:
@@ -225,6 +238,7 @@ class Layout:
                 resolvers = ", ".join(str(a) for a in self.dns if a.version == version)
                 elements = f" elements = {{ {resolvers} }};" if resolvers else ""
                 lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
+        lines.append(f"\tset {TAG_SET} {{ type ipv6_addr; }}")
         lines += (self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
                   + self._local_chain() + self._input_hook())
         lines.append("\tchain layout {")

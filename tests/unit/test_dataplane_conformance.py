@@ -155,6 +155,7 @@ def test_no_table(backend):
     assert dp.read() is None
     assert dp.layout_tag() is None
     assert dp.missing_sentinels(["portal4_32", "allowhost6"]) == ["portal4_32", "allowhost6"]
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is False
     assert dp.counters() == {}
     assert dp.recent_caller("100.64.1.10") is False
     with pytest.raises(DataplaneError):
@@ -179,6 +180,9 @@ def test_a_new_table_reads_back_its_elements_tag_and_sentinels(backend):
     assert state.layout_tag == dp.layout_tag() == LAYOUT.tag
     assert state.sealed >= set(LAYOUT.containers())
     assert dp.missing_sentinels(LAYOUT.containers()) == []
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is True
+    other = LAYOUT.with_prefixes({(6, 48)})
+    assert dp.holds_layout(other.tag, LAYOUT.containers()) is False, "another layout's tag"
     assert dp.counters() == {name: (0, 0) for name in COUNTERS}
 
 
@@ -215,6 +219,8 @@ def test_a_flushed_set_loses_its_sentinel(backend):
     outside.flush_set("throttle6_56")
     assert dp.missing_sentinels(LAYOUT.containers()) == ["portal4_32", "throttle6_56"]
     assert dp.missing_sentinels(["notice4_32"]) == []
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is False
+    assert dp.holds_layout(LAYOUT.tag, ["notice4_32"]) is True
     state = dp.read()
     assert state.elements["portal4_32"] == {}
     assert "portal4_32" not in state.sealed and "notice4_32" in state.sealed
@@ -255,4 +261,5 @@ def test_a_dropped_table(backend):
     assert dp.read() is None and dp.layout_tag() is None
     assert dp.recent_caller("100.64.1.10") is False
     assert dp.missing_sentinels(["portal4_32"]) == ["portal4_32"]
+    assert dp.holds_layout(LAYOUT.tag, []) is False
     assert dp.counters() == {}

@@ -16,6 +16,7 @@ from enforcer.dataplane.layout import (
     STANDARD_PREFIXES,
     Layout,
     elements_for,
+    tag_address,
     mode_map,
     redirect_set,
 )
@@ -374,7 +375,10 @@ def test_every_reconciled_set_is_created_with_its_sentinel_and_no_other():
     text = lay.render()
     added = [line for line in text.splitlines() if line.startswith("add element")]
     family = {name: int(re.search(r"([46])(?:_\d+)?$", name).group(1)) for name in lay.containers()}
-    assert added == [f"add element inet wg_s {name} {{ {SENTINELS[family[name]]} }}" for name in lay.containers()]
+    assert added == [f"add element inet wg_s {name} {{ {SENTINELS[family[name]]} }}" for name in lay.containers()] + [
+        f"add element inet wg_s layouttag {{ {tag_address(lay.tag)} }}"]
+    assert "\tset layouttag { type ipv6_addr; }" in text.splitlines()
+    assert int(ipaddress.IPv6Address(tag_address(lay.tag))) == int(lay.tag, 16), "the tag, readable back"
     assert "add element inet wg_s portal4_16 { 255.255.255.255 }" in added    # not mistaken for v6
     assert "add element inet wg_s allowhost6 { ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff }" in added
     assert not any(name in line for line in added for name in lay.ack_sets() + ["portalcaller"])
