@@ -1035,6 +1035,8 @@ class Enforcer:
     def lookup(self, address: str) -> dict[str, Any]:
         """Is this address restricted, in which mode, and why (category only)?"""
         ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+            raise ValueError(f"{address!r}: a scoped address is never a subscriber's")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         layout = self.reconciler.layout
