@@ -161,7 +161,7 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
     subscriber's every HTTP request), so it skips the rest of the middleware chain.
     """
     link = escape(portal.url)
-    body = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{link}</title></head>\n'
+    body = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{link}</title></head>\n'
             f'<body><p><a href="{link}">{link}</a></p></body></html>\n').encode()
     headers = {hdrs.LOCATION: portal.url, hdrs.CACHE_CONTROL: NO_STORE,
                hdrs.CONTENT_TYPE: "text/html; charset=utf-8", **SECURITY_HEADERS}
