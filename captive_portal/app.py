@@ -371,7 +371,8 @@ async def promise_post(request: web.Request) -> web.Response:
     it out. Refusals show the page as it now stands with one sentence on top: ``403`` not
     eligible, or not a recent caller ("reload the page"), ``503`` enforcer trouble. A caller who
     is free by now whatever the refusal (a payment arrived, a promise made by an earlier press)
-    gets ``409`` and the "your service is active" page, never a complaint.
+    gets ``409`` and the "your service is active" page, never a complaint; after enforcer
+    trouble, the same page with ``200`` and no sentence (the promise may have been made).
     """
     address, language = await _form_post(request, RequestKind.PROMISE)
     try:
@@ -379,7 +380,10 @@ async def promise_post(request: web.Request) -> web.Response:
     except EnforcerUnavailable as exc:
         lookup = await lookup_caller(request)
         if _free(lookup):
-            return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
+            # Free, whether this promise was made before the answer got lost or something else
+            # lifted them: "your service is active", without a sentence we cannot vouch for.
+            request.app[_FAILURES_KEY].failed(f"promise: {exc}")
+            return _caller_page(request, lookup, language)
         return await _enforcer_down(request, language, "promise", exc, lookup)
     except NotRecentCaller:
         lookup = await lookup_caller(request)
