@@ -6,11 +6,18 @@ ctnetlink in-process (``ctnetlink``: kernel-filtered dumps for a few IPv4 addres
 parsed full dump otherwise, no process starts) and fall back to the conntrack-tools binary
 when the netlink socket cannot be opened; the tool handles IPv4 and IPv6 prefixes through
 ``--mask-src``.
+
+A flush can spare connections by ct mark (``keep_mark``: the portal's, ``PORTAL_CT_MARK``,
+so the page confirming a lift reaches the customer on the connection that asked for it).
+Both paths delete only entries with ``mark & keep_mark == 0``: ctnetlink by a kernel mark
+filter checked again in user space, the tool by ``--mark 0/keep_mark`` (the tool compares
+``mark & mask == value``, in the kernel's dump filter and again on each entry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -48,57 +55,67 @@ class Conntrack:
     def __init__(self, binary: str | None = None, netlink: bool = True) -> None:
         self.binary = binary or shutil.which("conntrack") or "/usr/sbin/conntrack"
         self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._batcher: Batcher[tuple[set[Network], asyncio.Future[int]]] | None = None
+        self._batcher: Batcher[tuple[set[Network], int, asyncio.Future[int]]] | None = None
         self._netlink: Ctnetlink | None = None
         self._use_netlink = netlink            # tried on first use; False after it failed
         self._thread: ThreadPoolExecutor | None = None
         #: Called with (kind of dump, seconds) after each pass: the daemon's metrics.
         self.observe: Callable[[str, float], None] = lambda dump, seconds: None
 
-    async def flush(self, networks: Iterable[Network]) -> int:
-        """Delete entries whose original source is in ``networks``; returns how many (in the pass)."""
+    async def flush(self, networks: Iterable[Network], keep_mark: int = 0) -> int:
+        """Delete entries whose original source is in ``networks`` and whose ct mark has no
+        bit of ``keep_mark``; returns how many (in the pass)."""
         wanted = set(networks)
+        _check_mark(keep_mark)
         if not wanted:
             return 0
         if self._batcher is None:
             self._batcher = Batcher(self._pass, min_interval=PASS_INTERVAL)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._batcher.submit((wanted, done))
+        self._batcher.submit((wanted, keep_mark, done))
         return await done
 
-    async def _pass(self, requests: list[tuple[set[Network], asyncio.Future[int]]]) -> None:
-        union: set[Network] = set().union(*(networks for networks, _ in requests))
-        try:
-            deleted = await self.flush_now(union)
-        except Exception as exc:
-            for _, done in requests:
-                done.set_exception(exc)
-                done.exception()
-            return
-        for _, done in requests:
-            done.set_result(deleted)
+    async def _pass(self, requests: list[tuple[set[Network], int, asyncio.Future[int]]]) -> None:
+        """One flush per distinct ``keep_mark`` among the requests (in practice one)."""
+        by_mark: dict[int, list[tuple[set[Network], int, asyncio.Future[int]]]] = {}
+        for request in requests:
+            by_mark.setdefault(request[1], []).append(request)
+        for keep_mark, group in by_mark.items():
+            union: set[Network] = set().union(*(networks for networks, _, _ in group))
+            try:
+                deleted = await self.flush_now(union, keep_mark)
+            except Exception as exc:    # handed to every waiter, who logs and counts it
+                for _, _, done in group:
+                    done.set_exception(exc)
+                    done.exception()
+                continue
+            for _, _, done in group:
+                done.set_result(deleted)
 
-    async def flush_now(self, networks: Iterable[Network]) -> int:
-        """Delete every entry whose original source lies in ``networks``; returns how many.
+    async def flush_now(self, networks: Iterable[Network], keep_mark: int = 0) -> int:
+        """Delete every entry whose original source lies in ``networks`` and whose ct mark
+        has no bit of ``keep_mark``; returns how many.
 
         A few networks (an event) get one kernel-filtered delete each. Many (a cold start or
         a big list change) would mean thousands of processes, so we list the table once and
         delete only for the networks that really have connections.
         """
+        _check_mark(keep_mark)
         targets = list(networks)
         netlink = self._open_netlink()
         started = time.perf_counter()
         if netlink is not None:
             assert self._thread is not None
+            flush = functools.partial(netlink.flush, targets, keep_mark=keep_mark)
             try:
-                deleted = await asyncio.get_running_loop().run_in_executor(self._thread, netlink.flush, targets)
+                deleted = await asyncio.get_running_loop().run_in_executor(self._thread, flush)
             except OSError as exc:
                 raise ConntrackError(f"conntrack netlink flush failed: {exc}") from None
             self.observe(netlink.last_pass, time.perf_counter() - started)
             return deleted
         if len(targets) > BULK_THRESHOLD:
-            targets = await self._with_connections(targets)
-        results = await asyncio.gather(*(self._flush_one(n) for n in targets), return_exceptions=True)
+            targets = await self._with_connections(targets, keep_mark)
+        results = await asyncio.gather(*(self._flush_one(n, keep_mark) for n in targets), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ConntrackError("; ".join(str(e) for e in errors[:5]))
@@ -115,15 +132,16 @@ class Conntrack:
                 log.warning("event=conntrack_netlink_unavailable error=%r (using the conntrack tool)", str(exc))
         return self._netlink
 
-    async def _with_connections(self, networks: list[Network]) -> list[Network]:
-        """The subset of ``networks`` that is the original source of at least one entry."""
+    async def _with_connections(self, networks: list[Network], keep_mark: int) -> list[Network]:
+        """The subset of ``networks`` that is the original source of at least one entry
+        not kept by ``keep_mark``."""
         index: dict[tuple[int, int], dict[int, Network]] = {}
         for network in networks:
             index.setdefault((network.version, network.prefixlen), {})[int(network.network_address)] = network
         found: dict[Network, None] = {}
         families = [(family, version) for family, version in (("ipv4", 4), ("ipv6", 6))
                     if any(v == version for v, _ in index)]
-        listings = await asyncio.gather(*(self._sources(family) for family, _ in families))
+        listings = await asyncio.gather(*(self._sources(family, keep_mark) for family, _ in families))
         for (family, version), sources in zip(families, listings, strict=True):
             lengths = [(plen, table) for (v, plen), table in index.items() if v == version]
             width = 32 if version == 4 else 128
@@ -135,19 +153,20 @@ class Conntrack:
                         found[network] = None
         return list(found)
 
-    async def _sources(self, family: str) -> set[str]:
-        proc = await asyncio.create_subprocess_exec(self.binary, "-L", "-f", family, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+    async def _sources(self, family: str, keep_mark: int) -> set[str]:
+        proc = await asyncio.create_subprocess_exec(self.binary, "-L", "-f", family, *_mark_filter(keep_mark),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
         if proc.returncode != 0:
             raise ConntrackError(f"conntrack -L -f {family} failed ({proc.returncode}): {err.decode().strip()}")
         return {match.group(1) for match in _SOURCE.finditer(out.decode(errors="replace"))}
 
-    async def _flush_one(self, network: Network) -> int:
+    async def _flush_one(self, network: Network, keep_mark: int) -> int:
         family = "ipv4" if network.version == 4 else "ipv6"
         argv = [self.binary, "-D", "-f", family, "-s", str(network.network_address)]
         if network.prefixlen != network.max_prefixlen:
             argv += ["--mask-src", str(network.netmask)]
+        argv += _mark_filter(keep_mark)
         async with self._slots:
             proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                         stderr=asyncio.subprocess.PIPE)
@@ -157,3 +176,13 @@ class Conntrack:
         if match:  # exit status is 1 when nothing matched; that is success for us
             return int(match.group(1))
         raise ConntrackError(f"conntrack {' '.join(argv[1:])} failed ({proc.returncode}): {text.strip()}")
+
+
+def _check_mark(keep_mark: int) -> None:
+    if not isinstance(keep_mark, int) or not 0 <= keep_mark <= 0xFFFFFFFF:
+        raise ValueError(f"conntrack flush: keep_mark {keep_mark!r} is not a 32-bit ct mark mask")
+
+
+def _mark_filter(keep_mark: int) -> list[str]:
+    """The tool's arguments selecting entries with ``mark & keep_mark == 0`` (none: all)."""
+    return ["--mark", f"0/{keep_mark:#x}"] if keep_mark else []

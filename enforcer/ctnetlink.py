@@ -15,6 +15,16 @@ On a gateway whose conntrack table holds 200,000 entries that made one flush pas
   for prefixes, IPv6, and passes with so many addresses that one walk is cheaper than one
   walk each. Which of the two a pass uses follows the measured cost of each.
 * **Deletes** echo each matched entry's original tuple (and zone) back in one write.
+* **Kept marks**: a flush may spare entries whose ct mark has a bit of ``keep_mark`` (the
+  portal's connections, ``PORTAL_CT_MARK``: the page confirming a lift rides one). Every dump
+  then carries ``CTA_MARK`` 0 with ``CTA_MARK_MASK`` ``keep_mark``, so the kernel sends only
+  entries with ``mark & keep_mark == 0`` (``ctnetlink_filter_match``, any kernel with
+  ``CTA_FILTER``); each entry about to be deleted is checked again here, so a kernel that
+  ignored the filter still never loses a kept connection.
+
+Every message is read with its lengths checked against the bytes received: a malformed
+answer raises ``CtnetlinkError``, never another exception (fuzzed:
+tests/unit/test_ctnetlink_fuzz.py).
 
 Blocking: call it from a worker thread.
 """
@@ -34,7 +44,7 @@ NETLINK_NETFILTER = 12
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _CT_NEW, _CT_GET, _CT_DELETE = 1 << 8, (1 << 8) | 1, (1 << 8) | 2      # NFNL_SUBSYS_CTNETLINK << 8 | msg
-_CTA_TUPLE_ORIG, _CTA_ZONE, _CTA_FILTER = 1, 18, 25
+_CTA_TUPLE_ORIG, _CTA_MARK, _CTA_ZONE, _CTA_MARK_MASK, _CTA_FILTER = 1, 8, 18, 21, 25
 _CTA_TUPLE_IP, _CTA_IP_V4_SRC, _CTA_IP_V6_SRC = 1, 1, 3
 _CTA_FILTER_ORIG_FLAGS, _CTA_FILTER_REPLY_FLAGS, _CTA_FILTER_F_IP_SRC = 1, 2, 1
 _NESTED, _TYPE_MASK = 0x8000, 0x3FFF
@@ -79,11 +89,15 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload offset, payload end) of the attributes in ``data[offset:end]``."""
+    """(type, payload offset, payload end) of the attributes in ``data[offset:end]``.
+
+    ``end`` must lie within ``data``. An attribute shorter than its header or running past
+    ``end`` raises ``CtnetlinkError``; trailing bytes too few for a header are padding."""
     while offset + 4 <= end:
         size, kind = struct.unpack_from("=HH", data, offset)
-        if size < 4:
-            return
+        if size < 4 or offset + size > end:
+            raise CtnetlinkError(0, f"conntrack message: attribute of type {kind & _TYPE_MASK} at byte {offset} "
+                                    f"has length {size}, {end - offset} bytes left")
         yield kind & _TYPE_MASK, offset + 4, offset + size
         offset += (size + 3) & ~3
 
@@ -96,26 +110,37 @@ def _source(data: bytes, start: int, end: int) -> tuple[int, int] | None:
 
     The kernel writes the original tuple first, its IP part first, the source first; that
     layout is read with one unpack (a 200,000-entry dump parses in a fraction of a second).
-    Anything else is walked attribute by attribute.
+    Anything else is walked attribute by attribute. An address of the wrong size is no address.
     """
     if start + 12 <= end:
         _, outer, _, inner, size, kind = _FIRST.unpack_from(data, start)
         if outer & _TYPE_MASK == _CTA_TUPLE_ORIG and inner & _TYPE_MASK == _CTA_TUPLE_IP:
-            if kind == _CTA_IP_V4_SRC and size == 8:
+            if kind == _CTA_IP_V4_SRC and size == 8 and start + 16 <= end:
                 return 4, int.from_bytes(data[start + 12:start + 16], "big")
-            if kind == _CTA_IP_V6_SRC and size == 20:
+            if kind == _CTA_IP_V6_SRC and size == 20 and start + 28 <= end:
                 return 6, int.from_bytes(data[start + 12:start + 28], "big")
     for kind, offset, stop in _attrs(data, start, end):
         if kind == _CTA_TUPLE_ORIG:
             for ip_kind, ip_offset, ip_stop in _attrs(data, offset, stop):
                 if ip_kind == _CTA_TUPLE_IP:
                     for addr_kind, addr_offset, addr_stop in _attrs(data, ip_offset, ip_stop):
-                        if addr_kind == _CTA_IP_V4_SRC:
-                            return 4, int.from_bytes(data[addr_offset:addr_stop], "big")
-                        if addr_kind == _CTA_IP_V6_SRC:
-                            return 6, int.from_bytes(data[addr_offset:addr_stop], "big")
+                        width = {_CTA_IP_V4_SRC: 4, _CTA_IP_V6_SRC: 16}.get(addr_kind)
+                        if width is not None:
+                            if addr_stop - addr_offset != width:
+                                return None
+                            return (4 if width == 4 else 6), int.from_bytes(data[addr_offset:addr_stop], "big")
             return None
     return None
+
+
+def _mark(data: bytes, start: int, end: int) -> int:
+    """One entry's ct mark (0 when it has none: a kernel without marks, or none set)."""
+    for kind, offset, stop in _attrs(data, start, end):
+        if kind == _CTA_MARK:
+            if stop - offset != 4:
+                raise CtnetlinkError(0, f"conntrack message: CTA_MARK of {stop - offset} bytes at byte {offset}")
+            return int.from_bytes(data[offset:stop], "big")
+    return 0
 
 
 def _identity(data: bytes, start: int, end: int) -> bytes:
@@ -124,6 +149,50 @@ def _identity(data: bytes, start: int, end: int) -> bytes:
     family = data[start - 4:start - 3]
     return family + b"".join(data[offset - 4:(stop + 3) & ~3] for kind, offset, stop in _attrs(data, start, end)
                              if kind in (_CTA_TUPLE_ORIG, _CTA_ZONE))
+
+
+def parse_dump(data: bytes, seq: int, match: Callable[[tuple[int, int]], bool] | None = None,
+               keep_mark: int = 0) -> tuple[list[bytes], bool]:
+    """Read one ``recv`` of a dump answering request ``seq``: (identities, finished).
+
+    An identity is the family byte plus the attributes a delete needs (``_identity``) of each
+    entry whose (version, original source) satisfies ``match`` (all when None) and whose
+    mark has no bit of ``keep_mark``. Messages of other sequence numbers are late answers to
+    earlier requests and skipped. Lengths are checked against ``data`` before any read:
+    anything malformed raises ``CtnetlinkError``, an error answer too.
+    """
+    found: list[bytes] = []
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            raise CtnetlinkError(0, f"conntrack dump: malformed netlink message at byte {offset} "
+                                    f"(length {length}, {len(data) - offset} bytes received)")
+        end, start = offset + length, offset + _HEADER.size + 4
+        offset += (length + 3) & ~3
+        if msg_seq != seq:
+            continue                      # a late answer to an earlier request
+        if kind == _NLMSG_DONE:
+            return found, True
+        if kind == _NLMSG_ERROR:
+            if start > end:
+                raise CtnetlinkError(0, f"conntrack dump: error message of {length} bytes has no error code")
+            error = struct.unpack_from("=i", data, start - 4)[0]
+            if error:
+                raise CtnetlinkError(-error if error < 0 else error,
+                                     f"conntrack dump failed: {errno.errorcode.get(-error, error)}")
+            return found, True
+        if kind == _CT_NEW:
+            if start > end:
+                raise CtnetlinkError(0, f"conntrack dump: entry of {length} bytes has no family header")
+            if match is not None:
+                source = _source(data, start, end)
+                if source is None or not match(source):
+                    continue
+            if keep_mark and _mark(data, start, end) & keep_mark:
+                continue
+            found.append(_identity(data, start, end))
+    return found, False
 
 
 class Ctnetlink:
@@ -149,8 +218,9 @@ class Ctnetlink:
     def close(self) -> None:
         self.sock.close()
 
-    def flush(self, networks: Iterable[Network], filtered: bool | None = None) -> int:
-        """Delete every entry whose original source lies in ``networks``; returns how many.
+    def flush(self, networks: Iterable[Network], filtered: bool | None = None, keep_mark: int = 0) -> int:
+        """Delete every entry whose original source lies in ``networks`` and whose ct mark
+        has no bit of ``keep_mark``; returns how many.
 
         The pass is planned by the costs measured so far (``costs``, seconds; each updated
         when its kind of dump runs): one dump of both families, or the IPv4 addresses by
@@ -165,6 +235,8 @@ class Ctnetlink:
         exact4 = all(n.prefixlen == 32 for n in v4)
         if filtered and not (exact4 and not v6):
             raise ValueError("kernel-filtered dumps match exact IPv4 addresses only")
+        if not 0 <= keep_mark <= 0xFFFFFFFF:
+            raise ValueError(f"keep_mark {keep_mark!r} is not a 32-bit ct mark mask")
         split = (len(v4) * self.costs["filtered"] if exact4 else self.costs["ipv4"]) + \
             (self.costs["ipv6"] if v6 else 0.0)
         if filtered is None:
@@ -172,22 +244,22 @@ class Ctnetlink:
         found: list[bytes] = []
         if filtered:
             started = time.perf_counter()
-            found += [identity for n in v4 for identity in self._dump(socket.AF_INET, n.network_address)]
+            found += [identity for n in v4 for identity in self._dump(socket.AF_INET, keep_mark, n.network_address)]
             self.costs["filtered"] = (time.perf_counter() - started) / len(v4)
             if v6:
-                found += self._full(socket.AF_INET6, v6)
+                found += self._full(socket.AF_INET6, v6, keep_mark)
         elif v4 and v6:
-            found += self._full(socket.AF_UNSPEC, targets)
+            found += self._full(socket.AF_UNSPEC, targets, keep_mark)
         elif targets:
-            found += self._full(socket.AF_INET if v4 else socket.AF_INET6, targets)
+            found += self._full(socket.AF_INET if v4 else socket.AF_INET6, targets, keep_mark)
         self.last_pass = "filtered" if filtered else "full"
         return self._delete(found)
 
-    def _full(self, family: int, networks: list[Network]) -> list[bytes]:
+    def _full(self, family: int, networks: list[Network], keep_mark: int) -> list[bytes]:
         """The entries from ``networks`` found by one dump of ``family``; records its cost."""
         index = NetworkIndex(networks)
         started = time.perf_counter()
-        found = list(self._dump(family, match=lambda source: index.find(*source) is not None))
+        found = list(self._dump(family, keep_mark, match=lambda source: index.find(*source) is not None))
         self.costs[_COST_KEY[family]] = time.perf_counter() - started
         return found
 
@@ -197,40 +269,24 @@ class Ctnetlink:
         self.sock.send(_HEADER.pack(16 + len(payload), kind, flags, self._seq, 0) + payload)
         return self._seq
 
-    def _dump(self, family: int, source: ipaddress.IPv4Address | None = None,
+    def _dump(self, family: int, keep_mark: int, source: ipaddress.IPv4Address | None = None,
               match: Callable[[tuple[int, int]], bool] | None = None) -> Iterator[bytes]:
         """The identity of each entry from ``source`` (kernel-filtered), or of each entry
-        whose (version, original source) satisfies ``match``."""
+        whose (version, original source) satisfies ``match``; entries marked with a bit of
+        ``keep_mark`` are left out (by the kernel, and again in ``parse_dump``)."""
         body = b""
         if source is not None:
             body = _attr(_CTA_TUPLE_ORIG | _NESTED, _attr(_CTA_TUPLE_IP | _NESTED, _attr(_CTA_IP_V4_SRC, source.packed)))
             body += _attr(_CTA_FILTER | _NESTED, _attr(_CTA_FILTER_ORIG_FLAGS, struct.pack("=I", _CTA_FILTER_F_IP_SRC))
                           + _attr(_CTA_FILTER_REPLY_FLAGS, struct.pack("=I", 0)))
+        if keep_mark:   # the kernel sends entries with (mark & mask) == value: here mark & keep == 0
+            body += _attr(_CTA_MARK, struct.pack(">I", 0)) + _attr(_CTA_MARK_MASK, struct.pack(">I", keep_mark))
         seq = self._request(_CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, family, body)
         while True:
-            data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    raise CtnetlinkError(0, "conntrack dump: malformed netlink message")
-                end, start = offset + length, offset + _HEADER.size + 4
-                offset += (length + 3) & ~3
-                if msg_seq != seq:
-                    continue                      # a late answer to an earlier request
-                if kind == _NLMSG_DONE:
-                    return
-                if kind == _NLMSG_ERROR:
-                    error = struct.unpack_from("=i", data, start - 4)[0]
-                    if error:
-                        raise CtnetlinkError(-error, f"conntrack dump failed: {errno.errorcode.get(-error, error)}")
-                    return
-                if kind == _CT_NEW:
-                    if match is not None:
-                        found = _source(data, start, end)
-                        if found is None or not match(found):
-                            continue
-                    yield _identity(data, start, end)
+            found, finished = parse_dump(self.sock.recv(1 << 20), seq, match, keep_mark)
+            yield from found
+            if finished:
+                return
 
     def _delete(self, identities: list[bytes]) -> int:
         """Delete the entries (family byte + attributes each); returns how many went.
@@ -261,6 +317,8 @@ class Ctnetlink:
             while offset + _HEADER.size <= len(data):
                 length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
                 if kind == _NLMSG_ERROR and msg_seq in sequences:
+                    if offset + _HEADER.size + 4 > len(data):
+                        raise CtnetlinkError(0, f"conntrack delete: acknowledgement at byte {offset} is truncated")
                     sequences.discard(msg_seq)
                     ok += struct.unpack_from("=i", data, offset + _HEADER.size)[0] == 0
                 offset += (max(length, _HEADER.size) + 3) & ~3
