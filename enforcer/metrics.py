@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .store import StoreError
 from .subscribers import Mode
 
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ class Metrics:
                                ["result"], registry=r)
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
+        self.task_failures = Counter("walled_garden_task_failures", "Background tasks (source, timers, "
+                                     "table_check, outbox, webhooks, hosts, metrics_listener) that failed or ended "
+                                     "unasked; each is restarted with backoff (status: tasks)", ["task"],
+                                     registry=r)
         self.kernel = KernelCounters()
         r.register(self.kernel)
 
@@ -114,6 +119,12 @@ class Metrics:
               "(stays 0 unless expiry is stuck)", registry=r).set_function(lambda: _due(enforcer))
         Gauge("walled_garden_overrides", "Billing-event and operator overrides in force", registry=r
               ).set_function(lambda: len(enforcer.inputs.overrides))
+        Gauge("walled_garden_state_quarantined_databases", "Unreadable state databases moved aside in "
+              "state_dir (<name>.corrupt-<time>) and kept for inspection; 0 once the operator has removed them",
+              registry=r).set_function(lambda: len(enforcer.store.quarantined_files()))
+        Gauge("walled_garden_state_rows_quarantined", "State rows that did not decode, skipped and kept in the "
+              "quarantined_rows table for inspection; 0 once the operator has removed them", registry=r
+              ).set_function(lambda: _quarantined_rows(enforcer))
         held = Gauge("walled_garden_held_change_subscribers", "Subscribers the held list change would restrict "
                      "or lift (0 when nothing is held)", ["change"], registry=r)
         held.labels("restrict").set_function(lambda: enforcer.held.restricting if enforcer.held else 0)
@@ -122,6 +133,13 @@ class Metrics:
 
 def _age(at: Any, now: float) -> float:
     return now - float(at) if at else math.nan
+
+
+def _quarantined_rows(enforcer: Enforcer) -> float:
+    try:
+        return float(enforcer.store.quarantined_row_count())
+    except StoreError:   # a scrape must not fail because the database is busy
+        return math.nan
 
 
 def _next_expiry(enforcer: Enforcer) -> float:

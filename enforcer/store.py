@@ -4,24 +4,50 @@ What must survive a reboot (when the kernel's table is gone): the last good list
 overrides and payment graces the policy reads, the answers to processed webhook ids (so a
 retry acts once), and what we enforce (for ``status`` and audits). With these the daemon
 restores enforcement at start-up before any source answers.
+
+Faults (SPEC §8: the daemon starts whenever it can enforce):
+
+- **A database SQLite cannot use** (not a database, truncated, malformed pages, a failed
+  ``PRAGMA integrity_check``, one of our tables with other columns, a path that cannot be
+  opened) is *moved aside* with its ``-wal``/``-shm`` files to ``state.sqlite3.corrupt-<UTC
+  time>`` (kept for inspection, never deleted: ``sqlite3`` opens it with its WAL), reported
+  (``event=state_quarantined`` at error level, ``Store.quarantined``, the gauge
+  ``walled_garden_state_quarantined_databases`` while such files are kept) and a fresh, empty
+  store is used. The daemon then rebuilds enforcement from the kernel and the list.
+- **A single row that does not decode** (bad JSON, a wrong type, an invalid address or mode)
+  is *skipped and reported*, not the whole database: it is moved to the ``quarantined_rows``
+  table of the same database (kept for inspection), logged (``event=state_row_quarantined``)
+  and listed in ``Store.skipped_rows``. Quarantining the whole file for one bad grace would
+  cost every other subscriber's grace, override and exemption; skipping costs that one row.
+- **A transient error** (``database is locked``, disk I/O, a full disk, a read-only file
+  system) while the database is in use raises ``StoreError`` (also a ``sqlite3.Error``),
+  naming the operation; nothing is quarantined for it. A write that fails changes nothing
+  (each write is one transaction). ``Store.write_fault`` lets tests make writes fail.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import logging
+import math
 import os
+import re
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from .exemptions import Exemption
 from .gc_pause import gc_paused
 from .policy import Grace, Override, PolicyInputs, Readdress
 from .promises import Promise
 from .subscribers import Subscriber
+
+log = logging.getLogger("walled_garden.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,12 +79,163 @@ CREATE TABLE IF NOT EXISTS billing_order (id TEXT NOT NULL, stream TEXT NOT NULL
     PRIMARY KEY (id, stream));
 CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '');
+-- Rows that did not decode, moved here from their table (module docstring); never read back.
+CREATE TABLE IF NOT EXISTS quarantined_rows (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
+    source TEXT NOT NULL, row TEXT NOT NULL, error TEXT NOT NULL);
 """
 
 #: How long a processed webhook id is remembered; Standard Webhooks retries stop well before.
 EVENT_RETENTION = 7 * 86400.0
 #: Ids per ``IN (...)`` query (SQLite's default limit on bound parameters is 999 before 3.32).
 _IN_CHUNK = 500
+#: The file name in ``state_dir``; a quarantined one is ``<name>.corrupt-<UTC time>[-n]``.
+DB_NAME = "state.sqlite3"
+_QUARANTINED = re.compile(re.escape(DB_NAME) + r"\.corrupt-\d{8}T\d{6}Z(?:-\d+)?")
+#: SQLite result codes (primary, ``code & 0xff``) that say "not now" rather than "not a usable
+#: database": opening fails with these → ``StoreError`` (systemd retries), never quarantine.
+TRANSIENT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+                       sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_INTERRUPT,
+                       sqlite3.SQLITE_PERM})
+#: How long a statement waits for another connection's lock before ``database is locked``.
+BUSY_TIMEOUT = 5.0
+#: Rows listed in ``Store.skipped_rows`` (the table keeps them all).
+SKIPPED_KEPT = 100
+#: Rows logged one by one per table read; the rest are summed up in one line.
+LOGGED_ROWS = 10
+#: What a row's decoding may raise when the row is not what we wrote.
+_UNDECODABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _override(sid: str, restrict: Any, at: Any, cause: Any, entry: str | None) -> tuple[str, Override]:
+    if restrict not in (0, 1) or type(restrict) is not int:
+        raise TypeError(f"restrict_: expected 0 or 1, got {restrict!r}")
+    return _text(sid), Override(bool(restrict), _real(at), _text(cause),
+                                _subscriber(sid, entry) if entry is not None else None)
+
+
+def _exemption(sid: str, category: str, until: Any, note: str, set_by: str, set_at: Any) -> tuple[str, Exemption]:
+    return _text(sid), Exemption(_text(category), _real(until), _text(note), _text(set_by), _real(set_at))
+
+
+def _promise(sid: str, made_at: Any, until: Any, outcome: str, address: str) -> Promise:
+    return Promise(_text(sid), _real(made_at), _real(until), _text(outcome), _text(address))
+
+
+def _event_answer(event_id: str, status: Any, answer: str) -> tuple[str, int, dict[str, Any]]:
+    if type(status) is not int:
+        raise TypeError(f"status: expected an integer, got {status!r}")
+    body = json.loads(answer)
+    if not isinstance(body, dict):
+        raise TypeError(f"answer: expected an object, got {body!r}")
+    return _text(event_id), status, body
+
+
+def _enforced(sid: str, mode: str, addresses: str, reason: str, since: Any) -> tuple[str, dict[str, Any]]:
+    items = json.loads(addresses)
+    if not isinstance(items, list):
+        raise TypeError(f"addresses: expected a list, got {items!r}")
+    return _text(sid), {"mode": _text(mode), "addresses": [_text(a) for a in items], "reason": _text(reason),
+                        "since": _real(since)}
+
+
+def _outbox_row(message_id: str, created: Any, body: str, attempts: Any) -> tuple[str, float, dict[str, Any], int]:
+    data = json.loads(body)
+    if not isinstance(data, dict) or type(attempts) is not int:
+        raise TypeError(f"expected an object body and integer attempts, got {data!r}, {attempts!r}")
+    return _text(message_id), _real(created), data, attempts
+
+
+def _check_columns(db: sqlite3.Connection) -> None:
+    """Each of our tables that exists has exactly our columns, in our order (the inserts are
+    positional): anything else is a database written by something else, or damaged."""
+    expected = sqlite3.connect(":memory:")
+    try:
+        expected.executescript(SCHEMA)
+        tables = [row[0] for row in expected.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                     "AND name NOT LIKE 'sqlite_%'")]
+        for table in tables:
+            found = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+            want = [row[1] for row in expected.execute(f"PRAGMA table_info({table})")]
+            if found and found != want:
+                raise Unusable(f"table {table} has columns {found}, expected {want}")
+    finally:
+        expected.close()
+
+
+class StoreError(sqlite3.Error):
+    """The state database could not be read or written just now (locked, disk I/O, full).
+
+    A ``sqlite3.Error`` too, so handlers written for SQLite's own errors still catch it; new
+    code catches ``StoreError``. ``operation`` names the store method that failed."""
+
+    def __init__(self, operation: str, cause: BaseException | str) -> None:
+        super().__init__(f"state database: {operation} failed: {cause}")
+        self.operation = operation
+
+
+class Unusable(Exception):
+    """The database file is not one we can use (quarantined, see the module docstring)."""
+
+
+def _reads(method: F) -> F:
+    """SQLite errors of a read become ``StoreError`` naming the method."""
+    @functools.wraps(method)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(method.__name__, exc) from exc
+    return wrapper  # type: ignore[return-value]
+
+
+def _writes(method: F) -> F:
+    """Like ``_reads``, and ``Store.write_fault`` is asked first (fault injection)."""
+    @functools.wraps(method)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        try:
+            if self.write_fault is not None:
+                self.write_fault(method.__name__)
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(method.__name__, exc) from exc
+    return wrapper  # type: ignore[return-value]
+
+
+def _real(value: Any) -> float:
+    """A stored instant or number: int or float (not bool, not NaN), else the row is bad."""
+    if type(value) not in (int, float) or math.isnan(value):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError(f"expected text, got {value!r}")
+    return value
+
+
+def _subscriber(sid: str, entry: str) -> Subscriber:
+    data = json.loads(entry)
+    if not isinstance(data, dict) or data.get("id") != sid:
+        raise ValueError(f"entry is not subscriber {sid!r}'s")
+    subscriber = Subscriber.from_json(data)
+    if subscriber.exempt_until is not None:
+        _real(subscriber.exempt_until)
+    _text(subscriber.reason)
+    return subscriber
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    items = json.loads(text)
+    if not isinstance(items, list):
+        raise TypeError(f"expected a list of addresses, got {items!r}")
+    return tuple(ipaddress.ip_network(_text(a)) for a in items)
 
 
 @dataclass
@@ -71,51 +248,174 @@ class EnforcedWrite:
 
 
 class Store:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, clock: Callable[[], float] = time.time) -> None:
+        """Open (or create) ``state_dir``/state.sqlite3; an unusable one is quarantined and a
+        fresh one used (module docstring). Raises ``StoreError`` only when no database can
+        be used now (a transient error, or the unusable file cannot be moved aside)."""
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.path = os.path.join(state_dir, "state.sqlite3")
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, DB_NAME)
+        self.clock = clock
         self._depth = 0          # nested _transaction()s join the outermost one
+        #: Set when this start moved an unusable database aside: ``{"path", "reason", "at"}``.
+        self.quarantined: dict[str, Any] | None = None
+        #: Rows moved to ``quarantined_rows`` by this process (the first ``SKIPPED_KEPT``).
+        self.skipped_rows: list[dict[str, Any]] = []
+        self.skipped_count = 0
+        #: Called with the operation's name before each write; tests raise a ``sqlite3.Error``
+        #: in it to make that write fail as a full or failing disk would.
+        self.write_fault: Callable[[str], None] | None = None
+        try:
+            self.db = self._open()
+        except Unusable as exc:
+            self._quarantine(str(exc))
+            try:
+                self.db = self._open()
+            except Unusable as again:
+                raise StoreError("open", f"a fresh database is not usable either: {again}") from again
+
+    def _open(self) -> sqlite3.Connection:
+        """Check an existing file read-only (integrity, our tables' columns), then connect
+        and create what is missing.
+
+        Read-only first: closing the last read-write connection checkpoints the WAL into the
+        file and deletes it, which must not happen to a database about to be kept for
+        inspection."""
+        db: sqlite3.Connection | None = None
+        try:
+            if os.path.lexists(self.path):
+                if not os.path.isfile(self.path):
+                    raise Unusable("not a regular file")
+                db = sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+                problems = [str(row[0]) for row in db.execute("PRAGMA integrity_check(5)")]
+                if problems != ["ok"]:
+                    raise Unusable(("integrity_check: " + "; ".join(problems).replace("\n", "; "))[:500])
+                _check_columns(db)
+                db.close()
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            return db
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in TRANSIENT:
+                raise StoreError("open", exc) from exc
+            raise Unusable(f"{type(exc).__name__}: {exc}") from exc
+        except Unusable:
+            if db is not None:
+                db.close()
+            raise
+
+    def _quarantine(self, reason: str) -> None:
+        """Move the unusable database and its companions aside, never deleting anything."""
+        at = self.clock()
+        target = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}"
+        n = 0
+        while any(os.path.lexists(target + suffix) for suffix in ("", "-wal", "-shm", "-journal")):
+            n += 1
+            target = f"{target.rsplit('Z', 1)[0]}Z-{n}"
+        try:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                if os.path.lexists(self.path + suffix):
+                    os.rename(self.path + suffix, target + suffix)
+        except OSError as exc:
+            raise StoreError("open", f"{self.path} is unusable ({reason}) and could not be moved aside: {exc}") from exc
+        self.quarantined = {"path": target, "reason": reason, "at": at}
+        log.error("event=state_quarantined path=%s moved_to=%s reason=%r (kept for inspection; a fresh state is "
+                  "used and enforcement is rebuilt from the kernel and the list)", self.path, target, reason)
+
+    def quarantined_files(self) -> list[str]:
+        """Quarantined databases kept in ``state_dir`` (this start's and earlier ones)."""
+        try:
+            names = os.listdir(self.state_dir)
+        except OSError:
+            return []
+        return sorted(os.path.join(self.state_dir, n) for n in names if _QUARANTINED.fullmatch(n))
+
+    @_reads
+    def quarantined_row_count(self) -> int:
+        """Rows in ``quarantined_rows`` (set aside by this or an earlier start)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM quarantined_rows").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
 
-    # -- meta ---------------------------------------------------------------------------
-    def get_meta(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+    # -- rows that do not decode ----------------------------------------------------------------
+    def _decoded(self, table: str, columns: str, decode: Callable[..., Any], where: str = "",
+                 args: Iterable[Any] = ()) -> Iterator[Any]:
+        """``decode(*row)`` of each row; rows it refuses are set aside (module docstring)."""
+        bad: list[tuple[int, tuple[Any, ...], BaseException]] = []
+        for rowid, *row in self.db.execute(f"SELECT rowid, {columns} FROM {table} {where}", tuple(args)).fetchall():
+            try:
+                yield decode(*row)
+            except _UNDECODABLE as exc:
+                bad.append((rowid, tuple(row), exc))
+        if bad:
+            self._set_aside(table, columns, bad)
 
+    def _set_aside(self, table: str, columns: str, bad: list[tuple[int, tuple[Any, ...], BaseException]]) -> None:
+        now = self.clock()
+        names = [c.strip() for c in columns.split(",")]
+        records = []
+        for rowid, row, exc in bad:
+            text = json.dumps(dict(zip(names, row)), default=repr)
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            records.append((now, table, text, error, rowid))
+            self.skipped_count += 1
+            if len(self.skipped_rows) < SKIPPED_KEPT:
+                self.skipped_rows.append({"table": table, "row": text[:500], "error": error, "at": now})
+            if len(records) <= LOGGED_ROWS:
+                log.error("event=state_row_quarantined table=%s row=%r error=%r (skipped; kept in quarantined_rows)",
+                          table, text[:500], error)
+        if len(records) > LOGGED_ROWS:
+            log.error("event=state_rows_quarantined table=%s rows=%d (the first %d logged above; all kept in "
+                      "quarantined_rows)", table, len(records), LOGGED_ROWS)
+        try:
+            with self._transaction():
+                self.db.executemany("INSERT INTO quarantined_rows (at, source, row, error) VALUES (?, ?, ?, ?)",
+                                    [r[:4] for r in records])
+                self.db.executemany(f"DELETE FROM {table} WHERE rowid = ?", [(r[4],) for r in records])
+        except sqlite3.Error as exc:   # skipped all the same; set aside on the next read
+            log.error("event=state_row_quarantine_failed table=%s rows=%d error=%r", table, len(records), str(exc))
+
+    # -- meta ---------------------------------------------------------------------------
+    @_reads
+    def get_meta(self, key: str) -> Any:
+        for value in self._decoded("meta", "value", json.loads, "WHERE key = ?", (key,)):
+            return value
+        return None
+
+    @_writes
     def set_meta(self, key: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     # -- policy inputs --------------------------------------------------------------------
+    @_reads
     def load_inputs(self) -> PolicyInputs:
         with gc_paused():    # 100k listed entries at start-up: see gc_pause
             return self._load_inputs()
 
     def _load_inputs(self) -> PolicyInputs:
-        listed = {row[0]: Subscriber.from_json(json.loads(row[1]))
-                  for row in self.db.execute("SELECT id, entry FROM listed")}
-        overrides = {
-            row[0]: Override(bool(row[1]), row[2], row[3],
-                             Subscriber.from_json(json.loads(row[4])) if row[4] else None)
-            for row in self.db.execute("SELECT id, restrict_, at, cause, entry FROM overrides")}
-        graces = {row[0]: Grace(row[1], row[2], row[3])
-                  for row in self.db.execute("SELECT id, paid_at, until, cause FROM graces")}
-        readdressed = {row[0]: Readdress(tuple(ipaddress.ip_network(a) for a in json.loads(row[1])), row[2], row[3])
-                       for row in self.db.execute("SELECT id, addresses, at, cause FROM readdressed")}
+        listed = dict(self._decoded("listed", "id, entry", lambda sid, entry: (_text(sid), _subscriber(sid, entry))))
+        overrides = dict(self._decoded("overrides", "id, restrict_, at, cause, entry", _override))
+        graces = dict(self._decoded("graces", "id, paid_at, until, cause", lambda sid, paid, until, cause: (
+            _text(sid), Grace(_real(paid), _real(until), _text(cause)))))
+        readdressed = dict(self._decoded("readdressed", "id, addresses, at, cause", lambda sid, text, at, cause: (
+            _text(sid), Readdress(_networks(text), _real(at), _text(cause)))))
         exemptions: dict[str, dict[str, Exemption]] = {}
-        for row in self.db.execute("SELECT id, category, until, note, set_by, set_at FROM exemptions"):
-            exemptions.setdefault(row[0], {})[row[1]] = Exemption(row[1], row[2], row[3], row[4], row[5])
+        for sid, exemption in self._decoded("exemptions", "id, category, until, note, set_by, set_at", _exemption):
+            exemptions.setdefault(sid, {})[exemption.category] = exemption
         promises: dict[str, list[Promise]] = {}
-        for row in self.db.execute("SELECT id, made_at, until, outcome, address FROM promises ORDER BY id, made_at"):
-            promises.setdefault(row[0], []).append(Promise(*row))
-        since = dict(self.db.execute("SELECT id, since FROM listed_since").fetchall())
+        for promise in self._decoded("promises", "id, made_at, until, outcome, address", _promise,
+                                     "ORDER BY id, made_at"):
+            promises.setdefault(promise.subscriber_id, []).append(promise)
+        since = dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
         return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since)
 
+    @_writes
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
                   since: dict[str, float] | None = None, changed: set[str] | None = None) -> None:
         """Store a new good list as a diff against the previous one, in one transaction.
@@ -138,6 +438,7 @@ class Store:
             self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
             self.set_meta("list", meta)
 
+    @_writes
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:
         """Persist these subscribers' overrides, graces, exemptions and promises.
 
@@ -172,30 +473,36 @@ class Store:
                                  for sid in promised for p in inputs.promises[sid]])
 
     # -- billing order ------------------------------------------------------------------------
+    @_reads
     def billing_order(self) -> list[tuple[str, str, float]]:
-        return [(row[0], row[1], float(row[2]))
-                for row in self.db.execute("SELECT id, stream, ts FROM billing_order")]
+        return list(self._decoded("billing_order", "id, stream, ts",
+                                  lambda sid, stream, ts: (_text(sid), _text(stream), _real(ts))))
 
+    @_writes
     def save_billing_order(self, rows: Iterable[tuple[str, str, float]]) -> None:
         """Upsert (subscriber, stream, newest billing timestamp) rows; see ``billing_order``."""
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO billing_order (id, stream, ts) VALUES (?, ?, ?)", list(rows))
 
     # -- webhook ids ----------------------------------------------------------------------
+    @_reads
     def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:
         return self.event_answers([event_id]).get(event_id)
 
+    @_reads
     def event_answers(self, event_ids: Iterable[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         """The recorded answers of those ids that were processed before: one query per batch."""
         ids = list(event_ids)
         found: dict[str, tuple[int, dict[str, Any]]] = {}
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start:start + _IN_CHUNK]
-            sql = f"SELECT event_id, status, answer FROM events WHERE event_id IN ({','.join('?' * len(chunk))})"
-            for event_id, status, answer in self.db.execute(sql, chunk):
-                found[event_id] = (status, json.loads(answer))
+            where = f"WHERE event_id IN ({','.join('?' * len(chunk))})"
+            for event_id, status, answer in self._decoded("events", "event_id, status, answer", _event_answer,
+                                                          where, chunk):
+                found[event_id] = (status, answer)
         return found
 
+    @_writes
     def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
                       inputs: PolicyInputs | None) -> None:
         """A batch's answers (and, with ``inputs``, the policy state of the subscribers they
@@ -207,6 +514,7 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
                                 [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
 
+    @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
                      ids: Iterable[str] = ()) -> None:
         """What kernel changes mean for the ``enforced`` table and the audit log, and the
@@ -218,11 +526,13 @@ class Store:
             if inputs is not None:
                 self.save_subscribers(inputs, ids)
 
+    @_writes
     def prune_events(self, now: float | None = None) -> int:
         cutoff = (now or time.time()) - EVENT_RETENTION
         return self.db.execute("DELETE FROM events WHERE received_at < ?", (cutoff,)).rowcount
 
     # -- enforcement record ------------------------------------------------------------------
+    @_writes
     def save_enforced(self, rows: dict[str, tuple[str, list[str], str]], removed: Iterable[str]) -> None:
         """Upsert ``id → (mode, addresses, reason)`` rows; ``since`` is kept when nothing changed."""
         now = time.time()
@@ -235,11 +545,12 @@ class Store:
                 "WHERE mode != excluded.mode OR addresses != excluded.addresses OR reason != excluded.reason",
                 [(sid, mode, json.dumps(addresses), reason, now) for sid, (mode, addresses, reason) in rows.items()])
 
+    @_reads
     def enforced(self) -> dict[str, dict[str, Any]]:
-        return {row[0]: {"mode": row[1], "addresses": json.loads(row[2]), "reason": row[3], "since": row[4]}
-                for row in self.db.execute("SELECT id, mode, addresses, reason, since FROM enforced")}
+        return dict(self._decoded("enforced", "id, mode, addresses, reason, since", _enforced))
 
     # -- audit log ----------------------------------------------------------------------------
+    @_writes
     def append_audit(self, rows: list[tuple[float, str, str, str, str]]) -> None:
         """(at, subscriber, old mode, new mode, cause) rows; never updated afterwards."""
         if rows:
@@ -247,6 +558,7 @@ class Store:
                 self.db.executemany("INSERT INTO audit (at, subscriber, old_mode, new_mode, cause) VALUES (?, ?, ?, ?, ?)",
                                     rows)
 
+    @_reads
     def audit(self, subscriber: str | None = None, since: float | None = None, limit: int = 1000
               ) -> list[dict[str, Any]]:
         """The newest ``limit`` entries (optionally of one subscriber, since a time), oldest first.
@@ -266,30 +578,36 @@ class Store:
         return [{"seq": r[0], "at": r[1], "subscriber": r[2], "old": r[3], "new": r[4], "cause": r[5]}
                 for r in reversed(rows)]
 
+    @_writes
     def prune_audit(self, before: float) -> int:
         with self._transaction():
             return self.db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
 
     # -- outgoing webhooks ----------------------------------------------------------------------
+    @_writes
     def add_outbox(self, message_id: str, body: dict[str, Any], now: float) -> None:
         self.db.execute("INSERT OR IGNORE INTO outbox (id, created, body, next_at) VALUES (?, ?, ?, ?)",
                         (message_id, now, json.dumps(body), now))
 
+    @_reads
     def outbox_due(self, now: float, limit: int = 50) -> list[tuple[str, float, dict[str, Any], int]]:
-        rows = self.db.execute("SELECT id, created, body, attempts FROM outbox WHERE next_at <= ? ORDER BY next_at "
-                               "LIMIT ?", (now, limit)).fetchall()
-        return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+        return list(self._decoded("outbox", "id, created, body, attempts", _outbox_row,
+                                  "WHERE next_at <= ? ORDER BY next_at LIMIT ?", (now, limit)))
 
+    @_reads
     def outbox_next(self) -> float | None:
         row = self.db.execute("SELECT MIN(next_at) FROM outbox").fetchone()
         return row[0] if row else None
 
+    @_reads
     def outbox_size(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    @_writes
     def outbox_delivered(self, message_id: str) -> None:
         self.db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
 
+    @_writes
     def outbox_failed(self, message_id: str, next_at: float, error: str) -> None:
         self.db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ? WHERE id = ?",
                         (next_at, error[:500], message_id))
@@ -314,5 +632,16 @@ class _Tx:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.store._depth -= 1
-        if self.store._depth == 0:
-            self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.store._depth != 0:
+            return
+        db = self.store.db
+        try:
+            db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error:
+            if db.in_transaction:   # a failed COMMIT (busy, I/O) leaves it open: the next BEGIN would fail
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.error("event=state_rollback_failed error=%r", str(exc))
+            if not exc_type:
+                raise
