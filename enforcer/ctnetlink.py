@@ -96,7 +96,7 @@ def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]
     while offset + 4 <= end:
         size, kind = struct.unpack_from("=HH", data, offset)
         if size < 4 or offset + size > end:
-            raise CtnetlinkError(0, f"conntrack message: attribute of type {kind & _TYPE_MASK} at byte {offset} "
+            raise CtnetlinkError(errno.EBADMSG, f"conntrack message: attribute of type {kind & _TYPE_MASK} at byte {offset} "
                                     f"has length {size}, {end - offset} bytes left")
         yield kind & _TYPE_MASK, offset + 4, offset + size
         offset += (size + 3) & ~3
@@ -138,7 +138,7 @@ def _mark(data: bytes, start: int, end: int) -> int:
     for kind, offset, stop in _attrs(data, start, end):
         if kind == _CTA_MARK:
             if stop - offset != 4:
-                raise CtnetlinkError(0, f"conntrack message: CTA_MARK of {stop - offset} bytes at byte {offset}")
+                raise CtnetlinkError(errno.EBADMSG, f"conntrack message: CTA_MARK of {stop - offset} bytes at byte {offset}")
             return int.from_bytes(data[offset:stop], "big")
     return 0
 
@@ -166,7 +166,7 @@ def parse_dump(data: bytes, seq: int, match: Callable[[tuple[int, int]], bool] |
     while offset + _HEADER.size <= len(data):
         length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size or offset + length > len(data):
-            raise CtnetlinkError(0, f"conntrack dump: malformed netlink message at byte {offset} "
+            raise CtnetlinkError(errno.EBADMSG, f"conntrack dump: malformed netlink message at byte {offset} "
                                     f"(length {length}, {len(data) - offset} bytes received)")
         end, start = offset + length, offset + _HEADER.size + 4
         offset += (length + 3) & ~3
@@ -176,7 +176,7 @@ def parse_dump(data: bytes, seq: int, match: Callable[[tuple[int, int]], bool] |
             return found, True
         if kind == _NLMSG_ERROR:
             if start > end:
-                raise CtnetlinkError(0, f"conntrack dump: error message of {length} bytes has no error code")
+                raise CtnetlinkError(errno.EBADMSG, f"conntrack dump: error message of {length} bytes has no error code")
             error = struct.unpack_from("=i", data, start - 4)[0]
             if error:
                 raise CtnetlinkError(-error if error < 0 else error,
@@ -184,7 +184,7 @@ def parse_dump(data: bytes, seq: int, match: Callable[[tuple[int, int]], bool] |
             return found, True
         if kind == _CT_NEW:
             if start > end:
-                raise CtnetlinkError(0, f"conntrack dump: entry of {length} bytes has no family header")
+                raise CtnetlinkError(errno.EBADMSG, f"conntrack dump: entry of {length} bytes has no family header")
             if match is not None:
                 source = _source(data, start, end)
                 if source is None or not match(source):
@@ -318,7 +318,7 @@ class Ctnetlink:
                 length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
                 if kind == _NLMSG_ERROR and msg_seq in sequences:
                     if offset + _HEADER.size + 4 > len(data):
-                        raise CtnetlinkError(0, f"conntrack delete: acknowledgement at byte {offset} is truncated")
+                        raise CtnetlinkError(errno.EBADMSG, f"conntrack delete: acknowledgement at byte {offset} is truncated")
                     sequences.discard(msg_seq)
                     ok += struct.unpack_from("=i", data, offset + _HEADER.size)[0] == 0
                 offset += (max(length, _HEADER.size) + 3) & ~3
