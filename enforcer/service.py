@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+import errno
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -39,6 +42,7 @@ from .logs import setup_logging
 from .outbox import Outbox
 from .webhook_worker import WorkerBridge
 from .sources import FileSource, UrlSource
+from .supervisor import Supervisor
 
 __all__ = ["run", "sd_notify", "serve", "setup_logging"]
 
@@ -47,6 +51,28 @@ log = logging.getLogger("walled_garden.enforcer")
 #: someone else flushes the ruleset.
 TABLE_CHECK_SECONDS = 5.0
 sd_notify = systemd_notify.notify
+#: Retry of a TCP listener whose address is not there yet (1 s, doubling to 30 s).
+LISTEN_RETRY_FIRST = 1.0
+LISTEN_RETRY_MAX = 30.0
+
+
+def address_present(host: str) -> bool:
+    """Whether ``host`` (an IP address) can be bound now: wildcard, loopback, or an address
+    some interface has. At boot the enforcer runs before the network (SPEC §8), so a
+    specific address may not be there yet (``EADDRNOTAVAIL``)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True   # a name: not ours to judge here; the listener reports what binding it does
+    if ip.is_unspecified or ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 class Service:
@@ -59,15 +85,12 @@ class Service:
         self.verifier = Verifier(None)
         self.webhooks: WorkerBridge | None = None
         self.runners: list[web.AppRunner] = []
-        self.tasks: dict[str, asyncio.Task[Any]] = {}
+        self.supervisor = Supervisor(stop, enforcer.metrics.task_failures)
+        enforcer.supervisor = self.supervisor   # status shows the tasks
 
-    def _task(self, name: str, coro: Coroutine[Any, Any, Any] | None) -> None:
-        """Start ``coro`` as ``name``, cancelling the task of that name it replaces."""
-        old = self.tasks.pop(name, None)
-        if old is not None:
-            old.cancel()
-        if coro is not None:
-            self.tasks[name] = asyncio.create_task(coro, name=name)
+    def _task(self, name: str, factory: Callable[[], Awaitable[Any]] | None) -> None:
+        """Run ``factory()`` as ``name`` under the supervisor, replacing the task of that name."""
+        self.supervisor.start(name, factory)
 
     async def start(self) -> None:
         config, enforcer = self.config, self.enforcer
@@ -77,17 +100,53 @@ class Service:
         if config.api.listen is not None:  # in a worker process (see webhook_worker); starts meanwhile
             self.webhooks = WorkerBridge(enforcer, config.api.listen.host, config.api.listen.port,
                                          config.api.webhook_secret_file)
-            self._task("webhooks", self.webhooks.run(self.stop))
+            webhooks = self.webhooks
+            self._task("webhooks", lambda: webhooks.run(self.stop))
         if config.metrics.listen is not None:
-            self.runners.append(await start_tcp_site(metrics_app(enforcer), config.metrics.listen.host,
-                                                     config.metrics.listen.port))
+            host, port = config.metrics.listen.host, config.metrics.listen.port
+            self._task("metrics_listener", lambda: self._serve_metrics(host, port))
         await self._start_source(config)
-        self._task("timers", enforcer.timers(self.stop))
-        self._task("outbox", Outbox(enforcer).run(self.stop))
-        self._task("table_check", self._check_table())
+        self._task("timers", lambda: enforcer.timers(self.stop))
+        self._start_outbox(config)
+        self._task("table_check", self._check_table)
         await self._start_hosts(config)
-        if self.webhooks is not None:  # READY=1 (after start) means billing can reach us
-            await self.webhooks.wait_ready()
+        # READY=1 (after start) means billing can reach us, if its address exists yet: the unit
+        # is ordered before the network (SPEC §8), and the network waits for READY=1.
+        if self.webhooks is not None and config.api.listen is not None:
+            if address_present(config.api.listen.host):
+                await self.webhooks.wait_ready()
+            else:
+                log.warning("event=listen_address_absent listen=%s:%d (the webhook worker binds it once the "
+                            "network brings it up; ready without it meanwhile)", config.api.listen.host,
+                            config.api.listen.port)
+
+    def _start_outbox(self, config: Config) -> None:
+        """The outbox task, when promises are sent to billing (it has nothing to do otherwise)."""
+        if config.policy.promise_to_pay.webhook_url:
+            self._task("outbox", lambda: Outbox(self.enforcer).run(self.stop))
+        else:
+            self._task("outbox", None)
+
+    async def _serve_metrics(self, host: str, port: int) -> None:
+        """Serve /metrics until stopped; an address that is not there yet (the unit starts
+        before the network) is retried, never fatal: enforcement must not wait for it."""
+        delay = LISTEN_RETRY_FIRST
+        while True:
+            try:
+                runner = await start_tcp_site(metrics_app(self.enforcer), host, port)
+                break
+            except OSError as exc:
+                log.warning("event=listen_failed listener=metrics listen=%s:%d error=%r retry_in=%.0fs",
+                            host, port, str(exc), delay)
+            try:
+                await asyncio.wait_for(self.stop.wait(), delay)
+                return
+            except TimeoutError:
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
+        try:
+            await self.stop.wait()
+        finally:
+            await runner.cleanup()
 
     @staticmethod
     def _load_secret(config: Config) -> Any:
@@ -115,17 +174,17 @@ class Service:
         if config.subscribers.is_url:
             url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
                                    enforcer.on_source_unchanged)
-            self._task("source", url_source.run(self.stop))
+            self._task("source", lambda: url_source.run(self.stop))
         else:
             self._task("source", None)
             source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure)
             await source.check()
-            self._task("source", source.run(self.stop))
+            self._task("source", lambda: source.run(self.stop))
 
     async def _start_hosts(self, config: Config) -> None:
         if config.walled_garden.allow_hosts:
             hosts = GardenHosts(config.walled_garden.allow_hosts, self.enforcer.set_garden_addresses)
-            self._task("hosts", hosts.run(self.stop))
+            self._task("hosts", lambda: hosts.run(self.stop))
         else:
             self._task("hosts", None)
 
@@ -153,7 +212,7 @@ class Service:
             log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
         restart = await self.enforcer.reload(new)
         if new.policy.promise_to_pay != old.policy.promise_to_pay:  # the outbox reads its URL and secret at start
-            self._task("outbox", Outbox(self.enforcer).run(self.stop))
+            self._start_outbox(new)
         self.verifier.webhook = webhook
         if self.webhooks is not None and webhook is not None:
             self.webhooks.reload_secret(new.api.webhook_secret_file)
@@ -177,9 +236,7 @@ class Service:
         return True
 
     async def close(self) -> None:
-        for task in self.tasks.values():
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.supervisor.close()
         for runner in self.runners:
             await runner.cleanup()
 
