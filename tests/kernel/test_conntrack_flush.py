@@ -1,7 +1,9 @@
 """The conntrack flush paths on real conntrack entries: in-process ctnetlink with one full
 dump, with kernel-filtered dumps (exact IPv4 addresses), and the conntrack tool (the
 fallback). Each runs in a private network namespace (``unshare -n``), with loopback
-connections tracked by a table of its own there."""
+connections tracked by a table of its own there. The ``keep_mark`` tests send real TCP from a
+subscriber namespace through a gateway namespace whose own small table ct-marks one port with
+the portal's bit, and check on all three paths that only the unmarked connections go."""
 
 from __future__ import annotations
 
@@ -101,3 +103,109 @@ def test_a_bulk_flush_counts_every_delete() -> None:
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == {"before": 20100, "deleted": 20000, "after": 100}, result
+
+
+# -- keep_mark: a marked connection of the subscriber survives, the unmarked one goes ---------------
+#: Held open by the subscriber: connects, says READY, waits until stdin closes (bounded).
+HOLD = r"""
+import socket, sys, select
+conns = {}
+for name, host, port in [("marked4", sys.argv[1], 8000), ("plain4", sys.argv[1], 80),
+                         ("marked6", sys.argv[2], 8000), ("plain6", sys.argv[2], 80)]:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(5); s.connect((host, port)); conns[name] = s
+print("READY", *(s.getsockname()[1] for s in conns.values()), flush=True)
+select.select([sys.stdin], [], [], 60)
+# still alive? a request on the marked connection must get its answer
+s = conns["marked4"]
+s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print("ANSWER", data.split(b"\r\n")[0].decode(), data.rsplit(b"\r\n", 1)[-1].decode(), flush=True)
+"""
+
+FLUSH = r"""
+import asyncio, ipaddress, json, sys
+sys.path.insert(0, sys.argv[2])
+from enforcer.conntrack import Conntrack
+from enforcer.ctnetlink import Ctnetlink
+targets = [ipaddress.ip_network(sys.argv[3]), ipaddress.ip_network(sys.argv[4])]
+keep = int(sys.argv[5])
+if sys.argv[1] == "filtered":
+    netlink = Ctnetlink()
+    deleted = netlink.flush(targets[:1], filtered=True, keep_mark=keep)
+    deleted += netlink.flush(targets[1:], keep_mark=keep)
+else:
+    ct = Conntrack(netlink=sys.argv[1] == "netlink")
+    deleted = asyncio.run(ct.flush_now(targets, keep_mark=keep))
+    assert (ct._netlink is not None) is (sys.argv[1] == "netlink")
+print(json.dumps(deleted))
+"""
+
+
+def _entries(topo, source4: str, source6: str, ports: set[int] | None = None) -> list[tuple[str, int, int]]:
+    """(source, dport, mark) of the gateway's conntrack entries of the subscriber (of its
+    ``ports`` only when given: earlier tests' closed connections may linger)."""
+    import re
+    listing = topo.run(topo.gateway.netns, "conntrack", "-L", "-p", "tcp", check=True).stdout
+    out = []
+    for line in listing.splitlines():
+        src, dport, mark = re.search(r"src=(\S+)", line), re.search(r"dport=(\d+)", line), re.search(r"mark=(\d+)", line)
+        sport = re.search(r"sport=(\d+)", line)
+        if src and src.group(1) in (source4, source6) and (ports is None or int(sport.group(1)) in ports):
+            out.append((src.group(1), int(dport.group(1)), int(mark.group(1)) if mark else 0))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def marked_topo():
+    from enforcer.demo.topology import Topology
+    from enforcer.dataplane.layout import PORTAL_CT_MARK
+    with Topology(subscribers=1) as topo:
+        topo.serve_http(topo.upstream, "UPSTREAM OK", ports=(80, 8000))
+        table = f"ctmark_{topo.tag}"
+        topo.run(topo.gateway.netns, "nft", f"add table inet {table}; "
+                 f"add chain inet {table} marking {{ type filter hook forward priority 0; }}; "
+                 f"add rule inet {table} marking tcp dport 8000 ct mark set ct mark or {PORTAL_CT_MARK:#010x}; "
+                 f"add rule inet {table} marking ct state new counter", check=True)
+        yield topo
+
+
+@pytest.mark.parametrize("path", ["netlink", "filtered", "tool"])
+def test_flush_spares_the_marked_connection_of_the_same_subscriber(marked_topo, path: str) -> None:
+    """Real TCP from a subscriber through a namespace gateway to upstream: port 8000 is
+    ct-marked with the portal's bit by the test's own rule, port 80 is not. The flush with
+    ``keep_mark`` removes only the unmarked entries, and the marked connection still answers."""
+    from pathlib import Path
+
+    from enforcer.dataplane.layout import PORTAL_CT_MARK
+    topo = marked_topo
+    root = str(Path(__file__).resolve().parents[2])
+    sub = topo.subscribers[0]
+    holder = topo.popen(sub.netns, sys.executable, "-c", HOLD, topo.upstream.addr4, topo.upstream.addr6,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = holder.stdout.readline().split()
+        assert ready[:1] == ["READY"], holder.stderr.read()
+        ports = {int(port) for port in ready[1:]}
+        before = _entries(topo, sub.addr4, sub.addr6, ports)
+        assert before == sorted([(sub.addr4, 80, 0), (sub.addr4, 8000, PORTAL_CT_MARK),
+                                 (sub.addr6, 80, 0), (sub.addr6, 8000, PORTAL_CT_MARK)]), before
+        unmarked = [e for e in _entries(topo, sub.addr4, sub.addr6) if not e[2] & PORTAL_CT_MARK]
+        run = topo.run(topo.gateway.netns, sys.executable, "-c", FLUSH, path, root, f"{sub.addr4}/32",
+                       f"{sub.addr6.rsplit(':', 2)[0]}::/64", str(PORTAL_CT_MARK), timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.strip().splitlines()[-1]) == len(unmarked), (run.stdout, unmarked)
+        after = _entries(topo, sub.addr4, sub.addr6, ports)
+        assert after == sorted([(sub.addr4, 8000, PORTAL_CT_MARK), (sub.addr6, 8000, PORTAL_CT_MARK)]), after
+        assert all(e[2] & PORTAL_CT_MARK for e in _entries(topo, sub.addr4, sub.addr6)), "every unmarked one went"
+        out, err = holder.communicate("", timeout=15)
+        assert "ANSWER HTTP/1.0 200 OK UPSTREAM OK" in out, (out, err)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(5)
