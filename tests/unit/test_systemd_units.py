@@ -104,3 +104,33 @@ def test_watchdog_timeouts_leave_room_for_the_half_interval_pet() -> None:
     for unit in THRESHOLDS:
         seconds = int(directives(unit)["WatchdogSec"][0].rstrip("s"))
         assert seconds >= 10, f"{unit}: a pet every {seconds / 2}s leaves no slack for a busy loop"
+
+
+def test_enforcer_is_ordered_before_the_network() -> None:
+    """SPEC §8 / issue 11 item 11: after a reboot the table is back before any interface is up."""
+    d = directives("walled-garden.service")
+    before = " ".join(d["Before"]).split()
+    after = " ".join(d["After"]).split()
+    assert "network-pre.target" in before and "network-pre.target" in " ".join(d["Wants"]).split()
+    assert d["DefaultDependencies"] == ["no"], "the defaults order us after basic.target (and sysinit.target)"
+    assert "shutdown.target" in before and d["Conflicts"] == ["shutdown.target"], "what the defaults gave"
+    assert "local-fs.target" in after and "systemd-sysusers.service" in after
+    assert not {t for t in after if t.startswith("network") or t in ("sysinit.target", "basic.target")}, after
+    assert "network-online.target" not in " ".join(d.get("Wants", []) + d.get("Requires", []))
+
+
+def test_no_ordering_cycle_where_sysinit_waits_for_the_network(tmp_path: Path) -> None:
+    """cloud-init orders a networked service before sysinit.target: a unit After=sysinit.target
+    and Before=network-pre.target would close a cycle, and systemd would drop a job at boot."""
+    analyze = tool("systemd-analyze")
+    staged("walled-garden.service", tmp_path)
+    (tmp_path / "early-network.service").write_text(
+        "[Unit]\nDefaultDependencies=no\nAfter=network-pre.target\nBefore=sysinit.target\n"
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    (tmp_path / "boot-check.target").write_text(
+        "[Unit]\nWants=walled-garden.service early-network.service sysinit.target network-pre.target\n")
+    result = subprocess.run([analyze, "verify", "--man=no", "boot-check.target", "walled-garden.service",
+                             "early-network.service"], cwd=tmp_path, capture_output=True, text=True,
+                            check=False, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "ordering cycle" not in output, output
