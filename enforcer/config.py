@@ -18,6 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from . import yamlsource
+from .address_space import special_use_problem
 from .issues import Issue, IssuesError
 from .policy import SEVERITY, EscalationStep
 from .promises import PromiseRules
@@ -79,6 +80,8 @@ class SubscribersConfig:
 class GatewayConfig:
     subscriber_interfaces: tuple[str, ...] = ()
     table: str = "walled_garden"
+    #: Where subscribers' addresses lie (SPEC §8); () = any unicast address (``AddressSpace``).
+    subscriber_prefixes: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -454,6 +457,11 @@ def _promise_rules(r: _Reader, value: Any) -> PromiseRules:
         reasons=r.get(raw, path + ("reasons",), reasons, defaults.reasons),
         webhook_url=r.get(raw, path + ("webhook_url",), _http_url, None),
         webhook_secret_file=r.get(raw, path + ("webhook_secret_file",), _string, None))
+    if rules.webhook_url and not rules.webhook_secret_file and "webhook_secret_file" not in raw:
+        # Signing outgoing promises with the inbound secret would let whoever reads billing's
+        # copy of it forge events to us; the outbox has its own secret.
+        r.fail(path + ("webhook_secret_file",), "required with webhook_url: a secret of its own for signing "
+                                                "promises to billing (not api.webhook_secret_file)")
     if rules.term > rules.period:
         r.fail(path + ("term",), "the term is longer than the period the limit counts over")
     return rules
@@ -508,7 +516,7 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
     subscribers = SubscribersConfig(source, r.get(raw, sub + ("poll_interval",), _number, 60.0),
                                     r.get(raw, sub + ("timeout",), _number, 30.0), guard=guard, **files)
 
-    raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table"})
+    raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table", "subscriber_prefixes"})
     interfaces: list[str] = []
     names = raw.get("subscriber_interfaces", [])
     if not isinstance(names, list):
@@ -520,7 +528,7 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
         else:
             r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters)")
     table = r.get(raw, ("gateway", "table"), _table_name, "walled_garden")
-    gateway = GatewayConfig(tuple(interfaces), table)
+    gateway = GatewayConfig(tuple(interfaces), table, _subscriber_prefixes(r, raw))
 
     garden = _garden(r, r.section(top.get("walled_garden"), ("walled_garden",), {"allow", "dns"}))
 
@@ -555,10 +563,44 @@ def parse_config(text: str, path: str = "config.yaml") -> Config:
                           audit_retention=r.get(raw, ("policy", "audit_retention"), _number,
                                                 PolicyConfig.audit_retention))
 
+    promise_secret = policy.promise_to_pay.webhook_secret_file
+    if policy.promise_to_pay.webhook_url and promise_secret and \
+            os.path.realpath(promise_secret) == os.path.realpath(api.webhook_secret_file):
+        r.fail(("policy", "promise_to_pay", "webhook_secret_file"),
+               "is api.webhook_secret_file; promises to billing need a secret of their own")
     if r.issues:
         raise ConfigError(r.issues)
     return Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
                   walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy)
+
+
+def _subscriber_prefixes(r: _Reader, raw: dict[str, Any]) -> tuple[Network, ...]:
+    """``gateway.subscriber_prefixes``: CIDRs (host bits are an error, as they are a typo)."""
+    path = ("gateway", "subscriber_prefixes")
+    if "subscriber_prefixes" not in raw:
+        return ()
+    items = raw["subscriber_prefixes"]
+    if not isinstance(items, list) or not items:
+        r.fail(path, "expected a non-empty list of CIDRs, e.g. ['100.64.0.0/10', '2001:db8::/32'] "
+                     "(leave the key out to accept any unicast address)")
+        return ()
+    prefixes: list[Network] = []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, str):
+                raise ValueError("expected a CIDR such as 100.64.0.0/10")
+            prefix = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            r.fail(path + (i,), f"{item!r}: {exc}")
+            continue
+        problem = special_use_problem(prefix)
+        if problem:
+            r.fail(path + (i,), problem)
+        elif prefix in prefixes:
+            r.fail(path + (i,), f"{prefix} is listed twice")
+        else:
+            prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def _group(value: Any) -> str:

@@ -9,6 +9,7 @@ re-evaluates by itself. Every exemption expires: "forever" is how people get for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from typing import Any
@@ -57,25 +58,32 @@ def check_category(value: Any) -> str:
 
 def parse_instant(value: Any, zone: Any = None) -> float:
     """A date (``2026-12-31``: through the end of that day, local time), an RFC 3339 time, or
-    unix seconds."""
+    unix seconds. Raises ``ValueError`` (and nothing else) for anything else, including dates
+    the calendar arithmetic cannot reach (``9999-12-31`` plus a day, year 1 in another zone)."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a date such as 2026-12-31 or a time")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a time")
         return float(value)
     text = str(value).strip()
     tz = zone or datetime.now().astimezone().tzinfo
     try:
         day = date.fromisoformat(text)
-        return datetime.combine(day + timedelta(days=1), dtime(0, 0), tz).timestamp()
     except ValueError:
-        pass
+        day = None
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a date (2026-12-31) or an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=tz)
-    return moment.astimezone(timezone.utc).timestamp()
+        if day is not None:
+            return datetime.combine(day + timedelta(days=1), dtime(0, 0), tz).timestamp()
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a date (2026-12-31) or an RFC 3339 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=tz)
+        return moment.astimezone(timezone.utc).timestamp()
+    except (OverflowError, OSError):   # OSError: some platforms' timestamp() for far dates
+        raise ValueError(f"{text!r} is out of the range of dates this gateway can keep") from None
 
 
 def parse_until(value: Any, now: float, zone: Any = None) -> float:
@@ -92,6 +100,8 @@ def parse_until(value: Any, now: float, zone: Any = None) -> float:
 
 def _relative(text: str, now: float) -> float | None:
     units = {"h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-    if len(text) > 1 and text[-1] in units and text[:-1].isdigit():
+    if len(text) > 1 and text[-1] in units and text[:-1].isascii() and text[:-1].isdigit():
+        if len(text) > 12:       # "99999999999999999999d" would overflow a float; far beyond the maximum anyway
+            raise ValueError(f"until is more than {int(MAX_SECONDS // 86400)} days away; exemptions must be renewed")
         return now + int(text[:-1]) * units[text[-1]]
     return None

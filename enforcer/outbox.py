@@ -3,8 +3,8 @@
 A promise the customer made on the portal must reach billing even if billing is down for an
 hour or the gateway reboots: messages are written to SQLite in the same step that lifts the
 customer, and this loop delivers them, signed the Standard Webhooks way (the same scheme
-billing uses towards us), retrying with jittered exponential backoff until billing answers
-2xx. The webhook id is stable across retries, so billing can de-duplicate.
+billing uses towards us, but with a secret of its own: ``promise_to_pay.webhook_secret_file``),
+retrying with jittered exponential backoff until billing answers 2xx. The webhook id is stable across retries, so billing can de-duplicate.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class Outbox:
         self.enforcer = enforcer
         rules = enforcer.config.policy.promise_to_pay
         self.url = rules.webhook_url
-        self.secret_file = rules.webhook_secret_file or enforcer.config.api.webhook_secret_file
+        # Its own secret only (the config requires one with webhook_url): signing with the
+        # inbound webhook secret would let anyone holding billing's copy forge events to us.
+        self.secret_file = rules.webhook_secret_file or ""
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.url:
@@ -73,6 +75,9 @@ class Outbox:
         if not due or not self.url:
             return 0
         try:
+            if not self.secret_file:
+                raise SecretError("policy.promise_to_pay.webhook_secret_file is not set (required with "
+                                  "webhook_url; the inbound webhook secret is never used for promises)")
             signer = load_webhook_secret(self.secret_file)
         except SecretError as exc:
             log.error("event=outbox_no_secret error=%r queued=%d", str(exc), len(due))

@@ -12,6 +12,7 @@ import enum
 import io
 import ipaddress
 import json
+import logging
 import re
 import socket
 import time
@@ -21,15 +22,21 @@ from pathlib import PurePath
 from typing import Any, Iterable
 
 from . import yamlsource
+from .address_space import AddressSpace, find_overlaps, special_use_problem
 from .gc_pause import gc_paused
 from .issues import Issue, IssuesError
+
+log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Broadest prefix one subscriber may hold; anything wider is almost surely an export bug.
 MIN_PREFIX = {4: 16, 6: 32}
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
-_REASON = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")      # used with fullmatch: "$" would take "C-1\n"
+_REASON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+#: Nodes a YAML/JSON list may have (about 7 per entry): far above any real export, and with
+#: anchors and aliases refused it bounds nothing but absurd documents.
+LIST_MAX_NODES = 20_000_000
 _FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category")
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -107,24 +114,34 @@ def _network(text: str) -> Network:
 
 def id_problem(ident: Any) -> str | None:
     """Why ``ident`` is not a subscriber id, or None."""
-    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.match(str(ident)):
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.fullmatch(str(ident)):
         return (f"id {ident!r} is missing or not a subscriber id "
                 "(letters, digits and . _ : / -, at most 64)")
     return None
 
 
-def parse_address(text: str) -> Network:
-    """An address or prefix as billing writes it; host bits in a prefix are an error."""
+def parse_address(text: str, space: AddressSpace | None = None) -> Network:
+    """An address or prefix as billing writes it; host bits in a prefix are an error, and so
+    are addresses never a subscriber's (loopback, multicast, ...: ``special_use_problem``) and,
+    given ``space``, addresses outside ``gateway.subscriber_prefixes``."""
     text = text.strip()
     network = _network(text)
     if network.prefixlen < MIN_PREFIX[network.version]:
         raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "
                          "refusing a prefix that wide for one subscriber")
+    problem = space.problem(network) if space is not None else special_use_problem(network)
+    if problem:
+        raise ValueError(problem)
     return network
 
 
-def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber | None:
-    """Check one list/event entry (a mapping); append issues, return the subscriber if clean."""
+def validate_entry(raw: Any, where: str, issues: list[ListIssue],
+                   space: AddressSpace | None = None) -> Subscriber | None:
+    """Check one list/event entry (a mapping); append issues, return the subscriber if clean.
+
+    ``space`` (``AddressSpace.from_config``) also refuses addresses outside
+    ``gateway.subscriber_prefixes``; without it only special-use addresses are refused.
+    """
     if not isinstance(raw, dict):
         issues.append(ListIssue(where, f"expected a mapping with id and addresses, got {type(raw).__name__}"))
         return None
@@ -145,7 +162,7 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber 
     else:
         for item in addresses_raw:
             try:
-                network = parse_address(str(item))
+                network = parse_address(str(item), space)
             except ValueError as exc:
                 issues.append(ListIssue(where, f"address {item!r}: {exc}"))
                 continue
@@ -163,7 +180,7 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue]) -> Subscriber 
             issues.append(ListIssue(where, f"mode {mode_raw!r} is not one of "
                                            f"{', '.join(m.value for m in Mode.restricting())}"))
     reason = raw.get("reason") or ""
-    if reason and (not isinstance(reason, str) or not _REASON.match(reason)):
+    if reason and (not isinstance(reason, str) or not _REASON.fullmatch(reason)):
         issues.append(ListIssue(where, f"reason {reason!r} must be a short category such as 'overdue' "
                                        "(lowercase letters, digits, - and _; no names or amounts)"))
     exempt_until, exempt_category = _entry_exemption(raw, where, issues)
@@ -224,31 +241,60 @@ def detect_format(name: str, text: str, content_type: str = "") -> str:
     return "csv"
 
 
-def parse_list(text: str, name: str, content_type: str = "") -> list[Subscriber]:
-    """Parse a whole list; raises ``ListError`` naming every bad line, or returns all entries."""
-    with gc_paused():
-        return _parse_list(text, name, content_type)
+def parse_list(text: str, name: str, content_type: str = "", *,
+               space: AddressSpace | None = None) -> list[Subscriber]:
+    """Parse a whole list; raises ``ListError`` naming every bad line, or returns all entries.
+
+    ``space`` (``AddressSpace.from_config``) refuses the whole list when one entry names an
+    address outside ``gateway.subscriber_prefixes``; None accepts any unicast address.
+    ``ListError`` is the only exception: whatever the bytes, a bad list must never become a
+    crash of whoever reads it (SPEC §8).
+    """
+    try:
+        with gc_paused():
+            return _parse_list(text, name, content_type, space)
+    except ListError:
+        raise
+    except RecursionError:
+        raise ListError([ListIssue(f"{name}:1", "nested too deeply to be a list")]) from None
+    except Exception as exc:  # a bug of ours on odd input: refuse the list, say so, keep running
+        log.error("event=list_parser_failed name=%s error=%r", name, exc, exc_info=True)
+        raise ListError([ListIssue(f"{name}:1", f"the list could not be read ({type(exc).__name__}: "
+                                                f"{exc}); nothing of it is used")]) from None
 
 
-def _parse_list(text: str, name: str, content_type: str) -> list[Subscriber]:
+def _parse_list(text: str, name: str, content_type: str, space: AddressSpace | None) -> list[Subscriber]:
     text = text.removeprefix("\ufeff")  # spreadsheet "CSV UTF-8" exports start with a BOM
     if not text.strip():
         raise ListError([ListIssue(f"{name}:1", "the list is empty (a truncated export?); "
                                                 "an empty list must be written explicitly")])
     fmt = detect_format(name, text, content_type)
     if fmt == "csv":
-        return _check_unique(_parse_csv(text, name), name)
-    return _check_unique(_parse_document(text, name, fmt), name)
+        return _check_unique(_parse_csv(text, name, space), name)
+    return _check_unique(_parse_document(text, name, fmt, space), name)
 
 
-def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, int]]:
+def _checked_entry(raw: Any, where: str, issues: list[ListIssue], space: AddressSpace | None) -> Subscriber | None:
+    """``validate_entry`` for one list line; an unexpected error in it is that line's issue
+    (and logged: it is a bug to fix), so the line is named and the other lines still checked."""
+    try:
+        return validate_entry(raw, where, issues, space)
+    except Exception as exc:
+        log.error("event=list_entry_check_failed where=%s error=%r", where, exc, exc_info=True)
+        issues.append(ListIssue(where, f"this entry could not be checked ({type(exc).__name__}: {exc})"))
+        return None
+
+
+def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) -> list[tuple[Subscriber, int]]:
     if fmt == "json":
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
             raise ListError([ListIssue(f"{name}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from None
+        except RecursionError:
+            raise ListError([ListIssue(f"{name}:1", "not valid as a list: JSON nested too deeply")]) from None
     try:
-        located = yamlsource.load(text, plain_strings=True)
+        located = yamlsource.load(text, plain_strings=True, aliases=False, max_nodes=LIST_MAX_NODES)
     except yamlsource.YamlSyntaxError as exc:
         raise ListError([ListIssue(f"{name}:{exc.line or 1}", f"not valid {fmt.upper()}: {exc}")]) from None
     data = located.data
@@ -266,7 +312,7 @@ def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, in
     out: list[tuple[Subscriber, int]] = []
     for i, raw in enumerate(entries):
         line = located.line(("subscribers", i)) or 1
-        sub = validate_entry(raw, f"{name}:{line}", issues)
+        sub = _checked_entry(raw, f"{name}:{line}", issues, space)
         if sub is not None:
             out.append((sub, line))
     if issues:
@@ -274,7 +320,7 @@ def _parse_document(text: str, name: str, fmt: str) -> list[tuple[Subscriber, in
     return out
 
 
-def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
+def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[Subscriber, int]]:
     issues: list[ListIssue] = []
     out: list[tuple[Subscriber, int]] = []
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -291,7 +337,7 @@ def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
                                                           f"({','.join(_FIELDS)}), got {len(cells)}"))
                 continue
             raw = dict(zip(_FIELDS, cells))
-            sub = validate_entry(raw, f"{name}:{line}", issues)
+            sub = _checked_entry(raw, f"{name}:{line}", issues, space)
             if sub is not None:
                 out.append((sub, line))
     except csv.Error as exc:
@@ -306,36 +352,31 @@ def _parse_csv(text: str, name: str) -> list[tuple[Subscriber, int]]:
 
 
 def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[Subscriber]:
-    """Reject duplicate ids and addresses shared or overlapped by two subscribers."""
+    """Reject duplicate ids, and addresses of two subscribers that are equal or nest (one
+    restriction would wall the other): each conflict names both lines."""
     issues: list[ListIssue] = []
-    ids: dict[str, int] = {}
-    owners: dict[tuple[int, int, int], tuple[str, int]] = {}   # (version, plen, address as int)
-    lengths: dict[int, set[int]] = {4: set(), 6: set()}
+    lines: dict[str, int] = {}
     result: list[Subscriber] = []
     for sub, line in entries:
-        if sub.id in ids:
-            issues.append(ListIssue(f"{name}:{line}", f"subscriber {sub.id} is listed again (first at line {ids[sub.id]})"))
+        if sub.id in lines:
+            issues.append(ListIssue(f"{name}:{line}", f"subscriber {sub.id} is listed again (first at line "
+                                                      f"{lines[sub.id]}, {name}:{lines[sub.id]})"))
             continue
-        ids[sub.id] = line
+        lines[sub.id] = line
         result.append(sub)
-        for network in sub.addresses:
-            slot = (network.version, network.prefixlen, int(network.network_address))
-            other, other_line = owners.setdefault(slot, (sub.id, line))
-            if other != sub.id:
-                issues.append(ListIssue(f"{name}:{line}", f"address {network} of {sub.id} is also held by "
-                                                          f"{other} (line {other_line})"))
-            lengths[network.version].add(network.prefixlen)
-    for (version, plen, value), (owner, line) in owners.items():
-        width = 32 if version == 4 else 128
-        for shorter in lengths[version]:
-            if shorter >= plen:
-                continue
-            covering = owners.get((version, shorter, value >> (width - shorter) << (width - shorter)))
-            if covering and covering[0] != owner:
-                network = ipaddress.ip_network((value, plen))
-                issues.append(ListIssue(f"{name}:{line}", f"address {network} of {owner} lies inside "
-                                                          f"{network.supernet(new_prefix=shorter)} of {covering[0]} "
-                                                          f"(line {covering[1]})"))
+    found = []
+    for (outer_id, outer), (inner_id, inner) in find_overlaps(
+            (sub.id, network) for sub in result for network in sub.addresses):
+        outer_line, inner_line = lines[outer_id], lines[inner_id]
+        if outer == inner:
+            first, later = sorted(((outer_id, outer_line), (inner_id, inner_line)), key=lambda o: o[1])
+            found.append((later[1], f"address {inner} of {later[0]} is also held by {first[0]} "
+                                    f"(line {first[1]}, {name}:{first[1]})"))
+        else:
+            found.append((max(outer_line, inner_line),
+                          f"address {inner} of {inner_id} (line {inner_line}, {name}:{inner_line}) lies inside "
+                          f"{outer} of {outer_id} (line {outer_line}, {name}:{outer_line})"))
+    issues += [ListIssue(f"{name}:{line}", message) for line, message in sorted(found)]
     if issues:
         raise ListError(issues)
     return result

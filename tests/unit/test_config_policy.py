@@ -26,7 +26,7 @@ def test_full_policy_parses(tmp_path: Path) -> None:
             holidays_file: {holidays}}}
   escalation: [{{after: 14d, mode: walled-garden}}, {{after: 7d, mode: throttle}}]
   promise_to_pay: {{term: 3d, max: 2, period: 90d, reasons: [overdue, suspended],
-                   webhook_url: "https://billing.example/hooks/wg"}}
+                   webhook_url: "https://billing.example/hooks/wg", webhook_secret_file: /etc/wg/promise.secret}}
   exemption_default: 14d
   audit_retention: 365d
 """, "c.yaml")
@@ -35,6 +35,7 @@ def test_full_policy_parses(tmp_path: Path) -> None:
     assert p.windows.hours == ((480, 720), (780, 1020))
     assert [s.mode for s in p.escalation] == [Mode.THROTTLE, Mode.WALLED_GARDEN]      # sorted by time
     assert p.promise_to_pay.enabled and p.promise_to_pay.max_count == 2
+    assert p.promise_to_pay.webhook_secret_file == "/etc/wg/promise.secret"
     assert p.exemption_default == 14 * 86400 and p.audit_retention == 365 * 86400
 
 
@@ -56,6 +57,11 @@ def test_defaults_change_nothing() -> None:
     ("policy: {promise_to_pay: {max: 0}}", "policy.promise_to_pay.max", "at least 1"),
     ("policy: {promise_to_pay: {webhook_url: ftp://x}}", "policy.promise_to_pay.webhook_url", "http"),
     ("policy: {audit_retention: -1}", "policy.audit_retention", "not negative"),
+    # The outbox signs with a secret of its own, never the inbound webhook secret (issue 11 item 10).
+    ("policy: {promise_to_pay: {webhook_url: 'https://b.example/h'}}", "policy.promise_to_pay.webhook_secret_file",
+     "required with webhook_url"),
+    ("policy: {promise_to_pay: {webhook_url: 'https://b.example/h', webhook_secret_file: "
+     "/etc/walled-garden/webhook.secret}}", "policy.promise_to_pay.webhook_secret_file", "of their own"),
 ])
 def test_policy_errors_name_the_key(policy: str, where: str, words: str) -> None:
     found = errors(policy)
@@ -69,3 +75,32 @@ def test_holiday_file_errors_name_file_and_line(tmp_path: Path) -> None:
     assert any(f"{holidays}:2" in e and "not a date" in e for e in found), found
     found = errors(f"policy: {{windows: {{holidays_file: {tmp_path}/missing.txt}}}}")
     assert any("cannot read holiday calendar" in e for e in found), found
+
+
+async def test_outbox_never_signs_with_the_inbound_webhook_secret(tmp_path: Path) -> None:
+    """Without a promise secret of its own, nothing is sent (and it says why), even though
+    ``api.webhook_secret_file`` is a valid secret (issue 11 item 10)."""
+    import base64
+    from types import SimpleNamespace
+
+    from enforcer.config import ApiConfig, PolicyConfig
+    from enforcer.outbox import Outbox
+    from enforcer.promises import PromiseRules
+
+    inbound = tmp_path / "webhook.secret"
+    inbound.write_text("whsec_" + base64.b64encode(b"k" * 32).decode() + "\n")
+    failed: list[tuple[str, str]] = []
+    store = SimpleNamespace(outbox_due=lambda now: [("msg_1", 0.0, {"type": "promise.made"}, 0)],
+                            outbox_failed=lambda mid, retry, error: failed.append((mid, error)))
+    config = SimpleNamespace(api=ApiConfig(webhook_secret_file=str(inbound)),
+                             policy=PolicyConfig(promise_to_pay=PromiseRules(enabled=True,
+                                                                             webhook_url="http://192.0.2.1/h")))
+    enforcer = SimpleNamespace(config=config, store=store, metrics=None, clock=lambda: 1000.0)
+    outbox = Outbox(enforcer)  # type: ignore[arg-type]
+
+    class NoSession:
+        def post(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("signed and sent with the inbound webhook secret")
+
+    assert await outbox.deliver_due(NoSession()) == 0  # type: ignore[arg-type]
+    assert failed and failed[0][0] == "msg_1" and "webhook_secret_file" in failed[0][1]

@@ -259,7 +259,7 @@ def test_same_address_in_two_subscribers():
     """)
     found = issues(text, "l.yaml")
     assert [loc for loc, _ in found] == ["l.yaml:6"]
-    assert "C-3" in found[0][1] and "C-2" in found[0][1] and "line 4" in found[0][1]
+    assert "C-3" in found[0][1] and "C-2" in found[0][1] and "l.yaml:4" in found[0][1]
 
 
 def test_host_inside_another_subscribers_prefix():
@@ -267,6 +267,7 @@ def test_host_inside_another_subscribers_prefix():
     found = issues(text, "l.csv")
     assert [loc for loc, _ in found] == ["l.csv:3"]
     assert "100.64.0.77/32" in found[0][1] and "100.64.0.0/24" in found[0][1] and "C-1" in found[0][1]
+    assert "l.csv:1" in found[0][1] and "l.csv:3" in found[0][1]
 
 
 def test_ipv6_prefix_inside_another_subscribers_prefix():
@@ -532,5 +533,159 @@ def test_fast_address_parser_agrees_with_ipaddress(text: str) -> None:
 
 def test_subscriber_id_problems_are_named() -> None:
     assert id_problem("C-1001") is None and id_problem(42) is None
-    for bad in ("", "-x", "a" * 65, "a b", None, True, 1.5):
+    for bad in ("", "-x", "a" * 65, "a b", None, True, 1.5, "C-1\n", "C-1\r\n"):
         assert "not a subscriber id" in (id_problem(bad) or "")
+
+
+# -- issue 11: nothing but ListError, whatever the bytes --------------------------------------
+
+def _exempt_entry(value: str) -> str:
+    return yaml_entry(f"""\
+        - id: C-1
+          addresses: ["100.64.0.1"]
+          exempt_until: {value}
+    """)
+
+
+@pytest.mark.parametrize("value", ["9999-12-31", "'0001-01-01T00:00:00+05:00'", "'9999-12-31T23:59:59-05:00'"])
+def test_dates_beyond_the_calendar_are_list_errors_at_the_line(value: str) -> None:
+    found = issues(_exempt_entry(value), "l.yaml")
+    assert found[0][0] == "l.yaml:2" and "exempt_until" in found[0][1] and "out of the range" in found[0][1]
+
+
+def test_deep_json_is_a_list_error() -> None:
+    for text in ("[" * 100_000 + "]" * 100_000, '{"subscribers": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        found = issues(text, "l.json")
+        assert found[0][0] == "l.json:1" and "nested too deeply" in found[0][1]
+
+
+def test_deep_yaml_is_a_list_error() -> None:
+    for depth in (900, 5000):
+        found = issues("subscribers: " + "[" * depth + "]" * depth + "\n", "l.yaml")
+        assert found[0][0].startswith("l.yaml:")
+
+
+def test_an_unexpected_error_checking_a_line_names_that_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours on odd input refuses the list at the line, never escapes as another type."""
+    import enforcer.subscribers as subscribers
+
+    def broken(raw, where, issues, space=None):
+        if raw.get("id") == "C-2":
+            raise KeyError("surprise")
+        return validate_entry(raw, where, issues, space)
+
+    monkeypatch.setattr(subscribers, "validate_entry", broken)
+    found = issues("C-1,100.64.0.1\nC-2,100.64.0.2\n", "l.csv")
+    assert found == [("l.csv:2", "this entry could not be checked (KeyError: 'surprise')")]
+
+
+def test_an_unexpected_error_anywhere_is_a_list_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import enforcer.subscribers as subscribers
+
+    monkeypatch.setattr(subscribers, "_check_unique", lambda *a: 1 / 0)
+    found = issues("C-1,100.64.0.1\n", "l.csv")
+    assert found[0][0] == "l.csv:1" and "ZeroDivisionError" in found[0][1]
+
+
+# -- YAML alias bombs (issue 11 item 4) ------------------------------------------------------
+
+def _bomb(levels: int) -> str:
+    names = "abcdefghij"[:levels]
+    lines = [f"{names[0]}: &{names[0]} [" + ", ".join(["C-1"] * 9) + "]"]
+    for previous, name in zip(names, names[1:]):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + f"\nsubscribers: *{names[-1]}\n"
+
+
+def test_alias_bomb_refused_at_once_with_little_memory() -> None:
+    import time
+    import tracemalloc
+
+    text = _bomb(9)
+    assert len(text) < 450
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        found = issues(text, "l.yaml")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 0.5 and peak < 5_000_000
+    assert found == [("l.yaml:1", "not valid YAML: anchors and aliases (&name, *name) are not allowed here")]
+
+
+def test_a_single_alias_is_refused_at_its_line() -> None:
+    text = yaml_entry("""\
+        - id: C-1
+          addresses: &shared ["100.64.0.1"]
+        - id: C-2
+          addresses: *shared
+    """)
+    assert locations(text, "l.yaml") == ["l.yaml:3"]
+
+
+def test_star_and_ampersand_in_quoted_text_are_not_aliases() -> None:
+    (sub,) = parse_list('subscribers:\n  - {id: "C-1", addresses: ["100.64.0.1"]}  # a & b *c\n', "l.yaml")
+    assert sub.id == "C-1"
+
+
+def test_node_cap_names_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import enforcer.subscribers as subscribers
+
+    monkeypatch.setattr(subscribers, "LIST_MAX_NODES", 50)
+    text = "subscribers:\n" + "".join(f"  - {{id: C-{i}, addresses: [100.64.0.{i}]}}\n" for i in range(1, 20))
+    found = issues(text, "l.yaml")
+    assert len(found) == 1 and "more than 50 nodes" in found[0][1] and "cap" in found[0][1]
+
+
+# -- addresses that are never a subscriber's (issue 11 item 9) -------------------------------
+
+@pytest.mark.parametrize("address, words", [
+    ("0.0.0.0/16", "unspecified"), ("0.1.2.3", "unspecified"), ("127.0.0.1", "loopback"),
+    ("127.5.0.0/16", "loopback"), ("224.0.0.0/16", "multicast"), ("239.1.2.3", "multicast"),
+    ("255.255.255.255", "broadcast"), ("240.0.0.1", "reserved"), ("::", "unspecified"), ("::1", "loopback"),
+    ("ff02::1", "multicast"), ("::ffff:100.64.0.5", "IPv4-mapped"), ("::ffff:0:0/96", "IPv4-mapped"),
+    ("::/32", "unspecified"),
+])
+def test_special_use_addresses_are_refused_by_name(address: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_address(address)
+    found = issues(f"C-1,100.64.0.1\nC-2,{address}\n", "l.csv")
+    assert [loc for loc, _ in found] == ["l.csv:2"] and words in found[0][1]
+    errors: list = []
+    assert validate_entry({"id": "C-9", "addresses": [address]}, "data", errors) is None
+    assert words in errors[0].message
+
+
+@pytest.mark.parametrize("address", ["1.0.0.0/16", "126.255.255.255", "128.0.0.1", "223.255.255.255",
+                                     "100.64.0.5", "2001:db8::1", "::2", "fe80::1", "64:ff9b::1"])
+def test_unicast_neighbours_of_special_ranges_are_accepted(address: str) -> None:
+    assert parse_address(address) == net(address)
+
+
+# -- gateway.subscriber_prefixes (issue 11 item 5) -------------------------------------------
+
+def test_an_entry_outside_the_subscriber_prefixes_refuses_the_whole_list() -> None:
+    from enforcer.address_space import AddressSpace
+
+    space = AddressSpace((net("100.64.0.0/10"), net("2001:db8::/32")))
+    text = "C-1,100.64.0.1\nC-2,198.51.100.7\nC-3,2001:db8::5 2001:db9::/48\n"
+    found = issues_in_space(text, space)
+    assert [loc for loc, _ in found] == ["l.csv:2", "l.csv:3"]
+    assert all("outside gateway.subscriber_prefixes" in message for _, message in found)
+    assert parse_list(text, "l.csv")[1].addresses == (net("198.51.100.7/32"),)   # no space: any unicast
+
+
+def issues_in_space(text: str, space: object) -> list[tuple[str, str]]:
+    with pytest.raises(ListError) as info:
+        parse_list(text, "l.csv", space=space)  # type: ignore[arg-type]
+    return [(i.location, i.message) for i in info.value.issues]
+
+
+def test_a_prefix_over_another_subscriber_names_both_lines() -> None:
+    found = issues("C-1,100.64.0.0/24\nC-2,100.64.7.7\nC-3,100.64.0.5\n", "l.csv")
+    assert len(found) == 1 and found[0][0] == "l.csv:3"
+    assert "l.csv:1" in found[0][1] and "l.csv:3" in found[0][1] and "C-1" in found[0][1]
+    # The broad one listed later: reported at the later line, still naming both.
+    found = issues("C-3,100.64.0.5\nC-2,100.64.7.7\nC-1,100.64.0.0/24\n", "l.csv")
+    assert found[0][0] == "l.csv:3" and "l.csv:1" in found[0][1]

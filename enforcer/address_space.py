@@ -1,0 +1,136 @@
+"""The address space subscribers live in (SPEC §8), and which addresses can never be theirs.
+
+Billing's export, a webhook or an operator can name any address at all; enforcing one that is
+not a subscriber's does harm: ``127.0.0.1`` or ``224.0.0.0/16`` is never matched (the customer
+stays free while billing was told "restricted"), an upstream prefix walls traffic to it for free
+subscribers too, and ``::ffff:100.64.0.5`` is never seen as 100.64.0.5. So every address is
+checked twice: against the special-use ranges that are never a subscriber's
+(``special_use_problem``), and against ``gateway.subscriber_prefixes`` when the operator has
+named them (``AddressSpace.problem``).
+
+Two subscribers sharing addresses is refused as well (one restriction would wall the other):
+``find_overlaps`` finds every such network among a whole list in O(n log n).
+
+API for the daemon (events, operator commands)::
+
+    space = AddressSpace.from_config(config)      # once per config (re)load
+    problem = space.problem(network)               # None = acceptable, else why not (for a 400)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Hashable, Iterable, TypeVar
+
+if TYPE_CHECKING:
+    from .config import Config
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Key = TypeVar("Key", bound=Hashable)
+
+_WIDTH = {4: 32, 6: 128}
+
+
+def _span(network: Network) -> tuple[int, int]:
+    """First and last address of ``network`` as integers (cheaper than ``ipaddress`` properties)."""
+    start = int(network.network_address)
+    return start, start | ((1 << (_WIDTH[network.version] - network.prefixlen)) - 1)
+
+
+#: (version, first, last, what it is): checked in this order, so 255.255.255.255 is named as
+#: the broadcast address rather than as part of 240.0.0.0/4. A network *overlapping* any of
+#: them is refused: ``0.0.0.0/16`` lies inside 0.0.0.0/8, ``::/32`` contains ``::`` and ``::1``.
+_SPECIAL: tuple[tuple[int, int, int, str], ...] = tuple(
+    (net.version, *_span(net), label) for net, label in (
+        (ipaddress.ip_network("0.0.0.0/8"), "an unspecified address (0.0.0.0/8)"),
+        (ipaddress.ip_network("127.0.0.0/8"), "a loopback address (127.0.0.0/8)"),
+        (ipaddress.ip_network("224.0.0.0/4"), "a multicast address (224.0.0.0/4)"),
+        (ipaddress.ip_network("255.255.255.255/32"), "the broadcast address"),
+        (ipaddress.ip_network("240.0.0.0/4"), "a reserved address (240.0.0.0/4)"),
+        (ipaddress.ip_network("::/128"), "the unspecified address (::)"),
+        (ipaddress.ip_network("::1/128"), "the loopback address (::1)"),
+        (ipaddress.ip_network("ff00::/8"), "a multicast address (ff00::/8)"),
+        (ipaddress.ip_network("::ffff:0:0/96"),
+         "an IPv4-mapped IPv6 address (::ffff:0:0/96; write the IPv4 address itself)"),
+    ))
+
+
+_V6_MULTICAST = int(ipaddress.IPv6Address("ff00::"))
+
+
+def special_use_problem(network: Network) -> str | None:
+    """Why ``network`` can never be a subscriber's (loopback, multicast, ...), or None."""
+    first, last = _span(network)
+    # Fast path (called for every address of a 100k-line list): clear of every range above.
+    if network.version == 4:
+        if 0 < first >> 24 and last >> 24 < 224 and not first >> 24 <= 127 <= last >> 24:
+            return None
+    elif first >> 48 and last < _V6_MULTICAST:      # all IPv6 ranges but multicast lie in ::/80
+        return None
+    for version, low, high, label in _SPECIAL:
+        if version == network.version and first <= high and low <= last:
+            return f"{network} is or overlaps {label}, never a subscriber's"
+    return None
+
+
+@dataclass(frozen=True)
+class AddressSpace:
+    """``gateway.subscriber_prefixes``: where subscribers' addresses may lie.
+
+    Empty ``prefixes`` (the key not set) accepts every unicast address, as before the key
+    existed; special-use addresses are refused either way.
+    """
+
+    prefixes: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: "Config") -> "AddressSpace":
+        return cls(tuple(config.gateway.subscriber_prefixes))
+
+    @property
+    def restricted(self) -> bool:
+        """True when the operator named the prefixes (otherwise only special use is refused)."""
+        return bool(self.prefixes)
+
+    def problem(self, network: Network) -> str | None:
+        """Why ``network`` may not be a subscriber's address or prefix, or None if it may."""
+        special = special_use_problem(network)
+        if special or not self.prefixes:
+            return special
+        first, last = _span(network)
+        for prefix in self.prefixes:
+            if prefix.version == network.version:
+                low, high = _span(prefix)
+                if low <= first and last <= high:
+                    return None
+        names = ", ".join(str(p) for p in self.prefixes)
+        return f"{network} lies outside gateway.subscriber_prefixes ({names})"
+
+
+def find_overlaps(entries: Iterable[tuple[Key, Network]]) -> list[tuple[tuple[Key, Network], tuple[Key, Network]]]:
+    """Pairs ``(outer, inner)`` of ``(owner, network)`` where ``inner`` equals or lies inside
+    ``outer`` and the owners differ; one pair per conflicting ``inner``, with its closest
+    ``outer``.
+
+    CIDR blocks either nest or are disjoint, so one sort by (start, widest first) and a stack of
+    the blocks enclosing the current one find every conflict: O(n log n), about 0.2 s for 100k
+    entries. Networks of one owner may nest (a /56 and an address in it).
+    """
+    spans = []
+    for owner, network in entries:
+        first, last = _span(network)
+        spans.append((network.version, first, -last, owner, network))
+    spans.sort(key=lambda s: (s[0], s[1], s[2]))
+    pairs: list[tuple[tuple[Key, Network], tuple[Key, Network]]] = []
+    stack: list[tuple[int, int, Key, Network]] = []      # (version, last, owner, network), nested
+    for version, first, negative_last, owner, network in spans:
+        while stack and (stack[-1][0] != version or stack[-1][1] < first):
+            stack.pop()
+        for _, _, other, outer in reversed(stack):
+            if other != owner:
+                pairs.append(((other, outer), (owner, network)))
+                break
+        if not (stack and stack[-1][2] == owner and stack[-1][3] == network):   # a repeat adds nothing
+            stack.append((version, -negative_last, owner, network))
+    return pairs
