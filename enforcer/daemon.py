@@ -39,7 +39,7 @@ from .claims import ClaimsIndex
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, with_mode_view
 from .sources import ListUpdate, SourceFailure
-from .store import EnforcedWrite, Store
+from .store import EnforcedWrite, Store, StoreError
 from .subscribers import Mode, Network, Subscriber, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -187,11 +187,16 @@ class Enforcer:
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements we made (kernel keeps the truth)
         self._references: dict[str, str] = {}
         key = self.store.get_meta("reference_key")
+        if not (isinstance(key, str) and len(key) == 32 and all(c in "0123456789abcdef" for c in key)):
+            if key is not None:   # a damaged row: a new key changes the codes, never stops the start
+                log.error("event=reference_key_unusable (a new one is made; earlier reference codes change)")
+            key = None
         if key is None:
             key = secrets.token_hex(16)
             self.store.set_meta("reference_key", key)
         self._reference_key = bytes.fromhex(key)
-        self.list_status: dict[str, Any] = self.store.get_meta("list") or {}
+        meta = self.store.get_meta("list")
+        self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
         self.last_sync: dict[str, Any] = {}
         self.supervisor: Any = None  # set by the Service; status shows its tasks
@@ -453,7 +458,7 @@ class Enforcer:
                     "fingerprint": update.fingerprint}
             try:
                 await asyncio.to_thread(self.store.save_list, old, new, meta, self.inputs.listed_since, changed)
-            except (sqlite3.Error, OSError) as exc:   # not durable: not in force either; the next read retries
+            except (StoreError, sqlite3.Error, OSError) as exc:   # not durable, so not in force; retried
                 self.inputs.listed, self.inputs.listed_since = old, since
                 for snapshot in saved:
                     self.inputs.restore(snapshot)
@@ -1083,6 +1088,8 @@ class Enforcer:
             "windows": self.inputs.rules.windows.describe(),
             "outbox": self.store.outbox_size(),
             "tasks": self.supervisor.status() if self.supervisor is not None else {},
+            "state": {"quarantined": self.store.quarantined, "rows_quarantined": self.store.skipped_count,
+                      "skipped_rows": self.store.skipped_rows[:20]},
             "held_changes": [] if self.held is None else [{
                 "origin": self.held.update.origin, "entries": len(self.held.update.subscribers),
                 "restricting": self.held.restricting, "lifting": self.held.lifting,

@@ -91,3 +91,26 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
     stop.set()
     await timers
     await e.close()
+
+
+async def test_a_garbage_database_is_quarantined_and_the_kernel_keeps_enforcing(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    fake = FakeDataplane()
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    await e.close()
+    database = tmp_path / "state" / "state.sqlite3"
+    for extra in ("-wal", "-shm"):
+        (tmp_path / "state" / f"state.sqlite3{extra}").unlink(missing_ok=True)
+    database.write_bytes(b"this is not a database" * 100)
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    status = e.status()
+    assert status["state"]["quarantined"] is not None and status["rebuilding_from_kernel"]
+    assert list((tmp_path / "state").glob("state.sqlite3.corrupt-*"))   # kept for inspection
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
+    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
+    await e.close()
