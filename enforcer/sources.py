@@ -14,12 +14,16 @@ import hashlib
 import logging
 import os
 import random
+import re
 import ssl
-from email.utils import parsedate_to_datetime
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Awaitable, Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .address_space import AddressSpace
 from .config import SubscribersConfig
+from .issues import Issue
 from .subscribers import ListError, Subscriber, parse_list
 
 log = logging.getLogger(__name__)
@@ -31,15 +35,42 @@ POLL_SECONDS = 0.2
 @dataclass(frozen=True)
 class ListUpdate:
     subscribers: list[Subscriber]
-    origin: str         # file path or URL
+    origin: str         # file path, or URL without credentials (``redact_url``): shown in logs and status
     fingerprint: str    # changes whenever the content may have changed
 
 
 @dataclass(frozen=True)
 class SourceFailure:
-    origin: str
-    reason: str         # short label for metrics: "unreadable", "invalid"
+    origin: str         # as in ListUpdate: never carries credentials
+    reason: str         # short label for metrics: "unreadable", "invalid", "internal", "http_503", ...
     message: str        # names file:line where it can
+
+
+#: Query parameters whose values are credentials (matched anywhere in the name, any case):
+#: ``token``, ``access_token``, ``api_key``, ``X-Amz-Signature``, ``sig``, ``password`` ...
+_SECRET_PARAM = re.compile(r"token|key|secret|pass|pwd|sig|auth|credential|session", re.IGNORECASE)
+REDACTED = "REDACTED"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials, for logs, metrics and ``status``: user:password@ and the
+    values of query parameters such as ``token``, ``key``, ``signature`` become ``REDACTED``.
+    A path that is not a URL is returned unchanged."""
+    try:
+        parts = urlsplit(url)
+        if not parts.scheme or not parts.netloc:
+            return url
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="/:,")
+        fragment = REDACTED if parts.fragment else ""
+        return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+    except ValueError:    # urlsplit refuses some malformed netlocs: show nothing of it
+        return f"{url.partition(':')[0]}://{REDACTED}"
 
 
 OnList = Callable[[ListUpdate], Awaitable[None]]
@@ -51,25 +82,56 @@ BACKOFF_START = 5.0
 MAX_BODY = 256 * 1024 * 1024
 
 
-def read_list_file(path: str) -> ListUpdate:
-    """Read and parse now; raises ``ListError`` or ``OSError``."""
-    with open(path, encoding="utf-8") as handle:
+def read_list_file(path: str, *, space: AddressSpace | None = None) -> ListUpdate:
+    """Read and parse now; raises ``ListError`` (naming file:line) or ``OSError``, nothing else.
+
+    ``space`` (``AddressSpace.from_config``) refuses the list if an entry lies outside
+    ``gateway.subscriber_prefixes``.
+    """
+    with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())
-        text = handle.read()
-    return ListUpdate(parse_list(text, path), path, _fingerprint(st))
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ListError([Issue(f"{path}:{line}", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    return ListUpdate(parse_list(text, path, space=space), path, _fingerprint(st))
 
 
 def _fingerprint(st: os.stat_result) -> str:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-class FileSource:
-    """Watches one file by polling ``stat`` (works across atomic renames and editors)."""
+async def _hand_over(what: str, origin: str, call: Awaitable[None], on_failure: OnFailure | None = None) -> None:
+    """Run one of the daemon's callbacks. If it raises, the source still goes on reading (a
+    source that died would ignore every later list): the error is logged and, when
+    ``on_failure`` is given, reported through it as an ``internal`` failure (counted, in status)."""
+    try:
+        await call
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("event=source_callback_failed callback=%s origin=%s (the source goes on)", what, origin)
+        if on_failure is not None:
+            failure = SourceFailure(origin, "internal", f"{origin}: the list could not be applied "
+                                                        f"({type(exc).__name__}: {exc})")
+            await _hand_over("on_failure", origin, on_failure(failure))
 
-    def __init__(self, path: str, on_list: OnList, on_failure: OnFailure) -> None:
+
+class FileSource:
+    """Watches one file by polling ``stat`` (works across atomic renames and editors).
+
+    Any failure to read or parse it, expected or not, is a ``SourceFailure`` handed to
+    ``on_failure``; the watch goes on and the next change of the file is read.
+    """
+
+    def __init__(self, path: str, on_list: OnList, on_failure: OnFailure, *,
+                 space: AddressSpace | None = None) -> None:
         self.path = path
         self.on_list = on_list
         self.on_failure = on_failure
+        self.space = space
         self.applied: str | None = None   # fingerprint of the last content handed over or refused
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -77,8 +139,8 @@ class FileSource:
         while not stop.is_set():
             try:
                 current = _fingerprint(os.stat(self.path))
-            except OSError as exc:
-                current = f"missing:{exc.errno}"
+            except (OSError, ValueError) as exc:     # ValueError: a path with a NUL byte
+                current = f"missing:{getattr(exc, 'errno', None)}"
             if current != self.applied and current == previous:
                 await self.check(current)
             previous = current
@@ -90,26 +152,32 @@ class FileSource:
     async def check(self, fingerprint: str | None = None) -> None:
         """Read the file now and hand over the result (also used at start-up)."""
         try:
-            update = await asyncio.to_thread(read_list_file, self.path)
+            update = await asyncio.to_thread(read_list_file, self.path, space=self.space)
         except OSError as exc:
-            self.applied = fingerprint
-            await self.on_failure(SourceFailure(self.path, "unreadable", f"{self.path}: {exc.strerror or exc}"))
-            return
+            failure = SourceFailure(self.path, "unreadable", f"{self.path}: {exc.strerror or exc}")
         except ListError as exc:
-            self.applied = fingerprint
-            await self.on_failure(SourceFailure(self.path, "invalid", str(exc)))
+            failure = SourceFailure(self.path, "invalid", str(exc))
+        except Exception as exc:   # a bug of ours: reported as a list error, never the end of the watch
+            log.exception("event=list_read_failed origin=%s", self.path)
+            failure = SourceFailure(self.path, "internal", f"{self.path}: the list could not be read "
+                                                           f"({type(exc).__name__}: {exc})")
+        else:
+            self.applied = fingerprint or update.fingerprint
+            await _hand_over("on_list", self.path, self.on_list(update), self.on_failure)
             return
-        self.applied = fingerprint or update.fingerprint
-        await self.on_list(update)
+        self.applied = fingerprint
+        await _hand_over("on_failure", self.path, self.on_failure(failure))
 
 
 class UrlSource:
     """Polls an http(s) URL; every failure class is reported and changes nothing."""
 
     def __init__(self, config: SubscribersConfig, on_list: OnList, on_failure: OnFailure,
-                 on_unchanged: OnUnchanged) -> None:
+                 on_unchanged: OnUnchanged, *, space: AddressSpace | None = None) -> None:
         self.config = config
         self.url = config.source
+        self.origin = redact_url(config.source)    # what logs, failures and status show
+        self.space = space
         self.on_list = on_list
         self.on_failure = on_failure
         self.on_unchanged = on_unchanged
@@ -130,7 +198,14 @@ class UrlSource:
 
         async with aiohttp.ClientSession(headers={"User-Agent": "walled-garden"}) as session:
             while not stop.is_set():
-                ok = await self.poll(session)
+                try:
+                    ok = await self.poll(session)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:   # a bug of ours: reported, backed off, polled again
+                    log.exception("event=list_poll_failed origin=%s", self.origin)
+                    ok = await self._fail("internal", f"{self.origin}: the list could not be fetched "
+                                                      f"({type(exc).__name__}: {self._clean(str(exc))})")
                 self.failures = 0 if ok else self.failures + 1
                 try:
                     await asyncio.wait_for(stop.wait(), self.next_delay())
@@ -165,44 +240,71 @@ class UrlSource:
             async with session.get(self.url, headers=self._headers(), ssl=self._ssl(), timeout=timeout,
                                    allow_redirects=True) as response:
                 if response.status == 304:
-                    await self.on_unchanged(self.url)
+                    await _hand_over("on_unchanged", self.origin, self.on_unchanged(self.origin))
                     return True
                 if response.status != 200:
                     return await self._fail(f"http_{response.status}",
-                                            f"{self.url}: HTTP {response.status} {response.reason or ''}".strip())
+                                            f"{self.origin}: HTTP {response.status} {response.reason or ''}".strip())
                 if response.content_length is not None and response.content_length > MAX_BODY:
-                    return await self._fail("too_large", f"{self.url}: {response.content_length} bytes is too large")
+                    return await self._fail("too_large", f"{self.origin}: {response.content_length} bytes is too large")
                 body = await response.content.read(MAX_BODY + 1)
                 if len(body) > MAX_BODY:
-                    return await self._fail("too_large", f"{self.url}: body larger than {MAX_BODY} bytes")
+                    return await self._fail("too_large", f"{self.origin}: body larger than {MAX_BODY} bytes")
                 if response.content_length is not None and len(body) != response.content_length:
-                    return await self._fail("truncated", f"{self.url}: body cut short ({len(body)} of "
+                    return await self._fail("truncated", f"{self.origin}: body cut short ({len(body)} of "
                                                          f"{response.content_length} bytes)")
                 content_type = response.headers.get("Content-Type", "")
                 etag = response.headers.get("ETag")
                 modified = _usable_last_modified(response.headers.get("Last-Modified"), response.headers.get("Date"))
         except asyncio.TimeoutError:
-            return await self._fail("timeout", f"{self.url}: no complete answer within {self.config.timeout:g} s")
+            return await self._fail("timeout", f"{self.origin}: no complete answer within {self.config.timeout:g} s")
         except aiohttp.ClientPayloadError as exc:
-            return await self._fail("truncated", f"{self.url}: body cut short ({exc})")
+            return await self._fail("truncated", f"{self.origin}: body cut short ({exc})")
         except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-            return await self._fail("unreachable", f"{self.url}: {exc}")
+            return await self._fail("unreachable", f"{self.origin}: {exc}")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return await self._fail("invalid", f"{self.url}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            return await self._fail("invalid", f"{self.origin}: not UTF-8 text ({exc.reason} at byte {exc.start})")
         try:
-            subscribers = await asyncio.to_thread(parse_list, text, self.url, content_type)
+            subscribers = await asyncio.to_thread(parse_list, text, self.origin, content_type,
+                                                  space=self.space)
         except ListError as exc:
             return await self._fail("invalid", str(exc))
         self.etag, self.last_modified = etag, modified
         fingerprint = etag or hashlib.sha256(body).hexdigest()
-        await self.on_list(ListUpdate(subscribers, self.url, fingerprint))
+        update = ListUpdate(subscribers, self.origin, fingerprint)
+        await _hand_over("on_list", self.origin, self.on_list(update), self.on_failure)
         return True
 
     async def _fail(self, reason: str, message: str) -> bool:
-        await self.on_failure(SourceFailure(self.url, reason, message))
+        failure = SourceFailure(self.origin, reason, self._clean(message))
+        await _hand_over("on_failure", self.origin, self.on_failure(failure))
         return False
+
+    def _clean(self, text: str) -> str:
+        """``text`` (an error message, perhaps quoting the URL as the HTTP library spells it)
+        with every credential of the source URL replaced by ``REDACTED``."""
+        text = text.replace(self.url, self.origin)
+        for secret in _credentials(self.url):
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def _credentials(url: str) -> list[str]:
+    """The secret parts of ``url`` as they may appear in a message: user, password, and the
+    values of credential-like query parameters, raw and decoded, longest first."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.username or "", parts.password or ""]
+        for raw in parts.query.split("&"):
+            name, _, value = raw.partition("=")
+            if _SECRET_PARAM.search(name):
+                found.append(value)
+        found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAM.search(k)]
+    except ValueError:
+        return []
+    return sorted({f for f in found if f}, key=len, reverse=True)
 
 
 def _usable_last_modified(last_modified: str | None, date: str | None) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +205,180 @@ async def test_https_source_with_client_certificate(tmp_path: Path) -> None:
             assert "certificate" in failures[-1].message.lower()
     finally:
         await runner.cleanup()
+
+
+# -- issue 11 items 2 and 10: a source never dies, and never shows credentials -----------------
+
+from enforcer.sources import REDACTED, FileSource, ListUpdate, redact_url  # noqa: E402
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://billing.example/export.csv", "https://billing.example/export.csv"),
+    ("https://wg:hunter2@billing.example/x", f"https://{REDACTED}@billing.example/x"),
+    ("https://billing.example/x?token=abc123&format=csv", f"https://billing.example/x?token={REDACTED}&format=csv"),
+    ("https://b.example/x?access_token=a&api_key=b&sig=c&X-Amz-Signature=d&password=e&auth=f&day=mon",
+     f"https://b.example/x?access_token={REDACTED}&api_key={REDACTED}&sig={REDACTED}&X-Amz-Signature={REDACTED}"
+     f"&password={REDACTED}&auth={REDACTED}&day=mon"),
+    ("https://b.example/x#secret", f"https://b.example/x#{REDACTED}"),
+    ("/etc/walled-garden/restricted.yaml", "/etc/walled-garden/restricted.yaml"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.fixture
+async def secret_billing() -> Any:
+    billing = Billing()
+    app = web.Application()
+    app.router.add_get("/export", billing.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield billing, f"http://wg:hunter2pw@127.0.0.1:{server.port}/export?token=t0ken-xyz&api_key=k3y-xyz"
+    await server.close()
+
+
+SECRETS = ("hunter2pw", "t0ken-xyz", "k3y-xyz")
+
+
+async def test_credentials_in_the_url_never_reach_origins_messages_or_logs(
+        secret_billing: Any, caplog: pytest.LogCaptureFixture) -> None:
+    billing, url = secret_billing
+    lists: list[ListUpdate] = []
+    failures: list[SourceFailure] = []
+
+    async def on_list(update: ListUpdate) -> None:
+        lists.append(update)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failures.append(failure)
+
+    url_source = UrlSource(SubscribersConfig(source=url, timeout=2), on_list, on_failure, on_list)  # type: ignore[arg-type]
+    async with aiohttp.ClientSession() as session:
+        assert await url_source.poll(session)
+        billing.body = b"subscribers:\n  - {id: C-1, addresses: [100.64.0.999]}\n"
+        billing.etag = '"v2"'
+        assert not await url_source.poll(session)
+        billing.status = 503
+        assert not await url_source.poll(session)
+        nobody = re.sub(r":\d+/export", ":9/export", url)          # the discard port: connection refused
+        dead = UrlSource(SubscribersConfig(source=nobody, timeout=2), on_list, on_failure, on_list)  # type: ignore[arg-type]
+        assert not await dead.poll(session)
+    assert lists and len(failures) == 3
+    shown = [lists[0].origin] + [f.origin for f in failures] + [f.message for f in failures] + [caplog.text]
+    assert "invalid" in [f.reason for f in failures] and "100.64.0.999" in failures[0].message
+    for text in shown:
+        for secret in SECRETS:
+            assert secret not in text, text
+    assert lists[0].origin.endswith(f"/export?token={REDACTED}&api_key={REDACTED}")
+
+
+async def test_url_source_refuses_entries_outside_the_subscriber_prefixes(source: Any) -> None:
+    from enforcer.address_space import AddressSpace
+
+    url_source, session, billing, lists, failures, _ = source
+    url_source.space = AddressSpace((ipaddress.ip_network("198.51.100.0/24"),))
+    assert not await url_source.poll(session)
+    assert lists == [] and "outside gateway.subscriber_prefixes" in failures[0].message
+
+
+async def test_url_source_run_survives_an_unexpected_error(source: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import enforcer.sources as sources
+
+    url_source, _, billing, lists, failures, _ = source
+    url_source.config = SubscribersConfig(source=url_source.url, poll_interval=0.02, timeout=2)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sources, "parse_list", broken)
+    stop = asyncio.Event()
+    task = asyncio.create_task(url_source.run(stop))
+    for _ in range(200):
+        if len(failures) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert failures[0].reason == "internal" and "RuntimeError: a bug" in failures[0].message
+    monkeypatch.undo()
+    billing.etag = '"v9"'
+    for _ in range(300):
+        if lists:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert lists and [s.id for s in lists[0].subscribers] == ["C-1"]
+
+
+async def _watch(path: Path, on_list_error: bool = False, **kwargs: Any) -> Any:
+    lists: list[ListUpdate] = []
+    failures: list[SourceFailure] = []
+
+    async def on_list(update: ListUpdate) -> None:
+        if on_list_error and not lists:
+            lists.append(update)
+            raise RuntimeError("the daemon tripped")
+        lists.append(update)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failures.append(failure)
+
+    return FileSource(str(path), on_list, on_failure, **kwargs), lists, failures
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("bad", [
+    b"subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n",
+    b"[" * 100_000 + b"]" * 100_000,
+    b"id,addresses\nC-\xff,100.64.0.1\n",
+    b"C-1,127.0.0.1\n",
+])
+async def test_file_source_reports_any_bad_list_and_reads_the_next(tmp_path: Path, bad: bytes) -> None:
+    path = tmp_path / "restricted.csv"
+    path.write_bytes(bad)
+    file_source, lists, failures = await _watch(path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(file_source.run(stop))
+    try:
+        await _until(lambda: failures)
+        assert failures[0].reason == "invalid" and f"{path}:" in failures[0].message
+        path.write_text("C-2,100.64.0.2\n")
+        await _until(lambda: lists)
+        assert [s.id for s in lists[0].subscribers] == ["C-2"] and not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_file_source_survives_unexpected_errors_reading_and_applying(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import enforcer.sources as sources
+
+    path = tmp_path / "restricted.csv"
+    path.write_text("C-1,100.64.0.1\n")
+    file_source, lists, failures = await _watch(path, on_list_error=True)
+    real = sources.read_list_file
+    monkeypatch.setattr(sources, "read_list_file", lambda *a, **k: 1 / 0)
+    await file_source.check("f1")
+    assert failures[-1].reason == "internal" and "ZeroDivisionError" in failures[-1].message
+    monkeypatch.setattr(sources, "read_list_file", real)
+    await file_source.check("f2")           # on_list raises: reported, the source goes on
+    assert failures[-1].reason == "internal" and "the daemon tripped" in failures[-1].message
+    await file_source.check("f3")
+    assert len(lists) == 2
+
+
+async def test_file_source_refuses_entries_outside_the_subscriber_prefixes(tmp_path: Path) -> None:
+    from enforcer.address_space import AddressSpace
+
+    path = tmp_path / "restricted.csv"
+    path.write_text("C-1,100.64.0.1\nC-2,198.51.100.9\n")
+    file_source, lists, failures = await _watch(path, space=AddressSpace((ipaddress.ip_network("100.64.0.0/10"),)))
+    await file_source.check()
+    assert not lists and f"{path}:2" in failures[0].message and "outside" in failures[0].message
