@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from .config import Config, ConfigError, default_config_path, load_config
+from .subscribers import Subscriber
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -26,10 +27,11 @@ def cmd_portal(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config, the list file and the webhook secret; name every problem."""
+    """Validate the config, the list file and the webhook secrets; name every problem.
+
+    Errors (exit 1) name key path or file:line; warnings are advice and keep exit 0.
+    """
     from .api import SecretError, load_webhook_secret
-    from .subscribers import ListError
-    from .sources import read_list_file
 
     try:
         config = _config(args)
@@ -41,27 +43,79 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems: list[str] = []
     entries = None
     if not config.subscribers.is_url:
+        listed, list_problems = _read_list(config)
+        problems += list_problems
+        entries = None if listed is None else len(listed)
+    secrets = [("api.webhook_secret_file", config.api.webhook_secret_file)]
+    if config.policy.promise_to_pay.webhook_url and config.policy.promise_to_pay.webhook_secret_file:
+        secrets.append(("policy.promise_to_pay.webhook_secret_file", config.policy.promise_to_pay.webhook_secret_file))
+    for key, path in secrets:
         try:
-            entries = len(read_list_file(config.subscribers.source).subscribers)
-        except ListError as exc:
-            problems += [str(i) for i in exc.issues]
-        except OSError as exc:
-            problems.append(f"{config.subscribers.source}: cannot read the subscriber list: {exc.strerror or exc}")
-    try:
-        load_webhook_secret(config.api.webhook_secret_file)
-    except SecretError as exc:
-        problems.append(str(exc))
+            load_webhook_secret(path)
+        except SecretError as exc:
+            problems.append(str(exc))
+            continue
+        problem = secret_file_problem(path)
+        if problem:
+            problems.append(f"{problem} ({key})")
     from captive_portal.branding import validate as validate_portal
 
     problems += validate_portal(config)
+    for warning in config_warnings(config):
+        print(f"WARNING: {warning}", file=sys.stderr)
     if problems:
         print(f"{config.path}: {len(problems)} error(s)", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    listed = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
-    print(f"{config.path}: OK (table inet {config.gateway.table}{listed})")
+    listed_text = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
+    print(f"{config.path}: OK (table inet {config.gateway.table}{listed_text})")
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but not recommended (check-config prints these and still exits 0)."""
+    warnings = []
+    if not config.gateway.subscriber_prefixes:
+        warnings.append("gateway.subscriber_prefixes is not set, so a list entry, event or operator command may "
+                        "name any unicast address, including upstream or server addresses; set it to the "
+                        "prefixes subscribers live in, e.g. ['100.64.0.0/10', '2001:db8::/32'] (SPEC §8)")
+    return warnings
+
+
+def secret_file_problem(path: str) -> str | None:
+    """Why the secret file's permissions let others forge or read webhooks, or None.
+
+    Other users may neither read nor write it, its group may not write it (0640 with the
+    daemon's group is fine).
+    """
+    import os
+    import stat
+
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        return f"{path}: cannot stat the secret file: {exc.strerror or exc}"
+    if mode & 0o007 or mode & 0o020:
+        who = "other users" if mode & 0o007 else "its group"
+        return (f"{path}: mode {mode:04o} lets {who} read or change the webhook secret; "
+                "chmod 600 (or 640 for the daemon's group)")
+    return None
+
+
+def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
+    """The list file's entries, or None and the problems with it (file:line each); never raises."""
+    from .address_space import AddressSpace
+    from .sources import read_list_file
+    from .subscribers import ListError
+
+    source = config.subscribers.source
+    try:
+        return read_list_file(source, space=AddressSpace.from_config(config)).subscribers, []
+    except ListError as exc:
+        return None, [str(i) for i in exc.issues] or [f"{source}: the subscriber list was refused"]
+    except OSError as exc:
+        return None, [f"{source}: cannot read the subscriber list: {exc.strerror or exc}"]
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -70,12 +124,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .dataplane.fake import FakeDataplane
     from .policy import PolicyInputs
     from .reconciler import Reconciler
-    from .sources import read_list_file
 
     config = _config(args)
     listed = {}
-    if not config.subscribers.is_url:
-        listed = {s.id: s for s in read_list_file(config.subscribers.source).subscribers}
+    if config.subscribers.is_url:
+        from .sources import redact_url
+        print(f"walled-garden: the subscriber list comes from {redact_url(config.subscribers.source)} and is "
+              "fetched at run time: the subscriber sets below are empty", file=sys.stderr)
+    else:
+        entries, problems = _read_list(config)
+        if entries is None:
+            print(f"walled-garden: cannot render: the subscriber list {config.subscribers.source} "
+                  "is not usable:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 1
+        listed = {s.id: s for s in entries}
     fake = FakeDataplane(config.gateway.table)
     Reconciler(fake, base_layout(config)).sync_all(PolicyInputs(listed, {}, {}).decide_all(0.0))
     sys.stdout.write(fake.dump())

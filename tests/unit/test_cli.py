@@ -14,6 +14,7 @@ SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
 
 def _setup(tmp_path: Path, config_extra: str = "", listing: str | None = None) -> Path:
     (tmp_path / "secret").write_text(SECRET + "\n")
+    (tmp_path / "secret").chmod(0o600)
     (tmp_path / "list.yaml").write_text(listing if listing is not None else
                                         "subscribers:\n  - {id: C-1, addresses: [100.64.0.10, '2001:db8:1::/56']}\n")
     config = tmp_path / "config.yaml"
@@ -68,3 +69,88 @@ def test_check_config_reports_portal_text_overrides(tmp_path: Path, capsys: pyte
     config = _setup(tmp_path, "portal:\n  texts:\n    cs:\n      heading_restriced: Pozor\n")
     assert main(["check-config", "--config", str(config)]) == 1
     assert "portal.texts.cs.heading_restriced" in capsys.readouterr().err
+
+
+# -- issue 11: file:line, never a traceback; secrets kept private; subscriber_prefixes ---------
+
+@pytest.mark.parametrize("listing, where, words", [
+    ("subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n", "list.yaml:2", "exempt_until"),
+    ("subscribers:\n  - {id: C-1, addresses: [127.0.0.1]}\n", "list.yaml:2", "loopback"),
+    ("subscribers: " + "[" * 5000 + "]" * 5000 + "\n", "list.yaml:1", "nesting"),
+    ("a: &a [x, x]\nsubscribers: [*a, *a]\n", "list.yaml:1", "aliases"),
+])
+def test_check_config_names_list_problems_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               listing: str, where: str, words: str) -> None:
+    assert main(["check-config", "--config", str(_setup(tmp_path, listing=listing))]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/{where}" in err and words in err and "Traceback" not in err
+
+
+def test_check_config_names_a_list_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path)
+    (tmp_path / "list.yaml").write_bytes(b"subscribers:\n  - {id: C-\xff, addresses: [100.64.0.1]}\n")
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert f"{tmp_path}/list.yaml:2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, ok", [(0o600, True), (0o400, True), (0o640, True), (0o644, False),
+                                      (0o666, False), (0o620, False), (0o604, False), (0o602, False)])
+def test_check_config_refuses_a_webhook_secret_others_can_read_or_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, ok: bool) -> None:
+    config = _setup(tmp_path)
+    (tmp_path / "secret").chmod(mode)
+    assert main(["check-config", "--config", str(config)]) == (0 if ok else 1)
+    err = capsys.readouterr().err
+    if not ok:
+        assert f"{tmp_path}/secret: mode {mode:04o}" in err and "api.webhook_secret_file" in err
+
+
+def test_check_config_checks_the_promise_secret_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    promise = tmp_path / "promise.secret"
+    promise.write_text("whsec_" + base64.b64encode(b"p" * 32).decode() + "\n")
+    promise.chmod(0o644)
+    config = _setup(tmp_path, "policy:\n  promise_to_pay:\n    webhook_url: https://billing.example/h\n"
+                              f"    webhook_secret_file: {promise}\n")
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{promise}: mode 0644" in err and "policy.promise_to_pay.webhook_secret_file" in err
+
+
+def test_check_config_warns_without_subscriber_prefixes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(_setup(tmp_path))]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: gateway.subscriber_prefixes is not set" in err
+    config = _setup(tmp_path, "gateway:\n  subscriber_prefixes: ['100.64.0.0/10', '2001:db8::/32']\n")
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_check_config_refuses_list_entries_outside_the_subscriber_prefixes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path, "gateway:\n  subscriber_prefixes: ['100.64.0.0/10']\n")
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/list.yaml:2" in err and "2001:db8:1::/56" in err and "outside" in err
+
+
+@pytest.mark.parametrize("listing", [None, "subscribers:\n  - {id: C-1, addresses: [100.64.0.300]}\n",
+                                     "subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n"])
+def test_render_with_a_missing_or_invalid_list_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 listing: str | None) -> None:
+    config = _setup(tmp_path, listing=listing)
+    if listing is None:
+        (tmp_path / "list.yaml").unlink()
+    assert main(["render", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "cannot render" in captured.err and "Traceback" not in captured.err
+    assert f"{tmp_path}/list.yaml" in captured.err
+
+
+def test_render_with_a_url_source_says_the_sets_are_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path)
+    config.write_text(config.read_text().replace("source: list.yaml", "source: 'https://u:pw1@b.example/x?token=t1'"))
+    assert main(["render", "--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "fetched at run time" in captured.err and "empty" in captured.err
+    assert "pw1" not in captured.err and "t1" not in captured.err
+    assert captured.out.startswith("add table inet walled_garden\n")

@@ -492,3 +492,53 @@ def test_many_errors_are_all_reported_in_one_go():
     lines = str(ConfigError(issues)).splitlines()
     assert len(lines) == len(expected)
     assert all(" (config.yaml:" in line for line in lines)
+
+
+# -- gateway.subscriber_prefixes (issue 11 item 5) -------------------------------------------
+
+def test_subscriber_prefixes_are_typed_networks():
+    config = parse_config(with_section("""\
+        gateway:
+          subscriber_prefixes: ["100.64.0.0/10", "2001:db8::/32"]
+    """))
+    assert config.gateway.subscriber_prefixes == (ipaddress.ip_network("100.64.0.0/10"),
+                                                  ipaddress.ip_network("2001:db8::/32"))
+    assert parse_config(MINIMAL).gateway.subscriber_prefixes == ()     # absent: any unicast address
+
+
+@pytest.mark.parametrize("value, where, words", [
+    ('["100.64.0.1/10"]', "gateway.subscriber_prefixes[0]", "host bits"),
+    ('["nope"]', "gateway.subscriber_prefixes[0]", "nope"),
+    ('["100.64.0.0/10", 42]', "gateway.subscriber_prefixes[1]", "CIDR"),
+    ('["127.0.0.0/8"]', "gateway.subscriber_prefixes[0]", "loopback"),
+    ('["::/0"]', "gateway.subscriber_prefixes[0]", "unspecified"),
+    ('["100.64.0.0/10", "100.64.0.0/10"]', "gateway.subscriber_prefixes[1]", "twice"),
+    ("[]", "gateway.subscriber_prefixes", "non-empty list"),
+    ("100.64.0.0/10", "gateway.subscriber_prefixes", "list of CIDRs"),
+])
+def test_bad_subscriber_prefixes_are_named_by_key(value: str, where: str, words: str):
+    text = with_section(f"gateway:\n  subscriber_prefixes: {value}\n")
+    found = issues_of(text)
+    assert [i.where for i in found] == [f"{where} (config.yaml:4)"] and words in found[0].message, found
+
+
+# -- any YAML is a Config or a ConfigError (issue 11: fuzzing) -------------------------------
+
+def test_config_alias_bomb_is_refused_at_once():
+    import time
+
+    levels = "abcdefghi"
+    lines = [f"x{levels[0]}: &{levels[0]} [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"x{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip(levels, levels[1:])]
+    text = MINIMAL + "\n".join(lines) + "\nwalled_garden:\n  allow: *i\n"
+    started = time.perf_counter()
+    found = issues_of(text)
+    assert time.perf_counter() - started < 1.0
+    assert any("nodes" in i.message and "cap" in i.message for i in found), found
+
+
+@pytest.mark.parametrize("text", ["x: 2026-02-30\n", "subscribers: {source: /a}\nstate_dir: !!binary 'x'\n",
+                                  "subscribers: {source: /a}\nportal: {url: \ud800}\n", "\x00", "- [\n"])
+def test_odd_yaml_is_a_config_error(text: str):
+    with pytest.raises(ConfigError):
+        parse_config(text, "c.yaml")
