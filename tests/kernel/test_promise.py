@@ -8,6 +8,8 @@ in the upstream namespace that writes what it receives to a file.
 
 from __future__ import annotations
 
+import base64
+
 import json
 import re
 import subprocess
@@ -61,6 +63,8 @@ with Server((address, port), Hook) as server:
     server.serve_forever()
 """
 
+OUTBOX_SECRET = "whsec_" + base64.b64encode(b"promise-outbox-key-for-the-tests").decode()
+
 
 def wait(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
     """Poll ``predicate`` until true, at most ``timeout`` seconds (and so a bounded number of times)."""
@@ -101,8 +105,12 @@ def promise_lab(topo: Topology, tmp_path: Path, billing: tuple[str, Path]) -> It
     entries = [{"id": SUB1, "addresses": [topo.subscribers[0].addr4, "2001:db8:100:1::/64"],
                 "reason": "overdue"}]
     lab = Lab(topo, tmp_path / "lab", entries)
+    outbox_secret = lab.work / "outbox.secret"     # the promise webhook's own key, never the inbound one
+    outbox_secret.write_text(OUTBOX_SECRET + "\n")
+    outbox_secret.chmod(0o600)
     lab.config["policy"]["promise_to_pay"] = {"enabled": True, "term": f"{TERM_DAYS}d", "max": 1,
-                                              "period": "90d", "reasons": ["overdue"], "webhook_url": billing[0]}
+                                              "period": "90d", "reasons": ["overdue"], "webhook_url": billing[0],
+                                              "webhook_secret_file": str(outbox_secret)}
     lab.config_path.write_text(yaml.safe_dump(lab.config, sort_keys=False))
     try:
         lab.start_daemon()
@@ -163,7 +171,7 @@ def test_promise_to_pay_lets_the_subscriber_out_and_tells_billing_once(
     after = lab.lookup(sub.addr4)
     assert after["restricted"] is False and after["promise"]["eligible"] is False
 
-    # Billing hears of it exactly once, signed with the webhook secret.
+    # Billing hears of it exactly once, signed with the promise webhook's own secret.
     record = billing[1]
     wait(lambda: len(received(record)) >= 1, 10, "promise.made delivered to billing")
     time.sleep(1.0)  # nothing more should follow
@@ -171,7 +179,7 @@ def test_promise_to_pay_lets_the_subscriber_out_and_tells_billing_once(
     assert len(messages) == 1, messages
     message = messages[0]
     assert message["path"] == "/billing/hook"
-    payload = Webhook(lab.secret).verify(message["body"], message["headers"])
+    payload = Webhook(OUTBOX_SECRET).verify(message["body"], message["headers"])
     instant = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
     assert payload["type"] == "promise.made" and instant.fullmatch(payload["timestamp"])
     made = payload["data"]

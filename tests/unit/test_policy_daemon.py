@@ -27,6 +27,7 @@ from daemon_helpers import NoConntrack, cli
 DAY = 86400.0
 MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OUTBOX_SECRET = "whsec_" + "b3V0Ym94LXNlY3JldC1mb3ItdGVzdHMtMTIzNDU2"
 
 
 class Clock:
@@ -43,6 +44,8 @@ def sub(sid: str = "C-1", ip: str = "100.64.0.10", mode: Mode = Mode.WALLED_GARD
 
 def make_config(tmp: Path, policy: str = "", port: int = 0) -> Any:
     (tmp / "secret").write_text(SECRET)
+    (tmp / "outbox.secret").write_text(OUTBOX_SECRET)     # its own key, never the inbound one
+    policy = policy.replace("@OUTBOX_SECRET@", str(tmp / "outbox.secret"))
     text = (f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
             f"api: {{socket: {tmp}/control.sock, webhook_secret_file: {tmp}/secret}}\n" + policy)
     (tmp / "config.yaml").write_text(text)
@@ -186,7 +189,7 @@ async def test_escalation_climbs_the_ladder(tmp_path: Path) -> None:
 
 
 PROMISE = ("policy:\n  promise_to_pay: {term: 3d, max: 2, period: 90d, reasons: [overdue], "
-           "webhook_url: 'http://127.0.0.1:%d/hook'}\n")
+           "webhook_url: 'http://127.0.0.1:%d/hook', webhook_secret_file: '@OUTBOX_SECRET@'}\n")
 
 
 async def test_promise_to_pay_lifts_tells_billing_and_lapses(tmp_path: Path, unused_tcp_port: int) -> None:
@@ -220,7 +223,7 @@ async def test_promise_to_pay_lifts_tells_billing_and_lapses(tmp_path: Path, unu
             assert enforcer.store.outbox_size() == 0
             body, headers = received[-1]
             assert received[0][1]["webhook-id"] == headers["webhook-id"], "retries keep the id"
-            Webhook(SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
+            Webhook(OUTBOX_SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
             payload = json.loads(body)
             assert payload["type"] == "promise.made" and payload["data"]["subscriber"] == "C-1"
             assert payload["data"]["reference"] == enforcer.reference("C-1")

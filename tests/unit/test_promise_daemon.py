@@ -11,7 +11,7 @@ from enforcer.subscribers import Mode, Subscriber, parse_address
 from test_policy_daemon import MONDAY_10, Clock, kernel_mode, make_config, running, sub
 
 RULES = ("policy:\n  promise_to_pay: {term: 3d, max: 1, period: 90d, reasons: [overdue], "
-         "webhook_url: 'http://127.0.0.1:9/hook'}\n")
+         "webhook_url: 'http://127.0.0.1:9/hook', webhook_secret_file: '@OUTBOX_SECRET@'}\n")
 
 
 async def test_two_presses_at_once_make_one_promise(tmp_path: Path) -> None:
