@@ -35,10 +35,11 @@ from .metrics import Metrics
 from .policy import Decision, Override
 from .batcher import Batcher
 from .billing_order import BillingOrder
+from .address_space import AddressSpace
 from .claims import ClaimsIndex
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, with_mode_view
-from .sources import ListUpdate, SourceFailure
+from .sources import ListUpdate, SourceFailure, redact_url
 from .store import EnforcedWrite, Store, StoreError
 from .subscribers import Mode, Network, Subscriber, validate_entry
 
@@ -173,7 +174,8 @@ class Enforcer:
         self.unsaved_approval = ""
         self._full_check = time.monotonic()
         self.table_repairs = 0        # drift found by verify_table (status)   # kernel keys kept until the list (restore)
-        self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
+        self.claims = ClaimsIndex()
+        self.space = AddressSpace.from_config(config)   # where subscribers' addresses may lie   # who holds which addresses in the kernel (rebuilt by sync_all)   # decisions not enforced: an address is another's
         self._escalated = 0.0
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
         self.mode_counts: dict[Mode, int] = {}
@@ -611,6 +613,11 @@ class Enforcer:
                     self.metrics.events.labels(event.type, "duplicate").inc()
                     answers[index] = prior
                     continue
+                outside = self._outside(event.subscriber)
+                if outside:
+                    self.metrics.events.labels(event.type, "invalid").inc()
+                    answers[index] = (400, {"error": outside, "id": event.id})
+                    continue
                 stale = self.billing_order.stale(event)
                 if stale:
                     answers[index] = (200, {"id": event.id, "result": "ignored", "detail": stale})
@@ -678,6 +685,14 @@ class Enforcer:
         for index, item in enumerate(batch):
             if not item.answer.done():
                 item.answer.set_result(answers.get(index, (503, {"error": "not processed"})))
+
+    def _outside(self, subscriber: Subscriber | None) -> str:
+        """Why an event's or operator's addresses may not be enforced here (SPEC §8), or ''."""
+        for network in subscriber.addresses if subscriber is not None else ():
+            problem = self.space.problem(network)
+            if problem:
+                return problem if problem.startswith(str(network)) else f"{network} is {problem}"
+        return ""
 
     def _apply_event(self, event: Event, now: float) -> None:
         """One event into the policy inputs, stamped with its receipt instant (``receipt_clock``)."""
@@ -1073,7 +1088,7 @@ class Enforcer:
             "modes": counts,
             "last_sync": self.last_sync,
             "kernel_in_sync": not self.reconciler.needs_full,
-            "source": {"configured": self.config.subscribers.source, "list_in_force": self.list_status,
+            "source": {"configured": redact_url(self.config.subscribers.source), "list_in_force": self.list_status,
                        "list_age_seconds": round(now - loaded, 1) if loaded else None,
                        "last_error": self.source_error},
             "graces": len(self.inputs.graces),
@@ -1153,6 +1168,7 @@ class Enforcer:
         layout = base_layout(config)
         async with self.lock:
             self.config = config
+            self.space = AddressSpace.from_config(config)
             rules = policy_rules(config)
             rules_changed, self.inputs.rules = rules != self.inputs.rules, rules
             self._changed.set()   # windows or graces may now end at other times

@@ -173,11 +173,12 @@ class Service:
         enforcer = self.enforcer
         if config.subscribers.is_url:
             url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
-                                   enforcer.on_source_unchanged)
+                                   enforcer.on_source_unchanged, space=enforcer.space)
             self._task("source", lambda: url_source.run(self.stop))
         else:
             self._task("source", None)
-            source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure)
+            source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure,
+                                space=enforcer.space)
             await source.check()
             self._task("source", lambda: source.run(self.stop))
 

@@ -86,3 +86,21 @@ async def test_one_broad_list_entry_is_held_by_the_guard(tmp_path: Path) -> None
                                    "l.yaml", "2"))
         assert e.held is not None and "65536" in e.held.why
         assert "100.65.0.0" not in fake.view.get("mode4_16", {})
+
+
+async def test_addresses_outside_the_subscriber_prefixes_are_refused(tmp_path: Path) -> None:
+    fake = FakeDataplane()
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          "gateway: {subscriber_prefixes: ['100.64.0.0/10', '2001:db8::/32']}\n",
+                          str(tmp_path / "c.yaml"))
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    try:
+        status, answer = await e.handle_event(Event("r1", RESTRICTED, NOW, "C-1", sub("C-1", "198.51.100.7")), 0.0)
+        assert status == 400 and "outside gateway.subscriber_prefixes" in answer["error"]
+        status, answer = await e.operator_change("alice", "C-1", True, "test", addresses=["2001:db9::1"])
+        assert status == 400 and "2001:db9::1" in answer["error"]
+        assert not fake.view.get("mode4_32") and not fake.view.get("mode6_128")
+        assert (await e.handle_event(Event("r2", RESTRICTED, NOW, "C-1", sub("C-1", "100.64.0.7")), 0.0))[0] == 200
+    finally:
+        await e.close()
