@@ -71,12 +71,15 @@ KIND_KEY = web.RequestKey("kind", RequestKind)
 #: subscriber has paid, and a cached redirect would keep sending them here.
 NO_STORE = "no-store"
 #: The page loads nothing from anywhere (and the policy makes that a promise the browser keeps);
-#: ``form-action 'self'`` leaves room for the portal's own forms.
+#: ``form-action 'self'`` leaves room for the portal's own forms. ``same-origin``, not
+#: ``no-referrer``: no other site learns the portal's URL either way, but under ``no-referrer``
+#: browsers send ``Origin: null`` with the page's own form POSTs (Fetch standard), which
+#: ``guard_posts`` must refuse: every promise and Continue in a real browser was "expired".
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
                                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -18,14 +18,16 @@ listener, and on TCP 443 to the portal's TLS listener when ``portal.tls`` is set
 and ``/api/captive`` answer free subscribers too, and the portal never needs port 80 itself. A
 port the listener already has (``portal.listen`` on 80) is left alone rather than redirected.
 ``redirect`` sends the connection to the primary address of the interface it came in on, so the
-portal listens on ``0.0.0.0`` (or that address). The ``input`` hook then:
+portal listens on ``0.0.0.0`` (or that address). Then:
 
-* marks every connection from a subscriber interface to the portal's ports with the conntrack
-  mark bit ``PORTAL_CT_MARK`` (the conntrack flush spares those entries, so the answer to
-  "I promise to pay" survives the lift; operators must not use that bit of ``ct mark``), and
-  records the source address in ``portalcallerV`` (a timeout set, ``CALLER_TIMEOUT``), so the
-  daemon can check that an address asking for a promise really called the portal recently;
-* sends packets whose source is a restricted subscriber (any ``portal``/``notice`` set; throttle
+* the ``portal`` prerouting hook (before nat) marks every connection from a subscriber
+  interface to one of the gateway's own addresses on the portal's ports (80, 443, the
+  listeners') with the conntrack mark bit ``PORTAL_CT_MARK`` (the conntrack flush spares those
+  entries, so the answer to "I promise to pay" survives the lift; operators must not use that
+  bit of ``ct mark``), and records the source address in ``portalcallerV`` (a timeout set,
+  ``CALLER_TIMEOUT``), so the daemon can check that an address asking for a promise really
+  called the portal recently. Redirected HTTP to other sites is not marked: the lift flushes it;
+* the ``input`` hook sends packets whose source is a restricted subscriber (any ``portal``/``notice`` set; throttle
   keys are in ``notice`` too) to the ``local`` chain, where only the portal ports, DNS (UDP/TCP
   53), established/related traffic and, as network-essential exceptions to SPEC §8's "only the
   portal and DNS", DHCP (UDP 67/68, 546/547) and ICMP/ICMPv6 (neighbour discovery, router
@@ -240,7 +242,7 @@ class Layout:
                 lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
         lines.append(f"\tset {TAG_SET} {{ type ipv6_addr; }}")
         lines += (self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
-                  + self._local_chain() + self._input_hook())
+                  + self._local_chain() + self._portal_hook() + self._input_hook())
         lines.append("\tchain layout {")
         lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
         lines.append("\t}")
@@ -312,17 +314,29 @@ class Layout:
                  'counter name "refused_local" reject with icmpx admin-prohibited']
         return (["\tcounter refused_local { }", "\tchain local {"] + [f"\t\t{r}" for r in rules] + ["\t}"])
 
-    def _input_hook(self) -> list[str]:
-        """Packets to the gateway itself: mark and remember portal callers, then confine the restricted.
+    def _portal_hook(self) -> list[str]:
+        """Connections to the portal *at the gateway's own addresses*: mark them, remember the caller.
 
+        Before the nat hook, while the destination is still the one the subscriber chose: a
+        restricted subscriber's HTTP to another site, redirected to the portal, is not marked, so
+        the lift flushes it (a browser's spare connection to that site must not land on the portal
+        again once they are free); the page's own connection, to ``portal.url``'s host, is kept.
         The mark and the caller update are rules of their own: an ``update`` on a full set ends its
         rule, and the mark must be set whatever happens to the caller set.
         """
         iif = self._iif()
-        portal = f"{iif}tcp dport {self._ports()} "
+        ports = sorted({*self.portal_ports, 80, *((443,) if self.portal_tls_port is not None else ())})
+        portal = f"{iif}fib daddr type local tcp dport {{ {', '.join(str(p) for p in ports)} }} "
         rules = [f"{portal}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
                  f"{portal}update @{CALLER_SET[4]} {{ ip saddr }}",
                  f"{portal}update @{CALLER_SET[6]} {{ ip6 saddr }}"]
+        return (["\tchain portal {", "\t\ttype filter hook prerouting priority dstnat - 20; policy accept;"]
+                + [f"\t\t{r}" for r in rules] + ["\t}"])
+
+    def _input_hook(self) -> list[str]:
+        """Packets to the gateway itself from restricted subscribers: confined to the ``local`` chain."""
+        iif = self._iif()
+        rules: list[str] = []
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)
             rules.append(f"{iif}{match} @{redirect_set(version, plen)} goto local")

@@ -333,24 +333,29 @@ def test_a_portal_already_on_80_or_443_is_not_redirected():
         'iifname { "eth1" } fib daddr type local tcp dport 443 redirect to :8443']
 
 
-def test_input_hook_marks_and_remembers_portal_callers_before_confining():
+def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_only():
+    """Before nat, while the destination is the one the subscriber chose: the page's own
+    connections to the gateway are marked (they survive the lift), redirected HTTP to other
+    sites is not (a browser's spare connection to that site must be flushed at the lift)."""
     text = layout(portal_tls_port=8443).render()
-    rules = chain(text, "input")
-    assert rules[0] == "type filter hook input priority filter - 10; policy accept;"
-    assert rules[1:4] == [f'iifname {{ "eth1" }} tcp dport {{ 8080, 8443 }} ct mark set ct mark or {PORTAL_CT_MARK:#010x}',
-                          'iifname { "eth1" } tcp dport { 8080, 8443 } update @portalcaller4 { ip saddr }',
-                          'iifname { "eth1" } tcp dport { 8080, 8443 } update @portalcaller6 { ip6 saddr }']
+    rules = chain(text, "portal")
+    assert rules[0] == "type filter hook prerouting priority dstnat - 20; policy accept;"
+    local = 'iifname { "eth1" } fib daddr type local tcp dport { 80, 443, 8080, 8443 } '
+    assert rules[1:] == [f"{local}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
+                         f"{local}update @portalcaller4 {{ ip saddr }}",
+                         f"{local}update @portalcaller6 {{ ip6 saddr }}"]
     assert bin(PORTAL_CT_MARK).count("1") == 1, "one bit of ct mark, so the operators' other bits survive"
     for version in (4, 6):
         addr = "ipv4_addr" if version == 4 else "ipv6_addr"
         assert block(text, "set", f"portalcaller{version}") == (
             f"set portalcaller{version} {{ type {addr}; size 1048576; flags dynamic,timeout; timeout 15m; }}")
-    assert "tcp dport 8080 ct mark set" in layout().render(), "one port: no anonymous set needed"
+    assert "ct mark" not in " ".join(chain(text, "input")), "not after nat: redirected HTTP would be marked too"
+    assert "tcp dport { 80, 8080 } ct mark set" in layout().render()
 
 
 def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gateway():
     text = layout(portal_tls_port=8443).with_prefixes({(4, 24)}).render()
-    jumps = chain(text, "input")[4:]
+    jumps = chain(text, "input")[1:]
     # every portal and notice set (throttle keys are in notice too), longest prefix first, masked
     expected = []
     for version, plen in ((4, 32), (4, 24), (6, 128), (6, 64), (6, 56)):
