@@ -636,6 +636,7 @@ class Enforcer:
                 claimed.append((sid, self.claims.claim(sid, held(decision))))
                 applied.append((index, sid, saved))
             if touched:
+                before = {sid: self.decisions.get(sid) or Decision(sid, Mode.FREE, "not enforced") for sid in touched}
                 try:
                     result = await self._update(touched, deferred=writes)
                 except (DataplaneError, AddressConflict) as exc:  # nothing of the batch was applied
@@ -649,12 +650,36 @@ class Enforcer:
                     applied = []
                 committed = time.perf_counter()
                 if applied:   # before any answer: a restart must not undo what billing was told
-                    self.store.record_state(writes, self.inputs, touched)
-                    self.store.save_billing_order(self.billing_order.rows(sid for _, sid, _ in applied))
+                    try:
+                        self.store.record_state(writes, self.inputs, touched)
+                        self.store.save_billing_order(self.billing_order.rows(sid for _, sid, _ in applied))
+                    except (StoreError, sqlite3.Error) as exc:
+                        await self._unapply(batch, applied, before, answers, exc)
+                        applied, result = [], None
                 for index, _, _ in applied:
                     self.metrics.event_to_enforce.observe(committed - batch[index].received)
                 self._changed.set()
         self._spawn(self._finish_batch(batch, answers, applied, result))
+
+    async def _unapply(self, batch: list["Pending"], applied: list[tuple[int, str, Undo]],
+                       before: dict[str, Decision], answers: dict[int, tuple[int, dict[str, Any]]],
+                       exc: Exception) -> None:
+        """The batch is in the kernel but could not be saved: not durable, so not done. Its
+        inputs are put back and the kernel returns to what it enforced before (caller holds the
+        lock); billing gets 503 and retries. Should the kernel refuse the way back, the timer's
+        full sync (from the restored inputs) repairs it."""
+        log.error("event=batch_not_saved size=%d error=%r (kernel change undone; billing retries)", len(applied),
+                  str(exc))
+        for index, sid, saved in reversed(applied):
+            self._restore_inputs(sid, saved)
+            event = batch[index].event
+            self.metrics.events.labels(event.type, "error").inc()
+            answers[index] = (503, {"error": f"state could not be saved, retry later: {exc}", "id": event.id})
+        try:
+            await self._update(before, deferred=[])
+        except (DataplaneError, AddressConflict):
+            self.reconciler.needs_full = True
+        self._changed.set()
 
     async def _finish_batch(self, batch: list["Pending"], answers: dict[int, tuple[int, dict[str, Any]]],
                             applied: list[tuple[int, str, Any]], result: SyncResult | None) -> None:
@@ -1137,8 +1162,8 @@ class Enforcer:
         problem = await self._kernel(self.reconciler.check_kernel, full)
         if not problem:
             return True
-        log.error("event=table_drift table=%s check=%s detail=%r (someone changed our table; repairing now)",
-                  self.config.gateway.table, "full" if full else "quick", problem)
+        log.error("event=table_lost table=%s check=%s detail=%r (someone removed or changed our table; "
+                  "repairing now)", self.config.gateway.table, "full" if full else "quick", problem)
         self.table_repairs += 1
         self._changed.set()
         return False

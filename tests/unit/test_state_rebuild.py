@@ -114,3 +114,35 @@ async def test_a_garbage_database_is_quarantined_and_the_kernel_keeps_enforcing(
     await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
     await e.close()
+
+
+async def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel_and_answered_503(tmp_path: Path) -> None:
+    """Durable and in the kernel, or neither: a state write failing after the kernel commit puts
+    the kernel back, answers 503 (billing retries), and the retry then applies."""
+    import sqlite3
+
+    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    fake = FakeDataplane()
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+
+    def fault(operation: str) -> None:
+        if operation == "record_state":
+            raise sqlite3.OperationalError("disk I/O error")
+
+    e.store.write_fault = fault
+    status, answer = await e.handle_event(Event("p1", PAYMENT, NOW, "C-1"), 0.0)
+    assert status == 503 and "could not be saved" in answer["error"]
+    assert set(fake.view["mode4_32"]) == {"100.64.0.1"}      # back as it was
+    assert "C-1" not in e.inputs.graces
+    e.store.write_fault = None
+    status, answer = await e.handle_event(Event("p1", PAYMENT, NOW, "C-1"), 0.0)
+    assert (status, answer["mode"]) == (200, "free")
+    assert not fake.view["mode4_32"]
+    await e.close()
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    assert not fake.view["mode4_32"], "what billing was told survives the restart"
+    await e.close()
