@@ -810,7 +810,11 @@ class Enforcer:
             if not todo:
                 return
             if expired:
-                await asyncio.to_thread(self.store.save_subscribers, self.inputs, expired)
+                try:
+                    await asyncio.to_thread(self.store.save_subscribers, self.inputs, expired)
+                except (StoreError, sqlite3.Error) as exc:   # what ended is gone from memory: enforce it
+                    log.error("event=expiry_not_saved count=%d error=%r (enforced anyway; they expire again "
+                              "after a restart)", len(expired), str(exc))
             decisions = {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in todo}
             result = await self._update_resolving(decisions, "policy timer")
             self._count_exemptions()
@@ -840,14 +844,25 @@ class Enforcer:
             change(self.receipts.stamp())   # the change is ordered by its receipt (receipt_clock)
             previous = self.decisions.get(sid)
             decision = self.inputs.decide(sid, now, previous)
+            writes: list[EnforcedWrite] = []
             try:
-                result = await self._update({sid: decision}, note)
+                result = await self._update({sid: decision}, note, deferred=writes)
             except (DataplaneError, AddressConflict) as exc:
                 self._restore_inputs(sid, saved)
                 return 503 if isinstance(exc, DataplaneError) else 409, {"error": str(exc)}
-            await asyncio.to_thread(self.store.save_subscribers, self.inputs, [sid])
             if audit_state(previous) == audit_state(decision):   # no mode change: record the action itself
-                self.store.append_audit([(now, sid, audit_state(decision), audit_state(decision), note)])
+                writes.append(EnforcedWrite(audit=[(now, sid, audit_state(decision), audit_state(decision), note)]))
+            try:
+                await asyncio.to_thread(self.store.record_state, writes, self.inputs, [sid])
+            except (StoreError, sqlite3.Error) as exc:   # not durable, so not done: back as it was
+                log.error("event=change_not_saved subscriber=%s error=%r (kernel change undone)", sid, str(exc))
+                self._restore_inputs(sid, saved)
+                try:
+                    await self._update({sid: previous or Decision(sid, Mode.FREE, "not enforced")}, deferred=[])
+                except (DataplaneError, AddressConflict):
+                    self.reconciler.needs_full = True
+                    self._changed.set()
+                return 503, {"error": f"state could not be saved, retry later: {exc}"}
             self._count_exemptions()
             self._changed.set()
         await self._flush(set(result.changed), note)
