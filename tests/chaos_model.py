@@ -57,25 +57,31 @@ MODES = (Mode.WALLED_GARDEN, Mode.NOTICE, Mode.THROTTLE)
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
 
 
-#: KNOWN BUG 1 (test_chaos.test_known_bug_unpersisted_batch_stays_applied): when the SQLite write
+#: BUG 1, fixed (test_chaos.test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel): when the SQLite write
 #: of a batch (``record_state``) fails after the kernel commit, the batch is answered 503 but
 #: the kernel and the in-memory inputs keep it, so the kernel no longer matches the persisted
 #: inputs. The machine tolerates exactly that divergence, for those subscribers, until the daemon
 #: is fixed; set False to see the machine find it.
-KNOWN_BUG_UNPERSISTED_BATCH = True
-#: KNOWN BUG 2 (test_chaos.test_known_bug_unrecorded_answer_is_applied_again): a batch's answers
+KNOWN_BUG_UNPERSISTED_BATCH = False   # fixed by 0bd1195 / 0f31f86
+#: KNOWN BUG 2 (test_chaos.test_a_retry_of_an_answered_payment_is_not_applied_again): a batch's answers
 #: are recorded (``record_events``) in a write after the state's; when that write fails the
 #: webhook still gets 200 "applied", and when the process dies between the two billing gets no
 #: answer; either way a retry of the same webhook-id is applied a second time, with a new
 #: receipt instant (a retried older payment then lifts a newer restriction). Tolerated here
 #: (retries' answers may differ) until fixed.
 KNOWN_BUG_UNRECORDED = True
-#: KNOWN BUG 3 (test_chaos.test_known_bug_list_clash_with_override_unreported): a list entry
+#: KNOWN BUG 3 (test_chaos.test_a_list_entry_on_an_address_an_override_holds_is_reported): a list entry
 #: claiming an address that a billing restriction (override) of another subscriber holds is
 #: resolved by ``sync_all`` in id order: the override's subscriber loses *all* enforcement and
 #: nothing appears in ``status()["address_conflicts"]``. Tolerated here (clashing subscribers are
 #: left out of the comparison) until fixed.
 KNOWN_BUG_CLASH_UNREPORTED = True
+#: KNOWN BUG 4 (test_chaos.test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied):
+#: ``Enforcer._now`` saves graces moved by a forward clock step; a failure of that write escapes
+#: ``on_list`` after the list was saved, so the kernel never gets the list's change, and the
+#: step is consumed unsaved. While True, the machine injects no ``save_subscribers`` failure
+#: while a forward step is still unseen by the daemon.
+KNOWN_BUG_NOW_SAVE = True
 
 
 def addresses(sid: str, moved_to: str | None = None) -> list[str]:
@@ -562,6 +568,8 @@ class ChaosMachine(RuleBasedStateMachine):
 
     @rule(op=st.sampled_from(("record_state", "save_list", "save_subscribers", "record_events", "any")))
     def store_failure(self, op: str) -> None:
+        if KNOWN_BUG_NOW_SAVE and op in ("save_subscribers", "any") and self.unseen_step() > STEP_THRESHOLD:
+            return
         self.note(f"the next SQLite write ({op}) fails")
         store = self.e.store
 
@@ -578,6 +586,11 @@ class ChaosMachine(RuleBasedStateMachine):
         self.run(self.e.verify_table())   # the table check sees it within seconds
 
     # -- invariants -----------------------------------------------------------------------------
+    def unseen_step(self) -> float:
+        """How far the wall clock stepped forward since the daemon last looked (``ReceiptClock.step``)."""
+        then_wall, then_mono = self.e.receipts._anchor
+        return (self.clocks.wall - then_wall) - (self.clocks.mono - then_mono)
+
     def report(self) -> str:
         return "steps:\n  " + "\n  ".join(self.log[-40:])
 
@@ -596,10 +609,8 @@ class ChaosMachine(RuleBasedStateMachine):
         assert not e.reconciler.needs_full, "the repair round did not repair the table\n" + self.report()
         # The instant the daemon decides at: a forward step not yet seen by the daemon has not
         # moved any grace yet (it will, on the next input or timer round).
-        wall, mono = self.clocks.wall, self.clocks.mono
-        then_wall, then_mono = e.receipts._anchor
-        jump = (wall - then_wall) - (mono - then_mono)
-        now = wall - jump if jump > STEP_THRESHOLD else wall
+        jump = self.unseen_step()
+        now = self.clocks.wall - jump if jump > STEP_THRESHOLD else self.clocks.wall
         store = Store(str(self.config.state_dir))
         try:
             persisted = store.load_inputs()
