@@ -113,8 +113,9 @@ def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) 
     """Found: billing restricts C-3 on the address 100.64.0.2 (200 applied); a new list then
     names C-2 on 100.64.0.2. ``sync_all`` resolves the clash in id order: C-2 gets the address
     and C-3 loses *all* its enforcement (its IPv6 /64 too), and ``status()["address_conflicts"]``
-    is empty. Expected (as for the timer's conflicts): C-3 keeps what is enforced, C-2's
-    claim is held back and reported."""
+    is empty; since C-3 is not in ``Enforcer.conflicts`` no timer round retries it, so C-3 stays
+    free even after C-2 is lifted, until some full sync. Expected (as for the timer's
+    conflicts): C-3 keeps what is enforced, C-2's claim is held back and reported."""
     machine.boot(listed=["C-3"])
     answer = machine.run(machine.deliver(restriction("C-3", chaos_model.START, "r1", moved_to="C-2")))
     assert (answer[0], answer[1]["result"]) == (200, "applied")
