@@ -426,9 +426,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n# soak, {args.minutes:g} min: {len(results)} events {dict(sorted(outcomes.items()))}; "
               f"200 answered in p50 {applied[len(applied) // 2] * 1000:.0f} ms, "
               f"p99 {applied[int(len(applied) * 0.99)] * 1000:.0f} ms" if applied else "no event applied")
+        source = status.get("source", {})
+        in_force = (source.get("list_in_force") or {}).get("entries")
+        list_ok = in_force == len(soak.listed) + 1 and not source.get("last_error")
         print(f"list rewritten {soak.list_writes} times ({args.list_size} entries, ~1 % replaced + ~1 % re-moded "
-              f"each); list in force: {status.get('source', {}).get('list_in_force')}; "
-              f"source error: {status.get('source', {}).get('last_error')}")
+              f"each); in force at the end: {in_force} entries, {source.get('list_age_seconds')} s old, "
+              f"source error: {source.get('last_error')}; restricted by mode: {status.get('modes')}")
         for host, b in zip(("s1 (restricted)", "s2 (free)"), browsed):
             print(f"browser {host}: {dict(sorted(b['counts'].items()))}, slowest {b['worst_seconds']} s")
         for kind, secs in soak.restarts:
@@ -445,10 +448,10 @@ def run(args: argparse.Namespace) -> int:
         browsers_ok = all(not any(":error:" in k or k.startswith("page:5") for k in b["counts"]) for b in browsed)
         failures = soak.status_rows[-1][2] if soak.status_rows else 0
         judged = flat_ok or args.quick  # --quick: figures shown, growth not judged
-        verdict = judged and failures == 0 and lost == 0 and bool(applied)
+        verdict = judged and failures == 0 and lost == 0 and bool(applied) and list_ok
         growth = "not judged (--quick)" if args.quick else "flat" if flat_ok else "NOT flat"
         print(f"\nverdict: {'PASS' if verdict else 'FAIL'} (figures {growth}, {failures} task failures, "
-              f"{lost} answers lost, portal errors: {'none' if browsers_ok else 'some, see above'})")
+              f"{lost} answers lost, last list {'in force' if list_ok else 'NOT in force'}, portal errors: {'none' if browsers_ok else 'some, see above'})")
         if not verdict:
             print(lab.log()[-3000:])
         return 0 if verdict else 1
