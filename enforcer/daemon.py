@@ -20,7 +20,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from . import policy
 from .audit import audit_rows, state as audit_state
@@ -172,6 +172,7 @@ class Enforcer:
         self.rebuilding: set[tuple[str, str]] | None = None
         self.unsaved_list: ListUpdate | None = None   # a list whose saving failed, retried by the timer
         self.unsaved_approval = ""
+        self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step, not yet saved
         self._full_check = time.monotonic()
         self.table_repairs = 0        # drift found by verify_table (status)   # kernel keys kept until the list (restore)
         self.claims = ClaimsIndex()
@@ -215,8 +216,14 @@ class Enforcer:
         if jump:
             moved = policy.clock_stepped(self.inputs, jump, self.clock())
             log.warning("event=clock_stepped_forward seconds=%.1f graces_and_promises_moved=%d", jump, len(moved))
-            if moved:
-                self.store.save_subscribers(self.inputs, moved)
+            self._moved_unsaved |= moved
+        if self._moved_unsaved:   # saved with the next chance; until then they live in memory
+            try:
+                self.store.save_subscribers(self.inputs, self._moved_unsaved)
+                self._moved_unsaved = set()
+            except (StoreError, sqlite3.Error) as exc:
+                log.error("event=moved_graces_not_saved count=%d error=%r (kept in memory; saved on the next "
+                          "input)", len(self._moved_unsaved), str(exc))
         return self.clock()
 
     # -- kernel ---------------------------------------------------------------------------
@@ -238,6 +245,7 @@ class Enforcer:
             raise
         self._synced(result, time.perf_counter() - started)
         self.claims.rebuild({sid: held(d) for sid, d in self.reconciler.owned.items()})
+        self._note_clashes(decisions)
         previous, self.decisions = self.decisions, decisions
         await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
         self._spawn(self._flush(result.changed, "sync"))
@@ -276,6 +284,26 @@ class Enforcer:
         if deferred is not None:
             deferred.append(write)
         return result
+
+    def _note_clashes(self, decisions: Mapping[str, Decision]) -> None:
+        """After a full sync: a restriction the reconciler left out (its address is another's)
+        is a conflict, reported and retried like the timer's (``_update_resolving``)."""
+        owned = self.reconciler.owned
+        for sid, decision in decisions.items():
+            if decision.restricted and sid not in owned:
+                holder = next((h for n in held(decision) for h in [self._holder(n)] if h and h != sid), "another")
+                if sid not in self.conflicts:
+                    log.warning("event=address_conflict subscriber=%s cause=sync held_by=%s (not enforced; "
+                                "retried each timer round)", sid, holder)
+                self.conflicts[sid] = {"detail": f"an address is enforced for subscriber {holder}",
+                                       "since": self.conflicts.get(sid, {}).get("since", self.clock()),
+                                       "wanted": decision.mode.value}
+            else:
+                self.conflicts.pop(sid, None)
+
+    def _holder(self, network: Network) -> str | None:
+        conflict = self.claims.conflict("", [network])
+        return conflict.holder if conflict is not None else None
 
     def _claim(self, decisions: dict[str, Decision]) -> list[tuple[str, tuple[Network, ...]]]:
         """Claim the decisions' addresses (releases first), or raise ``AddressConflict`` having
@@ -649,17 +677,42 @@ class Enforcer:
                         answers[index] = (503, {"error": f"kernel change failed, retry later: {exc}", "id": event.id})
                     applied = []
                 committed = time.perf_counter()
+                records = self._answers(batch, applied, touched, answers)
                 if applied:   # before any answer: a restart must not undo what billing was told
                     try:
-                        self.store.record_state(writes, self.inputs, touched)
-                        self.store.save_billing_order(self.billing_order.rows(sid for _, sid, _ in applied))
+                        self.store.record_state(writes, self.inputs, touched, events=records,
+                                                billing_order=self.billing_order.rows(sid for _, sid, _ in applied))
                     except (StoreError, sqlite3.Error) as exc:
                         await self._unapply(batch, applied, before, answers, exc)
                         applied, result = [], None
                 for index, _, _ in applied:
                     self.metrics.event_to_enforce.observe(committed - batch[index].received)
                 self._changed.set()
+            elif any(status == 200 for status, _ in answers.values()):   # only "ignored" ones to remember
+                try:
+                    self.store.record_events(self._answers(batch, [], {}, answers), None)
+                except (StoreError, sqlite3.Error) as exc:
+                    log.warning("event=answers_not_saved error=%r (a retry is weighed again)", str(exc))
         self._spawn(self._finish_batch(batch, answers, applied, result))
+
+    def _answers(self, batch: list["Pending"], applied: list[tuple[int, str, Undo]], touched: dict[str, Decision],
+                 answers: dict[int, tuple[int, dict[str, Any]]]) -> list[tuple[str, int, dict[str, Any], str | None]]:
+        """The 200 answers of a batch, made at its commit and saved with its state: what a retry
+        of the same webhook-id gets. ``connections_flushed`` is filled in after the flush (and
+        the saved copy with it; should that write fail, a replay says null)."""
+        records: list[tuple[str, int, dict[str, Any], str | None]] = []
+        for index, sid, _ in applied:
+            event, decision = batch[index].event, touched[sid]
+            answer: dict[str, Any] = {"id": event.id, "result": "applied", "subscriber": sid,
+                                      "mode": decision.mode.value, "cause": decision.cause,
+                                      "connections_flushed": None}
+            if decision.until:
+                answer["until"] = decision.until
+            answers[index] = (200, answer)
+            records.append((event.id, 200, answer, sid))
+        records += [(batch[i].event.id, status, answer, None) for i, (status, answer) in answers.items()
+                    if status == 200 and answer.get("result") == "ignored"]
+        return records
 
     async def _unapply(self, batch: list["Pending"], applied: list[tuple[int, str, Undo]],
                        before: dict[str, Decision], answers: dict[int, tuple[int, dict[str, Any]]],
@@ -686,23 +739,22 @@ class Enforcer:
         """After the commit: flush connections once for the batch, record answers, reply."""
         try:
             flushed = await self._flush(set(result.changed), f"{len(applied)} event(s)") if result else 0
-            records: list[tuple[str, int, dict[str, Any], str | None]] = []
             for index, sid, _ in applied:
                 event = batch[index].event
-                decision = self.decisions.get(sid) or self.inputs.decide(sid, self.clock(), None)
-                answer = {"id": event.id, "result": "applied", "subscriber": sid, "mode": decision.mode.value,
-                          "cause": decision.cause, "connections_flushed": flushed}
-                if decision.until:
-                    answer["until"] = decision.until
-                answers[index] = (200, answer)
+                _, answer = answers[index]
+                answer["connections_flushed"] = flushed
                 self.metrics.events.labels(event.type, "applied").inc()
                 log.info("event=billing_event id=%s type=%s subscriber=%s mode=%s", event.id, event.type, sid,
-                         decision.mode.value)
-                records.append((event.id, 200, answer, sid))
-            records += [(batch[i].event.id, status, answer, None) for i, (status, answer) in answers.items()
-                        if status == 200 and answer.get("result") == "ignored"]
-            async with self.lock:
-                self.store.record_events(records, None)
+                         answer["mode"])
+            if applied:   # the saved answers gain the flush count, so a replay gets the very same answer
+                try:
+                    async with self.lock:
+                        self.store.record_events([(batch[i].event.id, 200, answers[i][1], None)
+                                                  for i, _, _ in applied], None)
+                except (StoreError, sqlite3.Error) as exc:   # the saved answer stands: answer the same
+                    log.warning("event=answers_not_updated error=%r (connections_flushed stays null)", str(exc))
+                    for index, _, _ in applied:
+                        answers[index][1]["connections_flushed"] = None
         except Exception as exc:  # answer every waiter whatever went wrong
             log.exception("event=batch_finish_failed")
             for index in range(len(batch)):

@@ -123,8 +123,9 @@ class Reconciler:
             self.mirror = with_mode_view(self.dataplane.read())
         before = self.mirror.elements if self.mirror else {}
         desired, owned, owners, changed, used, clashes = self._desired(decisions, before, decisions)
-        if clashes:  # rare: redo in a fixed order so the same subscriber always wins
-            desired, owned, owners, changed, used, clashes = self._desired(decisions, before, sorted(decisions))
+        if clashes:  # rare: redo in a fixed order: who holds an address now keeps it, then by id
+            order = sorted(decisions, key=lambda sid: (sid not in self.owned, sid))
+            desired, owned, owners, changed, used, clashes = self._desired(decisions, before, order)
             for sid, holder in clashes:
                 log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, holder)
         layout = self.base_layout.with_prefixes(used)

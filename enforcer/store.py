@@ -516,15 +516,23 @@ class Store:
 
     @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
-                     ids: Iterable[str] = ()) -> None:
-        """What kernel changes mean for the ``enforced`` table and the audit log, and the
-        policy inputs of ``ids``, in one commit (a webhook batch's whole state)."""
+                     ids: Iterable[str] = (), events: list[tuple[str, int, dict[str, Any], str | None]] = (),
+                     billing_order: Iterable[tuple[str, str, float]] = ()) -> None:  # type: ignore[assignment]
+        """What kernel changes mean for the ``enforced`` table and the audit log, the policy
+        inputs of ``ids``, the answers to the webhook ids that caused them and billing's order,
+        in one commit (a webhook batch's whole state): a retry finds its answer exactly when the
+        change it answers is durable."""
+        now = time.time()
         with self._transaction():
             for write in writes:
                 self.save_enforced(write.rows, write.gone)
                 self.append_audit(write.audit)
             if inputs is not None:
                 self.save_subscribers(inputs, ids)
+            if events:
+                self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                                    [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in events])
+            self.save_billing_order(billing_order)
 
     @_writes
     def prune_events(self, now: float | None = None) -> int:
