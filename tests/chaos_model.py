@@ -69,19 +69,19 @@ KNOWN_BUG_UNPERSISTED_BATCH = False   # fixed by 0bd1195 / 0f31f86
 #: answer; either way a retry of the same webhook-id is applied a second time, with a new
 #: receipt instant (a retried older payment then lifts a newer restriction). Tolerated here
 #: (retries' answers may differ) until fixed.
-KNOWN_BUG_UNRECORDED = True
+KNOWN_BUG_UNRECORDED = False
 #: KNOWN BUG 3 (test_chaos.test_a_list_entry_on_an_address_an_override_holds_is_reported): a list entry
 #: claiming an address that a billing restriction (override) of another subscriber holds is
 #: resolved by ``sync_all`` in id order: the override's subscriber loses *all* enforcement and
 #: nothing appears in ``status()["address_conflicts"]``. Tolerated here (clashing subscribers are
 #: left out of the comparison) until fixed.
-KNOWN_BUG_CLASH_UNREPORTED = True
+KNOWN_BUG_CLASH_UNREPORTED = False
 #: KNOWN BUG 4 (test_chaos.test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied):
 #: ``Enforcer._now`` saves graces moved by a forward clock step; a failure of that write escapes
 #: ``on_list`` after the list was saved, so the kernel never gets the list's change, and the
 #: step is consumed unsaved. While True, the machine injects no ``save_subscribers`` failure
 #: while a forward step is still unseen by the daemon.
-KNOWN_BUG_NOW_SAVE = True
+KNOWN_BUG_NOW_SAVE = False
 
 
 def addresses(sid: str, moved_to: str | None = None) -> list[str]:
@@ -627,7 +627,7 @@ class ChaosMachine(RuleBasedStateMachine):
             else:
                 self.unpersisted.discard(sid)
         for sid in e.conflicts:           # reported: the kernel keeps what it enforced
-            decisions[sid] = e.decisions.get(sid) or Decision(sid, Mode.FREE, "")
+            decisions[sid] = e.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "")
             in_memory[sid] = decisions[sid]
         kernel = kernel_modes(self.backend.read(self.dataplane))
         clashing = clashes(decisions)

@@ -84,8 +84,6 @@ def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel(machine: Any) -> N
     machine.kernel_matches_persisted_policy()
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG 2: record_events is a write of its own after the state's; "
-                                       "an unrecorded webhook-id is applied again on retry")
 def test_a_retry_of_an_answered_payment_is_not_applied_again(machine: Any) -> None:
     """Found: when the write recording a batch's answers (``record_events``, a write of its own
     after the state's) fails, billing still gets 200 "applied", but the webhook-id is not
@@ -107,8 +105,6 @@ def test_a_retry_of_an_answered_payment_is_not_applied_again(machine: Any) -> No
         f"the retry lifted the newer restriction; answers: {first} / {later} / {again}"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG 3: sync_all resolves a list/override address clash in id "
-                                       "order, silently (status shows no conflict)")
 def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) -> None:
     """Found: billing restricts C-3 on the address 100.64.0.2 (200 applied); a new list then
     names C-2 on 100.64.0.2. ``sync_all`` resolves the clash in id order: C-2 gets the address
@@ -127,8 +123,6 @@ def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) 
     assert machine.e.status()["address_conflicts"], "the clash is not reported"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG 4: StoreError from Enforcer._now (moved graces) escapes "
-                                       "on_list after the list was saved; the kernel change never happens")
 def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied(machine: Any) -> None:
     """Found: the first input after a forward clock step saves the moved graces inside
     ``Enforcer._now`` (``save_subscribers``). When that write fails in ``on_list`` the new list is
