@@ -82,6 +82,12 @@ KNOWN_BUG_CLASH_UNREPORTED = False
 #: step is consumed unsaved. While True, the machine injects no ``save_subscribers`` failure
 #: while a forward step is still unseen by the daemon.
 KNOWN_BUG_NOW_SAVE = False
+#: KNOWN BUG 5 (test_chaos.test_an_event_is_not_judged_stale_by_a_sibling_that_failed): in one
+#: batch, an event is answered 200 "ignored" (stale) because of a newer event earlier in the same
+#: batch, even when that newer event then fails (503, kernel or state failure, rolled back); the
+#: "ignored" answer is not recorded and a retry of it is applied. Tolerated (that retry's answer
+#: may differ) until fixed.
+KNOWN_BUG_STALE_BY_FAILED_SIBLING = True
 
 
 def addresses(sid: str, moved_to: str | None = None) -> list[str]:
@@ -329,7 +335,9 @@ class ChaosMachine(RuleBasedStateMachine):
         if answer[0] == 200 and self.e.store.event_answer(event.id) is None:
             self.unrecorded.add(event.id)   # KNOWN BUG 2: answered 200, but a retry will be applied again
         first_ok = next((a for a in sent.answers if a[0] == 200), None)
-        if first_ok is not None and answer[0] == 200 and not (KNOWN_BUG_UNRECORDED and event.id in self.unrecorded):
+        tolerated = event.id in self.unrecorded and (KNOWN_BUG_UNRECORDED or (
+            KNOWN_BUG_STALE_BY_FAILED_SIBLING and first_ok is not None and first_ok[1].get("result") == "ignored"))
+        if first_ok is not None and answer[0] == 200 and not tolerated:
             assert answer[1] == first_ok[1], f"a retry of {event.id} got another answer: {first_ok} then {answer}"
         sent.answers.append(answer)
         return answer
@@ -474,6 +482,8 @@ class ChaosMachine(RuleBasedStateMachine):
                       f"{answer[1].get('result') or answer[1].get('error')} {answer[1].get('mode', '')}")
             self.sent.append(Sent(event, [answer]))
             self.account(event, answer, first=True)
+            if answer[0] == 200 and self.e.store.event_answer(event.id) is None:
+                self.unrecorded.add(event.id)
         self.check_payment_answers()
 
     @rule(sid=st.sampled_from(SIDS), restrict=st.booleans(), mode=st.sampled_from(MODES))

@@ -55,7 +55,7 @@ test_chaos_on_the_fake_dataplane: Any = FakeChaos.TestCase
 import pytest  # noqa: E402
 
 import chaos_model  # noqa: E402
-from enforcer.events import PAYMENT, RESTRICTED, Event  # noqa: E402
+from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event  # noqa: E402
 from enforcer.subscribers import Mode, parse_list  # noqa: E402
 
 
@@ -135,3 +135,21 @@ def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied
     machine.store_failure(op="save_subscribers")
     machine.edit_list(edits=[("C-2", Mode.WALLED_GARDEN, None)])
     machine.kernel_matches_persisted_policy()
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN BUG 5: an event is judged stale against a newer one of the same "
+                                       "batch that then failed and was rolled back")
+def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Found (WG_CHAOS_EXAMPLES=400): one batch holds C-4's release (billing ts +270) and an
+    older restriction (ts -75); the kernel transaction fails, so the release is undone and
+    answered 503, yet the restriction is answered 200 "ignored" (stale against the release that
+    is not in force), unrecorded; its retry is then applied and answered "applied". Expected:
+    the restriction gets 503 with its batch (or a verdict that stands), so a retry gets the same."""
+    monkeypatch.setattr(chaos_model, "KNOWN_BUG_STALE_BY_FAILED_SIBLING", False)
+    machine.boot(listed=[])
+    machine.kernel_failure()
+    machine.burst(kinds=[RELEASED, RESTRICTED], sid="C-4", skews=[270, -75, 0, 0])
+    first = machine.sent[-1].answers[0]
+    assert first[0] == 503 or machine.e.store.event_answer(machine.sent[-1].event.id) == first, \
+        f"answered {first} for an event judged stale by a sibling that failed: {machine.sent[-2].answers}"
