@@ -247,7 +247,11 @@ class Enforcer:
         self.claims.rebuild({sid: held(d) for sid, d in self.reconciler.owned.items()})
         self._note_clashes(decisions)
         previous, self.decisions = self.decisions, decisions
-        await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
+        try:
+            await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
+        except (StoreError, sqlite3.Error) as exc:   # the kernel is right; the record catches up next sync
+            log.error("event=enforced_not_recorded kind=full error=%r (status and audit lag until the next "
+                      "sync)", str(exc))
         self._spawn(self._flush(result.changed, "sync"))
         # The list, decisions and mirror are ~1M long-lived objects: without this every
         # generation-2 collection walks them all (0.5-1.5 s with 100k subscribers, measured),
@@ -676,6 +680,7 @@ class Enforcer:
                         self.metrics.events.labels(event.type, "error").inc()
                         answers[index] = (503, {"error": f"kernel change failed, retry later: {exc}", "id": event.id})
                     applied = []
+                    self._unjudge(answers, str(exc))
                 committed = time.perf_counter()
                 records = self._answers(batch, applied, touched, answers)
                 if applied:   # before any answer: a restart must not undo what billing was told
@@ -714,6 +719,15 @@ class Enforcer:
                     if status == 200 and answer.get("result") == "ignored"]
         return records
 
+    @staticmethod
+    def _unjudge(answers: dict[int, tuple[int, dict[str, Any]]], why: str) -> None:
+        """The batch was not applied: an event it judged stale may have been judged so by a
+        sibling that is now undone, so it is answered 503 too and weighed again on its retry."""
+        for index, (status, answer) in list(answers.items()):
+            if status == 200 and answer.get("result") == "ignored":
+                answers[index] = (503, {"error": f"the batch could not be applied, retry later: {why}",
+                                        "id": answer.get("id")})
+
     async def _unapply(self, batch: list["Pending"], applied: list[tuple[int, str, Undo]],
                        before: dict[str, Decision], answers: dict[int, tuple[int, dict[str, Any]]],
                        exc: Exception) -> None:
@@ -728,6 +742,7 @@ class Enforcer:
             event = batch[index].event
             self.metrics.events.labels(event.type, "error").inc()
             answers[index] = (503, {"error": f"state could not be saved, retry later: {exc}", "id": event.id})
+        self._unjudge(answers, str(exc))
         try:
             await self._update(before, deferred=[])
         except (DataplaneError, AddressConflict):

@@ -57,37 +57,6 @@ MODES = (Mode.WALLED_GARDEN, Mode.NOTICE, Mode.THROTTLE)
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
 
 
-#: BUG 1, fixed (test_chaos.test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel): when the SQLite write
-#: of a batch (``record_state``) fails after the kernel commit, the batch is answered 503 but
-#: the kernel and the in-memory inputs keep it, so the kernel no longer matches the persisted
-#: inputs. The machine tolerates exactly that divergence, for those subscribers, until the daemon
-#: is fixed; set False to see the machine find it.
-KNOWN_BUG_UNPERSISTED_BATCH = False   # fixed by 0bd1195 / 0f31f86
-#: KNOWN BUG 2 (test_chaos.test_a_retry_of_an_answered_payment_is_not_applied_again): a batch's answers
-#: are recorded (``record_events``) in a write after the state's; when that write fails the
-#: webhook still gets 200 "applied", and when the process dies between the two billing gets no
-#: answer; either way a retry of the same webhook-id is applied a second time, with a new
-#: receipt instant (a retried older payment then lifts a newer restriction). Tolerated here
-#: (retries' answers may differ) until fixed.
-KNOWN_BUG_UNRECORDED = False
-#: KNOWN BUG 3 (test_chaos.test_a_list_entry_on_an_address_an_override_holds_is_reported): a list entry
-#: claiming an address that a billing restriction (override) of another subscriber holds is
-#: resolved by ``sync_all`` in id order: the override's subscriber loses *all* enforcement and
-#: nothing appears in ``status()["address_conflicts"]``. Tolerated here (clashing subscribers are
-#: left out of the comparison) until fixed.
-KNOWN_BUG_CLASH_UNREPORTED = False
-#: KNOWN BUG 4 (test_chaos.test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied):
-#: ``Enforcer._now`` saves graces moved by a forward clock step; a failure of that write escapes
-#: ``on_list`` after the list was saved, so the kernel never gets the list's change, and the
-#: step is consumed unsaved. While True, the machine injects no ``save_subscribers`` failure
-#: while a forward step is still unseen by the daemon.
-KNOWN_BUG_NOW_SAVE = False
-#: KNOWN BUG 5 (test_chaos.test_an_event_is_not_judged_stale_by_a_sibling_that_failed): in one
-#: batch, an event is answered 200 "ignored" (stale) because of a newer event earlier in the same
-#: batch, even when that newer event then fails (503, kernel or state failure, rolled back); the
-#: "ignored" answer is not recorded and a retry of it is applied. Tolerated (that retry's answer
-#: may differ) until fixed.
-KNOWN_BUG_STALE_BY_FAILED_SIBLING = True
 
 
 def addresses(sid: str, moved_to: str | None = None) -> list[str]:
@@ -179,24 +148,6 @@ def owners(decisions: dict[str, Decision]) -> dict[tuple[str, str], str]:
     return out
 
 
-def owners_all(decisions: dict[str, Decision]) -> list[tuple[tuple[str, str], str]]:
-    """Every (key, subscriber) claim, overlapping ones included (IPv4 keys: the /32s here)."""
-    return [((mode_map(net.version, net.prefixlen), str(net.network_address)), sid)
-            for sid, d in decisions.items() if d.restricted and d.subscriber is not None
-            for net in d.subscriber.addresses]
-
-
-def clashes(decisions: dict[str, Decision]) -> set[str]:
-    """Subscribers whose decided addresses another restricted subscriber's decision also claims."""
-    seen: dict[tuple[str, str], str] = {}
-    out: set[str] = set()
-    for key, sid in owners_all(decisions):
-        other = seen.setdefault(key, sid)
-        if other != sid:
-            out |= {sid, other}
-    return out
-
-
 def list_text(entries: dict[str, tuple[Mode, str | None]]) -> str:
     return json.dumps({"subscribers": [{"id": sid, "addresses": addresses(sid, moved), "mode": mode.value,
                                         "reason": "overdue"} for sid, (mode, moved) in sorted(entries.items())]})
@@ -243,9 +194,7 @@ class ChaosMachine(RuleBasedStateMachine):
         self.serial = 0
         self.log: list[str] = []        # the steps, for a failure report
         self.store_fault_armed = False
-        self.clash_losers: set[str] = set()  # KNOWN BUG 3
-        self.unrecorded: set[str] = set()    # event ids answered 200 whose answer was not recorded (KNOWN BUG 2)
-        self.unpersisted: set[str] = set()   # sids a 503 "state database" batch left applied (KNOWN BUG 1)
+        self.unsaved: set[str] = set()       # sids whose batch was answered 503 "state could not be saved"
         self.task_failures: list[str] = []   # what the supervisor would have restarted a task for
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -332,12 +281,8 @@ class ChaosMachine(RuleBasedStateMachine):
                   f"-> {answer[0]} {answer[1].get('result') or answer[1].get('error')} {answer[1].get('mode', '')}")
         self.account(event, answer, first=not any(a[0] == 200 for a in sent.answers))
         self.check_payment_answers()
-        if answer[0] == 200 and self.e.store.event_answer(event.id) is None:
-            self.unrecorded.add(event.id)   # KNOWN BUG 2: answered 200, but a retry will be applied again
         first_ok = next((a for a in sent.answers if a[0] == 200), None)
-        tolerated = event.id in self.unrecorded and (KNOWN_BUG_UNRECORDED or (
-            KNOWN_BUG_STALE_BY_FAILED_SIBLING and first_ok is not None and first_ok[1].get("result") == "ignored"))
-        if first_ok is not None and answer[0] == 200 and not tolerated:
+        if first_ok is not None and answer[0] == 200:
             assert answer[1] == first_ok[1], f"a retry of {event.id} got another answer: {first_ok} then {answer}"
         sent.answers.append(answer)
         return answer
@@ -347,8 +292,8 @@ class ChaosMachine(RuleBasedStateMachine):
         status, body = answer
         applied = status == 200 and body.get("result") == "applied"
         assert status in (200, 409, 503), f"unexpected answer {answer} to {event}"
-        if status == 503 and "state database" in str(body.get("error")):
-            self.unpersisted.add(event.subscriber_id)   # KNOWN BUG 1 (see ``known_divergence``)
+        if status == 503 and "could not be saved" in str(body.get("error")):
+            self.unsaved.add(event.subscriber_id)
         if not applied or not first:   # a retry answered from the record is no new payment
             return
         sid = event.subscriber_id
@@ -482,8 +427,6 @@ class ChaosMachine(RuleBasedStateMachine):
                       f"{answer[1].get('result') or answer[1].get('error')} {answer[1].get('mode', '')}")
             self.sent.append(Sent(event, [answer]))
             self.account(event, answer, first=True)
-            if answer[0] == 200 and self.e.store.event_answer(event.id) is None:
-                self.unrecorded.add(event.id)
         self.check_payment_answers()
 
     @rule(sid=st.sampled_from(SIDS), restrict=st.booleans(), mode=st.sampled_from(MODES))
@@ -579,8 +522,6 @@ class ChaosMachine(RuleBasedStateMachine):
 
     @rule(op=st.sampled_from(("record_state", "save_list", "save_subscribers", "record_events", "any")))
     def store_failure(self, op: str) -> None:
-        if KNOWN_BUG_NOW_SAVE and op in ("save_subscribers", "any") and self.unseen_step() > STEP_THRESHOLD:
-            return
         self.note(f"the next SQLite write ({op}) fails")
         store = self.e.store
 
@@ -630,32 +571,10 @@ class ChaosMachine(RuleBasedStateMachine):
         persisted.rules = policy_rules(self.config)
         decisions = persisted.decide_all(now)
         in_memory = e.inputs.decide_all(now)
-        for sid in list(self.unpersisted):
-            if KNOWN_BUG_UNPERSISTED_BATCH and expected_modes({sid: decisions[sid]} if sid in decisions else {}) != \
-                    expected_modes({sid: in_memory[sid]} if sid in in_memory else {}):
-                decisions[sid] = in_memory[sid]   # tolerated while test_chaos's xfail documents it
-            else:
-                self.unpersisted.discard(sid)
         for sid in e.conflicts:           # reported: the kernel keeps what it enforced
             decisions[sid] = e.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "")
             in_memory[sid] = decisions[sid]
         kernel = kernel_modes(self.backend.read(self.dataplane))
-        clashing = clashes(decisions)
-        if KNOWN_BUG_CLASH_UNREPORTED:
-            # The loser of a silent clash is not in ``conflicts``, so no timer round retries it
-            # once the clash is gone: tolerated until some full sync enforces it again.
-            for sid in list(self.clash_losers - clashing):
-                theirs = expected_modes({sid: decisions[sid]} if sid in decisions else {})
-                if all(kernel.get(k) == v for k, v in theirs.items()):
-                    self.clash_losers.discard(sid)
-                else:
-                    clashing.add(sid)
-            self.clash_losers |= clashing
-        if clashing and KNOWN_BUG_CLASH_UNREPORTED:   # one of them is enforced, maybe neither reported
-            mine = {k for k, sid in owners_all(decisions) if sid in clashing}
-            kernel = {k: v for k, v in kernel.items() if k not in mine}
-            decisions = {sid: d for sid, d in decisions.items() if sid not in clashing}
-            in_memory = {sid: d for sid, d in in_memory.items() if sid not in clashing}
         want = expected_modes(decisions)
         if kernel != want:
             memory = expected_modes(in_memory)

@@ -61,8 +61,6 @@ from enforcer.subscribers import Mode, parse_list  # noqa: E402
 
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch) -> Any:
-    for flag in ("KNOWN_BUG_UNRECORDED", "KNOWN_BUG_CLASH_UNREPORTED", "KNOWN_BUG_NOW_SAVE"):
-        monkeypatch.setattr(chaos_model, flag, False)
     m = FakeChaos()
     yield m
     m.teardown()
@@ -80,7 +78,7 @@ def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel(machine: Any) -> N
     machine.boot(listed=[])
     machine.store_failure(op="record_state")
     machine.operator(sid="C-4", restrict=True, mode=Mode.WALLED_GARDEN)
-    assert "C-4" in machine.unpersisted               # answered 503 "state could not be saved"
+    assert "C-4" in machine.unsaved                   # answered 503 "state could not be saved"
     machine.kernel_matches_persisted_policy()
 
 
@@ -137,8 +135,6 @@ def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied
     machine.kernel_matches_persisted_policy()
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG 5: an event is judged stale against a newer one of the same "
-                                       "batch that then failed and was rolled back")
 def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     """Found (WG_CHAOS_EXAMPLES=400): one batch holds C-4's release (billing ts +270) and an
@@ -146,7 +142,6 @@ def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, mon
     answered 503, yet the restriction is answered 200 "ignored" (stale against the release that
     is not in force), unrecorded; its retry is then applied and answered "applied". Expected:
     the restriction gets 503 with its batch (or a verdict that stands), so a retry gets the same."""
-    monkeypatch.setattr(chaos_model, "KNOWN_BUG_STALE_BY_FAILED_SIBLING", False)
     machine.boot(listed=[])
     machine.kernel_failure()
     machine.burst(kinds=[RELEASED, RESTRICTED], sid="C-4", skews=[270, -75, 0, 0])
