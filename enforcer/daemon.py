@@ -246,6 +246,9 @@ class Enforcer:
         self._synced(result, time.perf_counter() - started)
         self.claims.rebuild({sid: held(d) for sid, d in self.reconciler.owned.items()})
         self._note_clashes(decisions)
+        for sid in self.conflicts.keys() & decisions.keys():   # what the kernel holds for them, not their wish
+            decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
+                                                                        "is enforced for another subscriber")
         previous, self.decisions = self.decisions, decisions
         try:
             await asyncio.to_thread(self._record_enforced, decisions, (), True, previous)  # 100k: off the loop
