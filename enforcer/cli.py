@@ -80,7 +80,40 @@ def config_warnings(config: Config) -> list[str]:
         warnings.append("gateway.subscriber_prefixes is not set, so a list entry, event or operator command may "
                         "name any unicast address, including upstream or server addresses; set it to the "
                         "prefixes subscribers live in, e.g. ['100.64.0.0/10', '2001:db8::/32'] (SPEC §8)")
+    from captive_portal import reachability
+
+    warnings += reachability.warnings(config, resolve=_resolve_within(RESOLVE_SECONDS))
     return warnings
+
+
+#: check-config asks the system resolver about portal.url's host for at most this long: a
+#: gateway without a working resolver must not hang the check.
+RESOLVE_SECONDS = 2.0
+
+
+def _resolve_within(seconds: float) -> Any:
+    """``reachability.resolve_host`` in a daemon thread, given up on (OSError) after ``seconds``."""
+    import threading
+
+    from captive_portal.reachability import resolve_host
+
+    def resolve(host: str) -> Any:
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["addresses"] = resolve_host(host)
+            except OSError as exc:
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True, name="resolve-portal-host")
+        worker.start()
+        worker.join(seconds)
+        if "addresses" in box:
+            return box["addresses"]
+        raise box.get("error") or OSError(f"no answer within {seconds:g} s")
+
+    return resolve
 
 
 def secret_file_problem(path: str) -> str | None:

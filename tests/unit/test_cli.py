@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_check_config_warns_without_subscriber_prefixes(tmp_path: Path, capsys: 
     assert "WARNING: gateway.subscriber_prefixes is not set" in err
     config = _setup(tmp_path, "gateway:\n  subscriber_prefixes: ['100.64.0.0/10', '2001:db8::/32']\n")
     assert main(["check-config", "--config", str(config)]) == 0
-    assert "WARNING" not in capsys.readouterr().err
+    assert "WARNING: gateway.subscriber_prefixes" not in capsys.readouterr().err
 
 
 def test_check_config_refuses_list_entries_outside_the_subscriber_prefixes(
@@ -154,3 +155,19 @@ def test_render_with_a_url_source_says_the_sets_are_empty(tmp_path: Path, capsys
     assert "fetched at run time" in captured.err and "empty" in captured.err
     assert "pw1" not in captured.err and "t1" not in captured.err
     assert captured.out.startswith("add table inet walled_garden\n")
+
+
+def test_check_config_prints_portal_url_hints_as_warnings(tmp_path: Path, capsys: Any) -> None:
+    """A portal.url host that is an address not on this machine: a WARNING line, exit 0."""
+    secret = tmp_path / "secret"
+    secret.write_text("whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n")
+    secret.chmod(0o600)
+    (tmp_path / "l.yaml").write_text("subscribers: []\n")
+    (tmp_path / "c.yaml").write_text(
+        f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+        "gateway: {subscriber_prefixes: ['100.64.0.0/10']}\n"
+        "portal: {url: 'http://198.51.100.77/'}\n"
+        f"api: {{socket: {tmp_path}/c.sock, webhook_secret_file: {secret}}}\n")
+    assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: portal.url: 198.51.100.77 is not an address of this machine" in err
