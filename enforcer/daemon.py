@@ -1046,6 +1046,12 @@ class Enforcer:
                 return 503, {"error": f"kernel change failed: {exc}"}
             until = self.clock() + seconds
             self.acknowledged[sid] = until
+            state = audit_state(decision)
+            try:   # audited like every portal action; the kernel change stands either way (it expires)
+                self.store.append_audit([(self.clock(), sid, state, state, f"notice acknowledged on the portal "
+                                          f"from {found['address']} until {policy.when(until)}")])
+            except (StoreError, sqlite3.Error) as exc:
+                log.error("event=audit_not_saved subscriber=%s error=%r", sid, str(exc))
         log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found["address"], until)
         return 200, {"acknowledged": True, "until": until}
 

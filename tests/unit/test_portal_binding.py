@@ -40,3 +40,15 @@ async def test_promise_and_acknowledge_only_for_recent_callers(tmp_path: Path) -
     assert "100.64.0.1" not in fake.view["mode4_32"]
     assert (await e.acknowledge("100.64.0.2"))[0] == 200
     await e.close()
+
+
+async def test_an_acknowledgement_is_audited(tmp_path: Path) -> None:
+    config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    e = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
+                               "l.yaml", "1"))
+    assert (await e.acknowledge("100.64.0.2"))[0] == 200
+    assert "notice acknowledged on the portal from 100.64.0.2" in e.audit("C-2", None, 5)[-1]["cause"]
+    await e.close()
