@@ -179,25 +179,13 @@ class Unusable(Exception):
     """The database file is not one we can use (quarantined, see the module docstring)."""
 
 
-def _reads(method: F) -> F:
-    """SQLite errors of a read become ``StoreError`` naming the method."""
+def _guarded(method: F, injectable: bool) -> F:
+    """SQLite errors of ``method`` become ``StoreError`` naming it; with ``injectable``,
+    ``Store.write_fault`` is asked first (fault injection for tests)."""
     @functools.wraps(method)
     def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
         try:
-            return method(self, *args, **kwargs)
-        except StoreError:
-            raise
-        except sqlite3.Error as exc:
-            raise StoreError(method.__name__, exc) from exc
-    return wrapper  # type: ignore[return-value]
-
-
-def _writes(method: F) -> F:
-    """Like ``_reads``, and ``Store.write_fault`` is asked first (fault injection)."""
-    @functools.wraps(method)
-    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
-        try:
-            if self.write_fault is not None:
+            if injectable and self.write_fault is not None:
                 self.write_fault(method.__name__)
             return method(self, *args, **kwargs)
         except StoreError:
@@ -205,6 +193,14 @@ def _writes(method: F) -> F:
         except sqlite3.Error as exc:
             raise StoreError(method.__name__, exc) from exc
     return wrapper  # type: ignore[return-value]
+
+
+def _reads(method: F) -> F:
+    return _guarded(method, injectable=False)
+
+
+def _writes(method: F) -> F:
+    return _guarded(method, injectable=True)
 
 
 def _real(value: Any) -> float:

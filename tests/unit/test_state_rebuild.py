@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
@@ -23,17 +24,26 @@ from daemon_helpers import NoConntrack
 NOW = 1_795_000_000.0
 
 
+def make_config(tmp: Path) -> Any:
+    return parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n", str(tmp / "c.yaml"))
+
+
+async def started(config: Any, fake: FakeDataplane, now: float = NOW) -> Enforcer:
+    """A daemon over ``fake`` after its start-up restore (what ``walled-garden run`` does first)."""
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now)  # type: ignore[arg-type]
+    await e.restore()
+    return e
+
+
 def sub(sid: str, address: str) -> Subscriber:
     return Subscriber(sid, (parse_address(address),), Mode.WALLED_GARDEN, "overdue")
 
 
 async def test_lost_state_keeps_the_kernel_until_the_list_then_rebuilds(tmp_path: Path) -> None:
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
-                          str(tmp_path / "c.yaml"))
+    config = make_config(tmp_path)
     fake = FakeDataplane()
     listed = [sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")]
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     await e.on_list(ListUpdate(listed, "l.yaml", "1"))
     await e.handle_event(Event("p2", PAYMENT, NOW, "C-2"), 0.0)                       # C-2 paid: free
     await e.handle_event(Event("r3", RESTRICTED, NOW, "C-3", sub("C-3", "100.64.0.3")), 0.0)  # by event only
@@ -41,8 +51,7 @@ async def test_lost_state_keeps_the_kernel_until_the_list_then_rebuilds(tmp_path
     assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.3"}
 
     shutil.rmtree(tmp_path / "state")          # the database is gone (or was quarantined)
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW + 60)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake, NOW + 60)
     assert e.status()["rebuilding_from_kernel"]
     assert set(fake.state.elements["portal4_32"]) == {"100.64.0.1", "100.64.0.3"}   # untouched
     status, _ = await e.handle_event(Event("x", RESTRICTED, NOW, "C-4", sub("C-4", "100.64.0.4")), 0.0)
@@ -60,11 +69,9 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
     import asyncio
     import sqlite3
 
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
-                          str(tmp_path / "c.yaml"))
+    config = make_config(tmp_path)
     fake = FakeDataplane()
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
     real = e.store.save_list
     failures = [1]
@@ -94,19 +101,16 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
 
 
 async def test_a_garbage_database_is_quarantined_and_the_kernel_keeps_enforcing(tmp_path: Path) -> None:
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
-                          str(tmp_path / "c.yaml"))
+    config = make_config(tmp_path)
     fake = FakeDataplane()
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
     await e.close()
     database = tmp_path / "state" / "state.sqlite3"
     for extra in ("-wal", "-shm"):
         (tmp_path / "state" / f"state.sqlite3{extra}").unlink(missing_ok=True)
     database.write_bytes(b"this is not a database" * 100)
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     status = e.status()
     assert status["state"]["quarantined"] is not None and status["rebuilding_from_kernel"]
     assert list((tmp_path / "state").glob("state.sqlite3.corrupt-*"))   # kept for inspection
@@ -121,11 +125,9 @@ async def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel_and_answered
     the kernel back, answers 503 (billing retries), and the retry then applies."""
     import sqlite3
 
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
-                          str(tmp_path / "c.yaml"))
+    config = make_config(tmp_path)
     fake = FakeDataplane()
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
 
     def fault(operation: str) -> None:
@@ -142,7 +144,6 @@ async def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel_and_answered
     assert (status, answer["mode"]) == (200, "free")
     assert not fake.view["mode4_32"]
     await e.close()
-    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
+    e = await started(config, fake)
     assert not fake.view["mode4_32"], "what billing was told survives the restart"
     await e.close()
