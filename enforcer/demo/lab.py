@@ -7,6 +7,7 @@ topology's namespaces and dies with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -114,6 +115,19 @@ class Lab:
             pass
         self.daemon.wait(timeout)
         self.daemon = None
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator["Lab"]:
+        """Daemon and portal running for the block; stopped after it, their logs printed (a
+        failing test shows what they said)."""
+        try:
+            self.start_daemon()
+            self.start_portal()
+            yield self
+        finally:
+            self.stop_daemon()
+            print(self.log())
+            print(self.log("portal.log"))
 
     def _starts(self) -> int:
         try:

@@ -25,7 +25,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
@@ -172,14 +171,8 @@ def reach_lab(topo: Topology, tmp_path: Path) -> Iterator[Lab]:
                                               "reasons": ["overdue"]}
     lab.config_path.write_text(yaml.safe_dump(lab.config, sort_keys=False))
     lab.portal_url = PORTAL_URL
-    try:
-        lab.start_daemon()
-        lab.start_portal()
+    with lab.serving():
         yield lab
-    finally:
-        lab.stop_daemon()
-        print(lab.log())
-        print(lab.log("portal.log"))
 
 
 @pytest.fixture

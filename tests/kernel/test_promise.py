@@ -112,14 +112,8 @@ def promise_lab(topo: Topology, tmp_path: Path, billing: tuple[str, Path]) -> It
                                               "period": "90d", "reasons": ["overdue"], "webhook_url": billing[0],
                                               "webhook_secret_file": str(outbox_secret)}
     lab.config_path.write_text(yaml.safe_dump(lab.config, sort_keys=False))
-    try:
-        lab.start_daemon()
-        lab.start_portal()
+    with lab.serving():
         yield lab
-    finally:
-        lab.stop_daemon()
-        print(lab.log())
-        print(lab.log("portal.log"))
 
 
 def promise_form(page: str, portal_url: str) -> tuple[str, tuple[str, ...]]:

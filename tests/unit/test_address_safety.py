@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer

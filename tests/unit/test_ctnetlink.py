@@ -250,9 +250,10 @@ def test_a_malformed_mark_is_an_error_not_a_guess() -> None:
 # -- the tool fallback honours keep_mark too --------------------------------------------------------
 import asyncio  # noqa: E402
 import stat  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
-def fake_tool(tmp_path, listing: str = "") -> tuple[str, "Path"]:
+def fake_tool(tmp_path: Path, listing: str = "") -> tuple[str, Path]:
     """A ``conntrack`` stand-in recording its argv, one line per call."""
     log = tmp_path / "argv.log"
     tool = tmp_path / "conntrack"

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,15 +15,9 @@ from aiohttp import web
 
 from enforcer import api
 from enforcer.api import start_tcp_site
-from enforcer.config import parse_config
-from enforcer.daemon import Enforcer
-from enforcer.dataplane.fake import FakeDataplane
 from enforcer.demo.billing import signed_request
-from enforcer.sources import ListUpdate
-from enforcer.subscribers import Subscriber, parse_address
-from enforcer.webhook_worker import WorkerBridge
-from daemon_helpers import NoConntrack
 from test_webhook import _event, _headers, setup  # noqa: F401  (a fixture)
+from test_webhook_worker import bridge  # noqa: F401,F811  (a fixture: the worker over the fake kernel)
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PAY = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
@@ -37,34 +30,24 @@ async def _post_signed(url: str, body: dict[str, Any], event_id: str) -> tuple[i
             return response.status, await response.json()
 
 
-async def test_hundreds_of_idle_connections_do_not_lock_billing_out(tmp_path: Path, unused_tcp_port: int) -> None:
+async def test_hundreds_of_idle_connections_do_not_lock_billing_out(bridge: Any) -> None:  # noqa: F811
     """The worker under an open-files limit of 256 (systemd's default is 1024): 300 idle or
     half-sent connections would take every descriptor and billing's request would never be
     accepted; the oldest idle ones are shed for it instead."""
-    (tmp_path / "secret").write_text(SECRET)
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
-                          f"api: {{socket: {tmp_path}/c.sock, webhook_secret_file: {tmp_path}/secret}}\n")
-    fake = FakeDataplane()
-    enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
-    await enforcer.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),))], "l", "1"))
-    stop = asyncio.Event()
-    worker = WorkerBridge(enforcer, "127.0.0.1", unused_tcp_port, str(tmp_path / "secret"))
-    task = asyncio.create_task(worker.run(stop))
+    worker, _, fake, url, _ = bridge
+    port = int(url.split(":")[2].split("/")[0])
     idle: list[asyncio.StreamWriter] = []
     try:
-        assert await worker.wait_ready(15.0)
         assert worker.process is not None
         hard = resource.prlimit(worker.process.pid, resource.RLIMIT_NOFILE)[1]
         resource.prlimit(worker.process.pid, resource.RLIMIT_NOFILE, (256, hard))
         for i in range(300):
-            _, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
             if i % 2:   # half of them trickle a request head that never ends
                 writer.write(b"POST /v1/events HTTP/1.1\r\nHost: gw\r\n")
             idle.append(writer)
         await asyncio.sleep(0.5)
         started = time.monotonic()
-        url = f"http://127.0.0.1:{unused_tcp_port}/v1/events"
         status, answer = await asyncio.wait_for(_post_signed(url, PAY, "idle-1"), 8)
         assert status == 200 and answer["result"] == "applied", answer
         assert time.monotonic() - started < 5
@@ -72,9 +55,6 @@ async def test_hundreds_of_idle_connections_do_not_lock_billing_out(tmp_path: Pa
     finally:
         for writer in idle:
             writer.close()
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await enforcer.close()
 
 
 async def _ok(request: web.Request) -> web.Response:
