@@ -326,7 +326,9 @@ class Layout:
         """
         iif = self._iif()
         ports = sorted({*self.portal_ports, 80, *((443,) if self.portal_tls_port is not None else ())})
-        portal = f"{iif}fib daddr type local tcp dport {{ {', '.join(str(p) for p in ports)} }} "
+        # Cheapest test first: the fib lookup runs only for TCP to these ports, not for every
+        # packet a subscriber forwards.
+        portal = f"{iif}tcp dport {{ {', '.join(str(p) for p in ports)} }} fib daddr type local "
         rules = [f"{portal}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
                  f"{portal}update @{CALLER_SET[4]} {{ ip saddr }}",
                  f"{portal}update @{CALLER_SET[6]} {{ ip6 saddr }}"]
@@ -378,7 +380,7 @@ class Layout:
         # The gateway's own addresses: every subscriber reaches the portal at the advertised ports.
         for advertised, listener in ((80, self.portal_port), (443, self.portal_tls_port)):
             if listener is not None and listener != advertised:
-                nat.append(f"{iif}fib daddr type local tcp dport {advertised} redirect to :{listener}")
+                nat.append(f"{iif}tcp dport {advertised} fib daddr type local redirect to :{listener}")
         # Longest prefix first so the most specific entry decides.
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)

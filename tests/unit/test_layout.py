@@ -316,8 +316,8 @@ def test_parse_listing_round_trips_what_the_layout_renders():
 def test_every_subscriber_reaching_the_gateway_on_80_and_443_lands_on_the_portal():
     nat = chain(layout(portal_tls_port=8443).render(), "prerouting")
     # first, before the restricted-only rules, and without any subscriber set: free ones too
-    assert nat[1:3] == ['iifname { "eth1" } fib daddr type local tcp dport 80 redirect to :8080',
-                        'iifname { "eth1" } fib daddr type local tcp dport 443 redirect to :8443']
+    assert nat[1:3] == ['iifname { "eth1" } tcp dport 80 fib daddr type local redirect to :8080',
+                        'iifname { "eth1" } tcp dport 443 fib daddr type local redirect to :8443']
     # the restricted subscribers' HTTP to other hosts is still redirected
     assert any("@portal4_32 tcp dport 80 ip daddr != @allow4" in r and r.endswith("redirect to :8080")
                for r in nat[3:])
@@ -330,7 +330,7 @@ def test_a_portal_already_on_80_or_443_is_not_redirected():
     assert not any("fib daddr" in r for r in nat)
     nat = chain(layout(portal_port=80, portal_tls_port=8443).render(), "prerouting")
     assert [r for r in nat if "fib daddr" in r] == [
-        'iifname { "eth1" } fib daddr type local tcp dport 443 redirect to :8443']
+        'iifname { "eth1" } tcp dport 443 fib daddr type local redirect to :8443']
 
 
 def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_only():
@@ -340,7 +340,7 @@ def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_o
     text = layout(portal_tls_port=8443).render()
     rules = chain(text, "portal")
     assert rules[0] == "type filter hook prerouting priority dstnat - 20; policy accept;"
-    local = 'iifname { "eth1" } fib daddr type local tcp dport { 80, 443, 8080, 8443 } '
+    local = 'iifname { "eth1" } tcp dport { 80, 443, 8080, 8443 } fib daddr type local '
     assert rules[1:] == [f"{local}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
                          f"{local}update @portalcaller4 {{ ip saddr }}",
                          f"{local}update @portalcaller6 {{ ip6 saddr }}"]
@@ -350,7 +350,7 @@ def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_o
         assert block(text, "set", f"portalcaller{version}") == (
             f"set portalcaller{version} {{ type {addr}; size 1048576; flags dynamic,timeout; timeout 15m; }}")
     assert "ct mark" not in " ".join(chain(text, "input")), "not after nat: redirected HTTP would be marked too"
-    assert "tcp dport { 80, 8080 } ct mark set" in layout().render()
+    assert "tcp dport { 80, 8080 } fib daddr type local ct mark set" in layout().render()
 
 
 def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gateway():
