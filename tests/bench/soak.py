@@ -404,7 +404,9 @@ def run(args: argparse.Namespace) -> int:
             if now >= next_churn:
                 soak.churn()
                 next_churn = now + args.churn_every
-            if now >= next_restart and now + 10 < end:
+            if now >= next_restart and now + 10 >= end:
+                next_restart = float("inf")  # too close to the end to see it answer again
+            elif now >= next_restart:
                 soak.restart(kill)
                 print(f"  restart ({soak.restarts[-1][0]}): answering again after {soak.restarts[-1][1]:.1f} s",
                       flush=True)
