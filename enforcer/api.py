@@ -216,9 +216,15 @@ def webhook_app(enforcer: Enforcer, verifier: Webhook | Verifier | None) -> web.
 
 
 async def get_lookup(request: web.Request) -> web.Response:
+    """An operator may look up any address; the portal only one the kernel saw connect to it
+    (``Enforcer.portal_lookup``), so even a compromised portal cannot enumerate subscribers."""
     address = request.query.get("address", "")
+    enforcer = request.app[ENFORCER_KEY]
     try:
-        return _json(200, request.app[ENFORCER_KEY].lookup(address))
+        if is_operator(request):
+            return _json(200, enforcer.lookup(address))
+        status, answer = await enforcer.portal_lookup(address)
+        return _json(status, answer)
     except ValueError:
         return _json(400, {"error": f"address {address!r} is not an IP address"})
 
@@ -267,11 +273,15 @@ async def operators_only(request: web.Request, handler: Any) -> web.StreamRespon
     """The socket's group lets the portal in; operator actions and subscriber details
     (status, explain, audit, restrict, lift, exempt, approve...) need root or the daemon's own
     user, so a compromised portal cannot lift anyone or read the audit log."""
-    if request.path not in PORTAL_PATHS:
-        creds = peer_credentials(request)
-        if creds is None or creds[1] not in (0, os.geteuid()):
-            return _json(403, {"error": "operator commands need root (sudo walled-garden ...)"})
+    if request.path not in PORTAL_PATHS and not is_operator(request):
+        return _json(403, {"error": "operator commands need root (sudo walled-garden ...)"})
     return await handler(request)
+
+
+def is_operator(request: web.Request) -> bool:
+    """Root or the daemon's own user on the other end of the control socket."""
+    creds = peer_credentials(request)
+    return creds is not None and creds[1] in (0, os.geteuid())
 
 
 def peer(request: web.Request) -> str:

@@ -55,7 +55,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except SecretError as exc:
             problems.append(str(exc))
             continue
-        problem = secret_file_problem(path)
+        problem = secret_file_problem(path, config.api.socket_group)
         if problem:
             problems.append(f"{problem} ({key})")
     from captive_portal.branding import validate as validate_portal
@@ -116,23 +116,34 @@ def _resolve_within(seconds: float) -> Any:
     return resolve
 
 
-def secret_file_problem(path: str) -> str | None:
+def secret_file_problem(path: str, portal_group: str = "") -> str | None:
     """Why the secret file's permissions let others forge or read webhooks, or None.
 
-    Other users may neither read nor write it, its group may not write it (0640 with the
-    daemon's group is fine).
+    Other users may neither read nor write it, its group may not write it, and it may not be
+    readable by the portal's group (``api.socket_group``): the portal would then hold the key
+    billing signs with. 0640 with the daemon's own group is fine.
     """
+    import grp
     import os
     import stat
 
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
     except OSError as exc:
         return f"{path}: cannot stat the secret file: {exc.strerror or exc}"
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o007 or mode & 0o020:
         who = "other users" if mode & 0o007 else "its group"
         return (f"{path}: mode {mode:04o} lets {who} read or change the webhook secret; "
                 "chmod 600 (or 640 for the daemon's group)")
+    if mode & 0o040 and portal_group:
+        try:
+            portal_gid = grp.getgrnam(portal_group).gr_gid
+        except KeyError:
+            return None
+        if info.st_gid == portal_gid:
+            return (f"{path}: mode {mode:04o} and group {portal_group} (api.socket_group) let the portal read "
+                    "the webhook secret; chmod 600, or give it another group")
     return None
 
 

@@ -1070,6 +1070,11 @@ class Enforcer:
         return 403, {"error": "this address has not connected to the portal recently; reload the page",
                      "eligible": False, "why": "not_a_recent_caller"}
 
+    async def portal_lookup(self, address: str) -> tuple[int, dict[str, Any]]:
+        """``lookup`` for the portal: only of an address the kernel saw connect to the portal."""
+        refused = await self._not_a_caller(address, "lookup")
+        return refused if refused is not None else (200, self.lookup(address))
+
     def reference(self, subscriber_id: str) -> str:
         """A code for the portal page that support can resolve, which reveals nothing by itself."""
         code = self._references.get(subscriber_id)

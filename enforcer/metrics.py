@@ -67,7 +67,7 @@ class Metrics:
         self.portal_refusals = Counter("walled_garden_portal_actions_refused",
                                        "Portal actions refused: the address had not connected to the portal "
                                        "recently (a compromised or misconfigured portal)", ["action"], registry=r)
-        for action in ("promise", "acknowledge"):
+        for action in ("promise", "acknowledge", "lookup"):
             self.portal_refusals.labels(action)
         self.outbox = Gauge("walled_garden_outbox_messages",
                             "Outgoing webhooks to billing not yet delivered", registry=r)

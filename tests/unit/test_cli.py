@@ -171,3 +171,18 @@ def test_check_config_prints_portal_url_hints_as_warnings(tmp_path: Path, capsys
     assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
     err = capsys.readouterr().err
     assert "WARNING: portal.url: 198.51.100.77 is not an address of this machine" in err
+
+
+def test_a_secret_readable_by_the_portals_group_is_refused(tmp_path: Path) -> None:
+    import grp
+    import os
+
+    from enforcer.cli import secret_file_problem
+
+    secret = tmp_path / "secret"
+    secret.write_text("whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n")
+    secret.chmod(0o640)
+    group = grp.getgrgid(os.stat(secret).st_gid).gr_name
+    problem = secret_file_problem(str(secret), group)
+    assert problem is not None and "let the portal read the webhook secret" in problem
+    assert secret_file_problem(str(secret), "") is None

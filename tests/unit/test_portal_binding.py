@@ -52,3 +52,22 @@ async def test_an_acknowledgement_is_audited(tmp_path: Path) -> None:
     assert (await e.acknowledge("100.64.0.2"))[0] == 200
     assert "notice acknowledged on the portal from 100.64.0.2" in e.audit("C-2", None, 5)[-1]["cause"]
     await e.close()
+
+
+async def test_the_portal_looks_up_only_its_callers(tmp_path: Path) -> None:
+    """A compromised portal cannot enumerate who is restricted and why: its lookups (unlike an
+    operator's) answer only for addresses the kernel saw connect to the portal."""
+    config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
+                          str(tmp_path / "c.yaml"))
+    fake = FakeDataplane(callers_seen_by_default=False)
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
+    await e.restore()
+    await e.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue")],
+                               "l.yaml", "1"))
+    status, answer = await e.portal_lookup("100.64.0.1")
+    assert status == 403 and "subscriber" not in answer
+    fake.saw_caller("100.64.0.1")
+    status, answer = await e.portal_lookup("100.64.0.1")
+    assert (status, answer["subscriber"], answer["restricted"]) == (200, "C-1", True)
+    assert e.lookup("100.64.0.7")["restricted"] is False          # operators (explain) are not bound
+    await e.close()
