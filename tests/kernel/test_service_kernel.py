@@ -209,16 +209,24 @@ def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Top
         assert st.st_gid == grp.getgrnam("nogroup").gr_gid and stat.S_IMODE(st.st_mode) == 0o660
         url = f"http://enforcer/v1/lookup?address={topo.subscribers[0].addr4}"
 
-        def as_user(*groups: int, target: str = url, post: str = "") -> subprocess.CompletedProcess[str]:
-            """uid nobody with a primary group of its own (like a DynamicUser), plus ``groups``."""
+        def as_user(*groups: int, target: str = url, post: str = "",
+                    status: bool = False) -> subprocess.CompletedProcess[str]:
+            """uid nobody with a primary group of its own (like a DynamicUser), plus ``groups``;
+            with ``post`` or ``status`` the HTTP status is the output, else the body."""
             ids = ["--reuid=65534", f"--regid={grp.getgrnam('users').gr_gid}", "--inh-caps=-all"]
             ids += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
             data = ["-d", post] if post else []
             return subprocess.run([setpriv, *ids, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *data,
-                                   "--max-time", "3", "--unix-socket", lab.socket, target] if post else
+                                   "--max-time", "3", "--unix-socket", lab.socket, target] if post or status else
                                   [setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, target],
                                   capture_output=True, text=True, check=False, timeout=10)
 
+        # The portal looks up only addresses the kernel saw connect to the portal (issue 11 item 6):
+        # before the subscriber does, the member gets through the socket and is answered 403.
+        member = as_user(grp.getgrnam("nogroup").gr_gid, status=True)
+        assert member.stdout == "403", member
+        subscriber = topo.subscribers[0]
+        tcp_connect(topo, subscriber.netns, topo.gateway_addr4(1), 80)   # a browser opening portal.url
         member = as_user(grp.getgrnam("nogroup").gr_gid)   # SupplementaryGroups=
         assert member.returncode == 0 and json.loads(member.stdout)["restricted"] is True, member.stderr
         # ... but only for what the portal needs: operator actions and subscriber details are refused
