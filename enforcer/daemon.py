@@ -38,7 +38,7 @@ from .billing_order import BillingOrder
 from .address_space import AddressSpace
 from .claims import ClaimsIndex
 from .receipt_clock import ReceiptClock
-from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, with_mode_view
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, probe, with_mode_view
 from .sources import ListUpdate, SourceFailure, redact_url
 from .store import EnforcedWrite, Store, StoreError
 from .subscribers import Mode, Network, Subscriber, validate_entry
@@ -1060,7 +1060,7 @@ class Enforcer:
         table's ``portalcaller`` sets), so even a compromised portal process cannot promise or
         acknowledge for anyone else. ``None`` when the address may act."""
         try:
-            seen = await self._kernel(self.reconciler.dataplane.recent_caller, address)
+            seen = await asyncio.to_thread(self.reconciler.dataplane.reader().recent_caller, address)
         except DataplaneError as exc:
             return 503, {"error": f"cannot check the caller in the kernel: {exc}"}
         if seen:
@@ -1242,7 +1242,7 @@ class Enforcer:
     # -- operations: metrics and reload ---------------------------------------------------
     async def read_kernel_counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of the table's named counters, read on the kernel thread."""
-        return await self._kernel(self.reconciler.dataplane.counters)
+        return await asyncio.to_thread(self.reconciler.dataplane.reader().counters)   # not on the kernel thread
 
     async def verify_table(self) -> bool:
         """Is our table still in the kernel as we left it? Every call checks the layout tag and
@@ -1253,9 +1253,15 @@ class Enforcer:
         if layout is None or self.reconciler.needs_full:
             return True
         full = time.monotonic() - self._full_check >= TABLE_FULL_CHECK_SECONDS
-        if full:
+        if full:   # against the mirror: on the kernel thread, where the mirror is consistent
             self._full_check = time.monotonic()
-        problem = await self._kernel(self.reconciler.check_kernel, full)
+            problem = await self._kernel(self.reconciler.check_kernel, True)
+        else:      # the layout only: on a reader of its own, so no webhook waits behind it
+            problem = await asyncio.to_thread(probe, self.reconciler.dataplane.reader(), layout)
+            if problem and (self.reconciler.layout is not layout or self.reconciler.needs_full):
+                return True    # a sync replaced the table meanwhile: nothing to say about the old one
+            if problem:
+                self.reconciler.needs_full = True
         if not problem:
             return True
         log.error("event=table_lost table=%s check=%s detail=%r (someone removed or changed our table; "

@@ -355,15 +355,7 @@ class Reconciler:
         layout, mirror = self.layout, self.mirror
         if self.needs_full or layout is None or mirror is None:
             return ""
-        if full:
-            problem = _compare(self.dataplane.read(), layout, mirror)
-        else:
-            if self.dataplane.holds_layout(layout.tag, layout.containers()):
-                return ""
-            problem = _tag_problem(self.dataplane.layout_tag(), layout)   # what is wrong, then
-            if not problem:
-                flushed = self.dataplane.missing_sentinels(layout.containers())
-                problem = f"set(s) flushed: {_few(flushed)}" if flushed else ""
+        problem = _compare(self.dataplane.read(), layout, mirror) if full else probe(self.dataplane, layout)
         if problem:
             self.needs_full = True
         return problem
@@ -403,6 +395,19 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
         plen = container.rsplit("_", 1)[1]
         out.update(ipaddress.ip_network(f"{key}/{plen}") for key in keys)
     return out
+
+
+def probe(dataplane: Dataplane, layout: Layout) -> str:
+    """The cheap check alone, touching no reconciler state, so it may run on another thread
+    (with ``dataplane.reader()``): one batch of ``get element`` for the layout tag's element and
+    every sentinel; only when that fails is the table looked at more closely, to say what."""
+    if dataplane.holds_layout(layout.tag, layout.containers()):
+        return ""
+    problem = _tag_problem(dataplane.layout_tag(), layout)
+    if not problem:
+        flushed = dataplane.missing_sentinels(layout.containers())
+        problem = f"set(s) flushed: {_few(flushed)}" if flushed else ""
+    return problem
 
 
 def _tag_problem(tag: str | None, layout: Layout) -> str:

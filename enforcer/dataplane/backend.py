@@ -40,6 +40,10 @@ class Dataplane(Protocol):
     def counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of our named counters; no set contents are listed."""
 
+    def reader(self) -> "Dataplane":
+        """The same table for reads from another thread (its own kernel session): checks,
+        counters and caller lookups never wait behind, nor stall, the writes."""
+
     def recent_caller(self, address: str) -> bool:
         """Did ``address`` connect to the portal's ports from a subscriber interface recently
         (``layout.CALLER_TIMEOUT``)? False when not, or when the table is gone; ``ValueError``

@@ -88,6 +88,10 @@ class FakeDataplane:
         """The layout's named counters, zero unless a test set ``counter_values``; none without a table."""
         return {name: self.counter_values.get(name, (0, 0)) for name in COUNTERS} if self.state else {}
 
+    def reader(self) -> "FakeDataplane":
+        """Reads off the kernel thread see the same (in-memory) table."""
+        return self
+
     def recent_caller(self, address: str) -> bool:
         try:
             parsed = str(ipaddress.ip_address(address))

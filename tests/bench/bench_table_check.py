@@ -30,7 +30,7 @@ from enforcer.daemon import base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402
-from enforcer.reconciler import Reconciler  # noqa: E402
+from enforcer.reconciler import Reconciler, probe  # noqa: E402
 
 CONFIG = f"state_dir: /tmp/wg-bench-check\nsubscribers: {{source: /dev/null}}\ngateway: {{table: {TABLE}}}\n"
 
@@ -45,13 +45,16 @@ def run(sizes: list[int], repeat: int) -> None:
     config = parse_config(CONFIG)
     nft = Nftables()
     print(f"# table check at N subscribers (every fourth with an IPv6 /56); median of {repeat}, seconds")
-    print(f"{'subscribers':>12} {'cheap':>8} {'full':>8} {'nft list':>9} {'full/list':>9} {'repair 1 el.':>13}")
+    print("cheap: right after a write, on the kernel thread's context (as before) and on the reader's own (as now)")
+    print(f"{'subscribers':>12} {'cheap kt':>9} {'cheap rd':>9} {'write':>8} {'full':>8} {'nft list':>9} "
+          f"{'full/list':>9} {'repair 1 el.':>13}")
     for n in sizes:
         nft_delete_table(nft)
         decisions = PolicyInputs({s.id: s for s in subscribers(n)}, {}, {}).decide_all(0.0)
         reconciler = Reconciler(KernelDataplane(TABLE, nft), base_layout(config))
         reconciler.sync_all(decisions, read_kernel=True)
-        cheap, full, listing, repair = [], [], [], []
+        cheap, cheap_reader, write, full, listing, repair = [], [], [], [], [], []
+        reader = reconciler.dataplane.reader()
         for round_ in range(repeat):
             order = ("full", "list") if round_ % 2 == 0 else ("list", "full")
             for which in order:
@@ -60,7 +63,12 @@ def run(sizes: list[int], repeat: int) -> None:
                 else:
                     listing.append(timed(lambda: subprocess.run(["nft", "list", "table", "inet", TABLE],
                                                                 check=True, stdout=subprocess.DEVNULL)))
+            # a webhook's write, then the 5-second check: on the kernel thread's own context ...
+            write.append(timed(lambda: nft.run(f"add element inet {TABLE} allowhost4 {{ 198.51.100.9 }}")))
             cheap.append(timed(lambda: check(reconciler, False)))
+            nft.run(f"delete element inet {TABLE} allowhost4 {{ 198.51.100.9 }}")
+            # ... and on the reader's context, which the daemon now uses off the kernel thread
+            cheap_reader.append(timed(lambda: probe(reader, reconciler.layout)))
             victim = f"100.64.{(round_ // 250) % 256}.{round_ % 250 + 1}"
             nft.run(f"delete element inet {TABLE} portal4_32 {{ {victim} }}")
 
@@ -70,8 +78,8 @@ def run(sizes: list[int], repeat: int) -> None:
                 check(reconciler, True)
             repair.append(timed(detect_and_repair))
         m = statistics.median
-        print(f"{n:>12} {m(cheap):>8.4f} {m(full):>8.3f} {m(listing):>9.3f} {m(full) / m(listing):>9.2f} "
-              f"{m(repair):>13.3f}")
+        print(f"{n:>12} {m(cheap):>9.4f} {m(cheap_reader):>9.4f} {m(write):>8.4f} {m(full):>8.3f} "
+              f"{m(listing):>9.3f} {m(full) / m(listing):>9.2f} {m(repair):>13.3f}")
     nft_delete_table(nft)
 
 
