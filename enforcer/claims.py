@@ -94,9 +94,30 @@ class ClaimsIndex:
         return previous
 
     def rebuild(self, holdings: Mapping[str, Iterable[Network]]) -> None:
-        self.__init__()   # type: ignore[misc]
-        for sid, networks in holdings.items():
-            self.claim(sid, networks)
+        """Start over from what the kernel holds (after a full sync), in bulk: one pass fills the
+        exact keys, ``inside`` is counted per length in use (100k /32s: no such work at all).
+        ``holdings`` must not overlap (the reconciler left every clash out)."""
+        self.held = {sid: tuple(networks) for sid, networks in holdings.items()}
+        self.held = {sid: networks for sid, networks in self.held.items() if networks}
+        exact: dict[Slot, dict[int, str]] = {}
+        for sid, networks in self.held.items():
+            for network in networks:
+                slot = (network.version, network.prefixlen)
+                keys = exact.get(slot)
+                if keys is None:
+                    keys = exact[slot] = {}
+                keys[int(network.network_address)] = sid
+        self._exact = exact
+        self._lengths = {version: sorted(p for v, p in exact if v == version) for version in (4, 6)}
+        self._inside = {}
+        for version, length in exact:
+            counts: dict[int, dict[str, int]] = {}
+            for (v, plen), keys in exact.items():
+                if v == version and plen > length:
+                    for value, sid in keys.items():
+                        slot_counts = counts.setdefault(_masked(value, version, length), {})
+                        slot_counts[sid] = slot_counts.get(sid, 0) + 1
+            self._inside[(version, length)] = counts
 
     def _add(self, sid: str, network: Network) -> None:
         version, plen = network.version, network.prefixlen

@@ -47,3 +47,27 @@ def test_broad_prefix_names_the_neighbour() -> None:
     assert str(found) == "100.64.0.0/16 covers 100.64.0.10/32, held by subscriber C-1"
     index.claim("C-1", [])
     assert index.conflict("C-9", [ipaddress.ip_network("100.64.0.0/16")]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_a_bulk_rebuild_answers_like_claims_one_by_one(ops: list) -> None:
+    one_by_one = ClaimsIndex()
+    for sid, networks in ops:
+        if one_by_one.conflict(sid, networks) is None and not any(
+                overlaps(a, b) for i, a in enumerate(networks) for b in networks[i + 1:]):
+            one_by_one.claim(sid, networks)
+    bulk = ClaimsIndex()
+    bulk.rebuild(dict(one_by_one.held))
+    probes = [n for _, networks in ops for n in networks] + [ipaddress.ip_network("100.64.0.0/24"),
+                                                            ipaddress.ip_network("2001:db8::/40")]
+    for probe in probes:
+        mine, theirs = one_by_one.conflict("?", [probe]), bulk.conflict("?", [probe])
+        assert (mine is None) == (theirs is None), probe
+    for sid, networks in ops[:5]:   # and both keep working the same after more claims
+        if one_by_one.conflict(sid, networks) is None and not any(
+                overlaps(a, b) for i, a in enumerate(networks) for b in networks[i + 1:]):
+            one_by_one.claim(sid, networks)
+            bulk.claim(sid, networks)
+    for probe in probes:
+        assert (one_by_one.conflict("?", [probe]) is None) == (bulk.conflict("?", [probe]) is None), probe
