@@ -43,8 +43,12 @@ class KernelDataplane:
             raise DataplaneError(str(exc)) from None
 
     def read(self) -> TableState | None:
+        return self._listing(f"list table inet {self.table}")
+
+    def _listing(self, command: str) -> TableState | None:
+        """One ``nft -j list ...`` of ours, parsed; None when the table (or set) is gone."""
         try:
-            data = self._nft.run_json(f"list table inet {self.table}")
+            data = self._nft.run_json(command)
         except NftError as exc:
             if _MISSING in str(exc):
                 return None
@@ -53,13 +57,8 @@ class KernelDataplane:
 
     def layout_tag(self) -> str | None:
         """The layout tag of our table in the kernel, listing one small chain; None if the table is gone."""
-        try:
-            data = self._nft.run_json(f"list chain inet {self.table} layout")
-        except NftError as exc:
-            if _MISSING in str(exc):
-                return None
-            raise DataplaneError(str(exc)) from None
-        return parse_listing(data, self.table).layout_tag
+        state = self._listing(f"list chain inet {self.table} layout")
+        return state.layout_tag if state is not None else None
 
     def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
         """One batch: the tag's element in ``layouttag`` and every container's sentinel."""
@@ -117,14 +116,8 @@ class KernelDataplane:
         except ValueError:
             raise ValueError(f"recent_caller: {address!r} is not an IP address") from None
         name = CALLER_SET[parsed.version]
-        try:
-            data = self._nft.run_json(f"list set inet {self.table} {name}")
-        except NftError as exc:
-            if _MISSING in str(exc):
-                return False
-            raise DataplaneError(str(exc)) from None
-        members = parse_listing(data, self.table).elements.get(name, {})
-        return any(_same_address(key, parsed) for key in members)
+        state = self._listing(f"list set inet {self.table} {name}")
+        return state is not None and any(_same_address(key, parsed) for key in state.elements.get(name, {}))
 
 
 def _same_address(key: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
