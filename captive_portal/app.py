@@ -393,7 +393,7 @@ async def promise_post(request: web.Request) -> web.Response:
         if _free(lookup):
             return _caller_page(request, lookup, language, note="promise_not_needed", status=409)
         return _not_recent(request, language, address, "promise", lookup)
-    if not answer.made:
+    if not answer.promised:
         log.info("event=promise_refused address=%s why=%s", address, answer.why)
         lookup = await lookup_caller(request)
         if answer.why == "not_restricted" or _free(lookup):

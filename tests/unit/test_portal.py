@@ -563,7 +563,7 @@ async def test_enforcer_client_returns_a_lookup(tmp_path: Path) -> None:
 async def test_enforcer_client_fills_in_missing_optional_fields(tmp_path: Path) -> None:
     async def free(request: web.Request) -> web.Response:
         return web.json_response({"address": "10.0.0.1", "restricted": False, "mode": "free",
-                                  "reason": None, "subscriber": None, "ack_until": "soon"})
+                                  "reason": None, "subscriber": None, "ack_until": None})
 
     socket_path = tmp_path / "c.sock"
     async with unix_enforcer(socket_path, free):
@@ -596,7 +596,6 @@ async def test_enforcer_client_reads_ack_until(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("answer,expected", [
     (web.json_response({"acknowledged": True, "until": 1900000000}), Ack(True, 1900000000.0)),
-    (web.json_response({"acknowledged": True}), Ack(True, None)),
     (web.json_response({"error": "C-1 is in walled-garden mode"}, status=409),
      Ack(False, error="C-1 is in walled-garden mode")),
     (web.Response(status=409, text="no"), Ack(False, error="not in notice or throttle mode")),
@@ -622,6 +621,8 @@ async def test_enforcer_client_acknowledges(tmp_path: Path, answer: web.Response
     web.Response(status=404),
     web.Response(text="not json"),
     web.json_response({"acknowledged": False}),
+    web.json_response({"acknowledged": False, "mode": "free"}),   # nothing to acknowledge: look again
+    web.json_response({"acknowledged": True}),                     # acknowledged until when?
     web.json_response(["acknowledged"]),
 ])
 async def test_enforcer_client_acknowledge_raises_on_bad_answers(tmp_path: Path, answer: web.Response) -> None:
@@ -665,6 +666,8 @@ async def test_enforcer_client_raises_when_the_socket_does_not_exist(tmp_path: P
     web.Response(text="not json"),
     web.json_response({"restricted": "yes", "mode": "free"}),
     web.json_response(["not", "an", "object"]),
+    web.json_response({"address": "10.0.0.1", "restricted": False, "mode": "free", "ack_until": "soon"}),
+    web.json_response({"address": "10.0.0.1", "restricted": True, "mode": "walled-garden", "promise": "yes"}),
 ])
 async def test_enforcer_client_raises_on_bad_answers(tmp_path: Path, answer: web.Response) -> None:
     async def handler(request: web.Request) -> web.Response:

@@ -56,7 +56,7 @@ class PromiseEnforcer(FakeEnforcer):
         if self.unreachable:
             raise EnforcerUnavailable("cannot reach the enforcer: test")
         if self.result is not None:
-            if self.promised.made or self.promised.why == "not_restricted":
+            if self.promised.promised or self.promised.why == "not_restricted":
                 self.result = replace(FREE, address=self.result.address)
             else:
                 self.result = replace(self.result, promise=PromiseOffer(False, self.promised.why))
@@ -287,10 +287,8 @@ RESTRICTED = {"address": "100.64.0.10", "restricted": True, "mode": "walled-gard
     ({"eligible": True, "why": "eligible", "term_seconds": 259200.0}, OFFER),
     ({"eligible": False, "why": "limit_reached", "term_seconds": None}, PromiseOffer(False, "limit_reached")),
     (None, NOT_OFFERED),                                            # an older enforcer
-    ("yes", NOT_OFFERED),
-    ({"eligible": "true", "term_seconds": 259200}, PromiseOffer(False, "", 259200.0)),
     ({"eligible": True, "why": "eligible"}, PromiseOffer(False, "eligible")),  # no term: no button
-    ({"eligible": True, "term_seconds": -5}, PromiseOffer(False, "")),
+    ({"eligible": False}, PromiseOffer(False, "")),
 ])
 async def test_the_client_reads_the_offer_from_the_lookup(tmp_path: Path, promise: Any,
                                                           expected: PromiseOffer) -> None:
@@ -310,8 +308,29 @@ async def test_the_client_reads_the_offer_from_the_lookup(tmp_path: Path, promis
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("promise,field", [
+    ("yes", "promise"),
+    ({"eligible": "true", "term_seconds": 259200}, "promise.eligible"),
+    ({"eligible": True, "term_seconds": -5}, "promise.term_seconds"),
+    ({"eligible": True, "why": 3, "term_seconds": 60}, "promise.why"),
+])
+async def test_a_malformed_offer_is_a_malformed_lookup(tmp_path: Path, promise: Any, field: str) -> None:
+    async def lookup(request: web.Request) -> web.Response:
+        return web.json_response(dict(RESTRICTED, promise=promise))
+
+    async with unix_enforcer(tmp_path / "c.sock", lookup=lookup):
+        client = EnforcerClient(str(tmp_path / "c.sock"))
+        try:
+            with pytest.raises(EnforcerUnavailable, match=f"malformed lookup answer .*{field}: "):
+                await client.lookup("100.64.0.10")
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("answer,expected", [
-    (web.json_response({"promised": True, "until": 1900000000, "mode": "free"}), Promised(True, 1900000000.0)),
+    (web.json_response({"promised": True, "until": 1900000000, "mode": "free"}),
+     Promised(True, 1900000000.0, mode="free")),
     (web.json_response({"error": "no", "eligible": False, "why": "limit_reached"}, status=403),
      Promised(False, why="limit_reached")),
     (web.Response(status=403, text="no"), Promised(False, why="not_eligible")),
