@@ -23,6 +23,21 @@ Faults (SPEC §8: the daemon starts whenever it can enforce):
   system) while the database is in use raises ``StoreError`` (also a ``sqlite3.Error``),
   naming the operation; nothing is quarantined for it. A write that fails changes nothing
   (each write is one transaction). ``Store.write_fault`` lets tests make writes fail.
+
+Threads: the store is called from the event loop's thread (answers to webhook ids, the audit
+log, the outbox, small writes) and from ``asyncio.to_thread`` workers (a 100k-row list save,
+the enforcement record after a full sync). Each thread gets **its own connection**, opened on
+its first call with the same settings (WAL, ``synchronous=NORMAL``, ``BUSY_TIMEOUT``), and
+``close()`` closes them all. Chosen over one owner thread running every call because WAL lets
+readers and the writer proceed together: while a worker saves 100k rows (~0.5 s), the loop's
+small reads (a webhook id's answer, ``status``) read the last commit on their own connection
+instead of queueing behind the save, and no call has to be turned into a message to another
+thread. Writes are serialised by one writer lock (``threading.Lock``): a write method is one
+transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) taken on the calling thread's connection under
+that lock, and write methods called inside it join it, counted per thread. So a write can only
+join a transaction of its own thread; a write on another thread waits for the lock (at most
+``BUSY_TIMEOUT``, then ``StoreError`` "database is locked") and commits or fails on its own.
+A thread sees its own transaction's writes; other threads see the last commit.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import math
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -180,18 +196,26 @@ class Unusable(Exception):
 
 
 def _guarded(method: F, injectable: bool) -> F:
-    """SQLite errors of ``method`` become ``StoreError`` naming it; with ``injectable``,
-    ``Store.write_fault`` is asked first (fault injection for tests)."""
+    """SQLite errors of ``method`` become ``StoreError`` naming it.
+
+    With ``injectable`` (a write), ``method`` runs inside ``Store._transaction`` (its own
+    transaction, or its thread's open one) and ``Store.write_fault`` is asked first, inside
+    that transaction (fault injection for tests: it rolls back what the batch wrote)."""
+    name = method.__name__
+
     @functools.wraps(method)
     def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
         try:
-            if injectable and self.write_fault is not None:
-                self.write_fault(method.__name__)
-            return method(self, *args, **kwargs)
+            if not injectable:
+                return method(self, *args, **kwargs)
+            with self._transaction():
+                if self.write_fault is not None:
+                    self.write_fault(name)
+                return method(self, *args, **kwargs)
         except StoreError:
             raise
         except sqlite3.Error as exc:
-            raise StoreError(method.__name__, exc) from exc
+            raise StoreError(name, exc) from exc
     return wrapper  # type: ignore[return-value]
 
 
@@ -252,7 +276,14 @@ class Store:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_NAME)
         self.clock = clock
-        self._depth = 0          # nested _transaction()s join the outermost one
+        #: This thread's connection (``db``) and transaction depth (``depth``), see ``_Tx``.
+        self._local = threading.local()
+        #: Held by the thread whose transaction is open (module docstring).
+        self._write_lock = threading.Lock()
+        #: Every connection opened and not yet closed, with its thread (for ``close()``).
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
         #: Set when this start moved an unusable database aside: ``{"path", "reason", "at"}``.
         self.quarantined: dict[str, Any] | None = None
         #: Rows moved to ``quarantined_rows`` by this process (the first ``SKIPPED_KEPT``).
@@ -262,13 +293,49 @@ class Store:
         #: in it to make that write fail as a full or failing disk would.
         self.write_fault: Callable[[str], None] | None = None
         try:
-            self.db = self._open()
+            db = self._open()
         except Unusable as exc:
             self._quarantine(str(exc))
             try:
-                self.db = self._open()
+                db = self._open()
             except Unusable as again:
                 raise StoreError("open", f"a fresh database is not usable either: {again}") from again
+        self._adopt(db)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The calling thread's connection (opened on its first use)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        return db if db is not None else self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection for this thread, set up as ``_open``'s (WAL is a property of the file).
+
+        ``mode=rw``: a database removed while the daemon runs is an error, not a new empty one."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        db = sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT,
+                             isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error:
+            db.close()
+            raise
+        self._adopt(db)
+        return db
+
+    def _adopt(self, db: sqlite3.Connection) -> None:
+        """Make ``db`` this thread's connection; close those of threads that have ended (a
+        connection is used only by its own thread, so nobody else holds them)."""
+        me = threading.current_thread()
+        with self._connections_lock:
+            ended = [c for t, c in self._connections if not t.is_alive()]
+            self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+            self._connections.append((me, db))
+        for old in ended:
+            old.close()
+        self._local.db = db
+        self._local.depth = 0
 
     def _open(self) -> sqlite3.Connection:
         """Check an existing file read-only (integrity, our tables' columns), then connect
@@ -337,7 +404,18 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM quarantined_rows").fetchone()[0])
 
     def close(self) -> None:
-        self.db.close()
+        """Close every thread's connection; call it when no store call is running. Later
+        calls fail (``StoreError``), as on a closed connection."""
+        with self._connections_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _, db in connections:
+            db.close()
+
+    def connection_count(self) -> int:
+        """Connections open now (one per thread that has used the store and is alive)."""
+        with self._connections_lock:
+            return len(self._connections)
 
     # -- rows that do not decode ----------------------------------------------------------------
     def _decoded(self, table: str, columns: str, decode: Callable[..., Any], where: str = "",
@@ -421,18 +499,17 @@ class Store:
         if changed is None:
             changed = set(old.keys() ^ new.keys()) | {s for s in old.keys() & new.keys() if old[s] != new[s]}
         gone = [(sid,) for sid in changed if sid not in new]
-        with self._transaction():
-            if since is not None:
-                self.db.executemany("DELETE FROM listed_since WHERE id = ?", gone)
-                self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)",
-                                    [(sid, since[sid]) for sid in changed if sid in new and sid in since])
-            self.db.executemany("DELETE FROM listed WHERE id = ?", gone)
-            self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
-                                [(sid, json.dumps(new[sid].to_json())) for sid in changed if sid in new])
-            superseded = [(sid,) for sid in changed]
-            self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
-            self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
-            self.set_meta("list", meta)
+        if since is not None:
+            self.db.executemany("DELETE FROM listed_since WHERE id = ?", gone)
+            self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)",
+                                [(sid, since[sid]) for sid in changed if sid in new and sid in since])
+        self.db.executemany("DELETE FROM listed WHERE id = ?", gone)
+        self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
+                            [(sid, json.dumps(new[sid].to_json())) for sid in changed if sid in new])
+        superseded = [(sid,) for sid in changed]
+        self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
+        self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
+        self.set_meta("list", meta)
 
     @_writes
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:
@@ -448,25 +525,24 @@ class Store:
         overrides = [(sid, inputs.overrides[sid]) for sid in sids if sid in inputs.overrides]
         moved = [(sid, inputs.readdressed[sid]) for sid in sids if sid in inputs.readdressed]
         graces = [(sid, inputs.graces[sid]) for sid in sids if sid in inputs.graces]
-        with self._transaction():
-            for table in ("overrides", "readdressed", "graces", "exemptions"):
-                self.db.executemany(f"DELETE FROM {table} WHERE id = ?", keys)
-            self.db.executemany("INSERT INTO overrides VALUES (?, ?, ?, ?, ?)",
-                                [(sid, int(o.restrict), o.at, o.cause,
-                                  json.dumps(o.subscriber.to_json()) if o.subscriber else None)
-                                 for sid, o in overrides])
-            self.db.executemany("INSERT INTO readdressed VALUES (?, ?, ?, ?)",
-                                [(sid, json.dumps([str(a) for a in m.addresses]), m.at, m.cause) for sid, m in moved])
-            self.db.executemany("INSERT INTO graces VALUES (?, ?, ?, ?)",
-                                [(sid, g.paid_at, g.until, g.cause) for sid, g in graces])
-            self.db.executemany("INSERT INTO exemptions VALUES (?, ?, ?, ?, ?, ?)",
-                                [(sid, e.category, e.until, e.note, e.set_by, e.set_at)
-                                 for sid in sids for e in inputs.exemptions.get(sid, {}).values()])
-            promised = [sid for sid in sids if sid in inputs.promises]
-            self.db.executemany("DELETE FROM promises WHERE id = ?", [(sid,) for sid in promised])
-            self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
-                                [(sid, p.made_at, p.until, p.outcome, p.address)
-                                 for sid in promised for p in inputs.promises[sid]])
+        for table in ("overrides", "readdressed", "graces", "exemptions"):
+            self.db.executemany(f"DELETE FROM {table} WHERE id = ?", keys)
+        self.db.executemany("INSERT INTO overrides VALUES (?, ?, ?, ?, ?)",
+                            [(sid, int(o.restrict), o.at, o.cause,
+                              json.dumps(o.subscriber.to_json()) if o.subscriber else None)
+                             for sid, o in overrides])
+        self.db.executemany("INSERT INTO readdressed VALUES (?, ?, ?, ?)",
+                            [(sid, json.dumps([str(a) for a in m.addresses]), m.at, m.cause) for sid, m in moved])
+        self.db.executemany("INSERT INTO graces VALUES (?, ?, ?, ?)",
+                            [(sid, g.paid_at, g.until, g.cause) for sid, g in graces])
+        self.db.executemany("INSERT INTO exemptions VALUES (?, ?, ?, ?, ?, ?)",
+                            [(sid, e.category, e.until, e.note, e.set_by, e.set_at)
+                             for sid in sids for e in inputs.exemptions.get(sid, {}).values()])
+        promised = [sid for sid in sids if sid in inputs.promises]
+        self.db.executemany("DELETE FROM promises WHERE id = ?", [(sid,) for sid in promised])
+        self.db.executemany("INSERT INTO promises (id, made_at, until, outcome, address) VALUES (?, ?, ?, ?, ?)",
+                            [(sid, p.made_at, p.until, p.outcome, p.address)
+                             for sid in promised for p in inputs.promises[sid]])
 
     # -- billing order ------------------------------------------------------------------------
     @_reads
@@ -477,8 +553,7 @@ class Store:
     @_writes
     def save_billing_order(self, rows: Iterable[tuple[str, str, float]]) -> None:
         """Upsert (subscriber, stream, newest billing timestamp) rows; see ``billing_order``."""
-        with self._transaction():
-            self.db.executemany("INSERT OR REPLACE INTO billing_order (id, stream, ts) VALUES (?, ?, ?)", list(rows))
+        self.db.executemany("INSERT OR REPLACE INTO billing_order (id, stream, ts) VALUES (?, ?, ?)", list(rows))
 
     # -- webhook ids ----------------------------------------------------------------------
     @_reads
@@ -504,11 +579,10 @@ class Store:
         """A batch's answers (and, with ``inputs``, the policy state of the subscribers they
         name), in one commit."""
         now = time.time()
-        with self._transaction():
-            if inputs is not None:
-                self.save_subscribers(inputs, (r[3] for r in records if r[3] is not None))
-            self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                                [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
+        if inputs is not None:
+            self.save_subscribers(inputs, (r[3] for r in records if r[3] is not None))
+        self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                            [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
 
     @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
@@ -519,16 +593,15 @@ class Store:
         in one commit (a webhook batch's whole state): a retry finds its answer exactly when the
         change it answers is durable."""
         now = time.time()
-        with self._transaction():
-            for write in writes:
-                self.save_enforced(write.rows, write.gone)
-                self.append_audit(write.audit)
-            if inputs is not None:
-                self.save_subscribers(inputs, ids)
-            if events:
-                self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                                    [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in events])
-            self.save_billing_order(billing_order)
+        for write in writes:
+            self.save_enforced(write.rows, write.gone)
+            self.append_audit(write.audit)
+        if inputs is not None:
+            self.save_subscribers(inputs, ids)
+        if events:
+            self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                                [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in events])
+        self.save_billing_order(billing_order)
 
     @_writes
     def prune_events(self, now: float | None = None) -> int:
@@ -540,14 +613,13 @@ class Store:
     def save_enforced(self, rows: dict[str, tuple[str, list[str], str]], removed: Iterable[str]) -> None:
         """Upsert ``id → (mode, addresses, reason)`` rows; ``since`` is kept when nothing changed."""
         now = time.time()
-        with self._transaction():
-            self.db.executemany("DELETE FROM enforced WHERE id = ?", [(sid,) for sid in removed])
-            # One statement: "since" only moves when mode, addresses or reason really changed.
-            self.db.executemany(
-                "INSERT INTO enforced VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET mode = excluded.mode, "
-                "addresses = excluded.addresses, reason = excluded.reason, since = excluded.since "
-                "WHERE mode != excluded.mode OR addresses != excluded.addresses OR reason != excluded.reason",
-                [(sid, mode, json.dumps(addresses), reason, now) for sid, (mode, addresses, reason) in rows.items()])
+        self.db.executemany("DELETE FROM enforced WHERE id = ?", [(sid,) for sid in removed])
+        # One statement: "since" only moves when mode, addresses or reason really changed.
+        self.db.executemany(
+            "INSERT INTO enforced VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET mode = excluded.mode, "
+            "addresses = excluded.addresses, reason = excluded.reason, since = excluded.since "
+            "WHERE mode != excluded.mode OR addresses != excluded.addresses OR reason != excluded.reason",
+            [(sid, mode, json.dumps(addresses), reason, now) for sid, (mode, addresses, reason) in rows.items()])
 
     @_reads
     def enforced(self) -> dict[str, dict[str, Any]]:
@@ -558,9 +630,8 @@ class Store:
     def append_audit(self, rows: list[tuple[float, str, str, str, str]]) -> None:
         """(at, subscriber, old mode, new mode, cause) rows; never updated afterwards."""
         if rows:
-            with self._transaction():
-                self.db.executemany("INSERT INTO audit (at, subscriber, old_mode, new_mode, cause) VALUES (?, ?, ?, ?, ?)",
-                                    rows)
+            self.db.executemany("INSERT INTO audit (at, subscriber, old_mode, new_mode, cause) VALUES (?, ?, ?, ?, ?)",
+                                rows)
 
     @_reads
     def audit(self, subscriber: str | None = None, since: float | None = None, limit: int = 1000
@@ -584,8 +655,7 @@ class Store:
 
     @_writes
     def prune_audit(self, before: float) -> int:
-        with self._transaction():
-            return self.db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
+        return self.db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
 
     # -- outgoing webhooks ----------------------------------------------------------------------
     @_writes
@@ -621,24 +691,40 @@ class Store:
 
 
 class _Tx:
-    """``BEGIN IMMEDIATE``/``COMMIT`` (autocommit connection), rolled back on error.
+    """``BEGIN IMMEDIATE``/``COMMIT`` on this thread's connection (autocommit mode) under the
+    store's writer lock, rolled back on error.
 
-    Nested uses join the outermost transaction, so a batch's writes compose from the
-    single-purpose methods and still cost one commit (~0.4 ms in WAL mode)."""
+    Nested uses *on the same thread* join the outermost transaction (the depth is the
+    thread's own), so a batch's writes compose from the single-purpose methods and still cost
+    one commit (~0.4 ms in WAL mode). Another thread never joins it: its outermost use waits
+    for the writer lock, at most ``BUSY_TIMEOUT``."""
+
+    __slots__ = ("store", "local")
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.local = store._local
 
     def __enter__(self) -> None:
-        if self.store._depth == 0:
-            self.store.db.execute("BEGIN IMMEDIATE")
-        self.store._depth += 1
+        local = self.local
+        db = self.store.db      # opens this thread's connection (and sets its depth) if needed
+        if local.depth == 0:
+            if not self.store._write_lock.acquire(timeout=BUSY_TIMEOUT):
+                raise sqlite3.OperationalError(f"database is locked (another thread's transaction in this process "
+                                               f"did not end within {BUSY_TIMEOUT:g}s)")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._write_lock.release()
+                raise
+        local.depth += 1
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.store._depth -= 1
-        if self.store._depth != 0:
+        local = self.local
+        local.depth -= 1
+        if local.depth != 0:
             return
-        db = self.store.db
+        db: sqlite3.Connection = local.db
         try:
             db.execute("ROLLBACK" if exc_type else "COMMIT")
         except sqlite3.Error:
@@ -649,3 +735,5 @@ class _Tx:
                     log.error("event=state_rollback_failed error=%r", str(exc))
             if not exc_type:
                 raise
+        finally:
+            self.store._write_lock.release()
