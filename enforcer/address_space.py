@@ -23,10 +23,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Iterable, TypeVar
 
+from .model import Network
+
 if TYPE_CHECKING:
     from .config import Config
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Key = TypeVar("Key", bound=Hashable)
 
 _WIDTH = {4: 32, 6: 128}

@@ -12,8 +12,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from .model import Mode
 from .policy import Decision
-from .subscribers import Mode
 
 Row = tuple[float, str, str, str, str]   # at, subscriber, old mode, new mode, cause
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .subscribers import Network
+from .model import Network
 
 Slot = tuple[int, int]            # (IP version, prefix length)
 _BITS = {4: 32, 6: 128}

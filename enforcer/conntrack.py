@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 from .batcher import Batcher
 from .ctnetlink import Ctnetlink
-from .subscribers import Network
+from .model import Network
 
 log = logging.getLogger(__name__)
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")

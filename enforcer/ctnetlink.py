@@ -38,7 +38,7 @@ import struct
 import time
 from typing import Callable, Iterable, Iterator
 
-from .subscribers import Network
+from .model import Network
 
 NETLINK_NETFILTER = 12
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from .exemptions import Exemption
+from .guard import guard_reason  # noqa: F401  (re-exported until its callers import enforcer.guard)
+from .model import SEVERITY, EscalationStep, Mode, Network
 from .promises import Promise, settle
-from .subscribers import Mode, Network, Subscriber
+from .subscribers import Subscriber
 from .windows import Windows
-
-if TYPE_CHECKING:
-    from .config import Guard
 
 
 @dataclass(frozen=True)
@@ -69,17 +68,7 @@ class Readdress:
     cause: str
 
 
-#: How strict each mode is: a move to a stricter mode is a new restriction (windows apply).
-SEVERITY: dict[Mode, int] = {Mode.FREE: 0, Mode.NOTICE: 1, Mode.THROTTLE: 2, Mode.WALLED_GARDEN: 3}
 LISTED = "on the restricted list"
-
-
-@dataclass(frozen=True)
-class EscalationStep:
-    """After ``after`` seconds on the list, a lighter list mode becomes ``mode``."""
-
-    after: float
-    mode: Mode
 
 
 @dataclass(frozen=True)
@@ -436,16 +425,3 @@ def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float
         if before and not after:
             lifting += weight(inputs.listed.get(sid) or new.get(sid))
     return restricting, lifting
-
-
-def guard_reason(restricting: int, lifting: int, restricted_now: int, guard: "Guard") -> str:
-    """Why a list change must wait for an operator, or '' if it may go ahead."""
-    reasons = []
-    if restricting > guard.max_restrict and restricting > guard.max_restrict_share * restricted_now:
-        reasons.append(f"it would restrict {restricting} subscribers at once, prefixes weighed by the space they "
-                       f"cover (limits: {guard.max_restrict} and "
-                       f"{guard.max_restrict_share:.0%} of the {restricted_now} restricted now)")
-    if lifting > guard.max_lift and lifting > guard.max_lift_share * restricted_now:
-        reasons.append(f"it would lift {lifting} subscribers at once (limits: {guard.max_lift} and "
-                       f"{guard.max_lift_share:.0%} of the {restricted_now} restricted now)")
-    return "; ".join(reasons)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .subscribers import Mode
+from .model import Mode
 
 ACTIVE, KEPT, LAPSED, PAID_LATE = "active", "kept", "lapsed", "paid_late"
 

@@ -19,8 +19,8 @@ from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, SENTINELS,
     redirect_set, throttle_set
 from .dataplane.state import TableState
 from .dataplane.transaction import ReplaceTable, Transaction
+from .model import Mode, Network
 from .policy import Decision
-from .subscribers import Mode, Network
 
 log = logging.getLogger(__name__)
 

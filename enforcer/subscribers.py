@@ -8,7 +8,6 @@ export can never lift or restrict anybody by accident. Every problem is reported
 from __future__ import annotations
 
 import csv
-import enum
 import io
 import ipaddress
 import json
@@ -25,10 +24,9 @@ from . import yamlsource
 from .address_space import AddressSpace, find_overlaps, special_use_problem
 from .gc_pause import gc_paused
 from .issues import Issue, IssuesError
+from .model import Mode, Network
 
 log = logging.getLogger(__name__)
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Broadest prefix one subscriber may hold; anything wider is almost surely an export bug.
 MIN_PREFIX = {4: 16, 6: 32}
@@ -39,19 +37,6 @@ _REASON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 LIST_MAX_NODES = 20_000_000
 _FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category")
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
-
-
-class Mode(str, enum.Enum):
-    """How a subscriber is restricted; ``FREE`` is the absence of any restriction."""
-
-    FREE = "free"
-    NOTICE = "notice"
-    THROTTLE = "throttle"
-    WALLED_GARDEN = "walled-garden"
-
-    @classmethod
-    def restricting(cls) -> tuple["Mode", ...]:
-        return (cls.NOTICE, cls.THROTTLE, cls.WALLED_GARDEN)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,7 @@ import socket
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from ..config import DEFAULT_THROTTLE_RATE, default_throttle_burst
-from ..subscribers import Mode, Network
+from ..model import DEFAULT_THROTTLE_RATE, Mode, Network, default_throttle_burst
 
 #: Prefix lengths kept ready even when no subscriber uses them yet, so the common cases never
 #: need a layout change (which costs a full sync).

@@ -1,0 +1,148 @@
+"""The configuration as the rest of the program sees it (SPEC §2): frozen dataclasses, one per
+section, with the defaults a missing key takes.
+
+Kept apart from the reading so that every consumer (daemon, portal, CLI, tests building a
+``Config`` by hand) depends on plain values only, never on YAML or on how errors are worded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ..guard import Guard
+from ..model import DEFAULT_THROTTLE_RATE, EscalationStep, Network, default_throttle_burst
+from ..promises import PromiseRules
+from ..windows import Windows
+
+#: Page languages (SPEC §5); the portal has a full catalogue for each.
+LANGUAGES = ("en", "cs", "hu", "es", "uk", "ru", "pt")
+#: The logo is inlined into the page, which must stay under 30 KB.
+MAX_LOGO_BYTES = 12 * 1024
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SubscribersConfig:
+    source: str
+    poll_interval: float = 60.0
+    timeout: float = 30.0               # whole request, for URL sources
+    bearer_token_file: str = ""         # Authorization: Bearer <first line>
+    client_cert: str = ""               # PEM certificate (may include the key)
+    client_key: str = ""
+    ca_file: str = ""                   # trust only this CA bundle for the source
+    guard: Guard = field(default_factory=Guard)
+
+    @property
+    def is_url(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    subscriber_interfaces: tuple[str, ...] = ()
+    table: str = "walled_garden"
+    #: Where subscribers' addresses lie (SPEC §8); () = any unicast address (``AddressSpace``).
+    subscriber_prefixes: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class GardenConfig:
+    allow_networks: tuple[Network, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None  # None = any
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str = ""
+    phone: str = ""
+    email: str = ""
+    website: str = ""
+    hours: str = ""
+
+
+@dataclass(frozen=True)
+class PaymentLink:
+    """A way to pay, inside the walled garden (its host must be in ``walled_garden.allow``)."""
+
+    label: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PortalTls:
+    listen: Listen
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Branding:
+    logo: str = ""                      # PNG/SVG/JPEG/WebP file, inlined as a data: URI
+    primary_color: str = "#0b5394"
+    background_color: str = "#f4f6f8"
+    text_color: str = "#1a1a1a"
+
+
+@dataclass(frozen=True)
+class PortalConfig:
+    listen: Listen = Listen("0.0.0.0", 8080)
+    url: str = "http://portal.isp.example/"
+    provider: Provider = Provider()
+    payment_links: tuple[PaymentLink, ...] = ()
+    tls: PortalTls | None = None
+    branding: Branding = Branding()
+    templates_dir: str = ""             # a page.html here replaces the built-in template
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)   # language → message key → text
+    default_language: str = "en"
+    show_account: bool = False          # show the account id and the caller's address on the page
+    notice_ack_for: float = 86400.0     # how long "continue" lifts the notice interstitial
+    posts_per_minute: int = 10          # per caller address, on every POST
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    socket: str = "/run/walled-garden/control.sock"
+    listen: Listen | None = Listen("0.0.0.0", 8787)
+    webhook_secret_file: str = "/etc/walled-garden/webhook.secret"
+    socket_group: str = ""              # group given access to the socket (the portal's), "" = owner's
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Listen | None = Listen("127.0.0.1", 9640)
+    portal_listen: Listen | None = Listen("127.0.0.1", 9641)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    payment_grace: float = 3 * 86400.0
+    throttle_rate: int = DEFAULT_THROTTLE_RATE       # bytes per second, per subscriber and direction
+    throttle_burst: int = default_throttle_burst(DEFAULT_THROTTLE_RATE)  # bytes above the rate
+    windows: Windows = field(default_factory=Windows.always)  # when new restrictions may start
+    escalation: tuple[EscalationStep, ...] = ()               # list mode → stricter after a while
+    promise_to_pay: PromiseRules = field(default_factory=PromiseRules)
+    exemption_default: float = 30 * 86400.0  # a dispute/outage opened by billing without an end
+    audit_retention: float = 400 * 86400.0   # audit rows older than this are deleted
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    state_dir: str
+    subscribers: SubscribersConfig
+    gateway: GatewayConfig = GatewayConfig()
+    walled_garden: GardenConfig = GardenConfig()
+    portal: PortalConfig = PortalConfig()
+    api: ApiConfig = ApiConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    policy: PolicyConfig = PolicyConfig()

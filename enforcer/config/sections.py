@@ -1,0 +1,373 @@
+"""One reader per config section (``subscribers``, ``gateway``, ``walled_garden``, ``portal``,
+``api``, ``metrics``, ``policy``): the keys each section knows, their checks, their defaults,
+and the rules that tie keys of one section together.
+
+Each reader takes the ``KeyReader`` and the section's raw mapping and returns the section's
+dataclass; problems go to the reader, never raised, so every section is always read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+from ..address_space import special_use_problem
+from ..guard import Guard
+from ..model import DEFAULT_THROTTLE_RATE, SEVERITY, EscalationStep, Network, default_throttle_burst
+from ..promises import PromiseRules
+from ..windows import HolidayError, Windows, check_zone, load_holidays, parse_days, parse_hours
+from . import values
+from .keys import KeyReader
+from .schema import (
+    LANGUAGES,
+    ApiConfig,
+    Branding,
+    GardenConfig,
+    GatewayConfig,
+    Listen,
+    MetricsConfig,
+    PaymentLink,
+    PolicyConfig,
+    PortalConfig,
+    PortalTls,
+    Provider,
+    SubscribersConfig,
+)
+from .units import optional_listen, parse_duration, parse_listen, parse_rate, parse_size, positive_duration
+
+#: Top-level keys; each is read by the function of the same name below.
+TOP_LEVEL = {"state_dir", "subscribers", "gateway", "walled_garden", "portal", "api", "metrics", "policy"}
+
+
+def subscribers(r: KeyReader, top: dict[str, Any], config_path: str) -> SubscribersConfig:
+    """``subscribers``: where the restricted list comes from, how it is fetched, the guard."""
+    raw = r.section(top.get("subscribers"), ("subscribers",), set(SubscribersConfig.__dataclass_fields__))
+    if "subscribers" not in top or "source" not in raw:
+        r.fail(("subscribers", "source"), "required: a file path or an http(s) URL of the restricted list")
+    source = r.get(raw, ("subscribers", "source"), values.string, "")
+    if source.startswith(("http://", "https://")):
+        r.get(raw, ("subscribers", "source"), values.http_url, "")
+    elif source and not source.startswith("/"):
+        source = str((Path(config_path).parent / source).resolve())
+    sub = ("subscribers",)
+    guard_raw = r.section(raw.get("guard"), sub + ("guard",), set(Guard.__dataclass_fields__))
+    guard = Guard(
+        max_restrict=r.get(guard_raw, sub + ("guard", "max_restrict"), values.positive_int, Guard.max_restrict),
+        max_restrict_share=r.get(guard_raw, sub + ("guard", "max_restrict_share"), values.share,
+                                 Guard.max_restrict_share),
+        max_lift=r.get(guard_raw, sub + ("guard", "max_lift"), values.positive_int, Guard.max_lift),
+        max_lift_share=r.get(guard_raw, sub + ("guard", "max_lift_share"), values.share, Guard.max_lift_share),
+    )
+    files = {key: r.get(raw, sub + (key,), values.readable_file, "")
+             for key in ("bearer_token_file", "client_cert", "client_key", "ca_file")}
+    if any(files.values()) and not source.startswith(("http://", "https://")):
+        r.fail(sub, "bearer_token_file, client_cert, client_key and ca_file apply only to an http(s) source")
+    if files["client_key"] and not files["client_cert"]:
+        r.fail(sub + ("client_key",), "client_key needs client_cert")
+    return SubscribersConfig(source, r.get(raw, sub + ("poll_interval",), positive_duration, 60.0),
+                             r.get(raw, sub + ("timeout",), positive_duration, 30.0), guard=guard, **files)
+
+
+def gateway(r: KeyReader, top: dict[str, Any]) -> GatewayConfig:
+    """``gateway``: the interfaces subscribers come in on, the table name, their prefixes."""
+    raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table", "subscriber_prefixes"})
+    interfaces: list[str] = []
+    names = raw.get("subscriber_interfaces", [])
+    if not isinstance(names, list):
+        r.fail(("gateway", "subscriber_interfaces"), "expected a list of interface names ([] = any)")
+        names = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and values.IFNAME.match(name):
+            interfaces.append(name)
+        else:
+            r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters)")
+    table = r.get(raw, ("gateway", "table"), values.table_name, "walled_garden")
+    return GatewayConfig(tuple(interfaces), table, _subscriber_prefixes(r, raw))
+
+
+def _subscriber_prefixes(r: KeyReader, raw: dict[str, Any]) -> tuple[Network, ...]:
+    """``gateway.subscriber_prefixes``: CIDRs (host bits are an error, as they are a typo)."""
+    path = ("gateway", "subscriber_prefixes")
+    if "subscriber_prefixes" not in raw:
+        return ()
+    items = raw["subscriber_prefixes"]
+    if not isinstance(items, list) or not items:
+        r.fail(path, "expected a non-empty list of CIDRs, e.g. ['100.64.0.0/10', '2001:db8::/32'] "
+                     "(leave the key out to accept any unicast address)")
+        return ()
+    prefixes: list[Network] = []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, str):
+                raise ValueError("expected a CIDR such as 100.64.0.0/10")
+            prefix = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            r.fail(path + (i,), f"{item!r}: {exc}")
+            continue
+        problem = special_use_problem(prefix)
+        if problem:
+            r.fail(path + (i,), problem)
+        elif prefix in prefixes:
+            r.fail(path + (i,), f"{prefix} is listed twice")
+        else:
+            prefixes.append(prefix)
+    return tuple(prefixes)
+
+
+def walled_garden(r: KeyReader, top: dict[str, Any]) -> GardenConfig:
+    """``walled_garden``: what a walled-in subscriber may still reach, and which resolvers."""
+    raw = r.section(top.get("walled_garden"), ("walled_garden",), {"allow", "dns"})
+    networks: list[Network] = []
+    hosts: list[str] = []
+    allow = raw.get("allow", [])
+    if not isinstance(allow, list):
+        r.fail(("walled_garden", "allow"), "expected a list of CIDRs or hostnames")
+        allow = []
+    for i, item in enumerate(allow):
+        text = str(item)
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+            continue
+        except ValueError:
+            pass
+        if isinstance(item, str) and values.HOSTNAME.match(text) and not text.replace(".", "").isdigit():
+            hosts.append(text.rstrip("."))
+        else:
+            r.fail(("walled_garden", "allow", i), f"{text!r} is neither a CIDR nor a hostname")
+    dns_raw = raw.get("dns", "any")
+    dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
+    if dns_raw != "any":
+        dns = []
+        if not isinstance(dns_raw, list):
+            r.fail(("walled_garden", "dns"), "expected 'any' or a list of resolver addresses")
+        else:
+            for i, item in enumerate(dns_raw):
+                try:
+                    dns.append(ipaddress.ip_address(str(item)))
+                except ValueError:
+                    r.fail(("walled_garden", "dns", i), f"{item!r} is not an IP address")
+    return GardenConfig(tuple(networks), tuple(hosts), None if dns is None else tuple(dns))
+
+
+def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:
+    """``portal``: where it listens, who the provider is, ways to pay, branding and texts."""
+    raw = r.section(top.get("portal"), ("portal",), set(PortalConfig.__dataclass_fields__))
+    base = ("portal",)
+    provider_raw = r.section(raw.get("provider"), base + ("provider",), set(Provider.__dataclass_fields__))
+    provider = Provider(**{k: r.get(provider_raw, base + ("provider", k), values.string, "")
+                           for k in Provider.__dataclass_fields__})
+    if provider.email:
+        r.get(provider_raw, base + ("provider", "email"), values.email, "")
+    if provider.website:
+        r.get(provider_raw, base + ("provider", "website"), values.http_url, "")
+
+    links: list[PaymentLink] = []
+    links_raw = raw.get("payment_links", [])
+    if not isinstance(links_raw, list):
+        r.fail(base + ("payment_links",), "expected a list of {label, url}")
+        links_raw = []
+    for i, item in enumerate(links_raw):
+        where = base + ("payment_links", i)
+        item = r.section(item, where, {"label", "url"})
+        label = r.get(item, where + ("label",), values.string, "")
+        url = r.get(item, where + ("url",), values.http_url, "")
+        if not label or not url:
+            r.fail(where, "each payment link needs a label and an http(s) url")
+        else:
+            links.append(PaymentLink(label, url))
+
+    tls = None
+    if raw.get("tls") is not None:
+        tls_raw = r.section(raw.get("tls"), base + ("tls",), {"listen", "cert", "key"})
+        missing = [k for k in ("listen", "cert", "key") if k not in tls_raw]
+        if missing:
+            r.fail(base + ("tls",), f"missing {', '.join(missing)} (listen, cert and key are all needed)")
+        else:
+            tls = PortalTls(r.get(tls_raw, base + ("tls", "listen"), parse_listen, Listen("0.0.0.0", 8443)),
+                            r.get(tls_raw, base + ("tls", "cert"), values.readable_file, ""),
+                            r.get(tls_raw, base + ("tls", "key"), values.readable_file, ""))
+
+    branding_raw = r.section(raw.get("branding"), base + ("branding",), set(Branding.__dataclass_fields__))
+    branding = Branding(
+        logo=r.get(branding_raw, base + ("branding", "logo"), values.logo, ""),
+        primary_color=r.get(branding_raw, base + ("branding", "primary_color"), values.color,
+                            Branding.primary_color),
+        background_color=r.get(branding_raw, base + ("branding", "background_color"), values.color,
+                               Branding.background_color),
+        text_color=r.get(branding_raw, base + ("branding", "text_color"), values.color, Branding.text_color),
+    )
+
+    templates_dir = r.get(raw, base + ("templates_dir",), values.string, "")
+    if templates_dir:
+        if not templates_dir.startswith("/"):
+            templates_dir = str((Path(config_path).parent / templates_dir).resolve())
+        if not os.path.isdir(templates_dir):
+            r.fail(base + ("templates_dir",), f"{templates_dir}: not a directory")
+
+    texts: dict[str, dict[str, str]] = {}
+    texts_raw = r.section(raw.get("texts"), base + ("texts",), set(LANGUAGES))
+    for language, strings in texts_raw.items():
+        if language not in LANGUAGES:
+            continue  # already reported as an unknown key
+        if not isinstance(strings, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in strings.items()):
+            r.fail(base + ("texts", language), "expected a mapping of message key → text")
+            continue
+        texts[language] = dict(strings)
+
+    default_language = r.get(raw, base + ("default_language",), values.string, "en")
+    if default_language not in LANGUAGES:
+        r.fail(base + ("default_language",), f"{default_language!r} is not one of {', '.join(LANGUAGES)}")
+        default_language = "en"
+
+    return PortalConfig(
+        listen=r.get(raw, base + ("listen",), parse_listen, PortalConfig.listen),
+        url=r.get(raw, base + ("url",), values.http_url, PortalConfig.url),
+        provider=provider,
+        payment_links=tuple(links),
+        tls=tls,
+        branding=branding,
+        templates_dir=templates_dir,
+        texts=texts,
+        default_language=default_language,
+        show_account=r.get(raw, base + ("show_account",), values.boolean, False),
+        notice_ack_for=r.get(raw, base + ("notice_ack_for",), positive_duration, PortalConfig.notice_ack_for),
+        posts_per_minute=r.get(raw, base + ("posts_per_minute",), values.positive_int,
+                               PortalConfig.posts_per_minute),
+    )
+
+
+def api(r: KeyReader, top: dict[str, Any]) -> ApiConfig:
+    """``api``: the control socket, the webhook listener and its secret."""
+    raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file", "socket_group"})
+    return ApiConfig(
+        socket=r.get(raw, ("api", "socket"), values.string, ApiConfig.socket),
+        listen=r.get(raw, ("api", "listen"), optional_listen, ApiConfig.listen),
+        webhook_secret_file=r.get(raw, ("api", "webhook_secret_file"), values.string,
+                                  ApiConfig.webhook_secret_file),
+        socket_group=r.get(raw, ("api", "socket_group"), values.group, ""),
+    )
+
+
+def metrics(r: KeyReader, top: dict[str, Any]) -> MetricsConfig:
+    """``metrics``: where the daemon's and the portal's Prometheus endpoints listen."""
+    raw = r.section(top.get("metrics"), ("metrics",), {"listen", "portal_listen"})
+    return MetricsConfig(
+        listen=r.get(raw, ("metrics", "listen"), optional_listen, MetricsConfig.listen),
+        portal_listen=r.get(raw, ("metrics", "portal_listen"), optional_listen, MetricsConfig.portal_listen),
+    )
+
+
+def policy(r: KeyReader, top: dict[str, Any]) -> PolicyConfig:
+    """``policy``: grace, throttle, windows, escalation, promises, exemptions, audit retention."""
+    raw = r.section(top.get("policy"), ("policy",), {"payment_grace", "throttle_rate", "throttle_burst", "windows",
+                                                     "escalation", "promise_to_pay", "exemption_default",
+                                                     "audit_retention"})
+    throttle_rate = r.get(raw, ("policy", "throttle_rate"), parse_rate, DEFAULT_THROTTLE_RATE)
+    throttle_burst = r.get(raw, ("policy", "throttle_burst"), parse_size, default_throttle_burst(throttle_rate))
+    return PolicyConfig(payment_grace=r.get(raw, ("policy", "payment_grace"), parse_duration,
+                                            PolicyConfig.payment_grace),
+                        throttle_rate=throttle_rate, throttle_burst=throttle_burst,
+                        windows=_windows(r, raw.get("windows")), escalation=_escalation(r, raw.get("escalation")),
+                        promise_to_pay=_promise_rules(r, raw.get("promise_to_pay")),
+                        exemption_default=r.get(raw, ("policy", "exemption_default"), positive_duration,
+                                                PolicyConfig.exemption_default),
+                        audit_retention=r.get(raw, ("policy", "audit_retention"), positive_duration,
+                                              PolicyConfig.audit_retention))
+
+
+def _windows(r: KeyReader, value: Any) -> Windows:
+    """``policy.windows``: weekdays, hour ranges, time zone, holiday calendar."""
+    path = ("policy", "windows")
+    raw = r.section(value, path, {"timezone", "days", "hours", "holidays_file"})
+    if not raw:
+        return Windows.always()
+    zone = r.get(raw, path + ("timezone",), lambda v: check_zone(values.string(v)), "UTC")
+    days = r.get(raw, path + ("days",), lambda v: parse_days(values.string_list(v)), frozenset(range(5)))
+    hours = r.get(raw, path + ("hours",),
+                  lambda v: tuple(sorted(parse_hours(h) for h in values.string_list(v))), ((8 * 60, 18 * 60),))
+    holidays: frozenset[Any] = frozenset()
+    if raw.get("holidays_file"):
+        try:
+            holidays = load_holidays(values.string(raw["holidays_file"]))
+        except HolidayError as exc:
+            for issue in exc.issues:
+                r.fail(path + ("holidays_file",), str(issue))
+        except ValueError as exc:
+            r.fail(path + ("holidays_file",), str(exc))
+    return Windows(zone=zone, days=days, hours=hours, holidays=holidays, configured=True)
+
+
+def _escalation(r: KeyReader, value: Any) -> tuple[EscalationStep, ...]:
+    """``policy.escalation``: ``[{after: 7d, mode: throttle}, {after: 14d, mode: walled-garden}]``."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.fail(("policy", "escalation"), "expected a list of {after: DURATION, mode: MODE}")
+        return ()
+    steps = []
+    for i, item in enumerate(value):
+        path = ("policy", "escalation", i)
+        raw = r.section(item, path, {"after", "mode"})
+        if not raw or "after" not in raw or "mode" not in raw:
+            r.fail(path, "each step needs after (a duration) and mode")
+            continue
+        after = r.get(raw, path + ("after",), positive_duration, None)
+        mode = r.get(raw, path + ("mode",), values.restricting_mode, None)
+        if after is not None and mode is not None:
+            steps.append(EscalationStep(after, mode))
+    steps.sort(key=lambda s: s.after)
+    for earlier, later in itertools.pairwise(steps):
+        if later.mode is earlier.mode or SEVERITY[later.mode] < SEVERITY[earlier.mode]:
+            r.fail(("policy", "escalation"), f"step {later.mode.value} after {later.after / 86400:g} days is not "
+                                             f"stricter than {earlier.mode.value} before it")
+    return tuple(steps)
+
+
+def _promise_rules(r: KeyReader, value: Any) -> PromiseRules:
+    """``policy.promise_to_pay``: the portal's "I promise to pay" button and its limits."""
+    path = ("policy", "promise_to_pay")
+    raw = r.section(value, path, {"enabled", "term", "max", "period", "reasons", "webhook_url",
+                                  "webhook_secret_file"})
+    if not raw:
+        return PromiseRules()
+    defaults = PromiseRules()
+
+    def count(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError("expected a whole number of at least 1")
+        return v
+
+    def reasons(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+            raise ValueError("expected a list of reason categories, e.g. [overdue] ([] = any reason)")
+        return tuple(v)
+
+    rules = PromiseRules(
+        enabled=r.get(raw, path + ("enabled",), values.boolean, True),
+        term=r.get(raw, path + ("term",), positive_duration, defaults.term),
+        max_count=r.get(raw, path + ("max",), count, defaults.max_count),
+        period=r.get(raw, path + ("period",), positive_duration, defaults.period),
+        reasons=r.get(raw, path + ("reasons",), reasons, defaults.reasons),
+        webhook_url=r.get(raw, path + ("webhook_url",), values.http_url, None),
+        webhook_secret_file=r.get(raw, path + ("webhook_secret_file",), values.string, None))
+    if rules.webhook_url and not rules.webhook_secret_file and "webhook_secret_file" not in raw:
+        # Signing outgoing promises with the inbound secret would let whoever reads billing's
+        # copy of it forge events to us; the outbox has its own secret.
+        r.fail(path + ("webhook_secret_file",), "required with webhook_url: a secret of its own for signing "
+                                                "promises to billing (not api.webhook_secret_file)")
+    if rules.term > rules.period:
+        r.fail(path + ("term",), "the term is longer than the period the limit counts over")
+    return rules
+
+
+def separate_secrets(r: KeyReader, api_config: ApiConfig, policy_config: PolicyConfig) -> None:
+    """Promises to billing are signed with a secret other than the one billing signs with."""
+    promise_secret = policy_config.promise_to_pay.webhook_secret_file
+    if policy_config.promise_to_pay.webhook_url and promise_secret and \
+            os.path.realpath(promise_secret) == os.path.realpath(api_config.webhook_secret_file):
+        r.fail(("policy", "promise_to_pay", "webhook_secret_file"),
+               "is api.webhook_secret_file; promises to billing need a secret of their own")

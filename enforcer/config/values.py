@@ -1,0 +1,123 @@
+"""Checks for single config values that are not quantities: strings, URLs, names, colours,
+files, flags, counts, shares, modes.
+
+Each takes the raw YAML value and returns it typed, or raises ``ValueError`` whose text becomes
+the issue at the key (``KeyReader.get``); the section readers combine them.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..model import Mode
+from .schema import MAX_LOGO_BYTES
+
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+#: What Linux accepts as an interface name.
+IFNAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.@+-]{1,15}$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}\.?$")
+_COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
+_EMAIL = re.compile(r"^[^@\s<>\"']+@[^@\s<>\"']+\.[^@\s<>\"']+$")
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def string_list(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+        raise ValueError("expected a string or a non-empty list of strings")
+    return items
+
+
+def http_url(value: Any) -> str:
+    text = string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def email(value: Any) -> str:
+    text = string(value)
+    if not _EMAIL.match(text):
+        raise ValueError(f"{text!r} is not an e-mail address")
+    return text
+
+
+def group(value: Any) -> str:
+    """A group that exists on this machine (``groupadd --system walled-garden`` creates ours)."""
+    text = string(value)
+    try:
+        grp.getgrnam(text)
+    except KeyError:
+        raise ValueError(f"no group {text!r} on this machine (create it: groupadd --system {text})") from None
+    return text
+
+
+def table_name(value: Any) -> str:
+    text = string(value)
+    if not _TABLE.match(text):
+        raise ValueError(f"{text!r} is not a valid nftables table name (letters, digits, _; max 32)")
+    return text
+
+
+def color(value: Any) -> str:
+    text = string(value)
+    if not _COLOR.match(text):
+        raise ValueError(f"{text!r} is not a colour like '#0b5394'")
+    return text
+
+
+def readable_file(value: Any) -> str:
+    text = string(value)
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"{text}: not a readable file")
+    return text
+
+
+def logo(value: Any) -> str:
+    text = readable_file(value)
+    size = os.path.getsize(text)
+    if size > MAX_LOGO_BYTES:
+        raise ValueError(f"{text}: {size} bytes; the logo is inlined into the page and may be at most "
+                         f"{MAX_LOGO_BYTES} bytes")
+    if not text.lower().endswith((".png", ".svg", ".jpg", ".jpeg", ".webp", ".gif")):
+        raise ValueError(f"{text}: use a .png, .svg, .jpg, .webp or .gif logo")
+    return text
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a whole number greater than zero")
+    return value
+
+
+def share(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError("expected a share between 0 and 1, e.g. 0.25")
+    return float(value)
+
+
+def restricting_mode(value: Any) -> Mode:
+    try:
+        mode = Mode(str(value))
+    except ValueError:
+        mode = Mode.FREE
+    if mode is Mode.FREE:
+        raise ValueError(f"{value!r} is not one of {', '.join(m.value for m in Mode.restricting())}")
+    return mode
