@@ -26,7 +26,6 @@ from string import Template
 
 from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config
 
-from . import reachability
 from .messages import MESSAGES, PLACEHOLDERS, Messages
 
 log = logging.getLogger(__name__)
@@ -269,40 +268,34 @@ def load_template(templates_dir: str) -> Template:
 
 # --- check-config ----------------------------------------------------------------------------
 
-def validate(config: Config) -> list[str]:
-    """Problems with the portal's branding, template and texts, and with reaching ``portal.url``
-    (``reachability.problems``), each naming its key path.
+def problems(config: Config) -> list[str]:
+    """Problems with the portal's branding, template and texts, each naming its key path.
 
-    An empty list means the page will render as configured and subscribers can reach it as far
-    as the config alone can tell. Called by ``check-config``, which counts every line as an
-    error; the hints that depend on this machine are ``reachability.warnings``.
+    An empty list means the page renders as configured. ``config_check.validate`` adds what
+    needs a rendered page (its size) and what needs the network (reaching ``portal.url``).
     """
     portal = config.portal
-    problems = _texts_problems(portal.texts)
+    found = _texts_problems(portal.texts)
     if portal.default_language not in MESSAGES:
-        problems.append(f"portal.default_language: {portal.default_language!r} has no catalogue")
-    problems += contrast_problems(portal.branding)
+        found.append(f"portal.default_language: {portal.default_language!r} has no catalogue")
+    found += contrast_problems(portal.branding)
     if portal.branding.logo:
         try:
             logo_data_uri(portal.branding.logo)
         except (OSError, ValueError) as exc:
-            problems.append(f"portal.branding.logo: {getattr(exc, 'strerror', None) or exc}")
+            found.append(f"portal.branding.logo: {getattr(exc, 'strerror', None) or exc}")
     text, where, template_issues = _read_custom_template(portal.templates_dir)
-    problems += template_issues
+    found += template_issues
     if text is not None:
-        template_issues = template_problems(text, where)
-        problems += template_issues
-    if not problems:
-        problems += _size_problems(config)
-    problems += reachability.problems(config)
-    return problems
+        found += template_problems(text, where)
+    return found
 
 
-def _size_problems(config: Config) -> list[str]:
-    from .page import largest_page  # the page module builds on this one
+def __getattr__(name: str) -> object:
+    """``branding.validate`` moved to ``config_check``; this alias is for ``enforcer/cli.py``
+    until it imports ``captive_portal.config_check.validate`` (then delete it)."""
+    if name == "validate":
+        from .config_check import validate
 
-    language, size = largest_page(config)
-    if size >= MAX_PAGE_BYTES:
-        return [(f"portal: the page is {size} bytes in {language!r} (logo, template and texts together); "
-                 f"keep it under {MAX_PAGE_BYTES} so it loads on a poor mobile link")]
-    return []
+        return validate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,9 @@ from datetime import datetime, tzinfo
 from urllib.parse import quote, urlsplit
 
 from enforcer.config import Config, PaymentLink, PortalConfig, Provider
+from enforcer.control_protocol import Lookup, PromiseOffer
 
 from . import branding
-from .enforcer_client import Lookup, PromiseOffer
 from .messages import (DATE_FORMATS, DEFAULT_LANGUAGE, LANGUAGE_NAMES, MESSAGES, MONTH_NAMES_EN, TERM_UNITS,
                        MessageKey, Messages, plural_form, reason_key)
 
@@ -339,3 +339,12 @@ def largest_page(config: Config) -> tuple[str, int]:
         biggest = max(biggest, (language, size), key=lambda pair: pair[1])
     return biggest
 
+
+
+def size_problems(config: Config) -> list[str]:
+    """The largest page this config makes, if it is too big to load on a poor mobile link."""
+    language, size = largest_page(config)
+    if size >= branding.MAX_PAGE_BYTES:
+        return [(f"portal: the page is {size} bytes in {language!r} (logo, template and texts together); "
+                 f"keep it under {branding.MAX_PAGE_BYTES} so it loads on a poor mobile link")]
+    return []

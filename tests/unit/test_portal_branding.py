@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from captive_portal.branding import (DARK, MAX_PAGE_BYTES, TEMPLATE_PLACEHOLDERS, builtin_template,
-                                     contrast_ratio, logo_mime, on_color, validate)
+                                     contrast_ratio, logo_mime, on_color)
+from captive_portal.config_check import validate
 from captive_portal.messages import EN, MESSAGES
 from captive_portal.page import Caller, Pages, largest_page
 from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config, PaymentLink, parse_config

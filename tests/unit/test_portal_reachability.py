@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from captive_portal import reachability
-from captive_portal.branding import validate
+from captive_portal.config_check import validate
 from enforcer.config import Config, Listen, PortalTls, parse_config
 from test_portal import CONFIG_YAML
 
