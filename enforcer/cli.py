@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .config import Config, ConfigError, default_config_path, load_config
+from .config import Config, ConfigError, Reading, default_config_path, load_config, read_config
 from .subscribers import Subscriber
 
 
@@ -27,28 +28,53 @@ def cmd_portal(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config, the list file and the webhook secrets; name every problem.
+    """Validate the config, the list file, the webhook secrets and the portal's branding in one
+    pass, and name every problem of all of them.
 
-    Errors (exit 1) name key path or file:line; warnings are advice and keep exit 0.
+    Errors (exit 1) name key path or file:line; warnings are advice and keep exit 0. A check
+    that needs a config value runs unless that value itself was refused (it is already named).
     """
+    reading = read_config(args.config or default_config_path())
+    problems = [str(issue) for issue in reading.issues]
+    entries = None
+    config = reading.config
+    if config is not None:
+        source = config.subscribers
+        if source.source and not source.is_url and not reading.refused("subscribers", "source"):
+            listed, list_problems = _read_list(config)
+            problems += list_problems
+            entries = None if listed is None else len(listed)
+        problems += _secret_problems(reading, config)
+        if not reading.refused_within("portal"):  # a default standing in could be misjudged
+            from captive_portal.config_check import validate as validate_portal
+
+            problems += validate_portal(config)
+        if not reading.issues:
+            for warning in config_warnings(config):
+                print(f"WARNING: {warning}", file=sys.stderr)
+    if problems:
+        print(f"{reading.path}: {len(problems)} error(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    assert config is not None  # no problems means the file was read
+    listed_text = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
+    print(f"{config.path}: OK (table inet {config.gateway.table}{listed_text})")
+    return 0
+
+
+def _secret_problems(reading: Reading, config: Config) -> list[str]:
+    """The inbound webhook secret, and the promise secret when promises go to billing."""
     from .api import SecretError, load_webhook_secret
 
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        print(f"{args.config or default_config_path()}: {len(exc.issues)} error(s)", file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 1
-    problems: list[str] = []
-    entries = None
-    if not config.subscribers.is_url:
-        listed, list_problems = _read_list(config)
-        problems += list_problems
-        entries = None if listed is None else len(listed)
-    secrets = [("api.webhook_secret_file", config.api.webhook_secret_file)]
-    if config.policy.promise_to_pay.webhook_url and config.policy.promise_to_pay.webhook_secret_file:
-        secrets.append(("policy.promise_to_pay.webhook_secret_file", config.policy.promise_to_pay.webhook_secret_file))
+    secrets = []
+    if not reading.refused("api", "webhook_secret_file"):
+        secrets.append(("api.webhook_secret_file", config.api.webhook_secret_file))
+    promises = config.policy.promise_to_pay
+    if promises.webhook_url and promises.webhook_secret_file and \
+            not reading.refused("policy", "promise_to_pay", "webhook_secret_file"):
+        secrets.append(("policy.promise_to_pay.webhook_secret_file", promises.webhook_secret_file))
+    problems = []
     for key, path in secrets:
         try:
             load_webhook_secret(path)
@@ -58,19 +84,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problem = secret_file_problem(path, config.api.socket_group)
         if problem:
             problems.append(f"{problem} ({key})")
-    from captive_portal.branding import validate as validate_portal
-
-    problems += validate_portal(config)
-    for warning in config_warnings(config):
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if problems:
-        print(f"{config.path}: {len(problems)} error(s)", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    listed_text = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
-    print(f"{config.path}: OK (table inet {config.gateway.table}{listed_text})")
-    return 0
+    return problems
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -164,8 +178,8 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Print the transaction a cold start would run with the current list; touches nothing."""
-    from .daemon import base_layout
     from .dataplane.fake import FakeDataplane
+    from .engine import base_layout
     from .policy import PolicyInputs
     from .reconciler import Reconciler
 
@@ -190,7 +204,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+def _ask(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One request to the daemon; prints the answer itself for ``--json``.
 
     Returns the answer for the caller to print for a person, or an exit code (int) when
@@ -272,7 +286,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control(args: argparse.Namespace, path: str, body: dict) -> int:
+def _control(args: argparse.Namespace, path: str, body: dict[str, Any]) -> int:
     """POST an operator action; print the answer for a person, or as JSON."""
     answer = _ask(args, "POST", path, body)
     if isinstance(answer, int):
@@ -324,7 +338,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for entry in answer["entries"]:
         print(format_entry(entry))
     if not answer["entries"]:
-        print("no audit entries" + (f" for {args.id}" if args.id else "") + (f" since {args.since}" if args.since else ""))
+        print("no audit entries" + (f" for {args.id}" if args.id else "")
+              + (f" since {args.since}" if args.since else ""))
     return 0
 
 
@@ -333,13 +348,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main()
 
 
+def package_version() -> str:
+    """The installed distribution's version; from pyproject.toml when run from a source tree
+    that was never installed (so ``--version`` never fails)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("walled-garden")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (argparse's own wants it up front)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="walled-garden",
                                      description="Keep non-paying subscribers in a walled garden; "
                                                  "let them out the moment they pay.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help=f"config file (default {default_config_path()})")
         p.set_defaults(fn=fn)
@@ -347,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "run the enforcer daemon (foreground)")
     add("portal", cmd_portal, "run the captive portal web server")
-    add("check-config", cmd_check_config, "validate the config, subscriber list and webhook secret")
+    add("check-config", cmd_check_config, "validate the config, subscriber list, webhook secrets and portal "
+                                        "branding; name every problem at once")
     add("render", cmd_render, "print the nftables ruleset that would be installed")
     add("status", cmd_status, "show the running daemon's state").add_argument("--json", action="store_true")
     explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")

@@ -134,8 +134,9 @@ def test_check_config_refuses_list_entries_outside_the_subscriber_prefixes(
     assert f"{tmp_path}/list.yaml:2" in err and "2001:db8:1::/56" in err and "outside" in err
 
 
-@pytest.mark.parametrize("listing", [None, "subscribers:\n  - {id: C-1, addresses: [100.64.0.300]}\n",
-                                     "subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n"])
+@pytest.mark.parametrize("listing", [
+    None, "subscribers:\n  - {id: C-1, addresses: [100.64.0.300]}\n",
+    "subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n"])
 def test_render_with_a_missing_or_invalid_list_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                  listing: str | None) -> None:
     config = _setup(tmp_path, listing=listing)
@@ -186,3 +187,52 @@ def test_a_secret_readable_by_the_portals_group_is_refused(tmp_path: Path) -> No
     problem = secret_file_problem(str(secret), group)
     assert problem is not None and "let the portal read the webhook secret" in problem
     assert secret_file_problem(str(secret), "") is None
+
+
+def test_check_config_names_every_problem_of_every_group_in_one_run(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A config key, a list line, a secret and the branding are all wrong: one run names all four."""
+    config = _setup(tmp_path, "policy:\n  payment_grase: 3d\n"
+                              "portal:\n  branding: {text_color: '#f4f6f8', background_color: '#f4f6f8'}\n",
+                    listing="subscribers:\n  - {id: C-1, addresses: [100.64.0.300]}\n")
+    (tmp_path / "secret").unlink()
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"policy.payment_grase ({config}:7)" in err and "unknown key" in err
+    assert f"{tmp_path}/list.yaml:2" in err and "100.64.0.300" in err
+    assert f"{tmp_path}/secret: cannot read webhook secret" in err
+    assert "portal.branding.text_color: #f4f6f8 on background_color #f4f6f8" in err
+    assert err.startswith(f"{config}: ") and err.count(" error(s)") == 1, "one report, one count"
+    assert "Traceback" not in err
+
+
+def test_check_config_does_not_check_a_default_standing_in_for_a_refused_value(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused value is named once; its default is not checked as if the operator had chosen it."""
+    config = _setup(tmp_path, "portal:\n  branding: {text_color: white}\n")
+    config.write_text(config.read_text().replace(f"webhook_secret_file: {tmp_path}/secret", "webhook_secret_file: 7"))
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"api.webhook_secret_file ({config}:5): expected a non-empty string" in err
+    assert f"portal.branding.text_color ({config}:7)" in err and "not a colour" in err
+    assert "/etc/walled-garden/webhook.secret" not in err and "contrast" not in err
+    assert err.startswith(f"{config}: 2 error(s)")
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+    from importlib import metadata
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    expected = f"walled-garden {pyproject['project']['version']}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == expected
+
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == expected, "from pyproject.toml when not installed"
