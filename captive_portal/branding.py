@@ -290,12 +290,3 @@ def problems(config: Config) -> list[str]:
         found += template_problems(text, where)
     return found
 
-
-def __getattr__(name: str) -> object:
-    """``branding.validate`` moved to ``config_check``; this alias is for ``enforcer/cli.py``
-    until it imports ``captive_portal.config_check.validate`` (then delete it)."""
-    if name == "validate":
-        from .config_check import validate
-
-        return validate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
