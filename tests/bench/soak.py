@@ -63,7 +63,7 @@ from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.dataplane.layout import redirect_set, throttle_set  # noqa: E402
 from enforcer.demo.lab import API_PORT, Lab  # noqa: E402
 from enforcer.demo.topology import Topology  # noqa: E402
-from enforcer.subscribers import Mode  # noqa: E402
+from enforcer.model import Mode  # noqa: E402
 
 #: The event subscribers' addresses: one /32 each inside 100.100.0.0/16 (shared address space,
 #: routed nowhere; only the gateway's sets ever see them).

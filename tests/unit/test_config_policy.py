@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from enforcer.config import ConfigError, parse_config
-from enforcer.subscribers import Mode
+from enforcer.model import Mode
 
 BASE = "subscribers: {source: /tmp/l.yaml}\n"
 

@@ -20,7 +20,7 @@ from enforcer.dataplane.layout import (
     mode_map,
     redirect_set,
 )
-from enforcer.subscribers import Mode
+from enforcer.model import Mode
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enforcer import policy
+from enforcer.model import Mode
 from enforcer.policy import Decision, Grace, Override, PolicyInputs, decide
-from enforcer.subscribers import Mode, Subscriber
+from enforcer.subscribers import Subscriber
 
 GRACE = 3 * 86400.0
 T0 = 1_790_000_000.0  # a fixed "now"

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from enforcer import policy
 from enforcer.exemptions import CATEGORIES, Exemption
-from enforcer.policy import Decision, EscalationStep, Grace, Override, PolicyInputs, Rules, decide
+from enforcer.model import EscalationStep, Mode
+from enforcer.policy import Decision, Grace, Override, PolicyInputs, Rules, decide
 from enforcer.promises import Promise
-from enforcer.subscribers import Mode, Subscriber, parse_address
+from enforcer.subscribers import Subscriber, parse_address
 from enforcer.windows import Windows
 
 DAY = 86400.0

@@ -12,8 +12,9 @@ from pathlib import Path
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
+from enforcer.model import Mode
 from enforcer.sources import ListUpdate
-from enforcer.subscribers import Mode, Subscriber, parse_address
+from enforcer.subscribers import Subscriber, parse_address
 
 from daemon_helpers import NoConntrack
 

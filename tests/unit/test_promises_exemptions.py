@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from enforcer.exemptions import parse_until
+from enforcer.model import Mode
 from enforcer.promises import LAPSED, PAID_LATE, Promise, PromiseRules, eligibility, settle
-from enforcer.subscribers import ListError, Mode, parse_list
+from enforcer.subscribers import ListError, parse_list
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

@@ -15,9 +15,10 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.layout import Layout, elements_for
 from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
+from enforcer.model import Mode
 from enforcer.policy import Decision
 from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks, with_mode_view
-from enforcer.subscribers import Mode, Subscriber
+from enforcer.subscribers import Subscriber
 
 net = ipaddress.ip_network
 TABLE = "walled_garden"

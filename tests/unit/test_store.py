@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from enforcer.exemptions import Exemption
+from enforcer.model import Mode
 from enforcer.policy import Grace, Override, PolicyInputs, Readdress
 from enforcer.promises import Promise
 from enforcer.store import EnforcedWrite, Store
-from enforcer.subscribers import Mode, Subscriber, parse_address
+from enforcer.subscribers import Subscriber, parse_address
 
 
 def sub(sid: str, ip: str) -> Subscriber:

@@ -22,10 +22,11 @@ from enforcer import store as store_module
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
+from enforcer.model import Mode
 from enforcer.policy import Grace, Override
 from enforcer.sources import ListUpdate
 from enforcer.store import Store, StoreError
-from enforcer.subscribers import Mode, Subscriber, parse_address
+from enforcer.subscribers import Subscriber, parse_address
 
 from daemon_helpers import NoConntrack
 

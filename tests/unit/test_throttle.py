@@ -12,9 +12,10 @@ from enforcer.config import ConfigError, parse_config, parse_rate, parse_size
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.kernel import parse_listing
 from enforcer.dataplane.layout import Layout, throttle_meter, throttle_set
+from enforcer.model import Mode
 from enforcer.policy import Decision
 from enforcer.reconciler import Reconciler, subscriber_elements
-from enforcer.subscribers import Mode, Subscriber
+from enforcer.subscribers import Subscriber
 
 net = ipaddress.ip_network
 MINIMAL = "subscribers:\n  source: /srv/list.csv\n"
