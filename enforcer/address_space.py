@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Hashable, Iterable, TypeVar
 from .model import Network
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config.schema import Config
 
 Key = TypeVar("Key", bound=Hashable)
 

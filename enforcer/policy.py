@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Iterable, Mapping
 
 from .exemptions import Exemption
-from .guard import guard_reason  # noqa: F401  (re-exported until its callers import enforcer.guard)
+from .guard import guard_reason as guard_reason  # re-exported until its callers import enforcer.guard
 from .model import SEVERITY, EscalationStep, Mode, Network
 from .promises import Promise, settle
 from .subscribers import Subscriber
