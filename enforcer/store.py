@@ -29,15 +29,17 @@ log, the outbox, small writes) and from ``asyncio.to_thread`` workers (a 100k-ro
 the enforcement record after a full sync). Each thread gets **its own connection**, opened on
 its first call with the same settings (WAL, ``synchronous=NORMAL``, ``BUSY_TIMEOUT``), and
 ``close()`` closes them all. Chosen over one owner thread running every call because WAL lets
-readers and the writer proceed together: while a worker saves 100k rows (~0.5 s), the loop's
-small reads (a webhook id's answer, ``status``) read the last commit on their own connection
-instead of queueing behind the save, and no call has to be turned into a message to another
-thread. Writes are serialised by one writer lock (``threading.Lock``): a write method is one
+readers and the writer proceed together: while a worker saves a 100k-entry list (2–3 s on a
+2-core VM, ``tests/bench/bench_store.py``), the loop's small reads (a webhook id's answer,
+``status``, the outbox) read the last commit on their own connection instead of queueing
+behind the save, and no call has to become a message to another thread. Writes are serialised by one writer lock (``threading.Lock``): a write method is one
 transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) taken on the calling thread's connection under
 that lock, and write methods called inside it join it, counted per thread. So a write can only
 join a transaction of its own thread; a write on another thread waits for the lock (at most
 ``BUSY_TIMEOUT``, then ``StoreError`` "database is locked") and commits or fails on its own.
-A thread sees its own transaction's writes; other threads see the last commit.
+(A write on the loop's thread blocks the loop while it waits; the daemon's writes that could
+meet a list save are serialised by its own lock, so such waits are rare.) A thread sees its own
+transaction's writes; other threads see the last commit.
 """
 
 from __future__ import annotations
@@ -195,13 +197,14 @@ class Unusable(Exception):
     """The database file is not one we can use (quarantined, see the module docstring)."""
 
 
-def _guarded(method: F, injectable: bool) -> F:
-    """SQLite errors of ``method`` become ``StoreError`` naming it.
+def _guarded(method: F, injectable: bool, name: str | None = None) -> F:
+    """SQLite errors of ``method`` become ``StoreError`` naming it (or ``name``: the public
+    method a private one does the SQL of).
 
     With ``injectable`` (a write), ``method`` runs inside ``Store._transaction`` (its own
     transaction, or its thread's open one) and ``Store.write_fault`` is asked first, inside
     that transaction (fault injection for tests: it rolls back what the batch wrote)."""
-    name = method.__name__
+    name = name or method.__name__
 
     @functools.wraps(method)
     def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
@@ -225,6 +228,11 @@ def _reads(method: F) -> F:
 
 def _writes(method: F) -> F:
     return _guarded(method, injectable=True)
+
+
+def _writes_as(name: str) -> Callable[[F], F]:
+    """``_writes`` for the SQL part of the public write ``name`` (errors and faults are its)."""
+    return lambda method: _guarded(method, injectable=True, name=name)
 
 
 def _real(value: Any) -> float:
@@ -489,7 +497,6 @@ class Store:
         since = dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
         return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since)
 
-    @_writes
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
                   since: dict[str, float] | None = None, changed: set[str] | None = None) -> None:
         """Store a new good list as a diff against the previous one, in one transaction.
@@ -499,14 +506,20 @@ class Store:
         if changed is None:
             changed = set(old.keys() ^ new.keys()) | {s for s in old.keys() & new.keys() if old[s] != new[s]}
         gone = [(sid,) for sid in changed if sid not in new]
-        if since is not None:
+        # Encoded before the transaction: the writer lock (module docstring) is held for the SQL
+        # only, not for the JSON of 100k entries (~0.8 s) that other threads' writes need not wait for.
+        entries = [(sid, json.dumps(new[sid].to_json())) for sid in changed if sid in new]
+        started = None if since is None else [(sid, since[sid]) for sid in changed if sid in new and sid in since]
+        self._save_list(gone, entries, started, [(sid,) for sid in changed], meta)
+
+    @_writes_as("save_list")
+    def _save_list(self, gone: list[tuple[str]], entries: list[tuple[str, str]],
+                   started: list[tuple[str, float]] | None, superseded: list[tuple[str]], meta: dict[str, Any]) -> None:
+        if started is not None:
             self.db.executemany("DELETE FROM listed_since WHERE id = ?", gone)
-            self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)",
-                                [(sid, since[sid]) for sid in changed if sid in new and sid in since])
+            self.db.executemany("INSERT OR IGNORE INTO listed_since VALUES (?, ?)", started)
         self.db.executemany("DELETE FROM listed WHERE id = ?", gone)
-        self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)",
-                            [(sid, json.dumps(new[sid].to_json())) for sid in changed if sid in new])
-        superseded = [(sid,) for sid in changed]
+        self.db.executemany("INSERT OR REPLACE INTO listed (id, entry) VALUES (?, ?)", entries)
         self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
         self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
         self.set_meta("list", meta)
