@@ -38,18 +38,27 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from .daemon import Enforcer
+from .event_sink import EventSink
 from .events import EventError, load_json, parse_event
 from .exemptions import check_category, parse_instant, parse_until
+from .metrics import Metrics
+from .outcome import Outcome, Refusal, Refused, Result
+
+if TYPE_CHECKING:
+    from .daemon import Enforcer
 
 log = logging.getLogger("walled_garden.api")
-ENFORCER_KEY = web.AppKey("enforcer", Enforcer)
+ENFORCER_KEY: web.AppKey[Enforcer] = web.AppKey("enforcer")
+SINK_KEY: web.AppKey[EventSink] = web.AppKey("sink")
+#: The one place outcomes become HTTP statuses.
+STATUS = {Refused.INVALID: 400, Refused.FORBIDDEN: 403, Refused.NOT_FOUND: 404, Refused.CONFLICT: 409,
+          Refused.UNAVAILABLE: 503}
 #: Largest webhook body accepted; a billing event is a few hundred bytes.
 MAX_EVENT_BYTES = 64 * 1024
 #: Longest ``webhook-id`` accepted (Standard Webhooks ids are ~30 characters).
@@ -125,6 +134,17 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, sort_keys=True))
 
 
+def http(result: Result) -> tuple[int, dict[str, Any]]:
+    """A component's result as (status, body)."""
+    if isinstance(result, Outcome):
+        return 200, result.body
+    return STATUS[result.kind], result.body
+
+
+def _answer(result: Result) -> web.Response:
+    return _json(*http(result))
+
+
 def _signed_raw(webhook: Webhook, body: bytes, headers: dict[str, str]) -> bool:
     """The Standard Webhooks check over the raw bytes, for a body that is not UTF-8.
 
@@ -169,10 +189,10 @@ def _id_problem(event_id: str) -> str | None:
 
 async def post_event(request: web.Request) -> web.Response:
     received = time.perf_counter()
-    enforcer = request.app[ENFORCER_KEY]
+    sink = request.app[SINK_KEY]
     verifier = request.app[VERIFIER_KEY].webhook
     if verifier is None:
-        enforcer.metrics.events.labels("unknown", "unavailable").inc()
+        sink.count("unknown", "unavailable")
         return _json(503, {"error": "webhook secret not configured on this gateway"})
     if request.content_length is not None and request.content_length > MAX_EVENT_BYTES:
         return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
@@ -184,7 +204,7 @@ async def post_event(request: web.Request) -> web.Response:
         return _json(413, {"error": f"body larger than {MAX_EVENT_BYTES} bytes"})
     why = _verify(verifier, body, request)
     if why is not None:
-        enforcer.metrics.events.labels("unknown", "unauthorized").inc()
+        sink.count("unknown", "unauthorized")
         held = request.app[REJECT_LOG_KEY].allow()
         if held is not None:
             log.warning("event=webhook_rejected peer=%s why=%r held_back=%d (at most one line per %.0fs; "
@@ -197,18 +217,17 @@ async def post_event(request: web.Request) -> web.Response:
             raise EventError(problem)
         event = parse_event(event_id, body)
     except EventError as exc:
-        enforcer.metrics.events.labels("unknown", "malformed").inc()
+        sink.count("unknown", "malformed")
         return _json(400, {"error": str(exc), "id": event_id if not problem else event_id[:MAX_ID_CHARS]})
-    status, answer = await enforcer.handle_event(event, received)
-    return _json(status, answer)
+    return _answer(await asyncio.shield(sink.submit(event, received)))
 
 
 REJECT_LOG_KEY = web.AppKey("reject_log", LogLimiter)
 
 
-def webhook_app(enforcer: Enforcer, verifier: Webhook | Verifier | None) -> web.Application:
+def webhook_app(sink: EventSink, verifier: Webhook | Verifier | None) -> web.Application:
     app = web.Application(client_max_size=MAX_EVENT_BYTES)
-    app[ENFORCER_KEY] = enforcer
+    app[SINK_KEY] = sink
     app[VERIFIER_KEY] = verifier if isinstance(verifier, Verifier) else Verifier(verifier)
     app[REJECT_LOG_KEY] = LogLimiter(REJECT_LOG_EVERY)
     app.router.add_post("/v1/events", post_event)
@@ -217,20 +236,19 @@ def webhook_app(enforcer: Enforcer, verifier: Webhook | Verifier | None) -> web.
 
 async def get_lookup(request: web.Request) -> web.Response:
     """An operator may look up any address; the portal only one the kernel saw connect to it
-    (``Enforcer.portal_lookup``), so even a compromised portal cannot enumerate subscribers."""
+    (``PortalActions.lookup``), so even a compromised portal cannot enumerate subscribers."""
     address = request.query.get("address", "")
     enforcer = request.app[ENFORCER_KEY]
     try:
         if is_operator(request):
-            return _json(200, enforcer.lookup(address))
-        status, answer = await enforcer.portal_lookup(address)
-        return _json(status, answer)
+            return _json(200, enforcer.queries.lookup(address))
+        return _answer(await enforcer.portal.lookup(address))
     except ValueError:
         return _json(400, {"error": f"address {address!r} is not an IP address"})
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return _json(200, request.app[ENFORCER_KEY].status())
+    return _json(200, request.app[ENFORCER_KEY].queries.status())
 
 
 async def post_for_address(request: web.Request) -> web.Response:
@@ -240,17 +258,16 @@ async def post_for_address(request: web.Request) -> web.Response:
         address = str(ipaddress.ip_address(str(body["address"])))
     except (ValueError, KeyError, TypeError):
         return _json(400, {"error": 'expected {"address": "<IP address>"}'})
-    enforcer = request.app[ENFORCER_KEY]
-    action = enforcer.acknowledge if request.match_info["action"] == "acknowledge" else enforcer.promise
-    status, answer = await action(address)
-    return _json(status, answer)
+    portal = request.app[ENFORCER_KEY].portal
+    action = portal.acknowledge if request.match_info["action"] == "acknowledge" else portal.promise
+    return _answer(await action(address))
 
 
 async def get_explain(request: web.Request) -> web.Response:
     query = request.query.get("q", "")
     if not query:
         return _json(400, {"error": "q= is required: a subscriber id, an address or a reference code"})
-    return _json(200, request.app[ENFORCER_KEY].explain(query))
+    return _json(200, request.app[ENFORCER_KEY].queries.explain(query))
 
 
 def peer_credentials(request: web.Request) -> tuple[int, int] | None:
@@ -319,17 +336,15 @@ async def post_operator(request: web.Request) -> web.Response:
     addresses = body.get("addresses")
     if addresses is not None and not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
         return _json(400, {"error": "addresses must be a list of strings"})
-    status, answer = await request.app[ENFORCER_KEY].operator_change(
-        peer(request), sid, restrict, str(body.get("reason") or ""), body.get("mode"), addresses)
-    return _json(status, answer)
+    return _answer(await request.app[ENFORCER_KEY].operator.change(
+        peer(request), sid, restrict, str(body.get("reason") or ""), body.get("mode"), addresses))
 
 
 async def post_held(request: web.Request) -> web.Response:
     body = await _body(request)
-    enforcer = request.app[ENFORCER_KEY]
-    action = enforcer.approve if request.match_info["action"] == "approve" else enforcer.reject
-    status, answer = await action(peer(request), str(body.get("reason") or ""))
-    return _json(status, answer)
+    lists = request.app[ENFORCER_KEY].lists
+    action = lists.approve if request.match_info["action"] == "approve" else lists.reject
+    return _answer(await action(peer(request), str(body.get("reason") or "")))
 
 
 async def post_exempt(request: web.Request) -> web.Response:
@@ -344,18 +359,16 @@ async def post_exempt(request: web.Request) -> web.Response:
             category = check_category(body["category"]) if body.get("category") else None
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
-        status, answer = await enforcer.unexempt(peer(request), sid, category, note)
-        return _json(status, answer)
+        return _answer(await enforcer.operator.unexempt(peer(request), sid, category, note))
     try:
         category = check_category(body.get("category"))
-        until = parse_until(body.get("until"), enforcer.clock(), enforcer.config.policy.windows.tz)
+        until = parse_until(body.get("until"), enforcer.engine.clock(), enforcer.engine.config.policy.windows.tz)
     except (ValueError, OverflowError) as exc:  # 9999-12-31 ends in year 10000
         return _json(400, {"error": f"until {body.get('until')!r}: out of range" if isinstance(exc, OverflowError)
                            else str(exc)})
     if len(note) > 500:
         return _json(400, {"error": "note: at most 500 characters"})
-    status, answer = await enforcer.exempt(peer(request), sid, category, until, note)
-    return _json(status, answer)
+    return _answer(await enforcer.operator.exempt(peer(request), sid, category, until, note))
 
 
 async def get_audit(request: web.Request) -> web.Response:
@@ -365,7 +378,7 @@ async def get_audit(request: web.Request) -> web.Response:
         limit = int(query.get("limit", "200"))
     except (ValueError, OverflowError) as exc:  # OverflowError: a time zone past year 1 or 9999
         return _json(400, {"error": f"since/limit: {exc}"})
-    entries = request.app[ENFORCER_KEY].audit(query.get("subscriber") or None, since, max(1, min(limit, 100_000)))
+    entries = request.app[ENFORCER_KEY].queries.audit(query.get("subscriber") or None, since, max(1, min(limit, 100_000)))
     return _json(200, {"entries": entries})
 
 
@@ -383,13 +396,14 @@ def control_app(enforcer: Enforcer) -> web.Application:
     return app
 
 
-def metrics_app(enforcer: Enforcer) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
-        await enforcer.metrics.kernel.refresh(enforcer.read_kernel_counters)
-        return web.Response(body=generate_latest(enforcer.metrics.registry),
+def metrics_app(metrics: Metrics, read_counters: Callable[[], Awaitable[dict[str, tuple[int, int]]]]
+                ) -> web.Application:
+    async def scrape(_: web.Request) -> web.Response:
+        await metrics.kernel.refresh(read_counters)
+        return web.Response(body=generate_latest(metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", scrape)
     return app
 
 

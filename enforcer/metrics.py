@@ -12,17 +12,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .store import StoreError
-from .subscribers import Mode
-
-if TYPE_CHECKING:
-    from .daemon import Enforcer
+from .model import Mode
 
 log = logging.getLogger("walled_garden.metrics")
 
@@ -94,62 +90,36 @@ class Metrics:
                                      registry=r)
         self.kernel = KernelCounters()
         r.register(self.kernel)
+        # Read at scrape time from the owners' own bookkeeping (O(1), or O(graces)): each owner
+        # sets the function when it starts (``set_function``), so this module imports none of them.
+        self.list_age = Gauge("walled_garden_list_age_seconds", "Seconds since the list in force was accepted "
+                              "from the source (kept across restarts; NaN before the first list)", registry=r)
+        self.kernel_in_sync = Gauge("walled_garden_kernel_in_sync", "1 when the kernel table matches the policy, "
+                                    "0 while a failed sync is being repaired", registry=r)
+        self.payment_graces = Gauge("walled_garden_payment_graces", "Payment graces in force: subscribers kept "
+                                    "free after paying until the grace expires", registry=r)
+        self.next_grace_expiry = Gauge("walled_garden_next_grace_expiry_timestamp_seconds", "Unix time the next "
+                                       "payment grace expires (0 when none is pending)", registry=r)
+        self.grace_expiries_due = Gauge("walled_garden_grace_expiries_due", "Payment graces past their end but "
+                                        "not yet applied (stays 0 unless expiry is stuck)", registry=r)
+        self.overrides = Gauge("walled_garden_overrides", "Billing-event and operator overrides in force",
+                               registry=r)
+        self.quarantined_databases = Gauge(
+            "walled_garden_state_quarantined_databases", "Unreadable state databases moved aside in state_dir "
+            "(<name>.corrupt-<time>) and kept for inspection; 0 once the operator has removed them", registry=r)
+        self.quarantined_rows = Gauge(
+            "walled_garden_state_rows_quarantined", "State rows that did not decode, skipped and kept in the "
+            "quarantined_rows table for inspection; 0 once the operator has removed them", registry=r)
+        self.held_subscribers = Gauge("walled_garden_held_change_subscribers", "Subscribers the held list change "
+                                      "would restrict or lift (0 when nothing is held)", ["change"], registry=r)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():
             self.subscribers.labels(mode.value).set(counts.get(mode, 0))
 
-    def observe(self, enforcer: Enforcer) -> None:
-        """Gauges read from the enforcer's own bookkeeping at scrape time: O(1), or O(graces)."""
-        r = self.registry
-        loaded = float(enforcer.list_status.get("loaded_at") or 0.0)
-        if loaded:  # the list in force was read and accepted then, before this start
-            self.source_success.set(loaded)
-        Gauge("walled_garden_list_age_seconds", "Seconds since the list in force was accepted from the source "
-              "(kept across restarts; NaN before the first list)", registry=r).set_function(
-            lambda: _age(enforcer.list_status.get("loaded_at"), enforcer.clock()))
-        Gauge("walled_garden_kernel_in_sync", "1 when the kernel table matches the policy, 0 while a failed "
-              "sync is being repaired", registry=r).set_function(lambda: 0.0 if enforcer.reconciler.needs_full
-                                                                 else 1.0)
-        Gauge("walled_garden_payment_graces", "Payment graces in force: subscribers kept free after paying "
-              "until the grace expires", registry=r).set_function(lambda: len(enforcer.inputs.graces))
-        Gauge("walled_garden_next_grace_expiry_timestamp_seconds", "Unix time the next payment grace expires "
-              "(0 when none is pending)", registry=r).set_function(lambda: _next_expiry(enforcer))
-        Gauge("walled_garden_grace_expiries_due", "Payment graces past their end but not yet applied "
-              "(stays 0 unless expiry is stuck)", registry=r).set_function(lambda: _due(enforcer))
-        Gauge("walled_garden_overrides", "Billing-event and operator overrides in force", registry=r
-              ).set_function(lambda: len(enforcer.inputs.overrides))
-        Gauge("walled_garden_state_quarantined_databases", "Unreadable state databases moved aside in "
-              "state_dir (<name>.corrupt-<time>) and kept for inspection; 0 once the operator has removed them",
-              registry=r).set_function(lambda: len(enforcer.store.quarantined_files()))
-        Gauge("walled_garden_state_rows_quarantined", "State rows that did not decode, skipped and kept in the "
-              "quarantined_rows table for inspection; 0 once the operator has removed them", registry=r
-              ).set_function(lambda: _quarantined_rows(enforcer))
-        held = Gauge("walled_garden_held_change_subscribers", "Subscribers the held list change would restrict "
-                     "or lift (0 when nothing is held)", ["change"], registry=r)
-        held.labels("restrict").set_function(lambda: enforcer.held.restricting if enforcer.held else 0)
-        held.labels("lift").set_function(lambda: enforcer.held.lifting if enforcer.held else 0)
-
-
-def _age(at: Any, now: float) -> float:
-    return now - float(at) if at else math.nan
-
-
-def _quarantined_rows(enforcer: Enforcer) -> float:
-    try:
-        return float(enforcer.store.quarantined_row_count())
-    except StoreError:   # a scrape must not fail because the database is busy
-        return math.nan
-
-
-def _next_expiry(enforcer: Enforcer) -> float:
-    now = enforcer.clock()
-    return min((g.until for g in enforcer.inputs.graces.values() if g.until > now), default=0.0)
-
-
-def _due(enforcer: Enforcer) -> float:
-    now = enforcer.clock()
-    return sum(1 for g in enforcer.inputs.graces.values() if g.until <= now)
+    @staticmethod
+    def age(at: Any, now: float) -> float:
+        return now - float(at) if at else math.nan
 
 
 #: Seconds a reading of the kernel counters is served before the next scrape reads again.

@@ -20,6 +20,7 @@ No I/O and no clock here: callers pass ``now``, so every rule is testable with a
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterable, Mapping
@@ -32,19 +33,28 @@ from .subscribers import Subscriber
 from .windows import Windows
 
 
+class Origin(enum.Enum):
+    """Who gave an override: billing (a webhook) or a person (the control socket). A person's
+    restriction outranks exemptions and windows (rules 4 and 5); billing's does not."""
+
+    BILLING = "billing"
+    OPERATOR = "operator"
+
+
 @dataclass(frozen=True)
 class Override:
     """An explicit instruction about one subscriber, newer than the list."""
 
     restrict: bool
     at: float                       # when this gateway received it (``receipt_clock``)
-    cause: str                      # "event <id> (...)" or "operator <user>: <reason>"
+    cause: str                      # for people: "event <id> (...)" or "operator <user>: <reason>"
     subscriber: Subscriber | None = None   # addresses/mode when ``restrict``
+    origin: Origin = Origin.BILLING
 
     @property
     def operator(self) -> bool:
         """Ordered by a person on the control socket (not billing)."""
-        return self.cause.startswith("operator ")
+        return self.origin is Origin.OPERATOR
 
 
 @dataclass(frozen=True)

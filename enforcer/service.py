@@ -6,7 +6,7 @@ hears READY=1 only after that first sync. The watchdog is petted from the event 
 the first moment, so a loop that hangs anywhere (start-up included) gets the process restarted.
 
 ``SIGHUP`` re-reads the configuration: an invalid one is logged and changes nothing; a valid
-one is applied as far as it can be without a restart (``Enforcer.reload``), and the list
+one is applied as far as it can be without a restart (``Engine.reload``), and the list
 source, the garden hostname resolver and the webhook secret are renewed here.
 """
 
@@ -75,6 +75,12 @@ def address_present(host: str) -> bool:
     return True
 
 
+def outbox_for(enforcer: Enforcer, config: Config) -> Outbox:
+    """The outbox delivering the portal's promises to billing with ``config``'s URL and secret."""
+    return Outbox(enforcer.engine.store, config.policy.promise_to_pay, enforcer.metrics, enforcer.engine.clock,
+                  enforcer.portal.outbox_wake, load_webhook_secret)
+
+
 class Service:
     """The enforcer's long-running parts around one ``Enforcer``: APIs, list source, resolver."""
 
@@ -86,7 +92,7 @@ class Service:
         self.webhooks: WorkerBridge | None = None
         self.runners: list[web.AppRunner] = []
         self.supervisor = Supervisor(stop, enforcer.metrics.task_failures)
-        enforcer.supervisor = self.supervisor   # status shows the tasks
+        enforcer.engine.reports["tasks"] = self.supervisor.status
 
     def _task(self, name: str, factory: Callable[[], Awaitable[Any]] | None) -> None:
         """Run ``factory()`` as ``name`` under the supervisor, replacing the task of that name."""
@@ -98,7 +104,7 @@ class Service:
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
                                                   config.api.socket_group))
         if config.api.listen is not None:  # in a worker process (see webhook_worker); starts meanwhile
-            self.webhooks = WorkerBridge(enforcer, config.api.listen.host, config.api.listen.port,
+            self.webhooks = WorkerBridge(enforcer.events, config.api.listen.host, config.api.listen.port,
                                          config.api.webhook_secret_file)
             webhooks = self.webhooks
             self._task("webhooks", lambda: webhooks.run(self.stop))
@@ -106,7 +112,7 @@ class Service:
             host, port = config.metrics.listen.host, config.metrics.listen.port
             self._task("metrics_listener", lambda: self._serve_metrics(host, port))
         await self._start_source(config)
-        self._task("timers", lambda: enforcer.timers(self.stop))
+        self._task("timers", lambda: enforcer.timers.run(self.stop))
         self._start_outbox(config)
         self._task("table_check", self._check_table)
         await self._start_hosts(config)
@@ -123,7 +129,8 @@ class Service:
     def _start_outbox(self, config: Config) -> None:
         """The outbox task, when promises are sent to billing (it has nothing to do otherwise)."""
         if config.policy.promise_to_pay.webhook_url:
-            self._task("outbox", lambda: Outbox(self.enforcer).run(self.stop))
+            outbox = outbox_for(self.enforcer, config)
+            self._task("outbox", lambda: outbox.run(self.stop))
         else:
             self._task("outbox", None)
 
@@ -133,7 +140,8 @@ class Service:
         delay = LISTEN_RETRY_FIRST
         while True:
             try:
-                runner = await start_tcp_site(metrics_app(self.enforcer), host, port)
+                runner = await start_tcp_site(metrics_app(self.enforcer.metrics, self.enforcer.health.counters),
+                                              host, port)
                 break
             except OSError as exc:
                 log.warning("event=listen_failed listener=metrics listen=%s:%d error=%r retry_in=%.0fs",
@@ -157,7 +165,7 @@ class Service:
             return None
 
     async def _check_table(self) -> None:
-        """Every few seconds, one small listing: is our table still there (see ``verify_table``)?"""
+        """Every few seconds, one small listing: is our table still there (``TableHealth``)?"""
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), TABLE_CHECK_SECONDS)
@@ -165,33 +173,32 @@ class Service:
             except TimeoutError:
                 pass
             try:
-                await self.enforcer.verify_table()
+                await self.enforcer.health.verify()
             except DataplaneError as exc:
                 log.warning("event=table_check_failed error=%r", str(exc))
 
     async def _start_source(self, config: Config) -> None:
-        enforcer = self.enforcer
+        lists, space = self.enforcer.lists, self.enforcer.engine.space
         if config.subscribers.is_url:
-            url_source = UrlSource(config.subscribers, enforcer.on_list, enforcer.on_source_failure,
-                                   enforcer.on_source_unchanged, space=enforcer.space)
+            url_source = UrlSource(config.subscribers, lists.on_list, lists.on_source_failure,
+                                   lists.on_source_unchanged, space=space)
             self._task("source", lambda: url_source.run(self.stop))
         else:
             self._task("source", None)
-            source = FileSource(config.subscribers.source, enforcer.on_list, enforcer.on_source_failure,
-                                space=enforcer.space)
+            source = FileSource(config.subscribers.source, lists.on_list, lists.on_source_failure, space=space)
             await source.check()
             self._task("source", lambda: source.run(self.stop))
 
     async def _start_hosts(self, config: Config) -> None:
         if config.walled_garden.allow_hosts:
-            hosts = GardenHosts(config.walled_garden.allow_hosts, self.enforcer.set_garden_addresses)
+            hosts = GardenHosts(config.walled_garden.allow_hosts, self.enforcer.engine.set_garden_addresses)
             self._task("hosts", lambda: hosts.run(self.stop))
         else:
             self._task("hosts", None)
 
     async def reload(self) -> bool:
         """Re-read the configuration file; True when a valid one was applied."""
-        old = self.enforcer.config
+        old = self.enforcer.engine.config
         try:
             new = await asyncio.to_thread(load_config, old.path)
         except ConfigError as exc:
@@ -211,7 +218,7 @@ class Service:
                           old.path, str(exc))
                 return False
             log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
-        restart = await self.enforcer.reload(new)
+        restart = await self.enforcer.engine.reload(new)
         if new.policy.promise_to_pay != old.policy.promise_to_pay:  # the outbox reads its URL and secret at start
             self._start_outbox(new)
         self.verifier.webhook = webhook
@@ -222,7 +229,7 @@ class Service:
         if new.walled_garden.allow_hosts != old.walled_garden.allow_hosts:
             await self._start_hosts(new)
             if not new.walled_garden.allow_hosts:
-                await self.enforcer.set_garden_addresses(set())
+                await self.enforcer.engine.set_garden_addresses(set())
         changed = [name for name in ("state_dir", "subscribers", "gateway", "walled_garden", "portal", "api",
                                      "metrics", "policy") if getattr(new, name) != getattr(old, name)]
         self.enforcer.metrics.reloads.labels("applied").inc()
@@ -266,7 +273,7 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
         systemd_notify.notify("STATUS=restoring enforcement from saved state")
         while True:
             try:
-                await enforcer.restore()
+                await enforcer.engine.restore()
                 break
             except DataplaneError as exc:
                 log.error("event=restore_failed error=%r retry_in=2s", str(exc))
@@ -278,7 +285,7 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
         await service.start()
         if reload_requests is not None:
             reloader = asyncio.create_task(_reloads(service, reload_requests), name="reload")
-        restricted = sum(enforcer.mode_counts.values())
+        restricted = sum(enforcer.engine.record.mode_counts.values())
         systemd_notify.notify(f"READY=1\nSTATUS=enforcing: {restricted} subscriber(s) restricted")
         log.info("event=started table=%s api=%s control=%s metrics=%s restricted=%d", config.gateway.table,
                  config.api.listen, config.api.socket, config.metrics.listen, restricted)

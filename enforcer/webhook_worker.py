@@ -14,16 +14,18 @@ Wire format: one JSON object per line.
   ``{"count": [type, result], "by": k}`` for requests the child refused itself (summed over
   one loop turn, so a flood of unsigned requests costs the daemon one line per turn, not one
   per request), ``{"ready": true}``.
-  daemon → child: ``{"n": seq, "status": 200, "answer": {...}}``, ``{"reload": secret_file}``.
+  daemon → child: ``{"n": seq, "result": {"outcome": {...}}}`` or ``{"n": seq, "result":
+  {"refused": kind, "error": "...", "extra": {...}}}`` (``outcome.Result``), ``{"reload": secret_file}``.
 The child exits when the daemon's end closes; the daemon restarts a child that dies.
 
-The listener faces the network, so it is built to survive it (SPEC §8): ``api.start_tcp_site``
+The listener faces the network, so it is built to survive it (docs/security.md): ``api.start_tcp_site``
 wraps each connection in ``api.GuardedConnection`` (aiohttp has no header timeout or
 connection cap, so the deadlines and the cap live in a small protocol wrapper there: a request
 head within ``api.HEAD_TIMEOUT`` s, its body within ``api.BODY_TIMEOUT`` s, and at most
 ``api.max_connections()`` connections, the oldest idle one closed for a new one), bodies are
 capped at ``api.MAX_EVENT_BYTES``, and refused requests are logged at most once per
-``api.REJECT_LOG_EVERY`` s. The daemon's answer (status and body) reaches billing unchanged.
+``api.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
+have sent itself (``api.http``).
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ import os
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-
+from .event_sink import EventSink
 from .events import Event
+from .outcome import Outcome, Refusal, Refused, Result
 from .subscribers import Subscriber
-
-if TYPE_CHECKING:
-    from .daemon import Enforcer
 
 log = logging.getLogger("walled_garden.webhooks")
 #: Longest line either side accepts (an event is a few hundred bytes; bodies are capped at 64 KiB).
@@ -65,6 +65,18 @@ def event_from_wire(data: dict[str, Any]) -> Event:
     subscriber = Subscriber.from_json(data["subscriber"]) if data.get("subscriber") else None
     return Event(data["id"], data["type"], float(data["timestamp"]), data["subscriber_id"], subscriber,
                  note=data.get("note") or "", until=data.get("until"))
+
+
+def result_to_wire(result: Result) -> dict[str, Any]:
+    if isinstance(result, Outcome):
+        return {"outcome": result.body}
+    return {"refused": result.kind.value, "error": result.error, "extra": result.extra}
+
+
+def result_from_wire(data: dict[str, Any]) -> Result:
+    if "outcome" in data:
+        return Outcome(data["outcome"])
+    return Refusal(Refused(data["refused"]), str(data["error"]), dict(data.get("extra") or {}))
 
 
 class LineWriter:
@@ -91,71 +103,49 @@ class LineWriter:
 
 
 # -- the child ----------------------------------------------------------------------------------
-class _Count:
-    def __init__(self, events: "_Events", labels: tuple[str, str]) -> None:
-        self.events, self.labels_ = events, labels
-
-    def inc(self, amount: float = 1) -> None:
-        self.events.add(self.labels_, int(amount))
-
-
-class _Events:
-    """``events_total`` as the child sees it: sums sent to the daemon once per loop turn."""
-
-    def __init__(self, send: Any) -> None:
-        self.send = send
-        self._sums: dict[tuple[str, str], int] = {}
-
-    def labels(self, kind: str, result: str) -> _Count:
-        return _Count(self, (kind, result))
-
-    def add(self, labels: tuple[str, str], amount: int) -> None:
-        if not self._sums:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._sums[labels] = self._sums.get(labels, 0) + amount
-
-    def _flush(self) -> None:
-        sums, self._sums = self._sums, {}
-        for labels, amount in sums.items():
-            self.send({"count": list(labels), "by": amount})
-
-
-class _Metrics:
-    def __init__(self, send: Any) -> None:
-        self.events = _Events(send)
-
-
 class Forwarder:
-    """The child's stand-in for the ``Enforcer``: what ``api.post_event`` calls, forwarded."""
+    """The child's ``EventSink``: events go to the daemon, results come back, counts are summed.
+
+    Counts of requests the child refused itself are sent once per loop turn, so a flood of
+    unsigned requests costs the daemon one line per turn, not one per request."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.metrics = _Metrics(self.send)
         self._seq = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        self._waiting: dict[int, asyncio.Future[Result]] = {}
+        self._sums: dict[tuple[str, str], int] = {}
 
     def send(self, message: dict[str, Any]) -> None:
         self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
-    async def handle_event(self, event: Event, received: float) -> tuple[int, dict[str, Any]]:
+    def count(self, event_type: str, result: str, by: int = 1) -> None:
+        if not self._sums:
+            asyncio.get_running_loop().call_soon(self._send_counts)
+        key = (event_type, result)
+        self._sums[key] = self._sums.get(key, 0) + by
+
+    def _send_counts(self) -> None:
+        sums, self._sums = self._sums, {}
+        for labels, amount in sums.items():
+            self.send({"count": list(labels), "by": amount})
+
+    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
         n = next(self._seq)
-        future: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[n] = future
+        future.add_done_callback(lambda _: self._waiting.pop(n, None))
         self.send({"n": n, "event": event_to_wire(event), "received": received})
-        try:
-            return await future
-        finally:
-            self._waiting.pop(n, None)
+        return future
 
     def answered(self, message: dict[str, Any]) -> None:
         future = self._waiting.get(message["n"])
         if future is not None and not future.done():
-            future.set_result((int(message["status"]), message["answer"]))
+            future.set_result(result_from_wire(message["result"]))
 
     def daemon_gone(self) -> None:
-        for future in self._waiting.values():
+        for future in list(self._waiting.values()):
             if not future.done():
-                future.set_result((503, {"error": "the enforcer is restarting; retry later"}))
+                future.set_result(Refusal(Refused.UNAVAILABLE, "the enforcer is restarting; retry later"))
 
 
 async def child_main(fd: int, host: str, port: int, secret_file: str) -> int:
@@ -169,7 +159,7 @@ async def child_main(fd: int, host: str, port: int, secret_file: str) -> int:
         verifier.webhook = load_webhook_secret(secret_file)
     except SecretError as exc:
         log.error("event=webhook_disabled error=%r (events answer 503 until fixed)", str(exc))
-    runner = await start_tcp_site(webhook_app(forwarder, verifier), host, port)  # type: ignore[arg-type]
+    runner = await start_tcp_site(webhook_app(forwarder, verifier), host, port)
     forwarder.send({"ready": True})
     log.info("event=webhook_worker_started listen=%s:%d pid=%d", host, port, os.getpid())
     try:
@@ -202,19 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(child_main(args.fd, args.host, args.port, args.secret_file))
 
 
-def _answer(future: asyncio.Future[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+def _answer(future: asyncio.Future[Result]) -> dict[str, Any]:
     if future.cancelled() or future.exception() is not None:
-        return {"status": 503, "answer": {"error": f"internal error, retry later: {future.exception() or 'cancelled'}"}}
-    status, answer = future.result()
-    return {"status": status, "answer": answer}
+        why = f"internal error, retry later: {future.exception() or 'cancelled'}"
+        return {"result": result_to_wire(Refusal(Refused.UNAVAILABLE, why))}
+    return {"result": result_to_wire(future.result())}
 
 
 # -- the daemon's side --------------------------------------------------------------------------
 class WorkerBridge:
-    """Starts and supervises the webhook worker; feeds its events to the ``Enforcer``."""
+    """Starts and supervises the webhook worker; feeds its events to the daemon's ``EventSink``."""
 
-    def __init__(self, enforcer: "Enforcer", host: str, port: int, secret_file: str) -> None:
-        self.enforcer = enforcer
+    def __init__(self, sink: EventSink, host: str, port: int, secret_file: str) -> None:
+        self.sink = sink
         self.host, self.port, self.secret_file = host, port, secret_file
         self.ready = asyncio.Event()
         self.process: asyncio.subprocess.Process | None = None
@@ -270,7 +260,7 @@ class WorkerBridge:
             if "event" in message:
                 self._submit(message)
             elif "count" in message:
-                self.enforcer.metrics.events.labels(*message["count"]).inc(int(message.get("by", 1)))
+                self.sink.count(*message["count"], by=int(message.get("by", 1)))
             elif message.get("ready"):
                 self.ready.set()
 
@@ -282,10 +272,11 @@ class WorkerBridge:
         n, lines = message["n"], self._lines
         assert lines is not None
         try:
-            answer = self.enforcer.submit_event(event_from_wire(message["event"]), float(message["received"]))
+            answer = self.sink.submit(event_from_wire(message["event"]), float(message["received"]))
         except Exception as exc:  # answer the request whatever happened
             log.exception("event=webhook_event_failed")
-            lines.send({"n": n, "status": 503, "answer": {"error": f"internal error, retry later: {exc}"}})
+            lines.send({"n": n, "result": result_to_wire(Refusal(Refused.UNAVAILABLE,
+                                                                  f"internal error, retry later: {exc}"))})
             return
         answer.add_done_callback(lambda future: lines.send({"n": n, **_answer(future)}))
 

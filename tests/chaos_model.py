@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from enforcer.config import Config, parse_config
-from enforcer.daemon import Enforcer, policy_rules
+from enforcer.daemon import Enforcer
+from enforcer.engine import policy_rules
 from enforcer.dataplane.backend import DataplaneError
 from enforcer.dataplane.layout import MODE_PREFIX, MODE_VERDICTS, SENTINELS, mode_map
 from enforcer.dataplane.state import TableState
@@ -47,6 +48,7 @@ from enforcer.reconciler import with_mode_view
 from enforcer.sources import ListUpdate, SourceFailure
 from enforcer.store import Store
 from enforcer.subscribers import ListError, Mode, parse_list
+from daemon_helpers import exempt, handle_event, operator_change, submit_event, unexempt
 
 #: Billing's clock runs up to this far from true time (the signature tolerance).
 SKEW = 300.0
@@ -220,7 +222,7 @@ class ChaosMachine(RuleBasedStateMachine):
         async def restore() -> None:
             for _ in range(5):   # the service retries a failed restore every 2 s
                 try:
-                    await self.e.restore()
+                    await self.e.engine.restore()
                     return
                 except DataplaneError:
                     self.clocks.pass_(2.0)
@@ -234,28 +236,28 @@ class ChaosMachine(RuleBasedStateMachine):
         try:
             subscribers = parse_list(self.source_text, "list.json", space=None)
         except ListError as exc:
-            await self.e.on_source_failure(SourceFailure("list.json", "invalid", str(exc)))
+            await self.e.lists.on_source_failure(SourceFailure("list.json", "invalid", str(exc)))
             return
         try:
-            await self.e.on_list(ListUpdate(subscribers, "list.json", str(self.serial)))
+            await self.e.lists.on_list(ListUpdate(subscribers, "list.json", str(self.serial)))
         except Exception as exc:   # the source's _hand_over reports it as a SourceFailure and goes on
             self.task_failures.append(f"on_list: {type(exc).__name__}: {exc}")
             self.note(f"  on_list raised (the source reports it): {exc}")
             return
-        while self.e.unsaved_list is not None and not self.store_fault_armed:
-            await self.e.on_list(self.e.unsaved_list, approved_by=self.e.unsaved_approval)  # the timer's retry
+        while self.e.lists.unsaved is not None and not self.store_fault_armed:
+            await self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval)  # the timer's retry
 
     def kill(self) -> None:
         """SIGKILL: nothing of the old process runs any more (its database connection goes
         first, so a cancelled task cannot write), the kernel keeps what it was sent."""
         e = self.e
         self.enforcer = None
-        e.store.close()
-        for task in list(e._background):
+        e.engine.store.close()
+        for task in list(e.engine._background):
             task.cancel()
-        if e.batcher._worker is not None:
-            e.batcher._worker.cancel()
-        e._kernel_thread.shutdown(wait=True)
+        if e.events.batcher._worker is not None:
+            e.events.batcher._worker.cancel()
+        e.engine._kernel_thread.shutdown(wait=True)
 
         async def unwind() -> None:
             for _ in range(5):
@@ -272,7 +274,7 @@ class ChaosMachine(RuleBasedStateMachine):
 
     # -- sending --------------------------------------------------------------------------------
     async def deliver(self, event: Event) -> tuple[int, dict[str, Any]]:
-        answer = await self.e.handle_event(event, 0.0)
+        answer = await handle_event(self.e, event, 0.0)
         sent = next((s for s in self.sent if s.event.id == event.id), None)
         if sent is None:
             sent = Sent(event)
@@ -321,7 +323,7 @@ class ChaosMachine(RuleBasedStateMachine):
         list is saved again."""
         for attempt in range(4):
             try:
-                self.run(self.e._tick())
+                self.run(self.e.timers.tick())
             except DataplaneError:
                 self.clocks.pass_(2.0)
                 continue
@@ -330,14 +332,14 @@ class ChaosMachine(RuleBasedStateMachine):
                 self.note(f"  timers task failed (supervisor restarts it): {exc}")
                 self.clocks.pass_(1.0)
                 continue
-            self.e._changed.clear()
-            if self.e.unsaved_list is not None:
+            self.e.engine.changed.clear()
+            if self.e.lists.unsaved is not None:
                 try:
-                    self.run(self.e.on_list(self.e.unsaved_list, approved_by=self.e.unsaved_approval))
+                    self.run(self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval))
                 except Exception as exc:
                     self.task_failures.append(f"timers/on_list: {type(exc).__name__}: {exc}")
                     self.note(f"  timers task failed (supervisor restarts it): {exc}")
-            if not self.e.reconciler.needs_full:
+            if not self.e.engine.reconciler.needs_full:
                 return
 
     def billing_ts(self, skew: float) -> float:
@@ -419,7 +421,7 @@ class ChaosMachine(RuleBasedStateMachine):
             events.append(Event(self.new_id("evt"), kind, self.billing_ts(skew), sid, subscriber))
 
         async def send() -> list[tuple[int, dict[str, Any]]]:
-            futures = [self.e.submit_event(ev, 0.0) for ev in events]
+            futures = [submit_event(self.e, ev, 0.0) for ev in events]
             return list(await asyncio.gather(*futures))
         answers = self.run(send())
         for event, answer in zip(events, answers):
@@ -432,7 +434,7 @@ class ChaosMachine(RuleBasedStateMachine):
     @rule(sid=st.sampled_from(SIDS), restrict=st.booleans(), mode=st.sampled_from(MODES))
     def operator(self, sid: str, restrict: bool, mode: Mode) -> None:
         async def act() -> tuple[int, dict[str, Any]]:
-            return await self.e.operator_change("noc", sid, restrict, "chaos", mode=mode.value,
+            return await operator_change(self.e, "noc", sid, restrict, "chaos", mode=mode.value,
                                                 addresses=addresses(sid) if restrict else None)
         status, body = self.run(act())
         self.note(f"operator {'restrict' if restrict else 'lift'} {sid} -> {status} {body.get('result') or body.get('error')}")
@@ -442,9 +444,9 @@ class ChaosMachine(RuleBasedStateMachine):
     @rule(sid=st.sampled_from(SIDS), end=st.booleans(), seconds=st.sampled_from((60.0, 900.0, 7200.0)))
     def exemption(self, sid: str, end: bool, seconds: float) -> None:
         if end:
-            status, body = self.run(self.e.unexempt("noc", sid, None, "chaos"))
+            status, body = self.run(unexempt(self.e, "noc", sid, None, "chaos"))
         else:
-            status, body = self.run(self.e.exempt("noc", sid, "outage", self.clocks.wall + seconds, "chaos"))
+            status, body = self.run(exempt(self.e, "noc", sid, "outage", self.clocks.wall + seconds, "chaos"))
         self.note(f"operator {'unexempt' if end else f'exempt {seconds:.0f}s'} {sid} -> {status} {body.get('error', '')}")
         assert status in (200, 404, 409, 503), (status, body)
 
@@ -494,10 +496,10 @@ class ChaosMachine(RuleBasedStateMachine):
             if name == point:
                 killed.append(name)
                 raise SigKill(name)
-        self.e.store.write_fault = die
+        self.e.engine.store.write_fault = die
 
         async def go() -> asyncio.Future[Any]:
-            future = self.e.submit_event(event, 0.0)
+            future = submit_event(self.e, event, 0.0)
             for _ in range(2000):
                 if future.done() or killed:
                     break
@@ -523,7 +525,7 @@ class ChaosMachine(RuleBasedStateMachine):
     @rule(op=st.sampled_from(("record_state", "save_list", "save_subscribers", "record_events", "any")))
     def store_failure(self, op: str) -> None:
         self.note(f"the next SQLite write ({op}) fails")
-        store = self.e.store
+        store = self.e.engine.store
 
         def fault(name: str) -> None:
             if op in (name, "any"):
@@ -535,12 +537,12 @@ class ChaosMachine(RuleBasedStateMachine):
     def table_deleted(self) -> None:
         self.note("another tool deletes the table")
         self.backend.drop_table(self.dataplane)
-        self.run(self.e.verify_table())   # the table check sees it within seconds
+        self.run(self.e.health.verify())   # the table check sees it within seconds
 
     # -- invariants -----------------------------------------------------------------------------
     def unseen_step(self) -> float:
         """How far the wall clock stepped forward since the daemon last looked (``ReceiptClock.step``)."""
-        then_wall, then_mono = self.e.receipts._anchor
+        then_wall, then_mono = self.e.engine.receipts._anchor
         return (self.clocks.wall - then_wall) - (self.clocks.mono - then_mono)
 
     def report(self) -> str:
@@ -551,14 +553,14 @@ class ChaosMachine(RuleBasedStateMachine):
         if self.enforcer is None:
             return
         e = self.e
-        if e.rebuilding is not None:   # documented: the table is kept as it is until a list arrives
-            assert e.status()["rebuilding_from_kernel"]
+        if e.engine.rebuilding is not None:   # documented: the table is kept as it is until a list arrives
+            assert e.queries.status()["rebuilding_from_kernel"]
             return
-        if e._changed.is_set():   # an input woke the timers task: it runs a round now
+        if e.engine.changed.is_set():   # an input woke the timers task: it runs a round now
             self.timer()
-        if e.reconciler.needs_full:   # the daemon knows; its timer repairs within RESYNC_SECONDS
+        if e.engine.reconciler.needs_full:   # the daemon knows; its timer repairs within RESYNC_SECONDS
             self.timer()
-        assert not e.reconciler.needs_full, "the repair round did not repair the table\n" + self.report()
+        assert not e.engine.reconciler.needs_full, "the repair round did not repair the table\n" + self.report()
         # The instant the daemon decides at: a forward step not yet seen by the daemon has not
         # moved any grace yet (it will, on the next input or timer round).
         jump = self.unseen_step()
@@ -570,9 +572,9 @@ class ChaosMachine(RuleBasedStateMachine):
             store.close()
         persisted.rules = policy_rules(self.config)
         decisions = persisted.decide_all(now)
-        in_memory = e.inputs.decide_all(now)
-        for sid in e.conflicts:           # reported: the kernel keeps what it enforced
-            decisions[sid] = e.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "")
+        in_memory = e.engine.inputs.decide_all(now)
+        for sid in e.engine.conflicts:           # reported: the kernel keeps what it enforced
+            decisions[sid] = e.engine.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "")
             in_memory[sid] = decisions[sid]
         kernel = kernel_modes(self.backend.read(self.dataplane))
         want = expected_modes(decisions)
@@ -582,7 +584,7 @@ class ChaosMachine(RuleBasedStateMachine):
             diff = {k: (kernel.get(k), want.get(k), memory.get(k), who.get(k)) for k in kernel.keys() | want.keys()
                     if kernel.get(k) != want.get(k)}
             raise AssertionError("kernel != policy(persisted inputs); key: (kernel, persisted, in memory, who): "
-                                 f"{diff}\nconflicts={e.conflicts}\n" + self.report())
+                                 f"{diff}\nconflicts={e.engine.conflicts}\n" + self.report())
 
     @invariant()
     def payments_keep_subscribers_free(self) -> None:
@@ -601,7 +603,7 @@ class ChaosMachine(RuleBasedStateMachine):
         own = {ipaddress.ip_network(a) for a in addresses(sid)}
         name, address = key
         plen = int(name.rsplit("_", 1)[1])
-        return ipaddress.ip_network(f"{address}/{plen}") in own and self.e.reconciler.owner_of(name, address) == sid
+        return ipaddress.ip_network(f"{address}/{plen}") in own and self.e.engine.reconciler.owner_of(name, address) == sid
 
 
 def machine_settings() -> dict[str, Any]:

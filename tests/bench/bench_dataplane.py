@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from enforcer.config import parse_config  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
-from enforcer.daemon import Enforcer, base_layout  # noqa: E402
+from enforcer.daemon import Enforcer  # noqa: E402
+from enforcer.engine import base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402
@@ -120,10 +121,10 @@ async def event_latency(n: int, events: int, config_text: str, workdir: str) -> 
     nft = Nftables()
     nft_delete_table(nft)
     enforcer = Enforcer(config, dataplane=KernelDataplane(TABLE, nft))
-    await enforcer.restore()
+    await enforcer.engine.restore()
     subs = subscribers(n)
     started = time.perf_counter()
-    await enforcer.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
+    await enforcer.lists.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
     load_s = time.perf_counter() - started
     runner = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(config.api.webhook_secret_file)),
                                   "127.0.0.1", 18787)

@@ -153,21 +153,21 @@ async def run(args: argparse.Namespace, work: str) -> None:
     enforcer = Enforcer(config, dataplane=KernelDataplane(TABLE, nft))
     observe = enforcer.metrics.event_to_enforce.observe
     enforcer.metrics.event_to_enforce.observe = lambda v: (commits.append(v), observe(v))  # type: ignore
-    await enforcer.restore()
+    await enforcer.engine.restore()
     subs = subscribers(args.subscribers)
     started = time.perf_counter()
-    await enforcer.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
+    await enforcer.lists.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
     cold_s = time.perf_counter() - started
-    cold_sync = enforcer.last_sync["seconds"]
+    cold_sync = enforcer.engine.last_sync["seconds"]
 
     # 1 % churn: 1 % of entries replaced by new subscribers (half restrict, half lift).
     churn = args.subscribers // 100
     changed = subs[churn:] + subscribers(args.subscribers + churn)[args.subscribers:]
     started = time.perf_counter()
-    await enforcer.on_list(ListUpdate(changed, "bench", "2"), approved_by="benchmark")
+    await enforcer.lists.on_list(ListUpdate(changed, "bench", "2"), approved_by="benchmark")
     churn_s = time.perf_counter() - started
-    churn_sync = enforcer.last_sync["seconds"]
-    await enforcer.on_list(ListUpdate(subs, "bench", "3"), approved_by="benchmark")
+    churn_sync = enforcer.engine.last_sync["seconds"]
+    await enforcer.lists.on_list(ListUpdate(subs, "bench", "3"), approved_by="benchmark")
     await asyncio.sleep(1)  # let background flushes of the list loads finish
 
     if args.in_process:  # the pre-worker design, for comparison
@@ -189,7 +189,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
     if args.client == "wrk":
         url = f"http://127.0.0.1:{PORT}/v1/events"
         commits.clear()
-        batches_before = enforcer.batcher.batches
+        batches_before = enforcer.events.batcher.batches
         # Enough for 5,000/s: once wrk runs out it gets 404s, which are counted apart (below).
         Path(work, "requests.bin").write_bytes(presign(url, secret_file.read_text(), targets,
                                                        int(max(args.rate, 5000) * args.seconds) + 1000))
@@ -212,7 +212,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
             if target.endswith(".prof"):          # for pstats / snakeviz: callers, call graphs
                 profile.dump_stats(target)
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
-        batches = enforcer.batcher.batches - batches_before
+        batches = enforcer.events.batcher.batches - batches_before
         await cleanup()
         await enforcer.close()
         applied = int(result["statuses"].get("200", 0))
@@ -237,11 +237,11 @@ async def run(args: argparse.Namespace, work: str) -> None:
         str(args.seconds), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(HERE.parents[2])})
     commits.clear()
-    batches_before = enforcer.batcher.batches
+    batches_before = enforcer.events.batcher.batches
     out, _ = await load.communicate(json.dumps(targets).encode())
     result = json.loads(out)
     await cleanup()
-    batches = enforcer.batcher.batches - batches_before
+    batches = enforcer.events.batcher.batches - batches_before
     await enforcer.close()
     try:
         nft.run(f"delete table inet {TABLE}")

@@ -118,7 +118,7 @@ def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) 
     machine.run(machine.deliver_source())
     kernel = chaos_model.kernel_modes(machine.dataplane.read())
     assert ("mode6_64", "2001:db8:0:3::") in kernel, f"C-3 lost its restriction: {kernel}"
-    assert machine.e.status()["address_conflicts"], "the clash is not reported"
+    assert machine.e.queries.status()["address_conflicts"], "the clash is not reported"
 
 
 def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied(machine: Any) -> None:
@@ -146,5 +146,5 @@ def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, mon
     machine.kernel_failure()
     machine.burst(kinds=[RELEASED, RESTRICTED], sid="C-4", skews=[270, -75, 0, 0])
     first = machine.sent[-1].answers[0]
-    assert first[0] == 503 or machine.e.store.event_answer(machine.sent[-1].event.id) == first, \
+    assert first[0] == 503 or machine.e.engine.store.event_answer(machine.sent[-1].event.id) == first, \
         f"answered {first} for an event judged stale by a sibling that failed: {machine.sent[-2].answers}"

@@ -22,7 +22,7 @@ from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
 
-from daemon_helpers import NoConntrack
+from daemon_helpers import NoConntrack, handle_event, submit_event
 
 NOW = 1_795_000_000.0   # 2026-11-18
 GRACE = 3600.0
@@ -57,9 +57,9 @@ async def enforcer(tmp: Path, clocks: Clocks, fake: FakeDataplane | None = None,
     fake = fake or FakeDataplane()
     e = Enforcer(config(tmp), dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
                  clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
-    await e.restore()
+    await e.engine.restore()
     if listed:
-        await e.on_list(ListUpdate([SUB], "l.yaml", "1"))
+        await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
     try:
         yield e, fake
     finally:
@@ -72,7 +72,7 @@ def walled(fake: FakeDataplane) -> bool:
 
 async def send(e: Enforcer, kind: str, ts: float, eid: str) -> tuple[int, dict[str, Any]]:
     subscriber = SUB if kind == RESTRICTED else None
-    return await e.handle_event(Event(eid, kind, ts, "C-1", subscriber), 0.0)
+    return await handle_event(e, Event(eid, kind, ts, "C-1", subscriber), 0.0)
 
 
 async def test_billing_clock_ahead_restriction_then_payment(tmp_path: Path) -> None:
@@ -88,8 +88,8 @@ async def test_billing_clock_ahead_restriction_then_payment(tmp_path: Path) -> N
 async def test_billing_clock_ahead_both_in_one_batch(tmp_path: Path) -> None:
     clocks = Clocks()
     async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
-        restricted = e.submit_event(Event("r1", RESTRICTED, NOW + 60, "C-1", SUB), 0.0)
-        paid = e.submit_event(Event("p1", PAYMENT, NOW + 61, "C-1"), 0.0)
+        restricted = submit_event(e, Event("r1", RESTRICTED, NOW + 60, "C-1", SUB), 0.0)
+        paid = submit_event(e, Event("p1", PAYMENT, NOW + 61, "C-1"), 0.0)
         assert (await restricted)[0] == 200
         status, answer = await paid
         assert (status, answer["mode"]) == (200, "free")
@@ -112,8 +112,8 @@ async def test_step_back_then_full_sync_keeps_the_payer_free(tmp_path: Path) -> 
         assert walled(fake)
         assert (await send(e, PAYMENT, NOW, "p1"))[1]["mode"] == "free"
         clocks.step(-600)
-        async with e.lock:
-            await e.sync_all(read_kernel=True)
+        async with e.engine.lock:
+            await e.engine.sync_all(read_kernel=True)
         assert not walled(fake)
 
 
@@ -123,13 +123,13 @@ async def test_forward_step_does_not_end_the_grace_early(tmp_path: Path) -> None
         await send(e, PAYMENT, NOW, "p1")
         clocks.pass_(60)
         clocks.step(86400)          # NTP fixes a clock that was a day behind
-        await e._tick()
+        await e.timers.tick()
         assert not walled(fake)
         clocks.pass_(GRACE - 120)   # still inside the grace as really lived
-        await e._tick()
+        await e.timers.tick()
         assert not walled(fake)
         clocks.pass_(120)           # now it has really ended
-        await e._tick()
+        await e.timers.tick()
         assert walled(fake)
 
 
@@ -170,7 +170,7 @@ async def test_order_survives_a_restart_after_a_step_back(tmp_path: Path) -> Non
         await send(e, PAYMENT, NOW, "p1")
     clocks.step(-3600)
     async with enforcer(tmp_path, clocks, fake=fake, listed=False) as (e, _):
-        assert e.receipts.stamp() > NOW
+        assert e.engine.receipts.stamp() > NOW
         # a late retry of an older restriction, after the restart: still stale
         assert (await send(e, RESTRICTED, NOW - 1, "r-late"))[1]["result"] == "ignored"
         assert not walled(fake)
@@ -185,16 +185,16 @@ async def test_an_address_conflict_in_the_timer_does_not_stop_the_timers(tmp_pat
     clocks = Clocks()
     c3 = Subscriber("C-3", (parse_address("100.64.0.30"),), Mode.WALLED_GARDEN, "overdue")
     async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
-        await e.on_list(ListUpdate([SUB, c3], "l.yaml", "2"))
+        await e.lists.on_list(ListUpdate([SUB, c3], "l.yaml", "2"))
         await send(e, PAYMENT, NOW, "p1")
-        await e.handle_event(Event("p3", PAYMENT, NOW, "C-3"), 0.0)
+        await handle_event(e, Event("p3", PAYMENT, NOW, "C-3"), 0.0)
         c2 = Subscriber("C-2", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue")
-        assert (await e.handle_event(Event("r2", RESTRICTED, NOW + 1, "C-2", c2), 0.0))[0] == 200
+        assert (await handle_event(e, Event("r2", RESTRICTED, NOW + 1, "C-2", c2), 0.0))[0] == 200
         stop = asyncio.Event()
-        timers = asyncio.create_task(e.timers(stop))
+        timers = asyncio.create_task(e.timers.run(stop))
         await asyncio.sleep(0.05)   # the timer is waiting for its next instant
         clocks.pass_(GRACE + 1)
-        e._changed.set()
+        e.engine.changed.set()
         for _ in range(100):
             await asyncio.sleep(0.01)
             if "100.64.0.30" in fake.view["mode4_32"]:
@@ -202,6 +202,6 @@ async def test_an_address_conflict_in_the_timer_does_not_stop_the_timers(tmp_pat
         assert "100.64.0.30" in fake.view["mode4_32"], "C-3's grace did not end"
         assert not timers.done(), timers.exception() if timers.done() else None
         assert fake.view["mode4_32"]["100.64.0.10"] == "goto notice"     # C-2 keeps its address
-        assert "C-1" in e.status()["address_conflicts"]
+        assert "C-1" in e.queries.status()["address_conflicts"]
         stop.set()
         await asyncio.wait_for(timers, 5)

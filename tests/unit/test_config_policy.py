@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncio
+
 import pytest
 
 from enforcer.config import ConfigError, parse_config
@@ -95,8 +97,10 @@ async def test_outbox_never_signs_with_the_inbound_webhook_secret(tmp_path: Path
     config = SimpleNamespace(api=ApiConfig(webhook_secret_file=str(inbound)),
                              policy=PolicyConfig(promise_to_pay=PromiseRules(enabled=True,
                                                                              webhook_url="http://192.0.2.1/h")))
-    enforcer = SimpleNamespace(config=config, store=store, metrics=None, clock=lambda: 1000.0)
-    outbox = Outbox(enforcer)  # type: ignore[arg-type]
+    from enforcer.api import load_webhook_secret
+
+    outbox = Outbox(store, config.policy.promise_to_pay, None, lambda: 1000.0, asyncio.Event(),  # type: ignore[arg-type]
+                    load_webhook_secret)
 
     class NoSession:
         def post(self, *args: object, **kwargs: object) -> None:

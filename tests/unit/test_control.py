@@ -29,8 +29,8 @@ async def control(tmp_path: Path) -> Any:
                           "portal: {notice_ack_for: 2h}\n")
     fake = FakeDataplane()
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: 1_800_000_000.0)  # type: ignore[arg-type]
-    await enforcer.restore()
-    await enforcer.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
+    await enforcer.engine.restore()
+    await enforcer.lists.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
     # A real Unix socket, as in production: operator endpoints check the peer (SO_PEERCRED)
     runner = await start_unix_site(control_app(enforcer), str(tmp_path / "control.sock"))
     client = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(tmp_path / "control.sock")),
@@ -45,7 +45,7 @@ async def test_operator_endpoints_need_a_unix_peer(tmp_path: Path) -> None:
     """Served over TCP (no SO_PEERCRED) the operator endpoints refuse; the portal's answer."""
     config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
     enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     client = TestClient(TestServer(control_app(enforcer)))
     await client.start_server()
     try:
@@ -61,7 +61,7 @@ async def test_lookup_by_address_and_prefix(control: Any) -> None:
     client, enforcer, _ = control
     answer = await (await client.get("/v1/lookup", params={"address": "2001:db8:10:100:abcd::1"})).json()
     assert answer["restricted"] and answer["subscriber"] == "C-1" and answer["reason"] == "overdue"
-    assert answer["reference"] == enforcer.reference("C-1")
+    assert answer["reference"] == enforcer.references.code("C-1")
     assert (await (await client.get("/v1/lookup", params={"address": "100.64.0.99"})).json())["restricted"] is False
     assert (await client.get("/v1/lookup", params={"address": "nonsense"})).status == 400
 
@@ -69,12 +69,12 @@ async def test_lookup_by_address_and_prefix(control: Any) -> None:
 def test_reference_codes_are_stable_and_reveal_nothing(tmp_path: Path) -> None:
     config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
     first = Enforcer(config, dataplane=FakeDataplane())
-    code = first.reference("C-1")
+    code = first.references.code("C-1")
     assert code.startswith("WG-") and len(code) == 12 and "C-1" not in code
     second = Enforcer(config, dataplane=FakeDataplane())  # same state dir: same per-installation key
-    assert second.reference("C-1") == code != second.reference("C-2")
+    assert second.references.code("C-1") == code != second.references.code("C-2")
     other = parse_config(f"state_dir: {tmp_path}/other\nsubscribers: {{source: {tmp_path}/l.yaml}}\n")
-    assert Enforcer(other, dataplane=FakeDataplane()).reference("C-1") != code
+    assert Enforcer(other, dataplane=FakeDataplane()).references.code("C-1") != code
 
 
 async def test_acknowledge_only_in_notice_modes(control: Any) -> None:
@@ -93,7 +93,7 @@ async def test_acknowledge_only_in_notice_modes(control: Any) -> None:
 
 async def test_explain_by_id_address_and_reference(control: Any) -> None:
     client, enforcer, _ = control
-    for query in ("C-1", "100.64.0.10", enforcer.reference("C-1").lower()):
+    for query in ("C-1", "100.64.0.10", enforcer.references.code("C-1").lower()):
         answer = await (await client.get("/v1/explain", params={"q": query})).json()
         assert answer["found"] and answer["subscriber"] == "C-1", query
         assert answer["mode"] == "walled-garden" and answer["why"] == "on the restricted list"

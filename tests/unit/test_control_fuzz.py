@@ -51,8 +51,8 @@ def test_the_control_socket_never_answers_500(tmp_path: Path) -> None:
     held: dict[str, Any] = {}
 
     async def start() -> None:
-        await enforcer.restore()
-        await enforcer.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
+        await enforcer.engine.restore()
+        await enforcer.lists.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
         held["runner"] = await start_unix_site(control_app(enforcer), str(tmp_path / "control.sock"))
         held["client"] = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(tmp_path / "control.sock")), base_url="http://enforcer")

@@ -33,7 +33,7 @@ from enforcer.logs import OneLineFormatter
 from enforcer.service import Service
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from daemon_helpers import NoConntrack
+from daemon_helpers import NoConntrack, acknowledge
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -82,9 +82,9 @@ async def running(tmp_path: Path) -> Any:
     config = parse_config(path.read_text(), str(path))
     fake = TaggedFake()
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     subscriber = Subscriber("C-1", (parse_address("100.64.0.10"),), reason="overdue")
-    await enforcer.on_list(ListUpdate([subscriber], "l.yaml", "1"))
+    await enforcer.lists.on_list(ListUpdate([subscriber], "l.yaml", "1"))
     stop = asyncio.Event()
     service = Service(config, enforcer, stop)
     service.verifier.webhook = object()  # type: ignore[assignment]  # "a working secret is in force"
@@ -112,7 +112,7 @@ async def test_reload_of_the_garden_replaces_the_table_atomically_and_keeps_enfo
     assert isinstance(tx.operations[0], ReplaceTable), "one atomic transaction: table and elements together"
     assert "198.51.100.7" in tx.render() and fake.state.layout_tag != old_tag
     assert restricted_in_kernel(fake)
-    assert enforcer.config.policy.payment_grace == 7200
+    assert enforcer.engine.config.policy.payment_grace == 7200
     assert enforcer.metrics.reloads.labels("applied")._value.get() == 1
 
 
@@ -122,18 +122,18 @@ async def test_reload_without_layout_changes_touches_nothing_in_the_kernel(runni
     before = len(fake.transactions)
     assert await service.reload()
     assert len(fake.transactions) == before
-    assert enforcer.config.subscribers.guard.max_restrict == 7
+    assert enforcer.engine.config.subscribers.guard.max_restrict == 7
 
 
 async def test_an_invalid_config_is_logged_and_changes_nothing(running: Any, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     enforcer, fake, service, path = running
-    old = enforcer.config
+    old = enforcer.engine.config
     path.write_text(path.read_text().replace("192.0.2.0/24", "192.0.2.0/33") + "surprise: 1\n")
     before = len(fake.transactions)
     with caplog.at_level(logging.ERROR):
         assert not await service.reload()
-    assert enforcer.config is old and len(fake.transactions) == before and restricted_in_kernel(fake)
+    assert enforcer.engine.config is old and len(fake.transactions) == before and restricted_in_kernel(fake)
     assert "event=reload_rejected" in caplog.text
     assert "walled_garden.allow[0]" in caplog.text and "surprise" in caplog.text  # every problem, by key
     assert enforcer.metrics.reloads.labels("rejected")._value.get() == 1
@@ -148,7 +148,7 @@ async def test_a_broken_secret_never_replaces_a_working_one(running: Any, tmp_pa
     with caplog.at_level(logging.ERROR):
         assert not await service.reload()
     assert service.verifier.webhook is working
-    assert enforcer.config.walled_garden.allow_networks[0].compressed == "192.0.2.0/24"
+    assert enforcer.engine.config.walled_garden.allow_networks[0].compressed == "192.0.2.0/24"
     assert "not a secret" not in caplog.text, "secrets are never logged"
 
 
@@ -167,8 +167,8 @@ async def test_settings_bound_at_start_are_kept_and_named(running: Any, tmp_path
                  api={"socket": str(tmp_path / "other.sock")}, portal={"listen": "0.0.0.0:8081"})
     with caplog.at_level(logging.INFO):
         assert await service.reload()
-    assert enforcer.config.gateway.table == "walled_garden" and enforcer.config.state_dir == str(tmp_path / "state")
-    assert enforcer.config.portal.listen.port == 8080
+    assert enforcer.engine.config.gateway.table == "walled_garden" and enforcer.engine.config.state_dir == str(tmp_path / "state")
+    assert enforcer.engine.config.portal.listen.port == 8080
     line = next(r.getMessage() for r in caplog.records if "event=reload_needs_restart" in r.getMessage())
     for key in ("state_dir", "gateway.table", "api.socket", "portal.listen"):
         assert key in line
@@ -178,8 +178,8 @@ async def test_settings_bound_at_start_are_kept_and_named(running: Any, tmp_path
 async def test_notice_acknowledgements_survive_a_table_replace(running: Any, tmp_path: Path) -> None:
     enforcer, fake, service, _ = running
     notice = Subscriber("C-2", (parse_address("100.64.0.20"),), mode=Mode.NOTICE)
-    await enforcer.on_list(ListUpdate([notice], "l.yaml", "2"), approved_by="test")
-    status, _ = await enforcer.acknowledge("100.64.0.20")
+    await enforcer.lists.on_list(ListUpdate([notice], "l.yaml", "2"), approved_by="test")
+    status, _ = await acknowledge(enforcer, "100.64.0.20")
     assert status == 200
     write_config(tmp_path, walled_garden={"allow": ["192.0.2.0/24", "198.51.100.0/24"]})
     assert await service.reload()
@@ -189,12 +189,12 @@ async def test_notice_acknowledgements_survive_a_table_replace(running: Any, tmp
 # -- the lost table -----------------------------------------------------------------------------
 async def test_a_table_removed_behind_our_back_is_detected_and_repaired(running: Any) -> None:
     enforcer, fake, _, _ = running
-    assert await enforcer.verify_table()
+    assert await enforcer.health.verify()
     fake.state = None                                   # somebody ran "nft flush ruleset"
-    assert not await enforcer.verify_table()
-    assert enforcer.reconciler.needs_full
-    await enforcer._tick()                              # what the repair loop runs
-    assert restricted_in_kernel(fake) and not enforcer.reconciler.needs_full
+    assert not await enforcer.health.verify()
+    assert enforcer.engine.reconciler.needs_full
+    await enforcer.timers.tick()                              # what the repair loop runs
+    assert restricted_in_kernel(fake) and not enforcer.engine.reconciler.needs_full
 
 
 # -- control socket group -----------------------------------------------------------------------
@@ -235,15 +235,15 @@ async def test_kernel_counters_are_read_at_most_once_a_second(running: Any, monk
     enforcer, fake, _, _ = running
     kernel = enforcer.metrics.kernel
     for _ in range(5):
-        await kernel.refresh(enforcer.read_kernel_counters)
+        await kernel.refresh(enforcer.health.counters)
     assert fake.counter_reads == 1 and kernel.values == {"redirected": (5, 300)}
     monkeypatch.setattr(metrics_module, "COUNTER_MAX_AGE", 0.0)
     fake.counter_values = {"redirected": (6, 360)}
     fake.counter_delay = 0.5                               # the kernel thread is busy
-    await kernel.refresh(enforcer.read_kernel_counters)
+    await kernel.refresh(enforcer.health.counters)
     assert kernel.values == {"redirected": (5, 300)}, "a slow read serves the last values, at once"
     await asyncio.sleep(0.6)
-    await kernel.refresh(enforcer.read_kernel_counters)
+    await kernel.refresh(enforcer.health.counters)
     assert kernel.values == {"redirected": (6, 360)}
     text = generate_latest(enforcer.metrics.registry).decode()
     assert 'walled_garden_kernel_packets_total{counter="redirected"} 6.0' in text
@@ -256,7 +256,7 @@ def promtool() -> str:
 
 async def exposition(enforcer: Enforcer) -> tuple[str, str]:
     enforcer.metrics.events.labels("payment.received", "applied").inc()
-    await enforcer.metrics.kernel.refresh(enforcer.read_kernel_counters)
+    await enforcer.metrics.kernel.refresh(enforcer.health.counters)
     portal = PortalMetrics()
     return generate_latest(enforcer.metrics.registry).decode(), generate_latest(portal.registry).decode()
 

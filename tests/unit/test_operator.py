@@ -31,7 +31,7 @@ async def daemon(tmp_path: Path) -> Any:
     config = parse_config(config_path.read_text(), str(config_path))
     fake = FakeDataplane()
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     runner = await start_unix_site(control_app(enforcer), config.api.socket)
     yield enforcer, fake, config_path
     await runner.cleanup()
@@ -40,38 +40,38 @@ async def daemon(tmp_path: Path) -> Any:
 
 async def test_mass_restriction_is_held_until_approved(daemon: Any) -> None:
     enforcer, fake, config = daemon
-    await enforcer.on_list(ListUpdate(_subs(20), "l.yaml", "1"))          # small: applied
-    assert sum(enforcer.mode_counts.values()) == 20
-    await enforcer.on_list(ListUpdate(_subs(520), "l.yaml", "2"))         # a broken export: +500
-    assert sum(enforcer.mode_counts.values()) == 20, "a held list changes nothing"
+    await enforcer.lists.on_list(ListUpdate(_subs(20), "l.yaml", "1"))          # small: applied
+    assert sum(enforcer.engine.record.mode_counts.values()) == 20
+    await enforcer.lists.on_list(ListUpdate(_subs(520), "l.yaml", "2"))         # a broken export: +500
+    assert sum(enforcer.engine.record.mode_counts.values()) == 20, "a held list changes nothing"
     code, out = await cli("status", "--config", str(config))
     assert code == 0 and "HELD" in out and "restrict 500" in out
     assert enforcer.metrics.held_changes._value.get() == 1
     code, out = await cli("approve", "--config", str(config), "--reason", "checked with billing", "--json")
     assert code == 0 and json.loads(out)["restricting"] == 500
-    assert sum(enforcer.mode_counts.values()) == 520
-    assert enforcer.status()["held_changes"] == []
+    assert sum(enforcer.engine.record.mode_counts.values()) == 520
+    assert enforcer.queries.status()["held_changes"] == []
 
 
 async def test_mass_lift_is_held_and_can_be_rejected(daemon: Any) -> None:
     enforcer, _, config = daemon
-    await enforcer.on_list(ListUpdate(_subs(400), "l.yaml", "1"), approved_by="test")
-    await enforcer.on_list(ListUpdate([], "l.yaml", "2"))                  # an empty export lifts all
-    assert enforcer.status()["held_changes"][0]["lifting"] == 400
+    await enforcer.lists.on_list(ListUpdate(_subs(400), "l.yaml", "1"), approved_by="test")
+    await enforcer.lists.on_list(ListUpdate([], "l.yaml", "2"))                  # an empty export lifts all
+    assert enforcer.queries.status()["held_changes"][0]["lifting"] == 400
     code, out = await cli("reject", "--config", str(config), "--reason", "export bug")
     assert code == 0 and "rejected" in out
-    assert sum(enforcer.mode_counts.values()) == 400
+    assert sum(enforcer.engine.record.mode_counts.values()) == 400
     code, _ = await cli("approve", "--config", str(config))
     assert code == 1, "nothing is held any more"
 
 
 async def test_operator_restrict_and_lift_are_attributed_to_the_unix_user(daemon: Any, caplog: Any) -> None:
     enforcer, fake, config = daemon
-    await enforcer.on_list(ListUpdate(_subs(1), "l.yaml", "1"))
+    await enforcer.lists.on_list(ListUpdate(_subs(1), "l.yaml", "1"))
     code, out = await cli("lift", "C-1", "--config", str(config), "--reason", "hospital stay")
     assert code == 0 and "now free" in out
     user = getpass.getuser()
-    explained = enforcer.explain("C-1")
+    explained = enforcer.queries.explain("C-1")
     assert explained["why"].startswith(f"operator {user} (uid ") and "hospital stay" in explained["why"]
     assert "100.64.0.2" not in fake.view["mode4_32"]
     code, out = await cli("restrict", "C-9", "--config", str(config), "--address", "100.64.7.7", "--mode", "notice")

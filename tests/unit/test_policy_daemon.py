@@ -19,10 +19,10 @@ from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import parse_event
-from enforcer.outbox import Outbox
+from enforcer.service import outbox_for
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from daemon_helpers import NoConntrack, cli
+from daemon_helpers import NoConntrack, cli, exempt, handle_event, operator_change, promise
 
 DAY = 86400.0
 MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
@@ -56,7 +56,7 @@ def make_config(tmp: Path, policy: str = "", port: int = 0) -> Any:
 async def running(config: Any, clock: Clock, fake: FakeDataplane | None = None) -> Any:
     fake = fake or FakeDataplane()
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=clock)  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     runner = await start_unix_site(control_app(enforcer), config.api.socket)
     try:
         yield enforcer, fake
@@ -73,7 +73,7 @@ def kernel_mode(fake: FakeDataplane, ip: str = "100.64.0.10") -> str | None:
 async def test_exempt_and_unexempt_via_cli_are_audited(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with running(config, Clock(MONDAY_10)) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
         assert kernel_mode(fake) == "goto garden"
         code, out = await cli("exempt", "C-1", "--category", "vulnerable", "--until", "14d",
                               "--note", "medical equipment", "--config", str(tmp_path / "config.yaml"))
@@ -96,28 +96,28 @@ async def test_exempt_and_unexempt_via_cli_are_audited(tmp_path: Path) -> None:
 async def test_exemption_expires_by_itself(tmp_path: Path) -> None:
     clock = Clock(MONDAY_10)
     async with running(make_config(tmp_path), clock) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
-        status, _ = await enforcer.exempt("alice", "C-1", "business", MONDAY_10 + DAY, "shop till")
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        status, _ = await exempt(enforcer, "alice", "C-1", "business", MONDAY_10 + DAY, "shop till")
         assert status == 200 and kernel_mode(fake) is None
-        assert enforcer.inputs.next_change(clock.now) == MONDAY_10 + DAY
+        assert enforcer.engine.inputs.next_change(clock.now) == MONDAY_10 + DAY
         clock.now = MONDAY_10 + DAY
-        await enforcer._tick()
+        await enforcer.timers.tick()
         assert kernel_mode(fake) == "goto garden"
-        assert enforcer.audit("C-1", None, 10)[-1]["new"] == "walled-garden"
+        assert enforcer.queries.audit("C-1", None, 10)[-1]["new"] == "walled-garden"
 
 
 async def test_dispute_events_open_and_close_an_exemption(tmp_path: Path) -> None:
     clock = Clock(MONDAY_10)
     async with running(make_config(tmp_path), clock) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
 
         async def send(kind: str, ts: float, eid: str, **data: Any) -> tuple[int, dict]:
             body = json.dumps({"type": kind, "timestamp": ts, "data": {"subscriber": "C-1", **data}})
-            return await enforcer.handle_event(parse_event(eid, body), 0.0)
+            return await handle_event(enforcer, parse_event(eid, body), 0.0)
 
         status, answer = await send("dispute.opened", MONDAY_10 - 60, "e1", note="ticket 4711")
         assert status == 200 and answer["mode"] == "free" and kernel_mode(fake) is None
-        assert enforcer.inputs.exemptions["C-1"]["dispute"].until == MONDAY_10 + 30 * DAY  # configured default
+        assert enforcer.engine.inputs.exemptions["C-1"]["dispute"].until == MONDAY_10 + 30 * DAY  # configured default
         status, answer = await send("dispute.closed", MONDAY_10 - 120, "e2")          # older: ignored
         assert answer["result"] == "ignored" and kernel_mode(fake) is None
         status, answer = await send("dispute.closed", MONDAY_10, "e3")
@@ -143,14 +143,14 @@ async def test_restriction_waits_for_window_and_survives_restart(tmp_path: Path)
     clock = Clock(saturday)
     fake = FakeDataplane()
     async with running(config, clock, fake) as (enforcer, _):
-        await enforcer.on_list(ListUpdate([sub("C-1"), sub("C-2", "100.64.0.11")], "l.yaml", "1"))
-        assert kernel_mode(fake) is None and enforcer.status()["waiting_for_window"] == 2
-        explained = enforcer.explain("C-1")
+        await enforcer.lists.on_list(ListUpdate([sub("C-1"), sub("C-2", "100.64.0.11")], "l.yaml", "1"))
+        assert kernel_mode(fake) is None and enforcer.queries.status()["waiting_for_window"] == 2
+        explained = enforcer.queries.explain("C-1")
         assert explained["pending"] == "walled-garden" and "waits for the enforcement window" in explained["why"]
         # a payment while waiting lifts nothing further but clears the wait
         body = json.dumps({"type": "payment.received", "timestamp": saturday, "data": {"subscriber": "C-2"}})
-        await enforcer.handle_event(parse_event("p1", body), 0.0)
-        assert enforcer.status()["waiting_for_window"] == 1
+        await handle_event(enforcer, parse_event("p1", body), 0.0)
+        assert enforcer.queries.status()["waiting_for_window"] == 1
     clock.now = MONDAY_10 + 7 * DAY - 2 * 3600      # Monday 08:00
     async with running(config, clock, fake) as (enforcer, _):
         assert kernel_mode(fake) == "goto garden"     # restart inside the window: applied at start
@@ -163,29 +163,29 @@ async def test_restriction_waits_for_window_and_survives_restart(tmp_path: Path)
 async def test_window_opening_applies_waiting_restrictions(tmp_path: Path) -> None:
     clock = Clock(MONDAY_10 + 10 * 3600)             # Monday 20:00
     async with running(make_config(tmp_path, WINDOWS), clock) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
         assert kernel_mode(fake) is None
-        opens = enforcer.inputs.next_change(clock.now, waiting=True)
+        opens = enforcer.engine.inputs.next_change(clock.now, waiting=True)
         assert opens == MONDAY_10 + DAY - 2 * 3600    # Tuesday 08:00
         clock.now = opens
-        await enforcer._tick()
+        await enforcer.timers.tick()
         assert kernel_mode(fake) == "goto garden"
-        assert enforcer.status()["waiting_for_window"] == 0
+        assert enforcer.queries.status()["waiting_for_window"] == 0
 
 
 async def test_escalation_climbs_the_ladder(tmp_path: Path) -> None:
     ladder = "policy:\n  escalation: [{after: 7d, mode: throttle}, {after: 14d, mode: walled-garden}]\n"
     clock = Clock(MONDAY_10)
     async with running(make_config(tmp_path, ladder), clock) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub(mode=Mode.NOTICE)], "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate([sub(mode=Mode.NOTICE)], "l.yaml", "1"))
         assert kernel_mode(fake) == "goto notice"
         clock.now = MONDAY_10 + 7 * DAY + 1
-        await enforcer._tick()
+        await enforcer.timers.tick()
         assert kernel_mode(fake) == "goto throttle"
         clock.now = MONDAY_10 + 14 * DAY + 400
-        await enforcer._tick()
+        await enforcer.timers.tick()
         assert kernel_mode(fake) == "goto garden"
-        assert "escalated to walled-garden" in enforcer.explain("C-1")["why"]
+        assert "escalated to walled-garden" in enforcer.queries.explain("C-1")["why"]
 
 
 PROMISE = ("policy:\n  promise_to_pay: {term: 3d, max: 2, period: 90d, reasons: [overdue], "
@@ -205,33 +205,33 @@ async def test_promise_to_pay_lifts_tells_billing_and_lapses(tmp_path: Path, unu
     clock = Clock(MONDAY_10)
     try:
         async with running(make_config(tmp_path, PROMISE % unused_tcp_port), clock) as (enforcer, fake):
-            await enforcer.on_list(ListUpdate([sub(), Subscriber("C-9", (parse_address("100.64.0.99"),),
+            await enforcer.lists.on_list(ListUpdate([sub(), Subscriber("C-9", (parse_address("100.64.0.99"),),
                                                                  Mode.WALLED_GARDEN, "fraud")], "l.yaml", "1"))
-            assert enforcer.lookup("100.64.0.10")["promise"]["eligible"] is True
-            assert enforcer.lookup("100.64.0.99")["promise"]["why"] == "reason_not_eligible"
-            status, answer = await enforcer.promise("100.64.0.10")
+            assert enforcer.queries.lookup("100.64.0.10")["promise"]["eligible"] is True
+            assert enforcer.queries.lookup("100.64.0.99")["promise"]["why"] == "reason_not_eligible"
+            status, answer = await promise(enforcer, "100.64.0.10")
             assert status == 200 and answer["until"] == MONDAY_10 + 3 * DAY and kernel_mode(fake) is None
-            assert (await enforcer.promise("100.64.0.10"))[0] == 409          # not restricted any more
-            assert (await enforcer.promise("100.64.0.99"))[0] == 403
-            outbox = Outbox(enforcer)
+            assert (await promise(enforcer, "100.64.0.10"))[0] == 409          # not restricted any more
+            assert (await promise(enforcer, "100.64.0.99"))[0] == 403
+            outbox = outbox_for(enforcer, enforcer.engine.config)
             import aiohttp
             async with aiohttp.ClientSession() as session:
                 assert await outbox.deliver_due(session) == 0                   # billing answered 500
-                assert enforcer.store.outbox_size() == 1
+                assert enforcer.engine.store.outbox_size() == 1
                 clock.now += 3600                                              # past the backoff
                 assert await outbox.deliver_due(session) == 1
-            assert enforcer.store.outbox_size() == 0
+            assert enforcer.engine.store.outbox_size() == 0
             body, headers = received[-1]
             assert received[0][1]["webhook-id"] == headers["webhook-id"], "retries keep the id"
             Webhook(OUTBOX_SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
             payload = json.loads(body)
             assert payload["type"] == "promise.made" and payload["data"]["subscriber"] == "C-1"
-            assert payload["data"]["reference"] == enforcer.reference("C-1")
+            assert payload["data"]["reference"] == enforcer.references.code("C-1")
             clock.now = MONDAY_10 + 3 * DAY
-            await enforcer._tick()
+            await enforcer.timers.tick()
             assert kernel_mode(fake) == "goto garden"
-            assert enforcer.lookup("100.64.0.10")["promise"]["why"] == "last_promise_lapsed"
-            chain = enforcer.explain("C-1")["chain"]
+            assert enforcer.queries.lookup("100.64.0.10")["promise"]["why"] == "last_promise_lapsed"
+            chain = enforcer.queries.explain("C-1")["chain"]
             assert any("promise to pay" in step and "lapsed" in step for step in chain)
     finally:
         await billing.cleanup()
@@ -239,41 +239,41 @@ async def test_promise_to_pay_lifts_tells_billing_and_lapses(tmp_path: Path, unu
 
 async def test_operator_restriction_is_not_promisable(tmp_path: Path) -> None:
     async with running(make_config(tmp_path, PROMISE % 9), Clock(MONDAY_10)) as (enforcer, _):
-        await enforcer.operator_change("alice", "C-5", True, "abuse", addresses=["100.64.0.55"])
-        assert enforcer.lookup("100.64.0.55")["promise"]["why"] == "operator_restriction"
+        await operator_change(enforcer, "alice", "C-5", True, "abuse", addresses=["100.64.0.55"])
+        assert enforcer.queries.lookup("100.64.0.55")["promise"]["why"] == "operator_restriction"
 
 
 async def test_audit_retention_and_since(tmp_path: Path) -> None:
     clock = Clock(MONDAY_10)
     async with running(make_config(tmp_path, "policy: {audit_retention: 30d}\n"), clock) as (enforcer, _):
-        enforcer.store.append_audit([(MONDAY_10 - 40 * DAY, "C-1", "free", "walled-garden", "old"),
+        enforcer.engine.store.append_audit([(MONDAY_10 - 40 * DAY, "C-1", "free", "walled-garden", "old"),
                                      (MONDAY_10 - 10 * DAY, "C-1", "walled-garden", "free", "recent")])
-        assert [e["cause"] for e in enforcer.audit("C-1", MONDAY_10 - 20 * DAY, 10)] == ["recent"]
-        enforcer._pruned = -1e9          # the hourly prune is due
-        await enforcer._tick()
-        assert [e["cause"] for e in enforcer.audit(None, None, 10)] == ["recent"]
+        assert [e["cause"] for e in enforcer.queries.audit("C-1", MONDAY_10 - 20 * DAY, 10)] == ["recent"]
+        enforcer.timers._pruned = -1e9          # the hourly prune is due
+        await enforcer.timers.tick()
+        assert [e["cause"] for e in enforcer.queries.audit(None, None, 10)] == ["recent"]
 
 
 async def test_explain_by_address_finds_a_freed_subscriber(tmp_path: Path) -> None:
     async with running(make_config(tmp_path), Clock(MONDAY_10)) as (enforcer, _):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
-        await enforcer.exempt("alice", "C-1", "outage", MONDAY_10 + DAY, "fibre cut")
-        answer = enforcer.explain("100.64.0.10")
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await exempt(enforcer, "alice", "C-1", "outage", MONDAY_10 + DAY, "fibre cut")
+        answer = enforcer.queries.explain("100.64.0.10")
         assert answer["found"] and answer["subscriber"] == "C-1" and not answer["restricted"]
-        assert enforcer.explain("100.64.9.9")["found"] is False
+        assert enforcer.queries.explain("100.64.9.9")["found"] is False
 
 
 async def test_reload_with_new_windows_re_decides(tmp_path: Path) -> None:
     clock = Clock(MONDAY_10 + 5 * DAY)   # Saturday
     config = make_config(tmp_path)
     async with running(config, clock) as (enforcer, fake):
-        await enforcer.on_list(ListUpdate([sub()], "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate([sub()], "l.yaml", "1"))
         assert kernel_mode(fake) == "goto garden"
-        await enforcer.operator_change("alice", "C-1", False, "checking")
+        await operator_change(enforcer, "alice", "C-1", False, "checking")
         assert kernel_mode(fake) is None
         windowed = make_config(tmp_path, WINDOWS)
-        await enforcer.reload(windowed)
-        assert enforcer.inputs.rules.windows.configured
+        await enforcer.engine.reload(windowed)
+        assert enforcer.engine.inputs.rules.windows.configured
         # a new list entry on Saturday now waits for Monday 08:00
-        await enforcer.on_list(ListUpdate([sub(), sub("C-2", "100.64.0.11")], "l.yaml", "2"))
-        assert kernel_mode(fake, "100.64.0.11") is None and "C-2" in enforcer.waiting
+        await enforcer.lists.on_list(ListUpdate([sub(), sub("C-2", "100.64.0.11")], "l.yaml", "2"))
+        assert kernel_mode(fake, "100.64.0.11") is None and "C-2" in enforcer.engine.record.waiting

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from enforcer import policy
 from enforcer.exemptions import CATEGORIES, Exemption
 from enforcer.model import EscalationStep, Mode
-from enforcer.policy import Decision, Grace, Override, PolicyInputs, Rules, decide
+from enforcer.policy import Decision, Grace, Origin, Override, PolicyInputs, Rules, decide
 from enforcer.promises import Promise
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.windows import Windows
@@ -86,7 +86,7 @@ def test_stricter_mode_waits_lighter_does_not() -> None:
 
 def test_operator_restriction_does_not_wait() -> None:
     rules = Rules(windows=OFFICE)
-    ordered = Override(True, at(6, 11), "operator alice: abuse report", sub())
+    ordered = Override(True, at(6, 11), "operator alice: abuse report", sub(), Origin.OPERATOR)
     assert decide("C-1", None, ordered, None, at(6, 12), rules=rules).mode is Mode.WALLED_GARDEN
 
 
@@ -155,7 +155,7 @@ def test_operator_restriction_after_exemption_wins_billing_does_not() -> None:
     ex = [Exemption("dispute", MONDAY_10 + DAY, "", "event e1", MONDAY_10)]
     billing = Override(True, MONDAY_10 + 60, "event e2 (subscriber.restricted)", sub())
     assert decide("C-1", None, billing, None, MONDAY_10 + 120, exemptions=ex).mode is Mode.FREE
-    person = Override(True, MONDAY_10 + 60, "operator bob: fraud", sub())
+    person = Override(True, MONDAY_10 + 60, "operator bob: fraud", sub(), Origin.OPERATOR)
     assert decide("C-1", None, person, None, MONDAY_10 + 120, exemptions=ex).mode is Mode.WALLED_GARDEN
 
 
@@ -204,7 +204,8 @@ def situations(draw: st.DrawFn) -> dict:
     if draw(st.booleans()):
         restrict = draw(st.booleans())
         who = draw(st.sampled_from(["operator alice: x", "event e (subscriber.restricted)"]))
-        override = Override(restrict, draw(times), who, sub(mode=draw(modes)) if restrict else None)
+        override = Override(restrict, draw(times), who, sub(mode=draw(modes)) if restrict else None,
+                            Origin.OPERATOR if who.startswith("operator") else Origin.BILLING)
     grace = None
     if draw(st.booleans()):
         paid = draw(times)

@@ -16,7 +16,7 @@ from enforcer.model import Mode
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 
-from daemon_helpers import NoConntrack
+from daemon_helpers import NoConntrack, acknowledge, portal_lookup, promise
 
 NOW = 1_795_000_000.0
 
@@ -26,20 +26,20 @@ async def test_promise_and_acknowledge_only_for_recent_callers(tmp_path: Path) -
                           "policy: {promise_to_pay: {enabled: true}}\n", str(tmp_path / "c.yaml"))
     fake = FakeDataplane(callers_seen_by_default=False)
     e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
-    await e.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue"),
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue"),
                                 Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
                                "l.yaml", "1"))
-    status, answer = await e.promise("100.64.0.1")
+    status, answer = await promise(e, "100.64.0.1")
     assert (status, answer["why"]) == (403, "not_a_recent_caller")
     assert fake.view["mode4_32"]["100.64.0.1"] == "goto garden"
-    assert (await e.acknowledge("100.64.0.2"))[0] == 403
+    assert (await acknowledge(e, "100.64.0.2"))[0] == 403
     fake.saw_caller("100.64.0.1")
     fake.saw_caller("100.64.0.2")
-    status, answer = await e.promise("100.64.0.1")
+    status, answer = await promise(e, "100.64.0.1")
     assert status == 200 and answer["promised"]
     assert "100.64.0.1" not in fake.view["mode4_32"]
-    assert (await e.acknowledge("100.64.0.2"))[0] == 200
+    assert (await acknowledge(e, "100.64.0.2"))[0] == 200
     await e.close()
 
 
@@ -47,11 +47,11 @@ async def test_an_acknowledgement_is_audited(tmp_path: Path) -> None:
     config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n",
                           str(tmp_path / "c.yaml"))
     e = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
-    await e.on_list(ListUpdate([Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
                                "l.yaml", "1"))
-    assert (await e.acknowledge("100.64.0.2"))[0] == 200
-    assert "notice acknowledged on the portal from 100.64.0.2" in e.audit("C-2", None, 5)[-1]["cause"]
+    assert (await acknowledge(e, "100.64.0.2"))[0] == 200
+    assert "notice acknowledged on the portal from 100.64.0.2" in e.queries.audit("C-2", None, 5)[-1]["cause"]
     await e.close()
 
 
@@ -62,13 +62,13 @@ async def test_the_portal_looks_up_only_its_callers(tmp_path: Path) -> None:
                           str(tmp_path / "c.yaml"))
     fake = FakeDataplane(callers_seen_by_default=False)
     e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-    await e.restore()
-    await e.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue")],
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.WALLED_GARDEN, "overdue")],
                                "l.yaml", "1"))
-    status, answer = await e.portal_lookup("100.64.0.1")
+    status, answer = await portal_lookup(e, "100.64.0.1")
     assert status == 403 and "subscriber" not in answer
     fake.saw_caller("100.64.0.1")
-    status, answer = await e.portal_lookup("100.64.0.1")
+    status, answer = await portal_lookup(e, "100.64.0.1")
     assert (status, answer["subscriber"], answer["restricted"]) == (200, "C-1", True)
-    assert e.lookup("100.64.0.7")["restricted"] is False          # operators (explain) are not bound
+    assert e.queries.lookup("100.64.0.7")["restricted"] is False          # operators (explain) are not bound
     await e.close()

@@ -19,7 +19,7 @@ from enforcer.events import PAYMENT, RESTRICTED, Event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
 
-from daemon_helpers import NoConntrack
+from daemon_helpers import NoConntrack, handle_event
 
 NOW = 1_795_000_000.0
 
@@ -31,7 +31,7 @@ def make_config(tmp: Path) -> Any:
 async def started(config: Any, fake: FakeDataplane, now: float = NOW) -> Enforcer:
     """A daemon over ``fake`` after its start-up restore (what ``walled-garden run`` does first)."""
     e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now)  # type: ignore[arg-type]
-    await e.restore()
+    await e.engine.restore()
     return e
 
 
@@ -44,22 +44,22 @@ async def test_lost_state_keeps_the_kernel_until_the_list_then_rebuilds(tmp_path
     fake = FakeDataplane()
     listed = [sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")]
     e = await started(config, fake)
-    await e.on_list(ListUpdate(listed, "l.yaml", "1"))
-    await e.handle_event(Event("p2", PAYMENT, NOW, "C-2"), 0.0)                       # C-2 paid: free
-    await e.handle_event(Event("r3", RESTRICTED, NOW, "C-3", sub("C-3", "100.64.0.3")), 0.0)  # by event only
+    await e.lists.on_list(ListUpdate(listed, "l.yaml", "1"))
+    await handle_event(e, Event("p2", PAYMENT, NOW, "C-2"), 0.0)                       # C-2 paid: free
+    await handle_event(e, Event("r3", RESTRICTED, NOW, "C-3", sub("C-3", "100.64.0.3")), 0.0)  # by event only
     await e.close()
     assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.3"}
 
     shutil.rmtree(tmp_path / "state")          # the database is gone (or was quarantined)
     e = await started(config, fake, NOW + 60)
-    assert e.status()["rebuilding_from_kernel"]
+    assert e.queries.status()["rebuilding_from_kernel"]
     assert set(fake.state.elements["portal4_32"]) == {"100.64.0.1", "100.64.0.3"}   # untouched
-    status, _ = await e.handle_event(Event("x", RESTRICTED, NOW, "C-4", sub("C-4", "100.64.0.4")), 0.0)
+    status, _ = await handle_event(e, Event("x", RESTRICTED, NOW, "C-4", sub("C-4", "100.64.0.4")), 0.0)
     assert status == 503                        # billing retries once the list has rebuilt the state
-    await e.on_list(ListUpdate(listed, "l.yaml", "1"))
-    assert not e.status()["rebuilding_from_kernel"]
+    await e.lists.on_list(ListUpdate(listed, "l.yaml", "1"))
+    assert not e.queries.status()["rebuilding_from_kernel"]
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}    # C-2 stays free, C-3 (unlisted) lifted
-    assert e.explain("C-2")["mode"] == "free"
+    assert e.queries.explain("C-2")["mode"] == "free"
     await e.close()
 
 
@@ -72,8 +72,8 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
     config = make_config(tmp_path)
     fake = FakeDataplane()
     e = await started(config, fake)
-    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
-    real = e.store.save_list
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    real = e.engine.store.save_list
     failures = [1]
 
     def flaky(*args: object) -> None:
@@ -82,19 +82,19 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
             raise sqlite3.OperationalError("database is locked")
         real(*args)  # type: ignore[arg-type]
 
-    e.store.save_list = flaky  # type: ignore[method-assign]
-    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "2"))
+    e.engine.store.save_list = flaky  # type: ignore[method-assign]
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "2"))
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
-    assert set(e.inputs.listed) == {"C-1"}
-    assert "could not be saved" in e.status()["source"]["last_error"]["message"]
+    assert set(e.engine.inputs.listed) == {"C-1"}
+    assert "could not be saved" in e.queries.status()["source"]["last_error"]["message"]
     stop = asyncio.Event()
-    timers = asyncio.create_task(e.timers(stop))
+    timers = asyncio.create_task(e.timers.run(stop))
     for _ in range(50):
         await asyncio.sleep(0.1)
         if "100.64.0.2" in fake.view["mode4_32"]:
             break
     assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}
-    assert e.status()["source"]["last_error"] is None
+    assert e.queries.status()["source"]["last_error"] is None
     stop.set()
     await timers
     await e.close()
@@ -104,18 +104,18 @@ async def test_a_garbage_database_is_quarantined_and_the_kernel_keeps_enforcing(
     config = make_config(tmp_path)
     fake = FakeDataplane()
     e = await started(config, fake)
-    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
     await e.close()
     database = tmp_path / "state" / "state.sqlite3"
     for extra in ("-wal", "-shm"):
         (tmp_path / "state" / f"state.sqlite3{extra}").unlink(missing_ok=True)
     database.write_bytes(b"this is not a database" * 100)
     e = await started(config, fake)
-    status = e.status()
+    status = e.queries.status()
     assert status["state"]["quarantined"] is not None and status["rebuilding_from_kernel"]
     assert list((tmp_path / "state").glob("state.sqlite3.corrupt-*"))   # kept for inspection
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
-    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
     await e.close()
 
@@ -128,19 +128,19 @@ async def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel_and_answered
     config = make_config(tmp_path)
     fake = FakeDataplane()
     e = await started(config, fake)
-    await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
 
     def fault(operation: str) -> None:
         if operation == "record_state":
             raise sqlite3.OperationalError("disk I/O error")
 
-    e.store.write_fault = fault
-    status, answer = await e.handle_event(Event("p1", PAYMENT, NOW, "C-1"), 0.0)
+    e.engine.store.write_fault = fault
+    status, answer = await handle_event(e, Event("p1", PAYMENT, NOW, "C-1"), 0.0)
     assert status == 503 and "could not be saved" in answer["error"]
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}      # back as it was
-    assert "C-1" not in e.inputs.graces
-    e.store.write_fault = None
-    status, answer = await e.handle_event(Event("p1", PAYMENT, NOW, "C-1"), 0.0)
+    assert "C-1" not in e.engine.inputs.graces
+    e.engine.store.write_fault = None
+    status, answer = await handle_event(e, Event("p1", PAYMENT, NOW, "C-1"), 0.0)
     assert (status, answer["mode"]) == (200, "free")
     assert not fake.view["mode4_32"]
     await e.close()

@@ -224,7 +224,7 @@ async def test_each_service_task_is_supervised(task: str, tmp_path: Path, monkey
     path = write_config(tmp_path)
     config = parse_config(path.read_text(), str(path))
     enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     stop = asyncio.Event()
     calls: list[int] = []
     fail = flaky_method(stop, calls)
@@ -240,7 +240,7 @@ async def test_each_service_task_is_supervised(task: str, tmp_path: Path, monkey
     monkeypatch.setattr(service_module.FileSource, "run", fail if task == "source" else quiet)
     monkeypatch.setattr(service_module.Outbox, "run", fail if task == "outbox" else quiet)
     monkeypatch.setattr(service_module.GardenHosts, "run", fail if task == "hosts" else quiet)
-    monkeypatch.setattr(enforcer, "timers", fail if task == "timers" else quiet)
+    monkeypatch.setattr(enforcer.timers, "run", fail if task == "timers" else quiet)
     if task == "metrics_listener":
         async def broken_site(*args: Any) -> FakeRunner:
             calls.append(1)
@@ -260,8 +260,8 @@ async def test_each_service_task_is_supervised(task: str, tmp_path: Path, monkey
         with caplog.at_level(logging.ERROR, "walled_garden.supervisor"):
             await service.start()
             await until(lambda: len(calls) >= 2)        # restarted
-            await until(lambda: enforcer.status()["tasks"][task]["running"])
-        tasks = enforcer.status()["tasks"]
+            await until(lambda: enforcer.queries.status()["tasks"][task]["running"])
+        tasks = enforcer.queries.status()["tasks"]
         assert set(tasks) == set(TASKS)
         assert tasks[task]["failures"] == 1 and tasks[task]["last_error"] == "RuntimeError: injected"
         assert all(s["failures"] == 0 and s["running"] for name, s in tasks.items() if name != task)
@@ -285,14 +285,14 @@ async def test_no_outbox_task_without_a_billing_url(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     config = parse_config(path.read_text(), str(path))
     enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     stop = asyncio.Event()
     service = Service(config, enforcer, stop)
     try:
         await service.start()
         await asyncio.sleep(0.05)
-        assert set(enforcer.status()["tasks"]) == {"source", "timers", "table_check"}
-        assert all(s["failures"] == 0 for s in enforcer.status()["tasks"].values())
+        assert set(enforcer.queries.status()["tasks"]) == {"source", "timers", "table_check"}
+        assert all(s["failures"] == 0 for s in enforcer.queries.status()["tasks"].values())
     finally:
         stop.set()
         await service.close()
@@ -317,7 +317,7 @@ async def test_a_metrics_address_not_there_yet_is_retried_not_fatal(tmp_path: Pa
     path.write_text(yaml.safe_dump(raw))
     config = parse_config(path.read_text(), str(path))
     enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
+    await enforcer.engine.restore()
     stop = asyncio.Event()
     monkeypatch.setattr(service_module, "LISTEN_RETRY_FIRST", 0.01)
     attempts: list[str] = []
@@ -347,7 +347,7 @@ async def test_a_metrics_address_not_there_yet_is_retried_not_fatal(tmp_path: Pa
         messages = [r.getMessage() for r in caplog.records]
         assert any("event=listen_failed listener=metrics listen=192.0.2.77:19640" in m for m in messages)
         assert any("event=listen_address_absent listen=192.0.2.77:18081" in m for m in messages)
-        status = enforcer.status()["tasks"]["metrics_listener"]
+        status = enforcer.queries.status()["tasks"]["metrics_listener"]
         assert status["running"] and status["failures"] == 0
     finally:
         stop.set()

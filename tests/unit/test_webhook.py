@@ -23,6 +23,13 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import EventError, parse_event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
+from enforcer.outcome import Outcome, Refusal, Refused
+
+#: A daemon result per HTTP status billing must then see, with the same body.
+RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
+           **{status: (lambda kind, status: lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid}))(kind, status)
+              for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
+                                   (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -60,10 +67,10 @@ async def setup(tmp_path: Path) -> Any:
     fake, conntrack = FakeDataplane(), FakeConntrack()
     enforcer = Enforcer(_config(tmp_path), dataplane=fake, conntrack=conntrack,  # type: ignore[arg-type]
                         clock=lambda: clock[0])
-    await enforcer.restore()
+    await enforcer.engine.restore()
     subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56']}\n", "l.yaml")
-    await enforcer.on_list(ListUpdate(subs, "l.yaml", "1"))
-    client = TestClient(TestServer(webhook_app(enforcer, Webhook(base64.b64decode(SECRET[6:])))))
+    await enforcer.lists.on_list(ListUpdate(subs, "l.yaml", "1"))
+    client = TestClient(TestServer(webhook_app(enforcer.events, Webhook(base64.b64decode(SECRET[6:])))))
     await client.start_server()
     yield client, enforcer, fake, conntrack, clock
     await client.close()
@@ -183,13 +190,13 @@ async def test_grace_keeps_paid_subscriber_free_then_expires(setup: Any) -> None
     assert (await client.post("/v1/events", data=body, headers=_headers(body, "p1"))).status == 200
     # Billing re-exports the list without having booked the payment yet: still free.
     subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10]}\n", "l.yaml")
-    await enforcer.on_list(ListUpdate(subs, "l.yaml", "2"))
+    await enforcer.lists.on_list(ListUpdate(subs, "l.yaml", "2"))
     assert _restricted(fake) == set()
     clock[0] += 3599
-    await enforcer._tick()
+    await enforcer.timers.tick()
     assert _restricted(fake) == set()
     clock[0] += 1  # grace (1h from receipt at 10:30) is over at 11:30
-    await enforcer._tick()
+    await enforcer.timers.tick()
     assert _restricted(fake) == {"100.64.0.10"}
 
 
@@ -200,10 +207,10 @@ async def test_kernel_failure_answers_503_and_state_is_unchanged(setup: Any) -> 
     body = _event("payment.received", "C-1")
     response = await client.post("/v1/events", data=body, headers=_headers(body, "f1"))
     assert response.status == 503
-    assert "C-1" not in enforcer.inputs.graces
+    assert "C-1" not in enforcer.engine.inputs.graces
     assert _restricted(fake) == {"100.64.0.10", "2001:db8:10:100::"}
     # The retry (same id) is processed, not answered from a cache of the failure.
-    await enforcer._tick()  # repair: full sync from the kernel
+    await enforcer.timers.tick()  # repair: full sync from the kernel
     response = await client.post("/v1/events", data=body, headers=_headers(body, "f1"))
     assert response.status == 200
 
@@ -266,9 +273,9 @@ async def test_a_burst_is_coalesced_into_few_transactions_and_one_bad_event_fail
     statuses = [r.status for r in responses]
     assert statuses[:-1] == [200] * 40 and statuses[-1] == 409
     assert len(fake.transactions) - before < 10, "a burst must not cost one transaction per event"
-    assert enforcer.batcher.largest > 1
+    assert enforcer.events.batcher.largest > 1
     assert {f"100.64.9.{i}" for i in range(1, 41)} <= _restricted(fake)
-    assert "C-1" == enforcer.lookup("100.64.0.10")["subscriber"]
+    assert "C-1" == enforcer.queries.lookup("100.64.0.10")["subscriber"]
 
 
 async def test_batcher_runs_a_lone_item_at_once() -> None:
@@ -302,14 +309,14 @@ async def test_address_change_moves_enforcement_and_survives_restart(setup: Any,
     assert _restricted(fake) == {"100.64.0.77", "2001:db8:77::"}
     assert {str(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56",
                                                        "100.64.0.77/32", "2001:db8:77::/56"}
-    assert "addresses from event move1" in enforcer.explain("C-1")["why"]
-    reloaded = enforcer.store.load_inputs()
+    assert "addresses from event move1" in enforcer.queries.explain("C-1")["why"]
+    reloaded = enforcer.engine.store.load_inputs()
     assert [str(a) for a in reloaded.readdressed["C-1"].addresses] == ["100.64.0.77/32", "2001:db8:77::/56"]
     # A new export that changes C-1's entry is the newer word about its addresses.
     subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.88]}\n", "l.yaml")
-    await enforcer.on_list(ListUpdate(subs, "l.yaml", "3"))
+    await enforcer.lists.on_list(ListUpdate(subs, "l.yaml", "3"))
     assert _restricted(fake) == {"100.64.0.88"}
-    assert "C-1" not in enforcer.store.load_inputs().readdressed
+    assert "C-1" not in enforcer.engine.store.load_inputs().readdressed
 
 
 async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, monkeypatch: Any) -> None:
@@ -318,7 +325,7 @@ async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, 
     def broken(*_: Any) -> str:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(enforcer.billing_order, "stale", broken)
+    monkeypatch.setattr(enforcer.engine.billing_order, "stale", broken)
     body = _event("payment.received", "C-1")
     response = await client.post("/v1/events", data=body, headers=_headers(body, "boom"))
     assert response.status == 503 and "retry" in (await response.json())["error"]
@@ -348,19 +355,19 @@ async def test_a_batch_state_is_saved_at_its_commit_before_the_flush(setup: Any)
         if "100.64.0.10" not in _restricted(fake):
             break
         await asyncio.sleep(0.01)
-    assert "C-1" not in enforcer.store.enforced(), "saved at the commit, while the flush still runs"
-    assert enforcer.store.load_inputs().overrides["C-1"].restrict is False
-    answer = enforcer.store.event_answer("release-1")
+    assert "C-1" not in enforcer.engine.store.enforced(), "saved at the commit, while the flush still runs"
+    assert enforcer.engine.store.load_inputs().overrides["C-1"].restrict is False
+    answer = enforcer.engine.store.event_answer("release-1")
     assert answer is not None and answer[1]["result"] == "applied", "the answer is saved with the state it answers"
     clock[0] += 5
     changed = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10], mode: notice}\n", "l.yaml")
-    await enforcer.on_list(ListUpdate(changed, "l.yaml", "2"))   # a changed entry supersedes the event
+    await enforcer.lists.on_list(ListUpdate(changed, "l.yaml", "2"))   # a changed entry supersedes the event
     assert "100.64.0.10" in _restricted(fake)
     release.set()
     assert (await lifted).status == 200
-    assert enforcer.store.event_answer("release-1") is not None
-    assert enforcer.store.enforced()["C-1"]["mode"] == "notice"
-    assert [(a["old"], a["new"]) for a in enforcer.store.audit("C-1")][-2:] == [
+    assert enforcer.engine.store.event_answer("release-1") is not None
+    assert enforcer.engine.store.enforced()["C-1"]["mode"] == "notice"
+    assert [(a["old"], a["new"]) for a in enforcer.engine.store.audit("C-1")][-2:] == [
         ("walled-garden", "free"), ("free", "notice")]
 
 
@@ -440,19 +447,19 @@ async def test_an_unusable_webhook_id_is_400(setup: Any, msg_id: str) -> None:
     assert response.status == 400 and "webhook-id" in (await response.json())["error"]
 
 
-@pytest.mark.parametrize("status", [200, 400, 409, 422, 503])
+@pytest.mark.parametrize("status", [200, 400, 403, 404, 409, 503])
 async def test_the_daemons_answer_reaches_billing_unchanged(setup: Any, monkeypatch: Any, status: int) -> None:
-    """The in-process path: whatever (status, body) the daemon's future resolves to is the answer."""
+    """The in-process path: whatever result the daemon's future resolves to is the answer (``api.STATUS``)."""
     import asyncio
 
     client, enforcer, _, _, _ = setup
 
     def submit(event: Any, received: float) -> Any:
         future = asyncio.get_running_loop().create_future()
-        future.set_result((status, {"id": event.id, "error": f"daemon says {status}"}))
+        future.set_result(RESULTS[status](event.id))
         return future
 
-    monkeypatch.setattr(enforcer, "submit_event", submit)
+    monkeypatch.setattr(enforcer.events, "submit", submit)
     body = _event("subscriber.restricted", "C-5", addresses=["100.64.0.55"])
     response = await client.post("/v1/events", data=body, headers=_headers(body, f"pass-{status}"))
     assert response.status == status

@@ -84,10 +84,10 @@ def test_the_webhook_handler_answers_only_the_specified_statuses(tmp_path: Path)
     clients: list[TestClient] = []
 
     async def start() -> None:
-        clients.append(TestClient(TestServer(webhook_app(enforcer, Webhook(SECRET)))))
-        await enforcer.restore()
+        clients.append(TestClient(TestServer(webhook_app(enforcer.events, Webhook(SECRET)))))
+        await enforcer.engine.restore()
         subs = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10]}\n", "l.yaml")
-        await enforcer.on_list(ListUpdate(subs, "l.yaml", "1"))
+        await enforcer.lists.on_list(ListUpdate(subs, "l.yaml", "1"))
         await clients[0].start_server()
 
     async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any]:

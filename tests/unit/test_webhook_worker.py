@@ -20,6 +20,13 @@ from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
 from daemon_helpers import NoConntrack
+from enforcer.outcome import Outcome, Refusal, Refused
+
+#: A daemon result per HTTP status billing must then see, with the same body.
+RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
+           **{status: (lambda kind, status: lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid}))(kind, status)
+              for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
+                                   (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -40,10 +47,10 @@ async def bridge(tmp_path: Path, unused_tcp_port: int) -> Any:
                           f"api: {{socket: {tmp_path}/c.sock, webhook_secret_file: {tmp_path}/secret}}\n")
     fake = FakeDataplane()
     enforcer = Enforcer(config, dataplane=fake, conntrack=NoConntrack())  # type: ignore[arg-type]
-    await enforcer.restore()
-    await enforcer.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),))], "l", "1"))
+    await enforcer.engine.restore()
+    await enforcer.lists.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),))], "l", "1"))
     stop = asyncio.Event()
-    worker = WorkerBridge(enforcer, "127.0.0.1", unused_tcp_port, str(tmp_path / "secret"))
+    worker = WorkerBridge(enforcer.events, "127.0.0.1", unused_tcp_port, str(tmp_path / "secret"))
     task = asyncio.create_task(worker.run(stop))
     assert await worker.wait_ready(15.0)
     yield worker, enforcer, fake, f"http://127.0.0.1:{unused_tcp_port}/v1/events", tmp_path
@@ -139,22 +146,23 @@ async def test_a_burst_through_the_worker_gets_each_request_its_own_answer(bridg
     assert [answer["id"] for _, answer in results] == [f"burst-{i}" for i in range(61)]
     assert [answer["subscriber"] for _, answer in results] == [f"B-{i}" for i in range(1, 61)] + ["C-1"]
     assert {f"100.64.7.{i}" for i in range(1, 61)} <= set(fake.view["mode4_32"])
-    assert enforcer.batcher.largest > 1
+    assert enforcer.events.batcher.largest > 1
 
 
-@pytest.mark.parametrize("status", [400, 409, 422, 503])
+@pytest.mark.parametrize("status", [200, 400, 403, 404, 409, 503])
 async def test_the_daemons_status_reaches_billing_through_the_worker_unchanged(bridge: Any, monkeypatch: Any,
                                                                               status: int) -> None:
     """E.g. 409 for an address another subscriber holds, 400 for an address outside
-    ``gateway.subscriber_prefixes``: the bridge carries (status, body) as the daemon gave them."""
+    ``gateway.subscriber_prefixes``: the bridge carries the daemon's result, answered as
+    ``api.http`` answers it in the daemon itself."""
     worker, enforcer, fake, url, tmp = bridge
 
     def submit(event: Event, received: float) -> Any:
         future = asyncio.get_running_loop().create_future()
-        future.set_result((status, {"id": event.id, "error": f"daemon says {status}"}))
+        future.set_result(RESULTS[status](event.id))
         return future
 
-    monkeypatch.setattr(enforcer, "submit_event", submit)
+    monkeypatch.setattr(enforcer.events, "submit", submit)
     body = {"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
             "data": {"subscriber": "C-5", "addresses": ["100.64.0.55"]}}
     assert await post(url, SECRET, body, f"pass-{status}") == (status, {"id": f"pass-{status}",

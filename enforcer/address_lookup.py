@@ -1,0 +1,54 @@
+"""Which subscriber an address belongs to in the kernel, and what the portal may tell them.
+
+The answer comes from the reconciler's mirror of the kernel sets (longest prefix first), not
+from the list: the portal must describe what is enforced, and an address the kernel does not
+restrict is free whatever the inputs say. Shared by ``queries`` (operators) and
+``portal_actions`` (the portal, for its caller only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from .dataplane.layout import mode_map
+from .engine import Engine
+from .model import Mode
+from .promises import Eligibility, eligibility
+from .references import References
+
+
+def promise_eligibility(engine: Engine, sid: str) -> Eligibility:
+    decision = engine.decisions.get(sid)
+    override = engine.inputs.overrides.get(sid)
+    mode = decision.mode if decision else Mode.FREE
+    reason = decision.subscriber.reason if decision and decision.subscriber else ""
+    ordered = bool(override and override.restrict and override.operator)
+    return eligibility(engine.config.policy.promise_to_pay, engine.inputs.promises.get(sid, []), mode, reason,
+                       ordered, engine.clock())
+
+
+def lookup(engine: Engine, references: References, address: str) -> dict[str, Any]:
+    """Is this address restricted, in which mode, and why (category only)? ``ValueError`` when
+    ``address`` is not an address a subscriber can have."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise ValueError(f"{address!r}: a scoped address is never a subscriber's")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    layout = engine.reconciler.layout
+    prefixes = sorted((p for p in (layout.prefixes if layout else ()) if p[0] == ip.version), key=lambda p: -p[1])
+    for version, plen in prefixes:
+        key = str(ipaddress.ip_network(f"{ip}/{plen}", strict=False).network_address)
+        sid = engine.reconciler.owner_of(mode_map(version, plen), key)
+        decision = engine.decisions.get(sid) if sid else None
+        if sid and decision is not None and decision.restricted and decision.subscriber is not None:
+            until = engine.acknowledged.get(sid)
+            verdict = promise_eligibility(engine, sid)
+            return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
+                    "reason": decision.subscriber.reason, "subscriber": sid, "reference": references.code(sid),
+                    "ack_until": until if until and until > engine.clock() else None,
+                    "promise": {"eligible": verdict.eligible, "why": verdict.why, "term_seconds": verdict.term or None}}
+    return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None,
+            "reference": "", "ack_until": None,
+            "promise": {"eligible": False, "why": "not_restricted", "term_seconds": None}}

@@ -1,0 +1,74 @@
+"""What an operator does on the control socket: restrict or lift one subscriber, and set or
+end exemptions. Every action is attributed to the person (``SO_PEERCRED``) and audited.
+
+``restrict``/``lift`` are overrides like billing's events and go the same way, through the
+event sink (ordering, batching, answers), marked as a person's (``Origin.OPERATOR``), which
+outranks exemptions and enforcement windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import replace
+
+from . import policy
+from .engine import Engine
+from .event_sink import EventSink
+from .events import RELEASED, RESTRICTED, Event
+from .exemptions import Exemption
+from .input_change import change_inputs
+from .outcome import Refusal, Refused, Result
+from .subscribers import ListIssue, validate_entry
+
+log = logging.getLogger("walled_garden.enforcer")
+
+
+class OperatorActions:
+    def __init__(self, engine: Engine, events: EventSink) -> None:
+        self.engine, self.events = engine, events
+
+    async def change(self, actor: str, sid: str, restrict: bool, note: str, mode: str | None = None,
+                     addresses: list[str] | None = None) -> Result:
+        """``walled-garden restrict|lift``: an override like a billing event, attributed to a person."""
+        engine = self.engine
+        subscriber = None
+        if restrict:
+            decision = engine.decisions.get(sid)
+            known = engine.inputs.listed.get(sid) or (decision.subscriber if decision else None)
+            raw = {"id": sid, "addresses": addresses or ([str(a) for a in known.addresses] if known else None),
+                   "mode": mode or (known.mode.value if known else None), "reason": known.reason if known else None}
+            issues: list[ListIssue] = []
+            subscriber = validate_entry(raw, "request", issues)
+            if subscriber is None:
+                hint = "" if addresses or known else " (this subscriber is not on the list: give --address)"
+                return Refusal(Refused.INVALID, "; ".join(i.message for i in issues) + hint)
+        event = Event(f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, engine.clock(), sid,
+                      subscriber, actor=actor, note=note)
+        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r", actor,
+                    "restrict" if restrict else "lift", sid, note)
+        return await asyncio.shield(self.events.submit(event, time.perf_counter()))
+
+    async def exempt(self, actor: str, sid: str, category: str, until: float, note: str) -> Result:
+        """``walled-garden exempt``: keep a subscriber free until ``until`` whatever the list says."""
+        engine = self.engine
+        if sid not in engine.inputs.known_ids() and sid not in engine.decisions:
+            log.info("event=exemption_for_unknown subscriber=%s (kept; applies if they are listed later)", sid)
+        exemption = Exemption(category, until, note, f"operator {actor}", 0.0)   # set_at: its receipt
+        log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%r", actor, sid, category,
+                    policy.when(until), note)
+        return await change_inputs(
+            engine, sid, lambda at: policy.record_exemption(engine.inputs, sid, replace(exemption, set_at=at)),
+            f"exemption set by operator {actor}: {category} until {policy.when(until)}: {note or 'no note'}")
+
+    async def unexempt(self, actor: str, sid: str, category: str | None, note: str) -> Result:
+        engine = self.engine
+        current = engine.inputs.exemptions.get(sid, {})
+        if not current or (category and category not in current):
+            return Refusal(Refused.NOT_FOUND, f"{sid} has no {category + ' ' if category else ''}exemption")
+        log.warning("event=exemption_ended by=%s subscriber=%s category=%s note=%r", actor, sid, category or "all",
+                    note)
+        return await change_inputs(engine, sid, lambda _: policy.clear_exemption(engine.inputs, sid, category),
+                                   f"exemption ({category or 'all'}) ended by operator {actor}: {note or 'no note'}")

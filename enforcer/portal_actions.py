@@ -1,0 +1,153 @@
+"""What the portal may ask for a customer: look up their own address, acknowledge a notice
+("continue"), and promise to pay.
+
+The portal acts only for an address the kernel saw connect to it recently (the table's
+``portalcaller`` sets, read on a reader of its own): even a compromised portal process
+cannot enumerate subscribers, lift anyone else, or promise in their name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+from typing import Any
+
+from . import policy
+from .address_lookup import lookup, promise_eligibility
+from .audit import state as audit_state
+from .dataplane.backend import DataplaneError
+from .engine import Engine
+from .input_change import change_inputs
+from .metrics import Metrics
+from .model import Mode
+from .outcome import Outcome, Refusal, Refused, Result
+from .promises import Promise
+from .references import References
+from .store import StoreError
+
+log = logging.getLogger("walled_garden.enforcer")
+NOT_AVAILABLE = "a promise to pay is not available for this connection"
+
+
+class _Ineligible(Exception):
+    """Raised under the lock when a second press finds the promise no longer available."""
+
+
+class PortalActions:
+    def __init__(self, engine: Engine, references: References, metrics: Metrics) -> None:
+        self.engine, self.references, self.metrics = engine, references, metrics
+        self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
+        engine.on_replaced.append(self._reacknowledge)
+
+    async def _not_a_caller(self, address: str, action: str) -> Refusal | None:
+        """None when the kernel saw ``address`` connect to the portal recently."""
+        try:
+            seen = await asyncio.to_thread(self.engine.reconciler.dataplane.reader().recent_caller, address)
+        except DataplaneError as exc:
+            return Refusal(Refused.UNAVAILABLE, f"cannot check the caller in the kernel: {exc}")
+        if seen:
+            return None
+        self.metrics.portal_refusals.labels(action).inc()
+        log.warning("event=portal_action_refused action=%s address=%s why=not_a_recent_caller", action, address)
+        return Refusal(Refused.FORBIDDEN, "this address has not connected to the portal recently; reload the page",
+                       {"eligible": False, "why": "not_a_recent_caller"})
+
+    async def lookup(self, address: str) -> Result:
+        """``lookup`` for the portal: only of an address the kernel saw connect to the portal."""
+        refused = await self._not_a_caller(address, "lookup")
+        return refused if refused is not None else Outcome(lookup(self.engine, self.references, address))
+
+    async def acknowledge(self, address: str) -> Result:
+        """A notice/throttle subscriber pressed "continue": stop redirecting their HTTP for a while."""
+        refused = await self._not_a_caller(address, "acknowledge")
+        if refused is not None:
+            return refused
+        engine = self.engine
+        found = lookup(engine, self.references, address)
+        if not found["restricted"]:
+            return Outcome({"acknowledged": False, "mode": Mode.FREE.value})
+        if found["mode"] == Mode.WALLED_GARDEN.value:
+            return Refusal(Refused.CONFLICT, "this connection is in the walled garden; it cannot be acknowledged away")
+        sid = found["subscriber"]
+        seconds = int(engine.config.portal.notice_ack_for)
+        async with engine.lock:
+            decision = engine.decisions.get(sid)
+            if decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
+                return Refusal(Refused.CONFLICT, "the restriction changed; reload the page")
+            try:
+                await engine.kernel(engine.reconciler.acknowledge, decision, seconds)
+            except DataplaneError as exc:
+                return Refusal(Refused.UNAVAILABLE, f"kernel change failed: {exc}")
+            until = engine.clock() + seconds
+            engine.acknowledged[sid] = until
+            state = audit_state(decision)
+            try:   # audited like every portal action; the kernel change stands either way (it expires)
+                engine.store.append_audit([(engine.clock(), sid, state, state, f"notice acknowledged on the portal "
+                                            f"from {found['address']} until {policy.when(until)}")])
+            except (StoreError, sqlite3.Error) as exc:
+                log.error("event=audit_not_saved subscriber=%s error=%r", sid, str(exc))
+        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found["address"], until)
+        return Outcome({"acknowledged": True, "until": until})
+
+    async def promise(self, address: str) -> Result:
+        """The portal's "I promise to pay" button: lift for the configured term, tell billing."""
+        refused = await self._not_a_caller(address, "promise")
+        if refused is not None:
+            return refused
+        engine = self.engine
+        found = lookup(engine, self.references, address)
+        sid = found["subscriber"]
+        if not found["restricted"] or sid is None:
+            return Refusal(Refused.CONFLICT, "this connection is not restricted",
+                           {"eligible": False, "why": "not_restricted"})
+        verdict = promise_eligibility(engine, sid)
+        if not verdict.eligible:
+            self.metrics.promises.labels("refused").inc()
+            return Refusal(Refused.FORBIDDEN, NOT_AVAILABLE, {"eligible": False, "why": verdict.why})
+        made: dict[str, Any] = {}
+
+        def record(now: float) -> None:
+            # Again, under the lock: a second press (another address of theirs, a double click)
+            # may have waited for the lock while the first one made its promise.
+            again = promise_eligibility(engine, sid)
+            if not again.eligible:
+                raise _Ineligible(again.why)
+            promise = Promise(sid, now, now + verdict.term, address=found["address"])
+            policy.record_promise(engine.inputs, promise)
+            made.update(until=promise.until, made_at=now)
+            if engine.config.policy.promise_to_pay.webhook_url:
+                message = made["message"] = f"wg_promise_{secrets.token_hex(12)}"
+                engine.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
+                    "subscriber": sid, "until": policy.when(promise.until), "reference": self.references.code(sid),
+                    "address": found["address"]}}, now)
+        try:
+            result = await change_inputs(engine, sid, record, "promise to pay made on the portal")
+        except _Ineligible as exc:
+            self.metrics.promises.labels("refused").inc()
+            kind = Refused.CONFLICT if str(exc) == "not_restricted" else Refused.FORBIDDEN
+            return Refusal(kind, NOT_AVAILABLE, {"eligible": False, "why": str(exc)})
+        if isinstance(result, Refusal):
+            if "message" in made:   # the kernel change failed and the promise was undone: billing must not hear of it
+                engine.store.outbox_delivered(made["message"])
+            return result
+        self.metrics.promises.labels("made").inc()
+        self.outbox_wake.set()
+        log.warning("event=promise_made subscriber=%s address=%s until=%s", sid, found["address"],
+                    policy.when(made["until"]))
+        return Outcome({"promised": True, "until": made["until"], "mode": result.body["mode"]})
+
+    async def _reacknowledge(self) -> None:
+        """After a table replace: notice acknowledgements still running go back in (lock held)."""
+        engine = self.engine
+        now = engine.clock()
+        for sid, until in list(engine.acknowledged.items()):
+            decision = engine.decisions.get(sid)
+            if until <= now or decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
+                del engine.acknowledged[sid]
+                continue
+            try:
+                await engine.kernel(engine.reconciler.acknowledge, decision, max(int(until - now), 1))
+            except DataplaneError as exc:
+                log.warning("event=acknowledgement_not_restored subscriber=%s error=%r", sid, str(exc))

@@ -1,0 +1,93 @@
+"""What the daemon-level unit tests share: a conntrack that does nothing, and the CLI run
+in a thread so the daemon on the test's event loop can answer it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from typing import Any
+
+from enforcer.api import http
+from enforcer.cli import main
+
+
+class NoConntrack:
+    """No kernel here: every flush succeeds and finds nothing."""
+
+    async def flush(self, networks: Any, keep_mark: int = 0) -> int:
+        return 0
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    """Run the (blocking) CLI in a thread; returns its exit code and stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = await asyncio.to_thread(main, list(argv))
+    return code, out.getvalue()
+
+
+# -- the daemon's actions as (status, body), the way the control socket and billing see them --------
+async def handle_event(e: Any, event: Any, received: float = 0.0) -> tuple[int, dict[str, Any]]:
+    return http(await e.events.handle(event, received))
+
+
+def submit_event(e: Any, event: Any, received: float = 0.0) -> "asyncio.Future[tuple[int, dict[str, Any]]]":
+    """The event's answer as (status, body); the same future for a retry of an id in flight."""
+    return _mapped(e.events.submit(event, received))
+
+
+_MAPPED: "dict[int, tuple[Any, asyncio.Future[Any]]]" = {}
+
+
+def _mapped(future: "asyncio.Future[Any]") -> "asyncio.Future[tuple[int, dict[str, Any]]]":
+    held = _MAPPED.get(id(future))
+    if held is not None and held[0] is future:
+        return held[1]
+    mapped: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+
+    def done(f: "asyncio.Future[Any]") -> None:
+        if mapped.done():
+            return
+        if f.cancelled():
+            mapped.cancel()
+        elif f.exception() is not None:
+            mapped.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            mapped.set_result(http(f.result()))
+
+    future.add_done_callback(done)
+    _MAPPED[id(future)] = (future, mapped)
+    return mapped
+
+
+async def promise(e: Any, address: str) -> tuple[int, dict[str, Any]]:
+    return http(await e.portal.promise(address))
+
+
+async def acknowledge(e: Any, address: str) -> tuple[int, dict[str, Any]]:
+    return http(await e.portal.acknowledge(address))
+
+
+async def portal_lookup(e: Any, address: str) -> tuple[int, dict[str, Any]]:
+    return http(await e.portal.lookup(address))
+
+
+async def operator_change(e: Any, *args: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    return http(await e.operator.change(*args, **kwargs))
+
+
+async def exempt(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    return http(await e.operator.exempt(*args))
+
+
+async def unexempt(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    return http(await e.operator.unexempt(*args))
+
+
+async def approve(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    return http(await e.lists.approve(*args))
+
+
+async def reject(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
+    return http(await e.lists.reject(*args))
