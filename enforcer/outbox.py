@@ -4,7 +4,8 @@ A promise the customer made on the portal must reach billing even if billing is 
 hour or the gateway reboots: messages are written to SQLite in the same step that lifts the
 customer, and this loop delivers them, signed the Standard Webhooks way (the same scheme
 billing uses towards us, but with a secret of its own: ``promise_to_pay.webhook_secret_file``),
-retrying with jittered exponential backoff until billing answers 2xx. The webhook id is stable across retries, so billing can de-duplicate.
+retrying with jittered exponential backoff until billing answers 2xx. The webhook id is
+stable across retries, so billing can de-duplicate.
 
 The queue is the store's ``outbox`` table; every change to it (``add_outbox``,
 ``outbox_delivered``, ``outbox_failed``) is a store write like any other, one transaction on
@@ -20,7 +21,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,7 +40,7 @@ IDLE = 60.0
 
 
 def backoff(attempts: int) -> float:
-    return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** attempts) * random.uniform(0.75, 1.25)
+    return min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** attempts) * random.uniform(0.75, 1.25)
 
 
 class OutboxStore(Protocol):
@@ -125,7 +126,7 @@ class Outbox:
         delivered = 0
         for message_id, _, body, attempts in due:
             payload = json.dumps(body, sort_keys=True)
-            sent = datetime.now(tz=timezone.utc)
+            sent = datetime.now(tz=UTC)
             headers = {"content-type": "application/json", "webhook-id": message_id,
                        "webhook-timestamp": str(int(sent.timestamp())),
                        "webhook-signature": signer.sign(message_id, sent, payload)}
@@ -133,7 +134,7 @@ class Outbox:
                 async with session.post(self.url, data=payload.encode(), headers=headers) as response:
                     await response.read()
                     ok, error = 200 <= response.status < 300, f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 ok, error = False, f"{type(exc).__name__}: {exc}"
             if ok:
                 store.outbox_delivered(message_id)

@@ -31,15 +31,16 @@ its first call with the same settings (WAL, ``synchronous=NORMAL``, ``BUSY_TIMEO
 ``close()`` closes them all. Chosen over one owner thread running every call because WAL lets
 readers and the writer proceed together: while a worker saves a 100k-entry list (2–3 s on a
 2-core VM, ``tests/bench/bench_store.py``), the loop's small reads (a webhook id's answer,
-``status``, the outbox) read the last commit on their own connection instead of queueing
-behind the save, and no call has to become a message to another thread. Writes are serialised by one writer lock (``threading.Lock``): a write method is one
-transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) taken on the calling thread's connection under
-that lock, and write methods called inside it join it, counted per thread. So a write can only
-join a transaction of its own thread; a write on another thread waits for the lock (at most
-``BUSY_TIMEOUT``, then ``StoreError`` "database is locked") and commits or fails on its own.
-(A write on the loop's thread blocks the loop while it waits; the daemon's writes that could
-meet a list save are serialised by its own lock, so such waits are rare.) A thread sees its own
-transaction's writes; other threads see the last commit.
+``status``, the outbox) read the last commit on their own connection instead of queueing behind
+the save, and no call has to become a message to another thread. Writes are serialised by one
+writer lock (``threading.Lock``): a write method is one transaction (``BEGIN IMMEDIATE`` …
+``COMMIT``) taken on the calling thread's connection under that lock, and write methods called
+inside it join it, counted per thread. So a write can only join a transaction of its own
+thread; a write on another thread waits for the lock (at most ``BUSY_TIMEOUT``, then
+``StoreError`` "database is locked") and commits or fails on its own. (A write on the loop's
+thread blocks the loop while it waits; the daemon's writes that could meet a list save are
+serialised by its own lock, so such waits are rare.) A thread sees its own transaction's
+writes; other threads see the last commit.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from .exemptions import Exemption
 from .gc_pause import gc_paused
@@ -207,7 +208,7 @@ def _guarded(method: F, injectable: bool, name: str | None = None) -> F:
     name = name or method.__name__
 
     @functools.wraps(method)
-    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
             if not injectable:
                 return method(self, *args, **kwargs)
@@ -443,7 +444,7 @@ class Store:
         names = [c.strip() for c in columns.split(",")]
         records = []
         for rowid, row, exc in bad:
-            text = json.dumps(dict(zip(names, row)), default=repr)
+            text = json.dumps(dict(zip(names, row, strict=True)), default=repr)
             error = f"{type(exc).__name__}: {exc}"[:500]
             records.append((now, table, text, error, rowid))
             self.skipped_count += 1
@@ -599,8 +600,8 @@ class Store:
 
     @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
-                     ids: Iterable[str] = (), events: list[tuple[str, int, dict[str, Any], str | None]] = (),
-                     billing_order: Iterable[tuple[str, str, float]] = ()) -> None:  # type: ignore[assignment]
+                     ids: Iterable[str] = (), events: Sequence[tuple[str, int, dict[str, Any], str | None]] = (),
+                     billing_order: Iterable[tuple[str, str, float]] = ()) -> None:
         """What kernel changes mean for the ``enforced`` table and the audit log, the policy
         inputs of ``ids``, the answers to the webhook ids that caused them and billing's order,
         in one commit (a webhook batch's whole state): a retry finds its answer exactly when the
@@ -653,7 +654,8 @@ class Store:
 
         Ordered by time, not by insertion: a webhook batch's rows are written after its
         conntrack flush, possibly after a change that happened later."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if subscriber:
             where.append("subscriber = ?")
             args.append(subscriber)
@@ -699,7 +701,7 @@ class Store:
         self.db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ? WHERE id = ?",
                         (next_at, error[:500], message_id))
 
-    def _transaction(self) -> "_Tx":
+    def _transaction(self) -> _Tx:
         return _Tx(self)
 
 
@@ -712,7 +714,7 @@ class _Tx:
     one commit (~0.4 ms in WAL mode). Another thread never joins it: its outermost use waits
     for the writer lock, at most ``BUSY_TIMEOUT``."""
 
-    __slots__ = ("store", "local")
+    __slots__ = ("local", "store")
 
     def __init__(self, store: Store) -> None:
         self.store = store

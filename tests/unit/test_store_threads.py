@@ -26,8 +26,9 @@ WAIT = 20.0
 
 
 def listing(n: int, prefix: str = "S") -> dict[str, Subscriber]:
-    return {f"{prefix}-{i}": Subscriber(f"{prefix}-{i}", (parse_address(f"100.{64 + i // 65536}.{i // 256 % 256}.{i % 256}"),),
-                                        Mode.NOTICE, "overdue")
+    def address(i: int) -> str:
+        return f"100.{64 + i // 65536}.{i // 256 % 256}.{i % 256}"
+    return {f"{prefix}-{i}": Subscriber(f"{prefix}-{i}", (parse_address(address(i)),), Mode.NOTICE, "overdue")
             for i in range(n)}
 
 
@@ -60,7 +61,7 @@ class Worker(threading.Thread):
         assert not self.is_alive(), "the worker thread did not finish in time"
 
 
-def hold_open(store: Store, at: str, opened: threading.Event, release: Callable[[], None],
+def hold_open(store: Store, at: str, opened: threading.Event, release: Callable[[], object],
               fail: bool) -> None:
     """A ``write_fault`` hook: on a thread other than the caller's (the worker's), at the write
     ``at`` (inside the list save's open transaction), say so, wait for ``release()``, then
