@@ -9,8 +9,7 @@ restrict is free whatever the inputs say. Shared by ``queries`` (operators) and
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
-
+from .control_protocol import NOT_RESTRICTED, Lookup, PromiseOffer
 from .dataplane.layout import mode_map
 from .engine import Engine
 from .model import Mode
@@ -28,7 +27,7 @@ def promise_eligibility(engine: Engine, sid: str) -> Eligibility:
                        ordered, engine.clock())
 
 
-def lookup(engine: Engine, references: References, address: str) -> dict[str, Any]:
+def lookup(engine: Engine, references: References, address: str) -> Lookup:
     """Is this address restricted, in which mode, and why (category only)? ``ValueError`` when
     ``address`` is not an address a subscriber can have."""
     ip = ipaddress.ip_address(address)
@@ -45,10 +44,7 @@ def lookup(engine: Engine, references: References, address: str) -> dict[str, An
         if sid and decision is not None and decision.restricted and decision.subscriber is not None:
             until = engine.acknowledged.get(sid)
             verdict = promise_eligibility(engine, sid)
-            return {"address": str(ip), "restricted": True, "mode": decision.mode.value,
-                    "reason": decision.subscriber.reason, "subscriber": sid, "reference": references.code(sid),
-                    "ack_until": until if until and until > engine.clock() else None,
-                    "promise": {"eligible": verdict.eligible, "why": verdict.why, "term_seconds": verdict.term or None}}
-    return {"address": str(ip), "restricted": False, "mode": Mode.FREE.value, "reason": "", "subscriber": None,
-            "reference": "", "ack_until": None,
-            "promise": {"eligible": False, "why": "not_restricted", "term_seconds": None}}
+            return Lookup(str(ip), True, decision.mode.value, decision.subscriber.reason, references.code(sid), sid,
+                          until if until and until > engine.clock() else None,
+                          PromiseOffer(verdict.eligible, verdict.why, verdict.term or None))
+    return Lookup(str(ip), False, Mode.FREE.value, "", "", promise=PromiseOffer(False, NOT_RESTRICTED))

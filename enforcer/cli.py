@@ -65,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _secret_problems(reading: Reading, config: Config) -> list[str]:
     """The inbound webhook secret, and the promise secret when promises go to billing."""
-    from .api import SecretError, load_webhook_secret
+    from .api.webhooks import SecretError, load_webhook_secret
 
     secrets = []
     if not reading.refused("api", "webhook_secret_file"):

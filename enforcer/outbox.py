@@ -70,8 +70,8 @@ class Outbox:
       ``.inc()``);
     - ``clock``: the time now, in seconds (what ``next_at`` is compared with);
     - ``wake``: set when a message is queued, so it goes out without waiting for ``IDLE``;
-    - ``load_secret``: reads a ``whsec_`` file into a signer (``api.load_webhook_secret``);
-      it raises ``ValueError`` (``api.SecretError`` is one) for a missing or bad secret.
+    - ``load_secret``: reads a ``whsec_`` file into a signer (``api.webhooks.load_webhook_secret``);
+      it raises ``ValueError`` (``api.webhooks.SecretError`` is one) for a missing or bad secret.
     """
 
     def __init__(self, store: OutboxStore, rules: PromiseRules, metrics: Any, clock: Callable[[], float],
@@ -118,7 +118,7 @@ class Outbox:
                 raise ValueError("policy.promise_to_pay.webhook_secret_file is not set (required with "
                                  "webhook_url; the inbound webhook secret is never used for promises)")
             signer = self.load_secret(self.secret_file)
-        except ValueError as exc:    # api.SecretError: names the file and the problem, never the secret
+        except ValueError as exc:    # api.webhooks.SecretError: names the file and the problem, never the secret
             log.error("event=outbox_no_secret error=%r queued=%d", str(exc), len(due))
             for message_id, _, _, attempts in due:
                 store.outbox_failed(message_id, self.clock() + backoff(attempts), str(exc))

@@ -1,7 +1,7 @@
 """What a request to the enforcer came to, as a value: done (``Outcome``) or not (``Refusal``).
 
 Components answer billing, operators and the portal with these values and never choose an
-HTTP status: that is ``api.py``'s job alone (``api.STATUS``), so the same action can be
+HTTP status: that is the ``api`` package's job alone (``api.STATUS``), so the same action can be
 served over the control socket, the webhook listener or, later, a fleet bus without the core
 knowing which. A refusal's ``kind`` says why in the terms a caller can act on (fix the
 request, it is not there, not allowed, clashes with another subscriber, try again later).

@@ -17,6 +17,7 @@ from typing import Any
 from . import policy
 from .address_lookup import lookup, promise_eligibility
 from .audit import state as audit_state
+from .control_protocol import NOT_RESTRICTED, Acknowledged, Promised, not_a_recent_caller
 from .dataplane.backend import DataplaneError
 from .engine import Engine
 from .input_change import change_inputs
@@ -51,13 +52,13 @@ class PortalActions:
             return None
         self.metrics.portal_refusals.labels(action).inc()
         log.warning("event=portal_action_refused action=%s address=%s why=not_a_recent_caller", action, address)
-        return Refusal(Refused.FORBIDDEN, "this address has not connected to the portal recently; reload the page",
-                       {"eligible": False, "why": "not_a_recent_caller"})
+        wire = not_a_recent_caller()
+        return Refusal(Refused.FORBIDDEN, wire.error, {"eligible": wire.eligible, "why": wire.why})
 
     async def lookup(self, address: str) -> Result:
         """``lookup`` for the portal: only of an address the kernel saw connect to the portal."""
         refused = await self._not_a_caller(address, "lookup")
-        return refused if refused is not None else Outcome(lookup(self.engine, self.references, address))
+        return refused if refused is not None else Outcome(lookup(self.engine, self.references, address).to_json())
 
     async def acknowledge(self, address: str) -> Result:
         """A notice/throttle subscriber pressed "continue": stop redirecting their HTTP for a while."""
@@ -66,11 +67,11 @@ class PortalActions:
             return refused
         engine = self.engine
         found = lookup(engine, self.references, address)
-        if not found["restricted"]:
-            return Outcome({"acknowledged": False, "mode": Mode.FREE.value})
-        if found["mode"] == Mode.WALLED_GARDEN.value:
+        if not found.restricted:
+            return Outcome(Acknowledged(False, mode=Mode.FREE).to_json())
+        if found.mode == Mode.WALLED_GARDEN.value:
             return Refusal(Refused.CONFLICT, "this connection is in the walled garden; it cannot be acknowledged away")
-        sid = found["subscriber"]
+        sid = found.subscriber
         seconds = int(engine.config.portal.notice_ack_for)
         async with engine.lock:
             decision = engine.decisions.get(sid)
@@ -85,11 +86,11 @@ class PortalActions:
             state = audit_state(decision)
             try:   # audited like every portal action; the kernel change stands either way (it expires)
                 engine.store.append_audit([(engine.clock(), sid, state, state, f"notice acknowledged on the portal "
-                                            f"from {found['address']} until {policy.when(until)}")])
+                                            f"from {found.address} until {policy.when(until)}")])
             except (StoreError, sqlite3.Error) as exc:
                 log.error("event=audit_not_saved subscriber=%s error=%r", sid, str(exc))
-        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found["address"], until)
-        return Outcome({"acknowledged": True, "until": until})
+        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found.address, until)
+        return Outcome(Acknowledged(True, until).to_json())
 
     async def promise(self, address: str) -> Result:
         """The portal's "I promise to pay" button: lift for the configured term, tell billing."""
@@ -98,10 +99,10 @@ class PortalActions:
             return refused
         engine = self.engine
         found = lookup(engine, self.references, address)
-        sid = found["subscriber"]
-        if not found["restricted"] or sid is None:
+        sid = found.subscriber
+        if not found.restricted or not sid:
             return Refusal(Refused.CONFLICT, "this connection is not restricted",
-                           {"eligible": False, "why": "not_restricted"})
+                           {"eligible": False, "why": NOT_RESTRICTED})
         verdict = promise_eligibility(engine, sid)
         if not verdict.eligible:
             self.metrics.promises.labels("refused").inc()
@@ -114,19 +115,19 @@ class PortalActions:
             again = promise_eligibility(engine, sid)
             if not again.eligible:
                 raise _Ineligible(again.why)
-            promise = Promise(sid, now, now + verdict.term, address=found["address"])
+            promise = Promise(sid, now, now + verdict.term, address=found.address)
             policy.record_promise(engine.inputs, promise)
             made.update(until=promise.until, made_at=now)
             if engine.config.policy.promise_to_pay.webhook_url:
                 message = made["message"] = f"wg_promise_{secrets.token_hex(12)}"
                 engine.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
                     "subscriber": sid, "until": policy.when(promise.until), "reference": self.references.code(sid),
-                    "address": found["address"]}}, now)
+                    "address": found.address}}, now)
         try:
             result = await change_inputs(engine, sid, record, "promise to pay made on the portal")
         except _Ineligible as exc:
             self.metrics.promises.labels("refused").inc()
-            kind = Refused.CONFLICT if str(exc) == "not_restricted" else Refused.FORBIDDEN
+            kind = Refused.CONFLICT if str(exc) == NOT_RESTRICTED else Refused.FORBIDDEN
             return Refusal(kind, NOT_AVAILABLE, {"eligible": False, "why": str(exc)})
         if isinstance(result, Refusal):
             if "message" in made:   # the kernel change failed and the promise was undone: billing must not hear of it
@@ -134,9 +135,9 @@ class PortalActions:
             return result
         self.metrics.promises.labels("made").inc()
         self.outbox_wake.set()
-        log.warning("event=promise_made subscriber=%s address=%s until=%s", sid, found["address"],
+        log.warning("event=promise_made subscriber=%s address=%s until=%s", sid, found.address,
                     policy.when(made["until"]))
-        return Outcome({"promised": True, "until": made["until"], "mode": result.body["mode"]})
+        return Outcome(Promised(True, made["until"], mode=result.body["mode"]).to_json())
 
     async def _reacknowledge(self) -> None:
         """After a table replace: notice acknowledgements still running go back in (lock held)."""

@@ -23,7 +23,7 @@ class Queries:
         self.engine, self.references = engine, references
 
     def lookup(self, address: str) -> dict[str, Any]:
-        return lookup(self.engine, self.references, address)
+        return lookup(self.engine, self.references, address).to_json()
 
     def audit(self, subscriber: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
         return self.engine.store.audit(subscriber, since, limit)
@@ -62,8 +62,8 @@ class Queries:
             sid = query
         else:
             try:
-                address = self.lookup(query)
-                sid = address["subscriber"] or self._holder_of(query)
+                address = lookup(self.engine, self.references, query)
+                sid = address.subscriber or self._holder_of(query)
             except ValueError:
                 sid = self.references.find(query, inputs.known_ids())
         if sid is None:

@@ -25,15 +25,10 @@ from typing import Any
 from aiohttp import web
 
 from . import systemd_notify
-from .api import (
-    SecretError,
-    Verifier,
-    control_app,
-    load_webhook_secret,
-    metrics_app,
-    start_tcp_site,
-    start_unix_site,
-)
+from .api.control import control_app
+from .api.listeners import start_tcp_site, start_unix_site
+from .api.scrape import metrics_app
+from .api.webhooks import SecretError, Verifier, load_webhook_secret
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 from .exemptions import Exemption
 from .gc_pause import gc_paused
-from .policy import Grace, Override, PolicyInputs, Readdress
+from .policy import Grace, Origin, Override, PolicyInputs, Readdress
 from .promises import Promise
 from .subscribers import Subscriber
 
@@ -72,7 +72,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS overrides (id TEXT PRIMARY KEY, restrict_ INTEGER NOT NULL, at REAL NOT NULL,
-    cause TEXT NOT NULL, entry TEXT);
+    cause TEXT NOT NULL, entry TEXT, origin TEXT NOT NULL DEFAULT 'billing');
 CREATE TABLE IF NOT EXISTS graces (id TEXT PRIMARY KEY, paid_at REAL NOT NULL, until REAL NOT NULL,
     cause TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, received_at REAL NOT NULL,
@@ -127,11 +127,12 @@ _UNDECODABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, Ove
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _override(sid: str, restrict: Any, at: Any, cause: Any, entry: str | None) -> tuple[str, Override]:
+def _override(sid: str, restrict: Any, at: Any, cause: Any, entry: str | None, origin: Any
+              ) -> tuple[str, Override]:
     if restrict not in (0, 1) or type(restrict) is not int:
         raise TypeError(f"restrict_: expected 0 or 1, got {restrict!r}")
     return _text(sid), Override(bool(restrict), _real(at), _text(cause),
-                                _subscriber(sid, entry) if entry is not None else None)
+                                _subscriber(sid, entry) if entry is not None else None, Origin(origin))
 
 
 def _exemption(sid: str, category: str, until: Any, note: str, set_by: str, set_at: Any) -> tuple[str, Exemption]:
@@ -166,9 +167,32 @@ def _outbox_row(message_id: str, created: Any, body: str, attempts: Any) -> tupl
     return _text(message_id), _real(created), data, attempts
 
 
+#: Columns added to a table after it was first released: a database of an earlier version has
+#: the table without them (and no others), and gets them on open (``_migrate``).
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    # Who gave an override. Earlier databases said so only in the cause text ("operator <user>:
+    # ..."), so their rows are read that way once, when the column is added.
+    "overrides": (("origin", "TEXT NOT NULL DEFAULT 'billing'",
+                   "UPDATE overrides SET origin = 'operator' WHERE cause LIKE 'operator %'"),),
+}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        found = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        for name, definition, backfill in columns:
+            if found and name not in found:
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+                    db.execute(backfill)
+                log.warning("event=state_migrated table=%s column=%s", table, name)
+
+
 def _check_columns(db: sqlite3.Connection) -> None:
     """Each of our tables that exists has exactly our columns, in our order (the inserts are
-    positional): anything else is a database written by something else, or damaged."""
+    positional), or those of an earlier version (``ADDED_COLUMNS``): anything else is a
+    database written by something else, or damaged."""
     expected = sqlite3.connect(":memory:")
     try:
         expected.executescript(SCHEMA)
@@ -177,7 +201,8 @@ def _check_columns(db: sqlite3.Connection) -> None:
         for table in tables:
             found = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
             want = [row[1] for row in expected.execute(f"PRAGMA table_info({table})")]
-            if found and found != want:
+            earlier = want[:len(want) - len(ADDED_COLUMNS.get(table, ()))]
+            if found and found not in (want, earlier):
                 raise Unusable(f"table {table} has columns {found}, expected {want}")
     finally:
         expected.close()
@@ -367,6 +392,7 @@ class Store:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            _migrate(db)
             db.executescript(SCHEMA)
             return db
         except sqlite3.Error as exc:
@@ -483,7 +509,7 @@ class Store:
 
     def _load_inputs(self) -> PolicyInputs:
         listed = dict(self._decoded("listed", "id, entry", lambda sid, entry: (_text(sid), _subscriber(sid, entry))))
-        overrides = dict(self._decoded("overrides", "id, restrict_, at, cause, entry", _override))
+        overrides = dict(self._decoded("overrides", "id, restrict_, at, cause, entry, origin", _override))
         graces = dict(self._decoded("graces", "id, paid_at, until, cause", lambda sid, paid, until, cause: (
             _text(sid), Grace(_real(paid), _real(until), _text(cause)))))
         readdressed = dict(self._decoded("readdressed", "id, addresses, at, cause", lambda sid, text, at, cause: (
@@ -541,9 +567,9 @@ class Store:
         graces = [(sid, inputs.graces[sid]) for sid in sids if sid in inputs.graces]
         for table in ("overrides", "readdressed", "graces", "exemptions"):
             self.db.executemany(f"DELETE FROM {table} WHERE id = ?", keys)
-        self.db.executemany("INSERT INTO overrides VALUES (?, ?, ?, ?, ?)",
+        self.db.executemany("INSERT INTO overrides VALUES (?, ?, ?, ?, ?, ?)",
                             [(sid, int(o.restrict), o.at, o.cause,
-                              json.dumps(o.subscriber.to_json()) if o.subscriber else None)
+                              json.dumps(o.subscriber.to_json()) if o.subscriber else None, o.origin.value)
                              for sid, o in overrides])
         self.db.executemany("INSERT INTO readdressed VALUES (?, ?, ?, ?)",
                             [(sid, json.dumps([str(a) for a in m.addresses]), m.at, m.cause) for sid, m in moved])

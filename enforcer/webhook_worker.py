@@ -5,7 +5,7 @@ and parsing ~50 µs, and the daemon's own work (policy, kernel transaction, stat
 In one process they share one core and the GIL, which capped a 100k-subscriber gateway at
 ~1,300 events/s. So the enforcer runs the webhook server (``api.listen``) in a child
 process that verifies and parses each request with the same code as before
-(``api.webhook_app``) and hands the parsed event to the daemon over a socketpair; the daemon
+(``api.webhooks.webhook_app``) and hands the parsed event to the daemon over a socketpair; the daemon
 answers once the kernel change is committed and flushed, and the child answers billing.
 
 Wire format: one JSON object per line.
@@ -18,13 +18,13 @@ Wire format: one JSON object per line.
   {"refused": kind, "error": "...", "extra": {...}}}`` (``outcome.Result``), ``{"reload": secret_file}``.
 The child exits when the daemon's end closes; the daemon restarts a child that dies.
 
-The listener faces the network, so it is built to survive it (docs/security.md): ``api.start_tcp_site``
-wraps each connection in ``api.GuardedConnection`` (aiohttp has no header timeout or
+The listener faces the network, so it is built to survive it (docs/security.md): ``api.listeners.start_tcp_site``
+wraps each connection in ``api.listeners.GuardedConnection`` (aiohttp has no header timeout or
 connection cap, so the deadlines and the cap live in a small protocol wrapper there: a request
-head within ``api.HEAD_TIMEOUT`` s, its body within ``api.BODY_TIMEOUT`` s, and at most
-``api.max_connections()`` connections, the oldest idle one closed for a new one), bodies are
-capped at ``api.MAX_EVENT_BYTES``, and refused requests are logged at most once per
-``api.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
+head within ``listeners.HEAD_TIMEOUT`` s, its body within ``listeners.BODY_TIMEOUT`` s, and at most
+``listeners.max_connections()`` connections, the oldest idle one closed for a new one), bodies are
+capped at ``webhooks.MAX_EVENT_BYTES``, and refused requests are logged at most once per
+``listeners.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
 have sent itself (``api.http``).
 """
 
@@ -149,7 +149,8 @@ class Forwarder:
 
 
 async def child_main(fd: int, host: str, port: int, secret_file: str) -> int:
-    from .api import SecretError, Verifier, load_webhook_secret, start_tcp_site, webhook_app
+    from .api.listeners import start_tcp_site
+    from .api.webhooks import SecretError, Verifier, load_webhook_secret, webhook_app
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)

@@ -114,7 +114,8 @@ def cold_load(sizes: list[int], repeat: int, config_text: str) -> None:
 
 async def event_latency(n: int, events: int, config_text: str, workdir: str) -> None:
     from aiohttp import ClientSession
-    from enforcer.api import load_webhook_secret, start_tcp_site, webhook_app
+    from enforcer.api.listeners import start_tcp_site
+    from enforcer.api.webhooks import load_webhook_secret, webhook_app
     from enforcer.demo.billing import event_body, signed_request
 
     config = parse_config(config_text)

@@ -97,7 +97,7 @@ async def test_outbox_never_signs_with_the_inbound_webhook_secret(tmp_path: Path
     config = SimpleNamespace(api=ApiConfig(webhook_secret_file=str(inbound)),
                              policy=PolicyConfig(promise_to_pay=PromiseRules(enabled=True,
                                                                              webhook_url="http://192.0.2.1/h")))
-    from enforcer.api import load_webhook_secret
+    from enforcer.api.webhooks import load_webhook_secret
 
     outbox = Outbox(store, config.policy.promise_to_pay, None, lambda: 1000.0, asyncio.Event(),  # type: ignore[arg-type]
                     load_webhook_secret)

@@ -3,13 +3,14 @@ transaction (all or nothing), and processed webhook ids are found in one query."
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from enforcer.exemptions import Exemption
 from enforcer.model import Mode
-from enforcer.policy import Grace, Override, PolicyInputs, Readdress
+from enforcer.policy import Grace, Origin, Override, PolicyInputs, Readdress
 from enforcer.promises import Promise
 from enforcer.store import EnforcedWrite, Store
 from enforcer.subscribers import Subscriber, parse_address
@@ -23,7 +24,7 @@ def full_inputs() -> PolicyInputs:
     """Three subscribers with every kind of per-subscriber input, one with none at all."""
     return PolicyInputs(
         listed={},
-        overrides={"A": Override(True, 10.0, "operator alice: test", sub("A", "100.64.0.1")),
+        overrides={"A": Override(True, 10.0, "operator alice: test", sub("A", "100.64.0.1"), Origin.OPERATOR),
                    "B": Override(False, 11.0, "event e1 (payment.received)")},
         graces={"B": Grace(11.0, 99.0, "event e1 (payment.received)")},
         readdressed={"A": Readdress((parse_address("100.64.0.9"), parse_address("2001:db8::/64")), 12.0, "event e2")},
@@ -98,3 +99,24 @@ def test_answers_are_recorded_all_or_nothing(tmp_path: Path) -> None:
     store.record_events([("msg_1", 200, {"ok": True}, "A")], full_inputs())
     assert store.event_answer("msg_1") == (200, {"ok": True})
     assert store.load_inputs().overrides["A"] == full_inputs().overrides["A"]
+
+
+def test_a_database_of_the_earlier_layout_gets_the_origin_of_its_overrides(tmp_path: Path) -> None:
+    """Overrides written before they had an ``origin`` column are read, not quarantined: the
+    column is added and a person's override (its cause says "operator ...") stays a person's,
+    so it still outranks exemptions and windows after the upgrade."""
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.executescript("""CREATE TABLE overrides (id TEXT PRIMARY KEY, restrict_ INTEGER NOT NULL, at REAL NOT NULL,
+        cause TEXT NOT NULL, entry TEXT);
+        INSERT INTO overrides VALUES ('A', 1, 10.0, 'operator alice: abuse', NULL);
+        INSERT INTO overrides VALUES ('B', 0, 11.0, 'event e1 (payment.received)', NULL);""")
+    db.commit()
+    db.close()
+    store = Store(str(tmp_path))
+    loaded = store.load_inputs()
+    assert not store.quarantined and store.skipped_count == 0
+    assert loaded.overrides["A"].origin is Origin.OPERATOR and loaded.overrides["A"].operator
+    assert loaded.overrides["B"].origin is Origin.BILLING
+    store.close()
+    reopened = Store(str(tmp_path)).load_inputs()   # the column stays; nothing is migrated twice
+    assert reopened.overrides["A"].origin is Origin.OPERATOR

@@ -145,9 +145,9 @@ def test_the_daemon_starts_and_enforces_on_a_garbage_database(tmp_path: Path) ->
         garbage(tmp_path / "state" / "state.sqlite3")
         fake = FakeDataplane()
         e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
-        assert e.store.quarantined is not None
-        await e.restore()
-        await e.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+        assert e.engine.store.quarantined is not None
+        await e.engine.restore()
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
         assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
         text = generate_latest(e.metrics.registry).decode()
         assert "walled_garden_state_quarantined_databases 1.0" in text
@@ -178,7 +178,8 @@ BAD_ROWS: list[tuple[str, str, Callable[[Store], Any]]] = [
      lambda s: s.load_inputs().listed),
     ("listed", """INSERT INTO listed VALUES ('BAD', '{"id": "OTHER", "addresses": ["100.64.0.7"], "mode": "notice"}')""",
      lambda s: s.load_inputs().listed),
-    ("overrides", "INSERT INTO overrides VALUES ('BAD', 'yes', 1.0, 'c', NULL)", lambda s: s.load_inputs().overrides),
+    ("overrides", "INSERT INTO overrides VALUES ('BAD', 'yes', 1.0, 'c', NULL, 'billing')", lambda s: s.load_inputs().overrides),
+    ("overrides", "INSERT INTO overrides VALUES ('BAD', 1, 1.0, 'c', NULL, 'someone')", lambda s: s.load_inputs().overrides),
     ("graces", "INSERT INTO graces VALUES ('BAD', 1.0, 'soon', 'c')", lambda s: s.load_inputs().graces),
     ("readdressed", """INSERT INTO readdressed VALUES ('BAD', '["nowhere"]', 1.0, 'c')""",
      lambda s: s.load_inputs().readdressed),

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 
-from enforcer.api import SecretError, load_webhook_secret, webhook_app
+from enforcer.api.webhooks import SecretError, load_webhook_secret, webhook_app
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
