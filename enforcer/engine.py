@@ -30,14 +30,14 @@ from .billing_order import BillingOrder
 from .claims import ClaimsIndex
 from .config import Config
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import MODE_PREFIX, Layout
+from .dataplane.layout import MODE_PREFIX, Layout, with_mode_view
 from .enforced import EnforcedRecord, enforced_before, held
 from .flushing import Flusher
 from .metrics import Metrics
 from .model import Mode, Network
 from .policy import Decision
 from .receipt_clock import ReceiptClock
-from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, with_mode_view
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .store import EnforcedWrite, Store, StoreError
 
 log = logging.getLogger("walled_garden.enforcer")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, SENTINELS, Layout, ack_set, mode_map, \
-    redirect_set, throttle_set
+    redirect_set, throttle_set, with_mode_view
 from .dataplane.state import TableState
 from .dataplane.transaction import ReplaceTable, Transaction
 from .model import Mode, Network
@@ -55,38 +54,6 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
         if decision.mode is Mode.THROTTLE:
             out.add((throttle_set(version, plen), key, None))
     return frozenset(out)
-
-
-_MEMBER = re.compile(r"^(portal|notice|throttle)([46])_(\d+)$")
-
-
-def with_mode_view(state: TableState | None) -> TableState | None:
-    """Add the mode view (``modeV_L`` → key → verdict) that the kernel's sets imply.
-
-    A key in ``portal`` is walled-garden, in ``throttle`` throttle, in ``notice`` only notice;
-    this is the inverse of ``subscriber_elements``, so a table read back after a restart
-    diffs cleanly against the decisions.
-    """
-    if state is None:
-        return None
-    view: Elements = {}
-    rank = {"notice": 0, "throttle": 1, "portal": 2}
-    mode_of = {"portal": Mode.WALLED_GARDEN, "throttle": Mode.THROTTLE, "notice": Mode.NOTICE}
-    best: dict[tuple[str, str], str] = {}
-    for container, items in state.elements.items():
-        match = _MEMBER.match(container)
-        if match is None:
-            continue
-        kind, version, plen = match.groups()
-        name = mode_map(int(version), int(plen))
-        view.setdefault(name, {})
-        for key in items:
-            held = best.get((name, key))
-            if held is None or rank[kind] > rank[held]:
-                best[(name, key)] = kind
-    for (name, key), kind in best.items():
-        view.setdefault(name, {})[key] = MODE_VERDICTS[mode_of[kind]]
-    return TableState(state.layout_tag, {**state.elements, **view}, set(state.sealed))
 
 
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:

@@ -44,7 +44,7 @@ from enforcer.dataplane.state import TableState
 from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
 from enforcer.policy import Decision
 from enforcer.receipt_clock import STEP_THRESHOLD
-from enforcer.reconciler import with_mode_view
+from enforcer.dataplane.layout import with_mode_view
 from enforcer.sources import ListUpdate, SourceFailure
 from enforcer.store import Store
 from enforcer.subscribers import ListError, Mode, parse_list

@@ -13,7 +13,7 @@ import ipaddress
 from typing import Iterable
 
 from .backend import DataplaneError
-from .layout import COUNTERS
+from .layout import COUNTERS, with_mode_view
 from .state import TableState
 from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 
@@ -67,7 +67,6 @@ class FakeDataplane:
     def view(self) -> dict[str, dict[str, str | None]]:
         """The elements plus the reconciler's mode view they imply (``mode4_32`` → key → verdict),
         so tests can ask "which mode is this address in" the way the daemon does."""
-        from ..reconciler import with_mode_view
         state = with_mode_view(self.state)
         return {} if state is None else state.elements
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from ..model import DEFAULT_THROTTLE_RATE, Mode, Network, default_throttle_burst
+from .state import TableState
 
 #: Prefix lengths kept ready even when no subscriber uses them yet, so the common cases never
 #: need a layout change (which costs a full sync).
@@ -420,3 +421,35 @@ def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | Non
     if mode is Mode.THROTTLE:
         out.append((throttle_set(version, plen), key, None))
     return out
+
+
+_MEMBER = re.compile(r"^(portal|notice|throttle)([46])_(\d+)$")
+
+
+def with_mode_view(state: TableState | None) -> TableState | None:
+    """Add the mode view (``modeV_L`` → key → verdict) that the kernel's sets imply.
+
+    A key in ``portal`` is walled-garden, in ``throttle`` throttle, in ``notice`` only notice;
+    this is the inverse of ``reconciler.subscriber_elements``, so a table read back after a
+    restart diffs cleanly against the decisions.
+    """
+    if state is None:
+        return None
+    view: dict[str, dict[str, str | None]] = {}
+    rank = {"notice": 0, "throttle": 1, "portal": 2}
+    mode_of = {"portal": Mode.WALLED_GARDEN, "throttle": Mode.THROTTLE, "notice": Mode.NOTICE}
+    best: dict[tuple[str, str], str] = {}
+    for container, items in state.elements.items():
+        match = _MEMBER.match(container)
+        if match is None:
+            continue
+        kind, version, plen = match.groups()
+        name = mode_map(int(version), int(plen))
+        view.setdefault(name, {})
+        for key in items:
+            held = best.get((name, key))
+            if held is None or rank[kind] > rank[held]:
+                best[(name, key)] = kind
+    for (name, key), kind in best.items():
+        view.setdefault(name, {})[key] = MODE_VERDICTS[mode_of[kind]]
+    return TableState(state.layout_tag, {**state.elements, **view}, set(state.sealed))

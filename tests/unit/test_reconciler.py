@@ -17,7 +17,8 @@ from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from enforcer.model import Mode
 from enforcer.policy import Decision
-from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks, with_mode_view
+from enforcer.dataplane.layout import with_mode_view
+from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
 from enforcer.subscribers import Subscriber
 
 net = ipaddress.ip_network
