@@ -2,7 +2,7 @@
 
 The enforcer is a fake client (as in ``test_portal``), except in the client tests, which talk
 HTTP to a real aiohttp server on a temporary Unix socket. The enforcer's own rules and its
-webhook to billing are tested in ``test_policy_daemon`` and ``test_promise_daemon``.
+webhook to billing are tested in ``test_daemon_policy_rules`` and ``test_portal_actions_promise``.
 """
 
 from __future__ import annotations

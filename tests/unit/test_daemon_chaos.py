@@ -1,7 +1,7 @@
 """The model-based chaos test over the fake dataplane (issue 11; SPEC §8): see ``chaos_model``.
 
 Deterministic in CI (``derandomize``) and bounded (< 60 s); ``WG_CHAOS_EXAMPLES=2000`` runs
-longer by hand, e.g. ``WG_CHAOS_EXAMPLES=2000 pytest tests/unit/test_chaos.py``.
+longer by hand, e.g. ``WG_CHAOS_EXAMPLES=2000 pytest tests/unit/test_daemon_chaos.py``.
 """
 
 from __future__ import annotations

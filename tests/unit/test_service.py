@@ -24,12 +24,12 @@ from prometheus_client import generate_latest
 
 from captive_portal.metrics import PortalMetrics
 from enforcer import metrics as metrics_module
-from enforcer.api import control_app, start_unix_site
+from enforcer.api.control import control_app
+from enforcer.api.listeners import start_unix_site
 from enforcer.config import ConfigError, parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.transaction import ReplaceTable
-from enforcer.logs import OneLineFormatter
 from enforcer.service import Service
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
@@ -215,19 +215,6 @@ def test_socket_group_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(path.read_text(), str(path))
     assert "api.socket_group" in str(err.value) and "groupadd --system no-such-group-wg" in str(err.value)
-
-
-# -- logs ---------------------------------------------------------------------------------------
-def test_a_traceback_stays_on_one_line() -> None:
-    try:
-        raise ValueError("first\nsecond")
-    except ValueError:
-        import sys
-        record = logging.LogRecord("walled_garden.x", logging.ERROR, __file__, 1, "event=boom id=%s", ("7",),
-                                   sys.exc_info())
-    line = OneLineFormatter().format(record)
-    assert "\n" not in line and line.startswith("level=ERROR logger=walled_garden.x event=boom id=7")
-    assert "Traceback" in line and "ValueError" in line
 
 
 # -- metrics -------------------------------------------------------------------------------------

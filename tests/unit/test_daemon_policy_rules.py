@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from enforcer.api import control_app, start_tcp_site, start_unix_site
+from enforcer.api.control import control_app
+from enforcer.api.listeners import start_tcp_site, start_unix_site
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane

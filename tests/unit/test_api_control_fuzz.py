@@ -1,5 +1,5 @@
 """Fuzzing the control socket (issue 11): any JSON body, path or query on any route of
-``api.control_app`` gets a 2xx, a 4xx or a 503, never a 500. Served on a real Unix socket as
+``api.control.control_app`` gets a 2xx, a 4xx or a 503, never a 500. Served on a real Unix socket as
 in production (operator routes check the peer), the enforcer over the fake dataplane."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enforcer.api import control_app, start_unix_site
+from enforcer.api.control import control_app
+from enforcer.api.listeners import start_unix_site
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane

@@ -1,5 +1,5 @@
 """``Enforcer.promise`` at its edges: two presses at once, a kernel change that fails, reasons
-written differently. Fake kernel, as in ``test_policy_daemon`` (whose helpers these are)."""
+written differently. Fake kernel, as in ``test_daemon_policy_rules`` (whose helpers these are)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from test_policy_daemon import MONDAY_10, Clock, kernel_mode, make_config, running, sub
+from test_daemon_policy_rules import MONDAY_10, Clock, kernel_mode, make_config, running, sub
 from daemon_helpers import promise
 
 RULES = ("policy:\n  promise_to_pay: {term: 3d, max: 1, period: 90d, reasons: [overdue], "

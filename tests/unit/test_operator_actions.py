@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from enforcer.api import control_app, start_unix_site
+from enforcer.api.control import control_app
+from enforcer.api.listeners import start_unix_site
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
