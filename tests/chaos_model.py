@@ -1,10 +1,10 @@
-"""A model-based chaos test of the whole enforcer (issue 11, "Prove it"; SPEC §8).
+"""A model-based chaos test of the whole enforcer (docs/reference.md, Safety rules).
 
 Random sequences of list edits (valid and invalid), billing events of every type with billing's
 clock skewed up to ±300 s, retries and late deliveries, operator actions, clocks passing and
 stepping, restarts (a clean stop, a SIGKILL, a reboot), kernel transaction failures, SQLite
 write failures and the table deleted by another tool drive the real ``Enforcer``. After every
-step the invariants of SPEC §8 are checked:
+step the safety invariants are checked:
 
 1. the kernel holds exactly what the policy decides from the *persisted* inputs (a fresh
    ``Store`` over the state directory), except for what ``status`` reports (address

@@ -1,4 +1,4 @@
-"""Benchmarks for issue 2: cold load vs raw ``nft -f``, and payment event-to-commit latency.
+"""Dataplane benchmarks: cold load vs raw ``nft -f``, and payment event-to-commit latency.
 
     sudo .venv/bin/python tests/bench/bench_dataplane.py [--sizes 1000,10000,100000] [--events 300]
 

@@ -1,4 +1,4 @@
-"""Issue 4 benchmarks: sustained signed events per second with 100k restricted, and list churn.
+"""Event benchmarks: sustained signed events per second with 100k restricted, and list churn.
 
     sudo .venv/bin/python tests/bench/bench_events.py [--subscribers 100000] [--rate 2000] [--seconds 10]
         [--client python|wrk] [--connections 64]

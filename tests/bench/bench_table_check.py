@@ -1,4 +1,4 @@
-"""Benchmark for issue 11 item 14: what the table check costs, and how long a repair takes.
+"""Benchmark of the table check: what it costs, and how long a repair takes.
 
     sudo .venv/bin/python tests/bench/bench_table_check.py [--sizes 10000,100000] [--repeat 5]
 

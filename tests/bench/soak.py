@@ -1,4 +1,4 @@
-"""Issue 11 soak: the real daemon and portal under list churn, signed events, portal traffic and
+"""Soak test: the real daemon and portal under list churn, signed events, portal traffic and
 restarts, watched for growth (RSS, file descriptors) and for lost answers.
 
     sudo .venv/bin/python tests/bench/soak.py              # 10 minutes

@@ -81,7 +81,7 @@ def _catalogue(language: str) -> dict[str, str]:
     from captive_portal.messages import MESSAGES
 
     if language not in MESSAGES:
-        pytest.fail(f"captive_portal.messages has no {language!r} catalogue (SPEC §5 requires it); "
+        pytest.fail(f"captive_portal.messages has no {language!r} catalogue (docs/reference.md, Portal, requires it); "
                     f"languages there: {sorted(MESSAGES)}")
     return dict(MESSAGES[language])
 

@@ -1,4 +1,4 @@
-"""The gateway itself, on the real kernel (issue 11 item 12, issue 18, SPEC §8).
+"""The gateway itself, on the real kernel (docs/reference.md, Safety rules).
 
 Subscriber 1 is free, subscriber 2 restricted (its IPv4 address and its IPv6 /64). The daemon
 runs with its real webhook listener on 0.0.0.0:8787; instead of the portal, tiny HTTP servers in

@@ -1,4 +1,4 @@
-"""Issue 4 on the real kernel: a flaky billing URL changes nothing; a held mass change waits for approve."""
+"""List updates on the real kernel: a flaky billing URL changes nothing; a held mass change waits for approve."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The portal as a browser reaches it: through ``portal.url``, with the shipped example's config
-(issue 18).
+"""The portal as a browser reaches it: through ``portal.url``, with the shipped example's config.
 
 ``portal.url`` is ``http://portal.isp.example/`` and the portal listens on ``0.0.0.0:8080``, as
 in config/config.example.yaml; the subscriber resolves portal.isp.example to the gateway's
@@ -193,7 +192,7 @@ def redirected_to_the_portal(browser: Browser, lab: Lab, wanted: str) -> dict[st
 
 
 def reload_says_active(browser: Browser, lab: Lab, what: str) -> None:
-    """``portal.url`` reloaded, on a fresh connection (what 'connection refused' was): service active."""
+    """``portal.url`` reloaded, on a fresh connection (a refused one would fail here): service active."""
     page = step(browser.get(PORTAL_URL, fresh=True), f"reload portal.url {what}", 200, lab)
     assert ACTIVE in page["body"], f"reload {what}: {page['body'][:2000]}"
 

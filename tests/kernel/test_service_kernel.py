@@ -1,4 +1,4 @@
-"""Issue 6 on the real kernel: live scrapes pass promtool and count redirects and refusals,
+"""The service on the real kernel: live scrapes pass promtool and count redirects and refusals,
 SIGHUP reloads without dropping enforcement, a table removed behind the daemon's back comes
 back, and both processes speak systemd's notify protocol (READY, WATCHDOG, RELOADING)."""
 
@@ -221,7 +221,7 @@ def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Top
                                   [setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, target],
                                   capture_output=True, text=True, check=False, timeout=10)
 
-        # The portal looks up only addresses the kernel saw connect to the portal (issue 11 item 6):
+        # The portal looks up only addresses the kernel saw connect to the portal:
         # before the subscriber does, the member gets through the socket and is answered 403.
         member = as_user(grp.getgrnam("nogroup").gr_gid, status=True)
         assert member.stdout == "403", member

@@ -1,4 +1,4 @@
-"""Fuzzing the control socket (issue 11): any JSON body, path or query on any route of
+"""Fuzzing the control socket: any JSON body, path or query on any route of
 ``api.control.control_app`` gets a 2xx, a 4xx or a 503, never a 500. Served on a real Unix socket as
 in production (operator routes check the peer), the enforcer over the fake dataplane."""
 

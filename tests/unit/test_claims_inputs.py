@@ -1,4 +1,5 @@
-"""No input walls a neighbour: overlapping addresses are refused wherever they come from (SPEC §8)."""
+"""No input walls a neighbour: overlapping addresses are refused wherever they come from
+(docs/reference.md, Safety rules)."""
 
 from __future__ import annotations
 

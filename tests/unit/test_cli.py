@@ -72,7 +72,7 @@ def test_check_config_reports_portal_text_overrides(tmp_path: Path, capsys: pyte
     assert "portal.texts.cs.heading_restriced" in capsys.readouterr().err
 
 
-# -- issue 11: file:line, never a traceback; secrets kept private; subscriber_prefixes ---------
+# -- file:line, never a traceback; secrets kept private; subscriber_prefixes ------------------
 
 @pytest.mark.parametrize("listing, where, words", [
     ("subscribers:\n  - {id: C-1, addresses: [100.64.0.1], exempt_until: 9999-12-31}\n", "list.yaml:2", "exempt_until"),

@@ -1,4 +1,5 @@
-"""Configuration loading and validation (SPEC §2): typed values, and every error by key path + file:line."""
+"""Configuration loading and validation (docs/reference.md, Configuration): typed values, and
+every error by key path + file:line."""
 
 from __future__ import annotations
 
@@ -494,7 +495,7 @@ def test_many_errors_are_all_reported_in_one_go():
     assert all(" (config.yaml:" in line for line in lines)
 
 
-# -- gateway.subscriber_prefixes (issue 11 item 5) -------------------------------------------
+# -- gateway.subscriber_prefixes -------------------------------------------------------------
 
 def test_subscriber_prefixes_are_typed_networks():
     config = parse_config(with_section("""\
@@ -522,7 +523,7 @@ def test_bad_subscriber_prefixes_are_named_by_key(value: str, where: str, words:
     assert [i.where for i in found] == [f"{where} (config.yaml:4)"] and words in found[0].message, found
 
 
-# -- any YAML is a Config or a ConfigError (issue 11: fuzzing) -------------------------------
+# -- any YAML is a Config or a ConfigError (fuzzing) -----------------------------------------
 
 def test_config_alias_bomb_is_refused_at_once():
     import time

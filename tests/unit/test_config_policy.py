@@ -1,4 +1,4 @@
-"""Issue 5 config keys: every mistake named by key path (and file:line for the holiday file)."""
+"""The ``policy`` section of the config: every mistake named by key path (and file:line for the holiday file)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_defaults_change_nothing() -> None:
     ("policy: {promise_to_pay: {max: 0}}", "policy.promise_to_pay.max", "at least 1"),
     ("policy: {promise_to_pay: {webhook_url: ftp://x}}", "policy.promise_to_pay.webhook_url", "http"),
     ("policy: {audit_retention: -1}", "policy.audit_retention", "not negative"),
-    # The outbox signs with a secret of its own, never the inbound webhook secret (issue 11 item 10).
+    # The outbox signs with a secret of its own, never the inbound webhook secret.
     ("policy: {promise_to_pay: {webhook_url: 'https://b.example/h'}}", "policy.promise_to_pay.webhook_secret_file",
      "required with webhook_url"),
     ("policy: {promise_to_pay: {webhook_url: 'https://b.example/h', webhook_secret_file: "
@@ -81,7 +81,7 @@ def test_holiday_file_errors_name_file_and_line(tmp_path: Path) -> None:
 
 async def test_outbox_never_signs_with_the_inbound_webhook_secret(tmp_path: Path) -> None:
     """Without a promise secret of its own, nothing is sent (and it says why), even though
-    ``api.webhook_secret_file`` is a valid secret (issue 11 item 10)."""
+    ``api.webhook_secret_file`` is a valid secret."""
     import base64
     from types import SimpleNamespace
 

@@ -21,7 +21,7 @@ from enforcer.control_protocol import (
 )
 from enforcer.model import Mode
 
-# The daemon's answers as it sent them before the protocol module (json.dumps of its dicts).
+# The daemon's answers on the wire, byte for byte (the format clients rely on).
 RESTRICTED = ('{"address": "100.64.0.10", "restricted": true, "mode": "notice", "reason": "overdue", '
               '"subscriber": "C-1", "reference": "WG-7K2M-Q9XD", "ack_until": 1800007200.0, '
               '"promise": {"eligible": true, "why": "eligible", "term_seconds": 259200.0}}')
@@ -39,7 +39,7 @@ NOT_A_CALLER = ('{"error": "this address has not connected to the portal recentl
 LIMIT = '{"error": "a promise to pay is not available for this connection", "eligible": false, "why": "limit_reached"}'
 WALLED_IN = '{"error": "this connection is in the walled garden; it cannot be acknowledged away"}'
 
-# What the portal's client made of them before (the dataclasses it had then, field for field).
+# What the portal's client makes of them, field for field.
 PARSED: list[tuple[type[Any], str, Any]] = [
     (Lookup, RESTRICTED, Lookup("100.64.0.10", True, "notice", "overdue", "WG-7K2M-Q9XD", "C-1", 1800007200.0,
                                 PromiseOffer(True, "eligible", 259200.0))),

@@ -1,10 +1,10 @@
 """Fuzzing the ctnetlink reader: whatever bytes the socket returns, entries or ``CtnetlinkError``.
 
-The dump parser reads lengths and offsets out of the kernel's answer; one it trusted too far
-(an attribute running past its message, an error message cut short) raised ``struct.error`` or
-``IndexError``, which the daemon's flush does not catch (it expects ``ConntrackError``/``OSError``)
-and which would have left a lifted customer's portal connection, or a restricted one's open
-connections, in an unknown state. Every case runs under an alarm: a parser that loops forever
+The dump parser reads lengths and offsets out of the kernel's answer; one it trusts too far
+(an attribute running past its message, an error message cut short) must not raise
+``struct.error`` or ``IndexError``: the daemon's flush does not catch those (it expects
+``ConntrackError``/``OSError``), and a lifted customer's portal connection, or a restricted
+one's open connections, would be left in an unknown state. Every case runs under an alarm: a parser that loops forever
 fails the test instead of hanging it.
 """
 

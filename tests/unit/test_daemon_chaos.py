@@ -1,4 +1,5 @@
-"""The model-based chaos test over the fake dataplane (issue 11; SPEC §8): see ``chaos_model``.
+"""The model-based chaos test over the fake dataplane (docs/reference.md, Safety rules): see
+``chaos_model``.
 
 Deterministic in CI (``derandomize``) and bounded (< 60 s); ``WG_CHAOS_EXAMPLES=2000`` runs
 longer by hand, e.g. ``WG_CHAOS_EXAMPLES=2000 pytest tests/unit/test_daemon_chaos.py``.
@@ -49,8 +50,8 @@ FakeChaos.TestCase.settings = settings(
 test_chaos_on_the_fake_dataplane: Any = FakeChaos.TestCase
 
 
-# -- the minimal sequences the machine found, kept as tests --------------------------------------
-# Each drives the same machine by hand, with the machine's tolerance for that bug switched off.
+# -- hard cases as fixed sequences ---------------------------------------------------------------
+# Each drives the same machine by hand, with the machine's tolerance for that case switched off.
 
 import pytest  # noqa: E402
 
@@ -72,9 +73,9 @@ def restriction(sid: str, ts: float, eid: str, moved_to: str | None = None) -> E
 
 
 def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel(machine: Any) -> None:
-    """Found: operator (or billing) restriction whose ``record_state`` fails after the kernel
-    commit was answered 503 yet stayed in the kernel and in memory (not in the state): the
-    kernel no longer matched the persisted inputs, and a restart would silently lift it."""
+    """An operator's (or billing's) restriction whose ``record_state`` fails after the kernel
+    commit is answered 503 and is undone in the kernel and in memory: the kernel keeps matching
+    the persisted inputs, so a restart cannot silently lift a restriction nobody saved."""
     machine.boot(listed=[])
     machine.store_failure(op="record_state")
     machine.operator(sid="C-4", restrict=True, mode=Mode.WALLED_GARDEN)
@@ -83,12 +84,10 @@ def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel(machine: Any) -> N
 
 
 def test_a_retry_of_an_answered_payment_is_not_applied_again(machine: Any) -> None:
-    """Found: when the write recording a batch's answers (``record_events``, a write of its own
-    after the state's) fails, billing still gets 200 "applied", but the webhook-id is not
-    recorded: a later retry of that payment is applied again with a new receipt instant and
-    lifts a restriction billing stamped *after* the payment (same without the write failure when
-    the process dies between the two writes). Expected: the retry is answered from the record
-    (or the first answer is not 200), and the newer restriction stays."""
+    """When the write recording a batch's answers (``record_events``, a write of its own after
+    the state's) fails, or the process dies between the two writes, a later retry of that payment
+    is answered from the record (or the first answer is not 200): it is not applied again with a
+    new receipt instant, and a restriction billing stamped *after* the payment stays."""
     machine.boot(listed=[])
     t = chaos_model.START
     machine.store_failure(op="record_events")
@@ -104,12 +103,10 @@ def test_a_retry_of_an_answered_payment_is_not_applied_again(machine: Any) -> No
 
 
 def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) -> None:
-    """Found: billing restricts C-3 on the address 100.64.0.2 (200 applied); a new list then
-    names C-2 on 100.64.0.2. ``sync_all`` resolves the clash in id order: C-2 gets the address
-    and C-3 loses *all* its enforcement (its IPv6 /64 too), and ``status()["address_conflicts"]``
-    is empty; since C-3 is not in ``Enforcer.conflicts`` no timer round retries it, so C-3 stays
-    free even after C-2 is lifted, until some full sync. Expected (as for the timer's
-    conflicts): C-3 keeps what is enforced, C-2's claim is held back and reported."""
+    """Billing restricts C-3 on the address 100.64.0.2 (200 applied); a new list then names
+    C-2 on 100.64.0.2. As for the timer's conflicts, C-3 keeps what is enforced (its IPv6 /64
+    too), and C-2's claim is held back and reported in ``status()["address_conflicts"]``: the
+    clash never silently frees the holder."""
     machine.boot(listed=["C-3"])
     answer = machine.run(machine.deliver(restriction("C-3", chaos_model.START, "r1", moved_to="C-2")))
     assert (answer[0], answer[1]["result"]) == (200, "applied")
@@ -122,11 +119,10 @@ def test_a_list_entry_on_an_address_an_override_holds_is_reported(machine: Any) 
 
 
 def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied(machine: Any) -> None:
-    """Found: the first input after a forward clock step saves the moved graces inside
-    ``Enforcer._now`` (``save_subscribers``). When that write fails in ``on_list`` the new list is
-    already saved (in force, in status) but ``StoreError`` escapes before the kernel change: the
-    listed subscriber stays free until some later full sync, and the step is consumed, so the
-    moved grace of the payer is never persisted (a restart ends it early)."""
+    """The first input after a forward clock step saves the moved graces
+    (``save_subscribers``). When that write fails during a list update, the kernel still matches
+    the persisted policy: a listed subscriber is not left free until some later full sync, and
+    the payer's moved grace is not lost to a restart."""
     machine.boot(listed=[])
     machine.run(machine.deliver(Event("p1", PAYMENT, chaos_model.START, "C-1")))
     machine.clock_step(seconds=3600.0)
@@ -137,11 +133,10 @@ def test_a_state_write_failure_on_a_clock_step_does_not_leave_the_list_unapplied
 
 def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
-    """Found (WG_CHAOS_EXAMPLES=400): one batch holds C-4's release (billing ts +270) and an
-    older restriction (ts -75); the kernel transaction fails, so the release is undone and
-    answered 503, yet the restriction is answered 200 "ignored" (stale against the release that
-    is not in force), unrecorded; its retry is then applied and answered "applied". Expected:
-    the restriction gets 503 with its batch (or a verdict that stands), so a retry gets the same."""
+    """One batch holds C-4's release (billing ts +270) and an older restriction (ts -75); the
+    kernel transaction fails, so the release is undone and answered 503. The restriction is not
+    judged stale against a release that is not in force: it gets 503 with its batch, or a
+    recorded verdict that its retry gets again."""
     machine.boot(listed=[])
     machine.kernel_failure()
     machine.burst(kinds=[RELEASED, RESTRICTED], sid="C-4", skews=[270, -75, 0, 0])

@@ -1,4 +1,4 @@
-"""Issue 5 through the daemon (fake kernel, real control socket and CLI): exemptions, dispute
+"""The policy rules through the daemon (fake kernel, real control socket and CLI): exemptions, dispute
 events, enforcement windows across restarts, escalation, promises with the outgoing webhook,
 and the audit log."""
 

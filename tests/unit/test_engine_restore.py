@@ -1,4 +1,5 @@
-"""The state is lost but the table is in the kernel: nobody is freed or walled by the loss (SPEC §8).
+"""The state is lost but the table is in the kernel: nobody is freed or walled by the loss
+(docs/reference.md, Safety rules).
 
 A quarantined (or deleted) state database leaves the daemon with no inputs. The kernel still
 enforces; ``restore`` keeps it as it is until the list arrives, then rebuilds: listed and

@@ -1,10 +1,10 @@
 """A payment answered 200 keeps the subscriber free for the grace, whatever the clocks say.
 
-SPEC §8: billing's clock may be ahead or behind (within the signature tolerance), the gateway's
+docs/reference.md, Safety rules: billing's clock may be ahead or behind (within the signature tolerance), the gateway's
 clock may be stepped either way, and retries arrive in any order. Inputs are ordered by receipt
 (``receipt_clock``), billing's events among themselves by billing's clock (``billing_order``).
-Each scenario here failed before that rule: the restriction beat the payment, or a full sync
-after a step back re-restricted a subscriber who had just paid.
+Each scenario checks that the payment is not beaten by a restriction it made stale, and that a
+full sync after a step back does not re-restrict a subscriber who has just paid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The table layout (SPEC §7): hash sets per mode and prefix length (no verdict maps), masked
+"""The table layout (docs/reference.md, Dataplane): hash sets per mode and prefix length (no verdict maps), masked
 lookups, a tag of the layout; and reading a ``nft -j list table`` listing back."""
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def test_parse_listing_round_trips_what_the_layout_renders():
             + elements_for(net("2001:db8:10:100::/56"), Mode.THROTTLE)) == elements
 
 
-# -- the gateway itself: the portal for everyone, the restricted confined (issue 18, SPEC §8) ----
+# -- the gateway itself: the portal for everyone, the restricted confined ---------------------
 
 def test_every_subscriber_reaching_the_gateway_on_80_and_443_lands_on_the_portal():
     nat = chain(layout(portal_tls_port=8443).render(), "prerouting")

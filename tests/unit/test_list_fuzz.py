@@ -1,4 +1,4 @@
-"""Fuzzing the parsers that take billing's and the operator's bytes (issue 11, hypothesis, bounded).
+"""Fuzzing the parsers that take billing's and the operator's bytes (hypothesis, bounded).
 
 Whatever the text: the list parser returns subscribers or raises ``ListError`` (nothing else),
 ``read_list_file`` the same or ``OSError``, and the config parser returns a ``Config`` or raises

@@ -2,7 +2,7 @@
 
 The reader takes libnftables' output, which changes between nft releases and can be anything
 when another tool owns a same-named table; a ``KeyError`` or ``TypeError`` there would escape the
-reconciler's error handling and stop table repair (issue 11: every parser of outside bytes).
+reconciler's error handling and stop table repair.
 """
 
 from __future__ import annotations

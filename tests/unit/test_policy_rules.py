@@ -1,4 +1,4 @@
-"""Issue 5 policy: exemptions, enforcement windows, escalation, promises — pure, with a fake clock."""
+"""The policy rules: exemptions, enforcement windows, escalation, promises — pure, with a fake clock."""
 
 from __future__ import annotations
 

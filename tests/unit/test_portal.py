@@ -1,4 +1,4 @@
-"""Captive portal (SPEC §5): redirects, the page, languages, the RFC 8908 API, metrics, the client.
+"""Captive portal (docs/reference.md, Portal): redirects, the page, languages, the RFC 8908 API, metrics, the client.
 
 The app runs for real on aiohttp's test server; the enforcer is a fake client, except in the
 client tests, which talk HTTP to a real aiohttp server on a temporary Unix socket. The notice

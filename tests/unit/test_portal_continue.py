@@ -334,7 +334,7 @@ def test_lookup_states() -> None:
 
 
 def test_one_ipv6_64_cannot_evict_another_subscribers_remembered_url() -> None:
-    """Issue 11 item 13: keyed per /64 and bounded per key, a /64 writing thousands of distinct
+    """Keyed per /64 and bounded per key, a /64 writing thousands of distinct
     addresses keeps at most ``per_key`` entries and pushes nobody else out."""
     urls = OriginalUrls(max_entries=64, per_key=4)
     urls.remember("100.64.0.7", "http://victim.example/4")

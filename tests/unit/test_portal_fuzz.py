@@ -1,4 +1,4 @@
-"""Fuzzing the portal app (issue 11: every parser of outside bytes; portal forms and headers).
+"""Fuzzing the portal app: every parser of outside bytes, portal forms and headers.
 
 Arbitrary Host, Accept-Language, Origin, Cookie and forwarding headers, paths, query strings and
 form bodies for ``POST /promise`` and ``/continue`` (with and without a good token, so the

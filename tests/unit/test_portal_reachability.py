@@ -1,4 +1,4 @@
-"""check-config: can subscribers reach ``portal.url`` as configured? (issue 18, ``reachability``)"""
+"""check-config: can subscribers reach ``portal.url`` as configured? (``reachability``)"""
 
 from __future__ import annotations
 

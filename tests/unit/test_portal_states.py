@@ -1,10 +1,10 @@
-"""Issue 18 on the portal side: the enforcer's answer changes between two requests of one customer.
+"""Portal states: the enforcer's answer changes between two requests of one customer.
 
 A promise, a payment or an operator's lift turns a restricted customer free while the page is
 open, between a press and the reload, or between the button's post and the lookup after it. In
 every such path the customer sees a sensible page ("your service is active", with a link back to
 where they were going when the portal remembers it), never an error page, and ``/api/captive``
-says ``captive: false``. Also issue 11 item 6 on the portal side: a 403 "not a recent caller"
+says ``captive: false``. Also the portal side of caller binding: a 403 "not a recent caller"
 from the enforcer asks the customer to reload, posts are rate limited per IPv4 address or IPv6
 /64, and the caller's address is only ever the TCP peer, whatever the headers say.
 """

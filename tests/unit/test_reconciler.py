@@ -1,4 +1,5 @@
-"""Decisions → the smallest transaction, against the in-memory FakeDataplane (SPEC §7).
+"""Decisions → the smallest transaction, against the in-memory FakeDataplane (docs/reference.md,
+Dataplane).
 
 The kernel holds set memberships only (``portalV_L``, ``noticeV_L``, ``throttleV_L``); the
 reconciler's mode view ``modeV_L`` never reaches it, so ``fake.state`` has no ``mode`` container
@@ -616,7 +617,7 @@ def test_grouped_desired_state_equals_the_exact_pass(seed: int) -> None:
         assert clash or not exact[5], "without a deliberate clash the fast path itself was compared"
 
 
-# -- drift: check_kernel (issue 11 item 14) -------------------------------------------------
+# -- drift: check_kernel ---------------------------------------------------------------------
 
 def test_check_kernel_on_a_matching_kernel_is_empty_both_ways(rec, fake):
     synced(rec, fake)

@@ -1,4 +1,4 @@
-"""Operations (issue 6): config reload on SIGHUP, the control socket's group, one-line logs,
+"""The running service: config reload on SIGHUP, the control socket's group,
 the kernel-counter cache, lost-table detection, and metrics that promtool accepts and the
 docs, alerts and dashboard describe truthfully."""
 
@@ -297,7 +297,7 @@ async def test_every_metric_is_documented_with_its_type_and_labels(running: Any)
                  "walled_garden_sync_failures_total", "walled_garden_last_sync_timestamp_seconds",
                  "walled_garden_source_last_success_timestamp_seconds", "walled_garden_events_total",
                  "walled_garden_portal_requests_total"):
-        assert spec in names, f"SPEC §6 metric {spec} missing"
+        assert spec in names, f"contract metric {spec} (docs/reference.md, Metrics) missing"
 
 
 def test_alerts_and_dashboard_use_only_metrics_that_exist() -> None:

@@ -1,4 +1,5 @@
-"""The restricted-subscriber list (SPEC §3): YAML / JSON / CSV, all-or-nothing, every problem at file:line."""
+"""The restricted-subscriber list (docs/reference.md, Restricted list): YAML / JSON / CSV,
+all-or-nothing, every problem at file:line."""
 
 from __future__ import annotations
 
@@ -537,7 +538,7 @@ def test_subscriber_id_problems_are_named() -> None:
         assert "not a subscriber id" in (id_problem(bad) or "")
 
 
-# -- issue 11: nothing but ListError, whatever the bytes --------------------------------------
+# -- nothing but ListError, whatever the bytes -----------------------------------------------
 
 def _exempt_entry(value: str) -> str:
     return yaml_entry(f"""\
@@ -587,7 +588,7 @@ def test_an_unexpected_error_anywhere_is_a_list_error(monkeypatch: pytest.Monkey
     assert found[0][0] == "l.csv:1" and "ZeroDivisionError" in found[0][1]
 
 
-# -- YAML alias bombs (issue 11 item 4) ------------------------------------------------------
+# -- YAML alias bombs ------------------------------------------------------------------------
 
 def _bomb(levels: int) -> str:
     names = "abcdefghij"[:levels]
@@ -638,7 +639,7 @@ def test_node_cap_names_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(found) == 1 and "more than 50 nodes" in found[0][1] and "cap" in found[0][1]
 
 
-# -- addresses that are never a subscriber's (issue 11 item 9) -------------------------------
+# -- addresses that are never a subscriber's -------------------------------------------------
 
 @pytest.mark.parametrize("address, words", [
     ("0.0.0.0/16", "unspecified"), ("0.1.2.3", "unspecified"), ("127.0.0.1", "loopback"),
@@ -663,7 +664,7 @@ def test_unicast_neighbours_of_special_ranges_are_accepted(address: str) -> None
     assert parse_address(address) == net(address)
 
 
-# -- gateway.subscriber_prefixes (issue 11 item 5) -------------------------------------------
+# -- gateway.subscriber_prefixes -------------------------------------------------------------
 
 def test_an_entry_outside_the_subscriber_prefixes_refuses_the_whole_list() -> None:
     from enforcer.address_space import AddressSpace

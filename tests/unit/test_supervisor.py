@@ -1,4 +1,4 @@
-"""No background task dies silently (SPEC §8, issue 11 "Supervision").
+"""No background task dies silently (docs/reference.md, Safety rules).
 
 The supervisor on its own (a failure is logged with its traceback, counted, shown and
 restarted with capped, resetting backoff; an unasked return is a failure; stop and

@@ -1,5 +1,5 @@
 """The shipped systemd units: ``systemd-analyze verify`` clean, sandbox exposure under the
-thresholds of issue 6 (enforcer ≤ 4.0, portal ≤ 2.0), and the directives operations rely on.
+thresholds (enforcer ≤ 4.0, portal ≤ 2.0), and the directives operations rely on.
 
 Outside CI a machine without ``systemd-analyze`` skips these; with CI set, a missing tool
 fails (``.ci/install`` installs it).
@@ -107,7 +107,7 @@ def test_watchdog_timeouts_leave_room_for_the_half_interval_pet() -> None:
 
 
 def test_enforcer_is_ordered_before_the_network() -> None:
-    """SPEC §8 / issue 11 item 11: after a reboot the table is back before any interface is up."""
+    """docs/reference.md, Safety rules: after a reboot the table is back before any interface is up."""
     d = directives("walled-garden.service")
     before = " ".join(d["Before"]).split()
     after = " ".join(d["After"]).split()

@@ -207,7 +207,7 @@ async def test_https_source_with_client_certificate(tmp_path: Path) -> None:
         await runner.cleanup()
 
 
-# -- issue 11 items 2 and 10: a source never dies, and never shows credentials -----------------
+# -- a source never dies, and never shows credentials ----------------------------------------
 
 from enforcer.sources import REDACTED, FileSource, ListUpdate, redact_url  # noqa: E402
 

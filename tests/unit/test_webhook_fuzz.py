@@ -1,6 +1,6 @@
-"""Fuzzing the webhook's parser and HTTP handler (issue 11): whatever billing or a stranger
+"""Fuzzing the webhook's parser and HTTP handler: whatever billing or a stranger
 sends, the parser gives an Event or an EventError and the handler answers one of the statuses
-SPEC §4 names, never a 500. Bounded example counts keep it CI-sized."""
+docs/reference.md (Billing webhooks) names, never a 500. Bounded example counts keep it CI-sized."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The webhook listener against hostile clients (SPEC §8): idle and trickling connections,
+"""The webhook listener against hostile clients (docs/reference.md, Safety rules): idle and trickling connections,
 oversized bodies, floods of unsigned requests. Loopback only; every loop is bounded."""
 
 from __future__ import annotations
