@@ -1,4 +1,4 @@
-"""Who holds which addresses: one index, so no input can wall a neighbour (SPEC §8).
+"""Who holds which addresses: one index, so no input can wall a neighbour (safety rules).
 
 An address or prefix belongs to at most one subscriber's enforcement. The kernel's sets are
 keyed per (family, prefix length), so a clash of *equal* keys is easy to see, but a
@@ -18,9 +18,13 @@ A length seen for the first time gets its ``inside`` counts by one scan of the h
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .model import Network
+
+log = logging.getLogger("walled_garden.enforcer")
 
 Slot = tuple[int, int]            # (IP version, prefix length)
 _BITS = {4: 32, 6: 128}
@@ -170,3 +174,31 @@ class ClaimsIndex:
             # tracked for ``inside`` upkeep from now on, though nothing of this length is held
             self._lengths[version] = sorted([*self._lengths[version], plen])
             self._exact.setdefault((version, plen), {})
+
+
+class Conflicts(dict[str, dict[str, Any]]):
+    """Decisions not enforced because an address is another subscriber's, by subscriber: what
+    ``status`` reports (``address_conflicts``) and the timer retries each round."""
+
+    def note(self, sid: str, detail: str, wanted: str, now: float) -> None:
+        since = self.get(sid, {}).get("since", now)
+        self[sid] = {"detail": detail, "since": since, "wanted": wanted}
+
+    def after_sync(self, wanted: Mapping[str, tuple[str, tuple[Network, ...]]], owned: Iterable[str],
+                   index: ClaimsIndex, now: float) -> None:
+        """After a full sync: a restriction the sync left out (``wanted``: mode and networks of
+        the restricted decisions; ``owned``: who holds elements now) is a conflict; everyone
+        else's is resolved."""
+        owned = set(owned)
+        for sid in [sid for sid in self if sid not in wanted]:
+            del self[sid]
+        for sid, (mode, networks) in wanted.items():
+            if sid in owned:
+                self.pop(sid, None)
+                continue
+            holders = (c.holder for n in networks for c in [index.conflict("", [n])] if c)
+            holder = next((h for h in holders if h != sid), "another")
+            if sid not in self:
+                log.warning("event=address_conflict subscriber=%s cause=sync held_by=%s (not enforced; retried "
+                            "each timer round)", sid, holder)
+            self.note(sid, f"an address is enforced for subscriber {holder}", mode, now)

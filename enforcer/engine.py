@@ -21,16 +21,17 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import policy
 from .address_space import AddressSpace
 from .billing_order import BillingOrder
-from .claims import ClaimsIndex
+from .claims import ClaimsIndex, Conflicts
 from .config import Config
+from .config.reload import reloadable
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import MODE_PREFIX, Layout, with_mode_view
+from .dataplane.layout import MODE_PREFIX, with_mode_view
 from .enforced import EnforcedRecord, enforced_before, held
 from .flushing import Flusher
 from .metrics import Metrics
@@ -39,6 +40,7 @@ from .policy import Decision
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .store import EnforcedWrite, Store, StoreError
+from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
 T = TypeVar("T")
@@ -46,25 +48,6 @@ T = TypeVar("T")
 
 def policy_rules(config: Config) -> policy.Rules:
     return policy.Rules(windows=config.policy.windows, escalation=config.policy.escalation)
-
-
-def base_layout(config: Config) -> Layout:
-    """The table layout the configuration asks for (prefix lengths come from the list)."""
-    return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
-                  allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
-                  portal_port=config.portal.listen.port, throttle_rate=config.policy.throttle_rate,
-                  throttle_burst=config.policy.throttle_burst,
-                  portal_tls_port=config.portal.tls.listen.port if config.portal.tls else None)
-
-
-def newest_receipt(inputs: policy.PolicyInputs) -> float:
-    """The newest receipt instant stored, so receipt order survives a restart after a clock step."""
-    instants = [o.at for o in inputs.overrides.values()]
-    instants += [g.paid_at for g in inputs.graces.values()]
-    instants += [r.at for r in inputs.readdressed.values()]
-    instants += [e.set_at for by_category in inputs.exemptions.values() for e in by_category.values()]
-    instants += [p.made_at for history in inputs.promises.values() for p in history]
-    return max(instants, default=0.0)
 
 
 class Duty(Protocol):
@@ -92,7 +75,7 @@ class Engine:
         self.inputs.rules = policy_rules(config)
         # Inputs are ordered by receipt (receipt_clock), billing's events by billing's clock
         # among themselves (billing_order); never one clock against the other.
-        self.receipts = ReceiptClock(clock, floor=newest_receipt(self.inputs), monotonic=monotonic)
+        self.receipts = ReceiptClock(clock, floor=self.inputs.newest_instant(), monotonic=monotonic)
         self.billing_order = BillingOrder(store.billing_order())
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.space = AddressSpace.from_config(config)   # where subscribers' addresses may lie
@@ -100,7 +83,7 @@ class Engine:
         self.decisions: dict[str, Decision] = enforced_before(store)   # what the kernel enforces
         self.record = EnforcedRecord()
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)
-        self.conflicts: dict[str, dict[str, Any]] = {}   # decisions not enforced: an address is another's
+        self.conflicts = Conflicts()   # decisions not enforced: an address is another's
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements in the kernel, until when
         self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
         self.last_sync: dict[str, Any] = {}
@@ -167,7 +150,8 @@ class Engine:
             raise
         self._synced(result, time.perf_counter() - started)
         self.claims.rebuild({sid: held(d) for sid, d in self.reconciler.owned.items()})
-        self._note_clashes(decisions)
+        wanted = {sid: (d.mode.value, held(d)) for sid, d in decisions.items() if d.restricted}
+        self.conflicts.after_sync(wanted, self.reconciler.owned, self.claims, self.clock())
         for sid in self.conflicts.keys() & decisions.keys():   # what the kernel holds for them, not their wish
             decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
                                                                         "is enforced for another subscriber")
@@ -236,7 +220,7 @@ class Engine:
                 if sid not in self.conflicts:
                     log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "
                                 "retried each timer round)", sid, why, str(exc))
-                self._conflict(sid, str(exc), decision)
+                self.conflicts.note(sid, str(exc), decision.mode.value, self.clock())
                 continue
             self.conflicts.pop(sid, None)
             merged.elements += one.elements
@@ -257,29 +241,10 @@ class Engine:
             undo.append((sid, self.claims.claim(sid, held(decision))))
         return undo
 
-    def _note_clashes(self, decisions: Mapping[str, Decision]) -> None:
-        """After a full sync: a restriction the reconciler left out (its address is another's)
-        is a conflict, reported and retried like the timer's."""
-        owned = self.reconciler.owned
-        for sid, decision in decisions.items():
-            if decision.restricted and sid not in owned:
-                holders = (c.holder for n in held(decision) for c in [self.claims.conflict("", [n])] if c)
-                holder = next((h for h in holders if h != sid), "another")
-                if sid not in self.conflicts:
-                    log.warning("event=address_conflict subscriber=%s cause=sync held_by=%s (not enforced; "
-                                "retried each timer round)", sid, holder)
-                self._conflict(sid, f"an address is enforced for subscriber {holder}", decision)
-            else:
-                self.conflicts.pop(sid, None)
-
     def _record_full(self, decisions: Mapping[str, Decision], previous: Mapping[str, Decision]) -> None:
         write = self.record.full(self.store, decisions, previous, self.clock())
         self._counted()
         self.store.record_state([write])
-
-    def _conflict(self, sid: str, detail: str, wanted: Decision) -> None:
-        since = self.conflicts.get(sid, {}).get("since", self.clock())
-        self.conflicts[sid] = {"detail": detail, "since": since, "wanted": wanted.mode.value}
 
     def _synced(self, result: SyncResult, seconds: float) -> None:
         self.metrics.sync_seconds.labels(result.kind).observe(seconds)
@@ -322,17 +287,7 @@ class Engine:
         by one atomic full sync (``on_replaced`` then puts back what lives only in the kernel,
         such as notice acknowledgements). Settings bound at start-up keep their old value;
         their keys are returned as needing a restart."""
-        old = self.config
-        bound = {"state_dir": lambda c: c.state_dir, "gateway.table": lambda c: c.gateway.table,
-                 "api.socket": lambda c: c.api.socket, "api.socket_group": lambda c: c.api.socket_group,
-                 "api.listen": lambda c: c.api.listen, "metrics.listen": lambda c: c.metrics.listen,
-                 "portal.listen": lambda c: c.portal.listen}
-        restart = [key for key, get in bound.items() if get(config) != get(old)]
-        config = replace(config, state_dir=old.state_dir, gateway=replace(config.gateway, table=old.gateway.table),
-                         api=replace(config.api, socket=old.api.socket, socket_group=old.api.socket_group,
-                                     listen=old.api.listen),
-                         metrics=replace(config.metrics, listen=old.metrics.listen),
-                         portal=replace(config.portal, listen=old.portal.listen))
+        config, restart = reloadable(self.config, config)
         layout = base_layout(config)
         async with self.lock:
             self.config, self.space = config, AddressSpace.from_config(config)
@@ -354,15 +309,6 @@ class Engine:
                     await callback()
         log.info("event=layout_reloaded tag=%s", self.reconciler.layout.tag if self.reconciler.layout else "")
         return restart
-
-    async def set_garden_addresses(self, addresses: set[str]) -> None:
-        """Addresses of ``walled_garden.allow`` hostnames, as resolved now."""
-        async with self.lock:
-            try:
-                await self.kernel(self.reconciler.set_host_allow, addresses)
-            except DataplaneError as exc:
-                log.error("event=garden_hosts_not_applied error=%r", str(exc))
-                self.changed.set()
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from .dataplane.backend import DataplaneError
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("walled_garden.garden_hosts")
 
@@ -62,3 +67,14 @@ class GardenHosts:
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
             except asyncio.TimeoutError:
                 pass
+
+
+async def install(engine: Engine, addresses: set[str]) -> None:
+    """Put the addresses the hostnames resolve to now in the table (a failure is retried by
+    the repair loop; the previous addresses stay meanwhile)."""
+    async with engine.lock:
+        try:
+            await engine.kernel(engine.reconciler.set_host_allow, addresses)
+        except DataplaneError as exc:
+            log.error("event=garden_hosts_not_applied error=%r", str(exc))
+            engine.changed.set()

@@ -219,6 +219,16 @@ class PolicyInputs:
     _list_exempt: tuple[dict[str, Subscriber], list[Subscriber]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
+    def newest_instant(self) -> float:
+        """The newest receipt instant stored (``receipt_clock`` floors its stamps at it, so the
+        order of receipt survives a restart after the clock stepped back)."""
+        instants = [o.at for o in self.overrides.values()]
+        instants += [g.paid_at for g in self.graces.values()]
+        instants += [r.at for r in self.readdressed.values()]
+        instants += [e.set_at for by_category in self.exemptions.values() for e in by_category.values()]
+        instants += [p.made_at for history in self.promises.values() for p in history]
+        return max(instants, default=0.0)
+
     def known_ids(self) -> set[str]:
         return set(self.listed) | set(self.overrides) | set(self.graces)
 

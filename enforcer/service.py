@@ -13,6 +13,7 @@ source, the garden hostname resolver and the webhook secret are renewed here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import errno
@@ -32,6 +33,7 @@ from .api.webhooks import SecretError, Verifier, load_webhook_secret
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
+from . import garden_hosts
 from .garden_hosts import GardenHosts
 from .logs import setup_logging
 from .outbox import Outbox
@@ -186,7 +188,7 @@ class Service:
 
     async def _start_hosts(self, config: Config) -> None:
         if config.walled_garden.allow_hosts:
-            hosts = GardenHosts(config.walled_garden.allow_hosts, self.enforcer.engine.set_garden_addresses)
+            hosts = GardenHosts(config.walled_garden.allow_hosts, functools.partial(garden_hosts.install, self.enforcer.engine))
             self._task("hosts", lambda: hosts.run(self.stop))
         else:
             self._task("hosts", None)
@@ -224,7 +226,7 @@ class Service:
         if new.walled_garden.allow_hosts != old.walled_garden.allow_hosts:
             await self._start_hosts(new)
             if not new.walled_garden.allow_hosts:
-                await self.enforcer.engine.set_garden_addresses(set())
+                await garden_hosts.install(self.enforcer.engine, set())
         changed = [name for name in ("state_dir", "subscribers", "gateway", "walled_garden", "portal", "api",
                                      "metrics", "policy") if getattr(new, name) != getattr(old, name)]
         self.enforcer.metrics.reloads.labels("applied").inc()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 from enforcer.config import parse_config  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402
-from enforcer.engine import base_layout  # noqa: E402
+from enforcer.table_layout import base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402

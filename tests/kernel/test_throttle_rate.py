@@ -206,7 +206,7 @@ def test_throttled_subscribers_get_the_configured_rate_and_others_do_not(
     s1, s2, s3, s4 = topo.subscribers
     rules = topo.run(topo.gateway.netns, "nft", "list", "chain", "inet", lab.table, "throttle").stdout
     assert f"limit rate over {RATE_BYTES} bytes/second" in rules, \
-        ("policy.throttle_rate did not reach the kernel table: enforcer.engine.base_layout must pass "
+        ("policy.throttle_rate did not reach the kernel table: enforcer.table_layout.base_layout must pass "
          f"throttle_rate= and throttle_burst= from config.policy to Layout:\n{rules}")
     up4 = topo.upstream.addr4
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from enforcer import api
-from enforcer.api import start_tcp_site
+from enforcer.api import listeners as api
+from enforcer.api.listeners import start_tcp_site
 from enforcer.demo.billing import signed_request
 from test_webhook import _event, _headers, setup  # noqa: F401  (a fixture)
 from test_webhook_worker import bridge  # noqa: F401,F811  (a fixture: the worker over the fake kernel)
