@@ -25,9 +25,9 @@ Request flow, outermost first:
 from __future__ import annotations
 
 import ipaddress
-import re
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit

@@ -27,8 +27,18 @@ from enforcer.config import Config, PaymentLink, PortalConfig, Provider
 from enforcer.control_protocol import Lookup, PromiseOffer
 
 from . import branding
-from .messages import (DATE_FORMATS, DEFAULT_LANGUAGE, LANGUAGE_NAMES, MESSAGES, MONTH_NAMES_EN, TERM_UNITS,
-                       MessageKey, Messages, plural_form, reason_key)
+from .messages import (
+    DATE_FORMATS,
+    DEFAULT_LANGUAGE,
+    LANGUAGE_NAMES,
+    MESSAGES,
+    MONTH_NAMES_EN,
+    TERM_UNITS,
+    MessageKey,
+    Messages,
+    plural_form,
+    reason_key,
+)
 
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 #: Where the notice form posts to (on the portal host).

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-_ADDRESSED: dict[tuple["PortalUrl", str], bool] = {}
+_ADDRESSED: dict[tuple[PortalUrl, str], bool] = {}
 _ADDRESSED_MAX = 4096
 
 

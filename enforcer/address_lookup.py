@@ -9,6 +9,7 @@ restrict is free whatever the inputs say. Shared by ``queries`` (operators) and
 from __future__ import annotations
 
 import ipaddress
+
 from .control_protocol import NOT_RESTRICTED, Lookup, PromiseOffer
 from .dataplane.layout import mode_map
 from .engine import Engine

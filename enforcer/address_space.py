@@ -20,8 +20,9 @@ API for the daemon (events, operator commands)::
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Iterable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .model import Network
 
@@ -65,7 +66,7 @@ def special_use_problem(network: Network) -> str | None:
     first, last = _span(network)
     # Fast path (called for every address of a 100k-line list): clear of every range above.
     if network.version == 4:
-        if 0 < first >> 24 and last >> 24 < 224 and not first >> 24 <= 127 <= last >> 24:
+        if first >> 24 > 0 and last >> 24 < 224 and not first >> 24 <= 127 <= last >> 24:
             return None
     elif first >> 48 and last < _V6_MULTICAST:      # all IPv6 ranges but multicast lie in ::/80
         return None
@@ -86,7 +87,7 @@ class AddressSpace:
     prefixes: tuple[Network, ...] = ()
 
     @classmethod
-    def from_config(cls, config: "Config") -> "AddressSpace":
+    def from_config(cls, config: Config) -> AddressSpace:
         return cls(tuple(config.gateway.subscriber_prefixes))
 
     @property

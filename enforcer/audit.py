@@ -9,8 +9,9 @@ retention setting (``policy.audit_retention``).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from .model import Mode
 from .policy import Decision
@@ -40,6 +41,6 @@ def audit_rows(previous: Mapping[str, Decision], decisions: Mapping[str, Decisio
 
 
 def format_entry(entry: Mapping[str, Any]) -> str:
-    at = datetime.fromtimestamp(entry["at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    at = datetime.fromtimestamp(entry["at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     change = entry["new"] if entry["old"] == entry["new"] else f"{entry['old']} -> {entry['new']}"
     return f"{at}  {entry['subscriber']:<16} {change:<34} {entry['cause']}"

@@ -19,7 +19,7 @@ Operator actions are not billing's and are never stale: a person acting now is t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .events import EXEMPTION_CLOSED, EXEMPTION_OPENED, PAYMENT, READDRESSED, RELEASED, RESTRICTED, Event
 

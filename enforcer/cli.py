@@ -179,9 +179,9 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
 def cmd_render(args: argparse.Namespace) -> int:
     """Print the transaction a cold start would run with the current list; touches nothing."""
     from .dataplane.fake import FakeDataplane
-    from .table_layout import base_layout
     from .policy import PolicyInputs
     from .reconciler import Reconciler
+    from .table_layout import base_layout
 
     config = _config(args)
     listed = {}

@@ -23,8 +23,8 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
 
 from .batcher import Batcher
 from .ctnetlink import Ctnetlink
@@ -122,7 +122,7 @@ class Conntrack:
         self.observe("tool", time.perf_counter() - started)
         return sum(r for r in results if isinstance(r, int))
 
-    def _open_netlink(self) -> "Ctnetlink | None":
+    def _open_netlink(self) -> Ctnetlink | None:
         if self._netlink is None and self._use_netlink:
             try:
                 self._netlink = Ctnetlink()

@@ -36,7 +36,7 @@ import ipaddress
 import socket
 import struct
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .model import Network
 

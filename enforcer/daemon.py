@@ -40,7 +40,7 @@ class Enforcer:
         (default: ``time.monotonic`` with the real clock; a test's own clock is its own
         monotonic one unless it passes another, so advancing it is time passing, not a step)."""
         if dataplane is None:
-            from .dataplane.kernel import KernelDataplane   # needs libnftables: not for unit tests
+            from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
             dataplane = KernelDataplane(config.gateway.table)
         if monotonic is None:
             monotonic = time.monotonic if clock is time.time else clock

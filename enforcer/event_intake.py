@@ -19,8 +19,8 @@ from typing import Any
 
 from .batcher import Batcher
 from .dataplane.backend import DataplaneError
-from .engine import Engine, Undo
 from .enforced import held
+from .engine import Engine, Undo
 from .event_inputs import EventRules, apply_event
 from .events import Event
 from .metrics import Metrics

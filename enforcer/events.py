@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .subscribers import ListIssue, Subscriber, id_problem, validate_entry
@@ -83,7 +83,7 @@ def parse_timestamp(value: Any) -> float:
     if parsed.tzinfo is None:
         raise EventError(f"timestamp {shown!r} has no time zone (add Z or +01:00)")
     try:  # 0001-01-01T00:00+01:00 lies before datetime.min in UTC
-        return _in_range(shown, parsed.astimezone(timezone.utc).timestamp())
+        return _in_range(shown, parsed.astimezone(UTC).timestamp())
     except (OverflowError, ValueError):
         raise EventError(f"timestamp {shown!r} lies outside 1970-01-01..9999-12-31") from None
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import date, datetime, time as dtime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from typing import Any
 
 #: Categories and what support staff see for them.
@@ -81,7 +82,7 @@ def parse_instant(value: Any, zone: Any = None) -> float:
             raise ValueError(f"{text!r} is not a date (2026-12-31) or an RFC 3339 time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=tz)
-        return moment.astimezone(timezone.utc).timestamp()
+        return moment.astimezone(UTC).timestamp()
     except (OverflowError, OSError):   # OSError: some platforms' timestamp() for far dates
         raise ValueError(f"{text!r} is out of the range of dates this gateway can keep") from None
 

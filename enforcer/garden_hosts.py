@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .dataplane.backend import DataplaneError
 
@@ -65,7 +66,7 @@ class GardenHosts:
                 log.error("event=garden_hosts_failed error=%r", str(exc))
             try:
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -21,9 +21,9 @@ No I/O and no clock here: callers pass ``now``, so every rule is testable with a
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import Iterable, Mapping
+from datetime import UTC, datetime
 
 from .exemptions import Exemption
 from .guard import guard_reason as guard_reason  # re-exported until its callers import enforcer.guard
@@ -107,7 +107,7 @@ class Decision:
 
 
 def when(at: float) -> str:
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def decide(subscriber_id: str, listed: Subscriber | None, override: Override | None,
@@ -263,7 +263,7 @@ class PolicyInputs:
                 times.append(opens)
         return min(times) if times else None
 
-    def snapshot(self, subscriber_id: str) -> "Snapshot":
+    def snapshot(self, subscriber_id: str) -> Snapshot:
         """One subscriber's overrides, grace, addresses, exemptions and promises, copied."""
         exemptions = self.exemptions.get(subscriber_id)
         promises = self.promises.get(subscriber_id)
@@ -271,7 +271,7 @@ class PolicyInputs:
                         self.readdressed.get(subscriber_id), dict(exemptions) if exemptions is not None else None,
                         list(promises) if promises is not None else None)
 
-    def restore(self, snapshot: "Snapshot") -> None:
+    def restore(self, snapshot: Snapshot) -> None:
         """Put back what ``snapshot`` copied (a change that could not be applied)."""
         sid = snapshot.subscriber_id
         for table, value in ((self.overrides, snapshot.override), (self.graces, snapshot.grace),

@@ -20,7 +20,7 @@ in the future stays in the future (freedom lasts longer, never shorter).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 #: Receipt instants are at least this far apart, so no two inputs ever share one.
 TICK = 1e-6

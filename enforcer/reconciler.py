@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from .dataplane.backend import Dataplane, DataplaneError
-from .dataplane.layout import HOST_ALLOW, MODE_PREFIX, MODE_VERDICTS, SENTINELS, Layout, ack_set, mode_map, \
-    redirect_set, throttle_set, with_mode_view
+from .dataplane.layout import (
+    HOST_ALLOW,
+    MODE_PREFIX,
+    MODE_VERDICTS,
+    SENTINELS,
+    Layout,
+    ack_set,
+    mode_map,
+    redirect_set,
+    throttle_set,
+    with_mode_view,
+)
 from .dataplane.state import TableState
 from .dataplane.transaction import ReplaceTable, Transaction
 from .model import Mode, Network

@@ -13,11 +13,11 @@ source, the garden hostname resolver and the webhook secret are renewed here.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import ipaddress
 import logging
 import signal
-import errno
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import systemd_notify
+from . import garden_hosts, systemd_notify
 from .api.control import control_app
 from .api.listeners import start_tcp_site, start_unix_site
 from .api.scrape import metrics_app
@@ -33,13 +33,12 @@ from .api.webhooks import SecretError, Verifier, load_webhook_secret
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
-from . import garden_hosts
 from .garden_hosts import GardenHosts
 from .logs import setup_logging
 from .outbox import Outbox
-from .webhook_worker import WorkerBridge
 from .sources import FileSource, UrlSource
 from .supervisor import Supervisor
+from .webhook_worker import WorkerBridge
 
 __all__ = ["run", "sd_notify", "serve", "setup_logging"]
 

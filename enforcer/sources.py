@@ -16,9 +16,9 @@ import os
 import random
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .address_space import AddressSpace
@@ -146,7 +146,7 @@ class FileSource:
             previous = current
             try:
                 await asyncio.wait_for(stop.wait(), POLL_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def check(self, fingerprint: str | None = None) -> None:
@@ -209,7 +209,7 @@ class UrlSource:
                 self.failures = 0 if ok else self.failures + 1
                 try:
                     await asyncio.wait_for(stop.wait(), self.next_delay())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     def _ssl(self) -> ssl.SSLContext | None:
@@ -231,7 +231,7 @@ class UrlSource:
                 headers["Authorization"] = f"Bearer {handle.readline().strip()}"
         return headers
 
-    async def poll(self, session: "aiohttp.ClientSession") -> bool:  # noqa: F821
+    async def poll(self, session: aiohttp.ClientSession) -> bool:  # noqa: F821
         """Fetch once; True when the source answered with a good list or 'not modified'."""
         import aiohttp
 
@@ -256,7 +256,7 @@ class UrlSource:
                 content_type = response.headers.get("Content-Type", "")
                 etag = response.headers.get("ETag")
                 modified = _usable_last_modified(response.headers.get("Last-Modified"), response.headers.get("Date"))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return await self._fail("timeout", f"{self.origin}: no complete answer within {self.config.timeout:g} s")
         except aiohttp.ClientPayloadError as exc:
             return await self._fail("truncated", f"{self.origin}: body cut short ({exc})")

@@ -15,10 +15,11 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import PurePath
-from typing import Any, Iterable
+from typing import Any
 
 from . import yamlsource
 from .address_space import AddressSpace, find_overlaps, special_use_problem
@@ -68,7 +69,7 @@ class Subscriber:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Subscriber":
+    def from_json(cls, data: dict[str, Any]) -> Subscriber:
         return cls(data["id"], tuple(_network(a) for a in data["addresses"]),
                    Mode(data["mode"]), data.get("reason", ""), data.get("exempt_until"),
                    data.get("exempt_category", ""))

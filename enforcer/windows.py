@@ -9,10 +9,11 @@ open now?" and "when does it open next?"). Pure: callers pass the time.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
-from typing import Iterable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .issues import Issue, IssuesError
@@ -39,7 +40,7 @@ class Windows:
     configured: bool = False
 
     @classmethod
-    def always(cls) -> "Windows":
+    def always(cls) -> Windows:
         return cls()
 
     @property
@@ -68,7 +69,7 @@ class Windows:
             for start, _ in sorted(self.hours):
                 opening = datetime.combine(day, dtime(start // 60, start % 60), tz)
                 # a start skipped by a DST jump resolves to the next valid wall time
-                instant = opening.astimezone(timezone.utc).timestamp()
+                instant = opening.astimezone(UTC).timestamp()
                 if instant > now and self.is_open(instant):
                     return instant
         return None

@@ -28,27 +28,27 @@ import json
 import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from daemon_helpers import exempt, handle_event, operator_change, submit_event, unexempt
 from enforcer.config import Config, parse_config
 from enforcer.daemon import Enforcer
-from enforcer.engine import policy_rules
 from enforcer.dataplane.backend import DataplaneError
-from enforcer.dataplane.layout import MODE_PREFIX, MODE_VERDICTS, SENTINELS, mode_map
+from enforcer.dataplane.layout import MODE_PREFIX, MODE_VERDICTS, SENTINELS, mode_map, with_mode_view
 from enforcer.dataplane.state import TableState
+from enforcer.engine import policy_rules
 from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
 from enforcer.policy import Decision
 from enforcer.receipt_clock import STEP_THRESHOLD
-from enforcer.dataplane.layout import with_mode_view
 from enforcer.sources import ListUpdate, SourceFailure
 from enforcer.store import Store
 from enforcer.subscribers import ListError, Mode, parse_list
-from daemon_helpers import exempt, handle_event, operator_change, submit_event, unexempt
 
 #: Billing's clock runs up to this far from true time (the signature tolerance).
 SKEW = 300.0

@@ -32,21 +32,21 @@ async def handle_event(e: Any, event: Any, received: float = 0.0) -> tuple[int, 
     return http(await e.events.handle(event, received))
 
 
-def submit_event(e: Any, event: Any, received: float = 0.0) -> "asyncio.Future[tuple[int, dict[str, Any]]]":
+def submit_event(e: Any, event: Any, received: float = 0.0) -> asyncio.Future[tuple[int, dict[str, Any]]]:
     """The event's answer as (status, body); the same future for a retry of an id in flight."""
     return _mapped(e.events.submit(event, received))
 
 
-_MAPPED: "dict[int, tuple[Any, asyncio.Future[Any]]]" = {}
+_MAPPED: dict[int, tuple[Any, asyncio.Future[Any]]] = {}
 
 
-def _mapped(future: "asyncio.Future[Any]") -> "asyncio.Future[tuple[int, dict[str, Any]]]":
+def _mapped(future: asyncio.Future[Any]) -> asyncio.Future[tuple[int, dict[str, Any]]]:
     held = _MAPPED.get(id(future))
     if held is not None and held[0] is future:
         return held[1]
     mapped: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
 
-    def done(f: "asyncio.Future[Any]") -> None:
+    def done(f: asyncio.Future[Any]) -> None:
         if mapped.done():
             return
         if f.cancelled():

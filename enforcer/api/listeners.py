@@ -100,7 +100,7 @@ def max_connections() -> int:
 class GuardedConnection(asyncio.Protocol):
     """One TCP connection: aiohttp's protocol inside, this connection's deadline outside."""
 
-    def __init__(self, guard: "ConnectionGuard", inner: asyncio.Protocol) -> None:
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self.guard, self.inner = guard, inner
         self.transport: asyncio.Transport | None = None
         self.handling = False        # a complete request is being answered: never shed

@@ -6,7 +6,8 @@ Complete on purpose: callers use these methods directly (never ``getattr``), and
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from .state import TableState
 from .transaction import Transaction
@@ -40,7 +41,7 @@ class Dataplane(Protocol):
     def counters(self) -> dict[str, tuple[int, int]]:
         """(packets, bytes) of our named counters; no set contents are listed."""
 
-    def reader(self) -> "Dataplane":
+    def reader(self) -> Dataplane:
         """The same table for reads from another thread (its own kernel session): checks,
         counters and caller lookups never wait behind, nor stall, the writes."""
 

@@ -10,7 +10,7 @@ behaviour. ``flush_set`` and ``drop_element`` play another tool changing the tab
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from .backend import DataplaneError
 from .layout import COUNTERS, with_mode_view
@@ -87,7 +87,7 @@ class FakeDataplane:
         """The layout's named counters, zero unless a test set ``counter_values``; none without a table."""
         return {name: self.counter_values.get(name, (0, 0)) for name in COUNTERS} if self.state else {}
 
-    def reader(self) -> "FakeDataplane":
+    def reader(self) -> FakeDataplane:
         """Reads off the kernel thread see the same (in-memory) table."""
         return self
 

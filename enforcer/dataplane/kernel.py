@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .backend import DataplaneError
 from .layout import CALLER_SET, SENTINELS, TAG_SET, sentinel_family, tag_address
@@ -25,7 +26,7 @@ class KernelDataplane:
         self._nft = nft or Nftables()
         self._reader: KernelDataplane | None = None
 
-    def reader(self) -> "KernelDataplane":
+    def reader(self) -> KernelDataplane:
         """The same table through a libnftables context of its own, for reads made off the
         kernel thread (checks, counters, caller lookups). With nft 1.0.6 the first read after
         any write reloads every set's elements (~0.7 s at 100k subscribers, measured): on the

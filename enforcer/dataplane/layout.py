@@ -183,7 +183,7 @@ class Layout:
             ports.append(self.portal_tls_port)
         return tuple(ports)
 
-    def with_prefixes(self, used: set[tuple[int, int]]) -> "Layout":
+    def with_prefixes(self, used: set[tuple[int, int]]) -> Layout:
         wanted = STANDARD_PREFIXES | frozenset(used)
         if wanted == self.prefixes:
             return self

@@ -15,6 +15,6 @@ class TableState:
     elements: dict[str, dict[str, str | None]] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
 
-    def copy(self) -> "TableState":
+    def copy(self) -> TableState:
         return TableState(self.layout_tag, {name: dict(items) for name, items in self.elements.items()},
                           set(self.sealed))

@@ -7,8 +7,8 @@ is exactly what the kernel would be asked to do.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .layout import Layout
 

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook
@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 def signed_request(url: str, secret: str, body: dict[str, Any], event_id: str | None = None,
                    timestamp: float | None = None) -> urllib.request.Request:
     event_id = event_id or "msg_" + secrets.token_hex(12)
-    sent = datetime.fromtimestamp(timestamp if timestamp is not None else time.time(), tz=timezone.utc)
+    sent = datetime.fromtimestamp(timestamp if timestamp is not None else time.time(), tz=UTC)
     data = json.dumps(body)
     signature = Webhook(secret).sign(event_id, sent, data)
     headers = {"Content-Type": "application/json", "webhook-id": event_id,
@@ -48,7 +48,7 @@ def send(url: str, secret: str, body: dict[str, Any], event_id: str | None = Non
 
 
 def event_body(kind: str, subscriber: str, **data: Any) -> dict[str, Any]:
-    now = datetime.now(tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"type": kind, "timestamp": now, "data": {"subscriber": subscriber, **data}}
 
 

@@ -14,8 +14,9 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -117,7 +118,7 @@ class Lab:
         self.daemon = None
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator["Lab"]:
+    def serving(self) -> Iterator[Lab]:
         """Daemon and portal running for the block; stopped after it, their logs printed (a
         failing test shows what they said)."""
         try:

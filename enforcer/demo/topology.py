@@ -33,9 +33,10 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["Host", "Topology"]
 
@@ -232,7 +233,7 @@ class Topology:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         with self._lock:
             if self._entered:
                 raise RuntimeError("Topology can only be entered once")

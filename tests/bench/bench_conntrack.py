@@ -33,8 +33,9 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE.parent))
 
-from enforcer.ctnetlink import Ctnetlink  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
+
+from enforcer.ctnetlink import Ctnetlink  # noqa: E402
 
 SUBSCRIBER4, SUBSCRIBER6 = "100.127.255.7", "2001:db8:ffff:ff00::7"
 

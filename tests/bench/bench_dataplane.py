@@ -27,16 +27,17 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE.parent))
 
-from enforcer.config import parse_config  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
+
+from enforcer.config import parse_config  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402
-from enforcer.table_layout import base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402
 from enforcer.reconciler import Reconciler  # noqa: E402
 from enforcer.sources import ListUpdate  # noqa: E402
 from enforcer.subscribers import Subscriber, parse_list  # noqa: E402
+from enforcer.table_layout import base_layout  # noqa: E402
 
 TABLE = "wg_bench"
 
@@ -114,6 +115,7 @@ def cold_load(sizes: list[int], repeat: int, config_text: str) -> None:
 
 async def event_latency(n: int, events: int, config_text: str, workdir: str) -> None:
     from aiohttp import ClientSession
+
     from enforcer.api.listeners import start_tcp_site
     from enforcer.api.webhooks import load_webhook_secret, webhook_app
     from enforcer.demo.billing import event_body, signed_request

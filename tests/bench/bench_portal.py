@@ -117,7 +117,7 @@ class Processes:
         # for every thread it makes); this process runs no threads, which makes it safe here.
         with open(log, "ab") as out:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       preexec_fn=pin,  # noqa: PLW1509
+                                       preexec_fn=pin,
                                        start_new_session=True, **kw)  # type: ignore[call-overload]
         self.running.append(process)
         return process

@@ -25,12 +25,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench_dataplane import TABLE, nft_delete_table, subscribers  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
+
 from enforcer.config import parse_config  # noqa: E402
-from enforcer.table_layout import base_layout  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402
 from enforcer.reconciler import Reconciler, probe  # noqa: E402
+from enforcer.table_layout import base_layout  # noqa: E402
 
 CONFIG = f"state_dir: /tmp/wg-bench-check\nsubscribers: {{source: /dev/null}}\ngateway: {{table: {TABLE}}}\n"
 

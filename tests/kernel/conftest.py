@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from kernel_helpers import SUB1
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1
 
 
 def _missing() -> list[str]:

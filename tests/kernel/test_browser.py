@@ -45,10 +45,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
-from required import tool
 from aiohttp import web
 
 from enforcer.config import parse_config
+from required import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = ROOT / "test-output" / "browser"

@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+from chaos_model import ChaosMachine, machine_settings
 from enforcer.dataplane.backend import DataplaneError
 from enforcer.dataplane.kernel import KernelDataplane
 from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import Transaction
-
-from chaos_model import ChaosMachine, machine_settings
 
 ENV = "WG_CHAOS_NETNS"
 TABLE = "walled_garden"   # the config's default; alone in its namespace

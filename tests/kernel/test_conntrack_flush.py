@@ -163,8 +163,8 @@ def _entries(topo, source4: str, source6: str, ports: set[int] | None = None) ->
 
 @pytest.fixture(scope="module")
 def marked_topo():
-    from enforcer.demo.topology import Topology
     from enforcer.dataplane.layout import PORTAL_CT_MARK
+    from enforcer.demo.topology import Topology
     with Topology(subscribers=1) as topo:
         topo.serve_http(topo.upstream, "UPSTREAM OK", ports=(80, 8000))
         table = f"ctmark_{topo.tag}"

@@ -8,10 +8,10 @@ import sys
 import textwrap
 import time
 
+from kernel_helpers import SUB1, python_in, tcp_connect
+
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-
-from kernel_helpers import SUB1, python_in, tcp_connect
 
 UPSTREAM = "http://198.51.100.10/"
 UPSTREAM6 = "http://[2001:db8:198::10]/"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from kernel_helpers import SUB1, tcp_connect
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1, tcp_connect
 
 
 @pytest.fixture

@@ -9,16 +9,15 @@ plain service on 9100 and a TCP listener on 53 stand for the gateway's other ser
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from kernel_helpers import tcp_connect
 
 from enforcer.dataplane.layout import CALLER_SET, PORTAL_CT_MARK
 from enforcer.demo.lab import API_PORT, PORTAL_PORT, Lab
 from enforcer.demo.topology import Topology
-
-from kernel_helpers import tcp_connect
 
 TLS_PORT = 8443
 OTHER_PORT = 9100

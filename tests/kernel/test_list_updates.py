@@ -8,10 +8,10 @@ import textwrap
 from pathlib import Path
 
 import yaml
+from kernel_helpers import SUB1
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1
 
 # Serves files from a folder on a literal address (no name lookups at bind, unlike http.server).
 FILE_SERVER = textwrap.dedent("""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from kernel_helpers import python_in
+
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import python_in
 
 PROBE = """
     import json, logging

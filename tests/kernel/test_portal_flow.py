@@ -6,10 +6,10 @@ import re
 import time
 
 import pytest
+from kernel_helpers import SUB1
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1
 
 PROBES = [
     ("connectivitycheck.gstatic.com", "/generate_204"),          # Android

@@ -32,11 +32,11 @@ from urllib.parse import urljoin
 
 import pytest
 import yaml
-from required import tool
+from kernel_helpers import SUB1
 
 from enforcer.demo.lab import PORTAL_PORT, Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1
+from required import tool
 
 PORTAL_HOST = "portal.isp.example"
 PORTAL_URL = f"http://{PORTAL_HOST}/"

@@ -9,7 +9,6 @@ in the upstream namespace that writes what it receives to a file.
 from __future__ import annotations
 
 import base64
-
 import json
 import re
 import subprocess
@@ -21,12 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
+from kernel_helpers import SUB1, tcp_connect
 from standardwebhooks.webhooks import Webhook
 
 from enforcer.control import request
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
-from kernel_helpers import SUB1, tcp_connect
 
 RECEIVER_PORT = 8099
 TERM_DAYS = 3

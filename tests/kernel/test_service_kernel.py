@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from required import tool
 import yaml
 from kernel_helpers import SUB1, tcp_connect
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
+from required import tool
 
 UPSTREAM = "http://198.51.100.10/"
 

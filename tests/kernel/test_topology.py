@@ -15,7 +15,7 @@ if os.geteuid() != 0:
         raise RuntimeError("kernel tests need root (CI is set, refusing to skip)")
     pytest.skip("kernel tests need root", allow_module_level=True)
 
-from enforcer.demo.topology import Host, Topology  # noqa: E402
+from enforcer.demo.topology import Host, Topology
 
 
 def _netns_names() -> set[str]:
@@ -103,9 +103,8 @@ def test_gateway_is_isolated() -> None:
 
 def test_failure_during_use_still_cleans_up() -> None:
     topo = Topology(subscribers=1)
-    with pytest.raises(RuntimeError, match="boom"):
-        with topo:
-            proc = topo.popen(topo.upstream.netns, "sleep", "30")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), topo:
+        proc = topo.popen(topo.upstream.netns, "sleep", "30")
+        raise RuntimeError("boom")
     assert proc.poll() is not None
     assert not any(n.startswith(topo.tag) for n in _netns_names())

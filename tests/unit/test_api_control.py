@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from daemon_helpers import NoConntrack
 from enforcer.api.control import control_app
 from enforcer.api.listeners import start_unix_site
 from enforcer.config import parse_config
@@ -16,7 +17,6 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
-from daemon_helpers import NoConntrack
 
 LIST = """subscribers:
   - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56'], reason: overdue}

@@ -13,6 +13,7 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon_helpers import NoConntrack
 from enforcer.api.control import control_app
 from enforcer.api.listeners import start_unix_site
 from enforcer.config import parse_config
@@ -20,7 +21,6 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
-from daemon_helpers import NoConntrack
 
 LIST = """subscribers:
   - {id: C-1, addresses: [100.64.0.10, '2001:db8:10:100::/56'], reason: overdue}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enforcer.claims import ClaimsIndex
 

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
+from daemon_helpers import NoConntrack, handle_event, operator_change, submit_event
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
@@ -14,8 +15,6 @@ from enforcer.events import RESTRICTED, Event
 from enforcer.policy import weight
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-
-from daemon_helpers import NoConntrack, handle_event, operator_change, submit_event
 
 NOW = 1_795_000_000.0
 
@@ -54,7 +53,7 @@ async def test_a_broad_ipv6_prefix_event_is_refused(tmp_path: Path) -> None:
 
 async def test_an_address_inside_anothers_prefix_is_refused(tmp_path: Path) -> None:
     async with enforcer(tmp_path) as (e, _):
-        status, answer = await handle_event(e, 
+        status, answer = await handle_event(e,
             Event("r9", RESTRICTED, NOW, "C-9", sub("C-9", "2001:db8:10:100::5")), 0.0)
         assert status == 409 and "lies within 2001:db8:10:100::/56" in answer["error"]
 

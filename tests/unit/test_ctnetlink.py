@@ -62,7 +62,7 @@ def control(kind: int, seq: int, error: int = 0) -> bytes:
 class ScriptedSocket:
     """Answers each request with what ``reply(message)`` returns; remembers what was sent."""
 
-    def __init__(self, reply: "callable") -> None:
+    def __init__(self, reply: callable) -> None:
         self.reply, self.sent, self.queue = reply, [], []
 
     def send(self, data: bytes) -> int:
@@ -82,7 +82,7 @@ class ScriptedSocket:
         return self.queue.pop(0)
 
 
-def netlink(reply: "callable") -> cn.Ctnetlink:
+def netlink(reply: callable) -> cn.Ctnetlink:
     handle = cn.Ctnetlink.__new__(cn.Ctnetlink)
     handle.sock, handle._seq, handle.last_pass = ScriptedSocket(reply), 100, ""
     handle.costs = {"all": cn.GUESS, "ipv4": cn.GUESS, "ipv6": cn.GUESS, "filtered": cn.GUESS}

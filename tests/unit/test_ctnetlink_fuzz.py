@@ -15,13 +15,13 @@ import ipaddress
 import signal
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_ctnetlink import MARKED, PORTAL, ScriptedSocket, control, entry, netlink
 
 from enforcer import ctnetlink as cn
-from test_ctnetlink import MARKED, PORTAL, ScriptedSocket, control, entry, netlink
 
 
 class QuietSocket(ScriptedSocket):

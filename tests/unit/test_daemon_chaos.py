@@ -13,10 +13,9 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
 
+from chaos_model import ChaosMachine, machine_settings
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.state import TableState
-
-from chaos_model import ChaosMachine, machine_settings
 
 
 class FakeBackend:

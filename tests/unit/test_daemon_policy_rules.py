@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from daemon_helpers import NoConntrack, cli, exempt, handle_event, operator_change, promise
 from enforcer.api.control import control_app
 from enforcer.api.listeners import start_tcp_site, start_unix_site
 from enforcer.config import parse_config
@@ -23,10 +24,9 @@ from enforcer.events import parse_event
 from enforcer.service import outbox_for
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from daemon_helpers import NoConntrack, cli, exempt, handle_event, operator_change, promise
 
 DAY = 86400.0
-MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
+MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC).timestamp()
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OUTBOX_SECRET = "whsec_" + "b3V0Ym94LXNlY3JldC1mb3ItdGVzdHMtMTIzNDU2"
 

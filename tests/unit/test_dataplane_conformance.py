@@ -15,7 +15,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import pytest
 

@@ -13,14 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from daemon_helpers import NoConntrack, handle_event
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, RESTRICTED, Event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-
-from daemon_helpers import NoConntrack, handle_event
 
 NOW = 1_795_000_000.0
 

@@ -10,19 +10,19 @@ full sync after a step back does not re-restrict a subscriber who has just paid.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
+from daemon_helpers import NoConntrack, handle_event, submit_event
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-
-from daemon_helpers import NoConntrack, handle_event, submit_event
 
 NOW = 1_795_000_000.0   # 2026-11-18
 GRACE = 3600.0

@@ -16,9 +16,9 @@ from enforcer.dataplane.layout import (
     STANDARD_PREFIXES,
     Layout,
     elements_for,
-    tag_address,
     mode_map,
     redirect_set,
+    tag_address,
 )
 from enforcer.model import Mode
 
@@ -62,7 +62,7 @@ def test_one_portal_notice_and_throttle_set_per_prefix_length_and_no_verdict_map
 
 
 def test_standard_prefixes():
-    assert STANDARD_PREFIXES == {(4, 32), (6, 128), (6, 64), (6, 56)}
+    assert {(4, 32), (6, 128), (6, 64), (6, 56)} == STANDARD_PREFIXES
     assert layout().prefixes == STANDARD_PREFIXES
 
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from daemon_helpers import operator_change
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.transaction import ReplaceTable
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from daemon_helpers import operator_change
 
 
 class CountingConntrack:

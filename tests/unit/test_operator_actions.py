@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from daemon_helpers import NoConntrack, cli
 from enforcer.api.control import control_app
 from enforcer.api.listeners import start_unix_site
 from enforcer.config import parse_config
@@ -16,7 +17,6 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
-from daemon_helpers import NoConntrack, cli
 
 
 def _subs(n: int, start: int = 1) -> list[Subscriber]:

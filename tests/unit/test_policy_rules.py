@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +18,7 @@ from enforcer.windows import Windows
 
 DAY = 86400.0
 # Monday 2026-11-23 10:00 UTC; windows below are Mon-Fri 08:00-17:00 UTC
-MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp()
+MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC).timestamp()
 OFFICE = Windows(zone="UTC", days=frozenset(range(5)), hours=((8 * 60, 17 * 60),), configured=True)
 
 
@@ -42,7 +42,7 @@ def test_window_open_and_next_open() -> None:
 
 
 def test_holidays_skip_days() -> None:
-    holiday = datetime(2026, 11, 24, tzinfo=timezone.utc).date()  # Tuesday
+    holiday = datetime(2026, 11, 24, tzinfo=UTC).date()  # Tuesday
     windows = Windows("UTC", OFFICE.days, OFFICE.hours, frozenset({holiday}), True)
     assert not windows.is_open(at(1, 10))
     assert windows.next_open(at(0, 18)) == at(2, 8)
@@ -51,11 +51,11 @@ def test_holidays_skip_days() -> None:
 def test_window_time_zone_and_dst() -> None:
     prague = Windows("Europe/Prague", frozenset(range(7)), ((8 * 60, 9 * 60),), configured=True)
     # 2026-03-29: CET → CEST; 08:00 local is 06:00 UTC that day, 07:00 UTC the day before
-    before = datetime(2026, 3, 28, 7, 30, tzinfo=timezone.utc).timestamp()
-    after = datetime(2026, 3, 29, 6, 30, tzinfo=timezone.utc).timestamp()
+    before = datetime(2026, 3, 28, 7, 30, tzinfo=UTC).timestamp()
+    after = datetime(2026, 3, 29, 6, 30, tzinfo=UTC).timestamp()
     assert prague.is_open(before) and prague.is_open(after)
-    assert prague.next_open(datetime(2026, 3, 28, 12, tzinfo=timezone.utc).timestamp()) == \
-        datetime(2026, 3, 29, 6, tzinfo=timezone.utc).timestamp()
+    assert prague.next_open(datetime(2026, 3, 28, 12, tzinfo=UTC).timestamp()) == \
+        datetime(2026, 3, 29, 6, tzinfo=UTC).timestamp()
 
 
 def test_new_restriction_waits_for_the_window_then_applies() -> None:

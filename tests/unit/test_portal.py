@@ -21,17 +21,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from portal_helpers import unix_enforcer
 
 from captive_portal.app import CAPTIVE_JSON, REGISTRY_KEY, caller_address, create_app
 from captive_portal.branding import text_placeholders
 from captive_portal.enforcer_client import Ack, EnforcerClient, EnforcerUnavailable, Lookup
 from captive_portal.language import choose_language, page_language, parse_accept_language
-from captive_portal.messages import (EN, LANGUAGE_NAMES, MESSAGES, PLACEHOLDERS, MessageKey, Messages,
-                                     reason_key)
+from captive_portal.messages import EN, LANGUAGE_NAMES, MESSAGES, PLACEHOLDERS, MessageKey, Messages, reason_key
 from captive_portal.page import render_page
 from captive_portal.portal_url import PortalUrl, parse_host_header
 from enforcer.config import LANGUAGES, Config, PaymentLink, Provider, parse_config
-from portal_helpers import unix_enforcer
 
 PORTAL_HOST = "portal.isp.example"
 PORTAL_URL = "http://portal.isp.example/"

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon_helpers import NoConntrack, acknowledge, portal_lookup, promise
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.model import Mode
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
-
-from daemon_helpers import NoConntrack, acknowledge, portal_lookup, promise
 
 NOW = 1_795_000_000.0
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from test_daemon_policy_rules import MONDAY_10, Clock, kernel_mode, make_config, running, sub
+
+from daemon_helpers import promise
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from test_daemon_policy_rules import MONDAY_10, Clock, kernel_mode, make_config, running, sub
-from daemon_helpers import promise
 
 RULES = ("policy:\n  promise_to_pay: {term: 3d, max: 1, period: 90d, reasons: [overdue], "
          "webhook_url: 'http://127.0.0.1:9/hook', webhook_secret_file: '@OUTBOX_SECRET@'}\n")

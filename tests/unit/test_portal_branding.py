@@ -13,14 +13,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_portal import NOTICE, OVERDUE, config, on_portal, portal, with_portal
 
-from captive_portal.branding import (DARK, MAX_PAGE_BYTES, TEMPLATE_PLACEHOLDERS, builtin_template,
-                                     contrast_ratio, logo_mime, on_color)
+from captive_portal.branding import (
+    DARK,
+    MAX_PAGE_BYTES,
+    TEMPLATE_PLACEHOLDERS,
+    builtin_template,
+    contrast_ratio,
+    logo_mime,
+    on_color,
+)
 from captive_portal.config_check import validate
 from captive_portal.messages import EN, MESSAGES
 from captive_portal.page import Caller, Pages, largest_page
 from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config, PaymentLink, parse_config
-from test_portal import NOTICE, OVERDUE, config, on_portal, portal, with_portal
 
 __all__ = ["config"]  # the fixture, shared with test_portal
 

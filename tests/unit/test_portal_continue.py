@@ -10,6 +10,19 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from test_portal import (
+    NOTICE,
+    OS_PROBES,
+    OVERDUE,
+    PORTAL_HOST,
+    PORTAL_URL,
+    FakeEnforcer,
+    config,
+    on_portal,
+    portal,
+    requests_total,
+    with_portal,
+)
 
 from captive_portal.app import CSRF_KEY, URLS_KEY
 from captive_portal.csrf import CsrfTokens
@@ -18,8 +31,6 @@ from captive_portal.messages import EN, MESSAGES
 from captive_portal.original_urls import MAX_URL, OriginalUrls, page_url
 from captive_portal.ratelimit import RateLimiter, bucket_key
 from enforcer.config import Config
-from test_portal import (NOTICE, OS_PROBES, OVERDUE, PORTAL_HOST, PORTAL_URL, FakeEnforcer, config, on_portal,
-                         portal, requests_total, with_portal)
 
 __all__ = ["config"]  # the fixture, shared with test_portal
 

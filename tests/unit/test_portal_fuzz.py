@@ -23,12 +23,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_portal import CONFIG_YAML, FREE, NOTICE, OVERDUE, PORTAL_HOST, PORTAL_URL
 from yarl import URL
 
 from captive_portal.app import CAPTIVE_JSON, CSRF_KEY, create_app
 from captive_portal.enforcer_client import Ack, EnforcerUnavailable, Lookup, NotRecentCaller, Promised, PromiseOffer
 from enforcer.config import parse_config
-from test_portal import CONFIG_YAML, FREE, NOTICE, OVERDUE, PORTAL_HOST, PORTAL_URL
 
 EXAMPLES = 300
 #: Elements without an end tag.

@@ -18,16 +18,32 @@ from zoneinfo import ZoneInfo
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from portal_helpers import unix_enforcer
+from test_portal import (
+    CONFIG_YAML,
+    FREE,
+    NOTICE,
+    OVERDUE,
+    FakeEnforcer,
+    config,
+    on_portal,
+    portal,
+    requests_total,
+    with_portal,
+)
 
 from captive_portal.app import CSRF_KEY
-from captive_portal.enforcer_client import (NOT_OFFERED, EnforcerClient, EnforcerUnavailable, Lookup, PromiseOffer,
-                                            Promised)
+from captive_portal.enforcer_client import (
+    NOT_OFFERED,
+    EnforcerClient,
+    EnforcerUnavailable,
+    Lookup,
+    Promised,
+    PromiseOffer,
+)
 from captive_portal.messages import EN, MESSAGES
 from captive_portal.page import Caller, Pages, term_text
 from enforcer.config import LANGUAGES, Config, parse_config
-from test_portal import (CONFIG_YAML, FREE, NOTICE, OVERDUE, FakeEnforcer, config, on_portal, portal, requests_total,
-                         with_portal)
-from portal_helpers import unix_enforcer
 
 __all__ = ["config"]  # the fixture, shared with test_portal
 

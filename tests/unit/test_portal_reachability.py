@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_portal import CONFIG_YAML
 
 from captive_portal import reachability
 from captive_portal.config_check import validate
 from enforcer.config import Config, Listen, PortalTls, parse_config
-from test_portal import CONFIG_YAML
 
 TLS = PortalTls(Listen("0.0.0.0", 8443), "/etc/walled-garden/portal.crt", "/etc/walled-garden/portal.key")
 GATEWAY = ipaddress.ip_address("192.0.2.1")

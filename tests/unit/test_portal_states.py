@@ -21,14 +21,21 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-
-from captive_portal.app import CAPTIVE_JSON, CSRF_KEY, URLS_KEY, create_app
-from captive_portal.enforcer_client import (Ack, EnforcerClient, EnforcerUnavailable, Lookup, NotRecentCaller,
-                                            Promised, PromiseOffer)
-from captive_portal.messages import EN, MESSAGES
-from enforcer.config import Config
 from portal_helpers import TEST_PEER, unix_enforcer, with_test_peer
 from test_portal import FREE, NOTICE, OVERDUE, PORTAL_URL, config, on_portal, with_portal
+
+from captive_portal.app import CAPTIVE_JSON, CSRF_KEY, URLS_KEY, create_app
+from captive_portal.enforcer_client import (
+    Ack,
+    EnforcerClient,
+    EnforcerUnavailable,
+    Lookup,
+    NotRecentCaller,
+    Promised,
+    PromiseOffer,
+)
+from captive_portal.messages import EN, MESSAGES
+from enforcer.config import Config
 
 __all__ = ["config"]  # the fixture, shared with test_portal
 

@@ -13,12 +13,11 @@ import pytest
 
 from enforcer.dataplane.backend import DataplaneError
 from enforcer.dataplane.fake import FakeDataplane
-from enforcer.dataplane.layout import Layout, elements_for
+from enforcer.dataplane.layout import Layout, elements_for, with_mode_view
 from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from enforcer.model import Mode
 from enforcer.policy import Decision
-from enforcer.dataplane.layout import with_mode_view
 from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
 from enforcer.subscribers import Subscriber
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from required import tool
 import yaml
 from prometheus_client import generate_latest
 
 from captive_portal.metrics import PortalMetrics
+from daemon_helpers import NoConntrack, acknowledge
 from enforcer import metrics as metrics_module
 from enforcer.api.control import control_app
 from enforcer.api.listeners import start_unix_site
@@ -33,7 +33,7 @@ from enforcer.dataplane.transaction import ReplaceTable
 from enforcer.service import Service
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
-from daemon_helpers import NoConntrack, acknowledge
+from required import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()

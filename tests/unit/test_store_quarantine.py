@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
+from daemon_helpers import NoConntrack
 from enforcer import store as store_module
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
@@ -27,8 +29,6 @@ from enforcer.policy import Grace, Override
 from enforcer.sources import ListUpdate
 from enforcer.store import Store, StoreError
 from enforcer.subscribers import Subscriber, parse_address
-
-from daemon_helpers import NoConntrack
 
 NOW = 1_795_000_000.0
 

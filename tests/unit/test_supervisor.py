@@ -13,21 +13,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
+from daemon_helpers import NoConntrack
 from enforcer import service as service_module
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.service import Service, address_present
 from enforcer.supervisor import Supervisor
-
-from daemon_helpers import NoConntrack
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 

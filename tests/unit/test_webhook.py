@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import EventError, parse_event
+from enforcer.outcome import Outcome, Refusal, Refused
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
-from enforcer.outcome import Outcome, Refusal, Refused
 
 #: A daemon result per HTTP status billing must then see, with the same body.
 RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
@@ -56,14 +56,14 @@ def _event(kind: str, sid: str, ts: str = "2026-11-23T10:00:00Z", **data: Any) -
 
 
 def _headers(body: str, msg_id: str = "msg_1", secret: str = SECRET, at: float | None = None) -> dict[str, str]:
-    when = datetime.fromtimestamp(at if at is not None else time.time(), tz=timezone.utc)
+    when = datetime.fromtimestamp(at if at is not None else time.time(), tz=UTC)
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
             "webhook-signature": Webhook(secret).sign(msg_id, when, body), "content-type": "application/json"}
 
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> Any:
-    clock = [datetime(2026, 11, 23, 10, 30, tzinfo=timezone.utc).timestamp()]
+    clock = [datetime(2026, 11, 23, 10, 30, tzinfo=UTC).timestamp()]
     fake, conntrack = FakeDataplane(), FakeConntrack()
     enforcer = Enforcer(_config(tmp_path), dataplane=fake, conntrack=conntrack,  # type: ignore[arg-type]
                         clock=lambda: clock[0])
@@ -275,7 +275,7 @@ async def test_a_burst_is_coalesced_into_few_transactions_and_one_bad_event_fail
     assert len(fake.transactions) - before < 10, "a burst must not cost one transaction per event"
     assert enforcer.events.batcher.largest > 1
     assert {f"100.64.9.{i}" for i in range(1, 41)} <= _restricted(fake)
-    assert "C-1" == enforcer.queries.lookup("100.64.0.10")["subscriber"]
+    assert enforcer.queries.lookup("100.64.0.10")["subscriber"] == "C-1"
 
 
 async def test_batcher_runs_a_lone_item_at_once() -> None:

@@ -8,7 +8,7 @@ import asyncio
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
+from daemon_helpers import NoConntrack
 from enforcer.api.webhooks import webhook_app
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
@@ -24,7 +25,6 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import TYPES, Event, EventError, parse_event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
-from daemon_helpers import NoConntrack
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 ANSWERS = {200, 400, 401, 409, 413, 503}
@@ -35,7 +35,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20)
 timestamps = (st.integers(min_value=-10**20, max_value=10**20) | st.floats() | st.text(max_size=30)
-              | st.datetimes(timezones=st.none() | st.just(timezone.utc)).map(lambda d: d.isoformat())
+              | st.datetimes(timezones=st.none() | st.just(UTC)).map(lambda d: d.isoformat())
               | st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-14:00", "2026-11-23T10:00:00Z"]))
 addresses = st.lists(st.sampled_from(["100.64.0.9", "100.64.0.10", "2001:db8:9::/56", "100.64.0.0/16", "0.0.0.0/0",
                                       "::", "x", "::ffff:100.64.0.5"]) | st.text(max_size=12), max_size=3)
@@ -68,7 +68,7 @@ def test_parse_event_gives_an_event_or_an_event_error(body: bytes) -> None:
 
 
 def _signed(body: bytes, msg_id: str, at: float) -> dict[str, str]:
-    when = datetime.fromtimestamp(at, tz=timezone.utc)
+    when = datetime.fromtimestamp(at, tz=UTC)
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(at)),
             "webhook-signature": Webhook(SECRET).sign(msg_id, when, body.decode("utf-8", "replace"))}
 

@@ -12,12 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from test_webhook import _event, _headers, setup  # noqa: F401  (a fixture)
+from test_webhook_worker import bridge  # noqa: F401  (a fixture: the worker over the fake kernel)
 
 from enforcer.api import listeners as api
 from enforcer.api.listeners import start_tcp_site
 from enforcer.demo.billing import signed_request
-from test_webhook import _event, _headers, setup  # noqa: F401  (a fixture)
-from test_webhook_worker import bridge  # noqa: F401,F811  (a fixture: the worker over the fake kernel)
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PAY = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
@@ -146,9 +146,8 @@ async def test_the_cap_sheds_the_oldest_idle_connection_never_a_busy_one(unused_
                 readers.append(reader)
                 writers.append(writer)
                 await asyncio.sleep(0.05)
-            async with aiohttp.ClientSession() as other:
-                async with other.post(f"{url}/", data=b"{}") as response:
-                    assert response.status == 200
+            async with aiohttp.ClientSession() as other, other.post(f"{url}/", data=b"{}") as response:
+                assert response.status == 200
             assert await _closed_within(readers[0], 2) == b"", "the oldest idle connection was shed"
             assert await _closed_within(readers[1], 2) == b"", "and the next, for the second one"
             release.set()

@@ -11,16 +11,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from daemon_helpers import NoConntrack
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.demo.billing import signed_request
 from enforcer.events import Event, parse_event
+from enforcer.outcome import Outcome, Refusal, Refused
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
-from daemon_helpers import NoConntrack
-from enforcer.outcome import Outcome, Refusal, Refused
 
 #: A daemon result per HTTP status billing must then see, with the same body.
 RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
