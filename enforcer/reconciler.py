@@ -22,8 +22,7 @@ from .dataplane.layout import (
     Layout,
     ack_set,
     mode_map,
-    redirect_set,
-    throttle_set,
+    placements,
     with_mode_view,
 )
 from .dataplane.state import TableState
@@ -56,14 +55,8 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
     """The elements one decision puts in the table (none when free)."""
     if not decision.restricted or decision.subscriber is None:
         return frozenset()
-    verdict = MODE_VERDICTS[decision.mode]
-    out: set[Element] = set()
-    for version, plen, key in decision.subscriber.keys:
-        out.add((mode_map(version, plen), key, verdict))
-        out.add((redirect_set(version, plen, decision.mode), key, None))
-        if decision.mode is Mode.THROTTLE:
-            out.add((throttle_set(version, plen), key, None))
-    return frozenset(out)
+    return frozenset((container, key, value) for version, plen, key in decision.subscriber.keys
+                     for container, value in placements(version, plen, decision.mode))
 
 
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
@@ -160,10 +153,7 @@ class Reconciler:
             if len(holders) != size + len(keys):      # an address claimed twice
                 return self._desired_exact(decisions, before, order)
             verdict = MODE_VERDICTS[mode]
-            targets = [mode_map(version, plen), redirect_set(version, plen, mode)]
-            if mode is Mode.THROTTLE:
-                targets.append(throttle_set(version, plen))
-            for name, value in zip(targets, (verdict, None, None)):
+            for name, value in placements(version, plen, mode):
                 if name in desired:
                     desired[name].update(dict.fromkeys(keys, value))
                 else:
@@ -194,7 +184,8 @@ class Reconciler:
         owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
         changed: list[Network] = []
-        slots: dict[tuple[int, int, Mode], tuple[dict, dict, dict, dict, dict | None]] = {}
+        slots: dict[tuple[int, int, Mode], tuple[list[tuple[dict[str, str | None], str | None]],
+                                                 dict[str, str], dict[str, str | None], str | None]] = {}
         clashes: list[tuple[str, str]] = []
         for sid in order:
             decision = decisions[sid]
@@ -207,26 +198,20 @@ class Reconciler:
             for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
                 slot = slots.get((version, plen, mode))
                 if slot is None:
-                    mode_name = mode_map(version, plen)
-                    redirect_name = redirect_set(version, plen, mode)
-                    throttled = desired.setdefault(throttle_set(version, plen), {}) if mode is Mode.THROTTLE else None
-                    slot = slots[(version, plen, mode)] = (desired.setdefault(mode_name, {}),
-                                                           desired.setdefault(redirect_name, {}),
-                                                           owners.setdefault(mode_name, {}),
-                                                           before.get(mode_name, {}), throttled)
-                clash = slot[2].get(key)
+                    places = placements(version, plen, mode)
+                    slot = slots[(version, plen, mode)] = (
+                        [(desired.setdefault(name, {}), value) for name, value in places],
+                        owners.setdefault(places[0][0], {}), before.get(places[0][0], {}), places[0][1])
+                clash = slot[1].get(key)
                 if clash is not None:
                     break
                 entries.append((slot, key, network))
             if clash is not None:
                 clashes.append((sid, clash))
                 continue
-            verdict = MODE_VERDICTS[decision.mode]
-            for (modes, redirects, holders, was, throttled), key, network in entries:
-                modes[key] = verdict
-                redirects[key] = None
-                if throttled is not None:
-                    throttled[key] = None
+            for (containers, holders, was, verdict), key, network in entries:
+                for items, value in containers:
+                    items[key] = value
                 holders[key] = sid
                 if was.get(key) != verdict:
                     changed.append(network)

@@ -50,6 +50,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, replace
+import functools
 from functools import cached_property
 
 from ..model import DEFAULT_THROTTLE_RATE, Mode, Network, default_throttle_burst
@@ -108,6 +109,18 @@ def ack_set(version: int, prefixlen: int) -> str:
 def throttle_set(version: int, prefixlen: int) -> str:
     """Addresses in throttle mode, so packets *to* them can be rate-limited (matched by daddr)."""
     return f"throttle{version}_{prefixlen}"
+
+
+@functools.cache
+def placements(version: int, prefixlen: int, mode: Mode) -> tuple[tuple[str, str | None], ...]:
+    """Where a restricted key of this family and prefix length goes in ``mode``, as (container,
+    value) pairs: the mode view with its verdict, the redirect set, and the throttle set for
+    throttle. The one mapping from a decision to elements; ``with_mode_view`` is its inverse."""
+    out: list[tuple[str, str | None]] = [(mode_map(version, prefixlen), MODE_VERDICTS[mode]),
+                                         (redirect_set(version, prefixlen, mode), None)]
+    if mode is Mode.THROTTLE:
+        out.append((throttle_set(version, prefixlen), None))
+    return tuple(out)
 
 
 def throttle_meter(version: int, prefixlen: int, direction: str) -> str:
