@@ -110,11 +110,11 @@ def main() -> int:
                 put_back()
                 fresh = Ctnetlink()
                 if kind == "filtered":
-                    results[kind].append(timed(lambda: fresh.flush([host4], filtered=True)))
+                    results[kind].append(timed(lambda fresh=fresh: fresh.flush([host4], filtered=True)))
                 elif kind == "full":
-                    results[kind].append(timed(lambda: fresh.flush([host4, pair])))
+                    results[kind].append(timed(lambda fresh=fresh: fresh.flush([host4, pair])))
                 elif kind == "dual":
-                    results[kind].append(timed(lambda: learned.flush([host4, pair])))
+                    results[kind].append(timed(lambda learned=learned: learned.flush([host4, pair])))
                     plans.append(learned.last_pass)
                 else:
                     def tool() -> int:
@@ -127,10 +127,12 @@ def main() -> int:
                    min(r[2] for r in v)) for k, v in results.items()}
         # the tool's CPU is in its own process: wall time is what it costs the caller
         print(f"{size:>8} | {med['filtered'][0]:>11.1f} {med['filtered'][1]:>5.0f} | {med['full'][0]:>8.1f} "
-              f"{med['full'][1]:>5.0f} | {med['dual'][0]:>8.1f} {med['dual'][1]:>5.0f} {max(plans, key=plans.count):>8} | "
+              f"{med['full'][1]:>5.0f} | {med['dual'][0]:>8.1f} {med['dual'][1]:>5.0f} "
+              f"{max(plans, key=plans.count):>8} | "
               f"{med['tool'][0]:>8.1f} {'—':>5} | {med['full'][0] / med['filtered'][0]:.1f}x")
         deleted = {k: v[2] for k, v in med.items()}
-        assert deleted["filtered"] == 2 and deleted["full"] == 4 and deleted["dual"] == 4 and deleted["tool"] == 2, deleted
+        assert (deleted["filtered"] == 2 and deleted["full"] == 4 and deleted["dual"] == 4
+                and deleted["tool"] == 2), deleted
     return 0
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_dataplane import TABLE, subscribers  # noqa: E402
 from private_netns import reexec_in_private_netns  # noqa: E402
 
-from enforcer.api.listeners import start_tcp_site
+from enforcer.api.listeners import start_tcp_site  # noqa: E402
 from enforcer.api.webhooks import load_webhook_secret, webhook_app  # noqa: E402
 from enforcer.config import parse_config  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402

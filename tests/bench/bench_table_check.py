@@ -29,7 +29,7 @@ from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.config import parse_config  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
 from enforcer.dataplane.libnftables import Nftables  # noqa: E402
-from enforcer.policy import PolicyInputs  # noqa: E402
+from enforcer.policy import Decision, PolicyInputs  # noqa: E402
 from enforcer.reconciler import Reconciler, probe  # noqa: E402
 from enforcer.table_layout import base_layout  # noqa: E402
 
@@ -60,20 +60,21 @@ def run(sizes: list[int], repeat: int) -> None:
             order = ("full", "list") if round_ % 2 == 0 else ("list", "full")
             for which in order:
                 if which == "full":
-                    full.append(timed(lambda: check(reconciler, True)))
+                    full.append(timed(lambda reconciler=reconciler: check(reconciler, True)))
                 else:
                     listing.append(timed(lambda: subprocess.run(["nft", "list", "table", "inet", TABLE],
                                                                 check=True, stdout=subprocess.DEVNULL)))
             # a webhook's write, then the 5-second check: on the kernel thread's own context ...
             write.append(timed(lambda: nft.run(f"add element inet {TABLE} allowhost4 {{ 198.51.100.9 }}")))
-            cheap.append(timed(lambda: check(reconciler, False)))
+            cheap.append(timed(lambda reconciler=reconciler: check(reconciler, False)))
             nft.run(f"delete element inet {TABLE} allowhost4 {{ 198.51.100.9 }}")
             # ... and on the reader's context, which the daemon now uses off the kernel thread
-            cheap_reader.append(timed(lambda: probe(reader, reconciler.layout)))
+            cheap_reader.append(timed(lambda reader=reader, layout=reconciler.layout: probe(reader, layout)))
             victim = f"100.64.{(round_ // 250) % 256}.{round_ % 250 + 1}"
             nft.run(f"delete element inet {TABLE} portal4_32 {{ {victim} }}")
 
-            def detect_and_repair() -> None:
+            def detect_and_repair(reconciler: Reconciler = reconciler,
+                                  decisions: dict[str, Decision] = decisions) -> None:
                 assert reconciler.check_kernel(True), "the deleted element went unnoticed"
                 reconciler.sync_all(decisions, read_kernel=True)
                 check(reconciler, True)

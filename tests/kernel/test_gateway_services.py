@@ -79,7 +79,7 @@ def test_restricted_subscriber_reaches_the_portal_listeners_and_dns_on_the_gatew
 
 
 def test_a_free_subscriber_on_the_gateways_port_80_and_443_gets_the_portal_listeners(gateway) -> None:
-    topo, lab = gateway
+    topo, _lab = gateway
     free = topo.subscribers[0].netns
     gw4 = topo.gateway_addr4(1)
     assert topo.curl(free, f"http://{gw4}/")[:2] == (200, "PORTAL LISTENER")

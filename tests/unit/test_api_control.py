@@ -79,7 +79,7 @@ def test_reference_codes_are_stable_and_reveal_nothing(tmp_path: Path) -> None:
 
 
 async def test_acknowledge_only_in_notice_modes(control: Any) -> None:
-    client, enforcer, fake = control
+    client, _enforcer, fake = control
     response = await client.post("/v1/acknowledge", json={"address": "100.64.0.20"})
     answer = await response.json()
     assert response.status == 200 and answer["acknowledged"] and answer["until"] == 1_800_000_000.0 + 7200

@@ -60,7 +60,7 @@ async def test_an_address_inside_anothers_prefix_is_refused(tmp_path: Path) -> N
 
 async def test_an_operator_cannot_wall_a_neighbour_either(tmp_path: Path) -> None:
     async with enforcer(tmp_path) as (e, fake):
-        status, answer = await operator_change(e, "alice", "C-9", True, "test", addresses=["100.64.0.0/24"])
+        status, _answer = await operator_change(e, "alice", "C-9", True, "test", addresses=["100.64.0.0/24"])
         assert status == 409
         assert "100.64.0.10" in fake.view["mode4_32"] and fake.view["mode4_32"]["100.64.0.10"] == "goto garden"
 

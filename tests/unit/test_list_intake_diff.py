@@ -50,7 +50,7 @@ def full_replaces(fake: FakeDataplane) -> int:
 
 async def test_churn_is_a_diff_of_the_changed_subscribers_and_matches_a_full_pass(enforcer: Any, monkeypatch: Any
                                                                                     ) -> None:
-    daemon, fake, conntrack = enforcer
+    daemon, fake, _conntrack = enforcer
     await operator_change(daemon, "root", "C-900", True, "fraud", addresses=["100.64.9.9"])   # an override, kept
     changed = [sub(i) for i in range(5, 200)] + [sub(i) for i in range(300, 305)]         # 5 out, 5 in
     changed[0] = sub(5, Mode.NOTICE)                                                        # 1 altered
@@ -69,7 +69,7 @@ async def test_churn_is_a_diff_of_the_changed_subscribers_and_matches_a_full_pas
 
 
 async def test_an_address_claimed_twice_falls_back_to_the_full_pass(enforcer: Any, caplog: Any) -> None:
-    daemon, fake, _ = enforcer
+    daemon, _fake, _ = enforcer
     await operator_change(daemon, "root", "C-900", True, "fraud", addresses=["100.64.9.9"])
     newcomer = Subscriber("C-901", (parse_address("100.64.9.9"),), Mode.WALLED_GARDEN, "overdue")
     with caplog.at_level(logging.WARNING):

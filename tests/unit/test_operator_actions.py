@@ -40,7 +40,7 @@ async def daemon(tmp_path: Path) -> Any:
 
 
 async def test_mass_restriction_is_held_until_approved(daemon: Any) -> None:
-    enforcer, fake, config = daemon
+    enforcer, _fake, config = daemon
     await enforcer.lists.on_list(ListUpdate(_subs(20), "l.yaml", "1"))          # small: applied
     assert sum(enforcer.engine.record.mode_counts.values()) == 20
     await enforcer.lists.on_list(ListUpdate(_subs(520), "l.yaml", "2"))         # a broken export: +500

@@ -275,7 +275,7 @@ async def test_credentials_in_the_url_never_reach_origins_messages_or_logs(
 async def test_url_source_refuses_entries_outside_the_subscriber_prefixes(source: Any) -> None:
     from enforcer.address_space import AddressSpace
 
-    url_source, session, billing, lists, failures, _ = source
+    url_source, session, _billing, lists, failures, _ = source
     url_source.space = AddressSpace((ipaddress.ip_network("198.51.100.0/24"),))
     assert not await url_source.poll(session)
     assert lists == [] and "outside gateway.subscriber_prefixes" in failures[0].message

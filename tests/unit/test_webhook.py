@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,18 @@ from enforcer.outcome import Outcome, Refusal, Refused
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
 
+
+def refusal(kind: Refused, status: int) -> Callable[[str], Refusal]:
+    """A daemon refusal of ``kind`` for an event id, its message naming the status it must become."""
+    return lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid})
+
+
 #: A daemon result per HTTP status billing must then see, with the same body.
-RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
-           **{status: (lambda kind, status: lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid}))(kind, status)
-              for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
-                                   (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
+RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
+    200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
+    **{status: refusal(kind, status)
+       for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
+                            (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -160,7 +168,7 @@ async def test_malformed_bodies_are_400_naming_the_problem(setup: Any, body: str
 
 @pytest.mark.asyncio
 async def test_restricted_event_then_release_and_stale_event_ignored(setup: Any) -> None:
-    client, enforcer, fake, _, _ = setup
+    client, _enforcer, fake, _, _ = setup
     body = _event("subscriber.restricted", "C-7", "2026-11-23T10:00:00Z", addresses=["100.64.0.77"], reason="suspended")
     assert (await client.post("/v1/events", data=body, headers=_headers(body, "m1"))).status == 200
     assert "100.64.0.77" in _restricted(fake)
@@ -176,7 +184,7 @@ async def test_restricted_event_then_release_and_stale_event_ignored(setup: Any)
 
 @pytest.mark.asyncio
 async def test_address_held_by_another_subscriber_is_409(setup: Any) -> None:
-    client, _, fake, _, _ = setup
+    client, _, _fake, _, _ = setup
     body = _event("subscriber.restricted", "C-8", addresses=["100.64.0.10"])
     response = await client.post("/v1/events", data=body, headers=_headers(body, "m9"))
     assert response.status == 409
@@ -320,7 +328,7 @@ async def test_address_change_moves_enforcement_and_survives_restart(setup: Any,
 
 
 async def test_an_unexpected_failure_answers_503_instead_of_hanging(setup: Any, monkeypatch: Any) -> None:
-    client, enforcer, fake, _, _ = setup
+    client, enforcer, _fake, _, _ = setup
 
     def broken(*_: Any) -> str:
         raise RuntimeError("bug")
@@ -441,7 +449,7 @@ async def test_a_signed_body_that_is_not_utf8_is_400(setup: Any, body: bytes, ne
 
 @pytest.mark.parametrize("msg_id", ["x" * 257, "id\twith-a-tab", "zero\u200bwidth"])
 async def test_an_unusable_webhook_id_is_400(setup: Any, msg_id: str) -> None:
-    client, _, fake, _, _ = setup
+    client, _, _fake, _, _ = setup
     body = _event("payment.received", "C-1")
     response = await client.post("/v1/events", data=body, headers=_headers(body, msg_id))
     assert response.status == 400 and "webhook-id" in (await response.json())["error"]

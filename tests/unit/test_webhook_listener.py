@@ -162,7 +162,7 @@ async def test_the_cap_sheds_the_oldest_idle_connection_never_a_busy_one(unused_
 
 async def test_a_flood_of_unsigned_requests_is_counted_logged_sparingly_and_billing_still_served(
         setup: Any, caplog: Any) -> None:  # noqa: F811
-    client, enforcer, fake, _, _ = setup
+    client, enforcer, _fake, _, _ = setup
     caplog.set_level(logging.WARNING, logger="walled_garden.api")
     body = _event("payment.received", "C-1")
     bad = {**_headers(body), "webhook-signature": "v1,AAAA"}

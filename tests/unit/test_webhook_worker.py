@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,18 @@ from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
 
+
+def refusal(kind: Refused, status: int) -> Callable[[str], Refusal]:
+    """A daemon refusal of ``kind`` for an event id, its message naming the status it must become."""
+    return lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid})
+
+
 #: A daemon result per HTTP status billing must then see, with the same body.
-RESULTS = {200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
-           **{status: (lambda kind, status: lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid}))(kind, status)
-              for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
-                                   (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
+RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
+    200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
+    **{status: refusal(kind, status)
+       for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
+                            (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -67,7 +75,7 @@ async def post(url: str, secret: str, body: dict, event_id: str | None = None) -
 
 
 async def test_events_flow_through_the_worker(bridge: Any) -> None:
-    worker, enforcer, fake, url, tmp = bridge
+    _worker, enforcer, fake, url, _tmp = bridge
     pay = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
     status, answer = await post(url, SECRET, pay, "msg_1")
     assert status == 200 and answer["result"] == "applied" and answer["mode"] == "free"
@@ -84,7 +92,7 @@ async def test_events_flow_through_the_worker(bridge: Any) -> None:
 
 
 async def test_secret_reload_and_worker_restart(bridge: Any) -> None:
-    worker, enforcer, fake, url, tmp = bridge
+    worker, _enforcer, _fake, url, tmp = bridge
     new = "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"
     (tmp / "secret2").write_text(new)
     worker.reload_secret(str(tmp / "secret2"))
@@ -137,7 +145,7 @@ async def test_answers_of_a_turn_go_out_in_one_write() -> None:
 
 
 async def test_a_burst_through_the_worker_gets_each_request_its_own_answer(bridge: Any) -> None:
-    worker, enforcer, fake, url, tmp = bridge
+    _worker, enforcer, fake, url, _tmp = bridge
     bodies = [{"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
                "data": {"subscriber": f"B-{i}", "addresses": [f"100.64.7.{i}"]}} for i in range(1, 61)]
     bodies.append({"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}})
@@ -155,7 +163,7 @@ async def test_the_daemons_status_reaches_billing_through_the_worker_unchanged(b
     """E.g. 409 for an address another subscriber holds, 400 for an address outside
     ``gateway.subscriber_prefixes``: the bridge carries the daemon's result, answered as
     ``api.http`` answers it in the daemon itself."""
-    worker, enforcer, fake, url, tmp = bridge
+    _worker, enforcer, _fake, url, _tmp = bridge
 
     def submit(event: Event, received: float) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -170,7 +178,7 @@ async def test_the_daemons_status_reaches_billing_through_the_worker_unchanged(b
 
 
 async def test_an_address_conflict_is_409_through_the_worker(bridge: Any) -> None:
-    worker, enforcer, fake, url, tmp = bridge
+    _worker, _enforcer, _fake, url, _tmp = bridge
     body = {"type": "subscriber.restricted", "timestamp": "2026-11-23T10:00:00Z",
             "data": {"subscriber": "C-8", "addresses": ["100.64.0.10"]}}
     status, answer = await post(url, SECRET, body, "clash-1")
@@ -178,7 +186,7 @@ async def test_an_address_conflict_is_409_through_the_worker(bridge: Any) -> Non
 
 
 async def test_a_flood_of_refusals_is_counted_in_full_with_few_lines_to_the_daemon(bridge: Any) -> None:
-    worker, enforcer, fake, url, tmp = bridge
+    _worker, enforcer, _fake, url, _tmp = bridge
     body = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": {"subscriber": "C-1"}}
     results = await asyncio.gather(*(post(url, "whsec_" + "A" * 43, body) for _ in range(100)))
     assert {status for status, _ in results} == {401}
