@@ -240,7 +240,7 @@ class ChaosMachine(RuleBasedStateMachine):
             return
         try:
             await self.e.lists.on_list(ListUpdate(subscribers, "list.json", str(self.serial)))
-        except Exception as exc:   # the source's _hand_over reports it as a SourceFailure and goes on
+        except Exception as exc:  # noqa: BLE001 - as sources._hand_over does: reported, recorded, the source goes on
             self.task_failures.append(f"on_list: {type(exc).__name__}: {exc}")
             self.note(f"  on_list raised (the source reports it): {exc}")
             return
@@ -321,13 +321,13 @@ class ChaosMachine(RuleBasedStateMachine):
         """One round of ``Enforcer.timers`` under the service's supervisor: a DataplaneError is
         retried after RESYNC_SECONDS, anything else restarts the task (counted), an unsaved
         list is saved again."""
-        for attempt in range(4):
+        for _attempt in range(4):
             try:
                 self.run(self.e.timers.tick())
             except DataplaneError:
                 self.clocks.pass_(2.0)
                 continue
-            except Exception as exc:   # the supervisor logs, counts and restarts the task
+            except Exception as exc:  # noqa: BLE001 - as the supervisor does: logged, counted, task restarted
                 self.task_failures.append(f"{type(exc).__name__}: {exc}")
                 self.note(f"  timers task failed (supervisor restarts it): {exc}")
                 self.clocks.pass_(1.0)
@@ -336,7 +336,7 @@ class ChaosMachine(RuleBasedStateMachine):
             if self.e.lists.unsaved is not None:
                 try:
                     self.run(self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - as the supervisor does: recorded, the task goes on
                     self.task_failures.append(f"timers/on_list: {type(exc).__name__}: {exc}")
                     self.note(f"  timers task failed (supervisor restarts it): {exc}")
             if not self.e.engine.reconciler.needs_full:
@@ -415,7 +415,7 @@ class ChaosMachine(RuleBasedStateMachine):
     def burst(self, kinds: list[str], sid: str, skews: list[int]) -> None:
         """Several events for one subscriber in one batch (billing's retry queue draining)."""
         events = []
-        for kind, skew in zip(kinds, skews):
+        for kind, skew in zip(kinds, skews, strict=False):   # skews: one per possible event
             subscriber = (parse_list(json.dumps({"subscribers": [{"id": sid, "addresses": addresses(sid)}]}),
                                      "event")[0] if kind == RESTRICTED else None)
             events.append(Event(self.new_id("evt"), kind, self.billing_ts(skew), sid, subscriber))
@@ -424,7 +424,7 @@ class ChaosMachine(RuleBasedStateMachine):
             futures = [submit_event(self.e, ev, 0.0) for ev in events]
             return list(await asyncio.gather(*futures))
         answers = self.run(send())
-        for event, answer in zip(events, answers):
+        for event, answer in zip(events, answers, strict=True):
             self.note(f"burst {event.type} {event.id} sid={sid} ts={event.timestamp - START:+.0f} -> {answer[0]} "
                       f"{answer[1].get('result') or answer[1].get('error')} {answer[1].get('mode', '')}")
             self.sent.append(Sent(event, [answer]))

@@ -32,7 +32,7 @@ from private_netns import reexec_in_private_netns  # noqa: E402
 from enforcer.config import parse_config  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
-from enforcer.dataplane.libnftables import Nftables  # noqa: E402
+from enforcer.dataplane.libnftables import Nftables, NftError  # noqa: E402
 from enforcer.policy import PolicyInputs  # noqa: E402
 from enforcer.reconciler import Reconciler  # noqa: E402
 from enforcer.sources import ListUpdate  # noqa: E402
@@ -58,7 +58,7 @@ def subscribers(n: int) -> list[Subscriber]:
 def nft_delete_table(nft: Nftables) -> None:
     try:
         nft.run(f"delete table inet {TABLE}")
-    except Exception:
+    except NftError:   # there was none
         pass
 
 
@@ -131,7 +131,7 @@ async def event_latency(n: int, events: int, config_text: str, workdir: str) -> 
     load_s = time.perf_counter() - started
     runner = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(config.api.webhook_secret_file)),
                                   "127.0.0.1", 18787)
-    secret = Path(config.api.webhook_secret_file).read_text().strip()
+    secret = (await asyncio.to_thread(Path(config.api.webhook_secret_file).read_text)).strip()
     answer_s: list[float] = []
     async with ClientSession() as session:
         for i in range(events):

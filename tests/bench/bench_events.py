@@ -40,7 +40,7 @@ from enforcer.api.webhooks import load_webhook_secret, webhook_app  # noqa: E402
 from enforcer.config import parse_config  # noqa: E402
 from enforcer.daemon import Enforcer  # noqa: E402
 from enforcer.dataplane.kernel import KernelDataplane  # noqa: E402
-from enforcer.dataplane.libnftables import Nftables  # noqa: E402
+from enforcer.dataplane.libnftables import Nftables, NftError  # noqa: E402
 from enforcer.sources import ListUpdate  # noqa: E402
 from enforcer.webhook_worker import WorkerBridge  # noqa: E402
 
@@ -139,7 +139,8 @@ def pct(samples: list[float], p: float) -> float:
 
 async def run(args: argparse.Namespace, work: str) -> None:
     secret_file = Path(work, "secret")
-    secret_file.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    await asyncio.to_thread(secret_file.write_text, secret)
     config = parse_config(json.dumps({
         "state_dir": f"{work}/state", "subscribers": {"source": f"{work}/list.csv"},
         "gateway": {"subscriber_interfaces": ["eth1"], "table": TABLE},
@@ -148,12 +149,16 @@ async def run(args: argparse.Namespace, work: str) -> None:
     nft = Nftables()
     try:
         nft.run(f"delete table inet {TABLE}")
-    except Exception:
+    except NftError:   # no table left from an earlier run
         pass
     commits: list[float] = []
     enforcer = Enforcer(config, dataplane=KernelDataplane(TABLE, nft))
     observe = enforcer.metrics.event_to_enforce.observe
-    enforcer.metrics.event_to_enforce.observe = lambda v: (commits.append(v), observe(v))  # type: ignore
+
+    def observe_and_keep(value: float, exemplar: dict[str, str] | None = None) -> None:
+        commits.append(value)
+        observe(value, exemplar)
+    enforcer.metrics.event_to_enforce.observe = observe_and_keep  # type: ignore[method-assign, assignment]
     await enforcer.engine.restore()
     subs = subscribers(args.subscribers)
     started = time.perf_counter()
@@ -192,8 +197,8 @@ async def run(args: argparse.Namespace, work: str) -> None:
         commits.clear()
         batches_before = enforcer.events.batcher.batches
         # Enough for 5,000/s: once wrk runs out it gets 404s, which are counted apart (below).
-        Path(work, "requests.bin").write_bytes(presign(url, secret_file.read_text(), targets,
-                                                       int(max(args.rate, 5000) * args.seconds) + 1000))
+        requests = presign(url, secret, targets, int(max(args.rate, 5000) * args.seconds) + 1000)
+        await asyncio.to_thread(Path(work, "requests.bin").write_bytes, requests)
         profile = None
         if os.environ.get("WG_BENCH_PROFILE_EVENTS"):  # the daemon side during the load only
             import cProfile
@@ -202,7 +207,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
         worker_pid = None if args.in_process else bridge.process.pid  # type: ignore[union-attr]
         cpu_before, worker_before = time.process_time(), process_cpu(worker_pid)
         wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result = await run_wrk(args, url, secret_file.read_text(), targets, work)
+        result = await run_wrk(args, url, secret, targets, work)
         cpu, worker_cpu = time.process_time() - cpu_before, process_cpu(worker_pid) - worker_before
         wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
@@ -234,7 +239,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
               f"p90 {result['p90_us'] / 1000:.1f} ms, p99 {result['p99_us'] / 1000:.1f} ms")
         return
     load = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LOAD, f"http://127.0.0.1:{PORT}/v1/events", secret_file.read_text(), str(args.rate),
+        sys.executable, "-c", LOAD, f"http://127.0.0.1:{PORT}/v1/events", secret, str(args.rate),
         str(args.seconds), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(HERE.parents[2])})
     commits.clear()
@@ -246,7 +251,7 @@ async def run(args: argparse.Namespace, work: str) -> None:
     await enforcer.close()
     try:
         nft.run(f"delete table inet {TABLE}")
-    except Exception:
+    except NftError:   # already gone
         pass
     achieved = result["sent"] / result["elapsed"]
     lat = result["latencies"]

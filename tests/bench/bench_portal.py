@@ -519,7 +519,7 @@ def print_table(series: dict[str, Series]) -> float:
         print(f"{name:9s} {s.rps:7.0f} {s.p99:7.2f} {s.rps / bare.rps:6.2f} {s.per_cpu:9.0f} "
               f"{s.per_cpu / bare.per_cpu:6.2f}  {s.server.note}")
     portal = series["portal"]
-    paired = statistics.median(p.rps / b.rps for p, b in zip(portal.results, bare.results))
+    paired = statistics.median(p.rps / b.rps for p, b in zip(portal.results, bare.results, strict=True))
     per_cpu = portal.per_cpu / bare.per_cpu
     verdict = "meets" if paired >= GOAL else "MISSES"
     print(f"\n(medians over {len(portal.results)} rounds; ratio = against bare; req/CPU-s = requests per second "

@@ -375,10 +375,11 @@ def run(args: argparse.Namespace) -> int:
         # billing is upstream: the gateway's upstream-side address, as Lab.send_event uses
         url = f"http://198.51.100.1:{API_PORT}/v1/events"
         url = f"http://198.51.100.1:{API_PORT}/v1/events"
-        load = topo.popen(topo.upstream.netns, sys.executable, "-c", LOAD, url, str(lab.secret_path), str(args.rate),
-                          str(seconds), json.dumps(event_subs), str(args.seed), str(results_path),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(Path(work, "load.err"), "wb"),
-                          env={**os.environ, "PYTHONPATH": str(HERE.parents[2])})
+        with open(Path(work, "load.err"), "wb") as load_err:   # the child keeps its own copy of the file
+            load = topo.popen(topo.upstream.netns, sys.executable, "-c", LOAD, url, str(lab.secret_path),
+                              str(args.rate), str(seconds), json.dumps(event_subs), str(args.seed), str(results_path),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=load_err,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parents[2])})
         portal_host = topo.gateway_addr4(1)
         browsers = [topo.popen(host.netns, sys.executable, "-c", BROWSE, portal_host, "8080", topo.upstream.addr4,
                                str(seconds), "0.5", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -434,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"list rewritten {soak.list_writes} times ({args.list_size} entries, ~1 % replaced + ~1 % re-moded "
               f"each); in force at the end: {in_force} entries, {source.get('list_age_seconds')} s old, "
               f"source error: {source.get('last_error')}; restricted by mode: {status.get('modes')}")
-        for host, b in zip(("s1 (restricted)", "s2 (free)"), browsed):
+        for host, b in zip(("s1 (restricted)", "s2 (free)"), browsed, strict=True):
             print(f"browser {host}: {dict(sorted(b['counts'].items()))}, slowest {b['worst_seconds']} s")
         for kind, secs in soak.restarts:
             print(f"restart {kind}: answering again after {secs:.1f} s")

@@ -63,5 +63,5 @@ async def test_without_interval_rounds_follow_each_other() -> None:
         batcher.submit(i)
         await asyncio.sleep(0.004)
     await asyncio.sleep(0.05)
-    assert sum(rounds, []) == list(range(5)) and len(rounds) >= 2
+    assert [item for batch in rounds for item in batch] == list(range(5)) and len(rounds) >= 2
     await batcher.close()

@@ -4,6 +4,7 @@ every error by key path + file:line."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -530,7 +531,7 @@ def test_config_alias_bomb_is_refused_at_once():
 
     levels = "abcdefghi"
     lines = [f"x{levels[0]}: &{levels[0]} [" + ", ".join(["lol"] * 9) + "]"]
-    lines += [f"x{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip(levels, levels[1:])]
+    lines += [f"x{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in itertools.pairwise(levels)]
     text = MINIMAL + "\n".join(lines) + "\nwalled_garden:\n  allow: *i\n"
     started = time.perf_counter()
     found = issues_of(text)

@@ -72,7 +72,7 @@ def test_subscriber_containers_are_hash_not_interval():
         if re.match(r"\s*(map |set (portal|notice|throttle)[46]_|set allowhost)", line):
             assert "interval" not in line, line
     # the static allow sets are the only interval sets
-    assert [l.split()[1] for l in text.splitlines() if "flags interval" in l] == ["allow4", "allow6"]
+    assert [line.split()[1] for line in text.splitlines() if "flags interval" in line] == ["allow4", "allow6"]
 
 
 def test_masked_lookups_for_non_host_prefixes():

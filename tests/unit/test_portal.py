@@ -642,7 +642,7 @@ async def test_enforcer_client_acknowledge_raises_on_bad_answers(tmp_path: Path,
 async def test_enforcer_client_acknowledge_without_a_socket(tmp_path: Path) -> None:
     client = EnforcerClient(str(tmp_path / "missing.sock"))
     try:
-        with pytest.raises(EnforcerUnavailable, match="missing.sock"):
+        with pytest.raises(EnforcerUnavailable, match=r"missing\.sock"):
             await client.acknowledge("100.64.0.10")
     finally:
         await client.close()
@@ -652,7 +652,7 @@ async def test_enforcer_client_acknowledge_without_a_socket(tmp_path: Path) -> N
 async def test_enforcer_client_raises_when_the_socket_does_not_exist(tmp_path: Path) -> None:
     client = EnforcerClient(str(tmp_path / "missing.sock"))
     try:
-        with pytest.raises(EnforcerUnavailable, match="missing.sock"):
+        with pytest.raises(EnforcerUnavailable, match=r"missing\.sock"):
             await client.lookup("100.64.0.10")
     finally:
         await client.close()

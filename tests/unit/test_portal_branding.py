@@ -208,7 +208,7 @@ def test_template_problems_are_reported_and_the_template_is_not_used(config: Con
     custom = with_portal(config, templates_dir=write_template(tmp_path, text))
     problems = validate(custom)
     assert len(problems) == len(expected), problems
-    for problem, fragment in zip(problems, expected):
+    for problem, fragment in zip(problems, expected, strict=True):
         assert problem.startswith(f"portal.templates_dir ({tmp_path / 'page.html'}): ") and fragment in problem
     # At run time the built-in template stands in, rather than a broken page.
     page = Pages.from_config(custom).caller_page(Caller(OVERDUE))

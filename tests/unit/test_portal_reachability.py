@@ -14,11 +14,12 @@ from captive_portal import reachability
 from captive_portal.config_check import validate
 from enforcer.config import Config, Listen, PortalTls, parse_config
 
+PLAIN = Listen("0.0.0.0", 8080)
 TLS = PortalTls(Listen("0.0.0.0", 8443), "/etc/walled-garden/portal.crt", "/etc/walled-garden/portal.key")
 GATEWAY = ipaddress.ip_address("192.0.2.1")
 
 
-def portal(url: str, *, listen: Listen = Listen("0.0.0.0", 8080), tls: PortalTls | None = None) -> Config:
+def portal(url: str, *, listen: Listen = PLAIN, tls: PortalTls | None = None) -> Config:
     config = parse_config(CONFIG_YAML)
     return replace(config, portal=replace(config.portal, url=url, listen=listen, tls=tls))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -58,7 +59,11 @@ def _ipv6_available() -> bool:
 needs_ipv6 = pytest.mark.skipif(not _ipv6_available(), reason="no IPv6 loopback here")
 
 
-def local_config(portal: Listen, metrics: Listen | None = Listen("127.0.0.1", 0)) -> Config:
+#: Any free loopback port (Listen is frozen: one value serves every default).
+LOOPBACK_ANY_PORT = Listen("127.0.0.1", 0)
+
+
+def local_config(portal: Listen, metrics: Listen | None = LOOPBACK_ANY_PORT) -> Config:
     config = parse_config(CONFIG_YAML)
     return replace(config, portal=replace(config.portal, listen=portal),
                    metrics=replace(config.metrics, portal_listen=metrics))
@@ -185,13 +190,13 @@ async def test_https_listener_serves_the_same_portal(tmp_path: Path) -> None:
         os.replace(renewed.cert, tls.cert)
         os.replace(renewed.key, tls.key)
         server.reload_tls()
-        Path(tls.key).write_text("broken")
+        await asyncio.to_thread(Path(tls.key).write_text, "broken")
         server.reload_tls()
         # Only the renewed certificate is trusted now (tls.cert holds it): the server must present it.
         connector = aiohttp.TCPConnector(ssl=trusting(tls), resolver=Pinned())
-        async with aiohttp.ClientSession(connector=connector) as http:
-            async with http.get(f"https://{PORTAL_HOST}:{port}/api/captive") as response:
-                assert response.status == 200
+        async with (aiohttp.ClientSession(connector=connector) as http,
+                    http.get(f"https://{PORTAL_HOST}:{port}/api/captive") as response):
+            assert response.status == 200
     finally:
         await server.close()
     assert enforcer.asked == ["127.0.0.1", "127.0.0.1", "127.0.0.1"]

@@ -12,7 +12,7 @@ from enforcer.exemptions import Exemption
 from enforcer.model import Mode
 from enforcer.policy import Grace, Origin, Override, PolicyInputs, Readdress
 from enforcer.promises import Promise
-from enforcer.store import EnforcedWrite, Store
+from enforcer.store import EnforcedWrite, Store, StoreError
 from enforcer.subscribers import Subscriber, parse_address
 
 
@@ -78,7 +78,7 @@ def test_a_batch_state_is_one_transaction_all_or_nothing(tmp_path: Path) -> None
     write = EnforcedWrite({"A": ("notice", ["100.64.0.1"], "overdue")}, set(),
                           [(1.0, "A", "free", "notice", "list")])
     inputs.exemptions["C"]["bad"] = Exemption("bad", object(), "", "x", 1.0)  # type: ignore[arg-type]
-    with pytest.raises(Exception):    # a row SQLite cannot store: nothing of the batch may stay
+    with pytest.raises(StoreError):    # a row SQLite cannot store: nothing of the batch may stay
         store.record_state([write], inputs, ["A", "C"])
     assert store.enforced() == {} and store.audit() == []
     assert store.load_inputs().overrides == {}

@@ -4,6 +4,7 @@ all-or-nothing, every problem at file:line."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import textwrap
 
@@ -593,7 +594,7 @@ def test_an_unexpected_error_anywhere_is_a_list_error(monkeypatch: pytest.Monkey
 def _bomb(levels: int) -> str:
     names = "abcdefghij"[:levels]
     lines = [f"{names[0]}: &{names[0]} [" + ", ".join(["C-1"] * 9) + "]"]
-    for previous, name in zip(names, names[1:]):
+    for previous, name in itertools.pairwise(names):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
     return "\n".join(lines) + f"\nsubscribers: *{names[-1]}\n"
 

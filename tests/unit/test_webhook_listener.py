@@ -25,9 +25,9 @@ PAY = {"type": "payment.received", "timestamp": "2026-11-23T10:00:00Z", "data": 
 
 async def _post_signed(url: str, body: dict[str, Any], event_id: str) -> tuple[int, dict[str, Any]]:
     request = signed_request(url, SECRET, body, event_id=event_id)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.post(url, data=request.data, headers=dict(request.header_items())) as response:
-            return response.status, await response.json()
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.post(url, data=request.data, headers=dict(request.header_items())) as response):
+        return response.status, await response.json()
 
 
 async def test_hundreds_of_idle_connections_do_not_lock_billing_out(bridge: Any) -> None:  # noqa: F811

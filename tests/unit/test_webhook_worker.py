@@ -69,9 +69,9 @@ async def bridge(tmp_path: Path, unused_tcp_port: int) -> Any:
 
 async def post(url: str, secret: str, body: dict, event_id: str | None = None) -> tuple[int, dict]:
     request = signed_request(url, secret, body, event_id=event_id)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, data=request.data, headers=dict(request.header_items())) as response:
-            return response.status, await response.json()
+    async with (aiohttp.ClientSession() as session,
+                session.post(url, data=request.data, headers=dict(request.header_items())) as response):
+        return response.status, await response.json()
 
 
 async def test_events_flow_through_the_worker(bridge: Any) -> None:
