@@ -245,7 +245,8 @@ class ChaosMachine(RuleBasedStateMachine):
             self.note(f"  on_list raised (the source reports it): {exc}")
             return
         while self.e.lists.unsaved is not None and not self.store_fault_armed:
-            await self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval)  # the timer's retry
+            # the timer's retry
+            await self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval)
 
     def kill(self) -> None:
         """SIGKILL: nothing of the old process runs any more (its database connection goes
@@ -437,7 +438,8 @@ class ChaosMachine(RuleBasedStateMachine):
             return await operator_change(self.e, "noc", sid, restrict, "chaos", mode=mode.value,
                                                 addresses=addresses(sid) if restrict else None)
         status, body = self.run(act())
-        self.note(f"operator {'restrict' if restrict else 'lift'} {sid} -> {status} {body.get('result') or body.get('error')}")
+        self.note(f"operator {'restrict' if restrict else 'lift'} {sid} -> {status} "
+                  f"{body.get('result') or body.get('error')}")
         event = Event("op", RESTRICTED if restrict else RELEASED, self.clocks.wall, sid, actor="noc")
         self.account(event, (status, body), first=True)
 
@@ -447,7 +449,8 @@ class ChaosMachine(RuleBasedStateMachine):
             status, body = self.run(unexempt(self.e, "noc", sid, None, "chaos"))
         else:
             status, body = self.run(exempt(self.e, "noc", sid, "outage", self.clocks.wall + seconds, "chaos"))
-        self.note(f"operator {'unexempt' if end else f'exempt {seconds:.0f}s'} {sid} -> {status} {body.get('error', '')}")
+        action = "unexempt" if end else f"exempt {seconds:.0f}s"
+        self.note(f"operator {action} {sid} -> {status} {body.get('error', '')}")
         assert status in (200, 404, 409, 503), (status, body)
 
     @rule(seconds=st.sampled_from((1.0, 30.0, 299.0, 601.0, 3600.0)))
@@ -603,7 +606,8 @@ class ChaosMachine(RuleBasedStateMachine):
         own = {ipaddress.ip_network(a) for a in addresses(sid)}
         name, address = key
         plen = int(name.rsplit("_", 1)[1])
-        return ipaddress.ip_network(f"{address}/{plen}") in own and self.e.engine.reconciler.owner_of(name, address) == sid
+        return (ipaddress.ip_network(f"{address}/{plen}") in own
+                and self.e.engine.reconciler.owner_of(name, address) == sid)
 
 
 def machine_settings() -> dict[str, Any]:

@@ -52,7 +52,8 @@ import aiohttp
 from enforcer.demo.billing import signed_request
 
 async def main():
-    url, secret, rate, seconds, subs = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), json.loads(sys.stdin.read())
+    url, secret, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    subs = json.loads(sys.stdin.read())
     total = int(rate * seconds)
     now = time.time()
     requests = []
@@ -100,7 +101,8 @@ def presign(url: str, secret: str, targets: list[tuple[str, str]], count: int) -
     for i in range(count):
         sid, addr = targets[i // 2 % len(targets)]
         if i % 2 == 0:
-            body: dict[str, object] = {"type": "payment.received", "timestamp": now + i * 1e-6, "data": {"subscriber": sid}}
+            body: dict[str, object] = {"type": "payment.received", "timestamp": now + i * 1e-6,
+                                       "data": {"subscriber": sid}}
         else:
             body = {"type": "subscriber.restricted", "timestamp": now + i * 1e-6,
                     "data": {"subscriber": sid, "addresses": [addr], "reason": "overdue"}}
@@ -228,13 +230,16 @@ async def run(args: argparse.Namespace, work: str) -> None:
         rate = applied / (result["duration_us"] / 1e6)
         print(f"\n# sustained signed events, {args.subscribers} restricted, wrk closed loop, "
               f"{args.connections} connections, {args.seconds:.0f} s")
-        print(f"answered {result['requests']}, applied {applied} ({rate:.0f}/s), statuses {result['statuses']}, socket errors "
-              f"{result['errors']}, {batches} kernel batches ({applied / max(batches, 1):.1f} per transaction)")
+        print(f"answered {result['requests']}, applied {applied} ({rate:.0f}/s), statuses {result['statuses']}, "
+              f"socket errors {result['errors']}, {batches} kernel batches "
+              f"({applied / max(batches, 1):.1f} per transaction)")
         per_event = 1e6 / max(applied, 1)
-        print(f"CPU per event: daemon {cpu * per_event:.0f} us (all threads{', webhooks in it' if args.in_process else ''}), "
+        in_it = ", webhooks in it" if args.in_process else ""
+        print(f"CPU per event: daemon {cpu * per_event:.0f} us (all threads{in_it}), "
               f"webhook worker {worker_cpu * per_event:.0f} us, wrk {wrk_cpu * per_event:.0f} us "
               f"({(cpu + worker_cpu + wrk_cpu) / (result['duration_us'] / 1e6):.2f} of {os.cpu_count()} cores busy)")
-        print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, p99 {pct(commits, 99) * 1000:.1f} ms")
+        print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, "
+              f"p99 {pct(commits, 99) * 1000:.1f} ms")
         print(f"request -> 200 (wrk, incl. conntrack flush): p50 {result['p50_us'] / 1000:.1f} ms, "
               f"p90 {result['p90_us'] / 1000:.1f} ms, p99 {result['p99_us'] / 1000:.1f} ms")
         return
@@ -259,10 +264,12 @@ async def run(args: argparse.Namespace, work: str) -> None:
     print(f"cold load:  sync {cold_sync:.3f} s, on_list {cold_s:.2f} s")
     print(f"1 % churn:  sync {churn_sync:.3f} s, on_list {churn_s:.2f} s  "
           f"(sync ratio {churn_sync / cold_sync:.3f} of cold)")
-    print(f"\n# sustained signed events, {args.subscribers} restricted, target {args.rate:.0f}/s for {args.seconds:.0f} s")
+    print(f"\n# sustained signed events, {args.subscribers} restricted, "
+          f"target {args.rate:.0f}/s for {args.seconds:.0f} s")
     print(f"sent {result['sent']}, errors {result['errors']}, achieved {achieved:.0f}/s, "
           f"{batches} kernel batches ({result['sent'] / max(batches, 1):.1f} events per transaction)")
-    print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, p99 {pct(commits, 99) * 1000:.1f} ms")
+    print(f"event received -> kernel commit: p50 {pct(commits, 50) * 1000:.1f} ms, "
+          f"p99 {pct(commits, 99) * 1000:.1f} ms")
     print(f"request -> 200 (incl. conntrack flush): p50 {pct(lat, 50) * 1000:.1f} ms, "
           f"p99 {pct(lat, 99) * 1000:.1f} ms, mean {statistics.mean(lat) * 1000:.1f} ms")
 

@@ -130,7 +130,8 @@ asyncio.run(main())
 #: ``interval`` seconds until ``seconds`` have passed; prints one JSON summary.
 BROWSE = r"""
 import http.client, json, sys, time
-portal_host, portal_port, upstream, seconds, interval = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+portal_host, portal_port, upstream = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seconds, interval = float(sys.argv[4]), float(sys.argv[5])
 counts, worst = {}, 0.0
 def get(kind, host, port, path):
     global worst
@@ -454,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
         verdict = judged and failures == 0 and lost == 0 and bool(applied) and list_ok
         growth = "not judged (--quick)" if args.quick else "flat" if flat_ok else "NOT flat"
         print(f"\nverdict: {'PASS' if verdict else 'FAIL'} (figures {growth}, {failures} task failures, "
-              f"{lost} answers lost, last list {'in force' if list_ok else 'NOT in force'}, portal errors: {'none' if browsers_ok else 'some, see above'})")
+              f"{lost} answers lost, last list {'in force' if list_ok else 'NOT in force'}, "
+              f"portal errors: {'none' if browsers_ok else 'some, see above'})")
         if not verdict:
             print(lab.log()[-3000:])
         return 0 if verdict else 1

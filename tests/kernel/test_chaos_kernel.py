@@ -89,8 +89,8 @@ def test_chaos_on_the_kernel() -> None:
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-        run = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "-p", "no:logging", f"{__file__}::TestInsideTheNamespace"],
+        run = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "pytest", "-q",
+                              "-p", "no:cacheprovider", "-p", "no:logging", f"{__file__}::TestInsideTheNamespace"],
                              env={**os.environ, ENV: name}, capture_output=True, text=True, timeout=120,
                              cwd=Path(__file__).resolve().parents[2])
         tail: Any = "\n".join((run.stdout + run.stderr).splitlines()[-80:])

@@ -80,8 +80,8 @@ subprocess.run(["nft", "add table inet ctt; add chain inet ctt c { type filter h
                        "add rule inet ctt c ct state new counter"], check=True)
 with tempfile.NamedTemporaryFile("w", suffix=".ct") as lines:
     for i in range(20000):     # 20,000 in 100.64.0.0/16 (to flush), 100 in 100.65.0.0/24 (to keep)
-        lines.write(f"-I -p tcp -s 100.64.{i // 250}.{i % 250 + 1} -d 192.0.2.1 --sport {10000 + i % 50000} --dport 443 "
-                    "--state ESTABLISHED -t 600 -u SEEN_REPLY\n")
+        lines.write(f"-I -p tcp -s 100.64.{i // 250}.{i % 250 + 1} -d 192.0.2.1 --sport {10000 + i % 50000} "
+                    "--dport 443 --state ESTABLISHED -t 600 -u SEEN_REPLY\n")
     for i in range(100):
         lines.write(f"-I -p tcp -s 100.65.0.{i + 1} -d 192.0.2.1 --sport 2000 --dport 443 "
                     "--state ESTABLISHED -t 600 -u SEEN_REPLY\n")
@@ -154,7 +154,8 @@ def _entries(topo, source4: str, source6: str, ports: set[int] | None = None) ->
     listing = topo.run(topo.gateway.netns, "conntrack", "-L", "-p", "tcp", check=True).stdout
     out = []
     for line in listing.splitlines():
-        src, dport, mark = re.search(r"src=(\S+)", line), re.search(r"dport=(\d+)", line), re.search(r"mark=(\d+)", line)
+        src, dport = re.search(r"src=(\S+)", line), re.search(r"dport=(\d+)", line)
+        mark = re.search(r"mark=(\d+)", line)
         sport = re.search(r"sport=(\d+)", line)
         if src and src.group(1) in (source4, source6) and (ports is None or int(sport.group(1)) in ports):
             out.append((src.group(1), int(dport.group(1)), int(mark.group(1)) if mark else 0))

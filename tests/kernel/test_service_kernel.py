@@ -216,10 +216,10 @@ def test_the_socket_group_lets_an_unprivileged_user_in_and_nobody_else(topo: Top
             ids = ["--reuid=65534", f"--regid={grp.getgrnam('users').gr_gid}", "--inh-caps=-all"]
             ids += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
             data = ["-d", post] if post else []
-            return subprocess.run([setpriv, *ids, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *data,
-                                   "--max-time", "3", "--unix-socket", lab.socket, target] if post or status else
-                                  [setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, target],
-                                  capture_output=True, text=True, check=False, timeout=10)
+            curl = ([setpriv, *ids, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *data,
+                     "--max-time", "3", "--unix-socket", lab.socket, target] if post or status else
+                    [setpriv, *ids, "curl", "-sf", "--max-time", "3", "--unix-socket", lab.socket, target])
+            return subprocess.run(curl, capture_output=True, text=True, check=False, timeout=10)
 
         # The portal looks up only addresses the kernel saw connect to the portal:
         # before the subscriber does, the member gets through the socket and is answered 403.

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from enforcer.claims import ClaimsIndex
 
-V4 = st.builds(lambda a, p: ipaddress.ip_network(f"{ipaddress.IPv4Address(a & ~((1 << (32 - p)) - 1) & 0xFFFFFFFF)}/{p}"),
+V4 = st.builds(lambda a, p: ipaddress.ip_network(
+                   f"{ipaddress.IPv4Address(a & ~((1 << (32 - p)) - 1) & 0xFFFFFFFF)}/{p}"),
                st.integers(0x64400000, 0x644000FF), st.sampled_from([22, 24, 29, 30, 32]))
 V6 = st.builds(lambda a, p: ipaddress.ip_network(
     f"{ipaddress.IPv6Address(((0x20010db8 << 96) | a) & ~((1 << (128 - p)) - 1))}/{p}"),

@@ -26,7 +26,8 @@ def sub(sid: str, *addresses: str, mode: Mode = Mode.WALLED_GARDEN) -> Subscribe
 @contextlib.asynccontextmanager
 async def enforcer(tmp: Path, guard: str = "") -> AsyncIterator[tuple[Enforcer, FakeDataplane]]:
     fake = FakeDataplane()
-    config = parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml{guard}}}\n", str(tmp / "c.yaml"))
+    config = parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml{guard}}}\n",
+                          str(tmp / "c.yaml"))
     e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: NOW)  # type: ignore[arg-type]
     await e.engine.restore()
     await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10", "2001:db8:10:100::/56")], "l.yaml", "1"))
@@ -82,8 +83,8 @@ def test_the_guard_weighs_prefixes_by_the_space_they_cover() -> None:
 
 async def test_one_broad_list_entry_is_held_by_the_guard(tmp_path: Path) -> None:
     async with enforcer(tmp_path, ", guard: {max_restrict: 100}") as (e, fake):
-        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10", "2001:db8:10:100::/56"), sub("C-2", "100.65.0.0/16")],
-                                   "l.yaml", "2"))
+        await e.lists.on_list(ListUpdate(
+            [sub("C-1", "100.64.0.10", "2001:db8:10:100::/56"), sub("C-2", "100.65.0.0/16")], "l.yaml", "2"))
         assert e.lists.held is not None and "65536" in e.lists.held.why
         assert "100.65.0.0" not in fake.view.get("mode4_16", {})
 

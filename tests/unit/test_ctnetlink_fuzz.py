@@ -92,7 +92,8 @@ MESSAGE_KINDS = st.sampled_from([cn._CT_NEW, cn._CT_NEW, cn._NLMSG_DONE, cn._NLM
 messages = st.builds(
     message, MESSAGE_KINDS, st.sampled_from([SEQ, SEQ, SEQ - 1, 0]),
     st.builds(lambda family, body: struct.pack("=BBH", family, 0, 0) + body,
-              st.sampled_from([socket.AF_INET, socket.AF_INET6, 0, 255]), st.lists(attributes, max_size=5).map(b"".join))
+              st.sampled_from([socket.AF_INET, socket.AF_INET6, 0, 255]),
+              st.lists(attributes, max_size=5).map(b"".join))
     | st.binary(max_size=8),
     LIES)
 dumps = st.lists(messages, max_size=6).map(b"".join)

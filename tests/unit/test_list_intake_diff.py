@@ -35,7 +35,8 @@ def sub(i: int, mode: Mode = Mode.WALLED_GARDEN, extra: str = "") -> Subscriber:
 
 @pytest.fixture
 async def enforcer(tmp_path: Path) -> Any:
-    text = f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\napi: {{socket: {tmp_path}/c.sock}}\n"
+    text = (f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+            f"api: {{socket: {tmp_path}/c.sock}}\n")
     fake, conntrack = FakeDataplane(), CountingConntrack()
     daemon = Enforcer(parse_config(text), dataplane=fake, conntrack=conntrack)  # type: ignore[arg-type]
     await daemon.engine.restore()

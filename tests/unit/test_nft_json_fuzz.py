@@ -20,9 +20,11 @@ TABLE = "walled_garden"
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 #: Any JSON value, biased towards the keys nft uses so the interesting branches are reached.
-KEYS = st.sampled_from(["nftables", "set", "map", "rule", "table", "name", "elem", "val", "prefix", "addr",
-                        "len", "chain", "comment", "goto", "target", "accept", "counter", "layout"]) | st.text(max_size=8)
-json_values = st.recursive(scalars | st.just(TABLE) | st.just("layout") | st.just("walled-garden layout 0123abcd"),
+KEYS = (st.sampled_from(["nftables", "set", "map", "rule", "table", "name", "elem", "val", "prefix", "addr",
+                         "len", "chain", "comment", "goto", "target", "accept", "counter", "layout"])
+        | st.text(max_size=8))
+json_values = st.recursive(scalars | st.just(TABLE) | st.just("layout")
+                           | st.just("walled-garden layout 0123abcd"),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
                            max_leaves=40)
 
@@ -82,7 +84,8 @@ def test_known_bad_shapes_are_named() -> None:
         ([], "not a JSON object"),
         ({"nftables": {}}, "'nftables' is not a list"),
         ({"nftables": [{"set": {"table": TABLE, "name": 3}}]}, "without a name"),
-        ({"nftables": [{"set": {"table": TABLE, "name": "portal4_32", "elem": {}}}]}, "portal4_32: 'elem' is not a list"),
+        ({"nftables": [{"set": {"table": TABLE, "name": "portal4_32", "elem": {}}}]},
+         "portal4_32: 'elem' is not a list"),
         ({"nftables": [{"map": {"table": TABLE, "name": "m", "elem": [["100.64.0.1"]]}}]}, "m: map element"),
         ({"nftables": [{"set": {"table": TABLE, "name": "s", "elem": [{"prefix": {"addr": "100.64.0.0"}}]}}]},
          "s: prefix"),

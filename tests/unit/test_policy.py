@@ -251,7 +251,8 @@ def test_property_absent_without_override_or_grace_is_free(inputs, sid, now):
 
 
 @PROPERTY
-@given(st.one_of(st.none(), SUBSCRIBERS.map(lambda s: replace(s, id="A"))), st.one_of(st.none(), OVERRIDES), GRACES, st.data())
+@given(st.one_of(st.none(), SUBSCRIBERS.map(lambda s: replace(s, id="A"))), st.one_of(st.none(), OVERRIDES), GRACES,
+       st.data())
 def test_property_active_grace_without_newer_override_is_free(listed, override, grace, data):
     if grace.until <= grace.paid_at:
         return

@@ -132,12 +132,14 @@ def test_a_logo_that_is_no_image_is_left_out_and_reported(config: Config, tmp_pa
     (tmp_path / "logo.png").write_text("<html>oops</html>")
     broken = branded(config, logo=str(tmp_path / "logo.png"))
     assert "<img" not in Pages.from_config(broken).caller_page(Caller(OVERDUE))
-    assert validate(broken) == [f"portal.branding.logo: {tmp_path / 'logo.png'}: not a PNG, JPEG, GIF, WebP or SVG image"]
+    assert validate(broken) == [
+        f"portal.branding.logo: {tmp_path / 'logo.png'}: not a PNG, JPEG, GIF, WebP or SVG image"]
 
 
 def test_page_stays_under_30_kb_with_a_12_kb_logo_in_every_language(config: Config, tmp_path: Path) -> None:
     logo = tmp_path / "logo.png"
-    logo.write_bytes(PNG + bytes(range(256)) * ((MAX_LOGO_BYTES - len(PNG)) // 256) + b"\0" * ((MAX_LOGO_BYTES - len(PNG)) % 256))
+    room = MAX_LOGO_BYTES - len(PNG)
+    logo.write_bytes(PNG + bytes(range(256)) * (room // 256) + b"\0" * (room % 256))
     assert logo.stat().st_size == MAX_LOGO_BYTES
     text = (f"state_dir: /tmp/x\nsubscribers: {{source: /tmp/x/l.yaml}}\n"
             f"portal:\n  show_account: true\n  branding: {{logo: {logo}}}\n"
@@ -196,7 +198,8 @@ async def test_a_custom_template_replaces_the_built_in_one(config: Config, tmp_p
 @pytest.mark.parametrize("text,expected", [
     (MINIMAL_TEMPLATE.replace("$summary", "$summry"),
      ["unknown placeholder $summry", "missing placeholder $summary"]),
-    (MINIMAL_TEMPLATE.replace("$trust $languages", ""), ["missing placeholder $trust", "missing placeholder $languages"]),
+    (MINIMAL_TEMPLATE.replace("$trust $languages", ""),
+     ["missing placeholder $trust", "missing placeholder $languages"]),
     (MINIMAL_TEMPLATE.replace("$$5", "$5"), ["a '$' that is not a placeholder"]),
     (MINIMAL_TEMPLATE.replace("<style>", '<link rel="stylesheet" href="https://cdn.example/x.css"><style>'),
      ["loads scripts, stylesheets or images from elsewhere"]),

@@ -167,7 +167,8 @@ async def test_settings_bound_at_start_are_kept_and_named(running: Any, tmp_path
                  api={"socket": str(tmp_path / "other.sock")}, portal={"listen": "0.0.0.0:8081"})
     with caplog.at_level(logging.INFO):
         assert await service.reload()
-    assert enforcer.engine.config.gateway.table == "walled_garden" and enforcer.engine.config.state_dir == str(tmp_path / "state")
+    assert enforcer.engine.config.gateway.table == "walled_garden"
+    assert enforcer.engine.config.state_dir == str(tmp_path / "state")
     assert enforcer.engine.config.portal.listen.port == 8080
     line = next(r.getMessage() for r in caplog.records if "event=reload_needs_restart" in r.getMessage())
     for key in ("state_dir", "gateway.table", "api.socket", "portal.listen"):

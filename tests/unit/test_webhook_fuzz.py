@@ -51,8 +51,8 @@ plausible = st.fixed_dictionaries({
                                    "addresses": st.lists(st.sampled_from(["100.64.0.9", "100.64.0.10",
                                                                           "2001:db8:9::/56"]), min_size=1,
                                                          max_size=2, unique=True)})})
-bodies = (plausible.map(lambda e: json.dumps(e).encode()) | events.map(lambda e: json.dumps(e).encode()) | json_values.map(lambda v: json.dumps(v).encode())
-          | st.binary(max_size=200))
+bodies = (plausible.map(lambda e: json.dumps(e).encode()) | events.map(lambda e: json.dumps(e).encode())
+          | json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200))
 
 
 @FUZZ
