@@ -29,10 +29,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
 from enforcer.config import Config
@@ -63,7 +64,7 @@ PAGES_KEY = web.AppKey("pages", Pages)
 CSRF_KEY = web.AppKey("csrf", CsrfTokens)
 LIMITER_KEY = web.AppKey("limiter", RateLimiter)
 URLS_KEY = web.AppKey("original_urls", OriginalUrls)
-CLOCK_KEY = web.AppKey("clock", Callable[[], float])
+CLOCK_KEY = web.AppKey[Callable[[], float]]("clock")   # not a class: the type goes in the subscript
 #: Set by whoever answers a request; read by ``count_requests`` for the ``kind`` label.
 KIND_KEY = web.RequestKey("kind", RequestKind)
 
@@ -81,9 +82,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: Config, client: LookupClient | None = None, *,
@@ -149,9 +147,8 @@ def count_requests(metrics: PortalMetrics) -> Middleware:
 def _kind(request: web.Request, status: int) -> RequestKind:
     if status >= 500:
         return RequestKind.ERROR
-    kind = request.get(KIND_KEY)
-    if kind is not None:
-        return kind
+    if KIND_KEY in request:
+        return request[KIND_KEY]
     if status in (404, 405):
         return RequestKind.NOT_FOUND
     return RequestKind.ERROR

@@ -84,7 +84,7 @@ class Conntrack:
             union: set[Network] = set().union(*(networks for networks, _, _ in group))
             try:
                 deleted = await self.flush_now(union, keep_mark)
-            except Exception as exc:    # handed to every waiter, who logs and counts it
+            except Exception as exc:  # noqa: BLE001 - every waiter must be answered whatever failed; each re-raises it
                 for _, _, done in group:
                     done.set_exception(exc)
                     done.exception()
@@ -142,15 +142,15 @@ class Conntrack:
         families = [(family, version) for family, version in (("ipv4", 4), ("ipv6", 6))
                     if any(v == version for v, _ in index)]
         listings = await asyncio.gather(*(self._sources(family, keep_mark) for family, _ in families))
-        for (family, version), sources in zip(families, listings, strict=True):
+        for (_family, version), sources in zip(families, listings, strict=True):
             lengths = [(plen, table) for (v, plen), table in index.items() if v == version]
             width = 32 if version == 4 else 128
             for source in sources:
                 value = int(ipaddress.ip_address(source))
                 for plen, table in lengths:
-                    network = table.get(value >> (width - plen) << (width - plen))
-                    if network is not None:
-                        found[network] = None
+                    hit = table.get(value >> (width - plen) << (width - plen))
+                    if hit is not None:
+                        found[hit] = None
         return list(found)
 
     async def _sources(self, family: str, keep_mark: int) -> set[str]:

@@ -36,7 +36,7 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .model import Network
 
@@ -56,7 +56,7 @@ DELETE_CHUNK = 256
 RECV_TIMEOUT = 10.0
 #: A dump's cost before one was measured: an empty table's walk (262,144 buckets) here.
 GUESS = 0.02
-_COST_KEY = {socket.AF_UNSPEC: "all", socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_COST_KEY: dict[int, str] = {socket.AF_UNSPEC: "all", socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
 class CtnetlinkError(OSError):
@@ -96,8 +96,8 @@ def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]
     while offset + 4 <= end:
         size, kind = struct.unpack_from("=HH", data, offset)
         if size < 4 or offset + size > end:
-            raise CtnetlinkError(errno.EBADMSG, f"conntrack message: attribute of type {kind & _TYPE_MASK} at byte {offset} "
-                                    f"has length {size}, {end - offset} bytes left")
+            raise CtnetlinkError(errno.EBADMSG, f"conntrack message: attribute of type {kind & _TYPE_MASK} "
+                                                f"at byte {offset} has length {size}, {end - offset} bytes left")
         yield kind & _TYPE_MASK, offset + 4, offset + size
         offset += (size + 3) & ~3
 
@@ -138,7 +138,8 @@ def _mark(data: bytes, start: int, end: int) -> int:
     for kind, offset, stop in _attrs(data, start, end):
         if kind == _CTA_MARK:
             if stop - offset != 4:
-                raise CtnetlinkError(errno.EBADMSG, f"conntrack message: CTA_MARK of {stop - offset} bytes at byte {offset}")
+                raise CtnetlinkError(errno.EBADMSG,
+                                     f"conntrack message: CTA_MARK of {stop - offset} bytes at byte {offset}")
             return int.from_bytes(data[offset:stop], "big")
     return 0
 
@@ -176,7 +177,8 @@ def parse_dump(data: bytes, seq: int, match: Callable[[tuple[int, int]], bool] |
             return found, True
         if kind == _NLMSG_ERROR:
             if start > end:
-                raise CtnetlinkError(errno.EBADMSG, f"conntrack dump: error message of {length} bytes has no error code")
+                raise CtnetlinkError(errno.EBADMSG,
+                                     f"conntrack dump: error message of {length} bytes has no error code")
             error = struct.unpack_from("=i", data, start - 4)[0]
             if error:
                 raise CtnetlinkError(-error if error < 0 else error,
@@ -255,7 +257,7 @@ class Ctnetlink:
         self.last_pass = "filtered" if filtered else "full"
         return self._delete(found)
 
-    def _full(self, family: int, networks: list[Network], keep_mark: int) -> list[bytes]:
+    def _full(self, family: int, networks: Sequence[Network], keep_mark: int) -> list[bytes]:
         """The entries from ``networks`` found by one dump of ``family``; records its cost."""
         index = NetworkIndex(networks)
         started = time.perf_counter()
@@ -276,7 +278,8 @@ class Ctnetlink:
         ``keep_mark`` are left out (by the kernel, and again in ``parse_dump``)."""
         body = b""
         if source is not None:
-            body = _attr(_CTA_TUPLE_ORIG | _NESTED, _attr(_CTA_TUPLE_IP | _NESTED, _attr(_CTA_IP_V4_SRC, source.packed)))
+            body = _attr(_CTA_TUPLE_ORIG | _NESTED,
+                         _attr(_CTA_TUPLE_IP | _NESTED, _attr(_CTA_IP_V4_SRC, source.packed)))
             body += _attr(_CTA_FILTER | _NESTED, _attr(_CTA_FILTER_ORIG_FLAGS, struct.pack("=I", _CTA_FILTER_F_IP_SRC))
                           + _attr(_CTA_FILTER_REPLY_FLAGS, struct.pack("=I", 0)))
         if keep_mark:   # the kernel sends entries with (mark & mask) == value: here mark & keep == 0
@@ -318,7 +321,8 @@ class Ctnetlink:
                 length, kind, _flags, msg_seq, _pid = _HEADER.unpack_from(data, offset)
                 if kind == _NLMSG_ERROR and msg_seq in sequences:
                     if offset + _HEADER.size + 4 > len(data):
-                        raise CtnetlinkError(errno.EBADMSG, f"conntrack delete: acknowledgement at byte {offset} is truncated")
+                        raise CtnetlinkError(errno.EBADMSG,
+                                             f"conntrack delete: acknowledgement at byte {offset} is truncated")
                     sequences.discard(msg_seq)
                     ok += struct.unpack_from("=i", data, offset + _HEADER.size)[0] == 0
                 offset += (max(length, _HEADER.size) + 3) & ~3

@@ -182,8 +182,8 @@ class Engine:
         except NeedsFullSync:
             return await self.sync_all()
         except (DataplaneError, AddressConflict) as exc:
-            for sid, previous in reversed(undo):
-                self.claims.claim(sid, previous)
+            for sid, held in reversed(undo):
+                self.claims.claim(sid, held)
             if isinstance(exc, DataplaneError):
                 self.metrics.sync_failures.inc()
                 log.error("event=sync_failed kind=partial error=%r", str(exc))

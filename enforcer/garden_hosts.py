@@ -45,9 +45,10 @@ class GardenHosts:
     async def refresh(self) -> set[str]:
         """Resolve every name once; returns the union in force afterwards."""
         results = await asyncio.gather(*(self.resolver(h) for h in self.hosts), return_exceptions=True)
-        for host, result in zip(self.hosts, results):
+        for host, result in zip(self.hosts, results, strict=True):
             if isinstance(result, BaseException) or not result:
-                why = "no addresses" if not isinstance(result, BaseException) else (str(result) or type(result).__name__)
+                why = ("no addresses" if not isinstance(result, BaseException)
+                       else (str(result) or type(result).__name__))
                 log.warning("event=garden_host_unresolved host=%s error=%r kept=%d", host, why,
                             len(self.known.get(host, ())))
                 continue
@@ -59,11 +60,13 @@ class GardenHosts:
         return addresses
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Refresh every ``REFRESH_SECONDS`` until ``stop``. A name that fails to resolve is
+        handled inside ``refresh`` and a table that cannot be changed inside ``apply``; anything
+        else is a bug and ends the run, which the supervisor logs with its traceback, counts
+        (``walled_garden_task_failures_total{task="hosts"}``) and restarts with backoff, keeping
+        ``known``."""
         while not stop.is_set():
-            try:
-                await self.refresh()
-            except Exception as exc:  # keep refreshing whatever one round did
-                log.error("event=garden_hosts_failed error=%r", str(exc))
+            await self.refresh()
             try:
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
             except TimeoutError:

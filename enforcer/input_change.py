@@ -25,9 +25,9 @@ from .store import EnforcedWrite, StoreError
 log = logging.getLogger("walled_garden.enforcer")
 
 
-async def change_inputs(engine: Engine, sid: str, change: Callable[[float], None], note: str) -> Result:
+async def change_inputs(engine: Engine, sid: str, change: Callable[[float], object], note: str) -> Result:
     """Apply ``change(receipt instant)`` to ``sid``'s inputs: decide, commit, persist, audit, flush.
-    ``change`` may raise to refuse (under the lock, nothing changed yet)."""
+    ``change`` may raise to refuse (under the lock, nothing changed yet); what it returns is ignored."""
     async with engine.lock:
         now = engine.now()
         saved = engine.save(sid)

@@ -24,6 +24,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from .exemptions import Exemption
 from .guard import guard_reason as guard_reason  # re-exported until its callers import enforcer.guard
@@ -204,6 +205,17 @@ class Snapshot:
     promises: list[Promise] | None
 
 
+_V = TypeVar("_V")
+
+
+def _put_back(table: dict[str, _V], subscriber_id: str, value: _V | None) -> None:
+    """``table[subscriber_id]`` as a snapshot saw it: ``None`` means it had no entry."""
+    if value is None:
+        table.pop(subscriber_id, None)
+    else:
+        table[subscriber_id] = value
+
+
 @dataclass
 class PolicyInputs:
     """Everything ``decide`` reads, kept together so the daemon and tests share one shape."""
@@ -274,13 +286,11 @@ class PolicyInputs:
     def restore(self, snapshot: Snapshot) -> None:
         """Put back what ``snapshot`` copied (a change that could not be applied)."""
         sid = snapshot.subscriber_id
-        for table, value in ((self.overrides, snapshot.override), (self.graces, snapshot.grace),
-                             (self.readdressed, snapshot.readdress), (self.exemptions, snapshot.exemptions),
-                             (self.promises, snapshot.promises)):
-            if value is None:
-                table.pop(sid, None)   # type: ignore[attr-defined]
-            else:
-                table[sid] = value     # type: ignore[index]
+        _put_back(self.overrides, sid, snapshot.override)
+        _put_back(self.graces, sid, snapshot.grace)
+        _put_back(self.readdressed, sid, snapshot.readdress)
+        _put_back(self.exemptions, sid, snapshot.exemptions)
+        _put_back(self.promises, sid, snapshot.promises)
 
     def list_exempt(self) -> list[Subscriber]:
         """Listed entries that carry their own exemption (cached per list)."""

@@ -87,7 +87,8 @@ class Queries:
             "audit": engine.store.audit(sid, limit=10),
             "addresses": [str(a) for a in decision.subscriber.addresses] if decision.subscriber else [],
             "list": listed.to_json() if listed else None,
-            "override": {"restrict": override.restrict, "at": override.at, "cause": override.cause} if override else None,
+            "override": ({"restrict": override.restrict, "at": override.at, "cause": override.cause}
+                         if override else None),
             "payment_grace": {"paid_at": grace.paid_at, "until": grace.until, "cause": grace.cause} if grace else None,
             "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
             "notice_acknowledged_until": engine.acknowledged.get(sid),

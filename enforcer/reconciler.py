@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
@@ -41,6 +42,17 @@ class SyncResult:
     kind: str                       # "full" (table replaced) or "partial" (element diff)
     elements: int                   # elements added or deleted
     changed: list[Network] = field(default_factory=list)  # enforcement changed: flush their connections
+
+
+class Desired(NamedTuple):
+    """What a set of decisions asks of the table (``Reconciler._desired``)."""
+
+    elements: Elements
+    owned: dict[str, Decision]          # subscriber → the decision whose elements are in ``elements``
+    owners: dict[str, dict[str, str]]   # mode map → key → subscriber holding it
+    changed: list[Network]              # addresses whose enforcement changes: flush their connections
+    used: set[tuple[int, int]]          # (IP version, prefix length) pairs the elements use
+    clashes: list[tuple[str, str]]      # (subscriber left out, subscriber holding its address)
 
 
 class NeedsFullSync(DataplaneError):
@@ -120,7 +132,7 @@ class Reconciler:
         return SyncResult(kind, count, changed)
 
     def _desired(self, decisions: Mapping[str, Decision], before: Elements, order: Iterable[str]
-                 ) -> tuple[Elements, dict[str, Decision], dict[str, dict[str, str]], list[Network], set, list]:
+                 ) -> Desired:
         """Elements, owners, and the addresses whose entry changes, for all decisions.
 
         Written for 100k subscribers (a cold load's budget is ~1.3x raw ``nft -f``): one
@@ -136,7 +148,7 @@ class Reconciler:
                 continue
             owned[sid] = decision
             mode = decision.mode
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
+            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=True):
                 group = groups.get((version, plen, mode))
                 if group is None:
                     group = groups[(version, plen, mode)] = ([], [], [])
@@ -149,7 +161,7 @@ class Reconciler:
         for (version, plen, mode), (keys, sids, networks) in groups.items():
             holders = owners.setdefault(mode_map(version, plen), {})
             size = len(holders)
-            holders.update(zip(keys, sids))
+            holders.update(zip(keys, sids, strict=True))
             if len(holders) != size + len(keys):      # an address claimed twice
                 return self._desired_exact(decisions, before, order)
             verdict = MODE_VERDICTS[mode]
@@ -160,11 +172,11 @@ class Reconciler:
                     desired[name] = dict.fromkeys(keys, value)
             was = before.get(mode_map(version, plen))
             if was:
-                changed.extend(network for key, network in zip(keys, networks) if was.get(key) != verdict)
+                changed.extend(network for key, network in zip(keys, networks, strict=True) if was.get(key) != verdict)
             else:
                 changed.extend(networks)
         self._finish_desired(desired, before, changed)
-        return desired, owned, owners, changed, {group[:2] for group in groups}, []
+        return Desired(desired, owned, owners, changed, {(version, plen) for version, plen, _ in groups}, [])
 
     def _finish_desired(self, desired: Elements, before: Elements, changed: list[Network]) -> None:
         """Addresses whose entry goes away are changed too; the resolved garden hosts join."""
@@ -177,7 +189,7 @@ class Reconciler:
             desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
 
     def _desired_exact(self, decisions: Mapping[str, Decision], before: Elements, order: Iterable[str]
-                       ) -> tuple[Elements, dict[str, Decision], dict[str, dict[str, str]], list[Network], set, list]:
+                       ) -> Desired:
         """``_desired`` one subscriber at a time: the first in ``order`` keeps a contested
         address, a subscriber with any contested address is left out whole (``clashes``)."""
         desired: Elements = {}
@@ -195,7 +207,7 @@ class Reconciler:
             entries = []
             clash = None
             mode = decision.mode
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses):
+            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=True):
                 slot = slots.get((version, plen, mode))
                 if slot is None:
                     places = placements(version, plen, mode)
@@ -217,7 +229,7 @@ class Reconciler:
                     changed.append(network)
             owned[sid] = decision
         self._finish_desired(desired, before, changed)
-        return desired, owned, owners, changed, {slot[:2] for slot in slots}, clashes
+        return Desired(desired, owned, owners, changed, {(version, plen) for version, plen, _ in slots}, clashes)
 
     # -- small changes -----------------------------------------------------------------
     def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
@@ -294,7 +306,7 @@ class Reconciler:
             self.host_allow = wanted
             return
         tx = Transaction(self.dataplane.table)
-        target = {HOST_ALLOW[v]: {a: None for a in wanted if (":" in a) == (v == 6)} for v in (4, 6)}
+        target: Elements = {HOST_ALLOW[v]: {a: None for a in wanted if (":" in a) == (v == 6)} for v in (4, 6)}
         _diff(tx, {name: self.mirror.elements.get(name, {}) for name in target}, target)
         self._apply(tx)
         self.host_allow = wanted
@@ -307,9 +319,10 @@ class Reconciler:
         Runs on the caller's thread (the daemon's kernel thread, like every other call here).
         Cheap (``full=False``, every few seconds; ~0.3 ms at 100k elements): one batch of ``get
         element`` for the layout tag's element and each reconciled set's sentinel, so a deleted or
-        replaced table and a ``flush set`` are seen (only then is the table listed, to say what). Full (``full=True``, rarely: it lists every element, see
-        docs/benchmarks.md): every reconciled set compared element by element with the mirror,
-        so a single deleted or added element is seen too. A difference sets ``needs_full``: the
+        replaced table and a ``flush set`` are seen (only then is the table listed, to say what).
+        Full (``full=True``, rarely: it lists every element, see docs/benchmarks.md): every
+        reconciled set compared element by element with the mirror, so a single deleted or added
+        element is seen too. A difference sets ``needs_full``: the
         next ``sync_all`` re-reads the kernel and repairs it (a diff, or one atomic replace when
         a set was flushed). Nothing is checked, and ``""`` returned, while ``needs_full`` is
         already set or before the first sync. The kernel's own failures raise ``DataplaneError``.

@@ -187,7 +187,8 @@ class Service:
 
     async def _start_hosts(self, config: Config) -> None:
         if config.walled_garden.allow_hosts:
-            hosts = GardenHosts(config.walled_garden.allow_hosts, functools.partial(garden_hosts.install, self.enforcer.engine))
+            hosts = GardenHosts(config.walled_garden.allow_hosts,
+                                functools.partial(garden_hosts.install, self.enforcer.engine))
             self._task("hosts", lambda: hosts.run(self.stop))
         else:
             self._task("hosts", None)

@@ -19,12 +19,16 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .address_space import AddressSpace
 from .config import SubscribersConfig
 from .issues import Issue
 from .subscribers import ListError, Subscriber, parse_list
+
+if TYPE_CHECKING:   # imported where used: reading a file source never loads the HTTP client
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +216,11 @@ class UrlSource:
                 except TimeoutError:
                     pass
 
-    def _ssl(self) -> ssl.SSLContext | None:
+    def _ssl(self) -> ssl.SSLContext | bool:
+        """aiohttp's ``ssl=``: ``True`` (its default verification) for plain HTTP, where it is
+        unused; for HTTPS a context with the configured CA and client certificate."""
         if not self.url.startswith("https://"):
-            return None
+            return True
         context = ssl.create_default_context(cafile=self.config.ca_file or None)
         if self.config.client_cert:
             context.load_cert_chain(self.config.client_cert, self.config.client_key or None)
@@ -231,7 +237,7 @@ class UrlSource:
                 headers["Authorization"] = f"Bearer {handle.readline().strip()}"
         return headers
 
-    async def poll(self, session: aiohttp.ClientSession) -> bool:  # noqa: F821
+    async def poll(self, session: aiohttp.ClientSession) -> bool:
         """Fetch once; True when the source answered with a good list or 'not modified'."""
         import aiohttp
 

@@ -62,7 +62,7 @@ class Subscriber:
         return tuple(out)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "addresses": [str(a) for a in self.addresses],
+        out: dict[str, Any] = {"id": self.id, "addresses": [str(a) for a in self.addresses],
                "mode": self.mode.value, "reason": self.reason}
         if self.exempt_until:
             out.update(exempt_until=self.exempt_until, exempt_category=self.exempt_category)
@@ -173,7 +173,7 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     if len(issues) > before:
         return None
     subscriber = Subscriber(str(ident), tuple(networks), mode, reason, exempt_until, exempt_category)
-    subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
+    _ = subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
     return subscriber
 
 
@@ -322,7 +322,7 @@ def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[S
                 issues.append(ListIssue(f"{name}:{line}", f"expected 2 to {len(_FIELDS)} columns "
                                                           f"({','.join(_FIELDS)}), got {len(cells)}"))
                 continue
-            raw = dict(zip(_FIELDS, cells))
+            raw = dict(zip(_FIELDS, cells, strict=False))
             sub = _checked_entry(raw, f"{name}:{line}", issues, space)
             if sub is not None:
                 out.append((sub, line))

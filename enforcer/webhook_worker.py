@@ -261,7 +261,8 @@ class WorkerBridge:
             if "event" in message:
                 self._submit(message)
             elif "count" in message:
-                self.sink.count(*message["count"], by=int(message.get("by", 1)))
+                event_type, result = message["count"]
+                self.sink.count(str(event_type), str(result), by=int(message.get("by", 1)))
             elif message.get("ready"):
                 self.ready.set()
 

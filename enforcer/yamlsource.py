@@ -93,11 +93,12 @@ def _refuse_aliases(text: str, loader_class: type) -> None:
         return
     for event in yaml.parse(text, Loader=loader_class):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
             raise YamlSyntaxError("anchors and aliases (&name, *name) are not allowed here",
-                                  event.start_mark.line + 1)
+                                  mark.line + 1 if mark is not None else None)
 
 
-def _index(root: yaml.Node, lines: dict, max_nodes: int) -> None:
+def _index(root: yaml.Node, lines: dict[tuple[str | int, ...], int], max_nodes: int) -> None:
     """Record the line of every mapping key and sequence item; reject duplicate keys and more
     than ``max_nodes`` visits. Iterative, so nesting depth costs no Python stack."""
     visits = 0

@@ -17,6 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .. import control_protocol as protocol
 from ..events import EventError, load_json
@@ -68,9 +69,11 @@ async def get_explain(request: web.Request) -> web.Response:
 def peer_credentials(request: web.Request) -> tuple[int, int] | None:
     """(pid, uid) of the process on the other end of the control socket (SO_PEERCRED)."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:   # the connection is already gone
+        return None
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (AttributeError, OSError):
+    except OSError:
         return None
     pid, uid, _ = struct.unpack("3i", creds)
     return pid, uid
@@ -81,7 +84,7 @@ PORTAL_PATHS = frozenset({protocol.LOOKUP, *protocol.PORTAL_ACTIONS})
 
 
 @web.middleware
-async def operators_only(request: web.Request, handler: Any) -> web.StreamResponse:
+async def operators_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The socket's group lets the portal in; operator actions and subscriber details
     (status, explain, audit, restrict, lift, exempt, approve...) need root or the daemon's own
     user, so a compromised portal cannot lift anyone or read the audit log."""
@@ -115,7 +118,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
         body = load_json(await request.read())
     except EventError as exc:
         raise web.HTTPBadRequest(text=json.dumps({"error": f"body must be JSON: {exc}"}),
-                                 content_type="application/json")
+                                 content_type="application/json") from None
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
                                  content_type="application/json")
@@ -159,8 +162,8 @@ async def post_exempt(request: web.Request) -> web.Response:
         category = check_category(body.get("category"))
         until = parse_until(body.get("until"), enforcer.engine.clock(), enforcer.engine.config.policy.windows.tz)
     except (ValueError, OverflowError) as exc:  # 9999-12-31 ends in year 10000
-        return json_response(400, {"error": f"until {body.get('until')!r}: out of range" if isinstance(exc, OverflowError)
-                           else str(exc)})
+        problem = f"until {body.get('until')!r}: out of range" if isinstance(exc, OverflowError) else str(exc)
+        return json_response(400, {"error": problem})
     if len(note) > 500:
         return json_response(400, {"error": "note: at most 500 characters"})
     return answer(await enforcer.operator.exempt(peer(request), sid, category, until, note))
@@ -173,7 +176,8 @@ async def get_audit(request: web.Request) -> web.Response:
         limit = int(query.get("limit", "200"))
     except (ValueError, OverflowError) as exc:  # OverflowError: a time zone past year 1 or 9999
         return json_response(400, {"error": f"since/limit: {exc}"})
-    entries = request.app[ENFORCER_KEY].queries.audit(query.get("subscriber") or None, since, max(1, min(limit, 100_000)))
+    entries = request.app[ENFORCER_KEY].queries.audit(query.get("subscriber") or None, since,
+                                                      max(1, min(limit, 100_000)))
     return json_response(200, {"entries": entries})
 
 

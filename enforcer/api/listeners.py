@@ -70,8 +70,10 @@ async def start_unix_site(app: web.Application, path: str, group: str = "") -> w
     ``SupplementaryGroups=walled-garden``).
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)
+    try:
+        os.unlink(path)   # the socket file a previous run left behind
+    except FileNotFoundError:
+        pass
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     old = os.umask(0o117)

@@ -133,7 +133,8 @@ async def post_event(request: web.Request) -> web.Response:
         if held is not None:
             log.warning("event=webhook_rejected peer=%s why=%r held_back=%d (at most one line per %.0fs; "
                         "walled_garden_events_total counts them all)", request.remote, why, held, REJECT_LOG_EVERY)
-        return json_response(401, {"error": "missing or invalid webhook signature, or timestamp more than 5 minutes off"})
+        return json_response(401, {"error": "missing or invalid webhook signature, "
+                                            "or timestamp more than 5 minutes off"})
     event_id = request.headers["webhook-id"]
     problem = _id_problem(event_id)
     try:

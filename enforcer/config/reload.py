@@ -26,7 +26,8 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
     value therefore waits for a restart."""
     restart = [key for key, get in BOUND_AT_START.items() if get(new) != get(old)]
     kept = replace(new, state_dir=old.state_dir, gateway=replace(new.gateway, table=old.gateway.table),
-                   api=replace(new.api, socket=old.api.socket, socket_group=old.api.socket_group, listen=old.api.listen),
+                   api=replace(new.api, socket=old.api.socket, socket_group=old.api.socket_group,
+                               listen=old.api.listen),
                    metrics=replace(new.metrics, listen=old.metrics.listen),
                    portal=replace(new.portal, listen=old.portal.listen))
     return kept, restart

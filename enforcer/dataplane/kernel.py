@@ -97,7 +97,8 @@ class KernelDataplane:
         out: dict[str, tuple[int, int]] = {}
         for obj in _objects(data):
             counter = obj.get("counter")
-            if isinstance(counter, dict) and counter.get("table") == self.table and isinstance(counter.get("name"), str):
+            if (isinstance(counter, dict) and counter.get("table") == self.table
+                    and isinstance(counter.get("name"), str)):
                 try:
                     out[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
                 except (TypeError, ValueError):

@@ -45,12 +45,13 @@ the same batch asks for the layout tag as an element of ``layouttag`` (``TAG_SET
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-import functools
 from functools import cached_property
 
 from ..model import DEFAULT_THROTTLE_RATE, Mode, Network, default_throttle_burst
@@ -242,8 +243,7 @@ class Layout:
         for version in (4, 6):
             addr = "ipv4_addr" if version == 4 else "ipv6_addr"
             # Overlapping CIDRs would make nft reject the whole interval set: merge them first.
-            nets = ", ".join(str(n) for n in ipaddress.collapse_addresses(
-                a for a in self.allow if a.version == version))
+            nets = ", ".join(str(n) for n in _collapsed(self.allow, version))
             elements = f" elements = {{ {nets} }};" if nets else ""
             lines.append(f"\tset allow{version} {{ type {addr}; flags interval;{elements} }}")
             lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
@@ -417,6 +417,14 @@ def _masked_saddr(version: int, prefixlen: int) -> str:
     return _masked(version, prefixlen, "saddr")
 
 
+def _collapsed(networks: Iterable[Network], version: int) -> list[Network]:
+    """The ``version`` networks among ``networks`` with overlaps merged (``collapse_addresses``
+    takes one family at a time)."""
+    if version == 4:
+        return list(ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network)))
+    return list(ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network)))
+
+
 def _masked(version: int, prefixlen: int, direction: str) -> str:
     field_ = f"ip {direction}" if version == 4 else f"ip6 {direction}"
     full = 32 if version == 4 else 128
@@ -430,7 +438,7 @@ def elements_for(network: Network, mode: Mode) -> list[tuple[str, str, str | Non
     """The (container, key, value) elements that restrict one address or prefix in ``mode``."""
     version, plen = network.version, network.prefixlen
     key = socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, network.network_address.packed)
-    out = [(redirect_set(version, plen, mode), key, None)]
+    out: list[tuple[str, str, str | None]] = [(redirect_set(version, plen, mode), key, None)]
     if mode is Mode.THROTTLE:
         out.append((throttle_set(version, plen), key, None))
     return out

@@ -56,7 +56,7 @@ class Nftables:
         self._json = self._context(_OUTPUT_JSON)
 
     def _context(self, flags: int) -> int:
-        ctx = self._lib.nft_ctx_new(0)
+        ctx: int | None = self._lib.nft_ctx_new(0)  # restype c_void_p: an address or None
         if not ctx:
             raise NftError("nft_ctx_new failed")
         self._lib.nft_ctx_output_set_flags(ctx, flags)

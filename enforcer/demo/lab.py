@@ -27,6 +27,14 @@ PORTAL_PORT = 8080
 API_PORT = 8787
 
 
+def _object(data: Any, what: str) -> dict[str, Any]:
+    """``data`` when it is a JSON object; every answer the demo reads is one, so anything else
+    is a broken daemon or sender and stops the demo with what was wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} is not a JSON object: {data!r}"[:300])
+    return data
+
+
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
                  payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None) -> None:
@@ -71,14 +79,11 @@ class Lab:
 
     # -- processes ------------------------------------------------------------------------
     def _start(self, command: str, log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
-        log = open(self.work / log_name, "ab")
-        try:
+        with open(self.work / log_name, "ab") as log:   # the child keeps its own copy of the descriptor
             return self.topo.popen(self.topo.gateway.netns, sys.executable, "-m", "enforcer.cli", command,
                                    "--config", str(self.config_path), stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        finally:
-            log.close()
 
     def start_daemon(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
         """``env`` is added to the environment (e.g. a test's ``NOTIFY_SOCKET``)."""
@@ -145,12 +150,12 @@ class Lab:
     # -- talking to it ---------------------------------------------------------------------
     def status(self) -> dict[str, Any] | None:
         try:
-            return request(self.socket, "GET", "/v1/status", timeout=2.0)
+            return _object(request(self.socket, "GET", "/v1/status", timeout=2.0), "status answer")
         except ControlError:
             return None
 
     def lookup(self, address: str) -> dict[str, Any]:
-        return request(self.socket, "GET", f"/v1/lookup?address={address}")
+        return _object(request(self.socket, "GET", f"/v1/lookup?address={address}"), "lookup answer")
 
     def send_event(self, kind: str, subscriber: str, **data: Any) -> dict[str, Any]:
         """Sign and send from the upstream namespace, where billing would be."""
@@ -159,7 +164,7 @@ class Lab:
                                "--url", url, "--secret-file", str(self.secret_path), "--type", kind,
                                "--subscriber", subscriber, "--data", json.dumps(data), timeout=30.0)
         try:
-            return json.loads(result.stdout)
+            return _object(json.loads(result.stdout), "billing sender's output")
         except ValueError:
             raise RuntimeError(f"billing sender failed: {result.stdout}{result.stderr}") from None
 

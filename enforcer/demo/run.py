@@ -105,7 +105,8 @@ def main() -> int:
         _step("measured")
         committed = _event_to_enforce(topo)
         if committed is not None:
-            _say(f"   lift latency, event received -> kernel commit (daemon's own histogram): {committed * 1000:.2f} ms")
+            _say("   lift latency, event received -> kernel commit (daemon's own histogram): "
+                 f"{committed * 1000:.2f} ms")
         _say(f"   lift latency, webhook sent -> 200 (kernel committed, connections flushed): "
              f"{result['seconds'] * 1000:.1f} ms")
         _say(f"   billing process started -> subscriber's next page loaded from the internet host: "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -39,6 +40,8 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["Host", "Topology"]
+
+log = logging.getLogger(__name__)
 
 IP = "ip"
 SYSCTL = "sysctl"
@@ -262,16 +265,13 @@ class Topology:
             if self._closed:
                 return
             self._closed = True
-        try:
-            atexit.unregister(self.close)
-        except Exception:
-            pass
+        atexit.unregister(self.close)
         deferred: list[int] = []
         restore = self._defer_signals(deferred)
         try:
             self._cleanup()
-        except BaseException:  # never raise from cleanup
-            pass
+        except BaseException:   # close() runs in __exit__, atexit and signal handlers: it never raises
+            log.exception("event=topology_cleanup_failed namespaces_left=%s", ",".join(self._created_ns))
         finally:
             restore()
             self._restore_signal_handlers()
@@ -290,22 +290,20 @@ class Topology:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            except Exception:
-                pass
         for p in live:
             _killpg(p.pid, signal.SIGKILL)
         for p in live:
             try:
                 p.wait(timeout=1.0)
-            except Exception:
-                pass
+            except subprocess.TimeoutExpired:
+                pass   # stuck in the kernel; the namespace deletion below still runs
         for p in self._procs:
             for stream in (p.stdin, p.stdout, p.stderr):
                 try:
                     if stream is not None:
                         stream.close()
-                except Exception:
-                    pass
+                except OSError:
+                    pass   # a pipe whose reader is gone (flushing stdin); closing is all we wanted
 
         # 2. Anything else still running inside our namespaces.
         for ns in self._created_ns:
@@ -422,14 +420,15 @@ class Topology:
         # directly into the far namespace -> nothing ever touches the root ns.
         links: list[tuple[str, str, str]] = [
             (gw_if, peer, h.netns)
-            for gw_if, peer, h in zip(self.subscriber_interfaces, self._sub_peer, self.subscribers)
+            for gw_if, peer, h in zip(self.subscriber_interfaces, self._sub_peer, self.subscribers, strict=True)
         ]
         links.append((self.upstream_interface, self._up_peer, self.upstream.netns))
         links.append((self.garden_interface, self._gd_peer, self.garden.netns))
         for gw_if, peer, far_ns in links:
             self._must_ns(gw, IP, "link", "add", gw_if, "type", "veth", "peer", "name", peer, "netns", far_ns)
 
-        for i, (h, gw_if, peer) in enumerate(zip(self.subscribers, self.subscriber_interfaces, self._sub_peer), 1):
+        subscriber_links = zip(self.subscribers, self.subscriber_interfaces, self._sub_peer, strict=True)
+        for i, (h, gw_if, peer) in enumerate(subscriber_links, 1):
             self._addr(gw, gw_if, f"{self.gateway_addr4(i)}/24", f"{self.gateway_addr6(i)}/64")
             self._addr(h.netns, peer, f"{h.addr4}/24", f"{h.addr6}/64")
             self._must_ns(h.netns, IP, "-4", "route", "add", "default", "via", self.gateway_addr4(i))
@@ -603,7 +602,7 @@ def _run_quiet(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT,
                               stdin=subprocess.DEVNULL)
-    except Exception:
+    except (OSError, subprocess.SubprocessError):   # missing tool, or timed out
         return None
 
 
