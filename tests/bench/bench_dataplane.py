@@ -129,7 +129,7 @@ async def event_latency(n: int, events: int, config_text: str, workdir: str) -> 
     started = time.perf_counter()
     await enforcer.lists.on_list(ListUpdate(subs, "bench", "1"), approved_by="benchmark")
     load_s = time.perf_counter() - started
-    runner = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(config.api.webhook_secret_file)),
+    runner = await start_tcp_site(webhook_app(enforcer.events, load_webhook_secret(config.api.webhook_secret_file)),
                                   "127.0.0.1", 18787)
     secret = (await asyncio.to_thread(Path(config.api.webhook_secret_file).read_text)).strip()
     answer_s: list[float] = []

@@ -179,11 +179,11 @@ async def run(args: argparse.Namespace, work: str) -> None:
     await asyncio.sleep(1)  # let background flushes of the list loads finish
 
     if args.in_process:  # the pre-worker design, for comparison
-        site = await start_tcp_site(webhook_app(enforcer, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
+        site = await start_tcp_site(webhook_app(enforcer.events, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
         stop_worker, worker_task = None, None
     else:  # as `walled-garden run` does it: HTTP and signatures in the webhook worker process
         stop_worker = asyncio.Event()
-        bridge = WorkerBridge(enforcer, "127.0.0.1", PORT, str(secret_file))
+        bridge = WorkerBridge(enforcer.events, "127.0.0.1", PORT, str(secret_file))
         worker_task = asyncio.create_task(bridge.run(stop_worker))
         await bridge.wait_ready()
 
