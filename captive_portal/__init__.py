@@ -1,4 +1,4 @@
-"""The captive portal: what a restricted subscriber sees instead of the web (SPEC §5).
+"""The captive portal: what a restricted subscriber sees instead of the web (docs/reference.md, Portal).
 
 It runs unprivileged (``walled-garden portal``) and holds no state of its own: whether a
 caller is restricted, and why, is asked of the enforcer over its control socket. Plain HTTP

@@ -1,4 +1,4 @@
-"""Routes and middlewares of the portal (SPEC §5).
+"""Routes and middlewares of the portal (docs/reference.md, Portal).
 
 Request flow, outermost first:
 
@@ -75,7 +75,7 @@ NO_STORE = "no-store"
 #: ``form-action 'self'`` leaves room for the portal's own forms. ``same-origin``, not
 #: ``no-referrer``: no other site learns the portal's URL either way, but under ``no-referrer``
 #: browsers send ``Origin: null`` with the page's own form POSTs (Fetch standard), which
-#: ``guard_posts`` must refuse: every promise and Continue in a real browser was "expired".
+#: ``guard_posts`` must refuse, so every promise and Continue in a real browser would be "expired".
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
                                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -187,7 +187,7 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
 def _names_this_socket(request: web.Request, host: str | None) -> bool:
     """Does the Host header name the address this connection arrived at (the gateway itself)?
 
-    Every subscriber's port 80 to the gateway's own addresses lands here (issue 18), so a free
+    Every subscriber's port 80 to the gateway's own addresses lands here, so a free
     subscriber typing the gateway's address gets the portal too; that is no page to send them
     back to. (The portal's own name on another port is caught by ``names_host``.)
     """
@@ -291,7 +291,7 @@ async def _enforcer_down(request: web.Request, language: str, what: str, exc: Ex
 
 def _not_recent(request: web.Request, language: str, address: str, what: str,
                 lookup: Lookup | None) -> web.Response:
-    """The enforcer has not seen this address call the portal lately (issue 11 item 6).
+    """The enforcer has not seen this address call the portal lately, so it refuses to act for it.
 
     Typically a page left open longer than the kernel remembers callers, or a request that came
     some other way than the gateway's portal address: reloading the page makes that connection,

@@ -45,7 +45,7 @@ TEMPLATE_PLACEHOLDERS: dict[str, bool] = {
     "provider": False,   # the provider's name (plain text)
 }
 TEMPLATE_FILE = "page.html"
-#: SPEC: the page stays under 30 KB, logo included.
+#: The page stays under 30 KB, logo included (docs/reference.md, Portal).
 MAX_PAGE_BYTES = 30_000
 #: WCAG 2 AA contrast for normal text.
 MIN_CONTRAST = 4.5

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-#: How long a form stays good (SPEC issue 3: at most an hour).
+#: How long a form stays good: an hour, so a form copied or left open is not honoured for ever.
 MAX_AGE = 3600
 _SLOT = 60  # seconds per timestamp step
 

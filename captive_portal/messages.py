@@ -1,4 +1,4 @@
-"""Every sentence the portal shows, one catalogue per language (SPEC §5: en cs hu es uk ru pt).
+"""Every sentence the portal shows, one catalogue per language: en cs hu es uk ru pt (docs/reference.md, Portal).
 
 Every catalogue has every key (the ``Messages`` TypedDict and a unit test keep them in step);
 an ISP rewords any of them per language with ``portal.texts`` without touching code.
@@ -63,7 +63,7 @@ class Messages(TypedDict):
     promise_refused_soon: str
     promise_refused: str
     promise_not_needed: str
-    # the enforcer did not see this address connect to the portal lately (issue 11 item 6)
+    # the enforcer did not see this address connect to the portal lately, so it will not act for it
     reload_needed: str
     # on a page of a caller who may browse: a link back to the page they had asked for
     back_to_page: str

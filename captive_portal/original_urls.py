@@ -50,9 +50,9 @@ _PATH = re.compile(r"/[\x21-\x7e]*")
 class OriginalUrls:
     """Remembered URLs, at most ``per_key`` addresses per subscriber key and ``max_entries`` in all.
 
-    The key is ``ratelimit.bucket_key``: the address for IPv4, its /64 for IPv6 (issue 11 item
-    13). One subscriber's devices pick IPv6 addresses from a whole /64 at will, so keyed by full
-    address one /64 could write thousands of entries and push everyone else's out. Within a key
+    The key is ``ratelimit.bucket_key``: the address for IPv4, its /64 for IPv6. One subscriber's
+    devices pick IPv6 addresses from a whole /64 at will, so keyed by full address one /64 could
+    write thousands of entries and push everyone else's out. Within a key
     each address keeps its own URL (two devices of one household go back to their own pages),
     but a key holds at most ``per_key`` of them, its own oldest dropped first; the global bound
     then only ever drops the least recently written keys' entries, and one key can never hold

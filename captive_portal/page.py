@@ -6,7 +6,7 @@ was read: carry on), ``active`` (not restricted at all), ``promised`` (the subsc
 promised to pay: service is back until a date), and ``problem`` (a form that expired, too many
 attempts). Any restricted state may also offer "I promise to pay", when the enforcer says so.
 The states in which the caller may browse (``acknowledged``, ``active``, ``promised``) link back
-to the page they had asked for when it was redirected here, if the portal noted it (issue 18).
+to the page they had asked for when it was redirected here, if the portal noted it.
 
 The page is self-contained (inline CSS and an inlined logo; no scripts, fonts or other
 requests) because a restricted subscriber cannot fetch anything outside the walled garden,

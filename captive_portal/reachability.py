@@ -1,4 +1,4 @@
-"""Can subscribers reach ``portal.url`` as configured? (``walled-garden check-config``, issue 18)
+"""Can subscribers reach ``portal.url`` as configured? (``walled-garden check-config``)
 
 How a subscriber gets to the portal (docs/portal.md, "Reachability"): the gateway's table maps
 TCP 80 to any of the gateway's own addresses onto ``portal.listen``, and with ``portal.tls`` TCP

@@ -1,4 +1,4 @@
-"""The address space subscribers live in (SPEC §8), and which addresses can never be theirs.
+"""The address space subscribers live in (docs/reference.md, Safety rules 1), and which addresses can never be theirs.
 
 Billing's export, a webhook or an operator can name any address at all; enforcing one that is
 not a subscriber's does harm: ``127.0.0.1`` or ``224.0.0.0/16`` is never matched (the customer
@@ -80,8 +80,8 @@ def special_use_problem(network: Network) -> str | None:
 class AddressSpace:
     """``gateway.subscriber_prefixes``: where subscribers' addresses may lie.
 
-    Empty ``prefixes`` (the key not set) accepts every unicast address, as before the key
-    existed; special-use addresses are refused either way.
+    Empty ``prefixes`` (the key not set) accepts every unicast address (``check-config`` warns);
+    special-use addresses are refused either way.
     """
 
     prefixes: tuple[Network, ...] = ()

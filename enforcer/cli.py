@@ -1,4 +1,4 @@
-"""``walled-garden`` command line (SPEC §1)."""
+"""``walled-garden`` command line (docs/reference.md, Commands)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def config_warnings(config: Config) -> list[str]:
     if not config.gateway.subscriber_prefixes:
         warnings.append("gateway.subscriber_prefixes is not set, so a list entry, event or operator command may "
                         "name any unicast address, including upstream or server addresses; set it to the "
-                        "prefixes subscribers live in, e.g. ['100.64.0.0/10', '2001:db8::/32'] (SPEC §8)")
+                        "prefixes subscribers live in, e.g. ['100.64.0.0/10', '2001:db8::/32'] "
+                        "(docs/reference.md, Safety rules 1)")
     from captive_portal import reachability
 
     warnings += reachability.warnings(config, resolve=_resolve_within(RESOLVE_SECONDS))

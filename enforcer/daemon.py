@@ -3,7 +3,7 @@
 Inputs come in through the components (``lists``: the restricted list; ``events``: billing's
 webhooks; ``timers``: time passing; ``operator`` and ``portal``: the control socket), each
 changing enforcement only through the engine (``engine.apply`` / ``engine.sync_all``), never
-through each other. ``queries`` and ``health`` read. ``api.py`` serves them over HTTP and
+through each other. ``queries`` and ``health`` read. The ``api`` package serves them over HTTP and
 ``service.py`` runs them; see ARCHITECTURE.md for the flow of one payment and one list edit.
 """
 

@@ -1,4 +1,4 @@
-"""Billing events (SPEC §4): the body of a verified webhook, parsed and validated.
+"""Billing events (docs/reference.md, Billing webhooks): the body of a verified webhook, parsed and validated.
 
 A malformed event is refused with a message naming the field, never half-applied. Whatever
 the bytes, ``parse_event`` returns an ``Event`` or raises ``EventError`` (a signed body from a

@@ -1,5 +1,5 @@
-"""The mass-change guard (SPEC §8): when a new list restricts or lifts so many subscribers at
-once that an operator must approve it first.
+"""The mass-change guard: when a new list restricts or lifts so many subscribers at once that an
+operator must approve it first (docs/reference.md, Configuration: ``subscribers.guard``).
 
 Its own module because both the config reader (which builds a ``Guard`` from
 ``subscribers.guard``) and the list intake (which asks ``guard_reason``) need it, and neither

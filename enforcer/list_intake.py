@@ -20,6 +20,7 @@ from . import policy
 from .dataplane.backend import DataplaneError
 from .dataplane.layout import mode_map
 from .engine import Engine
+from .guard import guard_reason
 from .metrics import Metrics
 from .outcome import Outcome, Refusal, Refused, Result
 from .reconciler import AddressConflict
@@ -73,7 +74,7 @@ class ListIntake:
             if not approved_by:
                 restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
                 restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
-                why = policy.guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
+                why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
                 if why:
                     self.held = HeldChange(update, restricting, lifting, engine.clock(), why)
                     self.source_error = None

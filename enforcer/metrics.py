@@ -1,4 +1,4 @@
-"""The enforcer's Prometheus metrics (SPEC §6), in a registry of its own.
+"""The enforcer's Prometheus metrics (docs/reference.md, Metrics), in a registry of its own.
 
 Gauges are set when state changes, or read at scrape time from counts the daemon already
 keeps; a scrape never lists a kernel set. The packet counters of the table's named nftables

@@ -15,7 +15,7 @@ from typing import Any
 
 
 class Refused(enum.Enum):
-    """Why a request was not carried out; each maps to one HTTP status in ``api.py``."""
+    """Why a request was not carried out; each maps to one HTTP status in ``api.STATUS``."""
 
     INVALID = "invalid"            # the request itself is wrong; the same request fails again
     NOT_FOUND = "not_found"        # nothing to act on (no such exemption, no held change)

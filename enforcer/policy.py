@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from .exemptions import Exemption
-from .guard import guard_reason as guard_reason  # re-exported until its callers import enforcer.guard
 from .model import SEVERITY, EscalationStep, Mode, Network
 from .promises import Promise, settle
 from .subscribers import Subscriber

@@ -54,8 +54,8 @@ LISTEN_RETRY_MAX = 30.0
 
 def address_present(host: str) -> bool:
     """Whether ``host`` (an IP address) can be bound now: wildcard, loopback, or an address
-    some interface has. At boot the enforcer runs before the network (SPEC §8), so a
-    specific address may not be there yet (``EADDRNOTAVAIL``)."""
+    some interface has. At boot the enforcer runs before the network (docs/reference.md, Safety
+    rules 6), so a specific address may not be there yet (``EADDRNOTAVAIL``)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -113,7 +113,8 @@ class Service:
         self._task("table_check", self._check_table)
         await self._start_hosts(config)
         # READY=1 (after start) means billing can reach us, if its address exists yet: the unit
-        # is ordered before the network (SPEC §8), and the network waits for READY=1.
+        # is ordered before the network (docs/reference.md, Safety rules 6), and the network waits
+        # for READY=1.
         if self.webhooks is not None and config.api.listen is not None:
             if address_present(config.api.listen.host):
                 await self.webhooks.wait_ready()

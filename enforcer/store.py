@@ -5,7 +5,7 @@ overrides and payment graces the policy reads, the answers to processed webhook 
 retry acts once), and what we enforce (for ``status`` and audits). With these the daemon
 restores enforcement at start-up before any source answers.
 
-Faults (SPEC §8: the daemon starts whenever it can enforce):
+Faults (docs/reference.md, Safety rules 6: the daemon starts whenever it can enforce):
 
 - **A database SQLite cannot use** (not a database, truncated, malformed pages, a failed
   ``PRAGMA integrity_check``, one of our tables with other columns, a path that cannot be

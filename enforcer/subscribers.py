@@ -1,4 +1,4 @@
-"""The restricted-subscriber list from billing (SPEC §3): data model and parsing.
+"""The restricted-subscriber list from billing (docs/reference.md, Restricted list): data model and parsing.
 
 A list is all-or-nothing: one bad line rejects the whole list, so a truncated or corrupted
 export can never lift or restrict anybody by accident. Every problem is reported with
@@ -234,7 +234,7 @@ def parse_list(text: str, name: str, content_type: str = "", *,
     ``space`` (``AddressSpace.from_config``) refuses the whole list when one entry names an
     address outside ``gateway.subscriber_prefixes``; None accepts any unicast address.
     ``ListError`` is the only exception: whatever the bytes, a bad list must never become a
-    crash of whoever reads it (SPEC §8).
+    crash of whoever reads it (docs/reference.md, Safety rules 5).
     """
     try:
         with gc_paused():

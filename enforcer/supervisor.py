@@ -1,4 +1,4 @@
-"""One supervisor for the enforcer's long-running tasks (SPEC §8: no task dies silently).
+"""One supervisor for the enforcer's long-running tasks: no silent deaths (docs/reference.md, Safety rules 5).
 
 The list source, the timers, the table check, the outbox, the webhook worker bridge, the
 garden hostname resolver and the metrics listener each run forever until the daemon stops.

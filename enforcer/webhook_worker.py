@@ -2,11 +2,11 @@
 
 Measured (docs/benchmarks.md): serving a webhook with aiohttp costs ~190 µs of CPU, verifying
 and parsing ~50 µs, and the daemon's own work (policy, kernel transaction, state) ~300 µs.
-In one process they share one core and the GIL, which capped a 100k-subscriber gateway at
-~1,300 events/s. So the enforcer runs the webhook server (``api.listen``) in a child
-process that verifies and parses each request with the same code as before
-(``api.webhooks.webhook_app``) and hands the parsed event to the daemon over a socketpair; the daemon
-answers once the kernel change is committed and flushed, and the child answers billing.
+In one process they would share one core and the GIL, which caps a 100k-subscriber gateway at
+~1,300 events/s. So the enforcer runs the webhook server (``api.listen``) in a child process
+that verifies and parses each request (``api.webhooks.webhook_app``, the same app one process
+would serve) and hands the parsed event to the daemon over a socketpair; the daemon answers
+once the kernel change is committed and flushed, and the child answers billing.
 
 Wire format: one JSON object per line.
   child → daemon: ``{"n": seq, "event": {...}, "received": perf_counter}`` (CLOCK_MONOTONIC is

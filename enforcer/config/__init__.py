@@ -1,4 +1,4 @@
-"""Typed configuration (SPEC §2) and its validation.
+"""Typed configuration (docs/reference.md, Configuration) and its validation.
 
 Every problem is collected rather than raised on the first one, so ``check-config`` can name
 them all at once by key path and line. Unknown keys are errors: a typo such as

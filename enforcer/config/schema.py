@@ -1,5 +1,5 @@
-"""The configuration as the rest of the program sees it (SPEC §2): frozen dataclasses, one per
-section, with the defaults a missing key takes.
+"""The configuration as the rest of the program sees it (docs/reference.md, Configuration):
+frozen dataclasses, one per section, with the defaults a missing key takes.
 
 Kept apart from the reading so that every consumer (daemon, portal, CLI, tests building a
 ``Config`` by hand) depends on plain values only, never on YAML or on how errors are worded.
@@ -15,7 +15,7 @@ from ..model import DEFAULT_THROTTLE_RATE, EscalationStep, Network, default_thro
 from ..promises import PromiseRules
 from ..windows import Windows
 
-#: Page languages (SPEC §5); the portal has a full catalogue for each.
+#: Page languages (docs/reference.md, Portal); the portal has a full catalogue for each.
 LANGUAGES = ("en", "cs", "hu", "es", "uk", "ru", "pt")
 #: The logo is inlined into the page, which must stay under 30 KB.
 MAX_LOGO_BYTES = 12 * 1024
@@ -50,7 +50,8 @@ class SubscribersConfig:
 class GatewayConfig:
     subscriber_interfaces: tuple[str, ...] = ()
     table: str = "walled_garden"
-    #: Where subscribers' addresses lie (SPEC §8); () = any unicast address (``AddressSpace``).
+    #: Where subscribers' addresses lie (docs/reference.md, Safety rules 1); () = any unicast
+    #: address (``AddressSpace``).
     subscriber_prefixes: tuple[Network, ...] = ()
 
 

@@ -2,7 +2,7 @@
 
 Subscriber addresses live in hash sets keyed by address, one set per (mode, family, prefix
 length), looked up with a mask for prefixes; interval sets are avoided because deleting
-from large ones is slow (SPEC §7). A walled-garden address is one element of ``portalV_L``,
+from large ones is slow (docs/reference.md, Dataplane). A walled-garden address is one element of ``portalV_L``,
 a notice address one of ``noticeV_L``, a throttled one of ``noticeV_L`` and ``throttleV_L``:
 the forward hook sends members to their mode's chain, the nat hook sends their plain HTTP
 to the portal, and the throttle set also lets the download be rate-limited by destination
@@ -12,7 +12,7 @@ adds a ``goto`` element to a verdict map makes the kernel re-validate the whole 
 every payment. Everything the layout renders is derived from config, so a
 ``tag`` of the rendered text tells whether the kernel already holds this exact layout.
 
-The gateway itself (issue 18, SPEC §8). Every subscriber, restricted or not, that connects to one
+The gateway itself (docs/reference.md, Safety rules 7). Every subscriber, restricted or not, that connects to one
 of the gateway's own addresses (``fib daddr type local``) on TCP 80 is redirected to the portal
 listener, and on TCP 443 to the portal's TLS listener when ``portal.tls`` is set: ``portal.url``
 and ``/api/captive`` answer free subscribers too, and the portal never needs port 80 itself. A
@@ -27,20 +27,20 @@ portal listens on ``0.0.0.0`` (or that address). Then:
   bit of ``ct mark``), and records the source address in ``portalcallerV`` (a timeout set,
   ``CALLER_TIMEOUT``), so the daemon can check that an address asking for a promise really
   called the portal recently. Redirected HTTP to other sites is not marked: the lift flushes it;
-* the ``input`` hook sends packets whose source is a restricted subscriber (any ``portal``/``notice`` set; throttle
-  keys are in ``notice`` too) to the ``local`` chain, where only the portal ports, DNS (UDP/TCP
-  53), established/related traffic and, as network-essential exceptions to SPEC §8's "only the
-  portal and DNS", DHCP (UDP 67/68, 546/547) and ICMP/ICMPv6 (neighbour discovery, router
-  solicitation, echo) pass; everything else gets a TCP reset or ICMP admin-prohibited and counts
-  in ``refused_local``. Free subscribers never enter that chain.
+* the ``input`` hook sends packets whose source is a restricted subscriber (any ``portal``/``notice``
+  set; throttle keys are in ``notice`` too) to the ``local`` chain, where only the portal ports,
+  DNS (UDP/TCP 53), established/related traffic and the network-essential DHCP (UDP 67/68,
+  546/547) and ICMP/ICMPv6 (neighbour discovery, router solicitation, echo) pass; everything
+  else gets a TCP reset or ICMP admin-prohibited and counts in ``refused_local``. Free
+  subscribers never enter that chain.
 
-Drift (issue 11 item 14). Every reconciled set is created holding one sentinel element
-(``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved multicast,
-never a subscriber address nor a source of a forwarded packet, and with host bits set so a masked
-lookup never matches it), added in the batch that creates the table. The sentinel is part of the
-layout, not of the reconciled elements: a
-``flush set`` by another tool removes it, and one cheap ``get element`` batch per check notices;
-the same batch asks for the layout tag as an element of ``layouttag`` (``TAG_SET``).
+Drift (docs/reference.md, Safety rules 8). Every reconciled set is created holding one sentinel
+element (``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved
+multicast, never a subscriber address nor a source of a forwarded packet, and with host bits set
+so a masked lookup never matches it), added in the batch that creates the table. The sentinel is
+part of the layout, not of the reconciled elements: a ``flush set`` by another tool removes it,
+and one cheap ``get element`` batch per check notices; the same batch asks for the layout tag as
+an element of ``layouttag`` (``TAG_SET``).
 """
 
 from __future__ import annotations
