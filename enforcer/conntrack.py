@@ -86,11 +86,13 @@ class Conntrack:
                 deleted = await self.flush_now(union, keep_mark)
             except Exception as exc:  # noqa: BLE001 - every waiter must be answered whatever failed; each re-raises it
                 for _, _, done in group:
-                    done.set_exception(exc)
-                    done.exception()
+                    if not done.done():   # a caller that gave up has a cancelled future
+                        done.set_exception(exc)
+                        done.exception()
                 continue
             for _, _, done in group:
-                done.set_result(deleted)
+                if not done.done():
+                    done.set_result(deleted)
 
     async def flush_now(self, networks: Iterable[Network], keep_mark: int = 0) -> int:
         """Delete every entry whose original source lies in ``networks`` and whose ct mark

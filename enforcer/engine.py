@@ -118,10 +118,19 @@ class Engine:
     async def kernel(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any], name: str = "flush") -> None:
+        """Run ``coro`` in the background (a flush after a commit, a batch's answers): a failure
+        is logged with its traceback and counted in ``task_failures{task=name}`` at once."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda done: self._finished(done, name))
+
+    def _finished(self, task: asyncio.Future[Any], name: str) -> None:
+        self._background.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        self.metrics.task_failures.labels(name).inc()
+        log.error("event=task_failed task=%s error=%r", name, str(task.exception()), exc_info=task.exception())
 
     # -- one subscriber's inputs -----------------------------------------------------------
     def save(self, sid: str) -> Undo:

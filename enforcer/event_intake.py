@@ -32,9 +32,6 @@ from .store import EnforcedWrite, StoreError
 from .subscribers import Subscriber
 
 log = logging.getLogger("walled_garden.enforcer")
-#: The store keeps answers of applied and ignored events only (what a retry must get again);
-#: its schema has an HTTP-like status column, always this value for them.
-_STORED = 200
 
 
 @dataclass
@@ -149,7 +146,7 @@ class EventIntake:
                 sid = item.event.subscriber_id
                 stored = known.get(item.event.id)
                 undo = engine.save(sid)
-                judged = self._judge(item, now, Outcome(stored[1]) if stored is not None else None)
+                judged = self._judge(item, now, Outcome(stored) if stored is not None else None)
                 if not isinstance(judged, Decision):
                     answers[index] = judged
                     continue
@@ -189,7 +186,7 @@ class EventIntake:
                     engine.store.record_events(self._answers(batch, [], {}, answers), None)
                 except (StoreError, sqlite3.Error) as exc:
                     log.warning("event=answers_not_saved error=%r (a retry is weighed again)", str(exc))
-        engine.spawn(self._finish(batch, answers, applied, result))
+        engine.spawn(self._finish(batch, answers, applied, result), "answers")
 
     def _refuse(self, batch: list[Pending], applied: list[Applied], answers: Answers, why: str) -> None:
         """Put back the inputs of the applied events (newest first) and refuse them: retry later."""
@@ -200,11 +197,11 @@ class EventIntake:
             answers[done.index] = Refusal(Refused.UNAVAILABLE, why, {"id": event.id})
 
     def _answers(self, batch: list[Pending], applied: list[Applied], touched: dict[str, Decision],
-                 answers: Answers) -> list[tuple[str, int, dict[str, Any], str | None]]:
+                 answers: Answers) -> list[tuple[str, dict[str, Any], str | None]]:
         """The answers of a batch, made at its commit and saved with its state: what a retry
         of the same webhook-id gets. ``connections_flushed`` is filled in after the flush (and
         the saved copy with it; should that write fail, a replay says null)."""
-        records: list[tuple[str, int, dict[str, Any], str | None]] = []
+        records: list[tuple[str, dict[str, Any], str | None]] = []
         for done in applied:
             event, decision = batch[done.index].event, touched[done.sid]
             body: dict[str, Any] = {"id": event.id, "result": "applied", "subscriber": done.sid,
@@ -212,8 +209,8 @@ class EventIntake:
             if decision.until:
                 body["until"] = decision.until
             answers[done.index] = Outcome(body)
-            records.append((event.id, _STORED, body, done.sid))
-        records += [(batch[i].event.id, _STORED, answer.body, None) for i, answer in answers.items()
+            records.append((event.id, body, done.sid))
+        records += [(batch[i].event.id, answer.body, None) for i, answer in answers.items()
                     if ignored(answer)]
         return records
 
@@ -267,7 +264,7 @@ class EventIntake:
     async def _record_flushed(self, batch: list[Pending], applied: list[Applied], answers: Answers) -> None:
         try:
             async with self.engine.lock:
-                self.engine.store.record_events([(batch[d.index].event.id, _STORED, answers[d.index].body, None)
+                self.engine.store.record_events([(batch[d.index].event.id, answers[d.index].body, None)
                                                  for d in applied], None)
         except (StoreError, sqlite3.Error) as exc:   # the saved answer stands: answer the same
             log.warning("event=answers_not_updated error=%r (connections_flushed stays null)", str(exc))

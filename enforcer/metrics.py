@@ -85,9 +85,9 @@ class Metrics:
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
         self.task_failures = Counter("walled_garden_task_failures", "Background tasks (source, timers, "
-                                     "table_check, outbox, webhooks, hosts, metrics_listener) that failed or ended "
-                                     "unasked; each is restarted with backoff (status: tasks)", ["task"],
-                                     registry=r)
+                                     "table_check, outbox, webhooks, hosts, metrics_listener: restarted with "
+                                     "backoff, status: tasks) and one-off work after a commit (flush, answers) that "
+                                     "failed or ended unasked", ["task"], registry=r)
         self.kernel = KernelCounters()
         r.register(self.kernel)
         # Read at scrape time from the owners' own bookkeeping (O(1), or O(graces)): each owner

@@ -143,13 +143,18 @@ def _promise(sid: str, made_at: Any, until: Any, outcome: str, address: str) -> 
     return Promise(_text(sid), _real(made_at), _real(until), _text(outcome), _text(address))
 
 
-def _event_answer(event_id: str, status: Any, answer: str) -> tuple[str, int, dict[str, Any]]:
-    if type(status) is not int:
-        raise TypeError(f"status: expected an integer, got {status!r}")
+#: The ``events`` table's ``status`` column: every stored answer is one a retry gets again as
+#: done (applied or ignored), the only kind worth keeping; refusals are weighed again.
+_DONE = 200
+
+
+def _event_answer(event_id: str, status: Any, answer: str) -> tuple[str, dict[str, Any]]:
+    if status != _DONE or type(status) is not int:
+        raise TypeError(f"status: expected {_DONE}, got {status!r}")
     body = json.loads(answer)
     if not isinstance(body, dict):
         raise TypeError(f"answer: expected an object, got {body!r}")
-    return _text(event_id), status, body
+    return _text(event_id), body
 
 
 def _enforced(sid: str, mode: str, addresses: str, reason: str, since: Any) -> tuple[str, dict[str, Any]]:
@@ -597,36 +602,36 @@ class Store:
 
     # -- webhook ids ----------------------------------------------------------------------
     @_reads
-    def event_answer(self, event_id: str) -> tuple[int, dict[str, Any]] | None:
+    def event_answer(self, event_id: str) -> dict[str, Any] | None:
         return self.event_answers([event_id]).get(event_id)
 
     @_reads
-    def event_answers(self, event_ids: Iterable[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+    def event_answers(self, event_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The recorded answers of those ids that were processed before: one query per batch."""
         ids = list(event_ids)
-        found: dict[str, tuple[int, dict[str, Any]]] = {}
+        found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start:start + _IN_CHUNK]
             where = f"WHERE event_id IN ({','.join('?' * len(chunk))})"
-            for event_id, status, answer in self._decoded("events", "event_id, status, answer", _event_answer,
-                                                          where, chunk):
-                found[event_id] = (status, answer)
+            for event_id, answer in self._decoded("events", "event_id, status, answer", _event_answer,
+                                                  where, chunk):
+                found[event_id] = answer
         return found
 
     @_writes
-    def record_events(self, records: list[tuple[str, int, dict[str, Any], str | None]],
+    def record_events(self, records: Sequence[tuple[str, dict[str, Any], str | None]],
                       inputs: PolicyInputs | None) -> None:
-        """A batch's answers (and, with ``inputs``, the policy state of the subscribers they
-        name), in one commit."""
+        """A batch's answers, (webhook id, answer, subscriber), and with ``inputs`` the policy
+        state of the subscribers they name, in one commit."""
         now = time.time()
         if inputs is not None:
-            self.save_subscribers(inputs, (r[3] for r in records if r[3] is not None))
+            self.save_subscribers(inputs, (sid for _, _, sid in records if sid is not None))
         self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                            [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in records])
+                            [(event_id, now, _DONE, json.dumps(answer)) for event_id, answer, _ in records])
 
     @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
-                     ids: Iterable[str] = (), events: Sequence[tuple[str, int, dict[str, Any], str | None]] = (),
+                     ids: Iterable[str] = (), events: Sequence[tuple[str, dict[str, Any], str | None]] = (),
                      billing_order: Iterable[tuple[str, str, float]] = ()) -> None:
         """What kernel changes mean for the ``enforced`` table and the audit log, the policy
         inputs of ``ids``, the answers to the webhook ids that caused them and billing's order,
@@ -640,7 +645,7 @@ class Store:
             self.save_subscribers(inputs, ids)
         if events:
             self.db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                                [(event_id, now, status, json.dumps(answer)) for event_id, status, answer, _ in events])
+                                [(event_id, now, _DONE, json.dumps(answer)) for event_id, answer, _ in events])
         self.save_billing_order(billing_order)
 
     @_writes

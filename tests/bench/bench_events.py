@@ -179,7 +179,8 @@ async def run(args: argparse.Namespace, work: str) -> None:
     await asyncio.sleep(1)  # let background flushes of the list loads finish
 
     if args.in_process:  # the pre-worker design, for comparison
-        site = await start_tcp_site(webhook_app(enforcer.events, load_webhook_secret(str(secret_file))), "127.0.0.1", PORT)
+        app = webhook_app(enforcer.events, load_webhook_secret(str(secret_file)))
+        site = await start_tcp_site(app, "127.0.0.1", PORT)
         stop_worker, worker_task = None, None
     else:  # as `walled-garden run` does it: HTTP and signatures in the webhook worker process
         stop_worker = asyncio.Event()

@@ -297,3 +297,29 @@ def test_requests_with_different_keep_marks_share_no_pass(tmp_path) -> None:
     assert asyncio.run(both()) == [1, 1]
     assert sorted(log.read_text().splitlines()) == ["-D -f ipv4 -s 100.64.0.1 --mark 0/0x400000",
                                                     "-D -f ipv4 -s 100.64.0.2"]
+
+
+def test_a_cancelled_waiter_does_not_cost_the_others_their_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flushes waiting for the same pass: one caller gives up (its request is cancelled) while
+    the pass runs; the others still get the count, and the next pass still runs."""
+    import asyncio
+
+    async def scenario() -> tuple[list[int], int]:
+        ct = Conntrack(netlink=False)
+        started = asyncio.Event()
+
+        async def slow_flush(networks: object, keep_mark: int = 0) -> int:
+            started.set()
+            await asyncio.sleep(0.05)
+            return 3
+
+        monkeypatch.setattr(ct, "flush_now", slow_flush)
+        gone = asyncio.ensure_future(ct.flush([net("100.64.0.1/32")]))
+        kept = [asyncio.ensure_future(ct.flush([net(f"100.64.0.{i}/32")])) for i in (2, 3)]
+        await asyncio.wait_for(started.wait(), 5)
+        gone.cancel()
+        answers = await asyncio.wait_for(asyncio.gather(*kept), 5)
+        later = await asyncio.wait_for(ct.flush([net("100.64.0.9/32")]), 5)
+        return answers, later
+
+    assert asyncio.run(scenario()) == ([3, 3], 3)

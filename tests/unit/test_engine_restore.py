@@ -9,9 +9,13 @@ state knew) stays free for a grace, restricted but unlisted is lifted.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from daemon_helpers import NoConntrack, handle_event
 from enforcer.config import parse_config
@@ -146,4 +150,24 @@ async def test_a_batch_that_cannot_be_saved_is_undone_in_the_kernel_and_answered
     await e.close()
     e = await started(config, fake)
     assert not fake.view["mode4_32"], "what billing was told survives the restart"
+    await e.close()
+
+
+async def test_a_background_flush_that_fails_unexpectedly_is_logged_and_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A flush after a commit runs in the background; a bug in it must not go unseen until
+    the process exits: it is logged with its traceback and counted at once."""
+    e = await started(make_config(tmp_path), FakeDataplane())
+
+    async def broken() -> None:
+        raise RuntimeError("injected")
+
+    with caplog.at_level(logging.ERROR, "walled_garden.enforcer"):
+        e.engine.spawn(broken())
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if e.metrics.task_failures.labels("flush")._value.get():
+                break
+    assert e.metrics.task_failures.labels("flush")._value.get() == 1
+    assert any("event=task_failed task=flush" in r.getMessage() and r.exc_info for r in caplog.records)
     await e.close()

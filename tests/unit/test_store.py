@@ -63,11 +63,11 @@ def test_grouped_writes_remove_what_is_gone_and_leave_others_alone(tmp_path: Pat
 
 def test_event_answers_are_found_in_one_query_per_chunk(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
-    store.record_events([(f"msg_{i}", 200, {"id": f"msg_{i}", "n": i}, None) for i in range(0, 1200, 2)], None)
+    store.record_events([(f"msg_{i}", {"id": f"msg_{i}", "n": i}, None) for i in range(0, 1200, 2)], None)
     asked = [f"msg_{i}" for i in range(1200)]          # more ids than one IN (...) may carry
     found = store.event_answers(asked)
     assert set(found) == {f"msg_{i}" for i in range(0, 1200, 2)}
-    assert found["msg_1198"] == (200, {"id": "msg_1198", "n": 1198})
+    assert found["msg_1198"] == {"id": "msg_1198", "n": 1198}
     assert store.event_answer("msg_3") is None
     assert store.event_answers([]) == {}
 
@@ -94,10 +94,10 @@ def test_a_batch_state_is_one_transaction_all_or_nothing(tmp_path: Path) -> None
 def test_answers_are_recorded_all_or_nothing(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     with pytest.raises(TypeError):
-        store.record_events([("msg_1", 200, {"ok": True}, None), ("msg_2", 200, {"bad": object()}, None)], None)
+        store.record_events([("msg_1", {"ok": True}, None), ("msg_2", {"bad": object()}, None)], None)
     assert store.event_answers(["msg_1", "msg_2"]) == {}
-    store.record_events([("msg_1", 200, {"ok": True}, "A")], full_inputs())
-    assert store.event_answer("msg_1") == (200, {"ok": True})
+    store.record_events([("msg_1", {"ok": True}, "A")], full_inputs())
+    assert store.event_answer("msg_1") == {"ok": True}
     assert store.load_inputs().overrides["A"] == full_inputs().overrides["A"]
 
 

@@ -168,7 +168,7 @@ def _good_grace_and_override(store: Store) -> None:
     store.set_meta("list", {"entries": 1})
     store.add_outbox("m-good", {"type": "promise.made"}, 1.0)
     store.save_billing_order([("GOOD", "restriction", 5.0)])
-    store.record_events([("e-good", 200, {"id": "e-good", "result": "applied"}, None)], None)
+    store.record_events([("e-good", {"id": "e-good", "result": "applied"}, None)], None)
 
 
 #: (table, a bad row's INSERT, how the bad row would be read)
@@ -200,6 +200,7 @@ BAD_ROWS: list[tuple[str, str, Callable[[Store], Any]]] = [
     ("billing_order", "INSERT INTO billing_order VALUES ('BAD', 'restriction', 'late')",
      lambda s: {r[0]: r for r in s.billing_order()}),
     ("events", "INSERT INTO events VALUES ('BAD', 1.0, 200, 'not json')", lambda s: s.event_answers(["BAD", "e-good"])),
+    ("events", "INSERT INTO events VALUES ('BAD', 1.0, 503, '{}')", lambda s: s.event_answers(["BAD", "e-good"])),
 ]
 
 

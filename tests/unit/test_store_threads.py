@@ -78,7 +78,7 @@ def hold_open(store: Store, at: str, opened: threading.Event, release: Callable[
 
 
 LOOP_WRITES: dict[str, Callable[[Store], None]] = {
-    "record_events": lambda s: s.record_events([("msg_loop", 200, {"ok": True}, None)], None),
+    "record_events": lambda s: s.record_events([("msg_loop", {"ok": True}, None)], None),
     "add_outbox": lambda s: s.add_outbox("m-loop", {"type": "promise.made"}, 1.0),
     "set_meta": lambda s: s.set_meta("loop", 1),
     "append_audit": lambda s: s.append_audit([(1.0, "L-1", "free", "notice", "loop")]),
@@ -166,7 +166,7 @@ def test_writers_on_several_threads_never_interleave(tmp_path: Path) -> None:
     def answers(name: str) -> Callable[[], None]:
         def work() -> None:
             for i in range(rounds):
-                store.record_events([(f"{name}-{i}", 200, {"i": i}, None)], None)
+                store.record_events([(f"{name}-{i}", {"i": i}, None)], None)
                 if i % 10 == 0:
                     store.add_outbox(f"{name}-m{i}", {"type": "promise.made"}, float(i))
         return work

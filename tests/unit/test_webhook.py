@@ -247,11 +247,11 @@ def test_processed_ids_are_pruned_after_retention(tmp_path: Path) -> None:
     from enforcer.store import EVENT_RETENTION, Store
 
     store = Store(str(tmp_path))
-    store.record_events([("old", 200, {"a": 1}, None)], None)
-    store.record_events([("new", 200, {"a": 2}, None)], None)
+    store.record_events([("old", {"a": 1}, None)], None)
+    store.record_events([("new", {"a": 2}, None)], None)
     store.db.execute("UPDATE events SET received_at = received_at - ? WHERE event_id = 'old'", (EVENT_RETENTION + 1,))
     assert store.prune_events() == 1
-    assert store.event_answer("old") is None and store.event_answer("new") == (200, {"a": 2})
+    assert store.event_answer("old") is None and store.event_answer("new") == {"a": 2}
 
 
 async def test_concurrent_retry_of_the_same_id_acts_once(setup: Any) -> None:
@@ -366,7 +366,7 @@ async def test_a_batch_state_is_saved_at_its_commit_before_the_flush(setup: Any)
     assert "C-1" not in enforcer.engine.store.enforced(), "saved at the commit, while the flush still runs"
     assert enforcer.engine.store.load_inputs().overrides["C-1"].restrict is False
     answer = enforcer.engine.store.event_answer("release-1")
-    assert answer is not None and answer[1]["result"] == "applied", "the answer is saved with the state it answers"
+    assert answer is not None and answer["result"] == "applied", "the answer is saved with the state it answers"
     clock[0] += 5
     changed = parse_list("subscribers:\n  - {id: C-1, addresses: [100.64.0.10], mode: notice}\n", "l.yaml")
     await enforcer.lists.on_list(ListUpdate(changed, "l.yaml", "2"))   # a changed entry supersedes the event
