@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+from collections.abc import Callable
 from typing import Any
 
 from enforcer.api import http
 from enforcer.cli import main
+from enforcer.outcome import Outcome, Refusal, Refused
 
 
 class NoConntrack:
@@ -91,3 +93,16 @@ async def approve(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
 
 async def reject(e: Any, *args: Any) -> tuple[int, dict[str, Any]]:
     return http(await e.lists.reject(*args))
+
+
+def refusal(kind: Refused, status: int) -> Callable[[str], Refusal]:
+    """A daemon refusal of ``kind`` for an event id, its message naming the status it must become."""
+    return lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid})
+
+
+#: A daemon result per HTTP status billing must then see, with the same body.
+RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
+    200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
+    **{status: refusal(kind, status)
+       for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
+                            (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 
+from daemon_helpers import RESULTS
 from enforcer.api.webhooks import SecretError, load_webhook_secret, webhook_app
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import EventError, parse_event
-from enforcer.outcome import Outcome, Refusal, Refused
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
-
-
-def refusal(kind: Refused, status: int) -> Callable[[str], Refusal]:
-    """A daemon refusal of ``kind`` for an event id, its message naming the status it must become."""
-    return lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid})
-
-
-#: A daemon result per HTTP status billing must then see, with the same body.
-RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
-    200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
-    **{status: refusal(kind, status)
-       for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
-                            (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 

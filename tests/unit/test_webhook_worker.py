@@ -5,36 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from daemon_helpers import NoConntrack
+from daemon_helpers import RESULTS, NoConntrack
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.demo.billing import signed_request
 from enforcer.events import Event, parse_event
-from enforcer.outcome import Outcome, Refusal, Refused
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
-
-
-def refusal(kind: Refused, status: int) -> Callable[[str], Refusal]:
-    """A daemon refusal of ``kind`` for an event id, its message naming the status it must become."""
-    return lambda eid: Refusal(kind, f"daemon says {status}", {"id": eid})
-
-
-#: A daemon result per HTTP status billing must then see, with the same body.
-RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
-    200: lambda eid: Outcome({"id": eid, "error": "daemon says 200"}),
-    **{status: refusal(kind, status)
-       for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
-                            (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
