@@ -148,7 +148,8 @@ class Reconciler:
                 continue
             owned[sid] = decision
             mode = decision.mode
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=True):
+            # keys are rendered from the addresses, one each: no length check in the cold load's hot loop
+            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=False):
                 group = groups.get((version, plen, mode))
                 if group is None:
                     group = groups[(version, plen, mode)] = ([], [], [])
@@ -207,7 +208,7 @@ class Reconciler:
             entries = []
             clash = None
             mode = decision.mode
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=True):
+            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=False):
                 slot = slots.get((version, plen, mode))
                 if slot is None:
                     places = placements(version, plen, mode)
