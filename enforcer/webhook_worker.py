@@ -133,17 +133,17 @@ class Forwarder:
         n = next(self._seq)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[n] = future
-        future.add_done_callback(lambda _: self._waiting.pop(n, None))
         self.send({"n": n, "event": event_to_wire(event), "received": received})
         return future
 
     def answered(self, message: dict[str, Any]) -> None:
-        future = self._waiting.get(message["n"])
+        future = self._waiting.pop(message["n"], None)
         if future is not None and not future.done():
             future.set_result(result_from_wire(message["result"]))
 
     def daemon_gone(self) -> None:
-        for future in list(self._waiting.values()):
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
             if not future.done():
                 future.set_result(Refusal(Refused.UNAVAILABLE, "the enforcer is restarting; retry later"))
 
