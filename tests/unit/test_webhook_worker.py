@@ -180,3 +180,18 @@ async def test_a_flood_of_refusals_is_counted_in_full_with_few_lines_to_the_daem
             break
         await asyncio.sleep(0.05)
     assert enforcer.metrics.events.labels("unknown", "unauthorized")._value.get() == 100
+
+
+def test_the_worker_process_loads_no_part_of_the_daemon() -> None:
+    """The webhook worker faces the network: what it runs must not include the daemon, its
+    engine, the state store or the dataplane (it knows the daemon only as an ``EventSink``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, enforcer.webhook_worker as w, enforcer.api.webhooks, enforcer.api.listeners\n"
+            "print(sorted(m for m in sys.modules if m.startswith('enforcer')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    modules = loaded.stdout
+    for privileged in ("enforcer.daemon", "enforcer.engine", "enforcer.store", "enforcer.reconciler",
+                       "enforcer.dataplane", "enforcer.event_intake"):
+        assert f"'{privileged}" not in modules, f"{privileged} is loaded by the worker: {modules}"
