@@ -80,10 +80,11 @@ def gateway(r: KeyReader, top: dict[str, Any]) -> GatewayConfig:
         r.fail(("gateway", "subscriber_interfaces"), "expected a list of interface names ([] = any)")
         names = []
     for i, name in enumerate(names):
-        if isinstance(name, str) and values.IFNAME.match(name):
+        if isinstance(name, str) and (values.IFNAME.match(name) or values.IFNAME_WILDCARD.match(name)):
             interfaces.append(name)
         else:
-            r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters)")
+            r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters) "
+                   "or a prefix wildcard such as ppp* ([] = any interface)")
     table = r.get(raw, ("gateway", "table"), values.table_name, "walled_garden")
     return GatewayConfig(tuple(interfaces), table, _subscriber_prefixes(r, raw))
 

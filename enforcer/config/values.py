@@ -19,6 +19,9 @@ from .schema import MAX_LOGO_BYTES
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 #: What Linux accepts as an interface name.
 IFNAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.@+-]{1,15}$")
+#: An interface name prefix and ``*`` (``ppp*``, ``vlan1*``): nftables matches every interface
+#: whose name starts so, as a PPPoE BNG needs with one interface per session.
+IFNAME_WILDCARD = re.compile(r"^[A-Za-z0-9_.@+-]{1,14}\*$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}\.?$")
 _COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")

@@ -230,12 +230,19 @@ def test_good_table_name(table):
     assert parse_config(MINIMAL + f"gateway:\n  table: {table}\n").gateway.table == table
 
 
-@pytest.mark.parametrize("name", ["averyveryverylongname", "eth 1", "", "eth/1"])
+@pytest.mark.parametrize("name", ["averyveryverylongname", "eth 1", "", "eth/1", "*", "p*p", "ppp**",
+                                  "averyverylongna*"])
 def test_bad_interface_name(name):
     text = MINIMAL + f"gateway:\n  subscriber_interfaces:\n    - eth0\n    - \"{name}\"\n"
     issues = issues_of(text)
     assert [i.where for i in issues] == ["gateway.subscriber_interfaces[1] (config.yaml:6)"]
     assert "interface name" in issues[0].message
+
+
+def test_interface_wildcards_name_every_interface_with_that_prefix():
+    """A PPPoE BNG has one interface per session (ppp0, ppp1, ...): ``ppp*`` names them all."""
+    text = MINIMAL + "gateway:\n  subscriber_interfaces: [eth1, 'ppp*', 'vlan1*', 'averyverylong*']\n"
+    assert parse_config(text).gateway.subscriber_interfaces == ("eth1", "ppp*", "vlan1*", "averyverylong*")
 
 
 def test_interface_list_must_be_a_list():
