@@ -91,7 +91,7 @@ class Engine:
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time
         self.reports: dict[str, Callable[[], Any]] = {}   # status sections, by key
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
-        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a table replace (lock held)
+        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a reload's table replace (lock held)
         self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._background: set[asyncio.Task[Any]] = set()

@@ -121,7 +121,7 @@ class Outbox:
         except ValueError as exc:    # api.webhooks.SecretError: names the file and the problem, never the secret
             log.error("event=outbox_no_secret error=%r queued=%d", str(exc), len(due))
             for message_id, _, _, attempts in due:
-                store.outbox_failed(message_id, self.clock() + backoff(attempts), str(exc))
+                await asyncio.to_thread(store.outbox_failed, message_id, self.clock() + backoff(attempts), str(exc))
             return 0
         delivered = 0
         for message_id, _, body, attempts in due:
@@ -137,13 +137,14 @@ class Outbox:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 ok, error = False, f"{type(exc).__name__}: {exc}"
             if ok:
-                store.outbox_delivered(message_id)
+                await asyncio.to_thread(store.outbox_delivered, message_id)
                 delivered += 1
                 log.info("event=outbox_delivered id=%s type=%s attempts=%d", message_id, body.get("type"),
                          attempts + 1)
             else:
                 retry = backoff(attempts)
-                store.outbox_failed(message_id, self.clock() + retry, error)
+                # off the loop: a write may wait for a list save in another thread
+                await asyncio.to_thread(store.outbox_failed, message_id, self.clock() + retry, error)
                 metrics.outbox_failures.inc()
                 log.warning("event=outbox_failed id=%s error=%r attempt=%d retry_in=%.0fs", message_id, error,
                             attempts + 1, retry)

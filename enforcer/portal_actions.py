@@ -131,7 +131,7 @@ class PortalActions:
             return Refusal(kind, NOT_AVAILABLE, {"eligible": False, "why": str(exc)})
         if isinstance(result, Refusal):
             if "message" in made:   # the kernel change failed and the promise was undone: billing must not hear of it
-                engine.store.outbox_delivered(made["message"])
+                await asyncio.to_thread(engine.store.outbox_delivered, made["message"])
             return result
         self.metrics.promises.labels("made").inc()
         self.outbox_wake.set()

@@ -9,6 +9,7 @@ process too (``webhook_worker``), which is why it knows the daemon only as an ``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -143,9 +144,9 @@ async def post_event(request: web.Request) -> web.Response:
     except EventError as exc:
         sink.count("unknown", "malformed")
         return json_response(400, {"error": str(exc), "id": event_id if not problem else event_id[:MAX_ID_CHARS]})
-    # No shield: aiohttp does not cancel a handler whose client went away, and a sink's future
-    # resolves whether or not anyone still waits for it.
-    return answer(await sink.submit(event, received))
+    # Shielded: a handler cancelled at shutdown must not cancel the future a retry of the
+    # same id shares (the in-process sink hands it to both).
+    return answer(await asyncio.shield(sink.submit(event, received)))
 
 
 REJECT_LOG_KEY = web.AppKey("reject_log", LogLimiter)

@@ -1,4 +1,4 @@
-"""A damaged state database never stops the daemon (SPEC §8, issue 11 item 8).
+"""A damaged state database never stops the daemon (docs/reference.md, Safety rules).
 
 An unusable file (garbage, truncated, malformed pages, a table of other columns, a path that
 cannot be opened) is moved aside with its WAL, kept, reported, and a fresh store is used; one
