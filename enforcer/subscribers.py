@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import PurePath
 from typing import Any
@@ -25,6 +25,7 @@ from . import yamlsource
 from .address_space import AddressSpace, find_overlaps, special_use_problem
 from .gc_pause import gc_paused
 from .issues import Issue, IssuesError
+from .match import MATCH_KEYS, Match, parse_match
 from .model import Mode, Network
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,12 @@ _REASON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 #: Nodes a YAML/JSON list may have (about 7 per entry): far above any real export, and with
 #: anchors and aliases refused it bounds nothing but absurd documents.
 LIST_MAX_NODES = 20_000_000
-_FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category")
+#: Fields of an entry; also the CSV column order when there is no header (``match`` came last,
+#: so exports written before it still read the same).
+_FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category", "match")
+#: A CSV first row that starts with ``id`` and holds only bare words is a header (a data row's
+#: addresses or match hold digits, dots or ``=``): an unknown word in it is an error, not an id.
+_HEADER_WORD = re.compile(r"[a-z_]*")
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
@@ -50,6 +56,7 @@ class Subscriber:
     reason: str = ""
     exempt_until: float | None = None      # billing's own exemption (e.g. an agreed arrangement)
     exempt_category: str = ""
+    match: Match = field(default_factory=Match)   # identifiers a session may carry (sessions); empty: none
 
     @cached_property
     def keys(self) -> tuple[tuple[int, int, str], ...]:
@@ -66,13 +73,16 @@ class Subscriber:
                "mode": self.mode.value, "reason": self.reason}
         if self.exempt_until:
             out.update(exempt_until=self.exempt_until, exempt_category=self.exempt_category)
+        if self.match:
+            out["match"] = self.match.to_json()
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Subscriber:
-        return cls(data["id"], tuple(_network(a) for a in data["addresses"]),
+        """The inverse of ``to_json``; rows written before ``match`` existed have none."""
+        return cls(data["id"], tuple(_network(a) for a in data.get("addresses") or ()),
                    Mode(data["mode"]), data.get("reason", ""), data.get("exempt_until"),
-                   data.get("exempt_category", ""))
+                   data.get("exempt_category", ""), Match.from_json(data.get("match") or {}))
 
 
 ListIssue = Issue  # location is "file:line"
@@ -125,11 +135,14 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
                    space: AddressSpace | None = None) -> Subscriber | None:
     """Check one list/event entry (a mapping); append issues, return the subscriber if clean.
 
-    ``space`` (``AddressSpace.from_config``) also refuses addresses outside
-    ``gateway.subscriber_prefixes``; without it only special-use addresses are refused.
+    An entry needs ``addresses``, ``match`` keys, or both: with match keys only, the addresses
+    come from the subscriber's sessions. ``space`` (``AddressSpace.from_config``) also refuses
+    addresses outside ``gateway.subscriber_prefixes``; without it only special-use addresses
+    are refused.
     """
     if not isinstance(raw, dict):
-        issues.append(ListIssue(where, f"expected a mapping with id and addresses, got {type(raw).__name__}"))
+        issues.append(ListIssue(where, f"expected a mapping with id and addresses or match, "
+                                       f"got {type(raw).__name__}"))
         return None
     before = len(issues)
     for key in raw:
@@ -139,12 +152,18 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     problem = id_problem(ident)
     if problem:
         issues.append(ListIssue(where, problem))
+    match = _entry_match(raw, where, issues)
     addresses_raw = raw.get("addresses")
     if isinstance(addresses_raw, str):
         addresses_raw = addresses_raw.split()
     networks: list[Network] = []
-    if not isinstance(addresses_raw, list) or not addresses_raw:
-        issues.append(ListIssue(where, "addresses: at least one IPv4/IPv6 address or prefix is required"))
+    if addresses_raw is None or addresses_raw == []:
+        if "match" not in raw:   # a given but bad match has its own issue
+            issues.append(ListIssue(where, "addresses (an IPv4/IPv6 address or prefix) or match "
+                                           f"({', '.join(MATCH_KEYS)}): at least one is required"))
+    elif not isinstance(addresses_raw, list):
+        issues.append(ListIssue(where, "addresses must be a list of IPv4/IPv6 addresses or prefixes, "
+                                       f"got {type(addresses_raw).__name__}"))
     else:
         for item in addresses_raw:
             try:
@@ -172,9 +191,28 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     exempt_until, exempt_category = _entry_exemption(raw, where, issues)
     if len(issues) > before:
         return None
-    subscriber = Subscriber(str(ident), tuple(networks), mode, reason, exempt_until, exempt_category)
+    subscriber = Subscriber(str(ident), tuple(networks), mode, reason, exempt_until, exempt_category, match)
     _ = subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
     return subscriber
+
+
+def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Match:
+    """The entry's ``match`` keys, normalised (``parse_match``); none when the key is absent.
+
+    A ``match`` key that is present but empty (``match:``, ``{}``) is an error, not "no
+    match": it looks like an export that lost its values.
+    """
+    if "match" not in raw:
+        return Match()
+    value = raw["match"]
+    try:
+        return parse_match({} if value is None else value)
+    except ValueError as exc:
+        message = str(exc)
+        if not message.startswith(("match", "unknown match")):
+            message = f"match {message}"      # normal_mac's "mac 'zz' is not ..."
+        issues.append(ListIssue(where, message))
+        return Match()
 
 
 def _entry_exemption(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> tuple[float | None, str]:
@@ -307,8 +345,11 @@ def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) 
 
 
 def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[Subscriber, int]]:
+    """Rows in ``_FIELDS`` order, or in the order a header row names (any order, e.g.
+    ``id,match,reason``). Trailing cells may be left out; an empty cell is an absent field."""
     issues: list[ListIssue] = []
     out: list[tuple[Subscriber, int]] = []
+    columns: tuple[str, ...] | None = None   # from the header row; None: positional
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         for row in reader:
@@ -316,13 +357,19 @@ def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[S
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             cells = [c.strip() for c in row]
-            if not out and not issues and [c.lower() for c in cells] == list(_FIELDS[: len(cells)]):
-                continue  # header row
-            if not 2 <= len(cells) <= len(_FIELDS):
-                issues.append(ListIssue(f"{name}:{line}", f"expected 2 to {len(_FIELDS)} columns "
-                                                          f"({','.join(_FIELDS)}), got {len(cells)}"))
+            if not out and not issues and columns is None and _is_header(cells):
+                columns = _header_columns(cells, f"{name}:{line}", issues)
+                if issues:
+                    break        # rows cannot be read without their column names
                 continue
-            raw = dict(zip(_FIELDS, cells, strict=False))
+            order = columns or _FIELDS
+            if not 2 <= len(cells) <= len(order):
+                issues.append(ListIssue(f"{name}:{line}", f"expected 2 to {len(order)} columns "
+                                                          f"({','.join(order)}), got {len(cells)}"))
+                continue
+            raw = dict(zip(order, cells, strict=False))
+            if raw.get("match") == "":
+                del raw["match"]     # an empty cell: no match keys (a present but empty match is an error)
             sub = _checked_entry(raw, f"{name}:{line}", issues, space)
             if sub is not None:
                 out.append((sub, line))
@@ -337,9 +384,31 @@ def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[S
     return out
 
 
+def _is_header(cells: list[str]) -> bool:
+    """Whether a first CSV row names columns: only field names, or ``id`` then bare words
+    (so a misspelt name is reported as one rather than read as a subscriber called "id")."""
+    names = [c.lower() for c in cells]
+    return all(n in _FIELDS for n in names) or (names[0] == "id" and all(_HEADER_WORD.fullmatch(n) for n in names))
+
+
+def _header_columns(cells: list[str], where: str, issues: list[ListIssue]) -> tuple[str, ...]:
+    """The column order a header row gives; issues for unknown, empty, repeated or missing names."""
+    names = tuple(c.lower() for c in cells)
+    for position, column in enumerate(names, start=1):
+        if column not in _FIELDS:
+            issues.append(ListIssue(where, f"header column {position} {cells[position - 1]!r} is not a field; "
+                                           f"expected some of {', '.join(_FIELDS)}"))
+        elif column in names[:position - 1]:
+            issues.append(ListIssue(where, f"header names {column} twice"))
+    if "id" not in names:
+        issues.append(ListIssue(where, "header has no id column"))
+    return names
+
+
 def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[Subscriber]:
-    """Reject duplicate ids, and addresses of two subscribers that are equal or nest (one
-    restriction would wall the other): each conflict names both lines."""
+    """Reject duplicate ids, addresses of two subscribers that are equal or nest (one
+    restriction would wall the other), and a match value (same key) of two subscribers (one
+    session would belong to both): each conflict names both lines."""
     issues: list[ListIssue] = []
     lines: dict[str, int] = {}
     result: list[Subscriber] = []
@@ -362,6 +431,13 @@ def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[
             found.append((max(outer_line, inner_line),
                           f"address {inner} of {inner_id} (line {inner_line}, {name}:{inner_line}) lies inside "
                           f"{outer} of {outer_id} (line {outer_line}, {name}:{outer_line})"))
+    holders: dict[tuple[str, str], str] = {}
+    for sub in result:
+        for pair in sub.match.pairs():
+            holder = holders.setdefault(pair, sub.id)
+            if holder != sub.id:
+                found.append((lines[sub.id], f"match {pair[0]}={pair[1]} of {sub.id} is also held by {holder} "
+                                             f"(line {lines[holder]}, {name}:{lines[holder]})"))
     issues += [ListIssue(f"{name}:{line}", message) for line, message in sorted(found)]
     if issues:
         raise ListError(issues)
