@@ -28,9 +28,22 @@ _WORDS = st.sampled_from([
     "127.0.0.1", "::ffff:100.64.0.5", "0.0.0.0/16", "100.64.0.0/10", "2001:db8::/32", "&a", "*a", "!!binary",
     "!!python/object", "{", "}", "[", "]", ",", ":", "-", "\"", "'", "#", "\n", "  ", "\t", "\ufeff", "\x00",
     "walled-garden", "notice", "overdue", "dispute", "C-1\n", "id,addresses,mode,reason",
+    "match", "  match: {mac: 02:00:00:00:00:01}", "username=u1;mac=0200.0000.0001", "circuit_id=", "remote_id",
+    "id,match,addresses", "=", ";",
 ])
 _TEXT = st.one_of(st.text(max_size=300), st.lists(_WORDS, max_size=40).map("".join),
                   st.lists(st.one_of(_WORDS, st.text(max_size=5)), max_size=30).map(" ".join))
+
+
+def _match() -> st.SearchStrategy[object]:
+    """Match keys as billing may write them (good, misspelt, odd values) or any value at all."""
+    scalar = st.one_of(st.text(max_size=12), st.integers(), st.booleans(), st.none())
+    keys = st.sampled_from(["username", "mac", "circuit_id", "remote_id", "imsi", "", "MAC"])
+    values = st.one_of(st.sampled_from(["02:00:00:00:00:01", "02-00-00-00-00-01", "0200.0000.0001", "zz",
+                                        "u1@isp", " u1", "x" * 254, "a\x00b"]), scalar)
+    mapping = st.dictionaries(keys, values, max_size=4)
+    spelled = mapping.map(lambda m: ";".join(f"{k}={v}" for k, v in m.items()))
+    return st.one_of(mapping, spelled, scalar, st.lists(scalar, max_size=2))
 
 
 def _entry() -> st.SearchStrategy[dict]:
@@ -44,7 +57,7 @@ def _entry() -> st.SearchStrategy[dict]:
         "mode": st.one_of(st.sampled_from(["walled-garden", "notice", "throttle", "free"]), value),
         "reason": value, "exempt_until": st.one_of(st.sampled_from(["9999-12-31", "0001-01-01T00:00+05:00",
                                                                      "2026-12-31", "1e400"]), value),
-        "exempt_category": value, "extra": value})
+        "exempt_category": value, "match": _match(), "extra": value})
 
 
 def _check_list(text: str, name: str, content_type: str = "", space: AddressSpace | None = None) -> None:
@@ -72,7 +85,7 @@ def test_any_structured_list_is_a_list_or_a_list_error(entries: list, fmt: str) 
     _check_list(text, f"l.{fmt}", space=AddressSpace())
 
 
-@given(rows=st.lists(st.lists(st.one_of(_WORDS, st.text(max_size=10)), max_size=7), max_size=6))
+@given(rows=st.lists(st.lists(st.one_of(_WORDS, st.text(max_size=10)), max_size=8), max_size=6))
 @FUZZ
 def test_any_csv_is_a_list_or_a_list_error(rows: list) -> None:
     import csv
@@ -115,3 +128,42 @@ def test_any_config_is_a_config_or_a_config_error(text: str) -> None:
         assert exc.issues
         return
     assert isinstance(config, Config)
+
+
+def _good_entry(index: int, keys: list[str], with_address: bool, mac_style: int) -> dict:
+    """Entry ``index`` of a valid list: unique id, address and match values, MAC in one of the
+    usual spellings."""
+    digits = f"0200{index:08x}"
+    macs = [":".join(digits[i:i + 2] for i in range(0, 12, 2)), "-".join(digits[i:i + 2] for i in range(0, 12, 2)),
+            ".".join(digits[i:i + 4] for i in range(0, 12, 4)), digits.upper()]
+    values = {"username": f"u{index}@isp", "circuit_id": f"olt1/1/{index}", "remote_id": f"ont-{index}",
+              "mac": macs[mac_style]}
+    entry: dict = {"id": f"C-{index}", "match": {k: values[k] for k in keys}}
+    if with_address or not keys:
+        entry["addresses"] = [f"100.64.{index // 256}.{index % 256}"]
+    if not keys:
+        del entry["match"]
+    return entry
+
+
+_GOOD_ENTRIES = st.lists(st.tuples(st.lists(st.sampled_from(["username", "circuit_id", "remote_id", "mac"]),
+                                            unique=True, max_size=4),
+                                   st.booleans(), st.integers(0, 3)), max_size=6).map(
+    lambda specs: [_good_entry(i, *spec) for i, spec in enumerate(specs)])
+
+
+@given(entries=_GOOD_ENTRIES)
+@FUZZ
+def test_valid_entries_with_match_read_alike_in_every_format_and_round_trip(entries: list) -> None:
+    """YAML, JSON and CSV (match as the last column) of one list give the same subscribers, and
+    each survives the store's JSON row."""
+    yaml_text = ("subscribers:\n" + "".join(f"  - {json.dumps(e)}\n" for e in entries)) if entries \
+        else "subscribers: []\n"
+    csv_rows = "".join(f"{e['id']},{' '.join(e.get('addresses', []))},,,,,"
+                       f"{';'.join(f'{k}={v}' for k, v in e.get('match', {}).items())}\n" for e in entries)
+    parsed = [parse_list(yaml_text, "l.yaml"), parse_list(json.dumps({"subscribers": entries}), "l.json")]
+    if entries:
+        parsed.append(parse_list(csv_rows, "l.csv"))
+    assert all(p == parsed[0] for p in parsed)
+    assert [bool(s.match) for s in parsed[0]] == ["match" in e for e in entries]
+    assert [Subscriber.from_json(json.loads(json.dumps(s.to_json()))) for s in parsed[0]] == parsed[0]
