@@ -305,7 +305,8 @@ def test_entry_not_a_mapping():
     assert locations("subscribers:\n  - C-1\n", "l.yaml") == ["l.yaml:2"]
 
 
-@pytest.mark.parametrize("row, columns", [("C-1", 1), ("C-1,100.64.0.2,notice,overdue,2030-01-01,other,mac=02:00:00:00:00:01,extra", 8)])
+@pytest.mark.parametrize("row, columns", [
+    ("C-1", 1), ("C-1,100.64.0.2,notice,overdue,2030-01-01,other,mac=02:00:00:00:00:01,extra", 8)])
 def test_csv_wrong_column_count(row, columns):
     found = issues(f"C-0,100.64.0.1\n{row}\n", "l.csv")
     assert [loc for loc, _ in found] == ["l.csv:2"]
