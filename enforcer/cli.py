@@ -328,6 +328,21 @@ def cmd_unexempt(args: argparse.Namespace) -> int:
     return _control(args, "/v1/unexempt", {"subscriber": args.id, "category": args.category, "note": args.note})
 
 
+def cmd_session(args: argparse.Namespace) -> int:
+    """A BNG's ip-up/ip-down script reports a session (accel-ppp: ``walled-garden session start
+    --username $PPP_USERNAME --address $PPP_REMOTE``)."""
+    body: dict[str, Any] = {key: value for key in ("username", "mac", "circuit_id", "remote_id", "subscriber")
+                            if (value := getattr(args, key))}
+    if args.address:
+        body["addresses"] = args.address
+    answer = _ask(args, "POST", f"/v1/session/{args.action}", body)
+    if isinstance(answer, int):
+        return answer
+    owners = ", ".join(answer.get("subscribers") or []) or "no listed subscriber"
+    print(f"session {args.action}: {answer.get('sessions')} ({owners})")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
@@ -426,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     unexempt.add_argument("--note", default="")
     for p in (exempt, unexempt):
         p.add_argument("--json", action="store_true")
+    session = add("session", cmd_session, "report a BNG session's start or stop (for ip-up/ip-down scripts)")
+    session.add_argument("action", choices=["start", "stop"])
+    for key in ("username", "mac", "circuit-id", "remote-id"):
+        session.add_argument(f"--{key}", dest=key.replace("-", "_"), default="", help=f"the session's {key}")
+    session.add_argument("--subscriber", default="", help="the account id, when the script knows it")
+    session.add_argument("--address", action="append", help="address or prefix (repeat; stop: default all)")
+    session.add_argument("--json", action="store_true")
     audit = add("audit", cmd_audit, "the audit log: every change of a subscriber's state and its cause")
     audit.add_argument("id", nargs="?", help="one subscriber (default: all)")
     audit.add_argument("--since", help="a date or RFC 3339 time")

@@ -1,7 +1,8 @@
 """The daemon's parts, wired together: one engine and the components around it.
 
 Inputs come in through the components (``lists``: the restricted list; ``events``: billing's
-webhooks; ``timers``: time passing; ``operator`` and ``portal``: the control socket), each
+webhooks; ``sessions``: where subscribers are now (lease files, RADIUS, session events);
+``timers``: time passing; ``operator`` and ``portal``: the control socket), each
 changing enforcement only through the engine (``engine.apply`` / ``engine.sync_all``), never
 through each other. ``queries`` and ``health`` read. The ``api`` package serves them over HTTP and
 ``service.py`` runs them; see ARCHITECTURE.md for the flow of one payment and one list edit.
@@ -27,6 +28,8 @@ from .portal_actions import PortalActions
 from .promises import Eligibility
 from .queries import Queries
 from .references import References
+from .session_intake import SessionIntake
+from .sessions.configured import build_sources
 from .store import Store, StoreError
 from .table_health import TableHealth
 from .timers import Timers
@@ -56,6 +59,8 @@ class Enforcer:
         self.portal = PortalActions(engine, self.references, metrics)
         self.queries = Queries(engine, self.references)
         self.health = TableHealth(engine)
+        self.sessions = SessionIntake(engine, metrics, build_sources(config.subscribers.sessions))
+        self.events.sessions = self.sessions
         watch(metrics, engine)
 
     def promise_eligibility(self, sid: str) -> Eligibility:
@@ -63,6 +68,7 @@ class Enforcer:
 
     async def close(self) -> None:
         await self.events.close()
+        await self.sessions.close()
         await self.engine.close()
 
 

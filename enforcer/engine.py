@@ -208,13 +208,14 @@ class Engine:
             deferred.append(write)
         return result
 
-    async def apply_resolving(self, decisions: dict[str, Decision], why: str) -> SyncResult:
-        """``apply`` for changes nobody waits on (timers): a subscriber whose decision claims an
-        address another holds keeps what is enforced now, reported in ``conflicts`` and retried
-        each timer round, while everyone else's change applies. One reassigned address must
-        never stop graces, promises and windows for all."""
+    async def apply_resolving(self, decisions: dict[str, Decision], why: str, cause: str = "",
+                              deferred: list[EnforcedWrite] | None = None) -> SyncResult:
+        """``apply`` for changes that must not wait on one subscriber (timers, sessions): a
+        subscriber whose decision claims an address another holds keeps what is enforced now,
+        reported in ``conflicts`` and retried each timer round, while everyone else's change
+        applies. One reassigned address must never stop graces, promises and windows for all."""
         try:
-            result = await self.apply(decisions)
+            result = await self.apply(decisions, cause, deferred)
         except AddressConflict:
             pass
         else:
@@ -224,7 +225,7 @@ class Engine:
         merged = SyncResult("partial", 0, [])
         for sid, decision in decisions.items():
             try:
-                one = await self.apply({sid: decision})
+                one = await self.apply({sid: decision}, cause, deferred)
             except AddressConflict as exc:
                 if sid not in self.conflicts:
                     log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "

@@ -15,14 +15,14 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .batcher import Batcher
 from .dataplane.backend import DataplaneError
 from .enforced import held
 from .engine import Engine, Undo
 from .event_inputs import EventRules, apply_event
-from .events import Event
+from .events import SESSION_TYPES, Event
 from .metrics import Metrics
 from .model import Mode
 from .outcome import Outcome, Refusal, Refused, Result
@@ -30,6 +30,12 @@ from .policy import Decision
 from .reconciler import AddressConflict, SyncResult
 from .store import EnforcedWrite, StoreError
 from .subscribers import Subscriber
+
+
+class SessionEvents(Protocol):
+    """Where ``session.started``/``session.stopped`` go (``session_intake.SessionIntake``)."""
+
+    async def handle_event(self, event: Event) -> Result: ...
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -64,6 +70,7 @@ class EventIntake:
         self.engine, self.metrics = engine, metrics
         self._inflight: dict[str, asyncio.Future[Result]] = {}
         self.batcher: Batcher[Pending] = Batcher(self._commit_batch)
+        self.sessions: SessionEvents | None = None   # where session events go (wired by the daemon)
 
     def rules(self) -> EventRules:
         policy = self.engine.config.policy
@@ -86,6 +93,8 @@ class EventIntake:
         if inflight is not None:
             self.count(event.type, "duplicate")
             return inflight
+        if event.type in SESSION_TYPES:
+            return self._session_event(event)
         pending = Pending(event, received, asyncio.get_running_loop().create_future())
         self._inflight[event.id] = pending.answer
 
@@ -96,6 +105,26 @@ class EventIntake:
         pending.answer.add_done_callback(done)
         self.batcher.submit(pending)
         return pending.answer
+
+    def _session_event(self, event: Event) -> asyncio.Future[Result]:
+        """``session.started``/``session.stopped``: the session intake commits them."""
+        if self.sessions is None:
+            answer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            answer.set_result(Refusal(Refused.INVALID, "sessions are not enabled on this gateway"))
+            return answer
+        task = asyncio.ensure_future(self.sessions.handle_event(event))
+        self._inflight[event.id] = task
+
+        def done(future: asyncio.Future[Result], event_id: str = event.id) -> None:
+            if self._inflight.get(event_id) is future:
+                del self._inflight[event_id]
+            if not future.cancelled() and future.exception() is None:
+                result = future.result()
+                self.count(event.type, "applied" if isinstance(result, Outcome)
+                           else "invalid" if result.kind is Refused.INVALID else "error")
+
+        task.add_done_callback(done)
+        return task
 
     async def close(self) -> None:
         await self.batcher.close()

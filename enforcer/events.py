@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .subscribers import ListIssue, Subscriber, id_problem, validate_entry
+from .match import MATCH_KEYS, Match, parse_match
+from .model import Network
+from .subscribers import ListIssue, Subscriber, id_problem, parse_address, validate_entry
 
 PAYMENT = "payment.received"
 RESTRICTED = "subscriber.restricted"
@@ -25,7 +27,11 @@ READDRESSED = "subscriber.addresses_changed"
 #: Billing (or the fault-ticket system) opens and closes dispute/outage exemptions.
 EXEMPTION_OPENED = {"dispute.opened": "dispute", "outage.opened": "outage"}
 EXEMPTION_CLOSED = {"dispute.closed": "dispute", "outage.closed": "outage"}
-TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED, *EXEMPTION_OPENED, *EXEMPTION_CLOSED)
+#: A BNG or DHCP integration reports where a subscriber is (docs/reference.md, Sessions).
+SESSION_STARTED = "session.started"
+SESSION_STOPPED = "session.stopped"
+SESSION_TYPES = (SESSION_STARTED, SESSION_STOPPED)
+TYPES = (PAYMENT, RESTRICTED, RELEASED, READDRESSED, *EXEMPTION_OPENED, *EXEMPTION_CLOSED, *SESSION_TYPES)
 
 
 #: Times outside [1970-01-01, 10000-01-01) are refused: nothing billing sends lies there, and
@@ -50,6 +56,8 @@ class Event:
     actor: str = ""                         # an operator (CLI), or "" for billing
     note: str = ""                          # the operator's reason, or billing's note on an exemption
     until: float | None = None              # when an opened exemption ends (None: the configured default)
+    match: Match = field(default_factory=Match)   # session events: who the session belongs to
+    addresses: tuple[Network, ...] = ()     # session events: its addresses (stopped: none means all)
 
 
 def _shown(value: Any) -> str:
@@ -160,6 +168,8 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
         raise EventError("timestamp is missing")
     timestamp = parse_timestamp(data["timestamp"])
     payload = data.get("data")
+    if kind in SESSION_TYPES:
+        return _session_event(event_id, kind, timestamp, payload)
     if not isinstance(payload, dict):
         raise EventError("data must be an object with at least 'subscriber'")
     sid = payload.get("subscriber")
@@ -190,3 +200,62 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
             if until <= timestamp:
                 raise EventError("data.until lies before the event's timestamp")
     return Event(event_id, kind, timestamp, sid, subscriber, note=note, until=until)
+
+
+def session_fields(payload: Any, need_address: bool) -> tuple[str, Match, tuple[Network, ...]]:
+    """``subscriber``, the match keys (``data.match`` or the keys themselves in ``data``) and
+    ``addresses`` of a session event or CLI request; EventError names the field."""
+    if not isinstance(payload, dict):
+        raise EventError("data must be an object with match keys (username, mac, circuit_id, remote_id) "
+                         "or subscriber, and addresses")
+    allowed = {"subscriber", "match", "addresses", *MATCH_KEYS}
+    unknown = sorted(str(k) for k in payload if k not in allowed)
+    if unknown:
+        raise EventError(f"data.{unknown[0]} is not a session field; expected {', '.join(sorted(allowed))}")
+    sid = payload.get("subscriber") or ""
+    if sid:
+        problem = id_problem(sid)
+        if problem:
+            raise EventError(f"data.subscriber: {problem}")
+    given = payload.get("match")
+    if given is not None and not isinstance(given, dict):
+        raise EventError("data.match must be an object of username, mac, circuit_id, remote_id")
+    keys = dict(given or {})
+    for key in MATCH_KEYS:
+        if key in payload:
+            if key in keys:
+                raise EventError(f"data.{key} is given both in data and in data.match")
+            keys[key] = payload[key]
+    match = Match()
+    if keys:
+        try:
+            match = parse_match(keys)
+        except ValueError as exc:
+            raise EventError(f"data.match: {exc}") from None
+    if not match and not sid:
+        raise EventError("data names nobody: give match keys (username, mac, circuit_id, remote_id) or subscriber")
+    raw = payload.get("addresses")
+    if isinstance(raw, str):
+        raw = raw.split()
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise EventError("data.addresses must be a list of addresses or prefixes")
+    addresses: list[Network] = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise EventError(f"data.addresses: {_shown(item)} is not an address")
+        try:
+            network = parse_address(item)
+        except ValueError as exc:
+            raise EventError(f"data.addresses: {item[:60]!r}: {exc}") from None
+        if network not in addresses:
+            addresses.append(network)
+    if need_address and not addresses:
+        raise EventError("data.addresses: a started session needs at least one address")
+    return str(sid), match, tuple(addresses)
+
+
+def _session_event(event_id: str, kind: str, timestamp: float, payload: Any) -> Event:
+    sid, match, addresses = session_fields(payload, kind == SESSION_STARTED)
+    return Event(event_id, kind, timestamp, sid, match=match, addresses=addresses)

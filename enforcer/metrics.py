@@ -112,6 +112,18 @@ class Metrics:
             "quarantined_rows table for inspection; 0 once the operator has removed them", registry=r)
         self.held_subscribers = Gauge("walled_garden_held_change_subscribers", "Subscribers the held list change "
                                       "would restrict or lift (0 when nothing is held)", ["change"], registry=r)
+        self.sessions = Gauge("walled_garden_sessions", "Current sessions (addresses that follow subscribers) by "
+                              "source", ["source"], registry=r)
+        self.session_changes = Counter("walled_garden_session_changes", "Sessions started, updated or stopped, by "
+                                       "source and change", ["source", "change"], registry=r)
+        self.session_errors = Counter("walled_garden_session_source_errors", "Bad input from session sources "
+                                      "(malformed lease line, bad authenticator, unknown attribute, address "
+                                      "outside the subscriber prefixes ...), by source and kind",
+                                      ["source", "kind"], registry=r)
+        self.session_lag = Histogram("walled_garden_session_change_seconds", "From the source's change (lease "
+                                     "file written, packet or request received) to the kernel commit",
+                                     ["source"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                     registry=r)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():

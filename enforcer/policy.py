@@ -27,8 +27,11 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from .exemptions import Exemption
+from .match import ID_KEY, Pair
 from .model import SEVERITY, EscalationStep, Mode, Network
 from .promises import Promise, settle
+from .sessions.book import SessionBook
+from .sessions.session import Session
 from .subscribers import Subscriber
 from .windows import Windows
 
@@ -227,7 +230,10 @@ class PolicyInputs:
     promises: dict[str, list[Promise]] = field(default_factory=dict)           # id → history, oldest first
     listed_since: dict[str, float] = field(default_factory=dict)               # id → first listed (this run)
     rules: Rules = DEFAULT_RULES
+    sessions: SessionBook = field(default_factory=SessionBook, repr=False, compare=False)
     _list_exempt: tuple[dict[str, Subscriber], list[Subscriber]] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    _match_index: tuple[dict[str, Subscriber], dict[Pair, str]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
     def newest_instant(self) -> float:
@@ -249,10 +255,74 @@ class PolicyInputs:
 
     def decide(self, subscriber_id: str, now: float, enforced: Decision | None = None) -> Decision:
         exemptions = self.exemptions.get(subscriber_id)
-        return decide(subscriber_id, self.listed.get(subscriber_id), self.overrides.get(subscriber_id),
-                      self.graces.get(subscriber_id), now, self.readdressed.get(subscriber_id),
-                      exemptions=exemptions.values() if exemptions else (), promise=self.promise(subscriber_id),
-                      listed_since=self.listed_since.get(subscriber_id), rules=self.rules, enforced=enforced)
+        decision = decide(subscriber_id, self.listed.get(subscriber_id), self.overrides.get(subscriber_id),
+                          self.graces.get(subscriber_id), now, self.readdressed.get(subscriber_id),
+                          exemptions=exemptions.values() if exemptions else (), promise=self.promise(subscriber_id),
+                          listed_since=self.listed_since.get(subscriber_id), rules=self.rules, enforced=enforced)
+        if decision.subscriber is not None and self.sessions:
+            decision = self._with_sessions(decision)
+        return decision
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _with_sessions(self, decision: Decision) -> Decision:
+        """A restriction covers the addresses the subscriber's current sessions hold too
+        (``sessions``): the list names who, the network says where."""
+        sid, subscriber = decision.subscriber_id, decision.subscriber
+        assert subscriber is not None
+        extra: list[Network] = []
+        givers: list[str] = []
+        for session in self.sessions_of(sid):
+            held = [a for a in self.sessions.held(session) if a not in subscriber.addresses and a not in extra]
+            if held:
+                extra += held
+                givers.append(f"{', '.join(map(str, held))} from {session.describe()}")
+        if not extra:
+            return decision
+        moved = replace(subscriber, addresses=subscriber.addresses + tuple(extra))
+        return replace(decision, subscriber=moved, cause=f"{decision.cause}; session addresses: {'; '.join(givers)}")
+
+    def match_pairs(self, subscriber_id: str) -> tuple[Pair, ...]:
+        """What sessions match this subscriber by: its id and its list entry's match keys."""
+        listed = self.listed.get(subscriber_id)
+        return ((ID_KEY, subscriber_id),) + (listed.match.pairs() if listed is not None else ())
+
+    def sessions_of(self, subscriber_id: str) -> list[Session]:
+        """The sessions that belong to this subscriber (``session_owner``), oldest first."""
+        return [s for s in self.sessions.matching(self.match_pairs(subscriber_id))
+                if self.session_owner(s) == subscriber_id]
+
+    def session_owner(self, session: Session) -> str | None:
+        """The subscriber a session belongs to: the one named by its most specific key (the
+        account id, then username, circuit id, remote id, MAC); None when no entry names it."""
+        index = self._matches()
+        for pair in session.pairs():
+            if pair[0] == ID_KEY:
+                return pair[1]
+            owner = index.get(pair)
+            if owner is not None:
+                return owner
+        return None
+
+    def subscribers_of(self, pairs: Iterable[Pair]) -> set[str]:
+        """Subscribers any of ``pairs`` names (to decide again after a session change)."""
+        index = self._matches()
+        out = set()
+        for pair in pairs:
+            owner = pair[1] if pair[0] == ID_KEY else index.get(pair)
+            if owner is not None:
+                out.add(owner)
+        return out
+
+    def _matches(self) -> dict[Pair, str]:
+        """match pair → listed subscriber, built once per list (the list parser refuses one
+        value for two entries, so each pair names one subscriber)."""
+        if self._match_index is None or self._match_index[0] is not self.listed:
+            index: dict[Pair, str] = {}
+            for sid, entry in self.listed.items():
+                for pair in entry.match.pairs():
+                    index.setdefault(pair, sid)
+            self._match_index = (self.listed, index)
+        return self._match_index[1]
 
     def decide_all(self, now: float, enforced: Mapping[str, Decision] | None = None) -> dict[str, Decision]:
         enforced = enforced or {}

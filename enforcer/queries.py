@@ -87,6 +87,9 @@ class Queries:
             "audit": engine.store.audit(sid, limit=10),
             "addresses": [str(a) for a in decision.subscriber.addresses] if decision.subscriber else [],
             "list": listed.to_json() if listed else None,
+            "sessions": [{"source": s.source, "key": s.key, "match": s.match.to_json(),
+                          "addresses": [str(a) for a in inputs.sessions.held(s)], "expires": s.expires,
+                          "seen": s.seen, "detail": s.detail} for s in inputs.sessions_of(sid)],
             "override": ({"restrict": override.restrict, "at": override.at, "cause": override.cause}
                          if override else None),
             "payment_grace": {"paid_at": grace.paid_at, "until": grace.until, "cause": grace.cause} if grace else None,
@@ -99,6 +102,12 @@ class Queries:
         for the operator's ``explain`` of someone a promise, grace or exemption freed."""
         ip = ipaddress.ip_address(address)
         inputs = self.engine.inputs
+        for session in inputs.sessions.sessions.values():
+            held = inputs.sessions.held(session)
+            if any(ip.version == n.version and ip in n for n in held):
+                owner = inputs.session_owner(session)
+                if owner is not None:
+                    return owner
         sources = [inputs.listed.items(), ((sid, o.subscriber) for sid, o in inputs.overrides.items() if o.subscriber)]
         for pairs in sources:
             for sid, subscriber in pairs:
@@ -122,6 +131,10 @@ class Queries:
         if inputs.rules.escalation:
             chain.append("escalation ladder: " + ", ".join(f"{s.mode.value} after {s.after / 86400:g} d"
                                                              for s in inputs.rules.escalation))
+        for session in inputs.sessions_of(sid):
+            held = inputs.sessions.held(session)
+            chain.append(f"session: {session.describe()} gives {', '.join(map(str, held)) or 'no address now'}"
+                         + (f" until {when(session.expires)}" if session.expires else ""))
         override = inputs.overrides.get(sid)
         if override is not None:
             chain.append(f"override: {'restrict' if override.restrict else 'lift'} at {when(override.at)} "

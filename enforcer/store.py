@@ -64,6 +64,8 @@ from .exemptions import Exemption
 from .gc_pause import gc_paused
 from .policy import Grace, Origin, Override, PolicyInputs, Readdress
 from .promises import Promise
+from .sessions.book import SessionBook
+from .sessions.session import Session, SessionId
 from .subscribers import Subscriber
 
 log = logging.getLogger("walled_garden.store")
@@ -98,6 +100,10 @@ CREATE TABLE IF NOT EXISTS billing_order (id TEXT NOT NULL, stream TEXT NOT NULL
     PRIMARY KEY (id, stream));
 CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '');
+-- Current sessions (sessions.book): addresses that follow subscribers, reconciled with the
+-- lease files on start.
+CREATE TABLE IF NOT EXISTS sessions (source TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (source, key));
 -- Rows that did not decode, moved here from their table (module docstring); never read back.
 CREATE TABLE IF NOT EXISTS quarantined_rows (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
     source TEXT NOT NULL, row TEXT NOT NULL, error TEXT NOT NULL);
@@ -527,7 +533,8 @@ class Store:
                                      "ORDER BY id, made_at"):
             promises.setdefault(promise.subscriber_id, []).append(promise)
         since = dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
-        return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since)
+        sessions = SessionBook(self._decoded("sessions", "body", lambda body: Session.from_json(json.loads(body))))
+        return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since, sessions=sessions)
 
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
                   since: dict[str, float] | None = None, changed: set[str] | None = None) -> None:
@@ -632,12 +639,18 @@ class Store:
     @_writes
     def record_state(self, writes: Iterable[EnforcedWrite], inputs: PolicyInputs | None = None,
                      ids: Iterable[str] = (), events: Sequence[tuple[str, dict[str, Any], str | None]] = (),
-                     billing_order: Iterable[tuple[str, str, float]] = ()) -> None:
+                     billing_order: Iterable[tuple[str, str, float]] = (),
+                     sessions: tuple[Sequence[Session], Sequence[SessionId]] = ((), ())) -> None:
         """What kernel changes mean for the ``enforced`` table and the audit log, the policy
-        inputs of ``ids``, the answers to the webhook ids that caused them and billing's order,
-        in one commit (a webhook batch's whole state): a retry finds its answer exactly when the
-        change it answers is durable."""
+        inputs of ``ids``, the answers to the webhook ids that caused them, billing's order and
+        the sessions (started, stopped) that changed, in one commit (a webhook batch's whole
+        state): a retry finds its answer exactly when the change it answers is durable."""
         now = time.time()
+        started, stopped = sessions
+        if started or stopped:
+            self.db.executemany("DELETE FROM sessions WHERE source = ? AND key = ?", list(stopped))
+            self.db.executemany("INSERT OR REPLACE INTO sessions (source, key, body) VALUES (?, ?, ?)",
+                                [(s.source, s.key, json.dumps(s.to_json())) for s in started])
         for write in writes:
             self.save_enforced(write.rows, write.gone)
             self.append_audit(write.audit)

@@ -39,10 +39,12 @@ import os
 import socket
 import sys
 import time
+from ipaddress import ip_network
 from typing import Any
 
 from .event_sink import EventSink
 from .events import Event
+from .match import Match
 from .outcome import Outcome, Refusal, Refused, Result
 from .subscribers import Subscriber
 
@@ -58,13 +60,14 @@ READY_TIMEOUT = 15.0
 def event_to_wire(event: Event) -> dict[str, Any]:
     return {"id": event.id, "type": event.type, "timestamp": event.timestamp, "subscriber_id": event.subscriber_id,
             "subscriber": event.subscriber.to_json() if event.subscriber else None, "note": event.note,
-            "until": event.until}
+            "until": event.until, "match": event.match.to_json(), "addresses": [str(a) for a in event.addresses]}
 
 
 def event_from_wire(data: dict[str, Any]) -> Event:
     subscriber = Subscriber.from_json(data["subscriber"]) if data.get("subscriber") else None
     return Event(data["id"], data["type"], float(data["timestamp"]), data["subscriber_id"], subscriber,
-                 note=data.get("note") or "", until=data.get("until"))
+                 note=data.get("note") or "", until=data.get("until"), match=Match.from_json(data.get("match") or {}),
+                 addresses=tuple(ip_network(a) for a in data.get("addresses") or ()))
 
 
 def result_to_wire(result: Result) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import pwd
+import secrets
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .. import control_protocol as protocol
-from ..events import EventError, load_json
+from ..events import SESSION_STARTED, SESSION_STOPPED, Event, EventError, load_json, session_fields
 from ..exemptions import check_category, parse_instant, parse_until
+from ..session_intake import CLI_SOURCE
 from . import answer, json_response
 
 if TYPE_CHECKING:
@@ -169,6 +171,21 @@ async def post_exempt(request: web.Request) -> web.Response:
     return answer(await enforcer.operator.exempt(peer(request), sid, category, until, note))
 
 
+async def post_session(request: web.Request) -> web.Response:
+    """``walled-garden session start|stop`` (a BNG's ip-up/ip-down script): the same fields as
+    a ``session.started``/``session.stopped`` event's data."""
+    body = await _body(request)
+    enforcer = request.app[ENFORCER_KEY]
+    start = request.path == protocol.SESSION_START
+    try:
+        sid, match, addresses = session_fields(body, need_address=start)
+    except EventError as exc:
+        return json_response(400, {"error": str(exc).replace("data.", "")})
+    event = Event(f"cli-{secrets.token_hex(8)}", SESSION_STARTED if start else SESSION_STOPPED,
+                  enforcer.engine.clock(), sid, note=f"by {peer(request)}", match=match, addresses=addresses)
+    return answer(await enforcer.sessions.handle_event(event, CLI_SOURCE))
+
+
 async def get_audit(request: web.Request) -> web.Response:
     query = request.query
     try:
@@ -191,7 +208,8 @@ def control_app(enforcer: Enforcer) -> web.Application:
     for path, handler in ((protocol.ACKNOWLEDGE, post_for_address), (protocol.PROMISE, post_for_address),
                           (protocol.RESTRICT, post_operator), (protocol.LIFT, post_operator),
                           (protocol.APPROVE, post_held), (protocol.REJECT, post_held),
-                          (protocol.EXEMPT, post_exempt), (protocol.UNEXEMPT, post_exempt)):
+                          (protocol.EXEMPT, post_exempt), (protocol.UNEXEMPT, post_exempt),
+                          (protocol.SESSION_START, post_session), (protocol.SESSION_STOP, post_session)):
         app.router.add_post(path, handler)
     return app
 

@@ -30,6 +30,25 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+#: Kinds of session source (docs/reference.md, Sessions).
+SESSION_KINDS = ("dnsmasq", "kea", "radius")
+
+
+@dataclass(frozen=True)
+class SessionSourceConfig:
+    """One entry of ``subscribers.sessions``: a lease file (dnsmasq, kea) or a RADIUS
+    accounting listener (radius)."""
+
+    kind: str
+    name: str                             # label in status and metrics; default the kind
+    path: str = ""                        # dnsmasq, kea: the lease file
+    poll_interval: float = 0.25           # dnsmasq, kea: how often the file is checked
+    listen: Listen | None = None          # radius
+    secret_file: str = ""                 # radius: the shared secret (first line)
+    clients: tuple[Network, ...] = ()     # radius: who may send accounting (() = anyone who knows the secret)
+    session_timeout: float | None = None  # radius: a session with no word for this long ends
+
+
 @dataclass(frozen=True)
 class SubscribersConfig:
     source: str
@@ -40,6 +59,7 @@ class SubscribersConfig:
     client_key: str = ""
     ca_file: str = ""                   # trust only this CA bundle for the source
     guard: Guard = field(default_factory=Guard)
+    sessions: tuple[SessionSourceConfig, ...] = ()
 
     @property
     def is_url(self) -> bool:

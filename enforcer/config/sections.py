@@ -23,6 +23,7 @@ from . import values
 from .keys import KeyReader
 from .schema import (
     LANGUAGES,
+    SESSION_KINDS,
     ApiConfig,
     Branding,
     GardenConfig,
@@ -34,6 +35,7 @@ from .schema import (
     PortalConfig,
     PortalTls,
     Provider,
+    SessionSourceConfig,
     SubscribersConfig,
 )
 from .units import optional_listen, parse_duration, parse_listen, parse_rate, parse_size, positive_duration
@@ -68,7 +70,57 @@ def subscribers(r: KeyReader, top: dict[str, Any], config_path: str) -> Subscrib
     if files["client_key"] and not files["client_cert"]:
         r.fail(sub + ("client_key",), "client_key needs client_cert")
     return SubscribersConfig(source, r.get(raw, sub + ("poll_interval",), positive_duration, 60.0),
-                             r.get(raw, sub + ("timeout",), positive_duration, 30.0), guard=guard, **files)
+                             r.get(raw, sub + ("timeout",), positive_duration, 30.0), guard=guard,
+                             sessions=_sessions(r, raw.get("sessions"), config_path), **files)
+
+
+def _sessions(r: KeyReader, value: Any, config_path: str) -> tuple[SessionSourceConfig, ...]:
+    """``subscribers.sessions``: ``[{kind: dnsmasq, path: ...}, {kind: radius, listen: ...,
+    secret_file: ...}]``. A lease file need not exist yet (the DHCP server writes it first);
+    the RADIUS secret must be readable now."""
+    base = ("subscribers", "sessions")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.fail(base, "expected a list of {kind: dnsmasq|kea|radius, ...}")
+        return ()
+    out: list[SessionSourceConfig] = []
+    for i, item in enumerate(value):
+        path = base + (i,)
+        raw = r.section(item, path, {"kind", "name", "path", "poll_interval", "listen", "secret_file", "clients",
+                                     "session_timeout"})
+        kind = raw.get("kind")
+        if kind not in SESSION_KINDS:
+            r.fail(path + ("kind",), f"{kind!r} is not one of {', '.join(SESSION_KINDS)}")
+            continue
+        name = r.get(raw, path + ("name",), values.session_source_name, kind)
+        wrong = sorted(k for k in raw if k not in (("kind", "name", "path", "poll_interval") if kind != "radius"
+                                                   else ("kind", "name", "listen", "secret_file", "clients",
+                                                         "session_timeout")))
+        for key in wrong:
+            r.fail(path + (key,), f"does not apply to a {kind} source")
+        if kind == "radius":
+            for key in ("listen", "secret_file"):
+                if key not in raw:
+                    r.fail(path + (key,), "required for a radius source")
+            out.append(SessionSourceConfig(
+                kind, name, listen=r.get(raw, path + ("listen",), parse_listen, None),
+                secret_file=r.get(raw, path + ("secret_file",), values.secret_file, ""),
+                clients=tuple(r.get(raw, path + ("clients",), values.networks, [])),
+                session_timeout=r.get(raw, path + ("session_timeout",), positive_duration, None)))
+        else:
+            if "path" not in raw:
+                r.fail(path + ("path",), f"required: the {kind} lease file")
+            file = r.get(raw, path + ("path",), values.string, "")
+            if file and not file.startswith("/"):
+                file = str((Path(config_path).parent / file).resolve())
+            out.append(SessionSourceConfig(kind, name, path=file,
+                                           poll_interval=r.get(raw, path + ("poll_interval",), positive_duration,
+                                                               0.25)))
+    names = [s.name for s in out]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        r.fail(base, f"two sources are named {name!r}; give each a distinct name")
+    return tuple(out)
 
 
 def gateway(r: KeyReader, top: dict[str, Any]) -> GatewayConfig:

@@ -8,12 +8,13 @@ the issue at the key (``KeyReader.get``); the section readers combine them.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..model import Mode
+from ..model import Mode, Network
 from .schema import MAX_LOGO_BYTES
 
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
@@ -124,3 +125,38 @@ def restricting_mode(value: Any) -> Mode:
     if mode is Mode.FREE:
         raise ValueError(f"{value!r} is not one of {', '.join(m.value for m in Mode.restricting())}")
     return mode
+
+
+_SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def session_source_name(value: Any) -> str:
+    """A session source's label in status and metrics (not ``event`` or ``cli``: those are the
+    daemon's own doors)."""
+    text = string(value)
+    if not _SOURCE_NAME.fullmatch(text) or text in ("event", "cli"):
+        raise ValueError(f"{text!r} is not a source name (lowercase letters, digits, - and _; not event or cli)")
+    return text
+
+
+def secret_file(value: Any) -> str:
+    """A readable file whose first line is a non-empty secret."""
+    text = readable_file(value)
+    with open(text, encoding="utf-8", errors="replace") as handle:
+        if not handle.readline().strip():
+            raise ValueError(f"{text}: the first line is empty (it holds the shared secret)")
+    return text
+
+
+def networks(value: Any) -> list[Network]:
+    """A list of addresses or prefixes (``[192.0.2.1, 198.51.100.0/24]``)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError("expected a list of addresses or prefixes")
+    out: list[Network] = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    return out

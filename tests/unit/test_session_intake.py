@@ -1,0 +1,214 @@
+"""Sessions through the daemon: a restriction follows the subscriber's current addresses.
+
+The fake dataplane stands in for the kernel; everything else is the daemon's own code: the
+session intake, the policy, the engine's diff, the store (a restart reads the sessions back).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon_helpers import NoConntrack, cli, handle_event
+from enforcer.api import http
+from enforcer.api.control import control_app
+from enforcer.api.listeners import start_unix_site
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import parse_event
+from enforcer.match import Match
+from enforcer.sessions.session import Session
+from enforcer.sessions.source import SessionChangeFailed
+from enforcer.sources import ListUpdate
+from enforcer.store import StoreError
+from enforcer.subscribers import Subscriber, parse_address
+
+NOW = 1_795_000_000.0
+MAC_1, MAC_2 = "02:00:00:00:10:01", "02:00:00:00:10:02"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _config(tmp_path: Path) -> Any:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                    f"gateway: {{subscriber_prefixes: [100.64.0.0/16, '2001:db8::/32']}}\n"
+                    f"api: {{socket: {tmp_path}/control.sock}}\n")
+    return parse_config(path.read_text(), str(path))
+
+
+async def _daemon(tmp_path: Path, fake: FakeDataplane, clock: Clock) -> Enforcer:
+    e = Enforcer(_config(tmp_path), dataplane=fake, conntrack=NoConntrack(), clock=clock)  # type: ignore[arg-type]
+    await e.engine.restore()
+    return e
+
+
+def _lease(address: str, mac: str, expires: float | None = None) -> Session:
+    return Session("dnsmasq", address, Match(mac=mac), (ipaddress.ip_network(address),), expires=expires,
+                   detail=f"lease {address}")
+
+
+def walled(fake: FakeDataplane) -> set[str]:
+    return {k for k, v in fake.view.get("mode4_32", {}).items() if v == "goto garden"}
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> Any:
+    fake, clock = FakeDataplane(), Clock()
+    e = await _daemon(tmp_path, fake, clock)
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1))], "l", "1"))
+    yield e, fake, clock
+    await e.close()
+
+
+async def test_a_lease_walls_its_address_and_a_renewal_elsewhere_frees_the_old_one(daemon: Any) -> None:
+    e, fake, _ = daemon
+    assert walled(fake) == set(), "restricted, but no session yet: nothing to wall"
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    assert walled(fake) == {"100.64.0.5"}
+    # C-1 renews to .6; .5 goes to a paying subscriber (MAC_2 is on no list).
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.6", MAC_1), _lease("100.64.0.5", MAC_2)])
+    assert walled(fake) == {"100.64.0.6"}, "the old address, now a paying subscriber's, is free"
+    explained = e.queries.explain("100.64.0.6")
+    assert explained["subscriber"] == "C-1" and explained["restricted"]
+    [session] = explained["sessions"]
+    assert session["source"] == "dnsmasq" and session["addresses"] == ["100.64.0.6/32"]
+    assert "session addresses: 100.64.0.6/32 from dnsmasq session 100.64.0.6" in explained["why"]
+    audit = e.engine.store.audit("C-1")
+    assert any("100.64.0.6" in row["cause"] for row in audit), audit
+
+
+async def test_a_payment_frees_the_session_address_and_the_next_lease_stays_free(daemon: Any) -> None:
+    e, fake, _ = daemon
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    payment = parse_event("p1", json.dumps({"type": "payment.received", "timestamp": NOW,
+                                             "data": {"subscriber": "C-1"}}))
+    assert (await handle_event(e, payment))[0] == 200
+    assert walled(fake) == set()
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.7", MAC_1)])
+    assert walled(fake) == set()
+
+
+async def test_sessions_survive_a_restart(daemon: Any, tmp_path: Path) -> None:
+    e, _, clock = daemon
+    await e.sessions.update("radius", [Session("radius", "nas/1", Match(mac=MAC_1),
+                                               (parse_address("100.64.0.9"),))])
+    await e.close()
+    again = await _daemon(tmp_path, FakeDataplane(), clock)
+    try:
+        assert [s.key for s in again.engine.inputs.sessions_of("C-1")] == ["nas/1"]
+        assert again.queries.lookup("100.64.0.9")["restricted"]
+    finally:
+        await again.close()
+
+
+async def test_an_expired_lease_frees_its_address(daemon: Any) -> None:
+    e, fake, clock = daemon
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1, expires=NOW + 60)])
+    assert walled(fake) == {"100.64.0.5"}
+    assert e.sessions.due() == pytest.approx(60)
+    clock.now += 61
+    await e.sessions.run()
+    assert walled(fake) == set()
+    assert e.engine.inputs.sessions.counts() == {}
+
+
+async def test_a_failed_save_changes_nothing_and_tells_the_source(daemon: Any, monkeypatch: Any) -> None:
+    e, fake, _ = daemon
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("record_state", "disk I/O error")
+
+    monkeypatch.setattr(e.engine.store, "record_state", broken)
+    with pytest.raises(SessionChangeFailed):
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    assert walled(fake) == set() and len(e.engine.inputs.sessions) == 0
+    assert e.sessions.status()["dnsmasq"]["problems"] == {"commit_failed": 1}
+
+
+async def test_a_failed_kernel_change_changes_nothing(daemon: Any) -> None:
+    e, fake, _ = daemon
+    fake.fail_next = "netlink: Error: Could not process rule"
+    with pytest.raises(SessionChangeFailed):
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    assert len(e.engine.inputs.sessions) == 0
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    assert walled(fake) == {"100.64.0.5"}
+
+
+async def test_session_events_start_and_stop_and_a_retry_gets_the_same_answer(daemon: Any) -> None:
+    e, fake, _ = daemon
+    body = {"type": "session.started", "timestamp": NOW,
+            "data": {"username": "c1@isp", "mac": MAC_1, "addresses": ["100.64.0.20", "2001:db8:1::/56"]}}
+    status, answer = await handle_event(e, parse_event("s1", json.dumps(body)))
+    assert status == 200 and answer["subscribers"] == ["C-1"], answer
+    assert walled(fake) == {"100.64.0.20"}
+    assert fake.view["mode6_56"]["2001:db8:1::"] == "goto garden"
+    assert (await handle_event(e, parse_event("s1", json.dumps(body)))) == (status, answer)
+    stop = {"type": "session.stopped", "timestamp": NOW, "data": {"mac": MAC_1}}
+    assert (await handle_event(e, parse_event("s2", json.dumps(stop))))[0] == 200
+    assert walled(fake) == set() and not fake.view.get("mode6_56")
+
+
+async def test_a_session_event_outside_the_subscriber_prefixes_is_refused(daemon: Any) -> None:
+    e, _, _ = daemon
+    body = {"type": "session.started", "timestamp": NOW, "data": {"mac": MAC_1, "addresses": ["198.51.100.7"]}}
+    status, answer = await handle_event(e, parse_event("s3", json.dumps(body)))
+    assert status == 400 and "198.51.100.7" in answer["error"]
+    assert len(e.engine.inputs.sessions) == 0
+
+
+async def test_a_session_on_another_subscribers_list_address_does_not_take_it(daemon: Any) -> None:
+    e, fake, _ = daemon
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1)),
+                                      Subscriber("C-2", (parse_address("100.64.0.30"),), reason="overdue")],
+                                     "l", "2"))
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.30", MAC_1), _lease("100.64.0.31", MAC_1)])
+    assert walled(fake) == {"100.64.0.30"}, "C-2 keeps its listed address; C-1's change waits (conflict)"
+    assert "C-1" in e.engine.conflicts
+    assert e.queries.status()["address_conflicts_total"] == 1
+
+
+async def test_the_cli_reports_a_bng_session(daemon: Any, tmp_path: Path) -> None:
+    e, fake, _ = daemon
+    runner = await start_unix_site(control_app(e), str(tmp_path / "control.sock"))
+    try:
+        config = str(tmp_path / "config.yaml")
+        code, out = await cli("session", "start", "--config", config, "--mac", MAC_1.upper().replace(":", "-"),
+                              "--address", "100.64.0.40")
+        assert code == 0 and "C-1" in out, out
+        assert walled(fake) == {"100.64.0.40"}
+        code, out = await cli("session", "stop", "--config", config, "--mac", MAC_1, "--address", "100.64.0.40")
+        assert code == 0, out
+        assert walled(fake) == set()
+        code, out = await cli("session", "start", "--config", config, "--address", "100.64.0.41")
+        assert code == 1
+        status = e.queries.status()["sessions"]
+        assert status["cli"]["changes"] == 2 and status["cli"]["sessions"] == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_operator_restricts_a_subscriber_known_only_by_match_keys(daemon: Any, tmp_path: Path) -> None:
+    e, fake, _ = daemon
+    await e.lists.on_list(ListUpdate([], "l", "2"))
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1))], "l", "3"))
+    payment = parse_event("p2", json.dumps({"type": "payment.received", "timestamp": NOW,
+                                             "data": {"subscriber": "C-1"}}))
+    assert (await handle_event(e, payment))[0] == 200
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1)])
+    assert walled(fake) == set()
+    status, answer = http(await e.operator.change("noc", "C-1", True, "called, refused to pay", None, None))
+    assert status == 200, answer
+    assert walled(fake) == {"100.64.0.5"}, "the override keeps the match keys: the session's address is walled"
