@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, radclient
+
+from enforcer.demo.topology import Topology
 
 from required import tool
 
@@ -198,3 +201,22 @@ def test_radclient_refuses_bad_input_before_sending() -> None:
         radclient("192.0.2.1", 1813, "s", {"User-Name": "x"})
     with pytest.raises(ValueError, match="outside the test ranges"):
         radclient("8.8.8.8", 1813, "s", {"User-Name": "x"}, netns="x")
+
+
+def test_a_lan_in_a_topology_gateway_reaches_upstream_and_leaves_no_bridge(tmp_path: Path) -> None:
+    """The session tests' layout: the segment hangs off the daemon's gateway namespace."""
+    _need(("dnsmasq", "dnsmasq-base"), ("udhcpc", "udhcpc"))
+    with Topology(subscribers=1) as topo:
+        topo.serve_http(topo.upstream, "UPSTREAM OK", ports=(80,))
+        with Lan(clients=1, gateway_netns=topo.gateway.netns) as segment:
+            a = segment.clients[0]
+            with Dnsmasq(segment.gateway_netns, segment.bridge, *POOL4, tmp_path / "dnsmasq.leases"), \
+                    DhcpClient(a.netns, a.interface, tmp_path) as client:
+                address = client.acquire()
+                subprocess.run(["ip", "netns", "exec", a.netns, "ip", "route", "add", "default", "via",
+                                segment.gateway4], check=True, timeout=10)
+                r = subprocess.run(["ip", "netns", "exec", a.netns, "curl", "-sS", "--max-time", "5",
+                                    f"http://{topo.upstream.addr4}/"], capture_output=True, text=True, timeout=15)
+                assert r.stdout == "UPSTREAM OK", (address, r.stderr)
+        links = topo.run(topo.gateway.netns, "ip", "-o", "link").stdout
+        assert segment.bridge not in links
