@@ -18,52 +18,38 @@ from enforcer.match import Match
 from enforcer.model import Network
 from enforcer.sessions.radius import DICTIONARY, RadiusSource
 from enforcer.sessions.session import Session
-from enforcer.sessions.source import SessionChangeFailed
 from required import tool
+from session_helpers import RecordingSink
 
 SECRET = b"testing123"
 WAIT = 2.0          # an answer that comes, comes within this
 SILENCE = 0.3       # how long "no answer" is waited for
-PREFIXES = [ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("2001:db8::/32")]
 
 
-class Sink:
-    """Records what the receiver reports. ``gate``, when set, holds every ``update`` until it is
-    set; ``fail`` makes updates raise ``SessionChangeFailed``."""
+class Sink(RecordingSink):
+    """The shared ``RecordingSink`` whose updates can be held: ``gate``, when set, holds every
+    ``update`` until it is set. ``updates`` lists the calls as they began (started, stopped);
+    ``returned`` counts those that committed."""
 
     def __init__(self) -> None:
+        super().__init__(prefixes=("100.64.0.0/10", "2001:db8::/32"))
         self.updates: list[tuple[list[Session], list[str]]] = []
-        self.returned = 0                      # updates that returned (committed)
-        self.problems: list[tuple[str, str]] = []
+        self.returned = 0
         self.gate: asyncio.Event | None = None
-        self.fail = False
         self.called = asyncio.Event()
-
-    async def replace(self, source: str, sessions: Sequence[Session], *, complete: bool = True,
-                      observed: float | None = None) -> None:
-        raise AssertionError("a RADIUS source never replaces")
 
     async def update(self, source: str, started: Sequence[Session] = (), stopped: Sequence[str] = (), *,
                      observed: float | None = None) -> None:
-        assert source == "radius"
-        assert observed is not None
+        assert source == "radius" and observed is not None
         self.updates.append((list(started), list(stopped)))
         self.called.set()
         if self.gate is not None:
             await self.gate.wait()
-        if self.fail:
-            raise SessionChangeFailed("database is locked")
+        await super().update(source, started, stopped, observed=observed)
         self.returned += 1
 
-    def problem(self, source: str, kind: str, detail: str) -> None:
-        self.problems.append((kind, detail))
-
-    def address_problem(self, network: Network) -> str | None:
-        inside = any(network.version == p.version and network.subnet_of(p) for p in PREFIXES)  # type: ignore[arg-type]
-        return None if inside else "outside gateway.subscriber_prefixes"
-
-    def kinds(self) -> list[str]:
-        return [kind for kind, _ in self.problems]
+    def detail(self, index: int = 0) -> str:
+        return self.problems[index][2]
 
 
 class Client(asyncio.DatagramProtocol):
@@ -269,14 +255,13 @@ async def test_the_answer_waits_for_the_commit() -> None:
 
 async def test_a_failed_commit_is_not_answered_and_the_retransmission_is_processed_again() -> None:
     sink = Sink()
-    sink.fail = True
+    sink.fail = 1
     async with receiver(sink) as (source, client):
         packet = start()
         raw = packet.RequestPacket()
         client.send(raw)
         await asyncio.wait_for(sink.called.wait(), WAIT)
         assert await client.silent()
-        sink.fail = False
         client.send(raw)                      # the NAS resends the same packet
         data = await client.reply()
         assert source.status()["uncommitted"] == 1
@@ -355,7 +340,7 @@ async def test_a_source_outside_clients_is_dropped_and_reported() -> None:
         client.send(start().RequestPacket())
         assert await client.silent()
     assert sink.kinds() == ["unknown_client"] and sink.updates == []
-    assert "127.0.0.1" in sink.problems[0][1]
+    assert "127.0.0.1" in sink.detail()
 
 
 async def test_unknown_attributes_are_reported_and_the_packet_is_still_processed() -> None:
@@ -366,7 +351,7 @@ async def test_unknown_attributes_are_reported_and_the_packet_is_still_processed
         packet[(9, 1)] = [b"cisco-avpair"]   # a vendor attribute (Cisco)
         await exchange(client, packet)
     assert sink.kinds() == ["unknown_attribute"]
-    assert "200" in sink.problems[0][1] and "26.9.1" in sink.problems[0][1]
+    assert "200" in sink.detail() and "26.9.1" in sink.detail()
     assert sink.updates[0][0][0].addresses == nets("100.64.0.9/32")
 
 
@@ -406,7 +391,7 @@ async def test_an_address_outside_the_prefixes_is_left_out_and_reported() -> Non
         await exchange(client, start(Framed_IP_Address="198.51.100.7", Framed_IPv6_Prefix="2001:db8:1::/64"))
         await exchange(client, start("only-outside", Framed_IP_Address="198.51.100.8"))
     assert sink.kinds() == ["outside_prefixes", "outside_prefixes"]
-    assert "198.51.100.7/32" in sink.problems[0][1]
+    assert "198.51.100.7/32" in sink.detail()
     [(started, _)] = sink.updates
     assert started[0].addresses == nets("2001:db8:1::/64")
 
@@ -415,7 +400,7 @@ async def test_a_user_name_that_cannot_be_a_match_value_is_left_out_and_reported
     sink = Sink()
     async with receiver(sink) as (_, client):
         await exchange(client, start(User_Name=" c1@isp", Calling_Station_Id="02:00:00:00:10:01"))
-    assert sink.kinds() == ["malformed"] and "User-Name" in sink.problems[0][1]
+    assert sink.kinds() == ["malformed"] and "User-Name" in sink.detail()
     assert sink.updates[0][0][0].match == Match(mac="02:00:00:00:10:01")
 
 
