@@ -21,7 +21,6 @@ import pytest
 from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, radclient
 
 from enforcer.demo.topology import Topology
-
 from required import tool
 
 POOL4 = ("100.64.200.100", "100.64.200.150")
