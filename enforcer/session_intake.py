@@ -92,6 +92,9 @@ class SessionIntake:
         await self._submit(Request(source, started, stopped, False, True, observed or self.engine.clock(),
                                    asyncio.get_running_loop().create_future()))
 
+    def keys(self, source: str) -> list[str]:
+        return list(self.engine.inputs.sessions.of_source(source))
+
     def problem(self, source: str, kind: str, detail: str) -> None:
         if kind not in PROBLEMS:
             log.error("event=session_problem_unknown_kind source=%s kind=%s", source, kind)

@@ -39,7 +39,8 @@ Choices, each deliberate:
   ``TOMBSTONE_SECONDS`` (a retransmission that lost the race with its Stop) is answered and
   ignored, so a stale packet never revives an ended session.
 - Accounting-On / Accounting-Off (the NAS rebooted, or is going down) end every session this
-  receiver knows of that NAS: the ones it started since it began running and those in flight.
+  receiver knows of that NAS: those the daemon holds (saved before a restart too), the ones
+  started since and those in flight.
 - Packets of one session key are committed in arrival order (each waits for the previous
   one of its key); different keys commit concurrently, so the sink can batch them.
 - Duplicates (RFC 5080 section 2.2.2: same source address and port, Identifier and Request
@@ -300,6 +301,9 @@ class RadiusSource:
     async def run(self, sink: SessionSink) -> None:
         loop = asyncio.get_running_loop()
         self._sink = sink
+        for key in sink.keys(self.name):   # sessions saved before a restart: Accounting-On ends them too
+            nas, _, session_id = key.partition("/")
+            self._known.setdefault(nas, set()).add(session_id)
         transport, _ = await loop.create_datagram_endpoint(lambda: _Endpoint(self),
                                                            local_addr=(self.host, self.port))
         self._transport = transport

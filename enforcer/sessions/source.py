@@ -9,7 +9,7 @@ Accounting-Response) exactly when the change is committed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from ..model import Network
@@ -37,6 +37,10 @@ class SessionSink(Protocol):
                      observed: float | None = None) -> None:
         """Sessions started or updated, and keys of ``source`` that stopped."""
 
+    def keys(self, source: str) -> Collection[str]:
+        """The keys of ``source``'s sessions held now (saved before a restart too): a RADIUS
+        receiver learns which sessions a rebooted NAS (Accounting-On) had."""
+
     def problem(self, source: str, kind: str, detail: str) -> None:
         """Bad input (one of ``PROBLEMS``): logged and counted; nothing else changes."""
 
@@ -50,7 +54,10 @@ class SessionSource(Protocol):
     restarts ``run`` with backoff if it fails."""
 
     name: str
-    kind: str
+
+    @property
+    def kind(self) -> str:
+        """``dnsmasq``, ``kea`` or ``radius``."""
 
     async def run(self, sink: SessionSink) -> None:
         """Report sessions to ``sink`` until cancelled."""

@@ -210,6 +210,18 @@ async def test_accounting_on_stops_every_session_of_that_nas_only() -> None:
     assert len(sink.updates) == 4      # the Accounting-Off found nothing left to stop
 
 
+async def test_accounting_on_after_a_restart_stops_the_sessions_held_before_it() -> None:
+    sink = Sink()
+    async with receiver(sink) as (_, client):
+        await exchange(client, start("a"))
+        await exchange(client, start("c", nas="192.0.2.2", Framed_IP_Address="100.64.0.11"))
+    async with receiver(sink) as (source, client):    # a new receiver: the daemon restarted
+        assert source.status()["sessions"] == 2, "it knows the sessions the daemon holds"
+        await exchange(client, request(Acct_Status_Type="Accounting-On", NAS_IP_Address="192.0.2.1"))
+    assert sink.updates[-1] == ([], ["192.0.2.1/a"])
+    assert list(sink.keys("radius")) == ["192.0.2.2/c"]
+
+
 async def test_a_start_without_any_address_changes_nothing_and_is_answered() -> None:
     sink = Sink()
     async with receiver(sink) as (_, client):
