@@ -248,6 +248,12 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"outgoing webhooks queued: {status.get('outbox', 0)}")
     print(f"enforcement windows: {status.get('windows', '-')}; restrictions waiting for a window: "
           f"{status.get('waiting_for_window', 0)}")
+    for name, source in (status.get("sessions") or {}).items():
+        lag = source.get("last_lag_seconds")
+        problems = ", ".join(f"{k}={v}" for k, v in sorted(source.get("problems", {}).items())) or "none"
+        print(f"sessions {name}: {source.get('sessions', 0)} now, {source.get('changes', 0)} changes"
+              + (f", last lag {lag:.3f}s" if lag is not None else "") + f"; problems: {problems}"
+              + (f" (last: {source['last_problem']})" if source.get("last_problem") else ""))
     return 0
 
 
@@ -279,6 +285,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("  chain of reasons:")
         for step in answer["chain"]:
             print(f"    - {step}")
+    for session in answer.get("sessions") or []:
+        print(f"  session {session['source']} {session['key']}: {', '.join(session['addresses']) or 'no address now'}"
+              f" ({';'.join(f'{k}={v}' for k, v in session['match'].items()) or 'by id'})")
     if answer.get("audit"):
         from .audit import format_entry
         print("  recent audit:")

@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .model import Network
 from .outcome import Outcome, Refusal, Refused, Result
 from .sessions.book import Change
-from .sessions.session import Session, SessionId
+from .sessions.session import Session, SessionId, address_key
 from .sessions.source import PROBLEMS, SessionChangeFailed, SessionSource
 from .store import EnforcedWrite, StoreError
 
@@ -129,7 +129,7 @@ class SessionIntake:
             problem = self.address_problem(network)
             if problem:
                 return Refusal(Refused.INVALID, f"data.addresses: {network}: {problem}")
-        sessions = [Session(source, str(a), event.match, (a,), event.subscriber_id,
+        sessions = [Session(source, address_key(a), event.match, (a,), event.subscriber_id,
                             detail=f"{event.type} {event.id}" if source == EVENT_SOURCE else event.note)
                     for a in event.addresses]
         request = Request(source, sessions if event.type == SESSION_STARTED else (),

@@ -13,6 +13,13 @@ from ..subscribers import _network
 SessionId = tuple[str, str]
 
 
+def address_key(network: Network) -> str:
+    """The key of a session that is one address or prefix: ``100.64.0.5``, ``2001:db8:1::/56``
+    (how lease files name their leases)."""
+    host = network.prefixlen == network.max_prefixlen
+    return str(network.network_address) if host else str(network)
+
+
 @dataclass(frozen=True)
 class Session:
     """``key`` is unique within ``source``: the leased address for DHCP (one lease per address),

@@ -189,6 +189,11 @@ async def test_the_cli_reports_a_bng_session(daemon: Any, tmp_path: Path) -> Non
                               "--address", "100.64.0.40")
         assert code == 0 and "C-1" in out, out
         assert walled(fake) == {"100.64.0.40"}
+        code, out = await cli("explain", "--config", config, "100.64.0.40")
+        assert code == 0 and f"session cli 100.64.0.40: 100.64.0.40/32 (mac={MAC_1})" in out, out
+        assert "from cli session 100.64.0.40 (mac=" in out
+        code, out = await cli("status", "--config", config)
+        assert code == 0 and "sessions cli: 1 now, 1 changes" in out, out
         code, out = await cli("session", "stop", "--config", config, "--mac", MAC_1, "--address", "100.64.0.40")
         assert code == 0, out
         assert walled(fake) == set()
