@@ -211,21 +211,20 @@ class SessionIntake:
                 request.done.set_result(None)
 
     def _change(self, request: Request, before: dict[SessionId, Session | None], now: float) -> Change:
-        """Apply one request to the book, remembering what each session it touches was."""
+        """Apply one request to the book, remembering what each session it touches was. Only
+        what differs from the book is stamped and started: a lease file re-read after one
+        lease changed touches that lease, not the thousands around it."""
         book = self.engine.inputs.sessions
+        live = [s for s in request.started if s.expires is None or s.expires > now]
         stamp = self.engine.receipts.stamp()
-        started = [s.stamped(stamp) for s in request.started if s.expires is None or s.expires > now]
+        started = [s.stamped(stamp) for s in live if book.sessions.get(s.id) != s]
         stopped: list[SessionId] = [(request.source, key) for key in request.stopped]
         for pattern in request.stop_matching:
-            pairs = set(pattern.pairs())
-            stopped += [s.id for s in book.matching(pairs) if s.source == request.source]
-        ids = [s.id for s in started] + stopped
-        if request.replace:
-            keep = {s.key for s in started}
-            if request.complete:
-                stopped += [(request.source, k) for k in book.of_source(request.source) if k not in keep]
-            ids += stopped
-        for sid in ids:
+            stopped += [s.id for s in book.matching(pattern.pairs()) if s.source == request.source]
+        if request.replace and request.complete:
+            keep = {s.key for s in live}
+            stopped += [(request.source, k) for k in book.of_source(request.source) if k not in keep]
+        for sid in [s.id for s in started] + stopped:
             before.setdefault(sid, book.sessions.get(sid))
         change = book.start(started)
         change.merge(book.stop(stopped))

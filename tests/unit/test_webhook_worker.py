@@ -33,6 +33,13 @@ def test_wire_round_trip() -> None:
     assert event_from_wire(event_to_wire(opened)) == opened
 
 
+def test_wire_round_trip_of_a_session_event() -> None:
+    body = {"type": "session.started", "timestamp": 1_795_000_000,
+            "data": {"username": "c1@isp", "mac": "02-00-00-00-10-01", "addresses": ["100.64.0.9", "2001:db8::/56"]}}
+    event = parse_event("s-1", json.dumps(body))
+    assert event_from_wire(json.loads(json.dumps(event_to_wire(event)))) == event
+
+
 @pytest.fixture
 async def bridge(tmp_path: Path, unused_tcp_port: int) -> Any:
     (tmp_path / "secret").write_text(SECRET)
