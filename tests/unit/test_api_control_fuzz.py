@@ -28,13 +28,15 @@ LIST = """subscribers:
 """
 ROUTES = [("GET", "/v1/lookup"), ("GET", "/v1/status"), ("GET", "/v1/explain"), ("GET", "/v1/audit"),
           *(("POST", f"/v1/{action}") for action in ("acknowledge", "promise", "restrict", "lift", "approve",
-                                                      "reject", "exempt", "unexempt"))]
+                                                      "reject", "exempt", "unexempt", "session/start",
+                                                      "session/stop"))]
 KEYS = ["address", "subscriber", "addresses", "mode", "reason", "note", "category", "until", "q", "since",
-        "limit"]
+        "limit", "username", "mac", "match", "circuit_id"]
 scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
            | st.sampled_from(["C-1", "C-2", "100.64.0.10", "100.64.0.20", "2001:db8:10:100::1", "dispute", "outage",
                               "notice", "walled-garden", "2h", "2026-11-23T10:00:00Z", "9999-12-31", "0001-01-01",
-                              "1e400", "NaN", "-1", "99999999999999999999", "WG-0000-0000"]))
+                              "1e400", "NaN", "-1", "99999999999999999999", "WG-0000-0000",
+                              "02:00:00:00:10:01", "c1@isp"]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=4),
                            max_leaves=12)
