@@ -43,6 +43,8 @@ log = logging.getLogger("walled_garden.sessions")
 
 #: Sources of the daemon's own doors: signed webhook events and the control socket (CLI).
 EVENT_SOURCE, CLI_SOURCE = "event", "cli"
+#: Session events are ordered per address in ``billing_order`` under this name and stream.
+ORDER_PREFIX, ORDER_STREAM = "session:", "session"
 #: Problems logged per source and kind before they are only counted (a broken file repeats).
 LOGGED_PROBLEMS = 20
 
@@ -59,6 +61,17 @@ class Request:
     observed: float
     done: asyncio.Future[None]
     stop_matching: Sequence[Session] = ()   # session events: stop this source's sessions of these keys
+    event: Event | None = None              # a webhook's session event: ordered by its timestamp
+    kind: str = ""                          # session.started/stopped (events and the CLI): answered
+    answer: dict[str, Any] = field(default_factory=dict)   # its answer, saved with the change
+
+
+@dataclass
+class Undo:
+    """What a batch replaced: the sessions it touched and the event order it moved."""
+
+    sessions: dict[SessionId, Session | None] = field(default_factory=dict)
+    order: dict[str, dict[str, float] | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,7 +133,10 @@ class SessionIntake:
     async def handle_event(self, event: Event, source: str = EVENT_SOURCE) -> Result:
         """A ``session.started``/``session.stopped`` (webhook or CLI): one session per address,
         keyed by the address; a stop without addresses ends all of that source's sessions
-        carrying those keys. Answers once committed; a retried webhook id gets the same answer."""
+        carrying those keys. Answers once committed. A webhook's answer is saved with the change
+        (a retry of its id gets it again and acts once), and its timestamp orders it against
+        the other events about the same address: a late retry of an older start never walls an
+        address a newer event gave to someone else."""
         if source == EVENT_SOURCE:
             prior = await asyncio.to_thread(self.engine.store.event_answer, event.id)
             if prior is not None:
@@ -132,25 +148,17 @@ class SessionIntake:
         sessions = [Session(source, address_key(a), event.match, (a,), event.subscriber_id,
                             detail=f"{event.type} {event.id}" if source == EVENT_SOURCE else event.note)
                     for a in event.addresses]
-        request = Request(source, sessions if event.type == SESSION_STARTED else (),
-                          [s.key for s in sessions] if event.type != SESSION_STARTED else (), False, True,
-                          event.timestamp if source == CLI_SOURCE else self.engine.clock(),
-                          asyncio.get_running_loop().create_future())
-        if event.type != SESSION_STARTED and not event.addresses:
+        start = event.type == SESSION_STARTED
+        request = Request(source, sessions if start else (), [s.key for s in sessions] if not start else (), False,
+                          True, self.engine.clock(), asyncio.get_running_loop().create_future(),
+                          event=event if source == EVENT_SOURCE else None, kind=event.type)
+        if not start and not event.addresses:
             request.stop_matching = [Session(source, "", event.match, (), event.subscriber_id)]
         try:
             await self._submit(request)
         except SessionChangeFailed as exc:
             return Refusal(Refused.UNAVAILABLE, f"{exc}; retry later")
-        answer = {"result": "applied", "type": event.type, "sessions": [s.key for s in sessions] or "all matching",
-                  "subscribers": sorted({o for s in sessions
-                                         if (o := self.engine.inputs.session_owner(s)) is not None})}
-        if source == EVENT_SOURCE:
-            try:
-                await asyncio.to_thread(self.engine.store.record_events, [(event.id, answer, None)], None)
-            except (StoreError, sqlite3.Error) as exc:   # applied; a retry applies it again (idempotent)
-                log.error("event=session_answer_not_saved id=%s error=%r", event.id, str(exc))
-        return Outcome(answer)
+        return Outcome(request.answer if source == EVENT_SOURCE else self._answered(request))
 
     # -- the commit ----------------------------------------------------------------------------
     async def _commit_batch(self, batch: list[Request]) -> None:
@@ -168,10 +176,11 @@ class SessionIntake:
         book = engine.inputs.sessions
         async with engine.lock:
             now = engine.now()
-            before: dict[SessionId, Session | None] = {}
+            undo = Undo()
+            before = undo.sessions
             change = Change()
             for request in batch:
-                change.merge(self._change(request, before, now))
+                change.merge(self._change(request, undo, now))
             touched = engine.inputs.subscribers_of(change.touched)
             decisions = engine.decide(touched, now)
             held_before = {sid: held(d) for sid in touched if (d := engine.decisions.get(sid)) is not None}
@@ -180,17 +189,19 @@ class SessionIntake:
             try:
                 result = await engine.apply_resolving(decisions, cause, cause, deferred=writes)
             except DataplaneError as exc:
-                self._put_back(before)
+                self._put_back(undo)
                 self._fail(batch, f"the kernel change failed: {exc}")
                 return
             writes.append(EnforcedWrite(audit=self._moves(held_before, touched, now)))
             saved = [s for i in before if (s := book.sessions.get(i)) is not None]
             gone = [i for i in before if i not in book.sessions]
+            answers = [(r.event.id, self._answered(r), None) for r in batch if r.event is not None]
             try:
-                await asyncio.to_thread(engine.store.record_state, writes, sessions=(saved, gone))
+                await asyncio.to_thread(engine.store.record_state, writes, sessions=(saved, gone), events=answers,
+                                        billing_order=engine.billing_order.rows(undo.order))
             except (StoreError, sqlite3.Error) as exc:   # not durable, so not done: back as it was
                 log.error("event=sessions_not_saved changes=%d error=%r (kernel change undone)", len(before), str(exc))
-                self._put_back(before)
+                self._put_back(undo)
                 try:   # the book as it was gives the decisions as they were
                     await engine.apply_resolving(engine.decide(touched, now), "undo", deferred=[])
                 except DataplaneError:
@@ -210,10 +221,10 @@ class SessionIntake:
             if not request.done.done():
                 request.done.set_result(None)
 
-    def _change(self, request: Request, before: dict[SessionId, Session | None], now: float) -> Change:
-        """Apply one request to the book, remembering what each session it touches was. Only
-        what differs from the book is stamped and started: a lease file re-read after one
-        lease changed touches that lease, not the thousands around it."""
+    def _change(self, request: Request, undo: Undo, now: float) -> Change:
+        """Apply one request to the book, remembering in ``undo`` what it replaced. Only what
+        differs from the book is stamped and started: a lease file re-read after one lease
+        changed touches that lease, not the thousands around it."""
         book = self.engine.inputs.sessions
         live = [s for s in request.started if s.expires is None or s.expires > now]
         stamp = self.engine.receipts.stamp()
@@ -224,11 +235,57 @@ class SessionIntake:
         if request.replace and request.complete:
             keep = {s.key for s in live}
             stopped += [(request.source, k) for k in book.of_source(request.source) if k not in keep]
+        ignored: list[str] = []
+        if request.event is not None:
+            started, stopped, ignored = self._in_order(request, started, stopped, undo)
+        if request.kind:
+            request.answer = {"type": request.kind, "result": "ignored" if ignored and not (started or stopped)
+                              else "applied", "sessions": sorted({s.key for s in started} | {k for _, k in stopped})}
+            if ignored:
+                request.answer |= {"ignored": ignored,
+                                   "detail": "older than the last session event for these addresses; not applied"}
+            inputs = self.engine.inputs
+            request.answer["subscribers"] = sorted({o for i in stopped if (s := book.sessions.get(i)) is not None
+                                                    and (o := inputs.session_owner(s)) is not None})
         for sid in [s.id for s in started] + stopped:
-            before.setdefault(sid, book.sessions.get(sid))
+            undo.sessions.setdefault(sid, book.sessions.get(sid))
         change = book.start(started)
         change.merge(book.stop(stopped))
         return change
+
+    def _in_order(self, request: Request, started: list[Session], stopped: list[SessionId],
+                  undo: Undo) -> tuple[list[Session], list[SessionId], list[str]]:
+        """A session event acts only on addresses no newer event has spoken of (by the
+        sender's timestamps, like billing's ``billing_order``); the rest is answered ignored."""
+        assert request.event is not None
+        order, at = self.engine.billing_order, request.event.timestamp
+
+        def fresh(key: str) -> bool:
+            newest = order.newest.get(ORDER_PREFIX + key, {}).get(ORDER_STREAM)
+            return newest is None or at >= newest
+
+        keys = [s.key for s in started] + [key for _, key in stopped] + [s.key for s in request.started
+                                                                          if s not in started]
+        ignored = sorted({key for key in keys if not fresh(key)})
+        started = [s for s in started if fresh(s.key)]
+        stopped = [i for i in stopped if fresh(i[1])]
+        for key in {s.key for s in request.started} | {key for _, key in stopped}:
+            if fresh(key):
+                name = ORDER_PREFIX + key
+                undo.order.setdefault(name, order.snapshot(name))
+                order.newest.setdefault(name, {})[ORDER_STREAM] = at
+        return started, stopped, ignored
+
+    def _answered(self, request: Request) -> dict[str, Any]:
+        """The event's answer, completed with whose sessions they are now."""
+        inputs = self.engine.inputs
+        if request.event is not None:
+            request.answer["id"] = request.event.id
+        owners = {o for key in request.answer.get("sessions", ())
+                  if (s := inputs.sessions.sessions.get((request.source, key))) is not None
+                  and (o := inputs.session_owner(s)) is not None}
+        request.answer["subscribers"] = sorted(owners | set(request.answer.get("subscribers", ())))
+        return request.answer
 
     def _moves(self, held_before: dict[str, tuple[Network, ...]], touched: set[str], now: float) -> list[Row]:
         """Audit rows for restricted subscribers whose enforced addresses a session moved (a
@@ -248,10 +305,12 @@ class SessionIntake:
             rows.append((now, sid, mode, mode, f"session addresses {change}; now: {decision.cause}"))
         return rows
 
-    def _put_back(self, before: dict[SessionId, Session | None]) -> None:
+    def _put_back(self, undo: Undo) -> None:
         book = self.engine.inputs.sessions
-        book.stop([i for i in before if i in book.sessions])
-        book.start([s for s in before.values() if s is not None])
+        book.stop([i for i in undo.sessions if i in book.sessions])
+        book.start([s for s in undo.sessions.values() if s is not None])
+        for name, saved in undo.order.items():
+            self.engine.billing_order.restore(name, saved)
 
     def _fail(self, batch: list[Request], why: str) -> None:
         for request in batch:
