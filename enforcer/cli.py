@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,6 +76,12 @@ def _secret_problems(reading: Reading, config: Config) -> list[str]:
             not reading.refused("policy", "promise_to_pay", "webhook_secret_file"):
         secrets.append(("policy.promise_to_pay.webhook_secret_file", promises.webhook_secret_file))
     problems = []
+    for i, source in enumerate(config.subscribers.sessions):
+        if source.secret_file:   # the RADIUS secret: read by the config reader; here its permissions
+            problem = secret_file_problem(source.secret_file, config.api.socket_group)
+            if problem:
+                problems.append(f"{problem.replace('webhook secret', 'RADIUS secret')} "
+                                f"(subscribers.sessions[{i}].secret_file)")
     for key, path in secrets:
         try:
             load_webhook_secret(path)
@@ -95,6 +102,14 @@ def config_warnings(config: Config) -> list[str]:
                         "name any unicast address, including upstream or server addresses; set it to the "
                         "prefixes subscribers live in, e.g. ['100.64.0.0/10', '2001:db8::/32'] "
                         "(docs/reference.md, Safety rules 1)")
+    for i, source in enumerate(config.subscribers.sessions):
+        where = f"subscribers.sessions[{i}] ({source.name})"
+        if source.path and not os.path.isdir(os.path.dirname(source.path)):
+            warnings.append(f"{where}: the directory of {source.path} does not exist; is {source.kind} installed "
+                            "here and the path right? (its sessions stay empty until the file appears)")
+        if source.kind == "radius" and not source.clients:
+            warnings.append(f"{where}: no clients given, so anyone who knows the secret may send accounting; "
+                            "set clients to the BNG's addresses")
     from captive_portal import reachability
 
     warnings += reachability.warnings(config, resolve=_resolve_within(RESOLVE_SECONDS))

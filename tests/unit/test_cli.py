@@ -236,3 +236,22 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str], monk
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out == expected, "from pyproject.toml when not installed"
+
+
+def test_check_config_checks_session_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    radius = tmp_path / "radius.secret"
+    radius.write_text("s3cret\n")
+    radius.chmod(0o644)
+    sessions = (f"  sessions:\n    - {{kind: dnsmasq, path: {tmp_path}/absent/dnsmasq.leases}}\n"
+                f"    - {{kind: radius, listen: '127.0.0.1:1813', secret_file: {radius}}}\n")
+    config = _setup(tmp_path)
+    config.write_text(config.read_text().replace("  source: list.yaml\n", "  source: list.yaml\n" + sessions))
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{radius}: mode 0644 lets other users read or change the RADIUS secret" in err
+    assert "subscribers.sessions[1].secret_file" in err
+    radius.chmod(0o600)
+    assert main(["check-config", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "subscribers.sessions[0] (dnsmasq): the directory of" in err and "does not exist" in err
+    assert "subscribers.sessions[1] (radius): no clients given" in err
