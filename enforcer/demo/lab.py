@@ -37,7 +37,10 @@ def _object(data: Any, what: str) -> dict[str, Any]:
 
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
-                 payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None) -> None:
+                 payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None,
+                 interfaces: list[str] | None = None, sessions: list[dict[str, Any]] | None = None) -> None:
+        """``interfaces`` are subscriber interfaces besides the topology's own (e.g. a DHCP
+        segment's bridge); ``sessions`` becomes ``subscribers.sessions`` (e.g. a lease file)."""
         self.topo = topo
         self.work = Path(workdir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -52,8 +55,10 @@ class Lab:
         self.table = f"wg_{topo.tag}"
         self.config = {
             "state_dir": str(self.work / "state"),
-            "subscribers": {"source": source or str(self.list_path), "poll_interval": 1, "timeout": 2},
-            "gateway": {"subscriber_interfaces": list(topo.subscriber_interfaces), "table": self.table},
+            "subscribers": {"source": source or str(self.list_path), "poll_interval": 1, "timeout": 2,
+                            **({"sessions": sessions} if sessions else {})},
+            "gateway": {"subscriber_interfaces": [*topo.subscriber_interfaces, *(interfaces or [])],
+                        "table": self.table},
             "walled_garden": {"allow": allow if allow is not None else ["203.0.113.0/24", "2001:db8:203::/64"],
                               "dns": "any"},
             "portal": {"listen": f"0.0.0.0:{PORTAL_PORT}", "url": self.portal_url,
