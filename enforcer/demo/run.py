@@ -71,10 +71,26 @@ def _restricted(lab: Lab, address: str) -> bool:
     return bool(lab.lookup(address).get("restricted"))
 
 
-def _lag(lab: Lab) -> str:
-    """The daemon's own measure of its last session change, lease file written -> kernel commit."""
-    source = ((lab.status() or {}).get("sessions") or {}).get("dnsmasq") or {}
-    lag = source.get("last_lag_seconds")
+def _source_status(lab: Lab) -> dict[str, Any]:
+    """The daemon's status of the demo's dnsmasq session source ({} when not reported)."""
+    source = ((lab.status() or {}).get("sessions") or {}).get("dnsmasq")
+    return source if isinstance(source, dict) else {}
+
+
+def _changes(lab: Lab) -> int:
+    changes = _source_status(lab).get("changes")
+    return changes if isinstance(changes, int) else 0
+
+
+def _lag(lab: Lab, changes_before: int) -> str:
+    """The daemon's own measure of the session change made since ``changes_before`` commits,
+    lease file written -> kernel commit. The kernel (what ``lookup`` reads) is changed before
+    the status is, so this waits for the status to count the commit."""
+    try:
+        lab.wait_for(lambda: _changes(lab) > changes_before, 2.0, "the session change in the status")
+    except AssertionError:
+        return "not reported"
+    lag = _source_status(lab).get("last_lag_seconds")
     return f"{lag * 1000:.0f} ms" if isinstance(lag, (int, float)) else "not reported"
 
 
@@ -99,12 +115,12 @@ def dhcp_act(topo: Topology, lab: Lab, segment: Segment, work: Path, lease_file:
     segment.build()
     with Dnsmasq(segment, work, lease_file) as server, DhcpClient(segment, overdue, work) as client3, \
             DhcpClient(segment, paid, work) as client4:
-        started = time.monotonic()
+        started, changes = time.monotonic(), _changes(lab)
         old = client3.acquire()
         leased = time.monotonic() - started
         walled = lab.wait_for(lambda: _restricted(lab, old), 5.0, f"{old} (C-3003's lease) restricted")
         _say(f"   subscriber 3 leased {old} in {leased:.2f} s (udhcpc); walled {walled * 1000:.0f} ms after it was "
-             f"bound (daemon: lease file written -> kernel commit {_lag(lab)})")
+             f"bound (daemon: lease file written -> kernel commit {_lag(lab, changes)})")
         _fetch(topo, overdue.netns, "subscriber 3: GET http://198.51.100.10/")
         other = client4.acquire()
         _say(f"   subscriber 4 leased {other}")
@@ -113,14 +129,14 @@ def dhcp_act(topo: Topology, lab: Lab, segment: Segment, work: Path, lease_file:
         new = next(a for a in (f"{dhcp.NET4}.{n}" for n in range(140, 143)) if a not in (old, other))
         _step(f"DHCP: C-3003's lease moves to {new} (dnsmasq reservation, then the client renews)")
         server.reserve(overdue.mac, new)
-        started = time.monotonic()
+        started, changes = time.monotonic(), _changes(lab)
         moved = client3.renew()
         renewed = time.monotonic() - started
         followed = lab.wait_for(lambda: _restricted(lab, moved) and not _restricted(lab, old), 5.0,
                                 f"{moved} restricted and {old} free")
         _say(f"   subscriber 3 renewed: NAK, 3 s wait, DISCOVER, bound to {moved} in {renewed:.1f} s")
         _say(f"   walled {moved} and freed {old} {followed * 1000:.0f} ms after it was bound "
-             f"(daemon: lease file written -> kernel commit {_lag(lab)})")
+             f"(daemon: lease file written -> kernel commit {_lag(lab, changes)})")
         garden = _fetch(topo, overdue.netns, f"subscriber 3 at {moved}: GET http://198.51.100.10/")
 
         _step(f"DHCP: the old address {old} is re-leased to C-4004 (paid up)")
