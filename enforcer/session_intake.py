@@ -210,14 +210,15 @@ class SessionIntake:
                 self._fail(batch, f"the session state could not be saved: {exc}")
                 return
             engine.changed.set()
+            committed = engine.clock()   # in the kernel and saved: what the lag measures
+            self._counted(change)
+            for request in batch:
+                state = self.state.setdefault(request.source, SourceState())
+                state.changes += len(request.started) + len(request.stopped)
+                state.last_change, state.last_lag = committed, max(committed - request.observed, 0.0)
+                self.metrics.session_lag.labels(request.source).observe(state.last_lag)
         await engine.flusher.flush(result.changed, cause)
-        committed = engine.clock()
-        self._counted(change)
         for request in batch:
-            state = self.state.setdefault(request.source, SourceState())
-            state.changes += len(request.started) + len(request.stopped)
-            state.last_change, state.last_lag = committed, max(committed - request.observed, 0.0)
-            self.metrics.session_lag.labels(request.source).observe(state.last_lag)
             if not request.done.done():
                 request.done.set_result(None)
 
