@@ -212,7 +212,9 @@ def test_dnsmasq_restriction_follows_a_move_and_the_old_address_goes_to_a_paying
         bogus.write_text(f"{int(time.time()) + 600} {a.mac} 192.0.2.77 a *\n")
         _wait(lambda: _session_status(lab, "other")["problems"].get("outside_prefixes", 0) >= 1,
               "outside_prefixes reported", lab)
-        assert "192.0.2.77" in _session_status(lab, "other")["last_problem"]
+        reported = _cli(lab, "status")["sessions"]["other"]          # as the operator reads it
+        assert reported["problems"]["outside_prefixes"] >= 1 and "192.0.2.77" in reported["last_problem"], reported
+        assert reported["sessions"] == 0, reported
         assert _walled_networks(lab) == before
         assert _state(a.netns, lab)[0] == WALLED and _state(b.netns, lab)[0] == FREE
 
