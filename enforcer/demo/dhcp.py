@@ -199,10 +199,9 @@ class Dnsmasq:
               "dnsmasq re-reading its hosts file", self.log)
 
 
-# udhcpc calls this on every event: it records the event for the demo to wait on, then sets the
-# address and the default route the server gave (no resolv.conf: the namespaces have no DNS).
+# udhcpc calls this on every event: it sets the address and the default route the server gave
+# (no resolv.conf: the namespaces have no DNS), then records the event for the demo to wait on.
 _UDHCPC_SCRIPT = """#!/bin/sh
-echo "$1 ${ip:-}" >> "$0.events"
 case "$1" in
   deconfig) ip -4 addr flush dev "$interface" scope global ;;
   bound|renew)
@@ -210,6 +209,7 @@ case "$1" in
     ip -4 addr add "$ip/$mask" dev "$interface"
     [ -n "$router" ] && ip -4 route replace default via "${router%% *}" dev "$interface" ;;
 esac
+echo "$1 ${ip:-}" >> "$0.events"
 exit 0
 """
 

@@ -378,15 +378,15 @@ class Dnsmasq:
 # ---------------------------------------------------------------------------- DHCPv4 client
 
 _UDHCPC_SCRIPT = """#!/bin/sh
-# udhcpc event script of a test client: records the event, then configures only the address
-# (no resolv.conf, no routes beyond the subnet's own).
-echo "$1 ${ip:-} ${mask:-}" >> "$0.events"
+# udhcpc event script of a test client: configures only the address (no resolv.conf, no
+# routes beyond the subnet's own), then records the event: a waiter sees it once it is done.
 case "$1" in
   deconfig) ip -4 addr flush dev "$interface" scope global ;;
   bound|renew)
     ip -4 addr flush dev "$interface" scope global
     ip -4 addr add "$ip/$mask" dev "$interface" ;;
 esac
+echo "$1 ${ip:-} ${mask:-}" >> "$0.events"
 exit 0
 """
 
@@ -466,15 +466,15 @@ class DhcpClient:
 # ---------------------------------------------------------------------------- DHCPv6 client
 
 _DHCLIENT6_SCRIPT = """#!/bin/sh
-# dhclient -6 script of a test client: records the event, sets the address (a /128, as
-# DHCPv6 does), leaves routes and resolv.conf alone.
-echo "$reason ${new_ip6_address:--} ${new_ip6_prefix:--} ${old_ip6_address:--} ${old_ip6_prefix:--}" >> "$0.events"
+# dhclient -6 script of a test client: sets the address (a /128, as DHCPv6 does), leaves
+# routes and resolv.conf alone, then records the event (a waiter sees it once it is done).
 case "$reason" in
   BOUND6|RENEW6|REBIND6|REBOOT6)
     [ -n "$new_ip6_address" ] && ip -6 addr replace "$new_ip6_address/128" dev "$interface" nodad ;;
   RELEASE6|EXPIRE6|STOP6)
     [ -n "$old_ip6_address" ] && ip -6 addr del "$old_ip6_address/128" dev "$interface" ;;
 esac
+echo "$reason ${new_ip6_address:--} ${new_ip6_prefix:--} ${old_ip6_address:--} ${old_ip6_prefix:--}" >> "$0.events"
 exit 0
 """
 
