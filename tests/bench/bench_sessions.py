@@ -28,7 +28,8 @@ in production. Latency is scheduled instant -> ``update`` returned (or the event
 resolved with 200): the change is in the kernel and saved. Modes alternate (sessions, events,
 events, sessions, ...) because the machine is shared. At the end of every run the kernel
 table is read back: a sample of moved subscribers must have the new address walled and the
-old one not, else the run fails.
+old one not, else the run fails. ``WG_BENCH_PYSPY=<dir>`` samples the churn with py-spy
+(collapsed stacks per run, all threads) to see where the time goes.
 """
 
 from __future__ import annotations
@@ -209,7 +210,11 @@ def lease(i: int, where: str, expires: float | None = None) -> Session:
 
 
 async def open_loop(total: int, rate: float, launch: Callable[[int, float, float], None]) -> float:
-    """Call ``launch(j, due_perf, due_wall)`` for each change at its instant; returns the start."""
+    """Call ``launch(j, due_perf, due_wall)`` for each change at its instant; returns the start.
+
+    With ``WG_BENCH_PYSPY=<dir>`` set, py-spy samples this process (all threads, native
+    frames) during the churn and writes collapsed stacks to ``<dir>/<mode>-<pid>-<n>.txt``."""
+    profile_churn(total / rate)
     start_perf = time.perf_counter() + 0.2
     start_wall = time.time() + (start_perf - time.perf_counter())
     j = 0
@@ -221,6 +226,18 @@ async def open_loop(total: int, rate: float, launch: Callable[[int, float, float
         if j < total:
             await asyncio.sleep(max(start_perf + j / rate - time.perf_counter(), 0))
     return start_perf
+
+
+def profile_churn(seconds: float) -> None:
+    target = os.environ.get("WG_BENCH_PYSPY")
+    if not target:
+        return
+    out = Path(target, f"churn-{os.getpid()}-{time.monotonic_ns()}.txt")
+    spy = Path(sys.executable).parent / "py-spy"
+    subprocess.Popen([str(spy) if spy.exists() else "py-spy", "record", "--pid", str(os.getpid()),
+                      "--duration", str(max(int(seconds), 1)), "--rate", "200", "--threads", "--format", "raw",
+                      "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"py-spy -> {out}", file=sys.stderr)
 
 
 def walled(enforcer: Enforcer) -> set[str]:
