@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-__all__ = ["Host", "Topology"]
+__all__ = ["Host", "Topology", "kill_netns_pids"]
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class Topology:
 
         # 2. Anything else still running inside our namespaces.
         for ns in self._created_ns:
-            self._kill_ns_pids(ns)
+            kill_netns_pids(ns)
 
         # 3. Delete namespaces (destroys the veths too). Bounded retries.
         for ns in list(self._created_ns):
@@ -316,27 +316,12 @@ class Topology:
                 if ns not in _list_netns():
                     self._created_ns.remove(ns)
                     break
-                self._kill_ns_pids(ns)
+                kill_netns_pids(ns)
                 time.sleep(0.1)
 
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-
-    @staticmethod
-    def _kill_ns_pids(ns: str) -> None:
-        me = os.getpid()
-        for _ in range(10):
-            r = _run_quiet([IP, "netns", "pids", ns])
-            pids = [int(x) for x in (r.stdout if r else "").split() if x.isdigit() and int(x) != me]
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(0.05)
 
     # -- signals: turn SIGTERM/SIGHUP into SystemExit so __exit__/close run.
 
@@ -613,6 +598,23 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+def kill_netns_pids(ns: str) -> None:
+    """SIGKILL whatever still runs in namespace ``ns`` (but this process), a bounded number of
+    rounds: ``ip netns del`` leaves the processes alive, and with them the namespace."""
+    me = os.getpid()
+    for _ in range(10):
+        r = _run_quiet([IP, "netns", "pids", ns])
+        pids = [int(x) for x in (r.stdout if r else "").split() if x.isdigit() and int(x) != me]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
 
 
 def _run_quiet(argv: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -6,6 +6,11 @@ inside the tests' own namespaces, with every file (config, leases, pid, lock) in
 own directory, and stop them again. Nothing listens in the root namespace; every wait is
 bounded; every process runs in its own session and is killed on exit, also on failure.
 
+The runners the demo needs too (the process helper, dnsmasq, udhcpc and its event script, the
+bridge/veth wiring) live once in ``enforcer/demo/dhcp.py``; this module builds the tests' API on
+them: its own namespaces (``Lan``), address checks, AppArmor checks, lease reading, Kea, dhclient
+-6 and radclient.
+
 Layout built by :class:`Lan` (one broadcast segment, so one pool serves several clients and
 an address can move from one client to another)::
 
@@ -15,6 +20,8 @@ an address can move from one client to another)::
 
 Observed behaviour the tests rely on (dnsmasq 2.90, Kea 2.2, busybox 1.35 udhcpc, dhclient 4.4):
 
+- dnsmasq runs with ``--no-ping`` (as in the demo): otherwise it pings each new address and
+  waits 3 s for an answer before offering it; only the test's server hands out addresses here.
 - dnsmasq answers DISCOVER with a unicast OFFER that the veth/bridge path hands to udhcpc's raw
   socket with a partial checksum, and udhcpc drops it; ``udhcpc -B`` (broadcast flag) makes the
   server broadcast and works. A RENEW (unicast, after the address is set) needs nothing special.
@@ -38,14 +45,24 @@ import json
 import os
 import re
 import secrets
-import signal
-import stat
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from enforcer.demo.dhcp import (
+    STOP_GRACE,
+    Client,
+    DhcpError,
+    DnsmasqServer,
+    Process,
+    ScriptedClient,
+    Udhcpc,
+    bridge_clients,
+    wait,
+)
+from enforcer.demo.topology import kill_netns_pids
 
 __all__ = [
     "Dhcp6Client",
@@ -63,8 +80,6 @@ __all__ = [
 
 IP = "ip"
 _CMD_TIMEOUT = 10.0  # any single ip/sysctl invocation
-_START_TIMEOUT = 8.0  # a server logging that it is ready
-_STOP_GRACE = 2.0  # SIGTERM -> SIGKILL
 _TAG_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")  # <= 8 chars keeps interface names <= 15
 _ALLOWED = tuple(ipaddress.ip_network(n) for n in (
     "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "100.64.0.0/10", "2001:db8::/32", "127.0.0.0/8", "::1/128"))
@@ -74,8 +89,8 @@ _ALLOWED = tuple(ipaddress.ip_network(n) for n in (
 _PROFILES = {"dhclient": "/{,usr/}sbin/dhclient"}  # the others are named after the program
 
 
-class PeerError(RuntimeError):
-    """A peer did not start, answer or stop as expected; the message carries its log tail."""
+#: A peer did not start, answer or stop as expected; the message carries its log tail.
+PeerError = DhcpError
 
 
 def _check_addr(text: str, what: str) -> None:
@@ -102,25 +117,13 @@ def _ns(netns: str, *argv: str) -> list[str]:
     return [IP, "netns", "exec", netns, *argv]
 
 
-def _wait(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None,
-          proc: subprocess.Popen[Any] | None = None) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` or when ``proc`` exits, with the log tail."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise PeerError(f"{what}: process exited with {proc.returncode}; log: {_tail(log)}")
-        if time.monotonic() > deadline:
-            raise PeerError(f"{what}: not within {timeout}s; log: {_tail(log)}")
-        time.sleep(0.05)
+def _popen(netns: str, *argv: str, **kw: Any) -> subprocess.Popen[Any]:
+    """Start a peer in ``netns`` in a session of its own (the tests' namespaces have no Topology)."""
+    return subprocess.Popen(_ns(netns, *argv), start_new_session=True, **kw)
 
 
-def _tail(path: Path | None, chars: int = 2000) -> str:
-    if path is None:
-        return ""
-    try:
-        return path.read_text(errors="replace")[-chars:].strip()
-    except OSError:
-        return ""
+def _must(netns: str, *argv: str) -> None:
+    _run(_ns(netns, *argv))
 
 
 def apparmor_enforcing(program: str) -> bool:
@@ -141,61 +144,11 @@ def _refuse_confined(program: str) -> None:
             f"as .ci/install does with CI set")
 
 
-class _Process:
-    """One long-running peer in a namespace: own session, output in a log file, stopped on exit."""
-
-    def __init__(self, netns: str, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> None:
-        self.netns = netns
-        self.log = log
-        self._argv = argv
-        self._env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> subprocess.Popen[bytes]:
-        if self.proc is not None and self.proc.poll() is None:
-            raise PeerError(f"already running: {' '.join(self._argv)}")
-        env = dict(os.environ, **self._env) if self._env else None
-        with open(self.log, "ab") as out:
-            # ip netns exec execs the program, so the Popen pid is the peer's own pid.
-            self.proc = subprocess.Popen(_ns(self.netns, *self._argv), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        return self.proc
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if not self.running:
-            raise PeerError(f"not running (exit {self.proc and self.proc.returncode}): {' '.join(self._argv)}; "
-                            f"log: {_tail(self.log)}")
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        """SIGTERM, bounded wait, then SIGKILL of the whole process group. Never raises."""
-        proc = self.proc
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, _STOP_GRACE), (signal.SIGKILL, 1.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
-
-
 # ---------------------------------------------------------------------------- the segment
 
 
-@dataclass(frozen=True)
-class LanClient:
-    """One subscriber on the segment: its namespace, interface and (fixed, known) MAC."""
-
-    netns: str
-    interface: str
-    mac: str
+#: One subscriber on the segment: its namespace, interface and (fixed, known) MAC.
+LanClient = Client
 
 
 class Lan:
@@ -253,18 +206,11 @@ class Lan:
             _run(_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
                      "net.ipv6.conf.default.accept_ra=0", "net.ipv6.conf.all.accept_ra=0"))
             _run(_ns(ns, IP, "link", "set", "lo", "up"))
-        gw = self.gateway_netns
-        _run(_ns(gw, IP, "link", "add", self.bridge, "type", "bridge"))
-        self._bridge_made = True
-        _run(_ns(gw, IP, "addr", "add", f"{self.gateway4}/{self.net4.prefixlen}", "dev", self.bridge))
-        _run(_ns(gw, IP, "-6", "addr", "add", f"{self.gateway6}/{self.net6.prefixlen}", "dev", self.bridge, "nodad"))
-        _run(_ns(gw, IP, "link", "set", self.bridge, "up"))
-        for i, c in enumerate(self.clients, 1):
-            port = f"{self.tag}p{i}"
-            _run(_ns(gw, IP, "link", "add", port, "type", "veth", "peer", "name", c.interface, "netns", c.netns))
-            _run(_ns(gw, IP, "link", "set", port, "master", self.bridge, "up"))
-            _run(_ns(c.netns, IP, "link", "set", c.interface, "address", c.mac, "up"))
-        _wait(self._ready, 5.0, f"Lan {self.tag} links up")
+        self._bridge_made = True   # before: a half-built bridge is deleted too
+        bridge_clients(_must, self.gateway_netns, self.bridge,
+                       [f"{self.gateway4}/{self.net4.prefixlen}", f"{self.gateway6}/{self.net6.prefixlen}"],
+                       [(f"{self.tag}p{i}", c) for i, c in enumerate(self.clients, 1)])
+        wait(self._ready, 5.0, f"Lan {self.tag} links up")
 
     def _ready(self) -> bool:
         for c in self.clients:
@@ -279,7 +225,7 @@ class Lan:
     def close(self) -> None:
         """Kill what runs in our namespaces, delete them and our bridge. Idempotent, never raises."""
         for ns in list(self._made):
-            _kill_netns_pids(ns)
+            kill_netns_pids(ns)
             with contextlib.suppress(PeerError, OSError):
                 _run([IP, "netns", "del", ns])
                 self._made.remove(ns)
@@ -294,27 +240,12 @@ class Lan:
         return re.findall(r"inet (\S+)/", out)
 
 
-def _kill_netns_pids(ns: str) -> None:
-    for _ in range(10):
-        r = subprocess.run([IP, "netns", "pids", ns], capture_output=True, text=True, timeout=_CMD_TIMEOUT)
-        pids = [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-
-
 # ---------------------------------------------------------------------------- dnsmasq
 
 
-class Dnsmasq:
-    """dnsmasq as a DHCPv4 server only (``--port=0``: no DNS) on one interface of a namespace.
-
-    Runs as root (``--user=root``) because pytest's directories are 0700: dropped to nobody,
-    dnsmasq could no longer re-read the hosts file on SIGHUP.
-    """
+class Dnsmasq(DnsmasqServer):
+    """The demo's dnsmasq runner (DHCPv4 only, ``--no-ping``) on one interface of any namespace,
+    with the tests' knobs: checked addresses, a lease time, an AppArmor check, lease reading."""
 
     def __init__(self, netns: str, interface: str, range_start: str, range_end: str, lease_file: Path,
                  hosts_file: Path | None = None, *, lease_time: str = "2m") -> None:
@@ -322,32 +253,12 @@ class Dnsmasq:
         _check_addr(range_end, "Dnsmasq range_end")
         if not re.fullmatch(r"\d+[mh]?|infinite", lease_time):
             raise ValueError(f"Dnsmasq lease_time {lease_time!r}: want e.g. 2m, 1h (dnsmasq's minimum is 2m)")
-        self.lease_file = Path(lease_file)
-        self.hosts_file = Path(hosts_file) if hosts_file else self.lease_file.with_suffix(".hosts")
-        self.hosts_file.touch()
-        self._reservations: dict[str, str] = {}
-        directory = self.lease_file.parent
-        self.log = directory / f"dnsmasq-{interface}.log"
-        self._process = _Process(netns, [
-            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--user=root", "--group=root",
-            f"--dhcp-range={range_start},{range_end},{lease_time}", f"--dhcp-leasefile={self.lease_file}",
-            f"--dhcp-hostsfile={self.hosts_file}", f"--interface={interface}", "--bind-interfaces",
-            f"--pid-file={directory / f'dnsmasq-{interface}.pid'}", "--dhcp-authoritative", "--log-dhcp",
-        ], self.log)
+        super().__init__(_popen, netns, interface, range_start, range_end, lease_file, hosts_file,
+                         lease_time=lease_time)
 
     def __enter__(self) -> Dnsmasq:
         _refuse_confined("dnsmasq")
-        try:
-            proc = self._process.start()
-            _wait(lambda: "DHCP, sockets bound exclusively" in _tail(self.log, 100_000), _START_TIMEOUT,
-                  "dnsmasq ready", self.log, proc)
-        except BaseException:
-            self._process.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._process.stop()
+        return super().__enter__()
 
     def reassign(self, mac: str, address: str) -> None:
         """Reserve ``address`` for ``mac`` (hosts file rewritten, SIGHUP). The client's next renew is
@@ -355,12 +266,7 @@ class Dnsmasq:
         if not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
             raise ValueError(f"Dnsmasq.reassign mac {mac!r}: want lower-case aa:bb:cc:dd:ee:ff")
         _check_addr(address, "Dnsmasq.reassign address")
-        self._reservations[mac] = address
-        self.hosts_file.write_text("".join(f"{m},{a}\n" for m, a in self._reservations.items()))
-        reads = _tail(self.log, 1_000_000).count(f"read {self.hosts_file}")
-        self._process.signal(signal.SIGHUP)
-        _wait(lambda: _tail(self.log, 1_000_000).count(f"read {self.hosts_file}") > reads, 5.0,
-              "dnsmasq re-reading its hosts file", self.log)
+        self.reserve(mac, address)
 
     def leases(self) -> list[tuple[str, str, str]]:
         """(expiry, mac, address) of each line of the lease file as it is now."""
@@ -372,95 +278,17 @@ class Dnsmasq:
 
     def wait_lease(self, predicate: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 5.0) -> None:
         """Wait (bounded) until the lease file satisfies ``predicate``."""
-        _wait(lambda: predicate(self.leases()), timeout, f"dnsmasq lease file {self.lease_file}", self.log)
+        wait(lambda: predicate(self.leases()), timeout, f"dnsmasq lease file {self.lease_file}", self.log)
 
 
 # ---------------------------------------------------------------------------- DHCPv4 client
 
-_UDHCPC_SCRIPT = """#!/bin/sh
-# udhcpc event script of a test client: configures only the address (no resolv.conf, no
-# routes beyond the subnet's own), then records the event: a waiter sees it once it is done.
-case "$1" in
-  deconfig) ip -4 addr flush dev "$interface" scope global ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface" scope global
-    ip -4 addr add "$ip/$mask" dev "$interface" ;;
-esac
-echo "$1 ${ip:-} ${mask:-}" >> "$0.events"
-exit 0
-"""
-
-
-class DhcpClient:
-    """A real DHCPv4 client (busybox udhcpc) on one interface; it configures the address it gets.
-
-    udhcpc because its signals map onto what the tests do: SIGUSR1 renews (unicast REQUEST),
-    SIGUSR2 releases (DHCPRELEASE). ``-B`` asks for broadcast replies (see the module docstring).
-    """
+class DhcpClient(Udhcpc):
+    """A real DHCPv4 client (busybox udhcpc, the demo's runner) on one interface; it configures
+    only the address it gets (the tests set routes themselves). acquire, renew, release, stop."""
 
     def __init__(self, netns: str, interface: str, directory: Path) -> None:
-        self.netns = netns
-        self.interface = interface
-        self._script = Path(directory) / f"udhcpc-{netns}-{interface}.sh"
-        self._script.write_text(_UDHCPC_SCRIPT)
-        self._script.chmod(stat.S_IRWXU)
-        self._events = Path(f"{self._script}.events")
-        self._events.write_text("")
-        self.log = Path(directory) / f"udhcpc-{netns}-{interface}.log"
-        self._process = _Process(netns, [
-            "udhcpc", "-f", "-B", "-i", interface, "-s", str(self._script), "-t", "5", "-T", "1", "-A", "1",
-        ], self.log)
-        self.address: str | None = None
-
-    def __enter__(self) -> DhcpClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _events_now(self) -> list[list[str]]:
-        return [line.split() for line in self._events.read_text().splitlines() if line.strip()]
-
-    def _await(self, seen: int, wanted: tuple[str, ...], timeout: float, what: str) -> list[str]:
-        found: list[list[str]] = []
-
-        def arrived() -> bool:
-            found[:] = [e for e in self._events_now()[seen:] if e[0] in wanted]
-            return bool(found)
-
-        _wait(arrived, timeout, f"udhcpc {self.netns}/{self.interface} {what}", self.log, self._process.proc)
-        return found[0]
-
-    def acquire(self, timeout: float = 10.0) -> str:
-        """Start (or, after release, wake) the client; the address it is bound to."""
-        seen = len(self._events_now())
-        if self._process.running:
-            self._process.signal(signal.SIGUSR1)  # released state -> DISCOVER again
-        else:
-            self._process.start()
-        event = self._await(seen, ("bound",), timeout, "bound")
-        self.address = event[1]
-        return self.address
-
-    def renew(self, timeout: float = 12.0) -> str:
-        """Renew now (SIGUSR1). Answered by an ACK, the same address; by a NAK, udhcpc waits 3 s,
-        DISCOVERs and binds whatever the server offers: the address it ends up with."""
-        seen = len(self._events_now())
-        self._process.signal(signal.SIGUSR1)
-        event = self._await(seen, ("renew", "bound"), timeout, "renewed")
-        self.address = event[1]
-        return self.address
-
-    def release(self, timeout: float = 5.0) -> None:
-        """Send DHCPRELEASE (SIGUSR2); the client drops the address and waits for ``acquire``."""
-        seen = len(self._events_now())
-        self._process.signal(signal.SIGUSR2)
-        self._await(seen, ("deconfig",), timeout, "released")
-        self.address = None
-
-    def stop(self) -> None:
-        """Stop the client without releasing (the server keeps the lease until it expires)."""
-        self._process.stop()
+        super().__init__(_popen, netns, interface, directory, default_route=False)
 
 
 # ---------------------------------------------------------------------------- DHCPv6 client
@@ -479,7 +307,7 @@ exit 0
 """
 
 
-class Dhcp6Client:
+class Dhcp6Client(ScriptedClient):
     """ISC dhclient -6 asking for an address (IA_NA) and, with ``prefix_delegation``, a prefix (IA_PD).
 
     Its own config (empty), lease, pid and script files live in ``directory``, so it touches
@@ -490,29 +318,17 @@ class Dhcp6Client:
         self.netns = netns
         self.interface = interface
         base = Path(directory) / f"dhclient6-{netns}-{interface}"
-        self._script = Path(f"{base}.sh")
-        self._script.write_text(_DHCLIENT6_SCRIPT)
-        self._script.chmod(stat.S_IRWXU)
-        self._events = Path(f"{self._script}.events")
-        self._events.write_text("")
+        super().__init__(Path(f"{base}.sh"), _DHCLIENT6_SCRIPT)
         conf = Path(f"{base}.conf")
         conf.write_text("")
         self.log = Path(f"{base}.log")
         self._files = ["-cf", str(conf), "-lf", f"{base}.leases", "-pf", f"{base}.pid", "-sf", str(self._script)]
         self._mode = ["-6", "-N", *(["-P"] if prefix_delegation else [])]
         self._pd = prefix_delegation
-        self._process = _Process(netns, ["dhclient", *self._mode, "-d", "-v", *self._files, interface], self.log)
+        self._process = Process(_popen, netns, ["dhclient", *self._mode, "-d", "-v", *self._files, interface],
+                                self.log)
         self.address: str | None = None
         self.prefix: str | None = None
-
-    def __enter__(self) -> Dhcp6Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _events_now(self) -> list[list[str]]:
-        return [line.split() for line in self._events.read_text().splitlines() if line.strip()]
 
     def acquire(self, timeout: float = 10.0) -> tuple[str, str | None]:
         """Start dhclient; (address, delegated prefix or None) once both are bound."""
@@ -527,7 +343,7 @@ class Dhcp6Client:
                     self.prefix = prefix if prefix != "-" else self.prefix
             return self.address is not None and (self.prefix is not None or not self._pd)
 
-        _wait(bound, timeout, f"dhclient -6 {self.netns}/{self.interface} bound", self.log, proc)
+        wait(bound, timeout, f"dhclient -6 {self.netns}/{self.interface} bound", self.log, proc)
         assert self.address is not None
         return self.address, self.prefix
 
@@ -536,12 +352,8 @@ class Dhcp6Client:
         _run(_ns(self.netns, "dhclient", *self._mode, "-r", *self._files, self.interface), timeout=timeout)
         if self._process.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.proc.wait(timeout=_STOP_GRACE)
+                self._process.proc.wait(timeout=STOP_GRACE)
         self.address = self.prefix = None
-
-    def stop(self) -> None:
-        """Stop without releasing."""
-        self._process.stop()
 
 
 # ---------------------------------------------------------------------------- Kea
@@ -560,7 +372,7 @@ class _Kea:
         self.config_file.write_text(json.dumps(config, indent=2))
         self.log = self.directory / f"{self.program}-{netns}.log"
         env = {"KEA_LOCKFILE_DIR": str(self.directory), "KEA_PIDFILE_DIR": str(self.directory)}
-        self._process = _Process(netns, [self.program, "-c", str(self.config_file)], self.log, env)
+        self._process = Process(_popen, netns, [self.program, "-c", str(self.config_file)], self.log, env)
 
     def __enter__(self) -> _Kea:
         _refuse_confined(self.program)
@@ -571,13 +383,7 @@ class _Kea:
                                                               KEA_PIDFILE_DIR=str(self.directory)))
         if check.returncode != 0:
             raise PeerError(f"{self.program} rejects {self.config_file}: {(check.stdout + check.stderr)[-2000:]}")
-        try:
-            proc = self._process.start()
-            _wait(lambda: self.started in _tail(self.log, 100_000), _START_TIMEOUT, f"{self.program} ready",
-                  self.log, proc)
-        except BaseException:
-            self._process.stop()
-            raise
+        self._process.start_until(self.started)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -589,7 +395,7 @@ class _Kea:
 
     def wait_lease(self, predicate: Callable[[list[dict[str, str]]], bool], timeout: float = 5.0) -> None:
         """Wait (bounded) until the lease lines satisfy ``predicate``."""
-        _wait(lambda: predicate(self.leases()), timeout, f"{self.program} lease file {self.lease_file}", self.log)
+        wait(lambda: predicate(self.leases()), timeout, f"{self.program} lease file {self.lease_file}", self.log)
 
 
 def read_kea_leases(lease_file: Path) -> list[dict[str, str]]:
