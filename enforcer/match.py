@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 #: The keys a list entry's ``match`` may have, in the order ties are broken (most specific first).
@@ -63,7 +64,12 @@ class Match:
     mac: str = ""
 
     def pairs(self) -> tuple[Pair, ...]:
-        """(key, value) for each key present, in ``MATCH_KEYS`` order."""
+        """(key, value) for each key present, in ``MATCH_KEYS`` order (computed once: the
+        policy asks for every restricted subscriber's pairs on each full decision)."""
+        return self._pairs
+
+    @cached_property
+    def _pairs(self) -> tuple[Pair, ...]:
         return tuple((key, value) for key in MATCH_KEYS if (value := getattr(self, key)))
 
     def __bool__(self) -> bool:

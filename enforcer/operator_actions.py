@@ -39,8 +39,9 @@ class OperatorActions:
             decision = engine.decisions.get(sid)
             known = engine.inputs.listed.get(sid) or (decision.subscriber if decision else None)
             raw = {"id": sid, "addresses": addresses or ([str(a) for a in known.addresses] if known else None) or None,
-                   "mode": mode or (known.mode.value if known else None), "reason": known.reason if known else None,
-                   "match": known.match.to_json() if known and known.match else None}
+                   "mode": mode or (known.mode.value if known else None), "reason": known.reason if known else None}
+            if known is not None and known.match:
+                raw["match"] = known.match.to_json()   # the override keeps following their sessions
             issues: list[ListIssue] = []
             subscriber = validate_entry(raw, "request", issues)
             if subscriber is None:

@@ -44,6 +44,7 @@ class SessionBook:
         self._by_pair: dict[Pair, set[SessionId]] = {}
         self._holders: dict[Network, set[SessionId]] = {}
         self._owner: dict[Network, SessionId] = {}
+        self._keys: dict[str, set[str]] = {}   # source → its session keys (a replace, status, metrics)
         for session in sessions:
             self._add(session, Change())
 
@@ -58,6 +59,8 @@ class SessionBook:
             found = self._by_pair.get(pair)
             if found:
                 ids |= found
+        if len(ids) <= 1:   # the usual case, asked for every restricted subscriber on a full sync
+            return [self.sessions[i] for i in ids]
         return sorted((self.sessions[i] for i in ids), key=lambda s: (s.seen, s.id))
 
     def held(self, session: Session) -> tuple[Network, ...]:
@@ -69,13 +72,11 @@ class SessionBook:
         return self.sessions[owner] if owner is not None else None
 
     def of_source(self, source: str) -> dict[str, Session]:
-        return {key: s for (src, key), s in self.sessions.items() if src == source}
+        return {key: self.sessions[(source, key)] for key in self._keys.get(source, ())}
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for source, _ in self.sessions:
-            out[source] = out.get(source, 0) + 1
-        return out
+        """Sessions per source (sources with none left out)."""
+        return {source: len(keys) for source, keys in self._keys.items() if keys}
 
     def next_expiry(self) -> float | None:
         return min((s.expires for s in self.sessions.values() if s.expires is not None), default=None)
@@ -119,6 +120,7 @@ class SessionBook:
     # -- indexes ------------------------------------------------------------------------------
     def _add(self, session: Session, change: Change) -> None:
         self.sessions[session.id] = session
+        self._keys.setdefault(session.source, set()).add(session.key)
         change.touched.update(session.pairs())
         for pair in session.pairs():
             self._by_pair.setdefault(pair, set()).add(session.id)
@@ -134,6 +136,7 @@ class SessionBook:
 
     def _remove(self, session: Session, change: Change) -> None:
         del self.sessions[session.id]
+        self._keys[session.source].discard(session.key)
         change.touched.update(session.pairs())
         for pair in session.pairs():
             ids = self._by_pair.get(pair)

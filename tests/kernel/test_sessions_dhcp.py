@@ -58,16 +58,11 @@ def _ns(netns: str, *argv: str, timeout: float = 10.0) -> subprocess.CompletedPr
 
 
 def _route(lan: Lan, client: LanClient) -> None:
-    """The default route via the segment's gateway. udhcpc's script flushes the address on every
-    change, and the kernel drops the routes of an interface left without an address with it. The
-    script records the event before it sets the address: retried (bounded) until that is done."""
-    deadline = time.monotonic() + 3.0
-    while True:
-        r = _ns(client.netns, "ip", "-4", "route", "replace", "default", "via", lan.gateway4)
-        if r.returncode == 0:
-            return
-        assert time.monotonic() < deadline, f"{client.netns}: default route: {r.stderr}"
-        time.sleep(0.05)
+    """The default route via the segment's gateway, set again after each lease: udhcpc's script
+    flushes the address on every change, and the kernel drops the routes of an interface left
+    without an address with it (the script records the event once the new address is set)."""
+    r = _ns(client.netns, "ip", "-4", "route", "replace", "default", "via", lan.gateway4)
+    assert r.returncode == 0, f"{client.netns}: default route: {r.stderr}"
 
 
 def _state(netns: str, lab: Lab, url: str = UPSTREAM, source: str = "") -> tuple[str, str]:

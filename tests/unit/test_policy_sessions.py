@@ -62,3 +62,16 @@ def test_an_address_a_newer_session_took_is_not_the_old_holders() -> None:
     inputs = _inputs(Subscriber("C-1", (), match=Match(mac="02:00:00:00:00:01")), sessions=[old, new])
     decision = inputs.decide("C-1", NOW)
     assert decision.restricted and decision.subscriber.addresses == ()
+
+
+def test_the_fields_the_policy_builds_directly_are_all_there() -> None:
+    """``_with_sessions`` and ``Session.stamped`` build these without ``dataclasses.replace``
+    (for speed): a new field must be added there too."""
+    from dataclasses import fields
+
+    from enforcer.policy import Decision
+    assert [f.name for f in fields(Subscriber)] == ["id", "addresses", "mode", "reason", "exempt_until",
+                                                    "exempt_category", "match"]
+    assert [f.name for f in fields(Decision)] == ["subscriber_id", "mode", "cause", "subscriber", "until", "pending"]
+    assert [f.name for f in fields(Session)] == ["source", "key", "match", "addresses", "subscriber", "expires",
+                                                 "seen", "detail"]
