@@ -13,7 +13,17 @@ step the safety invariants are checked:
 2. every payment answered 200 "applied" keeps its subscriber free until its grace ends, as
    lived (not as the wall clock says), unless an operator restricted them afterwards or
    billing sent a restriction stamped strictly later that was applied afterwards;
-3. nothing raises out of the daemon, and the timer round keeps working.
+3. nothing raises out of the daemon, and the timer round keeps working;
+4. sessions (lease files replaced whole or in part, RADIUS-like start/stop, ``session.*``
+   webhook events, addresses handed from one MAC to another, leases running out) are durable
+   exactly when their change returned: the persisted and in-memory books hold what the model
+   recorded from the changes that returned, and a change that raised ``SessionChangeFailed``
+   left the book and the kernel as they were;
+5. a session address follows its newest session, the order the model saw the changes commit
+   in (not the daemon's ``seen`` stamps): walled exactly when that session's subscriber is
+   restricted, so an address re-leased to a MAC on no list (a paying subscriber) is never
+   walled. Session addresses (``POOL``) are disjoint from every fixed list address, so no
+   list conflict excuses this.
 
 The machine is backend-neutral: ``Backend`` makes the dataplane, reads what it enforces,
 deletes the table behind the daemon's back and makes the next transaction fail. The unit
@@ -43,12 +53,15 @@ from enforcer.dataplane.backend import DataplaneError
 from enforcer.dataplane.layout import MODE_PREFIX, MODE_VERDICTS, SENTINELS, mode_map, with_mode_view
 from enforcer.dataplane.state import TableState
 from enforcer.engine import policy_rules
-from enforcer.events import PAYMENT, RELEASED, RESTRICTED, Event
-from enforcer.policy import Decision
+from enforcer.events import PAYMENT, RELEASED, RESTRICTED, SESSION_STARTED, SESSION_STOPPED, Event, parse_event
+from enforcer.match import Match
+from enforcer.policy import Decision, PolicyInputs
 from enforcer.receipt_clock import STEP_THRESHOLD
+from enforcer.sessions.session import Session, SessionId, address_key
+from enforcer.sessions.source import SessionChangeFailed
 from enforcer.sources import ListUpdate, SourceFailure
 from enforcer.store import Store
-from enforcer.subscribers import ListError, Mode, parse_list
+from enforcer.subscribers import ListError, Mode, parse_address, parse_list
 
 #: Billing's clock runs up to this far from true time (the signature tolerance).
 SKEW = 300.0
@@ -57,6 +70,26 @@ START = 1_795_000_000.0   # 2026-11-18
 SIDS = ("C-1", "C-2", "C-3", "C-4", "C-5")
 MODES = (Mode.WALLED_GARDEN, Mode.NOTICE, Mode.THROTTLE)
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
+#: Listed by ``match: {mac: ...}`` only: their addresses come from sessions alone.
+MAC_ONLY = ("C-4", "C-5")
+#: Listed by fixed addresses and a MAC (both count).
+WITH_MAC = ("C-3",)
+#: MACs on no list: paying subscribers' devices.
+PAYING_MACS = ("02:00:00:00:01:01", "02:00:00:00:01:02")
+#: Addresses sessions hand out: disjoint from every fixed address (``addresses``: 100.64.0.N,
+#: 2001:db8:0:N::/64), so a session address is never also a list address.
+POOL = ("100.64.1.1", "100.64.1.2", "100.64.1.3", "2001:db8:1:1::/64", "2001:db8:1:2::/64")
+#: Lease lifetimes (seconds from the wall clock; None: no end; negative: already ran out).
+LIFETIMES = (None, None, 60.0, 900.0, -10.0)
+#: The session sources the machine plays.
+LEASES, RADIUS, EVENTS = "dnsmasq", "radius", "event"
+
+
+def mac_of(sid: str) -> str:
+    return f"02:00:00:00:00:0{sid.split('-')[1]}"
+
+
+MACS = tuple(mac_of(sid) for sid in (*WITH_MAC, *MAC_ONLY)) + PAYING_MACS
 
 
 
@@ -150,9 +183,30 @@ def owners(decisions: dict[str, Decision]) -> dict[tuple[str, str], str]:
     return out
 
 
+def list_entry(sid: str, mode: Mode, moved: str | None) -> dict[str, Any]:
+    """Fixed addresses, a MAC, or both (docs/reference.md, Restricted list: every MAC is one
+    subscriber's, so match values stay unique)."""
+    entry: dict[str, Any] = {"id": sid, "mode": mode.value, "reason": "overdue"}
+    if sid not in MAC_ONLY:
+        entry["addresses"] = addresses(sid, moved)
+    if sid in MAC_ONLY or sid in WITH_MAC:
+        entry["match"] = {"mac": mac_of(sid)}
+    return entry
+
+
 def list_text(entries: dict[str, tuple[Mode, str | None]]) -> str:
-    return json.dumps({"subscribers": [{"id": sid, "addresses": addresses(sid, moved), "mode": mode.value,
-                                        "reason": "overdue"} for sid, (mode, moved) in sorted(entries.items())]})
+    return json.dumps({"subscribers": [list_entry(sid, mode, moved) for sid, (mode, moved) in sorted(entries.items())]})
+
+
+def network_key(address: str) -> tuple[str, str]:
+    """The kernel key (mode map, address) of a session address."""
+    net = ipaddress.ip_network(address)
+    return mode_map(net.version, net.prefixlen), str(net.network_address)
+
+
+def book_of(sessions: Any) -> dict[SessionId, Session]:
+    """A book's sessions by id (``Session`` equality leaves out ``seen`` and ``detail``)."""
+    return dict(sessions.sessions)
 
 
 #: Lists the source refuses whole (the daemon must keep the list in force and change nothing).
@@ -164,6 +218,9 @@ INVALID_LISTS = (
     '{"subscribers": [{"id": "C-1", "addresses": ["100.64.0.1"], "exempt_until": "9999-12-31"}]}',
     "[" * 100_000,
     "subscribers:\n  - id: C-1\n    addresses: [100.64.0.1\n",
+    '{"subscribers": [{"id": "C-4", "match": {"mac": "02:00:00:00:00:04"}}, '   # one MAC, two subscribers
+    '{"id": "C-5", "match": {"mac": "02-00-00-00-00-04"}}]}',
+    '{"subscribers": [{"id": "C-4", "match": {}}]}',                          # an export that lost its values
 )
 
 
@@ -198,6 +255,9 @@ class ChaosMachine(RuleBasedStateMachine):
         self.store_fault_armed = False
         self.unsaved: set[str] = set()       # sids whose batch was answered 503 "state could not be saved"
         self.task_failures: list[str] = []   # what the supervisor would have restarted a task for
+        # Sessions whose change returned, with the order the model saw them commit in (invariants 4, 5).
+        self.sessions: dict[SessionId, tuple[Session, int]] = {}
+        self.event_order: dict[str, float] = {}   # session event key → timestamp of the newest applied
 
     # -- plumbing -----------------------------------------------------------------------------
     def run(self, coro: Any) -> Any:
@@ -256,8 +316,9 @@ class ChaosMachine(RuleBasedStateMachine):
         e.engine.store.close()
         for task in list(e.engine._background):
             task.cancel()
-        if e.events.batcher._worker is not None:
-            e.events.batcher._worker.cancel()
+        for batcher in (e.events.batcher, e.sessions.batcher):
+            if batcher._worker is not None:
+                batcher._worker.cancel()
         e.engine._kernel_thread.shutdown(wait=True)
 
         async def unwind() -> None:
@@ -334,6 +395,11 @@ class ChaosMachine(RuleBasedStateMachine):
                 self.clocks.pass_(1.0)
                 continue
             self.e.engine.changed.clear()
+            try:   # the timers task's duties after its round: leases that ran out end
+                self.run(self.e.timers.run_duties())
+            except Exception as exc:  # noqa: BLE001 - as the supervisor does: logged, counted, task restarted
+                self.task_failures.append(f"duties: {type(exc).__name__}: {exc}")
+                self.note(f"  timers task failed in a duty (supervisor restarts it): {exc}")
             if self.e.lists.unsaved is not None:
                 try:
                     self.run(self.e.lists.on_list(self.e.lists.unsaved, approved_by=self.e.lists.unsaved_approval))
@@ -542,6 +608,188 @@ class ChaosMachine(RuleBasedStateMachine):
         self.backend.drop_table(self.dataplane)
         self.run(self.e.health.verify())   # the table check sees it within seconds
 
+    # -- sessions -------------------------------------------------------------------------------
+    def expires(self, lifetime: float | None) -> float | None:
+        return None if lifetime is None else self.clocks.wall + lifetime
+
+    def session(self, source: str, key: str, mac: str, nets: list[str], lifetime: float | None = None,
+                subscriber: str = "") -> Session:
+        return Session(source, key, Match(mac=mac) if mac else Match(),
+                       tuple(parse_address(a) for a in nets), subscriber, self.expires(lifetime))
+
+    def change_sessions(self, what: str, call: Callable[[], Any], started: list[Session], stopped: list[SessionId],
+                        replace_source: str | None = None) -> bool:
+        """Make one session change the way a source does; record it when it returned (invariant
+        4) and check that one which raised ``SessionChangeFailed`` changed nothing."""
+        e = self.e
+        book_before = book_of(e.engine.inputs.sessions)
+        kernel_before = kernel_modes(self.backend.read(self.dataplane))
+        try:
+            self.run(call())
+        except SessionChangeFailed as exc:
+            self.note(f"{what} -> SessionChangeFailed: {exc}")
+            assert book_of(e.engine.inputs.sessions) == book_before, \
+                "a failed session change left the book changed\n" + self.report()
+            if not e.engine.reconciler.needs_full:   # else the daemon knows, and invariant 1 repairs it
+                kernel = kernel_modes(self.backend.read(self.dataplane))
+                assert kernel == kernel_before, (f"a failed session change left the kernel changed: "
+                                                 f"{set(kernel.items()) ^ set(kernel_before.items())}\n"
+                                                 + self.report())
+            return False
+        self.note(f"{what} -> ok")
+        self.record_sessions(started, stopped, replace_source)
+        return True
+
+    def record_sessions(self, started: list[Session], stopped: list[SessionId], replace_source: str | None) -> None:
+        """What a committed change left (``SessionIntake._change``): a start equal to what is held
+        changes nothing (keeps its order); a lease already run out is not started."""
+        now = self.clocks.wall
+        live = [s for s in started if s.expires is None or s.expires > now]
+        gone = list(stopped)
+        if replace_source is not None:
+            keep = {s.key for s in live}
+            gone += [i for i in self.sessions if i[0] == replace_source and i[1] not in keep]
+        for session in live:
+            held = self.sessions.get(session.id)
+            if held is None or held[0] != session:
+                self.serial += 1
+                self.sessions[session.id] = (session, self.serial)
+        for ident in gone:
+            if ident not in {s.id for s in live}:
+                self.sessions.pop(ident, None)
+
+    @rule(leases=st.lists(st.tuples(st.sampled_from(POOL), st.sampled_from(MACS), st.sampled_from(LIFETIMES)),
+                          max_size=4, unique_by=lambda t: t[0]),
+          complete=st.sampled_from((True, True, True, False)))
+    def lease_file(self, leases: list[tuple[str, str, float | None]], complete: bool) -> None:
+        """dnsmasq's lease file read: the whole set (or, with unreadable lines, only what was read)."""
+        sessions = [self.session(LEASES, address_key(parse_address(a)), mac, [a], life) for a, mac, life in leases]
+        shown = [(a, mac[-5:], life) for a, mac, life in leases]
+        self.change_sessions(f"leases {'complete' if complete else 'partial'} {shown}",
+                             lambda: self.e.sessions.replace(LEASES, sessions, complete=complete),
+                             sessions, [], LEASES if complete else None)
+
+    @rule(start=st.booleans(), n=st.integers(1, 3), mac=st.sampled_from(MACS),
+          nets=st.lists(st.sampled_from(POOL), min_size=1, max_size=2, unique=True),
+          life=st.sampled_from(LIFETIMES))
+    def radius(self, start: bool, n: int, mac: str, nets: list[str], life: float | None) -> None:
+        """A BNG's accounting: Start/Interim-Update (the session's current addresses) or Stop."""
+        key = f"nas1/{n}"
+        if start:
+            session = self.session(RADIUS, key, mac, nets, life)
+            self.change_sessions(f"radius start {key} {mac[-5:]} {nets} life={life}",
+                                 lambda: self.e.sessions.update(RADIUS, [session]), [session], [])
+        else:
+            self.change_sessions(f"radius stop {key}", lambda: self.e.sessions.update(RADIUS, stopped=[key]),
+                                 [], [(RADIUS, key)])
+
+    @precondition(lambda self: any(s.match.mac not in PAYING_MACS for s, _ in self.sessions.values()))
+    @rule(data=st.data(), mac=st.sampled_from(PAYING_MACS), how=st.sampled_from((LEASES, RADIUS, EVENTS)))
+    def handoff(self, data: st.DataObject, mac: str, how: str) -> None:
+        """A listed MAC's address is leased again to a MAC on no list (a paying subscriber): by
+        the same lease file (the lease changes hands), or by another source while the old
+        holder's session lingers (its Stop was lost)."""
+        held = sorted((s for s, _ in self.sessions.values() if s.match.mac not in PAYING_MACS),
+                      key=lambda s: s.id)
+        old = data.draw(st.sampled_from(held))
+        address = address_key(old.addresses[0])
+        if how == LEASES:
+            session = self.session(LEASES, address, mac, [address])
+            self.change_sessions(f"handoff {address} from {old.describe()} to {mac[-5:]} by lease",
+                                 lambda: self.e.sessions.replace(LEASES, [session], complete=False), [session], [])
+        elif how == RADIUS:
+            session = self.session(RADIUS, f"nas2/{self.new_id('acct')}", mac, [address])
+            self.change_sessions(f"handoff {address} from {old.describe()} to {mac[-5:]} by radius",
+                                 lambda: self.e.sessions.update(RADIUS, [session]), [session], [])
+        else:
+            self.session_event(start=True, mac=mac, sid=None, nets=[address])
+
+    @rule(start=st.booleans(), mac=st.sampled_from((None, *MACS)), sid=st.sampled_from((None, None, *SIDS)),
+          nets=st.lists(st.sampled_from(POOL), max_size=2, unique=True), skew=st.sampled_from((0, 0, -90, 90)))
+    def session_event(self, start: bool, mac: str | None, sid: str | None, nets: list[str], skew: int = 0) -> None:
+        """``session.started``/``session.stopped`` from a BNG script through the signed webhook,
+        its clock ``skew`` seconds off: per address, an event older than the last one applied
+        there is answered ignored and changes nothing (docs/reference.md, Session events)."""
+        if not (mac or sid) or (start and not nets):
+            return   # the webhook refuses it with 400 (tests/unit/test_events cover that)
+        data: dict[str, Any] = {"addresses": nets}
+        if mac:
+            data["mac"] = mac
+        if sid:
+            data["subscriber"] = sid
+        kind = SESSION_STARTED if start else SESSION_STOPPED
+        event = parse_event(self.new_id("sess"), json.dumps({"type": kind, "timestamp": self.billing_ts(skew),
+                                                                "data": data}))
+        sessions = [Session(EVENTS, address_key(a), event.match, (a,), event.subscriber_id) for a in event.addresses]
+        pattern = Session(EVENTS, "", event.match, (), event.subscriber_id)
+        answers: list[tuple[int, dict[str, Any]]] = []
+
+        async def send() -> None:
+            answers.append(await handle_event(self.e, event, 0.0))
+            if answers[0][0] == 503:
+                raise SessionChangeFailed(str(answers[0][1]))
+        if start:
+            stopped: list[SessionId] = []
+        elif sessions:
+            stopped = [s.id for s in sessions]
+        else:   # no addresses: every session of this source carrying those keys ends
+            pairs = set(pattern.pairs())
+            stopped = [i for i, (s, _) in self.sessions.items() if i[0] == EVENTS and pairs & set(s.pairs())]
+
+        def fresh(key: str) -> bool:
+            return event.timestamp >= self.event_order.get(key, event.timestamp)
+        ignored = sorted({s.key for s in sessions if not fresh(s.key)} | {k for _, k in stopped if not fresh(k)})
+        sessions = [s for s in sessions if fresh(s.key)]
+        stopped = [i for i in stopped if fresh(i[1])]
+        what = f"webhook {kind} {event.id} ts={skew:+d} mac={mac and mac[-5:]} subscriber={sid} {nets}"
+        if self.change_sessions(what, send, sessions if start else [], stopped):
+            assert answers[0][0] == 200, f"{what} answered {answers[0]}\n" + self.report()
+            assert answers[0][1].get("ignored", []) == ignored, \
+                f"{what} answered {answers[0]}, expected ignored {ignored}\n" + self.report()
+            for key in {s.key for s in sessions} | {k for _, k in stopped}:
+                self.event_order[key] = event.timestamp
+
+    @precondition(lambda self: any(s.expires is not None for s, _ in self.sessions.values()))
+    @rule()
+    def leases_run_out(self) -> None:
+        """Time passes to just after the next lease's end: the timer ends it."""
+        ends = [s.expires for s, _ in self.sessions.values() if s.expires is not None]
+        step = max(min(ends) - self.clocks.wall, 0.0) + 1.0
+        self.clocks.pass_(step)
+        self.note(f"{step:.0f}s pass (a lease runs out)")
+        self.timer()
+
+    @rule(leases=st.lists(st.tuples(st.sampled_from(POOL), st.sampled_from(MACS)), min_size=1, max_size=2,
+                          unique_by=lambda t: t[0]))
+    def kill_mid_session(self, leases: list[tuple[str, str]]) -> None:
+        """SIGKILL while a lease file's change is committed, just before its SQLite write (after
+        the kernel change): it never returned, so nothing of it may survive the restart."""
+        sessions = [self.session(LEASES, address_key(parse_address(a)), mac, [a]) for a, mac in leases]
+        self.note(f"leases (partial) {[(a, m[-5:]) for a, m in leases]}, SIGKILL before the write record_state")
+        killed: list[str] = []
+
+        def die(name: str) -> None:
+            if name == "record_state":
+                killed.append(name)
+                raise SigKill(name)
+        self.e.engine.store.write_fault = die
+
+        async def go() -> asyncio.Task[None]:
+            task = asyncio.ensure_future(self.e.sessions.replace(LEASES, sessions, complete=False))
+            for _ in range(2000):
+                if task.done() or killed:
+                    break
+                await asyncio.sleep(0.001)
+            return task
+        task = self.run(go())
+        if task.done() and not killed and task.exception() is None:
+            self.record_sessions(sessions, [], None)
+            self.note("  committed before the kill")
+        elif not task.done():
+            task.cancel()
+        self.kill()
+        self.start()
+
     # -- invariants -----------------------------------------------------------------------------
     def unseen_step(self) -> float:
         """How far the wall clock stepped forward since the daemon last looked (``ReceiptClock.step``)."""
@@ -551,29 +799,46 @@ class ChaosMachine(RuleBasedStateMachine):
     def report(self) -> str:
         return "steps:\n  " + "\n  ".join(self.log[-40:])
 
+    def persisted(self) -> PolicyInputs:
+        """The inputs a restart would read (a fresh ``Store`` over the state directory)."""
+        store = Store(str(self.config.state_dir))
+        try:
+            inputs = store.load_inputs()
+        finally:
+            store.close()
+        inputs.rules = policy_rules(self.config)
+        return inputs
+
+    def deciding_at(self) -> float:
+        """The instant the daemon decides at: a forward step not yet seen by the daemon has not
+        moved any grace yet (it will, on the next input or timer round)."""
+        jump = self.unseen_step()
+        return self.clocks.wall - jump if jump > STEP_THRESHOLD else self.clocks.wall
+
+    def settle(self) -> bool:
+        """Run the round the daemon runs now (an input woke the timers task, or it knows the
+        table needs repair); False while the table is rebuilt from the kernel (documented: kept
+        as it is until a list arrives)."""
+        e = self.e
+        if e.engine.rebuilding is not None:
+            assert e.queries.status()["rebuilding_from_kernel"]
+            return False
+        if e.engine.changed.is_set():
+            self.timer()
+        if e.engine.reconciler.needs_full:   # its timer repairs within RESYNC_SECONDS
+            self.timer()
+        assert not e.engine.reconciler.needs_full, "the repair round did not repair the table\n" + self.report()
+        return True
+
     @invariant()
     def kernel_matches_persisted_policy(self) -> None:
         if self.enforcer is None:
             return
         e = self.e
-        if e.engine.rebuilding is not None:   # documented: the table is kept as it is until a list arrives
-            assert e.queries.status()["rebuilding_from_kernel"]
+        if not self.settle():
             return
-        if e.engine.changed.is_set():   # an input woke the timers task: it runs a round now
-            self.timer()
-        if e.engine.reconciler.needs_full:   # the daemon knows; its timer repairs within RESYNC_SECONDS
-            self.timer()
-        assert not e.engine.reconciler.needs_full, "the repair round did not repair the table\n" + self.report()
-        # The instant the daemon decides at: a forward step not yet seen by the daemon has not
-        # moved any grace yet (it will, on the next input or timer round).
-        jump = self.unseen_step()
-        now = self.clocks.wall - jump if jump > STEP_THRESHOLD else self.clocks.wall
-        store = Store(str(self.config.state_dir))
-        try:
-            persisted = store.load_inputs()
-        finally:
-            store.close()
-        persisted.rules = policy_rules(self.config)
+        now = self.deciding_at()
+        persisted = self.persisted()
         decisions = persisted.decide_all(now)
         in_memory = e.engine.inputs.decide_all(now)
         for sid in e.engine.conflicts:           # reported: the kernel keeps what it enforced
@@ -590,6 +855,58 @@ class ChaosMachine(RuleBasedStateMachine):
                                  f"{diff}\nconflicts={e.engine.conflicts}\n" + self.report())
 
     @invariant()
+    def sessions_are_durable_exactly_when_answered(self) -> None:
+        """Invariant 4: the persisted book and the daemon's book hold exactly the sessions of the
+        changes that returned (a lease that ran out may have been ended by the daemon since)."""
+        if self.enforcer is None:
+            return
+        persisted = book_of(self.persisted().sessions)
+        memory = book_of(self.e.engine.inputs.sessions)
+        assert memory == persisted, (f"in memory but not saved: {set(memory.items()) - set(persisted.items())}; "
+                                     f"saved but not in memory: {set(persisted.items()) - set(memory.items())}\n"
+                                     + self.report())
+        for ident, (session, _) in list(self.sessions.items()):
+            if ident not in persisted and session.expires is not None and session.expires <= self.clocks.wall:
+                del self.sessions[ident]   # it ran out and the daemon ended it
+        recorded = {i: s for i, (s, _) in self.sessions.items()}
+        lost = {i: s.describe() for i, s in recorded.items() if persisted.get(i) != s}
+        unasked = {i: s.describe() for i, s in persisted.items() if recorded.get(i) != s}
+        assert not lost and not unasked, (f"sessions of changes that returned but not saved: {lost}; saved but "
+                                          f"never returned (or changed): {unasked}\n" + self.report())
+
+    @invariant()
+    def session_addresses_follow_the_newest_session(self) -> None:
+        """Invariant 5: each session address is walled exactly when the newest session naming it
+        (in the order the changes committed) belongs to a restricted subscriber."""
+        if self.enforcer is None or not self.settle():
+            return
+        inputs = self.persisted()
+        decisions = inputs.decide_all(self.deciding_at())
+        kernel = kernel_modes(self.backend.read(self.dataplane))
+        for address in POOL:
+            net = parse_address(address)
+            naming = [s for s in inputs.sessions.sessions.values() if net in s.addresses]
+            newest = max(naming, key=lambda s: self.sessions.get(s.id, (s, -1))[1], default=None)
+            owner = inputs.session_owner(newest) if newest is not None else None
+            if owner in self.e.engine.conflicts:
+                continue   # reported in status; the kernel keeps what it enforced
+            decision = decisions.get(owner) if owner is not None else None
+            want = decision is not None and decision.restricted
+            walled = network_key(address) in kernel
+            if walled and not want:
+                whose = ("nobody's" if newest is None else
+                         f"{newest.describe()}, of {owner or 'a MAC on no list (a paying subscriber)'}")
+                raise AssertionError(f"{address} is walled, yet its newest session is {whose}; sessions naming it "
+                                     f"(oldest first): {self.naming(naming)}\n" + self.report())
+            assert walled == want, (f"{address} is free, yet its newest session {newest and newest.describe()} "
+                                    f"is restricted {owner}'s; sessions naming it: {self.naming(naming)}\n"
+                                    + self.report())
+
+    def naming(self, sessions: list[Session]) -> list[str]:
+        ordered = sorted(sessions, key=lambda s: self.sessions.get(s.id, (s, -1))[1])
+        return [f"{s.describe()} seen={s.seen - START:+.6f}" for s in ordered]
+
+    @invariant()
     def payments_keep_subscribers_free(self) -> None:
         if self.enforcer is None:
             return
@@ -602,8 +919,9 @@ class ChaosMachine(RuleBasedStateMachine):
                               f"true+{paid.until - START:.0f}, yet the kernel holds {held}\n" + self.report())
 
     def _belongs(self, sid: str, key: tuple[str, str]) -> bool:
-        """Is this kernel key one of ``sid``'s own addresses (v4 or v6 /64)?"""
-        own = {ipaddress.ip_network(a) for a in addresses(sid)}
+        """Is this kernel key one of ``sid``'s own addresses (v4 or v6 /64) or a session address
+        the daemon holds for ``sid``?"""
+        own = {ipaddress.ip_network(a) for a in (*addresses(sid), *POOL)}
         name, address = key
         plen = int(name.rsplit("_", 1)[1])
         return (ipaddress.ip_network(f"{address}/{plen}") in own

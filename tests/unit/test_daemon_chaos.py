@@ -142,3 +142,32 @@ def test_an_event_is_not_judged_stale_by_a_sibling_that_failed(machine: Any, mon
     first = machine.sent[-1].answers[0]
     assert first[0] == 503 or machine.e.engine.store.event_answer(machine.sent[-1].event.id) == first[1], \
         f"answered {first} for an event judged stale by a sibling that failed: {machine.sent[-2].answers}"
+
+
+def test_a_lease_change_that_cannot_be_saved_leaves_nothing_and_one_that_returned_survives_sigkill(
+        machine: Any) -> None:
+    """A dnsmasq lease file read while SQLite fails raises ``SessionChangeFailed`` and leaves the
+    book and the kernel as they were; read again, it returns, and after a SIGKILL the restarted
+    daemon holds that lease and walls its address for the restricted MAC-only subscriber."""
+    machine.boot(listed=["C-4"])
+    machine.store_failure(op="record_state")
+    lease = [("100.64.1.1", chaos_model.mac_of("C-4"), None)]
+    machine.lease_file(leases=lease, complete=True)
+    assert not machine.sessions, "a change that raised was recorded"
+    machine.lease_file(leases=lease, complete=True)
+    assert list(machine.sessions) == [("dnsmasq", "100.64.1.1")]
+    machine.restart(how="kill", down=5.0)
+    machine.sessions_are_durable_exactly_when_answered()
+    machine.session_addresses_follow_the_newest_session()
+    assert ("mode4_32", "100.64.1.1") in chaos_model.kernel_modes(machine.dataplane.read())
+
+
+def test_an_address_handed_to_a_paying_mac_is_freed(machine: Any) -> None:
+    """C-4's address goes to a MAC on no list by a RADIUS Start while C-4's lease lingers: the
+    newer session holds it, so it is free."""
+    machine.boot(listed=["C-4"])
+    machine.lease_file(leases=[("100.64.1.2", chaos_model.mac_of("C-4"), None)], complete=True)
+    machine.radius(start=True, n=1, mac=chaos_model.PAYING_MACS[0], nets=["100.64.1.2"], life=None)
+    machine.kernel_matches_persisted_policy()
+    machine.session_addresses_follow_the_newest_session()
+    assert ("mode4_32", "100.64.1.2") not in chaos_model.kernel_modes(machine.dataplane.read())
