@@ -27,6 +27,7 @@ from .operator_actions import OperatorActions
 from .portal_actions import PortalActions
 from .promises import Eligibility
 from .queries import Queries
+from .receipt_clock import boot_id
 from .references import References
 from .session_intake import SessionIntake
 from .sessions.configured import build_sources
@@ -38,10 +39,11 @@ from .timers import Timers
 class Enforcer:
     def __init__(self, config: Config, dataplane: Dataplane | None = None, conntrack: ConnectionTable | None = None,
                  clock: Callable[[], float] = time.time, store: Store | None = None,
-                 monotonic: Callable[[], float] | None = None) -> None:
+                 monotonic: Callable[[], float] | None = None, boot: str | None = None) -> None:
         """``clock`` is the wall clock; ``monotonic`` the clock it is checked against for steps
         (default: ``time.monotonic`` with the real clock; a test's own clock is its own
-        monotonic one unless it passes another, so advancing it is time passing, not a step)."""
+        monotonic one unless it passes another, so advancing it is time passing, not a step);
+        ``boot`` this boot's id (default the kernel's: a test simulating a reboot passes another)."""
         if dataplane is None:
             from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
             dataplane = KernelDataplane(config.gateway.table)
@@ -50,7 +52,7 @@ class Enforcer:
         self.metrics = metrics = Metrics()
         self.flusher = Flusher(conntrack or Conntrack(), metrics)
         self.engine = engine = Engine(config, dataplane, store or Store(config.state_dir), self.flusher, metrics,
-                                      clock, monotonic)
+                                      clock, monotonic, boot_id() if boot is None else boot)
         self.references = References(engine.store)
         self.lists = ListIntake(engine, metrics)
         self.events = EventIntake(engine, metrics)

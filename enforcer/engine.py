@@ -43,6 +43,8 @@ from .store import EnforcedWrite, Store, StoreError
 from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
+#: The meta key of the saved clock anchor (``receipt_clock``).
+CLOCK_ANCHOR = "clock_anchor"
 T = TypeVar("T")
 
 
@@ -69,13 +71,24 @@ class Undo:
 
 class Engine:
     def __init__(self, config: Config, dataplane: Dataplane, store: Store, flusher: Flusher, metrics: Metrics,
-                 clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+                 clock: Callable[[], float], monotonic: Callable[[], float], boot: str = "") -> None:
+        """``boot``: this boot's id (``receipt_clock.boot_id``); a clock anchor saved on the same
+        boot is resumed, so a step while the daemon was idle or down is seen too."""
         self.config, self.clock, self.store, self.flusher, self.metrics = config, clock, store, flusher, metrics
         self.inputs = store.load_inputs()
         self.inputs.rules = policy_rules(config)
         # Inputs are ordered by receipt (receipt_clock), billing's events by billing's clock
         # among themselves (billing_order); never one clock against the other.
         self.receipts = ReceiptClock(clock, floor=self.inputs.newest_instant(), monotonic=monotonic)
+        self.boot = boot
+        saved = store.get_meta(CLOCK_ANCHOR)
+        if boot and isinstance(saved, dict) and saved.get("boot") == boot:
+            try:
+                self.receipts.resume(float(saved["wall"]), float(saved["mono"]))
+            except (KeyError, TypeError, ValueError):
+                log.error("event=clock_anchor_unreadable anchor=%r (a step while the daemon was down is not seen)",
+                          saved)
+        self._anchor_unsaved = True   # saved with the first decision, and again after each step
         self.billing_order = BillingOrder(store.billing_order())
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.space = AddressSpace.from_config(config)   # where subscribers' addresses may lie
@@ -106,14 +119,23 @@ class Engine:
             moved = policy.clock_stepped(self.inputs, jump, self.clock())
             log.warning("event=clock_stepped_forward seconds=%.1f graces_and_promises_moved=%d", jump, len(moved))
             self._moved_unsaved |= moved
-        if self._moved_unsaved:   # saved with the next chance; until then they live in memory
+            self._anchor_unsaved = True
+        if self._moved_unsaved or self._anchor_unsaved:
+            # The moved ends and the anchor they were moved by, in one commit: if it fails, the
+            # saved anchor is the one before the step, and a restart moves the saved ends again.
+            wall, mono = self.receipts.anchor
             try:
-                self.store.save_subscribers(self.inputs, self._moved_unsaved)
-                self._moved_unsaved = set()
+                self.store.save_clock(self.inputs, self._moved_unsaved, {"boot": self.boot, "wall": wall, "mono": mono})
+                self._moved_unsaved, self._anchor_unsaved = set(), False
             except (StoreError, sqlite3.Error) as exc:
-                log.error("event=moved_graces_not_saved count=%d error=%r (kept in memory; saved on the next "
-                          "input)", len(self._moved_unsaved), str(exc))
+                log.error("event=moved_graces_not_saved count=%d error=%r (kept in memory; saved with the next "
+                          "input or timer round)", len(self._moved_unsaved), str(exc))
         return self.clock()
+
+    @property
+    def clock_unsaved(self) -> bool:
+        """Graces or promises moved by a clock step live only in memory (the timer retries)."""
+        return bool(self._moved_unsaved)
 
     async def kernel(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
+from typing import Any
 
 from . import policy
 from .engine import Engine
@@ -38,8 +39,10 @@ class OperatorActions:
         if restrict:
             decision = engine.decisions.get(sid)
             known = engine.inputs.listed.get(sid) or (decision.subscriber if decision else None)
-            raw = {"id": sid, "addresses": addresses or ([str(a) for a in known.addresses] if known else None) or None,
-                   "mode": mode or (known.mode.value if known else None), "reason": known.reason if known else None}
+            listed = [str(a) for a in known.addresses] if known else None
+            raw: dict[str, Any] = {"id": sid, "addresses": addresses or listed or None,
+                                   "mode": mode or (known.mode.value if known else None),
+                                   "reason": known.reason if known else None}
             if known is not None and known.match:
                 raw["match"] = known.match.to_json()   # the override keeps following their sessions
             issues: list[ListIssue] = []

@@ -244,6 +244,7 @@ class PolicyInputs:
         instants += [r.at for r in self.readdressed.values()]
         instants += [e.set_at for by_category in self.exemptions.values() for e in by_category.values()]
         instants += [p.made_at for history in self.promises.values() for p in history]
+        instants += [s.seen for s in self.sessions.sessions.values()]
         return max(instants, default=0.0)
 
     def known_ids(self) -> set[str]:

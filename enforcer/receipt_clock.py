@@ -15,6 +15,10 @@ paid subscribers). ``ReceiptClock.step`` compares the wall clock with the monoto
 reports such a step, so the daemon can push the ends of durations that run from receipt
 (payment graces, promises) forward by the same amount. Backward steps need nothing: an end
 in the future stays in the future (freedom lasts longer, never shorter).
+
+The anchor (a wall and a monotonic reading taken together) is kept with the state, with this
+boot's id: a restart on the same boot (the monotonic clock runs on) then sees a step that
+happened while the daemon was idle or down, which a fresh anchor would miss.
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ class ReceiptClock:
         self._anchor = (wall, mono)
         jump = (wall - then_wall) - (mono - then_mono)
         return jump if jump > STEP_THRESHOLD else 0.0
+
+    def resume(self, wall: float, mono: float) -> None:
+        """Continue from an anchor saved earlier on this boot (the next ``step`` reports any
+        jump since it)."""
+        self._anchor = (wall, mono)
+
+    @property
+    def anchor(self) -> tuple[float, float]:
+        """(wall, monotonic) of the last check: saved with the state, for ``resume``."""
+        return self._anchor
+
+
+def boot_id() -> str:
+    """This boot's id (the monotonic clock is comparable only within one boot), or ''."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
     def stepped_back(self) -> float:
         """How far the wall clock is behind the newest receipt instant (for status and logs)."""

@@ -8,7 +8,6 @@ objects, and address keys rendered once (``address_key`` caches them).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from .dataplane.state import TableState
 from .dataplane.transaction import ReplaceTable, Transaction
 from .model import Mode, Network
 from .policy import Decision
+from .subscribers import parse_network
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Reconciler:
             if container.startswith(MODE_PREFIX):
                 keep = desired.get(container, {})
                 plen = container.rsplit("_", 1)[1]
-                changed.extend(ipaddress.ip_network(f"{k}/{plen}") for k in items if k not in keep)
+                changed.extend(parse_network(f"{k}/{plen}") for k in items if k not in keep)
         for address in self.host_allow:
             desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
 
@@ -239,6 +239,7 @@ class Reconciler:
             raise NeedsFullSync("the kernel table must be re-read and synced in full first")
         if not self.layout.prefixes >= _prefixes(decisions.values()):
             raise NeedsFullSync("a new prefix length needs a layout change")
+        previous = [self.owned[sid] for sid in decisions if sid in self.owned]
         before = {sid: subscriber_elements(self.owned[sid]) if sid in self.owned else frozenset()
                   for sid in decisions}
         after = {sid: subscriber_elements(d) for sid, d in decisions.items()}
@@ -277,7 +278,9 @@ class Reconciler:
                 self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        return SyncResult("partial", count, sorted(changed_networks(old, new), key=str))
+        known = {(key, str(plen)): network for d in (*decisions.values(), *previous) if d.subscriber is not None
+                 for network, (_, plen, key) in zip(d.subscriber.addresses, d.subscriber.keys, strict=True)}
+        return SyncResult("partial", count, sorted(changed_networks(old, new, known), key=str))
 
     def acknowledge(self, decision: Decision, seconds: int) -> None:
         """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
@@ -360,8 +363,12 @@ def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
 
 
 def changed_networks(before: Mapping[str, Mapping[str, str | None]],
-                     after: Mapping[str, Mapping[str, str | None]]) -> set[Network]:
-    """Addresses whose mode-map entry was added, removed or changed between two states."""
+                     after: Mapping[str, Mapping[str, str | None]],
+                     known: Mapping[tuple[str, str], Network] | None = None) -> set[Network]:
+    """Addresses whose mode-map entry was added, removed or changed between two states.
+    ``known``: (key, prefix length) → the decisions' own networks, so a diff of a few
+    subscribers parses no text (it did: a fifth of a session change's kernel-thread time)."""
+    known = known or {}
     out: set[Network] = set()
     for container in before.keys() | after.keys():
         if not container.startswith(MODE_PREFIX):
@@ -369,7 +376,7 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
         old, new = before.get(container, {}), after.get(container, {})
         keys = [k for k in new if old.get(k, "absent") != new[k]] + [k for k in old if k not in new]
         plen = container.rsplit("_", 1)[1]
-        out.update(ipaddress.ip_network(f"{key}/{plen}") for key in keys)
+        out.update(known.get((key, plen)) or parse_network(f"{key}/{plen}") for key in keys)
     return out
 
 

@@ -17,6 +17,7 @@ from them: that subscriber keeps its restriction, the conflict is reported in ``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 from collections import Counter
@@ -45,6 +46,9 @@ log = logging.getLogger("walled_garden.sessions")
 EVENT_SOURCE, CLI_SOURCE = "event", "cli"
 #: Session events are ordered per address in ``billing_order`` under this name and stream.
 ORDER_PREFIX, ORDER_STREAM = "session:", "session"
+#: A batch that starts this many sessions (a lease file read at start) is moved out of the
+#: collector's sight afterwards, as the list is (``Engine.sync_all``).
+FREEZE_AFTER = 10_000
 #: Problems logged per source and kind before they are only counted (a broken file repeats).
 LOGGED_PROBLEMS = 20
 
@@ -127,7 +131,7 @@ class SessionIntake:
 
     async def _submit(self, request: Request) -> None:
         self.batcher.submit(request)
-        await asyncio.shield(request.done)
+        await request.done   # its own future: a cancelled caller cancels only its own wait
 
     # -- session events and the CLI ------------------------------------------------------------
     async def handle_event(self, event: Event, source: str = EVENT_SOURCE) -> Result:
@@ -210,6 +214,8 @@ class SessionIntake:
                 self._fail(batch, f"the session state could not be saved: {exc}")
                 return
             engine.changed.set()
+            if len(change.started) >= FREEZE_AFTER:
+                gc.freeze()   # a lease file's worth of sessions lives on: see Engine.sync_all
             committed = engine.clock()   # in the kernel and saved: what the lag measures
             self._counted(change)
             for request in batch:
@@ -217,10 +223,18 @@ class SessionIntake:
                 state.changes += len(request.started) + len(request.stopped)
                 state.last_change, state.last_lag = committed, max(committed - request.observed, 0.0)
                 self.metrics.session_lag.labels(request.source).observe(state.last_lag)
-        await engine.flusher.flush(result.changed, cause)
-        for request in batch:
-            if not request.done.done():
-                request.done.set_result(None)
+        # The next batch may start meanwhile (its own flush follows this one's): the flush
+        # only removes stale connections of addresses whose state already changed.
+        engine.spawn(self._finish(batch, result.changed, cause), "answers")
+
+    async def _finish(self, batch: list[Request], changed: list[Network], cause: str) -> None:
+        """After the commit: flush the changed addresses' connections, then answer."""
+        try:
+            await self.engine.flusher.flush(changed, cause)
+        finally:
+            for request in batch:
+                if not request.done.done():
+                    request.done.set_result(None)
 
     def _change(self, request: Request, undo: Undo, now: float) -> Change:
         """Apply one request to the book, remembering in ``undo`` what it replaced. Only what

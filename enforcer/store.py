@@ -596,6 +596,13 @@ class Store:
                             [(sid, p.made_at, p.until, p.outcome, p.address)
                              for sid in promised for p in inputs.promises[sid]])
 
+    @_writes
+    def save_clock(self, inputs: PolicyInputs, ids: Iterable[str], anchor: dict[str, Any]) -> None:
+        """Graces and promises a clock step moved, with the clock anchor they were moved by,
+        in one commit (``Engine.now``)."""
+        self.save_subscribers(inputs, ids)
+        self.set_meta("clock_anchor", anchor)
+
     # -- billing order ------------------------------------------------------------------------
     @_reads
     def billing_order(self) -> list[tuple[str, str, float]]:

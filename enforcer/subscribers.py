@@ -108,6 +108,11 @@ def _network(text: str) -> Network:
         return ipaddress.ip_network(text, strict=True)  # let ipaddress word the error
 
 
+#: The public name of ``_network`` for the other modules that turn text into networks in bulk
+#: (restored sessions, changed kernel keys).
+parse_network = _network
+
+
 def id_problem(ident: Any) -> str | None:
     """Why ``ident`` is not a subscriber id, or None."""
     if not isinstance(ident, (str, int)) or isinstance(ident, bool) or not _ID.fullmatch(str(ident)):

@@ -46,7 +46,7 @@ class Timers:
         if engine.inputs.rules.escalation:
             check = self._escalated + ESCALATION_SECONDS
             due = min(due, check) if due else check
-        if engine.reconciler.needs_full:
+        if engine.reconciler.needs_full or engine.clock_unsaved:   # a repair, or moved graces to save
             return RESYNC_SECONDS
         wait = min(due - now if due else PRUNE_SECONDS, PRUNE_SECONDS)
         if engine.conflicts:

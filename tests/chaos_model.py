@@ -122,11 +122,12 @@ class NoConntrack:
 @dataclass
 class Clocks:
     """True time (as lived), the gateway's wall clock (true + steps) and its monotonic clock
-    (reset by a reboot)."""
+    (reset by a reboot, which also gives a new boot id)."""
 
     true: float = START
     offset: float = 0.0
     mono: float = 1000.0
+    boot: int = 0
 
     @property
     def wall(self) -> float:
@@ -277,7 +278,8 @@ class ChaosMachine(RuleBasedStateMachine):
 
     def start(self) -> None:
         self.enforcer = Enforcer(self.config, dataplane=self.dataplane, conntrack=NoConntrack(),  # type: ignore[arg-type]
-                                 clock=lambda: self.clocks.wall, monotonic=lambda: self.clocks.mono)
+                                 clock=lambda: self.clocks.wall, monotonic=lambda: self.clocks.mono,
+                                 boot=f"chaos-boot-{self.clocks.boot}")
 
         async def restore() -> None:
             for _ in range(5):   # the service retries a failed restore every 2 s
@@ -547,6 +549,7 @@ class ChaosMachine(RuleBasedStateMachine):
         if how == "reboot":
             self.dataplane = self.backend.make()
             self.clocks.mono = 10.0
+            self.clocks.boot += 1
         self.start()
 
     @rule(kind=st.sampled_from((PAYMENT, RESTRICTED, RELEASED)), sid=st.sampled_from(SIDS),

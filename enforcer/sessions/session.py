@@ -8,7 +8,7 @@ from typing import Any
 
 from ..match import ID_KEY, Match, Pair
 from ..model import Network
-from ..subscribers import _network
+from ..subscribers import parse_network
 
 #: A session's identity: (source name, key within the source).
 SessionId = tuple[str, str]
@@ -75,6 +75,6 @@ class Session:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Session:
         return cls(str(data["source"]), str(data["key"]), Match.from_json(data.get("match") or {}),
-                   tuple(_network(str(a)) for a in data["addresses"]), str(data.get("subscriber", "")),
+                   tuple(parse_network(str(a)) for a in data["addresses"]), str(data.get("subscriber", "")),
                    float(data["expires"]) if data.get("expires") is not None else None,
                    float(data.get("seen", 0.0)), str(data.get("detail", "")))

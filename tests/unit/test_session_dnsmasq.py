@@ -11,6 +11,7 @@ import pytest
 from enforcer.match import Match
 from enforcer.sessions.dnsmasq import parse_leases
 from enforcer.sessions.lease_file import Reading
+from enforcer.sessions.session import Session
 
 NOW = 1796092000.0
 REAL = (Path(__file__).parent / "data" / "leases" / "dnsmasq.leases").read_text()
@@ -59,3 +60,14 @@ def test_a_malformed_line_is_reported_with_file_and_line_and_makes_the_set_incom
     assert set(found) == {"192.0.2.9"} and not reading.complete
     [(kind, detail, _)] = reading.problems
     assert kind == "malformed" and detail.startswith("/var/lib/misc/dnsmasq.leases:2: ") and why in detail
+
+
+def test_a_line_read_before_is_not_parsed_again_but_still_expires() -> None:
+    line = "1796095675 02:00:00:00:10:01 100.64.0.9 pc1 *"
+    lines: dict[str, Session] = {}
+    first = parse_leases(line + "\n", "dnsmasq", "f", 1_796_000_000, {}, lines)
+    [session] = first.sessions
+    again = parse_leases(line + "\n", "dnsmasq", "f", 1_796_000_000, lines, {})
+    assert again.sessions[0] is session, "the same line: the same session, not parsed again"
+    late = parse_leases(line + "\n", "dnsmasq", "f", 1_796_095_675, lines, {})
+    assert late.sessions == [] and late.skipped == {"expired": 1}
