@@ -31,7 +31,7 @@ from .receipt_clock import boot_id
 from .references import References
 from .session_intake import SessionIntake
 from .sessions.configured import build_sources
-from .store import Store, StoreError
+from .store import Checkpoints, Store, StoreError
 from .table_health import TableHealth
 from .timers import Timers
 
@@ -61,6 +61,7 @@ class Enforcer:
         self.portal = PortalActions(engine, self.references, metrics)
         self.queries = Queries(engine, self.references)
         self.health = TableHealth(engine)
+        engine.duties.append(Checkpoints(engine.store))
         self.sessions = SessionIntake(engine, metrics, build_sources(config.subscribers.sessions))
         self.events.sessions = self.sessions
         watch(metrics, engine)

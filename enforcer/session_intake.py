@@ -32,6 +32,7 @@ from .dataplane.backend import DataplaneError
 from .enforced import held
 from .engine import Engine
 from .events import SESSION_STARTED, Event
+from .flushing import CoalescingFlush
 from .metrics import Metrics
 from .model import Network
 from .outcome import Outcome, Refusal, Refused, Result
@@ -93,6 +94,7 @@ class SessionIntake:
     def __init__(self, engine: Engine, metrics: Metrics, sources: Sequence[SessionSource] = ()) -> None:
         self.engine, self.metrics, self.sources = engine, metrics, list(sources)
         self.batcher: Batcher[Request] = Batcher(self._commit_batch)
+        self.flushes = CoalescingFlush(engine.flusher)
         self.state: dict[str, SourceState] = {}
         engine.duties.append(self)
         engine.reports["sessions"] = self.status
@@ -196,6 +198,7 @@ class SessionIntake:
                 self._put_back(undo)
                 self._fail(batch, f"the kernel change failed: {exc}")
                 return
+            in_kernel = engine.clock()   # what the lag measures (counted once it is saved too)
             writes.append(EnforcedWrite(audit=self._moves(held_before, touched, now)))
             saved = [s for i in before if (s := book.sessions.get(i)) is not None]
             gone = [i for i in before if i not in book.sessions]
@@ -216,13 +219,15 @@ class SessionIntake:
             engine.changed.set()
             if len(change.started) >= FREEZE_AFTER:
                 gc.freeze()   # a lease file's worth of sessions lives on: see Engine.sync_all
-            committed = engine.clock()   # in the kernel and saved: what the lag measures
             self._counted(change)
+            lags: dict[str, Any] = {}
             for request in batch:
                 state = self.state.setdefault(request.source, SourceState())
                 state.changes += len(request.started) + len(request.stopped)
-                state.last_change, state.last_lag = committed, max(committed - request.observed, 0.0)
-                self.metrics.session_lag.labels(request.source).observe(state.last_lag)
+                state.last_change, state.last_lag = in_kernel, max(in_kernel - request.observed, 0.0)
+                lag = lags.get(request.source) or lags.setdefault(request.source,
+                                                                  self.metrics.session_lag.labels(request.source))
+                lag.observe(state.last_lag)
         # The next batch may start meanwhile (its own flush follows this one's): the flush
         # only removes stale connections of addresses whose state already changed.
         engine.spawn(self._finish(batch, result.changed, cause), "answers")
@@ -230,7 +235,7 @@ class SessionIntake:
     async def _finish(self, batch: list[Request], changed: list[Network], cause: str) -> None:
         """After the commit: flush the changed addresses' connections, then answer."""
         try:
-            await self.engine.flusher.flush(changed, cause)
+            await self.flushes.flush(changed, cause)
         finally:
             for request in batch:
                 if not request.done.done():
@@ -337,11 +342,11 @@ class SessionIntake:
         counts = self.engine.inputs.sessions.counts()
         for source in {*counts, *self.state, *(s.name for s in self.sources)}:
             self.metrics.sessions.labels(source).set(counts.get(source, 0))
-        if change is not None:
-            for session in change.started:
-                self.metrics.session_changes.labels(session.source, "started").inc()
-            for session in change.stopped:
-                self.metrics.session_changes.labels(session.source, "stopped").inc()
+        if change is not None:   # one increment per source and kind, not per session
+            counted = Counter((s.source, "started") for s in change.started)
+            counted.update((s.source, "stopped") for s in change.stopped)
+            for (source, kind), n in counted.items():
+                self.metrics.session_changes.labels(source, kind).inc(n)
 
     # -- leases that run out (a timer duty) -------------------------------------------------------
     def due(self) -> float | None:

@@ -201,6 +201,17 @@ async def start(work: str) -> Enforcer:
     drop_table()
     enforcer = Enforcer(parse_config(config_text(work)), dataplane=KernelDataplane(TABLE, Nftables()))
     await enforcer.engine.restore()
+    # The timer loop runs as in the daemon (``Service``): its duties include the state
+    # database's checkpoints, which otherwise land inside a commit (a 200 ms stall).
+    stop = asyncio.Event()
+    timers = asyncio.create_task(enforcer.timers.run(stop))
+    close = enforcer.close
+
+    async def closing() -> None:
+        stop.set()
+        await timers
+        await close()
+    enforcer.close = closing  # type: ignore[method-assign]
     return enforcer
 
 
