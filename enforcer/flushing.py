@@ -84,7 +84,10 @@ class CoalescingFlush:
                 try:
                     self.passes += 1
                     await self.flusher.flush(networks, ", ".join(sorted(causes)))
-                finally:   # a flush failure is the flusher's to report; nobody is left waiting
+                except Exception as exc:   # a bug below the flusher: reported, and the passes go on
+                    self.flusher.metrics.task_failures.labels("flush").inc()
+                    log.error("event=task_failed task=flush error=%r", str(exc), exc_info=exc)
+                finally:   # nobody is left waiting, whatever the pass did
                     for done in waiting:
                         if not done.done():
                             done.set_result(None)

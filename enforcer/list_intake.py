@@ -50,6 +50,7 @@ class ListIntake:
         self.held: HeldChange | None = None
         self.unsaved: ListUpdate | None = None   # a list whose saving failed, retried by the timer
         self.unsaved_approval = ""
+        self.session_owners: set[str] = set()   # owners of sessions the last list moved (``_save``)
         meta = engine.store.get_meta("list")
         self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
@@ -90,7 +91,7 @@ class ListIntake:
             if changed is None:
                 return
             try:
-                await self._apply(changed, update.origin)
+                await self._apply(changed | self.session_owners, update.origin)
             except DataplaneError:
                 engine.changed.set()  # the repair loop retries
 
@@ -98,8 +99,13 @@ class ListIntake:
         """Put the list in the inputs and save it; None (inputs as they were) when it cannot be saved."""
         inputs, clock = self.engine.inputs, self.engine.clock
         old, since = inputs.listed, dict(inputs.listed_since)
-        saved = [inputs.snapshot(sid) for sid in policy.list_changes(old, new)]
+        changes = policy.list_changes(old, new)
+        saved = [inputs.snapshot(sid) for sid in changes]
+        owners = policy.session_owners(inputs, changes, old)   # whose sessions these entries' keys match now
         changed = policy.apply_list(inputs, new, clock())
+        # A match key moving between entries moves sessions between subscribers whose own
+        # entries did not change: they are decided again too (not superseded: not ``changed``).
+        self.session_owners = (owners | policy.session_owners(inputs, changes, old)) - changed
         meta = {"origin": update.origin, "loaded_at": clock(), "entries": len(new), "fingerprint": update.fingerprint}
         try:
             await asyncio.to_thread(self.engine.store.save_list, old, new, meta, inputs.listed_since, changed)

@@ -375,6 +375,17 @@ class PolicyInputs:
         return self._list_exempt[1]
 
 
+def session_owners(inputs: PolicyInputs, sids: Iterable[str], also: Mapping[str, Subscriber]) -> set[str]:
+    """Who owns the sessions that carry a match key of these subscribers' entries, in
+    ``inputs.listed`` or in ``also`` (the list before a change), under the list in force."""
+    if not inputs.sessions:
+        return set()
+    pairs = {pair for sid in sids for entries in (inputs.listed, also)
+             if (entry := entries.get(sid)) is not None for pair in entry.match.pairs()}
+    pairs.update((ID_KEY, sid) for sid in sids)
+    return {owner for s in inputs.sessions.matching(pairs) if (owner := inputs.session_owner(s)) is not None}
+
+
 def list_changes(old: Mapping[str, Subscriber], new: Mapping[str, Subscriber]) -> set[str]:
     """Ids whose entry the new list adds, removes or alters."""
     changed = {sid for sid in old.keys() ^ new.keys()}

@@ -63,6 +63,10 @@ class ReceiptClock:
         """(wall, monotonic) of the last check: saved with the state, for ``resume``."""
         return self._anchor
 
+    def stepped_back(self) -> float:
+        """How far the wall clock is behind the newest receipt instant (for status and logs)."""
+        return max(self.last - self.clock(), 0.0)
+
 
 def boot_id() -> str:
     """This boot's id (the monotonic clock is comparable only within one boot), or ''."""
@@ -71,7 +75,3 @@ def boot_id() -> str:
             return handle.read().strip()
     except OSError:
         return ""
-
-    def stepped_back(self) -> float:
-        """How far the wall clock is behind the newest receipt instant (for status and logs)."""
-        return max(self.last - self.clock(), 0.0)

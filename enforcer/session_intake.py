@@ -50,6 +50,8 @@ ORDER_PREFIX, ORDER_STREAM = "session:", "session"
 #: A batch that starts this many sessions (a lease file read at start) is moved out of the
 #: collector's sight afterwards, as the list is (``Engine.sync_all``).
 FREEZE_AFTER = 10_000
+#: Seconds the expiry duty waits after a commit that failed (the store may be full).
+EXPIRY_RETRY_SECONDS = 2.0
 #: Problems logged per source and kind before they are only counted (a broken file repeats).
 LOGGED_PROBLEMS = 20
 
@@ -66,6 +68,7 @@ class Request:
     observed: float
     done: asyncio.Future[None]
     stop_matching: Sequence[Session] = ()   # session events: stop this source's sessions of these keys
+    expiring: bool = False                  # the expiry duty: stop only what is still expired
     event: Event | None = None              # a webhook's session event: ordered by its timestamp
     kind: str = ""                          # session.started/stopped (events and the CLI): answered
     answer: dict[str, Any] = field(default_factory=dict)   # its answer, saved with the change
@@ -95,6 +98,7 @@ class SessionIntake:
         self.engine, self.metrics, self.sources = engine, metrics, list(sources)
         self.batcher: Batcher[Request] = Batcher(self._commit_batch)
         self.flushes = CoalescingFlush(engine.flusher)
+        self._retry_at = 0.0   # the expiry duty waits until then after a failed commit
         self.state: dict[str, SourceState] = {}
         engine.duties.append(self)
         engine.reports["sessions"] = self.status
@@ -196,6 +200,7 @@ class SessionIntake:
                 result = await engine.apply_resolving(decisions, cause, cause, deferred=writes)
             except DataplaneError as exc:
                 self._put_back(undo)
+                await self._reapply(touched, now)   # some subscribers may have been applied one by one
                 self._fail(batch, f"the kernel change failed: {exc}")
                 return
             in_kernel = engine.clock()   # what the lag measures (counted once it is saved too)
@@ -209,11 +214,7 @@ class SessionIntake:
             except (StoreError, sqlite3.Error) as exc:   # not durable, so not done: back as it was
                 log.error("event=sessions_not_saved changes=%d error=%r (kernel change undone)", len(before), str(exc))
                 self._put_back(undo)
-                try:   # the book as it was gives the decisions as they were
-                    await engine.apply_resolving(engine.decide(touched, now), "undo", deferred=[])
-                except DataplaneError:
-                    engine.reconciler.needs_full = True
-                    engine.changed.set()
+                await self._reapply(touched, now)
                 self._fail(batch, f"the session state could not be saved: {exc}")
                 return
             engine.changed.set()
@@ -250,6 +251,9 @@ class SessionIntake:
         stamp = self.engine.receipts.stamp()
         started = [s.stamped(stamp) for s in live if book.sessions.get(s.id) != s]
         stopped: list[SessionId] = [(request.source, key) for key in request.stopped]
+        if request.expiring:   # a renewal committed since the duty looked keeps its session
+            stopped = [i for i in stopped if (s := book.sessions.get(i)) is not None
+                       and s.expires is not None and s.expires <= now]
         for pattern in request.stop_matching:
             stopped += [s.id for s in book.matching(pattern.pairs()) if s.source == request.source]
         if request.replace and request.complete:
@@ -325,6 +329,16 @@ class SessionIntake:
             rows.append((now, sid, mode, mode, f"session addresses {change}; now: {decision.cause}"))
         return rows
 
+    async def _reapply(self, touched: set[str], now: float) -> None:
+        """After ``_put_back``: the kernel as the book was (the decisions as they were); if the
+        kernel refuses, the timer's repair does a full sync."""
+        engine = self.engine
+        try:
+            await engine.apply_resolving(engine.decide(touched, now), "undo", deferred=[])
+        except DataplaneError:
+            engine.reconciler.needs_full = True
+            engine.changed.set()
+
     def _put_back(self, undo: Undo) -> None:
         book = self.engine.inputs.sessions
         book.stop([i for i in undo.sessions if i in book.sessions])
@@ -351,7 +365,9 @@ class SessionIntake:
     # -- leases that run out (a timer duty) -------------------------------------------------------
     def due(self) -> float | None:
         expiry = self.engine.inputs.sessions.next_expiry()
-        return None if expiry is None else max(expiry - self.engine.clock(), 0.0)
+        if expiry is None:
+            return None
+        return max(expiry - self.engine.clock(), self._retry_at - self.engine.clock(), 0.0)
 
     async def run(self) -> None:
         book = self.engine.inputs.sessions
@@ -362,10 +378,12 @@ class SessionIntake:
             by_source.setdefault(session.source, []).append(session.key)
         for source, keys in by_source.items():
             log.info("event=sessions_expired source=%s count=%d", source, len(keys))
+            request = Request(source, (), keys, False, True, now, asyncio.get_running_loop().create_future(),
+                              expiring=True)
             try:
-                await self.update(source, stopped=keys)
-            except SessionChangeFailed:
-                pass   # reported; the timer tries again
+                await self._submit(request)
+            except SessionChangeFailed:   # reported; tried again after a pause, not in a loop
+                self._retry_at = self.engine.clock() + EXPIRY_RETRY_SECONDS
 
     # -- what people read ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

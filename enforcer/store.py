@@ -460,13 +460,20 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM quarantined_rows").fetchone()[0])
 
     def close(self) -> None:
-        """Close every thread's connection; call it when no store call is running. Later
-        calls fail (``StoreError``), as on a closed connection."""
-        with self._connections_lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for _, db in connections:
-            db.close()
+        """Close every thread's connection. A write transaction still running on a worker
+        thread (a shutdown, a crash test) is waited for, at most ``BUSY_TIMEOUT``: closing a
+        connection under an open transaction crashes the interpreter (seen in the chaos
+        test). Later calls fail (``StoreError``), as on a closed connection."""
+        idle = self._write_lock.acquire(timeout=BUSY_TIMEOUT)
+        try:
+            with self._connections_lock:
+                self._closed = True
+                connections, self._connections = self._connections, []
+            for _, db in connections:
+                db.close()
+        finally:
+            if idle:
+                self._write_lock.release()
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log back into the database without waiting for (or blocking)

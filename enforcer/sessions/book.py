@@ -129,7 +129,7 @@ class SessionBook:
             previous = self._owner.get(network)
             if previous is not None and previous != session.id:
                 older = self.sessions[previous]
-                if older.seen > session.seen:
+                if (older.seen, older.id) > (session.seen, session.id):   # as ``_remove`` picks an heir
                     continue
                 change.touched.update(older.pairs())   # it loses the address
             self._owner[network] = session.id

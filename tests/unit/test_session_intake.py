@@ -6,6 +6,7 @@ session intake, the policy, the engine's diff, the store (a restart reads the se
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from pathlib import Path
@@ -239,3 +240,29 @@ async def test_a_late_retry_of_an_older_session_event_changes_nothing(daemon: An
     assert [s.match.mac for s in e.engine.inputs.sessions.sessions.values()] == [MAC_2]
     # The order survives a restart (billing_order is saved with the change).
     assert ("session:100.64.0.50", "session", NOW + 10) in e.engine.store.billing_order()
+
+
+async def test_a_list_moving_a_match_key_moves_the_session_and_frees_the_old_owner(daemon: Any) -> None:
+    """C-1 is walled on a session carrying both a username and C-1's MAC; the list then gives
+    the username to C-2, who has paid: the session is C-2's (the more specific key), so its
+    address is free, though C-1's own entry did not change."""
+    e, fake, _ = daemon
+    await e.sessions.update("radius", [Session("radius", "nas/1", Match(username="u@isp", mac=MAC_1),
+                                               (parse_address("100.64.0.60"),))])
+    assert walled(fake) == {"100.64.0.60"}
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1)),
+                                      Subscriber("C-2", (), reason="overdue", match=Match(username="u@isp"),
+                                                 exempt_until=NOW + 86400, exempt_category="arrangement")],
+                                     "l", "2"))
+    assert walled(fake) == set(), "the address is the exempt C-2's now"
+
+
+async def test_the_expiry_duty_does_not_end_a_renewal_committed_since(daemon: Any) -> None:
+    e, fake, clock = daemon
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1, expires=NOW + 60)])
+    clock.now += 61
+    renewal = asyncio.ensure_future(e.sessions.replace("dnsmasq", [_lease("100.64.0.5", MAC_1, expires=NOW + 600)]))
+    await asyncio.sleep(0)   # queued before the duty's stop
+    await e.sessions.run()
+    await renewal
+    assert walled(fake) == {"100.64.0.5"} and len(e.engine.inputs.sessions) == 1
