@@ -8,7 +8,6 @@ connections time out on their own.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Protocol
@@ -49,47 +48,3 @@ class Flusher:
         log.info("event=conntrack_flushed cause=%s networks=%d entries=%d", why, len(networks), deleted)
         return deleted
 
-
-class CoalescingFlush:
-    """One flush at a time; addresses arriving meanwhile are flushed together by the next.
-
-    A conntrack pass costs about the same for one address or a hundred (a table dump, or one
-    kernel-filtered dump per address at most), so under a stream of small commits (session
-    changes at 1,000/s) a flush per commit would spend more than the commits. Each caller
-    still returns only once a flush that covers its addresses has run.
-    """
-
-    def __init__(self, flusher: Flusher) -> None:
-        self.flusher = flusher
-        self.passes = 0
-        self._pending: set[Network] = set()
-        self._causes: set[str] = set()
-        self._waiting: list[asyncio.Future[None]] = []
-        self._running: asyncio.Future[None] | None = None
-
-    async def flush(self, networks: Iterable[Network], why: str) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.update(networks)
-        self._causes.add(why)
-        self._waiting.append(done)
-        if self._running is None:
-            self._running = asyncio.ensure_future(self._run())
-        await done
-
-    async def _run(self) -> None:
-        try:
-            while self._waiting:
-                networks, causes, waiting = self._pending, self._causes, self._waiting
-                self._pending, self._causes, self._waiting = set(), set(), []
-                try:
-                    self.passes += 1
-                    await self.flusher.flush(networks, ", ".join(sorted(causes)))
-                except Exception as exc:   # a bug below the flusher: reported, and the passes go on
-                    self.flusher.metrics.task_failures.labels("flush").inc()
-                    log.error("event=task_failed task=flush error=%r", str(exc), exc_info=exc)
-                finally:   # nobody is left waiting, whatever the pass did
-                    for done in waiting:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._running = None

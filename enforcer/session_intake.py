@@ -32,7 +32,6 @@ from .dataplane.backend import DataplaneError
 from .enforced import held
 from .engine import Engine
 from .events import SESSION_STARTED, Event
-from .flushing import CoalescingFlush
 from .metrics import Metrics
 from .model import Network
 from .outcome import Outcome, Refusal, Refused, Result
@@ -97,7 +96,6 @@ class SessionIntake:
     def __init__(self, engine: Engine, metrics: Metrics, sources: Sequence[SessionSource] = ()) -> None:
         self.engine, self.metrics, self.sources = engine, metrics, list(sources)
         self.batcher: Batcher[Request] = Batcher(self._commit_batch)
-        self.flushes = CoalescingFlush(engine.flusher)
         self._retry_at = 0.0   # the expiry duty waits until then after a failed commit
         self.state: dict[str, SourceState] = {}
         engine.duties.append(self)
@@ -236,7 +234,7 @@ class SessionIntake:
     async def _finish(self, batch: list[Request], changed: list[Network], cause: str) -> None:
         """After the commit: flush the changed addresses' connections, then answer."""
         try:
-            await self.flushes.flush(changed, cause)
+            await self.engine.flusher.flush(changed, cause)   # conntrack merges passes 50 ms apart
         finally:
             for request in batch:
                 if not request.done.done():
