@@ -396,11 +396,3 @@ class SessionIntake:
                          "last_change": state.last_change, "last_lag_seconds": state.last_lag,
                          "problems": dict(state.problems), "last_problem": state.last_problem}
         return out
-
-    def explain(self, subscriber_id: str) -> list[dict[str, Any]]:
-        """The sessions that give this subscriber addresses, and which addresses each holds."""
-        book = self.engine.inputs.sessions
-        return [{"source": s.source, "key": s.key, "match": s.match.to_json(), "subscriber": s.subscriber or None,
-                 "addresses": [str(a) for a in s.addresses], "holds": [str(a) for a in book.held(s)],
-                 "expires": s.expires, "seen": s.seen, "detail": s.detail}
-                for s in self.engine.inputs.sessions_of(subscriber_id)]
