@@ -38,9 +38,11 @@ def _object(data: Any, what: str) -> dict[str, Any]:
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
                  payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None,
-                 interfaces: list[str] | None = None, sessions: list[dict[str, Any]] | None = None) -> None:
+                 interfaces: list[str] | None = None, sessions: list[dict[str, Any]] | None = None,
+                 garden: dict[str, Any] | None = None) -> None:
         """``interfaces`` are subscriber interfaces besides the topology's own (e.g. a DHCP
-        segment's bridge); ``sessions`` becomes ``subscribers.sessions`` (e.g. a lease file)."""
+        segment's bridge); ``sessions`` becomes ``subscribers.sessions`` (e.g. a lease file);
+        ``garden`` keys replace or add ``walled_garden`` keys (e.g. ``dns: gateway``)."""
         self.topo = topo
         self.work = Path(workdir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ class Lab:
             "gateway": {"subscriber_interfaces": [*topo.subscriber_interfaces, *(interfaces or [])],
                         "table": self.table},
             "walled_garden": {"allow": allow if allow is not None else ["203.0.113.0/24", "2001:db8:203::/64"],
-                              "dns": "any"},
+                              "dns": "any", **(garden or {})},
             "portal": {"listen": f"0.0.0.0:{PORTAL_PORT}", "url": self.portal_url,
                        "provider": {"name": "Example Regional ISP", "phone": "+420 800 123 456",
                                     "email": "billing@isp.example", "website": "http://203.0.113.10/",
