@@ -8,6 +8,8 @@ only to check it.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from enforcer.config import Config
 
 from . import branding, page, reachability
@@ -26,4 +28,21 @@ def validate(config: Config) -> list[str]:
     if not problems:
         problems += page.size_problems(config)
     problems += reachability.problems(config)
+    problems += payment_link_problems(config)
     return problems
+
+
+def payment_link_problems(config: Config) -> list[str]:
+    """A payment link a restricted customer cannot open: its host is not in ``walled_garden.allow``
+    (an allowed name, a name under an allowed ``*.domain``, an address in an allowed CIDR) and is
+    not the portal itself. The customer would get a connection reset on the page meant to let
+    them pay."""
+    portal_host = (urlsplit(config.portal.url).hostname or "").lower().rstrip(".")
+    found = []
+    for i, link in enumerate(config.portal.payment_links):
+        host = (urlsplit(link.url).hostname or "").lower().rstrip(".")
+        if host and host != portal_host and not config.walled_garden.covers_host(host):
+            found.append(f"portal.payment_links[{i}].url: {host} is not in walled_garden.allow, so a restricted "
+                         f"customer following {link.url} gets a connection reset; add {host} to "
+                         "walled_garden.allow (or a *.domain above it with dns: gateway, or its addresses)")
+    return found

@@ -11,8 +11,11 @@ from .dataplane.layout import Layout
 
 
 def base_layout(config: Config) -> Layout:
+    forwarder = config.walled_garden.forwarder
     return Layout(table=config.gateway.table, interfaces=config.gateway.subscriber_interfaces,
                   allow=config.walled_garden.allow_networks, dns=config.walled_garden.dns,
                   portal_port=config.portal.listen.port, throttle_rate=config.policy.throttle_rate,
                   throttle_burst=config.policy.throttle_burst,
-                  portal_tls_port=config.portal.tls.listen.port if config.portal.tls else None)
+                  portal_tls_port=config.portal.tls.listen.port if config.portal.tls else None,
+                  dns_port=forwarder.port if forwarder else None, ntp=config.walled_garden.ntp,
+                  dns_garden_size=forwarder.max_addresses if forwarder else 65536)

@@ -22,6 +22,7 @@ from .schema import (
                      ApiConfig,
                      Branding,
                      Config,
+                     DnsForwarderConfig,
                      GardenConfig,
                      GatewayConfig,
                      Listen,
@@ -37,7 +38,8 @@ from .units import MIN_THROTTLE_RATE, parse_duration, parse_listen, parse_rate, 
 
 __all__ = [
     "DEFAULT_PATH", "DEFAULT_THROTTLE_RATE", "LANGUAGES", "MAX_LOGO_BYTES", "MIN_DEFAULT_THROTTLE_BURST",
-    "MIN_THROTTLE_RATE", "ApiConfig", "Branding", "Config", "ConfigError", "ConfigIssue", "GardenConfig",
+    "MIN_THROTTLE_RATE", "ApiConfig", "Branding", "Config", "ConfigError", "ConfigIssue",
+    "DnsForwarderConfig", "GardenConfig",
     "GatewayConfig", "Guard", "Listen", "MetricsConfig", "Network", "PaymentLink", "PolicyConfig", "PortalConfig",
     "PortalTls", "Provider", "Reading", "SubscribersConfig", "default_config_path", "default_throttle_burst",
     "load_config", "parse_config", "parse_duration", "parse_listen", "parse_rate", "parse_size", "read_config",

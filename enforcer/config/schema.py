@@ -76,10 +76,44 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class DnsForwarderConfig:
+    """``walled_garden.dns_forwarder``: the forwarder ``dns: gateway`` runs (docs/reference.md,
+    "DNS-driven walled garden")."""
+
+    port: int = 5300                 # local port the redirected DNS lands on (UDP and TCP)
+    query_rate: float = 20.0         # per subscriber address, queries/s
+    query_burst: int = 200           # queries a subscriber may send at once
+    upstream_timeout: float = 2.0    # seconds per resolver before the next one is asked
+    ttl_margin: int = 120            # seconds a learnt address stays beyond its TTL
+    max_ttl: int = 86400             # longer TTLs are cut to this
+    max_addresses: int = 65536       # per family: the learnt-address sets' size cap
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
 class GardenConfig:
     allow_networks: tuple[Network, ...] = ()
     allow_hosts: tuple[str, ...] = ()
-    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None  # None = any
+    #: ``dns: any`` is None; a list of resolvers is that list; ``dns: gateway`` is () (no resolver
+    #: is reached directly: every query is redirected to the forwarder, ``forwarder``).
+    dns: tuple[Address, ...] | None = None
+    allow_domains: tuple[str, ...] = ()       # "*.psp.example" as "psp.example" (dns: gateway only)
+    resolvers: tuple[Address, ...] = ()       # the forwarder's upstreams (dns: gateway only)
+    ntp: tuple[Address, ...] | None = None    # NTP servers reachable while restricted; None = any
+    forwarder: DnsForwarderConfig | None = None   # set exactly when dns: gateway
+
+    def covers_host(self, host: str) -> bool:
+        """Whether a restricted subscriber may reach ``host`` (a name or an address literal):
+        an allowed name, a name under an allowed ``*.`` domain, or an address in an allowed CIDR."""
+        host = host.lower().rstrip(".")
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return (host in (h.lower() for h in self.allow_hosts)
+                    or any(host.endswith("." + domain) for domain in self.allow_domains))
+        return any(address in network for network in self.allow_networks)
 
 
 @dataclass(frozen=True)

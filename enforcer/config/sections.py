@@ -24,8 +24,10 @@ from .keys import KeyReader
 from .schema import (
     LANGUAGES,
     SESSION_KINDS,
+    Address,
     ApiConfig,
     Branding,
+    DnsForwarderConfig,
     GardenConfig,
     GatewayConfig,
     Listen,
@@ -171,14 +173,20 @@ def _subscriber_prefixes(r: KeyReader, raw: dict[str, Any]) -> tuple[Network, ..
 
 
 def walled_garden(r: KeyReader, top: dict[str, Any]) -> GardenConfig:
-    """``walled_garden``: what a walled-in subscriber may still reach, and which resolvers."""
-    raw = r.section(top.get("walled_garden"), ("walled_garden",), {"allow", "dns"})
+    """``walled_garden``: what a walled-in subscriber may still reach, how its DNS is handled
+    (``dns: any``, a list of resolvers, or ``gateway``: the forwarder), and its NTP servers."""
+    path = ("walled_garden",)
+    raw = r.section(top.get("walled_garden"), path,
+                    {"allow", "dns", "resolvers", "ntp", "dns_forwarder"})
     networks: list[Network] = []
     hosts: list[str] = []
+    domains: list[str] = []
     allow = raw.get("allow", [])
     if not isinstance(allow, list):
-        r.fail(("walled_garden", "allow"), "expected a list of CIDRs or hostnames")
+        r.fail(path + ("allow",), "expected a list of CIDRs, hostnames or *.domains")
         allow = []
+    dns_raw = raw.get("dns", "any")
+    gateway = dns_raw == "gateway"
     for i, item in enumerate(allow):
         text = str(item)
         try:
@@ -186,23 +194,85 @@ def walled_garden(r: KeyReader, top: dict[str, Any]) -> GardenConfig:
             continue
         except ValueError:
             pass
-        if isinstance(item, str) and values.HOSTNAME.match(text) and not text.replace(".", "").isdigit():
-            hosts.append(text.rstrip("."))
+        domain = text[2:] if isinstance(item, str) and text.startswith("*.") else None
+        name = domain if domain is not None else text
+        if not (isinstance(item, str) and values.HOSTNAME.match(name) and not name.replace(".", "").isdigit()):
+            r.fail(path + ("allow", i), f"{text!r} is neither a CIDR, a hostname nor a *.domain")
+        elif domain is None:
+            hosts.append(text.rstrip(".").lower())
+        elif domain.rstrip(".").count(".") < 1:
+            r.fail(path + ("allow", i), f"{text!r} would allow a whole top-level domain; name the provider's "
+                                        "own domain (*.psp.example)")
+        elif not gateway:
+            r.fail(path + ("allow", i), f"{text!r}: a *.domain needs dns: gateway (names under it are only "
+                                        "known from the answers the gateway's forwarder sees)")
         else:
-            r.fail(("walled_garden", "allow", i), f"{text!r} is neither a CIDR nor a hostname")
-    dns_raw = raw.get("dns", "any")
-    dns: list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
-    if dns_raw != "any":
+            domains.append(domain.rstrip(".").lower())
+    dns: list[Address] | None = None
+    if gateway:
+        dns = []
+    elif dns_raw != "any":
         dns = []
         if not isinstance(dns_raw, list):
-            r.fail(("walled_garden", "dns"), "expected 'any' or a list of resolver addresses")
+            r.fail(path + ("dns",), "expected 'any', 'gateway' or a list of resolver addresses")
         else:
             for i, item in enumerate(dns_raw):
                 try:
                     dns.append(ipaddress.ip_address(str(item)))
                 except ValueError:
-                    r.fail(("walled_garden", "dns", i), f"{item!r} is not an IP address")
-    return GardenConfig(tuple(networks), tuple(hosts), None if dns is None else tuple(dns))
+                    r.fail(path + ("dns", i), f"{item!r} is not an IP address")
+    resolvers = _addresses(r, raw, path + ("resolvers",))
+    if gateway and not resolvers:
+        r.fail(path + ("resolvers",), "required with dns: gateway: the resolvers the forwarder asks "
+                                      "(e.g. [198.51.100.53])")
+    elif not gateway and "resolvers" in raw:
+        r.fail(path + ("resolvers",), "only used with dns: gateway (with a list, dns itself names the resolvers)")
+    ntp = _addresses(r, raw, path + ("ntp",)) if "ntp" in raw else ([] if gateway else None)
+    forwarder = None
+    if gateway:
+        forwarder = _dns_forwarder(r, raw.get("dns_forwarder"), path + ("dns_forwarder",))
+    elif "dns_forwarder" in raw:
+        r.fail(path + ("dns_forwarder",), "only used with dns: gateway")
+    return GardenConfig(tuple(networks), tuple(dict.fromkeys(hosts)), None if dns is None else tuple(dns),
+                        allow_domains=tuple(dict.fromkeys(domains)), resolvers=tuple(resolvers),
+                        ntp=None if ntp is None else tuple(ntp), forwarder=forwarder)
+
+
+def _addresses(r: KeyReader, raw: dict[str, Any], path: tuple[str, ...]) -> list[Address]:
+    """A list of IP addresses (``resolvers``, ``ntp``); each bad item named by its index."""
+    items = raw.get(path[-1], [])
+    if not isinstance(items, list):
+        r.fail(path, "expected a list of IP addresses")
+        return []
+    out: list[Address] = []
+    for i, item in enumerate(items):
+        try:
+            address = ipaddress.ip_address(str(item))
+        except ValueError:
+            r.fail(path + (i,), f"{item!r} is not an IP address")
+            continue
+        if address.is_unspecified or address.is_multicast:
+            r.fail(path + (i,), f"{address} is not an address a server can have")
+        elif address not in out:
+            out.append(address)
+    return out
+
+
+def _dns_forwarder(r: KeyReader, value: Any, path: tuple[str, ...]) -> DnsForwarderConfig:
+    raw = r.section(value, path, set(DnsForwarderConfig.__dataclass_fields__))
+    d = DnsForwarderConfig()
+    port = r.get(raw, path + ("port",), values.port, d.port)
+    if port == 53:
+        r.fail(path + ("port",), "53 is where the subscribers' queries are redirected from; "
+                                 "pick a free local port (default 5300)")
+    return DnsForwarderConfig(
+        port=port,
+        query_rate=r.get(raw, path + ("query_rate",), values.positive_number, d.query_rate),
+        query_burst=r.get(raw, path + ("query_burst",), values.positive_int, d.query_burst),
+        upstream_timeout=r.get(raw, path + ("upstream_timeout",), positive_duration, d.upstream_timeout),
+        ttl_margin=int(r.get(raw, path + ("ttl_margin",), parse_duration, d.ttl_margin)),
+        max_ttl=int(r.get(raw, path + ("max_ttl",), positive_duration, d.max_ttl)),
+        max_addresses=r.get(raw, path + ("max_addresses",), values.positive_int, d.max_addresses))
 
 
 def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:

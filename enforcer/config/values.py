@@ -111,6 +111,18 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError("expected a number greater than zero")
+    return float(value)
+
+
+def port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError("expected a port number between 1 and 65535")
+    return value
+
+
 def share(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError("expected a share between 0 and 1, e.g. 0.25")

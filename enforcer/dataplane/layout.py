@@ -141,6 +141,14 @@ THROTTLE_METER_TIMEOUT = "1m"
 
 HOST_ALLOW = {4: "allowhost4", 6: "allowhost6"}
 
+#: ``dns: gateway``: addresses the DNS forwarder learnt from answers for allowed names, per family
+#: (``timeout`` sets the forwarder process fills and the kernel empties; never reconciled).
+DNS_GARDEN_SETS = {4: "dnsgarden4", 6: "dnsgarden6"}
+#: The ``ct mark`` bit on connections a restricted subscriber opened to a DNS-learnt address, so
+#: they outlive the address's timeout (a payment in progress is not cut when the TTL runs out).
+#: Reserved like ``PORTAL_CT_MARK``.
+GARDEN_CT_MARK = 0x00200000
+
 #: The ``ct mark`` bit set on every connection from a subscriber interface to the portal's ports.
 #: The conntrack flush spares connections carrying it, so a lift never cuts the portal's answer.
 #: Reserved: operators' own rules must not set or clear this bit of ``ct mark``.
@@ -188,6 +196,9 @@ class Layout:
     throttle_rate: int = DEFAULT_THROTTLE_RATE                              # bytes/s per key and direction
     throttle_burst: int = default_throttle_burst(DEFAULT_THROTTLE_RATE)    # bytes
     portal_tls_port: int | None = None       # PortalConfig.tls.listen.port, when portal.tls is set
+    dns_port: int | None = None              # dns: gateway: the DNS forwarder's port (see ``_dns_rules``)
+    ntp: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None   # None: NTP to any host
+    dns_garden_size: int = 65536             # dns: gateway: the DNS-learnt sets' size cap, per family
 
     @property
     def portal_ports(self) -> tuple[int, ...]:
@@ -249,10 +260,14 @@ class Layout:
             lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
             lines.append(f"\tset {CALLER_SET[version]} {{ type {addr}; size {THROTTLE_METER_SIZE}; "
                          f"flags dynamic,timeout; timeout {CALLER_TIMEOUT}; }}")
-            if self.dns is not None:
-                resolvers = ", ".join(str(a) for a in self.dns if a.version == version)
-                elements = f" elements = {{ {resolvers} }};" if resolvers else ""
-                lines.append(f"\tset dns{version} {{ type {addr};{elements} }}")
+            for name, servers in (("dns", self.dns), ("ntp", self.ntp)):
+                if servers is not None and not (name == "dns" and self.dns_port is not None):
+                    listed = ", ".join(str(a) for a in servers if a.version == version)
+                    elements = f" elements = {{ {listed} }};" if listed else ""
+                    lines.append(f"\tset {name}{version} {{ type {addr};{elements} }}")
+            if self.dns_port is not None:   # created empty: the forwarder fills it (and its marker)
+                lines.append(f"\tset {DNS_GARDEN_SETS[version]} {{ type {addr}; size {self.dns_garden_size}; "
+                             "flags timeout; }")
         lines.append(f"\tset {TAG_SET} {{ type ipv6_addr; }}")
         lines += (self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
                   + self._local_chain() + self._portal_hook() + self._input_hook())
@@ -265,17 +280,47 @@ class Layout:
             lines.append(f"add element inet {self.table} {name} {{ {SENTINELS[sentinel_family(name)]} }}")
         return "\n".join(lines) + "\n"
 
+    def garden_sets(self, version: int) -> list[str]:
+        """The sets whose addresses a restricted subscriber may reach (never redirected or slowed)."""
+        names = [f"allow{version}", HOST_ALLOW[version]]
+        if self.dns_port is not None:
+            names.append(DNS_GARDEN_SETS[version])
+        return names
+
+    def _not_garden(self, version: int, direction: str) -> str:
+        """``ip daddr != @allow4 ip daddr != @allowhost4 ...``: the address is outside the garden."""
+        field_ = f"{'ip' if version == 4 else 'ip6'} {direction}"
+        return "".join(f"{field_} != @{name} " for name in self.garden_sets(version))
+
+    def _garden_accepts(self) -> list[str]:
+        """The walled garden's destinations; with ``dns: gateway`` also the DNS-learnt ones, whose
+        connections are marked (``GARDEN_CT_MARK``) so they outlive the address's timeout."""
+        rules = [f"{'ip' if v == 4 else 'ip6'} daddr @{self.garden_sets(v)[i]} accept" for i in (0, 1) for v in (4, 6)]
+        if self.dns_port is not None:
+            mark = f"{GARDEN_CT_MARK:#010x}"
+            rules.insert(0, f"ct mark & {mark} == {mark} accept")
+            rules += [f"{'ip' if v == 4 else 'ip6'} daddr @{DNS_GARDEN_SETS[v]} ct mark set ct mark | {mark} accept"
+                      for v in (4, 6)]
+        return rules
+
     def _garden_chain(self) -> list[str]:
-        """Walled-garden mode: the allowed few pass, TCP gets a reset, the rest admin-prohibited."""
-        rules = ["ip daddr @allow4 accept", "ip6 daddr @allow6 accept",
-                 f"ip daddr @{HOST_ALLOW[4]} accept", f"ip6 daddr @{HOST_ALLOW[6]} accept"]
+        """Walled-garden mode: the allowed few pass, TCP gets a reset, the rest admin-prohibited.
+
+        DNS: with ``dns: any`` port 53 anywhere, with a list only to those resolvers; with ``dns:
+        gateway`` none at all (it is redirected to the forwarder before it gets here). NTP: to any
+        host, or only to ``walled_garden.ntp``.
+        """
+        rules = self._garden_accepts()
         if self.dns is None:
             rules.append("meta l4proto { tcp, udp } th dport 53 accept")
-        else:
+        elif self.dns_port is None:
             rules.append("ip daddr @dns4 meta l4proto { tcp, udp } th dport 53 accept")
             rules.append("ip6 daddr @dns6 meta l4proto { tcp, udp } th dport 53 accept")
-        rules += ["udp dport 123 accept",
-                  f"icmp type {{ {_ICMP4_ERRORS} }} accept",
+        if self.ntp is None:
+            rules.append("udp dport 123 accept")
+        else:
+            rules += ["ip daddr @ntp4 udp dport 123 accept", "ip6 daddr @ntp6 udp dport 123 accept"]
+        rules += [f"icmp type {{ {_ICMP4_ERRORS} }} accept",
                   f"icmpv6 type {{ {_ICMP6_ERRORS} }} accept",
                   'meta l4proto tcp counter name "refused_tcp" reject with tcp reset',
                   'counter name "refused_other" reject with icmpx admin-prohibited']
@@ -297,8 +342,8 @@ class Layout:
         ``accept`` then keeps a shorter throttled prefix of someone else from counting it too.
         Walled-garden destinations (how to pay) are never slowed.
         """
-        rules = ["ip daddr @allow4 accept", "ip6 daddr @allow6 accept",
-                 f"ip daddr @{HOST_ALLOW[4]} accept", f"ip6 daddr @{HOST_ALLOW[6]} accept"]
+        rules = [f"{'ip' if v == 4 else 'ip6'} daddr @{self.garden_sets(v)[i]} accept"
+                 for i in range(len(self.garden_sets(4))) for v in (4, 6)]
         for version, plen, shorter in self._longest_first():
             key = _masked(version, plen, "saddr")
             rules.append(f"{key} @{throttle_set(version, plen)} update @{throttle_meter(version, plen, 'up')} "
@@ -321,10 +366,13 @@ class Layout:
         rules = ["ct state established,related accept",
                  f"tcp dport {self._ports()} accept",
                  "meta l4proto { tcp, udp } th dport 53 accept",
-                 "udp dport { " + ", ".join(str(p) for p in DHCP_PORTS) + " } accept",
-                 "meta l4proto { icmp, ipv6-icmp } accept",
-                 'meta l4proto tcp counter name "refused_local" reject with tcp reset',
-                 'counter name "refused_local" reject with icmpx admin-prohibited']
+                 "udp dport 123 accept"]
+        if self.dns_port is not None:   # redirected DNS, after the nat hook changed its port
+            rules.append(f"meta l4proto {{ tcp, udp }} th dport {self.dns_port} accept")
+        rules += ["udp dport { " + ", ".join(str(p) for p in DHCP_PORTS) + " } accept",
+                  "meta l4proto { icmp, ipv6-icmp } accept",
+                  'meta l4proto tcp counter name "refused_local" reject with tcp reset',
+                  'counter name "refused_local" reject with icmpx admin-prohibited']
         return (["\tcounter refused_local { }", "\tchain local {"] + [f"\t\t{r}" for r in rules] + ["\t}"])
 
     def _portal_hook(self) -> list[str]:
@@ -352,6 +400,10 @@ class Layout:
         """Packets to the gateway itself from restricted subscribers: confined to the ``local`` chain."""
         iif = self._iif()
         rules: list[str] = []
+        if self.dns_port is not None:
+            # The forwarder answers only queries the nat hook redirected to it: from any interface,
+            # loopback included, a packet sent to its port directly is dropped (no open resolver).
+            rules.append(f"meta l4proto {{ tcp, udp }} th dport {self.dns_port} ct status & dnat == 0 drop")
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)
             rules.append(f"{iif}{match} @{redirect_set(version, plen)} goto local")
@@ -372,8 +424,7 @@ class Layout:
         rules = []
         for version, plen, shorter in self._longest_first():
             key = _masked(version, plen, "daddr")
-            src = "ip saddr" if version == 4 else "ip6 saddr"
-            garden = f"{src} != @allow{version} {src} != @{HOST_ALLOW[version]} "
+            garden = self._not_garden(version, "saddr")
             rules.append(f"{oif}{key} @{throttle_set(version, plen)} {garden}"
                          f"update @{throttle_meter(version, plen, 'down')} {{ {key} {self._limit()} }} drop")
             if shorter:
@@ -401,9 +452,12 @@ class Layout:
             forward.append(f"{iif}{match} @{redirect_set(version, plen)} goto {MODE_CHAINS[Mode.WALLED_GARDEN]}")
             forward.append(f"{iif}{match} @{throttle_set(version, plen)} goto {MODE_CHAINS[Mode.THROTTLE]}")
             forward.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto {MODE_CHAINS[Mode.NOTICE]}")
-            daddr = "ip daddr" if version == 4 else "ip6 daddr"
-            garden = f"{daddr} != @allow{version} {daddr} != @{HOST_ALLOW[version]} "
+            garden = self._not_garden(version, "daddr")
             redirect = f'counter name "redirected" redirect to :{self.portal_port}'
+            if self.dns_port is not None:   # all their DNS, to any address, goes to the forwarder
+                for mode in (Mode.WALLED_GARDEN, Mode.NOTICE):
+                    nat.append(f"{iif}{match} @{redirect_set(version, plen, mode)} meta l4proto {{ tcp, udp }} "
+                               f"th dport 53 redirect to :{self.dns_port}")
             nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 {garden}{redirect}")
             nat.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} "
                        f"{match} != @{ack_set(version, plen)} tcp dport 80 {garden}{redirect}")

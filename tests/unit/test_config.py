@@ -277,7 +277,7 @@ def test_allow_list_with_junk_reports_each_bad_item():
         f"walled_garden.allow[{i}] (config.yaml:{line})"
         for i, line in [(2, 7), (3, 8), (4, 9), (5, 10), (6, 11)]
     ]
-    assert all("neither a CIDR nor a hostname" in i.message for i in issues)
+    assert all("neither a CIDR, a hostname nor a *.domain" in i.message for i in issues)
 
 
 def test_allow_list_splits_networks_and_hosts():

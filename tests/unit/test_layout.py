@@ -353,7 +353,7 @@ def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_o
     assert "tcp dport { 80, 8080 } fib daddr type local ct mark set" in layout().render()
 
 
-def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gateway():
+def test_restricted_subscribers_reach_only_portal_dns_ntp_dhcp_and_icmp_on_the_gateway():
     text = layout(portal_tls_port=8443).with_prefixes({(4, 24)}).render()
     jumps = chain(text, "input")[1:]
     # every portal and notice set (throttle keys are in notice too), longest prefix first, masked
@@ -368,6 +368,7 @@ def test_restricted_subscribers_reach_only_portal_dns_dhcp_and_icmp_on_the_gatew
         "ct state established,related accept",
         "tcp dport { 8080, 8443 } accept",
         "meta l4proto { tcp, udp } th dport 53 accept",
+        "udp dport 123 accept",
         "udp dport { 67, 68, 546, 547 } accept",
         "meta l4proto { icmp, ipv6-icmp } accept",
         'meta l4proto tcp counter name "refused_local" reject with tcp reset',
