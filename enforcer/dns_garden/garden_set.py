@@ -1,0 +1,399 @@
+"""The kernel writer: puts the addresses of allowed names in the ``dnsgarden`` timeout sets.
+
+The forwarder awaits ``admit`` before it sends an answer for an allowed name, so the customer's
+first connection to the answer's address already passes. Many queries arrive together (a page
+asks for a dozen names at once), and one libnftables transaction costs ~0.2 ms whatever it
+holds, so concurrent admits are grouped: while one transaction runs (in a thread, off the event
+loop), the addresses asked for meanwhile wait and go together in the next one.
+
+What the writer tracks (``_held``: address → when its kernel element expires, by our clock) is
+what keeps the kernel work small and the set bounded:
+
+* an address already held with enough time left is skipped: "enough" is at least the wanted
+  time minus ``slack`` = min(30 s, ttl_margin / 2). The wanted time is TTL + ttl_margin, so a
+  skipped address still outlives every cached copy of the answer by ttl_margin / 2, while a name
+  asked every second costs one kernel write per ~30 s, not one per query;
+* a held address that needs longer is refreshed by ``delete element`` + ``add element`` in one
+  batch (a plain ``add`` of an existing element keeps its old timeout on kernels before 6.x);
+  when the element expired meanwhile the delete fails the batch, which is retried with ``add``
+  only;
+* at most ``cap`` addresses per family: the kernel set's ``size`` minus the one slot the
+  marker takes, and never more than ``max_addresses``. The kernel refuses a *whole* batch with
+  "Too many open files in system" when one element does not fit, so the writer never sends an
+  address beyond the cap (it is counted in ``garden_set_full`` instead); if the kernel is fuller
+  than tracked (elements expired by our clock but not yet collected by the kernel's), the batch
+  is retried as refreshes first and then one new address at a time, so one address that does
+  not fit never fails the others.
+
+A kernel error is logged (at most once per ``LOG_EVERY`` s) and counted (``kernel_failures``),
+never raised: the answer still goes out, the customer's client just cannot connect yet.
+
+The daemon creates the sets empty and may recreate them (a layout change replaces the table;
+another tool may flush a set), so the writer adds a marker element without timeout
+(``layout.SENTINELS``) whenever it (re)fills a set, and ``watch`` asks for both markers every
+second: a missing marker means the set lost its elements, and every live tracked address goes
+back in with the time it has left. While the table is missing the writer waits (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+from ..dataplane.layout import DNS_GARDEN_SETS, SENTINELS
+from ..dataplane.libnftables import Nftables, NftError
+from .settings import ForwarderSettings
+from .stats import Stats
+
+__all__ = ["FAMILY_LABELS", "GardenSet", "GardenSetError"]
+
+log = logging.getLogger("walled_garden.dns")
+
+Address = IPv4Address | IPv6Address
+
+#: The ``family`` label of the writer's stats and metrics.
+FAMILY_LABELS = {4: "ipv4", 6: "ipv6"}
+#: Seconds between two marker checks (``watch``).
+WATCH_EVERY = 1.0
+#: A repeated kernel failure is logged at most this often (a DNS flood must not flood the log).
+LOG_EVERY = 10.0
+#: The longest refresh slack (see the module docstring).
+MAX_SLACK = 30.0
+
+_MISSING = "No such file or directory"          # ENOENT: no such element, set or table
+_FULL = "Too many open files in system"         # ENFILE: the set holds ``size`` elements
+
+
+class GardenSetError(Exception):
+    """The sets cannot be used at all (missing table at start); the process exits on it."""
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One element to write: a new address or a refresh of a held one."""
+
+    address: Address
+    seconds: int
+    refresh: bool
+
+
+class _Throttled:
+    """Logs a repeated failure at most once per ``LOG_EVERY`` s, with how many were not logged."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def error(self, event: str, error: str) -> None:
+        now = self.clock()
+        if now - self._last.get(event, -math.inf) < LOG_EVERY:
+            self._skipped[event] = self._skipped.get(event, 0) + 1
+            return
+        self._last[event] = now
+        skipped = self._skipped.pop(event, 0)
+        log.error("event=%s error=%r not_logged_since_last=%d", event, error, skipped)
+
+
+class GardenSet:
+    """The writer of ``dnsgarden4``/``dnsgarden6`` in table ``inet settings.table``."""
+
+    def __init__(self, nft: Nftables, settings: ForwarderSettings, stats: Stats,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nft = nft
+        self.table = settings.table
+        self.stats = stats
+        self.clock = clock
+        self.max_addresses = settings.max_addresses
+        self.cap = {4: settings.max_addresses, 6: settings.max_addresses}
+        self.slack = min(MAX_SLACK, settings.ttl_margin / 2)
+        self._held: dict[int, dict[Address, float]] = {4: {}, 6: {}}
+        self._expiry: list[tuple[float, int, Address]] = []       # (expires, family, address), lazy
+        self._wanted: dict[Address, int] = {}                     # asked for since the last batch
+        self._waiting: list[asyncio.Future[None]] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._kernel = asyncio.Lock()                             # one kernel write at a time
+        self._throttled = _Throttled(clock)
+        self._table_missing = False
+
+    # -- what is held ---------------------------------------------------------------------------
+    def held(self, family: int) -> dict[Address, float]:
+        """Live tracked addresses of ``family`` → expiry (by ``clock``), after pruning."""
+        self._prune()
+        return dict(self._held[family])
+
+    def _track(self, address: Address, expires: float) -> None:
+        self._held[address.version][address] = expires
+        heapq.heappush(self._expiry, (expires, address.version, address))
+
+    def _prune(self) -> None:
+        now = self.clock()
+        expiry, held = self._expiry, self._held
+        while expiry and expiry[0][0] <= now:
+            expires, family, address = heapq.heappop(expiry)
+            if held[family].get(address) == expires:     # else refreshed meanwhile: a stale entry
+                del held[family][address]
+        if len(expiry) > 2 * (len(held[4]) + len(held[6])) + 1024:   # refreshes left stale entries
+            self._expiry = [(e, f, a) for f in (4, 6) for a, e in held[f].items()]
+            heapq.heapify(self._expiry)
+
+    def _publish(self) -> None:
+        for family, label in FAMILY_LABELS.items():
+            self.stats.gauge("garden_addresses", (label,), len(self._held[family]))
+        self.stats.gauge("garden_capacity", (), min(self.cap.values()))
+
+    # -- start ----------------------------------------------------------------------------------
+    async def seed(self) -> None:
+        """Track what the sets already hold (a restarted forwarder), learn their size, add the
+        markers. Raises ``GardenSetError`` when the table or a set is missing."""
+        listings = await asyncio.to_thread(self._list_sets)
+        now = self.clock()
+        for family, data in listings.items():
+            size, elements = _parse_listing(data, DNS_GARDEN_SETS[family])
+            if size is not None:
+                self.cap[family] = max(0, min(self.max_addresses, size - 1))   # the marker takes a slot
+            for key, expires in elements:
+                try:
+                    address = ip_address(key)
+                except ValueError:
+                    continue
+                if address.version == family and key != SENTINELS[family] and math.isfinite(expires):
+                    self._track(address, now + expires)   # one without timeout is not ours: left alone
+        try:
+            await asyncio.to_thread(self.nft.run, self._markers())
+        except NftError as exc:
+            raise GardenSetError(f"cannot add the markers to the dnsgarden sets of table inet {self.table}: "
+                                 f"{exc}") from None
+        self._publish()
+        log.info("event=dns_garden_seeded table=%s ipv4=%d ipv6=%d cap_ipv4=%d cap_ipv6=%d", self.table,
+                 len(self._held[4]), len(self._held[6]), self.cap[4], self.cap[6])
+
+    def _list_sets(self) -> dict[int, dict[str, Any]]:
+        out = {}
+        for family, name in DNS_GARDEN_SETS.items():
+            try:
+                out[family] = self.nft.run_json(f"list set inet {self.table} {name}")
+            except NftError as exc:
+                raise GardenSetError(f"table inet {self.table} has no set {name} ({exc}); the daemon creates it "
+                                     "with walled_garden.dns: gateway") from None
+        return out
+
+    def _markers(self) -> str:
+        return "".join(f"add element inet {self.table} {name} {{ {SENTINELS[family]} }}\n"
+                       for family, name in DNS_GARDEN_SETS.items())
+
+    # -- admit ----------------------------------------------------------------------------------
+    async def admit(self, addresses: Iterable[tuple[Address, int]]) -> None:
+        """Hold each address for at least its seconds; returns once the kernel has them (or
+        failed: logged and counted, never raised)."""
+        wanted, asked = self._wanted, False
+        for address, seconds in addresses:
+            seconds = max(1, math.ceil(seconds))
+            asked = True
+            if wanted.get(address, 0) < seconds:
+                wanted[address] = seconds
+        if not asked:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_all())
+        await asyncio.shield(future)    # a cancelled query does not cancel the others' batch
+
+    async def _write_all(self) -> None:
+        """Batches until nothing is wanted: what arrives during a write goes in the next one."""
+        while self._wanted:
+            wanted, self._wanted = self._wanted, {}
+            waiting, self._waiting = self._waiting, []
+            try:
+                async with self._kernel:
+                    await self._write(wanted)
+            except Exception as exc:  # a bug here must not leave queries hanging: logged + counted
+                log.exception("event=dns_garden_write_failed error=%r", str(exc))
+                self.stats.count("kernel_failures")
+            finally:
+                for future in waiting:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _write(self, wanted: dict[Address, int]) -> None:
+        self._prune()
+        now = self.clock()
+        writes: list[_Write] = []
+        free = {family: self.cap[family] - len(self._held[family]) for family in (4, 6)}
+        for address, seconds in wanted.items():
+            expires = self._held[address.version].get(address)
+            if expires is not None:
+                if expires - now >= seconds - self.slack:
+                    continue
+                writes.append(_Write(address, seconds, refresh=True))
+            elif free[address.version] > 0:
+                free[address.version] -= 1
+                writes.append(_Write(address, seconds, refresh=False))
+            else:
+                self.stats.count("garden_set_full", (FAMILY_LABELS[address.version],))
+        if not writes:
+            return
+        done = await asyncio.to_thread(self._apply, writes)
+        for write in done:
+            self._track(write.address, now + write.seconds)
+            if not write.refresh:
+                self.stats.count("garden_addresses_added", (FAMILY_LABELS[write.address.version],))
+        self._publish()
+
+    def _apply(self, writes: list[_Write]) -> list[_Write]:
+        """Runs in a thread: the writes the kernel took (all, some, or none on an error)."""
+        try:
+            self._run(writes, refresh_by_delete=True)
+            return writes
+        except NftError as exc:
+            error = str(exc)
+        if _MISSING in error and any(w.refresh for w in writes):   # a refreshed element expired meanwhile
+            try:
+                self._run(writes, refresh_by_delete=False)
+                return writes
+            except NftError as exc:
+                error = str(exc)
+        if _FULL in error:
+            return self._apply_one_by_one(writes)
+        self._failed("dns_garden_add_failed", error)
+        return []
+
+    def _apply_one_by_one(self, writes: list[_Write]) -> list[_Write]:
+        """The kernel's set is fuller than tracked: refreshes (which free their slot first) go
+        together, then each new address alone until one does not fit."""
+        done: list[_Write] = []
+        refreshes = [w for w in writes if w.refresh]
+        if refreshes:
+            try:
+                self._run(refreshes, refresh_by_delete=False)
+                done += refreshes
+            except NftError as exc:
+                self._failed("dns_garden_add_failed", str(exc))
+        full: set[int] = set()
+        for write in (w for w in writes if not w.refresh):
+            family = write.address.version
+            if family in full:
+                self.stats.count("garden_set_full", (FAMILY_LABELS[family],))
+                continue
+            try:
+                self._run([write], refresh_by_delete=False)
+                done.append(write)
+            except NftError as exc:
+                if _FULL not in str(exc):
+                    self._failed("dns_garden_add_failed", str(exc))
+                    return done
+                full.add(family)
+                self.stats.count("garden_set_full", (FAMILY_LABELS[family],))
+        return done
+
+    def _run(self, writes: list[_Write], refresh_by_delete: bool) -> None:
+        lines = []
+        for family, name in DNS_GARDEN_SETS.items():
+            mine = [w for w in writes if w.address.version == family]
+            if refresh_by_delete and (gone := [str(w.address) for w in mine if w.refresh]):
+                lines.append(f"delete element inet {self.table} {name} {{ {', '.join(gone)} }}")
+            if mine:
+                elements = ", ".join(f"{w.address} timeout {w.seconds}s" for w in mine)
+                lines.append(f"add element inet {self.table} {name} {{ {elements} }}")
+        self.nft.run("\n".join(lines) + "\n")
+
+    def _failed(self, event: str, error: str) -> None:
+        self.stats.count("kernel_failures")
+        self._throttled.error(event, error)
+
+    async def close(self) -> None:
+        """Waits for the write in progress (the forwarder is closed first: no new admits)."""
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
+
+    # -- watch ----------------------------------------------------------------------------------
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Every ``WATCH_EVERY`` s: both markers present? If not, refill (see the module docstring)."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), WATCH_EVERY)
+                return
+            except TimeoutError:
+                pass
+            await self.check()
+
+    async def check(self) -> None:
+        """One marker check, and the refill when a marker is missing."""
+        async with self._kernel:
+            self._prune()
+            self._publish()
+            lookups = "".join(f"get element inet {self.table} {name} {{ {SENTINELS[family]} }}\n"
+                              for family, name in DNS_GARDEN_SETS.items())
+            try:
+                await asyncio.to_thread(self.nft.run, lookups)
+                if self._table_missing:
+                    log.info("event=dns_garden_table_back table=%s", self.table)
+                    self._table_missing = False
+                return
+            except NftError as exc:
+                if _MISSING not in str(exc):
+                    self._failed("dns_garden_check_failed", str(exc))
+                    return
+            await self._refill()
+
+    async def _refill(self) -> None:
+        now = self.clock()
+        entries = {family: sorted(((e - now, a) for a, e in self._held[family].items()), reverse=True)
+                   for family in (4, 6)}
+        for family in (4, 6):    # the longest-lived first, should the sets have shrunk
+            del entries[family][self.cap[family]:]
+        lines = [self._markers()]
+        for family, name in DNS_GARDEN_SETS.items():
+            if entries[family]:
+                elements = ", ".join(f"{a} timeout {max(1, math.ceil(left))}s" for left, a in entries[family])
+                lines.append(f"add element inet {self.table} {name} {{ {elements} }}\n")
+        try:
+            await asyncio.to_thread(self.nft.run, "".join(lines))
+        except NftError as exc:
+            if _MISSING in str(exc):
+                if not self._table_missing:
+                    log.error("event=dns_garden_table_missing table=%s error=%r (waiting for the daemon to "
+                              "create it; addresses cannot be admitted meanwhile)", self.table, str(exc))
+                    self._table_missing = True
+                return
+            self._failed("dns_garden_refill_failed", str(exc))
+            return
+        log.warning("event=dns_garden_refilled table=%s ipv4=%d ipv6=%d (a set had lost its marker: the table "
+                    "was recreated or a set flushed)", self.table, len(entries[4]), len(entries[6]))
+        self._table_missing = False
+        for family in (4, 6):
+            keep = {a for _, a in entries[family]}
+            for address in [a for a in self._held[family] if a not in keep]:
+                del self._held[family][address]
+        self._publish()
+
+
+def _parse_listing(data: dict[str, Any], name: str) -> tuple[int | None, list[tuple[str, float]]]:
+    """The set's ``size`` and its elements as (key, seconds left) from ``nft -j list set``.
+
+    An element without a timeout (the marker, or one another tool added) is listed with +inf
+    left; the caller skips the marker."""
+    for obj in data.get("nftables", []):
+        found = obj.get("set") if isinstance(obj, dict) else None
+        if not isinstance(found, dict) or found.get("name") != name:
+            continue
+        size = found.get("size")
+        elements: list[tuple[str, float]] = []
+        for item in found.get("elem", []) or []:
+            if isinstance(item, str):
+                elements.append((item, math.inf))
+            elif isinstance(item, dict) and isinstance(item.get("elem"), dict):
+                elem = item["elem"]
+                if isinstance(elem.get("val"), str):
+                    left = elem.get("expires", elem.get("timeout"))
+                    elements.append((elem["val"], float(left) if isinstance(left, int | float) else math.inf))
+        return (int(size) if isinstance(size, int) else None), elements
+    raise GardenSetError(f"nft listed no set {name}")
