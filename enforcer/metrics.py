@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .model import Mode
@@ -124,6 +124,38 @@ class Metrics:
                                      "file written, packet or request received) to the kernel commit",
                                      ["source"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
                                      registry=r)
+        # The DNS forwarder (walled_garden.dns: gateway): its child process counts, the daemon's
+        # ForwarderBridge adds the deltas here once a second (enforcer/dns_garden/bridge.py).
+        self.dns_queries = Counter("walled_garden_dns_queries", "DNS queries the forwarder handled, by transport "
+                                   "and result", ["transport", "result"], registry=r)
+        for transport in ("udp", "tcp"):
+            for result in ("forwarded", "rate_limited", "malformed", "upstream_failed", "refused"):
+                self.dns_queries.labels(transport, result)
+        self.dns_garden_answers = Counter("walled_garden_dns_garden_answers", "DNS answers for allowed names (their "
+                                          "addresses are admitted to the garden)", registry=r)
+        self.dns_addresses_added = Counter("walled_garden_dns_garden_addresses_added", "Addresses newly added to the "
+                                           "dnsgarden sets, by family", ["family"], registry=r)
+        self.dns_set_full = Counter("walled_garden_dns_garden_set_full", "Addresses not added because the dnsgarden "
+                                    "set of their family was full (dns_forwarder.max_addresses)", ["family"],
+                                    registry=r)
+        self.dns_addresses = Gauge("walled_garden_dns_garden_addresses", "Addresses the forwarder holds in the "
+                                   "dnsgarden sets, by family", ["family"], registry=r)
+        for family in ("ipv4", "ipv6"):
+            self.dns_addresses_added.labels(family)
+            self.dns_set_full.labels(family)
+            self.dns_addresses.labels(family)
+        self.dns_capacity = Gauge("walled_garden_dns_garden_capacity", "Most addresses a dnsgarden set holds, per "
+                                  "family", registry=r)
+        self.dns_upstream_failures = Counter("walled_garden_dns_upstream_failures", "Queries a resolver did not "
+                                             "answer in time or answered with an error, by resolver and reason",
+                                             ["resolver", "reason"], registry=r)
+        self.dns_kernel_failures = Counter("walled_garden_dns_kernel_failures", "Failed writes of the forwarder to "
+                                           "the dnsgarden sets (the answer still went out)", registry=r)
+        self.dns_added = DeltaHistogram("walled_garden_dns_added_seconds", "Time a query spent in the forwarder "
+                                        "minus the upstream wait (includes the kernel add)")
+        r.register(self.dns_added)
+        self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "
+                                      "and listens", registry=r)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():
@@ -184,3 +216,36 @@ class KernelCounters(Collector):
             octets.add_metric([name], size)
         yield packets
         yield octets
+
+
+class DeltaHistogram(Collector):
+    """A histogram another process observes: it sends per-bucket deltas, this sums them.
+
+    ``add`` takes non-cumulative bucket counts (one per upper bound, then +Inf), their sum and
+    count, as ``dns_garden.stats.Stats.drain`` gives them. The bounds come with the data, so a
+    child of another version cannot mislabel buckets: new bounds start the sums again (a reset,
+    as a restarted process's histogram would).
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds: tuple[float, ...] = ()
+        self.buckets: list[int] = [0]
+        self.sum = 0.0
+
+    def add(self, bounds: tuple[float, ...], buckets: list[int], total: float, count: int) -> None:
+        if len(buckets) != len(bounds) + 1 or any(n < 0 for n in buckets) or sum(buckets) != count:
+            raise ValueError(f"{self.name}: {len(buckets)} buckets with counts {buckets} do not fit "
+                             f"{len(bounds)} bounds and count {count}")
+        if tuple(bounds) != self.bounds:
+            self.bounds, self.buckets, self.sum = tuple(bounds), [0] * (len(bounds) + 1), 0.0
+        for i, n in enumerate(buckets):
+            self.buckets[i] += n
+        self.sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, running = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.buckets, strict=True):
+            running += n
+            cumulative.append(("+Inf" if bound == math.inf else repr(float(bound)), running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
