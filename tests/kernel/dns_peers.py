@@ -44,7 +44,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from enforcer.demo.topology import Topology
 
 HERE = Path(__file__).resolve()
 
@@ -74,9 +77,9 @@ class DnsPeers:
     namespace; a context manager (started in ``__enter__``, stopped in ``__exit__``, also when
     starting failed halfway)."""
 
-    def __init__(self, topo: Any, directory: Path, *, resolver_cache: int = 0,
+    def __init__(self, topo: Topology, directory: Path, *, resolver_cache: int = 0,
                  resolver_extra: Sequence[str] = ()) -> None:
-        from enforcer.demo.dhcp import Process   # the one process runner of the demo and the tests
+        from enforcer.demo.dhcp import Process  # the one process runner of the demo and the tests
         self.topo = topo
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ class DnsPeers:
                 if line.startswith("answer ")]
 
 
-def _link_with(topo: Any, netns: str, address: str) -> str:
+def _link_with(topo: Topology, netns: str, address: str) -> str:
     out = topo.run(netns, "ip", "-o", "-4", "addr", "show", check=True).stdout
     for line in out.splitlines():
         fields = line.split()
@@ -167,7 +170,7 @@ def set_resolv_conf(netns: str, nameserver: str) -> Path:
     return folder
 
 
-def query(topo: Any, netns: str, server: str, name: str, rdtype: str = "A", *, tcp: bool = False,
+def query(topo: Topology, netns: str, server: str, name: str, rdtype: str = "A", *, tcp: bool = False,
           port: int = 53, timeout: float = 2.0, edns: bool = False) -> dict[str, Any]:
     """One query from ``netns`` (dnspython, no retry, no TCP fallback): its outcome as a dict
     (``rcode``, ``tc``, ``aa``, ``addresses``, ``cnames``, ``id_ok``, ``wire``) or ``error``."""
@@ -181,7 +184,7 @@ def query(topo: Any, netns: str, server: str, name: str, rdtype: str = "A", *, t
         raise RuntimeError(f"query client in {netns} failed: {result.stdout}{result.stderr}") from None
 
 
-def resolve_and_connect(topo: Any, netns: str, name: str, rdtype: str, rounds: int,
+def resolve_and_connect(topo: Topology, netns: str, name: str, rdtype: str, rounds: int,
                         port: int = LINE_PORT) -> list[dict[str, Any]]:
     """``rounds`` times in ``netns``: resolve ``name`` with the namespace's resolv.conf, then at
     once (no sleep, no retry) connect to the first address and read its line."""
@@ -399,8 +402,8 @@ def _query(server: str, port: int, name: str, rdtype: str, timeout: float, tcp: 
 
 def _pay(name: str, rdtype: str, rounds: int, port: int) -> list[dict[str, Any]]:
     import dns.exception
-    import dns.resolver
     import dns.rdatatype
+    import dns.resolver
 
     resolver = dns.resolver.Resolver()   # /etc/resolv.conf: the namespace's own, via ip netns exec
     resolver.lifetime = 4.0
