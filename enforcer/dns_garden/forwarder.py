@@ -1,0 +1,373 @@
+"""The DNS forwarder: restricted subscribers' DNS in, answers out, garden addresses admitted first.
+
+With ``dns: gateway`` every DNS packet of a restricted subscriber is redirected here (SPEC §10).
+Each query is rate-limited per client address (REFUSED beyond), forwarded raw to the upstream
+resolvers (``upstream``), and the answer goes back to the client. When the question name is an
+allowed one (``names``), the answer's addresses for that name and its CNAME chain (``answers``)
+are admitted into the kernel's garden sets (``admit``, the kernel writer) BEFORE the answer is
+sent, so the client's first connection to the address already finds it open. An admit slower
+than ``admit_timeout`` does not hold the answer any longer (counted ``admit_timeouts``; the add
+still completes behind it).
+
+Why raw pass-through rather than parsing and re-rendering with dnspython: the client gets
+byte for byte what the resolver said (only the ID is put back), so EDNS options, DNSSEC records
+and the DO/AD/CD/TC bits are untouched and nothing is ever forged; and it is fast. The queries are
+parsed by hand only as far as the question (a label walk: ~1 µs against ~50 µs for dnspython's
+question-only parse, measured), answers only for allowed names (dnspython, ``answers``). The
+forwarder's own answers (REFUSED, FORMERR, SERVFAIL) are built from the query's header and
+question, without records.
+
+Bounds: at most ``MAX_OUTSTANDING`` queries in flight (beyond: REFUSED, counted "refused"),
+``settings.tcp_clients`` TCP connections (beyond: closed at once), ``TCP_PIPELINE`` queries in
+flight per TCP connection (the rest wait unread), ``TCP_IDLE`` seconds of silence per TCP
+connection, messages of at most 65535 bytes. Zone transfers (AXFR/IXFR) and opcodes other than
+QUERY are refused: they are not name resolution, and a transfer's multi-message answer does not
+fit the one-question-one-answer model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+import dns.exception
+import dns.name
+
+from .answers import AnswerError, garden_addresses
+from .limits import RateLimiter
+from .names import AllowedNames
+from .settings import ForwarderSettings
+from .stats import Stats
+from .upstream import MAX_MESSAGE, Answer, TcpUpstreamSession, UdpUpstream, UpstreamFailed
+
+__all__ = ["ADMIT_TIMEOUT", "MAX_OUTSTANDING", "TCP_IDLE", "TCP_PIPELINE", "Admit", "Forwarder", "Query",
+           "parse_query", "reply"]
+
+log = logging.getLogger("walled_garden.dns")
+
+Admit = Callable[[list[tuple[IPv4Address | IPv6Address, int]]], Awaitable[None]]
+
+#: Seconds an answer waits at most for its addresses to be admitted.
+ADMIT_TIMEOUT = 1.0
+#: Queries in flight at most (UDP and TCP together).
+MAX_OUTSTANDING = 4096
+#: Seconds a TCP client connection may stay silent with nothing in flight (RFC 7766 6.2.3).
+TCP_IDLE = 10.0
+#: Queries in flight at most per TCP client connection.
+TCP_PIPELINE = 32
+
+RCODE_FORMERR, RCODE_SERVFAIL, RCODE_REFUSED = 1, 2, 5
+QTYPE_IXFR, QTYPE_AXFR = 251, 252
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What the forwarder reads of a query: its header fields and its question, uncompressed."""
+
+    wire: bytes
+    question: bytes   # the question section: name (wire form) + type + class
+    opcode: int
+    qtype: int
+
+    @property
+    def name(self) -> bytes:
+        return self.question[:-4]
+
+
+def parse_query(wire: bytes) -> Query | None:
+    """``wire`` as a query with one uncompressed question, or None when it is not one.
+
+    A response (QR set), a question count other than one, a compressed or over-long question
+    name, or a message cut inside its question is not a query the forwarder forwards.
+    """
+    end = len(wire)
+    if end < 17 or end > MAX_MESSAGE or wire[2] & 0x80 or wire[4:6] != b"\x00\x01":
+        return None
+    pos = 12
+    while True:
+        if pos >= end:
+            return None
+        size = wire[pos]
+        if size == 0:
+            break
+        if size > 63:   # a compression pointer or an extended label type: not in a query's question
+            return None
+        pos += size + 1
+    pos += 1
+    if pos - 12 > 255 or pos + 4 > end:
+        return None
+    return Query(wire, wire[12:pos + 4], (wire[2] >> 3) & 0x0F, int.from_bytes(wire[pos:pos + 2], "big"))
+
+
+def reply(wire: bytes, rcode: int, question: bytes = b"") -> bytes:
+    """The forwarder's own answer to ``wire``: same ID, opcode and RD, ``rcode``, the question only."""
+    flags = 0x80 | (wire[2] & 0x79)   # QR + the query's opcode and RD
+    return (wire[:2] + bytes((flags, rcode & 0x0F)) + (b"\x00\x01" if question else b"\x00\x00")
+            + b"\x00\x00\x00\x00\x00\x00" + question)
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.transport is not None:
+            self.forwarder._udp_query(data, addr, self.transport)
+
+
+class Forwarder:
+    """UDP and TCP DNS listeners on ``settings.listen`` × ``settings.port`` forwarding upstream."""
+
+    def __init__(self, settings: ForwarderSettings, admit: Admit, stats: Stats, *,
+                 limiter: RateLimiter | None = None, admit_timeout: float = ADMIT_TIMEOUT,
+                 max_outstanding: int = MAX_OUTSTANDING, tcp_idle: float = TCP_IDLE) -> None:
+        self.settings = settings
+        self.admit = admit
+        self.stats = stats
+        self.names = AllowedNames(settings.names, settings.suffixes)
+        self.limiter = limiter or RateLimiter(settings.query_rate, settings.query_burst)
+        self.admit_timeout = admit_timeout
+        self.max_outstanding = max_outstanding
+        self.tcp_idle = tcp_idle
+        self.udp_upstream = UdpUpstream(settings.resolvers, settings.upstream_timeout, stats)
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tcp_clients: set[asyncio.Task[Any]] = set()
+        self.bound: list[tuple[str, int]] = []   # (address, port) actually bound, for tests and logs
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def tcp_clients(self) -> int:
+        return len(self._tcp_clients)
+
+    # --- start / close -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind UDP and TCP on every listen address; OSError naming the address if one fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            for host in self.settings.listen:
+                udp_sock, tcp_sock = _bound_sockets(host, self.settings.port)
+                transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self), sock=udp_sock)
+                self._udp.append(transport)
+                server = await asyncio.start_server(self._tcp_client, sock=tcp_sock, limit=MAX_MESSAGE + 2)
+                self._servers.append(server)
+                self.bound.append((host, udp_sock.getsockname()[1]))
+        except BaseException:
+            await self.close()
+            raise
+        log.info("DNS forwarder listening on %s (UDP and TCP), resolvers %s",
+                 ", ".join(f"{host} port {port}" for host, port in self.bound), ", ".join(self.udp_upstream.labels))
+
+    async def close(self) -> None:
+        for transport in self._udp:
+            transport.close()
+        self._udp.clear()
+        for server in self._servers:
+            server.close()
+        for task in [*self._tasks, *self._tcp_clients]:
+            task.cancel()
+        if self._tasks or self._tcp_clients:
+            await asyncio.gather(*self._tasks, *self._tcp_clients, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        self.udp_upstream.close()
+
+    # --- per query -----------------------------------------------------------------------------
+
+    def _admission(self, wire: bytes, client: str, transport: str) -> tuple[Query | None, bytes | None]:
+        """The query to forward, or the answer (possibly none) the forwarder gives itself."""
+        if len(wire) < 12 or wire[2] & 0x80:   # no header, or a response: never answered
+            self.stats.count("queries", (transport, "malformed"))
+            return None, None
+        query = parse_query(wire)
+        if not self.limiter.allow(client):
+            self.stats.count("queries", (transport, "rate_limited"))
+            return None, reply(wire, RCODE_REFUSED, query.question if query else b"")
+        if query is None:
+            self.stats.count("queries", (transport, "malformed"))
+            return None, reply(wire, RCODE_FORMERR)
+        if query.opcode != 0 or query.qtype in (QTYPE_AXFR, QTYPE_IXFR) or len(self._tasks) >= self.max_outstanding:
+            self.stats.count("queries", (transport, "refused"))
+            return None, reply(wire, RCODE_REFUSED, query.question)
+        return query, None
+
+    def _udp_query(self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport) -> None:
+        started = time.perf_counter()
+        query, answer = self._admission(data, addr[0], "udp")
+        if answer is not None:
+            transport.sendto(answer, addr)
+        if query is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._forward_udp(query, addr, transport, started))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_udp(self, query: Query, addr: tuple[Any, ...], transport: asyncio.DatagramTransport,
+                           started: float) -> None:
+        answer = await self._resolve(query, self.udp_upstream, "udp", started)
+        if not transport.is_closing():
+            transport.sendto(answer, addr)
+
+    async def _resolve(self, query: Query, upstream: UdpUpstream | TcpUpstreamSession, transport: str,
+                       started: float) -> bytes:
+        """The answer to send for ``query``: the upstream's (after admission) or SERVFAIL."""
+        try:
+            answer = await upstream.ask(query.wire, query.question)
+        except UpstreamFailed:
+            self.stats.count("queries", (transport, "upstream_failed"))
+            return reply(query.wire, RCODE_SERVFAIL, query.question)
+        if self.names.allows_wire(query.name):
+            await self._admit(query, answer)
+        self.stats.count("queries", (transport, "forwarded"))
+        self.stats.observe_added(max(0.0, time.perf_counter() - started - answer.waited))
+        return answer.wire
+
+    async def _admit(self, query: Query, answer: Answer) -> None:
+        self.stats.count("garden_answers")
+        try:
+            qname = dns.name.from_wire(query.question, 0)[0]
+            addresses = garden_addresses(answer.wire, qname, self.settings.max_ttl, self.settings.ttl_margin)
+        except (AnswerError, dns.name.NameTooLong, dns.exception.FormError) as exc:
+            log.debug("DNS forwarder: answer from %s not parsed: %s", answer.resolver, exc)
+            self.stats.count("garden_answers_unparsable")
+            return
+        if not addresses:
+            return
+        task = asyncio.ensure_future(self.admit(addresses))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.admit_timeout)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._admitted)
+            raise
+        if not done:
+            # The answer goes now; the add completes (or fails, logged) behind it.
+            self.stats.count("admit_timeouts")
+        task.add_done_callback(self._admitted)
+
+    def _admitted(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # The kernel writer counts and logs its own failures; this is a bug in it: say so loudly.
+            log.error("DNS forwarder: admitting garden addresses failed", exc_info=exc)
+            self.stats.count("admit_failures")
+
+    # --- TCP -----------------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._tcp_clients) >= self.settings.tcp_clients:
+            writer.close()
+            self.stats.count("tcp_clients_refused")
+            return
+        self._tcp_clients.add(task)
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else "?"
+        upstream = TcpUpstreamSession(self.settings.resolvers, self.settings.upstream_timeout, self.stats)
+        slots = asyncio.Semaphore(TCP_PIPELINE)
+        mine: set[asyncio.Task[Any]] = set()
+        try:
+            while True:
+                await slots.acquire()   # a full pipeline: stop reading until one answer left
+                try:
+                    head = await self._tcp_head(reader, mine)
+                    if head is None:
+                        break
+                    started = time.perf_counter()
+                    # A message cut short for this long is a dead or hostile client: close.
+                    async with asyncio.timeout(self.tcp_idle):
+                        data = await reader.readexactly(int.from_bytes(head, "big"))
+                except BaseException:
+                    slots.release()
+                    raise
+                query, answer = self._admission(data, client, "tcp")
+                if answer is not None:
+                    writer.write(len(answer).to_bytes(2, "big") + answer)
+                if query is None:
+                    slots.release()
+                    continue
+                job = asyncio.get_running_loop().create_task(self._forward_tcp(query, upstream, writer, started))
+                for group in (mine, self._tasks):
+                    group.add(job)
+                    job.add_done_callback(group.discard)
+                job.add_done_callback(lambda _job: slots.release())
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass   # the client closed, reset or stalled mid-message: its answers have nowhere to go
+        finally:
+            for job in mine:
+                job.cancel()
+            if mine:
+                await asyncio.gather(*mine, return_exceptions=True)
+            upstream.close()
+            writer.close()
+            self._tcp_clients.discard(task)
+
+    async def _tcp_head(self, reader: asyncio.StreamReader, mine: set[asyncio.Task[Any]]) -> bytes | None:
+        """The next message's length field, or None once the client is idle (nothing in flight)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.tcp_idle):
+                    return await reader.readexactly(2)   # consumes nothing if cancelled
+            except TimeoutError:
+                if not mine:
+                    return None
+
+    async def _forward_tcp(self, query: Query, upstream: TcpUpstreamSession, writer: asyncio.StreamWriter,
+                           started: float) -> None:
+        answer = await self._resolve(query, upstream, "tcp", started)
+        if writer.is_closing():
+            return
+        writer.write(len(answer).to_bytes(2, "big") + answer)
+        try:
+            # A client that does not read its answers does not get to pile them up here.
+            async with asyncio.timeout(self.tcp_idle):
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            writer.close()
+
+
+def _bound_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to ``host``:``port`` (v6: IPV6_V6ONLY); OSError names them."""
+    try:
+        family = socket.AF_INET6 if ip_address(host).version == 6 else socket.AF_INET
+    except ValueError as exc:
+        raise OSError(f"DNS forwarder: listen address {host!r} is not an IP address") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind)
+            sockets.append(sock)
+            sock.setblocking(False)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Port 0 (tests): TCP takes the port the UDP socket got.
+            sock.bind((host, port or (sockets[0].getsockname()[1] if kind == socket.SOCK_STREAM else 0)))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(128)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise OSError(exc.errno, f"DNS forwarder: cannot bind {host} port {port} "
+                                 f"({'TCP' if len(sockets) == 2 else 'UDP'}): {exc.strerror or exc}") from exc
+    return sockets[0], sockets[1]

@@ -1,0 +1,386 @@
+"""Asking the upstream resolvers: UDP for UDP clients, TCP for TCP clients.
+
+UDP (``UdpUpstream``): the forwarder sits on the subscribers' path to every name they resolve,
+and it admits addresses into the garden from what the upstream answers; a spoofed answer
+accepted here would both poison a client and open the garden. So, as a resolver does against
+Kaminsky-style spoofing (RFC 5452): each resolver gets a pool of ``POOL_SIZE`` connected
+non-blocking sockets on kernel-chosen random source ports (each re-opened after
+``REOPEN_AFTER`` queries, so the ports keep moving), each query gets a fresh random ID (never one
+outstanding on that socket), and an answer is accepted only from that resolver's address and port
+(the connected socket's kernel filter, checked again here), with an outstanding ID and a
+byte-equal question section. Anything else is dropped and counted
+(``upstream_answers_dropped``). The client's ID is put back in the answer, which otherwise passes
+byte for byte. A resolver that does not answer within ``timeout`` (or reports an ICMP error)
+is counted (``upstream_failures``) and the next one in ``settings.resolvers`` order is asked;
+when all failed the caller answers SERVFAIL.
+
+TCP (``TcpUpstreamSession``): one session per client connection; it keeps one upstream
+connection per resolver, opened on first use, RFC 7766 framing (2-byte length), queries
+pipelined with fresh IDs and answers matched by ID (and question), so a client's pipeline maps
+onto one upstream connection. An upstream that closes an idle connection is simply reconnected.
+
+Both report the seconds spent waiting on upstreams with the answer (``Answer.waited``), so the
+forwarder can report its own added latency (total minus that wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+from .stats import Stats
+
+__all__ = ["POOL_SIZE", "REOPEN_AFTER", "Answer", "TcpUpstreamSession", "UdpUpstream", "UpstreamFailed",
+           "resolver_label"]
+
+log = logging.getLogger("walled_garden.dns")
+
+#: Connected UDP sockets per resolver.
+POOL_SIZE = 8
+#: Queries a UDP socket sends before it is replaced by one on a new random port.
+REOPEN_AFTER = 4096
+#: Largest DNS message (TCP length field; also the UDP receive size).
+MAX_MESSAGE = 65535
+#: Queries at most in flight on one TCP upstream connection (the client's pipeline beyond waits).
+TCP_PIPELINE = 64
+#: Datagrams read per readiness callback before yielding to the loop.
+RECV_BATCH = 64
+
+
+class UpstreamFailed(Exception):
+    """No resolver answered in time; the client gets SERVFAIL."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    wire: bytes      # the resolver's answer, the client's ID restored
+    waited: float    # seconds spent waiting on resolvers (failed attempts included)
+    resolver: str    # "addr:port" of the resolver that answered
+
+
+def resolver_label(resolver: tuple[str, int]) -> str:
+    host, port = resolver
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _with_id(wire: bytes, qid: int) -> bytes:
+    return qid.to_bytes(2, "big") + wire[2:]
+
+
+def _fresh_id(outstanding: Container[int]) -> int:
+    """A random 16-bit ID not outstanding in ``outstanding`` (callers keep it below 65536 entries)."""
+    while True:
+        qid = secrets.randbits(16)
+        if qid not in outstanding:
+            return qid
+
+
+def _is_answer_to(data: bytes, question: bytes) -> bool:
+    """A response (QR set) with one question, byte-equal to ``question``."""
+    return (len(data) >= 12 + len(question) and data[2] & 0x80 != 0 and data[4:6] == b"\x00\x01"
+            and data[12:12 + len(question)] == question)
+
+
+class _Pending:
+    __slots__ = ("future", "question")
+
+    def __init__(self, future: asyncio.Future[bytes], question: bytes) -> None:
+        self.future = future
+        self.question = question
+
+
+class _UdpSocket:
+    """One connected UDP socket to one resolver, its outstanding queries keyed by upstream ID."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolver: tuple[str, int], label: str,
+                 stats: Stats) -> None:
+        self.loop = loop
+        self.resolver = resolver
+        self.label = label
+        self.stats = stats
+        host, port = resolver
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect((host, port))   # binds a random ephemeral port; the kernel filters the peer
+            self.peer = self.sock.getpeername()[:2]
+        except OSError:
+            self.sock.close()
+            raise
+        self.outstanding: dict[int, _Pending] = {}
+        self.sent = 0
+        self.retired = False
+        self.closed = False
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def send(self, wire: bytes, question: bytes) -> tuple[int, asyncio.Future[bytes]]:
+        qid = _fresh_id(self.outstanding)
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        self.outstanding[qid] = _Pending(future, question)
+        self.sent += 1
+        try:
+            self.sock.send(_with_id(wire, qid))
+        except OSError as exc:   # buffer full, ICMP error pending, no route: this resolver failed
+            del self.outstanding[qid]
+            future.set_exception(exc)
+        return qid, future
+
+    def forget(self, qid: int) -> None:
+        self.outstanding.pop(qid, None)
+        if self.retired and not self.outstanding:
+            self.close()
+
+    def _readable(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                data, peer = self.sock.recvfrom(MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # An ICMP error (port unreachable...) for this connected socket: the resolver
+                # refused; fail what waits here so the next resolver is asked now, not at timeout.
+                for pending in self.outstanding.values():
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                return
+            self._received(data, peer)
+
+    def _received(self, data: bytes, peer: tuple[str, int]) -> None:
+        pending = self.outstanding.get(int.from_bytes(data[:2], "big")) if len(data) >= 12 else None
+        if (pending is None or pending.future.done() or tuple(peer[:2]) != tuple(self.peer)
+                or not _is_answer_to(data, pending.question)):
+            self.stats.count("upstream_answers_dropped", (self.label,))
+            return
+        pending.future.set_result(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for pending in self.outstanding.values():
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionAbortedError("upstream socket closed"))
+        self.outstanding.clear()
+
+
+class UdpUpstream:
+    """The UDP resolvers, tried in order; ``ask`` returns the first answer or raises UpstreamFailed."""
+
+    def __init__(self, resolvers: Sequence[tuple[str, int]], timeout: float, stats: Stats,
+                 pool_size: int = POOL_SIZE, reopen_after: int = REOPEN_AFTER) -> None:
+        if not resolvers:
+            raise ValueError("DNS forwarder: no upstream resolvers")
+        self.resolvers = tuple(resolvers)
+        self.labels = tuple(resolver_label(resolver) for resolver in self.resolvers)
+        self.timeout = timeout
+        self.stats = stats
+        self.pool_size = pool_size
+        self.reopen_after = reopen_after
+        self._pools: list[list[_UdpSocket]] = [[] for _ in self.resolvers]
+        self._retired: set[_UdpSocket] = set()
+
+    def _socket(self, index: int) -> _UdpSocket:
+        pool = self._pools[index]
+        if len(pool) < self.pool_size:
+            sock = _UdpSocket(asyncio.get_running_loop(), self.resolvers[index], self.labels[index], self.stats)
+            pool.append(sock)
+            return sock
+        slot = secrets.randbelow(len(pool))
+        sock = pool[slot]
+        if sock.sent >= self.reopen_after or sock.closed or len(sock.outstanding) >= 60000:
+            sock.retired = True
+            if sock.outstanding:
+                self._retired.add(sock)
+            else:
+                sock.close()
+            self._retired = {old for old in self._retired if not old.closed}
+            sock = pool[slot] = _UdpSocket(asyncio.get_running_loop(), self.resolvers[index],
+                                           self.labels[index], self.stats)
+        return sock
+
+    async def ask(self, wire: bytes, question: bytes) -> Answer:
+        """``wire`` (a client's query) answered by the first resolver that answers in time."""
+        waited = 0.0
+        for index, label in enumerate(self.labels):
+            started = time.perf_counter()
+            try:
+                sock = self._socket(index)
+            except OSError as exc:
+                log.warning("DNS forwarder: cannot open a UDP socket to %s: %s", label, exc)
+                self.stats.count("upstream_failures", (label, "error"))
+                continue
+            qid, future = sock.send(wire, question)
+            timer = sock.loop.call_later(self.timeout, _expire, future)
+            try:
+                data = await future
+            except TimeoutError:
+                self.stats.count("upstream_failures", (label, "timeout"))
+                continue
+            except OSError:
+                self.stats.count("upstream_failures", (label, "error"))
+                continue
+            finally:
+                timer.cancel()
+                sock.forget(qid)
+                waited += time.perf_counter() - started
+            return Answer(wire[:2] + data[2:], waited, label)
+        raise UpstreamFailed(f"no answer from {', '.join(self.labels)}")
+
+    def close(self) -> None:
+        for pool in self._pools:
+            for sock in pool:
+                sock.close()
+            pool.clear()
+        for sock in self._retired:
+            sock.close()
+        self._retired.clear()
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class _TcpConnection:
+    """One pipelined RFC 7766 connection to one resolver."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str,
+                 stats: Stats) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.label = label
+        self.stats = stats
+        self.outstanding: dict[int, _Pending] = {}
+        self.slots = asyncio.Semaphore(TCP_PIPELINE)
+        self.closed = False
+        self.used = False
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await self.reader.readexactly(2), "big")
+                data = await self.reader.readexactly(size)
+                pending = self.outstanding.get(int.from_bytes(data[:2], "big")) if len(data) >= 12 else None
+                if pending is None or pending.future.done() or not _is_answer_to(data, pending.question):
+                    self.stats.count("upstream_answers_dropped", (self.label,))
+                    continue
+                pending.future.set_result(data)
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            self._fail(ConnectionResetError(f"upstream {self.label} closed the connection: {exc}"))
+        finally:
+            self.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        for pending in self.outstanding.values():
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+
+    async def ask(self, wire: bytes, question: bytes, timeout: float) -> bytes:
+        async with self.slots:
+            if self.closed:
+                raise ConnectionResetError(f"upstream {self.label} connection closed")
+            qid = _fresh_id(self.outstanding)
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self.outstanding[qid] = _Pending(future, question)
+            self.used = True
+            try:
+                self.writer.write(len(wire).to_bytes(2, "big") + _with_id(wire, qid))
+                async with asyncio.timeout(timeout):
+                    await self.writer.drain()
+                    return await future
+            finally:
+                self.outstanding.pop(qid, None)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fail(ConnectionAbortedError(f"upstream {self.label} connection closed"))
+        self.writer.close()
+        if self.task is not asyncio.current_task():
+            self.task.cancel()
+
+
+class TcpUpstreamSession:
+    """A TCP client connection's upstream side: one pipelined connection per resolver, on demand."""
+
+    def __init__(self, resolvers: Sequence[tuple[str, int]], timeout: float, stats: Stats) -> None:
+        self.resolvers = tuple(resolvers)
+        self.labels = tuple(resolver_label(resolver) for resolver in self.resolvers)
+        self.timeout = timeout
+        self.stats = stats
+        self._connections: dict[int, _TcpConnection] = {}
+        self._connecting: dict[int, asyncio.Future[_TcpConnection]] = {}
+        self.closed = False
+
+    async def _connection(self, index: int) -> _TcpConnection:
+        connection = self._connections.get(index)
+        if connection is not None and not connection.closed:
+            return connection
+        pending = self._connecting.get(index)
+        if pending is not None:   # pipelined queries share one connection attempt
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_TcpConnection] = asyncio.get_running_loop().create_future()
+        self._connecting[index] = future
+        try:
+            host, port = self.resolvers[index]
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE + 2)
+            connection = _TcpConnection(reader, writer, self.labels[index], self.stats)
+            if self.closed:
+                connection.close()
+                raise ConnectionAbortedError("session closed")
+            self._connections[index] = connection
+            future.set_result(connection)
+            return connection
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else ConnectionAbortedError(str(exc)))
+            future.exception()   # retrieved: a lone connect needs no other waiter
+            raise
+        finally:
+            del self._connecting[index]
+
+    async def ask(self, wire: bytes, question: bytes) -> Answer:
+        waited = 0.0
+        for index, label in enumerate(self.labels):
+            started = time.perf_counter()
+            try:
+                for attempt in range(2):
+                    connection = await self._connection(index)
+                    reused = connection.used
+                    try:
+                        data = await connection.ask(wire, question, self.timeout)
+                        break
+                    except (ConnectionError, asyncio.IncompleteReadError):
+                        # An upstream may close an idle connection (RFC 7766 6.2.3) just as we
+                        # reuse it: one retry on a fresh connection before blaming the resolver.
+                        if attempt or not reused:
+                            raise
+                        connection.close()
+                else:   # pragma: no cover - the loop always breaks or raises
+                    raise ConnectionAbortedError("unreachable")
+            except TimeoutError:
+                self.stats.count("upstream_failures", (label, "timeout"))
+                continue
+            except OSError:
+                self.stats.count("upstream_failures", (label, "error"))
+                continue
+            finally:
+                waited += time.perf_counter() - started
+            return Answer(wire[:2] + data[2:], waited, label)
+        raise UpstreamFailed(f"no answer from {', '.join(self.labels)} over TCP")
+
+    def close(self) -> None:
+        self.closed = True
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
