@@ -269,6 +269,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sessions {name}: {source.get('sessions', 0)} now, {source.get('changes', 0)} changes"
               + (f", last lag {lag:.3f}s" if lag is not None else "") + f"; problems: {problems}"
               + (f" (last: {source['last_problem']})" if source.get("last_problem") else ""))
+    dns = status.get("dns_forwarder")
+    if dns:
+        state = "ready" if dns.get("ready") else "running, not ready" if dns.get("running") else "NOT RUNNING"
+        print(f"dns forwarder: {state} (pid {dns.get('pid') or '-'}; {', '.join(dns.get('listen', []))}; "
+              f"restarts {dns.get('restarts', 0)}"
+              + (f"; last exit {dns['last_exit_code']}" if dns.get("last_exit_code") is not None else "")
+              + (f"; last error: {dns['last_error']}" if dns.get("last_error") else "") + ")")
     return 0
 
 
