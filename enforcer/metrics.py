@@ -154,6 +154,10 @@ class Metrics:
         self.dns_added = DeltaHistogram("walled_garden_dns_added_seconds", "Time a query spent in the forwarder "
                                         "minus the upstream wait (includes the kernel add)")
         r.register(self.dns_added)
+        self.dns_forwarder_events = Counter("walled_garden_dns_forwarder_events", "Other things the forwarder "
+                                            "counts: admit_timeouts (an answer sent before its addresses were in), "
+                                            "admit_failures, garden_answers_unparsable, tcp_clients_refused, "
+                                            "upstream_answers_dropped", ["event"], registry=r)
         self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "
                                       "and listens", registry=r)
 
