@@ -6,7 +6,8 @@ A 203.0.113.7``), so a record the upstream added for some other owner (additiona
 unrelated owner in the answer section, a poisoned glue record) never opens the garden. DNAME is
 ignored: it would rewrite a whole subtree, and upstreams send the synthesized CNAME anyway
 (RFC 6672), which the chain follows. The chain is at most ``MAX_CHAIN`` names long and loops end
-it, so a hostile answer costs bounded work.
+it, so a hostile answer costs bounded work; an owner with two CNAME targets (invalid, RFC 2181
+10.1) ends it too, as no single chain can be told from it.
 
 Each address is held ``min(ttl, max_ttl) + ttl_margin`` seconds: the client may use it for its TTL,
 the margin covers clocks, a slow client and connections opened just before the TTL ran out.
@@ -41,7 +42,8 @@ class AnswerError(ValueError):
 def parse(wire: bytes) -> dns.message.Message:
     """``wire`` as a dnspython message, or ``AnswerError`` saying why not."""
     try:
-        return dns.message.from_wire(wire)
+        # One rrset per record: merged, a second CNAME of one owner would silently replace the first.
+        return dns.message.from_wire(wire, one_rr_per_rrset=True)
     # dnspython reports malformed input as DNSException subclasses, but some paths (a bad label's
     # text, an out-of-range field) surface as ValueError/UnicodeError/struct errors: all mean the
     # same thing here, "not a parsable answer".
@@ -68,21 +70,22 @@ def garden_addresses(response: dns.message.Message | bytes, qname: str | dns.nam
     if not isinstance(message, dns.message.Message):
         raise AnswerError(f"not a DNS message: {type(response).__name__}")
     start = _qname(qname)
-    cnames: dict[dns.name.Name, dns.name.Name] = {}
+    cnames: dict[dns.name.Name, dns.name.Name | None] = {}   # None: several targets (invalid), not followed
     addresses: dict[dns.name.Name, list[tuple[str, int]]] = {}
     for rrset in message.answer:
         if rrset.rdclass != dns.rdataclass.IN:
             continue
         if rrset.rdtype == dns.rdatatype.CNAME:
             for rdata in rrset:
-                cnames.setdefault(rrset.name, rdata.target)   # a second CNAME for one owner is invalid
+                known = cnames.get(rrset.name, rdata.target)
+                cnames[rrset.name] = rdata.target if known == rdata.target else None
         elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             held = min(max(rrset.ttl, 0), max_ttl) + ttl_margin
             addresses.setdefault(rrset.name, []).extend((rdata.address, held) for rdata in rrset)
     chain = [start]
-    while len(chain) < MAX_CHAIN and chain[-1] in cnames:
-        target = cnames[chain[-1]]
-        if target in chain:
+    while len(chain) < MAX_CHAIN:
+        target = cnames.get(chain[-1])
+        if target is None or target in chain:
             break
         chain.append(target)
     result: dict[Address, int] = {}
