@@ -71,7 +71,8 @@ async def child_main(fd: int, settings: ForwarderSettings) -> int:
         return _start_failed(f"cannot listen on {', '.join(settings.listen)} port {settings.port}: {exc}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT):   # SIGINT: a Ctrl-C on the daemon's terminal reaches us too
+        loop.add_signal_handler(signum, stop.set)
     tasks = [asyncio.create_task(garden.watch(stop)), asyncio.create_task(_report(writer, stats, stop)),
              asyncio.create_task(_until_eof(reader, stop))]
     _send(writer, {"ready": True})

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from required import tool
 
 from enforcer.dns_garden.bridge import ForwarderBridge
 from enforcer.dns_garden.settings import ForwarderSettings
 from enforcer.dns_garden.stats import LATENCY_BUCKETS, Stats
 from enforcer.metrics import Metrics
+from required import tool
 
 SETTINGS = ForwarderSettings(table="wg_test", port=5300, resolvers=(("198.51.100.53", 53),), max_addresses=500)
 
