@@ -261,3 +261,18 @@ async def test_seed_without_the_table_is_a_clear_error(ns: Namespace) -> None:
     garden, _ = writer(ns)
     with pytest.raises(GardenSetError, match="has no set dnsgarden4"):
         await garden.seed()
+
+
+async def test_the_writer_fills_the_sets_the_daemons_layout_renders(ns: Namespace) -> None:
+    from enforcer.dataplane.layout import Layout
+
+    layout = Layout(TABLE, ("eth1",), (), (), 8080, dns_port=5300, ntp=(), dns_garden_size=4)
+    ns.sh("nft", layout.render())
+    garden, stats = writer(ns, max_addresses=4)
+    await garden.seed()
+    assert garden.cap == {4: 3, 6: 3}        # the marker takes one of the set's slots
+    await garden.admit([(A1, 300), (A2, 300), (A3, 300), (A4, 300), (B1, 300)])
+    assert ns.elements(4) == {SENTINELS[4]: None, "192.0.2.1": 300, "192.0.2.2": 300, "192.0.2.3": 300}
+    assert ns.elements(6) == {SENTINELS[6]: None, "2001:db8::1": 300}
+    assert stats.peek("garden_set_full", ("ipv4",)) == 1
+    assert stats.peek("kernel_failures") == 0
