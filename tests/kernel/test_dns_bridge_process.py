@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -149,3 +150,19 @@ async def test_cancelling_the_bridge_kills_the_child(ns: Namespace) -> None:
         await asyncio.wait_for(running, 15)
     assert not alive(pid)
     assert ns.pids() == []
+
+
+def test_a_listener_that_cannot_bind_is_a_clear_start_failure(ns: Namespace) -> None:
+    ns.create_table()
+    settings = ForwarderSettings(table=TABLE, port=PORT, resolvers=(("198.51.100.53", 53),),
+                                 listen=("203.0.113.9",))     # no such address in the namespace
+    ours, theirs = socket.socketpair()
+    try:
+        done = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "enforcer.dns_garden.process",
+                               "--fd", str(theirs.fileno()), "--settings", settings.to_json()],
+                              pass_fds=(theirs.fileno(),), capture_output=True, text=True, timeout=20)
+    finally:
+        ours.close()
+        theirs.close()
+    assert done.returncode == 3, done.stderr
+    assert "event=dns_forwarder_start_failed" in done.stderr and "203.0.113.9" in done.stderr, done.stderr
