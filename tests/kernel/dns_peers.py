@@ -120,14 +120,8 @@ class DnsPeers:
             process.stop()
 
     def _addresses(self) -> None:
-        topo, up, gw = self.topo, self.topo.upstream.netns, self.topo.gateway.netns
-        link = _link_with(topo, up, topo.upstream.addr4)
-        for address in (RESOLVER4, OUTSIDE4, *PAY4, OTHER4, *BIG4, RECORDER4):
-            topo.run(up, "ip", "addr", "add", f"{address}/32", "dev", link, check=True)
-        for address in (RESOLVER6, OUTSIDE6, *PAY6, OTHER6, *BIG6, RECORDER6):
-            topo.run(up, "ip", "-6", "addr", "add", f"{address}/128", "dev", link, "nodad", check=True)
-        topo.run(gw, "ip", "route", "add", SERVICE_NET4, "via", topo.upstream.addr4, check=True)
-        topo.run(gw, "ip", "-6", "route", "add", SERVICE_NET6, "via", topo.upstream.addr6, check=True)
+        add_upstream_addresses(self.topo, RESOLVER4, OUTSIDE4, *PAY4, OTHER4, *BIG4, RECORDER4,
+                               RESOLVER6, OUTSIDE6, *PAY6, OTHER6, *BIG6, RECORDER6)
 
     def _wait_resolver(self) -> None:
         """dnsmasq logs "started" before it can forward; ready is an answer through it."""
@@ -150,6 +144,22 @@ class DnsPeers:
         """The authority's log lines ``answer <transport> <name> <type> <addresses...>``."""
         return [line for line in self.authority_log.read_text(errors="replace").splitlines()
                 if line.startswith("answer ")]
+
+
+def add_upstream_addresses(topo: Topology, *addresses: str) -> None:
+    """``addresses`` on the upstream host's link (so the gateway reaches those in its upstream
+    /24 and /64 on link); the gateway routes ``SERVICE_NET4``/``SERVICE_NET6`` to that host once."""
+    up, gw = topo.upstream.netns, topo.gateway.netns
+    link = _link_with(topo, up, topo.upstream.addr4)
+    for address in addresses:
+        if ":" in address:
+            topo.run(up, "ip", "-6", "addr", "add", f"{address}/128", "dev", link, "nodad", check=True)
+        else:
+            topo.run(up, "ip", "addr", "add", f"{address}/32", "dev", link, check=True)
+    routes = topo.run(gw, "ip", "route", "show", SERVICE_NET4, check=True).stdout
+    if not routes.strip():
+        topo.run(gw, "ip", "route", "add", SERVICE_NET4, "via", topo.upstream.addr4, check=True)
+        topo.run(gw, "ip", "-6", "route", "add", SERVICE_NET6, "via", topo.upstream.addr6, check=True)
 
 
 def _link_with(topo: Topology, netns: str, address: str) -> str:
