@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from typing import Any, cast
 
 import dns.exception
 import dns.name
@@ -118,8 +118,8 @@ class _UdpListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # asyncio's selector datagram transport does not subclass DatagramTransport: no isinstance.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self.transport is not None:
@@ -145,6 +145,7 @@ class Forwarder:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tcp_clients: set[asyncio.Task[Any]] = set()
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
         self.bound: list[tuple[str, int]] = []   # (address, port) actually bound, for tests and logs
 
     @property
@@ -180,8 +181,12 @@ class Forwarder:
         self._udp.clear()
         for server in self._servers:
             server.close()
-        for task in [*self._tasks, *self._tcp_clients]:
+        for task in self._tasks:
             task.cancel()
+        # TCP client handlers end on their own once their connection is closed (asyncio's server
+        # logs a handler task that ends cancelled as an error).
+        for writer in self._tcp_writers:
+            writer.close()
         if self._tasks or self._tcp_clients:
             await asyncio.gather(*self._tasks, *self._tcp_clients, return_exceptions=True)
         for server in self._servers:
@@ -280,6 +285,7 @@ class Forwarder:
             self.stats.count("tcp_clients_refused")
             return
         self._tcp_clients.add(task)
+        self._tcp_writers.add(writer)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else "?"
         upstream = TcpUpstreamSession(self.settings.resolvers, self.settings.upstream_timeout, self.stats)
@@ -320,6 +326,7 @@ class Forwarder:
             upstream.close()
             writer.close()
             self._tcp_clients.discard(task)
+            self._tcp_writers.discard(writer)
 
     async def _tcp_head(self, reader: asyncio.StreamReader, mine: set[asyncio.Task[Any]]) -> bytes | None:
         """The next message's length field, or None once the client is idle (nothing in flight)."""
