@@ -119,9 +119,19 @@ s.sendall(len(q).to_bytes(2, "big") + q)
 print(s.recv(512)[5] & 0x0f)
 """
         assert ns.sh(sys.executable, "-c", query).strip() == "2"      # RCODE SERVFAIL
-        labels = {"transport": "tcp", "result": "upstream_failed"}
-        await until("the count in the metrics",
-                    lambda: metrics.registry.get_sample_value("walled_garden_dns_queries_total", labels) == 1)
+        udp = f"""
+import socket
+q = bytes.fromhex("abcd01000001000000000000") + b"\\x03pay\\x07example\\x03net\\x00\\x00\\x01\\x00\\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(q, ({LISTEN!r}, {PORT}))
+print(s.recvfrom(512)[0][3] & 0x0f)
+"""
+        assert ns.sh(sys.executable, "-c", udp).strip() == "2"
+        def failed(transport: str) -> float | None:
+            labels = {"transport": transport, "result": "upstream_failed"}
+            return metrics.registry.get_sample_value("walled_garden_dns_queries_total", labels)
+
+        await until("the counts in the metrics", lambda: failed("tcp") == 1 and failed("udp") == 1)
 
         # Killed: restarted, a new pid, ready again.
         os.kill(first["pid"], signal.SIGKILL)
