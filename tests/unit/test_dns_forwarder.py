@@ -73,7 +73,7 @@ class Upstream:
 
         if name == "pay.example.net.":
             self.rotation += 1
-            add(name, 300, "A", f"192.0.2.{self.rotation}")
+            add(name, 300, "A", f"192.0.2.{(self.rotation - 1) % 254 + 1}")
         elif name == "www.psp.example.":
             add(name, 60, "CNAME", "edge.cdn.example.")
             add("edge.cdn.example.", 20, "A", "203.0.113.7")
