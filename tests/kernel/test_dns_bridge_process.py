@@ -33,11 +33,15 @@ class Namespace:
     def __init__(self) -> None:
         self.name = f"wg-db-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.sh("ip", "link", "set", "lo", "up")
-        self.sh("ip", "link", "add", "dns0", "type", "veth", "peer", "name", "dns1")   # nobody behind it
-        self.sh("ip", "addr", "add", f"{LISTEN}/24", "dev", "dns0")
-        self.sh("ip", "link", "set", "dns0", "up")
-        self.sh("ip", "link", "set", "dns1", "up")
+        try:
+            self.sh("ip", "link", "set", "lo", "up")
+            self.sh("ip", "link", "add", "dns0", "type", "veth", "peer", "name", "dns1")   # nobody behind it
+            self.sh("ip", "addr", "add", f"{LISTEN}/24", "dev", "dns0")
+            self.sh("ip", "link", "set", "dns0", "up")
+            self.sh("ip", "link", "set", "dns1", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def sh(self, *argv: str, timeout: float = 10) -> str:
         done = subprocess.run(["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True,

@@ -57,7 +57,11 @@ class Namespace:
     def __init__(self) -> None:
         self.name = f"wg-dg-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.nft = self._nft_inside()
+        try:
+            self.nft = self._nft_inside()
+        except BaseException:
+            subprocess.run(["ip", "netns", "del", self.name], check=False)
+            raise
 
     def _nft_inside(self) -> Nftables:
         box: dict[str, Any] = {}
