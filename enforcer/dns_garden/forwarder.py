@@ -28,6 +28,7 @@ fit the one-question-one-answer model.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -353,7 +354,21 @@ class Forwarder:
 
 
 def _bound_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
-    """A UDP and a TCP socket bound to ``host``:``port`` (v6: IPV6_V6ONLY); OSError names them."""
+    """A UDP and a TCP socket bound to ``host``:``port`` (v6: IPV6_V6ONLY); OSError names them.
+
+    Port 0 (tests) takes a free UDP port and the same TCP port, trying a few times: the UDP
+    port's TCP twin may be in use.
+    """
+    for _ in range(19 if port == 0 else 0):
+        try:
+            return _bind_pair(host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    return _bind_pair(host, port)
+
+
+def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     try:
         family = socket.AF_INET6 if ip_address(host).version == 6 else socket.AF_INET
     except ValueError as exc:

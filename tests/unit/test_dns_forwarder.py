@@ -45,10 +45,18 @@ class Upstream:
                 upstream.tasks.add(task)
                 task.add_done_callback(upstream.tasks.discard)
 
-        transport, _ = await loop.create_datagram_endpoint(Protocol, local_addr=("127.0.0.1", 0))
-        self.udp = transport
-        self.port = transport.get_extra_info("sockname")[1]
-        self.server = await asyncio.start_server(self.tcp_client, "127.0.0.1", self.port)
+        for attempt in range(20):   # a free UDP port whose TCP twin is free too
+            transport, _ = await loop.create_datagram_endpoint(Protocol, local_addr=("127.0.0.1", 0))
+            self.port = transport.get_extra_info("sockname")[1]
+            try:
+                self.server = await asyncio.start_server(self.tcp_client, "127.0.0.1", self.port)
+            except OSError:
+                transport.close()
+                if attempt == 19:
+                    raise
+                continue
+            self.udp = transport
+            break
 
     def close(self) -> None:
         if self.udp:
