@@ -33,6 +33,8 @@ from .api.webhooks import SecretError, Verifier, load_webhook_secret
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
+from .dns_garden.bridge import ForwarderBridge
+from .dns_garden.settings import ForwarderSettings
 from .garden_hosts import GardenHosts
 from .logs import setup_logging
 from .outbox import Outbox
@@ -47,6 +49,8 @@ log = logging.getLogger("walled_garden.enforcer")
 #: someone else flushes the ruleset.
 TABLE_CHECK_SECONDS = 5.0
 sd_notify = systemd_notify.notify
+#: How long start-up waits for the DNS forwarder to listen before READY=1 (``dns: gateway``).
+DNS_READY_TIMEOUT = 10.0
 #: Retry of a TCP listener whose address is not there yet (1 s, doubling to 30 s).
 LISTEN_RETRY_FIRST = 1.0
 LISTEN_RETRY_MAX = 30.0
@@ -86,6 +90,7 @@ class Service:
         self.stop = stop
         self.verifier = Verifier(None)
         self.webhooks: WorkerBridge | None = None
+        self.dns: ForwarderBridge | None = None
         self.runners: list[web.AppRunner] = []
         self.supervisor = Supervisor(stop, enforcer.metrics.task_failures)
         enforcer.engine.reports["tasks"] = self.supervisor.status
@@ -114,6 +119,7 @@ class Service:
         self._start_outbox(config)
         self._task("table_check", self._check_table)
         await self._start_hosts(config)
+        await self._start_dns(config)
         # READY=1 (after start) means billing can reach us, if its address exists yet: the unit
         # is ordered before the network (docs/reference.md, Safety rules 6), and the network waits
         # for READY=1.
@@ -196,6 +202,24 @@ class Service:
         else:
             self._task("hosts", None)
 
+    async def _start_dns(self, config: Config) -> None:
+        """The DNS forwarder process (``dns: gateway``), started after the table holds its sets;
+        waits (bounded) until it listens, so a restricted subscriber's first query is answered."""
+        settings = ForwarderSettings.from_config(config)
+        await self.supervisor.end("dns_forwarder")   # the old child must free the port first
+        self.enforcer.engine.reports.pop("dns_forwarder", None)
+        self.dns = None
+        if settings is None:
+            return
+        self.dns = bridge = ForwarderBridge(settings, self.enforcer.metrics)
+        self.enforcer.engine.reports["dns_forwarder"] = bridge.status
+        self._task("dns_forwarder", lambda: bridge.run(self.stop))
+        try:
+            await asyncio.wait_for(bridge.ready.wait(), DNS_READY_TIMEOUT)
+        except TimeoutError:
+            log.error("event=dns_forwarder_not_ready timeout=%.0fs (restricted subscribers' DNS is not answered "
+                      "until it is; see status and the log)", DNS_READY_TIMEOUT)
+
     async def reload(self) -> bool:
         """Re-read the configuration file; True when a valid one was applied."""
         old = self.enforcer.engine.config
@@ -230,6 +254,8 @@ class Service:
             await self._start_hosts(new)
             if not new.walled_garden.allow_hosts:
                 await garden_hosts.install(self.enforcer.engine, set())
+        if ForwarderSettings.from_config(new) != ForwarderSettings.from_config(old):
+            await self._start_dns(new)   # after engine.reload: the table has the sets it needs
         changed = [name for name in ("state_dir", "subscribers", "gateway", "walled_garden", "portal", "api",
                                      "metrics", "policy") if getattr(new, name) != getattr(old, name)]
         self.enforcer.metrics.reloads.labels("applied").inc()

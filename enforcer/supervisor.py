@@ -83,6 +83,15 @@ class Supervisor:
             self.failures.labels(name)   # the series exists (at 0) before any failure: rate() sees the first
         self.tasks[name] = asyncio.create_task(self._supervise(name, factory, state), name=name)
 
+    async def end(self, name: str) -> None:
+        """Cancel the task ``name`` and wait until it has ended (its cleanup done: a child
+        process reaped, a port released), so a successor can take what it held."""
+        old = self.tasks.pop(name, None)
+        self.states.pop(name, None)
+        if old is not None:
+            old.cancel()
+            await asyncio.gather(old, return_exceptions=True)
+
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: state.to_json() for name, state in sorted(self.states.items())}
 

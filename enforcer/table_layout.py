@@ -18,4 +18,4 @@ def base_layout(config: Config) -> Layout:
                   throttle_burst=config.policy.throttle_burst,
                   portal_tls_port=config.portal.tls.listen.port if config.portal.tls else None,
                   dns_port=forwarder.port if forwarder else None, ntp=config.walled_garden.ntp,
-                  dns_garden_size=forwarder.max_addresses if forwarder else 65536)
+                  dns_garden_size=forwarder.max_addresses + 1 if forwarder else 65536)   # + the marker

@@ -62,7 +62,7 @@ def test_forwarder_settings_and_units() -> None:
     assert (settings.query_rate, settings.query_burst, settings.upstream_timeout, settings.ttl_margin,
             settings.max_ttl, settings.max_addresses) == (5.0, 50, 0.5, 120, 3600, 1000)
     layout = base_layout(cfg)
-    assert (layout.dns_port, layout.dns_garden_size, layout.ntp) == (5301, 1000, (ip("198.51.100.123"),))
+    assert (layout.dns_port, layout.dns_garden_size, layout.ntp) == (5301, 1001, (ip("198.51.100.123"),))  # + marker
 
 
 def test_other_modes_keep_their_meaning_and_have_no_forwarder() -> None:
