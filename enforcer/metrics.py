@@ -157,7 +157,8 @@ class Metrics:
         self.dns_forwarder_events = Counter("walled_garden_dns_forwarder_events", "Other things the forwarder "
                                             "counts: admit_timeouts (an answer sent before its addresses were in), "
                                             "admit_failures, garden_answers_unparsable, tcp_clients_refused, "
-                                            "upstream_answers_dropped", ["event"], registry=r)
+                                            "upstream_answers_dropped, answers_dropped (no room to send an "
+                                            "answer)", ["event"], registry=r)
         self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "
                                       "and listens", registry=r)
 

@@ -193,9 +193,12 @@ class GardenSet:
     async def admit(self, addresses: Iterable[tuple[Address, int]]) -> None:
         """Hold each address for at least its seconds; returns once the kernel has them (or
         failed: logged and counted, never raised)."""
-        wanted, asked = self._wanted, False
+        wanted, asked, now = self._wanted, False, self.clock()
         for address, seconds in addresses:
             seconds = max(1, math.ceil(seconds))
+            expires = self._held[address.version].get(address)
+            if expires is not None and expires - now >= seconds - self.slack:
+                continue   # held long enough already: the common case (a name asked again), no write
             asked = True
             if wanted.get(address, 0) < seconds:
                 wanted[address] = seconds
@@ -330,18 +333,23 @@ class GardenSet:
         async with self._kernel:
             self._prune()
             self._publish()
-            lookups = "".join(f"get element inet {self.table} {name} {{ {SENTINELS[family]} }}\n"
-                              for family, name in DNS_GARDEN_SETS.items())
+            # ``list set``, not ``get element``: after any write to the table (ours or the daemon's)
+            # nft 1.0.6 answers ``get element`` only after loading every set's elements, ~0.85 s
+            # at 100k subscribers; ``list set`` reads this one set (measured, docs/benchmarks.md).
             try:
-                await asyncio.to_thread(self.nft.run, lookups)
+                listings = await asyncio.to_thread(self._list_sets)
+            except GardenSetError:
+                await self._refill()   # the table or a set is missing: it says so, and waits
+                return
+            except NftError as exc:
+                self._failed("dns_garden_check_failed", str(exc))
+                return
+            if all(SENTINELS[family] in {key for key, _ in _parse_listing(data, DNS_GARDEN_SETS[family])[1]}
+                   for family, data in listings.items()):
                 if self._table_missing:
                     log.info("event=dns_garden_table_back table=%s", self.table)
                     self._table_missing = False
                 return
-            except NftError as exc:
-                if _MISSING not in str(exc):
-                    self._failed("dns_garden_check_failed", str(exc))
-                    return
             await self._refill()
 
     async def _refill(self) -> None:
