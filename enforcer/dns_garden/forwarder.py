@@ -192,10 +192,19 @@ class Forwarder:
     # --- start / close -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind UDP and TCP on every listen address; OSError naming the address if one fails."""
+        """Bind UDP and TCP on every listen address; OSError naming the address if one fails.
+
+        The IPv6 wildcard on a machine without IPv6 (``ipv6.disable=1``: no AF_INET6 sockets) is
+        skipped with a warning when another address binds: there is no IPv6 DNS to redirect."""
         try:
             for host in self.settings.listen:
-                udp_sock, tcp_sock = _bound_sockets(host, self.settings.port)
+                try:
+                    udp_sock, tcp_sock = _bound_sockets(host, self.settings.port)
+                except OSError as exc:
+                    if host == "::" and exc.errno == errno.EAFNOSUPPORT and len(self.settings.listen) > 1:
+                        log.warning("event=dns_forwarder_no_ipv6 (IPv6 is disabled here; listening on IPv4 only)")
+                        continue
+                    raise
                 self._udp.append(_UdpListener(self, udp_sock))
                 server = await asyncio.start_server(self._tcp_client, sock=tcp_sock, limit=MAX_MESSAGE + 2)
                 self._servers.append(server)

@@ -444,3 +444,24 @@ def test_parse_query_reads_the_question() -> None:
     parsed = parse_query(wire)
     assert parsed is not None and parsed.qtype == 28 and parsed.opcode == 0
     assert parsed.name == b"\x03Pay\x07Example\x03NET\x00"
+
+
+async def test_a_machine_without_ipv6_listens_on_ipv4_alone(upstream: Upstream, make_forwarder: Make,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from enforcer.dns_garden import forwarder as module
+
+    real = module._bound_sockets
+
+    def no_ipv6(host: str, port: int) -> Any:
+        if host == "::":
+            raise OSError(errno.EAFNOSUPPORT, "DNS forwarder: cannot bind :: (UDP): Address family not supported")
+        return real(host, port)
+
+    monkeypatch.setattr(module, "_bound_sockets", no_ipv6)
+    forwarder = await make_forwarder([upstream], listen=("127.0.0.1", "::"))
+    assert [host for host, _ in forwarder.bound] == ["127.0.0.1"]
+    assert rcode(await udp(forwarder, query("a.example"))) == 0
+    with pytest.raises(OSError, match="Address family"):   # IPv6 alone: nothing to listen on, say so
+        await make_forwarder([upstream], listen=("::",))
