@@ -45,7 +45,15 @@ from .limits import RateLimiter
 from .names import AllowedNames
 from .settings import ForwarderSettings
 from .stats import Stats
-from .upstream import MAX_MESSAGE, RECV_BATCH, Answer, TcpUpstreamSession, UdpUpstream, UpstreamFailed
+from .upstream import (
+    MAX_MESSAGE,
+    RECV_BATCH,
+    Answer,
+    TcpUpstreamSession,
+    UdpUpstream,
+    UpstreamFailed,
+    large_receive_buffer,
+)
 
 __all__ = ["ADMIT_TIMEOUT", "MAX_OUTSTANDING", "TCP_IDLE", "TCP_PIPELINE", "Admit", "Forwarder", "Query",
            "parse_query", "reply"]
@@ -435,6 +443,8 @@ def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
             sock = socket.socket(family, kind)
             sockets.append(sock)
             sock.setblocking(False)
+            if kind == socket.SOCK_DGRAM:
+                large_receive_buffer(sock)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if kind == socket.SOCK_STREAM:

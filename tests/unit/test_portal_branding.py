@@ -7,6 +7,7 @@ one h1, labelled controls, focus styles, nothing external, under 30 KB with a 12
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import re
 from dataclasses import replace
@@ -141,7 +142,7 @@ def test_page_stays_under_30_kb_with_a_12_kb_logo_in_every_language(config: Conf
     room = MAX_LOGO_BYTES - len(PNG)
     logo.write_bytes(PNG + bytes(range(256)) * (room // 256) + b"\0" * (room % 256))
     assert logo.stat().st_size == MAX_LOGO_BYTES
-    text = (f"state_dir: /tmp/x\nsubscribers: {{source: /tmp/x/l.yaml}}\n"
+    text = (f"state_dir: /tmp/x\nsubscribers: {{source: /tmp/x/l.yaml}}\nwalled_garden: {{allow: [pay.example]}}\n"
             f"portal:\n  show_account: true\n  branding: {{logo: {logo}}}\n"
             f"  payment_links: [{{label: Card, url: 'https://pay.example/card'}}, "
             f"{{label: Bank transfer, url: 'https://pay.example/bank'}}]\n"
@@ -273,4 +274,6 @@ def test_texts_problems_name_their_key_path(config: Config) -> None:
 def test_validate_is_quiet_for_a_plain_config(config: Config) -> None:
     assert validate(config) == []
     links = (PaymentLink("Card", "https://pay.example/"),)
-    assert validate(with_portal(config, payment_links=links, show_account=True, default_language="uk")) == []
+    garden = dataclasses.replace(config.walled_garden, allow_hosts=("pay.example",))   # check-config wants it
+    paying = dataclasses.replace(config, walled_garden=garden)
+    assert validate(with_portal(paying, payment_links=links, show_account=True, default_language="uk")) == []
