@@ -159,6 +159,8 @@ class Metrics:
                                             "admit_failures, garden_answers_unparsable, tcp_clients_refused, "
                                             "upstream_answers_dropped, answers_dropped (no room to send an "
                                             "answer)", ["event"], registry=r)
+        self.dns_forwarder_enabled = Gauge("walled_garden_dns_forwarder_enabled", "1 when the configuration "
+                                           "asks for the DNS forwarder (walled_garden.dns: gateway)", registry=r)
         self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "
                                       "and listens", registry=r)
 

@@ -209,7 +209,9 @@ class Service:
         await self.supervisor.end("dns_forwarder")   # the old child must free the port first
         self.enforcer.engine.reports.pop("dns_forwarder", None)
         self.dns = None
+        self.enforcer.metrics.dns_forwarder_enabled.set(0 if settings is None else 1)
         if settings is None:
+            self.enforcer.metrics.dns_forwarder_up.set(0)
             return
         self.dns = bridge = ForwarderBridge(settings, self.enforcer.metrics)
         self.enforcer.engine.reports["dns_forwarder"] = bridge.status
@@ -254,8 +256,9 @@ class Service:
             await self._start_hosts(new)
             if not new.walled_garden.allow_hosts:
                 await garden_hosts.install(self.enforcer.engine, set())
-        if ForwarderSettings.from_config(new) != ForwarderSettings.from_config(old):
-            await self._start_dns(new)   # after engine.reload: the table has the sets it needs
+        applied = self.enforcer.engine.config   # what engine.reload took (e.g. the table name stays)
+        if ForwarderSettings.from_config(applied) != ForwarderSettings.from_config(old):
+            await self._start_dns(applied)   # after engine.reload: the table has the sets it needs
         changed = [name for name in ("state_dir", "subscribers", "gateway", "walled_garden", "portal", "api",
                                      "metrics", "policy") if getattr(new, name) != getattr(old, name)]
         self.enforcer.metrics.reloads.labels("applied").inc()
