@@ -158,7 +158,9 @@ class Metrics:
                                             "counts: admit_timeouts (an answer sent before its addresses were in), "
                                             "admit_failures, garden_answers_unparsable, tcp_clients_refused, "
                                             "upstream_answers_dropped, answers_dropped (no room to send an "
-                                            "answer)", ["event"], registry=r)
+                                            "answer), garden_addresses_refused (an allowed name's address in "
+                                            "subscriber, loopback, link-local or reserved space)", ["event"],
+                                            registry=r)
         self.dns_forwarder_enabled = Gauge("walled_garden_dns_forwarder_enabled", "1 when the configuration "
                                            "asks for the DNS forwarder (walled_garden.dns: gateway)", registry=r)
         self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "

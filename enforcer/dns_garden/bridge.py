@@ -45,7 +45,7 @@ STOP_GRACE = 5.0
 LINE_LIMIT = 1 << 20
 #: Counts that have no metric of their own, summed in ``walled_garden_dns_forwarder_events_total{event}``.
 OTHER_EVENTS = ("admit_timeouts", "admit_failures", "garden_answers_unparsable", "tcp_clients_refused",
-                "upstream_answers_dropped", "answers_dropped")
+                "upstream_answers_dropped", "answers_dropped", "garden_addresses_refused")
 
 
 class ForwarderBridge:

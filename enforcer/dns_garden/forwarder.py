@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
 import dns.exception
@@ -177,6 +177,10 @@ class Forwarder:
         self.stats = stats
         self.names = AllowedNames(settings.names, settings.suffixes)
         self.limiter = limiter or RateLimiter(settings.query_rate, settings.query_burst)
+        # Allowed names have a bucket of their own: a household whose apps hammer blocked
+        # services must still resolve the payment page.
+        self.garden_limiter = RateLimiter(settings.query_rate, settings.query_burst)
+        self.refused = tuple(ip_network(prefix) for prefix in settings.refused)
         self.admit_timeout = admit_timeout
         self.max_outstanding = max_outstanding
         self.tcp_idle = tcp_idle
@@ -250,7 +254,8 @@ class Forwarder:
             self.stats.count("queries", (transport, "malformed"))
             return None, None
         query = parse_query(wire)
-        if not self.limiter.allow(client):
+        limiter = self.garden_limiter if query is not None and self.names.allows_wire(query.name) else self.limiter
+        if not limiter.allow(client_key(client)):
             self.stats.count("queries", (transport, "rate_limited"))
             return None, reply(wire, RCODE_REFUSED, query.question if query else b"")
         if query is None:
@@ -318,9 +323,12 @@ class Forwarder:
             log.debug("DNS forwarder: answer from %s not parsed: %s", answer.resolver, exc)
             self.stats.count("garden_answers_unparsable")
             return
-        if not addresses:
+        kept = [(address, seconds) for address, seconds in addresses if self._admissible(address)]
+        if len(kept) < len(addresses):
+            self.stats.count("garden_addresses_refused", by=len(addresses) - len(kept))
+        if not kept:
             return
-        task = asyncio.ensure_future(self.admit(addresses))
+        task = asyncio.ensure_future(self.admit(kept))
         try:
             done, _ = await asyncio.wait({task}, timeout=self.admit_timeout)
         except asyncio.CancelledError:
@@ -330,6 +338,15 @@ class Forwarder:
             # The answer goes now; the add completes (or fails, logged) behind it.
             self.stats.count("admit_timeouts")
         task.add_done_callback(self._admitted)
+
+    def _admissible(self, address: IPv4Address | IPv6Address) -> bool:
+        """Whether an allowed name's address may open the garden: never a subscriber's own (an
+        allowed name pointing there would let every restricted subscriber reach that one on all
+        ports), nor loopback, link-local, multicast, unspecified or reserved space."""
+        if (address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
+                or address.is_reserved):
+            return False
+        return not any(address in prefix for prefix in self.refused)
 
     def _admitted(self, task: asyncio.Future[None]) -> None:
         if task.cancelled():
@@ -373,6 +390,9 @@ class Forwarder:
                 query, answer = self._admission(data, client, "tcp")
                 if answer is not None:
                     writer.write(len(answer).to_bytes(2, "big") + answer)
+                    # A client that does not read what it is refused does not pile it up here.
+                    async with asyncio.timeout(self.tcp_idle):
+                        await writer.drain()
                 if query is None:
                     slots.release()
                     continue
@@ -415,6 +435,17 @@ class Forwarder:
                 await writer.drain()
         except (TimeoutError, ConnectionError):
             writer.close()
+
+
+def client_key(address: str) -> str | bytes:
+    """Whose bucket a query takes: the IPv4 address, or the IPv6 /64 (a subscriber picks any
+    address of its prefix at will)."""
+    if ":" not in address:
+        return address
+    try:
+        return socket.inet_pton(socket.AF_INET6, address)[:8]
+    except OSError:   # a scoped link-local ("fe80::1%eth1"): the address itself
+        return address
 
 
 def _bound_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:

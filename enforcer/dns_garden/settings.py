@@ -36,6 +36,7 @@ class ForwarderSettings:
     max_ttl: int = 86400                         # TTLs above this are cut to it
     max_addresses: int = 65536                   # per family: the garden sets' size cap
     tcp_clients: int = 1024                      # concurrent TCP connections at most
+    refused: tuple[str, ...] = ()                # never admitted: gateway.subscriber_prefixes (CIDRs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -44,7 +45,7 @@ class ForwarderSettings:
     def from_json(cls, text: str) -> ForwarderSettings:
         raw = json.loads(text)
         raw["resolvers"] = tuple((str(host), int(port)) for host, port in raw["resolvers"])
-        for key in ("names", "suffixes", "listen"):
+        for key in ("names", "suffixes", "listen", "refused"):
             raw[key] = tuple(raw[key])
         return cls(**raw)
 
@@ -61,4 +62,5 @@ class ForwarderSettings:
                    suffixes=tuple(suffix.lower() for suffix in garden.allow_domains),
                    query_rate=forwarder.query_rate, query_burst=forwarder.query_burst,
                    upstream_timeout=forwarder.upstream_timeout, ttl_margin=forwarder.ttl_margin,
-                   max_ttl=forwarder.max_ttl, max_addresses=forwarder.max_addresses)
+                   max_ttl=forwarder.max_ttl, max_addresses=forwarder.max_addresses,
+                   refused=tuple(str(prefix) for prefix in config.gateway.subscriber_prefixes))

@@ -87,6 +87,8 @@ class Upstream:
             add("edge.cdn.example.", 20, "A", "203.0.113.7")
             add("edge.cdn.example.", 20, "AAAA", "2001:db8::7")
             add("evil.example.", 60, "A", "198.51.100.66")
+        elif name == "mixed.psp.example.":   # a subscriber's, loopback and a real address
+            add(name, 60, "A", "100.64.0.5", "127.0.0.1", "203.0.113.9")
         elif name == "big.psp.example.":
             add(name, 60, "A", *(f"203.0.113.{n}" for n in range(1, 101)))
         else:
@@ -465,3 +467,32 @@ async def test_a_machine_without_ipv6_listens_on_ipv4_alone(upstream: Upstream, 
     assert rcode(await udp(forwarder, query("a.example"))) == 0
     with pytest.raises(OSError, match="Address family"):   # IPv6 alone: nothing to listen on, say so
         await make_forwarder([upstream], listen=("::",))
+
+
+async def test_allowed_names_have_a_bucket_of_their_own(upstream: Upstream, make_forwarder: Make) -> None:
+    admit = Recorder()
+    forwarder = await make_forwarder([upstream], admit, query_rate=0.01, query_burst=2)
+    for _ in range(2):
+        assert rcode(await udp(forwarder, query("other.example"))) == dns.rcode.NOERROR
+    assert rcode(await udp(forwarder, query("other.example"))) == dns.rcode.REFUSED
+    assert rcode(await udp(forwarder, query("pay.example.net"))) == dns.rcode.NOERROR   # still pays
+    assert len(admit.calls) == 1
+
+
+async def test_addresses_of_subscribers_and_special_space_never_open_the_garden(
+        upstream: Upstream, make_forwarder: Make) -> None:
+    admit = Recorder()
+    forwarder = await make_forwarder([upstream], admit, refused=("100.64.0.0/10",))
+    answer = dns.message.from_wire(await udp(forwarder, query("mixed.psp.example")))
+    assert len(answer.answer[0]) == 3, "the answer itself is passed through unchanged"
+    assert admit.calls == [[(ip_address("203.0.113.9"), 60 + forwarder.settings.ttl_margin)]]
+    assert forwarder.stats.peek("garden_addresses_refused") == 2
+
+
+def test_ipv6_clients_share_a_bucket_per_64() -> None:
+    from enforcer.dns_garden.forwarder import client_key
+
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9")
+    assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
+    assert client_key("192.0.2.1") != client_key("192.0.2.2")
+    assert client_key("fe80::1%eth0") == "fe80::1%eth0"
