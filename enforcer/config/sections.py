@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,9 @@ def _addresses(r: KeyReader, raw: dict[str, Any], path: tuple[str, ...]) -> list
             continue
         if address.is_unspecified or address.is_multicast:
             r.fail(path + (i,), f"{address} is not an address a server can have")
+        elif address.is_link_local:
+            r.fail(path + (i,), f"{address} is link-local: without an interface it cannot be reached; use a "
+                                "global or loopback address")
         elif address not in out:
             out.append(address)
     return out
@@ -270,9 +274,24 @@ def _dns_forwarder(r: KeyReader, value: Any, path: tuple[str, ...]) -> DnsForwar
         query_rate=r.get(raw, path + ("query_rate",), values.positive_number, d.query_rate),
         query_burst=r.get(raw, path + ("query_burst",), values.positive_int, d.query_burst),
         upstream_timeout=r.get(raw, path + ("upstream_timeout",), positive_duration, d.upstream_timeout),
-        ttl_margin=int(r.get(raw, path + ("ttl_margin",), parse_duration, d.ttl_margin)),
-        max_ttl=int(r.get(raw, path + ("max_ttl",), positive_duration, d.max_ttl)),
-        max_addresses=r.get(raw, path + ("max_addresses",), values.positive_int, d.max_addresses))
+        ttl_margin=int(r.get(raw, path + ("ttl_margin",), _at_most(parse_duration, DAY, "1d"), d.ttl_margin)),
+        max_ttl=int(r.get(raw, path + ("max_ttl",), _at_most(positive_duration, 7 * DAY, "7d"), d.max_ttl)),
+        max_addresses=r.get(raw, path + ("max_addresses",), _at_most(values.positive_int, 1 << 24, "16777216"),
+                            d.max_addresses))
+
+
+DAY = 86400
+
+
+def _at_most(convert: Callable[[Any], Any], limit: float, spelled: str) -> Callable[[Any], Any]:
+    """``convert``, then refuse a value above ``limit`` (a set size nft cannot take, a timeout
+    that keeps an address open for weeks)."""
+    def checked(value: Any) -> Any:
+        converted = convert(value)
+        if converted > limit:
+            raise ValueError(f"{value!r} is more than the most allowed, {spelled}")
+        return converted
+    return checked
 
 
 def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:
@@ -485,6 +504,23 @@ def _promise_rules(r: KeyReader, value: Any) -> PromiseRules:
     if rules.term > rules.period:
         r.fail(path + ("term",), "the term is longer than the period the limit counts over")
     return rules
+
+
+def forwarder_port(r: KeyReader, garden: GardenConfig, portal_config: PortalConfig, api_config: ApiConfig,
+                   metrics_config: MetricsConfig) -> None:
+    """The DNS forwarder listens on every address at its port (UDP and TCP): no other listener of
+    ours may have that port, or one of the two cannot start."""
+    if garden.forwarder is None:
+        return
+    taken = {"portal.listen": portal_config.listen, "api.listen": api_config.listen,
+             "metrics.listen": metrics_config.listen, "metrics.portal_listen": metrics_config.portal_listen}
+    if portal_config.tls is not None:
+        taken["portal.tls.listen"] = portal_config.tls.listen
+    for key, listen in taken.items():
+        if listen is not None and listen.port == garden.forwarder.port:
+            r.fail(("walled_garden", "dns_forwarder", "port"),
+                   f"{garden.forwarder.port} is {key}'s port too; the forwarder listens on every address: "
+                   "pick another (default 5300)")
 
 
 def separate_secrets(r: KeyReader, api_config: ApiConfig, policy_config: PolicyConfig) -> None:

@@ -55,6 +55,8 @@ RECV_BATCH = 64
 #: busy CPU) delays answers instead of dropping them (the kernel's default, ~200 KB, holds
 #: ~50 ms). Set with SO_RCVBUFFORCE (the forwarder has CAP_NET_ADMIN), else as far as allowed.
 UDP_RECEIVE_BUFFER = 4 << 20
+#: Seconds between two log lines about one resolver's sockets failing to open.
+WARN_EVERY = 10.0
 #: Linux's SO_RCVBUFFORCE (<asm-generic/socket.h>); Python's socket module does not name it.
 SO_RCVBUFFORCE = 33
 
@@ -236,6 +238,7 @@ class UdpUpstream:
         #: (deadline, query) in send order; an entry is stale once its query was answered or re-sent.
         self._deadlines: deque[tuple[float, _UdpQuery]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
+        self._warned: dict[int, float] = {}   # resolver index -> when its socket failure was last logged
 
     def _socket(self, index: int) -> _UdpSocket:
         pool = self._pools[index]
@@ -290,7 +293,12 @@ class UdpUpstream:
             try:
                 sock = self._socket(index)
             except OSError as exc:
-                log.warning("DNS forwarder: cannot open a UDP socket to %s: %s", self.labels[index], exc)
+                now = time.monotonic()
+                if now - self._warned.get(index, -WARN_EVERY) >= WARN_EVERY:   # not once per query
+                    self._warned[index] = now
+                    log.warning("event=dns_upstream_socket_failed resolver=%s error=%r (counted in "
+                                "walled_garden_dns_upstream_failures_total; said again in %.0fs at the "
+                                "earliest)", self.labels[index], str(exc), WARN_EVERY)
                 self.stats.count("upstream_failures", (self.labels[index], "error"))
                 index += 1
                 continue

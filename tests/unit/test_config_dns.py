@@ -98,6 +98,15 @@ def test_other_modes_keep_their_meaning_and_have_no_forwarder() -> None:
     ('dns: gateway\nresolvers: ["198.51.100.53"]\ndns_forwarder: {cache: 1}\n',
      "walled_garden.dns_forwarder.cache", "unknown key"),
     ('ntp: ["pool.ntp.example"]\n', "walled_garden.ntp[0]", "not an IP address"),
+    ('dns: gateway\nresolvers: ["fe80::53"]\n', "walled_garden.resolvers[0]", "link-local"),
+    ('dns: gateway\nresolvers: ["198.51.100.53"]\ndns_forwarder: {max_addresses: 5000000000}\n',
+     "walled_garden.dns_forwarder.max_addresses", "more than the most allowed"),
+    ('dns: gateway\nresolvers: ["198.51.100.53"]\ndns_forwarder: {max_ttl: 400d}\n',
+     "walled_garden.dns_forwarder.max_ttl", "more than the most allowed, 7d"),
+    ('dns: gateway\nresolvers: ["198.51.100.53"]\ndns_forwarder: {port: 8080}\n',
+     "walled_garden.dns_forwarder.port", "portal.listen's port too"),
+    ('dns: gateway\nresolvers: ["198.51.100.53"]\ndns_forwarder: {port: 9640}\n',
+     "walled_garden.dns_forwarder.port", "metrics.listen's port too"),
 ])
 def test_each_bad_value_is_named_by_its_key_path(garden: str, where: str, words: str) -> None:
     found = issues(config(garden))
