@@ -64,6 +64,8 @@ FAMILY_LABELS = {4: "ipv4", 6: "ipv6"}
 WATCH_EVERY = 1.0
 #: A repeated kernel failure is logged at most this often (a DNS flood must not flood the log).
 LOG_EVERY = 10.0
+#: Seconds a tracked address is kept past its expiry before it is forgotten (see ``_prune``).
+PRUNE_GRACE = 2.0
 #: The longest refresh slack (see the module docstring).
 MAX_SLACK = 30.0
 
@@ -134,7 +136,13 @@ class GardenSet:
         heapq.heappush(self._expiry, (expires, address.version, address))
 
     def _prune(self) -> None:
-        now = self.clock()
+        """Forget addresses the kernel has dropped. ``PRUNE_GRACE`` after their tracked expiry, not
+        at it: the tracked time runs a little ahead of the kernel's (taken before the write, or
+        read in whole seconds at seed), and an address forgotten while the kernel still holds it
+        would be re-added with a plain ``add``, which on kernels before 6.x keeps the old, nearly
+        spent timeout while we believe it renewed. Until then a new answer refreshes it
+        (``delete`` + ``add``, falling back to ``add`` when it is gone)."""
+        now = self.clock() - PRUNE_GRACE
         expiry, held = self._expiry, self._held
         while expiry and expiry[0][0] <= now:
             expires, family, address = heapq.heappop(expiry)
