@@ -121,37 +121,64 @@ def reply(wire: bytes, rcode: int, question: bytes = b"") -> bytes:
             + b"\x00\x00\x00\x00\x00\x00" + question)
 
 
+#: ``IP_PKTINFO`` (<linux/in.h>); Python's socket module names only the IPv6 one.
+IP_PKTINFO = 8
+
+
 class _UdpListener:
     """One bound UDP socket read straight from the loop's selector: up to ``RECV_BATCH`` datagrams
-    per readiness callback, answers sent with ``sendto`` on the same socket. Not an asyncio
-    datagram transport: its per-datagram bookkeeping (a callback per packet, a send buffer for
-    a socket that never blocks in practice) was a tenth of the forwarder's CPU at 5,000 queries/s.
-    An answer the kernel has no room for is dropped and counted; the client asks again."""
+    per readiness callback, answers sent on the same socket. Not an asyncio datagram transport:
+    its per-datagram bookkeeping (a callback per packet, a send buffer for a socket that never
+    blocks in practice) was a tenth of the forwarder's CPU at 5,000 queries/s. An answer the
+    kernel has no room for is dropped and counted; the client asks again.
+
+    Each answer leaves from the address its query was sent to (``IP_PKTINFO``/``IPV6_PKTINFO``,
+    as dnsmasq and unbound do): the socket listens on the wildcard, the nat hook redirected the
+    query to the first address of the interface it came in on, and on an interface with several
+    subnets the route back to the client may prefer another source. An answer from that other
+    address would match no conntrack entry, would not be translated back to the resolver the
+    client asked, and the client would drop it. So the client's address tuple handed to the
+    forwarder carries, as its last item, the ancillary data to send the answer with."""
 
     def __init__(self, forwarder: Forwarder, sock: socket.socket) -> None:
         self.forwarder = forwarder
         self.sock = sock
         self.closed = False
+        self.v6 = sock.family == socket.AF_INET6
+        if self.v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recvfrom, query = self.sock.recvfrom, self.forwarder._udp_query
+        recvmsg, query = self.sock.recvmsg, self.forwarder._udp_query
         for _ in range(RECV_BATCH):
             try:
-                data, addr = recvfrom(MAX_MESSAGE)
+                data, ancillary, _flags, addr = recvmsg(MAX_MESSAGE, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:   # e.g. an ICMP error queued for an earlier answer: not fatal
                 log.debug("DNS forwarder: UDP receive error: %s", exc)
                 continue
-            query(data, addr, self)
+            query(data, (*addr, self._reply_from(ancillary)), self)
+
+    def _reply_from(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+        """The ancillary data that sends an answer from the query's destination address."""
+        for level, kind, value in ancillary:
+            if self.v6 and level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(value) >= 20:
+                return [(level, kind, value[:20])]   # in6_pktinfo: that address, that interface
+            if not self.v6 and level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
+                # in_pktinfo {ifindex, spec_dst, addr}: leave from addr (the query's destination)
+                return [(level, kind, b"\0\0\0\0" + value[8:12] + b"\0\0\0\0")]
+        return []
 
     def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.closed:
             return
         try:
-            self.sock.sendto(data, addr)
+            self.sock.sendmsg([data], addr[-1], 0, addr[:-1])
         except OSError as exc:
             self.forwarder.stats.count("answers_dropped")
             log.debug("DNS forwarder: answer to %s not sent: %s", addr[0], exc)

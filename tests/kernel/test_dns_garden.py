@@ -44,6 +44,8 @@ from enforcer.demo.topology import Topology
 from required import tool
 
 FORWARDER_PORT = 5300
+#: A second subnet on the restricted subscriber's link (test_answers_leave_from_the_address_asked).
+SECOND_NET4, SECOND_GW4, SECOND_SUB4 = "100.127.1.0/29", "100.127.1.1", "100.127.1.2"   # /29: under the guard
 ROUNDS = 4   # per family; the authority rotates through 10 addresses, so every round's is new
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -73,7 +75,7 @@ def garden(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Garden]:
         try:
             for host in topo.subscribers:   # both configured with the same resolver, as a DHCP server would
                 folders.append(set_resolv_conf(host.netns, RESOLVER4))
-            entries = [{"id": SUB1, "addresses": [topo.subscribers[0].addr4, "2001:db8:100:1::/64"],
+            entries = [{"id": SUB1, "addresses": [topo.subscribers[0].addr4, "2001:db8:100:1::/64", SECOND_NET4],
                         "reason": "overdue"}]
             lab = Lab(topo, work / "lab", entries, allow=["*.psp.example"],
                       garden={"dns": "gateway", "resolvers": [RESOLVER4],
@@ -253,3 +255,30 @@ def test_metrics_count_queries_and_added_addresses(garden: Garden) -> None:
         before, "walled_garden_dns_added_seconds_count") + udp + tcp + 1
     assert total(after, "walled_garden_dns_forwarder_up") == 1
     assert total(after, "walled_garden_dns_upstream_failures_total") == 0
+
+
+def test_answers_leave_from_the_address_asked_on_a_link_with_two_subnets(garden: Garden) -> None:
+    """A subscriber in the link's second subnet: the nat hook redirects its query to the link's
+    first address, while the route back to it prefers the second subnet's. The answer must still
+    leave from the first (IP_PKTINFO), or conntrack cannot translate it back and it is lost."""
+    topo = garden.topo
+    gw_if, peer = topo.subscriber_interfaces[0], topo._sub_peer[0]
+    topo.run(topo.gateway.netns, "ip", "addr", "add", f"{SECOND_GW4}/29", "dev", gw_if, check=True)
+    topo.run(garden.restricted, "ip", "addr", "add", f"{SECOND_SUB4}/29", "dev", peer, check=True)
+    try:
+        code = f"""
+            import dns.message, dns.query
+            for tcp in (False, True):
+                ask = dns.query.tcp if tcp else dns.query.udp
+                try:
+                    answer = ask(dns.message.make_query("other.example", "A"), {RESOLVER4!r}, timeout=2,
+                                 source={SECOND_SUB4!r})
+                    print("tcp" if tcp else "udp", answer.rcode(), answer.answer[0][0].address)
+                except Exception as exc:
+                    print("tcp" if tcp else "udp", "error", type(exc).__name__)
+        """
+        result = python_in(topo, garden.restricted, code)
+        assert result.stdout.split("\n")[:2] == [f"udp 0 {OTHER4}", f"tcp 0 {OTHER4}"], result.stdout + result.stderr
+    finally:
+        topo.run(garden.restricted, "ip", "addr", "del", f"{SECOND_SUB4}/29", "dev", peer)
+        topo.run(topo.gateway.netns, "ip", "addr", "del", f"{SECOND_GW4}/29", "dev", gw_if)
