@@ -337,28 +337,35 @@ class GardenSet:
             await self.check()
 
     async def check(self) -> None:
-        """One marker check, and the refill when a marker is missing."""
+        """One marker check, and the refill when a marker is missing.
+
+        The listing runs in a thread and without the writer's lock, so admits are not held up
+        while a full set (up to ``max_addresses`` elements) is listed and scanned; a write that
+        lands meanwhile is harmless, the refill re-adds everything tracked anyway."""
+        self._prune()
+        self._publish()
+        try:
+            marked = await asyncio.to_thread(self._markers_present)
+        except GardenSetError:
+            marked = False   # the table or a set is missing: the refill says so, and waits
+        except NftError as exc:
+            self._failed("dns_garden_check_failed", str(exc))
+            return
+        if marked:
+            if self._table_missing:
+                log.info("event=dns_garden_table_back table=%s", self.table)
+                self._table_missing = False
+            return
         async with self._kernel:
-            self._prune()
-            self._publish()
-            # ``list set``, not ``get element``: after any write to the table (ours or the daemon's)
-            # nft 1.0.6 answers ``get element`` only after loading every set's elements, ~0.85 s
-            # at 100k subscribers; ``list set`` reads this one set (measured, docs/benchmarks.md).
-            try:
-                listings = await asyncio.to_thread(self._list_sets)
-            except GardenSetError:
-                await self._refill()   # the table or a set is missing: it says so, and waits
-                return
-            except NftError as exc:
-                self._failed("dns_garden_check_failed", str(exc))
-                return
-            if all(SENTINELS[family] in {key for key, _ in _parse_listing(data, DNS_GARDEN_SETS[family])[1]}
-                   for family, data in listings.items()):
-                if self._table_missing:
-                    log.info("event=dns_garden_table_back table=%s", self.table)
-                    self._table_missing = False
-                return
             await self._refill()
+
+    def _markers_present(self) -> bool:
+        """Runs in a thread. ``list set``, not ``get element``: after any write to the table (ours
+        or the daemon's) nft 1.0.6 answers ``get element`` only after loading every set's
+        elements, ~0.85 s at 100k subscribers; ``list set`` reads this one set (measured,
+        docs/benchmarks.md)."""
+        return all(any(key == SENTINELS[family] for key, _ in _parse_listing(data, DNS_GARDEN_SETS[family])[1])
+                   for family, data in self._list_sets().items())
 
     async def _refill(self) -> None:
         now = self.clock()
