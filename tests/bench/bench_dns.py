@@ -14,6 +14,10 @@ load); subscriber 1 restricted, subscriber 2 free. The resolver is Debian's dnsm
 
 * ``direct``: dnsperf in the free subscriber's namespace sends to 198.51.100.53; the gateway
   forwards the packets (the same hops, no forwarder).
+* ``dnsmasq``: the same free subscriber, its DNS redirected (a table of the bench's own, the same
+  ``redirect`` as the daemon's) to Debian's dnsmasq on the gateway forwarding to the same
+  resolver without a cache: a mature C forwarder in the forwarder's place, the reference for
+  what one more userspace hop costs on this machine;
 * ``forwarder``: dnsperf in the restricted subscriber's namespace sends to the same address; the
   table redirects it to the forwarder, which asks dnsmasq and (for allowed names) adds the
   answer's addresses to the kernel set before answering.
@@ -39,6 +43,7 @@ run with lost queries or rate limiting says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -46,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +66,8 @@ from enforcer.demo.dhcp import Process  # noqa: E402
 from enforcer.demo.lab import Lab  # noqa: E402
 from enforcer.demo.topology import Topology  # noqa: E402
 
+#: The reference forwarder (dnsmasq on the gateway, the free subscriber's DNS redirected to it).
+REFERENCE_PORT, REFERENCE_TABLE = 5301, "wgbenchref"
 FORWARDER_PORT = 5300
 ALLOWED_SUFFIX = ".psp.example"
 
@@ -75,6 +83,7 @@ class Mode:
     latencies: list[float] = field(default_factory=list)          # seconds, every answered query
     allowed: list[float] = field(default_factory=list)            # the allowed names' share
     rcodes: dict[str, int] = field(default_factory=dict)
+    forwarder_cpu: float = 0.0   # CPU seconds of the forwarder process during this path's runs
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -136,10 +145,40 @@ def metrics(topo: Topology) -> dict[str, float]:
         for sample in family.samples:
             if not sample.name.startswith("walled_garden_dns"):
                 continue
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("result", "transport"))
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())
+                              if k in ("result", "transport", "le"))
             key = f"{sample.name}{{{labels}}}" if labels else sample.name
             out[key] = out.get(key, 0.0) + sample.value
     return out
+
+
+def forwarder_cpu() -> float:
+    """CPU seconds (user + system, softirq work done in its context included) the DNS forwarder
+    process has used so far; its kernel work for a query (two sends through veth pairs into other
+    namespaces) is charged to it, as it would be on a gateway."""
+    found = subprocess.run(["pgrep", "-f", "enforcer.dns_garden.process"], capture_output=True, text=True).stdout
+    total = 0.0
+    for pid in found.split():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def own_quantile(before: dict[str, float], after: dict[str, float], share: float) -> float:
+    """The forwarder's own view (``walled_garden_dns_added_seconds``: its time minus the
+    resolver's): the upper bound of the bucket holding the ``share`` quantile of the runs, ms."""
+    prefix = "walled_garden_dns_added_seconds_bucket{le="
+    buckets = sorted((float(key[len(prefix):-1]), after[key] - before.get(key, 0.0))
+                     for key in after if key.startswith(prefix))
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    for bound, count in buckets:
+        if count >= share * buckets[-1][1]:
+            return bound * 1000
+    return float("nan")
 
 
 def row(label: str, mode: Mode, values: list[float], whole: bool = True) -> str:
@@ -184,19 +223,56 @@ def bench(args: argparse.Namespace, work: Path) -> int:
 
 def measure(args: argparse.Namespace, topo: Topology, lab: Lab, queries: Path, work: Path) -> int:
     restricted, free = topo.subscribers[0].netns, topo.subscribers[1].netns
-    paths = {"direct": free, "forwarder": restricted}
-    for name, netns in paths.items():   # warm-up: ARP/NDP, conntrack, the forwarder's sockets
-        dnsperf(topo, netns, queries, 1000, 1, work / f"warmup-{name}.txt", Mode(name))
+    paths = {"direct": free, "dnsmasq": free, "forwarder": restricted}
+    reference = Process(topo.popen, topo.gateway.netns, [
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", f"--server={RESOLVER4}",
+        "--cache-size=0", f"--port={REFERENCE_PORT}", "--user=root", "--group=root",
+        f"--pid-file={work / 'reference.pid'}", "--dns-forward-max=10000"], work / "reference.log")
+    reference.start_until("using nameserver", timeout=15.0)
+    try:
+        for name, netns in paths.items():   # warm-up: ARP/NDP, conntrack, the forwarders' sockets
+            with redirected(topo, name == "dnsmasq"):
+                dnsperf(topo, netns, queries, 1000, 1, work / f"warmup-{name}.txt", Mode(name))
+        return _measure(args, topo, paths, queries, work)
+    finally:
+        reference.stop()
+
+
+@contextlib.contextmanager
+def redirected(topo: Topology, on: bool) -> Iterator[None]:
+    """While on: the free subscriber's DNS goes to the reference forwarder (dnsmasq on the
+    gateway) by a redirect like the daemon's, in a table of the bench's own."""
+    if not on:
+        yield
+        return
+    gw_if = topo.subscriber_interfaces[1]
+    rules = (f"table ip {REFERENCE_TABLE} {{\n chain pre {{\n  type nat hook prerouting priority dstnat - 20; "
+             f'policy accept;\n  iifname "{gw_if}" meta l4proto {{ tcp, udp }} th dport 53 '
+             f"redirect to :{REFERENCE_PORT}\n }}\n}}")
+    with tempfile.NamedTemporaryFile("w", suffix=".nft") as ruleset:
+        ruleset.write(rules + "\n")
+        ruleset.flush()
+        topo.run(topo.gateway.netns, "nft", "-f", ruleset.name, check=True)
+    try:
+        yield
+    finally:
+        topo.run(topo.gateway.netns, "nft", "delete", "table", "ip", REFERENCE_TABLE, check=True)
+        topo.run(topo.gateway.netns, "conntrack", "-F")   # the next path starts without its entries
+
+
+def _measure(args: argparse.Namespace, topo: Topology, paths: dict[str, str], queries: Path, work: Path) -> int:
     summary: list[str] = []
     for rate in args.rates:
         before = metrics(topo)
         modes = {name: Mode(name) for name in paths}
         for index in range(args.rounds):
-            order = ["direct", "forwarder"] if index % 2 == 0 else ["forwarder", "direct"]
+            order = list(paths)[index % 3:] + list(paths)[:index % 3]   # each path first in turn
             for name in order:
-                started = time.monotonic()
-                dnsperf(topo, paths[name], queries, rate, args.seconds, work / f"{rate}-{index}-{name}.txt",
-                        modes[name])
+                started, cpu = time.monotonic(), forwarder_cpu()
+                with redirected(topo, name == "dnsmasq"):
+                    dnsperf(topo, paths[name], queries, rate, args.seconds, work / f"{rate}-{index}-{name}.txt",
+                            modes[name])
+                modes[name].forwarder_cpu += forwarder_cpu() - cpu
                 print(f"{rate} q/s round {index + 1}/{args.rounds} {name}: {time.monotonic() - started:.1f}s",
                       flush=True)
         time.sleep(1.5)   # the forwarder sends its counters every second
@@ -216,24 +292,32 @@ def report(args: argparse.Namespace, rate: int, modes: dict[str, Mode], before: 
     for mode in modes.values():
         print(row(f"{mode.name} all", mode, mode.latencies))
         print(row(f"{mode.name} allowed", mode, mode.allowed, whole=False))
-    direct, forwarder = modes["direct"], modes["forwarder"]
+    direct, forwarder, reference = modes["direct"], modes["forwarder"], modes["dnsmasq"]
     added = {share: (percentile(forwarder.latencies, share) - percentile(direct.latencies, share)) * 1000
              for share in (0.5, 0.99)}
+    by_dnsmasq = {share: (percentile(reference.latencies, share) - percentile(direct.latencies, share)) * 1000
+                  for share in (0.5, 0.99)}
     admits = {share: (percentile(forwarder.allowed, share) - percentile(direct.allowed, share)) * 1000
               for share in (0.5, 0.99)}
     print("rcodes:", {name: mode.rcodes for name, mode in modes.items()})
     print("daemon metrics during the runs (after - before):")
     for key in sorted(set(after) | set(before)):
         delta = after.get(key, 0.0) - before.get(key, 0.0)
-        if delta and not key.endswith("_bucket"):
+        if delta and "_bucket" not in key:
             print(f"  {key} {delta:+g}")
+    own = {share: own_quantile(before, after, share) for share in (0.5, 0.99)}
+    answered = max(1, len(forwarder.latencies))
+    print(f"forwarder's own added latency (its histogram, bucket bounds): p50 <= {own[0.5]:g} ms, "
+          f"p99 <= {own[0.99]:g} ms; its CPU: {forwarder.forwarder_cpu:.1f} s for {answered} answers "
+          f"({forwarder.forwarder_cpu / answered * 1e6:.0f} us per query, kernel work included)")
     lost = {name: mode.sent - mode.completed for name, mode in modes.items()}
     limited = sum(value - before.get(key, 0.0) for key, value in after.items() if "result=rate_limited" in key)
     if any(lost.values()):
         print(f"WARNING: queries lost (timed out after 2 s): {lost}")
     if limited:
         print(f"WARNING: the forwarder rate-limited {limited:g} of the bench's queries")
-    return (f"  {rate:>6} q/s: all p50 {added[0.5]:+.3f} ms, p99 {added[0.99]:+.3f} ms; allowed names p50 "
+    return (f"  {rate:>6} q/s: all p50 {added[0.5]:+.3f} ms, p99 {added[0.99]:+.3f} ms (dnsmasq as the "
+            f"forwarder, same place: p50 {by_dnsmasq[0.5]:+.3f} ms, p99 {by_dnsmasq[0.99]:+.3f} ms); allowed names p50 "
             f"{admits[0.5]:+.3f} ms, p99 {admits[0.99]:+.3f} ms; lost {lost['forwarder']} vs {lost['direct']} "
             f"direct; {'met' if added[0.99] <= 1.0 and admits[0.99] <= 1.0 else 'NOT met'}")
 
