@@ -198,9 +198,13 @@ class Forwarder:
 
     def __init__(self, settings: ForwarderSettings, admit: Admit, stats: Stats, *,
                  limiter: RateLimiter | None = None, admit_timeout: float = ADMIT_TIMEOUT,
-                 max_outstanding: int = MAX_OUTSTANDING, tcp_idle: float = TCP_IDLE) -> None:
+                 max_outstanding: int = MAX_OUTSTANDING, tcp_idle: float = TCP_IDLE,
+                 held: Callable[[list[tuple[IPv4Address | IPv6Address, int]]], bool] | None = None) -> None:
+        """``held`` (the kernel writer's): whether addresses are already in long enough, so an
+        answer needs no ``admit`` at all."""
         self.settings = settings
         self.admit = admit
+        self.held = held
         self.stats = stats
         self.names = AllowedNames(settings.names, settings.suffixes)
         self.limiter = limiter or RateLimiter(settings.query_rate, settings.query_burst)
@@ -353,7 +357,7 @@ class Forwarder:
         kept = [(address, seconds) for address, seconds in addresses if self._admissible(address)]
         if len(kept) < len(addresses):
             self.stats.count("garden_addresses_refused", by=len(addresses) - len(kept))
-        if not kept:
+        if not kept or (self.held is not None and self.held(kept)):
             return
         task = asyncio.ensure_future(self.admit(kept))
         try:

@@ -169,7 +169,7 @@ async def make_forwarder() -> AsyncIterator[Make]:
     started: list[Forwarder] = []
 
     async def make(resolvers: list[Upstream], admit: Recorder | None = None, **changes: Any) -> Forwarder:
-        options: dict[str, Any] = {key: changes.pop(key) for key in ("admit_timeout", "tcp_idle")
+        options: dict[str, Any] = {key: changes.pop(key) for key in ("admit_timeout", "tcp_idle", "held")
                                    if key in changes}
         settings = ForwarderSettings(**{
             "table": "wg_test", "port": 0, "listen": ("127.0.0.1",),
@@ -496,3 +496,16 @@ def test_ipv6_clients_share_a_bucket_per_64() -> None:
     assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
     assert client_key("192.0.2.1") != client_key("192.0.2.2")
     assert client_key("fe80::1%eth0") == "fe80::1%eth0"
+
+
+async def test_addresses_already_held_are_not_admitted_again(upstream: Upstream, make_forwarder: Make) -> None:
+    admit, asked = Recorder(), []
+
+    def held(addresses: Admitted) -> bool:
+        asked.append(addresses)
+        return len(asked) > 1   # the first answer's addresses are new, the second's held
+
+    forwarder = await make_forwarder([upstream], admit, held=held)
+    for _ in range(2):
+        assert rcode(await udp(forwarder, query("www.psp.example"))) == dns.rcode.NOERROR
+    assert len(asked) == 2 and len(admit.calls) == 1
