@@ -21,6 +21,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from urllib.parse import quote
 
 from .ratelimit import bucket_key
 
@@ -45,6 +46,8 @@ _ASSETS = (".ico", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".css", ".j
 _HOST = re.compile(r"(?:(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?"
                    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 _PATH = re.compile(r"/[\x21-\x7e]*")
+#: What a path keeps as it is: RFC 3986's unreserved and reserved characters and "%".
+_URL_SAFE = "/:@!$&'()*+,;=?%~-._[]#"
 
 
 class OriginalUrls:
@@ -141,6 +144,10 @@ def page_url(method: str, headers: Mapping[str, str], raw_path: str) -> str | No
     accept = headers.get("Accept")
     if accept is not None and not any(t in accept for t in ("text/html", "*/*", "application/xhtml")):
         return None
+    if _PATH.fullmatch(raw_path):
+        # Characters RFC 3986 does not allow in a URL (", <, >, `, {, }, |, \, ^) percent-encoded:
+        # the URL goes back out in a Location header and a link.
+        raw_path = quote(raw_path, safe=_URL_SAFE)
     url = f"http://{host}{raw_path}"
     if len(url) > MAX_URL or raw_path.startswith("//") or not _PATH.fullmatch(raw_path):
         return f"http://{host}/"

@@ -368,3 +368,11 @@ def test_addresses_in_one_64_keep_their_own_urls() -> None:
     assert urls.pop("2001:db8:1:2::a") == "http://a.example/"
     assert urls.pop("2001:db8:1:2::a") is None and urls.pop("2001:db8:1:2::c") is None
     assert urls.pop("2001:db8:1:2::b") == "http://b.example/" and len(urls) == 0
+
+
+def test_a_remembered_url_is_percent_encoded_where_a_url_may_not_hold_the_character() -> None:
+    """Found by test_portal_fuzz: a path with a quote went back out as it was, in Location."""
+    from captive_portal.original_urls import page_url
+
+    assert page_url("GET", {"Host": "example.com"}, '/a`b"c?q=<1>') == "http://example.com/a%60b%22c?q=%3C1%3E"
+    assert page_url("GET", {"Host": "example.com"}, "/a%20b?x=1&y=2") == "http://example.com/a%20b?x=1&y=2"
