@@ -15,7 +15,7 @@ import stat
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -318,3 +318,50 @@ def test_config_example_documents_the_socket_group() -> None:
     config = parse_config(text.replace("socket_group: walled-garden", "socket_group: root"),
                           str(ROOT / "config" / "config.example.yaml"))
     assert replace(config.api, socket_group="").socket.endswith("control.sock")
+
+
+class FakeForwarderBridge:
+    """Stands in for the DNS forwarder's process: records the settings it was started with."""
+
+    started: ClassVar[list[Any]] = []
+
+    def __init__(self, settings: Any, metrics: Any) -> None:
+        self.settings = settings
+        self.ready = asyncio.Event()
+        self.ready.set()
+        FakeForwarderBridge.started.append(settings)
+
+    def status(self) -> dict[str, Any]:
+        return {"running": True, "ready": True, "listen": [f"port {self.settings.port}"]}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+
+async def test_reload_to_dns_gateway_and_back_starts_and_stops_the_forwarder(
+        running: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import enforcer.service as service_module
+
+    monkeypatch.setattr(service_module, "ForwarderBridge", FakeForwarderBridge)
+    FakeForwarderBridge.started = []
+    enforcer, fake, service, _ = running
+    gateway = {"allow": ["192.0.2.0/24", "*.psp.example"], "dns": "gateway", "resolvers": ["198.51.100.53"]}
+    write_config(tmp_path, walled_garden=gateway)
+    assert await service.reload()
+    (settings,) = FakeForwarderBridge.started
+    assert settings.suffixes == ("psp.example",) and settings.table == enforcer.engine.config.gateway.table
+    replaced = [op for tx in fake.transactions for op in tx.operations if isinstance(op, ReplaceTable)]
+    assert replaced[-1].layout.dns_port == 5300, "the table redirects to the forwarder before it starts"
+    assert enforcer.engine.reports["dns_forwarder"]()["running"] is True
+    assert enforcer.metrics.dns_forwarder_enabled._value.get() == 1
+    assert restricted_in_kernel(fake)
+
+    write_config(tmp_path, walled_garden={**gateway, "dns_forwarder": {"port": 5301}})
+    assert await service.reload()
+    assert [s.port for s in FakeForwarderBridge.started] == [5300, 5301], "restarted with the new port"
+
+    write_config(tmp_path, walled_garden={"allow": ["192.0.2.0/24"], "dns": "any"})
+    assert await service.reload()
+    assert "dns_forwarder" not in enforcer.engine.reports and "dns_forwarder" not in service.supervisor.tasks
+    assert enforcer.metrics.dns_forwarder_enabled._value.get() == 0
+    assert restricted_in_kernel(fake)
