@@ -38,10 +38,10 @@ import logging
 import os
 import socket
 import sys
-import time
 from ipaddress import ip_network
 from typing import Any
 
+from .child_process import keep_running
 from .event_sink import EventSink
 from .events import Event
 from .match import Match
@@ -51,8 +51,6 @@ from .subscribers import Subscriber
 log = logging.getLogger("walled_garden.webhooks")
 #: Longest line either side accepts (an event is a few hundred bytes; bodies are capped at 64 KiB).
 LINE_LIMIT = 1 << 20
-#: Restart delays after the child exits: 1 s doubling to 30 s.
-RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 #: How long ``WorkerBridge.start`` waits for the child to listen.
 READY_TIMEOUT = 15.0
 
@@ -218,18 +216,8 @@ class WorkerBridge:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        delay = RESTART_FIRST
-        while not stop.is_set():
-            started = time.monotonic()
-            code = await self._run_once(stop)
-            if stop.is_set():
-                return
-            delay = RESTART_FIRST if time.monotonic() - started > 60 else min(delay * 2, RESTART_MAX)
-            log.error("event=webhook_worker_exited code=%s restart_in=%.0fs", code, delay)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+        await keep_running(lambda: self._run_once(stop), stop, lambda code, delay: log.error(
+            "event=webhook_worker_exited code=%s restart_in=%.0fs", code, delay))
 
     async def _run_once(self, stop: asyncio.Event) -> int | None:
         ours, theirs = socket.socketpair()

@@ -20,10 +20,10 @@ import json
 import logging
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..child_process import keep_running
 from .settings import ForwarderSettings
 from .stats import LATENCY_BUCKETS
 
@@ -37,8 +37,6 @@ __all__ = ["ForwarderBridge"]
 log = logging.getLogger("walled_garden.dns")
 _M = TypeVar("_M")
 
-#: Restart delays after the child exits: 1 s doubling to 30 s; a run this long resets them.
-RESTART_FIRST, RESTART_MAX, RESTART_RESET_AFTER = 1.0, 30.0, 60.0
 #: Seconds the child gets to exit after the daemon's end closed (or SIGTERM) before SIGKILL.
 STOP_GRACE = 5.0
 #: Longest line from the child (a stats line with many resolvers is a few KiB).
@@ -75,23 +73,13 @@ class ForwarderBridge:
                 "listen": [f"{host} port {self.settings.port}" for host in self.settings.listen]}
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = RESTART_FIRST
-        first = True
-        while not stop.is_set():
-            if not first:
-                self.restarts += 1
-            first = False
-            started = time.monotonic()
-            code = await self._run_once(stop)
-            if stop.is_set():
-                return
-            delay = RESTART_FIRST if time.monotonic() - started > RESTART_RESET_AFTER else min(delay * 2, RESTART_MAX)
+        """Run the child until ``stop``, started again when it ends (``child_process``)."""
+        def exited(code: int | None, delay: float) -> None:
+            self.restarts += 1
             log.error("event=dns_forwarder_exited code=%s error=%r restart_in=%.0fs", code, self.last_error or "",
                       delay)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+
+        await keep_running(lambda: self._run_once(stop), stop, exited)
 
     async def _run_once(self, stop: asyncio.Event) -> int | None:
         ours, theirs = socket.socketpair()

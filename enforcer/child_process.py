@@ -1,0 +1,38 @@
+"""Keeping a child process the daemon depends on running: the webhook worker, the DNS forwarder.
+
+Each is started, served and reaped by its own bridge (``webhook_worker.WorkerBridge``,
+``dns_garden.bridge.ForwarderBridge``: one run of the child is their ``run_once``); what they
+share is what happens when the child ends while the daemon is not stopping: it is logged by the
+bridge (``exited``) and started again after 1 s, doubling to 30 s while it keeps dying, back to
+1 s once a run has lasted a healthy minute, so a child that cannot start neither spins nor is
+given up on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+#: First wait before a child that ended is started again; doubles per quick exit up to the most.
+RESTART_FIRST, RESTART_MAX = 1.0, 30.0
+#: A run this long was healthy: the next exit waits ``RESTART_FIRST`` again.
+HEALTHY_AFTER = 60.0
+
+
+async def keep_running(run_once: Callable[[], Awaitable[int | None]], stop: asyncio.Event,
+                       exited: Callable[[int | None, float], None]) -> None:
+    """Run ``run_once`` (one life of the child, returning its exit code) again and again until
+    ``stop``; after each unasked end, ``exited(code, seconds until the restart)``."""
+    delay = RESTART_FIRST
+    while not stop.is_set():
+        started = time.monotonic()
+        code = await run_once()
+        if stop.is_set():
+            return
+        delay = RESTART_FIRST if time.monotonic() - started > HEALTHY_AFTER else min(delay * 2, RESTART_MAX)
+        exited(code, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            pass
