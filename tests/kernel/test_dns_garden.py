@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,3 +284,15 @@ def test_answers_leave_from_the_address_asked_on_a_link_with_two_subnets(garden:
     finally:
         topo.run(garden.restricted, "ip", "addr", "del", f"{SECOND_SUB4}/29", "dev", peer)
         topo.run(topo.gateway.netns, "ip", "addr", "del", f"{SECOND_GW4}/29", "dev", gw_if)
+
+
+def test_status_shows_the_forwarder_as_an_operator_reads_it(garden: Garden) -> None:
+    status = subprocess.run([sys.executable, "-m", "enforcer.cli", "status", "--config", str(garden.lab.config_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    (line,) = [line for line in status.stdout.splitlines() if line.startswith("dns forwarder:")]
+    assert line.startswith("dns forwarder: ready (pid ") and f"port {FORWARDER_PORT}" in line, line
+    as_json = subprocess.run([sys.executable, "-m", "enforcer.cli", "status", "--json", "--config",
+                              str(garden.lab.config_path)], capture_output=True, text=True, timeout=30, check=True)
+    forwarder = json.loads(as_json.stdout)["dns_forwarder"]
+    assert forwarder["running"] and forwarder["ready"] and forwarder["restarts"] == 0, forwarder
