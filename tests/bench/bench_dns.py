@@ -322,7 +322,7 @@ def report(args: argparse.Namespace, rate: int, modes: dict[str, Mode], before: 
     return (f"  {rate:>6} q/s: all p50 {added[0.5]:+.3f} ms, p99 {added[0.99]:+.3f} ms (dnsmasq as the "
             f"forwarder, same place: p50 {by_dnsmasq[0.5]:+.3f} ms, p99 {by_dnsmasq[0.99]:+.3f} ms); allowed names p50 "
             f"{admits[0.5]:+.3f} ms, p99 {admits[0.99]:+.3f} ms; lost {lost['forwarder']} vs {lost['direct']} "
-            f"direct; {'met' if added[0.99] <= 1.0 and admits[0.99] <= 1.0 else 'NOT met'}")
+            f"direct; goal (all queries' p99 <= +1 ms) {'met' if added[0.99] <= 1.0 else 'NOT met'}")
 
 
 def main() -> int:

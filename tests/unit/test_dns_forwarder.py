@@ -509,3 +509,15 @@ async def test_addresses_already_held_are_not_admitted_again(upstream: Upstream,
     for _ in range(2):
         assert rcode(await udp(forwarder, query("www.psp.example"))) == dns.rcode.NOERROR
     assert len(asked) == 2 and len(admit.calls) == 1
+
+
+def test_ids_and_socket_choices_come_from_the_kernels_random_bytes_without_bias() -> None:
+    from collections import Counter
+
+    from enforcer.dns_garden.upstream import _Entropy
+
+    entropy = _Entropy()
+    ids = [entropy.u16() for _ in range(5000)]
+    assert all(0 <= qid < 65536 for qid in ids) and len(set(ids)) > 4500   # 16 random bits each
+    picks = Counter(entropy.below(3) for _ in range(30000))
+    assert set(picks) == {0, 1, 2} and all(9000 < count < 11000 for count in picks.values())
