@@ -279,32 +279,34 @@ class Forwarder:
 
     # --- per query -----------------------------------------------------------------------------
 
-    def _admission(self, wire: bytes, client: str, transport: str) -> tuple[Query | None, bytes | None]:
-        """The query to forward, or the answer (possibly none) the forwarder gives itself."""
+    def _admission(self, wire: bytes, client: str, transport: str) -> tuple[Query | None, bytes | None, bool]:
+        """The query to forward, or the answer (possibly none) the forwarder gives itself; and
+        whether the query's name is an allowed one (read once, here)."""
         if len(wire) < 12 or wire[2] & 0x80:   # no header, or a response: never answered
             self.stats.count("queries", (transport, "malformed"))
-            return None, None
+            return None, None, False
         query = parse_query(wire)
-        limiter = self.garden_limiter if query is not None and self.names.allows_wire(query.name) else self.limiter
+        allowed = query is not None and self.names.allows_wire(query.name)
+        limiter = self.garden_limiter if allowed else self.limiter
         if not limiter.allow(client_key(client)):
             self.stats.count("queries", (transport, "rate_limited"))
-            return None, reply(wire, RCODE_REFUSED, query.question if query else b"")
+            return None, reply(wire, RCODE_REFUSED, query.question if query else b""), False
         if query is None:
             self.stats.count("queries", (transport, "malformed"))
-            return None, reply(wire, RCODE_FORMERR)
+            return None, reply(wire, RCODE_FORMERR), False
         if query.opcode != 0 or query.qtype in (QTYPE_AXFR, QTYPE_IXFR) or self.outstanding >= self.max_outstanding:
             self.stats.count("queries", (transport, "refused"))
-            return None, reply(wire, RCODE_REFUSED, query.question)
-        return query, None
+            return None, reply(wire, RCODE_REFUSED, query.question), False
+        return query, None, allowed
 
     def _udp_query(self, data: bytes, addr: tuple[Any, ...], transport: _UdpListener) -> None:
         started = time.perf_counter()
-        query, answer = self._admission(data, addr[0], "udp")
+        query, answer, allowed = self._admission(data, addr[0], "udp")
         if answer is not None:
             transport.sendto(answer, addr)
         if query is None:
             return
-        if self.names.allows_wire(query.name):   # admits first: the awaitable path
+        if allowed:   # admits first: the awaitable path
             task = asyncio.get_running_loop().create_task(self._forward_udp(query, addr, transport, started))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -418,7 +420,7 @@ class Forwarder:
                 except BaseException:
                     slots.release()
                     raise
-                query, answer = self._admission(data, client, "tcp")
+                query, answer, _ = self._admission(data, client, "tcp")
                 if answer is not None:
                     writer.write(len(answer).to_bytes(2, "big") + answer)
                     # A client that does not read what it is refused does not pile it up here.

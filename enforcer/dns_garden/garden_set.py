@@ -203,11 +203,13 @@ class GardenSet:
         common case, a payment host asked again. Synchronous, so the forwarder answers at once
         instead of going through ``admit``'s task and future (a few loop turns under load)."""
         now = self.clock()
-        for address, seconds in addresses:
-            expires = self._held[address.version].get(address)
-            if expires is None or expires - now < max(1, math.ceil(seconds)) - self.slack:
-                return False
-        return True
+        return all(self._long_enough(address, max(1, math.ceil(seconds)), now) for address, seconds in addresses)
+
+    def _long_enough(self, address: Address, seconds: int, now: float) -> bool:
+        """Whether ``address`` is held for ``seconds`` more, give or take the refresh slack (the
+        one rule for skipping a write, in ``holds``, ``admit`` and ``_write``)."""
+        expires = self._held[address.version].get(address)
+        return expires is not None and expires - now >= seconds - self.slack
 
     async def admit(self, addresses: Iterable[tuple[Address, int]]) -> None:
         """Hold each address for at least its seconds; returns once the kernel has them (or
@@ -215,8 +217,7 @@ class GardenSet:
         wanted, asked, now = self._wanted, False, self.clock()
         for address, seconds in addresses:
             seconds = max(1, math.ceil(seconds))
-            expires = self._held[address.version].get(address)
-            if expires is not None and expires - now >= seconds - self.slack:
+            if self._long_enough(address, seconds, now):
                 continue   # held long enough already: the common case (a name asked again), no write
             asked = True
             if wanted.get(address, 0) < seconds:
@@ -251,10 +252,9 @@ class GardenSet:
         writes: list[_Write] = []
         free = {family: self.cap[family] - len(self._held[family]) for family in (4, 6)}
         for address, seconds in wanted.items():
-            expires = self._held[address.version].get(address)
-            if expires is not None:
-                if expires - now >= seconds - self.slack:
-                    continue
+            if self._long_enough(address, seconds, now):
+                continue
+            if address in self._held[address.version]:
                 writes.append(_Write(address, seconds, refresh=True))
             elif free[address.version] > 0:
                 free[address.version] -= 1

@@ -281,8 +281,10 @@ def _authority(listen: str) -> None:
                 sock.sendto(out, self.client_address)
 
     class Tcp(socketserver.StreamRequestHandler):
+        timeout = 10.0   # a client that goes quiet does not hold a thread for ever
+
         def handle(self) -> None:
-            while True:
+            for _ in range(10_000):   # bounded: a test sends a handful per connection
                 size = self.rfile.read(2)
                 if len(size) < 2:
                     return
@@ -339,6 +341,8 @@ def _recorder(addresses: Sequence[str]) -> None:
                 sock.sendto(out, self.client_address)
 
     class Tcp(socketserver.StreamRequestHandler):
+        timeout = 10.0   # a client that goes quiet does not hold a thread for ever
+
         def handle(self) -> None:
             local = self.connection.getsockname()
             print(f"got tcp {local[0]} {local[1]} from {self.client_address[0]} connect", flush=True)
