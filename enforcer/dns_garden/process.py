@@ -37,6 +37,8 @@ log = logging.getLogger("walled_garden.dns")
 STATS_EVERY = 1.0
 #: Exit code when the forwarder cannot start (bind failure, missing table).
 EXIT_START_FAILED = 3
+#: Exit code when one of its background tasks failed (logged with its traceback).
+EXIT_TASK_FAILED = 4
 #: The GIL switch interval here (CPython's default is 5 ms). The kernel writer runs nft in a
 #: thread; when it comes back wanting the GIL, every query on the loop could wait up to the
 #: interval behind it, which alone is five times the forwarder's p99 budget of 1 ms.
@@ -78,8 +80,24 @@ async def child_main(fd: int, settings: ForwarderSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):   # SIGINT: a Ctrl-C on the daemon's terminal reaches us too
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(garden.watch(stop)), asyncio.create_task(_report(writer, stats, stop)),
-             asyncio.create_task(_until_eof(reader, stop))]
+    tasks = [asyncio.create_task(garden.watch(stop), name="marker_watch"),
+             asyncio.create_task(_report(writer, stats, stop), name="stats_report"),
+             asyncio.create_task(_until_eof(reader, stop), name="daemon_eof")]
+    failed: list[BaseException] = []
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        """A task that raises (a bug: each handles what it expects) ends the process loudly, so the
+        daemon logs the exit and starts a fresh one, rather than the marker checks or the stats
+        stopping without a trace."""
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("event=dns_forwarder_task_failed task=%s", task.get_name(), exc_info=error)
+            if error is not None:
+                failed.append(error)
+            stop.set()
+
+    for task in tasks:
+        task.add_done_callback(ended)
     # Everything built so far lives as long as the process: out of the collector's way, so a
     # full collection walks only what queries allocate (a gen-2 pass over the modules and
     # dnspython's tables would be a pause of milliseconds in some query's answer).
@@ -99,7 +117,7 @@ async def child_main(fd: int, settings: ForwarderSettings) -> int:
         writer.close()
         nft.close()
     log.info("event=dns_forwarder_stopped pid=%d", os.getpid())
-    return 0
+    return EXIT_TASK_FAILED if failed else 0
 
 
 async def _until_eof(reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
