@@ -269,6 +269,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sessions {name}: {source.get('sessions', 0)} now, {source.get('changes', 0)} changes"
               + (f", last lag {lag:.3f}s" if lag is not None else "") + f"; problems: {problems}"
               + (f" (last: {source['last_problem']})" if source.get("last_problem") else ""))
+    fleet = status.get("fleet")
+    if fleet:
+        print(f"fleet: gateway {fleet['gateway']}, stream {fleet['stream']}: "
+              f"{'connected' if fleet['connected'] else 'NOT CONNECTED'}; applied {fleet['applied_sequence']} of "
+              f"{fleet['stream_last_sequence']}, lag {fleet['lag_seconds']}s"
+              + ("" if fleet["caught_up"] else "; catching up") + (f"; {fleet['error']}" if fleet.get("error") else ""))
     dns = status.get("dns_forwarder")
     if dns:
         state = "ready" if dns.get("ready") else "running, not ready" if dns.get("running") else "NOT RUNNING"
@@ -276,6 +282,22 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"restarts {dns.get('restarts', 0)}"
               + (f"; last exit {dns['last_exit_code']}" if dns.get("last_exit_code") is not None else "")
               + (f"; last error: {dns['last_error']}" if dns.get("last_error") else "") + ")")
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """``fleet status``: each gateway of the fleet, how far it has applied the stream, when last seen."""
+    view = _ask(args, "GET", "/v1/fleet")
+    if isinstance(view, int):
+        return view
+    print(f"this gateway: {view['gateway']}; stream {view['stream']}: last sequence {view['stream_last_sequence']}; "
+          f"{'connected' if view['connected'] else 'NOT CONNECTED'}"
+          + (f" ({view['error']})" if view.get("error") else ""))
+    print(f"{'gateway':<24} {'applied':>10} {'behind':>8} {'lag':>8} {'last seen':>12}")
+    for row in view["gateways"]:
+        seen = f"{row['seen_seconds_ago']:.0f}s ago" if row["connected"] else f"{row['seen_seconds_ago']:.0f}s AGO"
+        print(f"{row['gateway']:<24} {row['applied_sequence']:>10} {row['behind']:>8} {row['lag_seconds']:>7.1f}s "
+              f"{seen:>12}")
     return 0
 
 
@@ -484,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", help="a date or RFC 3339 time")
     audit.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
     audit.add_argument("--json", action="store_true")
+    fleet = add("fleet", cmd_fleet, "the fleet: each gateway's applied stream sequence, lag and last heartbeat")
+    fleet.add_argument("action", choices=["status"])
+    fleet.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
     demo.set_defaults(fn=cmd_demo)
     return parser

@@ -42,6 +42,7 @@ EXEMPT = "/v1/exempt"           # POST: an exemption (operators)
 UNEXEMPT = "/v1/unexempt"       # POST: an exemption ends (operators)
 SESSION_START = "/v1/session/start"   # POST {match keys, addresses}: a BNG session began (ip-up scripts)
 SESSION_STOP = "/v1/session/stop"     # POST {match keys, addresses?}: it ended (ip-down scripts)
+FLEET = "/v1/fleet"             # GET: every gateway of the fleet, as its heartbeats say (operators)
 
 #: Query parameters of the GET paths.
 LOOKUP_ADDRESS = "address"
@@ -52,7 +53,7 @@ PORTAL_ACTIONS = (ACKNOWLEDGE, PROMISE)
 OPERATOR_ACTIONS = (RESTRICT, LIFT, APPROVE, REJECT, EXEMPT, UNEXEMPT)
 SESSION_ACTIONS = (SESSION_START, SESSION_STOP)
 #: Every path the control socket serves.
-PATHS = (LOOKUP, STATUS, EXPLAIN, AUDIT, *PORTAL_ACTIONS, *OPERATOR_ACTIONS, *SESSION_ACTIONS)
+PATHS = (LOOKUP, STATUS, EXPLAIN, AUDIT, FLEET, *PORTAL_ACTIONS, *OPERATOR_ACTIONS, *SESSION_ACTIONS)
 
 #: ``Refusal.why`` when the kernel has not seen the address connect to the portal lately.
 NOT_A_RECENT_CALLER = "not_a_recent_caller"

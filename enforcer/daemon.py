@@ -2,7 +2,8 @@
 
 Inputs come in through the components (``lists``: the restricted list; ``events``: billing's
 webhooks; ``sessions``: where subscribers are now (lease files, RADIUS, session events);
-``timers``: time passing; ``operator`` and ``portal``: the control socket), each
+``timers``: time passing; ``operator`` and ``portal``: the control socket; in a fleet, ``fleet``
+feeds the shared stream to the same components), each
 changing enforcement only through the engine (``engine.apply`` / ``engine.sync_all``), never
 through each other. ``queries`` and ``health`` read. The ``api`` package serves them over HTTP and
 ``service.py`` runs them; see ARCHITECTURE.md for the flow of one payment and one list edit.
@@ -20,6 +21,8 @@ from .conntrack import Conntrack
 from .dataplane.backend import Dataplane
 from .engine import Engine
 from .event_intake import EventIntake
+from .event_sink import EventSink
+from .fleet.fleet import Fleet
 from .flushing import ConnectionTable, Flusher
 from .list_intake import ListIntake
 from .metrics import Metrics
@@ -64,12 +67,22 @@ class Enforcer:
         engine.duties.append(Checkpoints(engine.store))
         self.sessions = SessionIntake(engine, metrics, build_sources(config.subscribers.sessions))
         self.events.sessions = self.sessions
+        self.sink: EventSink = self.events   # where webhooks and operators' restrict/lift go
+        self.fleet: Fleet | None = None
+        if config.fleet is not None:
+            self.fleet = fleet = Fleet(config.fleet, engine, self.events, self.operator, self.portal, self.lists,
+                                       self.references, metrics)
+            self.sink = self.operator.events = fleet.events
+            self.operator.relay = self.portal.relay = self.lists.relay = fleet.relay
+            metrics.constant_labels["gateway"] = config.fleet.gateway
         watch(metrics, engine)
 
     def promise_eligibility(self, sid: str) -> Eligibility:
         return promise_eligibility(self.engine, sid)
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.events.close()
         await self.sessions.close()
         await self.engine.close()

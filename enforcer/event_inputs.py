@@ -25,9 +25,10 @@ class EventRules:
 
 def cause_of(event: Event) -> str:
     """The cause a person reads in ``explain`` and the audit log."""
+    via = f" via {event.via}" if event.via else ""
     if event.actor:
-        return f"operator {event.actor}: {event.note or 'no reason given'}"
-    return f"event {event.id} ({event.type})"
+        return f"operator {event.actor}{via}: {event.note or 'no reason given'}"
+    return f"event {event.id} ({event.type}){via}"
 
 
 def apply_event(inputs: PolicyInputs, event: Event, at: float, now: float, rules: EventRules) -> bool:

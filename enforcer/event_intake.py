@@ -47,6 +47,7 @@ class Pending:
     event: Event
     received: float
     answer: asyncio.Future[Result]
+    at: float | None = None   # in a fleet: when the accepting gateway received it
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,12 @@ class EventIntake:
         """Apply one verified event; answers only after the kernel commit and the flush."""
         return await asyncio.shield(self.submit(event, received))
 
-    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
+    def submit(self, event: Event, received: float, at: float | None = None) -> asyncio.Future[Result]:
         """Queue one verified event; the future resolves after the commit and the flush.
 
         A retry of an id still being processed gets the first one's future (and answer).
         No task per event: at 2,000 events/s the webhook worker's bridge only adds a callback.
+        ``at``: the receipt instant another gateway of the fleet gave it (default: now).
         """
         inflight = self._inflight.get(event.id)
         if inflight is not None:
@@ -95,7 +97,7 @@ class EventIntake:
             return inflight
         if event.type in SESSION_TYPES:
             return self._session_event(event)
-        pending = Pending(event, received, asyncio.get_running_loop().create_future())
+        pending = Pending(event, received, asyncio.get_running_loop().create_future(), at)
         self._inflight[event.id] = pending.answer
 
         def done(future: asyncio.Future[Any], event_id: str = event.id) -> None:
@@ -155,7 +157,7 @@ class EventIntake:
             self.count(event.type, "stale")
             return Outcome({"id": event.id, "result": "ignored", "detail": stale})
         engine.billing_order.record(event)
-        if apply_event(engine.inputs, event, engine.receipts.stamp(), now, self.rules()):
+        if apply_event(engine.inputs, event, engine.receipts.stamp(item.at), now, self.rules()):
             self.metrics.promises.labels("kept").inc()
         return engine.inputs.decide(sid, now, engine.decisions.get(sid))
 

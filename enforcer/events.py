@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from ipaddress import ip_network
 from typing import Any
 
 from .match import MATCH_KEYS, Match, parse_match
@@ -58,6 +59,7 @@ class Event:
     until: float | None = None              # when an opened exemption ends (None: the configured default)
     match: Match = field(default_factory=Match)   # session events: who the session belongs to
     addresses: tuple[Network, ...] = ()     # session events: its addresses (stopped: none means all)
+    via: str = ""                           # in a fleet: the gateway that accepted it ("" alone)
 
 
 def _shown(value: Any) -> str:
@@ -259,3 +261,18 @@ def session_fields(payload: Any, need_address: bool) -> tuple[str, Match, tuple[
 def _session_event(event_id: str, kind: str, timestamp: float, payload: Any) -> Event:
     sid, match, addresses = session_fields(payload, kind == SESSION_STARTED)
     return Event(event_id, kind, timestamp, sid, match=match, addresses=addresses)
+
+
+def event_to_wire(event: Event) -> dict[str, Any]:
+    """A verified event as JSON (the webhook worker hands it to the daemon so; the fleet's stream
+    carries it so), without ``actor``/``via``, which only the daemon sets."""
+    return {"id": event.id, "type": event.type, "timestamp": event.timestamp, "subscriber_id": event.subscriber_id,
+            "subscriber": event.subscriber.to_json() if event.subscriber else None, "note": event.note,
+            "until": event.until, "match": event.match.to_json(), "addresses": [str(a) for a in event.addresses]}
+
+
+def event_from_wire(data: dict[str, Any]) -> Event:
+    subscriber = Subscriber.from_json(data["subscriber"]) if data.get("subscriber") else None
+    return Event(data["id"], data["type"], float(data["timestamp"]), data["subscriber_id"], subscriber,
+                 note=data.get("note") or "", until=data.get("until"), match=Match.from_json(data.get("match") or {}),
+                 addresses=tuple(ip_network(a) for a in data.get("addresses") or ()))

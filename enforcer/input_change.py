@@ -25,13 +25,15 @@ from .store import EnforcedWrite, StoreError
 log = logging.getLogger("walled_garden.enforcer")
 
 
-async def change_inputs(engine: Engine, sid: str, change: Callable[[float], object], note: str) -> Result:
+async def change_inputs(engine: Engine, sid: str, change: Callable[[float], object], note: str,
+                        at: float | None = None) -> Result:
     """Apply ``change(receipt instant)`` to ``sid``'s inputs: decide, commit, persist, audit, flush.
-    ``change`` may raise to refuse (under the lock, nothing changed yet); what it returns is ignored."""
+    ``change`` may raise to refuse (under the lock, nothing changed yet); what it returns is ignored.
+    ``at``: the receipt instant another gateway of the fleet gave the change (default: now)."""
     async with engine.lock:
         now = engine.now()
         saved = engine.save(sid)
-        change(engine.receipts.stamp())   # the change is ordered by its receipt (receipt_clock)
+        change(engine.receipts.stamp(at))   # the change is ordered by its receipt (receipt_clock)
         previous = engine.decisions.get(sid)
         decision = engine.inputs.decide(sid, now, previous)
         writes: list[EnforcedWrite] = []

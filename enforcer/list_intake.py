@@ -5,12 +5,18 @@ retried by the timer, nothing of it enforced), and only if the guard lets it thr
 list that would restrict or lift more than the configured share at once is held until an
 operator approves or rejects it (an export gone wrong must not wall in half the town).
 The first list after the state was lost also rebuilds enforcement from the kernel.
+
+In a fleet every gateway reads the list itself (the same source gives the same list) and an
+operator's approval or rejection travels through the fleet's stream (``relay``) with the held
+list's content digest: it applies on every gateway holding that list, or reading it later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from .guard import guard_reason
 from .metrics import Metrics
 from .outcome import Outcome, Refusal, Refused, Result
 from .reconciler import AddressConflict
+from .relay import Relay
 from .sources import ListUpdate, SourceFailure, redact_url
 from .store import StoreError
 from .subscribers import Subscriber
@@ -31,6 +38,14 @@ from .subscribers import Subscriber
 log = logging.getLogger("walled_garden.enforcer")
 #: Seconds between attempts to save a list whose saving failed.
 RETRY_SECONDS = 2.0
+#: Fleet verdicts remembered for lists this gateway has not read yet.
+KEPT_VERDICTS = 16
+
+
+def list_digest(subscribers: list[Subscriber]) -> str:
+    """The same list read by two gateways has the same digest, whatever the file's order."""
+    entries = sorted(json.dumps(s.to_json(), sort_keys=True) for s in subscribers)
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 @dataclass
@@ -42,6 +57,7 @@ class HeldChange:
     lifting: int
     since: float
     why: str
+    digest: str = ""   # ``list_digest``: what a fleet's approval names
 
 
 class ListIntake:
@@ -54,6 +70,8 @@ class ListIntake:
         meta = engine.store.get_meta("list")
         self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
+        self.relay: Relay | None = None   # the fleet's stream, when the gateway is one of a fleet
+        self.verdicts: dict[str, tuple[bool, str]] = {}   # digest -> (approved, by): the fleet decided first
         engine.duties.append(self)   # the retry of an unsaved list (``due``/``run``)
         engine.reports.update(source=self._source_report, held_changes=self._held_report)
         metrics.list_entries.set(len(engine.inputs.listed))
@@ -76,8 +94,16 @@ class ListIntake:
                 restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
                 restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
                 why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
+                digest = list_digest(update.subscribers) if why else ""
+                verdict = self.verdicts.pop(digest, None) if why else None
+                if verdict is not None and not verdict[0]:
+                    log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
+                                "gateway read it)", verdict[1], update.origin)
+                    return
+                if verdict is not None:
+                    approved_by, why = verdict[1], ""
                 if why:
-                    self.held = HeldChange(update, restricting, lifting, engine.clock(), why)
+                    self.held = HeldChange(update, restricting, lifting, engine.clock(), why, digest)
                     self.source_error = None
                     self.metrics.held_changes.set(1)
                     log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
@@ -189,14 +215,44 @@ class ListIntake:
 
     # -- the operator's answer to a held change -------------------------------------------
     async def approve(self, actor: str, note: str) -> Result:
+        return await self._verdict(True, actor, note)
+
+    async def reject(self, actor: str, note: str) -> Result:
+        return await self._verdict(False, actor, note)
+
+    async def _verdict(self, approve: bool, actor: str, note: str) -> Result:
         held = self.held
         if held is None:
             return Refusal(Refused.CONFLICT, "no change is held")
-        await self.on_list(held.update, approved_by=f"{actor} ({note or 'no reason given'})")
+        if self.relay is not None:
+            return await self.relay.send("list_approve" if approve else "list_reject",
+                                         {"actor": actor, "note": note, "digest": held.digest})
+        return await (self.apply_approve if approve else self.apply_reject)(actor, note, held.digest)
+
+    def _elsewhere(self, approve: bool, by: str, digest: str) -> Result | None:
+        """A fleet's verdict on a list this gateway does not hold: kept for when it reads it."""
+        if self.held is not None and self.held.digest == digest:
+            return None
+        self.verdicts[digest] = (approve, by)
+        while len(self.verdicts) > KEPT_VERDICTS:
+            del self.verdicts[next(iter(self.verdicts))]
+        return Outcome({"approved" if approve else "rejected": True, "digest": digest,
+                        "note": "this gateway does not hold that list; the verdict applies when it reads it"})
+
+    async def apply_approve(self, actor: str, note: str, digest: str, via: str = "") -> Result:
+        by = f"{actor}{' via ' + via if via else ''} ({note or 'no reason given'})"
+        elsewhere = self._elsewhere(True, by, digest)
+        held = self.held
+        if elsewhere is not None or held is None:
+            return elsewhere or Refusal(Refused.CONFLICT, "no change is held")
+        await self.on_list(held.update, approved_by=by)
         return Outcome({"approved": True, "restricting": held.restricting, "lifting": held.lifting,
                         "origin": held.update.origin})
 
-    async def reject(self, actor: str, note: str) -> Result:
+    async def apply_reject(self, actor: str, note: str, digest: str, via: str = "") -> Result:
+        elsewhere = self._elsewhere(False, f"{actor}{' via ' + via if via else ''}", digest)
+        if elsewhere is not None:
+            return elsewhere
         async with self.engine.lock:
             held, self.held = self.held, None
             self.metrics.held_changes.set(0)
@@ -219,4 +275,5 @@ class ListIntake:
         if held is None:
             return []
         return [{"origin": held.update.origin, "entries": len(held.update.subscribers),
-                 "restricting": held.restricting, "lifting": held.lifting, "since": held.since, "why": held.why}]
+                 "restricting": held.restricting, "lifting": held.lifting, "since": held.since, "why": held.why,
+                 "digest": held.digest}]

@@ -165,6 +165,26 @@ class Metrics:
                                            "asks for the DNS forwarder (walled_garden.dns: gateway)", registry=r)
         self.dns_forwarder_up = Gauge("walled_garden_dns_forwarder_up", "1 while the DNS forwarder process runs "
                                       "and listens", registry=r)
+        # -- fleet (docs/reference.md, Fleet); every sample then carries gateway="<fleet.gateway>"
+        self.constant_labels: dict[str, str] = {}
+        self.fleet_connected = Gauge("walled_garden_fleet_connected", "1 while connected to the fleet's NATS",
+                                     registry=r)
+        self.fleet_applied_sequence = Gauge("walled_garden_fleet_applied_sequence",
+                                            "The last stream sequence applied on this gateway", registry=r)
+        self.fleet_stream_sequence = Gauge("walled_garden_fleet_stream_sequence",
+                                           "The newest stream sequence this gateway knows of", registry=r)
+        self.fleet_lag_seconds = Gauge("walled_garden_fleet_lag_seconds", "How long the oldest input not yet "
+                                       "applied on this gateway has waited (0 when caught up)", registry=r)
+        self.fleet_published = Counter("walled_garden_fleet_published", "Inputs this gateway published to the "
+                                       "stream, by result (accepted, duplicate, unavailable)", ["result"], registry=r)
+        self.fleet_applied = Counter("walled_garden_fleet_applied", "Stream messages applied on this gateway, by "
+                                     "kind and result (applied, refused, malformed, lost)", ["kind", "result"],
+                                     registry=r)
+        self.fleet_apply_retries = Counter("walled_garden_fleet_apply_retries", "Retries of a stream message whose "
+                                           "local apply failed (kernel or state); nothing after it is applied "
+                                           "meanwhile", registry=r)
+        self.fleet_peer_seen = Gauge("walled_garden_fleet_peer_seen_seconds_ago", "Age of each fleet gateway's last "
+                                     "heartbeat, as this gateway read it", ["peer"], registry=r)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():

@@ -4,6 +4,9 @@ end exemptions. Every action is attributed to the person (``SO_PEERCRED``) and a
 ``restrict``/``lift`` are overrides like billing's events and go the same way, through the
 event sink (ordering, batching, answers), marked as a person's (``Origin.OPERATOR``), which
 outranks exemptions and enforcement windows.
+
+In a fleet, exemptions travel through the fleet's stream (``relay``) and every gateway applies
+them with ``apply_exempt``/``apply_unexempt``; restrict/lift already do, as events.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .events import RELEASED, RESTRICTED, Event
 from .exemptions import Exemption
 from .input_change import change_inputs
 from .outcome import Refusal, Refused, Result
+from .relay import Relay
 from .subscribers import ListIssue, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -30,6 +34,7 @@ log = logging.getLogger("walled_garden.enforcer")
 class OperatorActions:
     def __init__(self, engine: Engine, events: EventSink) -> None:
         self.engine, self.events = engine, events
+        self.relay: Relay | None = None   # the fleet's stream, when the gateway is one of a fleet
 
     async def change(self, actor: str, sid: str, restrict: bool, note: str, mode: str | None = None,
                      addresses: list[str] | None = None) -> Result:
@@ -51,29 +56,46 @@ class OperatorActions:
                 hint = "" if addresses or known else " (this subscriber is not on the list: give --address)"
                 return Refusal(Refused.INVALID, "; ".join(i.message for i in issues) + hint)
         event = Event(f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, engine.clock(), sid,
-                      subscriber, actor=actor, note=note)
+                      subscriber, actor=actor, note=note, via=self.relay.gateway if self.relay else "")
         log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r", actor,
                     "restrict" if restrict else "lift", sid, note)
         return await asyncio.shield(self.events.submit(event, time.perf_counter()))
 
     async def exempt(self, actor: str, sid: str, category: str, until: float, note: str) -> Result:
         """``walled-garden exempt``: keep a subscriber free until ``until`` whatever the list says."""
+        if self.relay is not None:
+            return await self.relay.send("exempt", {"actor": actor, "subscriber": sid, "category": category,
+                                                    "until": until, "note": note})
+        return await self.apply_exempt(actor, sid, category, until, note)
+
+    async def apply_exempt(self, actor: str, sid: str, category: str, until: float, note: str,
+                           at: float | None = None, via: str = "") -> Result:
+        """Set the exemption here (``at``, ``via``: when and where the fleet received it)."""
         engine = self.engine
         if sid not in engine.inputs.known_ids() and sid not in engine.decisions:
             log.info("event=exemption_for_unknown subscriber=%s (kept; applies if they are listed later)", sid)
-        exemption = Exemption(category, until, note, f"operator {actor}", 0.0)   # set_at: its receipt
+        by = f"operator {actor} via {via}" if via else f"operator {actor}"
+        exemption = Exemption(category, until, note, by, 0.0)   # set_at: its receipt
         log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%r", actor, sid, category,
                     policy.when(until), note)
         return await change_inputs(
             engine, sid, lambda at: policy.record_exemption(engine.inputs, sid, replace(exemption, set_at=at)),
-            f"exemption set by operator {actor}: {category} until {policy.when(until)}: {note or 'no note'}")
+            f"exemption set by {by}: {category} until {policy.when(until)}: {note or 'no note'}", at)
 
     async def unexempt(self, actor: str, sid: str, category: str | None, note: str) -> Result:
+        if self.relay is not None:
+            return await self.relay.send("unexempt", {"actor": actor, "subscriber": sid, "category": category,
+                                                      "note": note})
+        return await self.apply_unexempt(actor, sid, category, note)
+
+    async def apply_unexempt(self, actor: str, sid: str, category: str | None, note: str,
+                             at: float | None = None, via: str = "") -> Result:
         engine = self.engine
+        by = f"operator {actor} via {via}" if via else f"operator {actor}"
         current = engine.inputs.exemptions.get(sid, {})
         if not current or (category and category not in current):
             return Refusal(Refused.NOT_FOUND, f"{sid} has no {category + ' ' if category else ''}exemption")
         log.warning("event=exemption_ended by=%s subscriber=%s category=%s note=%r", actor, sid, category or "all",
                     note)
         return await change_inputs(engine, sid, lambda _: policy.clear_exemption(engine.inputs, sid, category),
-                                   f"exemption ({category or 'all'}) ended by operator {actor}: {note or 'no note'}")
+                                   f"exemption ({category or 'all'}) ended by {by}: {note or 'no note'}", at)

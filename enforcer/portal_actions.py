@@ -4,6 +4,10 @@
 The portal acts only for an address the kernel saw connect to it recently (the table's
 ``portalcaller`` sets, read on a reader of its own): even a compromised portal process
 cannot enumerate subscribers, lift anyone else, or promise in their name.
+
+In a fleet, the gateway whose portal was used checks the caller and hands the acknowledgement or
+promise, by subscriber id, to the fleet's stream (``relay``); every gateway then applies it with
+``apply_acknowledge``/``apply_promise``, and only the accepting one tells billing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .model import Mode
 from .outcome import Outcome, Refusal, Refused, Result
 from .promises import Promise
 from .references import References
+from .relay import Relay
 from .store import StoreError
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -40,6 +45,7 @@ class PortalActions:
     def __init__(self, engine: Engine, references: References, metrics: Metrics) -> None:
         self.engine, self.references, self.metrics = engine, references, metrics
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
+        self.relay: Relay | None = None      # the fleet's stream, when the gateway is one of a fleet
         engine.on_replaced.append(self._reacknowledge)
 
     async def _not_a_caller(self, address: str, action: str) -> Refusal | None:
@@ -71,7 +77,14 @@ class PortalActions:
             return Outcome(Acknowledged(False, mode=Mode.FREE).to_json())
         if found.mode == Mode.WALLED_GARDEN.value:
             return Refusal(Refused.CONFLICT, "this connection is in the walled garden; it cannot be acknowledged away")
-        sid = found.subscriber
+        if self.relay is not None:
+            return await self.relay.send("acknowledge", {"subscriber": found.subscriber, "address": found.address})
+        return await self.apply_acknowledge(found.subscriber, found.address)
+
+    async def apply_acknowledge(self, sid: str, address: str, via: str = "") -> Result:
+        """Stop redirecting ``sid``'s HTTP for ``portal.notice_ack_for`` (``via``: the fleet gateway
+        whose portal was used)."""
+        engine = self.engine
         seconds = int(engine.config.portal.notice_ack_for)
         async with engine.lock:
             decision = engine.decisions.get(sid)
@@ -86,10 +99,11 @@ class PortalActions:
             state = audit_state(decision)
             try:   # audited like every portal action; the kernel change stands either way (it expires)
                 engine.store.append_audit([(engine.clock(), sid, state, state, f"notice acknowledged on the portal "
-                                            f"from {found.address} until {policy.when(until)}")])
+                                            f"{'of ' + via + ' ' if via else ''}from {address} until "
+                                            f"{policy.when(until)}")])
             except (StoreError, sqlite3.Error) as exc:
                 log.error("event=audit_not_saved subscriber=%s error=%r", sid, str(exc))
-        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, found.address, until)
+        log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, address, until)
         return Outcome(Acknowledged(True, until).to_json())
 
     async def promise(self, address: str) -> Result:
@@ -107,6 +121,19 @@ class PortalActions:
         if not verdict.eligible:
             self.metrics.promises.labels("refused").inc()
             return Refusal(Refused.FORBIDDEN, NOT_AVAILABLE, {"eligible": False, "why": verdict.why})
+        if self.relay is not None:
+            return await self.relay.send("promise", {"subscriber": sid, "address": found.address})
+        return await self.apply_promise(sid, found.address)
+
+    async def apply_promise(self, sid: str, address: str, at: float | None = None, via: str = "",
+                            notify: bool = True) -> Result:
+        """Record ``sid``'s promise made from ``address`` if it is still available; ``notify``: tell
+        billing (in a fleet, only the gateway whose portal was used does)."""
+        engine = self.engine
+        verdict = promise_eligibility(engine, sid)
+        if not verdict.eligible:
+            self.metrics.promises.labels("refused").inc()
+            return Refusal(Refused.FORBIDDEN, NOT_AVAILABLE, {"eligible": False, "why": verdict.why})
         made: dict[str, Any] = {}
 
         def record(now: float) -> None:
@@ -115,16 +142,17 @@ class PortalActions:
             again = promise_eligibility(engine, sid)
             if not again.eligible:
                 raise _Ineligible(again.why)
-            promise = Promise(sid, now, now + verdict.term, address=found.address)
+            promise = Promise(sid, now, now + verdict.term, address=address)
             policy.record_promise(engine.inputs, promise)
             made.update(until=promise.until, made_at=now)
-            if engine.config.policy.promise_to_pay.webhook_url:
+            if notify and engine.config.policy.promise_to_pay.webhook_url:
                 message = made["message"] = f"wg_promise_{secrets.token_hex(12)}"
                 engine.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
                     "subscriber": sid, "until": policy.when(promise.until), "reference": self.references.code(sid),
-                    "address": found.address}}, now)
+                    "address": address}}, now)
         try:
-            result = await change_inputs(engine, sid, record, "promise to pay made on the portal")
+            result = await change_inputs(engine, sid, record, "promise to pay made on the portal"
+                                         + (f" of {via}" if via else ""), at)
         except _Ineligible as exc:
             self.metrics.promises.labels("refused").inc()
             kind = Refused.CONFLICT if str(exc) == NOT_RESTRICTED else Refused.FORBIDDEN
@@ -135,8 +163,8 @@ class PortalActions:
             return result
         self.metrics.promises.labels("made").inc()
         self.outbox_wake.set()
-        log.warning("event=promise_made subscriber=%s address=%s until=%s", sid, found.address,
-                    policy.when(made["until"]))
+        log.warning("event=promise_made subscriber=%s address=%s until=%s via=%s", sid, address,
+                    policy.when(made["until"]), via or "-")
         return Outcome(Promised(True, made["until"], mode=result.body["mode"]).to_json())
 
     async def _reacknowledge(self) -> None:

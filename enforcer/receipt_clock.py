@@ -40,9 +40,10 @@ class ReceiptClock:
         self.last = floor
         self._anchor = (clock(), monotonic())
 
-    def stamp(self) -> float:
-        """A receipt instant for one input: now, but after every instant handed out before."""
-        self.last = max(self.clock(), self.last + TICK)
+    def stamp(self, at: float | None = None) -> float:
+        """A receipt instant for one input: now (or ``at``, when another gateway of the fleet
+        received it then), but after every instant handed out before."""
+        self.last = max(self.clock() if at is None else at, self.last + TICK)
         return self.last
 
     def step(self) -> float:

@@ -29,8 +29,22 @@ class References:
         if key is None:
             key = secrets.token_hex(16)
             store.set_meta("reference_key", key)
+        self.store = store
         self._key = bytes.fromhex(key)
         self._codes: dict[str, str] = {}
+
+    @property
+    def key_hex(self) -> str:
+        return self._key.hex()
+
+    def adopt(self, key: str) -> bool:
+        """Take the fleet's key (every gateway shows the same code); False when it is not a key."""
+        if not (len(key) == 32 and all(c in "0123456789abcdef" for c in key)):
+            return False
+        self.store.set_meta("reference_key", key)
+        self._key = bytes.fromhex(key)
+        self._codes.clear()
+        return True
 
     def code(self, subscriber_id: str) -> str:
         code = self._codes.get(subscriber_id)

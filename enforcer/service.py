@@ -105,7 +105,7 @@ class Service:
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
                                                   config.api.socket_group))
         if config.api.listen is not None:  # in a worker process (see webhook_worker); starts meanwhile
-            self.webhooks = WorkerBridge(enforcer.events, config.api.listen.host, config.api.listen.port,
+            self.webhooks = WorkerBridge(enforcer.sink, config.api.listen.host, config.api.listen.port,
                                          config.api.webhook_secret_file)
             webhooks = self.webhooks
             self._task("webhooks", lambda: webhooks.run(self.stop))
@@ -120,6 +120,7 @@ class Service:
         self._task("table_check", self._check_table)
         await self._start_hosts(config)
         await self._start_dns(config)
+        await self._start_fleet(config)
         # READY=1 (after start) means billing can reach us, if its address exists yet: the unit
         # is ordered before the network (docs/reference.md, Safety rules 6), and the network waits
         # for READY=1.
@@ -130,6 +131,21 @@ class Service:
                 log.warning("event=listen_address_absent listen=%s:%d (the webhook worker binds it once the "
                             "network brings it up; ready without it meanwhile)", config.api.listen.host,
                             config.api.listen.port)
+
+    async def _start_fleet(self, config: Config) -> None:
+        """In a fleet: follow the stream, and catch up on what this gateway missed (bounded)
+        before READY=1, so it never answers from a past the others have left."""
+        fleet = self.enforcer.fleet
+        if fleet is None or config.fleet is None:
+            return
+        self._task("fleet", lambda: fleet.run(self.stop))
+        systemd_notify.notify("STATUS=catching up with the fleet's stream")
+        if await fleet.caught_up(config.fleet.catch_up_timeout):
+            log.info("event=fleet_caught_up applied=%d", fleet.applier.applied)
+        else:
+            log.error("event=fleet_not_caught_up timeout=%.0fs applied=%d error=%r (ready with the local state; it "
+                      "catches up when NATS answers)", config.fleet.catch_up_timeout, fleet.applier.applied,
+                      fleet.error or "-")
 
     def _start_outbox(self, config: Config) -> None:
         """The outbox task, when promises are sent to billing (it has nothing to do otherwise)."""

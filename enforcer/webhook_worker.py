@@ -38,34 +38,18 @@ import logging
 import os
 import socket
 import sys
-from ipaddress import ip_network
 from typing import Any
 
 from .child_process import keep_running
 from .event_sink import EventSink
-from .events import Event
-from .match import Match
+from .events import Event, event_from_wire, event_to_wire
 from .outcome import Outcome, Refusal, Refused, Result
-from .subscribers import Subscriber
 
 log = logging.getLogger("walled_garden.webhooks")
 #: Longest line either side accepts (an event is a few hundred bytes; bodies are capped at 64 KiB).
 LINE_LIMIT = 1 << 20
 #: How long ``WorkerBridge.start`` waits for the child to listen.
 READY_TIMEOUT = 15.0
-
-
-def event_to_wire(event: Event) -> dict[str, Any]:
-    return {"id": event.id, "type": event.type, "timestamp": event.timestamp, "subscriber_id": event.subscriber_id,
-            "subscriber": event.subscriber.to_json() if event.subscriber else None, "note": event.note,
-            "until": event.until, "match": event.match.to_json(), "addresses": [str(a) for a in event.addresses]}
-
-
-def event_from_wire(data: dict[str, Any]) -> Event:
-    subscriber = Subscriber.from_json(data["subscriber"]) if data.get("subscriber") else None
-    return Event(data["id"], data["type"], float(data["timestamp"]), data["subscriber_id"], subscriber,
-                 note=data.get("note") or "", until=data.get("until"), match=Match.from_json(data.get("match") or {}),
-                 addresses=tuple(ip_network(a) for a in data.get("addresses") or ()))
 
 
 def result_to_wire(result: Result) -> dict[str, Any]:

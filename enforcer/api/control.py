@@ -49,6 +49,13 @@ async def get_status(request: web.Request) -> web.Response:
     return json_response(200, request.app[ENFORCER_KEY].queries.status())
 
 
+async def get_fleet(request: web.Request) -> web.Response:
+    fleet = request.app[ENFORCER_KEY].fleet
+    if fleet is None:
+        return json_response(404, {"error": "fleet is not configured on this gateway (see the fleet key)"})
+    return json_response(200, await fleet.status())
+
+
 async def post_for_address(request: web.Request) -> web.Response:
     """The portal's actions for the caller's address: ``acknowledge`` a notice, ``promise`` to pay."""
     try:
@@ -205,6 +212,7 @@ def control_app(enforcer: Enforcer) -> web.Application:
     app.router.add_get(protocol.STATUS, get_status)
     app.router.add_get(protocol.EXPLAIN, get_explain)
     app.router.add_get(protocol.AUDIT, get_audit)
+    app.router.add_get(protocol.FLEET, get_fleet)
     for path, handler in ((protocol.ACKNOWLEDGE, post_for_address), (protocol.PROMISE, post_for_address),
                           (protocol.RESTRICT, post_operator), (protocol.LIFT, post_operator),
                           (protocol.APPROVE, post_held), (protocol.REJECT, post_held),

@@ -1,21 +1,40 @@
 """``/metrics``: the enforcer's Prometheus registry, with the kernel's packet counters read at
-most once a second (``metrics.KernelCounters``) on a reader of their own."""
+most once a second (``metrics.KernelCounters``) on a reader of their own. In a fleet every
+sample carries ``gateway="<name>"`` (``Metrics.constant_labels``), so a dashboard over the fleet
+can tell gateways apart and count a subscriber once (``max by``, not ``sum``)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
 
 from ..metrics import Metrics
+
+
+class Labelled:
+    """``registry``'s metrics with ``labels`` added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry, self.labels = registry, labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [Sample(s.name, {**s.labels, **self.labels}, s.value, s.timestamp, s.exemplar)
+                              for s in metric.samples]
+            yield metric
 
 
 def metrics_app(metrics: Metrics, read_counters: Callable[[], Awaitable[dict[str, tuple[int, int]]]]
                 ) -> web.Application:
     async def scrape(_: web.Request) -> web.Response:
         await metrics.kernel.refresh(read_counters)
-        return web.Response(body=generate_latest(metrics.registry),
+        registry = Labelled(metrics.registry, metrics.constant_labels) if metrics.constant_labels else metrics.registry
+        return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
     app = web.Application()
     app.router.add_get("/metrics", scrape)

@@ -98,8 +98,9 @@ def read_text(text: str, path: str = "config.yaml") -> Reading:
     api = sections.api(r, top)
     metrics = sections.metrics(r, top)
     policy = sections.policy(r, top)
+    fleet = sections.fleet(r, top)
     sections.separate_secrets(r, api, policy)
     sections.forwarder_port(r, garden, portal, api, metrics)
     config = Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
-                    walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy)
+                    walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy, fleet=fleet)
     return Reading(path, config, tuple(r.issues), frozenset(r.refused))

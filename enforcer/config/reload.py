@@ -1,6 +1,7 @@
 """What a configuration reload (SIGHUP) may change in a running daemon, and what needs a restart.
 
-Sockets, the state directory, the table name and the session sources are bound when the daemon starts: a reload
+Sockets, the state directory, the table name, the session sources and
+the fleet are bound when the daemon starts: a reload
 keeps their running values and names the keys whose new value waits for a restart.
 """
 
@@ -18,6 +19,7 @@ BOUND_AT_START: dict[str, Callable[[Config], Any]] = {
     "api.socket": lambda c: c.api.socket, "api.socket_group": lambda c: c.api.socket_group,
     "api.listen": lambda c: c.api.listen, "metrics.listen": lambda c: c.metrics.listen,
     "portal.listen": lambda c: c.portal.listen, "subscribers.sessions": lambda c: c.subscribers.sessions,
+    "fleet": lambda c: c.fleet,
 }
 
 
@@ -31,5 +33,5 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
                    api=replace(new.api, socket=old.api.socket, socket_group=old.api.socket_group,
                                listen=old.api.listen),
                    metrics=replace(new.metrics, listen=old.metrics.listen),
-                   portal=replace(new.portal, listen=old.portal.listen))
+                   portal=replace(new.portal, listen=old.portal.listen), fleet=old.fleet)
     return kept, restart

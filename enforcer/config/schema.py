@@ -191,6 +191,30 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class NatsConfig:
+    """How a fleet gateway reaches NATS: one URL or a cluster's, credentials and TLS from files."""
+
+    urls: tuple[str, ...]
+    creds_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """``fleet`` (docs/reference.md, Fleet): this gateway's name and the JetStream stream every
+    gateway of the fleet takes its inputs from."""
+
+    gateway: str
+    nats: NatsConfig
+    stream: str = "WALLED_GARDEN"
+    replicas: int = 1                  # of the stream and the KV buckets, when this gateway creates them
+    catch_up_timeout: float = 30.0     # start: how long to catch up with the stream before READY=1
+    answer_timeout: float = 10.0       # a webhook waits this long for the stream and its own commit (else 503)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     state_dir: str
@@ -201,3 +225,4 @@ class Config:
     api: ApiConfig = ApiConfig()
     metrics: MetricsConfig = MetricsConfig()
     policy: PolicyConfig = PolicyConfig()
+    fleet: FleetConfig | None = None

@@ -29,10 +29,12 @@ from .schema import (
     ApiConfig,
     Branding,
     DnsForwarderConfig,
+    FleetConfig,
     GardenConfig,
     GatewayConfig,
     Listen,
     MetricsConfig,
+    NatsConfig,
     PaymentLink,
     PolicyConfig,
     PortalConfig,
@@ -44,7 +46,7 @@ from .schema import (
 from .units import optional_listen, parse_duration, parse_listen, parse_rate, parse_size, positive_duration
 
 #: Top-level keys; each is read by the function of the same name below.
-TOP_LEVEL = {"state_dir", "subscribers", "gateway", "walled_garden", "portal", "api", "metrics", "policy"}
+TOP_LEVEL = {"state_dir", "subscribers", "gateway", "walled_garden", "portal", "api", "metrics", "policy", "fleet"}
 
 
 def subscribers(r: KeyReader, top: dict[str, Any], config_path: str) -> SubscribersConfig:
@@ -401,6 +403,38 @@ def metrics(r: KeyReader, top: dict[str, Any]) -> MetricsConfig:
         listen=r.get(raw, ("metrics", "listen"), optional_listen, MetricsConfig.listen),
         portal_listen=r.get(raw, ("metrics", "portal_listen"), optional_listen, MetricsConfig.portal_listen),
     )
+
+
+def fleet(r: KeyReader, top: dict[str, Any]) -> FleetConfig | None:
+    """``fleet``: this gateway's name, NATS and the stream (absent: the gateway runs alone)."""
+    if top.get("fleet") is None:
+        return None
+    raw = r.section(top["fleet"], ("fleet",), set(FleetConfig.__dataclass_fields__))
+    if "gateway" not in raw:
+        r.fail(("fleet", "gateway"), "required: this gateway's unique name in the fleet")
+    if "nats" not in raw:
+        r.fail(("fleet", "nats"), "required: how to reach NATS (at least url)")
+    nats_path = ("fleet", "nats")
+    nats_raw = r.section(raw.get("nats"), nats_path, {"url", "creds_file", "ca_file", "cert_file", "key_file"})
+    if raw.get("nats") is not None and "url" not in nats_raw:
+        r.fail(nats_path + ("url",), "required: nats://host:port (or a list, one per cluster node)")
+    nats = NatsConfig(
+        urls=tuple(r.get(nats_raw, nats_path + ("url",), values.nats_urls, ["nats://127.0.0.1:4222"])),
+        creds_file=r.get(nats_raw, nats_path + ("creds_file",), values.readable_file, ""),
+        ca_file=r.get(nats_raw, nats_path + ("ca_file",), values.readable_file, ""),
+        cert_file=r.get(nats_raw, nats_path + ("cert_file",), values.readable_file, ""),
+        key_file=r.get(nats_raw, nats_path + ("key_file",), values.readable_file, ""))
+    if bool(nats.cert_file) != bool(nats.key_file):
+        r.fail(nats_path + ("cert_file" if not nats.cert_file else "key_file",),
+               "cert_file and key_file go together (a TLS client certificate and its key)")
+    d = FleetConfig("", nats)
+    return FleetConfig(
+        gateway=r.get(raw, ("fleet", "gateway"), values.nats_name, "unnamed"),
+        nats=nats,
+        stream=r.get(raw, ("fleet", "stream"), values.nats_name, d.stream),
+        replicas=r.get(raw, ("fleet", "replicas"), _at_most(values.positive_int, 5, "5"), d.replicas),
+        catch_up_timeout=r.get(raw, ("fleet", "catch_up_timeout"), positive_duration, d.catch_up_timeout),
+        answer_timeout=r.get(raw, ("fleet", "answer_timeout"), positive_duration, d.answer_timeout))
 
 
 def policy(r: KeyReader, top: dict[str, Any]) -> PolicyConfig:

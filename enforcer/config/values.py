@@ -151,6 +151,32 @@ def session_source_name(value: Any) -> str:
     return text
 
 
+_NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def nats_name(value: Any) -> str:
+    """A gateway or stream name: it becomes a JetStream consumer or stream name, where dots,
+    wildcards and spaces are not allowed."""
+    text = string(value)
+    if not _NATS_NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a name NATS takes (letters, digits, - and _, at most 64)")
+    return text
+
+
+def nats_urls(value: Any) -> list[str]:
+    """``nats://host:port`` or ``tls://host:port``, one or a list (the nodes of a cluster)."""
+    urls = string_list(value)
+    for url in urls:
+        parsed = urlsplit(url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in ("nats", "tls") or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+            raise ValueError(f"{url!r} is not nats://host:port or tls://host:port")
+    return urls
+
+
 def secret_file(value: Any) -> str:
     """A readable file whose first line is a non-empty secret."""
     text = readable_file(value)

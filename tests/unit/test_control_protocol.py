@@ -167,7 +167,8 @@ def test_a_refused_promise_is_not_sent_as_a_promised() -> None:
 
 
 def test_the_paths_are_the_ones_the_clients_use() -> None:
-    assert control_protocol.PATHS == ("/v1/lookup", "/v1/status", "/v1/explain", "/v1/audit", "/v1/acknowledge",
+    assert control_protocol.PATHS == ("/v1/lookup", "/v1/status", "/v1/explain", "/v1/audit", "/v1/fleet",
+                                      "/v1/acknowledge",
                                       "/v1/promise", "/v1/restrict", "/v1/lift", "/v1/approve", "/v1/reject",
                                       "/v1/exempt", "/v1/unexempt", "/v1/session/start", "/v1/session/stop")
     assert [control_protocol.action_name(p) for p in control_protocol.PORTAL_ACTIONS] == ["acknowledge", "promise"]

@@ -16,10 +16,10 @@ from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.demo.billing import signed_request
-from enforcer.events import Event, parse_event
+from enforcer.events import Event, event_from_wire, event_to_wire, parse_event
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
-from enforcer.webhook_worker import LineWriter, WorkerBridge, event_from_wire, event_to_wire
+from enforcer.webhook_worker import LineWriter, WorkerBridge
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

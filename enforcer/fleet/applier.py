@@ -1,0 +1,257 @@
+"""Applying the fleet's stream on this gateway: strictly in stream order, each input once.
+
+The position is the last stream sequence applied here, saved in the local SQLite (meta
+``fleet_applied``); the durable consumer is re-created from it at every (re)connection and after
+any gap, so what this gateway applies never depends on what JetStream thinks was acknowledged.
+A crash between a commit and saving the position re-applies a few inputs after the restart:
+every kind is idempotent (events by their id's saved answer, exemptions and promises by their
+state), so that costs nothing.
+
+Inputs are applied through the same local code as on a lone gateway. A run of events about
+different subscribers is handed to the event intake together, so it commits them as one batch
+(the 2,000 events/s path); anything else is applied alone. An input refused "retry later" (the
+kernel or SQLite failed) is retried, 1 s doubling to 30 s, and nothing after it is applied
+meanwhile: the order is the truth. A malformed message changes nothing; it is counted, logged
+and passed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from ..metrics import Metrics
+from ..outcome import Refusal, Refused, Result
+from ..store import Store, StoreError
+from .link import NATS_ERRORS, Link, Unavailable
+from .messages import EVENT, Message, MessageError, decode
+
+log = logging.getLogger("walled_garden.enforcer")
+BATCH = 512
+FETCH_WAIT = 1.0
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: Results kept for the publishers waiting on them (a webhook's answer is its own gateway's).
+KEPT_RESULTS = 100_000
+POSITION = "fleet_applied"
+
+Start = Callable[[Message], Awaitable[Result]]
+
+
+class Gap(Exception):
+    """The consumer delivered past a sequence not yet applied: re-create it from the position."""
+
+
+@dataclass
+class Item:
+    seq: int
+    msg: Msg
+    message: Message | None
+    error: str = ""
+
+    @property
+    def subscriber(self) -> str | None:
+        """The subscriber an event is about (events about the same one never share a run)."""
+        if self.message is None or self.message.kind != EVENT:
+            return None
+        return str(self.message.body.get("subscriber_id"))
+
+
+def transient(result: Result) -> bool:
+    return isinstance(result, Refusal) and result.kind is Refused.UNAVAILABLE
+
+
+class Applier:
+    def __init__(self, link: Link, store: Store, start: Start, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.link, self.store, self.start, self.metrics, self.clock = link, store, start, metrics, clock
+        saved = store.get_meta(POSITION)
+        self.applied = saved if isinstance(saved, int) and saved >= 0 else 0
+        self.stream_last = self.applied          # the newest sequence known to exist
+        self.behind_since: float | None = None   # publish time of the oldest input known and not applied
+        self.target: int | None = None           # the stream's last sequence when this connection began
+        self.caught_up = asyncio.Event()
+        self.results: OrderedDict[int, Result] = OrderedDict()
+        self.waiters: dict[int, list[asyncio.Future[Result]]] = {}
+        metrics.fleet_applied_sequence.set_function(lambda: self.applied)
+        metrics.fleet_stream_sequence.set_function(lambda: self.stream_last)
+        metrics.fleet_lag_seconds.set_function(lambda: self.lag(self.clock()))
+
+    def lag(self, now: float) -> float:
+        """Seconds the oldest input not yet applied here has waited (0 when caught up)."""
+        if self.applied >= self.stream_last or self.behind_since is None:
+            return 0.0
+        return max(now - self.behind_since, 0.0)
+
+    async def result(self, seq: int, timeout: float) -> Result | None:
+        """This gateway's result for ``seq`` once applied; None when it was applied so long ago
+        that the result is gone; a refusal when it is not applied within ``timeout``."""
+        if seq in self.results:
+            return self.results[seq]
+        if seq <= self.applied:
+            return None
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(seq, []).append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream holds it (sequence {seq}) but this gateway has "
+                                                "not applied it yet; retry later")
+        finally:
+            waiting = self.waiters.get(seq, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self.waiters.pop(seq, None)
+
+    async def follow(self) -> None:
+        """Apply the stream until cancelled or NATS fails (``Unavailable``, for the caller to retry)."""
+        first, last = await self.link.stream_bounds()
+        self.target = last
+        self.stream_last = max(self.stream_last, last)
+        start = self.applied + 1
+        if first > start and last >= first:
+            if self.applied:
+                log.error("event=fleet_history_lost applied=%d stream_first=%d (the stream no longer holds what this "
+                          "gateway missed; continuing from what it holds)", self.applied, first)
+                self.metrics.fleet_applied.labels("-", "lost").inc(first - start)
+            start = first
+            self.applied = first - 1
+        subscription = await self.link.consume_from(start)
+        log.info("event=fleet_following from=%d stream_last=%d", start, last)
+        while True:
+            if self.applied >= (self.target or 0):
+                self.caught_up.set()
+            messages = await self.link.fetch(subscription, BATCH, FETCH_WAIT)
+            if not messages:
+                self.stream_last = max(self.stream_last, self.applied)
+                if self.applied >= self.stream_last:
+                    self.behind_since = None
+                continue
+            try:
+                await self._apply(messages)
+            except Gap as gap:
+                log.warning("event=fleet_gap %s (re-reading from %d)", gap, self.applied + 1)
+                subscription = await self.link.consume_from(self.applied + 1)
+
+    async def _apply(self, messages: list[Msg]) -> None:
+        items: list[Item] = []
+        gap = ""
+        for msg in messages:
+            seq = msg.metadata.sequence.stream
+            if seq <= self.applied + len(items):
+                continue   # applied before (a redelivery)
+            if seq != self.applied + len(items) + 1:
+                gap = f"expected {self.applied + len(items) + 1}, got {seq}"
+                break
+            self.stream_last = max(self.stream_last, seq + (msg.metadata.num_pending or 0))
+            try:
+                items.append(Item(seq, msg, decode(msg.data)))
+            except MessageError as exc:
+                items.append(Item(seq, msg, None, str(exc)))
+        if items:
+            stamp = items[0].msg.metadata.timestamp
+            self.behind_since = stamp.timestamp() if stamp is not None else self.clock()
+        for run in _runs(items):
+            await self._apply_run(run)
+        if gap:
+            raise Gap(gap)
+        if messages:
+            await _ack(messages[-1])   # AckPolicy.ALL: everything up to it
+
+    async def _apply_run(self, run: list[Item]) -> None:
+        delay, begin = RETRY_FIRST, 0
+        while True:
+            results = await asyncio.gather(*(self._one(item) for item in run[begin:]))
+            stuck = next((i for i, r in enumerate(results) if transient(r)), None)
+            done = len(results) if stuck is None else stuck
+            for item, result in zip(run[begin:begin + done], results[:done], strict=True):
+                self._record(item, result)
+            if stuck is None:
+                break
+            begin += stuck
+            item = run[begin]
+            self.metrics.fleet_apply_retries.inc()
+            log.warning("event=fleet_apply_retry seq=%d kind=%s error=%r retry_in=%.0fs (nothing after it is applied "
+                        "meanwhile)", item.seq, item.message.kind if item.message else "-",
+                        getattr(results[stuck], "error", ""), delay)
+            await _in_progress(item.msg)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+        self._save(run[-1].seq)
+
+    async def _one(self, item: Item) -> Result:
+        if item.message is None:
+            return Refusal(Refused.INVALID, f"malformed fleet message: {item.error}")
+        try:
+            return await self.start(item.message)
+        except MessageError as exc:
+            return Refusal(Refused.INVALID, f"malformed fleet message: {exc}")
+
+    def _record(self, item: Item, result: Result) -> None:
+        kind = item.message.kind if item.message else "-"
+        if item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):
+            log.error("event=fleet_message_malformed seq=%d error=%r (skipped: it changes nothing)", item.seq,
+                      result.error if isinstance(result, Refusal) else "")
+            self.metrics.fleet_applied.labels(kind, "malformed").inc()
+        else:
+            self.metrics.fleet_applied.labels(kind, "refused" if isinstance(result, Refusal) else "applied").inc()
+        self.applied = item.seq
+        self.results[item.seq] = result
+        while len(self.results) > KEPT_RESULTS:
+            self.results.popitem(last=False)
+        for future in self.waiters.pop(item.seq, []):
+            if not future.done():
+                future.set_result(result)
+
+    def _save(self, seq: int) -> None:
+        """The position, saved after the inputs' own commits (a crash in between re-applies them)."""
+        try:
+            self.store.set_meta(POSITION, seq)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("event=fleet_position_not_saved seq=%d error=%r (a restart re-applies from the last saved "
+                        "one; every input is idempotent)", seq, str(exc))
+
+
+def _runs(items: list[Item]) -> list[list[Item]]:
+    """Consecutive events about different subscribers together; anything else alone."""
+    runs: list[list[Item]] = []
+    current: list[Item] = []
+    subscribers: set[str] = set()
+    for item in items:
+        sid = item.subscriber
+        if sid is None or sid in subscribers or len(current) >= BATCH:
+            if current:
+                runs.append(current)
+            current, subscribers = [], set()
+        if sid is None:
+            runs.append([item])
+            continue
+        current.append(item)
+        subscribers.add(sid)
+    if current:
+        runs.append(current)
+    return runs
+
+
+async def _ack(msg: Msg) -> None:
+    try:
+        await msg.ack()
+    except NATS_ERRORS as exc:  # the position is ours; a lost ack only means a redelivery we skip
+        log.debug("event=fleet_ack_failed error=%r", str(exc))
+
+
+async def _in_progress(msg: Msg) -> None:
+    try:
+        await msg.in_progress()
+    except NATS_ERRORS as exc:
+        log.debug("event=fleet_in_progress_failed error=%r", str(exc))
+
+
+__all__ = ["Applier", "Gap", "Unavailable"]

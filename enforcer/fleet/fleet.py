@@ -1,0 +1,180 @@
+"""``Fleet``: a gateway's part in a fleet, wired to its components.
+
+What it adds to a lone gateway: a ``relay`` the components publish through, an ``EventSink``
+for the webhook worker and the operators' restrict/lift, the applier that feeds the stream back
+into the same components (``_start``: one input kind, one ``apply_*`` method), heartbeats for
+``fleet status``, and the reference-code key shared through a KV bucket so the portal page shows
+the same code on every gateway. ``run`` keeps all of it going across NATS outages; the local
+state goes on enforcing meanwhile (safety rule 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import nats.js.errors
+
+from ..config import FleetConfig
+from ..engine import Engine
+from ..event_intake import EventIntake
+from ..list_intake import ListIntake
+from ..metrics import Metrics
+from ..operator_actions import OperatorActions
+from ..outcome import Result
+from ..portal_actions import PortalActions
+from ..references import References
+from .applier import Applier
+from .gateways import BEAT, Gateways
+from .link import NATS_ERRORS, Link, Unavailable
+from .messages import EVENT, Message, event_of
+from .relay import FleetEvents, FleetRelay
+
+log = logging.getLogger("walled_garden.enforcer")
+RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
+REFERENCE_KEY = "reference_key"
+
+
+class Fleet:
+    def __init__(self, config: FleetConfig, engine: Engine, intake: EventIntake, operator: OperatorActions,
+                 portal: PortalActions, lists: ListIntake, references: References, metrics: Metrics) -> None:
+        self.config, self.engine, self.metrics = config, engine, metrics
+        self.intake, self.operator, self.portal, self.lists = intake, operator, portal, lists
+        self.references = references
+        self.link = Link(config, self._connected)
+        self.applier = Applier(self.link, engine.store, self._start, metrics, engine.clock)
+        self.relay = FleetRelay(config, self.link, self.applier, metrics, engine.clock)
+        self.events = FleetEvents(self.relay, intake)
+        self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
+        self.error = ""
+        metrics.fleet_connected.set(0)
+        engine.reports["fleet"] = self.report
+
+    def _connected(self, connected: bool) -> None:
+        self.metrics.fleet_connected.set(1 if connected else 0)
+
+    def _start(self, message: Message) -> Awaitable[Result]:
+        """Start applying one input from the stream here; events are queued at once, in order."""
+        body, at, via = message.body, message.at, message.gateway
+        kind = message.kind
+        if kind == EVENT:
+            return self.intake.submit(event_of(message), time.perf_counter(), at=at)
+        if kind == "exempt":
+            return self.operator.apply_exempt(body["actor"], body["subscriber"], body["category"], float(body["until"]),
+                                              body["note"], at, via)
+        if kind == "unexempt":
+            return self.operator.apply_unexempt(body["actor"], body["subscriber"], body["category"], body["note"], at,
+                                                via)
+        if kind == "promise":
+            return self.portal.apply_promise(body["subscriber"], body["address"], at, via,
+                                             notify=via == self.config.gateway)
+        if kind == "acknowledge":
+            return self.portal.apply_acknowledge(body["subscriber"], body["address"], via)
+        if kind == "list_approve":
+            return self.lists.apply_approve(body["actor"], body["note"], body["digest"], via)
+        return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via)
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait (bounded) until everything the stream held when we connected is applied here."""
+        try:
+            await asyncio.wait_for(self.applier.caught_up.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, follow the stream and beat until ``stop``; NATS failures are waited out."""
+        delay = RECONNECT_FIRST
+        while not stop.is_set():
+            try:
+                await self._connect()
+                self.error = ""
+                delay = RECONNECT_FIRST
+                await self._follow(stop)
+            except Unavailable as exc:
+                if str(exc) != self.error:
+                    log.warning("event=fleet_unavailable error=%r retry_in=%.0fs (enforcing the local state)",
+                                str(exc), delay)
+                self.error = str(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _connect(self) -> None:
+        link = self.link
+        if link.nc is not None and link.nc.is_closed:
+            link.nc = link.js = None
+        if link.nc is None:
+            await link.connect()
+            log.info("event=fleet_connected gateway=%s stream=%s", self.config.gateway, self.config.stream)
+        elif not link.connected:
+            raise Unavailable("NATS connection lost; reconnecting")
+        await link.ensure_stream()
+        await self._share_reference_key()
+        await self.gateways.open()
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        follow = asyncio.create_task(self.applier.follow(), name="fleet_follow")
+        beat = asyncio.create_task(self._beat(), name="fleet_beat")
+        stopped = asyncio.create_task(stop.wait(), name="fleet_stop")
+        try:
+            done, _ = await asyncio.wait({follow, beat, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopped:
+                    task.result()   # Unavailable (or a bug) goes to ``run``/the supervisor
+        finally:
+            for task in (follow, beat, stopped):
+                task.cancel()
+            await asyncio.gather(follow, beat, stopped, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        while True:
+            await self.gateways.beat(self.applier.applied, self.applier.lag(self.engine.clock()))
+            with contextlib.suppress(Unavailable):
+                await self.gateways.read(self.applier.stream_last)
+            await asyncio.sleep(BEAT)
+
+    async def _share_reference_key(self) -> None:
+        """The first gateway's reference key becomes the fleet's; the others adopt it."""
+        kv = await self.link.bucket(f"{self.config.stream}_fleet")
+        try:
+            try:
+                await kv.create(REFERENCE_KEY, self.references.key_hex.encode())
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                entry = await kv.get(REFERENCE_KEY)
+        except NATS_ERRORS as exc:
+            raise Unavailable(f"reference key: {exc or type(exc).__name__}") from None
+        shared = (entry.value or b"").decode(errors="replace")
+        if shared != self.references.key_hex:
+            if self.references.adopt(shared):
+                log.warning("event=fleet_reference_key_adopted (portal reference codes are now the fleet's)")
+            else:
+                log.error("event=fleet_reference_key_unusable (kept this gateway's; codes differ across the fleet)")
+
+    def report(self) -> dict[str, Any]:
+        """``status``'s ``fleet`` section (no NATS round trip)."""
+        applier = self.applier
+        return {"gateway": self.config.gateway, "stream": self.config.stream, "connected": self.link.connected,
+                "applied_sequence": applier.applied, "stream_last_sequence": applier.stream_last,
+                "lag_seconds": round(applier.lag(self.engine.clock()), 3), "caught_up": applier.caught_up.is_set(),
+                "error": self.error or None}
+
+    async def status(self) -> dict[str, Any]:
+        """``walled-garden fleet status``: this gateway and every gateway's last heartbeat."""
+        view = self.report()
+        try:
+            _, last = await self.link.stream_bounds()
+            view["stream_last_sequence"] = last
+            view["gateways"] = await self.gateways.read(last)
+        except Unavailable as exc:
+            view["gateways"] = self.gateways.last
+            view["error"] = f"{exc} (gateways as last read)"
+        return view
+
+    async def close(self) -> None:
+        await self.link.close()

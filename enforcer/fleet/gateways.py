@@ -1,0 +1,76 @@
+"""Who is in the fleet and how far each has got: every gateway writes a heartbeat (its applied
+sequence and lag) into the KV bucket ``<stream>_gateways`` every ``BEAT`` seconds, and
+``walled-garden fleet status`` on any gateway reads them all. A gateway that stops writing is
+"not seen" for as long as its last heartbeat is old (the key is kept for a day, then expires).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from ..metrics import Metrics
+from .link import NATS_ERRORS, Link, Unavailable
+
+log = logging.getLogger("walled_garden.enforcer")
+BEAT = 2.0
+KEEP = 86400.0
+
+
+def bucket_name(stream: str) -> str:
+    return f"{stream}_gateways"
+
+
+class Gateways:
+    def __init__(self, link: Link, gateway: str, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        self.link, self.gateway, self.metrics, self.clock = link, gateway, metrics, clock
+        self.kv: KeyValue | None = None
+        self.last: list[dict[str, Any]] = []   # the last view read, for metrics between reads
+
+    async def open(self) -> None:
+        self.kv = await self.link.bucket(bucket_name(self.link.config.stream), ttl=KEEP)
+
+    async def beat(self, applied: int, lag: float) -> None:
+        if self.kv is None:
+            raise Unavailable("the gateways bucket is not open")
+        heartbeat = {"applied_sequence": applied, "lag_seconds": round(lag, 3), "last_seen": self.clock()}
+        try:
+            await self.kv.put(self.gateway, json.dumps(heartbeat).encode())
+        except NATS_ERRORS as exc:
+            raise Unavailable(f"heartbeat: {exc or type(exc).__name__}") from None
+
+    async def read(self, stream_last: int) -> list[dict[str, Any]]:
+        """Every gateway's last heartbeat, oldest name first, with how far behind the stream it is."""
+        if self.kv is None:
+            raise Unavailable("the gateways bucket is not open")
+        now = self.clock()
+        rows: list[dict[str, Any]] = []
+        try:
+            try:
+                names = await self.kv.keys()
+            except nats.js.errors.NoKeysError:
+                names = []
+            for name in sorted(names):
+                entry = await self.kv.get(name)
+                try:
+                    beat = json.loads(entry.value or b"{}")
+                    applied, seen = int(beat["applied_sequence"]), float(beat["last_seen"])
+                    lag = float(beat.get("lag_seconds", 0.0))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("event=fleet_heartbeat_unreadable gateway=%s", name)
+                    continue
+                ago = round(max(now - seen, 0.0), 1)
+                rows.append({"gateway": name, "applied_sequence": applied, "behind": max(stream_last - applied, 0),
+                             "lag_seconds": lag, "last_seen": seen, "seen_seconds_ago": ago,
+                             "connected": now - seen < 3 * BEAT})
+                self.metrics.fleet_peer_seen.labels(name).set(ago)
+        except NATS_ERRORS as exc:
+            raise Unavailable(f"gateways: {exc or type(exc).__name__}") from None
+        self.last = rows
+        return rows

@@ -1,0 +1,96 @@
+"""The fleet's door for inputs accepted here: publish to the stream, then answer with this
+gateway's own result once it applied that sequence (``applier.Applier.result``).
+
+A 200 therefore means what it means on a lone gateway (durable here, in this kernel) and, on
+top, that JetStream stored the input for every other gateway. NATS unreachable, or this
+gateway slower than ``fleet.answer_timeout``: "retry later" (503); billing's retry carries the
+same webhook-id, which JetStream (and, later, every gateway's saved answers) turns into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import FleetConfig
+from ..event_sink import EventSink
+from ..events import Event
+from ..metrics import Metrics
+from ..outcome import Refusal, Refused, Result
+from .applier import Applier
+from .link import Link, Unavailable
+from .messages import EVENT, Message, event_body
+
+log = logging.getLogger("walled_garden.enforcer")
+
+
+class FleetRelay:
+    """Implements ``relay.Relay`` for the components (exemptions, promises, approvals)."""
+
+    def __init__(self, config: FleetConfig, link: Link, applier: Applier, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config, self.link, self.applier, self.metrics, self.clock = config, link, applier, metrics, clock
+
+    @property
+    def gateway(self) -> str:
+        return self.config.gateway
+
+    async def send(self, kind: str, body: dict[str, Any], message_id: str | None = None) -> Result:
+        sent = await self.publish(kind, body, message_id)
+        if isinstance(sent, Refusal):
+            return sent
+        seq, started = sent
+        remaining = max(self.config.answer_timeout - (time.monotonic() - started), 0.1)
+        result = await self.applier.result(seq, remaining)
+        return result if result is not None else Refusal(
+            Refused.UNAVAILABLE, f"sequence {seq} was applied too long ago to recall its answer")
+
+    async def publish(self, kind: str, body: dict[str, Any], message_id: str | None) -> tuple[int, float] | Refusal:
+        started = time.monotonic()
+        message = Message(kind, self.config.gateway, self.clock(), body)
+        try:
+            seq, duplicate = await self.link.publish(message.encode(), message_id or f"{kind}:{secrets.token_hex(12)}",
+                                                     self.config.answer_timeout)
+        except Unavailable as exc:
+            self.metrics.fleet_published.labels("unavailable").inc()
+            log.warning("event=fleet_publish_failed kind=%s error=%r (answered retry later)", kind, str(exc))
+            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream cannot be reached, retry later: {exc}")
+        self.metrics.fleet_published.labels("duplicate" if duplicate else "accepted").inc()
+        return seq, started
+
+
+class FleetEvents:
+    """The ``EventSink`` of a fleet gateway: billing's webhooks and operators' restrict/lift go
+    to the stream; their answer is this gateway's result for them."""
+
+    def __init__(self, relay: FleetRelay, local: EventSink) -> None:
+        self.relay, self.local = relay, local
+        self._inflight: dict[str, asyncio.Future[Result]] = {}
+
+    def count(self, event_type: str, result: str, by: int = 1) -> None:
+        self.local.count(event_type, result, by)
+
+    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
+        inflight = self._inflight.get(event.id)
+        if inflight is not None:
+            return inflight
+        future = asyncio.ensure_future(self._send(event, received))
+        self._inflight[event.id] = future
+        future.add_done_callback(lambda _: self._inflight.pop(event.id, None))
+        return future
+
+    async def _send(self, event: Event, received: float) -> Result:
+        sent = await self.relay.publish(EVENT, event_body(event), f"event:{event.id}")
+        if isinstance(sent, Refusal):
+            self.local.count(event.type, "error")
+            return Refusal(sent.kind, sent.error, {"id": event.id})
+        seq, started = sent
+        remaining = max(self.relay.config.answer_timeout - (time.monotonic() - started), 0.1)
+        result = await self.relay.applier.result(seq, remaining)
+        if result is None:   # applied here long ago: the saved answer of that id is the answer
+            result = await self.local.submit(event, received)
+        return result

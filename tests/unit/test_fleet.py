@@ -1,0 +1,191 @@
+"""Two gateways (the daemon's parts, fake dataplanes) and one real nats-server on loopback:
+every input travels through the stream and applies on both, in order, once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enforcer.config import Config, parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import PAYMENT, RELEASED, Event
+from enforcer.model import Mode
+from enforcer.outcome import Outcome, Refusal, Refused, Result
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import parse_list
+from tests.daemon_helpers import NoConntrack
+from tests.nats_server import NatsServer
+
+LIST = """subscribers:
+  - {id: C-1, addresses: [100.64.0.10], reason: overdue}
+  - {id: C-2, addresses: [100.64.0.20], reason: overdue}
+"""
+
+
+def config(tmp: Path, name: str, url: str) -> Config:
+    return parse_config(
+        f"state_dir: {tmp}/{name}\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+        f"fleet: {{gateway: {name}, nats: {{url: '{url}'}}, stream: WG_TEST, catch_up_timeout: 5s, "
+        f"answer_timeout: 3s}}\n", str(tmp / f"{name}.yaml"))
+
+
+class Gateway:
+    def __init__(self, tmp: Path, name: str, url: str) -> None:
+        self.tmp, self.name, self.url = tmp, name, url
+        self.enforcer: Enforcer | None = None
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def e(self) -> Enforcer:
+        assert self.enforcer is not None
+        return self.enforcer
+
+    async def start(self, wait: bool = True) -> None:
+        self.enforcer = Enforcer(config(self.tmp, self.name, self.url), dataplane=FakeDataplane(),
+                                 conntrack=NoConntrack())  # type: ignore[arg-type]
+        await self.e.engine.restore()
+        await self.e.lists.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
+        self.stop = asyncio.Event()
+        assert self.e.fleet is not None
+        self.task = asyncio.create_task(self.e.fleet.run(self.stop))
+        if wait:
+            assert await self.e.fleet.caught_up(10), self.e.fleet.error
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 10)
+        if self.enforcer is not None:
+            await self.enforcer.close()
+        self.enforcer = None
+
+    def mode(self, sid: str) -> Mode:
+        decision = self.e.engine.decisions.get(sid)
+        return decision.mode if decision else Mode.FREE
+
+    async def event(self, kind: str, sid: str, event_id: str, **kw: Any) -> Result:
+        event = Event(event_id, kind, time.time(), sid, **kw)
+        return await asyncio.wait_for(self.e.sink.submit(event, time.perf_counter()), 10)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway]]:
+    (tmp_path / "l.yaml").write_text(LIST)
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    a, b = Gateway(tmp_path, "gw-a", server.url), Gateway(tmp_path, "gw-b", server.url)
+    try:
+        await a.start()
+        await b.start()
+        yield server, a, b
+    finally:
+        await a.close()
+        await b.close()
+        server.stop()
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_payment_on_one_gateway_lifts_on_both(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    assert a.mode("C-1") is Mode.WALLED_GARDEN and b.mode("C-1") is Mode.WALLED_GARDEN
+    result = await a.event(PAYMENT, "C-1", "evt-pay-1")
+    assert isinstance(result, Outcome) and result.body["mode"] == "free", result
+    assert a.mode("C-1") is Mode.FREE   # the answer came after A's own commit
+    await until(lambda: b.mode("C-1") is Mode.FREE)
+    audit = b.e.queries.audit("C-1", None, 10)
+    assert any("via gw-a" in row["cause"] for row in audit), audit
+
+
+async def test_same_webhook_id_on_both_gateways_acts_once(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    first, second = await asyncio.gather(a.event(PAYMENT, "C-2", "evt-dup"), b.event(PAYMENT, "C-2", "evt-dup"))
+    assert isinstance(first, Outcome) and isinstance(second, Outcome)
+    assert first.body["mode"] == second.body["mode"] == "free"
+    assert a.e.metrics.fleet_published.labels("duplicate")._value.get() + \
+        b.e.metrics.fleet_published.labels("duplicate")._value.get() == 1
+    await until(lambda: a.e.fleet is not None and b.e.fleet is not None
+                and a.e.fleet.applier.applied == b.e.fleet.applier.applied)
+    for gw in (a, b):
+        rows = [r for r in gw.e.queries.audit("C-2", None, 10) if "evt-dup" in r["cause"]]
+        assert len(rows) == 1, rows
+
+
+async def test_operator_actions_travel(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    result = await b.e.operator.change("root", "C-1", False, "called support")
+    assert isinstance(result, Outcome), result
+    await until(lambda: a.mode("C-1") is Mode.FREE)
+    result = await a.e.operator.exempt("root", "C-2", "vulnerable", time.time() + 86400, "oxygen at home")
+    assert isinstance(result, Outcome), result
+    await until(lambda: b.mode("C-2") is Mode.FREE)
+    assert "C-2" in b.e.engine.inputs.exemptions
+    result = await b.e.operator.unexempt("root", "C-2", None, "ended")
+    assert isinstance(result, Outcome), result
+    await until(lambda: a.mode("C-2") is Mode.WALLED_GARDEN)
+
+
+async def test_gateway_down_catches_up_in_order(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    await b.close()
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-order-0"), Outcome)
+    assert isinstance(await a.e.operator.change("root", "C-1", True, "evt-order-1: still owes"), Outcome)
+    assert isinstance(await a.event(RELEASED, "C-1", "evt-order-2"), Outcome)
+    await b.start(wait=False)
+    assert b.e.fleet is not None
+    assert await b.e.fleet.caught_up(10)
+    assert b.mode("C-1") is Mode.FREE and a.mode("C-1") is Mode.FREE
+    causes = [r["cause"] for r in b.e.queries.audit("C-1", None, 20)]   # oldest first
+    order = [next(i for i, c in enumerate(causes) if f"evt-order-{n}" in c) for n in (0, 1, 2)]
+    assert order == sorted(order), causes
+
+
+async def test_nats_down_answers_retry_later_and_changes_nothing(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    server, a, b = fleet
+    server.stop()
+    result = await a.event(PAYMENT, "C-1", "evt-down")
+    assert isinstance(result, Refusal) and result.kind is Refused.UNAVAILABLE, result
+    assert a.mode("C-1") is Mode.WALLED_GARDEN and b.mode("C-1") is Mode.WALLED_GARDEN
+    server.start()
+    assert a.e.fleet is not None and b.e.fleet is not None
+    deadline = time.monotonic() + 20
+    result = await a.event(PAYMENT, "C-1", "evt-down")
+    while isinstance(result, Refusal) and time.monotonic() < deadline:   # billing retries
+        await asyncio.sleep(0.5)
+        result = await a.event(PAYMENT, "C-1", "evt-down")
+    assert isinstance(result, Outcome), result
+    await until(lambda: b.mode("C-1") is Mode.FREE, 15)
+    for gw in (a, b):
+        rows = [r for r in gw.e.queries.audit("C-1", None, 10) if "evt-down" in r["cause"]]
+        assert len(rows) == 1, rows
+
+
+async def test_status_lists_both_gateways(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    assert a.e.fleet is not None
+    view: dict[str, Any] = {}
+
+    async def both() -> bool:
+        nonlocal view
+        view = await a.e.fleet.status()   # type: ignore[union-attr]
+        return {g["gateway"] for g in view["gateways"]} == {"gw-a", "gw-b"}
+
+    deadline = time.monotonic() + 8
+    while not await both():
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.3)
+    assert view["connected"] and view["gateway"] == "gw-a"
+    assert a.e.queries.status()["fleet"]["caught_up"] is True
