@@ -39,10 +39,12 @@ class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, restricted: list[dict[str, Any]] | None = None,
                  payment_grace: str = "1h", allow: list[str] | None = None, source: str | None = None,
                  interfaces: list[str] | None = None, sessions: list[dict[str, Any]] | None = None,
-                 garden: dict[str, Any] | None = None) -> None:
+                 garden: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
         """``interfaces`` are subscriber interfaces besides the topology's own (e.g. a DHCP
         segment's bridge); ``sessions`` becomes ``subscribers.sessions`` (e.g. a lease file);
-        ``garden`` keys replace or add ``walled_garden`` keys (e.g. ``dns: gateway``)."""
+        ``garden`` keys replace or add ``walled_garden`` keys (e.g. ``dns: gateway``); ``extra``
+        keys replace or add top-level sections (e.g. ``fleet``), so a test can configure a
+        section the lab knows nothing about."""
         self.topo = topo
         self.work = Path(workdir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,7 @@ class Lab:
                     "webhook_secret_file": str(self.secret_path)},
             "metrics": {"listen": "127.0.0.1:9640", "portal_listen": "127.0.0.1:9641"},
             "policy": {"payment_grace": payment_grace},
+            **(extra or {}),
         }
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.write_list(restricted or [])
