@@ -110,8 +110,8 @@ class Applier:
             if not waiting:
                 self.waiters.pop(seq, None)
 
-    async def follow(self) -> None:
-        """Apply the stream until cancelled or NATS fails (``Unavailable``, for the caller to retry)."""
+    async def follow(self, halt: asyncio.Event) -> None:
+        """Apply the stream until ``halt`` or NATS fails (``Unavailable``, for the caller to retry)."""
         first, last = await self.link.stream_bounds()
         self.target = last
         self.stream_last = max(self.stream_last, last)
@@ -125,7 +125,7 @@ class Applier:
             self.applied = first - 1
         subscription = await self.link.consume_from(start)
         log.info("event=fleet_following from=%d stream_last=%d", start, last)
-        while True:
+        while not halt.is_set():
             if self.applied >= (self.target or 0):
                 self.caught_up.set()
             messages = await self.link.fetch(subscription, BATCH, FETCH_WAIT)

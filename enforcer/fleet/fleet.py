@@ -37,6 +37,8 @@ from .relay import FleetEvents, FleetRelay
 log = logging.getLogger("walled_garden.enforcer")
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
 REFERENCE_KEY = "reference_key"
+#: How long ending the follower may take (a NATS request in flight ends within its own timeout).
+HALT_TIMEOUT = 6.0
 
 
 class Fleet:
@@ -118,8 +120,11 @@ class Fleet:
         await self.gateways.open()
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        follow = asyncio.create_task(self.applier.follow(), name="fleet_follow")
-        beat = asyncio.create_task(self._beat(), name="fleet_beat")
+        """The applier and the heartbeat together, until either fails or ``stop``. nats-py may
+        turn a cancellation into its own timeout, so both loops also watch ``halt``."""
+        halt = asyncio.Event()
+        follow = asyncio.create_task(self.applier.follow(halt), name="fleet_follow")
+        beat = asyncio.create_task(self._beat(halt), name="fleet_beat")
         stopped = asyncio.create_task(stop.wait(), name="fleet_stop")
         try:
             done, _ = await asyncio.wait({follow, beat, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -127,12 +132,13 @@ class Fleet:
                 if task is not stopped:
                     task.result()   # Unavailable (or a bug) goes to ``run``/the supervisor
         finally:
+            halt.set()
             for task in (follow, beat, stopped):
                 task.cancel()
-            await asyncio.gather(follow, beat, stopped, return_exceptions=True)
+            await asyncio.wait({follow, beat, stopped}, timeout=HALT_TIMEOUT)
 
-    async def _beat(self) -> None:
-        while True:
+    async def _beat(self, halt: asyncio.Event) -> None:
+        while not halt.is_set():
             await self.gateways.beat(self.applier.applied, self.applier.lag(self.engine.clock()))
             with contextlib.suppress(Unavailable):
                 await self.gateways.read(self.applier.stream_last)

@@ -16,6 +16,7 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, RELEASED, Event
 from enforcer.model import Mode
+from enforcer.fleet.link import subject
 from enforcer.outcome import Outcome, Refusal, Refused, Result
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
@@ -30,7 +31,9 @@ LIST = """subscribers:
 
 def config(tmp: Path, name: str, url: str) -> Config:
     return parse_config(
-        f"state_dir: {tmp}/{name}\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+        f"state_dir: {tmp}/{name}\n"
+        f"subscribers: {{source: {tmp}/l.yaml, guard: {{max_restrict: 3, max_restrict_share: 0.5}}}}\n"
+        "policy: {promise_to_pay: {enabled: true, term: 3d}}\n"
         f"fleet: {{gateway: {name}, nats: {{url: '{url}'}}, stream: WG_TEST, catch_up_timeout: 5s, "
         f"answer_timeout: 3s}}\n", str(tmp / f"{name}.yaml"))
 
@@ -61,7 +64,14 @@ class Gateway:
     async def close(self) -> None:
         self.stop.set()
         if self.task is not None:
-            await asyncio.wait_for(self.task, 10)
+            done, _ = await asyncio.wait({self.task}, timeout=10)
+            if not done:
+                import io
+                out = io.StringIO()
+                self.task.print_stack(file=out)
+                for t in asyncio.all_tasks():
+                    t.print_stack(file=out)
+                raise AssertionError(f"fleet task did not end: {out.getvalue()}")
         if self.enforcer is not None:
             await self.enforcer.close()
         self.enforcer = None
@@ -189,3 +199,89 @@ async def test_status_lists_both_gateways(fleet: tuple[NatsServer, Gateway, Gate
         await asyncio.sleep(0.3)
     assert view["connected"] and view["gateway"] == "gw-a"
     assert a.e.queries.status()["fleet"]["caught_up"] is True
+
+
+async def test_a_promise_made_on_one_portal_holds_on_the_other(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    result = await a.e.portal.promise("100.64.0.10")
+    assert isinstance(result, Outcome) and result.body["promised"] is True, result
+    await until(lambda: b.mode("C-1") is Mode.FREE)
+    promise = b.e.engine.inputs.promise("C-1")
+    assert promise is not None and promise.until == pytest.approx(a.e.engine.inputs.promise("C-1").until, abs=1e-3)
+    assert b.e.engine.store.outbox_size() == 0   # billing hears of it from the gateway whose portal was used
+
+
+def big_list(count: int) -> str:
+    return "subscribers:\n" + "".join(f"  - {{id: C-{n}, addresses: [100.64.1.{n}], reason: overdue}}\n"
+                                       for n in range(1, count + 1))
+
+
+async def test_a_held_list_is_approved_once_for_the_fleet(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    update = ListUpdate(parse_list(big_list(12), "l.yaml"), "l.yaml", "2")
+    await a.e.lists.on_list(update)
+    assert a.e.lists.held is not None
+    result = await a.e.lists.approve("root", "the new export is right")
+    assert isinstance(result, Outcome), result
+    assert a.mode("C-12") is Mode.WALLED_GARDEN
+    # B reads the same list (its own fetch, another order) after the fleet approved it: applied, not held
+    reordered = ListUpdate(list(reversed(parse_list(big_list(12), "l.yaml"))), "l.yaml", "other-fingerprint")
+    await until(lambda: b.e.lists.verdicts != {})
+    await b.e.lists.on_list(reordered)
+    assert b.e.lists.held is None and b.mode("C-12") is Mode.WALLED_GARDEN
+
+
+async def test_a_malformed_message_changes_nothing_and_the_next_applies(
+        fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    assert a.e.fleet is not None and a.e.fleet.link.js is not None
+    js = a.e.fleet.link.js
+    for junk in (b"not json", b'{"v":1,"kind":"event","gateway":"x","at":1,"body":{"id":"e","type":'
+                 b'"subscriber.restricted","timestamp":1,"subscriber_id":"C-2","subscriber":null}}',
+                 b'{"v":1,"kind":"exempt","gateway":"x","at":1,"body":{"subscriber":"C-2"}}'):
+        await js.publish(subject("WG_TEST"), junk, stream="WG_TEST")
+    result = await a.event(PAYMENT, "C-2", "evt-after-junk")
+    assert isinstance(result, Outcome) and result.body["mode"] == "free", result
+    await until(lambda: b.mode("C-2") is Mode.FREE)
+    for gw in (a, b):
+        assert gw.e.metrics.fleet_applied.labels("-", "malformed")._value.get() == 3
+        assert "C-2" not in gw.e.engine.inputs.exemptions
+
+
+async def test_a_kernel_failure_holds_the_order_until_it_succeeds(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    fake = b.e.engine.reconciler.dataplane
+    assert isinstance(fake, FakeDataplane)
+    fake.fail_next = "injected: netlink busy"
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-k1"), Outcome)
+    assert isinstance(await a.event(PAYMENT, "C-2", "evt-k2"), Outcome)
+    await until(lambda: b.mode("C-1") is Mode.FREE and b.mode("C-2") is Mode.FREE, 10)
+    assert b.e.metrics.fleet_apply_retries._value.get() >= 1
+    assert b.e.fleet is not None and a.e.fleet is not None
+    assert b.e.fleet.applier.applied == a.e.fleet.applier.applied
+
+
+async def test_a_gateway_joining_later_rebuilds_from_the_stream(
+        fleet: tuple[NatsServer, Gateway, Gateway], tmp_path: Path) -> None:
+    server, a, _ = fleet
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-before-c"), Outcome)
+    assert isinstance(await a.e.operator.exempt("root", "C-2", "outage", time.time() + 3600, "storm"), Outcome)
+    c = Gateway(tmp_path, "gw-c", server.url)
+    try:
+        await c.start()
+        assert c.mode("C-1") is Mode.FREE and c.mode("C-2") is Mode.FREE
+        assert c.e.references.code("C-1") == a.e.references.code("C-1")   # the fleet's key
+    finally:
+        await c.close()
+
+
+async def test_metrics_carry_the_gateway_label(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    from prometheus_client import generate_latest
+
+    from enforcer.api.scrape import Labelled
+
+    _, a, _ = fleet
+    text = generate_latest(Labelled(a.e.metrics.registry, a.e.metrics.constant_labels)).decode()  # type: ignore[arg-type]
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all('gateway="gw-a"' in line for line in samples), samples[:5]
+    assert any(line.startswith("walled_garden_fleet_applied_sequence{") for line in samples)
