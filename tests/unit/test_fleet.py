@@ -15,8 +15,8 @@ from enforcer.config import Config, parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, RELEASED, Event
-from enforcer.model import Mode
 from enforcer.fleet.link import subject
+from enforcer.model import Mode
 from enforcer.outcome import Outcome, Refusal, Refused, Result
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
@@ -184,7 +184,7 @@ async def test_nats_down_answers_retry_later_and_changes_nothing(fleet: tuple[Na
 
 
 async def test_status_lists_both_gateways(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
-    _, a, b = fleet
+    _, a, _b = fleet
     assert a.e.fleet is not None
     view: dict[str, Any] = {}
 
