@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from .address_lookup import promise_eligibility
 from .config import Config
@@ -22,11 +23,13 @@ from .dataplane.backend import Dataplane
 from .engine import Engine
 from .event_intake import EventIntake
 from .event_sink import EventSink
+from .events import Event
 from .fleet.fleet import Fleet
 from .flushing import ConnectionTable, Flusher
 from .list_intake import ListIntake
 from .metrics import Metrics
 from .operator_actions import OperatorActions
+from .outcome import Result
 from .portal_actions import PortalActions
 from .promises import Eligibility
 from .queries import Queries
@@ -34,9 +37,17 @@ from .receipt_clock import boot_id
 from .references import References
 from .session_intake import SessionIntake
 from .sessions.configured import build_sources
+from .sessions.source import SessionSink
 from .store import Checkpoints, Store, StoreError
 from .table_health import TableHealth
 from .timers import Timers
+
+
+class SessionDoor(SessionSink, Protocol):
+    """What session sources and the ``session`` CLI talk to: the session intake, or in a fleet the
+    fleet's stream in front of it."""
+
+    async def handle_event(self, event: Event, source: str) -> Result: ...
 
 
 class Enforcer:
@@ -68,11 +79,13 @@ class Enforcer:
         self.sessions = SessionIntake(engine, metrics, build_sources(config.subscribers.sessions))
         self.events.sessions = self.sessions
         self.sink: EventSink = self.events   # where webhooks and operators' restrict/lift go
+        self.session_sink: SessionDoor = self.sessions   # where session sources and the CLI report
         self.fleet: Fleet | None = None
         if config.fleet is not None:
             self.fleet = fleet = Fleet(config.fleet, engine, self.events, self.operator, self.portal, self.lists,
-                                       self.references, metrics)
+                                       self.sessions, self.references, metrics)
             self.sink = self.operator.events = fleet.events
+            self.session_sink = fleet.sessions
             self.operator.relay = self.portal.relay = self.lists.relay = fleet.relay
             metrics.constant_labels["gateway"] = config.fleet.gateway
         watch(metrics, engine)

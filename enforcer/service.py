@@ -114,7 +114,7 @@ class Service:
             self._task("metrics_listener", lambda: self._serve_metrics(host, port))
         await self._start_source(config)
         for source in enforcer.sessions.sources:
-            self._task(f"sessions_{source.name}", functools.partial(source.run, enforcer.sessions))
+            self._task(f"sessions_{source.name}", functools.partial(source.run, enforcer.session_sink))
         self._task("timers", lambda: enforcer.timers.run(self.stop))
         self._start_outbox(config)
         self._task("table_check", self._check_table)

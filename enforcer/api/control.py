@@ -190,7 +190,7 @@ async def post_session(request: web.Request) -> web.Response:
         return json_response(400, {"error": str(exc).replace("data.", "")})
     event = Event(f"cli-{secrets.token_hex(8)}", SESSION_STARTED if start else SESSION_STOPPED,
                   enforcer.engine.clock(), sid, note=f"by {peer(request)}", match=match, addresses=addresses)
-    return answer(await enforcer.sessions.handle_event(event, CLI_SOURCE))
+    return answer(await enforcer.session_sink.handle_event(event, CLI_SOURCE))
 
 
 async def get_audit(request: web.Request) -> web.Response:

@@ -28,11 +28,13 @@ from ..operator_actions import OperatorActions
 from ..outcome import Result
 from ..portal_actions import PortalActions
 from ..references import References
+from ..session_intake import SessionIntake
 from .applier import Applier
 from .gateways import BEAT, Gateways
 from .link import NATS_ERRORS, Link, Unavailable
 from .messages import EVENT, Message, event_of
 from .relay import FleetEvents, FleetRelay
+from .sessions import SESSION_EVENT, SESSIONS, FleetSessions, apply_sessions
 
 log = logging.getLogger("walled_garden.enforcer")
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
@@ -43,7 +45,8 @@ HALT_TIMEOUT = 6.0
 
 class Fleet:
     def __init__(self, config: FleetConfig, engine: Engine, intake: EventIntake, operator: OperatorActions,
-                 portal: PortalActions, lists: ListIntake, references: References, metrics: Metrics) -> None:
+                 portal: PortalActions, lists: ListIntake, sessions: SessionIntake, references: References,
+                 metrics: Metrics) -> None:
         self.config, self.engine, self.metrics = config, engine, metrics
         self.intake, self.operator, self.portal, self.lists = intake, operator, portal, lists
         self.references = references
@@ -51,6 +54,7 @@ class Fleet:
         self.applier = Applier(self.link, engine.store, self._start, metrics, engine.clock)
         self.relay = FleetRelay(config, self.link, self.applier, metrics, engine.clock)
         self.events = FleetEvents(self.relay, intake)
+        self.sessions = FleetSessions(self.relay, sessions)
         self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
         self.error = ""
         metrics.fleet_connected.set(0)
@@ -76,6 +80,10 @@ class Fleet:
                                              notify=via == self.config.gateway)
         if kind == "acknowledge":
             return self.portal.apply_acknowledge(body["subscriber"], body["address"], via)
+        if kind == SESSIONS:
+            return apply_sessions(self.sessions.intake, body, at)
+        if kind == SESSION_EVENT:
+            return self.sessions.intake.handle_event(event_of(message), body["source"])
         if kind == "list_approve":
             return self.lists.apply_approve(body["actor"], body["note"], body["digest"], via)
         return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via)

@@ -38,6 +38,8 @@ BODIES: dict[str, dict[str, tuple[type, ...]]] = {
     "acknowledge": {"subscriber": (str,), "address": (str,)},
     "list_approve": {"actor": (str,), "note": (str,), "digest": (str,)},
     "list_reject": {"actor": (str,), "note": (str,), "digest": (str,)},
+    "sessions": {"source": (str,), "started": (list,), "stopped": (list,)},   # checked by fleet.sessions
+    "session_event": {"source": (str,)},                                      # and by ``event_of``
 }
 KINDS = tuple(BODIES)
 
@@ -90,8 +92,10 @@ def decode(data: bytes) -> Message:
 def _check(message: Message) -> None:
     """What the field types alone do not say."""
     body = message.body
-    if message.kind == EVENT:
-        event_of(message)
+    if message.kind in (EVENT, "session_event"):
+        event = event_of(message)
+        if message.kind == "session_event" and (event.type not in SESSION_TYPES or "/" not in body["source"]):
+            raise MessageError("body: a session_event is a session.started/stopped of a gateway's source")
     elif message.kind in ("exempt", "unexempt") and body["category"] is not None and body["category"] not in CATEGORIES:
         raise MessageError(f"body.category: {body['category']!r} is not one of {', '.join(CATEGORIES)}")
     elif message.kind in ("promise", "acknowledge"):

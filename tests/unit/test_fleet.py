@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ import pytest
 from enforcer.config import Config, parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
-from enforcer.events import PAYMENT, RELEASED, Event
+from enforcer.events import PAYMENT, RELEASED, SESSION_STARTED, Event
 from enforcer.fleet.link import subject
+from enforcer.match import Match
 from enforcer.model import Mode
 from enforcer.outcome import Outcome, Refusal, Refused, Result
+from enforcer.session_intake import CLI_SOURCE
+from enforcer.sessions.session import Session
+from enforcer.sessions.source import SessionChangeFailed
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
 from tests.daemon_helpers import NoConntrack
@@ -26,6 +31,7 @@ from tests.nats_server import NatsServer
 LIST = """subscribers:
   - {id: C-1, addresses: [100.64.0.10], reason: overdue}
   - {id: C-2, addresses: [100.64.0.20], reason: overdue}
+  - {id: C-3, match: {mac: "02:00:00:00:00:03"}, reason: overdue}
 """
 
 
@@ -285,3 +291,46 @@ async def test_metrics_carry_the_gateway_label(fleet: tuple[NatsServer, Gateway,
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert samples and all('gateway="gw-a"' in line for line in samples), samples[:5]
     assert any(line.startswith("walled_garden_fleet_applied_sequence{") for line in samples)
+
+
+def lease(key: str, mac: str = "02:00:00:00:00:03") -> Session:
+    return Session("dnsmasq", key, Match(mac=mac), (ip_network(key),))
+
+
+def walled(gw: Gateway, address: str) -> bool:
+    decision = gw.e.engine.decisions.get("C-3")
+    return decision is not None and decision.restricted and ip_network(address) in decision.subscriber.addresses
+
+
+async def test_sessions_of_one_gateway_reach_the_other(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    await a.e.session_sink.replace("dnsmasq", [lease("100.64.3.1"), lease("100.64.3.2", "02:00:00:00:00:99")])
+    assert walled(a, "100.64.3.1")
+    await until(lambda: walled(b, "100.64.3.1"))
+    assert set(b.e.engine.inputs.sessions.of_source("gw-a/dnsmasq")) == {"100.64.3.1", "100.64.3.2"}
+    published = a.e.metrics.fleet_published.labels("accepted")._value.get()
+    await a.e.session_sink.replace("dnsmasq", [lease("100.64.3.5"), lease("100.64.3.2", "02:00:00:00:00:99")])
+    assert a.e.metrics.fleet_published.labels("accepted")._value.get() == published + 1   # only the difference
+    await until(lambda: walled(b, "100.64.3.5") and not walled(b, "100.64.3.1"))
+    # B's own dnsmasq never ends A's leases: sources are named by gateway
+    await b.e.session_sink.replace("dnsmasq", [])
+    await until(lambda: a.e.engine.inputs.sessions.of_source("gw-a/dnsmasq") != {} and walled(a, "100.64.3.5"))
+    assert set(a.e.engine.inputs.sessions.of_source("gw-a/dnsmasq")) == {"100.64.3.5", "100.64.3.2"}
+
+
+async def test_a_session_from_the_cli_travels(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    event = Event("cli-1", SESSION_STARTED, time.time(), "", match=Match(mac="02:00:00:00:00:03"),
+                  addresses=(ip_network("100.64.3.9/32"),))
+    result = await a.e.session_sink.handle_event(event, CLI_SOURCE)
+    assert isinstance(result, Outcome), result
+    await until(lambda: walled(b, "100.64.3.9"))
+    assert "100.64.3.9" in b.e.engine.inputs.sessions.of_source("gw-a/cli")
+
+
+async def test_sessions_cannot_be_published_without_nats(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    server, a, _ = fleet
+    server.stop()
+    with pytest.raises(SessionChangeFailed):
+        await a.e.session_sink.update("radius", [lease("100.64.3.7")])
+    assert not walled(a, "100.64.3.7")
