@@ -84,7 +84,7 @@ class Enforcer:
         if config.fleet is not None:
             self.fleet = fleet = Fleet(config.fleet, engine, self.events, self.operator, self.portal, self.lists,
                                        self.sessions, self.references, metrics)
-            self.sink = self.operator.events = fleet.events
+            self.sink = fleet.events
             self.session_sink = fleet.sessions
             self.operator.relay = self.portal.relay = self.lists.relay = fleet.relay
             metrics.constant_labels["gateway"] = config.fleet.gateway

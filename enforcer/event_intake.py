@@ -302,6 +302,16 @@ class EventIntake:
             for done in applied:
                 answers[done.index].body["connections_flushed"] = None
 
+    def refusal(self, event: Event) -> Refusal | None:
+        """Why this gateway refuses ``event`` whatever its state (an address outside its address
+        space), or None: a fleet gateway asks before publishing, so the stream never carries an
+        input its own gateway refuses as invalid."""
+        outside = self._outside(event.subscriber)
+        for network in event.addresses:
+            problem = self.engine.space.problem(network)
+            outside = outside or (f"data.addresses: {network}: {problem}" if problem else "")
+        return Refusal(Refused.INVALID, outside, {"id": event.id}) if outside else None
+
     def _outside(self, subscriber: Subscriber | None) -> str:
         """Why an event's or operator's addresses may not be enforced here (safety rules), or ''."""
         for network in subscriber.addresses if subscriber is not None else ():

@@ -5,8 +5,8 @@ end exemptions. Every action is attributed to the person (``SO_PEERCRED``) and a
 event sink (ordering, batching, answers), marked as a person's (``Origin.OPERATOR``), which
 outranks exemptions and enforcement windows.
 
-In a fleet, exemptions travel through the fleet's stream (``relay``) and every gateway applies
-them with ``apply_exempt``/``apply_unexempt``; restrict/lift already do, as events.
+In a fleet, these actions travel through the fleet's stream (``relay``) and every gateway applies
+them with ``apply_change``/``apply_exempt``/``apply_unexempt``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .exemptions import Exemption
 from .input_change import change_inputs
 from .outcome import Refusal, Refused, Result
 from .relay import Relay
-from .subscribers import ListIssue, validate_entry
+from .subscribers import ListIssue, Subscriber, validate_entry
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -38,7 +38,34 @@ class OperatorActions:
 
     async def change(self, actor: str, sid: str, restrict: bool, note: str, mode: str | None = None,
                      addresses: list[str] | None = None) -> Result:
-        """``walled-garden restrict|lift``: an override like a billing event, attributed to a person."""
+        """``walled-garden restrict|lift``: an override like a billing event, attributed to a person.
+        In a fleet each gateway builds it from its own list (a subscriber may have other addresses
+        behind another gateway), so what travels is the operator's request, not this entry."""
+        if self.relay is None:
+            return await self.apply_change(actor, sid, restrict, note, mode, addresses)
+        built = self._override(sid, restrict, mode, addresses)   # refused here first: no half-fleet action
+        if isinstance(built, Refusal):
+            return built
+        return await self.relay.send("operator", {"id": f"op-{secrets.token_hex(8)}", "actor": actor,
+                                                  "subscriber": sid, "restrict": restrict, "note": note,
+                                                  "mode": mode, "addresses": addresses})
+
+    async def apply_change(self, actor: str, sid: str, restrict: bool, note: str, mode: str | None = None,
+                           addresses: list[str] | None = None, event_id: str = "", via: str = "") -> Result:
+        """The override, here (``event_id``, ``via``: the fleet's id for it and where it was asked)."""
+        engine = self.engine
+        subscriber = self._override(sid, restrict, mode, addresses)
+        if isinstance(subscriber, Refusal):
+            return subscriber
+        event = Event(event_id or f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, engine.clock(),
+                      sid, subscriber, actor=actor, note=note, via=via)
+        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r via=%s", actor,
+                    "restrict" if restrict else "lift", sid, note, via or "-")
+        return await asyncio.shield(self.events.submit(event, time.perf_counter()))
+
+    def _override(self, sid: str, restrict: bool, mode: str | None, addresses: list[str] | None
+                  ) -> Subscriber | Refusal | None:
+        """A restriction's entry: this gateway's list entry, with the operator's mode/addresses."""
         engine = self.engine
         subscriber = None
         if restrict:
@@ -55,11 +82,7 @@ class OperatorActions:
             if subscriber is None:
                 hint = "" if addresses or known else " (this subscriber is not on the list: give --address)"
                 return Refusal(Refused.INVALID, "; ".join(i.message for i in issues) + hint)
-        event = Event(f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, engine.clock(), sid,
-                      subscriber, actor=actor, note=note, via=self.relay.gateway if self.relay else "")
-        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r", actor,
-                    "restrict" if restrict else "lift", sid, note)
-        return await asyncio.shield(self.events.submit(event, time.perf_counter()))
+        return subscriber
 
     async def exempt(self, actor: str, sid: str, category: str, until: float, note: str) -> Result:
         """``walled-garden exempt``: keep a subscriber free until ``until`` whatever the list says."""

@@ -53,7 +53,7 @@ class Fleet:
         self.link = Link(config, self._connected)
         self.applier = Applier(self.link, engine.store, self._start, metrics, engine.clock)
         self.relay = FleetRelay(config, self.link, self.applier, metrics, engine.clock)
-        self.events = FleetEvents(self.relay, intake)
+        self.events = FleetEvents(self.relay, intake, intake.refusal)
         self.sessions = FleetSessions(self.relay, sessions)
         self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
         self.error = ""
@@ -69,6 +69,9 @@ class Fleet:
         kind = message.kind
         if kind == EVENT:
             return self.intake.submit(event_of(message), time.perf_counter(), at=at)
+        if kind == "operator":
+            return self.operator.apply_change(body["actor"], body["subscriber"], body["restrict"], body["note"],
+                                              body["mode"], body["addresses"], body["id"], via)
         if kind == "exempt":
             return self.operator.apply_exempt(body["actor"], body["subscriber"], body["category"], float(body["until"]),
                                               body["note"], at, via)

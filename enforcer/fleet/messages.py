@@ -32,6 +32,8 @@ EVENT = "event"
 #: kind -> {field: types it may have}; every field is required (None where it may be null).
 BODIES: dict[str, dict[str, tuple[type, ...]]] = {
     EVENT: {},   # checked by ``event_of``
+    "operator": {"id": (str,), "actor": (str,), "subscriber": (str,), "restrict": (bool,), "note": (str,),
+                 "mode": (str, type(None)), "addresses": (list, type(None))},
     "exempt": {"actor": (str,), "subscriber": (str,), "category": (str,), "until": (int, float), "note": (str,)},
     "unexempt": {"actor": (str,), "subscriber": (str,), "category": (str, type(None)), "note": (str,)},
     "promise": {"subscriber": (str,), "address": (str,)},
@@ -82,7 +84,8 @@ def decode(data: bytes) -> Message:
         if name not in body:
             raise MessageError(f"body.{name}: missing")
         value = body[name]
-        if not isinstance(value, types) or isinstance(value, bool) or (value == "" and name != "note"):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) \
+                or (value == "" and name != "note"):
             raise MessageError(f"body.{name}: {value!r} is not valid")
     message = Message(kind, gateway, float(at), body)
     _check(message)
@@ -103,6 +106,11 @@ def _check(message: Message) -> None:
             ip_address(body["address"])
         except ValueError:
             raise MessageError(f"body.address: {body['address']!r} is not an IP address") from None
+    if message.kind == "operator":
+        if id_problem(body["subscriber"]) or not body["id"].startswith("op-"):
+            raise MessageError(f"body.subscriber/id: {body['subscriber']!r}/{body['id']!r} is not an operator action")
+        if body["addresses"] is not None and not all(isinstance(a, str) for a in body["addresses"]):
+            raise MessageError("body.addresses: expected a list of addresses")
     if message.kind == "exempt" and not math.isfinite(body["until"]):
         raise MessageError("body.until: not a unix time")
 

@@ -67,8 +67,8 @@ class FleetEvents:
     """The ``EventSink`` of a fleet gateway: billing's webhooks and operators' restrict/lift go
     to the stream; their answer is this gateway's result for them."""
 
-    def __init__(self, relay: FleetRelay, local: EventSink) -> None:
-        self.relay, self.local = relay, local
+    def __init__(self, relay: FleetRelay, local: EventSink, refusal: Callable[[Event], Refusal | None]) -> None:
+        self.relay, self.local, self.refusal = relay, local, refusal
         self._inflight: dict[str, asyncio.Future[Result]] = {}
 
     def count(self, event_type: str, result: str, by: int = 1) -> None:
@@ -84,6 +84,10 @@ class FleetEvents:
         return future
 
     async def _send(self, event: Event, received: float) -> Result:
+        refused = self.refusal(event)
+        if refused is not None:
+            self.local.count(event.type, "invalid")
+            return refused
         sent = await self.relay.publish(EVENT, event_body(event), f"event:{event.id}")
         if isinstance(sent, Refusal):
             self.local.count(event.type, "error")

@@ -334,3 +334,27 @@ async def test_sessions_cannot_be_published_without_nats(fleet: tuple[NatsServer
     with pytest.raises(SessionChangeFailed):
         await a.e.session_sink.update("radius", [lease("100.64.3.7")])
     assert not walled(a, "100.64.3.7")
+
+
+async def test_an_operator_restriction_uses_each_gateways_own_list(
+        fleet: tuple[NatsServer, Gateway, Gateway], tmp_path: Path) -> None:
+    """Behind gateway B, C-1 has another address: an operator's restrict on A walls it there."""
+    _, a, b = fleet
+    other = LIST.replace("100.64.0.10", "100.64.9.10")
+    await b.e.lists.on_list(ListUpdate(parse_list(other, "l.yaml"), "l.yaml", "b"))
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-free-1"), Outcome)
+    await until(lambda: b.mode("C-1") is Mode.FREE)
+    result = await a.e.operator.change("root", "C-1", True, "fraud check")
+    assert isinstance(result, Outcome) and result.body["mode"] == "walled-garden", result
+    await until(lambda: b.mode("C-1") is Mode.WALLED_GARDEN)
+    held = b.e.engine.decisions["C-1"].subscriber
+    assert held is not None and [str(n) for n in held.addresses] == ["100.64.9.10/32"]
+    assert any("operator root via gw-a" in row["cause"] for row in b.e.queries.audit("C-1", None, 10))
+
+
+async def test_an_event_this_gateway_refuses_is_never_published(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, _ = fleet
+    bad = Event("evt-outside", SESSION_STARTED, time.time(), "C-1", addresses=(ip_network("0.0.0.0/0"),))
+    result = await asyncio.wait_for(a.e.sink.submit(bad, time.perf_counter()), 10)
+    assert isinstance(result, Refusal) and result.kind is Refused.INVALID, result
+    assert a.e.metrics.fleet_published.labels("accepted")._value.get() == 0
