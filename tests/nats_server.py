@@ -18,10 +18,12 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, config: str = "") -> None:
+        """``config``: extra nats-server configuration (e.g. a ``tls { ... }`` block)."""
         self.binary = tool("nats-server", "nats-server")
         self.workdir = workdir
         self.port = port or free_port()
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -31,7 +33,11 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "nats.log", "ab")   # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js",
+        extra = []
+        if self.config:
+            (self.workdir / "nats.conf").write_text(self.config)
+            extra = ["-c", str(self.workdir / "nats.conf")]
+        self.proc = subprocess.Popen([self.binary, *extra, "-a", "127.0.0.1", "-p", str(self.port), "-js",
                                       "-sd", str(self.workdir / "store"), "-l", str(self.workdir / "nats.log")],
                                      stdout=log, stderr=log)
         log.close()

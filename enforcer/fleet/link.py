@@ -63,6 +63,7 @@ class Link:
         self.on_connected = on_connected
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self.last_error = ""   # what nats-py last reported (a refused certificate, a wrong password)
 
     @property
     def connected(self) -> bool:
@@ -81,7 +82,8 @@ class Link:
             self.on_connected(True)
 
         async def error(exc: Exception) -> None:
-            log.debug("event=fleet_nats_error error=%r", str(exc))
+            self.last_error = str(exc) or type(exc).__name__
+            log.debug("event=fleet_nats_error error=%r", self.last_error)
 
         if self.nc is not None and not self.nc.is_closed:
             raise Unavailable("already connecting")
@@ -91,15 +93,19 @@ class Link:
         context = tls_context(self.config)
         if context is not None:
             options["tls"] = context
+        self.last_error = ""
         try:
+            # One try per node (nats-py would retry the first connection for ever with -1), then,
+            # once connected, reconnect for ever: an outage must never end the fleet's connection.
             self.nc = await nats.connect(
                 servers=list(self.config.nats.urls), name=f"walled-garden {self.config.gateway}",
-                connect_timeout=CONNECT_TIMEOUT, reconnect_time_wait=1, max_reconnect_attempts=-1,
+                connect_timeout=CONNECT_TIMEOUT, reconnect_time_wait=1, max_reconnect_attempts=1,
                 allow_reconnect=True, disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                 **options)
         except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
-            raise Unavailable(f"cannot connect to {', '.join(self.config.nats.urls)}: {exc or type(exc).__name__}") \
-                from None
+            why = self.last_error or str(exc) or type(exc).__name__
+            raise Unavailable(f"cannot connect to {', '.join(self.config.nats.urls)}: {why}") from None
+        self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT)
         self.on_connected(True)
 
