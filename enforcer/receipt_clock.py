@@ -41,9 +41,14 @@ class ReceiptClock:
         self._anchor = (clock(), monotonic())
 
     def stamp(self, at: float | None = None) -> float:
-        """A receipt instant for one input: now (or ``at``, when another gateway of the fleet
-        received it then), but after every instant handed out before."""
-        self.last = max(self.clock() if at is None else at, self.last + TICK)
+        """A receipt instant for one input: now, but after every instant handed out before.
+
+        ``at``: when the gateway of the fleet that accepted it received it. A gateway catching up
+        then starts a payment's grace when the payment came, not when it heard of it (an old
+        grace must not free someone the list restricted since); an ``at`` ahead of this clock
+        (the other gateway's clock runs fast) counts as now, so it cannot push this floor ahead."""
+        now = self.clock()
+        self.last = max(now if at is None else min(at, now), self.last + TICK)
         return self.last
 
     def step(self) -> float:

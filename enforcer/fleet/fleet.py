@@ -179,7 +179,7 @@ class Fleet:
         return {"gateway": self.config.gateway, "stream": self.config.stream, "connected": self.link.connected,
                 "applied_sequence": applier.applied, "stream_last_sequence": applier.stream_last,
                 "lag_seconds": round(applier.lag(self.engine.clock()), 3), "caught_up": applier.caught_up.is_set(),
-                "error": self.error or None}
+                "error": self.gateways.conflict or self.error or None}
 
     async def status(self) -> dict[str, Any]:
         """``walled-garden fleet status``: this gateway and every gateway's last heartbeat."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,9 @@ class Gateways:
         self.link, self.gateway, self.metrics, self.clock = link, gateway, metrics, clock
         self.kv: KeyValue | None = None
         self.last: list[dict[str, Any]] = []   # the last view read, for metrics between reads
+        self.instance = secrets.token_hex(8)   # this process: tells a second gateway of the same name
+        self.conflict = ""
+        self._foreign: dict[str, float] = {}   # other instances' last beat under our name
 
     async def open(self) -> None:
         self.kv = await self.link.bucket(bucket_name(self.link.config.stream), ttl=KEEP)
@@ -39,11 +43,32 @@ class Gateways:
     async def beat(self, applied: int, lag: float) -> None:
         if self.kv is None:
             raise Unavailable("the gateways bucket is not open")
-        heartbeat = {"applied_sequence": applied, "lag_seconds": round(lag, 3), "last_seen": self.clock()}
+        heartbeat = {"applied_sequence": applied, "lag_seconds": round(lag, 3), "last_seen": self.clock(),
+                     "instance": self.instance}
         try:
+            await self._check_name()
             await self.kv.put(self.gateway, json.dumps(heartbeat).encode())
         except NATS_ERRORS as exc:
             raise Unavailable(f"heartbeat: {exc or type(exc).__name__}") from None
+
+    async def _check_name(self) -> None:
+        """Two gateways with one name share one durable consumer and would each miss what the
+        other applies: another process still beating under our name is shouted about (its beat
+        moved on since we last looked: a restart of this gateway is not mistaken for one)."""
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(self.gateway)
+            beat = json.loads(entry.value or b"{}")
+        except (nats.js.errors.KeyNotFoundError, ValueError):
+            return
+        other, seen = beat.get("instance"), beat.get("last_seen")
+        if not other or other == self.instance or not isinstance(seen, (int, float)):
+            return
+        before, self._foreign[other] = self._foreign.get(other), seen
+        if before is not None and seen > before:
+            self.conflict = (f"another process (instance {other}) beats as {self.gateway!r}: two gateways share "
+                             "a name and so a consumer, and each misses inputs; give each its own fleet.gateway")
+            log.error("event=fleet_name_conflict gateway=%s other_instance=%s", self.gateway, other)
 
     async def read(self, stream_last: int) -> list[dict[str, Any]]:
         """Every gateway's last heartbeat, oldest name first, with how far behind the stream it is."""

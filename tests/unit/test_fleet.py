@@ -358,3 +358,17 @@ async def test_an_event_this_gateway_refuses_is_never_published(fleet: tuple[Nat
     result = await asyncio.wait_for(a.e.sink.submit(bad, time.perf_counter()), 10)
     assert isinstance(result, Refusal) and result.kind is Refused.INVALID, result
     assert a.e.metrics.fleet_published.labels("accepted")._value.get() == 0
+
+
+async def test_two_gateways_sharing_a_name_are_told(fleet: tuple[NatsServer, Gateway, Gateway],
+                                                     tmp_path: Path) -> None:
+    server, a, _ = fleet
+    twin = Gateway(tmp_path / "twin", "gw-a", server.url)
+    (tmp_path / "twin").mkdir()
+    (tmp_path / "twin" / "l.yaml").write_text(LIST)
+    try:
+        await twin.start(wait=False)
+        await until(lambda: "two gateways share a name" in (twin.e.queries.status()["fleet"]["error"] or "")
+                    and "two gateways share a name" in (a.e.queries.status()["fleet"]["error"] or ""), 12)
+    finally:
+        await twin.close()
