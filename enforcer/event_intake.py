@@ -48,6 +48,7 @@ class Pending:
     received: float
     answer: asyncio.Future[Result]
     at: float | None = None   # in a fleet: when the accepting gateway received it
+    committed: asyncio.Future[Result] | None = None   # in a fleet: resolves at the commit, before the flush
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class EventIntake:
         self._inflight: dict[str, asyncio.Future[Result]] = {}
         self.batcher: Batcher[Pending] = Batcher(self._commit_batch)
         self.sessions: SessionEvents | None = None   # where session events go (wired by the daemon)
+        self._pending: Pending | None = None          # the one ``submit`` queued last
 
     def rules(self) -> EventRules:
         policy = self.engine.config.policy
@@ -83,6 +85,18 @@ class EventIntake:
     async def handle(self, event: Event, received: float) -> Result:
         """Apply one verified event; answers only after the kernel commit and the flush."""
         return await asyncio.shield(self.submit(event, received))
+
+    def submit_committed(self, event: Event, received: float, at: float | None = None
+                         ) -> tuple[asyncio.Future[Result], asyncio.Future[Result]]:
+        """``submit``, plus a future that resolves at the commit (durable and in the kernel),
+        before the connection flush: the fleet's applier goes on to the next inputs then, while
+        the flush runs, as batches do on a lone gateway."""
+        answer = self.submit(event, received, at)
+        if self._pending is not None and self._pending.answer is answer:
+            committed: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            self._pending.committed = committed
+            return committed, answer
+        return answer, answer   # a retry in flight, or a session event: its answer is its commit
 
     def submit(self, event: Event, received: float, at: float | None = None) -> asyncio.Future[Result]:
         """Queue one verified event; the future resolves after the commit and the flush.
@@ -97,7 +111,7 @@ class EventIntake:
             return inflight
         if event.type in SESSION_TYPES:
             return self._session_event(event)
-        pending = Pending(event, received, asyncio.get_running_loop().create_future(), at)
+        pending = self._pending = Pending(event, received, asyncio.get_running_loop().create_future(), at)
         self._inflight[event.id] = pending.answer
 
         def done(future: asyncio.Future[Any], event_id: str = event.id) -> None:
@@ -141,6 +155,7 @@ class EventIntake:
                 if not item.answer.done():
                     item.answer.set_result(Refusal(Refused.UNAVAILABLE, f"internal error, retry later: {exc}",
                                                    {"id": item.event.id}))
+            _committed(batch, {})
 
     def _judge(self, item: Pending, now: float, prior: Result | None) -> Result | Decision:
         """An event's answer when it is not to be applied, or its decision (inputs changed)."""
@@ -217,6 +232,7 @@ class EventIntake:
                     engine.store.record_events(self._answers(batch, [], {}, answers), None)
                 except (StoreError, sqlite3.Error) as exc:
                     log.warning("event=answers_not_saved error=%r (a retry is weighed again)", str(exc))
+        _committed(batch, answers)
         engine.spawn(self._finish(batch, answers, applied, result), "answers")
 
     def _refuse(self, batch: list[Pending], applied: list[Applied], answers: Answers, why: str) -> None:
@@ -291,6 +307,7 @@ class EventIntake:
         for index, item in enumerate(batch):
             if not item.answer.done():
                 item.answer.set_result(answers.get(index, Refusal(Refused.UNAVAILABLE, "not processed")))
+        _committed(batch, answers)
 
     async def _record_flushed(self, batch: list[Pending], applied: list[Applied], answers: Answers) -> None:
         try:
@@ -320,3 +337,13 @@ class EventIntake:
                 return problem if problem.startswith(str(network)) else f"{network} is {problem}"
         return ""
 
+
+def _committed(batch: list[Pending], answers: Answers) -> None:
+    """Resolve the commit futures of a batch with its answers as committed."""
+    for index, item in enumerate(batch):
+        if item.committed is None or item.committed.done():
+            continue
+        result = answers.get(index)
+        if result is None and item.answer.done() and not item.answer.cancelled():
+            result = item.answer.result()
+        item.committed.set_result(result or Refusal(Refused.UNAVAILABLE, "not processed"))

@@ -9,10 +9,13 @@ state), so that costs nothing.
 
 Inputs are applied through the same local code as on a lone gateway. A run of events about
 different subscribers is handed to the event intake together, so it commits them as one batch
-(the 2,000 events/s path); anything else is applied alone. An input refused "retry later" (the
-kernel or SQLite failed) is retried, 1 s doubling to 30 s, and nothing after it is applied
-meanwhile: the order is the truth. A malformed message changes nothing; it is counted, logged
-and passed over.
+(the 2,000 events/s path); anything else is applied alone. The next run starts once the last
+one is committed (durable, in the kernel), while its connection flush is still running; its
+answers (with the flush count) reach the webhooks waiting for them when the flush is done.
+
+An input refused "retry later" (the kernel or SQLite failed) is retried, 1 s doubling to
+30 s, and nothing after it is applied meanwhile: the order is the truth. A malformed message
+changes nothing; it is counted, logged and passed over.
 """
 
 from __future__ import annotations
@@ -41,7 +44,18 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 KEPT_RESULTS = 100_000
 POSITION = "fleet_applied"
 
-Start = Callable[[Message], Awaitable[Result]]
+
+
+@dataclass(frozen=True)
+class Started:
+    """An input handed to this gateway: ``committed`` resolves once it is durable and in the
+    kernel (or refused), ``answered`` when its answer is final (after the flush)."""
+
+    committed: Awaitable[Result]
+    answered: Awaitable[Result] | None = None   # None: the committed result is the answer
+
+
+Start = Callable[[Message], Started]
 
 
 class Gap(Exception):
@@ -78,6 +92,7 @@ class Applier:
         self.target: int | None = None           # the stream's last sequence when this connection began
         self.caught_up = asyncio.Event()
         self.results: OrderedDict[int, Result] = OrderedDict()
+        self.answers: dict[int, asyncio.Future[Result]] = {}   # committed, answer still to come (the flush)
         self.waiters: dict[int, list[asyncio.Future[Result]]] = {}
         metrics.fleet_applied_sequence.set_function(lambda: self.applied)
         metrics.fleet_stream_sequence.set_function(lambda: self.stream_last)
@@ -94,6 +109,11 @@ class Applier:
         that the result is gone; a refusal when it is not applied within ``timeout``."""
         if seq in self.results:
             return self.results[seq]
+        if seq in self.answers:
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.answers[seq]), timeout)
+            except TimeoutError:
+                return Refusal(Refused.UNAVAILABLE, f"sequence {seq} is applied; its answer is late, retry later")
         if seq <= self.applied:
             return None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -168,11 +188,15 @@ class Applier:
     async def _apply_run(self, run: list[Item]) -> None:
         delay, begin = RETRY_FIRST, 0
         while True:
-            results = await asyncio.gather(*(self._one(item) for item in run[begin:]))
+            started = [self._one(item) for item in run[begin:]]   # events queued at once, in order
+            results = await asyncio.gather(*(s.committed for s in started))
             stuck = next((i for i, r in enumerate(results) if transient(r)), None)
             done = len(results) if stuck is None else stuck
-            for item, result in zip(run[begin:begin + done], results[:done], strict=True):
-                self._record(item, result)
+            for item, result, one in zip(run[begin:begin + done], results[:done], started[:done], strict=True):
+                self._advance(item, result)
+                self._answer(item, result, one.answered)
+            for one in started[done:]:   # the stuck one and those behind it: applied again
+                _forget(one)
             if stuck is None:
                 break
             begin += stuck
@@ -186,15 +210,32 @@ class Applier:
             delay = min(delay * 2, RETRY_MAX)
         self._save(run[-1].seq)
 
-    async def _one(self, item: Item) -> Result:
-        if item.message is None:
-            return Refusal(Refused.INVALID, f"malformed fleet message: {item.error}")
-        try:
-            return await self.start(item.message)
-        except MessageError as exc:
-            return Refusal(Refused.INVALID, f"malformed fleet message: {exc}")
+    def _one(self, item: Item) -> Started:
+        if item.message is not None:
+            try:
+                started = self.start(item.message)
+            except MessageError as exc:
+                item.error = str(exc)
+            else:
+                return Started(asyncio.ensure_future(_refusing(started.committed)), started.answered)
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        done.set_result(Refusal(Refused.INVALID, f"malformed fleet message: {item.error}"))
+        return Started(done)
 
-    def _record(self, item: Item, result: Result) -> None:
+    def _answer(self, item: Item, committed: Result, answered: Awaitable[Result] | None) -> None:
+        """Record ``item``'s answer: now, or when its flush is done."""
+        if answered is None:
+            self._record(item.seq, committed)
+            return
+        future = self.answers[item.seq] = asyncio.ensure_future(answered)
+
+        def done(_: asyncio.Future[Result], seq: int = item.seq) -> None:
+            self.answers.pop(seq, None)
+            self._record(seq, committed if future.cancelled() or future.exception() else future.result())
+
+        future.add_done_callback(done)
+
+    def _advance(self, item: Item, result: Result) -> None:
         kind = item.message.kind if item.message else "-"
         if item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):
             log.error("event=fleet_message_malformed seq=%d error=%r (skipped: it changes nothing)", item.seq,
@@ -203,10 +244,12 @@ class Applier:
         else:
             self.metrics.fleet_applied.labels(kind, "refused" if isinstance(result, Refusal) else "applied").inc()
         self.applied = item.seq
-        self.results[item.seq] = result
+
+    def _record(self, seq: int, result: Result) -> None:
+        self.results[seq] = result
         while len(self.results) > KEPT_RESULTS:
             self.results.popitem(last=False)
-        for future in self.waiters.pop(item.seq, []):
+        for future in self.waiters.pop(seq, []):
             if not future.done():
                 future.set_result(result)
 
@@ -238,6 +281,22 @@ def _runs(items: list[Item]) -> list[list[Item]]:
     if current:
         runs.append(current)
     return runs
+
+
+async def _refusing(committed: Awaitable[Result]) -> Result:
+    """A message whose body turns out malformed while being applied: refused, nothing changed."""
+    try:
+        return await committed
+    except MessageError as exc:
+        return Refusal(Refused.INVALID, f"malformed fleet message: {exc}")
+
+
+def _forget(started: Started) -> None:
+    """An input queued behind a stuck one: its outcome is taken again when the run is retried
+    (an event by its saved answer), so nothing waits on it here."""
+    for awaitable in (started.committed, started.answered):
+        if isinstance(awaitable, asyncio.Future):
+            awaitable.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 async def _ack(msg: Msg) -> None:

@@ -29,7 +29,7 @@ from ..outcome import Result
 from ..portal_actions import PortalActions
 from ..references import References
 from ..session_intake import SessionIntake
-from .applier import Applier
+from .applier import Applier, Started
 from .gateways import BEAT, Gateways
 from .link import NATS_ERRORS, Link, Unavailable
 from .messages import EVENT, Message, event_of
@@ -63,12 +63,16 @@ class Fleet:
     def _connected(self, connected: bool) -> None:
         self.metrics.fleet_connected.set(1 if connected else 0)
 
-    def _start(self, message: Message) -> Awaitable[Result]:
+    def _start(self, message: Message) -> Started:
         """Start applying one input from the stream here; events are queued at once, in order."""
+        if message.kind == EVENT:
+            committed, answered = self.intake.submit_committed(event_of(message), time.perf_counter(), message.at)
+            return Started(committed, answered)
+        return Started(self._apply(message))
+
+    def _apply(self, message: Message) -> Awaitable[Result]:
         body, at, via = message.body, message.at, message.gateway
         kind = message.kind
-        if kind == EVENT:
-            return self.intake.submit(event_of(message), time.perf_counter(), at=at)
         if kind == "operator":
             return self.operator.apply_change(body["actor"], body["subscriber"], body["restrict"], body["note"],
                                               body["mode"], body["addresses"], body["id"], via)

@@ -63,6 +63,7 @@ class Link:
         self.on_connected = on_connected
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self.closing = False   # our own close: no outage to report
         self.last_error = ""   # what nats-py last reported (a refused certificate, a wrong password)
 
     @property
@@ -73,6 +74,8 @@ class Link:
         """One attempt at every configured node; ``Unavailable`` when none answers. Once
         connected, nats-py reconnects by itself (every second, for ever)."""
         async def disconnected() -> None:
+            if self.closing:
+                return
             log.warning("event=fleet_disconnected (webhooks answer 503 until NATS is back; enforcing what we have)")
             self.on_connected(False)
 
@@ -189,6 +192,7 @@ class Link:
             raise Unavailable(f"bucket {name}: {exc or type(exc).__name__}") from None
 
     async def close(self) -> None:
+        self.closing = True
         if self.nc is not None:
             try:
                 await self.nc.close()
