@@ -39,6 +39,8 @@ HERE = Path(__file__).resolve()
 GATEWAY_A, GATEWAY_B = "bng-a", "bng-b"
 STREAM = "WALLED_GARDEN"
 UPSTREAM = "http://198.51.100.10/"
+RECEIVER_PORT = 8099
+RECEIVER_URL = f"http://198.51.100.10:{RECEIVER_PORT}/billing/hook"   # in each topology's upstream
 SUBSCRIBERS = 4                                 # subscriber i of a topology is C-100i
 CATCH_UP_TIMEOUT, ANSWER_TIMEOUT = 15.0, 5.0
 
@@ -131,6 +133,20 @@ class Gateway:
         return result.stdout
 
     # -- billing ------------------------------------------------------------------------------
+    def start_receiver(self) -> Path:
+        """Billing's webhook endpoint (``RECEIVER_URL``) in this gateway's upstream namespace; the
+        file it records each POST to (the topology stops it)."""
+        record = self.lab.work / "billing-received.jsonl"
+        record.touch()
+        with open(self.lab.work / "receiver.log", "wb") as log:
+            proc = self.topo.popen(self.topo.upstream.netns, sys.executable, str(HERE), "receive",
+                                   self.topo.upstream.addr4, str(RECEIVER_PORT), str(record),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: "READY" in (self.lab.work / "receiver.log").read_text() or proc.poll() is not None, 10,
+                   "billing's receiver listening")
+        assert proc.poll() is None, (self.lab.work / "receiver.log").read_text()
+        return record
+
     def post(self, *events: dict[str, Any], retry: bool = False, deadline: float = 30.0,
              workers: int = 4) -> list[dict[str, Any]]:
         """Send ``events`` (from ``event``) to this gateway from its upstream namespace, where billing
@@ -339,7 +355,39 @@ def _post_main(spec_path: str) -> int:
     return 0
 
 
+def _receive_main(address: str, port: int, out: str) -> int:
+    """Billing's webhook endpoint: each POST appended to ``out`` as one JSON line, answered 204.
+    socketserver rather than http.server.HTTPServer: its server_bind would do a DNS lookup."""
+    import socketserver
+    from http.server import BaseHTTPRequestHandler
+
+    class Hook(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self) -> None:   # the name http.server calls
+            body = self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16))
+            with open(out, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"path": self.path, "body": body.decode("utf-8", "replace")}) + "\n")
+            self.send_response(204)
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    with Server((address, port), Hook) as server:
+        print("READY", flush=True)
+        server.serve_forever()
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "post":
-        sys.exit("usage: fleet_helpers.py post SPEC.json")
-    sys.exit(_post_main(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == "post":
+        sys.exit(_post_main(sys.argv[2]))
+    if len(sys.argv) == 5 and sys.argv[1] == "receive":
+        sys.exit(_receive_main(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    sys.exit("usage: fleet_helpers.py post SPEC.json | receive ADDRESS PORT FILE")

@@ -4,12 +4,15 @@ portal in a browser's place, and real traffic from the subscribers' namespaces.
 
 Each test builds its own fleet (``fleet_helpers.running_fleet``): NATS in a namespace of its own,
 gateways A and B each in their own topology, both listing the same subscriber ids at their own
-addresses. What one gateway accepts must hold on the other, in stream order, exactly once,
-through a gateway's crash and through NATS's.
+addresses. What one gateway accepts (a webhook, an operator's command, a portal press, a list
+verdict) must hold on the other, in stream order, exactly once, through a gateway's crash or cut
+link and through NATS's outage; ``fleet status`` and the metrics tell the gateways apart.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from fleet_helpers import (
     ANSWER_TIMEOUT,
     GATEWAY_A,
     GATEWAY_B,
+    RECEIVER_URL,
     STREAM,
     Fleet,
     Gateway,
@@ -66,12 +70,20 @@ def ok(result: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def test_an_input_accepted_by_one_gateway_holds_on_the_other(tmp_path: Path) -> None:
+    secret = tmp_path / "outbox.secret"     # the promise webhook's own key
+    secret.write_text("whsec_" + base64.b64encode(b"fleet-promise-outbox-key-tests!!").decode() + "\n")
+    secret.chmod(0o600)
+
     def promises(config: dict[str, Any]) -> None:
-        config["policy"]["promise_to_pay"] = {"enabled": True, "term": "3d", "reasons": ["overdue"]}
+        config["policy"]["promise_to_pay"] = {"enabled": True, "term": "3d", "reasons": ["overdue"],
+                                              "webhook_url": RECEIVER_URL, "webhook_secret_file": str(secret)}
     with running_fleet(tmp_path, listed(1, 2, 3, 4), adjust=promises) as fleet:
         a, b = fleet.a, fleet.b
+        received = {gateway.name: gateway.start_receiver() for gateway in (a, b)}
         for gateway in (a, b):
             assert all(gateway.redirected(i) for i in (1, 2, 3, 4)), gateway.name
+        # The reference-code key is the fleet's: the portal shows one code for a subscriber anywhere.
+        assert a.lab.lookup(a.addr(1))["reference"] == b.lab.lookup(b.addr(1))["reference"]
 
         # A payment posted to A: A lifts before it answers, B within seconds (real traffic).
         started = time.monotonic()
@@ -83,6 +95,8 @@ def test_an_input_accepted_by_one_gateway_holds_on_the_other(tmp_path: Path) -> 
                               detail=fleet.logs)
         print(f"payment on A: answered in {answered - started:.3f}s, B lifted {lifted_b:.3f}s after the answer")
         assert b.redirected(2), "only the subscriber who paid"
+        graces = [gw.cli_json("explain", sid(1))["payment_grace"] for gw in (a, b)]
+        assert graces[0]["until"] == graces[1]["until"] == paid["answer"]["until"], graces
 
         # An operator's lift on B applies on A.
         lift = b.cli("lift", sid(2), "--reason", "paid at the counter")
@@ -96,6 +110,11 @@ def test_an_input_accepted_by_one_gateway_holds_on_the_other(tmp_path: Path) -> 
         assert exempt.returncode == 0, exempt.stdout + exempt.stderr
         wait_until(lambda: b.reaches_upstream(4), LIFT_BOUND, "B frees the subscriber exempted on A", detail=fleet.logs)
         assert b.cli_json("explain", sid(4))["exemptions"], "B knows the exemption itself"
+        # ... and its end, set on B, holds on A.
+        unexempt = b.cli("unexempt", sid(4), "--note", "dispute settled")
+        assert unexempt.returncode == 0, unexempt.stdout + unexempt.stderr
+        wait_until(lambda: a.redirected(4), LIFT_BOUND, "A walls in again the subscriber unexempted on B",
+                   detail=fleet.logs)
 
         # A promise made on A's portal (as a browser) holds on B, and is used up there too.
         promise_on_portal(a, 3)
@@ -103,6 +122,14 @@ def test_an_input_accepted_by_one_gateway_holds_on_the_other(tmp_path: Path) -> 
         wait_until(lambda: b.reaches_upstream(3), LIFT_BOUND, "B frees the subscriber who promised on A",
                    detail=fleet.logs)
         assert b.lab.lookup(b.addr(3))["promise"]["eligible"] is False
+        promises = [gw.cli_json("explain", sid(3))["promises"] for gw in (a, b)]
+        assert len(promises[0]) == len(promises[1]) == 1 and promises[0] == promises[1], promises
+        # Billing hears of the promise once, from the gateway whose portal was used.
+        wait_until(lambda: received[a.name].read_text().strip(), 10, "promise.made sent by A", detail=fleet.logs)
+        time.sleep(1.0)   # nothing more should follow, from either
+        sent = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in received.items()}
+        assert len(sent[a.name]) == 1 and sent[b.name] == [], sent
+        assert json.loads(sent[a.name][0]["body"])["data"]["subscriber"] == sid(3)
 
         # The audit on each gateway names the gateway that accepted each input ("via bng-a", a promise
     # "on the portal of bng-a").
@@ -113,7 +140,7 @@ def test_an_input_accepted_by_one_gateway_holds_on_the_other(tmp_path: Path) -> 
         for gateway in (a, b):
             assert rows(gateway, sid(1)) == [("walled-garden", "free")], gateway.name
             assert rows(gateway, sid(2)) == [("walled-garden", "free")], gateway.name
-        assert set(a.kernel_set()) == set(b.kernel_set()) == set(), "nobody is walled in on either"
+        assert set(a.kernel_set()) == {a.addr(4)} and set(b.kernel_set()) == {b.addr(4)}, "only the unexempted"
 
 
 def promise_on_portal(gateway: Gateway, i: int) -> None:
@@ -132,7 +159,7 @@ def promise_on_portal(gateway: Gateway, i: int) -> None:
     assert status == 200 and "Your service is back until" in confirmation, confirmation[:3000]
 
 
-def test_a_gateway_back_from_a_crash_applies_what_it_missed_before_ready(tmp_path: Path) -> None:
+def test_a_gateway_back_from_a_crash_or_a_cut_applies_what_it_missed(tmp_path: Path) -> None:
     with running_fleet(tmp_path, listed(1, 2)) as fleet:
         a, b = fleet.a, fleet.b
         b.lab.stop_daemon(kill=True)          # SIGKILL: no goodbye to NATS
@@ -172,6 +199,27 @@ def test_a_gateway_back_from_a_crash_applies_what_it_missed_before_ready(tmp_pat
         assert b.redirected(4) and b.redirected(2) and b.reaches_upstream(3) and b.reaches_upstream(1)
         assert all(f"via {GATEWAY_A}" in row["cause"] for row in entries), entries
 
+        # Cut off (its link to NATS down, the daemon running): A goes on, B answers 503 and enforces
+        # what it has; healed, B applies what it missed, and billing's retry of what B refused
+        # applies once, everywhere.
+        fleet.nats.cut(b.topo.gateway.netns)
+        ok(a.post(event("subscriber.released", sid(2), "msg_cut_release"))[0], "release on A while B is cut off")
+        payment = event("payment.received", sid(4), "msg_cut_pay")
+        [refused] = b.post(payment)
+        assert refused["status"] == 503, refused
+        assert b.redirected(2) and b.redirected(4) and a.reaches_upstream(2) and a.redirected(4)
+        fleet.nats.heal(b.topo.gateway.netns)
+        wait_until(lambda: b.reaches_upstream(2), 20, "B, healed, applies what A accepted meanwhile", interval=0.2,
+                   detail=fleet.logs)
+        [retried] = b.post(payment, retry=True, deadline=30)
+        ok(retried, "billing's retry on B once healed")
+        wait_until(lambda: a.reaches_upstream(4) and b.reaches_upstream(4), LIFT_BOUND, "the retried payment on both",
+                   detail=fleet.logs)
+        wait_until(lambda: applied_everywhere(fleet), 10, "both gateways at the stream's end", detail=fleet.logs)
+        for gateway in (a, b):
+            assert rows(gateway, sid(4)) == [("free", "walled-garden"), ("walled-garden", "free")], gateway.name
+            assert rows(gateway, sid(2))[-1:] == [("walled-garden", "free")], gateway.name
+
 
 def test_nats_down_answers_503_keeps_enforcing_and_the_retries_apply_once(tmp_path: Path) -> None:
     with running_fleet(tmp_path, listed(1, 2)) as fleet:
@@ -193,7 +241,6 @@ def test_nats_down_answers_503_keeps_enforcing_and_the_retries_apply_once(tmp_pa
         assert a.redirected(1) and a.redirected(2) and a.redirected(3)
         assert rows(a, sid(1)) == [] and rows(a, sid(2)) == []
         assert a.fleet_status()["connected"] is False
-
         fleet.nats.start_all()           # the same store: what was accepted before is still there
         wait_until(lambda: a.fleet_status()["connected"] and b.fleet_status()["connected"], 30,
                    "both gateways reconnected", interval=0.2, detail=fleet.logs)
@@ -287,6 +334,14 @@ def test_fleet_status_and_metrics_name_each_gateway(tmp_path: Path) -> None:
         wait_until(b_behind, 6, "A's fleet status shows B one message behind", interval=0.3,
                    detail=lambda: str(a.cli_json("fleet", "status")))
 
+        def b_gone() -> bool:
+            rows = {row["gateway"]: row for row in a.cli_json("fleet", "status")["gateways"]}
+            return rows[GATEWAY_B]["connected"] is False and rows[GATEWAY_A]["connected"] is True
+        waited = wait_until(b_gone, 10, "A's fleet status shows B not seen", interval=0.5,
+                            detail=lambda: str(a.cli_json("fleet", "status")))
+        rows = {row["gateway"]: row for row in a.cli_json("fleet", "status")["gateways"]}
+        assert rows[GATEWAY_B]["seen_seconds_ago"] >= 5, (waited, rows)
+
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -307,3 +362,111 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     values = [v for n, have, v in parse_metrics(text) if n == name and labels.items() <= have.items()]
     assert len(values) <= 1, (name, labels, values)
     return values[0] if values else None
+
+
+def test_a_gateway_started_while_nats_is_down_enforces_its_local_state(tmp_path: Path) -> None:
+    catch_up = 6.0
+
+    def short_catch_up(config: dict[str, Any]) -> None:
+        config["fleet"]["catch_up_timeout"] = f"{catch_up:g}s"
+    with running_fleet(tmp_path, listed(1, 2), adjust=short_catch_up) as fleet:
+        a, b = fleet.a, fleet.b
+        ok(a.post(event("payment.received", sid(1), "msg_before_down"))[0], "payment before the outage")
+        wait_until(lambda: b.reaches_upstream(1), LIFT_BOUND, "B applies the payment", detail=fleet.logs)
+        kernel = b.kernel_set()
+        fleet.nats.stop_all()
+        b.lab.stop_daemon(kill=True)
+        started = time.monotonic()
+        b.lab.start_daemon(timeout=catch_up + 15)
+        took = time.monotonic() - started
+        # It enforces what it had (safety rule 6): the kernel as before, real traffic as before.
+        assert b.kernel_set() == kernel and b.redirected(2) and b.reaches_upstream(1)
+        status = b.fleet_status()
+        assert status["connected"] is False, status
+        log_then = b.lab.log()
+
+        # NATS back: B joins again without a restart and applies what comes next.
+        fleet.nats.start_all()
+        ok(a.post(event("subscriber.released", sid(2), "msg_after_down"), retry=True, deadline=30)[0],
+           "release once NATS is back")
+        wait_until(lambda: b.reaches_upstream(2), 20, "B, started without NATS, applies what follows", interval=0.2,
+                   detail=fleet.logs)
+        wait_until(lambda: applied_everywhere(fleet), 10, "both gateways at the stream's end", detail=fleet.logs)
+
+        # What the design promises beyond that ("READY with local state, logged, status shows it").
+        # Reported to the core's owner; turn these into plain asserts once fixed.
+        defects = []
+        if took >= catch_up - 2:
+            defects.append(f"READY=1 came {took:.1f}s after start: the whole catch_up_timeout ({catch_up:g}s) "
+                           "waited for NATS that was not there")
+        if not status.get("error"):
+            defects.append(f"status shows no error while NATS is unreachable: {status}")
+        if "event=fleet_unavailable" not in log_then:
+            defects.append("nothing logged about NATS being unreachable before READY=1 (only fleet_not_caught_up)")
+        if defects:
+            pytest.xfail("known core defects: " + "; ".join(defects))
+
+
+def test_list_verdicts_and_notice_acknowledgements_travel(tmp_path: Path) -> None:
+    def guarded(config: dict[str, Any]) -> None:
+        config["subscribers"]["guard"] = {"max_restrict": 2, "max_lift": 2}
+
+    def first_list(topo: Topology) -> list[dict[str, Any]]:
+        return [{"id": sid(1), "addresses": [topo.subscribers[0].addr4], "reason": "overdue"},
+                {"id": sid(2), "addresses": [topo.subscribers[1].addr4], "reason": "overdue", "mode": "notice"}]
+    with running_fleet(tmp_path, first_list, adjust=guarded) as fleet:
+        a, b = fleet.a, fleet.b
+        # A notice acknowledged on A's portal lets the subscriber's HTTP through on B too.
+        acknowledge_on_portal(a, 2)
+        assert a.reaches_upstream(2)
+        wait_until(lambda: b.reaches_upstream(2), LIFT_BOUND, "B lets through the notice acknowledged on A",
+                   detail=fleet.logs)
+        assert b.lab.lookup(b.addr(2))["ack_until"] is not None
+
+        # A list restricting three more is held on both; approved once, on A, it applies on both.
+        for gateway in (a, b):
+            gateway.lab.write_list([*first_list(gateway.topo), *(
+                {"id": sid(i), "addresses": [gateway.addr(i)], "reason": "overdue"} for i in (3, 4)),
+                {"id": "C-1005", "addresses": ["100.64.50.10"], "reason": "overdue"}])
+        wait_until(lambda: all(g.cli_json("status")["held_changes"] for g in (a, b)), 10, "the list held on both",
+                   interval=0.2, detail=fleet.logs)
+        digests = {g.name: g.cli_json("status")["held_changes"][0]["digest"] for g in (a, b)}
+        assert digests[a.name] == digests[b.name], digests
+        approve = a.cli("approve", "--reason", "the new month's list, checked")
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        assert a.redirected(3) and a.redirected(4)
+        wait_until(lambda: b.redirected(3) and b.redirected(4), LIFT_BOUND, "B applies the list approved on A",
+                   detail=fleet.logs)
+        assert not b.cli_json("status")["held_changes"]
+        # B's log names the approval and where it was given (the audit row says only "on the restricted list").
+        assert re.search(rf"event=list_approved by=[^\n]* via {GATEWAY_A} ", b.lab.log()), b.lab.log()
+
+        # A list lifting everyone is held on both; rejected once, on B, it is dropped on both.
+        for gateway in (a, b):
+            gateway.lab.write_list([])
+        wait_until(lambda: all(g.cli_json("status")["held_changes"] for g in (a, b)), 10, "the lift held on both",
+                   interval=0.2, detail=fleet.logs)
+        reject = b.cli("reject", "--reason", "an empty export is a billing bug")
+        assert reject.returncode == 0, reject.stdout + reject.stderr
+        wait_until(lambda: not a.cli_json("status")["held_changes"], LIFT_BOUND, "A drops the list rejected on B",
+                   detail=fleet.logs)
+        for gateway in (a, b):
+            assert gateway.redirected(1) and gateway.redirected(3), gateway.name
+            assert set(gateway.kernel_set()) >= {gateway.addr(1), gateway.addr(3), gateway.addr(4), "100.64.50.10"}
+
+
+def acknowledge_on_portal(gateway: Gateway, i: int) -> None:
+    """Notice subscriber ``i`` is redirected, opens the portal page and presses "Continue"
+    (tests/kernel/test_portal_flow.py)."""
+    topo, lab = gateway.topo, gateway.lab
+    assert gateway.redirected(i)
+    jar = str(lab.work / f"cookies-ack-{i}")
+    status, page, _, _ = topo.curl(gateway.sub(i), lab.portal_url, extra=("-c", jar, "-b", jar))
+    assert status == 200, page[:2000]
+    form = re.search(r'<form[^>]*action="([^"]+)"', page)
+    fields = dict(re.findall(r'<input[^>]*name="([^"]+)"[^>]*value="([^"]*)"', page))
+    assert form and fields, page[:2000]
+    action = form.group(1) if form.group(1).startswith("http") else lab.portal_url.rstrip("/") + form.group(1)
+    data = tuple(arg for name, value in fields.items() for arg in ("--data-urlencode", f"{name}={value}"))
+    status, _, headers, _ = topo.curl(gateway.sub(i), action, extra=("-c", jar, "-b", jar, *data))
+    assert status == 303, headers
