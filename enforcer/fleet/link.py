@@ -33,6 +33,10 @@ DUPLICATE_WINDOW = 3600.0
 #: An unacknowledged delivery comes again after this long (only after a crash mid-apply: the
 #: applier re-creates the consumer at start anyway).
 ACK_WAIT = 30.0
+#: Inputs delivered ahead of this gateway's acknowledgement (it acknowledges each batch).
+MAX_ACK_PENDING = 20_000
+#: The server's idle heartbeat on the consumer (nats-py notices a silent one).
+HEARTBEAT = 5.0
 CONNECT_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
@@ -154,8 +158,12 @@ class Link:
             raise Unavailable(f"stream info: {exc or type(exc).__name__}") from None
         return info.state.first_seq, info.state.last_seq
 
-    async def consume_from(self, sequence: int) -> JetStreamContext.PullSubscription:
-        """This gateway's durable consumer, (re-)created to deliver from ``sequence`` on."""
+    async def consume_from(self, sequence: int) -> JetStreamContext.PushSubscription:
+        """This gateway's durable consumer, (re-)created to deliver from ``sequence`` on.
+
+        A push consumer with flow control: the server sends each input as soon as it is stored,
+        up to ``MAX_ACK_PENDING`` ahead of our acknowledgements. (Pulling in batches made every
+        batch wait for more messages to fill it while inputs kept coming, on nats-server 2.9.)"""
         js = self._js()
         durable = self.config.gateway
         try:
@@ -164,21 +172,28 @@ class Link:
             except nats.js.errors.NotFoundError:
                 pass
             config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT,
-                                    max_deliver=-1, max_ack_pending=-1, filter_subject=self.subject,
+                                    max_deliver=-1, max_ack_pending=MAX_ACK_PENDING, filter_subject=self.subject,
                                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(sequence, 1))
-            return await js.pull_subscribe(self.subject, durable=durable, stream=self.config.stream, config=config)
+            return await js.subscribe(self.subject, durable=durable, stream=self.config.stream, config=config,
+                                      manual_ack=True, flow_control=True, idle_heartbeat=HEARTBEAT)
         except NATS_ERRORS as exc:
             raise Unavailable(f"consumer {durable}: {exc or type(exc).__name__}") from None
 
     @staticmethod
-    async def fetch(subscription: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
-        """Up to ``batch`` messages; [] when none came within ``timeout``."""
+    async def fetch(subscription: JetStreamContext.PushSubscription, batch: int, timeout: float) -> list[Msg]:
+        """The next message (waiting up to ``timeout``) and whatever else has arrived, up to
+        ``batch``; [] when none came."""
+        messages: list[Msg] = []
         try:
-            return await subscription.fetch(batch, timeout=timeout)
+            messages.append(await subscription.next_msg(timeout))
+            while len(messages) < batch and subscription.pending_msgs > 0:
+                messages.append(await subscription.next_msg(timeout))
         except (TimeoutError, nats.errors.TimeoutError):
-            return []
+            pass
         except NATS_ERRORS as exc:
-            raise Unavailable(f"fetch: {exc or type(exc).__name__}") from None
+            if not messages:
+                raise Unavailable(f"fetch: {exc or type(exc).__name__}") from None
+        return messages
 
     async def bucket(self, name: str, ttl: float | None = None) -> KeyValue:
         """A KV bucket, created if missing (same replicas as the stream)."""
