@@ -11,6 +11,8 @@ import enum
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from enforcer.metric_labels import Labelled
+
 
 class RequestKind(str, enum.Enum):
     """What a request turned out to be; the ``kind`` label of the request counter."""
@@ -44,11 +46,13 @@ class PortalMetrics:
         self._by_kind[kind].inc()
 
 
-def create_metrics_app(registry: CollectorRegistry) -> web.Application:
-    """A separate tiny app for ``GET /metrics``, served on its own (usually loopback) address."""
+def create_metrics_app(registry: CollectorRegistry, labels: dict[str, str] | None = None) -> web.Application:
+    """A separate tiny app for ``GET /metrics``, served on its own (usually loopback) address;
+    ``labels`` go on every sample (in a fleet: ``gateway``)."""
+    exported = Labelled(registry, labels) if labels else registry
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(exported), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -127,7 +127,9 @@ class PortalServer:
             if tls is not None:
                 self.tls_sockets = await self._serve(runner, tls.listen, self.tls)
             if self.config.metrics.portal_listen is not None:
-                metrics = await self._runner(create_metrics_app(self.app[REGISTRY_KEY]), 1.0)
+                fleet = self.config.fleet
+                labels = {"gateway": fleet.gateway} if fleet is not None else None
+                metrics = await self._runner(create_metrics_app(self.app[REGISTRY_KEY], labels), 1.0)
                 self.metrics_sockets = await self._serve(metrics, self.config.metrics.portal_listen)
         except BaseException:
             await self.close()

@@ -38,6 +38,8 @@ from .subscribers import Subscriber
 log = logging.getLogger("walled_garden.enforcer")
 #: Seconds between attempts to save a list whose saving failed.
 RETRY_SECONDS = 2.0
+#: Who a held list's approval or rejection is filed under in the audit log.
+AUDIT_SUBJECT = "(list)"
 #: Fleet verdicts remembered for lists this gateway has not read yet.
 KEPT_VERDICTS = 16
 
@@ -246,6 +248,7 @@ class ListIntake:
         if elsewhere is not None or held is None:
             return elsewhere or Refusal(Refused.CONFLICT, "no change is held")
         await self.on_list(held.update, approved_by=by)
+        self._audit(held, "approved", by)
         return Outcome({"approved": True, "restricting": held.restricting, "lifting": held.lifting,
                         "origin": held.update.origin})
 
@@ -258,10 +261,21 @@ class ListIntake:
             self.metrics.held_changes.set(0)
         if held is None:
             return Refusal(Refused.CONFLICT, "no change is held")
+        self._audit(held, "rejected", f"{actor}{' via ' + via if via else ''} ({note or 'no reason given'})")
         log.warning("event=list_rejected_by_operator by=%s reason=%r origin=%s restricting=%d lifting=%d",
                     actor, note, held.update.origin, held.restricting, held.lifting)
         return Outcome({"rejected": True, "origin": held.update.origin,
                         "note": "the list in force stays; a new export is evaluated again"})
+
+    def _audit(self, held: HeldChange, verdict: str, by: str) -> None:
+        """A held list's fate in the audit log, under the subscriber ``(list)``."""
+        try:
+            self.engine.store.append_audit([(self.engine.clock(), AUDIT_SUBJECT, "held", verdict,
+                                             f"list from {held.update.origin} ({len(held.update.subscribers)} entries, "
+                                             f"restricting {held.restricting}, lifting {held.lifting}, "
+                                             f"digest {held.digest[:12]}) {verdict} by {by}")])
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("event=audit_not_saved subscriber=%s error=%r", AUDIT_SUBJECT, str(exc))
 
     # -- status ----------------------------------------------------------------------------
     def _source_report(self) -> dict[str, Any]:

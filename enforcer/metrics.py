@@ -278,3 +278,4 @@ class DeltaHistogram(Collector):
             running += n
             cumulative.append(("+Inf" if bound == math.inf else repr(float(bound)), running))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+

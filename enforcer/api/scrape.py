@@ -5,28 +5,13 @@ can tell gateways apart and count a subscriber once (``max by``, not ``sum``).""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import CollectorRegistry
-from prometheus_client.samples import Sample
 
+from ..metric_labels import Labelled
 from ..metrics import Metrics
-
-
-class Labelled:
-    """``registry``'s metrics with ``labels`` added to every sample."""
-
-    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
-        self.registry, self.labels = registry, labels
-
-    def collect(self) -> Iterator[Metric]:
-        for metric in self.registry.collect():
-            metric.samples = [Sample(s.name, {**s.labels, **self.labels}, s.value, s.timestamp, s.exemplar)
-                              for s in metric.samples]
-            yield metric
 
 
 def metrics_app(metrics: Metrics, read_counters: Callable[[], Awaitable[dict[str, tuple[int, int]]]]

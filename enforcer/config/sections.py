@@ -433,7 +433,9 @@ def fleet(r: KeyReader, top: dict[str, Any]) -> FleetConfig | None:
         nats=nats,
         stream=r.get(raw, ("fleet", "stream"), values.nats_name, d.stream),
         replicas=r.get(raw, ("fleet", "replicas"), _at_most(values.positive_int, 5, "5"), d.replicas),
-        catch_up_timeout=r.get(raw, ("fleet", "catch_up_timeout"), positive_duration, d.catch_up_timeout),
+        # at most 90 s: systemd gives the unit 120 s to report READY (systemd/walled-garden.service)
+        catch_up_timeout=r.get(raw, ("fleet", "catch_up_timeout"), _at_most(positive_duration, 90, "90s"),
+                               d.catch_up_timeout),
         answer_timeout=r.get(raw, ("fleet", "answer_timeout"), positive_duration, d.answer_timeout))
 
 

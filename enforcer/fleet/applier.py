@@ -136,11 +136,11 @@ class Applier:
         self.target = last
         self.stream_last = max(self.stream_last, last)
         start = self.applied + 1
-        if first > start and last >= first:
-            if self.applied:
-                log.error("event=fleet_history_lost applied=%d stream_first=%d (the stream no longer holds what this "
-                          "gateway missed; continuing from what it holds)", self.applied, first)
-                self.metrics.fleet_applied.labels("-", "lost").inc(first - start)
+        if first > start:
+            log.error("event=fleet_history_lost applied=%d stream_first=%d (the stream no longer holds inputs %d-%d, "
+                      "removed by its limits: this gateway goes on from what it holds; see docs/operations.md)",
+                      self.applied, first, start, first - 1)
+            self.metrics.fleet_applied.labels("-", "lost").inc(first - start)
             start = first
             self.applied = first - 1
         subscription = await self.link.consume_from(start)
@@ -156,9 +156,8 @@ class Applier:
                 continue
             try:
                 await self._apply(messages)
-            except Gap as gap:
-                log.warning("event=fleet_gap %s (re-reading from %d)", gap, self.applied + 1)
-                subscription = await self.link.consume_from(self.applied + 1)
+            except Gap as gap:   # from the top: the stream's bounds may have moved
+                raise Unavailable(f"a gap in the stream ({gap}); re-reading from {self.applied + 1}") from None
 
     async def _apply(self, messages: list[Msg]) -> None:
         items: list[Item] = []

@@ -57,6 +57,7 @@ class Fleet:
         self.sessions = FleetSessions(self.relay, sessions)
         self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
         self.error = ""
+        self.unreachable = asyncio.Event()   # the last attempt to connect failed
         metrics.fleet_connected.set(0)
         engine.reports["fleet"] = self.report
 
@@ -96,19 +97,28 @@ class Fleet:
         return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via)
 
     async def caught_up(self, timeout: float) -> bool:
-        """Wait (bounded) until everything the stream held when we connected is applied here."""
+        """Wait (bounded) until everything the stream held when we connected is applied here;
+        False at once when NATS cannot be reached (start-up then goes on with the local state:
+        the unit starts before the network, which must not wait for NATS)."""
+        waits = [asyncio.ensure_future(self.applier.caught_up.wait()), asyncio.ensure_future(self.unreachable.wait())]
         try:
-            await asyncio.wait_for(self.applier.caught_up.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self.applier.caught_up.is_set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, follow the stream and beat until ``stop``; NATS failures are waited out."""
         delay = RECONNECT_FIRST
         while not stop.is_set():
             try:
-                await self._connect()
+                try:
+                    await self._connect()
+                except Unavailable:
+                    self.unreachable.set()
+                    raise
+                self.unreachable.clear()
                 self.error = ""
                 delay = RECONNECT_FIRST
                 await self._follow(stop)

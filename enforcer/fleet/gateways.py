@@ -97,5 +97,7 @@ class Gateways:
                 self.metrics.fleet_peer_seen.labels(name).set(ago)
         except NATS_ERRORS as exc:
             raise Unavailable(f"gateways: {exc or type(exc).__name__}") from None
+        for gone in {row["gateway"] for row in self.last} - {row["gateway"] for row in rows}:
+            self.metrics.fleet_peer_seen.remove(gone)   # retired (its key expired or was deleted)
         self.last = rows
         return rows

@@ -38,6 +38,9 @@ MAX_ACK_PENDING = 20_000
 #: The server's idle heartbeat on the consumer (nats-py notices a silent one).
 HEARTBEAT = 5.0
 CONNECT_TIMEOUT = 2.0
+#: A link that silently drops packets is noticed within about PING_INTERVAL * (MAX_OUTSTANDING_PINGS + 1)
+#: (nats-py's defaults, 120 s and 2, took minutes: status said "connected" meanwhile).
+PING_INTERVAL, MAX_OUTSTANDING_PINGS = 5, 2
 REQUEST_TIMEOUT = 5.0
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
 
@@ -107,6 +110,7 @@ class Link:
             self.nc = await nats.connect(
                 servers=list(self.config.nats.urls), name=f"walled-garden {self.config.gateway}",
                 connect_timeout=CONNECT_TIMEOUT, reconnect_time_wait=1, max_reconnect_attempts=1,
+                ping_interval=PING_INTERVAL, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                 allow_reconnect=True, disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                 **options)
         except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:

@@ -58,7 +58,8 @@ class FleetRelay:
         except Unavailable as exc:
             self.metrics.fleet_published.labels("unavailable").inc()
             log.warning("event=fleet_publish_failed kind=%s error=%r (answered retry later)", kind, str(exc))
-            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream cannot be reached, retry later: {exc}")
+            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream did not confirm it, retry later with the same id "
+                                                f"(if the stream got it after all, it applies once): {exc}")
         self.metrics.fleet_published.labels("duplicate" if duplicate else "accepted").inc()
         return seq, started
 
@@ -90,7 +91,7 @@ class FleetEvents:
             return refused
         sent = await self.relay.publish(EVENT, event_body(event), f"event:{event.id}")
         if isinstance(sent, Refusal):
-            self.local.count(event.type, "error")
+            self.local.count(event.type, "unavailable")
             return Refusal(sent.kind, sent.error, {"id": event.id})
         seq, started = sent
         remaining = max(self.relay.config.answer_timeout - (time.monotonic() - started), 0.1)

@@ -58,7 +58,7 @@ class FleetSessions:
         return self.intake.keys(self.qualified(source))
 
     def problem(self, source: str, kind: str, detail: str) -> None:
-        self.intake.problem(source, kind, detail)
+        self.intake.problem(self.qualified(source), kind, detail)   # counted under the name its sessions have
 
     def address_problem(self, network: Network) -> str | None:
         return self.intake.address_problem(network)

@@ -393,18 +393,10 @@ def test_a_gateway_started_while_nats_is_down_enforces_its_local_state(tmp_path:
                    detail=fleet.logs)
         wait_until(lambda: applied_everywhere(fleet), 10, "both gateways at the stream's end", detail=fleet.logs)
 
-        # What the design promises beyond that ("READY with local state, logged, status shows it").
-        # Reported to the core's owner; turn these into plain asserts once fixed.
-        defects = []
-        if took >= catch_up - 2:
-            defects.append(f"READY=1 came {took:.1f}s after start: the whole catch_up_timeout ({catch_up:g}s) "
-                           "waited for NATS that was not there")
-        if not status.get("error"):
-            defects.append(f"status shows no error while NATS is unreachable: {status}")
-        if "event=fleet_unavailable" not in log_then:
-            defects.append("nothing logged about NATS being unreachable before READY=1 (only fleet_not_caught_up)")
-        if defects:
-            pytest.xfail("known core defects: " + "; ".join(defects))
+        # READY with the local state at once (not after the whole catch_up_timeout), logged, in status.
+        assert took < catch_up - 2, f"READY=1 came {took:.1f}s after start: it waited for NATS that was not there"
+        assert status.get("error"), f"status shows no error while NATS is unreachable: {status}"
+        assert "event=fleet_unavailable" in log_then, "nothing logged about NATS being unreachable before READY=1"
 
 
 def test_list_verdicts_and_notice_acknowledgements_travel(tmp_path: Path) -> None:

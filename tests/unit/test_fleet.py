@@ -102,9 +102,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gate
         await b.start()
         yield server, a, b
     finally:
-        await a.close()
-        await b.close()
-        server.stop()
+        try:
+            await a.close()
+        finally:
+            try:
+                await b.close()
+            finally:
+                server.stop()
 
 
 async def until(predicate: Any, timeout: float = 5.0) -> float:
@@ -372,3 +376,51 @@ async def test_two_gateways_sharing_a_name_are_told(fleet: tuple[NatsServer, Gat
                     and "two gateways share a name" in (a.e.queries.status()["fleet"]["error"] or ""), 12)
     finally:
         await twin.close()
+
+
+async def test_start_goes_on_at_once_when_nats_is_unreachable(tmp_path: Path) -> None:
+    """Safety rule 6: the unit starts before the network; it must not wait for NATS."""
+    (tmp_path / "l.yaml").write_text(LIST)
+    gw = Gateway(tmp_path, "gw-alone", "nats://127.0.0.1:9")   # the discard port: nothing listens
+    try:
+        await gw.start(wait=False)
+        assert gw.e.fleet is not None
+        started = time.monotonic()
+        assert await gw.e.fleet.caught_up(20) is False
+        assert time.monotonic() - started < 8
+        assert "cannot connect" in gw.e.queries.status()["fleet"]["error"]
+        assert gw.mode("C-1") is Mode.WALLED_GARDEN   # enforcing what it has
+    finally:
+        await gw.close()
+
+
+async def test_a_stream_of_that_name_for_other_subjects_is_not_trusted(tmp_path: Path) -> None:
+    (tmp_path / "l.yaml").write_text(LIST)
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    gw = Gateway(tmp_path, "gw-a", server.url)
+    try:
+        import nats
+
+        nc = await nats.connect(server.url)
+        await nc.jetstream().add_stream(name="WG_TEST", subjects=["someone.else"])
+        await nc.close()
+        await gw.start(wait=False)
+        assert gw.e.fleet is not None and await gw.e.fleet.caught_up(5) is False
+        await until(lambda: "not a walled-garden stream" in (gw.e.queries.status()["fleet"]["error"] or ""))
+    finally:
+        try:
+            await gw.close()
+        finally:
+            server.stop()
+
+
+async def test_list_verdicts_are_audited(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    await a.e.lists.on_list(ListUpdate(parse_list(big_list(12), "l.yaml"), "l.yaml", "2"))
+    await b.e.lists.on_list(ListUpdate(parse_list(big_list(12), "l.yaml"), "l.yaml", "2"))
+    assert isinstance(await b.e.lists.reject("root", "export looks wrong"), Outcome)
+    await until(lambda: a.e.lists.held is None)
+    for gw in (a, b):
+        rows = gw.e.queries.audit("(list)", None, 5)
+        assert len(rows) == 1 and rows[0]["new"] == "rejected" and "root via gw-b" in rows[0]["cause"], rows

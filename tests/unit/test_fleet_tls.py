@@ -57,8 +57,9 @@ async def gateway(tmp: Path, name: str, url: str, tls: str) -> Enforcer:
 
 async def test_tls_with_client_certificates(tmp_path: Path) -> None:
     d = pki(tmp_path)
-    server = NatsServer(tmp_path / "nats", config=f'tls {{\n  cert_file: "{d}/server.pem"\n  key_file: "{d}/server.key"\n'
-                                                  f'  ca_file: "{d}/ca.pem"\n  verify: true\n  timeout: 2\n}}\n')
+    tls = (f'tls {{\n  cert_file: "{d}/server.pem"\n  key_file: "{d}/server.key"\n  ca_file: "{d}/ca.pem"\n'
+           "  verify: true\n  timeout: 2\n}\n")
+    server = NatsServer(tmp_path / "nats", config=tls)
     server.start()
     url = f"tls://127.0.0.1:{server.port}"
     good = await gateway(tmp_path, "gw-tls", url, f", ca_file: {d}/ca.pem, cert_file: {d}/client.pem, "
