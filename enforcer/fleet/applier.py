@@ -216,6 +216,8 @@ class Applier:
             except MessageError as exc:
                 item.error = str(exc)
             else:
+                if isinstance(started.committed, asyncio.Future):   # an event: queued, nothing more to raise
+                    return started
                 return Started(asyncio.ensure_future(_refusing(started.committed)), started.answered)
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         done.set_result(Refusal(Refused.INVALID, f"malformed fleet message: {item.error}"))

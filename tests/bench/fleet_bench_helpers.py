@@ -167,10 +167,11 @@ class Sender:
     for the first to come free, which shows as the sender's lag)."""
 
     def __init__(self, port: int, requests: list[bytes], rate: float, start_at: float, timeout: float,
-                 connections: int) -> None:
+                 connections: int, indices: list[int] | None = None) -> None:
         self.port, self.requests, self.rate, self.start_at = port, requests, rate, start_at
         self.timeout, self.limit = timeout, connections
         count = len(requests)
+        self.indices = sorted(set(indices)) if indices is not None else list(range(count))   # the ones it sends
         self.sent = [0.0] * count
         self.answered = [0.0] * count
         self.status = [-1] * count
@@ -213,7 +214,7 @@ class Sender:
         self.answered[index] = time.monotonic()
         self.status[index], self.result[index] = status, result
         self.finished += 1
-        if self.finished == len(self.requests):
+        if self.finished == len(self.indices):
             self.done.set()
 
     def free(self, connection: Connection) -> None:
@@ -230,23 +231,23 @@ class Sender:
             self.open_new(self.backlog.popleft())
 
     async def run(self) -> None:
-        count = len(self.requests)
-        if not count:
+        count, todo = len(self.requests), self.indices
+        if not todo:
             return
         await asyncio.sleep(max(self.start_at - time.monotonic(), 0.0))
-        index = 0
-        while index < count:
+        k = 0
+        while k < len(todo):
             now = time.monotonic()
-            while index < count and self.start_at + index / self.rate <= now:
-                self.launch(index)
-                index += 1
-            if index < count:
-                await asyncio.sleep(max(self.start_at + index / self.rate - time.monotonic(), 0.0))
+            while k < len(todo) and self.start_at + todo[k] / self.rate <= now:
+                self.launch(todo[k])
+                k += 1
+            if k < len(todo):
+                await asyncio.sleep(max(self.start_at + todo[k] / self.rate - time.monotonic(), 0.0))
         deadline = self.start_at + count / self.rate + self.timeout + 5.0
         try:
             await asyncio.wait_for(self.done.wait(), max(deadline - time.monotonic(), 0.1))
         except TimeoutError:
-            for i in range(count):
+            for i in todo:
                 if self.status[i] == -1 and not self.sent[i]:
                     self.sent[i] = time.monotonic()   # never went out (no connection came free)
                 self.record(i, 0, "no answer (sender deadline)")
@@ -345,7 +346,7 @@ def load_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     requests = Path(spec["requests"]).read_bytes().split(b"\0")[:-1]
     sender = Sender(int(spec["port"]), requests, float(spec["rate"]), float(spec["start_at"]),
-                    float(spec["timeout"]), int(spec["connections"]))
+                    float(spec["timeout"]), int(spec["connections"]), spec.get("indices"))
     cpu = time.process_time()
     asyncio.run(sender.run())
     cpu = time.process_time() - cpu
