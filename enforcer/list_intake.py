@@ -98,6 +98,9 @@ class ListIntake:
                 why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
                 digest = list_digest(update.subscribers) if why else ""
                 verdict = self.verdicts.pop(digest, None) if why else None
+                if verdict is not None:   # the fleet decided before this gateway read it
+                    self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
+                                "approved" if verdict[0] else "rejected", verdict[1])
                 if verdict is not None and not verdict[0]:
                     log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
                                 "gateway read it)", verdict[1], update.origin)

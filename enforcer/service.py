@@ -142,6 +142,9 @@ class Service:
         systemd_notify.notify("STATUS=catching up with the fleet's stream")
         if await fleet.caught_up(config.fleet.catch_up_timeout):
             log.info("event=fleet_caught_up applied=%d", fleet.applier.applied)
+        elif fleet.unreachable.is_set():
+            log.error("event=fleet_unreachable_at_start applied=%d error=%r (ready with the local state; it catches "
+                      "up when NATS answers)", fleet.applier.applied, fleet.error or "-")
         else:
             log.error("event=fleet_not_caught_up timeout=%.0fs applied=%d error=%r (ready with the local state; it "
                       "catches up when NATS answers)", config.fleet.catch_up_timeout, fleet.applier.applied,

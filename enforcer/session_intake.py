@@ -95,6 +95,7 @@ class SourceState:
 class SessionIntake:
     def __init__(self, engine: Engine, metrics: Metrics, sources: Sequence[SessionSource] = ()) -> None:
         self.engine, self.metrics, self.sources = engine, metrics, list(sources)
+        self.prefix = ""   # in a fleet "<gateway>/": what this gateway's sources are called in every book
         self.batcher: Batcher[Request] = Batcher(self._commit_batch)
         self._retry_at = 0.0   # the expiry duty waits until then after a failed commit
         self.state: dict[str, SourceState] = {}
@@ -350,9 +351,12 @@ class SessionIntake:
             if not request.done.done():
                 request.done.set_exception(SessionChangeFailed(why))
 
+    def _own(self) -> list[str]:
+        return [self.prefix + s.name for s in self.sources]
+
     def _counted(self, change: Change | None = None) -> None:
         counts = self.engine.inputs.sessions.counts()
-        for source in {*counts, *self.state, *(s.name for s in self.sources)}:
+        for source in {*counts, *self.state, *self._own()}:
             self.metrics.sessions.labels(source).set(counts.get(source, 0))
         if change is not None:   # one increment per source and kind, not per session
             counted = Counter((s.source, "started") for s in change.started)
@@ -386,9 +390,8 @@ class SessionIntake:
     # -- what people read ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         counts = self.engine.inputs.sessions.counts()
-        names = [s.name for s in self.sources] + sorted(set(counts) | set(self.state)
-                                                       - {s.name for s in self.sources})
-        own = {s.name: s.status() for s in self.sources}
+        names = self._own() + sorted(set(counts) | set(self.state) - set(self._own()))
+        own = {self.prefix + s.name: s.status() for s in self.sources}
         out: dict[str, Any] = {}
         for name in names:
             state = self.state.get(name, SourceState())

@@ -3,7 +3,7 @@
 Thin on purpose: connecting (credentials and TLS from files, every cluster node, reconnecting
 for ever once connected), making sure the stream and the KV buckets exist, publishing with a
 message id (JetStream drops a repeat inside the duplicate window), and this gateway's durable
-pull consumer, which is re-created from an exact stream sequence whenever the applier asks
+push consumer, which is re-created from an exact stream sequence whenever the applier asks
 (at start, after a gap): the position that counts is the one saved with the local state.
 Every failure of NATS becomes ``Unavailable``, which callers turn into "retry later".
 """

@@ -58,8 +58,11 @@ class FleetRelay:
         except Unavailable as exc:
             self.metrics.fleet_published.labels("unavailable").inc()
             log.warning("event=fleet_publish_failed kind=%s error=%r (answered retry later)", kind, str(exc))
-            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream did not confirm it, retry later with the same id "
-                                                f"(if the stream got it after all, it applies once): {exc}")
+            after_all = ("retry with the same webhook-id: if the stream got it after all, it applies once"
+                         if kind == EVENT else "it may still reach the stream and apply; repeating it changes nothing "
+                                               "more (it sets a state)")
+            return Refusal(Refused.UNAVAILABLE, f"the fleet's stream did not confirm it, retry later ({after_all}): "
+                                                f"{exc}")
         self.metrics.fleet_published.labels("duplicate" if duplicate else "accepted").inc()
         return seq, started
 

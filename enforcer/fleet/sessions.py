@@ -37,6 +37,7 @@ class FleetSessions:
 
     def __init__(self, relay: FleetRelay, intake: SessionIntake) -> None:
         self.relay, self.intake = relay, intake
+        intake.prefix = f"{relay.gateway}/"
 
     def qualified(self, source: str) -> str:
         return f"{self.relay.gateway}/{source}"

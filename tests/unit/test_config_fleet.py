@@ -70,3 +70,8 @@ def test_a_reload_keeps_the_running_fleet() -> None:
     new = parse_config(BASE + "fleet: {gateway: b, nats: {url: 'nats://192.0.2.6:4222'}}\n")
     kept, restart = reloadable(old, new)
     assert kept.fleet == old.fleet and restart == ["fleet"]
+
+
+def test_catch_up_is_bounded_below_systemds_start_timeout() -> None:
+    found = issues(BASE + "fleet: {gateway: a, catch_up_timeout: 100s, nats: {url: 'nats://192.0.2.5:4222'}}\n")
+    assert any(i.startswith("fleet.catch_up_timeout") and "90s" in i for i in found), found

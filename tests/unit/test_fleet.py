@@ -239,6 +239,8 @@ async def test_a_held_list_is_approved_once_for_the_fleet(fleet: tuple[NatsServe
     await until(lambda: b.e.lists.verdicts != {})
     await b.e.lists.on_list(reordered)
     assert b.e.lists.held is None and b.mode("C-12") is Mode.WALLED_GARDEN
+    rows = b.e.queries.audit("(list)", None, 5)
+    assert len(rows) == 1 and rows[0]["new"] == "approved" and "root via gw-a" in rows[0]["cause"], rows
 
 
 async def test_a_malformed_message_changes_nothing_and_the_next_applies(
