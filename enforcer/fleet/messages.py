@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from typing import Any
 
@@ -56,6 +56,7 @@ class Message:
     gateway: str
     at: float
     body: dict[str, Any]
+    event: Event | None = field(default=None, compare=False)   # of an event/session_event, once read
 
     def encode(self) -> bytes:
         return json.dumps({"v": VERSION, "kind": self.kind, "gateway": self.gateway, "at": self.at,
@@ -88,17 +89,18 @@ def decode(data: bytes) -> Message:
                 or (value == "" and name != "note"):
             raise MessageError(f"body.{name}: {value!r} is not valid")
     message = Message(kind, gateway, float(at), body)
-    _check(message)
-    return message
+    event = _check(message)
+    return replace(message, event=event) if event is not None else message
 
 
-def _check(message: Message) -> None:
-    """What the field types alone do not say."""
+def _check(message: Message) -> Event | None:
+    """What the field types alone do not say; the event of an event message."""
     body = message.body
     if message.kind in (EVENT, "session_event"):
         event = event_of(message)
         if message.kind == "session_event" and (event.type not in SESSION_TYPES or "/" not in body["source"]):
             raise MessageError("body: a session_event is a session.started/stopped of a gateway's source")
+        return event
     elif message.kind in ("exempt", "unexempt") and body["category"] is not None and body["category"] not in CATEGORIES:
         raise MessageError(f"body.category: {body['category']!r} is not one of {', '.join(CATEGORIES)}")
     elif message.kind in ("promise", "acknowledge"):
@@ -113,6 +115,7 @@ def _check(message: Message) -> None:
             raise MessageError("body.addresses: expected a list of addresses")
     if message.kind == "exempt" and not math.isfinite(body["until"]):
         raise MessageError("body.until: not a unix time")
+    return None
 
 
 def _check_event(event: Event) -> None:
@@ -144,6 +147,8 @@ def event_body(event: Event) -> dict[str, Any]:
 
 def event_of(message: Message) -> Event:
     """The event in an ``event`` message, validated as strictly as the list and the webhook."""
+    if message.event is not None:
+        return message.event
     body = message.body
     try:
         event = event_from_wire(body)
