@@ -35,9 +35,11 @@ from .subscribers import Subscriber
 class SessionEvents(Protocol):
     """Where ``session.started``/``session.stopped`` go (``session_intake.SessionIntake``)."""
 
-    async def handle_event(self, event: Event) -> Result: ...
+    async def handle_event(self, event: Event, source: str = ..., at: float | None = None) -> Result: ...
 
 log = logging.getLogger("walled_garden.enforcer")
+#: In a refusal's ``extra``: a bug, not a kernel or SQLite failure (a fleet retries it only a few times).
+INTERNAL = "internal"
 
 
 @dataclass
@@ -110,7 +112,7 @@ class EventIntake:
             self.count(event.type, "duplicate")
             return inflight
         if event.type in SESSION_TYPES:
-            return self._session_event(event)
+            return self._session_event(event, at)
         pending = self._pending = Pending(event, received, asyncio.get_running_loop().create_future(), at)
         self._inflight[event.id] = pending.answer
 
@@ -122,13 +124,13 @@ class EventIntake:
         self.batcher.submit(pending)
         return pending.answer
 
-    def _session_event(self, event: Event) -> asyncio.Future[Result]:
+    def _session_event(self, event: Event, at: float | None) -> asyncio.Future[Result]:
         """``session.started``/``session.stopped``: the session intake commits them."""
         if self.sessions is None:
             answer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
             answer.set_result(Refusal(Refused.INVALID, "sessions are not enabled on this gateway"))
             return answer
-        task = asyncio.ensure_future(self.sessions.handle_event(event))
+        task = asyncio.ensure_future(self.sessions.handle_event(event, at=at))
         self._inflight[event.id] = task
 
         def done(future: asyncio.Future[Result], event_id: str = event.id) -> None:
@@ -154,7 +156,7 @@ class EventIntake:
             for item in batch:
                 if not item.answer.done():
                     item.answer.set_result(Refusal(Refused.UNAVAILABLE, f"internal error, retry later: {exc}",
-                                                   {"id": item.event.id}))
+                                                   {"id": item.event.id, INTERNAL: True}))
             _committed(batch, {})
 
     def _judge(self, item: Pending, now: float, prior: Result | None) -> Result | Decision:
@@ -303,7 +305,7 @@ class EventIntake:
         except Exception as exc:  # answer every waiter whatever went wrong
             log.exception("event=batch_finish_failed")
             for index in range(len(batch)):
-                answers.setdefault(index, Refusal(Refused.UNAVAILABLE, f"internal error: {exc}"))
+                answers.setdefault(index, Refusal(Refused.UNAVAILABLE, f"internal error: {exc}", {INTERNAL: True}))
         for index, item in enumerate(batch):
             if not item.answer.done():
                 item.answer.set_result(answers.get(index, Refusal(Refused.UNAVAILABLE, "not processed")))

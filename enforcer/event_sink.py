@@ -16,9 +16,10 @@ from .outcome import Result
 
 
 class EventSink(Protocol):
-    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
+    def submit(self, event: Event, received: float, at: float | None = None) -> asyncio.Future[Result]:
         """Queue one verified event; the future resolves once it is enforced (or refused).
-        ``received`` is ``time.perf_counter()`` at arrival, for the latency histogram."""
+        ``received`` is ``time.perf_counter()`` at arrival, for the latency histogram; ``at``, in a
+        fleet, when the gateway that accepted it received it (default: now)."""
         ...
 
     def count(self, event_type: str, result: str, by: int = 1) -> None:

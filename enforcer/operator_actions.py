@@ -51,8 +51,10 @@ class OperatorActions:
                                                   "mode": mode, "addresses": addresses})
 
     async def apply_change(self, actor: str, sid: str, restrict: bool, note: str, mode: str | None = None,
-                           addresses: list[str] | None = None, event_id: str = "", via: str = "") -> Result:
-        """The override, here (``event_id``, ``via``: the fleet's id for it and where it was asked)."""
+                           addresses: list[str] | None = None, event_id: str = "", via: str = "",
+                           at: float | None = None) -> Result:
+        """The override, here (``event_id``, ``via``, ``at``: the fleet's id for it, where and when it
+        was asked)."""
         engine = self.engine
         subscriber = self._override(sid, restrict, mode, addresses)
         if isinstance(subscriber, Refusal):
@@ -61,7 +63,7 @@ class OperatorActions:
                       sid, subscriber, actor=actor, note=note, via=via)
         log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r via=%s", actor,
                     "restrict" if restrict else "lift", sid, note, via or "-")
-        return await asyncio.shield(self.events.submit(event, time.perf_counter()))
+        return await asyncio.shield(self.events.submit(event, time.perf_counter(), at))
 
     def _override(self, sid: str, restrict: bool, mode: str | None, addresses: list[str] | None
                   ) -> Subscriber | Refusal | None:

@@ -71,6 +71,7 @@ class Request:
     event: Event | None = None              # a webhook's session event: ordered by its timestamp
     kind: str = ""                          # session.started/stopped (events and the CLI): answered
     answer: dict[str, Any] = field(default_factory=dict)   # its answer, saved with the change
+    at: float | None = None                 # in a fleet: when the accepting gateway received it
 
 
 @dataclass
@@ -110,9 +111,11 @@ class SessionIntake:
                                    asyncio.get_running_loop().create_future()))
 
     async def update(self, source: str, started: Sequence[Session] = (), stopped: Sequence[str] = (), *,
-                     observed: float | None = None) -> None:
+                     observed: float | None = None, at: float | None = None) -> None:
+        """``at``: in a fleet, when the gateway whose source it is received it (the sessions'
+        receipt instant, as for every input from the stream)."""
         await self._submit(Request(source, started, stopped, False, True, observed or self.engine.clock(),
-                                   asyncio.get_running_loop().create_future()))
+                                   asyncio.get_running_loop().create_future(), at=at))
 
     def keys(self, source: str) -> list[str]:
         return list(self.engine.inputs.sessions.of_source(source))
@@ -139,7 +142,7 @@ class SessionIntake:
         await request.done   # its own future: a cancelled caller cancels only its own wait
 
     # -- session events and the CLI ------------------------------------------------------------
-    async def handle_event(self, event: Event, source: str = EVENT_SOURCE) -> Result:
+    async def handle_event(self, event: Event, source: str = EVENT_SOURCE, at: float | None = None) -> Result:
         """A ``session.started``/``session.stopped`` (webhook or CLI): one session per address,
         keyed by the address; a stop without addresses ends all of that source's sessions
         carrying those keys. Answers once committed. A webhook's answer is saved with the change
@@ -160,7 +163,7 @@ class SessionIntake:
         start = event.type == SESSION_STARTED
         request = Request(source, sessions if start else (), [s.key for s in sessions] if not start else (), False,
                           True, self.engine.clock(), asyncio.get_running_loop().create_future(),
-                          event=event if source == EVENT_SOURCE else None, kind=event.type)
+                          event=event if source == EVENT_SOURCE else None, kind=event.type, at=at)
         if not start and not event.addresses:
             request.stop_matching = [Session(source, "", event.match, (), event.subscriber_id)]
         try:
@@ -247,7 +250,7 @@ class SessionIntake:
         changed touches that lease, not the thousands around it."""
         book = self.engine.inputs.sessions
         live = [s for s in request.started if s.expires is None or s.expires > now]
-        stamp = self.engine.receipts.stamp()
+        stamp = self.engine.receipts.stamp(request.at)
         started = [s.stamped(stamp) for s in live if book.sessions.get(s.id) != s]
         stopped: list[SessionId] = [(request.source, key) for key in request.stopped]
         if request.expiring:   # a renewal committed since the duty looked keeps its session

@@ -114,7 +114,7 @@ class Forwarder:
         for labels, amount in sums.items():
             self.send({"count": list(labels), "by": amount})
 
-    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
+    def submit(self, event: Event, received: float, at: float | None = None) -> asyncio.Future[Result]:
         n = next(self._seq)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[n] = future

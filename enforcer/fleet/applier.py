@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
+from ..event_intake import INTERNAL
+from ..events import SESSION_TYPES
 from ..metrics import Metrics
 from ..outcome import Refusal, Refused, Result
 from ..store import Store, StoreError
@@ -39,9 +41,17 @@ from .messages import EVENT, Message, MessageError, decode
 log = logging.getLogger("walled_garden.enforcer")
 BATCH = 512
 FETCH_WAIT = 1.0
+#: Idle fetches (of FETCH_WAIT each) between checks that nothing is being withheld.
+IDLE_CHECKS = 5
+#: An input whose apply failed with an internal error (a bug) is retried this often, then
+#: passed over (loudly: it fails on every gateway alike, so skipping keeps them equal).
+INTERNAL_RETRIES = 3
+STREAM_IDENTITY = "fleet_stream"
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
-#: Results kept for the publishers waiting on them (a webhook's answer is its own gateway's).
+#: Results kept for the publishers waiting on them (a webhook's answer is its own gateway's):
+#: at most this many, for at most KEEP seconds (longer than any answer_timeout a publish waits).
 KEPT_RESULTS = 100_000
+KEEP = 120.0
 POSITION = "fleet_applied"
 
 
@@ -71,14 +81,21 @@ class Item:
 
     @property
     def subscriber(self) -> str | None:
-        """The subscriber an event is about (events about the same one never share a run)."""
-        if self.message is None or self.message.kind != EVENT:
+        """The subscriber an event is about (events about the same one never share a run); None
+        for anything applied alone (session events too: they go through their own intake, in the
+        order their tasks reach it, so two in one run could swap)."""
+        if self.message is None or self.message.kind != EVENT or self.message.event is None \
+                or self.message.event.type in SESSION_TYPES:
             return None
-        return str(self.message.body.get("subscriber_id"))
+        return self.message.event.subscriber_id
 
 
 def transient(result: Result) -> bool:
     return isinstance(result, Refusal) and result.kind is Refused.UNAVAILABLE
+
+
+def internal(result: Result) -> bool:
+    return isinstance(result, Refusal) and bool(result.extra.get(INTERNAL))
 
 
 class Applier:
@@ -92,6 +109,7 @@ class Applier:
         self.target: int | None = None           # the stream's last sequence when this connection began
         self.caught_up = asyncio.Event()
         self.results: OrderedDict[int, Result] = OrderedDict()
+        self.kept: dict[int, float] = {}   # when each result was recorded (monotonic)
         self.answers: dict[int, asyncio.Future[Result]] = {}   # committed, answer still to come (the flush)
         self.waiters: dict[int, list[asyncio.Future[Result]]] = {}
         metrics.fleet_applied_sequence.set_function(lambda: self.applied)
@@ -132,7 +150,8 @@ class Applier:
 
     async def follow(self, halt: asyncio.Event) -> None:
         """Apply the stream until ``halt`` or NATS fails (``Unavailable``, for the caller to retry)."""
-        first, last = await self.link.stream_bounds()
+        first, last, identity = await self.link.stream_bounds()
+        self._same_stream(identity, last)
         self.target = last
         self.stream_last = max(self.stream_last, last)
         start = self.applied + 1
@@ -145,19 +164,49 @@ class Applier:
             self.applied = first - 1
         subscription = await self.link.consume_from(start)
         log.info("event=fleet_following from=%d stream_last=%d", start, last)
+        idle = 0
         while not halt.is_set():
             if self.applied >= (self.target or 0):
                 self.caught_up.set()
             messages = await self.link.fetch(subscription, BATCH, FETCH_WAIT)
             if not messages:
-                self.stream_last = max(self.stream_last, self.applied)
+                idle += 1
+                if idle % IDLE_CHECKS == 0:
+                    await self._check_idle()
                 if self.applied >= self.stream_last:
                     self.behind_since = None
                 continue
+            idle = 0
             try:
                 await self._apply(messages)
             except Gap as gap:   # from the top: the stream's bounds may have moved
                 raise Unavailable(f"a gap in the stream ({gap}); re-reading from {self.applied + 1}") from None
+
+    def _same_stream(self, identity: str, last: int) -> None:
+        """A stream deleted and created again (a NATS store lost, a cluster rebuilt) numbers its
+        inputs from 1 again: positions and answers kept for the old one mean nothing there."""
+        saved = self.store.get_meta(STREAM_IDENTITY)
+        if saved == identity:
+            return
+        if saved is not None or self.applied > last:
+            log.error("event=fleet_stream_replaced applied=%d stream_last=%d (the stream was created anew: its "
+                      "history is not the one this gateway applied; following it from its start)", self.applied, last)
+            self.metrics.fleet_applied.labels("-", "stream_replaced").inc()
+            self.applied = self.stream_last = 0
+            self.results.clear()
+            self._save(0)
+        try:
+            self.store.set_meta(STREAM_IDENTITY, identity)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("event=fleet_identity_not_saved error=%r", str(exc))
+
+    async def _check_idle(self) -> None:
+        """Nothing came for a while: is there something we are not being sent (our consumer
+        deleted, a delivery lost)? Then re-create the consumer from the position."""
+        _, last, identity = await self.link.stream_bounds()
+        self.stream_last = max(last, self.applied)
+        if identity != self.store.get_meta(STREAM_IDENTITY) or last > self.applied:
+            raise Unavailable(f"the stream holds up to {last} but nothing came after {self.applied}: re-reading")
 
     async def _apply(self, messages: list[Msg]) -> None:
         items: list[Item] = []
@@ -185,11 +234,24 @@ class Applier:
             await _ack(messages[-1])   # AckPolicy.ALL: everything up to it
 
     async def _apply_run(self, run: list[Item]) -> None:
-        delay, begin = RETRY_FIRST, 0
+        delay, begin, failures = RETRY_FIRST, 0, 0
         while True:
             started = [self._one(item) for item in run[begin:]]   # events queued at once, in order
-            results = await asyncio.gather(*(s.committed for s in started))
+            # shielded: a halt while they commit must not cut an input in half (see Fleet._follow)
+            results = await asyncio.gather(*(asyncio.shield(s.committed) for s in started))
             stuck = next((i for i, r in enumerate(results) if transient(r)), None)
+            if stuck is not None and internal(results[stuck]):
+                failures += 1
+                if failures > INTERNAL_RETRIES:   # a bug, the same on every gateway: pass it over, loudly
+                    item = run[begin + stuck]
+                    log.error("event=fleet_input_failed seq=%d kind=%s error=%r (passed over after %d attempts: it "
+                              "changes nothing here)", item.seq, item.message.kind if item.message else "-",
+                              getattr(results[stuck], "error", ""), failures)
+                    failed = results[stuck]
+                    assert isinstance(failed, Refusal)
+                    results[stuck] = Refusal(Refused.INVALID, f"failed: {failed.error}",
+                                             {**failed.extra, "failed": True})
+                    stuck = next((i for i, r in enumerate(results) if transient(r)), None)
             done = len(results) if stuck is None else stuck
             for item, result, one in zip(run[begin:begin + done], results[:done], started[:done], strict=True):
                 self._advance(item, result)
@@ -238,7 +300,9 @@ class Applier:
 
     def _advance(self, item: Item, result: Result) -> None:
         kind = item.message.kind if item.message else "-"
-        if item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):
+        if isinstance(result, Refusal) and result.extra.get("failed"):
+            self.metrics.fleet_applied.labels(kind, "failed").inc()
+        elif item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):
             log.error("event=fleet_message_malformed seq=%d error=%r (skipped: it changes nothing)", item.seq,
                       result.error if isinstance(result, Refusal) else "")
             self.metrics.fleet_applied.labels(kind, "malformed").inc()
@@ -247,9 +311,13 @@ class Applier:
         self.applied = item.seq
 
     def _record(self, seq: int, result: Result) -> None:
+        """Kept for the publisher that may still ask (a webhook waits at most answer_timeout)."""
+        now = time.monotonic()
         self.results[seq] = result
-        while len(self.results) > KEPT_RESULTS:
-            self.results.popitem(last=False)
+        self.kept[seq] = now
+        while self.results and (len(self.results) > KEPT_RESULTS or self.kept[next(iter(self.results))] < now - KEEP):
+            old, _ = self.results.popitem(last=False)
+            self.kept.pop(old, None)
         for future in self.waiters.pop(seq, []):
             if not future.done():
                 future.set_result(result)
@@ -285,11 +353,15 @@ def _runs(items: list[Item]) -> list[list[Item]]:
 
 
 async def _refusing(committed: Awaitable[Result]) -> Result:
-    """A message whose body turns out malformed while being applied: refused, nothing changed."""
+    """A message whose body turns out malformed while being applied: refused, nothing changed;
+    an exception (a bug): an internal error, retried a few times (``INTERNAL_RETRIES``)."""
     try:
         return await committed
     except MessageError as exc:
         return Refusal(Refused.INVALID, f"malformed fleet message: {exc}")
+    except Exception as exc:   # one input's bug must not end the follower (it would die on it again)
+        log.exception("event=fleet_input_error")
+        return Refusal(Refused.UNAVAILABLE, f"internal error: {exc!r}", {INTERNAL: True})
 
 
 def _forget(started: Started) -> None:

@@ -76,7 +76,7 @@ class Fleet:
         kind = message.kind
         if kind == "operator":
             return self.operator.apply_change(body["actor"], body["subscriber"], body["restrict"], body["note"],
-                                              body["mode"], body["addresses"], body["id"], via)
+                                              body["mode"], body["addresses"], body["id"], via, at)
         if kind == "exempt":
             return self.operator.apply_exempt(body["actor"], body["subscriber"], body["category"], float(body["until"]),
                                               body["note"], at, via)
@@ -91,7 +91,7 @@ class Fleet:
         if kind == SESSIONS:
             return apply_sessions(self.sessions.intake, body, at)
         if kind == SESSION_EVENT:
-            return self.sessions.intake.handle_event(event_of(message), body["source"])
+            return self.sessions.intake.handle_event(event_of(message), body["source"], at)
         if kind == "list_approve":
             return self.lists.apply_approve(body["actor"], body["note"], body["digest"], via)
         return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via)
@@ -157,9 +157,11 @@ class Fleet:
                 if task is not stopped:
                     task.result()   # Unavailable (or a bug) goes to ``run``/the supervisor
         finally:
-            halt.set()
-            for task in (follow, beat, stopped):
-                task.cancel()
+            halt.set()   # the follower ends after the run it is applying (cut in half, an input is lost here)
+            beat.cancel()
+            stopped.cancel()
+            await asyncio.wait({follow}, timeout=HALT_TIMEOUT)
+            follow.cancel()   # still waiting: in a retry's sleep, or on NATS (nothing half-applied)
             await asyncio.wait({follow, beat, stopped}, timeout=HALT_TIMEOUT)
 
     async def _beat(self, halt: asyncio.Event) -> None:
@@ -199,7 +201,7 @@ class Fleet:
         """``walled-garden fleet status``: this gateway and every gateway's last heartbeat."""
         view = self.report()
         try:
-            _, last = await self.link.stream_bounds()
+            _, last, _ = await self.link.stream_bounds()
             view["stream_last_sequence"] = last
             view["gateways"] = await self.gateways.read(last)
         except Unavailable as exc:

@@ -154,13 +154,14 @@ class Link:
             raise Unavailable(f"publish: {exc or type(exc).__name__}") from None
         return ack.seq, bool(ack.duplicate)
 
-    async def stream_bounds(self) -> tuple[int, int]:
-        """(first, last) sequence the stream holds now."""
+    async def stream_bounds(self) -> tuple[int, int, str]:
+        """(first, last) sequence the stream holds now, and its identity (when it was created: a
+        stream deleted and created again starts its sequences anew)."""
         try:
             info = await self._js().stream_info(self.config.stream)
         except NATS_ERRORS as exc:
             raise Unavailable(f"stream info: {exc or type(exc).__name__}") from None
-        return info.state.first_seq, info.state.last_seq
+        return info.state.first_seq, info.state.last_seq, str(info.created or "")
 
     async def consume_from(self, sequence: int) -> JetStreamContext.PushSubscription:
         """This gateway's durable consumer, (re-)created to deliver from ``sequence`` on.

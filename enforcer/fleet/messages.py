@@ -21,8 +21,10 @@ from ..events import (
     SESSION_TYPES,
     TYPES,
     Event,
+    EventError,
     event_from_wire,
     event_to_wire,
+    parse_timestamp,
 )
 from ..exemptions import CATEGORIES
 from ..subscribers import ListIssue, id_problem, validate_entry
@@ -65,8 +67,8 @@ class Message:
 
 def decode(data: bytes) -> Message:
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageError(f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise MessageError("not a JSON object")
@@ -93,6 +95,18 @@ def decode(data: bytes) -> Message:
     return replace(message, event=event) if event is not None else message
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _instant(value: Any, where: str) -> None:
+    """A unix time the rest of the program can show and compare (1970..9999), as for webhooks."""
+    try:
+        parse_timestamp(value if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+    except EventError as exc:
+        raise MessageError(f"{where}: {exc}") from None
+
+
 def _check(message: Message) -> Event | None:
     """What the field types alone do not say; the event of an event message."""
     body = message.body
@@ -113,8 +127,8 @@ def _check(message: Message) -> Event | None:
             raise MessageError(f"body.subscriber/id: {body['subscriber']!r}/{body['id']!r} is not an operator action")
         if body["addresses"] is not None and not all(isinstance(a, str) for a in body["addresses"]):
             raise MessageError("body.addresses: expected a list of addresses")
-    if message.kind == "exempt" and not math.isfinite(body["until"]):
-        raise MessageError("body.until: not a unix time")
+    if message.kind == "exempt":
+        _instant(body["until"], "body.until")
     return None
 
 
@@ -161,8 +175,9 @@ def event_of(message: Message) -> Event:
     actor = body.get("actor", "")
     if not isinstance(actor, str) or not isinstance(event.note, str) or len(event.note) > 500:
         raise MessageError("body.actor/note: expected strings (a note of at most 500 characters)")
-    if event.until is not None and (isinstance(event.until, bool) or not isinstance(event.until, (int, float))):
-        raise MessageError(f"body.until: {event.until!r} is not a unix time")
+    _instant(event.timestamp, "body.timestamp")
+    if event.until is not None:
+        _instant(event.until, "body.until")
     _check_event(event)
     return Event(event.id, event.type, event.timestamp, event.subscriber_id, event.subscriber, actor=actor,
                  note=event.note, until=event.until, match=event.match, addresses=event.addresses,

@@ -78,7 +78,7 @@ class FleetEvents:
     def count(self, event_type: str, result: str, by: int = 1) -> None:
         self.local.count(event_type, result, by)
 
-    def submit(self, event: Event, received: float) -> asyncio.Future[Result]:
+    def submit(self, event: Event, received: float, at: float | None = None) -> asyncio.Future[Result]:
         inflight = self._inflight.get(event.id)
         if inflight is not None:
             return inflight
@@ -92,13 +92,29 @@ class FleetEvents:
         if refused is not None:
             self.local.count(event.type, "invalid")
             return refused
-        sent = await self.relay.publish(EVENT, event_body(event), f"event:{event.id}")
-        if isinstance(sent, Refusal):
-            self.local.count(event.type, "unavailable")
-            return Refusal(sent.kind, sent.error, {"id": event.id})
-        seq, started = sent
-        remaining = max(self.relay.config.answer_timeout - (time.monotonic() - started), 0.1)
-        result = await self.relay.applier.result(seq, remaining)
-        if result is None:   # applied here long ago: the saved answer of that id is the answer
-            result = await self.local.submit(event, received)
+        message_id = f"event:{event.id}"
+        for _ in range(2):
+            sent = await self.relay.publish(EVENT, event_body(event), message_id)
+            if isinstance(sent, Refusal):
+                self.local.count(event.type, "unavailable")
+                return Refusal(sent.kind, sent.error, {"id": event.id})
+            seq, started = sent
+            remaining = max(self.relay.config.answer_timeout - (time.monotonic() - started), 0.1)
+            result = await self.relay.applier.result(seq, remaining)
+            if result is not None:
+                return _checked(result, event.id)
+            # A retry of an id the stream took long ago (before a restart here, or answers since
+            # evicted): weighed again by every gateway through the stream, never here alone (saved
+            # answers make an applied one answer the same and act once).
+            message_id = f"event:{event.id}@{seq}"
+        return Refusal(Refused.UNAVAILABLE, "the fleet's stream took it before; its answer is gone, retry later",
+                       {"id": event.id})
+
+
+def _checked(result: Result, event_id: str) -> Result:
+    """An answer carries the id it answers (never another input's: e.g. a stream re-created under
+    positions saved for the old one)."""
+    if isinstance(result, Refusal) or result.body.get("id") in (None, event_id):
         return result
+    log.error("event=fleet_answer_mismatch id=%s answer_id=%s", event_id, result.body.get("id"))
+    return Refusal(Refused.UNAVAILABLE, "the fleet's answer was for another input; retry later", {"id": event_id})

@@ -45,10 +45,11 @@ class FleetSessions:
     # -- SessionSink, for this gateway's sources ------------------------------------------------
     async def replace(self, source: str, sessions: Sequence[Session], *, complete: bool = True,
                       observed: float | None = None) -> None:
-        name = self.qualified(source)
+        name, now = self.qualified(source), self.intake.engine.clock()
         held = self.intake.engine.inputs.sessions.of_source(name)
-        started = [s for s in sessions if _differs(held.get(s.key), s)]
-        stopped = [key for key in held if key not in {s.key for s in sessions}] if complete else []
+        live = [_named(s, name) for s in sessions if s.expires is None or s.expires > now]   # as the book keeps them
+        started = [s for s in live if held.get(s.key) != s]
+        stopped = [key for key in held if key not in {s.key for s in live}] if complete else []
         await self._publish(name, started, stopped)
 
     async def update(self, source: str, started: Sequence[Session] = (), stopped: Sequence[str] = (), *,
@@ -79,9 +80,10 @@ class FleetSessions:
         return await self.relay.send(SESSION_EVENT, {**event_to_wire(event), "source": self.qualified(source)})
 
 
-def _differs(held: Session | None, session: Session) -> bool:
-    """Whether ``session`` changes what the book holds (``seen`` is the book's own stamp)."""
-    return held is None or held != session
+def _named(session: Session, source: str) -> Session:
+    """``session`` under its fleet-wide source name (``seen``, the book's own stamp, compares equal)."""
+    return Session(source, session.key, session.match, session.addresses, session.subscriber, session.expires,
+                   detail=session.detail)
 
 
 async def apply_sessions(intake: SessionIntake, body: dict[str, Any], at: float) -> Result:
@@ -113,7 +115,7 @@ async def apply_sessions(intake: SessionIntake, body: dict[str, Any], at: float)
         else:
             stopped.append(session.key)
     try:
-        await intake.update(source, started, stopped, observed=at)
+        await intake.update(source, started, stopped, observed=at, at=at)
     except SessionChangeFailed as exc:
         return Refusal(Refused.UNAVAILABLE, f"{exc}; retried")
     return Outcome({"source": source, "started": len(started), "stopped": len(stopped)})

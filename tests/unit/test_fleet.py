@@ -315,8 +315,11 @@ async def test_sessions_of_one_gateway_reach_the_other(fleet: tuple[NatsServer, 
     await until(lambda: walled(b, "100.64.3.1"))
     assert set(b.e.engine.inputs.sessions.of_source("gw-a/dnsmasq")) == {"100.64.3.1", "100.64.3.2"}
     published = a.e.metrics.fleet_published.labels("accepted")._value.get()
+    await a.e.session_sink.replace("dnsmasq", [lease("100.64.3.1"), lease("100.64.3.2", "02:00:00:00:00:99")])
+    assert a.e.metrics.fleet_published.labels("accepted")._value.get() == published   # the same set: nothing
     await a.e.session_sink.replace("dnsmasq", [lease("100.64.3.5"), lease("100.64.3.2", "02:00:00:00:00:99")])
     assert a.e.metrics.fleet_published.labels("accepted")._value.get() == published + 1   # only the difference
+    assert a.e.metrics.session_changes.labels("gw-a/dnsmasq", "started")._value.get() == 3
     await until(lambda: walled(b, "100.64.3.5") and not walled(b, "100.64.3.1"))
     # B's own dnsmasq never ends A's leases: sources are named by gateway
     await b.e.session_sink.replace("dnsmasq", [])

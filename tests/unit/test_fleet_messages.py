@@ -45,6 +45,13 @@ def test_an_event_round_trips_with_its_actor_and_gateway() -> None:
      "body.subscriber"),
     (envelope("promise", {"subscriber": "C-1", "address": "not-an-ip"}), "body.address"),
     (envelope("list_approve", {"actor": "r", "note": "", "digest": 5}), "body.digest"),
+    (envelope("exempt", {"actor": "r", "subscriber": "C-1", "category": "other", "until": 1e20, "note": ""}),
+     "body.until"),
+    (envelope("event", {"id": "e1", "type": "outage.opened", "timestamp": 1, "subscriber_id": "C-1",
+                        "until": 1e20}), "body.until"),
+    (b'{"v":1,"kind":"event","gateway":"a","at":1,"body":{"id":"e1","type":"payment.received","timestamp":NaN,'
+     b'"subscriber_id":"C-1"}}', "not JSON: NaN"),
+    (envelope("event", {"id": "e1", "type": PAYMENT, "timestamp": -5, "subscriber_id": "C-1"}), "body.timestamp"),
     (envelope("operator", {"id": "x", "actor": "r", "subscriber": "C-1", "restrict": "yes", "note": "",
                            "mode": None, "addresses": None}), "body.restrict"),
     (envelope("operator", {"id": "evt-1", "actor": "r", "subscriber": "C-1", "restrict": True, "note": "",
