@@ -40,7 +40,9 @@ log = logging.getLogger("walled_garden.enforcer")
 RETRY_SECONDS = 2.0
 #: Who a held list's approval or rejection is filed under in the audit log.
 AUDIT_SUBJECT = "(list)"
-#: Fleet verdicts remembered for lists this gateway has not read yet.
+#: Fleet verdicts remembered (saved) for lists this gateway has not read yet, for so many days.
+VERDICTS = "list_verdicts"
+VERDICT_DAYS = 1
 KEPT_VERDICTS = 16
 
 
@@ -73,7 +75,12 @@ class ListIntake:
         self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
         self.relay: Relay | None = None   # the fleet's stream, when the gateway is one of a fleet
-        self.verdicts: dict[str, tuple[bool, str]] = {}   # digest -> (approved, by): the fleet decided first
+        # digest -> (approved, by, when): the fleet decided before this gateway read that list; saved,
+        # so a restart in between does not hold here a list the others enforce
+        saved = engine.store.get_meta(VERDICTS)
+        self.verdicts: dict[str, tuple[bool, str, float]] = {
+            d: (bool(v[0]), str(v[1]), float(v[2])) for d, v in (saved.items() if isinstance(saved, dict) else ())
+            if isinstance(v, list) and len(v) == 3}
         engine.duties.append(self)   # the retry of an unsaved list (``due``/``run``)
         engine.reports.update(source=self._source_report, held_changes=self._held_report)
         metrics.list_entries.set(len(engine.inputs.listed))
@@ -97,7 +104,7 @@ class ListIntake:
                 restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
                 why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
                 digest = list_digest(update.subscribers) if why else ""
-                verdict = self.verdicts.pop(digest, None) if why else None
+                verdict = self._take_verdict(digest) if why else None
                 if verdict is not None:   # the fleet decided before this gateway read it
                     self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
                                 "approved" if verdict[0] else "rejected", verdict[1])
@@ -238,11 +245,27 @@ class ListIntake:
         """A fleet's verdict on a list this gateway does not hold: kept for when it reads it."""
         if self.held is not None and self.held.digest == digest:
             return None
-        self.verdicts[digest] = (approve, by)
+        self.verdicts[digest] = (approve, by, self.engine.clock())
         while len(self.verdicts) > KEPT_VERDICTS:
             del self.verdicts[next(iter(self.verdicts))]
+        self._save_verdicts()
         return Outcome({"approved" if approve else "rejected": True, "digest": digest,
                         "note": "this gateway does not hold that list; the verdict applies when it reads it"})
+
+    def _take_verdict(self, digest: str) -> tuple[bool, str, float] | None:
+        """The fleet's verdict on this list, if it gave one within ``VERDICT_DAYS`` (used once)."""
+        verdict = self.verdicts.pop(digest, None)
+        if verdict is not None:
+            self._save_verdicts()
+        if verdict is None or self.engine.clock() - verdict[2] > VERDICT_DAYS * 86400:
+            return None
+        return verdict
+
+    def _save_verdicts(self) -> None:
+        try:
+            self.engine.store.set_meta(VERDICTS, {d: list(v) for d, v in self.verdicts.items()})
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("event=list_verdicts_not_saved error=%r (kept in memory)", str(exc))
 
     async def apply_approve(self, actor: str, note: str, digest: str, via: str = "") -> Result:
         by = f"{actor}{' via ' + via if via else ''} ({note or 'no reason given'})"

@@ -41,6 +41,9 @@ RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0
 REFERENCE_KEY = "reference_key"
 #: How long ending the follower may take (a NATS request in flight ends within its own timeout).
 HALT_TIMEOUT = 6.0
+#: A promise this gateway accepted tells billing when applied within this long (a gateway rebuilt
+#: from the stream under the same name does not tell billing of old promises again).
+NOTIFY_WINDOW = 600.0
 
 
 class Fleet:
@@ -58,11 +61,14 @@ class Fleet:
         self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
         self.error = ""
         self.unreachable = asyncio.Event()   # the last attempt to connect failed
+        self.wake = asyncio.Event()          # nats-py reconnected
         metrics.fleet_connected.set(0)
         engine.reports["fleet"] = self.report
 
     def _connected(self, connected: bool) -> None:
         self.metrics.fleet_connected.set(1 if connected else 0)
+        if connected:
+            self.wake.set()   # follow again at once, not after the back-off
 
     def _start(self, message: Message) -> Started:
         """Start applying one input from the stream here; events are queued at once, in order."""
@@ -84,8 +90,8 @@ class Fleet:
             return self.operator.apply_unexempt(body["actor"], body["subscriber"], body["category"], body["note"], at,
                                                 via)
         if kind == "promise":
-            return self.portal.apply_promise(body["subscriber"], body["address"], at, via,
-                                             notify=via == self.config.gateway)
+            ours = via == self.config.gateway and self.engine.clock() - at < NOTIFY_WINDOW
+            return self.portal.apply_promise(body["subscriber"], body["address"], at, via, notify=ours)
         if kind == "acknowledge":
             return self.portal.apply_acknowledge(body["subscriber"], body["address"], via)
         if kind == SESSIONS:
@@ -127,8 +133,11 @@ class Fleet:
                     log.warning("event=fleet_unavailable error=%r retry_in=%.0fs (enforcing the local state)",
                                 str(exc), delay)
                 self.error = str(exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            self.wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _connect(self) -> None:

@@ -21,6 +21,8 @@ from .link import NATS_ERRORS, Link, Unavailable
 
 log = logging.getLogger("walled_garden.enforcer")
 BEAT = 2.0
+#: Our own heartbeat read back this many times in a row: a name conflict is over.
+QUIET_BEATS = 5
 KEEP = 86400.0
 
 
@@ -36,6 +38,8 @@ class Gateways:
         self.instance = secrets.token_hex(8)   # this process: tells a second gateway of the same name
         self.conflict = ""
         self._foreign: dict[str, float] = {}   # other instances' last beat under our name
+        self._quiet = 0                        # our own beats read back in a row
+        self._observed: dict[str, tuple[float, float]] = {}   # peer -> (its last_seen, when we saw it change)
 
     async def open(self) -> None:
         self.kv = await self.link.bucket(bucket_name(self.link.config.stream), ttl=KEEP)
@@ -62,13 +66,30 @@ class Gateways:
         except (nats.js.errors.KeyNotFoundError, ValueError):
             return
         other, seen = beat.get("instance"), beat.get("last_seen")
-        if not other or other == self.instance or not isinstance(seen, (int, float)):
+        if other == self.instance:   # nobody else wrote since our last beat
+            self._quiet += 1
+            if self.conflict and self._quiet >= QUIET_BEATS:
+                log.warning("event=fleet_name_conflict_over gateway=%s", self.gateway)
+                self.conflict = ""
+            return
+        self._quiet = 0
+        if not other or not isinstance(seen, (int, float)):
             return
         before, self._foreign[other] = self._foreign.get(other), seen
         if before is not None and seen > before:
             self.conflict = (f"another process (instance {other}) beats as {self.gateway!r}: two gateways share "
                              "a name and so a consumer, and each misses inputs; give each its own fleet.gateway")
             log.error("event=fleet_name_conflict gateway=%s other_instance=%s", self.gateway, other)
+
+    def _age(self, peer: str, seen: float, now: float) -> float:
+        """How long ago ``peer`` last beat, by this gateway's clock: from when we saw its beat
+        change (its own clock may be off), or, the first time, from its own stamp."""
+        before = self._observed.get(peer)
+        if before is None:
+            self._observed[peer] = (seen, now - max(now - seen, 0.0))
+        elif before[0] != seen:
+            self._observed[peer] = (seen, now)
+        return max(now - self._observed[peer][1], 0.0)
 
     async def read(self, stream_last: int) -> list[dict[str, Any]]:
         """Every gateway's last heartbeat, oldest name first, with how far behind the stream it is."""
@@ -90,7 +111,7 @@ class Gateways:
                 except (ValueError, KeyError, TypeError):
                     log.warning("event=fleet_heartbeat_unreadable gateway=%s", name)
                     continue
-                ago = round(max(now - seen, 0.0), 1)
+                ago = round(self._age(name, seen, now), 1)
                 rows.append({"gateway": name, "applied_sequence": applied, "behind": max(stream_last - applied, 0),
                              "lag_seconds": lag, "last_seen": seen, "seen_seconds_ago": ago,
                              "connected": now - seen < 3 * BEAT})

@@ -4,6 +4,7 @@ every input travels through the stream and applies on both, in order, once."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator
 from ipaddress import ip_network
@@ -15,7 +16,7 @@ import pytest
 from enforcer.config import Config, parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
-from enforcer.events import PAYMENT, RELEASED, SESSION_STARTED, Event
+from enforcer.events import PAYMENT, RELEASED, RESTRICTED, SESSION_STARTED, Event
 from enforcer.fleet.link import subject
 from enforcer.match import Match
 from enforcer.model import Mode
@@ -24,7 +25,7 @@ from enforcer.session_intake import CLI_SOURCE
 from enforcer.sessions.session import Session
 from enforcer.sessions.source import SessionChangeFailed
 from enforcer.sources import ListUpdate
-from enforcer.subscribers import parse_list
+from enforcer.subscribers import Subscriber, parse_list
 from tests.daemon_helpers import NoConntrack
 from tests.nats_server import NatsServer
 
@@ -429,3 +430,66 @@ async def test_list_verdicts_are_audited(fleet: tuple[NatsServer, Gateway, Gatew
     for gw in (a, b):
         rows = gw.e.queries.audit("(list)", None, 5)
         assert len(rows) == 1 and rows[0]["new"] == "rejected" and "root via gw-b" in rows[0]["cause"], rows
+
+
+# -- regressions found by review -------------------------------------------------------------------
+async def test_a_retry_of_an_old_sequence_is_weighed_by_the_fleet_not_here_alone(
+        fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    """C-9's restriction conflicts with C-1's address; A restarts (its answers gone); C-1 pays;
+    billing retries C-9 with the same id: every gateway weighs the retry again, alike."""
+    _, a, b = fleet
+    entry = Subscriber("C-9", (ip_network("100.64.0.10/32"),))
+    first = await a.event(RESTRICTED, "C-9", "evt-c9", subscriber=entry)
+    assert isinstance(first, Refusal) and first.kind is Refused.CONFLICT, first
+    await a.close()
+    await a.start()
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-pay-c1"), Outcome)
+    await until(lambda: b.mode("C-1") is Mode.FREE)
+    retry = await a.event(RESTRICTED, "C-9", "evt-c9", subscriber=entry)
+    await until(lambda: a.e.fleet is not None and b.e.fleet is not None
+                and a.e.fleet.applier.applied == b.e.fleet.applier.applied)
+    assert a.mode("C-9") == b.mode("C-9"), (retry, a.mode("C-9"), b.mode("C-9"))
+
+
+async def test_a_stream_created_anew_is_followed_from_its_start(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    server, a, b = fleet
+    for n in range(3):
+        assert isinstance(await a.event(PAYMENT, "C-2", f"evt-w{n}"), Outcome)
+    await until(lambda: b.e.fleet is not None and b.e.fleet.applier.applied == 3)
+    server.stop()
+    shutil.rmtree(server.workdir / "store")   # the NATS store lost: the stream comes back empty
+    server.start()
+    deadline, result = time.monotonic() + 40, None
+    while time.monotonic() < deadline:
+        result = await a.event(PAYMENT, "C-1", "evt-after-wipe")
+        if isinstance(result, Outcome):
+            break
+        await asyncio.sleep(0.5)
+    assert isinstance(result, Outcome) and result.body["id"] == "evt-after-wipe", result
+    await until(lambda: a.mode("C-1") is Mode.FREE and b.mode("C-1") is Mode.FREE, 15)
+    assert a.e.metrics.fleet_applied.labels("-", "stream_replaced")._value.get() == 1
+
+
+async def test_a_consumer_deleted_under_a_gateway_is_made_again(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    import nats
+
+    server, a, b = fleet
+    nc = await nats.connect(server.url)
+    await nc.jetstream().delete_consumer("WG_TEST", "gw-b")   # `nats consumer rm`, or a twin's start
+    await nc.close()
+    assert isinstance(await a.event(PAYMENT, "C-1", "evt-after-del"), Outcome)
+    await until(lambda: b.mode("C-1") is Mode.FREE, 20)
+
+
+async def test_instants_out_of_range_never_stall_the_fleet(fleet: tuple[NatsServer, Gateway, Gateway]) -> None:
+    _, a, b = fleet
+    assert a.e.fleet is not None and a.e.fleet.link.js is not None
+    js = a.e.fleet.link.js
+    for junk in (b'{"v":1,"kind":"exempt","gateway":"x","at":1,"body":{"actor":"r","subscriber":"C-2",'
+                 b'"category":"other","until":1e20,"note":""}}',
+                 b'{"v":1,"kind":"event","gateway":"x","at":1,"body":{"id":"e9","type":"payment.received",'
+                 b'"timestamp":NaN,"subscriber_id":"C-2"}}'):
+        await js.publish(subject("WG_TEST"), junk, stream="WG_TEST")
+    assert isinstance(await a.event(PAYMENT, "C-2", "evt-after-poison"), Outcome)
+    await until(lambda: b.mode("C-2") is Mode.FREE)
+    assert "C-2" not in b.e.engine.inputs.exemptions
