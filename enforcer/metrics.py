@@ -24,6 +24,7 @@ log = logging.getLogger("walled_garden.metrics")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SYNC = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_FLEET = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -183,6 +184,9 @@ class Metrics:
         self.fleet_apply_retries = Counter("walled_garden_fleet_apply_retries", "Retries of a stream message whose "
                                            "local apply failed (kernel or state); nothing after it is applied "
                                            "meanwhile", registry=r)
+        self.fleet_commit_seconds = Histogram("walled_garden_fleet_commit_seconds", "From the stream storing an "
+                                              "input (JetStream's clock) to its commit on this gateway",
+                                              buckets=_FLEET, registry=r)
         self.fleet_peer_seen = Gauge("walled_garden_fleet_peer_seen_seconds_ago", "Age of each fleet gateway's last "
                                      "heartbeat, as this gateway read it", ["peer"], registry=r)
 

@@ -300,6 +300,9 @@ class Applier:
 
     def _advance(self, item: Item, result: Result) -> None:
         kind = item.message.kind if item.message else "-"
+        stored = item.msg.metadata.timestamp
+        if stored is not None:   # publish -> committed here (the figure a fleet's dashboard watches)
+            self.metrics.fleet_commit_seconds.observe(max(self.clock() - stored.timestamp(), 0.0))
         if isinstance(result, Refusal) and result.extra.get("failed"):
             self.metrics.fleet_applied.labels(kind, "failed").inc()
         elif item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):
