@@ -102,3 +102,10 @@ async def test_explain_by_id_address_and_reference(control: Any) -> None:
     missing = await (await client.get("/v1/explain", params={"q": "100.64.0.99"})).json()
     assert missing["found"] is False and "no restricted subscriber" in missing["why"]
     assert (await client.get("/v1/explain")).status == 400
+
+
+async def test_fleet_status_without_a_fleet_says_so(control: Any) -> None:
+    client, _, _ = control
+    response = await client.get("/v1/fleet")
+    assert response.status == 404
+    assert "fleet is not configured" in (await response.json())["error"]
