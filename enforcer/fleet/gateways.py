@@ -114,7 +114,7 @@ class Gateways:
                 ago = round(self._age(name, seen, now), 1)
                 rows.append({"gateway": name, "applied_sequence": applied, "behind": max(stream_last - applied, 0),
                              "lag_seconds": lag, "last_seen": seen, "seen_seconds_ago": ago,
-                             "connected": now - seen < 3 * BEAT})
+                             "connected": ago < 3 * BEAT})
                 self.metrics.fleet_peer_seen.labels(name).set(ago)
         except NATS_ERRORS as exc:
             raise Unavailable(f"gateways: {exc or type(exc).__name__}") from None
