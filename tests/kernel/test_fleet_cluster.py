@@ -89,4 +89,9 @@ def test_a_cluster_node_killed_mid_flood_loses_nothing_and_doubles_nothing(tmp_p
             assert walled == {gateway.addr(1), *(address for _, address in map(newly, range(NEWLY)))}, \
                 (gateway.name, sorted(walled)[:10])
             assert gateway.redirected(1), "enforcement went on throughout"
-        fleet.nats.restart(leader)       # the node comes back and catches up
+        # The killed node comes back on its own store. Not waited for: NATS's own /healthz calls it
+        # healthy only once every consumer replica is "current", which on nats-server 2.9 can take
+        # minutes when nothing is acknowledged meanwhile (seen here); what this test owes is above.
+        node = fleet.nats.server(leader)
+        node.start()
+        assert node.running
