@@ -389,12 +389,15 @@ class Layout:
         ports = sorted({*self.portal_ports, 80, *((443,) if self.portal_tls_port is not None else ())})
         # Cheapest test first: the fib lookup runs only for TCP to these ports, not for every
         # packet a subscriber forwards.
-        portal = f"{iif}tcp dport {{ {', '.join(str(p) for p in ports)} }} fib daddr type local "
-        rules = [f"{portal}ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
-                 f"{portal}update @{CALLER_SET[4]} {{ ip saddr }}",
-                 f"{portal}update @{CALLER_SET[6]} {{ ip6 saddr }}"]
-        return (["\tchain portal {", "\t\ttype filter hook prerouting priority dstnat - 20; policy accept;"]
-                + [f"\t\t{r}" for r in rules] + ["\t}"])
+        # Every packet a subscriber sends passes this hook: one rule tests it, the rest run only
+        # for the portal's own connections.
+        portal = f"{iif}tcp dport {{ {', '.join(str(p) for p in ports)} }} fib daddr type local jump portal_call"
+        rules = [f"ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
+                 f"update @{CALLER_SET[4]} {{ ip saddr }}",
+                 f"update @{CALLER_SET[6]} {{ ip6 saddr }}"]
+        return (["\tchain portal_call {"] + [f"\t\t{r}" for r in rules] + ["\t}",
+                 "\tchain portal {", "\t\ttype filter hook prerouting priority dstnat - 20; policy accept;",
+                 f"\t\t{portal}", "\t}"])
 
     def _input_hook(self) -> list[str]:
         """Packets to the gateway itself from restricted subscribers: confined to the ``local`` chain."""
@@ -421,17 +424,18 @@ class Layout:
         throttled prefix of someone else.
         """
         oif = self._iif().replace("iifname", "oifname", 1)
-        rules = []
+        rules: dict[int, list[str]] = {4: [], 6: []}
         for version, plen, shorter in self._longest_first():
             key = _masked(version, plen, "daddr")
             garden = self._not_garden(version, "saddr")
-            rules.append(f"{oif}{key} @{throttle_set(version, plen)} {garden}"
-                         f"update @{throttle_meter(version, plen, 'down')} {{ {key} {self._limit()} }} drop")
+            rules[version].append(f"{key} @{throttle_set(version, plen)} {garden}"
+                                  f"update @{throttle_meter(version, plen, 'down')} {{ {key} {self._limit()} }} drop")
             if shorter:
-                rules.append(f"{oif}{key} @{redirect_set(version, plen, Mode.NOTICE)} accept")
-                rules.append(f"{oif}{key} @{redirect_set(version, plen)} accept")
-        return (["\tchain download {", "\t\ttype filter hook forward priority filter - 9; policy accept;"]
-                + [f"\t\t{r}" for r in rules] + ["\t}"])
+                rules[version].append(f"{key} @{redirect_set(version, plen, Mode.NOTICE)} accept")
+                rules[version].append(f"{key} @{redirect_set(version, plen)} accept")
+        return (_by_family("to_subscriber", rules)
+                + ["\tchain download {", "\t\ttype filter hook forward priority filter - 9; policy accept;",
+                   f"\t\t{oif}jump to_subscriber", "\t}"])
 
     def _longest_first(self) -> list[tuple[int, int, bool]]:
         """(version, prefix length, whether a shorter prefix of the family follows), longest first."""
@@ -440,7 +444,8 @@ class Layout:
 
     def _hooks(self) -> list[str]:
         iif = self._iif()
-        forward, nat = [], []
+        forward: dict[int, list[str]] = {4: [], 6: []}
+        nat: list[str] = []
         # The gateway's own addresses: every subscriber reaches the portal at the advertised ports.
         for advertised, listener in ((80, self.portal_port), (443, self.portal_tls_port)):
             if listener is not None and listener != advertised:
@@ -449,9 +454,10 @@ class Layout:
         for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
             match = _masked_saddr(version, plen)
             # Membership decides the chain; throttle keys are in the notice set too, so first.
-            forward.append(f"{iif}{match} @{redirect_set(version, plen)} goto {MODE_CHAINS[Mode.WALLED_GARDEN]}")
-            forward.append(f"{iif}{match} @{throttle_set(version, plen)} goto {MODE_CHAINS[Mode.THROTTLE]}")
-            forward.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto {MODE_CHAINS[Mode.NOTICE]}")
+            forward[version].append(f"{match} @{redirect_set(version, plen)} goto {MODE_CHAINS[Mode.WALLED_GARDEN]}")
+            forward[version].append(f"{match} @{throttle_set(version, plen)} goto {MODE_CHAINS[Mode.THROTTLE]}")
+            forward[version].append(f"{match} @{redirect_set(version, plen, Mode.NOTICE)} "
+                                    f"goto {MODE_CHAINS[Mode.NOTICE]}")
             garden = self._not_garden(version, "daddr")
             redirect = f'counter name "redirected" redirect to :{self.portal_port}'
             if self.dns_port is not None:   # all their DNS, to any address, goes to the forwarder
@@ -461,10 +467,19 @@ class Layout:
             nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 {garden}{redirect}")
             nat.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} "
                        f"{match} != @{ack_set(version, plen)} tcp dport 80 {garden}{redirect}")
-        return (["\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;"]
-                + [f"\t\t{r}" for r in forward] + ["\t}",
+        # The interface is tested once per packet, and an IPv4 packet never walks the IPv6 sets
+        # (every packet of every paying subscriber crosses this hook).
+        return (_by_family("from_subscriber", forward)
+                + ["\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;",
+                   f"\t\t{iif}jump from_subscriber", "\t}",
                    "\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat - 10; policy accept;"]
                 + [f"\t\t{r}" for r in nat] + ["\t}"])
+
+
+def _by_family(name: str, rules: dict[int, list[str]]) -> list[str]:
+    """A regular chain with the IPv4 rules, then (an IPv4 packet returning first) the IPv6 ones."""
+    body = rules[4] + (["meta nfproto ipv4 return"] if rules[4] and rules[6] else []) + rules[6]
+    return [f"\tchain {name} {{"] + [f"\t\t{r}" for r in body] + ["\t}"]
 
 
 def _masked_saddr(version: int, prefixlen: int) -> str:

@@ -155,11 +155,15 @@ def test_upload_is_limited_in_the_throttle_chain_longest_prefix_first():
 
 
 def test_download_is_limited_by_daddr_in_a_hook_of_its_own():
-    rules = chain(layout().render(), "download")
-    assert rules[0] == "type filter hook forward priority filter - 9; policy accept;"
-    oif = 'oifname { "eth1" } '
-    assert rules[1] == (f"{oif}ip daddr @throttle4_32 ip saddr != @allow4 ip saddr != @allowhost4 "
+    text = layout().render()
+    hook = chain(text, "download")
+    assert hook == ["type filter hook forward priority filter - 9; policy accept;",
+                    'oifname { "eth1" } jump to_subscriber']   # the interface tested once
+    rules = chain(text, "to_subscriber")
+    oif = ""
+    assert rules[0] == (f"{oif}ip daddr @throttle4_32 ip saddr != @allow4 ip saddr != @allowhost4 "
                         f"update @thrdown4_32 {{ ip daddr {LIMIT} }} drop")
+    assert rules[1] == "meta nfproto ipv4 return"
     # An address whose longest entry is another mode is never limited by a shorter throttled prefix.
     v6 = [r for r in rules if "ip6" in r]
     assert v6 == [
@@ -175,12 +179,13 @@ def test_download_is_limited_by_daddr_in_a_hook_of_its_own():
          f"update @thrdown6_56 {{ ip6 daddr & ffff:ffff:ffff:ff00:: {LIMIT} }} drop"),
     ]
     assert "oifname" not in "".join(chain(layout(interfaces=()).render(), "download"))
+    assert chain(layout(interfaces=()).render(), "download")[1:] == ["jump to_subscriber"]
 
 
 def test_notice_and_garden_chains_have_no_limit():
     text = layout().render()
     assert chain(text, "notice") == []
-    assert not any("limit" in r for r in chain(text, "garden") + chain(text, "forward"))
+    assert not any("limit" in r for r in chain(text, "garden") + chain(text, "forward") + chain(text, "from_subscriber"))
 
 
 @pytest.mark.parametrize("change", [{"throttle_rate": 125_000}, {"throttle_burst": 1}])
