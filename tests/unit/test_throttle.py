@@ -185,7 +185,8 @@ def test_download_is_limited_by_daddr_in_a_hook_of_its_own():
 def test_notice_and_garden_chains_have_no_limit():
     text = layout().render()
     assert chain(text, "notice") == []
-    assert not any("limit" in r for r in chain(text, "garden") + chain(text, "forward") + chain(text, "from_subscriber"))
+    forwarding = chain(text, "garden") + chain(text, "forward") + chain(text, "from_subscriber")
+    assert not any("limit" in r for r in forwarding)
 
 
 @pytest.mark.parametrize("change", [{"throttle_rate": 125_000}, {"throttle_burst": 1}])
