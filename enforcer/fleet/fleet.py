@@ -106,12 +106,7 @@ class Fleet:
         """Wait (bounded) until everything the stream held when we connected is applied here;
         False at once when NATS cannot be reached (start-up then goes on with the local state:
         the unit starts before the network, which must not wait for NATS)."""
-        waits = [asyncio.ensure_future(self.applier.caught_up.wait()), asyncio.ensure_future(self.unreachable.wait())]
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
+        await _either(self.applier.caught_up, self.unreachable, timeout)
         return self.applier.caught_up.is_set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -134,10 +129,7 @@ class Fleet:
                                 str(exc), delay)
                 self.error = str(exc)
             self.wake.clear()
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for wait in waits:
-                wait.cancel()
+            await _either(stop, self.wake, delay)
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _connect(self) -> None:
@@ -220,3 +212,13 @@ class Fleet:
 
     async def close(self) -> None:
         await self.link.close()
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event, timeout: float) -> None:
+    """Wait until either event is set, at most ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -44,10 +44,14 @@ class FleetRelay:
         if isinstance(sent, Refusal):
             return sent
         seq, started = sent
-        remaining = max(self.config.answer_timeout - (time.monotonic() - started), 0.1)
-        result = await self.applier.result(seq, remaining)
+        result = await self.answer(seq, started)
         return result if result is not None else Refusal(
             Refused.UNAVAILABLE, f"sequence {seq} was applied too long ago to recall its answer")
+
+    async def answer(self, seq: int, started: float) -> Result | None:
+        """This gateway's result for ``seq``, waited for within what is left of answer_timeout."""
+        remaining = max(self.config.answer_timeout - (time.monotonic() - started), 0.1)
+        return await self.applier.result(seq, remaining)
 
     async def publish(self, kind: str, body: dict[str, Any], message_id: str | None) -> tuple[int, float] | Refusal:
         started = time.monotonic()
@@ -99,8 +103,7 @@ class FleetEvents:
                 self.local.count(event.type, "unavailable")
                 return Refusal(sent.kind, sent.error, {"id": event.id})
             seq, started = sent
-            remaining = max(self.relay.config.answer_timeout - (time.monotonic() - started), 0.1)
-            result = await self.relay.applier.result(seq, remaining)
+            result = await self.relay.answer(seq, started)
             if result is not None:
                 return _checked(result, event.id)
             # A retry of an id the stream took long ago (before a restart here, or answers since
