@@ -269,8 +269,7 @@ class Layout:
                 lines.append(f"\tset {DNS_GARDEN_SETS[version]} {{ type {addr}; size {self.dns_garden_size}; "
                              "flags timeout; }")
         lines.append(f"\tset {TAG_SET} {{ type ipv6_addr; }}")
-        lines += (self._garden_chain() + self._open_chains() + self._hooks() + self._download_hook()
-                  + self._local_chain() + self._portal_hook() + self._input_hook())
+        lines += self._garden_chain() + self._open_chains() + self._hooks() + self._local_chain() + self._input_hook()
         lines.append("\tchain layout {")
         lines.append('\t\tcounter comment "walled-garden layout @@TAG@@"')
         lines.append("\t}")
@@ -375,29 +374,30 @@ class Layout:
                   'counter name "refused_local" reject with icmpx admin-prohibited']
         return (["\tcounter refused_local { }", "\tchain local {"] + [f"\t\t{r}" for r in rules] + ["\t}"])
 
-    def _portal_hook(self) -> list[str]:
+    def _portal_rules(self) -> tuple[str, list[str]]:
         """Connections to the portal *at the gateway's own addresses*: mark them, remember the caller.
 
-        Before the nat hook, while the destination is still the one the subscriber chose: a
-        restricted subscriber's HTTP to another site, redirected to the portal, is not marked, so
-        the lift flushes it (a browser's spare connection to that site must not land on the portal
-        again once they are free); the page's own connection, to ``portal.url``'s host, is kept.
-        The mark and the caller update are rules of their own: an ``update`` on a full set ends its
-        rule, and the mark must be set whatever happens to the caller set.
+        The first rules of the nat ``prerouting`` chain, which sees only a connection's first
+        packet: the ``ct mark`` lasts as long as the connection, so no later packet needs a look,
+        and the paying subscribers' forwarded packets never meet these rules (issue 16). The
+        destination is still the one the subscriber chose (the redirects come after): a restricted
+        subscriber's HTTP to another site, redirected to the portal, is not marked, so the lift
+        flushes it (a browser's spare connection to that site must not land on the portal again
+        once they are free); the page's own connection, to ``portal.url``'s host, is kept. The
+        caller set is refreshed by every new connection to the portal (a browser opens one per
+        page load; ``CALLER_TIMEOUT`` is far longer than it keeps one idle). The mark and the
+        caller update are rules of their own: an ``update`` on a full set ends its rule, and the
+        mark must be set whatever happens to the caller set. Returns (the nat rule, the
+        ``portal_call`` chain's rules).
         """
-        iif = self._iif()
         ports = sorted({*self.portal_ports, 80, *((443,) if self.portal_tls_port is not None else ())})
-        # Cheapest test first: the fib lookup runs only for TCP to these ports, not for every
-        # packet a subscriber forwards.
-        # Every packet a subscriber sends passes this hook: one rule tests it, the rest run only
-        # for the portal's own connections.
-        portal = f"{iif}tcp dport {{ {', '.join(str(p) for p in ports)} }} fib daddr type local jump portal_call"
+        # Cheapest test first: the fib lookup runs only for TCP to these ports.
+        listed = ", ".join(str(p) for p in ports)
+        portal = f"{self._iif()}tcp dport {{ {listed} }} fib daddr type local jump portal_call"
         rules = [f"ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
                  f"update @{CALLER_SET[4]} {{ ip saddr }}",
                  f"update @{CALLER_SET[6]} {{ ip6 saddr }}"]
-        return (["\tchain portal_call {"] + [f"\t\t{r}" for r in rules] + ["\t}",
-                 "\tchain portal {", "\t\ttype filter hook prerouting priority dstnat - 20; policy accept;",
-                 f"\t\t{portal}", "\t}"])
+        return portal, rules
 
     def _input_hook(self) -> list[str]:
         """Packets to the gateway itself from restricted subscribers: confined to the ``local`` chain."""
@@ -414,16 +414,16 @@ class Layout:
         return (["\tchain input {", "\t\ttype filter hook input priority filter - 10; policy accept;"]
                 + [f"\t\t{r}" for r in rules] + ["\t}"])
 
-    def _download_hook(self) -> list[str]:
-        """Download: packets *to* a throttled key, in a forward hook of their own.
+    def _download_rules(self) -> dict[int, list[str]]:
+        """Download: packets *to* a throttled key (the ``to_subscriber`` chain, per family).
 
-        A base chain of its own, after ``forward``: its ``accept`` ends only this chain, so it
-        can never let a restricted subscriber's own packets skip the mode maps. Longest prefix
-        first, and an address whose longest entry is another mode (``portal``/``notice`` sets
-        hold every restricted key) stops the walk, so it is never limited by a shorter
-        throttled prefix of someone else.
+        Jumped to from the ``forward`` hook before ``from_subscriber``; its rules only ``drop``
+        or ``return`` (never ``accept``, which would end the base chain), so it can never let a
+        restricted subscriber's own packets skip the mode sets. Longest prefix first, and an
+        address whose longest entry is another mode (``portal``/``notice`` sets hold every
+        restricted key) stops the walk, so it is never limited by a shorter throttled prefix of
+        someone else.
         """
-        oif = self._iif().replace("iifname", "oifname", 1)
         rules: dict[int, list[str]] = {4: [], 6: []}
         for version, plen, shorter in self._longest_first():
             key = _masked(version, plen, "daddr")
@@ -431,11 +431,9 @@ class Layout:
             rules[version].append(f"{key} @{throttle_set(version, plen)} {garden}"
                                   f"update @{throttle_meter(version, plen, 'down')} {{ {key} {self._limit()} }} drop")
             if shorter:
-                rules[version].append(f"{key} @{redirect_set(version, plen, Mode.NOTICE)} accept")
-                rules[version].append(f"{key} @{redirect_set(version, plen)} accept")
-        return (_by_family("to_subscriber", rules)
-                + ["\tchain download {", "\t\ttype filter hook forward priority filter - 9; policy accept;",
-                   f"\t\t{oif}jump to_subscriber", "\t}"])
+                rules[version].append(f"{key} @{redirect_set(version, plen, Mode.NOTICE)} return")
+                rules[version].append(f"{key} @{redirect_set(version, plen)} return")
+        return rules
 
     def _longest_first(self) -> list[tuple[int, int, bool]]:
         """(version, prefix length, whether a shorter prefix of the family follows), longest first."""
@@ -443,21 +441,33 @@ class Layout:
         return [(v, plen, i + 1 < len(ordered) and ordered[i + 1][0] == v) for i, (v, plen) in enumerate(ordered)]
 
     def _hooks(self) -> list[str]:
+        """The ``forward`` hook (one base chain, issue 16) and the nat ``prerouting`` hook.
+
+        ``forward`` tests the interface once per direction and jumps to a regular chain per
+        direction: ``to_subscriber`` (download limits) first, because it only drops or returns,
+        then ``from_subscriber``, where the longest matching prefix's mode set decides the mode
+        chain. A paying subscriber's IPv4 packet meets two interface tests, the IPv4 sets and a
+        ``return``; the portal marking (``_portal_rules``) and every redirect live in the nat
+        hook, which sees a connection's first packet only.
+        """
         iif = self._iif()
+        oif = iif.replace("iifname", "oifname", 1)
         forward: dict[int, list[str]] = {4: [], 6: []}
-        nat: list[str] = []
+        portal, portal_call = self._portal_rules()
+        nat: list[str] = [portal]
         # The gateway's own addresses: every subscriber reaches the portal at the advertised ports.
         for advertised, listener in ((80, self.portal_port), (443, self.portal_tls_port)):
             if listener is not None and listener != advertised:
                 nat.append(f"{iif}tcp dport {advertised} fib daddr type local redirect to :{listener}")
         # Longest prefix first so the most specific entry decides.
-        for version, plen in sorted(self.prefixes, key=lambda p: (p[0], -p[1])):
+        for version, plen, shorter in self._longest_first():
             match = _masked_saddr(version, plen)
             # Membership decides the chain; throttle keys are in the notice set too, so first.
             forward[version].append(f"{match} @{redirect_set(version, plen)} goto {MODE_CHAINS[Mode.WALLED_GARDEN]}")
             forward[version].append(f"{match} @{throttle_set(version, plen)} goto {MODE_CHAINS[Mode.THROTTLE]}")
-            forward[version].append(f"{match} @{redirect_set(version, plen, Mode.NOTICE)} "
-                                    f"goto {MODE_CHAINS[Mode.NOTICE]}")
+            if shorter:   # notice leaves forwarding open: it only has to stop the walk to shorter prefixes
+                forward[version].append(f"{match} @{redirect_set(version, plen, Mode.NOTICE)} "
+                                        f"goto {MODE_CHAINS[Mode.NOTICE]}")
             garden = self._not_garden(version, "daddr")
             redirect = f'counter name "redirected" redirect to :{self.portal_port}'
             if self.dns_port is not None:   # all their DNS, to any address, goes to the forwarder
@@ -467,11 +477,10 @@ class Layout:
             nat.append(f"{iif}{match} @{redirect_set(version, plen)} tcp dport 80 {garden}{redirect}")
             nat.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} "
                        f"{match} != @{ack_set(version, plen)} tcp dport 80 {garden}{redirect}")
-        # The interface is tested once per packet, and an IPv4 packet never walks the IPv6 sets
-        # (every packet of every paying subscriber crosses this hook).
-        return (_by_family("from_subscriber", forward)
-                + ["\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;",
-                   f"\t\t{iif}jump from_subscriber", "\t}",
+        return (_by_family("to_subscriber", self._download_rules()) + _by_family("from_subscriber", forward)
+                + ["\tchain portal_call {"] + [f"\t\t{r}" for r in portal_call] + ["\t}",
+                   "\tchain forward {", "\t\ttype filter hook forward priority filter - 10; policy accept;",
+                   f"\t\t{oif}jump to_subscriber", f"\t\t{iif}jump from_subscriber", "\t}",
                    "\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat - 10; policy accept;"]
                 + [f"\t\t{r}" for r in nat] + ["\t}"])
 

@@ -83,7 +83,8 @@ def test_masked_lookups_for_non_host_prefixes():
                           ("ip saddr", "4_32"), ("ip6 saddr", "6_128")):  # host prefixes: no mask
         assert f"{match} @portal{suffix} goto garden" in forward
         assert f"{match} @throttle{suffix} goto throttle" in forward
-        assert f"{match} @notice{suffix} goto notice" in forward
+        # notice leaves forwarding open: looked up only to stop the walk before a shorter prefix
+        assert (f"{match} @notice{suffix} goto notice" in forward) == (suffix not in ("4_24", "6_56"))
     nat = chain(text, "prerouting")
     assert any(r.startswith('iifname { "eth1" } ip6 saddr & ffff:ffff:ffff:ff00:: @portal6_56 tcp dport 80 ')
                for r in nat)
@@ -92,16 +93,22 @@ def test_masked_lookups_for_non_host_prefixes():
 
 def test_longest_prefix_is_looked_up_first():
     text = layout().with_prefixes({(4, 24), (4, 16)}).render()
-    # the forward hook tests the interface once; an IPv4 packet returns before the IPv6 sets
-    assert chain(text, "forward")[1:] == ['iifname { "eth1" } jump from_subscriber']
+    # one forward hook: each direction's interface tested once; downloads first (that chain
+    # only drops or returns), then the subscriber's own packets
+    assert chain(text, "forward")[1:] == ['oifname { "eth1" } jump to_subscriber',
+                                          'iifname { "eth1" } jump from_subscriber']
     forward = chain(text, "from_subscriber")
-    assert forward[9] == "meta nfproto ipv4 return"
+    assert forward[8] == "meta nfproto ipv4 return", "an IPv4 packet returns before the IPv6 sets"
     order = [re.fullmatch(r".*@(\w+?)(\d)_(\d+) goto (\w+)", r).groups() for r in forward if "goto" in r]
     # per prefix length, longest first: walled garden, then throttle before notice (a throttled
-    # key is in the notice set too, so the throttle lookup must come first)
-    assert order == [(kind, v, plen, chain_) for v, plen in (("4", "32"), ("4", "24"), ("4", "16"),
-                                                              ("6", "128"), ("6", "64"), ("6", "56"))
-                     for kind, chain_ in (("portal", "garden"), ("throttle", "throttle"), ("notice", "notice"))]
+    # key is in the notice set too, so the throttle lookup must come first); the shortest prefix
+    # of a family needs no notice lookup (notice leaves forwarding open, and nothing follows)
+    expected = []
+    for v, plen, shortest in (("4", "32", False), ("4", "24", False), ("4", "16", True),
+                              ("6", "128", False), ("6", "64", False), ("6", "56", True)):
+        kinds = (("portal", "garden"), ("throttle", "throttle")) + (() if shortest else (("notice", "notice"),))
+        expected += [(kind, v, plen, chain_) for kind, chain_ in kinds]
+    assert order == expected
 
 
 def test_forward_and_nat_hooks():
@@ -110,7 +117,8 @@ def test_forward_and_nat_hooks():
     assert forward[0] == "type filter hook forward priority filter - 10; policy accept;"
     nat = chain(text, "prerouting")
     assert nat[0] == "type nat hook prerouting priority dstnat - 10; policy accept;"
-    assert all(r.endswith("redirect to :8080") for r in nat[1:])
+    assert nat[1].endswith("fib daddr type local jump portal_call"), "the portal's own connections, marked first"
+    assert all(r.endswith("redirect to :8080") for r in nat[2:])
     assert all("ip daddr != @allow4 ip daddr != @allowhost4" in r for r in nat[1:] if "ip saddr" in r)
     assert all("ip6 daddr != @allow6 ip6 daddr != @allowhost6" in r for r in nat[1:] if "ip6 saddr" in r)
     assert "redirect to :9999" in layout(portal_port=9999).render()
@@ -120,10 +128,12 @@ def test_iifname_only_when_interfaces_given():
     text = layout(interfaces=()).render()
     assert "iifname" not in text
     assert "\t\tip saddr @portal4_32 goto garden\n\t\tip saddr @throttle4_32 goto throttle\n" \
-           "\t\tip saddr @notice4_32 goto notice\n" in text
+           "\t\tmeta nfproto ipv4 return\n" in text
+    assert chain(text, "forward")[1:] == ["jump to_subscriber", "jump from_subscriber"]
     two = layout(interfaces=("eth1", "eth2.100")).render()
     forward = chain(two, "forward")
-    assert forward[1:] == ['iifname { "eth1", "eth2.100" } jump from_subscriber']
+    assert forward[1:] == ['oifname { "eth1", "eth2.100" } jump to_subscriber',
+                           'iifname { "eth1", "eth2.100" } jump from_subscriber']
     assert all(r.startswith('iifname { "eth1", "eth2.100" } ') for r in chain(two, "prerouting")[1:])
 
 
@@ -319,33 +329,36 @@ def test_parse_listing_round_trips_what_the_layout_renders():
 
 def test_every_subscriber_reaching_the_gateway_on_80_and_443_lands_on_the_portal():
     nat = chain(layout(portal_tls_port=8443).render(), "prerouting")
-    # first, before the restricted-only rules, and without any subscriber set: free ones too
-    assert nat[1:3] == ['iifname { "eth1" } tcp dport 80 fib daddr type local redirect to :8080',
+    # first (after the portal's mark), before the restricted-only rules, and without any
+    # subscriber set: free ones too
+    assert nat[2:4] == ['iifname { "eth1" } tcp dport 80 fib daddr type local redirect to :8080',
                         'iifname { "eth1" } tcp dport 443 fib daddr type local redirect to :8443']
     # the restricted subscribers' HTTP to other hosts is still redirected
     assert any("@portal4_32 tcp dport 80 ip daddr != @allow4" in r and r.endswith("redirect to :8080")
-               for r in nat[3:])
+               for r in nat[4:])
     # no TLS listener: 443 on the gateway is not redirected
-    assert not any("dport 443" in r for r in chain(layout().render(), "prerouting"))
+    assert not any("dport 443" in r and "redirect" in r for r in chain(layout().render(), "prerouting"))
 
 
 def test_a_portal_already_on_80_or_443_is_not_redirected():
     nat = chain(layout(portal_port=80, portal_tls_port=443).render(), "prerouting")
-    assert not any("fib daddr" in r for r in nat)
+    assert not any("fib daddr" in r and "redirect" in r for r in nat)
     nat = chain(layout(portal_port=80, portal_tls_port=8443).render(), "prerouting")
-    assert [r for r in nat if "fib daddr" in r] == [
+    assert [r for r in nat if "fib daddr" in r and "redirect" in r] == [
         'iifname { "eth1" } tcp dport 443 fib daddr type local redirect to :8443']
 
 
 def test_portal_hook_marks_and_remembers_callers_of_the_gateways_own_addresses_only():
-    """Before nat, while the destination is the one the subscriber chose: the page's own
-    connections to the gateway are marked (they survive the lift), redirected HTTP to other
-    sites is not (a browser's spare connection to that site must be flushed at the lift)."""
+    """In the nat hook (a connection's first packet only), before any redirect, while the
+    destination is the one the subscriber chose: the page's own connections to the gateway are
+    marked (they survive the lift), redirected HTTP to other sites is not (a browser's spare
+    connection to that site must be flushed at the lift)."""
     text = layout(portal_tls_port=8443).render()
-    rules = chain(text, "portal")
-    assert rules[0] == "type filter hook prerouting priority dstnat - 20; policy accept;"
-    # one rule per packet; the rest only for the portal's own connections
-    assert rules[1:] == ['iifname { "eth1" } tcp dport { 80, 443, 8080, 8443 } fib daddr type local jump portal_call']
+    rules = chain(text, "prerouting")
+    assert rules[0] == "type nat hook prerouting priority dstnat - 10; policy accept;"
+    assert rules[1] == 'iifname { "eth1" } tcp dport { 80, 443, 8080, 8443 } fib daddr type local jump portal_call'
+    assert all("portal_call" not in r for r in rules[2:])
+    assert "chain portal {" not in text, "no prerouting filter hook: forwarded packets never meet these rules"
     assert chain(text, "portal_call") == [f"ct mark set ct mark or {PORTAL_CT_MARK:#010x}",
                                           "update @portalcaller4 { ip saddr }", "update @portalcaller6 { ip6 saddr }"]
     assert bin(PORTAL_CT_MARK).count("1") == 1, "one bit of ct mark, so the operators' other bits survive"

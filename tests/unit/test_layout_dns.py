@@ -56,7 +56,7 @@ def test_learnt_addresses_are_garden_everywhere_and_their_connections_outlive_th
     assert all("ip daddr != @dnsgarden4" in rule for rule in chain(text, "prerouting") if "dport 80" in rule
                and "ip saddr" in rule)
     assert "ip daddr @dnsgarden4 accept" in chain(text, "throttle")
-    assert all("!= @dnsgarden" in rule for rule in chain(text, "download") if "update" in rule)
+    assert all("!= @dnsgarden" in rule for rule in chain(text, "to_subscriber") if "update" in rule)
 
 
 def test_ntp_only_to_listed_servers_or_anywhere() -> None:

@@ -154,32 +154,34 @@ def test_upload_is_limited_in_the_throttle_chain_longest_prefix_first():
     ]
 
 
-def test_download_is_limited_by_daddr_in_a_hook_of_its_own():
+def test_download_is_limited_by_daddr_before_the_subscribers_own_packets():
     text = layout().render()
-    hook = chain(text, "download")
-    assert hook == ["type filter hook forward priority filter - 9; policy accept;",
-                    'oifname { "eth1" } jump to_subscriber']   # the interface tested once
+    hook = chain(text, "forward")
+    # one base chain; the interface tested once per direction, downloads first
+    assert hook == ["type filter hook forward priority filter - 10; policy accept;",
+                    'oifname { "eth1" } jump to_subscriber', 'iifname { "eth1" } jump from_subscriber']
     rules = chain(text, "to_subscriber")
     oif = ""
     assert rules[0] == (f"{oif}ip daddr @throttle4_32 ip saddr != @allow4 ip saddr != @allowhost4 "
                         f"update @thrdown4_32 {{ ip daddr {LIMIT} }} drop")
     assert rules[1] == "meta nfproto ipv4 return"
-    # An address whose longest entry is another mode is never limited by a shorter throttled prefix.
+    # An address whose longest entry is another mode is never limited by a shorter throttled prefix;
+    # never ``accept`` (it would end the base chain before ``from_subscriber``), only ``return``.
+    assert not any(r.endswith("accept") for r in rules)
     v6 = [r for r in rules if "ip6" in r]
     assert v6 == [
         (f"{oif}ip6 daddr @throttle6_128 ip6 saddr != @allow6 ip6 saddr != @allowhost6 "
          f"update @thrdown6_128 {{ ip6 daddr {LIMIT} }} drop"),
-        f"{oif}ip6 daddr @notice6_128 accept",
-        f"{oif}ip6 daddr @portal6_128 accept",
+        f"{oif}ip6 daddr @notice6_128 return",
+        f"{oif}ip6 daddr @portal6_128 return",
         (f"{oif}ip6 daddr & ffff:ffff:ffff:ffff:: @throttle6_64 ip6 saddr != @allow6 ip6 saddr != @allowhost6 "
          f"update @thrdown6_64 {{ ip6 daddr & ffff:ffff:ffff:ffff:: {LIMIT} }} drop"),
-        f"{oif}ip6 daddr & ffff:ffff:ffff:ffff:: @notice6_64 accept",
-        f"{oif}ip6 daddr & ffff:ffff:ffff:ffff:: @portal6_64 accept",
+        f"{oif}ip6 daddr & ffff:ffff:ffff:ffff:: @notice6_64 return",
+        f"{oif}ip6 daddr & ffff:ffff:ffff:ffff:: @portal6_64 return",
         (f"{oif}ip6 daddr & ffff:ffff:ffff:ff00:: @throttle6_56 ip6 saddr != @allow6 ip6 saddr != @allowhost6 "
          f"update @thrdown6_56 {{ ip6 daddr & ffff:ffff:ffff:ff00:: {LIMIT} }} drop"),
     ]
-    assert "oifname" not in "".join(chain(layout(interfaces=()).render(), "download"))
-    assert chain(layout(interfaces=()).render(), "download")[1:] == ["jump to_subscriber"]
+    assert chain(layout(interfaces=()).render(), "forward")[1:] == ["jump to_subscriber", "jump from_subscriber"]
 
 
 def test_notice_and_garden_chains_have_no_limit():
