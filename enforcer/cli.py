@@ -37,13 +37,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """
     reading = read_config(args.config or default_config_path())
     problems = [str(issue) for issue in reading.issues]
+    list_problems: list[str] = []
+    warnings: list[str] = []
     entries = None
     config = reading.config
     if config is not None:
         source = config.subscribers
         if source.source and not source.is_url and not reading.refused("subscribers", "source"):
             listed, list_problems = _read_list(config)
-            problems += list_problems
             entries = None if listed is None else len(listed)
         problems += _secret_problems(reading, config)
         if not reading.refused_within("portal"):  # a default standing in could be misjudged
@@ -51,17 +52,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
             problems += validate_portal(config)
         if not reading.issues:
-            for warning in config_warnings(config):
-                print(f"WARNING: {warning}", file=sys.stderr)
-    if problems:
-        print(f"{reading.path}: {len(problems)} error(s)", file=sys.stderr)
-        for problem in problems:
+            warnings = config_warnings(config)
+    if args.json:
+        print(json.dumps({"config": str(reading.path), "ok": not problems and not list_problems,
+                          "errors": problems + list_problems, "warnings": warnings,
+                          "listed": entries}, indent=2))
+        return 1 if problems or list_problems else 0
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if problems or list_problems:
+        print(f"{reading.path}: {len(problems) + len(list_problems)} error(s)", file=sys.stderr)
+        for problem in problems + list_problems[:LIST_PROBLEMS_SHOWN]:
             print(f"  {problem}", file=sys.stderr)
+        if len(list_problems) > LIST_PROBLEMS_SHOWN:
+            print(f"  ... and {len(list_problems) - LIST_PROBLEMS_SHOWN} more problem(s) in the subscriber list "
+                  f"({len(list_problems)} in all; --json lists every one)", file=sys.stderr)
         return 1
     assert config is not None  # no problems means the file was read
     listed_text = f", {entries} restricted subscriber(s) listed" if entries is not None else ""
     print(f"{config.path}: OK (table inet {config.gateway.table}{listed_text})")
     return 0
+
+
+#: ``--json`` of the commands that ask the daemon.
+JSON_HELP = "print the daemon's answer as JSON, unchanged (for scripts); the exit status is the same"
+
+#: How many of a list's problems check-config prints: an export with one systematic mistake has
+#: one per line (100k lines), and the first few say what it is; the count says how far it goes.
+LIST_PROBLEMS_SHOWN = 20
 
 
 def _secret_problems(reading: Reading, config: Config) -> list[str]:
@@ -463,13 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "run the enforcer daemon (foreground)")
     add("portal", cmd_portal, "run the captive portal web server")
-    add("check-config", cmd_check_config, "validate the config, subscriber list, webhook secrets and portal "
-                                        "branding; name every problem at once")
+    check = add("check-config", cmd_check_config, "validate the config, subscriber list, webhook secrets and "
+                                                "portal branding; name every problem at once")
+    check.add_argument("--json", action="store_true",
+                       help="print {config, ok, errors (all of them), warnings, listed} as JSON; exit 1 on errors")
     add("render", cmd_render, "print the nftables ruleset that would be installed")
-    add("status", cmd_status, "show the running daemon's state").add_argument("--json", action="store_true")
+    status = add("status", cmd_status, "show the running daemon's state")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
     explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")
-    explain.add_argument("query", metavar="ID-or-ADDRESS")
-    explain.add_argument("--json", action="store_true")
+    explain.add_argument("query", metavar="ID-or-ADDRESS-or-REFERENCE",
+                         help="a subscriber id, an address, or a portal reference code (WG-XXXX-XXXX)")
+    explain.add_argument("--json", action="store_true", help=JSON_HELP)
     restrict = add("restrict", cmd_restrict, "restrict a subscriber now (audited)")
     restrict.add_argument("id")
     restrict.add_argument("--mode", choices=["walled-garden", "notice", "throttle"])
@@ -480,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     reject = add("reject", cmd_reject, "drop the list change held by the mass-change guard")
     for p in (restrict, lift, approve, reject):
         p.add_argument("--reason", default="", help="why (recorded with your user name)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
     from .exemptions import CATEGORIES
     exempt = add("exempt", cmd_exempt, "exempt a subscriber from restriction until a date (audited)")
     exempt.add_argument("id")
@@ -493,22 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
     unexempt.add_argument("--category", choices=list(CATEGORIES), help="only this category (default: all)")
     unexempt.add_argument("--note", default="")
     for p in (exempt, unexempt):
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
     session = add("session", cmd_session, "report a BNG session's start or stop (for ip-up/ip-down scripts)")
     session.add_argument("action", choices=["start", "stop"])
     for key in ("username", "mac", "circuit-id", "remote-id"):
         session.add_argument(f"--{key}", dest=key.replace("-", "_"), default="", help=f"the session's {key}")
     session.add_argument("--subscriber", default="", help="the account id, when the script knows it")
     session.add_argument("--address", action="append", help="address or prefix (repeat; stop: default all)")
-    session.add_argument("--json", action="store_true")
+    session.add_argument("--json", action="store_true", help=JSON_HELP)
     audit = add("audit", cmd_audit, "the audit log: every change of a subscriber's state and its cause")
     audit.add_argument("id", nargs="?", help="one subscriber (default: all)")
     audit.add_argument("--since", help="a date or RFC 3339 time")
     audit.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--json", action="store_true", help=JSON_HELP)
     fleet = add("fleet", cmd_fleet, "the fleet: each gateway's applied stream sequence, lag and last heartbeat")
     fleet.add_argument("action", choices=["status"])
-    fleet.add_argument("--json", action="store_true")
+    fleet.add_argument("--json", action="store_true", help=JSON_HELP)
     demo = sub.add_parser("demo", help="simulated ISP in network namespaces: restrict, pay, restore")
     demo.set_defaults(fn=cmd_demo)
     return parser

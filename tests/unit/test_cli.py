@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,35 @@ def test_check_config_names_list_lines_and_secret_problems(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"{tmp_path}/list.yaml:2" in err and "100.64.0.300" in err
     assert "whsec_" in err
+
+
+def test_check_config_caps_a_systematic_list_error_and_counts_the_rest(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rows = "".join(f"C-{i},100.64.{i // 250}.{i % 250 + 1},walled-garden,overdue,sometime\n" for i in range(500))
+    (tmp_path / "list.csv").write_text(rows)
+    config = _setup(tmp_path).read_text().replace("source: list.yaml", "source: list.csv")
+    (tmp_path / "config.yaml").write_text(config)
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("WARNING: ")]
+    assert err[0].endswith(": 500 error(s)")
+    shown = [line for line in err if "list.csv:" in line]
+    assert len(shown) == 20 and shown[0].startswith(f"  {tmp_path}/list.csv:1")
+    assert err[-1] == "  ... and 480 more problem(s) in the subscriber list (500 in all; --json lists every one)"
+
+
+def test_check_config_json_lists_every_problem_and_warning(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path, listing="subscribers:\n  - id: C-1\n    addresses: [100.64.0.300]\n")
+    (tmp_path / "secret").write_text("not-a-secret\n")
+    assert main(["check-config", "--config", str(config), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["config"] == str(config) and out["listed"] is None
+    assert len(out["errors"]) == 2 and any("100.64.0.300" in e for e in out["errors"])
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(_setup(tmp_path)), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["errors"] == [] and out["listed"] == 1
+    assert any("subscriber_prefixes" in w for w in out["warnings"])
 
 
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
