@@ -1,7 +1,8 @@
 """The portal's Prometheus metrics, in a registry the app owns.
 
 A registry per app (not the process-global default) so tests can build many apps and read
-exact counts, and so ``/metrics`` on ``metrics.portal_listen`` shows only portal series.
+exact counts, and so ``/metrics`` on ``metrics.portal_listen`` shows only portal series, with
+the build info and process collectors every walled-garden registry has (``process_metrics``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from enforcer.metric_labels import Labelled
+from enforcer.process_metrics import add_standard_collectors
 
 
 class RequestKind(str, enum.Enum):
@@ -31,6 +33,8 @@ class RequestKind(str, enum.Enum):
 class PortalMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:  # a registry passed in is the caller's to fill (the default one has them)
+            add_standard_collectors(self.registry)
         self.requests = Counter(
             "walled_garden_portal_requests", "HTTP requests answered by the portal, by kind.",
             ["kind"], registry=self.registry)

@@ -1,4 +1,5 @@
-"""The enforcer's Prometheus metrics (docs/reference.md, Metrics), in a registry of its own.
+"""The enforcer's Prometheus metrics (docs/reference.md, Metrics), in a registry of its own
+(with build info and the process collectors: ``process_metrics``).
 
 Gauges are set when state changes, or read at scrape time from counts the daemon already
 keeps; a scrape never lists a kernel set. The packet counters of the table's named nftables
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from .model import Mode
+from .process_metrics import add_standard_collectors
 
 log = logging.getLogger("walled_garden.metrics")
 
@@ -30,6 +32,7 @@ _FLEET = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        add_standard_collectors(r)  # walled_garden_build_info, process_*, python_*
         self.subscribers = Gauge("walled_garden_subscribers", "Subscribers currently in each mode",
                                  ["mode"], registry=r)
         for mode in Mode.restricting():
@@ -232,7 +235,7 @@ class KernelCounters(Collector):
         try:
             values = task.result()
         except Exception as exc:  # noqa: BLE001 (a scrape must not fail because nft did)
-            log.warning("event=kernel_counters_unreadable error=%r", str(exc))
+            log.warning("event=kernel_counters_unreadable error=%s", exc)
             return
         if values:
             self.values = values
