@@ -6,7 +6,9 @@
   black or white, whichever reads better).
 * ``portal.templates_dir``: a ``page.html`` there replaces the built-in template; it uses the
   same ``$placeholders`` (``TEMPLATE_PLACEHOLDERS``).
-* ``portal.texts``: language → message key → text, laid over the built-in catalogues.
+* ``portal.texts``: language → message key → text, laid over the catalogues (``catalogues``:
+  the shipped ones and those in ``portal.locale_dir``).
+* ``portal.reasons``: per reason, a template and texts of its own, laid over the page's.
 
 Everything is loaded once, when the app is made. ``validate(config)`` lists what is wrong
 with all of it, for ``walled-garden check-config``; at run time a custom template with
@@ -24,9 +26,13 @@ import re
 from importlib import resources
 from string import Template
 
-from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config
+from enforcer.config import MAX_LOGO_BYTES, Branding, Config, PortalConfig
 
-from .messages import MESSAGES, PLACEHOLDERS, Messages
+from . import catalogues
+from .catalogues import Catalogue
+from .messages import PLACEHOLDERS, Messages
+from .messages import TEXT_PLACEHOLDER as TEXT_PLACEHOLDER  # the texts' grammar, re-exported
+from .messages import text_placeholders as text_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,6 @@ DARK = {"primary": "#8ab4f8", "background": "#121417", "text": "#e8eaed"}
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
           (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"))
-TEXT_PLACEHOLDER = re.compile(r"\$(?:(\$)|([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)\}|)")
 _EXTERNAL = re.compile(r"<script|<link|<iframe|@import|url\(\s*['\"]?(?:https?:)?//|"
                        r"\bsrc\s*=\s*['\"]?(?:https?:)?//", re.IGNORECASE)
 
@@ -165,46 +170,35 @@ def load_logo(branding: Branding) -> str:
 
 # --- texts -----------------------------------------------------------------------------------
 
-def catalogue(texts: dict[str, dict[str, str]]) -> dict[str, Messages]:
-    """The built-in catalogues with ``portal.texts`` laid over them (unknown keys ignored)."""
-    merged: dict[str, Messages] = {}
-    for language, messages in MESSAGES.items():
-        overrides = {k: v for k, v in texts.get(language, {}).items() if k in messages and v.strip()}
-        merged[language] = {**messages, **overrides}  # type: ignore[typeddict-item]
-    return merged
+def overlay(messages: Messages, overrides: dict[str, str]) -> Messages:
+    """``messages`` with the overrides laid over them (unknown keys and empty texts ignored)."""
+    kept = {k: v for k, v in overrides.items() if k in messages and v.strip()}
+    return {**messages, **kept}  # type: ignore[typeddict-item]
 
 
-def text_placeholders(text: str) -> tuple[set[str], bool]:
-    """Names used as ``$name`` / ``${name}`` in a message, and whether a stray ``$`` is there."""
-    names: set[str] = set()
-    stray = False
-    for match in TEXT_PLACEHOLDER.finditer(text):
-        if match.group(1):
-            continue
-        name = match.group(2) or match.group(3)
-        if name:
-            names.add(name)
-        else:
-            stray = True
-    return names, stray
+def catalogue(languages: dict[str, Catalogue], texts: dict[str, dict[str, str]]) -> dict[str, Messages]:
+    """Every language's texts with ``portal.texts`` laid over them; languages without a catalogue
+    are not made up from texts alone (check-config names them)."""
+    return {code: overlay(language.messages(), texts.get(code, {})) for code, language in languages.items()}
 
 
-def _texts_problems(texts: dict[str, dict[str, str]]) -> list[str]:
+def _texts_problems(texts: dict[str, dict[str, str]], languages: dict[str, Catalogue], key_path: str) -> list[str]:
     problems = []
-    keys = list(MESSAGES["en"])
+    keys = list(catalogues.MESSAGE_KEYS)
     for language, strings in texts.items():
-        if language not in MESSAGES:
-            problems.append(f"portal.texts.{language}: no such language; use one of {', '.join(LANGUAGES)}")
+        if language not in languages:
+            problems.append(f"{key_path}.{language}: no catalogue for this language (have {', '.join(languages)}); "
+                            f"add {language}.po to portal.locale_dir (docs/portal.md, Texts and languages)")
             continue
         for key, text in strings.items():
-            where = f"portal.texts.{language}.{key}"
-            if key not in MESSAGES[language]:
+            where = f"{key_path}.{language}.{key}"
+            if key not in keys:
                 close = difflib.get_close_matches(key, keys, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{where}: unknown message key{hint}")
                 continue
             if not text.strip():
-                problems.append(f"{where}: empty text; leave the key out to keep the built-in one")
+                problems.append(f"{where}: empty text; leave the key out to keep the catalogue's")
                 continue
             names, stray = text_placeholders(text)
             allowed = PLACEHOLDERS.get(key, frozenset())
@@ -244,8 +238,14 @@ def template_problems(text: str, where: str) -> list[str]:
 def _read_custom_template(templates_dir: str) -> tuple[str | None, str, list[str]]:
     """(text or None, where, problems) for ``templates_dir/page.html``; None text = not present."""
     path = os.path.join(templates_dir, TEMPLATE_FILE)
-    where = f"portal.templates_dir ({path})"
-    if not templates_dir or not os.path.exists(path):
+    if not templates_dir:
+        return None, f"portal.templates_dir ({path})", []
+    return _read_template_file(path, f"portal.templates_dir ({path})")
+
+
+def _read_template_file(path: str, where: str) -> tuple[str | None, str, list[str]]:
+    """(text or None, where, problems) for a template file; None text = not present."""
+    if not os.path.exists(path):
         return None, where, []
     try:
         with open(path, encoding="utf-8") as file:
@@ -256,28 +256,46 @@ def _read_custom_template(templates_dir: str) -> tuple[str | None, str, list[str
 
 def load_template(templates_dir: str) -> Template:
     """The custom ``page.html`` if there is one without problems, else the built-in template."""
-    text, where, problems = _read_custom_template(templates_dir)
+    return _checked(*_read_custom_template(templates_dir)) or builtin_template()
+
+
+def load_reason_template(reason: str, path: str) -> Template | None:
+    """``portal.reasons.<reason>.template`` if it is set and has no problems; None: the page's own."""
+    if not path:
+        return None
+    text, where, problems = _read_template_file(path, f"portal.reasons.{reason}.template ({path})")
+    if text is None and not problems:
+        problems = [f"{where}: no such file"]
+    return _checked(text, where, problems)
+
+
+def _checked(text: str | None, where: str, problems: list[str]) -> Template | None:
+    """The template if it was read without problems; the problems are logged (the caller falls back)."""
     if text is not None:
         problems = template_problems(text, where)
         if not problems:
             return Template(text)
     for problem in problems:
         log.error("event=template_not_used problem=%r", str(problem))
-    return builtin_template()
+    return None
 
 
 # --- check-config ----------------------------------------------------------------------------
 
 def problems(config: Config) -> list[str]:
-    """Problems with the portal's branding, template and texts, each naming its key path.
+    """Problems with the portal's branding, template, languages, texts and reason pages, each
+    naming its key path.
 
     An empty list means the page renders as configured. ``config_check.validate`` adds what
     needs a rendered page (its size) and what needs the network (reaching ``portal.url``).
     """
     portal = config.portal
-    found = _texts_problems(portal.texts)
-    if portal.default_language not in MESSAGES:
-        found.append(f"portal.default_language: {portal.default_language!r} has no catalogue")
+    languages = catalogues.load(portal.locale_dir)
+    found = catalogues.problems(portal.locale_dir)
+    found += _texts_problems(portal.texts, languages, "portal.texts")
+    if portal.default_language not in languages:
+        found.append(f"portal.default_language: {portal.default_language!r} has no catalogue "
+                     f"(have {', '.join(languages)}); add {portal.default_language}.po to portal.locale_dir")
     found += contrast_problems(portal.branding)
     if portal.branding.logo:
         try:
@@ -288,5 +306,18 @@ def problems(config: Config) -> list[str]:
     found += template_issues
     if text is not None:
         found += template_problems(text, where)
+    found += _reason_problems(portal, languages)
     return found
 
+
+def _reason_problems(portal: PortalConfig, languages: dict[str, Catalogue]) -> list[str]:
+    found = []
+    for reason, page in portal.reasons.items():
+        found += _texts_problems(page.texts, languages, f"portal.reasons.{reason}.texts")
+        if page.template:
+            text, where, issues = _read_template_file(page.template, f"portal.reasons.{reason}.template "
+                                                                     f"({page.template})")
+            found += issues if text is not None or issues else [f"{where}: no such file"]
+            if text is not None:
+                found += template_problems(text, where)
+    return found

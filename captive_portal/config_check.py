@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from enforcer.config import Config
 
-from . import branding, page, reachability
+from . import branding, catalogues, page, reachability
 
 
 def validate(config: Config) -> list[str]:
@@ -30,6 +30,12 @@ def validate(config: Config) -> list[str]:
     problems += reachability.problems(config)
     problems += payment_link_problems(config)
     return problems
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but will show badly: catalogues in ``portal.locale_dir`` that leave messages in
+    English (the page mixes two languages). check-config prints these and still exits 0."""
+    return catalogues.warnings(config.portal.locale_dir)
 
 
 def payment_link_problems(config: Config) -> list[str]:

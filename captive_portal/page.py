@@ -21,22 +21,21 @@ import html
 import re
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
+from string import Template
 from urllib.parse import quote, urlsplit
 
 from enforcer.config import Config, PaymentLink, PortalConfig, Provider
 from enforcer.control_protocol import Lookup, PromiseOffer
 
-from . import branding
+from . import branding, catalogues
+from .catalogues import Catalogue
 from .messages import (
-    DATE_FORMATS,
     DEFAULT_LANGUAGE,
-    LANGUAGE_NAMES,
-    MESSAGES,
-    MONTH_NAMES_EN,
-    TERM_UNITS,
+    TEXT_PLACEHOLDER,
     MessageKey,
     Messages,
-    plural_form,
+    normal_reason,
+    reason_category,
     reason_key,
 )
 
@@ -81,7 +80,7 @@ def fill(text: str, **values: str) -> Markup:
     """
     parts: list[str] = []
     position = 0
-    for match in branding.TEXT_PLACEHOLDER.finditer(text):
+    for match in TEXT_PLACEHOLDER.finditer(text):
         parts.append(escape(text[position:match.start()]))
         name = match.group(2) or match.group(3)
         if match.group(1):
@@ -109,18 +108,34 @@ class Caller:
     back_to: str = ""           # the page this caller had asked for, linked once they may browse
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A reason's page (``portal.reasons.<reason>``): its own template and texts where it has them,
+    the default page's everywhere else."""
+
+    template: Template | None         # None: the page's template
+    messages: dict[str, Messages]     # language → texts, for the languages the variant rewords
+
+
 class Pages:
-    """Renders pages from config; logo, template and texts are loaded once, here."""
+    """Renders pages from config; catalogues, logo, templates and texts are loaded once, here."""
 
     def __init__(self, portal: PortalConfig, portal_path: str = "/", tz: tzinfo | None = None) -> None:
         self.provider = portal.provider
         self.payment_links = portal.payment_links
         self.show_account = portal.show_account
-        self.default_language = portal.default_language if portal.default_language in MESSAGES else DEFAULT_LANGUAGE
         self.portal_path = portal_path
         self.tz = tz  # for dates on the page; None: the machine's local time
-        self.messages = branding.catalogue(portal.texts)
+        self.languages: dict[str, Catalogue] = catalogues.load(portal.locale_dir)
+        self.messages = branding.catalogue(self.languages, portal.texts)
+        self.default_language = portal.default_language if portal.default_language in self.messages \
+            else DEFAULT_LANGUAGE
         self.template = branding.load_template(portal.templates_dir)
+        self.variants = {
+            reason: Variant(branding.load_reason_template(reason, page.template),
+                            {code: branding.overlay(self.messages[code], texts)
+                             for code, texts in page.texts.items() if code in self.messages})
+            for reason, page in portal.reasons.items()}
         self.style = Markup(branding.style(portal.branding))
         logo = branding.load_logo(portal.branding)
         self.logo = void("img", src=logo, alt=self.provider.name, class_="logo") if logo else Markup()
@@ -135,18 +150,34 @@ class Pages:
         lang = language if language in self.messages else self.default_language
         return lang, self.messages[lang]
 
+    def variant(self, lookup: Lookup | None) -> Variant | None:
+        """The page configured for this caller's reason: the reason as billing wrote it, else its
+        category (``fup`` → ``fair_use``); None (the default page) for a caller not restricted,
+        without a reason, or with a reason no variant names."""
+        if lookup is None or not lookup.restricted or not lookup.reason:
+            return None
+        found = self.variants.get(normal_reason(lookup.reason))
+        category = reason_category(lookup.reason)
+        return found if found is not None or category is None else self.variants.get(category)
+
     # --- whole pages ---------------------------------------------------------------------
 
     def caller_page(self, caller: Caller) -> str:
-        """The page at ``portal.url`` for this caller."""
+        """The page at ``portal.url`` for this caller (its reason's variant, if one is configured)."""
         lang, m = self.catalogue(caller.language)
         lookup = caller.lookup
+        variant = self.variant(lookup)
+        template = self.template
+        if variant is not None:
+            m = variant.messages.get(lang, m)
+            template = variant.template or template
         note = element("p", m[caller.note], class_="note", role="status") if caller.note else Markup()
         if caller.promised_until is not None:
             summary = fill(m["summary_promised"], until=self.date(caller.promised_until, lang))
             details = join(note, self._back(m, caller.back_to), self._payment(m, restore=False),
                            self._contact(m, None), self._account(m, caller))
-            return self._render(lang, m, "promised", m["title_promised"], m["heading_promised"], summary, details)
+            return self._render(lang, m, "promised", m["title_promised"], m["heading_promised"], summary, details,
+                                template)
         if lookup is not None and not lookup.restricted:
             state = "active"
             details = join(note, self._back(m, caller.back_to), self._contact(m, None), self._account(m, caller))
@@ -166,7 +197,7 @@ class Pages:
             details = join(note, back, self._reason(m, lookup), self._payment(m), form, promise,
                            self._contact(m, lookup), self._account(m, caller))
         return self._render(lang, m, state, m[f"title_{state}"], m[f"heading_{state}"],  # type: ignore[literal-required]
-                            m[f"summary_{state}"], details)  # type: ignore[literal-required]
+                            m[f"summary_{state}"], details, template)  # type: ignore[literal-required]
 
     def problem_page(self, problem: str, language: str) -> str:
         """``expired`` (CSRF check failed) or ``too_many`` (rate limited): say so, link back."""
@@ -174,11 +205,11 @@ class Pages:
         back = element("p", element("a", m["back_link"], href=self._page_link(lang)))
         title = m[f"title_{problem}"]  # type: ignore[literal-required]
         return self._render(lang, m, "problem", title, title, m[f"summary_{problem}"],  # type: ignore[literal-required]
-                            join(back, "\n", self._contact(m, None)))
+                            join(back, "\n", self._contact(m, None)), self.template)
 
     def _render(self, lang: str, m: Messages, state: str, title: str, heading: str, summary: str,
-                details: Markup) -> str:
-        return self.template.safe_substitute(
+                details: Markup, template: Template) -> str:
+        return template.safe_substitute(
             lang=escape(lang), title=escape(title), heading=escape(heading), summary=escape(summary),
             details=details, trust=self._trust(m), languages=self._languages(m, lang),
             style=self.style, state=escape(state), logo=self.logo, provider=escape(self.provider.name))
@@ -194,7 +225,7 @@ class Pages:
             attributes = {"href": self._page_link(code), "hreflang": code, "lang": code}
             if code == current:
                 attributes["aria_current"] = "true"
-            items.append(element("li", element("a", LANGUAGE_NAMES.get(code, code), **attributes)))
+            items.append(element("li", element("a", self.languages[code].name, **attributes)))
         return element("nav", element("ul", join(*items)), aria_label=m["language_label"])
 
     def _back(self, m: Messages, url: str) -> Markup:
@@ -241,16 +272,14 @@ class Pages:
         fields = join(void("input", type="hidden", name="csrf", value=token),
                       void("input", type="hidden", name="lang", value=lang),
                       element("button", m["promise_button"], type="submit"))
-        intro = fill(m["promise_intro"], term=term_text(offer.term or 0.0, lang))
+        intro = fill(m["promise_intro"], term=term_text(offer.term or 0.0, lang, self.languages))
         return join("\n", element("h2", m["promise_heading"]), "\n", element("p", intro), "\n",
                     element("form", fields, method="post", action=PROMISE_PATH, class_="promise"))
 
     def date(self, when: float, lang: str) -> str:
         """A unix time as this language writes a date and time, in the operator's zone, zone named."""
         local = datetime.fromtimestamp(when, self.tz) if self.tz else datetime.fromtimestamp(when).astimezone()
-        text = DATE_FORMATS.get(lang, DATE_FORMATS[DEFAULT_LANGUAGE]).format(
-            day=local.day, month=local.month, year=local.year, hour=local.hour, minute=local.minute,
-            month_name=MONTH_NAMES_EN[local.month - 1])
+        text = self.languages.get(lang, self.languages[DEFAULT_LANGUAGE]).date(local)
         zone = local.tzname()
         return f"{text} {zone}" if zone else text
 
@@ -299,14 +328,14 @@ class Pages:
         return join(*parts)
 
 
-def term_text(seconds: float, language: str) -> str:
-    """How long a promise lasts, as the promise text needs it: "3 days", "na 3 dny", "36 hours"."""
-    units = TERM_UNITS.get(language, TERM_UNITS[DEFAULT_LANGUAGE])
+def term_text(seconds: float, language: str, languages: dict[str, Catalogue] | None = None) -> str:
+    """How long a promise lasts, as the promise text needs it: "3 days", "3 dny" (in "na 3 dny"),
+    "36 hours": whole days when it is whole days, else hours; the plural form is the catalogue's."""
+    languages = languages if languages is not None else catalogues.shipped()
+    catalogue = languages.get(language, languages[DEFAULT_LANGUAGE])
     if seconds >= 86400 and seconds % 86400 == 0:
-        count, unit = int(seconds // 86400), "day"
-    else:
-        count, unit = max(1, round(seconds / 3600)), "hour"
-    return f"{count} {units[unit][plural_form(language, count)]}"
+        return catalogue.term(int(seconds // 86400), "day")
+    return catalogue.term(max(1, round(seconds / 3600)), "hour")
 
 
 def _item(label: str, value: str) -> Markup:
@@ -339,14 +368,16 @@ def render_page(lookup: Lookup | None, provider: Provider, language: str = DEFAU
 def largest_page(config: Config) -> tuple[str, int]:
     """(language, bytes) of the biggest page this config makes: a notice page with everything."""
     pages = Pages.from_config(config)
-    lookup = Lookup("203.0.113.255", True, "notice", "verification", "WG-XXXX-XXXX", "X" * 24,
-                    promise=PromiseOffer(True, "eligible", 30 * 86400.0))
     biggest = (DEFAULT_LANGUAGE, 0)
-    for language in pages.messages:
-        caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "f" * 8 + "." + "x" * 43,
-                        note="promise_refused_soon")
-        size = len(pages.caller_page(caller).encode())
-        biggest = max(biggest, (language, size), key=lambda pair: pair[1])
+    for reason in ("verification", *pages.variants):   # the default page, and each reason's
+        lookup = Lookup("203.0.113.255", True, "notice", reason, "WG-XXXX-XXXX", "X" * 24,
+                        promise=PromiseOffer(True, "eligible", 30 * 86400.0))
+        for language in pages.messages:
+            caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "f" * 8 + "." + "x" * 43,
+                            note="promise_refused_soon")
+            size = len(pages.caller_page(caller).encode())
+            where = language if reason == "verification" else f"{language}, reason {reason}"
+            biggest = max(biggest, (where, size), key=lambda pair: pair[1])
     return biggest
 
 

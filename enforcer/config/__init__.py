@@ -34,6 +34,7 @@ from .schema import (
                      PortalConfig,
                      PortalTls,
                      Provider,
+                     ReasonPage,
                      SubscribersConfig,
 )
 from .units import MIN_THROTTLE_RATE, parse_duration, parse_listen, parse_rate, parse_size
@@ -65,6 +66,7 @@ __all__ = [
                      "PortalTls",
                      "Provider",
                      "Reading",
+                     "ReasonPage",
                      "SubscribersConfig",
                      "default_config_path",
                      "default_throttle_burst",

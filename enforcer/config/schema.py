@@ -15,7 +15,8 @@ from ..model import DEFAULT_THROTTLE_RATE, EscalationStep, Network, default_thro
 from ..promises import PromiseRules
 from ..windows import Windows
 
-#: Page languages (docs/reference.md, Portal); the portal has a full catalogue for each.
+#: Page languages whose catalogues ship with the portal (docs/portal.md, Texts and languages); a
+#: provider adds more with ``portal.locale_dir``, so config accepts any language tag.
 LANGUAGES = ("en", "cs", "hu", "es", "uk", "ru", "pt")
 #: The logo is inlined into the page, which must stay under 30 KB.
 MAX_LOGO_BYTES = 12 * 1024
@@ -149,6 +150,14 @@ class Branding:
 
 
 @dataclass(frozen=True)
+class ReasonPage:
+    """``portal.reasons.<reason>``: the page for subscribers restricted for this reason."""
+
+    template: str = ""                  # a page.html-like file that replaces the page's template
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)   # language → message key → text
+
+
+@dataclass(frozen=True)
 class PortalConfig:
     listen: Listen = Listen("0.0.0.0", 8080)
     url: str = "http://portal.isp.example/"
@@ -159,6 +168,8 @@ class PortalConfig:
     templates_dir: str = ""             # a page.html here replaces the built-in template
     texts: dict[str, dict[str, str]] = field(default_factory=dict)   # language → message key → text
     default_language: str = "en"
+    locale_dir: str = ""                # <language>.po / .mo catalogues: more languages, or rewording
+    reasons: dict[str, ReasonPage] = field(default_factory=dict)     # normalised reason → its page
     show_account: bool = False          # show the account id and the caller's address on the page
     notice_ack_for: float = 86400.0     # how long "continue" lifts the notice interstitial
     posts_per_minute: int = 10          # per caller address, on every POST

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from ..windows import HolidayError, Windows, check_zone, load_holidays, parse_da
 from . import values
 from .keys import KeyReader
 from .schema import (
-    LANGUAGES,
     SESSION_KINDS,
     Address,
     ApiConfig,
@@ -40,6 +40,7 @@ from .schema import (
     PortalConfig,
     PortalTls,
     Provider,
+    ReasonPage,
     SessionSourceConfig,
     SubscribersConfig,
 )
@@ -344,28 +345,12 @@ def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:
         text_color=r.get(branding_raw, base + ("branding", "text_color"), values.color, Branding.text_color),
     )
 
-    templates_dir = r.get(raw, base + ("templates_dir",), values.string, "")
-    if templates_dir:
-        if not templates_dir.startswith("/"):
-            templates_dir = str((Path(config_path).parent / templates_dir).resolve())
-        if not os.path.isdir(templates_dir):
-            r.fail(base + ("templates_dir",), f"{templates_dir}: not a directory")
+    templates_dir = _portal_dir(r, raw, base + ("templates_dir",), config_path)
 
-    texts: dict[str, dict[str, str]] = {}
-    texts_raw = r.section(raw.get("texts"), base + ("texts",), set(LANGUAGES))
-    for language, strings in texts_raw.items():
-        if language not in LANGUAGES:
-            continue  # already reported as an unknown key
-        if not isinstance(strings, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in strings.items()):
-            r.fail(base + ("texts", language), "expected a mapping of message key → text")
-            continue
-        texts[language] = dict(strings)
-
-    default_language = r.get(raw, base + ("default_language",), values.string, "en")
-    if default_language not in LANGUAGES:
-        r.fail(base + ("default_language",), f"{default_language!r} is not one of {', '.join(LANGUAGES)}")
-        default_language = "en"
+    texts = _portal_texts(r, raw.get("texts"), base + ("texts",))
+    default_language = r.get(raw, base + ("default_language",), _language_tag, "en")
+    locale_dir = _portal_dir(r, raw, base + ("locale_dir",), config_path)
+    reasons = _portal_reasons(r, raw.get("reasons"), base + ("reasons",), config_path)
 
     return PortalConfig(
         listen=r.get(raw, base + ("listen",), parse_listen, PortalConfig.listen),
@@ -377,11 +362,91 @@ def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:
         templates_dir=templates_dir,
         texts=texts,
         default_language=default_language,
+        locale_dir=locale_dir,
+        reasons=reasons,
         show_account=r.get(raw, base + ("show_account",), values.boolean, False),
         notice_ack_for=r.get(raw, base + ("notice_ack_for",), positive_duration, PortalConfig.notice_ack_for),
         posts_per_minute=r.get(raw, base + ("posts_per_minute",), values.positive_int,
                                PortalConfig.posts_per_minute),
     )
+
+
+#: A language as ``portal.texts`` and ``default_language`` name it: ``de``, ``pt-BR``, ``pt_BR``.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+
+
+def _language_tag(value: Any) -> str:
+    """``pt_BR`` → ``pt-br``. Any language may be named: whether the portal has a catalogue for it
+    (shipped, or in ``portal.locale_dir``) is the portal's check (check-config), not the reader's."""
+    tag = values.string(value).strip()
+    if not _LANGUAGE_TAG.fullmatch(tag):
+        raise ValueError(f"{tag!r} is not a language tag like 'de' or 'pt-BR'")
+    return tag.replace("_", "-").lower()
+
+
+def _portal_dir(r: KeyReader, raw: dict[str, Any], path: tuple[str, ...], config_path: str) -> str:
+    """A directory key (relative to the config file's directory) that must exist when given."""
+    directory = r.get(raw, path, values.string, "")
+    if directory:
+        if not directory.startswith("/"):
+            directory = str((Path(config_path).parent / directory).resolve())
+        if not os.path.isdir(directory):
+            r.fail(path, f"{directory}: not a directory")
+    return str(directory)
+
+
+def _portal_texts(r: KeyReader, raw: Any, path: tuple[str | int, ...]) -> dict[str, dict[str, str]]:
+    """``texts``: language → message key → text; the keys and placeholders are the portal's check."""
+    texts: dict[str, dict[str, str]] = {}
+    if raw is None:
+        return texts
+    if not isinstance(raw, dict):
+        r.fail(path, f"expected a mapping of language → message key → text, got {type(raw).__name__}")
+        return texts
+    for language, strings in raw.items():
+        try:
+            tag = _language_tag(language)
+        except ValueError as exc:
+            r.fail(path + (str(language),), str(exc))
+            continue
+        if not isinstance(strings, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in strings.items()):
+            r.fail(path + (str(language),), "expected a mapping of message key → text")
+            continue
+        texts.setdefault(tag, {}).update(strings)
+    return texts
+
+
+def _portal_reasons(r: KeyReader, raw: Any, path: tuple[str | int, ...],
+                    config_path: str) -> dict[str, ReasonPage]:
+    """``reasons``: reason → its page (``template``, ``texts``), keyed by the reason as the portal
+    compares reasons (lower case, ``-`` and spaces as ``_``)."""
+    reasons: dict[str, ReasonPage] = {}
+    if raw is None:
+        return reasons
+    if not isinstance(raw, dict):
+        r.fail(path, f"expected a mapping of reason → {{template, texts}}, got {type(raw).__name__}")
+        return reasons
+    for reason, page in raw.items():
+        where = path + (str(reason),)
+        normal = str(reason).strip().lower().replace("-", "_").replace(" ", "_")
+        if not normal:
+            r.fail(where, "empty reason")
+            continue
+        if normal in reasons:
+            r.fail(where, f"the same reason as another key here ({normal!r}: case, '-' and spaces do not matter)")
+            continue
+        page_raw = r.section(page, where, set(ReasonPage.__dataclass_fields__))
+        template = r.get(page_raw, where + ("template",), values.string, "")
+        if template:
+            if not template.startswith("/"):
+                template = str((Path(config_path).parent / template).resolve())
+            if not os.path.isfile(template):
+                r.fail(where + ("template",), f"{template}: no such file")
+                template = ""
+        reasons[normal] = ReasonPage(template=template,
+                                     texts=_portal_texts(r, page_raw.get("texts"), where + ("texts",)))
+    return reasons
 
 
 def api(r: KeyReader, top: dict[str, Any]) -> ApiConfig:

@@ -77,11 +77,11 @@ def _chromium() -> str:
 
 
 def _catalogue(language: str) -> dict[str, str]:
-    """The portal's strings for ``language``, read now (the catalogue is growing)."""
-    from captive_portal.messages import MESSAGES
+    """The portal's strings for ``language``, read now from its shipped gettext catalogue."""
+    from captive_portal.catalogues import MESSAGES
 
     if language not in MESSAGES:
-        pytest.fail(f"captive_portal.messages has no {language!r} catalogue (docs/reference.md, Portal, requires it); "
+        pytest.fail(f"captive_portal/locale has no {language!r} catalogue (docs/reference.md, Portal, requires it); "
                     f"languages there: {sorted(MESSAGES)}")
     return dict(MESSAGES[language])
 

@@ -25,9 +25,10 @@ from portal_helpers import unix_enforcer
 
 from captive_portal.app import CAPTIVE_JSON, REGISTRY_KEY, caller_address, create_app
 from captive_portal.branding import text_placeholders
+from captive_portal.catalogues import EN, LANGUAGE_NAMES, MESSAGES
 from captive_portal.enforcer_client import Ack, EnforcerClient, EnforcerUnavailable, Lookup
 from captive_portal.language import choose_language, page_language, parse_accept_language
-from captive_portal.messages import EN, LANGUAGE_NAMES, MESSAGES, PLACEHOLDERS, MessageKey, Messages, reason_key
+from captive_portal.messages import PLACEHOLDERS, MessageKey, Messages, reason_key
 from captive_portal.page import render_page
 from captive_portal.portal_url import PortalUrl, parse_host_header
 from enforcer.config import LANGUAGES, Config, PaymentLink, Provider, parse_config

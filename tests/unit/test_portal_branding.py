@@ -25,8 +25,8 @@ from captive_portal.branding import (
     logo_mime,
     on_color,
 )
+from captive_portal.catalogues import EN, MESSAGES
 from captive_portal.config_check import validate
-from captive_portal.messages import EN, MESSAGES
 from captive_portal.page import Caller, Pages, largest_page
 from enforcer.config import LANGUAGES, MAX_LOGO_BYTES, Branding, Config, PaymentLink, parse_config
 
@@ -265,9 +265,10 @@ def test_texts_problems_name_their_key_path(config: Config) -> None:
     problems = validate(with_portal(config, texts=texts))
     assert problems == [
         "portal.texts.cs.heading_restriced: unknown message key (did you mean heading_restricted?)",
-        "portal.texts.cs.pay_heading: empty text; leave the key out to keep the built-in one",
+        "portal.texts.cs.pay_heading: empty text; leave the key out to keep the catalogue's",
         "portal.texts.cs.summary_active: a lone '$'; write $$ for a dollar sign",
-        "portal.texts.de: no such language; use one of en, cs, hu, es, uk, ru, pt",
+        "portal.texts.de: no catalogue for this language (have en, cs, hu, es, uk, ru, pt); add de.po to "
+        "portal.locale_dir (docs/portal.md, Texts and languages)",
     ]
 
 

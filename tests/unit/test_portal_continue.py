@@ -25,9 +25,9 @@ from test_portal import (
 )
 
 from captive_portal.app import CSRF_KEY, URLS_KEY
+from captive_portal.catalogues import EN, MESSAGES
 from captive_portal.csrf import CsrfTokens
 from captive_portal.enforcer_client import Ack, Lookup
-from captive_portal.messages import EN, MESSAGES
 from captive_portal.original_urls import MAX_URL, OriginalUrls, page_url
 from captive_portal.ratelimit import RateLimiter, bucket_key
 from enforcer.config import Config

@@ -25,6 +25,7 @@ from portal_helpers import TEST_PEER, unix_enforcer, with_test_peer
 from test_portal import FREE, NOTICE, OVERDUE, PORTAL_URL, config, on_portal, with_portal
 
 from captive_portal.app import CAPTIVE_JSON, CSRF_KEY, URLS_KEY, create_app
+from captive_portal.catalogues import EN, MESSAGES
 from captive_portal.enforcer_client import (
     Ack,
     EnforcerClient,
@@ -34,7 +35,6 @@ from captive_portal.enforcer_client import (
     Promised,
     PromiseOffer,
 )
-from captive_portal.messages import EN, MESSAGES
 from enforcer.config import Config
 
 __all__ = ["config"]  # the fixture, shared with test_portal
