@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
 from captive_portal.metrics import PortalMetrics
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
 ALERTS = ROOT / "config" / "prometheus-alerts.yaml"
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
+ALERT_TESTS = ROOT / "tests" / "unit" / "data" / "prometheus-alerts.test.yaml"
+RUNBOOKS = "https://walled-garden.example/docs/operations.md#"
 PROCESS_SERIES = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
                   "process_start_time_seconds", "python_info")
 
@@ -71,3 +74,38 @@ def test_the_docs_name_the_process_series_and_every_portal_kind() -> None:
     from captive_portal.metrics import RequestKind
     for kind in RequestKind:
         assert f"`{kind.value}`" in row, f"kind={kind.value} missing from the metrics table"
+
+
+# --- alerts ------------------------------------------------------------------------------------
+
+def alerts() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+            if "alert" in rule]
+
+
+def test_every_alert_links_its_own_runbook_heading() -> None:
+    headings = set(re.findall(r"^#### (WalledGarden\w+)$", OPERATIONS.read_text(), re.MULTILINE))
+    names = {rule["alert"] for rule in alerts()}
+    for rule in alerts():
+        assert rule["annotations"].get("runbook_url") == RUNBOOKS + rule["alert"].lower(), rule["alert"]
+    assert names == headings, f"runbooks missing: {names - headings}, runbooks of no alert: {headings - names}"
+
+
+def test_only_the_job_level_alert_uses_absent() -> None:
+    """absent() keeps only the matchers' labels: an alert about a gateway must not be built on it."""
+    for rule in alerts():
+        if rule["alert"] != "WalledGardenNotScraped":
+            assert "absent(" not in rule["expr"] and "absent_over_time(" not in rule["expr"], rule["alert"]
+
+
+def test_alerts_about_a_gateway_name_its_instance_in_their_tests() -> None:
+    tested: dict[str, int] = {}
+    for group in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for case in group.get("alert_rule_test", []):
+            for alert in case["exp_alerts"]:
+                tested[case["alertname"]] = tested.get(case["alertname"], 0) + 1
+                if case["alertname"] not in ("WalledGardenNotScraped", "WalledGardenFleetGatewayNotSeen"):
+                    assert "instance" in alert["exp_labels"], case["alertname"]
+    for name in ("WalledGardenDaemonDown", "WalledGardenPortalDown", "WalledGardenNotScraped",
+                 "WalledGardenWebhooksUnauthorized", "WalledGardenWebhooksUnavailable", "WalledGardenPortalErrors"):
+        assert tested.get(name), f"{name} has no promtool test that fires it"
