@@ -4,6 +4,7 @@ dashboard selects a gateway's enforcer and portal alike."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,74 @@ def test_alerts_about_a_gateway_name_its_instance_in_their_tests() -> None:
     for name in ("WalledGardenDaemonDown", "WalledGardenPortalDown", "WalledGardenNotScraped",
                  "WalledGardenWebhooksUnauthorized", "WalledGardenWebhooksUnavailable", "WalledGardenPortalErrors"):
         assert tested.get(name), f"{name} has no promtool test that fires it"
+
+
+# --- dashboard ---------------------------------------------------------------------------------
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(panel, target) for panel in dashboard()["panels"] for target in panel.get("targets", [])]
+
+
+def js_regex(pattern: str) -> re.Pattern[str]:
+    """A Grafana variable's ``/.../`` regex (the subset shared with Python's)."""
+    assert pattern.startswith("/") and pattern.endswith("/"), pattern
+    return re.compile(pattern[1:-1])
+
+
+def test_one_host_selects_a_gateways_enforcer_and_portal_alike() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert "instance" not in variables, "$instance came from the enforcer's series only"
+    host = variables["host"]
+    assert "walled-garden|walled-garden-portal" in host["query"]["query"], "both jobs' targets"
+    strip = js_regex(host["regex"])
+    for enforcer, portal, name in (("gw1.isp.example:9640", "gw1.isp.example:9641", "gw1.isp.example"),
+                                   ("[2001:db8::1]:9640", "[2001:db8::1]:9641", "[2001:db8::1]"),
+                                   ("gw1", "gw1", "gw1")):
+        assert strip.fullmatch(enforcer)[1] == strip.fullmatch(portal)[1] == name  # type: ignore[index]
+    matcher = 'instance=~"$host(:[0-9]+)?"'
+    for panel, target in targets():
+        expr = target["expr"]
+        assert "$instance" not in expr, panel["title"]
+        if "instance=~" in expr:
+            assert expr.count("instance=~") == expr.count(matcher), f"{panel['title']}: {expr}"
+    # The matcher once Grafana has put host "gw1" in (a multi-value variable: "(gw1)"), anchored as Prometheus does:
+    selected = re.compile(matcher.split('"')[1].replace("$host", "(gw1)"))
+    assert selected.fullmatch("gw1:9641") and selected.fullmatch("gw1:9640") and not selected.fullmatch("gw10:9640")
+    portal = [panel["title"] for panel, target in targets() if "walled_garden_portal_" in target["expr"]]
+    assert portal and all(matcher in target["expr"] for panel, target in targets() if panel["title"] in portal)
+
+
+def test_one_data_source_variable_and_no_unused_inputs() -> None:
+    text = DASHBOARD.read_text()
+    assert "DS_PROMETHEUS" not in text and "__inputs" not in dashboard()
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in dashboard()["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == source, panel["title"]
+    for panel, target in targets():
+        assert target["datasource"] == source, panel["title"]
+
+
+def test_a_panel_shows_one_unit() -> None:
+    """Rates and seconds on one axis mislead: a panel has one unit, no per-series overrides."""
+    for panel in dashboard()["panels"]:
+        overrides = panel.get("fieldConfig", {}).get("overrides", [])
+        units = [p for o in overrides for p in o.get("properties", []) if p["id"] == "unit"]
+        assert not units, f"{panel['title']} mixes units"
+
+
+def test_panels_have_unique_ids_and_do_not_overlap() -> None:
+    panels = dashboard()["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
