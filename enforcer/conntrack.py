@@ -131,7 +131,7 @@ class Conntrack:
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix="conntrack")
             except OSError as exc:
                 self._use_netlink = False
-                log.warning("event=conntrack_netlink_unavailable error=%r (using the conntrack tool)", str(exc))
+                log.warning("event=conntrack_netlink_unavailable error=%s fallback=conntrack_tool", exc)
         return self._netlink
 
     async def _with_connections(self, networks: list[Network], keep_mark: int) -> list[Network]:

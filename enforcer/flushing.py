@@ -42,7 +42,7 @@ class Flusher:
             deleted = await self.conntrack.flush(networks, keep_mark=PORTAL_CT_MARK)
         except (ConntrackError, OSError) as exc:
             self.metrics.conntrack_failures.inc()
-            log.error("event=conntrack_flush_failed cause=%s error=%r", why, str(exc))
+            log.error("event=conntrack_flush_failed cause=%s error=%s", why, str(exc))
             return None
         self.metrics.conntrack_flushed.inc(deleted)
         log.info("event=conntrack_flushed cause=%s networks=%d entries=%d", why, len(networks), deleted)

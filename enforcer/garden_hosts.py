@@ -49,7 +49,7 @@ class GardenHosts:
             if isinstance(result, BaseException) or not result:
                 why = ("no addresses" if not isinstance(result, BaseException)
                        else (str(result) or type(result).__name__))
-                log.warning("event=garden_host_unresolved host=%s error=%r kept=%d", host, why,
+                log.warning("event=garden_host_unresolved host=%s error=%s kept=%d", host, why,
                             len(self.known.get(host, ())))
                 continue
             if result != self.known.get(host):
@@ -80,5 +80,5 @@ async def install(engine: Engine, addresses: set[str]) -> None:
         try:
             await engine.kernel(engine.reconciler.set_host_allow, addresses)
         except DataplaneError as exc:
-            log.error("event=garden_hosts_not_applied error=%r", str(exc))
+            log.error("event=garden_hosts_not_applied error=%s", str(exc))
             engine.changed.set()

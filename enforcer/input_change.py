@@ -48,7 +48,7 @@ async def change_inputs(engine: Engine, sid: str, change: Callable[[float], obje
         try:
             await asyncio.to_thread(engine.store.record_state, writes, engine.inputs, [sid])
         except (StoreError, sqlite3.Error) as exc:   # not durable, so not done: back as it was
-            log.error("event=change_not_saved subscriber=%s error=%r (kernel change undone)", sid, str(exc))
+            log.error("event=change_not_saved subscriber=%s error=%s kernel_change=undone", sid, str(exc))
             engine.undo(sid, saved)
             try:
                 await engine.apply({sid: previous or Decision(sid, Mode.FREE, "not enforced")}, deferred=[])

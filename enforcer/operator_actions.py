@@ -61,7 +61,7 @@ class OperatorActions:
             return subscriber
         event = Event(event_id or f"op-{secrets.token_hex(8)}", RESTRICTED if restrict else RELEASED, engine.clock(),
                       sid, subscriber, actor=actor, note=note, via=via)
-        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%r via=%s", actor,
+        log.warning("event=operator_action by=%s action=%s subscriber=%s reason=%s via=%s", actor,
                     "restrict" if restrict else "lift", sid, note, via or "-")
         return await asyncio.shield(self.events.submit(event, time.perf_counter(), at))
 
@@ -98,10 +98,10 @@ class OperatorActions:
         """Set the exemption here (``at``, ``via``: when and where the fleet received it)."""
         engine = self.engine
         if sid not in engine.inputs.known_ids() and sid not in engine.decisions:
-            log.info("event=exemption_for_unknown subscriber=%s (kept; applies if they are listed later)", sid)
+            log.info("event=exemption_for_unknown subscriber=%s kept=yes", sid)  # applies if they are listed later
         by = f"operator {actor} via {via}" if via else f"operator {actor}"
         exemption = Exemption(category, until, note, by, 0.0)   # set_at: its receipt
-        log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%r", actor, sid, category,
+        log.warning("event=exemption_set by=%s subscriber=%s category=%s until=%s note=%s", actor, sid, category,
                     policy.when(until), note)
         return await change_inputs(
             engine, sid, lambda at: policy.record_exemption(engine.inputs, sid, replace(exemption, set_at=at)),
@@ -120,7 +120,7 @@ class OperatorActions:
         current = engine.inputs.exemptions.get(sid, {})
         if not current or (category and category not in current):
             return Refusal(Refused.NOT_FOUND, f"{sid} has no {category + ' ' if category else ''}exemption")
-        log.warning("event=exemption_ended by=%s subscriber=%s category=%s note=%r", actor, sid, category or "all",
+        log.warning("event=exemption_ended by=%s subscriber=%s category=%s note=%s", actor, sid, category or "all",
                     note)
         return await change_inputs(engine, sid, lambda _: policy.clear_exemption(engine.inputs, sid, category),
                                    f"exemption ({category or 'all'}) ended by {by}: {note or 'no note'}", at)

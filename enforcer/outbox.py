@@ -96,7 +96,7 @@ class Outbox:
                     await self.deliver_due(session)
                     metrics.outbox.set(store.outbox_size())
                 except Exception:  # never let billing's promises stop flowing for good
-                    log.exception("event=outbox_round_failed (retrying in %.0fs)", IDLE)
+                    log.exception("event=outbox_round_failed retry_in=%.0fs", IDLE)
                 upcoming = store.outbox_next()
                 now = self.clock()
                 wait = IDLE if upcoming is None else max(0.0, min(IDLE, upcoming - now))
@@ -119,7 +119,7 @@ class Outbox:
                                  "webhook_url; the inbound webhook secret is never used for promises)")
             signer = self.load_secret(self.secret_file)
         except ValueError as exc:    # api.webhooks.SecretError: names the file and the problem, never the secret
-            log.error("event=outbox_no_secret error=%r queued=%d", str(exc), len(due))
+            log.error("event=outbox_no_secret error=%s queued=%d", exc, len(due))
             for message_id, _, _, attempts in due:
                 await asyncio.to_thread(store.outbox_failed, message_id, self.clock() + backoff(attempts), str(exc))
             return 0
@@ -146,6 +146,6 @@ class Outbox:
                 # off the loop: a write may wait for a list save in another thread
                 await asyncio.to_thread(store.outbox_failed, message_id, self.clock() + retry, error)
                 metrics.outbox_failures.inc()
-                log.warning("event=outbox_failed id=%s error=%r attempt=%d retry_in=%.0fs", message_id, error,
+                log.warning("event=outbox_failed id=%s error=%s attempt=%d retry_in=%.0fs", message_id, error,
                             attempts + 1, retry)
         return delivered

@@ -102,7 +102,7 @@ class PortalActions:
                                             f"{'of ' + via + ' ' if via else ''}from {address} until "
                                             f"{policy.when(until)}")])
             except (StoreError, sqlite3.Error) as exc:
-                log.error("event=audit_not_saved subscriber=%s error=%r", sid, str(exc))
+                log.error("event=audit_not_saved subscriber=%s error=%s", sid, str(exc))
         log.info("event=notice_acknowledged subscriber=%s address=%s until=%d", sid, address, until)
         return Outcome(Acknowledged(True, until).to_json())
 
@@ -179,4 +179,4 @@ class PortalActions:
             try:
                 await engine.kernel(engine.reconciler.acknowledge, decision, max(int(until - now), 1))
             except DataplaneError as exc:
-                log.warning("event=acknowledgement_not_restored subscriber=%s error=%r", sid, str(exc))
+                log.warning("event=acknowledgement_not_restored subscriber=%s error=%s", sid, str(exc))

@@ -24,7 +24,7 @@ class References:
         key = store.get_meta("reference_key")
         if not (isinstance(key, str) and len(key) == 32 and all(c in "0123456789abcdef" for c in key)):
             if key is not None:   # a damaged row: a new key changes the codes, never stops the start
-                log.error("event=reference_key_unusable (a new one is made; earlier reference codes change)")
+                log.error("event=reference_key_unusable replaced=yes")  # earlier reference codes change
             key = None
         if key is None:
             key = secrets.token_hex(16)

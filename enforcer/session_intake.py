@@ -128,7 +128,7 @@ class SessionIntake:
         state.last_problem = f"{kind}: {detail}"[:500]
         self.metrics.session_errors.labels(source, kind).inc()
         if state.problems[kind] <= LOGGED_PROBLEMS:
-            log.warning("event=session_source_problem source=%s kind=%s detail=%r (nothing else changed)",
+            log.warning("event=session_source_problem source=%s kind=%s detail=%s",
                         source, kind, detail)
 
     def address_problem(self, network: Network) -> str | None:
@@ -214,7 +214,7 @@ class SessionIntake:
                 await asyncio.to_thread(engine.store.record_state, writes, sessions=(saved, gone), events=answers,
                                         billing_order=engine.billing_order.rows(undo.order))
             except (StoreError, sqlite3.Error) as exc:   # not durable, so not done: back as it was
-                log.error("event=sessions_not_saved changes=%d error=%r (kernel change undone)", len(before), str(exc))
+                log.error("event=sessions_not_saved changes=%d error=%s kernel_change=undone", len(before), str(exc))
                 self._put_back(undo)
                 await self._reapply(touched, now)
                 self._fail(batch, f"the session state could not be saved: {exc}")

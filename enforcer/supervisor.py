@@ -135,7 +135,7 @@ class Supervisor:
         state.restart_at = None if stopping else state.last_failure_at + delay
         if self.failures is not None:
             self.failures.labels(name).inc()
-        log.error("event=task_failed task=%s failures=%d error=%r restart_in=%s", name, state.failures, text,
+        log.error("event=task_failed task=%s failures=%d error=%s restart_in=%s", name, state.failures, text,
                   "-" if stopping else f"{delay:.0f}s", exc_info=error)
 
     async def _stopped_within(self, seconds: float) -> bool:

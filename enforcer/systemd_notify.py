@@ -35,7 +35,7 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message.encode(), socket.MSG_DONTWAIT, path)
     except OSError as exc:
-        log.warning("event=sd_notify_failed message=%s error=%r", message.split("=", 1)[0], str(exc))
+        log.warning("event=sd_notify_failed message=%s error=%s", message.split("=", 1)[0], str(exc))
         return False
     return True
 

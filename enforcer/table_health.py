@@ -46,8 +46,9 @@ class TableHealth:
                 reconciler.needs_full = True
         if not problem:
             return True
-        log.error("event=table_lost table=%s check=%s detail=%r (someone removed or changed our table; "
-                  "repairing now)", engine.config.gateway.table, "full" if full else "quick", problem)
+        # Someone removed or changed our table: repaired now.
+        log.error("event=table_lost table=%s check=%s detail=%s action=repairing", engine.config.gateway.table,
+                  "full" if full else "quick", problem)
         engine.table_repairs += 1
         engine.changed.set()
         return False

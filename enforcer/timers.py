@@ -101,8 +101,8 @@ class Timers:
                 try:
                     await asyncio.to_thread(engine.store.save_subscribers, engine.inputs, expired)
                 except (StoreError, sqlite3.Error) as exc:   # what ended is gone from memory: enforce it
-                    log.error("event=expiry_not_saved count=%d error=%r (enforced anyway; they expire again "
-                              "after a restart)", len(expired), str(exc))
+                    # Enforced anyway; they expire again after a restart.
+                    log.error("event=expiry_not_saved count=%d error=%s enforced=yes", len(expired), exc)
             result = await engine.apply_resolving(engine.decide(todo, now), "policy timer")
             self.metrics.exemptions.set(sum(len(e) for e in engine.inputs.exemptions.values()))
         log.info("event=policy_timer expired=%d window_opened=%d escalated=%d changed_networks=%d", len(expired),

@@ -76,7 +76,7 @@ class ForwarderBridge:
         """Run the child until ``stop``, started again when it ends (``child_process``)."""
         def exited(code: int | None, delay: float) -> None:
             self.restarts += 1
-            log.error("event=dns_forwarder_exited code=%s error=%r restart_in=%.0fs", code, self.last_error or "",
+            log.error("event=dns_forwarder_exited code=%s error=%s restart_in=%.0fs", code, self.last_error or "",
                       delay)
 
         await keep_running(lambda: self._run_once(stop), stop, exited)
@@ -127,7 +127,7 @@ class ForwarderBridge:
             text = line.decode(errors="replace").rstrip()
             if text:
                 self.last_error = text[:1000]
-                log.warning("event=dns_forwarder_stderr pid=%d line=%r", process.pid, text[:1000])
+                log.warning("event=dns_forwarder_stderr pid=%d line=%s", process.pid, text[:1000])
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -143,7 +143,7 @@ class ForwarderBridge:
                 if "stats" in message:
                     self.apply_stats(message["stats"])
             except (ValueError, TypeError, KeyError) as exc:   # a child's bug must not stop the supervision
-                log.error("event=dns_forwarder_bad_line error=%r line=%r", str(exc), line[:300])
+                log.error("event=dns_forwarder_bad_line error=%s line=%s", exc, line[:300])
 
     def apply_stats(self, stats: dict[str, Any]) -> None:
         """One ``Stats.drain()`` from the child into the metrics. ValueError/TypeError on a bad shape."""
@@ -189,5 +189,6 @@ class ForwarderBridge:
             return found[0]
         if name not in others and name not in self._unknown:
             self._unknown.add(name)
-            log.warning("event=dns_forwarder_unknown_stat name=%r labels=%d (dropped; a newer child?)", name, arity)
+            # A newer child's metric, or a wrong arity: dropped.
+            log.warning("event=dns_forwarder_unknown_stat name=%s labels=%d action=dropped", name, arity)
         return None

@@ -160,7 +160,7 @@ class _UdpListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:   # e.g. an ICMP error queued for an earlier answer: not fatal
-                log.debug("DNS forwarder: UDP receive error: %s", exc)
+                log.debug("event=dns_udp_receive_failed error=%s", exc)
                 continue
             query(data, (*addr, self._reply_from(ancillary)), self)
 
@@ -181,7 +181,7 @@ class _UdpListener:
             self.sock.sendmsg([data], addr[-1], 0, addr[:-1])
         except OSError as exc:
             self.forwarder.stats.count("answers_dropped")
-            log.debug("DNS forwarder: answer to %s not sent: %s", addr[0], exc)
+            log.debug("event=dns_answer_not_sent client=%s error=%s", addr[0], exc)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -245,7 +245,8 @@ class Forwarder:
                     udp_sock, tcp_sock = _bound_sockets(host, self.settings.port)
                 except OSError as exc:
                     if host == "::" and exc.errno == errno.EAFNOSUPPORT and len(self.settings.listen) > 1:
-                        log.warning("event=dns_forwarder_no_ipv6 (IPv6 is disabled here; listening on IPv4 only)")
+                        # IPv6 is disabled on this machine.
+                        log.warning("event=dns_forwarder_no_ipv6 listening=ipv4_only")
                         continue
                     raise
                 self._udp.append(_UdpListener(self, udp_sock))
@@ -255,8 +256,8 @@ class Forwarder:
         except BaseException:
             await self.close()
             raise
-        log.info("DNS forwarder listening on %s (UDP and TCP), resolvers %s",
-                 ", ".join(f"{host} port {port}" for host, port in self.bound), ", ".join(self.udp_upstream.labels))
+        log.info("event=dns_forwarder_listening listen=%s transports=udp,tcp resolvers=%s",
+                 ",".join(f"{host}:{port}" for host, port in self.bound), ",".join(self.udp_upstream.labels))
 
     async def close(self) -> None:
         for transport in self._udp:
@@ -353,7 +354,7 @@ class Forwarder:
             qname = dns.name.from_wire(query.question, 0)[0]
             addresses = garden_addresses(answer.wire, qname, self.settings.max_ttl, self.settings.ttl_margin)
         except (AnswerError, dns.name.NameTooLong, dns.exception.FormError) as exc:
-            log.debug("DNS forwarder: answer from %s not parsed: %s", answer.resolver, exc)
+            log.debug("event=dns_garden_answer_unparsable resolver=%s error=%s", answer.resolver, exc)
             self.stats.count("garden_answers_unparsable")
             return
         kept = [(address, seconds) for address, seconds in addresses if self._admissible(address)]
@@ -387,7 +388,7 @@ class Forwarder:
         exc = task.exception()
         if exc is not None:
             # The kernel writer counts and logs its own failures; this is a bug in it: say so loudly.
-            log.error("DNS forwarder: admitting garden addresses failed", exc_info=exc)
+            log.error("event=dns_garden_admit_failed error=%s", exc, exc_info=exc)
             self.stats.count("admit_failures")
 
     # --- TCP -----------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class _Throttled:
             return
         self._last[event] = now
         skipped = self._skipped.pop(event, 0)
-        log.error("event=%s error=%r not_logged_since_last=%d", event, error, skipped)
+        log.error("event=%s error=%s not_logged_since_last=%d", event, error, skipped)
 
 
 class GardenSet:
@@ -239,7 +239,7 @@ class GardenSet:
                 async with self._kernel:
                     await self._write(wanted)
             except Exception as exc:  # a bug here must not leave queries hanging: logged + counted
-                log.exception("event=dns_garden_write_failed error=%r", str(exc))
+                log.exception("event=dns_garden_write_failed error=%s", exc)
                 self.stats.count("kernel_failures")
             finally:
                 for future in waiting:
@@ -394,14 +394,15 @@ class GardenSet:
         except NftError as exc:
             if _MISSING in str(exc):
                 if not self._table_missing:
-                    log.error("event=dns_garden_table_missing table=%s error=%r (waiting for the daemon to "
-                              "create it; addresses cannot be admitted meanwhile)", self.table, str(exc))
+                    # Waiting for the daemon to create it; addresses cannot be admitted meanwhile.
+                    log.error("event=dns_garden_table_missing table=%s error=%s admitting=paused", self.table, exc)
                     self._table_missing = True
                 return
             self._failed("dns_garden_refill_failed", str(exc))
             return
-        log.warning("event=dns_garden_refilled table=%s ipv4=%d ipv6=%d (a set had lost its marker: the table "
-                    "was recreated or a set flushed)", self.table, len(entries[4]), len(entries[6]))
+        # A set had lost its marker: the table was recreated or a set flushed.
+        log.warning("event=dns_garden_refilled table=%s ipv4=%d ipv6=%d why=marker_lost", self.table,
+                    len(entries[4]), len(entries[6]))
         self._table_missing = False
         for family in (4, 6):
             keep = {a for _, a in entries[family]}

@@ -326,9 +326,9 @@ class UdpUpstream:
                 now = time.monotonic()
                 if now - self._warned.get(index, -WARN_EVERY) >= WARN_EVERY:   # not once per query
                     self._warned[index] = now
-                    log.warning("event=dns_upstream_socket_failed resolver=%s error=%r (counted in "
-                                "walled_garden_dns_upstream_failures_total; said again in %.0fs at the "
-                                "earliest)", self.labels[index], str(exc), WARN_EVERY)
+                    # Counted in walled_garden_dns_upstream_failures_total; said again WARN_EVERY later at the earliest.
+                    log.warning("event=dns_upstream_socket_failed resolver=%s error=%s quiet_for=%.0fs",
+                                self.labels[index], exc, WARN_EVERY)
                 self.stats.count("upstream_failures", (self.labels[index], "error"))
                 index += 1
                 continue

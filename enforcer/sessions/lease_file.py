@@ -172,7 +172,7 @@ class LeaseFileSource(ABC):
                 reading = await asyncio.to_thread(self.parse, before, self._seen, self.clock())
             except TornRead as torn:
                 self._status["retries"] += 1
-                log.debug("session source %s: %s; reading again", self.name, torn)
+                log.debug("event=lease_file_torn source=%s detail=%s action=reread", self.name, torn)
                 continue
             except OSError as error:
                 self._unreadable(sink, f"{self.path}: {error.strerror or error}")

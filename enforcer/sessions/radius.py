@@ -367,8 +367,8 @@ class RadiusSource:
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self.counts["busy"] += 1
-            log.warning("event=radius_busy source=%s in_flight=%d (dropped unanswered; the NAS resends)",
-                        self.name, len(self._tasks))
+            log.warning("event=radius_busy source=%s in_flight=%d action=dropped", self.name,
+                        len(self._tasks))   # unanswered: the NAS resends
             return
         self._start(sink, request, accounting, duplicate, received=self.last_request)
 
@@ -461,7 +461,7 @@ class RadiusSource:
             except SessionChangeFailed as exc:
                 # the sink reported it (commit_failed); no answer, so the NAS resends
                 self.counts["uncommitted"] += 1
-                log.info("event=radius_not_answered source=%s session=%s reason=%r", self.name, accounting.key, exc)
+                log.info("event=radius_not_answered source=%s session=%s reason=%s", self.name, accounting.key, exc)
                 return
             except Exception:   # a sink bug must not end the receiver; logged and counted
                 self.counts["failures"] += 1
