@@ -165,7 +165,7 @@ def compile_po(data: bytes, code: str, where: str) -> Translations:
         raise CatalogueError(f"{where}: not a readable .po catalogue: {exc}") from exc
     for message in list(catalog):
         if message.id and isinstance(message.string, (list, tuple)) and not all(message.string):
-            message.string = ("",) * len(message.string)
+            catalog.delete(message.id, message.context)  # write_mo would fill the gaps with the English
     buffer = io.BytesIO()
     write_mo(buffer, catalog)
     return _translations(buffer.getvalue(), where)
