@@ -21,7 +21,7 @@ def parse_accept_language(header: str) -> list[tuple[str, float]]:
     ranges: list[tuple[str, float]] = []
     for item in header.split(","):
         tag, _, params = item.partition(";")
-        tag = tag.strip().lower()
+        tag = tag.strip().lower().replace("_", "-")  # "pt_BR" (POSIX style, seen in the wild) is pt-br
         if not tag or len(tag) > 64:
             continue
         q = 1.0
@@ -56,7 +56,7 @@ def choose_language(header: str | None, available: Container[str], default: str 
 def page_language(query: str | None, header: str | None, available: Container[str], default: str = "en") -> str:
     """``?lang=`` when it names a language we have, else the best match for ``Accept-Language``."""
     if query:
-        tag = query.strip().lower()
+        tag = query.strip().lower().replace("_", "-")
         if tag in available:
             return tag
         primary = tag.split("-", 1)[0]

@@ -246,6 +246,10 @@ async def test_accept_language_finds_dropped_in_languages(locale_dir: Path) -> N
         assert language == "en"  # default_language: en, as ever
         response = await client.get("/?lang=pl", headers=on_portal(**{"Accept-Language": "de"}))
         assert response.headers["Content-Language"] == "pl"
+        response = await client.get("/?lang=de_AT", headers=on_portal(**{"Accept-Language": "pl_PL"}))
+        assert response.headers["Content-Language"] == "de"
+        language, _ = await page(**{"Accept-Language": "pl_PL"})
+        assert language == "pl"
 
 
 def test_a_catalogue_for_a_shipped_language_rewords_it_and_falls_back_to_it(tmp_path: Path) -> None:
