@@ -210,9 +210,10 @@ def shipped() -> dict[str, Catalogue]:
 def dropped_in(locale_dir: str) -> tuple[dict[str, str], list[str]]:
     """Language code → catalogue file in ``locale_dir``, and the problems with the directory.
 
-    ``<language>.po`` or ``<language>.mo``, the language as a tag (``de``, ``pt_BR``); with both,
-    the ``.po`` is read. Other files are not catalogues and are named as problems, so a typo
-    (``de.pot``, ``german.po``) does not go unnoticed.
+    ``<language>.po`` or ``<language>.mo``, the language as a tag (``de``, ``pt_BR``), or what
+    ``pybabel init -d <dir>`` makes, ``<language>/LC_MESSAGES/messages.po`` (or ``.mo``); a
+    ``.po`` is read before a ``.mo`` of the same language. Anything else is named as a problem, so
+    a typo (``german.po``, ``de.txt``) does not go unnoticed; ``.pot`` templates are left alone.
     """
     if not locale_dir:
         return {}, []
@@ -220,21 +221,26 @@ def dropped_in(locale_dir: str) -> tuple[dict[str, str], list[str]]:
         names = sorted(os.listdir(locale_dir))
     except OSError as exc:
         return {}, [f"portal.locale_dir: {locale_dir}: {exc.strerror or exc}"]
-    files: dict[str, str] = {}
+    found: dict[str, list[str]] = {}
     problems = []
     for name in names:
-        stem, dot, extension = name.rpartition(".")
-        code = normal_tag(stem) if dot and extension in ("po", "mo") else None
         path = os.path.join(locale_dir, name)
-        if code is None:
-            if not name.startswith(".") and extension != "pot":
-                problems.append(f"portal.locale_dir: {path}: not a catalogue (expected <language>.po or "
-                                "<language>.mo, e.g. de.po or pt_BR.po)")
+        stem, dot, extension = name.rpartition(".")
+        if name.startswith(".") or extension == "pot":
             continue
-        if code in files and files[code].endswith(".po"):
-            continue  # sorted: x.mo comes before x.po, so a .po always wins
-        files[code] = path
-    return files, problems
+        if os.path.isdir(path) and normal_tag(name):
+            inside = [os.path.join(path, "LC_MESSAGES", f"messages.{ext}") for ext in ("po", "mo")]
+            if any(os.path.isfile(file) for file in inside):
+                found.setdefault(str(normal_tag(name)), []).extend(f for f in inside if os.path.isfile(f))
+                continue
+        code = normal_tag(stem) if dot and extension in ("po", "mo") and os.path.isfile(path) else None
+        if code is None:
+            problems.append(f"portal.locale_dir: {path}: not a catalogue (expected <language>.po or "
+                            "<language>.mo, e.g. de.po or pt_BR.po, or <language>/LC_MESSAGES/messages.po)")
+            continue
+        found.setdefault(code, []).append(path)
+    return {code: min(paths, key=lambda path: (not path.endswith(".po"), path)) for code, paths in found.items()}, \
+        problems
 
 
 def load(locale_dir: str) -> dict[str, Catalogue]:

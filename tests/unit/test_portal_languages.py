@@ -280,6 +280,18 @@ def test_a_compiled_mo_catalogue_works_too(tmp_path: Path) -> None:
     assert pages.default_language == "de" and GERMAN["heading_restricted"] in pages.caller_page(Caller(OVERDUE, "xx"))
 
 
+def test_the_layout_pybabel_makes_works_too(tmp_path: Path) -> None:
+    (tmp_path / "de" / "LC_MESSAGES").mkdir(parents=True)
+    (tmp_path / "de" / "LC_MESSAGES" / "messages.po").write_bytes(catalogue_file("de", GERMAN, GERMAN_TERMS))
+    (tmp_path / "pl.mo").write_bytes(b"")  # a .po of the same language is read first
+    (tmp_path / "pl.po").write_bytes(catalogue_file("pl", POLISH, POLISH_TERMS))
+    config = with_locale(tmp_path)
+    assert validate(config) == []
+    pages = Pages.from_config(config)
+    assert GERMAN["heading_restricted"] in pages.caller_page(Caller(OVERDUE, "de"))
+    assert POLISH["heading_restricted"] in pages.caller_page(Caller(OVERDUE, "pl"))
+
+
 def test_broken_catalogues_are_named_and_left_out(tmp_path: Path) -> None:
     (tmp_path / "de.po").write_bytes(catalogue_file("de", GERMAN, GERMAN_TERMS, plural_forms="nplurals=2; plural=(n=="))
     (tmp_path / "pl.po").write_bytes(catalogue_file("pl", {**POLISH, "pay_heading": "Zapłać $amount"}, POLISH_TERMS))
