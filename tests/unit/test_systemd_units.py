@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 #: Highest ``systemd-analyze security`` exposure allowed per unit (0 = locked down, 10 = none).
 THRESHOLDS = {"walled-garden.service": 4.0, "walled-garden-portal.service": 2.0}
-INSTALLED = "/usr/local/bin/walled-garden"
+INSTALLED = "/usr/bin/walled-garden"   # where the Debian package (.ci/package) puts it
 
 
 def tool(name: str) -> str:
@@ -47,7 +47,7 @@ def staged(unit: str, tmp_path: Path) -> Path:
     """The unit as installed, with ``ExecStart`` pointing at an executable that exists here.
 
     ``verify`` checks that commands are executable; this machine need not have the package
-    installed in /usr/local/bin for the unit itself to be checked.
+    installed in /usr/bin for the unit itself to be checked.
     """
     stub = tmp_path / "bin" / "walled-garden"
     stub.parent.mkdir(exist_ok=True)
