@@ -128,6 +128,7 @@ class Pages:
         self.tz = tz  # for dates on the page; None: the machine's local time
         self.languages: dict[str, Catalogue] = catalogues.load(portal.locale_dir)
         self.messages = branding.catalogue(self.languages, portal.texts)
+        self.language_names = {code: language.name for code, language in self.languages.items()}
         self.default_language = portal.default_language if portal.default_language in self.messages \
             else DEFAULT_LANGUAGE
         self.template = branding.load_template(portal.templates_dir)
@@ -225,7 +226,7 @@ class Pages:
             attributes = {"href": self._page_link(code), "hreflang": code, "lang": code}
             if code == current:
                 attributes["aria_current"] = "true"
-            items.append(element("li", element("a", self.languages[code].name, **attributes)))
+            items.append(element("li", element("a", self.language_names[code], **attributes)))
         return element("nav", element("ul", join(*items)), aria_label=m["language_label"])
 
     def _back(self, m: Messages, url: str) -> Markup:
