@@ -435,24 +435,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main()
 
 
-def package_version() -> str:
-    """The installed distribution's version; from pyproject.toml when run from a source tree
-    that was never installed (so ``--version`` never fails)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("walled-garden")
-    except metadata.PackageNotFoundError:
-        import tomllib
-        from pathlib import Path
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        try:
-            return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
-
-
 class _VersionAction(argparse.Action):
     """``--version``: looks the version up only when asked (argparse's own wants it up front)."""
 
@@ -462,6 +444,8 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
+        from .process_metrics import package_version
+
         print(f"{parser.prog} {package_version()}")
         parser.exit(0)
 
