@@ -129,8 +129,10 @@ def config_warnings(config: Config) -> list[str]:
             warnings.append(f"{where}: no clients given, so anyone who knows the secret may send accounting; "
                             "set clients to the BNG's addresses")
     from captive_portal import reachability
+    from captive_portal.config_check import warnings as portal_warnings
 
     warnings += reachability.warnings(config, resolve=_resolve_within(RESOLVE_SECONDS))
+    warnings += portal_warnings(config)
     return warnings
 
 
