@@ -14,20 +14,30 @@ in O(prefix lengths in use):
 Keys are integers (``network_address`` as int), lengths per family are few (a gateway uses
 /32 and /128, /64 and /56, maybe a /29), so a 100k-subscriber index is a few dicts of ints.
 A length seen for the first time gets its ``inside`` counts by one scan of the held networks.
+What each subscriber holds is kept as the kernel's keys (``subscribers.Key``), the very tuples
+the list entries hold (``rebuild_keys``), not as ``ipaddress`` networks (~430 bytes each).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .model import Network
+from .subscribers import Key, key_network, network_key
 
 log = logging.getLogger("walled_garden.enforcer")
 
 Slot = tuple[int, int]            # (IP version, prefix length)
 _BITS = {4: 32, 6: 128}
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def _value(key: Key) -> int:
+    """The key's address as an integer (``int(network.network_address)``)."""
+    return int.from_bytes(socket.inet_pton(_FAMILIES[key[0]], key[2]), "big")
 
 
 def _masked(value: int, version: int, plen: int) -> int:
@@ -47,7 +57,7 @@ class Conflict(ValueError):
 
 class ClaimsIndex:
     def __init__(self) -> None:
-        self.held: dict[str, tuple[Network, ...]] = {}
+        self.held: dict[str, tuple[Key, ...]] = {}
         self._exact: dict[Slot, dict[int, str]] = {}
         self._inside: dict[Slot, dict[int, dict[str, int]]] = {}
         self._lengths: dict[int, list[int]] = {4: [], 6: []}
@@ -80,7 +90,7 @@ class ClaimsIndex:
 
     def _network_of(self, holder: str, near: Network, length: int | None) -> Network:
         """Which of ``holder``'s networks overlaps ``near`` (for the message)."""
-        for theirs in self.held.get(holder, ()):
+        for theirs in map(key_network, self.held.get(holder, ())):
             if theirs.version == near.version and (theirs.subnet_of(near) or  # type: ignore[arg-type]
                                                    theirs.supernet_of(near)):  # type: ignore[arg-type]
                 return theirs
@@ -90,27 +100,32 @@ class ClaimsIndex:
     def claim(self, sid: str, networks: Iterable[Network]) -> tuple[Network, ...]:
         """Make ``networks`` the ones ``sid`` holds (none: release); returns what they held."""
         previous = self.held.pop(sid, ())
-        for network in previous:
-            self._remove(sid, network)
+        for key in previous:
+            self._remove(sid, key)
         for network in networks:   # held grows as they are added: see _ensure_inside
-            self._add(sid, network)
-            self.held[sid] = (*self.held.get(sid, ()), network)
-        return previous
+            key = network_key(network)
+            self._add(sid, key)
+            self.held[sid] = (*self.held.get(sid, ()), key)
+        return tuple(map(key_network, previous))
 
     def rebuild(self, holdings: Mapping[str, Iterable[Network]]) -> None:
+        """``rebuild_keys`` from networks."""
+        self.rebuild_keys({sid: tuple(map(network_key, networks)) for sid, networks in holdings.items()})
+
+    def rebuild_keys(self, holdings: Mapping[str, tuple[Key, ...]]) -> None:
         """Start over from what the kernel holds (after a full sync), in bulk: one pass fills the
         exact keys, ``inside`` is counted per length in use (100k /32s: no such work at all).
-        ``holdings`` must not overlap (the reconciler left every clash out)."""
-        self.held = {sid: tuple(networks) for sid, networks in holdings.items()}
-        self.held = {sid: networks for sid, networks in self.held.items() if networks}
+        ``holdings`` (subscriber → ``Subscriber.keys``) must not overlap (the reconciler left
+        every clash out); the tuples are kept as they are, shared with the list entries."""
+        self.held = {sid: keys for sid, keys in holdings.items() if keys}
         exact: dict[Slot, dict[int, str]] = {}
-        for sid, networks in self.held.items():
-            for network in networks:
-                slot = (network.version, network.prefixlen)
-                keys = exact.get(slot)
-                if keys is None:
-                    keys = exact[slot] = {}
-                keys[int(network.network_address)] = sid
+        for sid, held in self.held.items():
+            for key in held:
+                slot = key[:2]
+                values = exact.get(slot)
+                if values is None:
+                    values = exact[slot] = {}
+                values[_value(key)] = sid
         self._exact = exact
         self._lengths = {version: sorted(p for v, p in exact if v == version) for version in (4, 6)}
         self._inside = {}
@@ -123,9 +138,9 @@ class ClaimsIndex:
                         slot_counts[sid] = slot_counts.get(sid, 0) + 1
             self._inside[(version, length)] = counts
 
-    def _add(self, sid: str, network: Network) -> None:
-        version, plen = network.version, network.prefixlen
-        value = int(network.network_address)
+    def _add(self, sid: str, key: Key) -> None:
+        version, plen = key[0], key[1]
+        value = _value(key)
         if plen not in self._lengths[version]:
             self._new_length(version, plen)
         self._exact[(version, plen)][value] = sid
@@ -135,23 +150,23 @@ class ClaimsIndex:
             counts = self._inside[(version, length)].setdefault(_masked(value, version, length), {})
             counts[sid] = counts.get(sid, 0) + 1
 
-    def _remove(self, sid: str, network: Network) -> None:
-        version, plen = network.version, network.prefixlen
-        value = int(network.network_address)
+    def _remove(self, sid: str, key: Key) -> None:
+        version, plen = key[0], key[1]
+        value = _value(key)
         exact = self._exact.get((version, plen), {})
         if exact.get(value) == sid:
             del exact[value]
         for length in self._lengths[version]:
             if length >= plen:
                 break
-            key = _masked(value, version, length)
-            counts = self._inside[(version, length)].get(key)
+            masked = _masked(value, version, length)
+            counts = self._inside[(version, length)].get(masked)
             if counts and sid in counts:
                 counts[sid] -= 1
                 if not counts[sid]:
                     del counts[sid]
                 if not counts:
-                    del self._inside[(version, length)][key]
+                    del self._inside[(version, length)][masked]
 
     def _new_length(self, version: int, plen: int) -> None:
         self._lengths[version] = sorted([*self._lengths[version], plen])
@@ -163,11 +178,10 @@ class ClaimsIndex:
         if (version, plen) in self._inside:
             return
         counts: dict[int, dict[str, int]] = {}
-        for sid, networks in self.held.items():
-            for network in networks:
-                if network.version == version and network.prefixlen > plen:
-                    key = _masked(int(network.network_address), version, plen)
-                    slot = counts.setdefault(key, {})
+        for sid, held in self.held.items():
+            for key in held:
+                if key[0] == version and key[1] > plen:
+                    slot = counts.setdefault(_masked(_value(key), version, plen), {})
                     slot[sid] = slot.get(sid, 0) + 1
         self._inside[(version, plen)] = counts
         if plen not in self._lengths[version]:

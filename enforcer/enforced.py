@@ -7,14 +7,13 @@ out of 100k; only a full sync recounts, and even then it writes only the rows th
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 
 from .audit import audit_rows
 from .model import Mode, Network
 from .policy import Decision
 from .store import EnforcedWrite, Store
-from .subscribers import Subscriber
+from .subscribers import Subscriber, parse_network
 
 
 def held(decision: Decision) -> tuple[Network, ...]:
@@ -27,7 +26,7 @@ def held(decision: Decision) -> tuple[Network, ...]:
 def enforced_row(decision: Decision) -> tuple[str, list[str], str]:
     """A restricted decision as an ``enforced`` table row: (mode, addresses, reason)."""
     assert decision.subscriber is not None
-    return decision.mode.value, [str(a) for a in decision.subscriber.addresses], decision.subscriber.reason
+    return decision.mode.value, decision.subscriber.address_texts(), decision.subscriber.reason
 
 
 def enforced_before(store: Store) -> dict[str, Decision]:
@@ -37,8 +36,7 @@ def enforced_before(store: Store) -> dict[str, Decision]:
     for sid, row in store.enforced().items():
         try:
             mode = Mode(row["mode"])
-            subscriber = Subscriber(sid, tuple(ipaddress.ip_network(a) for a in row["addresses"]), mode,
-                                    row["reason"])
+            subscriber = Subscriber(sid, tuple(parse_network(a) for a in row["addresses"]), mode, row["reason"])
         except ValueError:
             continue
         out[sid] = Decision(sid, mode, "enforced before the restart", subscriber)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 #: The keys a list entry's ``match`` may have, in the order ties are broken (most specific first).
@@ -54,9 +53,12 @@ def normal_value(key: str, value: Any) -> str:
     return text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Match:
-    """A subscriber's (or a session's) identifiers; empty strings are absent keys."""
+    """A subscriber's (or a session's) identifiers; empty strings are absent keys.
+
+    Slots, no cached attributes: there is one per list entry (100k and more), and most are
+    empty, all then the one ``NO_MATCH``."""
 
     username: str = ""
     circuit_id: str = ""
@@ -64,12 +66,9 @@ class Match:
     mac: str = ""
 
     def pairs(self) -> tuple[Pair, ...]:
-        """(key, value) for each key present, in ``MATCH_KEYS`` order (computed once: the
-        policy asks for every restricted subscriber's pairs on each full decision)."""
-        return self._pairs
-
-    @cached_property
-    def _pairs(self) -> tuple[Pair, ...]:
+        """(key, value) for each key present, in ``MATCH_KEYS`` order."""
+        if not (self.username or self.circuit_id or self.remote_id or self.mac):
+            return ()
         return tuple((key, value) for key in MATCH_KEYS if (value := getattr(self, key)))
 
     def __bool__(self) -> bool:
@@ -84,7 +83,13 @@ class Match:
 
     @classmethod
     def from_json(cls, data: Mapping[str, str]) -> Match:
+        if not data:
+            return NO_MATCH
         return cls(**{key: data[key] for key in MATCH_KEYS if key in data})
+
+
+#: The empty match, shared by every entry without one.
+NO_MATCH = Match()
 
 
 def parse_match(raw: Any) -> Match:

@@ -14,18 +14,18 @@ import json
 import logging
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import FrozenInstanceError, dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import yamlsource
 from .address_space import AddressSpace, find_overlaps, special_use_problem
 from .gc_pause import gc_paused
 from .issues import Issue, IssuesError
-from .match import MATCH_KEYS, Match, parse_match
+from .match import MATCH_KEYS, NO_MATCH, Match, parse_match
 from .model import Mode, Network
 
 log = logging.getLogger(__name__)
@@ -46,30 +46,104 @@ _HEADER_WORD = re.compile(r"[a-z_]*")
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-@dataclass(frozen=True)
+Key = tuple[int, int, str]   # (IP version, prefix length, address text as nft prints it)
+
+
+def network_key(network: Network) -> Key:
+    """One address or prefix as the kernel's sets key it: (version, prefix length, text)."""
+    version = network.version
+    return version, network.prefixlen, socket.inet_ntop(_FAMILIES[version], network.network_address.packed)
+
+
+def key_network(key: Key) -> Network:
+    """``network_key``'s inverse (the text is ``inet_ntop``'s own, so ``inet_pton`` takes it)."""
+    version, plen, text = key
+    value = int.from_bytes(socket.inet_pton(_FAMILIES[version], text), "big")
+    return ipaddress.IPv4Network((value, plen)) if version == 4 else ipaddress.IPv6Network((value, plen))
+
+
+def key_text(key: Key) -> str:
+    """``str(key_network(key))`` without building the network: ``inet_ntop`` writes an address
+    as ``ipaddress`` does (RFC 5952), except IPv6 with an embedded IPv4 (``::ffff:1.2.3.4``)."""
+    version, plen, text = key
+    if version == 6 and "." in text:
+        return str(key_network(key))
+    return f"{text}/{plen}"
+
+
+@dataclass(init=False, eq=False, repr=False)   # a dataclass for ``dataclasses.replace`` and ``fields``
 class Subscriber:
-    """One restricted subscriber as billing names it."""
+    """One restricted subscriber as billing names it.
+
+    There is one per list entry, 100k and more, alive as long as the list: so slots, and the
+    addresses kept only as the kernel's keys (``keys``: version, prefix length, text). An
+    ``ipaddress`` network costs ~430 bytes (a /32 carries a closure of its own), ten times
+    its key; ``addresses`` builds them when asked (``key_network``, ~1 us each), which the
+    bulk paths avoid (``keys``, ``key_text``).
+    """
+
+    __slots__ = ("exempt_category", "exempt_until", "id", "keys", "match", "mode", "reason")
 
     id: str
-    addresses: tuple[Network, ...]
-    mode: Mode = Mode.WALLED_GARDEN
-    reason: str = ""
-    exempt_until: float | None = None      # billing's own exemption (e.g. an agreed arrangement)
-    exempt_category: str = ""
-    match: Match = field(default_factory=Match)   # identifiers a session may carry (sessions); empty: none
+    addresses: tuple[Network, ...]   # not stored: the property below
+    mode: Mode
+    reason: str
+    exempt_until: float | None       # billing's own exemption (e.g. an agreed arrangement)
+    exempt_category: str
+    match: Match                     # identifiers a session may carry (sessions); empty: none
+    if TYPE_CHECKING:   # stored, but not a field: the constructor takes ``addresses``
+        keys: tuple[Key, ...]
 
-    @cached_property
-    def keys(self) -> tuple[tuple[int, int, str], ...]:
-        """(version, prefix length, address text as nft prints it) per address, computed once."""
-        out = []
-        for network in self.addresses:
-            version = network.version
-            out.append((version, network.prefixlen,
-                        socket.inet_ntop(_FAMILIES[version], network.network_address.packed)))
-        return tuple(out)
+    def __init__(self, id: str, addresses: Iterable[Network] = (), mode: Mode = Mode.WALLED_GARDEN,
+                 reason: str = "", exempt_until: float | None = None, exempt_category: str = "",
+                 match: Match = NO_MATCH) -> None:
+        assign = object.__setattr__
+        assign(self, "id", id)
+        assign(self, "keys", tuple(network_key(n) for n in addresses))
+        assign(self, "mode", mode)
+        assign(self, "reason", sys.intern(reason))     # a few categories shared by 100k entries
+        assign(self, "exempt_until", exempt_until)
+        assign(self, "exempt_category", sys.intern(exempt_category))
+        assign(self, "match", match or NO_MATCH)
+
+    @property   # type: ignore[no-redef]
+    def addresses(self) -> tuple[Network, ...]:
+        """The addresses and prefixes as networks, built anew on each call (see the class)."""
+        return tuple(key_network(key) for key in self.keys)
+
+    def address_texts(self) -> list[str]:
+        """``[str(a) for a in self.addresses]``, without building the networks."""
+        return [key_text(key) for key in self.keys]
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.id, self.keys, self.mode, self.reason, self.exempt_until, self.exempt_category, self.match)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Subscriber)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:   # copy and pickle, as of a frozen dataclass
+        return (Subscriber, (self.id, self.addresses, self.mode, self.reason, self.exempt_until,
+                             self.exempt_category, self.match))
+
+    def __repr__(self) -> str:
+        return (f"Subscriber(id={self.id!r}, addresses={self.addresses!r}, mode={self.mode!r}, "
+                f"reason={self.reason!r}, exempt_until={self.exempt_until!r}, "
+                f"exempt_category={self.exempt_category!r}, match={self.match!r})")
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "addresses": [str(a) for a in self.addresses],
+        out: dict[str, Any] = {"id": self.id, "addresses": self.address_texts(),
                "mode": self.mode.value, "reason": self.reason}
         if self.exempt_until:
             out.update(exempt_until=self.exempt_until, exempt_category=self.exempt_category)
@@ -196,9 +270,8 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     exempt_until, exempt_category = _entry_exemption(raw, where, issues)
     if len(issues) > before:
         return None
-    subscriber = Subscriber(str(ident), tuple(networks), mode, reason, exempt_until, exempt_category, match)
-    _ = subscriber.keys  # render the kernel keys now, in the parsing thread, not later under the daemon's lock
-    return subscriber
+    # The kernel keys are rendered here, in the parsing thread, not later under the daemon's lock.
+    return Subscriber(str(ident), networks, mode, reason, exempt_until, exempt_category, match)
 
 
 def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Match:
@@ -208,7 +281,7 @@ def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Ma
     match": it looks like an export that lost its values.
     """
     if "match" not in raw:
-        return Match()
+        return NO_MATCH
     value = raw["match"]
     try:
         return parse_match({} if value is None else value)
@@ -217,7 +290,7 @@ def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Ma
         if not message.startswith(("match", "unknown match")):
             message = f"match {message}"      # normal_mac's "mac 'zz' is not ..."
         issues.append(ListIssue(where, message))
-        return Match()
+        return NO_MATCH
 
 
 def _entry_exemption(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> tuple[float | None, str]:

@@ -692,3 +692,57 @@ def test_a_prefix_over_another_subscriber_names_both_lines() -> None:
     # The broad one listed later: reported at the later line, still naming both.
     found = issues("C-3,100.64.0.5\nC-2,100.64.7.7\nC-1,100.64.0.0/24\n", "l.csv")
     assert found[0][0] == "l.csv:3" and "l.csv:1" in found[0][1]
+
+
+# -- the compact entry (issue 16) ------------------------------------------------------------
+
+def test_an_entry_keeps_kernel_keys_and_gives_back_the_same_networks():
+    import dataclasses
+    import pickle
+
+    from enforcer.match import NO_MATCH
+    from enforcer.subscribers import key_network, key_text, network_key
+    spelt = ["100.64.0.1/32", "100.64.8.0/22", "2001:db8::/32", "2001:db8:1:0:0:0:0:1/128", "2001:db8:0:1::/64",
+             "2001:db8:0:0:1::/80", "2001:0:0:1::/64", "::ffff:100.64.0.1/128", "::100.64.0.1/128", "64:ff9b::/96",
+             "fe80::/64", "2001:db8:a:b:c:d:e:f/128"]
+    for text in spelt:
+        network = ipaddress.ip_network(text)
+        key = network_key(network)
+        assert key_network(key) == network and key_text(key) == str(network), text
+    sub = Subscriber("C-1", (ipaddress.ip_network("100.64.0.1/32"), ipaddress.ip_network("2001:db8:1::/56")),
+                     reason="overdue")
+    assert sub.keys == ((4, 32, "100.64.0.1"), (6, 56, "2001:db8:1::"))
+    assert sub.addresses == (ipaddress.ip_network("100.64.0.1/32"), ipaddress.ip_network("2001:db8:1::/56"))
+    assert sub.address_texts() == ["100.64.0.1/32", "2001:db8:1::/56"]
+    assert not hasattr(sub, "__dict__") and sub.match is NO_MATCH
+    # still a frozen dataclass to its callers: fields, replace, equality, hashing, copies
+    assert [f.name for f in dataclasses.fields(Subscriber)] == [
+        "id", "addresses", "mode", "reason", "exempt_until", "exempt_category", "match"]
+    moved = dataclasses.replace(sub, addresses=(ipaddress.ip_network("100.64.0.2/32"),))
+    assert moved.keys == ((4, 32, "100.64.0.2"),) and moved.reason == "overdue"
+    assert dataclasses.replace(moved, addresses=sub.addresses) == sub
+    assert hash(dataclasses.replace(sub, mode=Mode.WALLED_GARDEN)) == hash(sub)
+    assert dataclasses.replace(sub, mode=Mode.NOTICE) != sub
+    assert pickle.loads(pickle.dumps(sub)) == sub
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sub.id = "C-2"   # type: ignore[misc]
+    assert Subscriber.from_json(sub.to_json()) == sub
+    assert "IPv4Network('100.64.0.1/32')" in repr(sub)
+
+
+def test_list_entries_share_their_reason_and_empty_match():
+    subs = parse_list("id,addresses,mode,reason\nC-1,100.64.0.1,walled-garden,overdue\n"
+                      "C-2,100.64.0.2,notice,overdue\n", "l.csv")
+    assert subs[0].reason is subs[1].reason and subs[0].match is subs[1].match
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**128 - 1), st.integers(0, 128), st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_kernel_keys_spell_any_network_as_ipaddress_does(v6: int, plen6: int, v4: int, plen4: int):
+    from enforcer.subscribers import key_network, key_text, network_key
+    for network in (ipaddress.IPv6Network((v6 >> (128 - plen6) << (128 - plen6), plen6)),
+                    ipaddress.IPv4Network((v4 >> (32 - plen4) << (32 - plen4), plen4)),
+                    ipaddress.IPv6Network(v6 & 0xFFFF_FFFF),                          # ::a.b.c.d
+                    ipaddress.IPv6Network(0xFFFF_0000_0000 | (v6 & 0xFFFF_FFFF))):    # ::ffff:a.b.c.d
+        key = network_key(network)
+        assert key_network(key) == network and key_text(key) == str(network)
