@@ -8,6 +8,7 @@ objects, and address keys rendered once (``address_key`` caches them).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,19 +18,20 @@ from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
     HOST_ALLOW,
     MODE_PREFIX,
-    MODE_VERDICTS,
     SENTINELS,
+    TAG_SET,
     Layout,
     ack_set,
     mode_map,
     placements,
+    tag_address,
     with_mode_view,
 )
-from .dataplane.state import TableState
-from .dataplane.transaction import ReplaceTable, Transaction
+from .dataplane.state import TableState, digest, digest_mark, element_hash
+from .dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from .model import Mode, Network
 from .policy import Decision
-from .subscribers import parse_network
+from .subscribers import key_network
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ class Desired(NamedTuple):
     elements: Elements
     owned: dict[str, Decision]          # subscriber → the decision whose elements are in ``elements``
     owners: dict[str, dict[str, str]]   # mode map → key → subscriber holding it
-    changed: list[Network]              # addresses whose enforcement changes: flush their connections
     used: set[tuple[int, int]]          # (IP version, prefix length) pairs the elements use
     clashes: list[tuple[str, str]]      # (subscriber left out, subscriber holding its address)
 
@@ -92,6 +93,9 @@ class Reconciler:
         self.owners: dict[str, dict[str, str]] = {}   # mode map → key → subscriber
         self.host_allow: dict[str, None] = {}
         self.needs_full = True
+        self.digest = 0                 # of the subscriber sets' elements in the kernel (``state.digest``)
+        self._marks: set[str] = set()   # the digest marks ``layouttag`` holds (one, once written)
+        self.verified = True            # False from a start that trusted the digest to the next full check
 
     # -- whole-state syncs -------------------------------------------------------------
     def sync_all(self, decisions: Mapping[str, Decision], read_kernel: bool = False) -> SyncResult:
@@ -99,20 +103,29 @@ class Reconciler:
 
         With ``read_kernel`` (start-up, after a failure) the mirror is first rebuilt from what
         the kernel really holds, so restarting never opens a window: a matching table gets an
-        element diff, anything else one atomic replace.
+        element diff, anything else one atomic replace. At start-up (no mirror yet) a table
+        that carries the digest of exactly these decisions' elements is not read back
+        (``_carries``): the 125k elements of 100k subscribers take ~2 s to list and diff.
         """
-        if read_kernel or self.mirror is None or self.needs_full:
-            self.mirror = with_mode_view(self.dataplane.read())
-        before = self.mirror.elements if self.mirror else {}
-        desired, owned, owners, changed, used, clashes = self._desired(decisions, before, decisions)
+        desired, owned, owners, used, clashes = self._desired(decisions, decisions)
         if clashes:  # rare: redo in a fixed order: who holds an address now keeps it, then by id
             order = sorted(decisions, key=lambda sid: (sid not in self.owned, sid))
-            desired, owned, owners, changed, used, clashes = self._desired(decisions, before, order)
+            desired, owned, owners, used, clashes = self._desired(decisions, order)
             for sid, holder in clashes:
                 log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, holder)
         layout = self.base_layout.with_prefixes(used)
         for name in [*layout.containers(), *(mode_map(v, p) for v, p in layout.prefixes)]:
             desired.setdefault(name, {})
+        target = digest(desired, _digested(layout))
+        if read_kernel and self.mirror is None and self._carries(layout, target, desired):
+            assert self.mirror is not None
+            log.info("event=kernel_trusted digest=%s (the table carries the digest of the decisions' elements: "
+                     "not read back; the next full table check compares every element)", digest_mark(target))
+        elif read_kernel or self.mirror is None or self.needs_full:
+            self.mirror = with_mode_view(self.dataplane.read())
+            self._marks, self.verified = _marks(self.mirror, layout), True
+        before = self.mirror.elements if self.mirror else {}
+        changed = _changed(before, desired)
         tx = Transaction(self.dataplane.table)
         # A set that lost its sentinel was flushed behind our back: only a replace restores it.
         if (self.mirror is None or self.mirror.layout_tag != layout.tag
@@ -125,22 +138,46 @@ class Reconciler:
         else:
             kind = "partial"
             _diff(tx, before, desired)
-        count = self._apply(tx)
+        count = self._apply(tx, target)
         self.layout, self.mirror = layout, TableState(layout.tag, desired, set(layout.containers()))
         self.owned, self.owners = owned, owners
         self.needs_full = False
         return SyncResult(kind, count, changed)
 
-    def _desired(self, decisions: Mapping[str, Decision], before: Elements, order: Iterable[str]
-                 ) -> Desired:
-        """Elements, owners, and the addresses whose entry changes, for all decisions.
+    def _carries(self, layout: Layout, target: int, desired: Elements) -> bool:
+        """Does the kernel table carry ``target``, the digest of ``desired``'s subscriber sets?
+        If so, it becomes the mirror (with the small ``allowhost`` sets read back).
+
+        What that proves: the table is ours with this layout, no set was flushed or replaced
+        (tag and sentinels, as ``probe``), and the last transaction we committed to it (the mark
+        is written in the same transaction as every element change) left exactly these
+        elements. What it does not prove: that nobody added or deleted an element with ``nft``
+        since, which a mark cannot see; the running daemon trusts its mirror between full
+        checks for the same reason, and ``verified`` is False until the next full check
+        (``check_kernel(full=True)``) has compared every element.
+        """
+        mark = digest_mark(target)
+        if not self.dataplane.holds_layout(layout.tag, layout.containers(), mark):
+            return False
+        hosts = self.dataplane.read_sets(HOST_ALLOW.values())
+        if hosts is None or not hosts.sealed.issuperset(HOST_ALLOW.values()):
+            return False
+        elements = dict(desired)
+        elements.update(hosts.elements)
+        self.mirror = TableState(layout.tag, elements, set(layout.containers()))
+        self._marks = {mark}
+        self.verified = False
+        return True
+
+    def _desired(self, decisions: Mapping[str, Decision], order: Iterable[str]) -> Desired:
+        """Elements and owners for all decisions.
 
         Written for 100k subscribers (a cold load's budget is ~1.3x raw ``nft -f``): one
         Python pass groups the keys per (family, prefix length, mode); the containers are
         then built by dict constructors in C. Only when some address is claimed twice does
         the exact per-subscriber pass (``_desired_exact``) decide, in ``order``, who keeps it.
         """
-        groups: dict[tuple[int, int, Mode], tuple[list[str], list[str], list[Network]]] = {}
+        groups: dict[tuple[int, int, Mode], tuple[list[str], list[str]]] = {}
         owned: dict[str, Decision] = {}
         for sid, decision in decisions.items():
             subscriber = decision.subscriber
@@ -148,57 +185,40 @@ class Reconciler:
                 continue
             owned[sid] = decision
             mode = decision.mode
-            # keys are rendered from the addresses, one each: no length check in the cold load's hot loop
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=False):
+            for version, plen, key in subscriber.keys:
                 group = groups.get((version, plen, mode))
                 if group is None:
-                    group = groups[(version, plen, mode)] = ([], [], [])
+                    group = groups[(version, plen, mode)] = ([], [])
                 group[0].append(key)
                 group[1].append(sid)
-                group[2].append(network)
         desired: Elements = {}
         owners: dict[str, dict[str, str]] = {}
-        changed: list[Network] = []
-        for (version, plen, mode), (keys, sids, networks) in groups.items():
+        for (version, plen, mode), (keys, sids) in groups.items():
             holders = owners.setdefault(mode_map(version, plen), {})
             size = len(holders)
             holders.update(zip(keys, sids, strict=True))
             if len(holders) != size + len(keys):      # an address claimed twice
-                return self._desired_exact(decisions, before, order)
-            verdict = MODE_VERDICTS[mode]
+                return self._desired_exact(decisions, order)
             for name, value in placements(version, plen, mode):
                 if name in desired:
                     desired[name].update(dict.fromkeys(keys, value))
                 else:
                     desired[name] = dict.fromkeys(keys, value)
-            was = before.get(mode_map(version, plen))
-            if was:
-                changed.extend(network for key, network in zip(keys, networks, strict=True) if was.get(key) != verdict)
-            else:
-                changed.extend(networks)
-        self._finish_desired(desired, before, changed)
-        return Desired(desired, owned, owners, changed, {(version, plen) for version, plen, _ in groups}, [])
+        self._add_hosts(desired)
+        return Desired(desired, owned, owners, {(version, plen) for version, plen, _ in groups}, [])
 
-    def _finish_desired(self, desired: Elements, before: Elements, changed: list[Network]) -> None:
-        """Addresses whose entry goes away are changed too; the resolved garden hosts join."""
-        for container, items in before.items():
-            if container.startswith(MODE_PREFIX):
-                keep = desired.get(container, {})
-                plen = container.rsplit("_", 1)[1]
-                changed.extend(parse_network(f"{k}/{plen}") for k in items if k not in keep)
+    def _add_hosts(self, desired: Elements) -> None:
+        """The resolved garden hosts join the desired elements."""
         for address in self.host_allow:
             desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
 
-    def _desired_exact(self, decisions: Mapping[str, Decision], before: Elements, order: Iterable[str]
-                       ) -> Desired:
+    def _desired_exact(self, decisions: Mapping[str, Decision], order: Iterable[str]) -> Desired:
         """``_desired`` one subscriber at a time: the first in ``order`` keeps a contested
         address, a subscriber with any contested address is left out whole (``clashes``)."""
         desired: Elements = {}
         owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
-        changed: list[Network] = []
-        slots: dict[tuple[int, int, Mode], tuple[list[tuple[dict[str, str | None], str | None]],
-                                                 dict[str, str], dict[str, str | None], str | None]] = {}
+        slots: dict[tuple[int, int, Mode], tuple[list[tuple[dict[str, str | None], str | None]], dict[str, str]]] = {}
         clashes: list[tuple[str, str]] = []
         for sid in order:
             decision = decisions[sid]
@@ -208,29 +228,27 @@ class Reconciler:
             entries = []
             clash = None
             mode = decision.mode
-            for (version, plen, key), network in zip(subscriber.keys, subscriber.addresses, strict=False):
+            for version, plen, key in subscriber.keys:
                 slot = slots.get((version, plen, mode))
                 if slot is None:
                     places = placements(version, plen, mode)
                     slot = slots[(version, plen, mode)] = (
                         [(desired.setdefault(name, {}), value) for name, value in places],
-                        owners.setdefault(places[0][0], {}), before.get(places[0][0], {}), places[0][1])
+                        owners.setdefault(places[0][0], {}))
                 clash = slot[1].get(key)
                 if clash is not None:
                     break
-                entries.append((slot, key, network))
+                entries.append((slot, key))
             if clash is not None:
                 clashes.append((sid, clash))
                 continue
-            for (containers, holders, was, verdict), key, network in entries:
+            for (containers, holders), key in entries:
                 for items, value in containers:
                     items[key] = value
                 holders[key] = sid
-                if was.get(key) != verdict:
-                    changed.append(network)
             owned[sid] = decision
-        self._finish_desired(desired, before, changed)
-        return Desired(desired, owned, owners, changed, {(version, plen) for version, plen, _ in slots}, clashes)
+        self._add_hosts(desired)
+        return Desired(desired, owned, owners, {(version, plen) for version, plen, _ in slots}, clashes)
 
     # -- small changes -----------------------------------------------------------------
     def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
@@ -239,7 +257,6 @@ class Reconciler:
             raise NeedsFullSync("the kernel table must be re-read and synced in full first")
         if not self.layout.prefixes >= _prefixes(decisions.values()):
             raise NeedsFullSync("a new prefix length needs a layout change")
-        previous = [self.owned[sid] for sid in decisions if sid in self.owned]
         before = {sid: subscriber_elements(self.owned[sid]) if sid in self.owned else frozenset()
                   for sid in decisions}
         after = {sid: subscriber_elements(d) for sid, d in decisions.items()}
@@ -264,7 +281,7 @@ class Reconciler:
                 new.setdefault(container, {})[key] = value
         tx = Transaction(self.dataplane.table)
         _diff(tx, old, {c: new.get(c, {}) for c in old.keys() | new.keys()})
-        count = self._apply(tx)
+        count = self._apply(tx, self._followed(tx))
         for container, items in old.items():
             for key in items:
                 self.mirror.elements[container].pop(key, None)
@@ -278,9 +295,7 @@ class Reconciler:
                 self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        known = {(key, str(plen)): network for d in (*decisions.values(), *previous) if d.subscriber is not None
-                 for network, (_, plen, key) in zip(d.subscriber.addresses, d.subscriber.keys, strict=True)}
-        return SyncResult("partial", count, sorted(changed_networks(old, new, known), key=str))
+        return SyncResult("partial", count, sorted(changed_networks(old, new), key=str))
 
     def acknowledge(self, decision: Decision, seconds: int) -> None:
         """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
@@ -294,7 +309,7 @@ class Reconciler:
         tx = Transaction(self.dataplane.table)
         for version, plen, key in decision.subscriber.keys:
             tx.add(ack_set(version, plen), [(key, None)], timeout=seconds)
-        self._apply(tx)
+        self._apply(tx, self.digest)   # timeout sets are not in the digest
 
     def owner_of(self, container: str, key: str) -> str | None:
         """The subscriber whose restriction put ``key`` into mode map ``container``."""
@@ -312,7 +327,7 @@ class Reconciler:
         tx = Transaction(self.dataplane.table)
         target: Elements = {HOST_ALLOW[v]: {a: None for a in wanted if (":" in a) == (v == 6)} for v in (4, 6)}
         _diff(tx, {name: self.mirror.elements.get(name, {}) for name in target}, target)
-        self._apply(tx)
+        self._apply(tx, self.digest)   # nor are the garden hosts: see ``_digested``
         self.host_allow = wanted
         self.mirror.elements.update(target)
 
@@ -334,21 +349,50 @@ class Reconciler:
         layout, mirror = self.layout, self.mirror
         if self.needs_full or layout is None or mirror is None:
             return ""
-        problem = _compare(self.dataplane.read(), layout, mirror) if full else probe(self.dataplane, layout)
+        if full:
+            problem = _compare(self.dataplane.read(), layout, mirror, digest_mark(self.digest))
+        else:
+            problem = probe(self.dataplane, layout)
         if problem:
             self.needs_full = True
+        elif full:
+            self.verified = True
         return problem
 
-    def _apply(self, tx: Transaction) -> int:
-        """Run the kernel part of ``tx`` (the mode view is ours alone); returns its element count."""
-        kernel = Transaction(tx.table, [op for op in tx.operations
-                                        if isinstance(op, ReplaceTable) or not op.container.startswith(MODE_PREFIX)])
+    def _followed(self, tx: Transaction) -> int:
+        """The digest once ``tx`` (an element diff against the mirror) is applied: one XOR per
+        element it adds or deletes in the digested sets."""
+        value = self.digest
+        digested = _digested(self.layout) if self.layout is not None else frozenset()
+        for op in tx.operations:
+            if isinstance(op, AddElements) and op.container in digested:
+                for key, _ in op.items:
+                    value ^= element_hash(op.container, key)
+            elif isinstance(op, DeleteElements) and op.container in digested:
+                for key in op.keys:
+                    value ^= element_hash(op.container, key)
+        return value
+
+    def _apply(self, tx: Transaction, target: int) -> int:
+        """Run the kernel part of ``tx`` (the mode view is ours alone), with the digest mark of
+        ``target`` (what the subscriber sets hold once ``tx`` is applied) replacing the old one
+        in the same transaction; returns the element count (marks not counted)."""
+        operations = [op for op in tx.operations
+                      if isinstance(op, ReplaceTable) or not op.container.startswith(MODE_PREFIX)]
+        kernel = Transaction(tx.table, operations)
+        count = kernel.element_count()
+        marks = set() if any(isinstance(op, ReplaceTable) for op in operations) else self._marks
+        mark = digest_mark(target)
+        if marks != {mark}:
+            kernel.delete(TAG_SET, sorted(marks))
+            kernel.add(TAG_SET, [(mark, None)])
         try:
             self.dataplane.apply(kernel)
         except DataplaneError:
             self.needs_full = True
             raise
-        return kernel.element_count()
+        self.digest, self._marks = target, {mark}
+        return count
 
 
 def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
@@ -363,21 +407,48 @@ def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
 
 
 def changed_networks(before: Mapping[str, Mapping[str, str | None]],
-                     after: Mapping[str, Mapping[str, str | None]],
-                     known: Mapping[tuple[str, str], Network] | None = None) -> set[Network]:
-    """Addresses whose mode-map entry was added, removed or changed between two states.
-    ``known``: (key, prefix length) → the decisions' own networks, so a diff of a few
-    subscribers parses no text (it did: a fifth of a session change's kernel-thread time)."""
-    known = known or {}
-    out: set[Network] = set()
+                     after: Mapping[str, Mapping[str, str | None]]) -> set[Network]:
+    """Addresses whose mode-map entry was added, removed or changed between two states (built
+    from the keys' own bytes, ``key_network``: no text parsed)."""
+    return set(_changed(before, after))
+
+
+def _changed(before: Mapping[str, Mapping[str, str | None]],
+             after: Mapping[str, Mapping[str, str | None]]) -> list[Network]:
+    """``changed_networks`` as a list; a mode view that is the same object on both sides (a
+    trusted table, ``Reconciler._carries``) is skipped unread."""
+    out: list[Network] = []
     for container in before.keys() | after.keys():
         if not container.startswith(MODE_PREFIX):
             continue
-        old, new = before.get(container, {}), after.get(container, {})
-        keys = [k for k in new if old.get(k, "absent") != new[k]] + [k for k in old if k not in new]
-        plen = container.rsplit("_", 1)[1]
-        out.update(known.get((key, plen)) or parse_network(f"{key}/{plen}") for key in keys)
+        old, new = before.get(container) or {}, after.get(container) or {}
+        if old is new:
+            continue
+        keys = [k for k, v in new.items() if old.get(k, "absent") != v] if old else list(new)
+        keys += [k for k in old if k not in new]
+        version, plen = _mode_prefix(container)
+        out.extend(key_network((version, plen, key)) for key in keys)
     return out
+
+
+@functools.cache
+def _digested(layout: Layout) -> frozenset[str]:
+    """The sets the digest covers: the subscriber sets. Not the garden hosts' ``allowhost``: a
+    start knows none until they are resolved again (``_carries`` reads those two back)."""
+    return frozenset(layout.containers()).difference(HOST_ALLOW.values())
+
+
+def _marks(state: TableState | None, layout: Layout) -> set[str]:
+    """The digest marks a table read back holds: ``layouttag``'s elements but the tag's own."""
+    if state is None or state.layout_tag != layout.tag:
+        return set()
+    return set(state.elements.get(TAG_SET, {})) - {tag_address(layout.tag)}
+
+
+def _mode_prefix(container: str) -> tuple[int, int]:
+    """(version, prefix length) of a mode view's name (``mode4_32`` → (4, 32))."""
+    version, plen = container[len(MODE_PREFIX):].split("_")
+    return int(version), int(plen)
 
 
 def probe(dataplane: Dataplane, layout: Layout) -> str:
@@ -393,6 +464,30 @@ def probe(dataplane: Dataplane, layout: Layout) -> str:
     return problem
 
 
+def audit(dataplane: Dataplane, layout: Layout) -> str:
+    """Do the table's subscriber sets still hash to the digest mark our last transaction wrote
+    with them? ``""`` if so, else what is wrong. What the mark alone cannot show (``Reconciler._carries``):
+    an element added or deleted with ``nft`` behind our back, while the daemon ran or was down.
+
+    Like ``probe`` it touches no reconciler state, so it may run on another thread with
+    ``dataplane.reader()``: the table is compared with itself (one listing is one generation of
+    the ruleset), not with the mirror, so a transaction committed meanwhile cannot make it
+    report a difference that is not there. It lists every element (~1 s at 100k subscribers).
+    """
+    state = dataplane.read()
+    problem = _tag_problem(state.layout_tag if state else None, layout)
+    if problem or state is None:
+        return problem
+    flushed = sorted(set(layout.containers()) - state.sealed)
+    if flushed:
+        return f"set(s) flushed: {_few(flushed)}"
+    marks = _marks(state, layout)
+    if marks != {digest_mark(digest(state.elements, _digested(layout)))}:
+        return (f"the subscriber sets do not hash to the digest mark{'s' if len(marks) > 1 else ''} "
+                f"{', '.join(sorted(marks)) or '(none)'}: elements added or deleted behind our back")
+    return ""
+
+
 def _tag_problem(tag: str | None, layout: Layout) -> str:
     if tag is None:
         return "table missing"
@@ -404,12 +499,14 @@ def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _compare(state: TableState | None, layout: Layout, mirror: TableState) -> str:
+def _compare(state: TableState | None, layout: Layout, mirror: TableState, mark: str) -> str:
     """What differs between the kernel's reconciled sets and the mirror, in a line or two."""
     problem = _tag_problem(state.layout_tag if state else None, layout)
     if problem or state is None:
         return problem
     problems: list[str] = []
+    if _marks(state, layout) != {mark}:
+        problems.append(f"{TAG_SET}: digest mark {mark} not held alone")
     for name in layout.containers():
         have = state.elements.get(name)
         if have is None:

@@ -30,9 +30,13 @@ class Dataplane(Protocol):
         """The layout tag of our table, ``None`` if the table is gone. Costly on a big table (nft
         loads every set to list a chain): for diagnosis, ``holds_layout`` for routine checks."""
 
-    def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
+    def holds_layout(self, tag: str, containers: Iterable[str], mark: str | None = None) -> bool:
         """The cheap check, one batch of constant-time lookups (~0.3 ms at 100k elements): does
-        the table exist with layout ``tag`` and does each of ``containers`` hold its sentinel?"""
+        the table exist with layout ``tag`` and does each of ``containers`` hold its sentinel?
+        With ``mark``: and does ``layouttag`` hold that digest mark (``state.digest_mark``)?"""
+
+    def read_sets(self, names: Iterable[str]) -> TableState | None:
+        """Only these sets (small ones: each is listed on its own), ``None`` if the table is gone."""
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """Which of ``containers`` no longer hold their sentinel element (flushed, deleted, or the

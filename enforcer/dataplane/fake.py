@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from .backend import DataplaneError
-from .layout import COUNTERS, with_mode_view
+from .layout import COUNTERS, TAG_SET, tag_address, with_mode_view
 from .state import TableState
 from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 
@@ -41,6 +41,7 @@ class FakeDataplane:
             if isinstance(op, ReplaceTable):
                 names = [*op.layout.containers(), *op.layout.ack_sets()]
                 state = TableState(op.layout.tag, {name: {} for name in names}, set(op.layout.containers()))
+                state.elements[TAG_SET] = {tag_address(op.layout.tag): None}
                 replaced = True
                 continue
             if state is None:
@@ -76,8 +77,19 @@ class FakeDataplane:
     def layout_tag(self) -> str | None:
         return self.state.layout_tag if self.state else None
 
-    def holds_layout(self, tag: str, containers: Iterable[str]) -> bool:
-        return self.state is not None and self.state.layout_tag == tag and not self.missing_sentinels(containers)
+    def holds_layout(self, tag: str, containers: Iterable[str], mark: str | None = None) -> bool:
+        return (self.state is not None and self.state.layout_tag == tag and not self.missing_sentinels(containers)
+                and (mark is None or mark in self.state.elements.get(TAG_SET, {})))
+
+    def read_sets(self, names: Iterable[str]) -> TableState | None:
+        if self.state is None:
+            return None
+        wanted = list(names)
+        for name in wanted:
+            if name not in self.state.elements:
+                raise DataplaneError(f"No such file or directory: {name}")
+        return TableState(None, {name: dict(self.state.elements[name]) for name in wanted},
+                          self.state.sealed.intersection(wanted))
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         sealed = self.state.sealed if self.state else set()

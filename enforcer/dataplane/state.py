@@ -1,7 +1,11 @@
-"""What one table holds: its layout tag and the elements of each container."""
+"""What one table holds: its layout tag and the elements of each container; and the digest of
+the subscriber sets' elements that the table carries along (``digest_mark``)."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -18,3 +22,25 @@ class TableState:
     def copy(self) -> TableState:
         return TableState(self.layout_tag, {name: dict(items) for name, items in self.elements.items()},
                           set(self.sealed))
+
+
+def element_hash(container: str, key: str) -> int:
+    """A 64-bit hash of one element, the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(f"{container} {key}".encode(), digest_size=8).digest(), "little")
+
+
+def digest(elements: Mapping[str, Iterable[str]], containers: Iterable[str]) -> int:
+    """The XOR of ``element_hash`` over the keys of ``containers``: independent of order, and one
+    XOR per element added or deleted keeps it up to date (``Reconciler._apply``)."""
+    out = 0
+    for name in containers:
+        for key in elements.get(name, ()):
+            out ^= element_hash(name, key)
+    return out
+
+
+def digest_mark(value: int) -> str:
+    """The digest as an element of the layout's ``layouttag`` set (an IPv6 address): its upper
+    64 bits are 1, so it is never the layout tag's own element (``layout.tag_address``, upper
+    64 bits 0); written as nft lists it (``inet_ntop``)."""
+    return socket.inet_ntop(socket.AF_INET6, ((1 << 64) | value).to_bytes(16, "big"))

@@ -264,3 +264,28 @@ def test_a_dropped_table(backend):
     assert dp.missing_sentinels(["portal4_32"]) == ["portal4_32"]
     assert dp.holds_layout(LAYOUT.tag, []) is False
     assert dp.counters() == {}
+
+
+def test_the_digest_mark_is_looked_up_with_the_tag_and_small_sets_read_alone(backend):
+    """``holds_layout`` with a mark (``Reconciler._carries``) and ``read_sets`` (its garden hosts)."""
+    from enforcer.dataplane.layout import TAG_SET
+    from enforcer.dataplane.state import digest_mark
+    dp, outside = backend
+    install(dp, portal4_32=["100.64.1.10"], allowhost4=["198.51.100.7"])
+    tx = Transaction(TABLE)
+    tx.add(TAG_SET, [(digest_mark(7), None)])
+    dp.apply(tx)
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7)) is True
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(8)) is False
+    state = dp.read()
+    assert state is not None and digest_mark(7) in state.elements[TAG_SET], "nft lists the mark as written"
+    hosts = dp.read_sets(["allowhost4", "allowhost6"])
+    assert hosts is not None
+    assert hosts.elements == {"allowhost4": {"198.51.100.7": None}, "allowhost6": {}}
+    assert hosts.sealed == {"allowhost4", "allowhost6"}
+    outside.flush_set("allowhost6")
+    hosts = dp.read_sets(["allowhost4", "allowhost6"])
+    assert hosts is not None and hosts.sealed == {"allowhost4"}
+    outside.drop_table()
+    assert dp.read_sets(["allowhost4"]) is None
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7)) is False

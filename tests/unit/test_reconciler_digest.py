@@ -1,0 +1,198 @@
+"""The digest mark (issue 16): a start trusts a table that carries the digest of the decisions'
+elements instead of reading 125k elements back; anything else is read back as before.
+
+What the mark proves and what it does not is in ``Reconciler._carries``; ``audit`` is the check
+that sees what the mark cannot (an element added or deleted with ``nft`` behind our back)."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.dataplane.layout import TAG_SET, Layout, tag_address
+from enforcer.dataplane.state import TableState, digest, digest_mark, element_hash
+from enforcer.model import Mode
+from enforcer.policy import Decision
+from enforcer.reconciler import Reconciler, _digested, audit
+from enforcer.subscribers import Subscriber
+
+net = ipaddress.ip_network
+TABLE = "walled_garden"
+BASE = Layout(TABLE, ("eth1",), (net("192.0.2.0/24"),), None, 8080)
+
+
+def restricted(sid: str, *addresses: str, mode: Mode = Mode.WALLED_GARDEN) -> Decision:
+    return Decision(sid, mode, "on the restricted list", Subscriber(sid, tuple(net(a) for a in addresses), mode))
+
+
+def free(sid: str) -> Decision:
+    return Decision(sid, Mode.FREE, "not on the restricted list")
+
+
+DECISIONS = {
+    "C-1": restricted("C-1", "100.64.0.10", "2001:db8:10:100::/56"),
+    "C-2": restricted("C-2", "100.64.0.11", mode=Mode.NOTICE),
+    "C-3": restricted("C-3", "100.64.0.12", mode=Mode.THROTTLE),
+    "C-4": free("C-4"),
+}
+
+
+class CountingFake(FakeDataplane):
+    """Counts full listings: a trusted start lists nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(TABLE)
+        self.reads = 0
+
+    def read(self) -> TableState | None:
+        self.reads += 1
+        return super().read()
+
+
+def first_run(decisions: dict[str, Decision] = DECISIONS) -> tuple[CountingFake, Reconciler]:
+    fake = CountingFake()
+    rec = Reconciler(fake, BASE)
+    rec.host_allow = {"203.0.113.7": None}
+    rec.sync_all(decisions, read_kernel=True)
+    fake.reads = 0
+    return fake, rec
+
+
+def restart(fake: CountingFake) -> Reconciler:
+    """A new process: a reconciler with no mirror, on the same table."""
+    fake.transactions.clear()
+    fake.reads = 0
+    return Reconciler(fake, BASE)
+
+
+def mark_of(fake: FakeDataplane) -> set[str]:
+    assert fake.state is not None
+    return set(fake.state.elements[TAG_SET]) - {tag_address(BASE.tag)}
+
+
+def test_every_transaction_carries_the_digest_of_the_subscriber_sets() -> None:
+    fake, rec = first_run()
+    assert fake.state is not None
+    assert mark_of(fake) == {digest_mark(digest(fake.state.elements, _digested(BASE)))} == {digest_mark(rec.digest)}
+    rng = random.Random(16)
+    decisions = dict(DECISIONS)
+    for step in range(60):   # element diffs: the digest follows each added and deleted element
+        sid = f"C-{rng.randint(1, 8)}"
+        mode = rng.choice([Mode.FREE, Mode.NOTICE, Mode.THROTTLE, Mode.WALLED_GARDEN])
+        decisions[sid] = free(sid) if mode is Mode.FREE else restricted(sid, f"100.64.1.{sid[2:]}", mode=mode)
+        rec.update({sid: decisions[sid]})
+        if step % 20 == 0:
+            rec.acknowledge(restricted(sid, f"100.64.1.{sid[2:]}", mode=Mode.NOTICE), 60)   # not digested
+            rec.set_host_allow([f"203.0.113.{step + 1}"])                                   # nor this
+        assert mark_of(fake) == {digest_mark(digest(fake.state.elements, _digested(BASE)))}, step
+    assert audit(fake, BASE) == ""
+
+
+def test_a_start_trusts_a_table_carrying_the_digest_of_its_decisions() -> None:
+    fake, first = first_run()
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    result = rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 0, "the table was read back"
+    assert (result.kind, result.elements, result.changed) == ("partial", 0, [])
+    assert not fake.transactions or not any(tx for tx in fake.transactions)
+    assert rec.verified is False and not rec.needs_full
+    assert rec.mirror is not None and first.mirror is not None
+    assert rec.mirror.elements == first.mirror.elements and rec.owners == first.owners
+    assert rec.digest == first.digest
+    # what it then does is as after a read-back: a payment is one delete, and the mark moves
+    result = rec.update({"C-1": free("C-1")})
+    assert result.elements == 2 and not rec.needs_full
+    assert mark_of(fake) == {digest_mark(rec.digest)}
+    assert rec.check_kernel(full=True) == "" and rec.verified is True
+
+
+def test_the_garden_hosts_are_read_back_alone_and_diffed() -> None:
+    fake, _ = first_run()
+    rec = restart(fake)   # the hostnames are not resolved yet: the table's host is deleted, as a read-back would
+    result = rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 0 and result.elements == 1
+    assert fake.state is not None and fake.state.elements["allowhost4"] == {}
+
+
+def test_other_decisions_than_the_tables_are_read_back_and_diffed() -> None:
+    fake, _ = first_run()
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    decisions = {**DECISIONS, "C-1": free("C-1")}   # e.g. a payment the kernel had, SQLite did not
+    result = rec.sync_all(decisions, read_kernel=True)
+    assert fake.reads == 1
+    assert (result.kind, result.elements) == ("partial", 2)
+    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert rec.verified is True
+    assert mark_of(fake) == {digest_mark(rec.digest)}
+
+
+def test_a_flushed_set_is_not_trusted_and_the_table_replaced() -> None:
+    fake, _ = first_run()
+    fake.flush_set("notice4_32")
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    result = rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 1 and result.kind == "full"
+    assert audit(fake, BASE) == ""
+
+
+def test_a_lost_or_foreign_mark_is_not_trusted_and_written_again() -> None:
+    fake, first = first_run()
+    assert fake.state is not None
+    (mark,) = mark_of(fake)
+    del fake.state.elements[TAG_SET][mark]                          # the mark deleted with nft
+    fake.state.elements[TAG_SET][digest_mark(12345)] = None        # and another added
+    assert "do not hash to the digest mark" in audit(fake, BASE)
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    result = rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 1 and (result.kind, result.elements) == ("partial", 0)
+    assert mark_of(fake) == {mark} and audit(fake, BASE) == ""
+    assert rec.digest == first.digest
+
+
+def test_an_element_deleted_behind_our_back_is_what_audit_and_the_full_check_see() -> None:
+    """The mark cannot show it (the start trusts the table); ``audit`` (any thread, the table
+    against itself) and the full check (against the mirror) do, and the repair reads back."""
+    fake, _ = first_run()
+    fake.drop_element("portal4_32", "100.64.0.10")
+    assert "do not hash to the digest mark" in audit(fake, BASE)
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 0 and rec.verified is False
+    assert "portal4_32: 1 missing (e.g. 100.64.0.10)" in rec.check_kernel(full=True)
+    assert rec.needs_full
+    result = rec.sync_all(DECISIONS, read_kernel=True)   # the repair (the timer's) reads back
+    assert fake.reads == 2 and result.elements == 1
+    assert fake.state is not None and "100.64.0.10" in fake.state.elements["portal4_32"]
+    assert audit(fake, BASE) == "" and rec.check_kernel(full=True) == "" and rec.verified
+
+
+def test_an_element_added_behind_our_back_is_seen_by_audit() -> None:
+    fake, _ = first_run()
+    assert fake.state is not None
+    fake.state.elements["portal4_32"]["100.64.9.9"] = None
+    assert "do not hash" in audit(fake, BASE)
+    fake.drop_table()
+    assert audit(fake, BASE) == "table missing"
+
+
+def test_a_repair_after_drift_never_trusts_the_mark() -> None:
+    """Once this process has a mirror, ``read_kernel`` always reads back: the mark was written
+    by us and is still there after an element was deleted behind our back."""
+    fake, rec = first_run()
+    fake.drop_element("notice4_32", "100.64.0.11")
+    rec.needs_full = True
+    rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 1
+    assert fake.state is not None and "100.64.0.11" in fake.state.elements["notice4_32"]
+
+
+def test_element_hash_is_the_same_in_every_process() -> None:
+    """A stored digest is compared by another process: no salted ``hash()``."""
+    assert element_hash("portal4_32", "100.64.0.10") == 0x8D578F3AD5F98F5A
+    assert digest_mark(0) == "0:0:0:1::" and digest_mark(2**64 - 1) == "::1:ffff:ffff:ffff:ffff"
