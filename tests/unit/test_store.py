@@ -3,12 +3,15 @@ transaction (all or nothing), and processed webhook ids are found in one query."
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from enforcer.exemptions import Exemption
+from enforcer.match import parse_match
 from enforcer.model import Mode
 from enforcer.policy import Grace, Origin, Override, PolicyInputs, Readdress
 from enforcer.promises import Promise
@@ -120,3 +123,69 @@ def test_a_database_of_the_earlier_layout_gets_the_origin_of_its_overrides(tmp_p
     store.close()
     reopened = Store(str(tmp_path)).load_inputs()   # the column stays; nothing is migrated twice
     assert reopened.overrides["A"].origin is Origin.OPERATOR
+
+
+def listed_entries() -> dict[str, Subscriber]:
+    """Entries with every field a list gives: prefixes of both families, an exemption, match keys."""
+    return {"L1": Subscriber("L1", (parse_address("100.64.1.1"), parse_address("2001:db8:1::/56")),
+                             Mode.WALLED_GARDEN, "overdue"),
+            "L2": Subscriber("L2", (parse_address("100.64.1.2"),), Mode.THROTTLE, "", 1_900_000_000.0, "dispute",
+                             parse_match({"username": "l2@isp", "mac": "02:00:00:00:00:02"})),
+            "L3": Subscriber("L3", (), Mode.NOTICE, "fraud", match=parse_match({"circuit_id": "olt1/1/3"}))}
+
+
+def test_the_list_round_trips_field_by_field(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    entries = listed_entries()
+    store.save_list({}, entries, {"entries": 3})
+    assert store.load_inputs().listed == entries
+    smaller = {k: v for k, v in entries.items() if k != "L2"}
+    store.save_list(entries, smaller, {"entries": 2})
+    store.close()
+    assert Store(str(tmp_path)).load_inputs().listed == smaller
+
+
+def test_a_list_saved_by_an_earlier_version_is_moved_to_its_columns_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before version 2 each entry was one JSON object in ``listed``: read on open, moved, a bad
+    row set aside (not the list lost)."""
+    entries = listed_entries()
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.execute("CREATE TABLE listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+    db.executemany("INSERT INTO listed VALUES (?, ?)", [(k, json.dumps(v.to_json())) for k, v in entries.items()]
+                   + [("BAD", '{"id": "BAD", "addresses": ["300.1.1.1"], "mode": "notice"}')])
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, "walled_garden.store"):
+        store = Store(str(tmp_path))
+    assert store.load_inputs().listed == entries
+    assert any("event=state_migrated table=listed rows=3" in r.getMessage() for r in caplog.records)
+    assert store.db.execute("SELECT COUNT(*) FROM listed").fetchone()[0] == 0
+    assert [r["table"] for r in store.skipped_rows] == ["listed"]
+    store.close()
+    again = Store(str(tmp_path))
+    assert again.load_inputs().listed == entries and again.skipped_rows == []
+
+
+def test_state_at_a_restart_shares_the_list_entries_the_kernel_enforced_unchanged(tmp_path: Path) -> None:
+    """An enforced row saying what the entry says is that entry's decision (no second copy of its
+    addresses, equal to what the policy decides again); any other row is its own subscriber."""
+    store = Store(str(tmp_path))
+    entries = listed_entries()
+    store.save_list({}, entries, {"entries": 3})
+    store.save_enforced({"L1": ("walled-garden", ["100.64.1.1/32", "2001:db8:1::/56"], "overdue"),
+                         "L2": ("walled-garden", ["100.64.1.2/32"], ""),    # escalated: not the entry's mode
+                         "X": ("notice", ["100.64.9.9/32"], "operator"),   # not listed (an operator's)
+                         "Y": ("sometimes", ["100.64.9.8/32"], "")}, [])  # a mode that does not read
+    inputs, before = store.load_state()
+    assert inputs.listed == entries and set(before) == {"L1", "L2", "X"}
+    assert before["L1"].subscriber is inputs.listed["L1"]
+    assert before["L1"] == inputs.decide("L1", NOW_ANY)
+    assert before["L2"].cause == before["X"].cause == "enforced before the restart"
+    assert before["L2"].mode is Mode.WALLED_GARDEN and before["L2"].subscriber is not inputs.listed["L2"]
+    assert before["L2"].subscriber == Subscriber("L2", (parse_address("100.64.1.2"),), Mode.WALLED_GARDEN, "")
+    assert before["X"].subscriber == Subscriber("X", (parse_address("100.64.9.9"),), Mode.NOTICE, "operator")
+
+
+#: Any instant: the entries above carry no time-dependent rule that changes their decision.
+NOW_ANY = 1_800_000_000.0

@@ -67,7 +67,7 @@ def truncated(path: Path) -> None:
 
 
 def noisy_index(path: Path) -> None:
-    """The graces primary-key index page overwritten: only ``integrity_check`` reads it at open."""
+    """The graces primary-key index page overwritten: only the check at open reads it."""
     root, size = page_of(path, "sqlite_autoindex_graces_1")
     with open(path, "r+b") as f:
         f.seek((root - 1) * size + 8)
@@ -173,12 +173,16 @@ def _good_grace_and_override(store: Store) -> None:
 
 #: (table, a bad row's INSERT, how the bad row would be read)
 BAD_ROWS: list[tuple[str, str, Callable[[Store], Any]]] = [
-    ("listed", "INSERT INTO listed VALUES ('BAD', '{not json')", lambda s: s.load_inputs().listed),
-    ("listed", """INSERT INTO listed VALUES ('BAD', '{"id": "BAD", "addresses": ["300.1.1.1"], "mode": "notice"}')""",
+    ("list_entries", "INSERT INTO list_entries VALUES ('BAD', '[not json', 'notice', '', NULL, '', NULL)",
      lambda s: s.load_inputs().listed),
-    ("listed",
-     """INSERT INTO listed VALUES ('BAD', '{"id": "OTHER", "addresses": ["100.64.0.7"], "mode": "notice"}')""",
+    ("list_entries", """INSERT INTO list_entries VALUES ('BAD', '["300.1.1.1"]', 'notice', '', NULL, '', NULL)""",
      lambda s: s.load_inputs().listed),
+    ("list_entries", """INSERT INTO list_entries VALUES ('BAD', '["100.64.0.7"]', 'sometimes', '', NULL, '', NULL)""",
+     lambda s: s.load_inputs().listed),
+    ("list_entries", """INSERT INTO list_entries VALUES ('BAD', '["100.64.0.7"]', 'notice', '', NULL, '', '[1]')""",
+     lambda s: s.load_state()[0].listed),
+    ("enforced", "INSERT INTO enforced VALUES ('BAD', 'notice', '[\"100.64.0.1\"]', 'r', 'now')",
+     lambda s: s.load_state()[1]),
     ("overrides", "INSERT INTO overrides VALUES ('BAD', 'yes', 1.0, 'c', NULL, 'billing')",
      lambda s: s.load_inputs().overrides),
     ("overrides", "INSERT INTO overrides VALUES ('BAD', 1, 1.0, 'c', NULL, 'someone')",

@@ -110,7 +110,7 @@ def test_a_failing_list_save_on_a_worker_does_not_roll_back_a_write_made_meanwhi
         worker.finish()
     store.write_fault = None
     assert isinstance(worker.error, StoreError) and "injected" in str(worker.error)
-    assert committed(tmp_path, "SELECT COUNT(*) FROM listed") == 0, "the failed save left nothing"
+    assert committed(tmp_path, "SELECT COUNT(*) FROM list_entries") == 0, "the failed save left nothing"
     assert committed(tmp_path, LOOP_ROWS[write]) == 1, f"{write} made meanwhile was rolled back with the save"
     assert not store.db.in_transaction
 
@@ -130,7 +130,7 @@ def test_a_write_on_the_loop_waits_for_a_workers_transaction_instead_of_joining_
         try:
             assert await asyncio.wait_for(asyncio.to_thread(opened.wait, WAIT), WAIT + 1)
             started = time.monotonic()
-            seen["listed_during"] = store.db.execute("SELECT COUNT(*) FROM listed").fetchone()[0]
+            seen["listed_during"] = store.db.execute("SELECT COUNT(*) FROM list_entries").fetchone()[0]
             seen["outbox_during"] = store.outbox_size()
             seen["read_took"] = time.monotonic() - started
             # The worker's transaction is still open: let it go on in 0.3 s (from a timer
@@ -142,7 +142,7 @@ def test_a_write_on_the_loop_waits_for_a_workers_transaction_instead_of_joining_
             finally:
                 timer.cancel()
             seen["outbox_committed"] = committed(tmp_path, "SELECT COUNT(*) FROM outbox")
-            seen["listed_committed"] = committed(tmp_path, "SELECT COUNT(*) FROM listed")
+            seen["listed_committed"] = committed(tmp_path, "SELECT COUNT(*) FROM list_entries")
         finally:
             release.set()
             await asyncio.wait_for(save, WAIT)
@@ -178,7 +178,7 @@ def test_writers_on_several_threads_never_interleave(tmp_path: Path) -> None:
     for worker in workers:
         worker.finish()
     assert [w.error for w in workers] == [None] * len(workers)
-    assert committed(tmp_path, "SELECT COUNT(*) FROM listed") == BIG
+    assert committed(tmp_path, "SELECT COUNT(*) FROM list_entries") == BIG
     assert committed(tmp_path, "SELECT COUNT(*) FROM events") == 3 * rounds
     assert committed(tmp_path, "SELECT COUNT(*) FROM outbox") == 3 * (rounds // 10)
 
@@ -271,4 +271,4 @@ def test_a_thread_waiting_too_long_for_the_writer_gets_database_is_locked(tmp_pa
         done.set()
         worker.finish()
     store.write_fault = None
-    assert worker.error is None and committed(tmp_path, "SELECT COUNT(*) FROM listed") == 100
+    assert worker.error is None and committed(tmp_path, "SELECT COUNT(*) FROM list_entries") == 100
