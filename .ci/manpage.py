@@ -11,9 +11,10 @@ import argparse
 import os
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from enforcer.cli import build_parser, package_version
+from enforcer.cli import build_parser
 
 
 def roff(text: str) -> str:
@@ -65,7 +66,8 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     when = time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH") or time.time()))
     page = Path(argv[1]).read_text()
-    page = page.replace("@DATE@", time.strftime("%Y-%m-%d", when)).replace("@VERSION@", package_version())
+    page = page.replace("@DATE@", time.strftime("%Y-%m-%d", when))
+    page = page.replace("@VERSION@", metadata.version("walled-garden"))
     sys.stdout.write(page.replace("@COMMANDS@", commands(parser)))
     return 0
 
