@@ -15,6 +15,7 @@ after a table replace).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import sqlite3
@@ -32,7 +33,7 @@ from .config import Config
 from .config.reload import reloadable
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import MODE_PREFIX, with_mode_view
-from .enforced import EnforcedRecord, enforced_before, held
+from .enforced import EnforcedRecord, held
 from .flushing import Flusher
 from .metrics import Metrics
 from .model import Mode, Network
@@ -45,6 +46,9 @@ from .table_layout import base_layout
 log = logging.getLogger("walled_garden.enforcer")
 #: The meta key of the saved clock anchor (``receipt_clock``).
 CLOCK_ANCHOR = "clock_anchor"
+#: The meta key saying a first list is enforced and its save may not have finished
+#: (``ListIntake._enforce_first``; ``restore`` keeps the kernel's table until the list is read).
+PENDING_LIST = "list_pending"
 T = TypeVar("T")
 
 
@@ -75,7 +79,9 @@ class Engine:
         """``boot``: this boot's id (``receipt_clock.boot_id``); a clock anchor saved on the same
         boot is resumed, so a step while the daemon was idle or down is seen too."""
         self.config, self.clock, self.store, self.flusher, self.metrics = config, clock, store, flusher, metrics
-        self.inputs = store.load_inputs()
+        # The inputs and what the kernel enforced before this start, read together: an unchanged
+        # subscriber's two are one object (``Store.load_state``).
+        self.inputs, before = store.load_state()
         self.inputs.rules = policy_rules(config)
         # Inputs are ordered by receipt (receipt_clock), billing's events by billing's clock
         # among themselves (billing_order); never one clock against the other.
@@ -93,12 +99,13 @@ class Engine:
         self.reconciler = Reconciler(dataplane, base_layout(config))
         self.space = AddressSpace.from_config(config)   # where subscribers' addresses may lie
         self.lock = asyncio.Lock()
-        self.decisions: dict[str, Decision] = enforced_before(store)   # what the kernel enforces
+        self.decisions: dict[str, Decision] = before   # what the kernel enforces
         self.record = EnforcedRecord()
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)
         self.conflicts = Conflicts()   # decisions not enforced: an address is another's
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements in the kernel, until when
         self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
+        self.rebuild_unsaved = False   # ... because a first list was being saved, not because the state was lost
         self.last_sync: dict[str, Any] = {}
         self.table_repairs = 0
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time
@@ -166,8 +173,13 @@ class Engine:
         return {sid: self.inputs.decide(sid, now, self.decisions.get(sid)) for sid in sids}
 
     # -- the write paths -------------------------------------------------------------------
-    async def sync_all(self, read_kernel: bool = False) -> SyncResult:
-        """Make the whole table match the policy now (caller holds the lock)."""
+    async def sync_all(self, read_kernel: bool = False, deferred: list[Callable[[], None]] | None = None
+                       ) -> SyncResult:
+        """Make the whole table match the policy now (caller holds the lock).
+
+        With ``deferred``, the enforcement record (100k rows and their audit, ~1.5 s for a first
+        list) is not written here: counted now, its write appended there for the caller to run
+        later, still holding the lock (``ListIntake._enforce_first``)."""
         if self.rebuilding is not None:
             raise DataplaneError("the state was lost: the kernel table is kept as it is until the list arrives")
         now = self.now()
@@ -187,11 +199,12 @@ class Engine:
             decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
                                                                         "is enforced for another subscriber")
         previous, self.decisions = self.decisions, decisions
-        try:   # 100k rows compared and written: off the loop
-            await asyncio.to_thread(self._record_full, decisions, previous)
-        except (StoreError, sqlite3.Error) as exc:   # the kernel is right; the record catches up next sync
-            log.error("event=enforced_not_recorded kind=full error=%r (status and audit lag until the next "
-                      "sync)", str(exc))
+        if deferred is not None:
+            self.record.recount(decisions)
+            self._counted()
+            deferred.append(functools.partial(self._record_full_logged, decisions, previous))
+        else:   # 100k rows compared and written: off the loop
+            await asyncio.to_thread(self._record_full_logged, decisions, previous)
         self.spawn(self.flusher.flush(result.changed, "sync"))
         # The list, decisions and mirror are ~1M long-lived objects: without this every
         # generation-2 collection walks them all (0.5-1.5 s with 100k subscribers, measured),
@@ -278,6 +291,13 @@ class Engine:
         self._counted()
         self.store.record_state([write])
 
+    def _record_full_logged(self, decisions: Mapping[str, Decision], previous: Mapping[str, Decision]) -> None:
+        try:
+            self._record_full(decisions, previous)
+        except (StoreError, sqlite3.Error) as exc:   # the kernel is right; the record catches up next sync
+            log.error("event=enforced_not_recorded kind=full error=%r (status and audit lag until the next "
+                      "sync)", str(exc))
+
     def _synced(self, result: SyncResult, seconds: float) -> None:
         self.metrics.sync_seconds.labels(result.kind).observe(seconds)
         self.metrics.last_sync.set(self.clock())
@@ -298,15 +318,21 @@ class Engine:
         the table is left enforcing exactly as it is until the list arrives: an empty state
         would otherwise free everyone the kernel restricts (``ListIntake`` rebuilds then)."""
         async with self.lock:
-            if not self.inputs.known_ids() and self.store.get_meta("list") is None:
+            unsaved = self.store.get_meta("list") is None and self.store.get_meta(PENDING_LIST) is not None
+            if (unsaved or not self.inputs.known_ids()) and self.store.get_meta("list") is None:
                 view = with_mode_view(await self.kernel(self.reconciler.dataplane.read))
                 restricted = {(c, k) for c, items in (view.elements if view else {}).items()
                               if c.startswith(MODE_PREFIX) for k in items}
                 if restricted:
-                    self.rebuilding = restricted
-                    log.error("event=state_empty_kernel_enforcing restricted_keys=%d (the kernel table is kept "
-                              "as it is until the list arrives; then enforcement is rebuilt from both)",
-                              len(restricted))
+                    self.rebuilding, self.rebuild_unsaved = restricted, unsaved
+                    if unsaved:
+                        log.warning("event=list_unsaved_kernel_enforcing restricted_keys=%d (the first list was "
+                                    "being saved when the daemon stopped: the kernel table is kept as it is until "
+                                    "the list is read again)", len(restricted))
+                    else:
+                        log.error("event=state_empty_kernel_enforcing restricted_keys=%d (the kernel table is kept "
+                                  "as it is until the list arrives; then enforcement is rebuilt from both)",
+                                  len(restricted))
                     return None
             result = await self.sync_all(read_kernel=True)
         log.info("event=restored restricted=%d kind=%s", sum(self.record.mode_counts.values()), result.kind)

@@ -19,13 +19,14 @@ import hashlib
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from . import policy
 from .dataplane.backend import DataplaneError
 from .dataplane.layout import mode_map
-from .engine import Engine
+from .engine import PENDING_LIST, Engine
 from .guard import guard_reason
 from .metrics import Metrics
 from .outcome import Outcome, Refusal, Refused, Result
@@ -52,6 +53,19 @@ def list_digest(subscribers: list[Subscriber]) -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
+def _meta(update: ListUpdate, entries: int, now: float) -> dict[str, Any]:
+    """The list in force's record (``status``: ``list_in_force``), saved with it."""
+    return {"origin": update.origin, "loaded_at": now, "entries": entries, "fingerprint": update.fingerprint,
+            "digest": update.digest}
+
+
+def _undo(inputs: policy.PolicyInputs, changes: set[str]) -> list[policy.Snapshot]:
+    """What ``policy.apply_list`` may take from the inputs of ``changes`` (their overrides and
+    readdresses), to put back when the list cannot be saved (a snapshot of each of 100k
+    subscribers with nothing to put back cost ~1 s of a first list)."""
+    return [inputs.snapshot(sid) for sid in changes if sid in inputs.overrides or sid in inputs.readdressed]
+
+
 @dataclass
 class HeldChange:
     """A list the mass-change guard stopped; applied only by ``walled-garden approve``."""
@@ -71,6 +85,8 @@ class ListIntake:
         self.unsaved: ListUpdate | None = None   # a list whose saving failed, retried by the timer
         self.unsaved_approval = ""
         self.session_owners: set[str] = set()   # owners of sessions the last list moved (``_save``)
+        #: Set once a list handed over is in the kernel (a first list: before its save) or done with.
+        self.enforced = asyncio.Event()
         meta = engine.store.get_meta("list")
         self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
@@ -92,59 +108,67 @@ class ListIntake:
         metrics.held_subscribers.labels("lift").set_function(lambda: self.held.lifting if self.held else 0)
 
     async def on_list(self, update: ListUpdate, approved_by: str = "") -> None:
-        engine = self.engine
         new = {s.id: s for s in update.subscribers}
-        async with engine.lock:
-            self.metrics.source_success.set(engine.clock())
-            if engine.rebuilding is not None:
-                self._rebuild(new)
-                approved_by = "the rebuild from the kernel after the state was lost"
-            if not approved_by:
-                restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
-                restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
-                why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
-                digest = list_digest(update.subscribers) if why else ""
-                verdict = self._take_verdict(digest) if why else None
-                if verdict is not None:   # the fleet decided before this gateway read it
-                    self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
-                                "approved" if verdict[0] else "rejected", verdict[1])
-                if verdict is not None and not verdict[0]:
-                    log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
-                                "gateway read it)", verdict[1], update.origin)
-                    return
-                if verdict is not None:
-                    approved_by, why = verdict[1], ""
-                if why:
-                    self.held = HeldChange(update, restricting, lifting, engine.clock(), why, digest)
-                    self.source_error = None
-                    self.metrics.held_changes.set(1)
-                    log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
-                                "(walled-garden approve | reject)", update.origin, len(new), restricting, lifting, why)
-                    return
-            if approved_by:
-                log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
-            self.held = None
-            self.metrics.held_changes.set(0)
-            changed = await self._save(update, new, approved_by)
-            if changed is None:
+        try:
+            async with self.engine.lock:
+                await self._take(update, new, approved_by)
+        finally:
+            self.enforced.set()
+
+    async def _take(self, update: ListUpdate, new: dict[str, Subscriber], approved_by: str) -> None:
+        """``on_list`` under the engine's lock."""
+        engine = self.engine
+        self.metrics.source_success.set(engine.clock())
+        if engine.rebuilding is not None:
+            approved_by = self._rebuild(new)
+        if not approved_by:
+            restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
+            restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
+            why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
+            digest = list_digest(update.subscribers) if why else ""
+            verdict = self._take_verdict(digest) if why else None
+            if verdict is not None:   # the fleet decided before this gateway read it
+                self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
+                            "approved" if verdict[0] else "rejected", verdict[1])
+            if verdict is not None and not verdict[0]:
+                log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
+                            "gateway read it)", verdict[1], update.origin)
                 return
-            try:
-                await self._apply(changed | self.session_owners, update.origin)
-            except DataplaneError:
-                engine.changed.set()  # the repair loop retries
+            if verdict is not None:
+                approved_by, why = verdict[1], ""
+            if why:
+                self.held = HeldChange(update, restricting, lifting, engine.clock(), why, digest)
+                self.source_error = None
+                self.metrics.held_changes.set(1)
+                log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
+                            "(walled-garden approve | reject)", update.origin, len(new), restricting, lifting, why)
+                return
+        if approved_by:
+            log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
+        self.held = None
+        self.metrics.held_changes.set(0)
+        if self._first() and await self._enforce_first(update, new, approved_by):
+            return
+        changed = await self._save(update, new, approved_by)
+        if changed is None:
+            return
+        try:
+            await self._apply(changed | self.session_owners, update.origin)
+        except DataplaneError:
+            engine.changed.set()  # the repair loop retries
 
     async def _save(self, update: ListUpdate, new: dict[str, Subscriber], approved_by: str) -> set[str] | None:
         """Put the list in the inputs and save it; None (inputs as they were) when it cannot be saved."""
         inputs, clock = self.engine.inputs, self.engine.clock
         old, since = inputs.listed, dict(inputs.listed_since)
         changes = policy.list_changes(old, new)
-        saved = [inputs.snapshot(sid) for sid in changes]
+        saved = _undo(inputs, changes)
         owners = policy.session_owners(inputs, changes, old)   # whose sessions these entries' keys match now
         changed = policy.apply_list(inputs, new, clock())
         # A match key moving between entries moves sessions between subscribers whose own
         # entries did not change: they are decided again too (not superseded: not ``changed``).
         self.session_owners = (owners | policy.session_owners(inputs, changes, old)) - changed
-        meta = {"origin": update.origin, "loaded_at": clock(), "entries": len(new), "fingerprint": update.fingerprint}
+        meta = _meta(update, len(new), clock())
         try:
             await asyncio.to_thread(self.engine.store.save_list, old, new, meta, inputs.listed_since, changed)
         except (StoreError, sqlite3.Error, OSError) as exc:   # not durable, so not in force; retried
@@ -161,14 +185,89 @@ class ListIntake:
         log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
         return changed
 
-    async def _apply(self, changed: set[str], origin: str) -> None:
+    def _first(self) -> bool:
+        """No list in force and none saved: the first list of this gateway (or after a lost state)."""
+        return not self.engine.inputs.listed and not self.list_status and self.unsaved is None
+
+    async def _enforce_first(self, update: ListUpdate, new: dict[str, Subscriber], approved_by: str) -> bool:
+        """The first list: enforced first, then saved (caller holds the lock); False, with nothing
+        changed, when the marker below cannot be written (the list is then saved first).
+
+        ``enforced`` is set as soon as the kernel holds it: the start tells systemd it is ready
+        without waiting for the save of 100k entries and their enforcement rows (~2 s). Safe:
+        - no input is applied meanwhile (the lock is held until the save commits), so no answer
+          is sent before what it answers is durable, and no later change is overwritten;
+        - a marker (``PENDING_LIST``) is committed before the kernel is touched: a daemon killed
+          before the save finds it and keeps the kernel's table as it is until the list (its file
+          is still there) is read again (``Engine.restore``), never freeing who it restricted;
+        - a save that fails withdraws the list from the kernel and memory (it is not in force
+          unless durable), reports it and retries it as any unsaved list."""
+        engine = self.engine
+        inputs, clock = engine.inputs, engine.clock
+        meta = _meta(update, len(new), clock())
+        try:
+            engine.store.set_meta(PENDING_LIST, {"origin": update.origin, "loaded_at": meta["loaded_at"]})
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("event=list_marker_not_saved error=%r (the list is saved before it is enforced)", str(exc))
+            return False
+        old, since = inputs.listed, dict(inputs.listed_since)
+        changes = policy.list_changes(old, new)
+        saved = _undo(inputs, changes)
+        owners = policy.session_owners(inputs, changes, old)
+        changed = policy.apply_list(inputs, new, clock())
+        self.session_owners = (owners | policy.session_owners(inputs, changes, old)) - changed
+        self.list_status, self.source_error = meta, None
+        self.metrics.list_entries.set(len(new))
+        deferred: list[Callable[[], None]] = []
+        try:
+            await self._apply(changed | self.session_owners, update.origin, deferred)
+        except DataplaneError:
+            engine.changed.set()  # the repair loop retries
+        self.enforced.set()
+        log.info("event=list_accepted origin=%s entries=%d changed=%d (the first list: enforced, saving now)",
+                 update.origin, len(new), len(changed))
+        try:
+            await asyncio.to_thread(self._write_first, old, new, meta, dict(inputs.listed_since), changed, deferred)
+        except (StoreError, sqlite3.Error, OSError) as exc:   # not durable, so not in force; retried
+            inputs.listed, inputs.listed_since = old, since
+            for snapshot in saved:
+                inputs.restore(snapshot)
+            self.list_status = {}
+            self.metrics.list_entries.set(len(old))
+            self.report_failure(SourceFailure(update.origin, "state", f"the list could not be saved: {exc}"))
+            self.unsaved, self.unsaved_approval = update, approved_by
+            try:
+                await engine.sync_all()
+            except DataplaneError:
+                pass   # the repair loop retries
+            engine.changed.set()
+            return True
+        self.unsaved = None
+        log.info("event=list_saved origin=%s entries=%d", update.origin, len(new))
+        return True
+
+    def _write_first(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
+                     since: dict[str, float], changed: set[str], deferred: list[Callable[[], None]]) -> None:
+        """On a worker thread: the list (with its meta, in force from this commit on), then the
+        enforcement record of its sync, then the marker cleared (each its own commit: the loop's
+        small writes are not held behind the whole)."""
+        store = self.engine.store
+        store.save_list(old, new, meta, since, changed)
+        for record in deferred:
+            record()
+        try:
+            store.set_meta(PENDING_LIST, None)
+        except (StoreError, sqlite3.Error) as exc:   # harmless: a marker older than the saved list is ignored
+            log.warning("event=list_marker_not_cleared error=%r", str(exc))
+
+    async def _apply(self, changed: set[str], origin: str, deferred: list[Callable[[], None]] | None = None) -> None:
         """Re-decide only the subscribers whose entry changed, as an element diff (caller holds
         the lock): a whole pass over 100k decisions took ~2 s of a 1 % churn's ~3.5 s, under the
         lock every webhook waits for. A first list, a needed full sync, a new prefix length or
         an address claimed twice still go through ``sync_all``, which resolves conflicts."""
         engine = self.engine
         if engine.reconciler.needs_full or len(changed) * 2 > max(len(engine.decisions), 1):
-            await engine.sync_all()
+            await engine.sync_all(deferred=deferred)
             return
         if not changed:
             return
@@ -176,20 +275,28 @@ class ListIntake:
             result = await engine.apply(engine.decide(sorted(changed), engine.now()))
         except AddressConflict as exc:
             log.warning("event=list_conflict origin=%s detail=%r (applying the list in a full pass)", origin, str(exc))
-            await engine.sync_all()
+            await engine.sync_all(deferred=deferred)
             return
         if result.kind == "partial":   # a full sync (new prefix length) has flushed already
             engine.spawn(engine.flusher.flush(result.changed, "list"))
         gc.freeze()   # the new list's objects live on; see Engine.sync_all
 
-    def _rebuild(self, new: dict[str, Subscriber]) -> None:
+    def _rebuild(self, new: dict[str, Subscriber]) -> str:
         """The first list after the state was lost (caller holds the lock): a listed subscriber
         whom the kernel held free was free for a reason the lost state knew (a payment, a
         promise, an exemption), so they get a payment grace from now rather than being walled
         again; a kernel restriction the list does not name is lifted (billing's word is gone
-        with the state, and billing retries its events)."""
+        with the state, and billing retries its events). Returns who approved the list.
+
+        When the state was not lost but a first list was being saved (``Engine.rebuild_unsaved``),
+        the kernel holds that list: the state knows every input, so nobody gets a grace."""
         engine = self.engine
         assert engine.rebuilding is not None
+        if engine.rebuild_unsaved:
+            engine.rebuilding, engine.rebuild_unsaved = None, False
+            log.warning("event=unsaved_list_read_again listed=%d (the kernel kept the list being saved when the "
+                        "daemon stopped)", len(new))
+            return "the list being saved when the daemon stopped"
         now = engine.receipts.stamp()
         kept_free = []
         for sid, subscriber in new.items():
@@ -201,6 +308,16 @@ class ListIntake:
         engine.rebuilding = None
         engine.store.save_subscribers(engine.inputs, kept_free)
         log.warning("event=state_rebuilt listed=%d kept_free=%d", len(new), len(kept_free))
+        return "the rebuild from the kernel after the state was lost"
+
+    def applied_digest(self) -> str | None:
+        """The content digest of the list in force (``sources.content_digest``): a source that
+        reads the same content again does not parse it and tells ``on_source_unchanged``. None
+        while reading it again still has work to do: a held or unsaved list would be replaced by
+        it, and a rebuild after the state was lost needs it parsed."""
+        if self.held is not None or self.unsaved is not None or self.engine.rebuilding is not None:
+            return None
+        return self.list_status.get("digest") or None
 
     def due(self) -> float | None:
         """A timer duty: a list whose saving failed is tried again every ``RETRY_SECONDS``."""

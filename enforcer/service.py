@@ -51,6 +51,8 @@ TABLE_CHECK_SECONDS = 5.0
 sd_notify = systemd_notify.notify
 #: How long start-up waits for the DNS forwarder to listen before READY=1 (``dns: gateway``).
 DNS_READY_TIMEOUT = 10.0
+#: How long a stop waits for the list source's first read to finish saving its list.
+CHECK_CLOSE_TIMEOUT = 30.0
 #: Retry of a TCP listener whose address is not there yet (1 s, doubling to 30 s).
 LISTEN_RETRY_FIRST = 1.0
 LISTEN_RETRY_MAX = 30.0
@@ -84,14 +86,17 @@ def outbox_for(enforcer: Enforcer, config: Config) -> Outbox:
 class Service:
     """The enforcer's long-running parts around one ``Enforcer``: APIs, list source, resolver."""
 
-    def __init__(self, config: Config, enforcer: Enforcer, stop: asyncio.Event) -> None:
+    def __init__(self, config: Config, enforcer: Enforcer, stop: asyncio.Event,
+                 webhooks: WorkerBridge | None = None) -> None:
+        """``webhooks``: the webhook worker's bridge when ``serve`` started it before the restore."""
         self.config = config
         self.enforcer = enforcer
         self.stop = stop
         self.verifier = Verifier(None)
-        self.webhooks: WorkerBridge | None = None
+        self.webhooks: WorkerBridge | None = webhooks
         self.dns: ForwarderBridge | None = None
         self.runners: list[web.AppRunner] = []
+        self._checks: set[asyncio.Future[None]] = set()   # a list source's first read, finishing its save
         self.supervisor = Supervisor(stop, enforcer.metrics.task_failures)
         enforcer.engine.reports["tasks"] = self.supervisor.status
 
@@ -105,8 +110,11 @@ class Service:
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
                                                   config.api.socket_group))
         if config.api.listen is not None:  # in a worker process (see webhook_worker); starts meanwhile
-            self.webhooks = WorkerBridge(enforcer.sink, config.api.listen.host, config.api.listen.port,
-                                         config.api.webhook_secret_file)
+            if self.webhooks is None:
+                self.webhooks = WorkerBridge(enforcer.sink, config.api.listen.host, config.api.listen.port,
+                                             config.api.webhook_secret_file)
+            else:
+                self.webhooks.attach(enforcer.sink)   # events waiting since the early start go first
             webhooks = self.webhooks
             self._task("webhooks", lambda: webhooks.run(self.stop))
         if config.metrics.listen is not None:
@@ -205,12 +213,23 @@ class Service:
         lists, space = self.enforcer.lists, self.enforcer.engine.space
         if config.subscribers.is_url:
             url_source = UrlSource(config.subscribers, lists.on_list, lists.on_source_failure,
-                                   lists.on_source_unchanged, space=space)
+                                   lists.on_source_unchanged, space=space, applied=lists.applied_digest)
             self._task("source", lambda: url_source.run(self.stop))
         else:
             self._task("source", None)
-            source = FileSource(config.subscribers.source, lists.on_list, lists.on_source_failure, space=space)
-            await source.check()
+            source = FileSource(config.subscribers.source, lists.on_list, lists.on_source_failure, space=space,
+                                applied=lists.applied_digest, on_unchanged=lists.on_source_unchanged)
+            # The first read goes on until its list is saved; the start waits only until the kernel
+            # enforces it (a first list of 100k is saved after, ~2 s: ListIntake._enforce_first).
+            lists.enforced.clear()
+            check = asyncio.ensure_future(source.check())
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+            enforced = asyncio.ensure_future(lists.enforced.wait())
+            try:
+                await asyncio.wait({check, enforced}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                enforced.cancel()
             self._task("source", lambda: source.run(self.stop))
 
     async def _start_hosts(self, config: Config) -> None:
@@ -292,6 +311,8 @@ class Service:
         return True
 
     async def close(self) -> None:
+        if self._checks:   # a first list being saved is let finish (bounded), not cut off half-way
+            await asyncio.wait(set(self._checks), timeout=CHECK_CLOSE_TIMEOUT)
         await self.supervisor.close()
         for runner in self.runners:
             await runner.cleanup()
@@ -314,8 +335,19 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
                 reload_requests: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set; each time ``reload_requests`` is set, reload the configuration."""
     watchdog = asyncio.create_task(systemd_notify.watchdog(), name="watchdog")
-    enforcer = enforcer or Enforcer(config)
-    service = Service(config, enforcer, stop)
+    early: WorkerBridge | None = None
+    if config.api.listen is not None:
+        # Started before the state is read: the worker's start-up (its own interpreter, on the
+        # other core) overlaps the restore, and webhooks wait for it rather than for both.
+        early = WorkerBridge(None, config.api.listen.host, config.api.listen.port, config.api.webhook_secret_file)
+        await early.spawn_early()
+    try:
+        enforcer = enforcer or Enforcer(config)
+    except BaseException:
+        if early is not None:
+            await early.discard_early()
+        raise
+    service = Service(config, enforcer, stop, early)
     reloader: asyncio.Task[None] | None = None
     try:
         systemd_notify.notify("STATUS=restoring enforcement from saved state")
@@ -344,6 +376,8 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
             if task is not None:
                 task.cancel()
         await service.close()
+        if early is not None:
+            await early.discard_early()   # still ours when stopped before the service started
         await enforcer.close()
         log.info("event=stopped (restrictions stay in the kernel)")
 

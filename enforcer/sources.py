@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .address_space import AddressSpace
@@ -41,6 +41,21 @@ class ListUpdate:
     subscribers: list[Subscriber]
     origin: str         # file path, or URL without credentials (``redact_url``): shown in logs and status
     fingerprint: str    # changes whenever the content may have changed
+    digest: str = ""    # ``content_digest`` of what was parsed ("" when not known)
+
+
+def content_digest(data: bytes, name: str, space: AddressSpace | None, content_type: str = "") -> str:
+    """The same digest exactly when a parse would give the same list: the bytes, and what else
+    ``parse_list`` reads (the name's suffix and the content type pick the format; the address
+    space refuses entries). A source compares it with the list in force's before parsing: a
+    restart does not parse 100k unchanged lines again (~3 s), and a changed byte still is."""
+    digest = hashlib.sha256(data)
+    digest.update(repr((name, content_type, space.prefixes if space is not None else None)).encode())
+    return digest.hexdigest()
+
+
+#: The digest of the list in force (``ListIntake.applied_digest``), or None when none is known.
+AppliedDigest = Callable[[], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -86,25 +101,44 @@ BACKOFF_START = 5.0
 MAX_BODY = 256 * 1024 * 1024
 
 
-def read_list_file(path: str, *, space: AddressSpace | None = None) -> ListUpdate:
+@overload
+def read_list_file(path: str, *, space: AddressSpace | None = None) -> ListUpdate: ...
+
+
+@overload
+def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str | None) -> ListUpdate | None: ...
+
+
+def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str | None = None) -> ListUpdate | None:
     """Read and parse now; raises ``ListError`` (naming file:line) or ``OSError``, nothing else.
 
     ``space`` (``AddressSpace.from_config``) refuses the list if an entry lies outside
-    ``gateway.subscriber_prefixes``.
+    ``gateway.subscriber_prefixes``. With ``unless``: None, without parsing, when the content's
+    digest is that (the list in force's: nothing to do).
     """
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())
         data = handle.read()
+    digest = content_digest(data, path, space)
+    if unless is not None and digest == unless:
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ListError([Issue(f"{path}:{line}", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
-    return ListUpdate(parse_list(text, path, space=space), path, _fingerprint(st))
+    return ListUpdate(parse_list(text, path, space=space), path, _fingerprint(st), digest)
 
 
 def _fingerprint(st: os.stat_result) -> str:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _fingerprint_or_none(path: str) -> str | None:
+    try:
+        return _fingerprint(os.stat(path))
+    except (OSError, ValueError):
+        return None
 
 
 async def _hand_over(what: str, origin: str, call: Awaitable[None], on_failure: OnFailure | None = None) -> None:
@@ -131,11 +165,16 @@ class FileSource:
     """
 
     def __init__(self, path: str, on_list: OnList, on_failure: OnFailure, *,
-                 space: AddressSpace | None = None) -> None:
+                 space: AddressSpace | None = None, applied: AppliedDigest | None = None,
+                 on_unchanged: OnUnchanged | None = None) -> None:
+        """``applied``: the digest of the list in force; content with that digest is not parsed
+        again, ``on_unchanged`` is told instead."""
         self.path = path
         self.on_list = on_list
         self.on_failure = on_failure
         self.space = space
+        self.applied_digest = applied
+        self.on_unchanged = on_unchanged
         self.applied: str | None = None   # fingerprint of the last content handed over or refused
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -155,8 +194,9 @@ class FileSource:
 
     async def check(self, fingerprint: str | None = None) -> None:
         """Read the file now and hand over the result (also used at start-up)."""
+        unless = self.applied_digest() if self.applied_digest is not None else None
         try:
-            update = await asyncio.to_thread(read_list_file, self.path, space=self.space)
+            update = await asyncio.to_thread(read_list_file, self.path, space=self.space, unless=unless)
         except OSError as exc:
             failure = SourceFailure(self.path, "unreadable", f"{self.path}: {exc.strerror or exc}")
         except ListError as exc:
@@ -166,6 +206,13 @@ class FileSource:
             failure = SourceFailure(self.path, "internal", f"{self.path}: the list could not be read "
                                                            f"({type(exc).__name__}: {exc})")
         else:
+            if update is None:   # the list in force, byte for byte
+                log.info("event=list_unchanged origin=%s (the content of the list in force: not parsed again)",
+                         self.path)
+                self.applied = fingerprint or _fingerprint_or_none(self.path)
+                if self.on_unchanged is not None:
+                    await _hand_over("on_unchanged", self.path, self.on_unchanged(self.path))
+                return
             self.applied = fingerprint or update.fingerprint
             await _hand_over("on_list", self.path, self.on_list(update), self.on_failure)
             return
@@ -177,7 +224,11 @@ class UrlSource:
     """Polls an http(s) URL; every failure class is reported and changes nothing."""
 
     def __init__(self, config: SubscribersConfig, on_list: OnList, on_failure: OnFailure,
-                 on_unchanged: OnUnchanged, *, space: AddressSpace | None = None) -> None:
+                 on_unchanged: OnUnchanged, *, space: AddressSpace | None = None,
+                 applied: AppliedDigest | None = None) -> None:
+        """``applied``: as ``FileSource``'s (a body with the digest of the list in force is not
+        parsed again: after a restart the first poll has no ETag to send)."""
+        self.applied_digest = applied
         self.config = config
         self.url = config.source
         self.origin = redact_url(config.source)    # what logs, failures and status show
@@ -272,6 +323,11 @@ class UrlSource:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             return await self._fail("invalid", f"{self.origin}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+        digest = content_digest(body, self.origin, self.space, content_type)
+        if self.applied_digest is not None and digest == self.applied_digest():
+            self.etag, self.last_modified = etag, modified
+            await _hand_over("on_unchanged", self.origin, self.on_unchanged(self.origin))
+            return True
         try:
             subscribers = await asyncio.to_thread(parse_list, text, self.origin, content_type,
                                                   space=self.space)
@@ -279,7 +335,7 @@ class UrlSource:
             return await self._fail("invalid", str(exc))
         self.etag, self.last_modified = etag, modified
         fingerprint = etag or hashlib.sha256(body).hexdigest()
-        update = ListUpdate(subscribers, self.origin, fingerprint)
+        update = ListUpdate(subscribers, self.origin, fingerprint, digest)
         await _hand_over("on_list", self.origin, self.on_list(update), self.on_failure)
         return True
 

@@ -187,9 +187,15 @@ def _answer(future: asyncio.Future[Result]) -> dict[str, Any]:
 
 # -- the daemon's side --------------------------------------------------------------------------
 class WorkerBridge:
-    """Starts and supervises the webhook worker; feeds its events to the daemon's ``EventSink``."""
+    """Starts and supervises the webhook worker; feeds its events to the daemon's ``EventSink``.
 
-    def __init__(self, sink: EventSink, host: str, port: int, secret_file: str) -> None:
+    The worker may be started before the daemon has restored its state (``spawn_early``): its
+    interpreter and HTTP stack load on the other core meanwhile (~0.5 s), and billing's requests
+    are accepted and wait. Events reach the sink only once one is ``attach``-ed (after the
+    restore), in the order they came: none is answered before its change is durable and in the
+    kernel, as always."""
+
+    def __init__(self, sink: EventSink | None, host: str, port: int, secret_file: str) -> None:
         self.sink = sink
         self.host, self.port, self.secret_file = host, port, secret_file
         self.ready = asyncio.Event()
@@ -197,6 +203,48 @@ class WorkerBridge:
         self._writer: asyncio.StreamWriter | None = None
         self._lines: LineWriter | None = None
         self._stop: asyncio.Event | None = None
+        self._attached = asyncio.Event()
+        if sink is not None:
+            self._attached.set()
+        self._early: tuple[asyncio.subprocess.Process, socket.socket] | None = None
+
+    def attach(self, sink: EventSink) -> None:
+        """Hand events to ``sink`` from now on (those waiting first)."""
+        self.sink = sink
+        self._attached.set()
+
+    async def spawn_early(self) -> None:
+        """Start the worker process now; ``run`` supervises this one first. A failure to start
+        it is left to ``run``, which reports and retries it."""
+        try:
+            self._early = await self._spawn()
+        except OSError as exc:
+            log.warning("event=webhook_worker_early_start_failed error=%r (started with the other tasks)", str(exc))
+
+    async def discard_early(self) -> None:
+        """Stop a worker ``spawn_early`` started that ``run`` never took over (a stop during the
+        restore)."""
+        early, self._early = self._early, None
+        if early is not None:
+            process, ours = early
+            ours.close()   # the child sees EOF and exits
+            try:
+                await asyncio.wait_for(process.wait(), 5.0)
+            except TimeoutError:
+                process.kill()
+
+    async def _spawn(self) -> tuple[asyncio.subprocess.Process, socket.socket]:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "enforcer.webhook_worker", "--fd", str(theirs.fileno()), "--host", self.host,
+                "--port", str(self.port), "--secret-file", self.secret_file, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return process, ours
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -204,13 +252,8 @@ class WorkerBridge:
             "event=webhook_worker_exited code=%s restart_in=%.0fs", code, delay))
 
     async def _run_once(self, stop: asyncio.Event) -> int | None:
-        ours, theirs = socket.socketpair()
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "enforcer.webhook_worker", "--fd", str(theirs.fileno()), "--host", self.host,
-                "--port", str(self.port), "--secret-file", self.secret_file, pass_fds=(theirs.fileno(),))
-        finally:
-            theirs.close()
+        early, self._early = self._early, None
+        self.process, ours = early if early is not None else await self._spawn()
         process = self.process
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
         self._lines = LineWriter(self._writer)
@@ -233,10 +276,13 @@ class WorkerBridge:
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             message = json.loads(line)
+            if not message.get("ready"):
+                await self._attached.wait()
             if "event" in message:
                 self._submit(message)
             elif "count" in message:
                 event_type, result = message["count"]
+                assert self.sink is not None
                 self.sink.count(str(event_type), str(result), by=int(message.get("by", 1)))
             elif message.get("ready"):
                 self.ready.set()
@@ -246,10 +292,10 @@ class WorkerBridge:
 
         The answer goes to the child that asked: if that one died meanwhile, it is dropped
         rather than sent to its successor, whose request numbers start again at 1."""
-        n, lines = message["n"], self._lines
-        assert lines is not None
+        n, lines, sink = message["n"], self._lines, self.sink
+        assert lines is not None and sink is not None
         try:
-            answer = self.sink.submit(event_from_wire(message["event"]), float(message["received"]))
+            answer = sink.submit(event_from_wire(message["event"]), float(message["received"]))
         except Exception as exc:  # answer the request whatever happened
             log.exception("event=webhook_event_failed")
             lines.send({"n": n, "result": result_to_wire(Refusal(Refused.UNAVAILABLE,
