@@ -397,13 +397,16 @@ class Reconciler:
 
 def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
           desired: Mapping[str, Mapping[str, str | None]]) -> None:
-    """Deletes (of missing or changed keys) before adds, so a changed verdict is delete+add."""
+    """Deletes (of missing or changed keys) before adds, so a changed verdict is delete+add. A
+    container that is the same object on both sides (a trusted table's) is not compared."""
     for container, want in desired.items():
         have = current.get(container, {})
-        tx.delete(container, [k for k, v in have.items() if k not in want or want[k] != v])
+        if have is not want:
+            tx.delete(container, [k for k, v in have.items() if k not in want or want[k] != v])
     for container, want in desired.items():
         have = current.get(container, {})
-        tx.add(container, [(k, v) for k, v in want.items() if k not in have or have[k] != v])
+        if have is not want:
+            tx.add(container, [(k, v) for k, v in want.items() if k not in have or have[k] != v])
 
 
 def changed_networks(before: Mapping[str, Mapping[str, str | None]],

@@ -219,6 +219,14 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     addresses outside ``gateway.subscriber_prefixes``; without it only special-use addresses
     are refused.
     """
+    checked = _validated(raw, where, issues, space)
+    return checked[0] if checked is not None else None
+
+
+def _validated(raw: Any, where: str, issues: list[ListIssue],
+               space: AddressSpace | None) -> tuple[Subscriber, list[Network]] | None:
+    """``validate_entry``, with the networks it parsed (a list's overlap check needs them; the
+    entry keeps only their keys)."""
     if not isinstance(raw, dict):
         issues.append(ListIssue(where, f"expected a mapping with id and addresses or match, "
                                        f"got {type(raw).__name__}"))
@@ -271,7 +279,7 @@ def validate_entry(raw: Any, where: str, issues: list[ListIssue],
     if len(issues) > before:
         return None
     # The kernel keys are rendered here, in the parsing thread, not later under the daemon's lock.
-    return Subscriber(str(ident), networks, mode, reason, exempt_until, exempt_category, match)
+    return Subscriber(str(ident), networks, mode, reason, exempt_until, exempt_category, match), networks
 
 
 def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Match:
@@ -299,8 +307,10 @@ def _entry_exemption(raw: dict[str, Any], where: str, issues: list[ListIssue]) -
     A date in the past is not an error (the exemption simply ended); a date more than the
     maximum away is, as is a category we do not know.
     """
-    from .exemptions import CATEGORIES, MAX_SECONDS, parse_instant
     until_raw, category_raw = raw.get("exempt_until"), raw.get("exempt_category")
+    if until_raw in (None, "") and category_raw in (None, ""):   # most entries: no import, no checks
+        return None, ""
+    from .exemptions import CATEGORIES, MAX_SECONDS, parse_instant
     if until_raw in (None, ""):
         if category_raw not in (None, ""):
             issues.append(ListIssue(where, "exempt_category without exempt_until (every exemption needs an end)"))
@@ -376,18 +386,22 @@ def _parse_list(text: str, name: str, content_type: str, space: AddressSpace | N
     return _check_unique(_parse_document(text, name, fmt, space), name)
 
 
-def _checked_entry(raw: Any, where: str, issues: list[ListIssue], space: AddressSpace | None) -> Subscriber | None:
-    """``validate_entry`` for one list line; an unexpected error in it is that line's issue
+Entry = tuple[Subscriber, int, list[Network]]   # a list line's subscriber, its line, its parsed networks
+
+
+def _checked_entry(raw: Any, where: str, issues: list[ListIssue],
+                   space: AddressSpace | None) -> tuple[Subscriber, list[Network]] | None:
+    """``_validated`` for one list line; an unexpected error in it is that line's issue
     (and logged: it is a bug to fix), so the line is named and the other lines still checked."""
     try:
-        return validate_entry(raw, where, issues, space)
+        return _validated(raw, where, issues, space)
     except Exception as exc:
         log.error("event=list_entry_check_failed where=%s error=%r", where, exc, exc_info=True)
         issues.append(ListIssue(where, f"this entry could not be checked ({type(exc).__name__}: {exc})"))
         return None
 
 
-def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) -> list[tuple[Subscriber, int]]:
+def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) -> list[Entry]:
     if fmt == "json":
         try:
             json.loads(text)
@@ -411,22 +425,22 @@ def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) 
                                 "'subscribers' must be a list (write 'subscribers: []' for an empty list; "
                                 "an empty value looks like a truncated export)"))
         raise ListError(issues)
-    out: list[tuple[Subscriber, int]] = []
+    out: list[Entry] = []
     for i, raw in enumerate(entries):
         line = located.line(("subscribers", i)) or 1
-        sub = _checked_entry(raw, f"{name}:{line}", issues, space)
-        if sub is not None:
-            out.append((sub, line))
+        checked = _checked_entry(raw, f"{name}:{line}", issues, space)
+        if checked is not None:
+            out.append((checked[0], line, checked[1]))
     if issues:
         raise ListError(issues)
     return out
 
 
-def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[Subscriber, int]]:
+def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[Entry]:
     """Rows in ``_FIELDS`` order, or in the order a header row names (any order, e.g.
     ``id,match,reason``). Trailing cells may be left out; an empty cell is an absent field."""
     issues: list[ListIssue] = []
-    out: list[tuple[Subscriber, int]] = []
+    out: list[Entry] = []
     columns: tuple[str, ...] | None = None   # from the header row; None: positional
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -448,9 +462,9 @@ def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[tuple[S
             raw = dict(zip(order, cells, strict=False))
             if raw.get("match") == "":
                 del raw["match"]     # an empty cell: no match keys (a present but empty match is an error)
-            sub = _checked_entry(raw, f"{name}:{line}", issues, space)
-            if sub is not None:
-                out.append((sub, line))
+            checked = _checked_entry(raw, f"{name}:{line}", issues, space)
+            if checked is not None:
+                out.append((checked[0], line, checked[1]))
     except csv.Error as exc:
         issues.append(ListIssue(f"{name}:{reader.line_num}", f"not valid CSV: {exc}"))
     if not text.endswith(("\n", "\r")):
@@ -483,23 +497,24 @@ def _header_columns(cells: list[str], where: str, issues: list[ListIssue]) -> tu
     return names
 
 
-def _check_unique(entries: Iterable[tuple[Subscriber, int]], name: str) -> list[Subscriber]:
+def _check_unique(entries: Iterable[Entry], name: str) -> list[Subscriber]:
     """Reject duplicate ids, addresses of two subscribers that are equal or nest (one
     restriction would wall the other), and a match value (same key) of two subscribers (one
     session would belong to both): each conflict names both lines."""
     issues: list[ListIssue] = []
     lines: dict[str, int] = {}
     result: list[Subscriber] = []
-    for sub, line in entries:
+    networks: list[tuple[str, Network]] = []
+    for sub, line, parsed in entries:
         if sub.id in lines:
             issues.append(ListIssue(f"{name}:{line}", f"subscriber {sub.id} is listed again (first at line "
                                                       f"{lines[sub.id]}, {name}:{lines[sub.id]})"))
             continue
         lines[sub.id] = line
         result.append(sub)
+        networks += [(sub.id, network) for network in parsed]
     found = []
-    for (outer_id, outer), (inner_id, inner) in find_overlaps(
-            (sub.id, network) for sub in result for network in sub.addresses):
+    for (outer_id, outer), (inner_id, inner) in find_overlaps(networks):
         outer_line, inner_line = lines[outer_id], lines[inner_id]
         if outer == inner:
             first, later = sorted(((outer_id, outer_line), (inner_id, inner_line)), key=lambda o: o[1])

@@ -572,12 +572,14 @@ def test_an_unexpected_error_checking_a_line_names_that_line(monkeypatch: pytest
     """A bug of ours on odd input refuses the list at the line, never escapes as another type."""
     import enforcer.subscribers as subscribers
 
+    validated = subscribers._validated
+
     def broken(raw, where, issues, space=None):
         if raw.get("id") == "C-2":
             raise KeyError("surprise")
-        return validate_entry(raw, where, issues, space)
+        return validated(raw, where, issues, space)
 
-    monkeypatch.setattr(subscribers, "validate_entry", broken)
+    monkeypatch.setattr(subscribers, "_validated", broken)
     found = issues("C-1,100.64.0.1\nC-2,100.64.0.2\n", "l.csv")
     assert found == [("l.csv:2", "this entry could not be checked (KeyError: 'surprise')")]
 
