@@ -63,6 +63,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     os.environ["COLUMNS"] = "1000"   # one usage line per command: .nf keeps it unwrapped
+    os.environ.pop("WALLED_GARDEN_CONFIG", None)   # --config's help names the packaged default
     parser = build_parser()
     when = time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH") or time.time()))
     page = Path(argv[1]).read_text()
