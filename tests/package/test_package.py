@@ -11,11 +11,14 @@ root and never over a walled-garden package someone installed (it would purge it
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import os
 import pwd
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,25 @@ ACCOUNTS = {"group": ["walled-garden", "walled-garden-billing"], "user": ["walle
 SEARCHED = ["/etc", "/usr", "/var/lib", "/var/cache/debconf", "/run"]
 ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 APT_LOCK = ["-o", "DPkg::Lock::Timeout=300"]   # another apt on this machine: wait, not fail
+#: Two runs of this test at once (two checkouts' .ci/test) would install and purge one package.
+MACHINE_LOCK = "/run/lock/wg-package-test.lock"
+
+
+@contextlib.contextmanager
+def machine_lock(deadline: float) -> Iterator[None]:
+    """This test alone on the machine: waits (polling, within the budget) for another run to end."""
+    with open(MACHINE_LOCK, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline - 300, "another run of the package test held the machine"
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run(argv: list[str], deadline: float) -> subprocess.CompletedProcess[str]:
@@ -95,29 +117,33 @@ def test_package_builds_installs_checks_and_purges_clean(tmp_path: Path) -> None
         if os.environ.get("CI"):
             pytest.fail(f"{message}: CI refuses to skip")
         pytest.skip(message)
-    installed = run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], deadline)
-    if installed.returncode == 0 and installed.stdout.strip() not in ("", "un"):
-        pytest.fail(f"{PACKAGE} is installed on this machine ({installed.stdout.strip()}): this test would purge "
-                    "it; remove it first (apt-get purge walled-garden)")
-    accounts_before, traces_before = accounts(), traces()
+    with machine_lock(deadline):
+        installed = run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], deadline)
+        if installed.returncode == 0 and installed.stdout.strip() not in ("", "un"):
+            message = (f"{PACKAGE} is installed on this machine ({installed.stdout.strip()}): this test would purge "
+                       "it; remove it first (apt-get purge walled-garden)")
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        accounts_before, traces_before = accounts(), traces()
 
-    deb = Path(ok(run(["bash", str(ROOT / ".ci" / "package"), str(tmp_path / "dist")], deadline)).split()[-1])
-    assert deb.is_file() and deb.name.startswith(f"{PACKAGE}_"), deb
+        deb = Path(ok(run(["bash", str(ROOT / ".ci" / "package"), str(tmp_path / "dist")], deadline)).split()[-1])
+        assert deb.is_file() and deb.name.startswith(f"{PACKAGE}_"), deb
 
-    lintian = run(["lintian", "--fail-on", "error,warning", str(deb)], deadline)
-    complaints = [line for line in (lintian.stdout + lintian.stderr).splitlines()
-                  if line.strip() and "running with root privileges" not in line]
-    assert lintian.returncode == 0 and not complaints, "\n".join(complaints)
+        lintian = run(["lintian", "--fail-on", "error,warning", str(deb)], deadline)
+        complaints = [line for line in (lintian.stdout + lintian.stderr).splitlines()
+                      if line.strip() and "running with root privileges" not in line]
+        assert lintian.returncode == 0 and not complaints, "\n".join(complaints)
 
-    try:
-        ok(run(["apt-get", "install", "-y", "-q", *APT_LOCK, "--no-install-recommends", str(deb)], deadline))
-        _check_installed(deadline)
-    finally:
-        purged = run(["apt-get", "purge", "-y", "-q", *APT_LOCK, PACKAGE], deadline + 300)
-    ok(purged)
-    assert run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], deadline).stdout.strip() in ("", "un")
-    assert accounts() == accounts_before, f"accounts left behind: {accounts() - accounts_before}"
-    assert traces() - traces_before == set(), f"left behind: {sorted(traces() - traces_before)}"
+        try:
+            ok(run(["apt-get", "install", "-y", "-q", *APT_LOCK, "--no-install-recommends", str(deb)], deadline))
+            _check_installed(deadline)
+        finally:
+            purged = run(["apt-get", "purge", "-y", "-q", *APT_LOCK, PACKAGE], deadline + 300)
+        ok(purged)
+        assert run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], deadline).stdout.strip() in ("", "un")
+        assert accounts() == accounts_before, f"accounts left behind: {accounts() - accounts_before}"
+        assert traces() - traces_before == set(), f"left behind: {sorted(traces() - traces_before)}"
 
 
 def _check_installed(deadline: float) -> None:
