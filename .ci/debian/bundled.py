@@ -54,14 +54,26 @@ def check(constraints: Path) -> int:
     return 0
 
 
+#: License names some metadata spells in words, as DEP-5 short names (no spaces).
+SHORT_NAMES = {"Apache 2.0": "Apache-2.0", "Apache License 2.0": "Apache-2.0", "Apache Software License": "Apache-2.0",
+               "MIT License": "MIT", "BSD License": "BSD", "ISC License (ISCL)": "ISC",
+               "Python Software Foundation License": "PSF-2.0"}
+
+
 def license_of(dist: metadata.Distribution) -> str:
+    """A DEP-5 short name: the SPDX expression, else the License field, else the classifiers'."""
+    text = _license_text(dist)
+    return SHORT_NAMES.get(text, text)
+
+
+def _license_text(dist: metadata.Distribution) -> str:
     """The SPDX expression, else the License field, else the OSI classifiers' names."""
     meta = dist.metadata.json
     for value in (str(meta.get("license_expression") or ""), str(meta.get("license") or "")):
         if value and value.strip() and "\n" not in value.strip() and len(value) < 80:
             return value.strip()
     classifiers = [c.rsplit(" :: ", 1)[-1] for c in meta.get("classifier") or [] if c.startswith("License ::")]
-    return " or ".join(classifiers) or "unknown (see the distribution's metadata)"
+    return " or ".join(SHORT_NAMES.get(c, c) for c in classifiers) or "unknown (see the distribution's metadata)"
 
 
 def copyright_text(template: Path) -> str:
