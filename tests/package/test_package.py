@@ -1,8 +1,9 @@
 """The Debian package as an operator gets it: ``.ci/package`` builds it, lintian finds nothing,
-apt installs it on this machine, ``check-config`` passes on the shipped example as root and as
-the enforcer's unit runs it (root without capabilities), billing's drop directory takes a list
-as the documented user, the installed units verify, and a purge leaves nothing behind (files,
-directories, accounts).
+apt installs it on this machine, every module imports with its interpreter, ``check-config``
+and ``render`` pass on the shipped example, as root and as the enforcer's unit runs (root without
+capabilities), billing's drop directory takes a list as the documented user, the portal's
+identity reads the config but not the secret or the list, the installed units verify, nothing is
+enabled, and a purge leaves nothing behind (files, directories, accounts).
 
 It changes the machine while it runs (a package, two accounts, /etc/walled-garden): the units
 are not enabled, so nothing starts, and a ``finally`` purges whatever happens. It runs only as
@@ -152,6 +153,16 @@ def _check_installed(deadline: float) -> None:
     checked = run(["/usr/bin/walled-garden", "check-config", "--config", "/etc/walled-garden/config.yaml"], deadline)
     assert checked.returncode == 0 and ": OK" in checked.stdout, checked.stdout + checked.stderr
 
+    # Every module imports with the package's interpreter: no dependency or package data missing.
+    python = "/usr/lib/walled-garden/bin/python3"
+    walk = ("import importlib, pkgutil, enforcer, captive_portal\n"
+            "for pkg in (enforcer, captive_portal):\n"
+            "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+            "        importlib.import_module(m.name)\n")
+    ok(run([python, "-c", walk], deadline))
+    rendered = ok(run(["/usr/bin/walled-garden", "render"], deadline))
+    assert "table inet walled_garden" in rendered, rendered[:2000]
+
     socket_gid = grp.getgrnam("walled-garden").gr_gid
     billing = pwd.getpwnam("walled-garden-billing")
     assert mode("/etc/walled-garden") == ("0750", "root", "walled-garden")
@@ -170,7 +181,6 @@ def _check_installed(deadline: float) -> None:
     assert enforcer.returncode == 0 and "1 restricted subscriber(s) listed" in enforcer.stdout, \
         enforcer.stdout + enforcer.stderr
     # The portal's unit: a dynamic user in group walled-garden. The config yes; secret and list no.
-    python = "/usr/lib/walled-garden/bin/python3"
     probe = ("import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p).read(); print(p, 'read')\n"
              "    except PermissionError:\n        print(p, 'denied')")
     portal = ok(as_identity(61934, 61934, [socket_gid], [python, "-c", probe, "/etc/walled-garden/config.yaml",
