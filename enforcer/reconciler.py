@@ -8,6 +8,7 @@ objects, and address keys rendered once (``address_key`` caches them).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from collections.abc import Iterable, Mapping
@@ -142,6 +143,8 @@ class Reconciler:
         self.layout, self.mirror = layout, TableState(layout.tag, desired, set(layout.containers()))
         self.owned, self.owners = owned, owners
         self.needs_full = False
+        if count >= BIG_TRANSACTION:
+            _trim_heap()
         return SyncResult(kind, count, changed)
 
     def _carries(self, layout: Layout, target: int, desired: Elements) -> bool:
@@ -393,6 +396,23 @@ class Reconciler:
             raise
         self.digest, self._marks = target, {mark}
         return count
+
+
+#: Elements in a sync above which the C heap is trimmed after it (``_trim_heap``).
+BIG_TRANSACTION = 10_000
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    libnftables parses a transaction of 125k elements into ~50 MB of its own structures and
+    frees them after; glibc keeps the freed pages, so without this the daemon's RSS keeps the
+    peak of its largest sync for good (measured at 100k: 456 -> 355 MB, a few ms).
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
