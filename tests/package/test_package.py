@@ -166,6 +166,7 @@ def _check_installed(deadline: float) -> None:
     socket_gid = grp.getgrnam("walled-garden").gr_gid
     billing = pwd.getpwnam("walled-garden-billing")
     assert mode("/etc/walled-garden") == ("0750", "root", "walled-garden")
+    assert mode("/etc/walled-garden/config.yaml") == ("0640", "root", "walled-garden")
     assert mode("/etc/walled-garden/webhook.secret")[:2] == ("0600", "root")
     assert mode("/var/lib/walled-garden") == ("0700", "root", "root")
     assert mode("/var/lib/walled-garden-billing") == ("2750", "walled-garden-billing", "root")
