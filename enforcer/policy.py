@@ -82,6 +82,7 @@ class Readdress:
 
 
 LISTED = "on the restricted list"
+_FREE = Mode.FREE
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Decision:
 
     @property
     def restricted(self) -> bool:
-        return self.mode is not Mode.FREE
+        return self.mode is not _FREE   # not ``Mode.FREE``: an enum's attribute is a lookup each time
 
 
 def when(at: float) -> str:
@@ -333,22 +334,27 @@ class PolicyInputs:
 
     def decide_all(self, now: float, enforced: Mapping[str, Decision] | None = None) -> dict[str, Decision]:
         enforced = enforced or {}
-        ids = self.known_ids() | set(enforced)
         if self.rules.escalation or self.sessions or not self.rules.windows.is_open(now):
-            return {sid: self.decide(sid, now, enforced.get(sid)) for sid in ids}
+            return {sid: self.decide(sid, now, enforced.get(sid)) for sid in self.known_ids() | set(enforced)}
         # Without a ladder, sessions or a closed window, a listed subscriber with no other input
         # is decided by the list alone (rule 3): that decision built directly, as ``decide``
-        # would build it, is a tenth of the cost, and nearly everyone on a 100k list is such a one.
+        # would build it (or the one enforced, when it is that already), is a tenth of the cost,
+        # and nearly everyone on a 100k list is such a one. The list is walked in its own order.
         listed, overrides, graces, moved = self.listed, self.overrides, self.graces, self.readdressed
         exemptions, promises = self.exemptions, self.promises
         out: dict[str, Decision] = {}
-        for sid in ids:
-            entry = listed.get(sid)
-            if (entry is None or entry.exempt_until or sid in overrides or sid in graces or sid in moved
+        for sid in (overrides.keys() | graces.keys() | enforced.keys()) - listed.keys():
+            out[sid] = self.decide(sid, now, enforced.get(sid))
+        for sid, entry in listed.items():
+            if (entry.exempt_until or sid in overrides or sid in graces or sid in moved
                     or exemptions.get(sid) or promises.get(sid)):
                 out[sid] = self.decide(sid, now, enforced.get(sid))
-            else:
-                out[sid] = Decision(sid, entry.mode, LISTED, entry)
+                continue
+            before = enforced.get(sid)   # the same decision already (a restart, a sync that changes nothing)
+            if (before is None or before.subscriber is not entry or before.cause is not LISTED
+                    or before.mode is not entry.mode or before.until is not None or before.pending is not None):
+                before = Decision(sid, entry.mode, LISTED, entry)
+            out[sid] = before
         return out
 
     def next_change(self, now: float, waiting: bool = False) -> float | None:
@@ -538,8 +544,8 @@ def weight(subscriber: Subscriber | None) -> int:
     if subscriber is None:
         return 1
     units = 1
-    for network in subscriber.addresses:
-        spare = (32 - network.prefixlen) if network.version == 4 else (IPV6_UNIT - network.prefixlen)
+    for version, prefixlen, _ in subscriber.keys:   # the kernel's keys: no networks built
+        spare = (32 - prefixlen) if version == 4 else (IPV6_UNIT - prefixlen)
         units = max(units, 1 << spare if spare > 0 else 1)
     return units
 
@@ -548,10 +554,20 @@ def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float
     """How much a new list would newly restrict and newly free, without applying it, weighed
     by address space (``weight``)."""
     restricting = lifting = 0
+    others = (inputs.overrides, inputs.graces, inputs.readdressed, inputs.exemptions, inputs.promises)
     for sid in list_changes(inputs.listed, new):
+        entry = new.get(sid)
+        if sid not in inputs.listed and not any(sid in table for table in others):
+            # Nothing but the new entry speaks of them (every entry of a first list): free now,
+            # and after as the entry says (``decide`` with these inputs, built directly).
+            after = entry is not None and entry.mode is not Mode.FREE and not (
+                entry.exempt_until and now < entry.exempt_until)
+            if after:
+                restricting += weight(entry)
+            continue
         before = inputs.decide(sid, now).restricted
         exemptions = inputs.exemptions.get(sid)
-        after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now,
+        after = decide(sid, entry, None, inputs.graces.get(sid), now,
                        exemptions=exemptions.values() if exemptions else (), promise=inputs.promise(sid)).restricted
         if after and not before:
             restricting += weight(new.get(sid))

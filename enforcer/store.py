@@ -54,7 +54,6 @@ import math
 import os
 import re
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -64,8 +63,8 @@ from typing import Any, TypeVar
 
 from .exemptions import Exemption
 from .gc_pause import gc_paused
-from .match import Match
-from .model import Mode, Network
+from .match import NO_MATCH, Match
+from .model import Mode
 from .policy import LISTED, Decision, Grace, Origin, Override, PolicyInputs, Readdress
 from .promises import Promise
 from .sessions.book import SessionBook
@@ -80,8 +79,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- (``_migrate_listed``), and kept empty since.
 CREATE TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL);
 -- The list in force, one column per field: read back in bulk at every start (no JSON object
--- per row), ``addresses`` spelt exactly as ``enforced.addresses`` (``addresses_text``) so the two
--- compare as text.
+-- per row), ``addresses`` spelt exactly as ``enforced.addresses`` (``Subscriber.address_texts``, as
+-- JSON) so the two compare as text.
 CREATE TABLE IF NOT EXISTS list_entries (id TEXT PRIMARY KEY, addresses TEXT NOT NULL, mode TEXT NOT NULL,
     reason TEXT NOT NULL, exempt_until REAL, exempt_category TEXT NOT NULL, match TEXT);
 CREATE TABLE IF NOT EXISTS overrides (id TEXT PRIMARY KEY, restrict_ INTEGER NOT NULL, at REAL NOT NULL,
@@ -316,18 +315,10 @@ def _subscriber(sid: str, entry: str) -> Subscriber:
 
 #: Modes by their stored text (``Mode(text)`` per row costs more than the rest of a row's decoding).
 _MODES: dict[str, Mode] = {mode.value: mode for mode in Mode}
-#: The match of every entry that has none (immutable, so one object serves them all).
-_NO_MATCH = Match()
-
-
-def addresses_text(networks: Iterable[Network]) -> str:
-    """How a list entry's and an enforced row's addresses are stored: the same addresses are
-    the same text, so a restart compares the two without parsing either (``Store.load_state``)."""
-    return json.dumps([str(a) for a in networks])
 
 
 def _address_list(text: Any) -> list[Any]:
-    """``json.loads`` of an ``addresses_text``; the usual spelling (no escapes) is split rather
+    """``json.loads`` of stored addresses (``_list_row``); the usual spelling (no escapes) is split rather
     than decoded, a fifth of a list entry's reading."""
     if type(text) is str and text.startswith('["') and text.endswith('"]') and "\\" not in text:
         return text[2:-2].split('", "')
@@ -338,21 +329,25 @@ def _address_list(text: Any) -> list[Any]:
 
 
 def _list_entry(sid: Any, addresses: Any, mode: Any, reason: Any, exempt_until: Any, category: Any,
-                match: Any) -> tuple[str, Subscriber, str]:
-    """A ``list_entries`` row: (id, the entry, its addresses as stored)."""
+                match: Any) -> tuple[str, Subscriber]:
+    """A ``list_entries`` row: (id, the entry)."""
     items = _address_list(addresses)
-    matched = _NO_MATCH
+    matched = NO_MATCH
     if match is not None:
         keys = json.loads(match)
         if not isinstance(keys, dict):
             raise TypeError(f"match: expected an object, got {keys!r}")
         matched = Match.from_json(keys)
     subscriber = Subscriber(_text(sid), tuple(parse_network(_text(a)) for a in items), _MODES[mode],
-                            sys.intern(_text(reason)), None if exempt_until is None else _real(exempt_until),
+                            _text(reason), None if exempt_until is None else _real(exempt_until),
                             _text(category), matched)
-    return sid, subscriber, addresses
+    return sid, subscriber
 
 
+#: An ``enforced`` row that says what its subscriber's list entry says, and reads (``load_state``).
+_SAME_AS_LISTED = ("EXISTS (SELECT 1 FROM list_entries l WHERE l.id = enforced.id AND l.mode = enforced.mode "
+                   "AND l.addresses = enforced.addresses AND l.reason = enforced.reason) "
+                   "AND typeof(enforced.since) IN ('integer', 'real')")
 #: A ``list_entries`` row as written.
 ListRow = tuple[str, str, str, str, float | None, str, str | None]
 
@@ -360,7 +355,7 @@ ListRow = tuple[str, str, str, str, float | None, str, str | None]
 def _list_row(subscriber: Subscriber) -> ListRow:
     """``_list_entry``'s inverse."""
     s = subscriber
-    return (s.id, addresses_text(s.addresses), s.mode.value, s.reason, s.exempt_until or None,
+    return (s.id, json.dumps(s.address_texts()), s.mode.value, s.reason, s.exempt_until or None,
             s.exempt_category if s.exempt_until else "", json.dumps(s.match.to_json()) if s.match else None)
 
 
@@ -609,7 +604,7 @@ class Store:
     @_reads
     def load_inputs(self) -> PolicyInputs:
         with gc_paused():    # 100k listed entries at start-up: see gc_pause
-            return self._load_inputs({})
+            return self._load_inputs()
 
     @_reads
     def load_state(self) -> tuple[PolicyInputs, dict[str, Decision]]:
@@ -617,24 +612,25 @@ class Store:
         table) as decisions, in one read (a restart: the kernel's table is reconciled with them).
 
         An enforced row that says exactly what the subscriber's list entry says (mode, reason,
-        the addresses as text) becomes that entry's own decision (``LISTED``, the entry's
-        ``Subscriber`` object): no second parse of 125k addresses, and a decision that has not
-        changed since compares equal, so its row is not written again. Other rows are decided
-        "enforced before the restart" with a subscriber of their own. A row whose mode or
-        address no longer reads is left out (enforced as the policy decides now)."""
+        the addresses as text: SQLite compares them, ``_SAME_AS_LISTED``) becomes that entry's
+        own decision (``LISTED``, the entry's ``Subscriber`` object): no second parse of 125k
+        addresses, and a decision that has not changed since compares equal, so its row is not
+        written again. Other rows are decided "enforced before the restart" with a subscriber of
+        their own. A row whose mode or address no longer reads is left out (enforced as the
+        policy decides now)."""
         with gc_paused():
-            texts: dict[str, str] = {}
-            inputs = self._load_inputs(texts)
+            inputs = self._load_inputs()
             listed = inputs.listed
             before: dict[str, Decision] = {}
+            unread: list[Any] = []   # the other rows (and any whose entry did not read): decoded alone
+            for sid, same in self.db.execute(f"SELECT id, {_SAME_AS_LISTED} FROM enforced").fetchall():
+                entry = listed.get(sid) if same else None
+                if entry is None:
+                    unread.append(sid)
+                else:
+                    before[sid] = Decision(sid, entry.mode, LISTED, entry)
 
             def decode(sid: Any, mode: Any, addresses: Any, reason: Any, since: Any) -> None:
-                entry = listed.get(sid)
-                if (entry is not None and addresses == texts.get(sid) and reason == entry.reason
-                        and mode == entry.mode.value):
-                    _real(since)
-                    before[sid] = Decision(sid, entry.mode, LISTED, entry)
-                    return
                 _, row = _enforced(sid, mode, addresses, reason, since)
                 try:
                     subscriber = Subscriber(sid, tuple(parse_network(a) for a in row["addresses"]),
@@ -643,17 +639,16 @@ class Store:
                     return
                 before[sid] = Decision(sid, subscriber.mode, "enforced before the restart", subscriber)
 
-            for _ in self._decoded("enforced", "id, mode, addresses, reason, since", decode):
-                pass
+            for start in range(0, len(unread), _IN_CHUNK):
+                chunk = unread[start:start + _IN_CHUNK]
+                for _ in self._decoded("enforced", "id, mode, addresses, reason, since", decode,
+                                       f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                    pass
             return inputs, before
 
-    def _load_inputs(self, texts: dict[str, str]) -> PolicyInputs:
-        """``texts`` is filled with each list entry's addresses as stored (``load_state``)."""
-        listed: dict[str, Subscriber] = {}
-        for sid, entry, addresses in self._decoded(
-                "list_entries", "id, addresses, mode, reason, exempt_until, exempt_category, match", _list_entry):
-            listed[sid] = entry
-            texts[sid] = addresses
+    def _load_inputs(self) -> PolicyInputs:
+        listed = dict(self._decoded(
+            "list_entries", "id, addresses, mode, reason, exempt_until, exempt_category, match", _list_entry))
         overrides = dict(self._decoded("overrides", "id, restrict_, at, cause, entry, origin", _override))
         graces = dict(self._decoded("graces", "id, paid_at, until, cause", lambda sid, paid, until, cause: (
             _text(sid), Grace(_real(paid), _real(until), _text(cause)))))

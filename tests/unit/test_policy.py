@@ -323,3 +323,77 @@ def test_expire_does_not_change_a_decision_for_a_same_second_override(override):
     before = inputs.decide("C-1", later)
     policy.expire(inputs, later)
     assert inputs.decide("C-1", later).mode is before.mode
+
+
+# -- the bulk paths decide exactly as one subscriber at a time --------------------------------------
+
+def _entry(i: int, mode: Mode, exempt_until: float | None) -> Subscriber:
+    return Subscriber(f"S-{i}", (ipaddress.ip_network(f"100.64.1.{i}/32"),), mode, "overdue", exempt_until,
+                      "dispute" if exempt_until else "")
+
+
+_PEOPLE = st.lists(st.tuples(
+    st.sampled_from(["none", "walled-garden", "notice", "throttle"]),    # the list's entry
+    st.sampled_from([None, 50.0, 500.0]),                                # its exempt_until
+    st.sampled_from(["none", "restrict", "lift"]),                       # an override
+    st.booleans(), st.booleans(), st.booleans(), st.booleans(),          # grace, readdress, exemption, promise
+    st.sampled_from(["none", "listed", "other"]),                        # what the kernel enforces
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_PEOPLE, st.booleans(), st.booleans(), st.sampled_from([100.0, 1000.0]))
+def test_decide_all_and_preview_list_are_decide_one_by_one(people: list, ladder: bool, closed: bool,
+                                                            now: float) -> None:
+    from enforcer.exemptions import Exemption
+    from enforcer.model import EscalationStep
+    from enforcer.promises import Promise
+    from enforcer.windows import Windows
+
+    inputs = PolicyInputs({}, {}, {})
+    enforced: dict[str, Decision] = {}
+    new: dict[str, Subscriber] = {}
+    for i, (mode, exempt, override, grace, moved, exempted, promised, kernel) in enumerate(people):
+        sid = f"S-{i}"
+        entry = None if mode == "none" else _entry(i, Mode(mode), exempt)
+        if entry is not None:
+            inputs.listed[sid] = entry
+            inputs.listed_since[sid] = 10.0
+        if override != "none":
+            inputs.overrides[sid] = Override(override == "restrict", 20.0, "event e", _entry(i, Mode.NOTICE, None)
+                                             if override == "restrict" else None)
+        if grace:
+            inputs.graces[sid] = Grace(30.0, 400.0, "event p")
+        if moved:
+            inputs.readdressed[sid] = policy.Readdress((ipaddress.ip_network(f"100.64.2.{i}/32"),), 5.0, "event m")
+        if exempted:
+            inputs.exemptions[sid] = {"dispute": Exemption("dispute", 300.0, "", "operator a", 1.0)}
+        if promised:
+            inputs.promises[sid] = [Promise(sid, 1.0, 600.0)]
+        if kernel == "listed" and entry is not None:
+            enforced[sid] = Decision(sid, entry.mode, policy.LISTED, entry)
+        elif kernel == "other":
+            enforced[sid] = Decision(sid, Mode.THROTTLE, "enforced before the restart", _entry(i, Mode.THROTTLE, None))
+        if i % 3:
+            new[sid] = _entry(i, Mode.WALLED_GARDEN if i % 2 else Mode.NOTICE, exempt)
+    new["S-new"] = _entry(99, Mode.WALLED_GARDEN, None)
+    windows = Windows(hours=((0, 1),), configured=True) if closed else Windows.always()
+    inputs.rules = policy.Rules(windows, (EscalationStep(50.0, Mode.WALLED_GARDEN),) if ladder else ())
+    one_by_one = {sid: inputs.decide(sid, now, enforced.get(sid)) for sid in inputs.known_ids() | set(enforced)}
+    assert inputs.decide_all(now, enforced) == one_by_one
+
+    def preview_one_by_one() -> tuple[int, int]:
+        restricting = lifting = 0
+        for sid in policy.list_changes(inputs.listed, new):
+            before = inputs.decide(sid, now).restricted
+            exemptions = inputs.exemptions.get(sid)
+            after = decide(sid, new.get(sid), None, inputs.graces.get(sid), now,
+                           exemptions=exemptions.values() if exemptions else (),
+                           promise=inputs.promise(sid)).restricted
+            if after and not before:
+                restricting += policy.weight(new.get(sid))
+            if before and not after:
+                lifting += policy.weight(inputs.listed.get(sid) or new.get(sid))
+        return restricting, lifting
+
+    assert policy.preview_list(inputs, new, now) == preview_one_by_one()

@@ -273,3 +273,15 @@ async def test_a_first_list_that_cannot_be_saved_is_withdrawn_and_retried(tmp_pa
     assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}
     assert Store(str(tmp_path / "state")).get_meta("list")["entries"] == 2
     await e.close()
+
+
+def test_the_daemon_loads_no_fleet_client_unless_a_fleet_is_configured() -> None:
+    """NATS' client (and the fleet's modules) are imported by ``Enforcer`` only with ``fleet``:
+    every start without one would pay their import time and memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, enforcer.cli, enforcer.service; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'nats' or m.startswith('enforcer.fleet')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
