@@ -46,6 +46,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if source.source and not source.is_url and not reading.refused("subscribers", "source"):
             listed, list_problems = _read_list(config)
             entries = None if listed is None else len(listed)
+            unreadable = unreadable_without_override(source.source)
+            if unreadable and listed is not None:
+                problems.append(unreadable)
         problems += _secret_problems(reading, config)
         if not reading.refused_within("portal"):  # a default standing in could be misjudged
             from captive_portal.config_check import validate as validate_portal
@@ -164,6 +167,44 @@ def _resolve_within(seconds: float) -> Any:
         raise box.get("error") or OSError(f"no answer within {seconds:g} s")
 
     return resolve
+
+
+def unreadable_without_override(path: str) -> str | None:
+    """Why the daemon, as its unit runs it, cannot read ``path`` although we (root) just did.
+
+    The unit keeps only ``CAP_NET_ADMIN``: root without ``CAP_DAC_OVERRIDE`` reads a file only
+    through its mode bits, as owner (uid 0), group (gid 0) or other, and needs search permission
+    on every directory above it. A list billing wrote 0600 as its own user passes a check run by
+    root with every capability and then fails in the daemon; checked only when run as root.
+    """
+    import stat
+
+    if os.geteuid() != 0:
+        return None
+    target = os.path.abspath(path)
+    chain = [(target, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH, "read")]
+    parent = os.path.dirname(target)
+    while True:
+        chain.append((parent, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH, "enter"))
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    for where, owner_bit, group_bit, other_bit, verb in chain:
+        try:
+            info = os.stat(where)
+        except OSError:
+            return None   # not there: the reader names that itself
+        if info.st_uid == 0:
+            allowed = bool(info.st_mode & owner_bit)
+        elif info.st_gid == 0:
+            allowed = bool(info.st_mode & group_bit)
+        else:
+            allowed = bool(info.st_mode & other_bit)
+        if not allowed:
+            return (f"{where}: the daemon (root without CAP_DAC_OVERRIDE, as systemd runs it) cannot {verb} it "
+                    f"(owner uid {info.st_uid}, group gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}); "
+                    "let group root read it (chmod g+r with group root, or the drop directory's setgid group)")
+    return None
 
 
 def secret_file_problem(path: str, portal_group: str = "") -> str | None:

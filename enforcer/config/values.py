@@ -63,7 +63,8 @@ def group(value: Any) -> str:
     try:
         grp.getgrnam(text)
     except KeyError:
-        raise ValueError(f"no group {text!r} on this machine (create it: groupadd --system {text})") from None
+        raise ValueError(f"no group {text!r} on this machine (the Debian package makes walled-garden; "
+                         f"else create it: groupadd --system {text})") from None
     return text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ def test_check_config_json_lists_every_problem_and_warning(tmp_path: Path,
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["errors"] == [] and out["listed"] == 1
     assert any("subscriber_prefixes" in w for w in out["warnings"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root without CAP_DAC_OVERRIDE reads; checked only as root")
+def test_check_config_refuses_a_list_only_full_root_can_read(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path)
+    os.chown(tmp_path / "list.yaml", 65534, 65534)   # billing's user wrote it 0600
+    (tmp_path / "list.yaml").chmod(0o600)
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/list.yaml: the daemon (root without CAP_DAC_OVERRIDE" in err and "mode 0600" in err
+    os.chown(tmp_path / "list.yaml", 65534, 0)      # group root may read: the daemon can
+    (tmp_path / "list.yaml").chmod(0o640)
+    assert main(["check-config", "--config", str(config)]) == 0
 
 
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
