@@ -36,7 +36,8 @@ class Dataplane(Protocol):
         With ``mark``: and does ``layouttag`` hold that digest mark (``state.digest_mark``)?"""
 
     def read_sets(self, names: Iterable[str]) -> TableState | None:
-        """Only these sets (small ones: each is listed on its own), ``None`` if the table is gone."""
+        """Only these sets (small ones: each is listed on its own), ``None`` if the table or one
+        of them is gone."""
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """Which of ``containers`` no longer hold their sentinel element (flushed, deleted, or the

@@ -286,6 +286,7 @@ def test_the_digest_mark_is_looked_up_with_the_tag_and_small_sets_read_alone(bac
     outside.flush_set("allowhost6")
     hosts = dp.read_sets(["allowhost4", "allowhost6"])
     assert hosts is not None and hosts.sealed == {"allowhost4"}
+    assert dp.read_sets(["allowhost4", "nosuchset4"]) is None
     outside.drop_table()
     assert dp.read_sets(["allowhost4"]) is None
     assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7)) is False

@@ -196,3 +196,16 @@ def test_element_hash_is_the_same_in_every_process() -> None:
     """A stored digest is compared by another process: no salted ``hash()``."""
     assert element_hash("portal4_32", "100.64.0.10") == 0x8D578F3AD5F98F5A
     assert digest_mark(0) == "0:0:0:1::" and digest_mark(2**64 - 1) == "::1:ffff:ffff:ffff:ffff"
+
+
+def test_a_big_sync_gives_the_freed_c_heap_back(monkeypatch) -> None:
+    import enforcer.reconciler as reconciler
+    trims: list[int] = []
+    monkeypatch.setattr(reconciler, "_trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(reconciler, "BIG_TRANSACTION", 3)
+    fake, rec = first_run()   # 4 elements
+    assert trims == [1]
+    rec.sync_all(DECISIONS)   # nothing to do: no trim
+    assert trims == [1]
+    monkeypatch.undo()
+    reconciler._trim_heap()   # the real one runs anywhere (glibc or not)
