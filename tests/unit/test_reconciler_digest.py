@@ -203,7 +203,7 @@ def test_a_big_sync_gives_the_freed_c_heap_back(monkeypatch) -> None:
     trims: list[int] = []
     monkeypatch.setattr(reconciler, "_trim_heap", lambda: trims.append(1))
     monkeypatch.setattr(reconciler, "BIG_TRANSACTION", 3)
-    fake, rec = first_run()   # 4 elements
+    _, rec = first_run()   # 4 elements
     assert trims == [1]
     rec.sync_all(DECISIONS)   # nothing to do: no trim
     assert trims == [1]
