@@ -138,7 +138,7 @@ def test_package_builds_installs_checks_and_purges_clean(tmp_path: Path) -> None
 
         try:
             ok(run(["apt-get", "install", "-y", "-q", *APT_LOCK, "--no-install-recommends", str(deb)], deadline))
-            _check_installed(deadline)
+            _check_installed(deadline, tmp_path)
         finally:
             purged = run(["apt-get", "purge", "-y", "-q", *APT_LOCK, PACKAGE], deadline + 300)
         ok(purged)
@@ -147,9 +147,19 @@ def test_package_builds_installs_checks_and_purges_clean(tmp_path: Path) -> None
         assert traces() - traces_before == set(), f"left behind: {sorted(traces() - traces_before)}"
 
 
-def _check_installed(deadline: float) -> None:
+def _check_installed(deadline: float, tmp_path: Path) -> None:
     """What an operator finds after ``apt-get install``."""
     assert "walled-garden" in ok(run(["/usr/bin/walled-garden", "--version"], deadline))
+    # Root running the command in a directory others can write imports nothing from it.
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "yaml.py").write_text("raise SystemExit('imported from the current directory')\n")
+    (planted / "enforcer").mkdir()
+    (planted / "enforcer" / "__init__.py").write_text("raise SystemExit('imported from the current directory')\n")
+    left = min(60.0, deadline - time.monotonic())
+    here = subprocess.run(["/usr/bin/walled-garden", "--version"], capture_output=True, text=True, timeout=left,
+                          check=False, env=ENV, cwd=planted)
+    assert here.returncode == 0 and "walled-garden" in here.stdout, here.stdout + here.stderr
     checked = run(["/usr/bin/walled-garden", "check-config", "--config", "/etc/walled-garden/config.yaml"], deadline)
     assert checked.returncode == 0 and ": OK" in checked.stdout, checked.stdout + checked.stderr
 
