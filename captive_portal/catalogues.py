@@ -171,11 +171,39 @@ def compile_po(data: bytes, code: str, where: str) -> Translations:
     return _translations(buffer.getvalue(), where)
 
 
+#: Counts a plural rule is tried on before a catalogue is accepted (a page shows terms of days and
+#: hours; CLDR's rules differ below 1000 at most).
+PLURAL_PROBES = range(0, 1001)
+
+
 def _translations(mo: bytes, where: str) -> Translations:
+    """Compiled translations whose plural rule gives a valid form for every count tried: a rule
+    that compiles but divides by zero or answers out of range (``n%0``, ``n+5``) would raise on
+    every lookup of the page and stop the portal, so the catalogue is refused here instead."""
     try:
-        return Translations(io.BytesIO(mo))
+        translations = Translations(io.BytesIO(mo))
     except (OSError, ValueError, SyntaxError, UnicodeDecodeError) as exc:  # gettext's parser and c2py
         raise CatalogueError(f"{where}: not a usable catalogue: {exc}") from exc
+    forms = _plural_count(translations)
+    for n in PLURAL_PROBES:
+        try:
+            form = int(translations.plural(n))
+        except Exception as exc:  # any failure of a provider's rule refuses the file
+            raise CatalogueError(f"{where}: the Plural-Forms rule fails for n={n}: {exc!s}") from exc
+        if not 0 <= form < forms:
+            raise CatalogueError(f"{where}: the Plural-Forms rule gives form {form} for n={n}, "
+                                 f"outside 0..{forms - 1} (nplurals={forms})")
+    return translations
+
+
+def _plural_count(translations: Translations) -> int:
+    """``nplurals`` of the catalogue's header (2, gettext's default, when it has none)."""
+    header = translations.info().get("plural-forms", "")
+    for part in header.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip() == "nplurals" and value.strip().isdigit():
+            return int(value.strip())
+    return 2
 
 
 def read_catalogue(path: str, code: str) -> Translations:

@@ -307,6 +307,19 @@ def test_broken_catalogues_are_named_and_left_out(tmp_path: Path) -> None:
     assert "Powód" in pages.caller_page(Caller(OVERDUE, "pl"))
 
 
+@pytest.mark.parametrize(("rule", "why"), [("nplurals=2; plural=(n%0);", "fails for n=0"),
+                                          ("nplurals=2; plural=(n+5);", "gives form 5 for n=0")])
+def test_a_plural_rule_that_compiles_but_cannot_answer_is_refused(tmp_path: Path, rule: str, why: str) -> None:
+    """Babel asks the rule even for the singular: a rule that raises or answers out of range would
+    stop every page of the portal, so the catalogue is named and left out instead."""
+    (tmp_path / "de.po").write_bytes(catalogue_file("de", GERMAN, GERMAN_TERMS, plural_forms=rule))
+    problems = validate(with_locale(tmp_path))
+    assert len(problems) == 1 and "de.po" in problems[0] and why in problems[0]
+    pages = Pages.from_config(with_locale(tmp_path))
+    assert "de" not in pages.messages
+    assert pages.caller_page(Caller(OVERDUE, "de"))
+
+
 def test_languages_without_a_catalogue_are_named_by_check_config(config: Config) -> None:
     problems = validate(with_portal(config, default_language="pl", texts={"de": {"pay_heading": "Bezahlen"}}))
     assert problems == [
