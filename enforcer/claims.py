@@ -11,8 +11,9 @@ in O(prefix lengths in use):
 - *contained*: for each length in use, ``inside`` counts the held networks of longer prefixes
   under each masked key, so one lookup says whether anything lies within.
 
-Keys are integers (``network_address`` as int), lengths per family are few (a gateway uses
-/32 and /128, /64 and /56, maybe a /29), so a 100k-subscriber index is a few dicts of ints.
+Held networks are looked up by their key's text (the string the list entry holds, so the index
+adds no string of its own), masked ones computed as integers; lengths per family are few (a
+gateway uses /32 and /128, /64 and /56, maybe a /29), so a 100k-subscriber index is a few dicts.
 A length seen for the first time gets its ``inside`` counts by one scan of the held networks.
 What each subscriber holds is kept as the kernel's keys (``subscribers.Key``), the very tuples
 the list entries hold (``rebuild_keys``), not as ``ipaddress`` networks (~430 bytes each).
@@ -40,6 +41,11 @@ def _value(key: Key) -> int:
     return int.from_bytes(socket.inet_pton(_FAMILIES[key[0]], key[2]), "big")
 
 
+def _text(value: int, version: int) -> str:
+    """``_value``'s inverse: the address as the kernel's keys spell it (``inet_ntop``)."""
+    return socket.inet_ntop(_FAMILIES[version], value.to_bytes(_BITS[version] // 8, "big"))
+
+
 def _masked(value: int, version: int, plen: int) -> int:
     shift = _BITS[version] - plen
     return (value >> shift) << shift
@@ -58,7 +64,7 @@ class Conflict(ValueError):
 class ClaimsIndex:
     def __init__(self) -> None:
         self.held: dict[str, tuple[Key, ...]] = {}
-        self._exact: dict[Slot, dict[int, str]] = {}
+        self._exact: dict[Slot, dict[str, str]] = {}   # keyed by the key's text, the entries' own string
         self._inside: dict[Slot, dict[int, dict[str, int]]] = {}
         self._lengths: dict[int, list[int]] = {4: [], 6: []}
 
@@ -77,7 +83,7 @@ class ClaimsIndex:
         for length in self._lengths[version]:
             if length > plen:
                 break
-            holder = self._exact[(version, length)].get(_masked(value, version, length))
+            holder = self._exact[(version, length)].get(_text(_masked(value, version, length), version))
             if holder is not None and holder != sid:
                 return Conflict(network, holder, self._network_of(holder, network, length))
         self._ensure_inside(version, plen)
@@ -118,23 +124,23 @@ class ClaimsIndex:
         ``holdings`` (subscriber → ``Subscriber.keys``) must not overlap (the reconciler left
         every clash out); the tuples are kept as they are, shared with the list entries."""
         self.held = {sid: keys for sid, keys in holdings.items() if keys}
-        exact: dict[Slot, dict[int, str]] = {}
+        exact: dict[Slot, dict[str, str]] = {}
         for sid, held in self.held.items():
             for key in held:
                 slot = key[:2]
-                values = exact.get(slot)
-                if values is None:
-                    values = exact[slot] = {}
-                values[_value(key)] = sid
+                texts = exact.get(slot)
+                if texts is None:
+                    texts = exact[slot] = {}
+                texts[key[2]] = sid
         self._exact = exact
         self._lengths = {version: sorted(p for v, p in exact if v == version) for version in (4, 6)}
         self._inside = {}
         for version, length in exact:
             counts: dict[int, dict[str, int]] = {}
-            for (v, plen), keys in exact.items():
+            for (v, plen), texts in exact.items():
                 if v == version and plen > length:
-                    for value, sid in keys.items():
-                        slot_counts = counts.setdefault(_masked(value, version, length), {})
+                    for text, sid in texts.items():
+                        slot_counts = counts.setdefault(_masked(_value((v, plen, text)), version, length), {})
                         slot_counts[sid] = slot_counts.get(sid, 0) + 1
             self._inside[(version, length)] = counts
 
@@ -143,7 +149,7 @@ class ClaimsIndex:
         value = _value(key)
         if plen not in self._lengths[version]:
             self._new_length(version, plen)
-        self._exact[(version, plen)][value] = sid
+        self._exact[(version, plen)][key[2]] = sid
         for length in self._lengths[version]:
             if length >= plen:
                 break
@@ -154,8 +160,8 @@ class ClaimsIndex:
         version, plen = key[0], key[1]
         value = _value(key)
         exact = self._exact.get((version, plen), {})
-        if exact.get(value) == sid:
-            del exact[value]
+        if exact.get(key[2]) == sid:
+            del exact[key[2]]
         for length in self._lengths[version]:
             if length >= plen:
                 break
