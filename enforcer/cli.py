@@ -46,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if source.source and not source.is_url and not reading.refused("subscribers", "source"):
             listed, list_problems = _read_list(config)
             entries = None if listed is None else len(listed)
-            unreadable = unreadable_without_override(source.source)
+            unreadable = unreadable_without_override(source.source, _daemon_groups(config))
             if unreadable and listed is not None:
                 problems.append(unreadable)
         problems += _secret_problems(reading, config)
@@ -169,41 +169,57 @@ def _resolve_within(seconds: float) -> Any:
     return resolve
 
 
-def unreadable_without_override(path: str) -> str | None:
+def _daemon_groups(config: Config) -> tuple[int, ...]:
+    """The groups the daemon reads files as: root's, the unit's ``SupplementaryGroups``
+    (``walled-garden``) and ``api.socket_group``, those that exist."""
+    import grp
+
+    gids = [0]
+    for name in {"walled-garden", config.api.socket_group} - {""}:
+        try:
+            gids.append(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            continue
+    return tuple(gids)
+
+
+def unreadable_without_override(path: str, groups: tuple[int, ...] = (0,)) -> str | None:
     """Why the daemon, as its unit runs it, cannot read ``path`` although we (root) just did.
 
     The unit keeps only ``CAP_NET_ADMIN``: root without ``CAP_DAC_OVERRIDE`` reads a file only
-    through its mode bits, as owner (uid 0), group (gid 0) or other, and needs search permission
-    on every directory above it. A list billing wrote 0600 as its own user passes a check run by
-    root with every capability and then fails in the daemon; checked only when run as root.
+    through its mode bits, as owner (uid 0), as a member of ``groups`` (gid 0 and the unit's
+    supplementary group) or as other, and needs search permission on every directory on the way
+    to the file a symlink points at. A list billing wrote 0600 as its own user passes a check run
+    by root with every capability and then fails in the daemon; checked only when run as root.
     """
     import stat
 
     if os.geteuid() != 0:
         return None
-    target = os.path.abspath(path)
-    chain = [(target, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH, "read")]
+    target = os.path.realpath(path)
+    chain = [(target, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH, "read it", "r")]
     parent = os.path.dirname(target)
     while True:
-        chain.append((parent, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH, "enter"))
+        chain.append((parent, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH, "enter it", "x"))
         if parent == os.path.dirname(parent):
             break
         parent = os.path.dirname(parent)
-    for where, owner_bit, group_bit, other_bit, verb in chain:
+    for where, owner_bit, group_bit, other_bit, verb, letter in chain:
         try:
             info = os.stat(where)
         except OSError:
             return None   # not there: the reader names that itself
         if info.st_uid == 0:
             allowed = bool(info.st_mode & owner_bit)
-        elif info.st_gid == 0:
+        elif info.st_gid in groups:
             allowed = bool(info.st_mode & group_bit)
         else:
             allowed = bool(info.st_mode & other_bit)
         if not allowed:
-            return (f"{where}: the daemon (root without CAP_DAC_OVERRIDE, as systemd runs it) cannot {verb} it "
+            shown = "" if where == path else f" (the list {path})"
+            return (f"{where}{shown}: the daemon (root without CAP_DAC_OVERRIDE, as systemd runs it) cannot {verb} "
                     f"(owner uid {info.st_uid}, group gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}); "
-                    "let group root read it (chmod g+r with group root, or the drop directory's setgid group)")
+                    f"give it group root or the daemon's group with g+{letter}")
     return None
 
 

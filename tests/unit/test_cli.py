@@ -92,6 +92,18 @@ def test_check_config_refuses_a_list_only_full_root_can_read(tmp_path: Path,
     os.chown(tmp_path / "list.yaml", 65534, 0)      # group root may read: the daemon can
     (tmp_path / "list.yaml").chmod(0o640)
     assert main(["check-config", "--config", str(config)]) == 0
+    capsys.readouterr()
+    # a symlink to a list in a directory only billing's user may enter: the target's path counts
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (tmp_path / "list.yaml").rename(private / "list.yaml")
+    os.chown(private, 65534, 65534)
+    (tmp_path / "list.yaml").symlink_to(private / "list.yaml")
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{private} (the list {tmp_path}/list.yaml): the daemon (root without CAP_DAC_OVERRIDE" in err
+    assert "cannot enter it" in err
+    assert "g+x" in err
 
 
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
