@@ -101,7 +101,7 @@ def test_check_config_refuses_a_list_only_full_root_can_read(tmp_path: Path,
     (tmp_path / "list.yaml").symlink_to(private / "list.yaml")
     assert main(["check-config", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"{private} (the list {tmp_path}/list.yaml): the daemon (root without CAP_DAC_OVERRIDE" in err
+    assert f"{private} (the list " in err and "): the daemon (root without CAP_DAC_OVERRIDE" in err
     assert "cannot enter it" in err
     assert "g+x" in err
 
