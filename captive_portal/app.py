@@ -522,14 +522,12 @@ class _FailureLog:
         if self._last is not None and now - self._last < self.interval:
             self._suppressed += 1
             return
-        more = f" suppressed_since_last={self._suppressed}" if self._suppressed else ""
-        log.warning("event=enforcer_request_failed error=%r%s", message, more)
+        log.warning("event=enforcer_request_failed error=%s suppressed_since_last=%d", message, self._suppressed)
         self._last, self._suppressed = now, 0
 
     def succeeded(self) -> None:
         if self._last is not None:
-            more = f" unreported_failures={self._suppressed}" if self._suppressed else ""
-            log.info("event=enforcer_requests_work_again%s", more)
+            log.info("event=enforcer_requests_work_again unreported_failures=%d", self._suppressed)
             self._last, self._suppressed = None, 0
 
 

@@ -39,7 +39,6 @@ _UNSUPPORTED = re.compile(r"%(?:\(|[#0\- +]*\*|[#0\- +]*\d*\.\*)")   # %(name)s 
 _FIELD = re.compile(r"\s*(?P<key>[A-Za-z_][A-Za-z0-9_.\-]*)=(?P<value>\S*)")
 #: What a ``%s`` argument may append to a value's template: whole ``key=value`` fields of its own
 #: (``"event=x%s", " suppressed=3"``), split off rather than glued into the value.
-_APPENDED_FIELDS = re.compile(r"(?:\s+[A-Za-z_][A-Za-z0-9_.\-]*=\S*)+")
 _NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f]')
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -89,13 +88,22 @@ def _parse(template: str) -> _Template | None:
     return _Template(tuple(fields), prose, _conversions(prose))
 
 
-def _render(template: str, args: Sequence[Any], literal: bool = False) -> tuple[str, str]:
-    """``template % args`` with ``%r`` giving text, not a repr; also the text of the last ``%s``
-    argument when the template ends with it (it may be appended fields, see ``_APPENDED_FIELDS``).
+def _text(value: Any) -> str:
+    """A value as a field's text: ``str``, but an exception with no text of its own
+    (``TimeoutError()``, ``ConnectionResetError()``) by its type, so the line still says what failed."""
+    text = str(value)
+    if not text and isinstance(value, BaseException):
+        return type(value).__name__
+    return text
+
+
+def _render(template: str, args: Sequence[Any], literal: bool = False) -> str:
+    """``template % args`` with ``%r`` giving text, not a repr (``_text``). A value's text never
+    becomes fields of its own, whatever it holds: it is quoted as one value.
     ``literal``: a record without arguments, whose message Python does not %-format either."""
     if literal:
-        return template, ""
-    out, at, index, last = [], 0, 0, ""
+        return template
+    out, at, index = [], 0, 0
     for match in _CONVERSION.finditer(template):
         out.append(template[at:match.start()])
         at = match.end()
@@ -105,11 +113,9 @@ def _render(template: str, args: Sequence[Any], literal: bool = False) -> tuple[
             continue
         value = args[index]
         index += 1
-        text = str(value) if kind in "rsa" else f"%{match.group('spec')}{kind}" % (value,)
-        last = text if kind == "s" and at == len(template) else ""
-        out.append(text)
+        out.append(_text(value) if kind in "rsa" else f"%{match.group('spec')}{kind}" % (value,))
     out.append(template[at:])
-    return "".join(out), last
+    return "".join(out)
 
 
 def logfmt_fields(record: logging.LogRecord) -> list[tuple[str, str]]:
@@ -127,15 +133,10 @@ def logfmt_fields(record: logging.LogRecord) -> list[tuple[str, str]]:
             fields: list[tuple[str, str]] = []
             used = 0
             for key, value, count in parsed.fields:
-                text, last = _render(value, args[used:used + count], literal)
+                fields.append((key, _render(value, args[used:used + count], literal)))
                 used += count
-                if last and last != text and _APPENDED_FIELDS.fullmatch(last):
-                    fields.append((key, text[:-len(last)]))
-                    fields += [(m.group("key"), m.group("value")) for m in _FIELD.finditer(last)]
-                else:
-                    fields.append((key, text))
             if parsed.prose:
-                fields.append(("msg", _render(parsed.prose, args[used:], literal)[0]))
+                fields.append(("msg", _render(parsed.prose, args[used:], literal)))
             return fields
         except (TypeError, ValueError, IndexError):
             pass   # arguments that do not fit their conversions: say it as Python would

@@ -19,6 +19,7 @@ import functools
 import platform
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,10 +73,17 @@ def build_labels() -> dict[str, str]:
 
 
 class BuildInfo(Collector):
-    """``walled_garden_build_info{version,python,nftables} 1``; labels read at the first scrape."""
+    """``walled_garden_build_info{version,python,nftables} 1``.
+
+    The labels are read in a thread started here (``nft --version`` may take up to
+    ``NFT_TIMEOUT``): the first scrape, served on the daemon's event loop beside the webhooks,
+    finds them ready instead of running ``nft`` itself.
+    """
 
     def __init__(self, labels: dict[str, str] | None = None) -> None:
         self._labels = labels
+        if labels is None:
+            threading.Thread(target=build_labels, name="build_info", daemon=True).start()
 
     def labels(self) -> dict[str, str]:
         if self._labels is None:

@@ -81,12 +81,17 @@ def test_prose_becomes_a_msg_field() -> None:
     assert fields("event=x pct=%d%%", 5)["pct"] == "5%"
 
 
-def test_fields_a_percent_s_appends_are_their_own() -> None:
-    assert fields("event=failed error=%r%s", "no socket", " suppressed_since_last=3") == {
-        "level": "WARNING", "logger": "walled_garden.x", "event": "failed", "error": "no socket",
-        "suppressed_since_last": "3"}
-    assert fields("event=works_again%s", "")["event"] == "works_again"
+def test_a_value_never_becomes_fields_of_its_own() -> None:
+    """Whatever a value holds (a peer's text), it is one quoted value: no forged fields."""
+    assert fields("event=x peer=%s:%s", "192.0.2.1", " level=CRITICAL forged=1") == {
+        "level": "WARNING", "logger": "walled_garden.x", "event": "x", "peer": "192.0.2.1: level=CRITICAL forged=1"}
     assert fields("event=x detail=%s", "a b=c")["detail"] == "a b=c", "a value with spaces is one value"
+
+
+def test_an_exception_without_text_is_named_by_its_type() -> None:
+    assert fields("event=x error=%r", TimeoutError())["error"] == "TimeoutError"
+    assert fields("event=x error=%s", ConnectionResetError())["error"] == "ConnectionResetError"
+    assert fields("event=x error=%r", OSError(2, "No such file"))["error"] == "[Errno 2] No such file"
 
 
 def test_calls_that_do_not_fit_keep_what_they_said() -> None:
