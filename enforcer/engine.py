@@ -61,6 +61,22 @@ def held_keys(decision: Decision) -> tuple[Key, ...]:
     return ()
 
 
+def unchanged(decisions: Mapping[str, Decision], previous: Mapping[str, Decision]) -> bool:
+    """Every decision is the very one enforced before (``decide_all`` keeps those), or a free
+    one where nothing was: the enforcement record would not change, so a restart that finds
+    the kernel as it left it counts, and neither compares 100k decisions again nor writes."""
+    if not previous:   # ``EnforcedRecord.full`` reads the table itself then
+        return False
+    kept = 0
+    for sid, decision in decisions.items():
+        before = previous.get(sid)
+        if before is decision:
+            kept += 1
+        elif before is not None or decision.restricted or decision.pending is not None:
+            return False
+    return kept == len(previous)
+
+
 def policy_rules(config: Config) -> policy.Rules:
     return policy.Rules(windows=config.policy.windows, escalation=config.policy.escalation)
 
@@ -217,6 +233,9 @@ class Engine:
             self.record.recount(decisions)
             self._counted()
             deferred.append(functools.partial(self._record_full_logged, decisions, previous))
+        elif unchanged(decisions, previous):
+            self.record.recount(decisions)
+            self._counted()
         else:   # 100k rows compared and written: off the loop
             await asyncio.to_thread(self._record_full_logged, decisions, previous)
         self.spawn(self.flusher.flush(result.changed, "sync"))

@@ -285,3 +285,40 @@ def test_the_daemon_loads_no_fleet_client_unless_a_fleet_is_configured() -> None
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'nats' or m.startswith('enforcer.fleet')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_restart_that_finds_everything_as_left_counts_without_rewriting_the_record(tmp_path: Path) -> None:
+    """The record is written again only when a decision changed while the daemon was down."""
+    from daemon_helpers import handle_event
+    from enforcer.events import Event
+
+    config, fake = make_config(tmp_path), FakeDataplane()
+    e = await started(config, fake)
+    await e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1"))
+    assert (await handle_event(e, Event("p-1", PAYMENT, NOW, "C-1"), 0.0))[0] == 200   # C-1 free for a grace
+    await e.close()
+
+    writes: list[Any] = []
+
+    def restarted(now: float) -> Enforcer:
+        e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now)  # type: ignore[arg-type]
+        real = e.engine.store.record_state
+
+        def counted(*args: Any, **kwargs: Any) -> None:
+            writes.append(args)
+            real(*args, **kwargs)
+
+        e.engine.store.record_state = counted  # type: ignore[method-assign]
+        return e
+
+    e = restarted(NOW + 60)
+    await e.engine.restore()
+    assert writes == [] and e.queries.status()["modes"]["walled-garden"] == 1
+    await e.close()
+
+    e = restarted(NOW + 40 * 86400)   # the grace ended while the daemon was down
+    await e.engine.restore()
+    assert len(writes) == 1 and e.queries.status()["modes"]["walled-garden"] == 2
+    assert set(e.engine.store.enforced()) == {"C-1", "C-2"}
+    assert [(r["subscriber"], r["new"]) for r in e.engine.store.audit()][-1] == ("C-1", "walled-garden")
+    await e.close()
