@@ -28,7 +28,7 @@ from .dataplane.layout import (
     tag_address,
     with_mode_view,
 )
-from .dataplane.state import TableState, digest, digest_mark, element_hash
+from .dataplane.state import TableState, digest, digest_mark, element_hash, mark_digest
 from .dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from .model import Mode, Network
 from .policy import Decision
@@ -96,7 +96,10 @@ class Reconciler:
         self.needs_full = True
         self.digest = 0                 # of the subscriber sets' elements in the kernel (``state.digest``)
         self._marks: set[str] = set()   # the digest marks ``layouttag`` holds (one, once written)
-        self.verified = True            # False from a start that trusted the digest to the next full check
+        # The ruleset generation at which the table is known to hold the mirror (read back, or
+        # trusted, and only our own transactions since); None once anyone else committed.
+        self._generation: int | None = None
+        self.verified = True            # False from a start that trusted the mark, to the next full check
 
     # -- whole-state syncs -------------------------------------------------------------
     def sync_all(self, decisions: Mapping[str, Decision], read_kernel: bool = False) -> SyncResult:
@@ -121,10 +124,13 @@ class Reconciler:
         if read_kernel and self.mirror is None and self._carries(layout, target, desired):
             assert self.mirror is not None
             log.info("event=kernel_trusted digest=%s (the table carries the digest of the decisions' elements: "
-                     "not read back; the next full table check compares every element)", digest_mark(target))
+                     "not read back; the next full table check compares every element)", next(iter(self._marks)))
         elif read_kernel or self.mirror is None or self.needs_full:
+            generation = self.dataplane.generation()
             self.mirror = with_mode_view(self.dataplane.read())
             self._marks, self.verified = _marks(self.mirror, layout), True
+            # the listing is the table at that generation only if nothing was committed meanwhile
+            self._generation = generation if self.dataplane.generation() == generation else None
         before = self.mirror.elements if self.mirror else {}
         changed = _changed(before, desired)
         tx = Transaction(self.dataplane.table)
@@ -148,27 +154,33 @@ class Reconciler:
         return SyncResult(kind, count, changed)
 
     def _carries(self, layout: Layout, target: int, desired: Elements) -> bool:
-        """Does the kernel table carry ``target``, the digest of ``desired``'s subscriber sets?
-        If so, it becomes the mirror (with the small ``allowhost`` sets read back).
+        """Does the kernel table carry ``target``, the digest of ``desired``'s subscriber sets,
+        marked with the ruleset generation of now? If so, it becomes the mirror (with the small
+        ``allowhost`` sets read back), and nothing is read.
 
-        What that proves: the table is ours with this layout, no set was flushed or replaced
-        (tag and sentinels, as ``probe``), and the last transaction we committed to it (the mark
-        is written in the same transaction as every element change) left exactly these
-        elements. What it does not prove: that nobody added or deleted an element with ``nft``
-        since, which a mark cannot see; the running daemon trusts its mirror between full
-        checks for the same reason, and ``verified`` is False until the next full check
-        (``check_kernel(full=True)``) has compared every element.
+        What that proves. A mark is written only in the same transaction as the elements it
+        sums, and with the generation that transaction commits as only when every commit since
+        the table was last read back (or replaced) was ours (``_apply``); every nftables commit
+        by anyone moves the generation on (an ``nft add/delete element``, a ``flush set``,
+        another table's rules). So a mark naming the generation of now says: no transaction at
+        all since ours, and ours left exactly these elements. A start after any other commit
+        (with ``dns: gateway`` the forwarder's own, usually) reads the table back as before.
+        What it does not cover: a change that commits nothing (the kernel's own, e.g. timeouts:
+        none in these sets) and a bug of ours; ``verified`` stays False until the next full
+        check (``check_kernel(full=True)``) has compared every element.
         """
-        mark = digest_mark(target)
+        generation = self.dataplane.generation()
+        mark = digest_mark(target, generation)
         if not self.dataplane.holds_layout(layout.tag, layout.containers(), mark):
             return False
         hosts = self.dataplane.read_sets(HOST_ALLOW.values())
-        if hosts is None or not hosts.sealed.issuperset(HOST_ALLOW.values()):
+        if (hosts is None or not hosts.sealed.issuperset(HOST_ALLOW.values())
+                or self.dataplane.generation() != generation):   # a commit while we looked
             return False
         elements = dict(desired)
         elements.update(hosts.elements)
         self.mirror = TableState(layout.tag, elements, set(layout.containers()))
-        self._marks = {mark}
+        self.digest, self._marks, self._generation = target, {mark}, generation
         self.verified = False
         return True
 
@@ -352,10 +364,7 @@ class Reconciler:
         layout, mirror = self.layout, self.mirror
         if self.needs_full or layout is None or mirror is None:
             return ""
-        if full:
-            problem = _compare(self.dataplane.read(), layout, mirror, digest_mark(self.digest))
-        else:
-            problem = probe(self.dataplane, layout)
+        problem = _compare(self.dataplane.read(), layout, mirror) if full else probe(self.dataplane, layout)
         if problem:
             self.needs_full = True
         elif full:
@@ -377,24 +386,34 @@ class Reconciler:
         return value
 
     def _apply(self, tx: Transaction, target: int) -> int:
-        """Run the kernel part of ``tx`` (the mode view is ours alone), with the digest mark of
-        ``target`` (what the subscriber sets hold once ``tx`` is applied) replacing the old one
-        in the same transaction; returns the element count (marks not counted)."""
+        """Run the kernel part of ``tx`` (the mode view is ours alone); returns its element count
+        (marks not counted). ``target`` is the digest of the subscriber sets once ``tx`` is
+        applied: its mark, with the generation this commit will have, replaces the old one in
+        the same transaction, but only while the table's generation is still the one our own
+        last commit (or read) left; after anyone else's commit the old mark is deleted and none
+        written, until a read-back or a replace knows the table again (``_carries``)."""
         operations = [op for op in tx.operations
                       if isinstance(op, ReplaceTable) or not op.container.startswith(MODE_PREFIX)]
         kernel = Transaction(tx.table, operations)
         count = kernel.element_count()
-        marks = set() if any(isinstance(op, ReplaceTable) for op in operations) else self._marks
-        mark = digest_mark(target)
-        if marks != {mark}:
-            kernel.delete(TAG_SET, sorted(marks))
+        replaced = any(isinstance(op, ReplaceTable) for op in operations)
+        generation = self.dataplane.generation()
+        known = replaced or generation == self._generation
+        if not operations and (not known or self._marks == {digest_mark(target, generation)}):
+            self.digest = target   # the table holds it already
+            return 0               # nothing to change, nor a mark to write: no commit at all
+        marks = set() if replaced else self._marks
+        mark = digest_mark(target, generation + 1) if known else None
+        kernel.delete(TAG_SET, sorted(marks))
+        if mark is not None:
             kernel.add(TAG_SET, [(mark, None)])
         try:
             self.dataplane.apply(kernel)
         except DataplaneError:
             self.needs_full = True
             raise
-        self.digest, self._marks = target, {mark}
+        self.digest, self._marks = target, {mark} if mark is not None else set()
+        self._generation = generation + 1 if known else None
         return count
 
 
@@ -489,8 +508,8 @@ def probe(dataplane: Dataplane, layout: Layout) -> str:
 
 def audit(dataplane: Dataplane, layout: Layout) -> str:
     """Do the table's subscriber sets still hash to the digest mark our last transaction wrote
-    with them? ``""`` if so, else what is wrong. What the mark alone cannot show (``Reconciler._carries``):
-    an element added or deleted with ``nft`` behind our back, while the daemon ran or was down.
+    with them? ``""`` if so (or when there is no mark: nothing to compare), else what is wrong:
+    an element added or deleted with ``nft`` behind our back since.
 
     Like ``probe`` it touches no reconciler state, so it may run on another thread with
     ``dataplane.reader()``: the table is compared with itself (one listing is one generation of
@@ -505,9 +524,9 @@ def audit(dataplane: Dataplane, layout: Layout) -> str:
     if flushed:
         return f"set(s) flushed: {_few(flushed)}"
     marks = _marks(state, layout)
-    if marks != {digest_mark(digest(state.elements, _digested(layout)))}:
+    if marks and {mark_digest(m) for m in marks} != {digest(state.elements, _digested(layout))}:
         return (f"the subscriber sets do not hash to the digest mark{'s' if len(marks) > 1 else ''} "
-                f"{', '.join(sorted(marks)) or '(none)'}: elements added or deleted behind our back")
+                f"{', '.join(sorted(marks))}: elements added or deleted behind our back")
     return ""
 
 
@@ -522,14 +541,12 @@ def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _compare(state: TableState | None, layout: Layout, mirror: TableState, mark: str) -> str:
+def _compare(state: TableState | None, layout: Layout, mirror: TableState) -> str:
     """What differs between the kernel's reconciled sets and the mirror, in a line or two."""
     problem = _tag_problem(state.layout_tag if state else None, layout)
     if problem or state is None:
         return problem
     problems: list[str] = []
-    if _marks(state, layout) != {mark}:
-        problems.append(f"{TAG_SET}: digest mark {mark} not held alone")
     for name in layout.containers():
         have = state.elements.get(name)
         if have is None:

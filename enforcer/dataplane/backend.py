@@ -35,6 +35,10 @@ class Dataplane(Protocol):
         the table exist with layout ``tag`` and does each of ``containers`` hold its sentinel?
         With ``mark``: and does ``layouttag`` hold that digest mark (``state.digest_mark``)?"""
 
+    def generation(self) -> int:
+        """The ruleset's generation id: every committed nftables transaction in the network
+        namespace, ours or anyone's, moves it on by one (a listing or a lookup does not)."""
+
     def read_sets(self, names: Iterable[str]) -> TableState | None:
         """Only these sets (small ones: each is listed on its own), ``None`` if the table or one
         of them is gone."""

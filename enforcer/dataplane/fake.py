@@ -30,6 +30,7 @@ class FakeDataplane:
         self.callers_seen_by_default = callers_seen_by_default
         self.callers: set[str] = set()
         self.counter_values: dict[str, tuple[int, int]] = {}
+        self.generation_id = 1   # the kernel's ruleset generation: one more per committed change
 
     def apply(self, tx: Transaction) -> None:
         if self.fail_next:
@@ -60,6 +61,8 @@ class FakeDataplane:
                         raise DataplaneError(f"No such file or directory: {op.container} {key}")
                     del container[key]
         self.state = state
+        if tx.operations:
+            self.generation_id += 1
         if replaced:   # the caller sets are part of the table: a new table starts them empty
             self.callers.clear()
         self.transactions.append(tx)
@@ -80,6 +83,9 @@ class FakeDataplane:
     def holds_layout(self, tag: str, containers: Iterable[str], mark: str | None = None) -> bool:
         return (self.state is not None and self.state.layout_tag == tag and not self.missing_sentinels(containers)
                 and (mark is None or mark in self.state.elements.get(TAG_SET, {})))
+
+    def generation(self) -> int:
+        return self.generation_id
 
     def read_sets(self, names: Iterable[str]) -> TableState | None:
         if self.state is None:
@@ -125,17 +131,27 @@ class FakeDataplane:
             raise DataplaneError(f"No such file or directory: {name}")
         self.state.elements[name].clear()
         self.state.sealed.discard(name)
+        self.generation_id += 1
 
     def drop_element(self, name: str, key: str) -> None:
         """``nft delete element`` by someone else."""
         if self.state is None or key not in self.state.elements.get(name, {}):
             raise DataplaneError(f"No such file or directory: {name} {key}")
         del self.state.elements[name][key]
+        self.generation_id += 1
+
+    def add_element(self, name: str, key: str) -> None:
+        """``nft add element`` by someone else."""
+        if self.state is None or name not in self.state.elements:
+            raise DataplaneError(f"No such file or directory: {name}")
+        self.state.elements[name][key] = None
+        self.generation_id += 1
 
     def drop_table(self) -> None:
         """``nft delete table`` (or ``flush ruleset``) by someone else."""
         self.state = None
         self.callers.clear()
+        self.generation_id += 1
 
     def dump(self) -> str:
         """Every transaction applied so far as ``nft -f`` text."""

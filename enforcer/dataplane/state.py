@@ -39,8 +39,19 @@ def digest(elements: Mapping[str, Iterable[str]], containers: Iterable[str]) -> 
     return out
 
 
-def digest_mark(value: int) -> str:
-    """The digest as an element of the layout's ``layouttag`` set (an IPv6 address): its upper
-    64 bits are 1, so it is never the layout tag's own element (``layout.tag_address``, upper
-    64 bits 0); written as nft lists it (``inet_ntop``)."""
-    return socket.inet_ntop(socket.AF_INET6, ((1 << 64) | value).to_bytes(16, "big"))
+def digest_mark(value: int, generation: int) -> str:
+    """The digest as an element of the layout's ``layouttag`` set (an IPv6 address): 32 bits of
+    1 (so it is never the layout tag's own element, ``layout.tag_address``, whose upper 64 bits
+    are 0), the ruleset generation the transaction writing it commits as (32 bits), the digest
+    (64 bits); written as nft lists it (``inet_ntop``)."""
+    packed = ((1 << 96) | ((generation & 0xFFFFFFFF) << 64) | value).to_bytes(16, "big")
+    return socket.inet_ntop(socket.AF_INET6, packed)
+
+
+def mark_digest(mark: str) -> int | None:
+    """The digest a ``digest_mark`` carries; None for anything else."""
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, mark), "big")
+    except OSError:
+        return None
+    return value & 0xFFFFFFFFFFFFFFFF if value >> 96 == 1 else None

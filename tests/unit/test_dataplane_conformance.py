@@ -272,13 +272,18 @@ def test_the_digest_mark_is_looked_up_with_the_tag_and_small_sets_read_alone(bac
     from enforcer.dataplane.state import digest_mark
     dp, outside = backend
     install(dp, portal4_32=["100.64.1.10"], allowhost4=["198.51.100.7"])
+    generation = dp.generation()
     tx = Transaction(TABLE)
-    tx.add(TAG_SET, [(digest_mark(7), None)])
+    tx.add(TAG_SET, [(digest_mark(7, generation + 1), None)])
     dp.apply(tx)
-    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7)) is True
-    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(8)) is False
+    assert dp.generation() == generation + 1, "one commit, one generation"
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7, generation + 1)) is True
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(8, generation + 1)) is False
     state = dp.read()
-    assert state is not None and digest_mark(7) in state.elements[TAG_SET], "nft lists the mark as written"
+    assert state is not None and digest_mark(7, generation + 1) in state.elements[TAG_SET], "listed as written"
+    assert dp.generation() == generation + 1, "lookups and listings commit nothing"
+    outside.drop_element("portal4_32", "100.64.1.10")
+    assert dp.generation() == generation + 2, "someone else's commit moves it too"
     hosts = dp.read_sets(["allowhost4", "allowhost6"])
     assert hosts is not None
     assert hosts.elements == {"allowhost4": {"198.51.100.7": None}, "allowhost6": {}}
@@ -289,4 +294,4 @@ def test_the_digest_mark_is_looked_up_with_the_tag_and_small_sets_read_alone(bac
     assert dp.read_sets(["allowhost4", "nosuchset4"]) is None
     outside.drop_table()
     assert dp.read_sets(["allowhost4"]) is None
-    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7)) is False
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7, generation + 1)) is False
