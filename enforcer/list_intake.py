@@ -14,6 +14,7 @@ list's content digest: it applies on every gateway holding that list, or reading
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -39,6 +40,8 @@ from .subscribers import Subscriber
 log = logging.getLogger("walled_garden.enforcer")
 #: Seconds between attempts to save a list whose saving failed.
 RETRY_SECONDS = 2.0
+#: Longest a first list's save waits for the start to finish (``ListIntake.started``).
+START_WAIT = 5.0
 #: Who a held list's approval or rejection is filed under in the audit log.
 AUDIT_SUBJECT = "(list)"
 #: Fleet verdicts remembered (saved) for lists this gateway has not read yet, for so many days.
@@ -87,6 +90,11 @@ class ListIntake:
         self.session_owners: set[str] = set()   # owners of sessions the last list moved (``_save``)
         #: Set once a list handed over is in the kernel (a first list: before its save) or done with.
         self.enforced = asyncio.Event()
+        #: Clear while the service starts (``Service.start``): a first list's save waits for it,
+        #: at most ``START_WAIT`` s, so the start's last steps are not slowed by the save's thread
+        #: (their turns of the interpreter lock, ~0.3 s behind a 100k save, measured).
+        self.started = asyncio.Event()
+        self.started.set()
         meta = engine.store.get_meta("list")
         self.list_status: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.source_error: dict[str, Any] | None = None
@@ -226,6 +234,9 @@ class ListIntake:
         self.enforced.set()
         log.info("event=list_accepted origin=%s entries=%d changed=%d (the first list: enforced, saving now)",
                  update.origin, len(new), len(changed))
+        if not self.started.is_set():   # still holding the lock: no input is applied meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.started.wait(), START_WAIT)
         try:
             await asyncio.to_thread(self._write_first, old, new, meta, dict(inputs.listed_since), changed, deferred)
         except (StoreError, sqlite3.Error, OSError) as exc:   # not durable, so not in force; retried

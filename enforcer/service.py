@@ -105,6 +105,13 @@ class Service:
         self.supervisor.start(name, factory)
 
     async def start(self) -> None:
+        self.enforcer.lists.started.clear()
+        try:
+            await self._start()
+        finally:
+            self.enforcer.lists.started.set()   # READY=1 follows at once
+
+    async def _start(self) -> None:
         config, enforcer = self.config, self.enforcer
         self.verifier.webhook = self._load_secret(config)
         self.runners.append(await start_unix_site(control_app(enforcer), config.api.socket,
@@ -128,6 +135,7 @@ class Service:
         self._task("table_check", self._check_table)
         await self._start_hosts(config)
         await self._start_dns(config)
+        enforcer.lists.started.set()   # the fleet's catch-up needs the engine's lock: the save goes first
         await self._start_fleet(config)
         # READY=1 (after start) means billing can reach us, if its address exists yet: the unit
         # is ordered before the network (docs/reference.md, Safety rules 6), and the network waits

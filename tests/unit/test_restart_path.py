@@ -322,3 +322,29 @@ async def test_a_restart_that_finds_everything_as_left_counts_without_rewriting_
     assert set(e.engine.store.enforced()) == {"C-1", "C-2"}
     assert [(r["subscriber"], r["new"]) for r in e.engine.store.audit()][-1] == ("C-1", "walled-garden")
     await e.close()
+
+
+async def test_the_first_lists_save_lets_the_start_finish_first_but_not_for_long(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    import enforcer.list_intake as list_intake
+
+    config, fake = make_config(tmp_path), FakeDataplane()
+    e = await started(config, fake)
+    e.lists.started.clear()            # as during Service.start
+    reading = asyncio.create_task(e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1")))
+    await asyncio.wait_for(e.lists.enforced.wait(), 5)
+    await asyncio.sleep(0.1)
+    assert not reading.done() and e.engine.store.get_meta("list") is None
+    e.lists.started.set()              # READY=1 sent
+    await asyncio.wait_for(reading, 5)
+    assert e.engine.store.get_meta("list")["entries"] == 2
+    await e.close()
+
+    monkeypatch.setattr(list_intake, "START_WAIT", 0.2)
+    config, fake = make_config(tmp_path / "again"), FakeDataplane()
+    e = await started(config, fake)
+    e.lists.started.clear()            # a start that never finishes: the save goes on after the bound
+    await asyncio.wait_for(e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1")), 5)
+    assert e.engine.store.get_meta("list")["entries"] == 2
+    await e.close()
