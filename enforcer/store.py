@@ -661,9 +661,17 @@ class Store:
         for promise in self._decoded("promises", "id, made_at, until, outcome, address", _promise,
                                      "ORDER BY id, made_at"):
             promises.setdefault(promise.subscriber_id, []).append(promise)
-        since = dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
+        since = self._listed_since()
         sessions = SessionBook(self._decoded("sessions", "body", lambda body: Session.from_json(json.loads(body))))
         return PolicyInputs(listed, overrides, graces, readdressed, exemptions, promises, since, sessions=sessions)
+
+    def _listed_since(self) -> dict[str, float]:
+        """``listed_since`` (100k rows): taken whole when every row is (text, float), as written;
+        otherwise row by row, setting aside those that do not decode."""
+        rows = self.db.execute("SELECT id, since FROM listed_since").fetchall()
+        if all(type(sid) is str and type(at) is float for sid, at in rows):
+            return dict(rows)
+        return dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
 
     def _migrate_listed(self) -> None:
         """Rows of the list in the ``listed`` table (one JSON object each, before version 2) move
