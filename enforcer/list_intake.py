@@ -227,10 +227,13 @@ class ListIntake:
         self.list_status, self.source_error = meta, None
         self.metrics.list_entries.set(len(new))
         deferred: list[Callable[[], None]] = []
+        failed: Exception | None = None
         try:
             await self._apply(changed | self.session_owners, update.origin, deferred)
         except DataplaneError:
             engine.changed.set()  # the repair loop retries
+        except Exception as exc:  # noqa: BLE001 (a bug of ours: raised once the list is saved, as when saved first)
+            failed = exc
         self.enforced.set()
         log.info("event=list_accepted origin=%s entries=%d changed=%d (the first list: enforced, saving now)",
                  update.origin, len(new), len(changed))
@@ -255,6 +258,8 @@ class ListIntake:
             return True
         self.unsaved = None
         log.info("event=list_saved origin=%s entries=%d", update.origin, len(new))
+        if failed is not None:
+            raise failed
         return True
 
     def _write_first(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],

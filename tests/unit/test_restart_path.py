@@ -348,3 +348,18 @@ async def test_the_first_lists_save_lets_the_start_finish_first_but_not_for_long
     await asyncio.wait_for(e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1")), 5)
     assert e.engine.store.get_meta("list")["entries"] == 2
     await e.close()
+
+
+async def test_a_bug_while_enforcing_the_first_list_still_saves_it_then_is_raised(tmp_path: Path) -> None:
+    config, fake = make_config(tmp_path), FakeDataplane()
+    e = await started(config, fake)
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    e.lists._apply = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug"):
+        await e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1"))
+    assert e.engine.store.get_meta("list")["entries"] == 2 and e.engine.store.get_meta(PENDING_LIST) is None
+    assert e.lists.enforced.is_set()
+    await e.close()
