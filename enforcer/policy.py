@@ -554,10 +554,11 @@ def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float
     """How much a new list would newly restrict and newly free, without applying it, weighed
     by address space (``weight``)."""
     restricting = lifting = 0
-    others = (inputs.overrides, inputs.graces, inputs.readdressed, inputs.exemptions, inputs.promises)
+    others = (inputs.overrides.keys() | inputs.graces.keys() | inputs.readdressed.keys() | inputs.exemptions.keys()
+              | inputs.promises.keys())
     for sid in list_changes(inputs.listed, new):
         entry = new.get(sid)
-        if sid not in inputs.listed and not any(sid in table for table in others):
+        if sid not in inputs.listed and sid not in others:
             # Nothing but the new entry speaks of them (every entry of a first list): free now,
             # and after as the entry says (``decide`` with these inputs, built directly).
             after = entry is not None and entry.mode is not Mode.FREE and not (
