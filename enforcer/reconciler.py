@@ -3,7 +3,10 @@
 Like kube-proxy's nftables proxier: keep a mirror of what we put in each container, emit only
 changed elements, and fall back to one atomic full sync at start-up and after any failure.
 The full path is written for 100k subscribers: plain dicts of strings, no per-subscriber
-objects, and address keys rendered once (``address_key`` caches them).
+objects, and address keys rendered once, by the list parser (``Subscriber.keys``).
+
+Every transaction also writes a digest mark (``_apply``), so that a start whose table still
+holds exactly what the saved decisions ask need not read 125k elements back (``_carries``).
 """
 
 from __future__ import annotations
