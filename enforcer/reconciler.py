@@ -22,6 +22,7 @@ from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
     HOST_ALLOW,
     MODE_PREFIX,
+    MODE_VERDICTS,
     SENTINELS,
     TAG_SET,
     Layout,
@@ -126,6 +127,7 @@ class Reconciler:
         target = digest(desired, _digested(layout))
         if read_kernel and self.mirror is None and self._carries(layout, target, desired):
             assert self.mirror is not None
+            before = self.mirror.elements   # the trusted table, whole
             log.info("event=kernel_trusted digest=%s (the table carries the digest of the decisions' elements: "
                      "not read back; the next full table check compares every element)", next(iter(self._marks)))
         elif read_kernel or self.mirror is None or self.needs_full:
@@ -134,7 +136,10 @@ class Reconciler:
             self._marks, self.verified = _marks(self.mirror, layout), True
             # the listing is the table at that generation only if nothing was committed meanwhile
             self._generation = generation if self.dataplane.generation() == generation else None
-        before = self.mirror.elements if self.mirror else {}
+            before = self.mirror.elements if self.mirror else {}
+        else:   # the mirror our last sync or diff left
+            assert self.mirror is not None
+            before = _implied(self.mirror.elements)
         changed = _changed(before, desired)
         tx = Transaction(self.dataplane.table)
         # A set that lost its sentinel was flushed behind our back: only a replace restores it.
@@ -149,7 +154,7 @@ class Reconciler:
             kind = "partial"
             _diff(tx, before, desired)
         count = self._apply(tx, target)
-        self.layout, self.mirror = layout, TableState(layout.tag, desired, set(layout.containers()))
+        self.layout, self.mirror = layout, TableState(layout.tag, _compact(desired), set(layout.containers()))
         self.owned, self.owners = owned, owners
         self.needs_full = False
         if count >= BIG_TRANSACTION:
@@ -300,14 +305,15 @@ class Reconciler:
         tx = Transaction(self.dataplane.table)
         _diff(tx, old, {c: new.get(c, {}) for c in old.keys() | new.keys()})
         count = self._apply(tx, self._followed(tx))
-        for container, items in old.items():
-            for key in items:
-                self.mirror.elements[container].pop(key, None)
-                self.owners.get(container, {}).pop(key, None)
+        for container, items in old.items():   # the mode views: the sets' elements follow from them
+            if container.startswith(MODE_PREFIX):
+                for key in items:
+                    self.mirror.elements[container].pop(key, None)
+                    self.owners.get(container, {}).pop(key, None)
         for sid in decisions:
             for container, key, value in after[sid]:
-                self.mirror.elements.setdefault(container, {})[key] = value
                 if container.startswith(MODE_PREFIX):
+                    self.mirror.elements.setdefault(container, {})[key] = value
                     self.owners.setdefault(container, {})[key] = sid
             if after[sid]:
                 self.owned[sid] = decisions[sid]
@@ -476,6 +482,28 @@ def _changed(before: Mapping[str, Mapping[str, str | None]],
     return out
 
 
+def _compact(elements: Elements) -> Elements:
+    """What the mirror keeps of a table's elements: the mode views and the garden hosts. The
+    subscriber sets' elements follow from the mode views (``placements``), so they are not
+    kept twice (``_implied`` makes them again when a full sync or check needs them)."""
+    return {name: items for name, items in elements.items()
+            if name.startswith(MODE_PREFIX) or name in HOST_ALLOW.values()}
+
+
+def _implied(elements: Elements) -> Elements:
+    """``_compact``'s inverse: the mode views with the subscriber sets' elements they imply."""
+    out = dict(elements)
+    for container, view in elements.items():
+        if not container.startswith(MODE_PREFIX):
+            continue
+        version, plen = _mode_prefix(container)
+        for mode, verdict in MODE_VERDICTS.items():
+            keys = [key for key, value in view.items() if value == verdict]
+            for name, value in placements(version, plen, mode)[1:]:
+                out.setdefault(name, {}).update(dict.fromkeys(keys, value))
+    return out
+
+
 @functools.cache
 def _digested(layout: Layout) -> frozenset[str]:
     """The sets the digest covers: the subscriber sets. Not the garden hosts' ``allowhost``: a
@@ -550,6 +578,7 @@ def _compare(state: TableState | None, layout: Layout, mirror: TableState) -> st
     if problem or state is None:
         return problem
     problems: list[str] = []
+    wanted = _implied(mirror.elements)
     for name in layout.containers():
         have = state.elements.get(name)
         if have is None:
@@ -557,7 +586,7 @@ def _compare(state: TableState | None, layout: Layout, mirror: TableState) -> st
             continue
         if name not in state.sealed:
             problems.append(f"{name} flushed")
-        want = mirror.elements.get(name, {})
+        want = wanted.get(name, {})
         if have != want:
             gone = sorted(k for k in want if k not in have)
             extra = sorted(k for k in have if k not in want)

@@ -92,6 +92,10 @@ def test_every_transaction_carries_the_digest_and_generation_of_the_subscriber_s
             rec.set_host_allow([f"203.0.113.{step + 1}"])                                   # nor this
         assert mark_of(fake) == {marked(fake)}, step
     assert audit(fake, BASE) == ""
+    # the mirror keeps the mode views and garden hosts only; the sets' elements follow from them
+    assert rec.mirror is not None
+    assert all(name.startswith("mode") or name.startswith("allowhost") for name in rec.mirror.elements)
+    assert rec.check_kernel(full=True) == "", "the sets the mirror implies are the kernel's"
     generation = fake.generation()
     rec.sync_all(decisions)   # nothing to change: nothing committed, the mark stands
     assert fake.generation() == generation and mark_of(fake) == {marked(fake)}
