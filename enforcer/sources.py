@@ -16,6 +16,7 @@ import os
 import random
 import re
 import ssl
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -116,9 +117,7 @@ def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str 
     ``gateway.subscriber_prefixes``. With ``unless``: None, without parsing, when the content's
     digest is that (the list in force's: nothing to do).
     """
-    with open(path, "rb") as handle:
-        st = os.fstat(handle.fileno())
-        data = handle.read()
+    data, st = _read_regular_file(path)
     digest = content_digest(data, path, space)
     if unless is not None and digest == unless:
         return None
@@ -128,6 +127,30 @@ def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str 
         line = data.count(b"\n", 0, exc.start) + 1
         raise ListError([Issue(f"{path}:{line}", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
     return ListUpdate(parse_list(text, path, space=space), path, _fingerprint(st), digest)
+
+
+def _read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of the list file, refusing what another account could use against the daemon.
+
+    The file may sit in a directory billing's own user writes (the Debian package's drop
+    directory), so: a symlink that user made (not root's) is refused, as it could point the
+    root daemon at any file root may read; only a regular file is read (a FIFO would block the
+    reader for ever; ``O_NONBLOCK`` opens one without waiting), and at most ``MAX_BODY`` bytes,
+    as from a URL (``/dev/zero`` would fill the memory).
+    """
+    link = os.lstat(path)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
+        raise ListError([Issue(path, f"a symlink owned by uid {link.st_uid}, not root: refused (it could point "
+                                     "the daemon at any file root may read); write the list itself there")])
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ListError([Issue(path, "not a regular file: refused (the list must be a file)")])
+        data = handle.read(MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise ListError([Issue(path, f"larger than {MAX_BODY:,} bytes: refused")])
+    return data, st
 
 
 def _fingerprint(st: os.stat_result) -> str:

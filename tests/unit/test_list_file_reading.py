@@ -1,0 +1,53 @@
+"""The list file is read as root from a directory billing's own user may write: what that user
+could plant there (a symlink to a root-only file, a FIFO, an endless device) is refused, never
+followed, waited on or read without end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from enforcer import sources
+from enforcer.sources import read_list_file
+from enforcer.subscribers import ListError
+
+LIST = "subscribers:\n  - {id: C-1, addresses: [100.64.0.10]}\n"
+
+
+def test_a_regular_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / "list.yaml").write_text(LIST)
+    assert [s.id for s in read_list_file(str(tmp_path / "list.yaml")).subscribers] == ["C-1"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a symlink owned by another user needs root")
+def test_a_symlink_another_user_made_is_refused_and_roots_own_is_followed(tmp_path: Path) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_text(LIST)
+    secret.chmod(0o600)
+    link = tmp_path / "list.yaml"
+    link.symlink_to(secret)
+    assert [s.id for s in read_list_file(str(link)).subscribers] == ["C-1"], "root's own symlink: followed"
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(ListError, match="a symlink owned by uid 65534, not root: refused"):
+        read_list_file(str(link))
+
+
+def test_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
+    fifo = tmp_path / "list.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ListError, match="not a regular file"):
+        read_list_file(str(fifo))
+
+
+def test_a_device_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ListError, match="not a regular file"):
+        read_list_file("/dev/zero")
+
+
+def test_a_file_larger_than_the_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "MAX_BODY", 64)
+    (tmp_path / "list.yaml").write_text(LIST + "#" * 100 + "\n")
+    with pytest.raises(ListError, match="larger than"):
+        read_list_file(str(tmp_path / "list.yaml"))
