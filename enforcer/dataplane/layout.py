@@ -41,6 +41,12 @@ so a masked lookup never matches it), added in the batch that creates the table.
 part of the layout, not of the reconciled elements: a ``flush set`` by another tool removes it,
 and one cheap ``get element`` batch per check notices; the same batch asks for the layout tag as
 an element of ``layouttag`` (``TAG_SET``).
+
+Restart (issue 16). ``layouttag`` also holds the reconciler's digest mark: an IPv6 address whose
+upper 32 bits are all 1 (never a tag), carrying a 64-bit digest of the subscriber sets' elements
+and the ruleset generation our transaction commits as (``state.digest_mark``). A start whose
+saved decisions give the same digest, at the same generation, trusts the table instead of
+reading 125k elements back (``reconciler``).
 """
 
 from __future__ import annotations
