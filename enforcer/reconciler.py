@@ -34,9 +34,9 @@ from .dataplane.layout import (
 )
 from .dataplane.state import TableState, digest, digest_mark, element_hash, mark_digest
 from .dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
-from .model import Mode, Network
+from .model import Mode
 from .policy import Decision
-from .subscribers import key_network
+from .subscribers import Key
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ Elements = dict[str, dict[str, str | None]]
 class SyncResult:
     kind: str                       # "full" (table replaced) or "partial" (element diff)
     elements: int                   # elements added or deleted
-    changed: list[Network] = field(default_factory=list)  # enforcement changed: flush their connections
+    #: Enforcement changed: flush their connections. Keys (version, prefix length, text), not
+    #: networks: a cold start changes 125k addresses (``Flusher`` takes keys).
+    changed: list[Key] = field(default_factory=list)
 
 
 class Desired(NamedTuple):
@@ -319,7 +321,7 @@ class Reconciler:
                 self.owned[sid] = decisions[sid]
             else:
                 self.owned.pop(sid, None)
-        return SyncResult("partial", count, sorted(changed_networks(old, new), key=str))
+        return SyncResult("partial", count, sorted(changed_networks(old, new)))
 
     def acknowledge(self, decision: Decision, seconds: int) -> None:
         """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
@@ -458,17 +460,17 @@ def _diff(tx: Transaction, current: Mapping[str, Mapping[str, str | None]],
 
 
 def changed_networks(before: Mapping[str, Mapping[str, str | None]],
-                     after: Mapping[str, Mapping[str, str | None]]) -> set[Network]:
-    """Addresses whose mode-map entry was added, removed or changed between two states (built
-    from the keys' own bytes, ``key_network``: no text parsed)."""
+                     after: Mapping[str, Mapping[str, str | None]]) -> set[Key]:
+    """Addresses whose mode-map entry was added, removed or changed between two states, as
+    keys (version, prefix length, text): no ``ipaddress`` object built."""
     return set(_changed(before, after))
 
 
 def _changed(before: Mapping[str, Mapping[str, str | None]],
-             after: Mapping[str, Mapping[str, str | None]]) -> list[Network]:
+             after: Mapping[str, Mapping[str, str | None]]) -> list[Key]:
     """``changed_networks`` as a list; a mode view that is the same object on both sides (a
     trusted table, ``Reconciler._carries``) is skipped unread."""
-    out: list[Network] = []
+    out: list[Key] = []
     for container in before.keys() | after.keys():
         if not container.startswith(MODE_PREFIX):
             continue
@@ -478,7 +480,7 @@ def _changed(before: Mapping[str, Mapping[str, str | None]],
         keys = [k for k, v in new.items() if old.get(k, "absent") != v] if old else list(new)
         keys += [k for k in old if k not in new]
         version, plen = _mode_prefix(container)
-        out.extend(key_network((version, plen, key)) for key in keys)
+        out.extend((version, plen, key) for key in keys)
     return out
 
 

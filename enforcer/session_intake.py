@@ -39,6 +39,7 @@ from .sessions.book import Change
 from .sessions.session import Session, SessionId, address_key
 from .sessions.source import PROBLEMS, SessionChangeFailed, SessionSource
 from .store import EnforcedWrite, StoreError
+from .subscribers import Key
 
 log = logging.getLogger("walled_garden.sessions")
 
@@ -235,7 +236,7 @@ class SessionIntake:
         # only removes stale connections of addresses whose state already changed.
         engine.spawn(self._finish(batch, result.changed, cause), "answers")
 
-    async def _finish(self, batch: list[Request], changed: list[Network], cause: str) -> None:
+    async def _finish(self, batch: list[Request], changed: list[Key], cause: str) -> None:
         """After the commit: flush the changed addresses' connections, then answer."""
         try:
             await self.engine.flusher.flush(changed, cause)   # conntrack merges passes 50 ms apart

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 
 from enforcer.conntrack import Conntrack
-from enforcer.ctnetlink import NetworkIndex
+from enforcer.ctnetlink import NetworkIndex, target_parts
+from enforcer.subscribers import network_key
 
 net = ipaddress.ip_network
 
@@ -14,12 +15,26 @@ net = ipaddress.ip_network
 def test_index_finds_the_longest_matching_network() -> None:
     wide, narrow, host6 = net("100.64.0.0/24"), net("100.64.0.128/25"), net("2001:db8::1/128")
     index = NetworkIndex([wide, narrow, host6, net("2001:db8:1::/56")])
-    assert index.find(4, int(ipaddress.ip_address("100.64.0.200"))) == narrow
-    assert index.find(4, int(ipaddress.ip_address("100.64.0.5"))) == wide
+    assert index.find(4, int(ipaddress.ip_address("100.64.0.200"))) == 25
+    assert index.find(4, int(ipaddress.ip_address("100.64.0.5"))) == 24
     assert index.find(4, int(ipaddress.ip_address("100.64.1.5"))) is None
-    assert index.find(6, int(ipaddress.ip_address("2001:db8::1"))) == host6
-    assert index.find(6, int(ipaddress.ip_address("2001:db8:1:0:ff::9"))) == net("2001:db8:1::/56")
+    assert index.find(6, int(ipaddress.ip_address("2001:db8::1"))) == 128
+    assert index.find(6, int(ipaddress.ip_address("2001:db8:1:0:ff::9"))) == 56
     assert index.find(6, int(ipaddress.ip_address("2001:db8::2"))) is None
+    assert index.match((4, int(ipaddress.ip_address("100.64.0.5")))) and not index.match((6, 5))
+
+
+def test_keys_index_as_their_networks_do() -> None:
+    """The reconciler's keys (version, prefix length, inet_ntop text) are read as integers,
+    with no ``ipaddress`` object: the same index as the networks they name."""
+    texts = ["100.64.0.7/32", "100.64.8.0/22", "2001:db8:10:100::/56", "2001:db8::1/128", "::ffff:100.64.0.1/128"]
+    networks = [net(t) for t in texts]
+    keys = [network_key(n) for n in networks]
+    assert [target_parts(k) for k in keys] == [target_parts(n) for n in networks] == \
+        [(n.version, int(n.network_address), n.prefixlen) for n in networks]
+    assert NetworkIndex(keys).tables == NetworkIndex(networks).tables
+    assert NetworkIndex(keys + networks).count(4) == 2, "a key and its network are one target"
+    assert NetworkIndex(keys).exact(6) is False and NetworkIndex(keys[:1]).exact(4) is True
 
 
 def test_the_tool_is_the_fallback_when_netlink_is_off() -> None:
@@ -141,6 +156,20 @@ def test_full_dump_deletes_matching_entries_with_their_family_tuple_and_zone() -
     zone = cn._attr(cn._CTA_ZONE, struct.pack(">H", 7))
     assert deletes[0].endswith(zone), "the zone goes back with the tuple"
     assert ipaddress.ip_address("100.64.0.2").packed in deletes[0]
+
+
+@pytest.mark.parametrize("targets", [["100.64.0.2/32", "2001:db8::/56"], ["100.64.0.1/32"],
+                                     ["100.64.0.0/30", "2001:db8::1/128"]])
+def test_keys_flush_what_their_networks_flush(targets: list[str]) -> None:
+    """The reconciler hands the flush keys (``SyncResult.changed``): the same requests and
+    deletes as the networks they name."""
+    by_networks, by_keys = netlink(kernel), netlink(kernel)
+    networks = [net(t) for t in targets]
+    assert by_keys.flush([network_key(n) for n in networks], keep_mark=PORTAL) == \
+        by_networks.flush(networks, keep_mark=PORTAL)
+    assert by_keys.last_pass == by_networks.last_pass
+    strip = [m[:8] + m[12:] for m in by_networks.sock.sent]   # less the sequence numbers
+    assert [m[:8] + m[12:] for m in by_keys.sock.sent] == strip
 
 
 def test_filtered_dumps_for_a_few_ipv4_addresses() -> None:
@@ -272,6 +301,17 @@ def test_the_tool_deletes_only_entries_without_a_kept_bit(tmp_path) -> None:
     calls = sorted(log.read_text().splitlines())
     assert calls == ["-D -f ipv4 -s 100.64.0.1 --mark 0/0x400000",
                      "-D -f ipv6 -s 2001:db8:: --mask-src ffff:ffff:ffff:ffff:: --mark 0/0x400000"], calls
+
+
+def test_the_tool_takes_keys_as_text(tmp_path) -> None:
+    binary, log = fake_tool(tmp_path)
+    ct = Conntrack(binary=binary, netlink=False)
+    keys = [network_key(net(t)) for t in ("100.64.0.1/32", "100.64.8.0/22", "2001:db8:10:100::/56")]
+    assert asyncio.run(ct.flush_now(keys + [net("100.64.0.1/32")], keep_mark=PORTAL)) == 3
+    calls = sorted(log.read_text().splitlines())
+    assert calls == ["-D -f ipv4 -s 100.64.0.1 --mark 0/0x400000",
+                     "-D -f ipv4 -s 100.64.8.0 --mask-src 255.255.252.0 --mark 0/0x400000",
+                     "-D -f ipv6 -s 2001:db8:10:100:: --mask-src ffff:ffff:ffff:ff00:: --mark 0/0x400000"], calls
 
 
 def test_the_tool_listing_for_many_networks_skips_kept_entries_too(tmp_path) -> None:

@@ -19,9 +19,14 @@ from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceT
 from enforcer.model import Mode
 from enforcer.policy import Decision
 from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
-from enforcer.subscribers import Subscriber
+from enforcer.subscribers import Key, Subscriber, network_key
 
 net = ipaddress.ip_network
+
+
+def keys(*texts: str) -> set[Key]:
+    """The reconciler's keys (``SyncResult.changed``) of these networks."""
+    return {network_key(net(text)) for text in texts}
 TABLE = "walled_garden"
 BASE = Layout(TABLE, ("eth1",), (net("192.0.2.0/24"),), None, 8080)
 
@@ -111,7 +116,7 @@ def test_first_sync_replaces_the_table_in_one_transaction(rec, fake):
         ("notice4_32", "100.64.0.11", None),
     }
     assert result.elements == 3
-    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56"), net("100.64.0.11/32")}
+    assert set(result.changed) == keys("100.64.0.10/32", "2001:db8:10:100::/56", "100.64.0.11/32")
     assert fake.state.layout_tag == BASE.tag
     assert sets(fake.state) == desired_elements(INITIAL)
     assert fake.view["mode4_32"] == {"100.64.0.10": "goto garden", "100.64.0.11": "goto notice"}
@@ -127,7 +132,7 @@ def test_second_sync_with_one_subscriber_added_is_partial(rec, fake):
     assert result.elements == 1
     (tx,) = fake.transactions
     assert ops(tx) == [AddElements("portal4_32", (("100.64.0.40", None),))]
-    assert set(result.changed) == {net("100.64.0.40/32")}
+    assert set(result.changed) == keys("100.64.0.40/32")
     assert sets(fake.state) == desired_elements(decisions)
 
 
@@ -139,7 +144,7 @@ def test_removal_deletes_the_set_element(rec, fake):
     assert result.elements == 1
     (tx,) = fake.transactions
     assert ops(tx) == [DeleteElements("notice4_32", ("100.64.0.11",))]
-    assert set(result.changed) == {net("100.64.0.11/32")}
+    assert set(result.changed) == keys("100.64.0.11/32")
     assert "100.64.0.11" not in fake.view["mode4_32"]
     assert sets(fake.state) == desired_elements(decisions)
 
@@ -148,7 +153,7 @@ def test_subscriber_dropped_from_decisions_is_deleted(rec, fake):
     decisions = synced(rec, fake)
     del decisions["C-1"]
     result = rec.sync_all(decisions)
-    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == keys("100.64.0.10/32", "2001:db8:10:100::/56")
     assert result.elements == 2
     (tx,) = fake.transactions
     assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("portal4_32", ("100.64.0.10",)),
@@ -163,7 +168,7 @@ def test_mode_change_within_notice_modes_touches_the_throttle_set_only(rec, fake
     (tx,) = fake.transactions
     assert ops(tx) == [AddElements("throttle4_32", (("100.64.0.11", None),))]
     assert result.elements == 1
-    assert set(result.changed) == {net("100.64.0.11/32")}
+    assert set(result.changed) == keys("100.64.0.11/32")
     assert fake.state.elements["notice4_32"]["100.64.0.11"] is None
     assert fake.state.elements["throttle4_32"] == {"100.64.0.11": None}
     assert fake.view["mode4_32"]["100.64.0.11"] == "goto throttle"
@@ -173,7 +178,7 @@ def test_mode_change_within_notice_modes_touches_the_throttle_set_only(rec, fake
     result = rec.sync_all(decisions)
     (tx,) = fake.transactions
     assert ops(tx) == [DeleteElements("throttle4_32", ("100.64.0.11",))]
-    assert set(result.changed) == {net("100.64.0.11/32")}
+    assert set(result.changed) == keys("100.64.0.11/32")
     assert fake.state.elements["throttle4_32"] == {}
     assert fake.view["mode4_32"]["100.64.0.11"] == "goto notice"
     assert sets(fake.state) == desired_elements(decisions)
@@ -194,7 +199,7 @@ def test_mode_change_to_notice_moves_the_redirect_element(rec, fake):
     last_delete = max(i for i, op in enumerate(ops(tx)) if isinstance(op, DeleteElements))
     first_add = min(i for i, op in enumerate(ops(tx)) if isinstance(op, AddElements))
     assert last_delete < first_add
-    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == keys("100.64.0.10/32", "2001:db8:10:100::/56")
     assert fake.view["mode4_32"]["100.64.0.10"] == "goto notice"
     assert "100.64.0.10" not in fake.state.elements["portal4_32"]
 
@@ -225,7 +230,7 @@ def test_update_one_subscriber_is_a_tiny_transaction(rec, fake):
     assert result.elements == 1
     (tx,) = fake.transactions
     assert ops(tx) == [AddElements("portal4_32", (("100.64.0.50", None),))]
-    assert set(result.changed) == {net("100.64.0.50/32")}
+    assert set(result.changed) == keys("100.64.0.50/32")
     assert tx.render().splitlines()[0] == "add element inet walled_garden portal4_32 { 100.64.0.50 }"
     assert fake.view["mode4_32"]["100.64.0.50"] == "goto garden"
 
@@ -237,7 +242,7 @@ def test_update_lift_deletes(rec, fake):
     (tx,) = fake.transactions
     assert sorted(ops(tx), key=lambda o: o.container) == [DeleteElements("portal4_32", ("100.64.0.10",)),
                                                          DeleteElements("portal6_56", ("2001:db8:10:100::",))]
-    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == keys("100.64.0.10/32", "2001:db8:10:100::/56")
     decisions["C-1"] = free("C-1")
     assert sets(fake.state) == desired_elements(decisions)
     assert "C-1" not in rec.owned
@@ -248,7 +253,7 @@ def test_update_mode_change(rec, fake):
     result = rec.update({"C-2": restricted("C-2", "100.64.0.11", mode=Mode.THROTTLE)})
     (tx,) = fake.transactions
     assert ops(tx) == [AddElements("throttle4_32", (("100.64.0.11", None),))]
-    assert set(result.changed) == {net("100.64.0.11/32")}
+    assert set(result.changed) == keys("100.64.0.11/32")
     assert fake.view["mode4_32"]["100.64.0.11"] == "goto throttle"
     assert rec.update({"C-2": free("C-2")}).elements == 2  # the notice and throttle set elements
     assert fake.state.elements["notice4_32"] == {} and fake.state.elements["throttle4_32"] == {}
@@ -263,7 +268,7 @@ def test_update_mode_change(rec, fake):
     assert {(op.container, op.items) for op in ops(tx)[2:]} == {
         ("notice4_32", (("100.64.0.10", None),)), ("throttle4_32", (("100.64.0.10", None),)),
         ("notice6_56", (("2001:db8:10:100::", None),)), ("throttle6_56", (("2001:db8:10:100::", None),))}
-    assert set(result.changed) == {net("100.64.0.10/32"), net("2001:db8:10:100::/56")}
+    assert set(result.changed) == keys("100.64.0.10/32", "2001:db8:10:100::/56")
     decisions.update({"C-1": throttled, "C-2": free("C-2")})
     assert sets(fake.state) == desired_elements(decisions)
 
@@ -272,7 +277,7 @@ def test_update_address_change(rec, fake):
     decisions = synced(rec, fake)
     new = restricted("C-2", "100.64.0.12", mode=Mode.NOTICE)
     result = rec.update({"C-2": new})
-    assert set(result.changed) == {net("100.64.0.11/32"), net("100.64.0.12/32")}
+    assert set(result.changed) == keys("100.64.0.11/32", "100.64.0.12/32")
     decisions["C-2"] = new
     assert sets(fake.state) == desired_elements(decisions)
 
@@ -320,7 +325,7 @@ def test_new_prefix_length_needs_a_full_sync(rec, fake):
     assert fake.state.layout_tag == tx.operations[0].layout.tag
     assert sets(fake.state) == desired_elements(decisions)
     # only the new subscriber's enforcement changed: the atomic replace kept everyone else as is
-    assert set(result.changed) == {net("100.64.7.0/24")}
+    assert set(result.changed) == keys("100.64.7.0/24")
     # and now diffs work for /24 too
     fake.transactions.clear()
     assert rec.update({"C-7": restricted("C-7", "100.64.8.0/24")}).kind == "partial"
@@ -351,7 +356,7 @@ def test_address_conflict_in_sync_all_enforces_the_first_holder_only(rec, fake):
     assert fake.view["mode4_32"] == {"100.64.0.10": "goto garden"}
     assert fake.state.elements["notice4_32"] == {}
     assert set(rec.owned) == {"A"}
-    assert set(result.changed) == {net("100.64.0.10/32")}
+    assert set(result.changed) == keys("100.64.0.10/32")
 
 
 # -- restarts -------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ def test_restart_over_matching_kernel_is_a_partial_diff(fake):
     assert not any(isinstance(op, ReplaceTable) for op in tx.operations)
     assert fake.state.layout_tag == BASE.tag
     assert sets(fake.state) == desired_elements(desired)
-    assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32"), net("2001:db8:40::/64")}
+    assert set(result.changed) == keys("100.64.0.2/32", "100.64.0.3/32", "2001:db8:40::/64")
     assert sorted(ops(tx), key=lambda o: o.container) == [
         DeleteElements("portal4_32", ("100.64.0.2",)),      # B
         AddElements("portal4_32", (("100.64.0.3", None),)),  # C
@@ -407,14 +412,14 @@ def test_restart_over_other_layout_replaces_the_table_once(fake):
     assert fake.state.layout_tag == BASE.tag
     assert sets(fake.state) == desired_elements(desired)
     # A stayed restricted through the atomic replace; B lost and C gained a restriction
-    assert set(result.changed) == {net("100.64.0.2/32"), net("100.64.0.3/32")}
+    assert set(result.changed) == keys("100.64.0.2/32", "100.64.0.3/32")
 
 
 def test_restart_with_no_table_in_the_kernel(fake):
     assert fake.read() is None
     result = Reconciler(fake, BASE).sync_all({"A": restricted("A", "100.64.0.1")}, read_kernel=True)
     assert result.kind == "full"
-    assert set(result.changed) == {net("100.64.0.1/32")}
+    assert set(result.changed) == keys("100.64.0.1/32")
 
 
 # -- failures -------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ def test_failed_transaction_changes_nothing_and_requires_a_full_sync(rec, fake):
     # the next sync converges
     result = rec.sync_all(decisions, read_kernel=True)
     assert not rec.needs_full
-    assert set(result.changed) == {net("100.64.0.40/32")}
+    assert set(result.changed) == keys("100.64.0.40/32")
     assert sets(fake.state) == desired_elements(decisions)
 
 
@@ -524,7 +529,7 @@ def test_changed_networks_helper():
               "portal4_32": {"100.64.0.9": None}}
     after = {"mode4_32": {"100.64.0.1": "goto garden", "100.64.0.2": "goto notice"},
              "mode6_56": {"2001:db8:10:100::": "goto garden"}}
-    assert changed_networks(before, after) == {net("100.64.0.2/32"), net("2001:db8:10:100::/56")}
+    assert changed_networks(before, after) == keys("100.64.0.2/32", "2001:db8:10:100::/56")
 
 
 # -- the fake keeps the kernel's rules ----------------------------------------------------------

@@ -23,7 +23,7 @@ from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import EventError, parse_event
 from enforcer.sources import ListUpdate
-from enforcer.subscribers import parse_list
+from enforcer.subscribers import key_text, parse_list
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -86,7 +86,7 @@ async def test_signed_payment_lifts_and_flushes(setup: Any) -> None:
     assert response.status == 200, answer
     assert answer["mode"] == "free" and answer["result"] == "applied"
     assert _restricted(fake) == set()
-    assert {str(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56"}
+    assert {key_text(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56"}
     assert enforcer.metrics.event_to_enforce._sum.get() > 0
 
 
@@ -301,7 +301,7 @@ async def test_address_change_moves_enforcement_and_survives_restart(setup: Any,
     response = await client.post("/v1/events", data=body, headers=_headers(body, "move1"))
     assert response.status == 200, await response.json()
     assert _restricted(fake) == {"100.64.0.77", "2001:db8:77::"}
-    assert {str(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56",
+    assert {key_text(n) for n in conntrack.flushed[-1]} == {"100.64.0.10/32", "2001:db8:10:100::/56",
                                                        "100.64.0.77/32", "2001:db8:77::/56"}
     assert "addresses from event move1" in enforcer.queries.explain("C-1")["why"]
     reloaded = enforcer.engine.store.load_inputs()
