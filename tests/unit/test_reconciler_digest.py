@@ -6,25 +6,17 @@ that sees what the mark cannot (an element added or deleted with ``nft`` behind 
 
 from __future__ import annotations
 
-import ipaddress
 import random
 
+from test_reconciler import BASE, TABLE, keys, net
+
 from enforcer.dataplane.fake import FakeDataplane
-from enforcer.dataplane.layout import TAG_SET, Layout, tag_address
+from enforcer.dataplane.layout import TAG_SET, tag_address
 from enforcer.dataplane.state import TableState, digest, digest_mark, element_hash, mark_digest
 from enforcer.model import Mode
 from enforcer.policy import Decision
 from enforcer.reconciler import Reconciler, _digested, audit
-from enforcer.subscribers import Key, Subscriber, network_key
-
-net = ipaddress.ip_network
-
-
-def keys(*texts: str) -> set[Key]:
-    """The reconciler's keys (``SyncResult.changed``) of these networks."""
-    return {network_key(net(text)) for text in texts}
-TABLE = "walled_garden"
-BASE = Layout(TABLE, ("eth1",), (net("192.0.2.0/24"),), None, 8080)
+from enforcer.subscribers import Subscriber
 
 
 def restricted(sid: str, *addresses: str, mode: Mode = Mode.WALLED_GARDEN) -> Decision:
