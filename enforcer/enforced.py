@@ -13,7 +13,6 @@ from .audit import audit_rows
 from .model import Mode, Network
 from .policy import Decision
 from .store import EnforcedWrite, Store
-from .subscribers import Subscriber, parse_network
 
 
 def held(decision: Decision) -> tuple[Network, ...]:
@@ -27,20 +26,6 @@ def enforced_row(decision: Decision) -> tuple[str, list[str], str]:
     """A restricted decision as an ``enforced`` table row: (mode, addresses, reason)."""
     assert decision.subscriber is not None
     return decision.mode.value, decision.subscriber.address_texts(), decision.subscriber.reason
-
-
-def enforced_before(store: Store) -> dict[str, Decision]:
-    """What the kernel enforced before this start, from the ``enforced`` table: a restart
-    outside an enforcement window keeps (and does not newly start) restrictions."""
-    out = {}
-    for sid, row in store.enforced().items():
-        try:
-            mode = Mode(row["mode"])
-            subscriber = Subscriber(sid, tuple(parse_network(a) for a in row["addresses"]), mode, row["reason"])
-        except ValueError:
-            continue
-        out[sid] = Decision(sid, mode, "enforced before the restart", subscriber)
-    return out
 
 
 class EnforcedRecord:
