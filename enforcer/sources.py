@@ -102,25 +102,36 @@ BACKOFF_START = 5.0
 MAX_BODY = 256 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """``read_list_file(unless=...)``: the file holds the list in force; ``fingerprint`` is the
+    one of the file that was read (never a second ``stat``: a list renamed into place meanwhile
+    would be taken as read)."""
+
+    fingerprint: str
+
+
 @overload
 def read_list_file(path: str, *, space: AddressSpace | None = None) -> ListUpdate: ...
 
 
 @overload
-def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str | None) -> ListUpdate | None: ...
+def read_list_file(path: str, *, space: AddressSpace | None = None,
+                   unless: str | None) -> ListUpdate | Unchanged: ...
 
 
-def read_list_file(path: str, *, space: AddressSpace | None = None, unless: str | None = None) -> ListUpdate | None:
+def read_list_file(path: str, *, space: AddressSpace | None = None,
+                   unless: str | None = None) -> ListUpdate | Unchanged:
     """Read and parse now; raises ``ListError`` (naming file:line) or ``OSError``, nothing else.
 
     ``space`` (``AddressSpace.from_config``) refuses the list if an entry lies outside
-    ``gateway.subscriber_prefixes``. With ``unless``: None, without parsing, when the content's
-    digest is that (the list in force's: nothing to do).
+    ``gateway.subscriber_prefixes``. With ``unless``: ``Unchanged``, without parsing, when the
+    content's digest is that (the list in force's: nothing to do).
     """
     data, st = _read_regular_file(path)
     digest = content_digest(data, path, space)
     if unless is not None and digest == unless:
-        return None
+        return Unchanged(_fingerprint(st))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -229,10 +240,10 @@ class FileSource:
             failure = SourceFailure(self.path, "internal", f"{self.path}: the list could not be read "
                                                            f"({type(exc).__name__}: {exc})")
         else:
-            if update is None:   # the list in force, byte for byte
+            if isinstance(update, Unchanged):   # the list in force, byte for byte
                 log.info("event=list_unchanged origin=%s (the content of the list in force: not parsed again)",
                          self.path)
-                self.applied = fingerprint or _fingerprint_or_none(self.path)
+                self.applied = fingerprint or update.fingerprint
                 if self.on_unchanged is not None:
                     await _hand_over("on_unchanged", self.path, self.on_unchanged(self.path))
                 return

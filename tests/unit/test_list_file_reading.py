@@ -51,3 +51,34 @@ def test_a_file_larger_than_the_cap_is_refused(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "list.yaml").write_text(LIST + "#" * 100 + "\n")
     with pytest.raises(ListError, match="larger than"):
         read_list_file(str(tmp_path / "list.yaml"))
+
+
+async def test_a_list_renamed_into_place_while_the_one_in_force_is_read_is_read_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint recorded for an unchanged list is the one of the file read, never a second
+    ``stat``: billing's new list, renamed into place between the read and that stat, would be
+    taken as read and never parsed (found in review)."""
+    path = tmp_path / "list.yaml"
+    path.write_text(LIST)
+    in_force = sources.content_digest(LIST.encode(), str(path), None)
+    lists: list[object] = []
+
+    async def on_list(update: object) -> None:
+        lists.append(update)
+
+    async def on_failure(failure: object) -> None:
+        raise AssertionError(failure)
+
+    source = sources.FileSource(str(path), on_list, on_failure, applied=lambda: in_force)
+    real = sources._read_regular_file
+
+    def read_then_replace(name: str) -> tuple[bytes, os.stat_result]:
+        read = real(name)
+        (tmp_path / "new.yaml").write_text(LIST.replace("100.64.0.10", "100.64.0.11"))
+        os.replace(tmp_path / "new.yaml", path)          # billing's atomic rename, just after the read
+        return read
+
+    monkeypatch.setattr(sources, "_read_regular_file", read_then_replace)
+    await source.check()
+    assert lists == [], "the list in force was not parsed again"
+    assert source.applied != sources._fingerprint_or_none(str(path)), "the new list counts as not read yet"
