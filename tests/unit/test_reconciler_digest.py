@@ -258,3 +258,29 @@ def test_a_big_sync_gives_the_freed_c_heap_back(monkeypatch) -> None:
     reconciler._trim_heap()   # the real ones run anywhere (glibc or not)
     from enforcer.dataplane.kernel import keep_big_blocks_apart
     keep_big_blocks_apart()
+
+
+async def test_a_trusted_start_gets_its_full_comparison_at_the_first_table_check() -> None:
+    """The mark cannot see a hand-edited ruleset dump restored at the same generation after a
+    reboot: the first table check after a trusted start compares every element, not the tenth
+    minute's (found in review)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from enforcer.table_health import TableHealth
+
+    fake, _ = first_run()
+    rec = restart(fake)
+    rec.host_allow = {"203.0.113.7": None}
+    rec.sync_all(DECISIONS, read_kernel=True)
+    assert fake.reads == 0 and rec.verified is False
+
+    async def kernel(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+
+    config = SimpleNamespace(gateway=SimpleNamespace(table=TABLE))
+    engine = SimpleNamespace(reconciler=rec, kernel=kernel, config=config, table_repairs=0, changed=asyncio.Event())
+    assert await TableHealth(engine).verify() is True  # type: ignore[arg-type]
+    assert fake.reads == 1 and rec.verified is True, "the whole table was compared once"
+    assert await TableHealth(engine).verify() is True  # type: ignore[arg-type]
+    assert fake.reads == 1, "then the quick probe again, full every FULL_CHECK_SECONDS"
