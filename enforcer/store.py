@@ -73,6 +73,8 @@ from .subscribers import Subscriber, parse_network
 
 log = logging.getLogger("walled_garden.store")
 
+#: Meta key: the ``listed`` rows of an earlier version have been copied to ``list_entries``.
+LISTED_MIGRATED = "listed_migrated"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Before version 2 of the list's rows: one JSON object per entry. Read once, into list_entries
@@ -674,16 +676,20 @@ class Store:
         return dict(self._decoded("listed_since", "id, since", lambda sid, at: (_text(sid), _real(at))))
 
     def _migrate_listed(self) -> None:
-        """Rows of the list in the ``listed`` table (one JSON object each, before version 2) move
-        to ``list_entries``, once; a row that does not decode is set aside as any other."""
-        if self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None:
+        """Rows of the list in the ``listed`` table (one JSON object each, before version 2) are
+        copied to ``list_entries``, once (the ``listed_migrated`` meta); a row that does not decode
+        is set aside as any other. The old rows stay: an older version started on this database
+        again (a downgrade) finds the list it knew rather than none, which would free everyone it
+        restricted until an operator approved the list again (found in review)."""
+        if (self.get_meta(LISTED_MIGRATED) is not None
+                or self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None):
             return
         with gc_paused():
             rows = [_list_row(entry) for _, entry in self._decoded(
                 "listed", "id, entry", lambda sid, entry: (_text(sid), _subscriber(sid, entry)))]
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO list_entries VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self.db.execute("DELETE FROM listed")
+            self.set_meta(LISTED_MIGRATED, {"rows": len(rows)})
         log.warning("event=state_migrated table=listed rows=%d to=list_entries", len(rows))
 
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
