@@ -254,6 +254,9 @@ class ListIntake:
                 await engine.sync_all()
             except DataplaneError:
                 pass   # the repair loop retries
+            else:   # withdrawn from the kernel: a start must not take the table for the list being saved
+                with contextlib.suppress(StoreError, sqlite3.Error):
+                    engine.store.set_meta(PENDING_LIST, None)
             engine.changed.set()
             return True
         self.unsaved = None

@@ -268,6 +268,8 @@ async def test_a_first_list_that_cannot_be_saved_is_withdrawn_and_retried(tmp_pa
     assert not fake.view.get("mode4_32") and not e.engine.inputs.listed
     status = e.queries.status()
     assert status["source"]["list_in_force"] == {} and status["source"]["last_error"]["reason"] == "state"
+    # withdrawn from the kernel: a start must not take the table for the list being saved
+    assert e.engine.store.get_meta(PENDING_LIST) is None
     assert e.lists.due() is not None
     await e.lists.run()                 # the timer's retry
     assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}
