@@ -128,7 +128,7 @@ class ListIntake:
         engine = self.engine
         self.metrics.source_success.set(engine.clock())
         if engine.rebuilding is not None:
-            approved_by = self._rebuild(new)
+            approved_by = self._rebuild(new, update.digest, approved_by)
         if not approved_by:
             restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
             restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
@@ -153,6 +153,8 @@ class ListIntake:
                 return
         if approved_by:
             log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
+        if engine.rebuild_unsaved:   # another list than the one being saved, let through by the guard
+            engine.rebuilding, engine.rebuild_unsaved = None, False
         self.held = None
         self.metrics.held_changes.set(0)
         if self._first() and await self._enforce_first(update, new, approved_by):
@@ -214,7 +216,8 @@ class ListIntake:
         inputs, clock = engine.inputs, engine.clock
         meta = _meta(update, len(new), clock())
         try:
-            engine.store.set_meta(PENDING_LIST, {"origin": update.origin, "loaded_at": meta["loaded_at"]})
+            engine.store.set_meta(PENDING_LIST, {"origin": update.origin, "loaded_at": meta["loaded_at"],
+                                                 "digest": update.digest})
         except (StoreError, sqlite3.Error) as exc:
             log.warning("event=list_marker_not_saved error=%r (the list is saved before it is enforced)", str(exc))
             return False
@@ -300,7 +303,7 @@ class ListIntake:
             engine.spawn(engine.flusher.flush(result.changed, "list"))
         gc.freeze()   # the new list's objects live on; see Engine.sync_all
 
-    def _rebuild(self, new: dict[str, Subscriber]) -> str:
+    def _rebuild(self, new: dict[str, Subscriber], digest: str = "", approved_by: str = "") -> str:
         """The first list after the state was lost (caller holds the lock): a listed subscriber
         whom the kernel held free was free for a reason the lost state knew (a payment, a
         promise, an exemption), so they get a payment grace from now rather than being walled
@@ -308,14 +311,22 @@ class ListIntake:
         with the state, and billing retries its events). Returns who approved the list.
 
         When the state was not lost but a first list was being saved (``Engine.rebuild_unsaved``),
-        the kernel holds that list: the state knows every input, so nobody gets a grace."""
+        the kernel holds that list: the state knows every input, so nobody gets a grace. The same
+        list (its content digest in the marker) is in force at once; another one, written
+        meanwhile, is weighed by the mass-change guard like any list ("" returned), the kernel
+        kept as it is until it goes through or an operator approves it (``approved_by``)."""
         engine = self.engine
         assert engine.rebuilding is not None
         if engine.rebuild_unsaved:
-            engine.rebuilding, engine.rebuild_unsaved = None, False
-            log.warning("event=unsaved_list_read_again listed=%d (the kernel kept the list being saved when the "
-                        "daemon stopped)", len(new))
-            return "the list being saved when the daemon stopped"
+            pending = engine.store.get_meta(PENDING_LIST) or {}
+            if approved_by or not pending.get("digest") or not digest or pending.get("digest") == digest:
+                engine.rebuilding, engine.rebuild_unsaved = None, False
+                log.warning("event=unsaved_list_read_again listed=%d (the kernel kept the list being saved when the "
+                            "daemon stopped)", len(new))
+                return approved_by or "the list being saved when the daemon stopped"
+            log.warning("event=unsaved_list_changed listed=%d (not the list being saved when the daemon stopped: "
+                        "weighed by the mass-change guard; the kernel is kept as it is meanwhile)", len(new))
+            return ""
         now = engine.receipts.stamp()
         kept_free = []
         for sid, subscriber in new.items():

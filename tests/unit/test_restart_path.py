@@ -24,6 +24,7 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.demo.billing import signed_request
 from enforcer.engine import PENDING_LIST
 from enforcer.events import PAYMENT
+from enforcer.outcome import Refusal
 from enforcer.sources import FileSource, ListUpdate, content_digest
 from enforcer.store import Store
 from enforcer.subscribers import Mode, Subscriber, parse_address
@@ -246,6 +247,35 @@ async def test_killed_between_the_kernel_and_the_save_the_restart_keeps_the_kern
     await e.close()
     e = await started(config, fake)
     assert set(e.engine.inputs.listed) == {"C-1", "C-2"} and not e.queries.status()["rebuilding_from_kernel"]
+    await e.close()
+
+
+async def test_killed_mid_save_then_another_mass_list_is_held_with_the_kernel_kept(tmp_path: Path) -> None:
+    """The marker names the list being saved by its digest: another list written meanwhile is
+    weighed by the mass-change guard like any list, the kernel table kept as it is until an
+    operator approves it (found in review: it was applied without the guard)."""
+    config = make_config(tmp_path, ", guard: {max_restrict: 1, max_restrict_share: 0.1}")
+    fake = FakeDataplane()
+    e = await started(config, fake)
+
+    def killed(*args: Any) -> None:
+        raise Killed
+
+    e.engine.store.save_list = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        await e.lists.on_list(ListUpdate(first_list(), "l.csv", "1", "d1"), approved_by="root")
+    kernel = {name: dict(items) for name, items in fake.view.items()}
+    assert set(kernel["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}
+
+    e = await started(config, fake)     # the restart, on the same kernel table
+    other = [Subscriber(f"C-{i}", (parse_address(f"100.64.1.{i}"),), Mode.WALLED_GARDEN, "overdue") for i in range(5)]
+    await e.lists.on_list(ListUpdate(other, "l.csv", "2", "d2"))
+    assert e.lists.held is not None, "another list than the one being saved goes through the guard"
+    assert e.queries.status()["rebuilding_from_kernel"] and fake.view == kernel, "the kernel kept as it is"
+    result = await e.lists.approve("root", "")   # the operator's approval applies it
+    assert not isinstance(result, Refusal), result
+    assert not e.queries.status()["rebuilding_from_kernel"]
+    assert set(fake.view["mode4_32"]) == {f"100.64.1.{i}" for i in range(5)}
     await e.close()
 
 
