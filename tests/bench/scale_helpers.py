@@ -9,13 +9,11 @@ subscriber is only ever named by its index.
 from __future__ import annotations
 
 import ctypes
-import errno
 import http.client
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from enforcer.control import ControlError, request
+from enforcer.dataplane.kernel import ElementLookup
 from enforcer.demo.billing import event_body, signed_request
 
 BASE4 = (100 << 24) | (64 << 16)   # 100.64.0.0, as bench_dataplane.subscribers()
@@ -147,59 +146,21 @@ class ScratchNetns:
 
 
 class ElementProbe:
-    """``nft get element inet <table> <set> { <IPv4 address> }`` as the one netlink request nft
-    sends (NFT_MSG_GETSETELEM with the key), on a raw netlink socket.
-
-    Why not nft/libnftables: nft 1.0.6 answers ``get element`` only after loading every set's
-    elements into its cache whenever the table changed since its last command, and again after
-    every miss (~0.3 s at 125k elements, seconds at 1.25M, measured; enforcer/dataplane/kernel.py
-    says the same): a poll would cost more than what it times, and load the kernel meanwhile.
-    The kernel's own answer to this request is an exact hash lookup. Use from one thread."""
-
-    _NEWSETELEM, _GETSETELEM = (10 << 8) | 12, (10 << 8) | 13   # NFNL_SUBSYS_NFTABLES << 8 | msg
-    _HEADER = struct.Struct("=IHHII")
+    """``nft get element inet <table> <set> { <address> }``, asked the way the daemon's own table
+    checks ask it (``enforcer.dataplane.kernel.ElementLookup``: the one netlink request, an exact
+    hash lookup). Not nft/libnftables: nft 1.0.6 loads every set's elements before answering
+    whenever the table changed (~0.3 s at 125k elements, seconds at 1.25M): a poll would cost
+    more than what it times. Use from one thread."""
 
     def __init__(self, table: str, element_set: str) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)   # NETLINK_NETFILTER
-        self.sock.settimeout(5.0)
-        self.sock.bind((0, 0))
-        self.table, self.set = table.encode() + b"\0", element_set.encode() + b"\0"
-        self.seq = 0
-
-    @staticmethod
-    def _attr(kind: int, payload: bytes) -> bytes:
-        head = struct.pack("=HH", 4 + len(payload), kind)
-        return head + payload + b"\0" * (-len(payload) % 4)
+        self.lookup = ElementLookup(table)
+        self.set = element_set
 
     def holds(self, address: str) -> bool:
-        key = socket.inet_pton(socket.AF_INET, address)
-        nested = 0x8000
-        element = self._attr(1 | nested, self._attr(1 | nested, self._attr(1, key)))   # LIST_ELEM{KEY{VALUE}}
-        body = (struct.pack("=BBH", 1, 0, 0)                                          # nfgenmsg: NFPROTO_INET
-                + self._attr(1, self.table) + self._attr(2, self.set) + self._attr(3 | nested, element))
-        self.seq += 1
-        self.sock.send(self._HEADER.pack(16 + len(body), self._GETSETELEM, 0x1 | 0x4, self.seq, 0) + body)
-        found = False
-        while True:
-            data = self.sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = self._HEADER.unpack_from(data, offset)
-                if length < 16:
-                    raise OSError("netlink: malformed answer")
-                if seq == self.seq and kind == self._NEWSETELEM:
-                    found = True
-                elif seq == self.seq and kind == 2:   # NLMSG_ERROR: the acknowledgement or the error
-                    error = -struct.unpack_from("=i", data, offset + 16)[0]
-                    if error == 0:
-                        return found
-                    if error == errno.ENOENT:
-                        return False
-                    raise OSError(error, f"get element {address} in {self.set[:-1].decode()}: {os.strerror(error)}")
-                offset += (length + 3) & ~3
+        return self.lookup.holds(self.set, address)
 
     def close(self) -> None:
-        self.sock.close()
+        self.lookup.close()
 
 
 # -- processes and memory ----------------------------------------------------------------------------
