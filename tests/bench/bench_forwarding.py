@@ -215,22 +215,22 @@ def render(n: int, sub_if: str, work: Path) -> tuple[str, float]:
     return text, time.perf_counter() - started
 
 
+def _edited(text: str, pattern: str, chain: str) -> str:
+    """``text`` with ``pattern``'s match replaced by its first group, once, or an error."""
+    edited, count = re.subn(pattern, r"\1", text)
+    if count != 1:
+        raise RuntimeError(f"no chain {chain!r} of that kind in the rendered table")
+    return edited
+
+
 def unhook(text: str, chain: str) -> str:
     """The rendered text with one base chain's hook line removed (it stays, as a regular chain)."""
-    pattern = re.compile(rf"(\tchain {chain} {{\n)\t\ttype [^\n]*\n")
-    edited, count = pattern.subn(r"\1", text)
-    if count != 1:
-        raise RuntimeError(f"no base chain {chain!r} in the rendered table")
-    return edited
+    return _edited(text, rf"(\tchain {chain} {{\n)\t\ttype [^\n]*\n", chain)
 
 
 def emptied(text: str, chain: str) -> str:
     """The rendered text with every rule of one chain removed (its type line, if any, kept)."""
-    pattern = re.compile(rf"(\tchain {chain} {{\n(?:\t\ttype [^\n]*\n)?)(?:\t\t[^\n]*\n)*")
-    edited, count = pattern.subn(r"\1", text)
-    if count != 1:
-        raise RuntimeError(f"no chain {chain!r} in the rendered table")
-    return edited
+    return _edited(text, rf"(\tchain {chain} {{\n(?:\t\ttype [^\n]*\n)?)(?:\t\t[^\n]*\n)*", chain)
 
 
 def main() -> int:
