@@ -1,0 +1,180 @@
+"""The ipset backend's own iptables chains (``gateway.ipset.rules: own``), rendered from the same
+``Layout`` facts as the nftables table, one family at a time (``iptables`` / ``ip6tables``).
+
+What they do, as the nftables table does (``layout.py``'s docstring):
+
+* ``filter FORWARD`` → ``WALLED-GARDEN-FWD``: per subscriber interface, packets *to* a subscriber
+  go through ``-DOWN`` (throttled download: one ``hashlimit`` bucket per throttled key, longest
+  prefix first), packets *from* one through ``-UP``: a walled-garden member goes to ``-GARDEN``
+  (garden, DNS, NTP, ICMP errors pass; TCP gets a reset, the rest admin-prohibited), a throttled
+  one to ``-THROTTLE`` (upload bucket). Notice leaves forwarding alone.
+* ``nat PREROUTING`` → ``WALLED-GARDEN-PRE`` → ``-NAT``: connections to the gateway's own
+  addresses on the portal's ports are marked (``PORTAL_CT_MARK``) and their source recorded in
+  ``wg-portalcaller4`` (``-CALL``); TCP 80/443 to the gateway go to the portal's listeners; a
+  walled-garden member's HTTP (and a notice member's, until acknowledged) to anywhere outside the
+  garden is redirected to the portal.
+* ``filter INPUT`` → ``WALLED-GARDEN-IN``: a restricted subscriber may reach on the gateway only
+  the portal, DNS, NTP, DHCP and ICMP (``-LOCAL``).
+
+Our chains never ``ACCEPT``: what they let through they ``RETURN``, so the operator's own rules
+after the jump still decide about it (an nftables ``accept`` in our table does not end other
+tables' chains either). They only refuse, redirect, mark and rate-limit. The jumps are inserted
+at the top of the three built-in chains, once; nothing else of the operator's rules is touched.
+Rule counters with the comment ``walled-garden counter <name>`` are the layout's named counters.
+"""
+
+from __future__ import annotations
+
+from .ipset_sets import set_name, umbrella
+from .layout import DHCP_PORTS, PORTAL_CT_MARK, Layout, throttle_set
+
+#: (table, built-in chain, our chain) of the jumps ``rules: own`` inserts once each.
+JUMPS = (("filter", "FORWARD", "WALLED-GARDEN-FWD"), ("filter", "INPUT", "WALLED-GARDEN-IN"),
+         ("nat", "PREROUTING", "WALLED-GARDEN-PRE"))
+#: Our chains per table, each replaced whole by ``iptables-restore --noflush``.
+CHAINS = {"filter": ("WALLED-GARDEN-FWD", "WALLED-GARDEN-DOWN", "WALLED-GARDEN-UP", "WALLED-GARDEN-GARDEN",
+                     "WALLED-GARDEN-THROTTLE", "WALLED-GARDEN-IN", "WALLED-GARDEN-LOCAL"),
+          "nat": ("WALLED-GARDEN-PRE", "WALLED-GARDEN-NAT", "WALLED-GARDEN-CALL")}
+COUNTER_COMMENT = "walled-garden counter "
+TAG_COMMENT = "walled-garden layout "
+_ICMP_ERRORS = {4: ("icmp", "icmp-type", ("destination-unreachable", "time-exceeded", "parameter-problem")),
+                6: ("ipv6-icmp", "icmpv6-type",
+                    ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem"))}
+_PROHIBITED = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
+#: Throttle buckets per prefix length and direction (``layout.THROTTLE_METER_SIZE`` in nftables).
+HASHLIMIT_MAX = 1 << 20
+
+
+def interface(name: str) -> str:
+    """An interface name as iptables spells it: the config's ``ppp*`` wildcard is ``ppp+``."""
+    return name[:-1] + "+" if name.endswith("*") else name
+
+
+def _counter(name: str) -> str:
+    return f'-m comment --comment "{COUNTER_COMMENT}{name}"'
+
+
+def _match(name: str, direction: str, negate: bool = False) -> str:
+    return f"-m set {'! ' if negate else ''}--match-set {name} {direction}"
+
+
+def chains(layout: Layout, version: int) -> dict[str, list[str]]:
+    """Table → our chains' ``-A`` lines for one family (``iptables-restore`` syntax)."""
+    sets = {kind: umbrella(kind, version) for kind in ("portal", "notice", "throttle", "noticeack")}
+    garden = [set_name(f"allow{version}"), set_name(f"allowhost{version}")]
+    not_garden_dst = " ".join(_match(name, "dst", True) for name in garden)
+    not_garden_src = " ".join(_match(name, "src", True) for name in garden)
+    ifaces = [f"-i {interface(name)} " for name in layout.interfaces] or [""]
+    oifaces = [f"-o {interface(name)} " for name in layout.interfaces] or [""]
+    # hashlimit's byte mode wants a bucket of at least one second at the rate (nftables' may be less).
+    rate, burst = layout.throttle_rate, max(layout.throttle_burst, layout.throttle_rate)
+    longest = [(plen, shorter) for v, plen, shorter in layout._longest_first() if v == version]
+
+    fwd = [f"-A WALLED-GARDEN-FWD {o}-j WALLED-GARDEN-DOWN" for o in oifaces]
+    fwd += [f"-A WALLED-GARDEN-FWD {i}-j WALLED-GARDEN-UP" for i in ifaces]
+    fwd.append(f'-A WALLED-GARDEN-FWD -m comment --comment "{TAG_COMMENT}{layout.tag}"')
+    down: list[str] = []
+    throttle: list[str] = [f"-A WALLED-GARDEN-THROTTLE {_match(name, 'dst')} -j RETURN" for name in garden]
+    for plen, shorter in longest:
+        members = set_name(throttle_set(version, plen))
+        limit = (f"--hashlimit-above {rate}b/s --hashlimit-burst {burst}b --hashlimit-htable-max {HASHLIMIT_MAX} "
+                 "--hashlimit-htable-expire 60000")
+        down.append(f"-A WALLED-GARDEN-DOWN {_match(members, 'dst')} {not_garden_src} -m hashlimit {limit} "
+                    f"--hashlimit-mode dstip --hashlimit-dstmask {plen} --hashlimit-name wg-d{version}-{plen} -j DROP")
+        throttle.append(f"-A WALLED-GARDEN-THROTTLE {_match(members, 'src')} -m hashlimit {limit} "
+                        f"--hashlimit-mode srcip --hashlimit-srcmask {plen} --hashlimit-name wg-u{version}-{plen} "
+                        "-j DROP")
+        if shorter:   # the longest matching entry decides: stop before a shorter prefix of someone else
+            throttle.append(f"-A WALLED-GARDEN-THROTTLE {_match(members, 'src')} -j RETURN")
+            for kind in ("notice", "portal"):
+                down.append(f"-A WALLED-GARDEN-DOWN {_match(set_name(f'{kind}{version}_{plen}'), 'dst')} -j RETURN")
+    up = [f"-A WALLED-GARDEN-UP {_match(sets['portal'], 'src')} -g WALLED-GARDEN-GARDEN",
+          f"-A WALLED-GARDEN-UP {_match(sets['throttle'], 'src')} -g WALLED-GARDEN-THROTTLE"]
+    local_in = [f"-A WALLED-GARDEN-IN {i}{_match(sets[kind], 'src')} -g WALLED-GARDEN-LOCAL"
+                for i in ifaces for kind in ("portal", "notice")]
+    filter_lines = fwd + down + up + _garden(layout, version, garden) + throttle + local_in + _local(layout, version)
+
+    ports = sorted({*layout.portal_ports, 80, *((443,) if layout.portal_tls_port is not None else ())})
+    pre = [f"-A WALLED-GARDEN-PRE {i}-j WALLED-GARDEN-NAT" for i in ifaces]
+    nat = [f"-A WALLED-GARDEN-NAT -p tcp -m multiport --dports {','.join(map(str, ports))} "
+           "-m addrtype --dst-type LOCAL -j WALLED-GARDEN-CALL"]
+    for advertised, listener in ((80, layout.portal_port), (443, layout.portal_tls_port)):
+        if listener is not None and listener != advertised:
+            nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport {advertised} -m addrtype --dst-type LOCAL "
+                       f"-j REDIRECT --to-ports {listener}")
+    redirect = f"{_counter('redirected')} -j REDIRECT --to-ports {layout.portal_port}"
+    nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(sets['portal'], 'src')} {not_garden_dst} {redirect}")
+    nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(sets['notice'], 'src')} "
+               f"{_match(sets['noticeack'], 'src', True)} {not_garden_dst} {redirect}")
+    call = [f"-A WALLED-GARDEN-CALL -j CONNMARK --or-mark {PORTAL_CT_MARK:#x}",
+            f"-A WALLED-GARDEN-CALL -j SET --add-set {set_name(f'portalcaller{version}')} src --exist "
+            "--timeout 900"]
+    return {"filter": filter_lines, "nat": pre + nat + call}
+
+
+def _garden(layout: Layout, version: int, garden: list[str]) -> list[str]:
+    """Walled-garden mode (``layout._garden_chain``): the allowed few return, the rest is refused."""
+    proto, icmp_opt, icmp_errors = _ICMP_ERRORS[version]
+    out = [f"-A WALLED-GARDEN-GARDEN {_match(name, 'dst')} -j RETURN" for name in garden]
+    for name, port in (("dns", 53), ("ntp", 123)):
+        servers = layout.dns if name == "dns" else layout.ntp
+        where = "" if servers is None else f"{_match(set_name(f'{name}{version}'), 'dst')} "
+        for transport in (("udp", "tcp") if name == "dns" else ("udp",)):
+            out.append(f"-A WALLED-GARDEN-GARDEN {where}-p {transport} --dport {port} -j RETURN")
+    out += [f"-A WALLED-GARDEN-GARDEN -p {proto} --{icmp_opt} {kind} -j RETURN" for kind in icmp_errors]
+    out += [f"-A WALLED-GARDEN-GARDEN -p tcp {_counter('refused_tcp')} -j REJECT --reject-with tcp-reset",
+            f"-A WALLED-GARDEN-GARDEN {_counter('refused_other')} -j REJECT --reject-with {_PROHIBITED[version]}"]
+    return out
+
+
+def _local(layout: Layout, version: int) -> list[str]:
+    """What a restricted subscriber may reach on the gateway itself (``layout._local_chain``)."""
+    proto = _ICMP_ERRORS[version][0]
+    ports = ",".join(str(p) for p in layout.portal_ports)
+    return ["-A WALLED-GARDEN-LOCAL -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            f"-A WALLED-GARDEN-LOCAL -p tcp -m multiport --dports {ports} -j RETURN",
+            "-A WALLED-GARDEN-LOCAL -p udp --dport 53 -j RETURN",
+            "-A WALLED-GARDEN-LOCAL -p tcp --dport 53 -j RETURN",
+            "-A WALLED-GARDEN-LOCAL -p udp --dport 123 -j RETURN",
+            f"-A WALLED-GARDEN-LOCAL -p udp -m multiport --dports {','.join(map(str, DHCP_PORTS))} -j RETURN",
+            f"-A WALLED-GARDEN-LOCAL -p {proto} -j RETURN",
+            f"-A WALLED-GARDEN-LOCAL -p tcp {_counter('refused_local')} -j REJECT --reject-with tcp-reset",
+            f"-A WALLED-GARDEN-LOCAL {_counter('refused_local')} -j REJECT --reject-with {_PROHIBITED[version]}"]
+
+
+def restore_text(layout: Layout, version: int, missing_jumps: set[tuple[str, str, str]] | None = None) -> str:
+    """``iptables-restore --noflush`` input replacing our chains (declaring a chain flushes it) and
+    inserting the jumps in ``missing_jumps`` (default: none) at the top of their built-in chains.
+    One table's part is one atomic commit; a failure leaves the table as it was."""
+    out: list[str] = []
+    for table, lines in chains(layout, version).items():
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in CHAINS[table]]
+        out += lines
+        out += [f"-I {builtin} 1 -j {ours}" for t, builtin, ours in JUMPS
+                if t == table and (table, builtin, ours) in (missing_jumps or set())]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def external_lines(version: int, portal_port: int, interfaces: tuple[str, ...] = ()) -> list[str]:
+    """The smallest rules an operator with ``rules: external`` adds (docs/ipset.md): walled-garden
+    members refused but for the garden and DNS, their HTTP (and unacknowledged notice members')
+    sent to the portal. Throttling and the gateway's own ports are the operator's to write."""
+    cmd = "iptables" if version == 4 else "ip6tables"
+    iif = " ".join(f"-i {interface(n)}" for n in interfaces[:1])
+    iif = f"{iif} " if iif else ""
+    portal, notice, ack = (umbrella(k, version) for k in ("portal", "notice", "noticeack"))
+    allow, hosts = set_name(f"allow{version}"), set_name(f"allowhost{version}")
+    garden = f"-m set ! --match-set {allow} dst -m set ! --match-set {hosts} dst"
+    return [
+        f"{cmd} -t nat -I PREROUTING 1 {iif}-p tcp --dport 80 -m set --match-set {portal} src {garden} "
+        f"-j REDIRECT --to-ports {portal_port}",
+        f"{cmd} -t nat -I PREROUTING 2 {iif}-p tcp --dport 80 -m set --match-set {notice} src "
+        f"-m set ! --match-set {ack} src {garden} -j REDIRECT --to-ports {portal_port}",
+        f"{cmd} -I FORWARD 1 {iif}-m set --match-set {portal} src {garden} -p udp ! --dport 53 "
+        f"-j REJECT --reject-with {_PROHIBITED[version]}",
+        f"{cmd} -I FORWARD 2 {iif}-m set --match-set {portal} src {garden} -p tcp ! --dport 53 "
+        "-j REJECT --reject-with tcp-reset",
+    ]
+
