@@ -3,7 +3,10 @@
     sudo .venv/bin/python tests/bench/bench_sessions.py [--restricted 100000] [--rate 1000] [--seconds 10]
         [--rounds 2] [--modes sessions,events,lease-file]
 
-Goal (issue 13): 1,000 session changes/s sustained with change -> kernel p99 <= 100 ms.
+Goal (issue 13): 1,000 session changes/s sustained with change -> kernel p99 <= 100 ms (the
+"metric" column: the daemon's ``walled_garden_session_change_seconds``, counted from the change's
+scheduled instant, which the bench passes as ``observed``, to the kernel commit), and every change
+answered (kernel, state saved, connections flushed) within 1 s.
 
 Runs itself in a private network namespace (created and removed here) with the daemon's real
 parts in this process: ``Enforcer`` with a ``KernelDataplane`` on a table of its own, state in
@@ -474,7 +477,7 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"run {number:>2}: {figures.line()}", flush=True)
     print(f"\n# {args.restricted} restricted, {total} changes at {args.rate:.0f}/s per run, {args.rounds} rounds; "
           "latency = scheduled -> committed (kernel + state saved + flush)")
-    summary: dict[str, tuple[float, float]] = {}
+    summary: dict[str, tuple[float, float, float]] = {}
     for mode, runs in results.items():
         lat = sorted(x for f in runs for x in f.latencies)
         com = sorted(x for f in runs for x in f.commits)
@@ -482,7 +485,7 @@ async def bench(args: argparse.Namespace) -> None:
         cpu_k = sum(f.cpu for f in runs) / max(sent, 1) * 1000
         rate = sent / sum(f.elapsed for f in runs)
         batches = sum(f.batches for f in runs)
-        summary[mode] = (pct(lat, 99), cpu_k)
+        summary[mode] = (pct(lat, 99), cpu_k, pct(com, 99))
         print(f"{mode:<10} achieved {rate:6.0f}/s | latency ms p50 {pct(lat, 50) * 1e3:6.1f} p95 "
               f"{pct(lat, 95) * 1e3:6.1f} p99 {pct(lat, 99) * 1e3:6.1f} max {lat[-1] * 1e3 if lat else 0:7.1f} | "
               f"metric p99 {pct(com, 99) * 1e3:6.1f} ms | CPU {cpu_k:5.2f} s per 1,000 | {batches} batches "
@@ -491,8 +494,13 @@ async def bench(args: argparse.Namespace) -> None:
     if "sessions" not in summary or "events" not in summary:
         return
     s, e = summary["sessions"], summary["events"]
-    print(f"ratio sessions/events: p99 {s[0] / e[0]:.2f}, CPU {s[1] / e[1]:.2f}; "
-          f"goal p99 <= 100 ms: {'met' if s[0] <= 0.1 else 'NOT met'} ({s[0] * 1e3:.1f} ms)")
+    # The issue's figure is change -> kernel: the metric, which counts from the scheduled instant
+    # (``observed``), so the bench's own launch lateness is in it. Answered also waits for the
+    # state save and the conntrack flush (the "enforced within 1 s" promise).
+    print(f"ratio sessions/events: answered p99 {s[0] / e[0]:.2f}, change -> kernel p99 {s[2] / e[2]:.2f}, "
+          f"CPU {s[1] / e[1]:.2f}; goal change -> kernel p99 <= 100 ms: "
+          f"{'met' if s[2] <= 0.1 else 'NOT met'} ({s[2] * 1e3:.1f} ms); answered p99 <= 1 s: "
+          f"{'met' if s[0] <= 1.0 else 'NOT met'} ({s[0] * 1e3:.1f} ms)")
 
 
 def main() -> int:
