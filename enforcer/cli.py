@@ -270,7 +270,8 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    """Print the transaction a cold start would run with the current list; touches nothing."""
+    """Print the transaction a cold start would run with the current list; touches nothing. With
+    ``gateway.backend: ipset``: the ipset and iptables-restore text instead of ``nft -f`` text."""
     from .dataplane.fake import FakeDataplane
     from .policy import PolicyInputs
     from .reconciler import Reconciler
@@ -293,6 +294,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         listed = {s.id: s for s in entries}
     fake = FakeDataplane(config.gateway.table)
     Reconciler(fake, base_layout(config)).sync_all(PolicyInputs(listed, {}, {}).decide_all(0.0))
+    if config.gateway.backend == "ipset":   # the sets (and our chains) instead of the nft table
+        from .dataplane.ipset import render
+
+        sys.stdout.write("".join(render(tx, config.gateway.ipset.rules) for tx in fake.transactions))
+        return 0
     sys.stdout.write(fake.dump())
     return 0
 
@@ -528,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "portal branding; name every problem at once")
     check.add_argument("--json", action="store_true",
                        help="print {config, ok, errors (all of them), warnings, listed} as JSON; exit 1 on errors")
-    add("render", cmd_render, "print the nftables ruleset that would be installed")
+    add("render", cmd_render, "print the nftables ruleset (or the ipsets and iptables chains) that would be installed")
     status = add("status", cmd_status, "show the running daemon's state")
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")

@@ -61,8 +61,7 @@ class Enforcer:
         monotonic one unless it passes another, so advancing it is time passing, not a step);
         ``boot`` this boot's id (default the kernel's: a test simulating a reboot passes another)."""
         if dataplane is None:
-            from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
-            dataplane = KernelDataplane(config.gateway.table)
+            dataplane = build_dataplane(config)
         if monotonic is None:
             monotonic = time.monotonic if clock is time.time else clock
         self.metrics = metrics = Metrics()
@@ -103,6 +102,17 @@ class Enforcer:
         await self.events.close()
         await self.sessions.close()
         await self.engine.close()
+
+
+def build_dataplane(config: Config) -> Dataplane:
+    """The backend ``gateway.backend`` names (docs/ipset.md), imported only when chosen: the
+    nftables one needs libnftables, the ipset one the ipset and iptables tools."""
+    if config.gateway.backend == "ipset":
+        from .dataplane.ipset import IpsetDataplane
+
+        return IpsetDataplane(config.gateway.table, config.gateway.ipset.rules, config.gateway.ipset.iptables)
+    from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
+    return KernelDataplane(config.gateway.table)
 
 
 def watch(metrics: Metrics, engine: Engine) -> None:

@@ -67,6 +67,20 @@ class SubscribersConfig:
         return self.source.startswith(("http://", "https://"))
 
 
+#: ``gateway.backend``: the nftables table, or ipsets (docs/ipset.md).
+BACKENDS = ("nftables", "ipset")
+
+
+@dataclass(frozen=True)
+class IpsetConfig:
+    """``gateway.ipset`` (docs/ipset.md): with ``rules: own`` the daemon installs its own iptables
+    chains, with ``external`` only the sets; ``iptables`` picks iptables-nft or -legacy (``auto``:
+    whichever ``iptables`` is on the system)."""
+
+    rules: str = "own"          # own | external
+    iptables: str = "auto"      # auto | nft | legacy
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     subscriber_interfaces: tuple[str, ...] = ()
@@ -74,6 +88,8 @@ class GatewayConfig:
     #: Where subscribers' addresses lie (docs/reference.md, Safety rules 1); () = any unicast
     #: address (``AddressSpace``).
     subscriber_prefixes: tuple[Network, ...] = ()
+    backend: str = "nftables"   # BACKENDS
+    ipset: IpsetConfig = IpsetConfig()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ..windows import HolidayError, Windows, check_zone, load_holidays, parse_da
 from . import values
 from .keys import KeyReader
 from .schema import (
+    BACKENDS,
     SESSION_KINDS,
     Address,
     ApiConfig,
@@ -32,6 +33,7 @@ from .schema import (
     FleetConfig,
     GardenConfig,
     GatewayConfig,
+    IpsetConfig,
     Listen,
     MetricsConfig,
     NatsConfig,
@@ -131,7 +133,8 @@ def _sessions(r: KeyReader, value: Any, config_path: str) -> tuple[SessionSource
 
 def gateway(r: KeyReader, top: dict[str, Any]) -> GatewayConfig:
     """``gateway``: the interfaces subscribers come in on, the table name, their prefixes."""
-    raw = r.section(top.get("gateway"), ("gateway",), {"subscriber_interfaces", "table", "subscriber_prefixes"})
+    raw = r.section(top.get("gateway"), ("gateway",),
+                    {"subscriber_interfaces", "table", "subscriber_prefixes", "backend", "ipset"})
     interfaces: list[str] = []
     names = raw.get("subscriber_interfaces", [])
     if not isinstance(names, list):
@@ -144,7 +147,31 @@ def gateway(r: KeyReader, top: dict[str, Any]) -> GatewayConfig:
             r.fail(("gateway", "subscriber_interfaces", i), f"{name!r} is not an interface name (1-15 characters) "
                    "or a prefix wildcard such as ppp* ([] = any interface)")
     table = r.get(raw, ("gateway", "table"), values.table_name, "walled_garden")
-    return GatewayConfig(tuple(interfaces), table, _subscriber_prefixes(r, raw))
+    backend = r.get(raw, ("gateway", "backend"), _choice(BACKENDS), "nftables")
+    ipset_raw = r.section(raw.get("ipset"), ("gateway", "ipset"), {"rules", "iptables"})
+    ipset = IpsetConfig(r.get(ipset_raw, ("gateway", "ipset", "rules"), _choice(("own", "external")), "own"),
+                        r.get(ipset_raw, ("gateway", "ipset", "iptables"), _choice(("auto", "nft", "legacy")),
+                              "auto"))
+    if ipset_raw and backend != "ipset":
+        r.fail(("gateway", "ipset"), "applies only with gateway.backend: ipset")
+    return GatewayConfig(tuple(interfaces), table, _subscriber_prefixes(r, raw), backend, ipset)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    """A converter accepting exactly one of ``options``."""
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return str(value)
+    return convert
+
+
+def backend_support(r: KeyReader, gateway_config: GatewayConfig, garden: GardenConfig) -> None:
+    """What the ipset backend does not do: the DNS-driven garden (``dns: gateway``), whose
+    forwarder writes nftables timeout sets (docs/ipset.md)."""
+    if gateway_config.backend == "ipset" and garden.forwarder is not None:
+        r.fail(("walled_garden", "dns"), "dns: gateway needs gateway.backend: nftables (the ipset backend "
+               "supports dns: any or a list of resolvers)")
 
 
 def _subscriber_prefixes(r: KeyReader, raw: dict[str, Any]) -> tuple[Network, ...]:

@@ -47,6 +47,7 @@ from .ipset_sets import (
     PREFIX,
     TEMP,
     UMBRELLA_KINDS,
+    SetSpec,
     capacity,
     container_of,
     element,
@@ -58,6 +59,7 @@ from .ipset_sets import (
     specs,
     umbrella,
 )
+from .kernel import keep_big_blocks_apart
 from .layout import CALLER_SET, COUNTERS, SENTINELS, TAG_SET, Layout, sentinel_family, tag_address
 from .state import TableState
 from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
@@ -102,6 +104,7 @@ class IpsetDataplane:
     def __init__(self, table: str, rules: str = "own", iptables: str = "auto") -> None:
         if rules not in RULES or iptables not in IPTABLES:
             raise ValueError(f"rules {rules!r} / iptables {iptables!r}")
+        keep_big_blocks_apart()
         self.table = table
         self.rules = rules
         self.variant = iptables_variant(iptables)
@@ -321,11 +324,11 @@ class IpsetDataplane:
         """Grow ``name`` (a bigger copy swapped in) when ``more`` elements would pass its maxelem."""
         if name not in self._sizes:
             header = _run(["ipset", "list", "-t", name], timeout=30) if name in self._names() else ""
-            maxelem = re.search(r"maxelem (\d+)", header)
+            size_match = re.search(r"maxelem (\d+)", header)
             entries = re.search(r"Number of entries: (\d+)", header)
-            if not (maxelem and entries):
+            if not (size_match and entries):
                 return   # a missing set: the restore fails and says so
-            self._sizes[name] = (int(entries.group(1)), int(maxelem.group(1)))
+            self._sizes[name] = (int(entries.group(1)), int(size_match.group(1)))
         count, maxelem = self._sizes[name]
         if count + more <= maxelem:
             return
@@ -345,22 +348,7 @@ class IpsetDataplane:
 
     def _replace(self, layout: Layout, ops: list[AddElements | DeleteElements]) -> None:
         """A full sync: fresh sets filled and swapped in, then our rules (module docstring)."""
-        try:
-            wanted = specs(layout)
-        except ValueError as exc:
-            raise DataplaneError(str(exc)) from None
-        contents: dict[str, dict[str, int | None]] = {
-            name: dict.fromkeys(spec.static) for name, spec in wanted.items() if spec.kind != "list:set"}
-        for op in ops:
-            name = set_name(op.container)
-            if name not in contents:
-                raise DataplaneError(f"No such file or directory: set {name} is not in the layout")
-            if isinstance(op, AddElements):
-                contents[name].update(dict.fromkeys((element(op.container, k) for k, _ in op.items), op.timeout))
-            else:
-                for key in op.keys:
-                    if contents[name].pop(element(op.container, key), "missing") == "missing":
-                        raise DataplaneError(f"No such file or directory: {name} {key}")
+        wanted, contents = _contents(layout, ops)
         existing = set(self._names())
         fill: list[str] = [f"destroy {name}" for name in sorted(existing) if name.startswith(TEMP)]
         for name, items in contents.items():
@@ -427,6 +415,58 @@ class IpsetDataplane:
         self._destroy(umbrellas)
         self._destroy([n for n in names if n not in umbrellas])
         self._sizes.clear()
+
+
+def _contents(layout: Layout, ops: list[AddElements | DeleteElements]
+              ) -> tuple[dict[str, SetSpec], dict[str, dict[str, int | None]]]:
+    """The layout's sets and what each holds once ``ops`` are applied to a fresh layout: element
+    → timeout (None: none). Fails as the kernel would (a set not in the layout, a missing element)."""
+    try:
+        wanted = specs(layout)
+    except ValueError as exc:
+        raise DataplaneError(str(exc)) from None
+    contents: dict[str, dict[str, int | None]] = {
+        name: dict.fromkeys(spec.static) for name, spec in wanted.items() if spec.kind != "list:set"}
+    for op in ops:
+        name = set_name(op.container)
+        if name not in contents:
+            raise DataplaneError(f"No such file or directory: set {name} is not in the layout")
+        if isinstance(op, AddElements):
+            contents[name].update(dict.fromkeys((element(op.container, k) for k, _ in op.items), op.timeout))
+        else:
+            for key in op.keys:
+                if contents[name].pop(element(op.container, key), "missing") == "missing":
+                    raise DataplaneError(f"No such file or directory: {name} {key}")
+    return wanted, contents
+
+
+def render(tx: Transaction, rules: str = "own") -> str:
+    """What a full sync installs, as text (``walled-garden render`` with ``gateway.backend:
+    ipset``): the sets as ``ipset restore`` input under their final names (the daemon fills
+    temporary sets and swaps them in), then with ``rules: own`` our chains as
+    ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` input, jumps included."""
+    last = max((i for i, op in enumerate(tx.operations) if isinstance(op, ReplaceTable)), default=None)
+    if last is None:
+        return ""
+    replace = tx.operations[last]
+    assert isinstance(replace, ReplaceTable)
+    layout = replace.layout
+    wanted, contents = _contents(layout, [op for op in tx.operations[last + 1:] if not isinstance(op, ReplaceTable)])
+    out = ["# ipset restore -exist"]
+    for name, items in contents.items():
+        out.append(wanted[name].create(name, len(items)))
+        out += [f"add {name} {item}" if t is None else f"add {name} {item} timeout {t}" for item, t in items.items()]
+    for version in (4, 6):
+        for kind in UMBRELLA_KINDS:
+            top = umbrella(kind, version)
+            out.append(wanted[top].create(top, 0))
+            out += [f"add {top} {name}" for name in members(layout, kind, version)]
+    text = "\n".join(out) + "\n"
+    if rules == "own":
+        for version in (4, 6):
+            tool = "iptables-restore" if version == 4 else "ip6tables-restore"
+            text += f"# {tool} --noflush\n" + iptables_rules.restore_text(layout, version, set(iptables_rules.JUMPS))
+    return text
 
 
 def _is_umbrella(name: str) -> bool:
