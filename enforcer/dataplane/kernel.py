@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import ipaddress
-import os
 import re
-import socket
-import struct
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 from .backend import DataplaneError
 from .layout import CALLER_SET, SENTINELS, TAG_SET, sentinel_family, tag_address
 from .libnftables import Nftables, NftError
+from .nfnetlink import ElementLookup
 from .state import TableState
 from .transaction import Transaction
 
@@ -232,93 +228,3 @@ def _scalar(raw: Any, container: str) -> str:
     if isinstance(raw, (str, int)) and not isinstance(raw, bool):
         return str(raw)
     raise DataplaneError(f"nft listing: {container}: unexpected element {raw!r:.80}")
-
-
-class ElementLookup:
-    """Two nftables questions asked over netlink directly, each one exact kernel answer:
-    ``holds`` is ``nft get element inet <table> <set> { <address> }`` (NFT_MSG_GETSETELEM with
-    the key, a hash lookup, ~20 us) and ``generation`` the ruleset's generation id
-    (NFT_MSG_GETGEN), which every committed nftables transaction in the namespace moves on by one.
-
-    Why not libnftables: nft 1.0.6 answers ``get element`` only after loading every set's
-    elements into its cache whenever the ruleset changed since its last command, and again
-    after a miss: ~0.5 s and ~60 MB of C heap at 125k elements (measured), on every check
-    after a payment and at every start (``Reconciler._carries``). The socket is opened on first
-    use, so in the network namespace of the thread that uses it; calls are serialised."""
-
-    _NEWGEN, _GETGEN = (10 << 8) | 15, (10 << 8) | 16           # NFNL_SUBSYS_NFTABLES << 8 | msg
-    _NEWSETELEM, _GETSETELEM = (10 << 8) | 12, (10 << 8) | 13
-    _HEADER = struct.Struct("=IHHII")
-    _NESTED = 0x8000
-
-    def __init__(self, table: str) -> None:
-        self._table = table.encode() + b"\0"
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _attr(kind: int, payload: bytes) -> bytes:
-        return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-    def holds(self, container: str, address: str) -> bool:
-        """Does ``container`` of our table hold ``address``? False when the element, the set or
-        the table is missing; ``DataplaneError`` for any other answer."""
-        ip = ipaddress.ip_address(address)
-        key = self._attr(1 | self._NESTED, self._attr(1 | self._NESTED, self._attr(1, ip.packed)))  # ELEM{KEY{VALUE}}
-        body = (struct.pack("=BBH", 1, 0, 0)                                                  # nfgenmsg: NFPROTO_INET
-                + self._attr(1, self._table) + self._attr(2, container.encode() + b"\0")
-                + self._attr(3 | self._NESTED, key))
-        return self._ask(self._GETSETELEM, body, f"get element {address} in {container}") is not None
-
-    def generation(self) -> int:
-        """The ruleset's generation id now."""
-        answer = self._ask(self._GETGEN, struct.pack("=BBH", 0, 0, 0), "get generation")
-        offset = 20   # nlmsghdr + nfgenmsg, then the attributes
-        while answer is not None and offset + 4 <= len(answer):
-            length, kind = struct.unpack_from("=HH", answer, offset)
-            if kind & ~self._NESTED == 1 and length == 8:   # NFTA_GEN_ID, a big-endian u32
-                return int(struct.unpack_from(">I", answer, offset + 4)[0])
-            offset += max((length + 3) & ~3, 4)
-        raise DataplaneError("get generation: no generation id in the kernel's answer")
-
-    def _ask(self, kind: int, body: bytes, what: str) -> bytes | None:
-        """One request; the answer's message (None when the kernel says ENOENT)."""
-        with self._lock:
-            try:
-                return self._request(kind, body, what)
-            except OSError as exc:
-                self.close()   # a fresh socket next time: no answer of this one is read late
-                raise DataplaneError(f"{what}: {exc}") from None
-
-    def _request(self, kind: int, body: bytes, what: str) -> bytes | None:
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)   # NETLINK_NETFILTER
-            self._sock.settimeout(5.0)
-            self._sock.bind((0, 0))
-        self._seq += 1
-        self._sock.send(self._HEADER.pack(16 + len(body), kind, 0x1 | 0x4, self._seq, 0) + body)   # REQUEST|ACK
-        found: bytes | None = None
-        for _ in range(1000):   # answers of this request only; a bound, never a busy loop
-            data = self._sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, answer, _flags, seq, _pid = self._HEADER.unpack_from(data, offset)
-                if length < 16:
-                    raise OSError(errno.EPROTO, "netlink: malformed answer")
-                if seq == self._seq and answer in (self._NEWSETELEM, self._NEWGEN):
-                    found = data[offset:offset + length]
-                elif seq == self._seq and answer == 2:   # NLMSG_ERROR: the acknowledgement or the error
-                    error = -struct.unpack_from("=i", data, offset + 16)[0]
-                    if error == 0:
-                        return found
-                    if error == errno.ENOENT:
-                        return None
-                    raise OSError(error, os.strerror(error))
-                offset += (length + 3) & ~3
-        raise OSError(errno.EPROTO, f"netlink: no acknowledgement for {what}")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None

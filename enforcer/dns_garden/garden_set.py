@@ -2,9 +2,15 @@
 
 The forwarder awaits ``admit`` before it sends an answer for an allowed name, so the customer's
 first connection to the answer's address already passes. Many queries arrive together (a page
-asks for a dozen names at once), and one libnftables transaction costs ~0.2 ms whatever it
-holds, so concurrent admits are grouped: while one transaction runs (in a thread, off the event
-loop), the addresses asked for meanwhile wait and go together in the next one.
+asks for a dozen names at once), and each kernel transaction has a fixed cost, so concurrent
+admits are grouped: the addresses asked for while one transaction is on its way wait and go
+together in the next one. The writes go over netlink directly (``nfnetlink.ElementWriter``: one
+``sendmsg`` the kernel answers within the call, tens of µs), on the event loop; through
+libnftables each cost a text parse and a cache check (~0.5 ms idle, several ms on a busy
+machine) in a thread, and at 5,000 queries/s with one in ten for an allowed name those waits,
+and the loop's hand-offs to the thread, were most of the forwarder's p99 (docs/benchmarks.md).
+So are the marker checks (two lookups); the listing at ``seed`` and the rare refill stay with
+libnftables, in a thread.
 
 What the writer tracks (``_held``: address → when its kernel element expires, by our clock) is
 what keeps the kernel work small and the set bounded:
@@ -38,6 +44,7 @@ back in with the time it has left. While the table is missing the writer waits (
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import logging
 import math
@@ -47,8 +54,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from ..dataplane.backend import DataplaneError
 from ..dataplane.layout import DNS_GARDEN_SETS, SENTINELS
 from ..dataplane.libnftables import Nftables, NftError
+from ..dataplane.nfnetlink import BatchRefused, ElementWriter
 from .settings import ForwarderSettings
 from .stats import Stats
 
@@ -69,8 +78,7 @@ PRUNE_GRACE = 2.0
 #: The longest refresh slack (see the module docstring).
 MAX_SLACK = 30.0
 
-_MISSING = "No such file or directory"          # ENOENT: no such element, set or table
-_FULL = "Too many open files in system"         # ENFILE: the set holds ``size`` elements
+_MISSING = "No such file or directory"          # ENOENT: no such element, set or table (nft's text)
 
 
 class GardenSetError(Exception):
@@ -108,8 +116,9 @@ class GardenSet:
     """The writer of ``dnsgarden4``/``dnsgarden6`` in table ``inet settings.table``."""
 
     def __init__(self, nft: Nftables, settings: ForwarderSettings, stats: Stats,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, elements: ElementWriter | None = None) -> None:
         self.nft = nft
+        self.elements = elements or ElementWriter(settings.table)
         self.table = settings.table
         self.stats = stats
         self.clock = clock
@@ -263,7 +272,7 @@ class GardenSet:
                 self.stats.count("garden_set_full", (FAMILY_LABELS[address.version],))
         if not writes:
             return
-        done = await asyncio.to_thread(self._apply, writes)
+        done = self._apply(writes)   # on the loop: see the module docstring
         for write in done:
             self._track(write.address, now + write.seconds)
             if not write.refresh:
@@ -271,21 +280,21 @@ class GardenSet:
         self._publish()
 
     def _apply(self, writes: list[_Write]) -> list[_Write]:
-        """Runs in a thread: the writes the kernel took (all, some, or none on an error)."""
+        """The writes the kernel took (all, some, or none on an error)."""
         try:
             self._run(writes, refresh_by_delete=True)
             return writes
-        except NftError as exc:
-            error = str(exc)
-        if _MISSING in error and any(w.refresh for w in writes):   # a refreshed element expired meanwhile
+        except DataplaneError as exc:
+            error = exc
+        if _refused(error, errno.ENOENT) and any(w.refresh for w in writes):   # a refreshed element expired
             try:
                 self._run(writes, refresh_by_delete=False)
                 return writes
-            except NftError as exc:
-                error = str(exc)
-        if _FULL in error:
+            except DataplaneError as exc:
+                error = exc
+        if _refused(error, errno.ENFILE):
             return self._apply_one_by_one(writes)
-        self._failed("dns_garden_add_failed", error)
+        self._failed("dns_garden_add_failed", str(error))
         return []
 
     def _apply_one_by_one(self, writes: list[_Write]) -> list[_Write]:
@@ -297,7 +306,7 @@ class GardenSet:
             try:
                 self._run(refreshes, refresh_by_delete=False)
                 done += refreshes
-            except NftError as exc:
+            except DataplaneError as exc:
                 self._failed("dns_garden_add_failed", str(exc))
         full: set[int] = set()
         for write in (w for w in writes if not w.refresh):
@@ -308,8 +317,8 @@ class GardenSet:
             try:
                 self._run([write], refresh_by_delete=False)
                 done.append(write)
-            except NftError as exc:
-                if _FULL not in str(exc):
+            except DataplaneError as exc:
+                if not _refused(exc, errno.ENFILE):
                     self._failed("dns_garden_add_failed", str(exc))
                     return done
                 full.add(family)
@@ -317,15 +326,12 @@ class GardenSet:
         return done
 
     def _run(self, writes: list[_Write], refresh_by_delete: bool) -> None:
-        lines = []
+        changes = []
         for family, name in DNS_GARDEN_SETS.items():
             mine = [w for w in writes if w.address.version == family]
-            if refresh_by_delete and (gone := [str(w.address) for w in mine if w.refresh]):
-                lines.append(f"delete element inet {self.table} {name} {{ {', '.join(gone)} }}")
-            if mine:
-                elements = ", ".join(f"{w.address} timeout {w.seconds}s" for w in mine)
-                lines.append(f"add element inet {self.table} {name} {{ {elements} }}")
-        self.nft.run("\n".join(lines) + "\n")
+            gone = [w.address for w in mine if w.refresh] if refresh_by_delete else []
+            changes.append((name, gone, [(w.address, w.seconds) for w in mine]))
+        self.elements.write(changes)
 
     def _failed(self, event: str, error: str) -> None:
         self.stats.count("kernel_failures")
@@ -335,6 +341,7 @@ class GardenSet:
         """Waits for the write in progress (the forwarder is closed first: no new admits)."""
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
+        self.elements.close()
 
     # -- watch ----------------------------------------------------------------------------------
     async def watch(self, stop: asyncio.Event) -> None:
@@ -350,16 +357,17 @@ class GardenSet:
     async def check(self) -> None:
         """One marker check, and the refill when a marker is missing.
 
-        The listing runs in a thread and without the writer's lock, so admits are not held up
-        while a full set (up to ``max_addresses`` elements) is listed and scanned; a write that
-        lands meanwhile is harmless, the refill re-adds everything tracked anyway."""
+        The check is two exact lookups over netlink (``ElementWriter.holds``, ~20 µs each) on the
+        loop. It used to list both sets through libnftables in a thread (``get element`` through
+        nft 1.0.6 loads every set of the table after any write, ~0.85 s at 100k subscribers), but
+        decoding the JSON listing of a few thousand held addresses took the GIL from the loop for
+        milliseconds every second: at 5,000 queries/s that alone put the forwarder's p99 above
+        1 ms (docs/benchmarks.md)."""
         self._prune()
         self._publish()
         try:
-            marked = await asyncio.to_thread(self._markers_present)
-        except GardenSetError:
-            marked = False   # the table or a set is missing: the refill says so, and waits
-        except NftError as exc:
+            marked = all(self.elements.holds(name, SENTINELS[family]) for family, name in DNS_GARDEN_SETS.items())
+        except DataplaneError as exc:
             self._failed("dns_garden_check_failed", str(exc))
             return
         if marked:
@@ -369,14 +377,6 @@ class GardenSet:
             return
         async with self._kernel:
             await self._refill()
-
-    def _markers_present(self) -> bool:
-        """Runs in a thread. ``list set``, not ``get element``: after any write to the table (ours
-        or the daemon's) nft 1.0.6 answers ``get element`` only after loading every set's
-        elements, ~0.85 s at 100k subscribers; ``list set`` reads this one set (measured,
-        docs/benchmarks.md)."""
-        return all(any(key == SENTINELS[family] for key, _ in _parse_listing(data, DNS_GARDEN_SETS[family])[1])
-                   for family, data in self._list_sets().items())
 
     async def _refill(self) -> None:
         now = self.clock()
@@ -409,6 +409,12 @@ class GardenSet:
             for address in [a for a in self._held[family] if a not in keep]:
                 del self._held[family][address]
         self._publish()
+
+
+def _refused(error: DataplaneError, code: int) -> bool:
+    """Did the kernel refuse the batch with ``code`` (ENOENT: an element to delete, or the set or
+    table, is gone; ENFILE: an add does not fit the set's ``size``)?"""
+    return isinstance(error, BatchRefused) and error.errno == code
 
 
 def _parse_listing(data: dict[str, Any], name: str) -> tuple[int | None, list[tuple[str, float]]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from enforcer.control import ControlError, request
-from enforcer.dataplane.kernel import ElementLookup
+from enforcer.dataplane.nfnetlink import ElementLookup
 from enforcer.demo.billing import event_body, signed_request
 
 BASE4 = (100 << 24) | (64 << 16)   # 100.64.0.0, as bench_dataplane.subscribers()
@@ -147,7 +147,7 @@ class ScratchNetns:
 
 class ElementProbe:
     """``nft get element inet <table> <set> { <address> }``, asked the way the daemon's own table
-    checks ask it (``enforcer.dataplane.kernel.ElementLookup``: the one netlink request, an exact
+    checks ask it (``enforcer.dataplane.nfnetlink.ElementLookup``: the one netlink request, an exact
     hash lookup). Not nft/libnftables: nft 1.0.6 loads every set's elements before answering
     whenever the table changed (~0.3 s at 125k elements, seconds at 1.25M): a poll would cost
     more than what it times. Use from one thread."""

@@ -1,19 +1,21 @@
 """The DNS garden's kernel writer against real nftables, in a network namespace of its own.
 
-The writer's libnftables context is created on a thread that entered the namespace (its netlink
-socket stays there); the checks read the sets with ``nft`` in the same namespace.
+The writer's libnftables context and its netlink element writer are created on a thread that
+entered the namespace (their netlink sockets stay there); the checks read the sets with ``nft``
+in the same namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import json
 import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 
 from enforcer.dataplane.layout import DNS_GARDEN_SETS, SENTINELS
 from enforcer.dataplane.libnftables import Nftables
+from enforcer.dataplane.nfnetlink import BatchRefused, ElementWriter
 from enforcer.dns_garden.garden_set import GardenSet, GardenSetError
 from enforcer.dns_garden.settings import ForwarderSettings
 from enforcer.dns_garden.stats import Stats
@@ -39,18 +42,14 @@ class Clock:
         return self.now
 
 
-class CountingNft:
-    """The real context, counting its transactions (to see batching and skips)."""
+class CountingWriter(ElementWriter):
+    """The real netlink writer, counting its transactions (to see batching and skips)."""
 
-    def __init__(self, nft: Nftables) -> None:
-        self.inner, self.runs = nft, 0
+    runs = 0
 
-    def run(self, commands: str) -> str:
+    def write(self, changes: Any) -> None:
         self.runs += 1
-        return self.inner.run(commands)
-
-    def run_json(self, command: str) -> dict[str, Any]:
-        return self.inner.run_json(command)
+        super().write(changes)
 
 
 class Namespace:
@@ -64,6 +63,18 @@ class Namespace:
             raise
 
     def _nft_inside(self) -> Nftables:
+        return self.inside(Nftables)   # its netlink socket is opened there, in the namespace
+
+    def writer_inside(self, kind: type[ElementWriter] = ElementWriter) -> ElementWriter:
+        """A netlink element writer whose socket was opened in the namespace."""
+        def opened() -> ElementWriter:
+            made = kind(TABLE)
+            made.open()
+            return made
+        return self.inside(opened)
+
+    def inside(self, make: Callable[[], Any]) -> Any:
+        """``make()`` run on a thread that entered the namespace."""
         box: dict[str, Any] = {}
 
         def enter() -> None:
@@ -75,7 +86,7 @@ class Namespace:
                         raise OSError(ctypes.get_errno(), "setns")
                 finally:
                     os.close(fd)
-                box["nft"] = Nftables()   # its netlink socket is opened here, in the namespace
+                box["made"] = make()
             except BaseException as exc:  # noqa: BLE001 (handed to the test thread, raised there)
                 box["error"] = exc
 
@@ -84,7 +95,7 @@ class Namespace:
         thread.join(10)
         if "error" in box:
             raise box["error"]
-        return box["nft"]
+        return box["made"]
 
     def sh(self, *argv: str) -> str:
         done = subprocess.run(["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, timeout=10)
@@ -124,11 +135,11 @@ def ns() -> Iterator[Namespace]:
 
 
 def writer(ns: Namespace, max_addresses: int = 100, clock: Clock | None = None,
-           nft: Any = None) -> tuple[GardenSet, Stats]:
+           elements: ElementWriter | None = None) -> tuple[GardenSet, Stats]:
     settings = ForwarderSettings(table=TABLE, port=5300, resolvers=(("198.51.100.53", 53),),
                                  max_addresses=max_addresses, ttl_margin=120)
     stats = Stats()
-    return GardenSet(nft or ns.nft, settings, stats, clock or Clock()), stats
+    return GardenSet(ns.nft, settings, stats, clock or Clock(), elements or ns.writer_inside()), stats
 
 
 async def test_admit_adds_with_timeouts_and_markers(ns: Namespace) -> None:
@@ -147,18 +158,18 @@ async def test_admit_adds_with_timeouts_and_markers(ns: Namespace) -> None:
 
 async def test_concurrent_admits_share_a_transaction_and_held_ones_are_skipped(ns: Namespace) -> None:
     ns.create_table(1000)
-    nft = CountingNft(ns.nft)
+    counting = ns.writer_inside(CountingWriter)
+    assert isinstance(counting, CountingWriter)
     clock = Clock()
-    garden, stats = writer(ns, nft=nft, clock=clock)
+    garden, stats = writer(ns, clock=clock, elements=counting)
     await garden.seed()
-    nft.runs = 0
     await asyncio.gather(*(garden.admit([(ip_address(f"192.0.2.{i}"), 200)]) for i in range(1, 21)))
-    assert nft.runs <= 2          # the first alone, the 19 that arrived meanwhile together
+    assert counting.runs == 1     # all 20 asked in one turn of the loop: one transaction
     assert len(ns.elements(4)) == 21
-    nft.runs = 0
+    counting.runs = 0
     clock.now += 20               # 180 s left of 200 wanted: within the 30 s slack
     await garden.admit([(A1, 200), (A2, 150)])
-    assert nft.runs == 0
+    assert counting.runs == 0
     assert stats.peek("kernel_failures") == 0
 
 
@@ -280,3 +291,22 @@ async def test_the_writer_fills_the_sets_the_daemons_layout_renders(ns: Namespac
     assert ns.elements(6) == {SENTINELS[6]: None, "2001:db8::1": 300}
     assert stats.peek("garden_set_full", ("ipv4",)) == 1
     assert stats.peek("kernel_failures") == 0
+
+
+def test_a_refused_batch_applies_nothing(ns: Namespace) -> None:
+    """The netlink writer's batch is one transaction: an add in one set and a delete of an element
+    the other set does not hold are refused together, with the kernel's errno."""
+    ns.create_table(1000)
+    elements = ns.writer_inside()
+    with pytest.raises(BatchRefused) as refused:
+        elements.write([("dnsgarden4", [], [(A1, 300)]), ("dnsgarden6", [B1], [])])
+    assert refused.value.errno == errno.ENOENT and refused.value.index == 1
+    assert ns.elements(4) == {} and ns.elements(6) == {}
+    elements.write([("dnsgarden4", [], [(A1, 300), (A2, 60)]), ("dnsgarden6", [], [(B1, 90)])])
+    elements.write([("dnsgarden4", [A1], [(A1, 900)])])     # a refresh: delete and add in one batch
+    assert ns.elements(4) == {"192.0.2.1": 900, "192.0.2.2": 60}
+    assert ns.elements(6) == {"2001:db8::1": 90}
+    with pytest.raises(BatchRefused) as refused:
+        elements.write([("nosuchset", [], [(A3, 10)])])
+    assert refused.value.errno == errno.ENOENT
+    elements.close()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.dns_garden.answers import MAX_CHAIN, AnswerError, garden_addresses
+from enforcer.dns_garden.answers import MAX_CHAIN, AnswerError, garden_addresses, parse
 
 
 def answer(qname: str, *records: tuple[str, int, str, str], qtype: str = "A") -> dns.message.Message:
@@ -97,10 +97,19 @@ REAL = [answer("www.pay.example.net", ("www.pay.example.net.", 60, "CNAME", "pay
 
 
 def check(wire: bytes, qname: str = "www.pay.example.net") -> None:
+    """Never a crash; and whenever dnspython's full parse accepts the answer, the record reader
+    finds exactly the addresses, with the same holds, that the parsed message gives."""
+    try:
+        full = garden_addresses(parse(wire), qname, 86400, 120)
+    except AnswerError:
+        full = None
     try:
         result = garden_addresses(wire, qname, 86400, 120)
     except AnswerError:
+        assert full is None, "dnspython parsed an answer the record reader refused"
         return
+    if full is not None:
+        assert result == full
     for address, seconds in result:
         assert address.version in (4, 6)
         assert 120 <= seconds <= 86400 + 120
@@ -155,3 +164,20 @@ def test_random_chains_only_reach_addresses_on_the_chain(records: list[tuple[str
     expected = {ip_address(data) for owner in chain for data in owners.get(owner, ())}
     got = garden_addresses(response.to_wire(), "a.example", 86400, 0)
     assert {address for address, _ in got} == expected
+    assert got == garden_addresses(parse(response.to_wire()), "a.example", 86400, 0)
+
+
+def test_names_compare_without_case_and_compressed_targets_are_followed() -> None:
+    wire = answer("www.pay.example.net", ("WWW.Pay.Example.NET.", 300, "CNAME", "Edge.CDN.example."),
+                  ("edge.cdn.EXAMPLE.", 60, "A", "203.0.113.7")).to_wire()
+    assert garden_addresses(wire, "www.pay.example.net", 3600, 120) == [(ip_address("203.0.113.7"), 180)]
+
+
+def test_an_address_record_of_the_wrong_length_or_trailing_bytes_is_refused() -> None:
+    wire = answer("a.example", ("a.example.", 60, "A", "192.0.2.1")).to_wire()
+    with pytest.raises(AnswerError, match="after the last record"):
+        garden_addresses(wire + b"\0", "a.example", 3600, 0)
+    short = bytearray(wire)
+    short[-6:-4] = (3).to_bytes(2, "big")     # the A record's rdlength: 3, its data one byte longer
+    with pytest.raises(AnswerError):
+        garden_addresses(bytes(short), "a.example", 3600, 0)
