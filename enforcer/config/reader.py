@@ -101,7 +101,7 @@ def read_text(text: str, path: str = "config.yaml") -> Reading:
     fleet = sections.fleet(r, top)
     sections.separate_secrets(r, api, policy)
     sections.forwarder_port(r, garden, portal, api, metrics)
-    sections.backend_support(r, gateway, garden)
+    sections.backend_support(r, gateway, garden, policy)
     config = Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
                     walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy, fleet=fleet)
     return Reading(path, config, tuple(r.issues), frozenset(r.refused))

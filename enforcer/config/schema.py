@@ -69,6 +69,10 @@ class SubscribersConfig:
 
 #: ``gateway.backend``: the nftables table, or ipsets (docs/ipset.md).
 BACKENDS = ("nftables", "ipset")
+#: The lowest ``policy.throttle_rate`` (bytes/s, 16 kbit/s) the ipset backend's ``hashlimit``
+#: rules can enforce: their bucket holds one second at the rate, and a full-size 1500-byte
+#: packet must fit in it (``dataplane.iptables_rules``' docstring).
+IPSET_MIN_THROTTLE_RATE = 2000
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from . import values
 from .keys import KeyReader
 from .schema import (
     BACKENDS,
+    IPSET_MIN_THROTTLE_RATE,
     SESSION_KINDS,
     Address,
     ApiConfig,
@@ -166,12 +167,20 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
-def backend_support(r: KeyReader, gateway_config: GatewayConfig, garden: GardenConfig) -> None:
+def backend_support(r: KeyReader, gateway_config: GatewayConfig, garden: GardenConfig,
+                    policy_config: PolicyConfig) -> None:
     """What the ipset backend does not do: the DNS-driven garden (``dns: gateway``), whose
-    forwarder writes nftables timeout sets (docs/ipset.md)."""
-    if gateway_config.backend == "ipset" and garden.forwarder is not None:
+    forwarder writes nftables timeout sets, and throttle rates below one full-size packet a
+    second (``IPSET_MIN_THROTTLE_RATE``; docs/ipset.md)."""
+    if gateway_config.backend != "ipset":
+        return
+    if garden.forwarder is not None:
         r.fail(("walled_garden", "dns"), "dns: gateway needs gateway.backend: nftables (the ipset backend "
                "supports dns: any or a list of resolvers)")
+    if policy_config.throttle_rate < IPSET_MIN_THROTTLE_RATE:
+        r.fail(("policy", "throttle_rate"), f"{policy_config.throttle_rate} bytes/s is below the ipset backend's "
+               f"minimum of 16 kbit/s ({IPSET_MIN_THROTTLE_RATE} bytes/s: hashlimit holds one second at the rate, and "
+               "a full-size packet must fit); use a higher rate or gateway.backend: nftables")
 
 
 def _subscriber_prefixes(r: KeyReader, raw: dict[str, Any]) -> tuple[Network, ...]:

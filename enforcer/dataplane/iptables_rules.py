@@ -21,9 +21,30 @@ after the jump still decide about it (an nftables ``accept`` in our table does n
 tables' chains either). They only refuse, redirect, mark and rate-limit. The jumps are inserted
 at the top of the three built-in chains, once; nothing else of the operator's rules is touched.
 Rule counters with the comment ``walled-garden counter <name>`` are the layout's named counters.
+
+Throttle (``hashlimit``, byte mode), and why it takes several rules. hashlimit's byte mode is a
+token bucket that holds one second at the rate, and it charges a packet at most that second
+(``hashlimit_byte_cost`` caps the cost). A forwarded packet may be a GRO/GSO super-packet of up
+to 64 KiB (veth passes TSO packets on whole; a NIC's GRO merges a download's segments before
+the forward hook), so at 10 kB/s one such packet a second went through, 64 kB/s: the limit did
+nothing (measured, issue 19). So a packet longer than one second at the rate is charged again
+by further rules on the same bucket (same ``--hashlimit-name``), one per second's worth more
+(``-m length``: a short packet skips them at one comparison): ``ceil(length / rate)`` charges
+in all, as the nftables ``limit`` charges the length. Beyond the first, a charge can only be
+paid from the burst: hashlimit's ``--hashlimit-burst`` in byte mode is a count of refills of
+the one-second bucket, spent once and given back only when the idle bucket expires
+(``--hashlimit-htable-expire``, here the time the nftables bucket needs to fill up again). So
+once the burst is spent a packet longer than one second at the rate is dropped, and TCP sends
+shorter ones: the nftables table with a burst of one second. The bucket's name carries a digest
+of its parameters, because the kernel keeps a bucket table by name with the parameters it was
+created with: a new rate must get a new table, not the old one. A full-size packet must fit in
+the one-second bucket, hence ``config.IPSET_MIN_THROTTLE_RATE``.
 """
 
 from __future__ import annotations
+
+import hashlib
+import math
 
 from .ipset_sets import set_name, umbrella
 from .layout import DHCP_PORTS, PORTAL_CT_MARK, Layout, throttle_set
@@ -43,6 +64,8 @@ _ICMP_ERRORS = {4: ("icmp", "icmp-type", ("destination-unreachable", "time-excee
 _PROHIBITED = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
 #: Throttle buckets per prefix length and direction (``layout.THROTTLE_METER_SIZE`` in nftables).
 HASHLIMIT_MAX = 1 << 20
+#: The longest packet ``-m length`` sees (the IP length field): a GRO/GSO super-packet at most.
+MAX_PACKET = 65535
 
 
 def interface(name: str) -> str:
@@ -66,8 +89,6 @@ def chains(layout: Layout, version: int) -> dict[str, list[str]]:
     not_garden_src = " ".join(_match(name, "src", True) for name in garden)
     ifaces = [f"-i {interface(name)} " for name in layout.interfaces] or [""]
     oifaces = [f"-o {interface(name)} " for name in layout.interfaces] or [""]
-    # hashlimit's byte mode wants a bucket of at least one second at the rate (nftables' may be less).
-    rate, burst = layout.throttle_rate, max(layout.throttle_burst, layout.throttle_rate)
     longest = [(plen, shorter) for v, plen, shorter in layout._longest_first() if v == version]
 
     fwd = [f"-A WALLED-GARDEN-FWD {o}-j WALLED-GARDEN-DOWN" for o in oifaces]
@@ -77,13 +98,10 @@ def chains(layout: Layout, version: int) -> dict[str, list[str]]:
     throttle: list[str] = [f"-A WALLED-GARDEN-THROTTLE {_match(name, 'dst')} -j RETURN" for name in garden]
     for plen, shorter in longest:
         members = set_name(throttle_set(version, plen))
-        limit = (f"--hashlimit-above {rate}b/s --hashlimit-burst {burst}b --hashlimit-htable-max {HASHLIMIT_MAX} "
-                 "--hashlimit-htable-expire 60000")
-        down.append(f"-A WALLED-GARDEN-DOWN {_match(members, 'dst')} {not_garden_src} -m hashlimit {limit} "
-                    f"--hashlimit-mode dstip --hashlimit-dstmask {plen} --hashlimit-name wg-d{version}-{plen} -j DROP")
-        throttle.append(f"-A WALLED-GARDEN-THROTTLE {_match(members, 'src')} -m hashlimit {limit} "
-                        f"--hashlimit-mode srcip --hashlimit-srcmask {plen} --hashlimit-name wg-u{version}-{plen} "
-                        "-j DROP")
+        down += _throttled("WALLED-GARDEN-DOWN", f"{_match(members, 'dst')} {not_garden_src}",
+                           _limit(layout, version, plen, "d"), layout.throttle_rate)
+        throttle += _throttled("WALLED-GARDEN-THROTTLE", _match(members, "src"), _limit(layout, version, plen, "u"),
+                               layout.throttle_rate)
         if shorter:   # the longest matching entry decides: stop before a shorter prefix of someone else
             throttle.append(f"-A WALLED-GARDEN-THROTTLE {_match(members, 'src')} -j RETURN")
             for kind in ("notice", "portal"):
@@ -110,6 +128,44 @@ def chains(layout: Layout, version: int) -> dict[str, list[str]]:
             f"-A WALLED-GARDEN-CALL -j SET --add-set {set_name(f'portalcaller{version}')} src --exist "
             "--timeout 900"]
     return {"filter": filter_lines, "nat": pre + nat + call}
+
+
+def hashlimit_burst(layout: Layout) -> int:
+    """``--hashlimit-burst`` in bytes: ``policy.throttle_burst``, but never under one second at
+    the rate (iptables refuses less; the bucket holds that second anyway)."""
+    return max(layout.throttle_burst, layout.throttle_rate)
+
+
+def hashlimit_expire_ms(layout: Layout) -> int:
+    """How long an idle subscriber's bucket is kept: as long as the nftables bucket takes to fill
+    up again (burst / rate), at least a second. Its expiry gives the burst back (module docstring)."""
+    return max(1000, math.ceil(1000 * hashlimit_burst(layout) / layout.throttle_rate))
+
+
+def _limit(layout: Layout, version: int, plen: int, direction: str) -> str:
+    """One bucket per throttled key of this prefix length, ``direction`` ``d``own (by
+    destination) or ``u``p (by source); named ``wgd4-32-<digest of the parameters>``
+    (hashlimit names are at most 15 characters)."""
+    rate, burst, expire = layout.throttle_rate, hashlimit_burst(layout), hashlimit_expire_ms(layout)
+    digest = hashlib.sha256(f"{rate} {burst} {expire}".encode()).hexdigest()[:6]
+    mode, mask = ("dstip", "dstmask") if direction == "d" else ("srcip", "srcmask")
+    return (f"-m hashlimit --hashlimit-above {rate}b/s --hashlimit-burst {burst}b --hashlimit-mode {mode} "
+            f"--hashlimit-{mask} {plen} --hashlimit-name wg{direction}{version}-{plen}-{digest} "
+            f"--hashlimit-htable-max {HASHLIMIT_MAX} --hashlimit-htable-expire {expire}")
+
+
+def charges(rate: int) -> list[int]:
+    """The lengths past which a packet is charged once more: every second's worth of ``rate``
+    below ``MAX_PACKET`` (none at 64 KiB/s and more). ``ceil(length / rate)`` charges in all."""
+    return [k * rate for k in range(1, math.ceil(MAX_PACKET / rate))]
+
+
+def _throttled(chain: str, members: str, limit: str, rate: int) -> list[str]:
+    """The throttle rules of one prefix length and direction: the first charge for every packet
+    of a throttled key, then one more per second's worth of length (module docstring)."""
+    rule = f"{members} {limit} -j DROP"
+    return [f"-A {chain} {rule}"] + [f"-A {chain} -m length ! --length 0:{length} {rule}"
+                                     for length in charges(rate)]
 
 
 def _garden(layout: Layout, version: int, garden: list[str]) -> list[str]:
