@@ -40,7 +40,7 @@ from typing import Any
 import dns.exception
 import dns.name
 
-from .answers import AnswerError, garden_addresses
+from .answers import Address, AnswerError, garden_addresses
 from .limits import RateLimiter
 from .names import AllowedNames
 from .settings import ForwarderSettings
@@ -48,7 +48,6 @@ from .stats import Stats
 from .upstream import (
     MAX_MESSAGE,
     RECV_BATCH,
-    Answer,
     TcpUpstreamSession,
     UdpUpstream,
     UpstreamFailed,
@@ -307,19 +306,21 @@ class Forwarder:
             transport.sendto(answer, addr)
         if query is None:
             return
-        if allowed:   # admits first: the awaitable path
-            task = asyncio.get_running_loop().create_task(self._forward_udp(query, addr, transport, started))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        # Every other query: callbacks only, no task (see ``UdpUpstream``).
+        # Callbacks only, no task per query (see ``UdpUpstream``); an allowed name's answer whose
+        # addresses the kernel does not hold yet waits for them in a task of its own.
         self._inflight += 1
 
-        def answered(wire: bytes | None, waited: float, _resolver: str) -> None:
+        def answered(wire: bytes | None, waited: float, resolver: str) -> None:
             self._inflight -= 1
             if wire is None:
                 self.stats.count("queries", ("udp", "upstream_failed"))
                 wire = reply(query.wire, RCODE_SERVFAIL, query.question)
+            elif allowed and (kept := self._to_admit(query, wire, resolver)):
+                task = asyncio.get_running_loop().create_task(
+                    self._send_admitted(kept, wire, addr, transport, started, waited))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
             else:
                 self.stats.count("queries", ("udp", "forwarded"))
                 self.stats.observe_added(max(0.0, time.perf_counter() - started - waited))
@@ -328,11 +329,13 @@ class Forwarder:
 
         self.udp_upstream.forward(query.wire, query.question, answered)
 
-    async def _forward_udp(self, query: Query, addr: tuple[Any, ...], transport: _UdpListener,
-                           started: float) -> None:
-        answer = await self._resolve(query, self.udp_upstream, "udp", started)
+    async def _send_admitted(self, kept: list[tuple[Address, int]], wire: bytes, addr: tuple[Any, ...],
+                             transport: _UdpListener, started: float, waited: float) -> None:
+        await self._admit(kept)
+        self.stats.count("queries", ("udp", "forwarded"))
+        self.stats.observe_added(max(0.0, time.perf_counter() - started - waited))
         if not transport.is_closing():
-            transport.sendto(answer, addr)
+            transport.sendto(wire, addr)
 
     async def _resolve(self, query: Query, upstream: UdpUpstream | TcpUpstreamSession, transport: str,
                        started: float) -> bytes:
@@ -342,26 +345,32 @@ class Forwarder:
         except UpstreamFailed:
             self.stats.count("queries", (transport, "upstream_failed"))
             return reply(query.wire, RCODE_SERVFAIL, query.question)
-        if self.names.allows_wire(query.name):
-            await self._admit(query, answer)
+        if self.names.allows_wire(query.name) and (kept := self._to_admit(query, answer.wire, answer.resolver)):
+            await self._admit(kept)
         self.stats.count("queries", (transport, "forwarded"))
         self.stats.observe_added(max(0.0, time.perf_counter() - started - answer.waited))
         return answer.wire
 
-    async def _admit(self, query: Query, answer: Answer) -> None:
+    def _to_admit(self, query: Query, wire: bytes, resolver: str) -> list[tuple[Address, int]]:
+        """The addresses of an allowed name's answer that the kernel must hold before it is sent:
+        none when it holds them all long enough already (the common case: the answer goes at once)."""
         self.stats.count("garden_answers")
         try:
             qname = dns.name.from_wire(query.question, 0)[0]
-            addresses = garden_addresses(answer.wire, qname, self.settings.max_ttl, self.settings.ttl_margin)
+            addresses = garden_addresses(wire, qname, self.settings.max_ttl, self.settings.ttl_margin)
         except (AnswerError, dns.name.NameTooLong, dns.exception.FormError) as exc:
-            log.debug("event=dns_garden_answer_unparsable resolver=%s error=%s", answer.resolver, exc)
+            log.debug("event=dns_garden_answer_unparsable resolver=%s error=%s", resolver, exc)
             self.stats.count("garden_answers_unparsable")
-            return
+            return []
         kept = [(address, seconds) for address, seconds in addresses if self._admissible(address)]
         if len(kept) < len(addresses):
             self.stats.count("garden_addresses_refused", by=len(addresses) - len(kept))
         if not kept or (self.held is not None and self.held(kept)):
-            return
+            return []
+        return kept
+
+    async def _admit(self, kept: list[tuple[Address, int]]) -> None:
+        """Wait (at most ``admit_timeout``) for the kernel to hold ``kept``."""
         task = asyncio.ensure_future(self.admit(kept))
         try:
             done, _ = await asyncio.wait({task}, timeout=self.admit_timeout)
