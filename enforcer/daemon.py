@@ -109,8 +109,10 @@ def build_dataplane(config: Config) -> Dataplane:
     nftables one needs libnftables, the ipset one the ipset and iptables tools."""
     if config.gateway.backend == "ipset":
         from .dataplane.ipset import IpsetDataplane
+        from .table_layout import base_layout
 
-        return IpsetDataplane(config.gateway.table, config.gateway.ipset.rules, config.gateway.ipset.iptables)
+        return IpsetDataplane(config.gateway.table, config.gateway.ipset.rules, config.gateway.ipset.iptables,
+                              base_layout(config))
     from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
     return KernelDataplane(config.gateway.table)
 

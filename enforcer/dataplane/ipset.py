@@ -68,6 +68,7 @@ _LINE = re.compile(r"Error in line (\d+)")
 _PROMPT = re.compile(r"^(?:ipset> )+")
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
 _FULL = {4: 32, 6: 128}
+_PER_PREFIX_SET = re.compile(rf"^{PREFIX}portal([46])-(\d+)$")
 RULES = ("own", "external")
 IPTABLES = ("auto", "nft", "legacy")
 
@@ -101,13 +102,18 @@ class IpsetDataplane:
     """Owns the ``wg-*`` ipsets and, with ``rules == "own"``, the ``WALLED-GARDEN-*`` chains of
     iptables and ip6tables; never touches another set or chain (but the three jumps)."""
 
-    def __init__(self, table: str, rules: str = "own", iptables: str = "auto") -> None:
+    def __init__(self, table: str, rules: str = "own", iptables: str = "auto", base: Layout | None = None) -> None:
+        """``base``: the configuration's layout (``table_layout.base_layout``), so that a start can
+        tell whether the chains in the kernel are the ones this release renders for it (``read``)."""
         if rules not in RULES or iptables not in IPTABLES:
             raise ValueError(f"rules {rules!r} / iptables {iptables!r}")
         keep_big_blocks_apart()
         self.table = table
         self.rules = rules
         self.variant = iptables_variant(iptables)
+        self.base = base
+        #: The layout our last full sync installed (None before the first).
+        self._installed: Layout | None = None
         self._lookup = SetLookup()
         self._reader: IpsetDataplane | None = None
         self._ticks = itertools.count(1)
@@ -134,7 +140,7 @@ class IpsetDataplane:
     def reader(self) -> IpsetDataplane:
         """Another instance with its own netlink socket, for reads off the kernel thread."""
         if self._reader is None:
-            self._reader = IpsetDataplane(self.table, self.rules, self.variant)
+            self._reader = IpsetDataplane(self.table, self.rules, self.variant, self.base)
         return self._reader
 
     def apply(self, tx: Transaction) -> None:
@@ -173,8 +179,9 @@ class IpsetDataplane:
 
     def read(self) -> TableState | None:
         """Every set of ours (one ``ipset save`` batch); None when ``wg-layouttag`` is gone. With
-        ``rules: own`` and our chains or jumps missing, or carrying another layout's tag, no set
-        counts as sealed: the reconciler's next sync replaces everything, rules included."""
+        ``rules: own`` and our chains or jumps missing, or stamped with another layout or other
+        rules than this release renders for it (``_expected_stamp``), no set counts as sealed:
+        the reconciler's next sync replaces everything, rules included."""
         names = [n for n in self._names() if n.startswith(PREFIX)]
         if set_name(TAG_SET) not in names:
             return None
@@ -182,9 +189,22 @@ class IpsetDataplane:
         state = self._parse(lines)
         if state is None:
             return None
-        if self.rules == "own" and not self._rules_hold(state.layout_tag):
+        if self.rules == "own" and not self._rules_hold(self._expected_stamp(state.layout_tag, names)):
             state.sealed.clear()
         return state
+
+    def _expected_stamp(self, tag: str | None, names: Iterable[str]) -> str:
+        """The stamp (``iptables_rules.stamp``) our chains must carry for the sets' layout tag:
+        the layout with that tag is the one we installed last, or the configuration's with the
+        prefix lengths the sets have (a start); its rules rendered by this release. When neither
+        has the tag, only the tag can be checked (the reconciler replaces a layout it does not
+        want anyway)."""
+        prefixes = {(int(m.group(1)), int(m.group(2))) for m in map(_PER_PREFIX_SET.match, names) if m}
+        candidates = [self._installed, self.base.with_prefixes(prefixes) if self.base else None]
+        for layout in candidates:
+            if layout is not None and layout.tag == tag:
+                return iptables_rules.stamp(layout)
+        return f"{tag} rules "
 
     def read_sets(self, names: Iterable[str]) -> TableState | None:
         wanted = [set_name(name) for name in names]
@@ -261,8 +281,8 @@ class IpsetDataplane:
             return None
         return state
 
-    def _rules_hold(self, tag: str | None) -> bool:
-        """Our jumps are in place and ``WALLED-GARDEN-FWD`` carries the layout tag, both families."""
+    def _rules_hold(self, stamp: str) -> bool:
+        """Our jumps are in place and ``WALLED-GARDEN-FWD`` carries ``stamp``, both families."""
         for version in (4, 6):
             for table, builtin, ours in iptables_rules.JUMPS:
                 if subprocess.run([self._ipt(version), "-w", "5", "-t", table, "-C", builtin, "-j", ours],
@@ -270,7 +290,7 @@ class IpsetDataplane:
                     return False
             listing = subprocess.run([self._ipt(version), "-w", "5", "-S", "WALLED-GARDEN-FWD"],
                                      capture_output=True, text=True, timeout=30)
-            if listing.returncode != 0 or f"{iptables_rules.TAG_COMMENT}{tag}" not in listing.stdout:
+            if listing.returncode != 0 or f"{iptables_rules.TAG_COMMENT}{stamp}" not in listing.stdout:
                 return False
         return True
 
@@ -376,6 +396,7 @@ class IpsetDataplane:
         _run(["ipset", "restore"], "".join(line + "\n" for line in switch))
         if self.rules == "own":
             self._install_rules(layout)
+        self._installed = layout
         self._destroy([TEMP + name[len(PREFIX):] for name in contents if name in existing] + obsolete)
         self._sizes = {name: (len(items), wanted[name].max_size or capacity(len(items)))
                        for name, items in contents.items()}

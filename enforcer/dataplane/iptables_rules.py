@@ -43,6 +43,7 @@ the one-second bucket, hence ``config.IPSET_MIN_THROTTLE_RATE``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -81,8 +82,29 @@ def _match(name: str, direction: str, negate: bool = False) -> str:
     return f"-m set {'! ' if negate else ''}--match-set {name} {direction}"
 
 
+@functools.cache
+def stamp(layout: Layout) -> str:
+    """What ``WALLED-GARDEN-FWD``'s comment says after ``TAG_COMMENT``: the layout tag and a
+    digest of the rules this release renders for it, both families (``rules <digest>``). The
+    layout tag alone covers the configuration, not the rendering: a release that changes the
+    rules for the same configuration must rewrite the chains at start (``IpsetDataplane.read``)."""
+    text = "\n".join(line for version in (4, 6) for lines in _rules(layout, version).values() for line in lines)
+    return f"{layout.tag} rules {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def chains(layout: Layout, version: int) -> dict[str, list[str]]:
-    """Table → our chains' ``-A`` lines for one family (``iptables-restore`` syntax)."""
+    """Table → our chains' ``-A`` lines for one family (``iptables-restore`` syntax), with the
+    stamp (the layout tag and the rules' digest) as the comment of a rule without a target at
+    the end of ``WALLED-GARDEN-FWD``."""
+    out = _rules(layout, version)
+    tag = f'-A WALLED-GARDEN-FWD -m comment --comment "{TAG_COMMENT}{stamp(layout)}"'
+    last = max(i for i, line in enumerate(out["filter"]) if line.startswith("-A WALLED-GARDEN-FWD "))
+    out["filter"].insert(last + 1, tag)
+    return out
+
+
+def _rules(layout: Layout, version: int) -> dict[str, list[str]]:
+    """``chains`` without the stamp."""
     sets = {kind: umbrella(kind, version) for kind in ("portal", "notice", "throttle", "noticeack")}
     garden = [set_name(f"allow{version}"), set_name(f"allowhost{version}")]
     not_garden_dst = " ".join(_match(name, "dst", True) for name in garden)
@@ -93,7 +115,6 @@ def chains(layout: Layout, version: int) -> dict[str, list[str]]:
 
     fwd = [f"-A WALLED-GARDEN-FWD {o}-j WALLED-GARDEN-DOWN" for o in oifaces]
     fwd += [f"-A WALLED-GARDEN-FWD {i}-j WALLED-GARDEN-UP" for i in ifaces]
-    fwd.append(f'-A WALLED-GARDEN-FWD -m comment --comment "{TAG_COMMENT}{layout.tag}"')
     down: list[str] = []
     throttle: list[str] = [f"-A WALLED-GARDEN-THROTTLE {_match(name, 'dst')} -j RETURN" for name in garden]
     for plen, shorter in longest:
