@@ -161,21 +161,31 @@ class IpsetDataplane:
         return next(self._ticks)
 
     def holds_layout(self, tag: str, containers: Iterable[str], mark: str | None = None) -> bool:
-        """The tag in ``wg-layouttag`` and each container's sentinel, one netlink test each.
-        With a digest mark: False, always (no generation proves the mark; module docstring)."""
+        """The tag in ``wg-layouttag`` and each container's sentinel, one netlink test each, and
+        with ``rules: own`` our jumps and stamp (``_rules_hold``: a few iptables processes, so a
+        firewall reload that rewrote FORWARD is repaired at the next quick check, as a deleted
+        nftables table is). With a digest mark: False, always (no generation proves the mark;
+        module docstring)."""
         if mark is not None:
             return False
-        if not self._lookup.holds(set_name(TAG_SET), tag_address(tag)):
+        containers = list(containers)
+        if not self._lookup.holds(set_name(TAG_SET), tag_address(tag)) or self.missing_sentinels(containers):
             return False
-        return not self.missing_sentinels(containers)
+        return self.rules != "own" or self._rules_hold(self._expected_stamp(tag, map(set_name, containers)))
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         return [name for name in containers
                 if not self._lookup.holds(set_name(name), sentinel_of(name), _FULL[sentinel_family(name)])]
 
     def layout_tag(self) -> str | None:
-        state = self._parse(self._save([set_name(TAG_SET)]) if set_name(TAG_SET) in self._names() else [])
-        return state.layout_tag if state is not None else None
+        """The tag in ``wg-layouttag``; with ``rules: own`` and our jumps or stamp not in place, the
+        tag with what is wrong after it, so the check that asked reports it and repairs."""
+        names = self._names()
+        state = self._parse(self._save([set_name(TAG_SET)]) if set_name(TAG_SET) in names else [])
+        tag = state.layout_tag if state is not None else None
+        if tag is not None and self.rules == "own" and not self._rules_hold(self._expected_stamp(tag, names)):
+            return f"{tag} (our iptables jumps or chains missing or not as this release renders them)"
+        return tag
 
     def read(self) -> TableState | None:
         """Every set of ours (one ``ipset save`` batch); None when ``wg-layouttag`` is gone. With

@@ -101,6 +101,31 @@ def test_a_release_rendering_other_rules_rewrites_the_chains_at_start(
         lab.stop_daemon()
 
 
+def test_a_firewall_reload_that_drops_our_jumps_is_repaired_at_the_next_check(topo: Topology,
+                                                                             tmp_path: Path) -> None:
+    """An ``iptables-restore`` of the operator's own ruleset (Shorewall, netfilter-persistent)
+    rewrites FORWARD, INPUT and nat PREROUTING without our jumps: the quick table check (every
+    5 s) notices and puts them back, as it puts back a deleted nftables table."""
+    _tools("ipset-nft")
+    s1, s2, _ = topo.subscribers
+    lab = _lab(topo, tmp_path, "own", "nft", [{"id": SUB1, "addresses": [s1.addr4], "reason": "overdue"}])
+    lab.start_daemon()
+    try:
+        assert tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "ECONNREFUSED"
+        for table in ("filter", "nat"):   # the operator's ruleset: empty built-in chains, policy ACCEPT
+            _feed(topo, f"*{table}\n-F {'PREROUTING' if table == 'nat' else 'FORWARD'}\n"
+                  + ("-F INPUT\n" if table == "filter" else "") + "COMMIT\n", "iptables-nft-restore", "--noflush")
+        assert "-j WALLED-GARDEN-FWD" not in _in_gw(topo, "iptables-nft", "-S", "FORWARD").stdout
+        assert tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "connected", "freed by the reload"
+        lab.wait_for(lambda: tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "ECONNREFUSED", timeout=15,
+                     what="the jumps put back")
+        assert "event=table_lost" in lab.log() and "iptables jumps or chains" in lab.log()
+        assert _in_gw(topo, "iptables-nft", "-S", "FORWARD").stdout.count("-j WALLED-GARDEN-FWD") == 1
+        assert tcp_connect(topo, s2.netns, "198.51.100.10", 443)[0] == "connected", "the free one stays free"
+    finally:
+        lab.stop_daemon()
+
+
 # -- rules: external ----------------------------------------------------------------------------
 
 def _documented_lines() -> list[str]:
