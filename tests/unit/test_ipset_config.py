@@ -153,3 +153,18 @@ def test_the_stamp_covers_the_layout_and_the_rendering(monkeypatch: pytest.Monke
     finally:
         iptables_rules.stamp.cache_clear()
     assert other.split()[0] == layout.tag and other != stamp, "same configuration, other rules: another stamp"
+
+
+def test_a_start_expects_the_stamp_of_the_configuration_with_the_sets_prefix_lengths() -> None:
+    """``IpsetDataplane._expected_stamp``: which rules a start expects for the tag it read back."""
+    from enforcer.dataplane.ipset import IpsetDataplane
+    from enforcer.dataplane.ipset_sets import set_name
+
+    base = _layout(10_000)
+    wider = base.with_prefixes({(4, 24), (4, 16)})
+    names = [set_name(c) for c in wider.containers()] + ["wg-portal4", "wgt-portal4-8", "other-set"]
+    dataplane = IpsetDataplane("t", "own", "nft", base)
+    assert dataplane._expected_stamp(wider.tag, names) == iptables_rules.stamp(wider)
+    assert dataplane._expected_stamp("0123456789abcdef", names) == "0123456789abcdef rules ", \
+        "an unknown layout: only its tag can be checked"
+    assert IpsetDataplane("t", "own", "nft")._expected_stamp(wider.tag, names) == f"{wider.tag} rules "
