@@ -198,12 +198,16 @@ class Forwarder:
     def __init__(self, settings: ForwarderSettings, admit: Admit, stats: Stats, *,
                  limiter: RateLimiter | None = None, admit_timeout: float = ADMIT_TIMEOUT,
                  max_outstanding: int = MAX_OUTSTANDING, tcp_idle: float = TCP_IDLE,
-                 held: Callable[[list[tuple[IPv4Address | IPv6Address, int]]], bool] | None = None) -> None:
+                 held: Callable[[list[tuple[IPv4Address | IPv6Address, int]]], bool] | None = None,
+                 covered: Callable[[list[tuple[IPv4Address | IPv6Address, int]]], bool] | None = None) -> None:
         """``held`` (the kernel writer's): whether addresses are already in long enough, so an
-        answer needs no ``admit`` at all."""
+        answer needs no ``admit`` at all; ``covered``: whether they are in for the answer's TTL
+        (and a little more) though not as long as wanted, so the answer goes at once and the
+        refresh follows it (``GardenSet.covers``)."""
         self.settings = settings
         self.admit = admit
         self.held = held
+        self.covered = covered
         self.stats = stats
         self.names = AllowedNames(settings.names, settings.suffixes)
         self.limiter = limiter or RateLimiter(settings.query_rate, settings.query_burst)
@@ -366,6 +370,12 @@ class Forwarder:
         if len(kept) < len(addresses):
             self.stats.count("garden_addresses_refused", by=len(addresses) - len(kept))
         if not kept or (self.held is not None and self.held(kept)):
+            return []
+        if self.covered is not None and self.covered(kept):
+            refresh = asyncio.ensure_future(self.admit(kept))   # behind the answer, not before it
+            self._tasks.add(refresh)
+            refresh.add_done_callback(self._tasks.discard)
+            refresh.add_done_callback(self._admitted)
             return []
         return kept
 

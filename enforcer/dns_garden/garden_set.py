@@ -19,6 +19,9 @@ what keeps the kernel work small and the set bounded:
   time minus ``slack`` = min(30 s, ttl_margin / 2). The wanted time is TTL + ttl_margin, so a
   skipped address still outlives every cached copy of the answer by ttl_margin / 2, while a name
   asked every second costs one kernel write per ~30 s, not one per query;
+* an address held for less than that but still for at least the answer's TTL plus
+  ``COVER_LEFT`` is refreshed without holding the answer back (``covers``): the forwarder sends
+  the answer and the refresh follows;
 * a held address that needs longer is refreshed by ``delete element`` + ``add element`` in one
   batch (a plain ``add`` of an existing element keeps its old timeout on kernels before 6.x);
   when the element expired meanwhile the delete fails the batch, which is retried with ``add``
@@ -77,6 +80,9 @@ LOG_EVERY = 10.0
 PRUNE_GRACE = 2.0
 #: The longest refresh slack (see the module docstring).
 MAX_SLACK = 30.0
+#: Seconds past the answer's TTL an address must still be held for the answer to go before its
+#: refresh (``covers``).
+COVER_LEFT = 10.0
 
 _MISSING = "No such file or directory"          # ENOENT: no such element, set or table (nft's text)
 
@@ -125,6 +131,7 @@ class GardenSet:
         self.max_addresses = settings.max_addresses
         self.cap = {4: settings.max_addresses, 6: settings.max_addresses}
         self.slack = min(MAX_SLACK, settings.ttl_margin / 2)
+        self.ttl_margin = settings.ttl_margin
         self._held: dict[int, dict[Address, float]] = {4: {}, 6: {}}
         self._expiry: list[tuple[float, int, Address]] = []       # (expires, family, address), lazy
         self._wanted: dict[Address, int] = {}                     # asked for since the last batch
@@ -213,6 +220,19 @@ class GardenSet:
         instead of going through ``admit``'s task and future (a few loop turns under load)."""
         now = self.clock()
         return all(self._long_enough(address, max(1, math.ceil(seconds)), now) for address, seconds in addresses)
+
+    def covers(self, addresses: Iterable[tuple[Address, int]]) -> bool:
+        """Whether the kernel holds every address at least for the answer's TTL (``seconds``
+        less ``ttl_margin``) plus ``COVER_LEFT``: then the answer need not wait for the refresh
+        to TTL + margin, which follows it (the client may use the answer for its TTL, and the
+        refresh lands within milliseconds). Only an address missing or nearly spent holds the
+        answer back; a name asked again once its slack is used up no longer does."""
+        now, held = self.clock(), self._held
+        for address, seconds in addresses:
+            expires = held[address.version].get(address)
+            if expires is None or expires - now < max(0, seconds - self.ttl_margin) + COVER_LEFT:
+                return False
+        return True
 
     def _long_enough(self, address: Address, seconds: int, now: float) -> bool:
         """Whether ``address`` is held for ``seconds`` more, give or take the refresh slack (the

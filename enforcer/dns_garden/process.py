@@ -71,7 +71,7 @@ async def child_main(fd: int, settings: ForwarderSettings) -> int:
         await garden.seed()
     except GardenSetError as exc:
         return _start_failed(str(exc))
-    forwarder = Forwarder(settings, garden.admit, stats, held=garden.holds)
+    forwarder = Forwarder(settings, garden.admit, stats, held=garden.holds, covered=garden.covers)
     try:
         await forwarder.start()
     except OSError as exc:

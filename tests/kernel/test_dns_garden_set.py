@@ -310,3 +310,17 @@ def test_a_refused_batch_applies_nothing(ns: Namespace) -> None:
         elements.write([("nosuchset", [], [(A3, 10)])])
     assert refused.value.errno == errno.ENOENT
     elements.close()
+
+
+async def test_covers_an_address_held_for_the_ttl_though_not_as_long_as_wanted(ns: Namespace) -> None:
+    ns.create_table(1000)
+    clock = Clock()
+    garden, _ = writer(ns, clock=clock)      # ttl_margin 120: the slack is 30 s
+    await garden.seed()
+    await garden.admit([(A1, 300)])          # an answer with TTL 180, held 300 s
+    clock.now += 40
+    assert not garden.holds([(A1, 300)])     # 260 s left < 300 - 30: a refresh is due
+    assert garden.covers([(A1, 300)])        # 260 s left >= TTL 180 + 10: it may follow the answer
+    clock.now += 75
+    assert not garden.covers([(A1, 300)])    # 185 s left: the answer waits for the refresh
+    assert not garden.covers([(A2, 300)])    # never held
