@@ -53,6 +53,11 @@ SIGTERM/SIGHUP/Ctrl-C and when the wrapper dies (the daemon and the reference na
 get SIGKILL from the kernel when this process dies; a work directory left by a killed run is
 removed by the next run). Exit code 1 when a measurement could not be
 made (timeout, daemon died), 0 otherwise, whatever the goals say.
+
+``WG_BENCH_PYSPY=<file>``: the daemon runs under ``py-spy record`` (raw collapsed stacks in
+<file>, for ``WG_BENCH_PYSPY_SECONDS``, default 10, from the daemon's start), to see where a
+cold start's time goes. py-spy ends the daemon when it stops, so the figures after the cold start
+fail in such a run: use ``--restarts 0 --payments 1``.
 """
 
 from __future__ import annotations
@@ -321,7 +326,10 @@ def run_size(n: int, args: argparse.Namespace, root: Path, nft_bin: str, nft: Nf
         def ask() -> dict[str, Any] | None:
             return status(socket_path)
 
-    daemon = Daemon([*cli, "run", "--config", str(config_path)], work / "daemon.log", work / "notify.sock")
+    spy = os.environ.get("WG_BENCH_PYSPY")   # a file: the daemon's stacks sampled by py-spy (raw, collapsed)
+    wrap = [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200", "-f", "raw", "-o", spy, "-d",
+            os.environ.get("WG_BENCH_PYSPY_SECONDS", "10"), "--"] if spy else []
+    daemon = Daemon([*wrap, *cli, "run", "--config", str(config_path)], work / "daemon.log", work / "notify.sock")
     cleanups.callback(delete_table, nft, table)
     cleanups.callback(daemon.stop)
     delete_table(nft, table)
