@@ -41,6 +41,7 @@ from .model import Mode, Network
 from .policy import Decision
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
+from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
 from .subscribers import Key
 from .table_layout import base_layout
@@ -139,6 +140,7 @@ class Engine:
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
         self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a reload's table replace (lock held)
         self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step, not yet saved
+        self._sessions_unsaved: dict[SessionId, Session] = {}   # sessions moved by it, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -149,26 +151,33 @@ class Engine:
         freedom early (``receipt_clock``)."""
         jump = self.receipts.step()
         if jump:
-            moved = policy.clock_stepped(self.inputs, jump, self.clock())
-            log.warning("event=clock_stepped_forward seconds=%.1f graces_and_promises_moved=%d", jump, len(moved))
+            now = self.clock()
+            moved = policy.clock_stepped(self.inputs, jump, now)
+            sessions = self.inputs.sessions.clock_stepped(jump, now)
+            log.warning("event=clock_stepped_forward seconds=%.1f graces_and_promises_moved=%d sessions_moved=%d",
+                        jump, len(moved), len(sessions))
             self._moved_unsaved |= moved
+            self._sessions_unsaved.update((s.id, s) for s in sessions)
             self._anchor_unsaved = True
-        if self._moved_unsaved or self._anchor_unsaved:
+            self.changed.set()   # the next session expiry moved too
+        if self._moved_unsaved or self._sessions_unsaved or self._anchor_unsaved:
             # The moved ends and the anchor they were moved by, in one commit: if it fails, the
             # saved anchor is the one before the step, and a restart moves the saved ends again.
             wall, mono = self.receipts.anchor
+            current = [s for sid, s in self._sessions_unsaved.items() if self.inputs.sessions.sessions.get(sid) is s]
             try:
-                self.store.save_clock(self.inputs, self._moved_unsaved, {"boot": self.boot, "wall": wall, "mono": mono})
-                self._moved_unsaved, self._anchor_unsaved = set(), False
+                self.store.save_clock(self.inputs, self._moved_unsaved, {"boot": self.boot, "wall": wall, "mono": mono},
+                                      current)
+                self._moved_unsaved, self._sessions_unsaved, self._anchor_unsaved = set(), {}, False
             except (StoreError, sqlite3.Error) as exc:
-                log.error("event=moved_graces_not_saved count=%d error=%r (kept in memory; saved with the next "
-                          "input or timer round)", len(self._moved_unsaved), str(exc))
+                log.error("event=moved_graces_not_saved count=%d sessions=%d error=%r (kept in memory; saved with "
+                          "the next input or timer round)", len(self._moved_unsaved), len(current), str(exc))
         return self.clock()
 
     @property
     def clock_unsaved(self) -> bool:
-        """Graces or promises moved by a clock step live only in memory (the timer retries)."""
-        return bool(self._moved_unsaved)
+        """Graces, promises or sessions moved by a clock step live only in memory (the timer retries)."""
+        return bool(self._moved_unsaved or self._sessions_unsaved)
 
     async def kernel(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)

@@ -753,11 +753,19 @@ class Store:
                              for sid in promised for p in inputs.promises[sid]])
 
     @_writes
-    def save_clock(self, inputs: PolicyInputs, ids: Iterable[str], anchor: dict[str, Any]) -> None:
-        """Graces and promises a clock step moved, with the clock anchor they were moved by,
-        in one commit (``Engine.now``)."""
+    def save_clock(self, inputs: PolicyInputs, ids: Iterable[str], anchor: dict[str, Any],
+                   sessions: Sequence[Session] = ()) -> None:
+        """Graces, promises and sessions a clock step moved, with the clock anchor they were
+        moved by, in one commit (``Engine.now``)."""
         self.save_subscribers(inputs, ids)
+        self._save_sessions(sessions, ())
         self.set_meta("clock_anchor", anchor)
+
+    def _save_sessions(self, started: Sequence[Session], stopped: Sequence[SessionId]) -> None:
+        if started or stopped:
+            self.db.executemany("DELETE FROM sessions WHERE source = ? AND key = ?", list(stopped))
+            self.db.executemany("INSERT OR REPLACE INTO sessions (source, key, body) VALUES (?, ?, ?)",
+                                [(s.source, s.key, json.dumps(s.to_json())) for s in started])
 
     # -- billing order ------------------------------------------------------------------------
     @_reads
@@ -809,11 +817,7 @@ class Store:
         the sessions (started, stopped) that changed, in one commit (a webhook batch's whole
         state): a retry finds its answer exactly when the change it answers is durable."""
         now = time.time()
-        started, stopped = sessions
-        if started or stopped:
-            self.db.executemany("DELETE FROM sessions WHERE source = ? AND key = ?", list(stopped))
-            self.db.executemany("INSERT OR REPLACE INTO sessions (source, key, body) VALUES (?, ?, ?)",
-                                [(s.source, s.key, json.dumps(s.to_json())) for s in started])
+        self._save_sessions(*sessions)
         for write in writes:
             self.save_enforced(write.rows, write.gone)
             self.append_audit(write.audit)

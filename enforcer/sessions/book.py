@@ -13,7 +13,7 @@ previous holder. When the holder ends, the newest remaining session naming it ho
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..match import Pair
 from ..model import Network
@@ -116,6 +116,21 @@ class SessionBook:
     def expire(self, now: float) -> Change:
         """End sessions whose lease ran out."""
         return self.stop([s.id for s in self.sessions.values() if s.expires is not None and s.expires <= now])
+
+    def clock_stepped(self, seconds: float, now: float) -> list[Session]:
+        """The wall clock jumped ``seconds`` forward: sessions still running at ``now - seconds``
+        end that much later (a RADIUS session's end is its receipt plus the session timeout or
+        three interims, so a step would end it early and free a restricted subscriber's address
+        until the next Interim-Update). A lease moved this way that really ended is replaced by
+        its source's next reading, and a newer session naming the address holds it anyway.
+        Returns the moved sessions (to save); the indexes hold ids, so they stay as they are."""
+        before = now - seconds
+        moved = []
+        for sid, session in list(self.sessions.items()):
+            if session.expires is not None and session.expires > before:
+                self.sessions[sid] = later = replace(session, expires=session.expires + seconds)
+                moved.append(later)
+        return moved
 
     # -- indexes ------------------------------------------------------------------------------
     def _add(self, session: Session, change: Change) -> None:

@@ -205,3 +205,44 @@ async def test_an_address_conflict_in_the_timer_does_not_stop_the_timers(tmp_pat
         assert "C-1" in e.queries.status()["address_conflicts"]
         stop.set()
         await asyncio.wait_for(timers, 5)
+
+
+async def test_forward_step_does_not_end_a_session_early_and_the_moved_end_survives_a_restart(
+        tmp_path: Path) -> None:
+    """A RADIUS session ends at its receipt plus the session timeout (wall clock): a forward step
+    must not end it early and free the restricted subscriber's address until the next Interim."""
+    from enforcer.match import Match
+    from enforcer.sessions.session import Session
+
+    by_name = Subscriber("C-2", (), Mode.WALLED_GARDEN, "overdue", match=Match(username="alice"))
+    session = Session("bng", "nas1/s1", Match(username="alice"), (parse_address("100.64.0.20"),),
+                      expires=NOW + 300)
+
+    def session_walled(fake: FakeDataplane) -> bool:
+        return "100.64.0.20" in fake.view.get("mode4_32", {})
+
+    async def timers(e: Enforcer) -> None:
+        """The timer's round, and the session expiry duty when it says it is due."""
+        await e.timers.tick()
+        if e.sessions.due() == 0:
+            await e.sessions.run()
+
+    clocks = Clocks()
+    fake = FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake, listed=False) as (e, _):
+        await e.lists.on_list(ListUpdate([SUB, by_name], "l.yaml", "1"))
+        await e.sessions.update("bng", started=[session])
+        assert session_walled(fake)
+        clocks.pass_(60)
+        clocks.step(86400)            # NTP fixes a clock that was a day behind
+        await timers(e)
+        assert session_walled(fake), "the step ended the session early"
+    async with enforcer(tmp_path, clocks, fake, listed=False) as (e, _):   # the moved end was saved
+        await timers(e)
+        assert session_walled(fake)
+        clocks.pass_(200)             # 260 s of the session's 300 really lived
+        await timers(e)
+        assert session_walled(fake)
+        clocks.pass_(60)              # now it has really ended
+        await timers(e)
+        assert not session_walled(fake)
