@@ -47,6 +47,11 @@ NESTED = 0x8000
 HEADER = struct.Struct("=IHHII")          # nlmsghdr: length, type, flags, seq, pid
 #: Answers read for one request at most: a bound, never a busy loop.
 MAX_ANSWERS = 1000
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+#: The largest batch sent at once (the socket's send buffer is ~200 KiB by default).
+MAX_BATCH_BYTES = 128 * 1024
+#: Elements per message: an attribute's length is 16 bits (~40 bytes per IPv6 element).
+ELEMENTS_PER_MESSAGE = 1000
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -63,7 +68,13 @@ def _element(address: IPv4Address | IPv6Address, timeout_ms: int | None) -> byte
 
 
 class NetlinkSession:
-    """One NETLINK_NETFILTER socket with its sequence numbers: single requests and batches."""
+    """One NETLINK_NETFILTER socket with its sequence numbers: single requests and batches.
+
+    The socket never blocks: nfnetlink handles a request, and a whole batch, within the
+    ``send``, so every answer is queued when it returns, and an answer missing then never
+    comes (a batch the kernel refused as a whole may leave some unsent). Waiting for it would
+    stall the caller, the DNS forwarder's event loop among them. Acknowledgements carry only
+    the request's header (``NETLINK_CAP_ACK``), so a big batch's acks fit the receive buffer."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
@@ -78,10 +89,19 @@ class NetlinkSession:
     def _socket(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            sock.settimeout(5.0)
+            sock.setblocking(False)
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             sock.bind((0, 0))
             self._sock = sock
         return self._sock
+
+    def _next_seq(self, count: int) -> int:
+        """The first of ``count`` fresh sequence numbers (they wrap before 32 bits run out)."""
+        if self._seq + count >= 0xFFFFFFFF:
+            self._seq = 0
+        first = self._seq + 1
+        self._seq += count
+        return first
 
     def ask(self, kind: int, body: bytes, answers: tuple[int, ...], what: str) -> bytes | None:
         """One request; the answer's message of a type in ``answers`` (None when the kernel says
@@ -89,12 +109,12 @@ class NetlinkSession:
         with self._lock:
             try:
                 sock = self._socket()
-                self._seq += 1
-                sock.send(HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
+                seq = self._next_seq(1)
+                sock.send(HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
                 found: bytes | None = None
                 for data in self._answers(sock, what):
-                    for message_kind, seq, message in _messages(data):
-                        if seq != self._seq:
+                    for message_kind, answer_seq, message in _messages(data):
+                        if answer_seq != seq:
                             continue
                         if message_kind in answers:
                             found = message
@@ -106,43 +126,54 @@ class NetlinkSession:
                                 return None
                             raise OSError(error, os.strerror(error))
                 raise OSError(errno.EPROTO, "netlink: no acknowledgement")
-            except OSError as exc:
+            except (OSError, struct.error) as exc:
                 self._close()   # a fresh socket next time: no answer of this one is read late
                 raise DataplaneError(f"{what}: {exc}") from None
 
     def batch(self, messages: Sequence[tuple[int, int, bytes]], what: str) -> None:
         """Send ``messages`` ((type, flags, body), each acknowledged) as one nftables transaction:
-        all applied, or none and ``BatchRefused`` with the first error's errno and message index.
-        ``DataplaneError`` when the socket itself fails."""
+        all applied, or none and ``BatchRefused`` with the first error's errno and message index
+        (-1: the kernel refused the batch as a whole, e.g. its commit failed). ``DataplaneError``
+        when the socket itself fails or an answer is missing."""
         with self._lock:
             try:
                 self._batch(messages, what)
-            except OSError as exc:
+            except BatchRefused as refused:
+                if refused.index < 0:
+                    self._close()   # its other answers may still come: never read by the next request
+                raise
+            except (OSError, struct.error) as exc:
                 self._close()
                 raise DataplaneError(f"{what}: {exc}") from None
 
     def _batch(self, messages: Sequence[tuple[int, int, bytes]], what: str) -> None:
         sock = self._socket()
         frame = struct.pack("=BBH", 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-        first = self._seq + 1
+        first = self._next_seq(len(messages) + 2)
+        last = first + len(messages) + 1
         parts = [HEADER.pack(16 + len(frame), NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first, 0) + frame]
         for index, (kind, flags, body) in enumerate(messages, 1):
             parts.append(HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, first + index, 0)
                          + body)
-        last = first + len(messages) + 1
         parts.append(HEADER.pack(16 + len(frame), NFNL_MSG_BATCH_END, NLM_F_REQUEST, last, 0) + frame)
-        self._seq = last
+        if sum(len(part) for part in parts) > MAX_BATCH_BYTES:
+            raise OSError(errno.EMSGSIZE, f"netlink: a batch of over {MAX_BATCH_BYTES} bytes (split it)")
         sock.sendmsg(parts)
-        # The kernel answers every acknowledged message once the whole batch is processed
-        # (committed, or aborted on the first error: then the others' answers say 0 too).
-        pending = set(range(first + 1, first + len(messages) + 1))
+        # Every acknowledged message is answered once the whole batch is processed: committed,
+        # or aborted on the first error (then the others' answers say 0). An error on the
+        # batch's own begin or end (a failed commit) refuses all of it, whatever else follows.
+        pending = set(range(first + 1, last))
         refused: BatchRefused | None = None
         for data in self._answers(sock, what):
             for message_kind, seq, message in _messages(data):
-                if message_kind != NLMSG_ERROR or seq not in pending:
+                if message_kind != NLMSG_ERROR:
+                    continue
+                error = -struct.unpack_from("=i", message, 16)[0]
+                if seq in (first, last) and error:
+                    raise BatchRefused(error, -1, f"{what}: {os.strerror(error)} (the batch as a whole)")
+                if seq not in pending:
                     continue
                 pending.discard(seq)
-                error = -struct.unpack_from("=i", message, 16)[0]
                 if error and refused is None:
                     refused = BatchRefused(error, seq - first - 1, f"{what}: {os.strerror(error)}")
             if not pending:
@@ -154,8 +185,12 @@ class NetlinkSession:
 
     @staticmethod
     def _answers(sock: socket.socket, what: str) -> Iterable[bytes]:
+        """The datagrams queued for us now; none queued is no answer (see the class)."""
         for _ in range(MAX_ANSWERS):
-            yield sock.recv(65536)
+            try:
+                yield sock.recv(65536)
+            except BlockingIOError:
+                raise OSError(errno.EPROTO, f"netlink: no answer queued for {what}") from None
         raise OSError(errno.EPROTO, f"netlink: more than {MAX_ANSWERS} answers to {what}")
 
     def _close(self) -> None:
@@ -227,6 +262,7 @@ class ElementWriter:
     transaction: ``write`` applies all of them or none (``BatchRefused`` with the kernel's errno:
     ENOENT for a delete of an element that is gone, ENFILE when an add does not fit the set's
     ``size``). An add of an element the set holds already is not an error (``nft add element``).
+    One write holds at most ~3,000 elements (``MAX_BATCH_BYTES``): callers split bigger ones.
     ``holds`` is ``ElementLookup.holds`` on the same socket."""
 
     def __init__(self, table: str) -> None:
@@ -244,13 +280,15 @@ class ElementWriter:
         deletes of a set go before its adds (a refresh is a delete and an add in one batch)."""
         head = struct.pack("=BBH", NFPROTO_INET, 0, 0) + attr(1, self._table)
         messages: list[tuple[int, int, bytes]] = []
+        step = ELEMENTS_PER_MESSAGE
         for name, gone, added in changes:
             named = head + attr(2, name.encode() + b"\0")
-            if gone:
-                messages.append((DELSETELEM, 0, named + attr(3 | NESTED, b"".join(_element(a, None) for a in gone))))
-            if added:
+            for at in range(0, len(gone), step):
+                messages.append((DELSETELEM, 0, named + attr(
+                    3 | NESTED, b"".join(_element(a, None) for a in gone[at:at + step]))))
+            for at in range(0, len(added), step):
                 messages.append((NEWSETELEM, NLM_F_CREATE, named + attr(
-                    3 | NESTED, b"".join(_element(a, seconds * 1000) for a, seconds in added))))
+                    3 | NESTED, b"".join(_element(a, seconds * 1000) for a, seconds in added[at:at + step]))))
         if messages:
             self._session.batch(messages, f"write elements of table inet {self.table}")
 

@@ -316,10 +316,12 @@ class Forwarder:
 
         def answered(wire: bytes | None, waited: float, resolver: str) -> None:
             self._inflight -= 1
+            if transport.is_closing():   # shutting down: no answer, and no task ``close`` would miss
+                return
             if wire is None:
                 self.stats.count("queries", ("udp", "upstream_failed"))
                 wire = reply(query.wire, RCODE_SERVFAIL, query.question)
-            elif allowed and (kept := self._to_admit(query, wire, resolver)):
+            elif allowed and (kept := self._guarded_to_admit(query, wire, resolver)):
                 task = asyncio.get_running_loop().create_task(
                     self._send_admitted(kept, wire, addr, transport, started, waited))
                 self._tasks.add(task)
@@ -328,8 +330,7 @@ class Forwarder:
             else:
                 self.stats.count("queries", ("udp", "forwarded"))
                 self.stats.observe_added(max(0.0, time.perf_counter() - started - waited))
-            if not transport.is_closing():
-                transport.sendto(wire, addr)
+            transport.sendto(wire, addr)
 
         self.udp_upstream.forward(query.wire, query.question, answered)
 
@@ -354,6 +355,16 @@ class Forwarder:
         self.stats.count("queries", (transport, "forwarded"))
         self.stats.observe_added(max(0.0, time.perf_counter() - started - answer.waited))
         return answer.wire
+
+    def _guarded_to_admit(self, query: Query, wire: bytes, resolver: str) -> list[tuple[Address, int]]:
+        """``_to_admit`` in the upstream's read callback: a bug in it must not cost this query its
+        answer, nor the rest of the read batch its turn (logged and counted; the answer goes)."""
+        try:
+            return self._to_admit(query, wire, resolver)
+        except Exception as exc:
+            log.error("event=dns_garden_admit_failed resolver=%s error=%s", resolver, exc, exc_info=exc)
+            self.stats.count("admit_failures")
+            return []
 
     def _to_admit(self, query: Query, wire: bytes, resolver: str) -> list[tuple[Address, int]]:
         """The addresses of an allowed name's answer that the kernel must hold before it is sent:

@@ -24,8 +24,8 @@ what keeps the kernel work small and the set bounded:
   the answer and the refresh follows;
 * a held address that needs longer is refreshed by ``delete element`` + ``add element`` in one
   batch (a plain ``add`` of an existing element keeps its old timeout on kernels before 6.x);
-  when the element expired meanwhile the delete fails the batch, which is retried with ``add``
-  only;
+  when one expired meanwhile the delete fails the batch, which is retried deleting only those
+  the set still holds (asked one by one) and adding the rest;
 * at most ``cap`` addresses per family: the kernel set's ``size`` minus the one slot the
   marker takes, and never more than ``max_addresses``. The kernel refuses a *whole* batch with
   "Too many open files in system" when one element does not fit, so the writer never sends an
@@ -80,6 +80,8 @@ LOG_EVERY = 10.0
 PRUNE_GRACE = 2.0
 #: The longest refresh slack (see the module docstring).
 MAX_SLACK = 30.0
+#: Addresses per kernel transaction (``nfnetlink.ElementWriter`` has a size limit per batch).
+WRITE_CHUNK = 1000
 #: Seconds past the answer's TTL an address must still be held for the answer to go before its
 #: refresh (``covers``).
 COVER_LEFT = 10.0
@@ -300,15 +302,27 @@ class GardenSet:
         self._publish()
 
     def _apply(self, writes: list[_Write]) -> list[_Write]:
-        """The writes the kernel took (all, some, or none on an error)."""
+        """The writes the kernel took (all, some, or none on an error), ``WRITE_CHUNK`` at a time
+        (one netlink batch has a size limit; each chunk is one transaction)."""
+        done: list[_Write] = []
+        for at in range(0, len(writes), WRITE_CHUNK):
+            done += self._apply_chunk(writes[at:at + WRITE_CHUNK])
+        return done
+
+    def _apply_chunk(self, writes: list[_Write]) -> list[_Write]:
+        gone: set[Address] = {w.address for w in writes if w.refresh}
         try:
-            self._run(writes, refresh_by_delete=True)
+            self._run(writes, gone)
             return writes
         except DataplaneError as exc:
             error = exc
-        if _refused(error, errno.ENOENT) and any(w.refresh for w in writes):   # a refreshed element expired
+        if _refused(error, errno.ENOENT) and gone:
+            # A refreshed element expired meanwhile: delete (then add) only those still there,
+            # add the others. A plain add of one still there would keep its old timeout on
+            # kernels before 6.x while we record the new one.
             try:
-                self._run(writes, refresh_by_delete=False)
+                gone = {a for a in gone if self.elements.holds(DNS_GARDEN_SETS[a.version], str(a))}
+                self._run(writes, gone)
                 return writes
             except DataplaneError as exc:
                 error = exc
@@ -324,7 +338,7 @@ class GardenSet:
         refreshes = [w for w in writes if w.refresh]
         if refreshes:
             try:
-                self._run(refreshes, refresh_by_delete=False)
+                self._run(refreshes, set())
                 done += refreshes
             except DataplaneError as exc:
                 self._failed("dns_garden_add_failed", str(exc))
@@ -335,7 +349,7 @@ class GardenSet:
                 self.stats.count("garden_set_full", (FAMILY_LABELS[family],))
                 continue
             try:
-                self._run([write], refresh_by_delete=False)
+                self._run([write], set())
                 done.append(write)
             except DataplaneError as exc:
                 if not _refused(exc, errno.ENFILE):
@@ -345,12 +359,13 @@ class GardenSet:
                 self.stats.count("garden_set_full", (FAMILY_LABELS[family],))
         return done
 
-    def _run(self, writes: list[_Write], refresh_by_delete: bool) -> None:
+    def _run(self, writes: list[_Write], gone: set[Address]) -> None:
+        """One transaction: delete the addresses in ``gone`` (refreshes), add every write."""
         changes = []
         for family, name in DNS_GARDEN_SETS.items():
             mine = [w for w in writes if w.address.version == family]
-            gone = [w.address for w in mine if w.refresh] if refresh_by_delete else []
-            changes.append((name, gone, [(w.address, w.seconds) for w in mine]))
+            changes.append((name, [w.address for w in mine if w.address in gone],
+                            [(w.address, w.seconds) for w in mine]))
         self.elements.write(changes)
 
     def _failed(self, event: str, error: str) -> None:

@@ -324,3 +324,21 @@ async def test_covers_an_address_held_for_the_ttl_though_not_as_long_as_wanted(n
     clock.now += 75
     assert not garden.covers([(A1, 300)])    # 185 s left: the answer waits for the refresh
     assert not garden.covers([(A2, 300)])    # never held
+
+
+async def test_a_big_admit_goes_in_chunks_and_a_refresh_of_a_gone_element_adds_it(ns: Namespace) -> None:
+    """More addresses than one netlink batch holds are written a chunk at a time, all of them;
+    and when one refreshed element expired meanwhile, only it is added back, the others deleted
+    and added (their new timeout recorded and real)."""
+    ns.create_table(5000)
+    clock = Clock()
+    garden, stats = writer(ns, max_addresses=4000, clock=clock)
+    await garden.seed()
+    many = [(ip_address(f"2001:db8::{i:x}"), 300) for i in range(1, 3501)]
+    await garden.admit(many)
+    assert len(ns.elements(6)) == 3501 and stats.peek("kernel_failures") == 0
+    await garden.admit([(A1, 100), (A2, 1)])
+    await asyncio.sleep(2.5)      # the kernel drops A2; the writer's frozen clock still holds it
+    await garden.admit([(A1, 900), (A2, 900)])
+    assert ns.elements(4) == {SENTINELS[4]: None, "192.0.2.1": 900, "192.0.2.2": 900}
+    assert stats.peek("kernel_failures") == 0
