@@ -30,6 +30,7 @@ from .api.control import control_app
 from .api.listeners import start_tcp_site, start_unix_site
 from .api.scrape import metrics_app
 from .api.webhooks import SecretError, Verifier, load_webhook_secret
+from .backend_switch import remove_other_backend
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
@@ -377,6 +378,8 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
         systemd_notify.notify(f"READY=1\nSTATUS=enforcing: {restricted} subscriber(s) restricted")
         log.info("event=started table=%s api=%s control=%s metrics=%s restricted=%d", config.gateway.table,
                  config.api.listen, config.api.socket, config.metrics.listen, restricted)
+        # Ours are in place: the backend not configured must not keep anyone walled (``backend_switch``).
+        await asyncio.to_thread(remove_other_backend, config)
         await stop.wait()
     finally:
         systemd_notify.notify("STOPPING=1")
