@@ -99,7 +99,7 @@ def _run(argv: list[str], data: str | None = None, timeout: float = 120.0) -> st
 
 
 class IpsetDataplane:
-    """Owns the ``wg-*`` ipsets and, with ``rules == "own"``, the ``WALLED-GARDEN-*`` chains of
+    """Owns the ``walled-*`` ipsets and, with ``rules == "own"``, the ``WALLED-GARDEN-*`` chains of
     iptables and ip6tables; never touches another set or chain (but the three jumps)."""
 
     def __init__(self, table: str, rules: str = "own", iptables: str = "auto", base: Layout | None = None) -> None:
@@ -161,7 +161,7 @@ class IpsetDataplane:
         return next(self._ticks)
 
     def holds_layout(self, tag: str, containers: Iterable[str], mark: str | None = None) -> bool:
-        """The tag in ``wg-layouttag`` and each container's sentinel, one netlink test each, and
+        """The tag in ``walled-layouttag`` and each container's sentinel, one netlink test each, and
         with ``rules: own`` our jumps and stamp (``_rules_hold``: a few iptables processes, so a
         firewall reload that rewrote FORWARD is repaired at the next quick check, as a deleted
         nftables table is). With a digest mark: False, always (no generation proves the mark;
@@ -178,7 +178,7 @@ class IpsetDataplane:
                 if not self._lookup.holds(set_name(name), sentinel_of(name), _FULL[sentinel_family(name)])]
 
     def layout_tag(self) -> str | None:
-        """The tag in ``wg-layouttag``; with ``rules: own`` and our jumps or stamp not in place, the
+        """The tag in ``walled-layouttag``; with ``rules: own`` and our jumps or stamp not in place, the
         tag with what is wrong after it, so the check that asked reports it and repairs."""
         names = self._names()
         state = self._parse(self._save([set_name(TAG_SET)]) if set_name(TAG_SET) in names else [])
@@ -188,7 +188,7 @@ class IpsetDataplane:
         return tag
 
     def read(self) -> TableState | None:
-        """Every set of ours (one ``ipset save`` batch); None when ``wg-layouttag`` is gone. With
+        """Every set of ours (one ``ipset save`` batch); None when ``walled-layouttag`` is gone. With
         ``rules: own`` and our chains or jumps missing, or stamped with another layout or other
         rules than this release renders for it (``_expected_stamp``), no set counts as sealed:
         the reconciler's next sync replaces everything, rules included."""

@@ -1,13 +1,13 @@
 """The ipset backend's sets: which ones a ``Layout`` asks for, their names, types and sizes, and
 how a reconciler element (container, key) is written as an ipset element and read back.
 
-One ``hash:net`` set per reconciler container (``portal4_24`` → ``wg-portal4-24``, elements
+One ``hash:net`` set per reconciler container (``portal4_24`` → ``walled-portal4-24``, elements
 ``100.64.7.0/24``), so that the own rules can do what the nftables table does (the longest
 prefix decides; throttle buckets per prefix, ``--hashlimit-srcmask``), plus per family and kind
-a ``list:set`` umbrella (``wg-portal4``: every ``wg-portal4-*``) that rules, ours or the
+a ``list:set`` umbrella (``walled-portal4``: every ``walled-portal4-*``) that rules, ours or the
 operator's (``gateway.ipset.rules: external``), match with one ``-m set`` whatever prefix
-lengths the list uses. The layout's static sets (``wg-allow4``, resolvers, NTP servers), the
-timeout sets (``wg-noticeack4-24``, ``wg-portalcaller4``) and the tag set (``wg-layouttag``,
+lengths the list uses. The layout's static sets (``walled-allow4``, resolvers, NTP servers), the
+timeout sets (``walled-noticeack4-24``, ``walled-portalcaller4``) and the tag set (``walled-layouttag``,
 ``layout.TAG_SET``: the layout tag and the digest mark, as in the nftables table) complete it.
 
 Sizes. ``maxelem`` is what a set may ever hold; the kernel's default, 65,536, is a trap at 100k
@@ -37,26 +37,26 @@ from .layout import (
 )
 
 #: Every set of ours starts with this (ipset names are one namespace for the whole network
-#: namespace; ``ipset list -n | grep ^wg-`` shows ours). Temporary sets of a full sync: ``TEMP``.
-PREFIX = "wg-"
-TEMP = "wgt-"
+#: namespace; ``ipset list -n | grep ^walled-`` shows ours). Temporary sets of a full sync: ``TEMP``.
+PREFIX = "walled-"
+TEMP = "walledtmp-"
 #: The smallest ``maxelem`` we create (the kernel's default).
 MIN_CAPACITY = 65536
 #: ``list:set`` umbrellas hold one member per prefix length in use.
 UMBRELLA_SIZE = 64
-#: The kinds with an umbrella per family (``wg-portal4``, ...), in the order rules test them.
+#: The kinds with an umbrella per family (``walled-portal4``, ...), in the order rules test them.
 UMBRELLA_KINDS = ("portal", "throttle", "notice", "noticeack")
 _CALLER_SECONDS = 15 * 60
 _PER_PREFIX = re.compile(r"^(portal|notice|throttle|noticeack)([46])_(\d+)$")
 
 
 def set_name(container: str) -> str:
-    """The ipset of a reconciler container (``portal4_24`` → ``wg-portal4-24``)."""
+    """The ipset of a reconciler container (``portal4_24`` → ``walled-portal4-24``)."""
     return PREFIX + container.replace("_", "-")
 
 
 def container_of(name: str) -> str | None:
-    """``set_name``'s inverse for our sets (``wg-portal4-24`` → ``portal4_24``); None for others."""
+    """``set_name``'s inverse for our sets (``walled-portal4-24`` → ``portal4_24``); None for others."""
     if not name.startswith(PREFIX):
         return None
     return name[len(PREFIX):].replace("-", "_")

@@ -10,7 +10,7 @@ What they do, as the nftables table does (``layout.py``'s docstring):
   one to ``-THROTTLE`` (upload bucket). Notice leaves forwarding alone.
 * ``nat PREROUTING`` → ``WALLED-GARDEN-PRE`` → ``-NAT``: connections to the gateway's own
   addresses on the portal's ports are marked (``PORTAL_CT_MARK``) and their source recorded in
-  ``wg-portalcaller4`` (``-CALL``); TCP 80/443 to the gateway go to the portal's listeners; a
+  ``walled-portalcaller4`` (``-CALL``); TCP 80/443 to the gateway go to the portal's listeners; a
   walled-garden member's HTTP (and a notice member's, until acknowledged) to anywhere outside the
   garden is redirected to the portal.
 * ``filter INPUT`` → ``WALLED-GARDEN-IN``: a restricted subscriber may reach on the gateway only

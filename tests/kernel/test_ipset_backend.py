@@ -156,7 +156,7 @@ def test_external_rules_with_the_documented_lines(topo: Topology, tmp_path: Path
     try:
         saved = _in_gw(topo, "iptables-save").stdout + _in_gw(topo, "ip6tables-save").stdout
         assert "WALLED-GARDEN" not in saved, "rules: external installs no chain and no jump"
-        assert {"wg-portal4", "wg-notice4", "wg-allow4", "wg-portal6"} <= set(
+        assert {"walled-portal4", "walled-notice4", "walled-allow4", "walled-portal6"} <= set(
             _in_gw(topo, "ipset", "list", "-n").stdout.split())
         assert topo.curl(s1.netns, UPSTREAM)[:2] == (200, "UPSTREAM OK"), "no rule yet: nothing enforced"
         assert PORTAL_PORT == 8080, "the documented lines name port 8080"
@@ -201,7 +201,7 @@ def _header(topo: Topology, name: str) -> dict[str, int]:
 
 
 def test_a_list_update_past_maxelem_swaps_in_a_bigger_set(topo: Topology, tmp_path: Path) -> None:
-    """``wg-portal4-32`` made small behind the daemon's back (as an older release or the kernel's
+    """``walled-portal4-32`` made small behind the daemon's back (as an older release or the kernel's
     default of 65,536 would be, only smaller), then a list update that needs more room: the set
     is swapped for a bigger copy before the update, nobody is lifted or restricted by accident."""
     _tools("ipset-nft")
@@ -215,10 +215,10 @@ def test_a_list_update_past_maxelem_swaps_in_a_bigger_set(topo: Topology, tmp_pa
         assert _restricted(topo, s1.netns)
         lab.stop_daemon()
         # Shrink the set: a copy with maxelem 2 (the sentinel and s1) swapped in, as the daemon grows them.
-        saved = _in_gw(topo, "ipset", "save", "wg-portal4-32").stdout
-        small = re.sub(r"maxelem \d+", "maxelem 2", saved.replace("wg-portal4-32", "wgt-small"))
-        _feed(topo, small + "swap wgt-small wg-portal4-32\ndestroy wgt-small\n", "ipset", "restore")
-        assert _header(topo, "wg-portal4-32") == {"maxelem": 2, "entries": 2}
+        saved = _in_gw(topo, "ipset", "save", "walled-portal4-32").stdout
+        small = re.sub(r"maxelem \d+", "maxelem 2", saved.replace("walled-portal4-32", "walledtmp-small"))
+        _feed(topo, small + "swap walledtmp-small walled-portal4-32\ndestroy walledtmp-small\n", "ipset", "restore")
+        assert _header(topo, "walled-portal4-32") == {"maxelem": 2, "entries": 2}
         lab.start_daemon()   # reads the sets back, their maxelem with them
         assert _restricted(topo, s1.netns) and not _restricted(topo, s2.netns)
         probing = topo.popen(s1.netns, "sh", "-c", "for i in $(seq 1 40); do curl -s -o /dev/null -w '%{http_code}\\n' "
@@ -228,11 +228,11 @@ def test_a_list_update_past_maxelem_swaps_in_a_bigger_set(topo: Topology, tmp_pa
         out, _ = probing.communicate(timeout=60)
         codes = out.split()
         assert codes and set(codes) == {"302"}, f"s1 stayed restricted through the swap: {codes}"
-        header = _header(topo, "wg-portal4-32")
+        header = _header(topo, "walled-portal4-32")
         assert header["maxelem"] >= 65536 and header["entries"] == 1 + 1 + 1 + len(extra), header
         assert _restricted(topo, s1.netns) and not _restricted(topo, s2.netns)
         assert topo.curl(s2.netns, UPSTREAM)[:2] == (200, "UPSTREAM OK")
-        assert "wgt-" not in _in_gw(topo, "ipset", "list", "-n").stdout, "the temporary set is gone"
+        assert "walledtmp-" not in _in_gw(topo, "ipset", "list", "-n").stdout, "the temporary set is gone"
         assert f"event=sync kind=partial elements={1 + len(extra)} " in lab.log(), "a diff, not a full sync"
     finally:
         lab.stop_daemon()

@@ -116,10 +116,10 @@ class IpsetOutside:
 
     def saw_caller(self, address: str) -> None:
         version = ipaddress.ip_address(address).version
-        self._ipset("add", f"wg-{CALLER_SET[version]}", address)
+        self._ipset("add", f"walled-{CALLER_SET[version]}", address)
 
     def flush_set(self, name: str) -> None:
-        self._ipset("flush", "wg-" + name.replace("_", "-"))
+        self._ipset("flush", "walled-" + name.replace("_", "-"))
 
     def drop_element(self, name: str, key: str) -> None:
         from enforcer.dataplane.ipset_sets import element, set_name

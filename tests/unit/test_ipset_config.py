@@ -94,8 +94,8 @@ def test_render_prints_ipset_and_iptables_restore_text(tmp_path: Path, capsys: p
     assert main(["render", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# ipset restore -exist\n")
-    assert "add wg-portal4-32 100.64.0.10\n" in out and "add wg-portal6-56 2001:db8:1::/56\n" in out
-    assert re.search(r"^create wg-portal4-32 hash:net family inet hashsize \d+ maxelem 65536$", out, re.M)
+    assert "add walled-portal4-32 100.64.0.10\n" in out and "add walled-portal6-56 2001:db8:1::/56\n" in out
+    assert re.search(r"^create walled-portal4-32 hash:net family inet hashsize \d+ maxelem 65536$", out, re.M)
     assert "# iptables-restore --noflush\n*filter\n" in out and "# ip6tables-restore --noflush\n" in out
     assert "-I FORWARD 1 -j WALLED-GARDEN-FWD" in out and "-I PREROUTING 1 -j WALLED-GARDEN-PRE" in out
     external = _setup(tmp_path, "gateway:\n  backend: ipset\n  ipset: {rules: external}\n")
@@ -115,7 +115,7 @@ def test_a_packet_is_charged_once_per_second_at_the_rate_of_its_length() -> None
     assert iptables_rules.charges(125_000) == [], "at 64 KiB/s and more one charge covers any packet"
     assert iptables_rules.charges(2000)[-1] == 64_000 and len(iptables_rules.charges(2000)) == 32
     down = [line for line in iptables_rules.chains(_layout(10_000), 4)["filter"]
-            if line.startswith("-A WALLED-GARDEN-DOWN") and "wg-throttle4-24 " in line and "hashlimit" in line]
+            if line.startswith("-A WALLED-GARDEN-DOWN") and "walled-throttle4-24 " in line and "hashlimit" in line]
     assert len(down) == 7 and "--length" not in down[0] and "-m length ! --length 0:60000 " in down[-1]
     assert len({re.search(r"--hashlimit-name (\S+)", line).group(1) for line in down}) == 1, "one bucket"
 
@@ -162,7 +162,7 @@ def test_a_start_expects_the_stamp_of_the_configuration_with_the_sets_prefix_len
 
     base = _layout(10_000)
     wider = base.with_prefixes({(4, 24), (4, 16)})
-    names = [set_name(c) for c in wider.containers()] + ["wg-portal4", "wgt-portal4-8", "other-set"]
+    names = [set_name(c) for c in wider.containers()] + ["walled-portal4", "walledtmp-portal4-8", "other-set"]
     dataplane = IpsetDataplane("t", "own", "nft", base)
     assert dataplane._expected_stamp(wider.tag, names) == iptables_rules.stamp(wider)
     assert dataplane._expected_stamp("0123456789abcdef", names) == "0123456789abcdef rules ", \
