@@ -269,6 +269,21 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
         return None, [f"{source}: cannot read the subscriber list: {exc.strerror or exc}"]
 
 
+def _external_rules(config: Config) -> str:
+    """The operator's lines for ``gateway.ipset.rules: external`` (docs/ipset.md), for this
+    configuration's interfaces, portal ports, DNS and NTP servers."""
+    from .dataplane.iptables_rules import external_lines
+
+    wg = config.walled_garden
+    out = ["# rules: external: add these to your own ruleset (docs/ipset.md)"]
+    for version in (4, 6):
+        out += external_lines(version, config.portal.listen.port, config.gateway.subscriber_interfaces,
+                              dns=None if wg.dns is None else tuple(str(a) for a in wg.dns),
+                              ntp=None if wg.ntp is None else tuple(str(a) for a in wg.ntp),
+                              tls_port=config.portal.tls.listen.port if config.portal.tls else None)
+    return "\n".join(out) + "\n"
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     """Print the transaction a cold start would run with the current list; touches nothing. With
     ``gateway.backend: ipset``: the ipset and iptables-restore text instead of ``nft -f`` text."""
@@ -298,6 +313,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         from .dataplane.ipset import render
 
         sys.stdout.write("".join(render(tx, config.gateway.ipset.rules) for tx in fake.transactions))
+        if config.gateway.ipset.rules == "external":
+            sys.stdout.write(_external_rules(config))
         return 0
     sys.stdout.write(fake.dump())
     return 0

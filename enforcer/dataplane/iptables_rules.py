@@ -47,8 +47,9 @@ import functools
 import hashlib
 import math
 
+from ..model import Mode
 from .ipset_sets import set_name, umbrella
-from .layout import DHCP_PORTS, PORTAL_CT_MARK, Layout, throttle_set
+from .layout import DHCP_PORTS, PORTAL_CT_MARK, Layout, ack_set, redirect_set, throttle_set
 
 #: (table, built-in chain, our chain) of the jumps ``rules: own`` inserts once each.
 JUMPS = (("filter", "FORWARD", "WALLED-GARDEN-FWD"), ("filter", "INPUT", "WALLED-GARDEN-IN"),
@@ -127,8 +128,20 @@ def _rules(layout: Layout, version: int) -> dict[str, list[str]]:
             throttle.append(f"-A WALLED-GARDEN-THROTTLE {_match(members, 'src')} -j RETURN")
             for kind in ("notice", "portal"):
                 down.append(f"-A WALLED-GARDEN-DOWN {_match(set_name(f'{kind}{version}_{plen}'), 'dst')} -j RETURN")
-    up = [f"-A WALLED-GARDEN-UP {_match(sets['portal'], 'src')} -g WALLED-GARDEN-GARDEN",
-          f"-A WALLED-GARDEN-UP {_match(sets['throttle'], 'src')} -g WALLED-GARDEN-THROTTLE"]
+    # The umbrellas match every prefix length at once. Where an entry may lie inside a shorter
+    # one of someone else (sessions are resolved by exact network, so a /32 of one subscriber can
+    # sit in another's /56), the longest decides, as in the nftables table: those lengths get
+    # rules of their own first, and a key found there goes no further.
+    split = [plen for plen, shorter in longest if shorter]
+    up: list[str] = []
+    for plen in split:
+        portal_len, notice_len = (set_name(redirect_set(version, plen, mode)) for mode in (Mode.WALLED_GARDEN,
+                                                                                           Mode.NOTICE))
+        up += [f"-A WALLED-GARDEN-UP {_match(portal_len, 'src')} -g WALLED-GARDEN-GARDEN",
+               f"-A WALLED-GARDEN-UP {_match(set_name(throttle_set(version, plen)), 'src')} -g WALLED-GARDEN-THROTTLE",
+               f"-A WALLED-GARDEN-UP {_match(notice_len, 'src')} -j RETURN"]
+    up += [f"-A WALLED-GARDEN-UP {_match(sets['portal'], 'src')} -g WALLED-GARDEN-GARDEN",
+           f"-A WALLED-GARDEN-UP {_match(sets['throttle'], 'src')} -g WALLED-GARDEN-THROTTLE"]
     local_in = [f"-A WALLED-GARDEN-IN {i}{_match(sets[kind], 'src')} -g WALLED-GARDEN-LOCAL"
                 for i in ifaces for kind in ("portal", "notice")]
     filter_lines = fwd + down + up + _garden(layout, version, garden) + throttle + local_in + _local(layout, version)
@@ -142,6 +155,14 @@ def _rules(layout: Layout, version: int) -> dict[str, list[str]]:
             nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport {advertised} -m addrtype --dst-type LOCAL "
                        f"-j REDIRECT --to-ports {listener}")
     redirect = f"{_counter('redirected')} -j REDIRECT --to-ports {layout.portal_port}"
+    for plen in split:   # the longest entry decides (see ``up``)
+        portal_len, notice_len = (set_name(redirect_set(version, plen, mode)) for mode in (Mode.WALLED_GARDEN,
+                                                                                           Mode.NOTICE))
+        nat += [f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(portal_len, 'src')} {not_garden_dst} {redirect}",
+                f"-A WALLED-GARDEN-NAT {_match(portal_len, 'src')} -j RETURN",
+                f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(notice_len, 'src')} "
+                f"{_match(set_name(ack_set(version, plen)), 'src', True)} {not_garden_dst} {redirect}",
+                f"-A WALLED-GARDEN-NAT {_match(notice_len, 'src')} -j RETURN"]
     nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(sets['portal'], 'src')} {not_garden_dst} {redirect}")
     nat.append(f"-A WALLED-GARDEN-NAT -p tcp --dport 80 {_match(sets['notice'], 'src')} "
                f"{_match(sets['noticeack'], 'src', True)} {not_garden_dst} {redirect}")
@@ -234,24 +255,54 @@ def restore_text(layout: Layout, version: int, missing_jumps: set[tuple[str, str
     return "\n".join(out) + "\n"
 
 
-def external_lines(version: int, portal_port: int, interfaces: tuple[str, ...] = ()) -> list[str]:
-    """The smallest rules an operator with ``rules: external`` adds (docs/ipset.md): walled-garden
-    members refused but for the garden and DNS, their HTTP (and unacknowledged notice members')
-    sent to the portal. Throttling and the gateway's own ports are the operator's to write."""
+#: The chain an operator with ``rules: external`` creates for walled-garden members (its name is
+#: theirs to change; ours start ``WALLED-GARDEN-``, which the daemon manages).
+EXTERNAL_CHAIN = "WG-RESTRICTED"
+
+
+def external_lines(version: int, portal_port: int, interfaces: tuple[str, ...] = (), *,
+                   dns: tuple[str, ...] | None = None, ntp: tuple[str, ...] | None = None,
+                   tls_port: int | None = None) -> list[str]:
+    """The rules an operator with ``rules: external`` adds (docs/ipset.md; ``walled-garden
+    render`` prints them for the configuration), as shell commands: what ``rules: own`` does
+    for walled-garden and notice members, but throttling and the gateway's own ports.
+
+    ``dns``/``ntp``: None when ``walled_garden.dns``/``ntp`` allow any host (the default), else
+    the configured servers (then only the ``walled-dnsV``/``walled-ntpV`` sets' hosts pass).
+    Nothing here ``ACCEPT``s: a member's allowed traffic returns from our chain and the
+    operator's FORWARD rules decide about it as about anyone's."""
     cmd = "iptables" if version == 4 else "ip6tables"
-    iif = " ".join(f"-i {interface(n)}" for n in interfaces[:1])
-    iif = f"{iif} " if iif else ""
+    ifaces = [f"-i {interface(n)} " for n in interfaces] or [""]
     portal, notice, ack = (umbrella(k, version) for k in ("portal", "notice", "noticeack"))
     allow, hosts = set_name(f"allow{version}"), set_name(f"allowhost{version}")
-    garden = f"-m set ! --match-set {allow} dst -m set ! --match-set {hosts} dst"
-    return [
-        f"{cmd} -t nat -I PREROUTING 1 {iif}-p tcp --dport 80 -m set --match-set {portal} src {garden} "
-        f"-j REDIRECT --to-ports {portal_port}",
-        f"{cmd} -t nat -I PREROUTING 2 {iif}-p tcp --dport 80 -m set --match-set {notice} src "
-        f"-m set ! --match-set {ack} src {garden} -j REDIRECT --to-ports {portal_port}",
-        f"{cmd} -I FORWARD 1 {iif}-m set --match-set {portal} src {garden} -p udp ! --dport 53 "
-        f"-j REJECT --reject-with {_PROHIBITED[version]}",
-        f"{cmd} -I FORWARD 2 {iif}-m set --match-set {portal} src {garden} -p tcp ! --dport 53 "
-        "-j REJECT --reject-with tcp-reset",
-    ]
-
+    not_garden = f"-m set ! --match-set {allow} dst -m set ! --match-set {hosts} dst"
+    proto, icmp_opt, icmp_errors = _ICMP_ERRORS[version]
+    chain = EXTERNAL_CHAIN
+    out = [f"{cmd} -N {chain}",
+           f"{cmd} -A {chain} -m set --match-set {allow} dst -j RETURN",
+           f"{cmd} -A {chain} -m set --match-set {hosts} dst -j RETURN"]
+    for name, port, servers in (("dns", 53, dns), ("ntp", 123, ntp)):
+        where = "" if servers is None else f"-m set --match-set {set_name(f'{name}{version}')} dst "
+        for transport in (("udp", "tcp") if name == "dns" else ("udp",)):
+            out.append(f"{cmd} -A {chain} {where}-p {transport} --dport {port} -j RETURN")
+    out += [f"{cmd} -A {chain} -p {proto} --{icmp_opt} {kind} -j RETURN" for kind in icmp_errors]
+    out += [f"{cmd} -A {chain} -p tcp -j REJECT --reject-with tcp-reset",
+            f"{cmd} -A {chain} -j REJECT --reject-with {_PROHIBITED[version]}"]
+    out += [f"{cmd} -I FORWARD 1 {i}-m set --match-set {portal} src -j {chain}" for i in ifaces]
+    ports = sorted({portal_port, 80, *((tls_port, 443) if tls_port is not None else ())})
+    local = f"-p tcp -m multiport --dports {','.join(map(str, ports))} -m addrtype --dst-type LOCAL"
+    nat: list[str] = []
+    for i in ifaces:
+        # Connections to the portal: marked (a lift's conntrack flush spares them, so the
+        # promise-to-pay answer arrives) and their source recorded (the portal's actions check it).
+        nat += [f"{i}{local} -j CONNMARK --or-mark {PORTAL_CT_MARK:#x}",
+                f"{i}{local} -j SET --add-set {set_name(f'portalcaller{version}')} src --exist --timeout 900"]
+        for advertised, listener in ((80, portal_port), (443, tls_port)):
+            if listener is not None and listener != advertised:
+                nat.append(f"{i}-p tcp --dport {advertised} -m addrtype --dst-type LOCAL "
+                           f"-j REDIRECT --to-ports {listener}")
+        redirect = f"{not_garden} -j REDIRECT --to-ports {portal_port}"
+        nat += [f"{i}-p tcp --dport 80 -m set --match-set {portal} src {redirect}",
+                f"{i}-p tcp --dport 80 -m set --match-set {notice} src -m set ! --match-set {ack} src {redirect}"]
+    out += [f"{cmd} -t nat -I PREROUTING {n} {line}" for n, line in enumerate(nat, 1)]
+    return out
