@@ -100,7 +100,9 @@ def test_render_prints_ipset_and_iptables_restore_text(tmp_path: Path, capsys: p
     assert "-I FORWARD 1 -j WALLED-GARDEN-FWD" in out and "-I PREROUTING 1 -j WALLED-GARDEN-PRE" in out
     external = _setup(tmp_path, "gateway:\n  backend: ipset\n  ipset: {rules: external}\n")
     assert main(["render", "--config", str(external)]) == 0
-    assert "iptables" not in capsys.readouterr().out, "rules: external: the sets only"
+    out = capsys.readouterr().out
+    assert "iptables-restore" not in out and "WALLED-GARDEN-" not in out, "rules: external: no chain of ours"
+    assert "# rules: external" in out and "iptables -N WG-RESTRICTED" in out, "the operator's lines, to copy"
 
 
 # -- the rules' pure parts -----------------------------------------------------------------------
