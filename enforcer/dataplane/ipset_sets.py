@@ -42,12 +42,17 @@ PREFIX = "walled-"
 TEMP = "walledtmp-"
 #: The smallest ``maxelem`` we create (the kernel's default).
 MIN_CAPACITY = 65536
-#: ``list:set`` umbrellas hold one member per prefix length in use.
-UMBRELLA_SIZE = 64
+#: ``list:set`` umbrellas hold one member per prefix length in use: IPv6 has 129 (/0 to /128), and
+#: a smaller umbrella makes every full sync of a list using more lengths fail.
+UMBRELLA_SIZE = 129
 #: The kinds with an umbrella per family (``walled-portal4``, ...), in the order rules test them.
 UMBRELLA_KINDS = ("portal", "throttle", "notice", "noticeack")
 _CALLER_SECONDS = 15 * 60
 _PER_PREFIX = re.compile(r"^(portal|notice|throttle|noticeack)([46])_(\d+)$")
+_PER_PREFIX_NAME = re.compile(r"^(portal|notice|throttle|noticeack)([46])-(0|[1-9][0-9]{0,2})$")
+#: The sets of ours that are neither per prefix length nor umbrellas, without ``PREFIX``.
+_FIXED = frozenset({*(f"{kind}{version}" for kind in ("allow", "dns", "ntp") for version in (4, 6)),
+                    *HOST_ALLOW.values(), *CALLER_SET.values(), TAG_SET})
 
 
 def set_name(container: str) -> str:
@@ -64,6 +69,39 @@ def container_of(name: str) -> str | None:
 
 def umbrella(kind: str, version: int) -> str:
     return f"{PREFIX}{kind}{version}"
+
+
+def temporary(name: str) -> str:
+    """The temporary set a full sync (or a growth) fills for our set ``name`` before swapping it in."""
+    return TEMP + name[len(PREFIX):]
+
+
+def per_prefix(name: str) -> tuple[str, int, int] | None:
+    """(kind, version, prefix length) of a per-prefix set's name (``walled-portal4-24``), None for
+    any other name (a length the family does not have included)."""
+    if not name.startswith(PREFIX):
+        return None
+    match = _PER_PREFIX_NAME.match(name[len(PREFIX):])
+    if match is None or int(match.group(3)) > (32 if match.group(2) == "4" else 128):
+        return None
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def is_umbrella(name: str) -> bool:
+    return name.startswith(PREFIX) and name[len(PREFIX):-1] in UMBRELLA_KINDS and name[-1] in "46"
+
+
+def ours(name: str) -> bool:
+    """Is ``name`` one that ``specs`` can generate (a per-prefix set, an umbrella, a static set)?
+    Only such a set is read as ours, and only such a set (or its ``temporary``) is ever destroyed:
+    ``walled-`` alone is a prefix someone else may use too (``wg-`` was WireGuard's)."""
+    return (name.startswith(PREFIX) and name[len(PREFIX):] in _FIXED) or is_umbrella(name) \
+        or per_prefix(name) is not None
+
+
+def ours_temporary(name: str) -> bool:
+    """Is ``name`` the ``temporary`` of one of ``ours``?"""
+    return name.startswith(TEMP) and ours(PREFIX + name[len(TEMP):])
 
 
 def prefix_of(container: str) -> tuple[int, int] | None:
