@@ -106,11 +106,17 @@ class Enforcer:
 
 def build_dataplane(config: Config) -> Dataplane:
     """The backend ``gateway.backend`` names (docs/ipset.md), imported only when chosen: the
-    nftables one needs libnftables, the ipset one the ipset and iptables tools."""
+    nftables one needs libnftables, the ipset one the ipset and iptables tools: without them the
+    start fails here, naming the tool, rather than at the first sync as a kernel error."""
     if config.gateway.backend == "ipset":
-        from .dataplane.ipset import IpsetDataplane
+        from .config import ConfigError
+        from .dataplane.ipset import IpsetDataplane, available
+        from .issues import Issue
         from .table_layout import base_layout
 
+        missing = available(config.gateway.ipset.rules, config.gateway.ipset.iptables)
+        if missing:
+            raise ConfigError([Issue("gateway.backend", f"ipset {missing}")])
         return IpsetDataplane(config.gateway.table, config.gateway.ipset.rules, config.gateway.ipset.iptables,
                               base_layout(config))
     from .dataplane.kernel import KernelDataplane  # needs libnftables: not for unit tests
