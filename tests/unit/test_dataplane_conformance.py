@@ -16,6 +16,7 @@ import concurrent.futures
 import ctypes
 import ipaddress
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -349,3 +350,207 @@ def test_the_digest_mark_is_looked_up_with_the_tag_and_small_sets_read_alone(bac
     outside.drop_table()
     assert dp.read_sets(["allowhost4"]) is None
     assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers(), digest_mark(7, generation + 1)) is False
+
+
+# -- the ipset backend only (issue 19's review) -----------------------------------------------------
+
+@pytest.fixture(params=["nft", "legacy"])
+def ipset_backend(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Callable[..., str]]]:
+    """An ``IpsetDataplane`` with its own rules in a namespace of its own, and ``sh(*argv)`` that
+    runs a tool there (its stdout; a failure fails the test)."""
+    missing = _ipset_available()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"ipset conformance {missing}: CI refuses to skip")
+        pytest.skip(f"ipset conformance {missing}")
+    variant: str = request.param
+    netns = f"wgips{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
+
+    def sh(*argv: str, check: bool = True) -> str:
+        done = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 or not check, (argv, done.stderr)
+        return done.stdout
+
+    kernel = None
+    try:
+        kernel = NamespacedKernel(netns, lambda: __import__("enforcer.dataplane.ipset", fromlist=["x"])
+                                  .IpsetDataplane(TABLE, "own", variant))
+        kernel.variant = variant   # type: ignore[attr-defined]
+        yield kernel, sh
+    finally:
+        if kernel is not None:
+            kernel.close()
+        subprocess.run(["ip", "netns", "del", netns], timeout=10)
+
+
+def _members(sh: Callable[..., str], name: str) -> list[str]:
+    return [line.split()[2] for line in sh("ipset", "save", name).splitlines() if line.startswith("add ")]
+
+
+def test_a_flushed_or_emptied_umbrella_is_noticed_and_repaired(ipset_backend):
+    """The rules match only the umbrellas: ``ipset flush walled-portal4`` freed every walled-garden
+    subscriber and neither check saw it. The quick check tests each member; ``layout_tag`` and
+    ``read`` say what is wrong, so the reconciler replaces, and the replace lists them again."""
+    dp, sh = ipset_backend
+    install(dp, portal4_32=["100.64.1.10"])
+    wanted = _members(sh, "walled-portal4")
+    assert wanted == ["walled-portal4-32", "walled-portal4-24"], "longest prefix first"
+    for damage in (("flush", "walled-portal4"), ("del", "walled-portal4", "walled-portal4-32"),
+                   ("del", "walled-noticeack6", "walled-noticeack6-56")):
+        sh("ipset", *damage)
+        assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is False, damage
+        assert dp.missing_sentinels(LAYOUT.containers()) == [], "no set was flushed"
+        top = damage[1]
+        assert dp.layout_tag().startswith(f"{LAYOUT.tag} (umbrella {top} lacks "), damage
+        state = dp.read()
+        assert state is not None and state.layout_tag != LAYOUT.tag and f"umbrella {top} lacks" in state.layout_tag
+        install(dp, portal4_32=["100.64.1.10"])
+        assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is True
+        assert dp.read().layout_tag == LAYOUT.tag
+        assert _members(sh, "walled-portal4") == wanted
+    assert "walledtmp-" not in sh("ipset", "list", "-n")
+
+
+def test_someone_elses_set_in_an_umbrella_is_seen_at_the_full_check_and_taken_out(ipset_backend):
+    dp, sh = ipset_backend
+    install(dp, portal4_32=["100.64.1.10"])
+    sh("ipset", "create", "walled-peers", "hash:net")
+    sh("ipset", "add", "walled-portal4", "walled-peers")
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is True, "the quick check tests only ours"
+    assert "umbrella walled-portal4 lists walled-peers" in dp.read().layout_tag
+    install(dp, portal4_32=["100.64.1.10"])
+    assert "walled-peers" not in _members(sh, "walled-portal4")
+    assert "walled-peers" in sh("ipset", "list", "-n").split(), "taken out, not destroyed"
+    assert dp.read().layout_tag == LAYOUT.tag
+
+
+def test_a_rule_deleted_inside_our_chains_is_seen_at_the_full_check(ipset_backend):
+    """The quick check sees jumps and the stamp; the full check (``read``) compares every rule of
+    our chains with what this release renders, so a rule deleted or added inside them is
+    repaired too."""
+    dp, sh = ipset_backend
+    tool = f"iptables-{dp.variant}"
+    install(dp, portal4_32=["100.64.1.10"])
+    assert dp.read().layout_tag == LAYOUT.tag, "the chains as rendered: iptables' own spelling matches"
+    garden = sh(tool, "-S", "WALLED-GARDEN-GARDEN")
+    sh(tool, "-D", "WALLED-GARDEN-GARDEN", "-p", "tcp", "-m", "comment", "--comment",
+       "walled-garden counter refused_tcp", "-j", "REJECT", "--reject-with", "tcp-reset")
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is True, "the quick check stays cheap"
+    assert "iptables" in dp.read().layout_tag
+    install(dp, portal4_32=["100.64.1.10"])
+    assert sh(tool, "-S", "WALLED-GARDEN-GARDEN") == garden
+    assert dp.read().layout_tag == LAYOUT.tag
+    sh(f"ip6tables-{dp.variant}", "-I", "WALLED-GARDEN-UP", "-j", "RETURN")   # a rule added: every IPv6 one passes
+    assert "iptables" in dp.read().layout_tag
+
+
+def test_sets_that_are_not_ours_are_never_read_or_destroyed(ipset_backend):
+    """Only names ``ipset_sets`` generates are ours: ``walled-peers`` and ``walledtmp-peers`` (someone
+    else's, with our prefixes) survive a full sync, a layout change and ``remove_everything``."""
+    dp, sh = ipset_backend
+    for name in ("walled-peers", "walledtmp-peers", "walled-portal4-33"):
+        sh("ipset", "create", name, "hash:net")
+    install(dp, portal4_32=["100.64.1.10"])
+    assert "peers" not in dp.read().elements
+    tx = Transaction(TABLE)
+    tx.replace_table(LAYOUT.with_prefixes({(4, 28)}))
+    dp.apply(tx)
+    dp.remove_everything()
+    assert sorted(sh("ipset", "list", "-n").split()) == ["walled-peers", "walled-portal4-33", "walledtmp-peers"]
+
+
+def test_a_full_sync_adds_the_entering_keys_before_it_swaps(ipset_backend, monkeypatch):
+    """Walled garden → notice in a full sync: the address is added to the live notice set before
+    any set is swapped, so it is in one of the two throughout (the swaps follow each other, and
+    the portal set's came first: it was in neither for a moment)."""
+    from enforcer.dataplane import ipset as ipset_module
+    dp, _ = ipset_backend
+    install(dp, portal4_32=["100.64.1.10"], notice4_32=["100.64.1.11"])
+    restores: list[str] = []
+    run = ipset_module._run
+
+    def spy(argv: list[str], data: str | None = None, timeout: float = 120.0) -> str:
+        if argv == ["ipset", "restore"]:
+            restores.append(data or "")
+        return run(argv, data, timeout)
+
+    monkeypatch.setattr(ipset_module, "_run", spy)
+    install(dp, notice4_32=["100.64.1.10", "100.64.1.11"])
+    first_swap = next(i for i, text in enumerate(restores) if "\nswap walledtmp-portal4-32 walled-portal4-32\n"
+                      in f"\n{text}")
+    entered = next(i for i, text in enumerate(restores) if "add walled-notice4-32 100.64.1.10\n" in text)
+    assert entered < first_swap, restores
+    assert "add walled-notice4-32 100.64.1.11\n" not in restores[entered], "only keys that enter"
+    state = contents(dp.read())
+    assert state["portal4_32"] == {} and state["notice4_32"] == {"100.64.1.10": None, "100.64.1.11": None}
+
+
+def test_a_full_sync_that_fails_at_a_swap_changes_nothing(ipset_backend, monkeypatch):
+    """A swap that fails (a temporary gone) undoes the swaps before it, the umbrellas' copies and
+    the entering keys: every set of ours as before, no temporary left."""
+    from enforcer.dataplane import ipset as ipset_module
+    dp, sh = ipset_backend
+    install(dp, portal4_32=["100.64.1.10"], notice4_32=["100.64.1.11"])
+    before = sh("ipset", "save")
+    run = ipset_module._run
+    done: list[str] = []
+
+    def sabotage(argv: list[str], data: str | None = None, timeout: float = 120.0) -> str:
+        if argv == ["ipset", "restore"] and data and data.startswith("swap walledtmp-") and not done:
+            sh("ipset", "destroy", "walledtmp-notice4-32")   # its swap comes after portal4-32's
+            done.append(data)
+        return run(argv, data, timeout)
+
+    monkeypatch.setattr(ipset_module, "_run", sabotage)
+    with pytest.raises(DataplaneError):
+        install(dp, portal4_32=["100.64.1.11"], notice4_32=["100.64.1.10"], throttle4_24=["100.64.9.0"])
+    assert done and done[0].index("swap walledtmp-portal4-32 ") < done[0].index("swap walledtmp-notice4-32 ")
+    assert sh("ipset", "save") == before
+    assert "walledtmp-" not in sh("ipset", "list", "-n")
+
+
+def test_an_obsolete_set_in_use_stays_and_the_others_go(ipset_backend):
+    """Destroying is set by set: an operator's rule naming ``walled-portal4-24`` keeps that one
+    (and the full sync still succeeds); the other sets of the dropped prefix length go."""
+    dp, sh = ipset_backend
+    wide = LAYOUT.with_prefixes({(4, 20)})
+    tx = Transaction(TABLE)
+    tx.replace_table(wide)
+    dp.apply(tx)
+    sh(f"iptables-{dp.variant}", "-A", "FORWARD", "-m", "set", "--match-set", "walled-portal4-20", "src", "-j", "DROP")
+    install(dp, portal4_32=["100.64.1.10"])
+    names = sh("ipset", "list", "-n").split()
+    assert "walled-portal4-20" in names
+    assert not {"walled-notice4-20", "walled-noticeack4-20", "walled-throttle4-20"} & set(names)
+    assert "walled-portal4-20" not in _members(sh, "walled-portal4")
+    assert dp.holds_layout(LAYOUT.tag, LAYOUT.containers()) is True
+    sh(f"iptables-{dp.variant}", "-D", "FORWARD", "-m", "set", "--match-set", "walled-portal4-20", "src", "-j", "DROP")
+
+
+def test_more_ipv6_prefix_lengths_than_64(ipset_backend):
+    """An umbrella of 64 made every full sync of a list with more IPv6 prefix lengths fail."""
+    dp, sh = ipset_backend
+    many = LAYOUT.with_prefixes({(6, plen) for plen in range(48, 129)})
+    tx = Transaction(TABLE)
+    tx.replace_table(many)
+    tx.add("portal6_128", [("2001:db8::1", None)])
+    dp.apply(tx)
+    assert len(_members(sh, "walled-portal6")) == 81
+    assert dp.holds_layout(many.tag, many.containers()) is True
+    assert dp.read().layout_tag == many.tag
+
+
+def test_an_old_umbrella_of_64_is_replaced_by_a_bigger_one(ipset_backend):
+    """Umbrellas made by an older release (size 64) are copied at this release's size by the next
+    full sync, so a list that later uses more prefix lengths does not fail."""
+    dp, sh = ipset_backend
+    install(dp)
+    saved = sh("ipset", "save", "walled-portal6")
+    small = re.sub(r"^(create|add) walled-portal6 ", r"\1 walledtmp-small ", saved, flags=re.M).replace(
+        "size 129", "size 64")
+    subprocess.run(["ip", "netns", "exec", dp.netns, "ipset", "restore"], check=True, timeout=30, text=True,
+                   input=small + "swap walledtmp-small walled-portal6\ndestroy walledtmp-small\n")
+    assert "size 64" in sh("ipset", "list", "-t", "walled-portal6")
+    install(dp)
+    assert f"size {129}" in sh("ipset", "list", "-t", "walled-portal6")
