@@ -126,6 +126,32 @@ def test_a_firewall_reload_that_drops_our_jumps_is_repaired_at_the_next_check(to
         lab.stop_daemon()
 
 
+def test_a_flushed_umbrella_is_repaired_at_the_next_check(topo: Topology, tmp_path: Path) -> None:
+    """The rules match only the ``list:set`` umbrellas: ``ipset flush walled-portal4`` frees every
+    walled-garden subscriber while every set still holds its elements and sentinel. The quick
+    table check tests each umbrella's members, logs ``event=table_lost`` and the full sync lists
+    them again; ``ipset del`` of one member likewise."""
+    _tools("ipset-nft")
+    s1, s2, _ = topo.subscribers
+    lab = _lab(topo, tmp_path, "own", "nft", [{"id": SUB1, "addresses": [s1.addr4], "reason": "overdue"}])
+    lab.start_daemon()
+    try:
+        members = _in_gw(topo, "ipset", "save", "walled-portal4").stdout
+        for damage in (("flush", "walled-portal4"), ("del", "walled-portal4", "walled-portal4-32")):
+            assert tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "ECONNREFUSED"
+            _in_gw(topo, "ipset", *damage)
+            assert tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "connected", f"freed by {damage}"
+            lab.wait_for(lambda: tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "ECONNREFUSED",
+                         timeout=15, what=f"the umbrella repaired after {damage}")
+            assert _in_gw(topo, "ipset", "save", "walled-portal4").stdout == members
+            assert tcp_connect(topo, s2.netns, "198.51.100.10", 443)[0] == "connected", "the free one stays free"
+        assert "event=table_lost" in lab.log() and "umbrella walled-portal4 lacks walled-portal4-32" in lab.log()
+        lab.wait_for(lambda: "walledtmp-" not in _in_gw(topo, "ipset", "list", "-n").stdout, timeout=5,
+                     what="the old contents destroyed (after the swaps and the rules)")
+    finally:
+        lab.stop_daemon()
+
+
 # -- rules: external ----------------------------------------------------------------------------
 
 def _documented_lines() -> list[str]:
@@ -134,6 +160,20 @@ def _documented_lines() -> list[str]:
     block = re.search(r"```\n(.*?)```", section, re.S)
     assert block is not None, "docs/ipset.md lost its rules: external block"
     return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def _operator_lines(topo: Topology) -> list[list[str]]:
+    """The documented lines for this topology's subscriber interfaces, as argv: the chain once,
+    the jumps and nat lines per interface (docs/ipset.md: as ``render`` prints them)."""
+    interfaces = tuple(topo.subscriber_interfaces)
+    lines = iptables_rules.external_lines(4, PORTAL_PORT, interfaces) + \
+        iptables_rules.external_lines(6, PORTAL_PORT, interfaces)
+    def general(line: str) -> str:   # without the interface and the position
+        return re.sub(r"(-I \S+) \d+ ", r"\1 ", re.sub(r"-i \S+ ", "", line))
+
+    assert {general(line) for line in lines} == {general(line) for line in _documented_lines()}, \
+        "per interface, the lines documented for eth1"
+    return [shlex.split(line) for line in lines]
 
 
 def test_the_documented_lines_are_what_external_lines_prints() -> None:
@@ -160,10 +200,8 @@ def test_external_rules_with_the_documented_lines(topo: Topology, tmp_path: Path
             _in_gw(topo, "ipset", "list", "-n").stdout.split())
         assert topo.curl(s1.netns, UPSTREAM)[:2] == (200, "UPSTREAM OK"), "no rule yet: nothing enforced"
         assert PORTAL_PORT == 8080, "the documented lines name port 8080"
-        for interface in topo.subscriber_interfaces:
-            for line in _documented_lines():
-                argv = shlex.split(line.replace("-i eth1", f"-i {interface}"))
-                _in_gw(topo, *argv)
+        for argv in _operator_lines(topo):
+            _in_gw(topo, *argv)
         status, _, headers, _ = topo.curl(s1.netns, UPSTREAM)
         assert status == 302 and headers["location"] == lab.portal_url
         assert topo.curl(s1.netns, lab.portal_url)[0] == 200
@@ -180,14 +218,14 @@ def test_external_rules_with_the_documented_lines(topo: Topology, tmp_path: Path
         assert tcp_connect(topo, s1.netns, "198.51.100.10", 443)[0] == "connected"
     finally:
         lab.stop_daemon()
-        for interface in topo.subscriber_interfaces:   # the namespace goes anyway; tidy all the same
-            for line in _documented_lines():
-                argv = shlex.split(line.replace("-i eth1", f"-i {interface}"))
+        for argv in reversed(_operator_lines(topo)):   # the namespace goes anyway; tidy all the same
+            if "-I" in argv:
                 delete = [("-D" if a == "-I" else a) for a in argv]
-                position = delete.index("-D") + 2
-                if delete[position].isdigit():
-                    del delete[position]
+                del delete[delete.index("-D") + 2]   # the position
                 topo.run(topo.gateway.netns, *delete, timeout=30.0)
+            elif "-N" in argv:
+                for verb in ("-F", "-X"):
+                    topo.run(topo.gateway.netns, *[verb if a == "-N" else a for a in argv], timeout=30.0)
 
 
 # -- maxelem growth -----------------------------------------------------------------------------
