@@ -658,7 +658,7 @@ class IpsetDataplane:
             if parts[0] == "add" and parts[1] in listed:
                 listed[parts[1]].append(parts[2])
             elif parts[0] == "add" and parts[1] in live:
-                live[parts[1]].add(parts[2])
+                live[parts[1]].add(_as_written(parts[2]))
             elif parts[0] == "create" and parts[1] in live and "maxelem" in parts:
                 maxelem[parts[1]] = int(parts[parts.index("maxelem") + 1])
         for name, keys in live.items():
@@ -728,6 +728,18 @@ def _quietly(argv: list[str]) -> bool:
     except DataplaneError as exc:
         log.warning("event=iptables_cleanup_failed error=%r", str(exc))
         return False
+
+
+def _as_written(text: str) -> str:
+    """An element as ``element`` writes it (Python's spelling). ``ipset save`` prints IPv6 with
+    ``inet_ntop``, which spells an IPv4-mapped address with dots (``::ffff:1.2.3.4``) where Python
+    does not: such an element would look absent, and adding it again would fail the full sync."""
+    if "." not in text or ":" not in text:
+        return text
+    try:
+        return str(ipaddress.ip_network(text, strict=False)) if "/" in text else str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 def _names_a_list(line: str) -> bool:

@@ -326,3 +326,15 @@ def test_a_start_without_the_tools_fails_naming_them(monkeypatch: pytest.MonkeyP
                           "gateway:\n  backend: ipset\n  ipset: {iptables: legacy}\n")
     with pytest.raises(ConfigError, match=r"gateway\.backend: ipset needs iptables-legacy-restore"):
         build_dataplane(config)
+
+
+def test_a_live_element_is_compared_as_element_writes_it() -> None:
+    """``ipset save`` spells an IPv4-mapped IPv6 address with dots; a full sync comparing it with
+    Python's spelling would take it as entering and fail adding it again."""
+    from enforcer.dataplane.ipset import _as_written
+    from enforcer.dataplane.ipset_sets import element
+
+    assert _as_written("::ffff:1.2.3.4") == element("portal6_128", str(ipaddress.ip_address("::ffff:1.2.3.4")))
+    assert _as_written("::ffff:1.2.3.0/120") == element("portal6_120", str(ipaddress.ip_address("::ffff:1.2.3.0")))
+    assert [_as_written(text) for text in ("100.64.1.10", "100.64.7.0/24", "2001:db8::/64")] == \
+        ["100.64.1.10", "100.64.7.0/24", "2001:db8::/64"]
