@@ -51,12 +51,12 @@ def _remove_ipset_objects(table: str) -> list[str]:
     """One ``ipset list -n`` and one ``iptables-save`` per family and variant (the daemon's
     start pays for it when the ipset tools are installed: a few ms each)."""
     from .dataplane.ipset import IpsetDataplane
-    from .dataplane.ipset_sets import PREFIX, TEMP
+    from .dataplane.ipset_sets import ours, ours_temporary
 
     if shutil.which("ipset") is None:
         return []
     listed = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, timeout=60)
-    sets = [n for n in listed.stdout.split() if n.startswith((PREFIX, TEMP))] if listed.returncode == 0 else []
+    sets = [n for n in listed.stdout.split() if ours(n) or ours_temporary(n)] if listed.returncode == 0 else []
     removed: list[str] = []
     for variant in ("nft", "legacy"):
         saves = [tool for tool in (f"iptables-{variant}-save", f"ip6tables-{variant}-save") if shutil.which(tool)]
