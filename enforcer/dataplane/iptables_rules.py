@@ -212,16 +212,25 @@ def _throttled(chain: str, members: str, limit: str, rate: int) -> list[str]:
 
 def _garden(layout: Layout, version: int, garden: list[str]) -> list[str]:
     """Walled-garden mode (``layout._garden_chain``): the allowed few return, the rest is refused."""
+    return _garden_lines("-A WALLED-GARDEN-GARDEN", version, garden, layout.dns is not None,
+                         layout.ntp is not None, counted=True)
+
+
+def _garden_lines(append: str, version: int, garden: list[str], dns_listed: bool, ntp_listed: bool,
+                  counted: bool) -> list[str]:
+    """The garden chain's rules after ``append`` (``-A <chain>``, or the command that appends
+    to the operator's chain): garden, DNS and NTP (to the listed servers when listed), ICMP
+    errors return; TCP gets a reset, the rest admin-prohibited; ``counted``: with our counters."""
     proto, icmp_opt, icmp_errors = _ICMP_ERRORS[version]
-    out = [f"-A WALLED-GARDEN-GARDEN {_match(name, 'dst')} -j RETURN" for name in garden]
-    for name, port in (("dns", 53), ("ntp", 123)):
-        servers = layout.dns if name == "dns" else layout.ntp
-        where = "" if servers is None else f"{_match(set_name(f'{name}{version}'), 'dst')} "
+    out = [f"{append} {_match(name, 'dst')} -j RETURN" for name in garden]
+    for name, port, listed in (("dns", 53, dns_listed), ("ntp", 123, ntp_listed)):
+        where = f"{_match(set_name(f'{name}{version}'), 'dst')} " if listed else ""
         for transport in (("udp", "tcp") if name == "dns" else ("udp",)):
-            out.append(f"-A WALLED-GARDEN-GARDEN {where}-p {transport} --dport {port} -j RETURN")
-    out += [f"-A WALLED-GARDEN-GARDEN -p {proto} --{icmp_opt} {kind} -j RETURN" for kind in icmp_errors]
-    out += [f"-A WALLED-GARDEN-GARDEN -p tcp {_counter('refused_tcp')} -j REJECT --reject-with tcp-reset",
-            f"-A WALLED-GARDEN-GARDEN {_counter('refused_other')} -j REJECT --reject-with {_PROHIBITED[version]}"]
+            out.append(f"{append} {where}-p {transport} --dport {port} -j RETURN")
+    out += [f"{append} -p {proto} --{icmp_opt} {kind} -j RETURN" for kind in icmp_errors]
+    tcp, other = (f"{_counter('refused_tcp')} ", f"{_counter('refused_other')} ") if counted else ("", "")
+    out += [f"{append} -p tcp {tcp}-j REJECT --reject-with tcp-reset",
+            f"{append} {other}-j REJECT --reject-with {_PROHIBITED[version]}"]
     return out
 
 
@@ -276,18 +285,10 @@ def external_lines(version: int, portal_port: int, interfaces: tuple[str, ...] =
     portal, notice, ack = (umbrella(k, version) for k in ("portal", "notice", "noticeack"))
     allow, hosts = set_name(f"allow{version}"), set_name(f"allowhost{version}")
     not_garden = f"-m set ! --match-set {allow} dst -m set ! --match-set {hosts} dst"
-    proto, icmp_opt, icmp_errors = _ICMP_ERRORS[version]
     chain = EXTERNAL_CHAIN
-    out = [f"{cmd} -N {chain}",
-           f"{cmd} -A {chain} -m set --match-set {allow} dst -j RETURN",
-           f"{cmd} -A {chain} -m set --match-set {hosts} dst -j RETURN"]
-    for name, port, servers in (("dns", 53, dns), ("ntp", 123, ntp)):
-        where = "" if servers is None else f"-m set --match-set {set_name(f'{name}{version}')} dst "
-        for transport in (("udp", "tcp") if name == "dns" else ("udp",)):
-            out.append(f"{cmd} -A {chain} {where}-p {transport} --dport {port} -j RETURN")
-    out += [f"{cmd} -A {chain} -p {proto} --{icmp_opt} {kind} -j RETURN" for kind in icmp_errors]
-    out += [f"{cmd} -A {chain} -p tcp -j REJECT --reject-with tcp-reset",
-            f"{cmd} -A {chain} -j REJECT --reject-with {_PROHIBITED[version]}"]
+    out = [f"{cmd} -N {chain}"]
+    out += _garden_lines(f"{cmd} -A {chain}", version, [allow, hosts], dns is not None, ntp is not None,
+                         counted=False)
     out += [f"{cmd} -I FORWARD 1 {i}-m set --match-set {portal} src -j {chain}" for i in ifaces]
     ports = sorted({portal_port, 80, *((tls_port, 443) if tls_port is not None else ())})
     local = f"-p tcp -m multiport --dports {','.join(map(str, ports))} -m addrtype --dst-type LOCAL"
