@@ -379,7 +379,8 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
         log.info("event=started table=%s api=%s control=%s metrics=%s restricted=%d", config.gateway.table,
                  config.api.listen, config.api.socket, config.metrics.listen, restricted)
         # Ours are in place: the backend not configured must not keep anyone walled (``backend_switch``).
-        await asyncio.to_thread(remove_other_backend, config)
+        # In the background: a slow tool neither delays a stop nor, failing, ends the daemon.
+        enforcer.engine.spawn(asyncio.to_thread(remove_other_backend, config), "backend_switch")
         await stop.wait()
     finally:
         systemd_notify.notify("STOPPING=1")
