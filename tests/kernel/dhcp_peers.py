@@ -103,6 +103,17 @@ def _check_addr(text: str, what: str) -> None:
         raise ValueError(f"{what}: {text} is outside the test ranges ({', '.join(map(str, _ALLOWED))})")
 
 
+def unused_address(*taken: str, candidates: Iterable[str] = ("100.64.200.140", "100.64.200.141",
+                                                               "100.64.200.142")) -> str:
+    """The first of ``candidates`` nobody holds. A reservation for an address another client still
+    leases is not handed out (dnsmasq keeps the live lease and ACKs the old one), so a move must go
+    to an address neither client has."""
+    for address in candidates:
+        if address not in taken:
+            return address
+    raise ValueError(f"unused_address: all of {tuple(candidates)} are taken by {taken}")
+
+
 def _run(argv: list[str], timeout: float = _CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, radclient
+from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, radclient, unused_address
 
 from enforcer.demo.topology import Topology
 from required import tool
@@ -62,7 +62,7 @@ def test_dnsmasq_moves_a_client_and_hands_its_old_address_to_another(lan: Lan, t
         old_a = client_a.acquire()
         old_b = client_b.acquire()
         assert old_a != old_b
-        new_a = "100.64.200.140" if old_a != "100.64.200.140" else "100.64.200.141"
+        new_a = unused_address(old_a, old_b)
 
         server.reassign(a.mac, new_a)
         assert client_a.renew() == new_a      # NAK of old_a, then DISCOVER -> reserved address

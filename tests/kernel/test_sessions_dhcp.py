@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, LanClient
+from dhcp_peers import Dhcp6Client, DhcpClient, Dnsmasq, Kea4, Kea6, Lan, LanClient, unused_address
 
 from enforcer.demo.lab import Lab
 from enforcer.demo.topology import Topology
@@ -214,7 +214,7 @@ def test_dnsmasq_restriction_follows_a_move_and_the_old_address_goes_to_a_paying
         assert _state(a.netns, lab)[0] == WALLED and _state(b.netns, lab)[0] == FREE
 
         # The move: A renews to a new address, B is given A's old one.
-        new_a = "100.64.200.140" if "100.64.200.140" not in (old_a, old_b) else "100.64.200.141"
+        new_a = unused_address(old_a, old_b)
         server.reassign(a.mac, new_a)
         assert client_a.renew() == new_a
         _route(lan, a)
