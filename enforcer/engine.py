@@ -20,7 +20,7 @@ import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -139,7 +139,7 @@ class Engine:
         self.reports: dict[str, Callable[[], Any]] = {}   # status sections, by key
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
         self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a reload's table replace (lock held)
-        self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step, not yet saved
+        self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step (or ended), not yet saved
         self._sessions_unsaved: dict[SessionId, Session] = {}   # sessions moved by it, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._background: set[asyncio.Task[Any]] = set()
@@ -176,8 +176,17 @@ class Engine:
 
     @property
     def clock_unsaved(self) -> bool:
-        """Graces, promises or sessions moved by a clock step live only in memory (the timer retries)."""
+        """Graces, promises or sessions moved by a clock step, or ends the timer could not save
+        (``save_later``), live only in memory (the timer retries)."""
         return bool(self._moved_unsaved or self._sessions_unsaved)
+
+    def save_later(self, ids: Iterable[str]) -> None:
+        """These subscribers' inputs changed in memory with time (an exemption, grace or promise
+        ended) but their save failed: saved by the next ``now`` (the next input, or the timer's
+        round within RESYNC_SECONDS). A restart before that reads the old end and ends it again,
+        unless the wall clock has stepped back before it: then only this save keeps what ended
+        ended, so it is retried until memory and disk agree."""
+        self._moved_unsaved.update(ids)
 
     async def kernel(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._kernel_thread, fn, *args)

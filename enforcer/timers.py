@@ -101,8 +101,12 @@ class Timers:
                 try:
                     await asyncio.to_thread(engine.store.save_subscribers, engine.inputs, expired)
                 except (StoreError, sqlite3.Error) as exc:   # what ended is gone from memory: enforce it
-                    # Enforced anyway; they expire again after a restart.
-                    log.error("event=expiry_not_saved count=%d error=%s enforced=yes", len(expired), exc)
+                    # Enforced anyway, and saved again by the next round (``Engine.save_later``):
+                    # a restart before that ends them again from their saved ends, but only
+                    # while the clock has not stepped back past them, so the save must follow.
+                    engine.save_later(expired)
+                    log.error("event=expiry_not_saved count=%d error=%s enforced=yes retry=next_round",
+                              len(expired), exc)
             result = await engine.apply_resolving(engine.decide(todo, now), "policy timer")
             self.metrics.exemptions.set(sum(len(e) for e in engine.inputs.exemptions.values()))
         log.info("event=policy_timer expired=%d window_opened=%d escalated=%d changed_networks=%d", len(expired),

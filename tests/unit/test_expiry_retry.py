@@ -1,0 +1,243 @@
+"""An expiry the timer could not save is saved again, so what a restart reads converges on what
+is enforced, also after the wall clock steps back.
+
+docs/reference.md, Safety rules (durable state; clock steps). At its end an exemption (or a
+grace, a promise) is dropped from memory and the kernel enforces what follows at once, even when
+the save of that end fails (``event=expiry_not_saved ... enforced=yes``). While the wall clock
+runs on, the unsaved end is harmless: a restart reads an exemption whose end has passed and
+expires it again. After a step back the saved exemption's end lies in the future again, so a
+restart would free the subscriber: the timer therefore keeps the end pending and saves it at its
+next round (``Engine.save_later``, saved by ``Engine.now``). An ended exemption stays ended: a
+step back never brings it back, in memory or on disk (``receipt_clock``: backward steps only ever
+make what is still running last longer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon_helpers import NoConntrack, exempt, handle_event
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import PAYMENT, Event
+from enforcer.policy import PolicyInputs
+from enforcer.sources import ListUpdate
+from enforcer.store import Store
+from enforcer.subscribers import Mode, Subscriber, parse_address
+from enforcer.timers import RESYNC_SECONDS
+
+NOW = 1_795_000_000.0   # 2026-11-18
+GRACE = 3600.0
+SUB = Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue")
+
+
+class Clocks:
+    """A wall clock that can be stepped, and the monotonic clock it is checked against."""
+
+    def __init__(self) -> None:
+        self.wall = NOW
+        self.mono = 1000.0
+
+    def pass_(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
+        self.wall += seconds
+
+
+def config(tmp: Path) -> Any:
+    return parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+                        f"policy: {{payment_grace: {int(GRACE)}}}\n", str(tmp / "c.yaml"))
+
+
+@contextlib.asynccontextmanager
+async def enforcer(tmp: Path, clocks: Clocks, fake: FakeDataplane,
+                   listed: bool = True) -> AsyncIterator[Enforcer]:
+    e = Enforcer(config(tmp), dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
+                 clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await e.engine.restore()
+    if listed:
+        await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+def noticed(fake: FakeDataplane) -> bool:
+    return fake.view.get("mode4_32", {}).get("100.64.0.10") == "goto notice"
+
+
+def persisted(e_or_tmp: Enforcer | Path) -> PolicyInputs:
+    """What a restart would read (a fresh ``Store`` over the state directory)."""
+    state = e_or_tmp.engine.config.state_dir if isinstance(e_or_tmp, Enforcer) else e_or_tmp / "state"
+    store = Store(str(state))
+    try:
+        return store.load_inputs()
+    finally:
+        store.close()
+
+
+def fail_once(e: Enforcer, operation: str) -> list[str]:
+    """Make the next write named ``operation`` fail as a full disk would; returns the failures."""
+    failed: list[str] = []
+
+    def fault(name: str) -> None:
+        if name == operation and not failed:
+            failed.append(name)
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+    e.engine.store.write_fault = fault
+    return failed
+
+
+async def exempt_then_expire_unsaved(e: Enforcer, fake: FakeDataplane, clocks: Clocks) -> None:
+    """C-1 is exempt for a minute; the minute passes and the timer's save of the end fails."""
+    assert (await exempt(e, "noc", "C-1", "outage", NOW + 60, "fault ticket"))[0] == 200
+    assert not noticed(fake)
+    clocks.pass_(61)
+    failed = fail_once(e, "save_subscribers")
+    await e.timers.tick()
+    assert failed, "the injected failure did not happen"
+    assert noticed(fake), "the ended exemption is enforced although its save failed"
+    assert "C-1" not in e.engine.inputs.exemptions
+    assert "C-1" in persisted(e).exemptions
+
+
+async def test_an_unsaved_expiry_is_saved_at_the_next_round_after_a_step_back(tmp_path: Path) -> None:
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        await exempt_then_expire_unsaved(e, fake, clocks)
+        assert e.engine.clock_unsaved, "the unsaved end is not pending"
+        assert e.timers._wait() <= RESYNC_SECONDS, "the timer does not come back soon for the unsaved end"
+        clocks.step(-600)             # now the saved end lies in the future again
+        await e.timers.tick()         # the next round saves the end
+        assert noticed(fake)
+        assert "C-1" not in persisted(tmp_path).exemptions
+        assert persisted(tmp_path).decide("C-1", clocks.wall).mode == Mode.NOTICE
+        assert not e.engine.clock_unsaved
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:   # a restart decides the same
+        await e.timers.tick()
+        assert noticed(fake)
+        assert e.engine.decisions["C-1"].mode == Mode.NOTICE
+
+
+async def test_any_input_saves_a_pending_expiry(tmp_path: Path) -> None:
+    """``Engine.now`` (every input and timer round) saves what is pending, not only the timer."""
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        await exempt_then_expire_unsaved(e, fake, clocks)
+        async with e.engine.lock:
+            e.engine.now()
+        assert "C-1" not in persisted(tmp_path).exemptions
+
+
+async def test_a_failing_retry_stays_pending_until_a_save_succeeds(tmp_path: Path) -> None:
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        await exempt_then_expire_unsaved(e, fake, clocks)
+        failed = fail_once(e, "save_clock")
+        await e.timers.tick()
+        assert failed and e.engine.clock_unsaved
+        assert "C-1" in persisted(tmp_path).exemptions
+        clocks.pass_(RESYNC_SECONDS)
+        await e.timers.tick()
+        assert not e.engine.clock_unsaved
+        assert "C-1" not in persisted(tmp_path).exemptions
+        assert noticed(fake)
+
+
+async def test_a_restart_before_the_retry_expires_it_again(tmp_path: Path) -> None:
+    """Killed before the retry (the clock did not step): the saved end has passed, so the restart
+    enforces and expires it again, and saves that."""
+    clocks, fake = Clocks(), FakeDataplane()
+    e = Enforcer(config(tmp_path), dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
+                 clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
+    await exempt_then_expire_unsaved(e, fake, clocks)
+    await e.close()
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        assert e.engine.inputs.decide("C-1", clocks.wall).mode == Mode.NOTICE
+        await e.timers.tick()
+        assert noticed(fake)
+        assert "C-1" not in e.engine.inputs.exemptions
+        assert "C-1" not in persisted(tmp_path).exemptions
+
+
+async def test_a_step_back_does_not_bring_an_ended_exemption_back(tmp_path: Path) -> None:
+    """Saved or not, an exemption that ended stays ended when the clock steps back to before its
+    end: nothing in memory or on disk frees the subscriber again."""
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        assert (await exempt(e, "noc", "C-1", "outage", NOW + 60, "fault ticket"))[0] == 200
+        clocks.pass_(61)
+        await e.timers.tick()
+        assert noticed(fake)
+        clocks.step(-600)
+        await e.timers.tick()
+        assert noticed(fake)
+        assert "C-1" not in e.engine.inputs.exemptions
+        assert "C-1" not in persisted(tmp_path).exemptions
+        assert e.engine.inputs.decide("C-1", clocks.wall).mode == Mode.NOTICE
+
+
+async def test_an_unsaved_grace_end_is_saved_too(tmp_path: Path) -> None:
+    """The same for a payment's grace: ended, its save failed, the clock stepped back into it;
+    the next round saves the end, so a restart does not free the subscriber for the rest of it."""
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        assert (await handle_event(e, Event("p1", PAYMENT, NOW, "C-1"), 0.0))[0] == 200
+        assert not noticed(fake)
+        clocks.pass_(GRACE + 1)
+        failed = fail_once(e, "save_subscribers")
+        await e.timers.tick()
+        assert failed and noticed(fake)
+        assert "C-1" in persisted(tmp_path).graces
+        clocks.step(-600)
+        await e.timers.tick()
+        assert "C-1" not in persisted(tmp_path).graces
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        await e.timers.tick()
+        assert noticed(fake)
+
+
+# -- the chaos model's sequence, by hand -------------------------------------------------------
+
+@pytest.fixture
+def machine() -> Iterator[Any]:
+    from test_daemon_chaos import FakeChaos
+
+    m = FakeChaos()
+    yield m
+    m.teardown()
+
+
+@pytest.mark.parametrize("restart", [None, "kill"])
+def test_the_chaos_models_expiry_sequence(machine: Any, restart: str | None) -> None:
+    """What the model found: C-1 (listed, notice) is exempt for a minute; the timer's save of its
+    end fails; the wall clock steps back 600 s. Kernel, memory and what a restart reads must agree
+    again by the next round (with a restart in between: the restart's reading, which frees C-1
+    until the saved end comes again, is what the kernel then holds)."""
+    machine.boot(listed=["C-1"])
+    machine.edit_list(edits=[("C-1", Mode.NOTICE, None)])
+    machine.exemption(sid="C-1", end=False, seconds=60.0)
+    machine.store_failure(op="save_subscribers")
+    machine.time_passes(seconds=299.0)
+    machine.kernel_matches_persisted_policy()
+    machine.clock_step(seconds=-600.0)
+    machine.kernel_matches_persisted_policy()
+    if restart:
+        machine.restart(how=restart, down=0.0)
+        machine.kernel_matches_persisted_policy()
+    machine.timer_round()
+    machine.kernel_matches_persisted_policy()
+    assert machine.persisted().exemptions == machine.e.engine.inputs.exemptions
+    assert not machine.e.engine.clock_unsaved
