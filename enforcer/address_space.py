@@ -41,6 +41,15 @@ def _span(network: Network) -> tuple[int, int]:
     return start, start | ((1 << (_WIDTH[network.version] - network.prefixlen)) - 1)
 
 
+Span = tuple[int, int, int]   # (IP version, first address, last address) as integers
+
+
+def span(network: Network) -> Span:
+    """``network`` as a ``Span``: what the checks below work on, so a bulk parser that never
+    builds an ``ipaddress`` network (``subscribers``' fast path) can use them too."""
+    return (network.version, *_span(network))
+
+
 #: (version, first, last, what it is): checked in this order, so 255.255.255.255 is named as
 #: the broadcast address rather than as part of 240.0.0.0/4. A network *overlapping* any of
 #: them is refused: ``0.0.0.0/16`` lies inside 0.0.0.0/8, ``::/32`` contains ``::`` and ``::1``.
@@ -69,15 +78,21 @@ def special_use_problem(network: Network) -> str | None:
 
 def _special_use_problem(network: Network, first: int, last: int) -> str | None:
     """``special_use_problem`` with the network's span already known."""
+    label = _special_label(network.version, first, last)
+    return None if label is None else f"{network} is or overlaps {label}, never a subscriber's"
+
+
+def _special_label(version: int, first: int, last: int) -> str | None:
+    """The special-use range the span overlaps (its label), or None."""
     # Fast path (called for every address of a 100k-line list): clear of every range above.
-    if network.version == 4:
+    if version == 4:
         if first >> 24 > 0 and last >> 24 < 224 and not first >> 24 <= 127 <= last >> 24:
             return None
     elif first >> 48 and last < _V6_MULTICAST:      # all IPv6 ranges but multicast lie in ::/80
         return None
-    for version, low, high, label in _SPECIAL:
-        if version == network.version and first <= high and low <= last:
-            return f"{network} is or overlaps {label}, never a subscriber's"
+    for special_version, low, high, label in _SPECIAL:
+        if special_version == version and first <= high and low <= last:
+            return label
     return None
 
 
@@ -112,37 +127,57 @@ class AddressSpace:
         special = _special_use_problem(network, first, last)
         if special or not self.prefixes:
             return special
-        version = network.version
-        for prefix_version, low, high in self._spans:
-            if prefix_version == version and low <= first and last <= high:
-                return None
+        if self._inside(network.version, first, last):
+            return None
         names = ", ".join(str(p) for p in self.prefixes)
         return f"{network} lies outside gateway.subscriber_prefixes ({names})"
+
+    def accepts(self, version: int, first: int, last: int) -> bool:
+        """``problem(network) is None`` for the network with this span, without the network
+        or the wording: the bulk parser asks this, and on False lets ``problem`` say why."""
+        if _special_label(version, first, last) is not None:
+            return False
+        return not self.prefixes or self._inside(version, first, last)
+
+    def _inside(self, version: int, first: int, last: int) -> bool:
+        for prefix_version, low, high in self._spans:
+            if prefix_version == version and low <= first and last <= high:
+                return True
+        return False
+
+
+Tag = TypeVar("Tag")
 
 
 def find_overlaps(entries: Iterable[tuple[Key, Network]]) -> list[tuple[tuple[Key, Network], tuple[Key, Network]]]:
     """Pairs ``(outer, inner)`` of ``(owner, network)`` where ``inner`` equals or lies inside
     ``outer`` and the owners differ; one pair per conflicting ``inner``, with its closest
-    ``outer``.
+    ``outer`` (``find_span_overlaps`` over the networks' spans)."""
+    return find_span_overlaps((owner, span(network), network) for owner, network in entries)
+
+
+def find_span_overlaps(entries: Iterable[tuple[Key, Span, Tag]]) -> list[tuple[tuple[Key, Tag], tuple[Key, Tag]]]:
+    """``find_overlaps`` over ``(owner, span, tag)``: pairs ``(outer, inner)`` of ``(owner, tag)``.
 
     CIDR blocks either nest or are disjoint, so one sort by (start, widest first) and a stack of
     the blocks enclosing the current one find every conflict: O(n log n), about 0.2 s for 100k
     entries. Networks of one owner may nest (a /56 and an address in it).
     """
-    spans = []
-    for owner, network in entries:
-        first, last = _span(network)
-        spans.append((network.version, first, -last, owner, network))
-    spans.sort(key=lambda s: (s[0], s[1], s[2]))
-    pairs: list[tuple[tuple[Key, Network], tuple[Key, Network]]] = []
-    stack: list[tuple[int, int, Key, Network]] = []      # (version, last, owner, network), nested
-    for version, first, negative_last, owner, network in spans:
-        while stack and (stack[-1][0] != version or stack[-1][1] < first):
+    listed = list(entries)
+    # Sorted as plain tuples of ints (the index breaks ties): no key function per element.
+    order = sorted([(version, first, -last, i) for i, (_, (version, first, last), _) in enumerate(listed)])
+    pairs: list[tuple[tuple[Key, Tag], tuple[Key, Tag]]] = []
+    stack: list[tuple[int, int, int, Key, Tag]] = []      # (version, first, last, owner, tag), nested
+    for version, first, negative_last, i in order:
+        owner, _, tag = listed[i]
+        last = -negative_last
+        while stack and (stack[-1][0] != version or stack[-1][2] < first):
             stack.pop()
-        for _, _, other, outer in reversed(stack):
+        for _, _, _, other, outer in reversed(stack):
             if other != owner:
-                pairs.append(((other, outer), (owner, network)))
+                pairs.append(((other, outer), (owner, tag)))
                 break
-        if not (stack and stack[-1][2] == owner and stack[-1][3] == network):   # a repeat adds nothing
-            stack.append((version, -negative_last, owner, network))
+        top = stack[-1] if stack else None
+        if not (top and top[3] == owner and top[1] == first and top[2] == last):   # a repeat adds nothing
+            stack.append((version, first, last, owner, tag))
     return pairs

@@ -568,18 +568,22 @@ def test_deep_yaml_is_a_list_error() -> None:
         assert found[0][0].startswith("l.yaml:")
 
 
-def test_an_unexpected_error_checking_a_line_names_that_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug of ours on odd input refuses the list at the line, never escapes as another type."""
+@pytest.mark.parametrize("checker", ["_fast_entry", "_validated"])
+def test_an_unexpected_error_checking_a_line_names_that_line(monkeypatch: pytest.MonkeyPatch, checker: str) -> None:
+    """A bug of ours on odd input refuses the list at the line, never escapes as another type,
+    in the fast path and in the full one."""
     import enforcer.subscribers as subscribers
 
-    validated = subscribers._validated
+    original = getattr(subscribers, checker)
 
-    def broken(raw, where, issues, space=None):
+    def broken(raw, *args):
         if raw.get("id") == "C-2":
             raise KeyError("surprise")
-        return validated(raw, where, issues, space)
+        return original(raw, *args)
 
-    monkeypatch.setattr(subscribers, "_validated", broken)
+    if checker == "_validated":
+        monkeypatch.setattr(subscribers, "_fast_entry", lambda raw, space: None)
+    monkeypatch.setattr(subscribers, checker, broken)
     found = issues("C-1,100.64.0.1\nC-2,100.64.0.2\n", "l.csv")
     assert found == [("l.csv:2", "this entry could not be checked (KeyError: 'surprise')")]
 
