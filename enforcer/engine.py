@@ -422,5 +422,8 @@ class Engine:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
+        if self.clock_unsaved:     # a clean stop within the timer's retry window: one last save
+            async with self.lock:
+                self.now()
         self._kernel_thread.shutdown(wait=True)
         self.store.close()

@@ -163,13 +163,24 @@ async def test_a_restart_before_the_retry_expires_it_again(tmp_path: Path) -> No
     await e.engine.restore()
     await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
     await exempt_then_expire_unsaved(e, fake, clocks)
+    e.engine._moved_unsaved.clear()   # killed: what was pending in memory is gone (a clean stop saves it)
     await e.close()
+    assert "C-1" in persisted(tmp_path).exemptions
     async with enforcer(tmp_path, clocks, fake, listed=False) as e:
         assert e.engine.inputs.decide("C-1", clocks.wall).mode == Mode.NOTICE
         await e.timers.tick()
         assert noticed(fake)
         assert "C-1" not in e.engine.inputs.exemptions
         assert "C-1" not in persisted(tmp_path).exemptions
+
+
+async def test_a_clean_stop_saves_a_pending_expiry(tmp_path: Path) -> None:
+    """A stop inside the timer's retry window makes one last save (``Engine.close``)."""
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        await exempt_then_expire_unsaved(e, fake, clocks)
+        assert "C-1" in persisted(tmp_path).exemptions
+    assert "C-1" not in persisted(tmp_path).exemptions
 
 
 async def test_a_step_back_does_not_bring_an_ended_exemption_back(tmp_path: Path) -> None:
