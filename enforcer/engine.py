@@ -145,10 +145,15 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- time and the kernel thread -------------------------------------------------------
-    def now(self) -> float:
+    def now(self, save_pending: bool = True) -> float:
         """The instant to decide at (caller holds the lock). A forward step of the wall clock
         first moves the ends of graces and promises by as much: a jump never ends anyone's
-        freedom early (``receipt_clock``)."""
+        freedom early (``receipt_clock``).
+
+        What is pending (moved ends, ``save_later``) is saved as memory holds it for those
+        subscribers, so only at the start of an operation, before it changes anything: inside
+        one (``sync_all``, a list's diff) memory may hold a change the operation still undoes,
+        and ``save_pending=False`` leaves the save to the next operation's start."""
         jump = self.receipts.step()
         if jump:
             now = self.clock()
@@ -160,7 +165,7 @@ class Engine:
             self._sessions_unsaved.update((s.id, s) for s in sessions)
             self._anchor_unsaved = True
             self.changed.set()   # the next session expiry moved too
-        if self._moved_unsaved or self._sessions_unsaved or self._anchor_unsaved:
+        if save_pending and (self._moved_unsaved or self._sessions_unsaved or self._anchor_unsaved):
             # The moved ends and the anchor they were moved by, in one commit: if it fails, the
             # saved anchor is the one before the step, and a restart moves the saved ends again.
             wall, mono = self.receipts.anchor
@@ -226,7 +231,7 @@ class Engine:
         later, still holding the lock (``ListIntake._enforce_first``)."""
         if self.rebuilding is not None:
             raise DataplaneError("the state was lost: the kernel table is kept as it is until the list arrives")
-        now = self.now()
+        now = self.now(save_pending=False)    # maybe inside an operation that may still undo (``now``)
         with gc_paused():   # 100k decisions that live on: no collection walks them half-built
             decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()
@@ -422,8 +427,5 @@ class Engine:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
-        if self.clock_unsaved:     # a clean stop within the timer's retry window: one last save
-            async with self.lock:
-                self.now()
         self._kernel_thread.shutdown(wait=True)
         self.store.close()

@@ -458,7 +458,7 @@ def _fast_entry(raw: Any, space: AddressSpace | None) -> tuple[Subscriber, list[
         version, width = _BITS[family]
         try:
             packed = socket.inet_pton(family, address)
-        except OSError:
+        except (OSError, ValueError):     # ValueError: an embedded NUL
             return None
         if slash:
             if not (length.isascii() and length.isdigit()) or len(length) > 3:

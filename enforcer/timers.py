@@ -80,10 +80,10 @@ class Timers:
         async with engine.lock:
             if time.monotonic() - self._pruned > PRUNE_SECONDS:
                 self._prune()
+            now = engine.now()     # first: saves what is pending (sync_all leaves that to us)
             if engine.reconciler.needs_full:
                 await engine.sync_all(read_kernel=True)
                 return
-            now = engine.now()
             lapsing = sum(1 for h in engine.inputs.promises.values()
                           if h and h[-1].outcome == "active" and h[-1].until <= now)
             expired = policy.expire(engine.inputs, now)

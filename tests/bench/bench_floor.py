@@ -45,11 +45,14 @@ from enforcer.gc_pause import gc_paused  # noqa: E402
 from enforcer.subscribers import parse_list  # noqa: E402
 
 GOAL_RATIO, GOAL_MB = 2.0, 100.0
-#: What each process imports before it does any work (enforcer/cli.py ``run``; the worker's
-#: ``main``), then prints its VmRSS in KiB.
+#: What each process loads before it reads the list (enforcer/cli.py ``run``: the daemon, its
+#: nftables backend and libnftables, the version metric; the worker's ``main``), then its VmRSS in KiB.
 PROBES = {
     "bare interpreter": "pass",
-    "daemon imports": "import enforcer.cli, enforcer.service, enforcer.daemon",
+    "daemon imports": ("import enforcer.cli, enforcer.service, enforcer.daemon, enforcer.process_metrics\n"
+                       "from enforcer.dataplane.kernel import KernelDataplane\n"
+                       "KernelDataplane('wg_floor')\n"           # libnftables loaded, as ``Enforcer()`` does
+                       "enforcer.process_metrics.package_version()"),
     "webhook worker imports": ("import enforcer.webhook_worker, enforcer.api.listeners, enforcer.api.webhooks, "
                                "enforcer.logs"),
 }

@@ -163,24 +163,13 @@ async def test_a_restart_before_the_retry_expires_it_again(tmp_path: Path) -> No
     await e.engine.restore()
     await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
     await exempt_then_expire_unsaved(e, fake, clocks)
-    e.engine._moved_unsaved.clear()   # killed: what was pending in memory is gone (a clean stop saves it)
     await e.close()
-    assert "C-1" in persisted(tmp_path).exemptions
     async with enforcer(tmp_path, clocks, fake, listed=False) as e:
         assert e.engine.inputs.decide("C-1", clocks.wall).mode == Mode.NOTICE
         await e.timers.tick()
         assert noticed(fake)
         assert "C-1" not in e.engine.inputs.exemptions
         assert "C-1" not in persisted(tmp_path).exemptions
-
-
-async def test_a_clean_stop_saves_a_pending_expiry(tmp_path: Path) -> None:
-    """A stop inside the timer's retry window makes one last save (``Engine.close``)."""
-    clocks, fake = Clocks(), FakeDataplane()
-    async with enforcer(tmp_path, clocks, fake) as e:
-        await exempt_then_expire_unsaved(e, fake, clocks)
-        assert "C-1" in persisted(tmp_path).exemptions
-    assert "C-1" not in persisted(tmp_path).exemptions
 
 
 async def test_a_step_back_does_not_bring_an_ended_exemption_back(tmp_path: Path) -> None:
@@ -252,3 +241,37 @@ def test_the_chaos_models_expiry_sequence(machine: Any, restart: str | None) -> 
     machine.kernel_matches_persisted_policy()
     assert machine.persisted().exemptions == machine.e.engine.inputs.exemptions
     assert not machine.e.engine.clock_unsaved
+
+
+async def test_a_pending_save_never_writes_a_change_that_is_then_undone(tmp_path: Path) -> None:
+    """The pending save writes what memory holds, so it runs only at the start of an operation
+    (``Engine.now``), never inside one: here a first list drops C-9's event restriction in
+    memory, its own save fails and memory is restored; a save of the pending expiry in the
+    middle (``sync_all``) had persisted the dropped restriction, and a restart freed C-9,
+    whose restriction billing was answered 200 for (found in review)."""
+    from enforcer.events import RESTRICTED
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        walled = Subscriber("C-9", (parse_address("100.64.0.9"),), Mode.WALLED_GARDEN, "overdue")
+        assert (await handle_event(e, Event("r9", RESTRICTED, NOW, "C-9", walled), 0.0))[0] == 200
+        assert (await exempt(e, "noc", "C-9", "outage", NOW + 60, "ticket"))[0] == 200
+        clocks.pass_(61)
+        assert fail_once(e, "save_subscribers") is not None
+        await e.timers.tick()
+        assert e.engine.clock_unsaved
+        failed = fail_once(e, "save_list")
+        listed = Subscriber("C-9", (parse_address("100.64.0.9"),), Mode.NOTICE, "overdue")
+        await e.lists.on_list(ListUpdate([listed], "l.yaml", "1"))
+        assert failed, "the list's save did not fail"
+        assert "C-9" in persisted(tmp_path).overrides, "a change the list then undid was saved"
+        other = Subscriber("C-1", (parse_address("100.64.0.1"),), Mode.NOTICE, "overdue")
+        await e.lists.on_list(ListUpdate([other], "l.yaml", "2"))     # the fixed export, without C-9
+        for _ in range(3):
+            clocks.pass_(RESYNC_SECONDS)
+            await e.timers.tick()
+        assert not e.engine.clock_unsaved
+        assert persisted(tmp_path).decide("C-9", clocks.wall).mode == Mode.WALLED_GARDEN
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        await e.timers.tick()
+        assert e.engine.decisions["C-9"].mode == Mode.WALLED_GARDEN
+        assert fake.view.get("mode4_32", {}).get("100.64.0.9") == "goto garden"
