@@ -215,6 +215,8 @@ def parse_address(text: str, space: AddressSpace | None = None) -> Network:
     are addresses never a subscriber's (loopback, multicast, ...: ``special_use_problem``) and,
     given ``space``, addresses outside ``gateway.subscriber_prefixes``."""
     text = text.strip()
+    if "%" in text:    # ``ipaddress`` takes fe80::1%eth0 and the kernel's sets would drop the zone
+        raise ValueError(f"{text} carries a zone (%...); a subscriber's address is written without one")
     network = _network(text)
     if network.prefixlen < MIN_PREFIX[network.version]:
         raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "

@@ -121,3 +121,16 @@ def test_a_list_with_conflicts_is_worded_the_same_through_the_fast_path() -> Non
                     "2001:db8::/48 of C-3 (line 4, l.csv:4)"),
         ("l.csv:7", "address 100.64.1.1/32 of C-6 is also held by C-5 (line 6, l.csv:6)"),
     ], found
+
+
+def test_a_zoned_address_is_refused_with_its_reason() -> None:
+    """``fe80::1%eth0``: ``ipaddress`` accepts it and drops the zone, so ``fe80::1%eth0 fe80::1``
+    was one address listed twice without a word; now the zone is named (found in review)."""
+    try:
+        parse_list("C-1,fe80::1%eth0 2001:db8::1\n", "l.csv")
+    except ListError as exc:
+        assert [(i.location, i.message) for i in exc.issues] == [
+            ("l.csv:1", "address 'fe80::1%eth0': fe80::1%eth0 carries a zone (%...); a subscriber's address "
+                        "is written without one")]
+    else:
+        raise AssertionError("a zoned address was accepted")
