@@ -436,8 +436,12 @@ def apply_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float |
     return changed
 
 
-def expire(inputs: PolicyInputs, now: float) -> set[str]:
-    """Drop graces, exemptions and promises that ended; returns the ids to re-evaluate."""
+def expire(inputs: PolicyInputs, now: float, since: float | None = None) -> set[str]:
+    """Drop graces, exemptions and promises that ended; returns the ids to re-evaluate.
+
+    A list entry's own exemption is not dropped (the list says it): it counts as ended when its
+    end lies after ``since`` (the previous call's ``now``; None: any end up to ``now``), so an
+    entry whose date passed long ago is not re-decided and re-saved at every round."""
     ended = {sid for sid, g in inputs.graces.items() if g.until <= now}
     for sid in ended:
         grace = inputs.graces.pop(sid)
@@ -454,7 +458,8 @@ def expire(inputs: PolicyInputs, now: float) -> set[str]:
         if history and history[-1].outcome == "active" and history[-1].until <= now:
             inputs.promises[sid] = settle(history, now, paid=False)
             ended.add(sid)
-    ended.update(s.id for s in inputs.list_exempt() if s.exempt_until and s.exempt_until <= now)
+    ended.update(s.id for s in inputs.list_exempt()
+                 if s.exempt_until and s.exempt_until <= now and (since is None or since < s.exempt_until))
     return ended
 
 

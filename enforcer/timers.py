@@ -36,6 +36,7 @@ class Timers:
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
         self._escalated = 0.0
+        self._expired_to: float | None = None   # list entries' exemption ends up to here are enforced
         self._pruned = time.monotonic()
         metrics.exemptions.set(sum(len(e) for e in engine.inputs.exemptions.values()))
 
@@ -86,7 +87,8 @@ class Timers:
                 return
             lapsing = sum(1 for h in engine.inputs.promises.values()
                           if h and h[-1].outcome == "active" and h[-1].until <= now)
-            expired = policy.expire(engine.inputs, now)
+            since = self._expired_to if self._expired_to is not None and self._expired_to <= now else None
+            expired = policy.expire(engine.inputs, now, since)
             self.metrics.promises.labels("lapsed").inc(lapsing)
             waiting = engine.record.waiting
             opened = set(waiting) if waiting and engine.inputs.rules.windows.is_open(now) else set()
@@ -96,6 +98,7 @@ class Timers:
                 escalating = policy.escalation_due(engine.inputs, now, engine.decisions)
             todo = expired | opened | escalating | set(engine.conflicts)
             if not todo:
+                self._expired_to = now
                 return
             if expired:
                 try:
@@ -108,6 +111,7 @@ class Timers:
                     log.error("event=expiry_not_saved count=%d error=%s enforced=yes retry=next_round",
                               len(expired), exc)
             result = await engine.apply_resolving(engine.decide(todo, now), "policy timer")
+            self._expired_to = now     # only once applied: a failed round finds them again
             self.metrics.exemptions.set(sum(len(e) for e in engine.inputs.exemptions.values()))
         log.info("event=policy_timer expired=%d window_opened=%d escalated=%d changed_networks=%d", len(expired),
                  len(opened), len(escalating), len(result.changed))

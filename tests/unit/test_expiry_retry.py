@@ -275,3 +275,29 @@ async def test_a_pending_save_never_writes_a_change_that_is_then_undone(tmp_path
         await e.timers.tick()
         assert e.engine.decisions["C-9"].mode == Mode.WALLED_GARDEN
         assert fake.view.get("mode4_32", {}).get("100.64.0.9") == "goto garden"
+
+
+async def test_a_list_entrys_past_exemption_is_enforced_once_not_at_every_round(tmp_path: Path) -> None:
+    """The list keeps an entry's ``exempt_until`` after it passed; the timer re-decides that entry
+    when the end passes (and once after a start), not again at every later round."""
+    clocks, fake = Clocks(), FakeDataplane()
+    exempt_entry = Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue", NOW + 30, "other")
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        await e.lists.on_list(ListUpdate([exempt_entry], "l.yaml", "1"))
+        assert not noticed(fake)
+        saved: list[set[str]] = []
+        original = e.engine.store.save_subscribers
+        def spy(inputs: PolicyInputs, ids: Any) -> None:
+            ids = set(ids)
+            if ids:                       # the clock anchor's save passes none
+                saved.append(ids)
+            original(inputs, ids)
+        e.engine.store.save_subscribers = spy  # type: ignore[method-assign]
+        clocks.pass_(31)
+        await e.timers.tick()
+        assert noticed(fake) and saved == [{"C-1"}]
+        for _ in range(3):
+            clocks.pass_(5)
+            await e.timers.tick()
+        assert saved == [{"C-1"}], "the passed end was taken up again at later rounds"
+        assert noticed(fake)
