@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,51 @@ async def test_the_expiry_duty_does_not_end_a_renewal_committed_since(daemon: An
     await e.sessions.run()
     await renewal
     assert walled(fake) == {"100.64.0.5"} and len(e.engine.inputs.sessions) == 1
+
+
+@pytest.mark.parametrize(("gainer", "loser"), [("C-1", "C-2"), ("C-2", "C-1")])
+async def test_a_session_moving_an_address_between_restricted_subscribers_moves_it_at_once(
+        daemon: Any, monkeypatch: Any, gainer: str, loser: str) -> None:
+    """C-1 and C-2 are restricted (by MAC); a lease of 100.64.0.40 passes from the loser's MAC to
+    the gainer's. Both are decided again in one batch: the loser's release is claimed before the
+    gainer's claim, so the address stays walled, now the gainer's, with no conflict reported
+    (claimed in a set's order, the gainer could meet it still held: left in ``conflicts`` with
+    the address free until the timer's retry). When the save fails, the undo moves it back the
+    same way: walled for the loser, no conflict. Both directions run: either set order fails one."""
+    e, fake, _ = daemon
+    macs = {"C-1": MAC_1, "C-2": MAC_2}
+    await e.lists.on_list(ListUpdate([Subscriber(sid, (), reason="overdue", match=Match(mac=mac))
+                                      for sid, mac in macs.items()], "l", "2"))
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.40", macs[loser])])
+    assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.40") == loser
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("record_state", "disk I/O error")
+    with monkeypatch.context() as patched:
+        patched.setattr(e.engine.store, "record_state", broken)
+        with pytest.raises(SessionChangeFailed):
+            await e.sessions.replace("dnsmasq", [_lease("100.64.0.40", macs[gainer])])
+    assert walled(fake) == {"100.64.0.40"} and not e.engine.conflicts, e.engine.conflicts
+    assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.40") == loser, "the undo did not give it back"
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.40", macs[gainer])])
+    assert walled(fake) == {"100.64.0.40"} and not e.engine.conflicts, e.engine.conflicts
+    assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.40") == gainer
+
+
+@pytest.mark.parametrize("roles", list(itertools.permutations(("C-1", "C-2", "C-3"))))
+async def test_a_lease_file_passing_addresses_along_a_chain_keeps_them_walled(daemon: Any,
+                                                                             roles: tuple[str, ...]) -> None:
+    """Three restricted subscribers (by MAC): ``b`` holds 100.64.0.41, ``c`` 100.64.0.42; one
+    lease file read gives .41 to ``a`` and .42 to ``b``. ``a`` and ``b`` both gain an address, so
+    whichever order they are claimed in, ``a`` may meet .41 still held by ``b``: it is tried
+    again once ``b`` has let go, and no conflict is left with .41 free. Every assignment of
+    the roles runs, so every set order meets the case."""
+    e, fake, _ = daemon
+    a, b, c = roles
+    macs = {"C-1": MAC_1, "C-2": MAC_2, "C-3": "02:00:00:00:10:03"}
+    await e.lists.on_list(ListUpdate([Subscriber(sid, (), reason="overdue", match=Match(mac=mac))
+                                      for sid, mac in macs.items()], "l", "2"))
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.41", macs[b]), _lease("100.64.0.42", macs[c])])
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.41", macs[a]), _lease("100.64.0.42", macs[b])])
+    assert walled(fake) == {"100.64.0.41", "100.64.0.42"} and not e.engine.conflicts, e.engine.conflicts
+    assert [e.engine.reconciler.owner_of("mode4_32", f"100.64.0.4{n}") for n in (1, 2)] == [a, b]
