@@ -43,7 +43,7 @@ from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
-from .subscribers import Key
+from .subscribers import Key, key_network
 from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -330,16 +330,28 @@ class Engine:
         return merged
 
     def _claim(self, decisions: Mapping[str, Decision]) -> list[tuple[str, tuple[Network, ...]]]:
-        """Claim the decisions' addresses (releases first), or raise ``AddressConflict`` having
-        claimed nothing; returns what the claims replaced, to put back if the kernel fails."""
+        """Claim the decisions' addresses, or raise ``AddressConflict`` having claimed nothing;
+        returns what the claims replaced, to put back if the kernel fails.
+
+        Every release of the batch comes first (what a decision no longer holds), then the
+        claims: an address moving from one subscriber to another in one batch (a session moved,
+        a swap) must meet its old holder's claim already let go, whatever the batch's order."""
         undo: list[tuple[str, tuple[Network, ...]]] = []
+        for sid, decision in decisions.items():
+            before = self.claims.held.get(sid, ())
+            keeps = set(held_keys(decision))
+            if any(key not in keeps for key in before):
+                undo.append((sid, self.claims.claim(sid, [key_network(k) for k in before if k in keeps])))
+        released = {sid for sid, _ in undo}
         for sid, decision in sorted(decisions.items(), key=lambda item: item[1].restricted):
             conflict = self.claims.conflict(sid, held(decision))
             if conflict is not None:
                 for done, previous in reversed(undo):
                     self.claims.claim(done, previous)
                 raise AddressConflict(str(conflict))
-            undo.append((sid, self.claims.claim(sid, held(decision))))
+            previous = self.claims.claim(sid, held(decision))
+            if sid not in released:
+                undo.append((sid, previous))
         return undo
 
     def _record_full(self, decisions: Mapping[str, Decision], previous: Mapping[str, Decision]) -> None:

@@ -286,6 +286,7 @@ class Reconciler:
                   for sid in decisions}
         after = {sid: subscriber_elements(d) for sid, d in decisions.items()}
         claimed: dict[tuple[str, str], str] = {}
+        kept = {sid: {(container, key) for container, key, _ in elements} for sid, elements in after.items()}
         for sid, elements in after.items():
             for container, key, _ in elements:
                 if not container.startswith(MODE_PREFIX):
@@ -293,8 +294,8 @@ class Reconciler:
                 holder = claimed.setdefault((container, key), sid)
                 if holder == sid:
                     holder = self.owner_of(container, key) or sid
-                    if holder in decisions and holder != sid and not after.get(holder):
-                        holder = sid  # released in this same batch
+                    if holder in decisions and holder != sid and (container, key) not in kept[holder]:
+                        holder = sid  # released in this same batch (a move, a swap)
                 if holder != sid:
                     raise AddressConflict(f"{key} is already enforced for subscriber {holder}")
         old: Elements = {}

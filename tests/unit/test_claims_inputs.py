@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from daemon_helpers import NoConntrack, handle_event, operator_change, submit_event
 from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
@@ -105,3 +107,54 @@ async def test_addresses_outside_the_subscriber_prefixes_are_refused(tmp_path: P
         assert (await handle_event(e, Event("r2", RESTRICTED, NOW, "C-1", sub("C-1", "100.64.0.7")), 0.0))[0] == 200
     finally:
         await e.close()
+
+
+async def _two_restricted(e: Enforcer) -> None:
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10", "2001:db8:10:100::/56"), sub("C-2", "100.64.0.20"),
+                                      sub("C-3", "100.64.0.30")], "l.yaml", "2"))
+
+
+def _walled(fake: FakeDataplane) -> dict[str, str | None]:
+    return {k: v for k, v in fake.view.get("mode4_32", {}).items()}
+
+
+@pytest.mark.parametrize("order", [("C-2", "C-3"), ("C-3", "C-2")])
+async def test_one_batch_moving_an_address_between_restricted_subscribers_keeps_it_walled(
+        tmp_path: Path, order: tuple[str, str]) -> None:
+    """An address leaving C-2 for C-3 in one batch (a session moved, as the timers and session
+    intake apply them) is claimed after C-2 let it go, in either order of the batch: it is never
+    left free while C-3 waits in ``conflicts``, and a swap works as well."""
+    from enforcer.policy import Decision
+    async with enforcer(tmp_path) as (e, fake):
+        await _two_restricted(e)
+        wanted = {"C-2": Decision("C-2", Mode.WALLED_GARDEN, "moved", sub("C-2", "100.64.0.21")),
+                  "C-3": Decision("C-3", Mode.NOTICE, "moved", sub("C-3", "100.64.0.20", "100.64.0.30",
+                                                                     mode=Mode.NOTICE))}
+        async with e.engine.lock:
+            await e.engine.apply_resolving({sid: wanted[sid] for sid in order}, "test")
+        assert not e.engine.conflicts
+        walled = _walled(fake)
+        assert walled.get("100.64.0.20") == "goto notice" and walled.get("100.64.0.21") == "goto garden", walled
+        swap = {"C-2": Decision("C-2", Mode.WALLED_GARDEN, "swap", sub("C-2", "100.64.0.30")),
+                "C-3": Decision("C-3", Mode.NOTICE, "swap", sub("C-3", "100.64.0.21", mode=Mode.NOTICE))}
+        async with e.engine.lock:
+            await e.engine.apply_resolving({sid: swap[sid] for sid in order}, "test")
+        assert not e.engine.conflicts
+        walled = _walled(fake)
+        assert walled.get("100.64.0.30") == "goto garden" and walled.get("100.64.0.21") == "goto notice", walled
+        assert "100.64.0.20" not in walled
+
+
+async def test_a_batch_whose_kernel_commit_fails_gives_every_claim_back(tmp_path: Path) -> None:
+    from enforcer.dataplane.backend import DataplaneError
+    from enforcer.policy import Decision
+    async with enforcer(tmp_path) as (e, fake):
+        await _two_restricted(e)
+        held = dict(e.engine.claims.held)
+        fake.fail_next = "injected"
+        wanted = {"C-2": Decision("C-2", Mode.WALLED_GARDEN, "moved", sub("C-2", "100.64.0.21")),
+                  "C-3": Decision("C-3", Mode.WALLED_GARDEN, "moved", sub("C-3", "100.64.0.20"))}
+        async with e.engine.lock:
+            with pytest.raises(DataplaneError):
+                await e.engine.apply(wanted, "test")
+        assert e.engine.claims.held == held
