@@ -902,6 +902,9 @@ class ChaosMachine(RuleBasedStateMachine):
             # Graces or sessions a forward clock step moved, not saved yet (the write failed): the
             # daemon retries at its next round, and a restart before that moves the saved ends
             # again from the saved clock anchor (``Engine.now``). The kernel follows the moved ends.
+            # Also an exemption, grace or promise that ended but whose save failed
+            # (``Engine.save_later``): saved at the next operation's start, so after a clock step
+            # back the persisted end (in the future again) differs from memory only until then.
             return
         if kernel != want:
             memory = expected_modes(in_memory)
