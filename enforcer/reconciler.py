@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .address_space import find_span_overlaps
+from .claims import ClaimsIndex, key_span
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
     HOST_ALLOW,
@@ -36,7 +38,7 @@ from .dataplane.state import TableState, digest, digest_mark, element_hash, mark
 from .dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from .model import Mode
 from .policy import Decision
-from .subscribers import Key
+from .subscribers import Key, key_network
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,8 @@ class Reconciler:
                     desired[name].update(dict.fromkeys(keys, value))
                 else:
                     desired[name] = dict.fromkeys(keys, value)
+        if _nested(groups):                            # a prefix of one around another's address
+            return self._desired_exact(decisions, order)
         self._add_hosts(desired)
         return Desired(desired, owned, owners, {(version, plen) for version, plen, _ in groups}, [])
 
@@ -239,19 +243,26 @@ class Reconciler:
 
     def _desired_exact(self, decisions: Mapping[str, Decision], order: Iterable[str]) -> Desired:
         """``_desired`` one subscriber at a time: the first in ``order`` keeps a contested
-        address, a subscriber with any contested address is left out whole (``clashes``)."""
+        address (equal, or inside or around one it holds: ``ClaimsIndex``), a subscriber with
+        any contested address is left out whole (``clashes``)."""
         desired: Elements = {}
         owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
         slots: dict[tuple[int, int, Mode], tuple[list[tuple[dict[str, str | None], str | None]], dict[str, str]]] = {}
         clashes: list[tuple[str, str]] = []
+        index = ClaimsIndex()
         for sid in order:
             decision = decisions[sid]
             subscriber = decision.subscriber
             if subscriber is None or not decision.restricted:
                 continue
+            networks = [key_network(key) for key in subscriber.keys]
+            conflict = index.conflict(sid, networks)
+            if conflict is not None:
+                clashes.append((sid, conflict.holder))
+                continue
+            index.claim(sid, networks)
             entries = []
-            clash = None
             mode = decision.mode
             for version, plen, key in subscriber.keys:
                 slot = slots.get((version, plen, mode))
@@ -260,13 +271,7 @@ class Reconciler:
                     slot = slots[(version, plen, mode)] = (
                         [(desired.setdefault(name, {}), value) for name, value in places],
                         owners.setdefault(places[0][0], {}))
-                clash = slot[1].get(key)
-                if clash is not None:
-                    break
                 entries.append((slot, key))
-            if clash is not None:
-                clashes.append((sid, clash))
-                continue
             for (containers, holders), key in entries:
                 for items, value in containers:
                     items[key] = value
@@ -465,6 +470,22 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
     """Addresses whose mode-map entry was added, removed or changed between two states, as
     keys (version, prefix length, text): no ``ipaddress`` object built."""
     return set(_changed(before, after))
+
+
+def _nested(groups: Mapping[tuple[int, int, Mode], tuple[list[str], list[str]]]) -> bool:
+    """Does a prefix of one subscriber lie around (or inside) another's address? Equal keys are
+    found as they are grouped; nesting needs two prefix lengths in one family, and is then looked
+    for among that family's keys only (a gateway with /32s and /128s alone does no work here)."""
+    lengths: dict[int, set[int]] = {}
+    for version, plen, _ in groups:
+        lengths.setdefault(version, set()).add(plen)
+    mixed = {version for version, plens in lengths.items() if len(plens) > 1}
+    if not mixed:
+        return False
+    entries = ((sid, key_span((version, plen, key)), None)
+               for (version, plen, _), (keys, sids) in groups.items() if version in mixed
+               for key, sid in zip(keys, sids, strict=True))
+    return bool(find_span_overlaps(entries))
 
 
 def _changed(before: Mapping[str, Mapping[str, str | None]],

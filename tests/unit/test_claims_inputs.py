@@ -158,3 +158,24 @@ async def test_a_batch_whose_kernel_commit_fails_gives_every_claim_back(tmp_path
             with pytest.raises(DataplaneError):
                 await e.engine.apply(wanted, "test")
         assert e.engine.claims.held == held
+
+
+@pytest.mark.parametrize("prefix", ["100.64.3.0/30", "100.64.0.0/16"])
+async def test_a_list_prefix_around_an_address_an_event_holds_is_held_back_and_reported(
+        tmp_path: Path, prefix: str) -> None:
+    """Billing restricts C-5 on 100.64.3.3 (200); a new list then names C-6 on a prefix around it.
+    The prefix length is new, so the list goes through a full sync, which used to see equal keys
+    only: both were enforced, C-6's prefix walling C-5's address too. Now C-6 is held back and
+    reported, as an equal key is (found by a SPEC audit)."""
+    async with enforcer(tmp_path, guard=", guard: {max_restrict: 1000000, max_lift: 1000000}") as (e, fake):
+        assert (await handle_event(e, Event("r5", RESTRICTED, NOW, "C-5", sub("C-5", "100.64.3.3", mode=Mode.THROTTLE)),
+                                   0.0))[0] == 200
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10", "2001:db8:10:100::/56"), sub("C-6", prefix)],
+                                         "l.yaml", "2"))
+        plen = prefix.split("/")[1]
+        assert fake.view.get(f"mode4_{plen}", {}) == {}, fake.view.get(f"mode4_{plen}")
+        assert fake.view["mode4_32"].get("100.64.3.3") == "goto throttle"
+        conflicts = e.queries.status()["address_conflicts"]
+        holder = "C-5" if prefix.endswith("/30") else "C-1"      # the /16 covers C-1's address as well
+        assert "C-6" in conflicts and holder in conflicts["C-6"]["detail"], conflicts
+        assert e.engine.decisions["C-6"].mode == Mode.FREE
