@@ -375,6 +375,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{'connected' if fleet['connected'] else 'NOT CONNECTED'}; applied {fleet['applied_sequence']} of "
               f"{fleet['stream_last_sequence']}, lag {fleet['lag_seconds']}s"
               + ("" if fleet["caught_up"] else "; catching up") + (f"; {fleet['error']}" if fleet.get("error") else ""))
+    _print_health(status)
     dns = status.get("dns_forwarder")
     if dns:
         state = "ready" if dns.get("ready") else "running, not ready" if dns.get("running") else "NOT RUNNING"
@@ -383,6 +384,29 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f"; last exit {dns['last_exit_code']}" if dns.get("last_exit_code") is not None else "")
               + (f"; last error: {dns['last_error']}" if dns.get("last_error") else "") + ")")
     return 0
+
+
+def _print_health(status: dict[str, Any]) -> None:
+    """The lines an operator must not miss: a state database moved aside, rows skipped, tasks
+    that failed (and are restarting), addresses held back for a clash (docs/operations.md)."""
+    state = status.get("state") or {}
+    quarantined = state.get("quarantined")
+    if quarantined:
+        print(f"STATE QUARANTINED: the state database was unusable ({quarantined.get('reason')}); moved to "
+              f"{quarantined.get('path')}; the daemon started from the list and the kernel")
+    if state.get("rows_quarantined"):
+        print(f"state rows quarantined: {state['rows_quarantined']} (unreadable rows skipped at start)")
+    for name, task in sorted((status.get("tasks") or {}).items()):
+        if task.get("failures"):
+            error = f"; last error: {task['last_error']}" if task.get("last_error") else ""
+            print(f"task {name} FAILED {task['failures']} time(s), "
+                  f"{'running again' if task.get('running') else 'restarting'}{error}")
+    conflicts = status.get("address_conflicts") or {}
+    total = status.get("address_conflicts_total", len(conflicts))
+    if total:
+        print(f"address conflicts: {total} subscriber(s) not enforced as wanted (an address held by another):")
+        for sid, clash in conflicts.items():
+            print(f"  {sid}: wanted {clash.get('wanted')}; {clash.get('detail')}")
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

@@ -312,3 +312,38 @@ def test_check_config_checks_session_sources(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert "subscribers.sessions[0] (dnsmasq): the directory of" in err and "does not exist" in err
     assert "subscribers.sessions[1] (radius): no clients given" in err
+
+
+async def test_plain_status_shows_a_quarantined_state_failed_tasks_and_address_conflicts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SPEC 8: a quarantined state database and a task's failures are shown by ``status``, not
+    only by ``status --json`` (found by a SPEC audit); so is a subscriber held back by a clash."""
+    import enforcer.cli as cli
+    from daemon_helpers import NoConntrack
+    from enforcer.config import parse_config
+    from enforcer.daemon import Enforcer
+    from enforcer.dataplane.fake import FakeDataplane
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.sqlite3").write_bytes(b"not a database at all" * 100)
+    config = parse_config(f"state_dir: {state}\nsubscribers: {{source: {tmp_path}/l.yaml}}\n", str(tmp_path / "c.yaml"))
+    e = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
+    try:
+        await e.engine.restore()
+        e.engine.conflicts.note("C-6", "100.64.3.0/30 covers 100.64.3.3/32, held by subscriber C-5", "walled-garden",
+                                0.0)
+        e.engine.reports["tasks"] = lambda: {"policy_timer": {"running": True, "failures": 2, "last_error": "boom",
+                                                              "last_failure_at": 1.0, "restart_at": None},
+                                             "sessions": {"running": True, "failures": 0, "last_error": None,
+                                                          "last_failure_at": None, "restart_at": None}}
+        status = e.queries.status()
+    finally:
+        await e.close()
+    monkeypatch.setattr(cli, "_ask", lambda *args, **kw: json.loads(json.dumps(status)))
+    assert cli.cmd_status(cli.argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "STATE QUARANTINED" in out and ".corrupt-" in out, out
+    assert "task policy_timer FAILED 2 time(s), running again; last error: boom" in out, out
+    assert "sessions FAILED" not in out
+    assert "C-6: wanted walled-garden; 100.64.3.0/30 covers 100.64.3.3/32, held by subscriber C-5" in out, out
