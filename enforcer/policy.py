@@ -375,6 +375,14 @@ class PolicyInputs:
                 times.append(opens)
         return min(times) if times else None
 
+    def ended_unexpired(self, now: float) -> bool:
+        """Has some grace, exemption or promise ended but is still held (``expire`` has not run
+        since: just after a start, or a late round)? Then the timer runs at once, so what ended
+        is dropped and saved before a clock step back can make it look running again."""
+        return (any(g.until <= now for g in self.graces.values())
+                or any(e.until <= now for by_category in self.exemptions.values() for e in by_category.values())
+                or any(h[-1].outcome == "active" and h[-1].until <= now for h in self.promises.values() if h))
+
     def snapshot(self, subscriber_id: str) -> Snapshot:
         """One subscriber's overrides, grace, addresses, exemptions and promises, copied."""
         exemptions = self.exemptions.get(subscriber_id)

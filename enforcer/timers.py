@@ -49,6 +49,8 @@ class Timers:
             due = min(due, check) if due else check
         if engine.reconciler.needs_full or engine.clock_unsaved:   # a repair, or moved graces to save
             return RESYNC_SECONDS
+        if engine.inputs.ended_unexpired(now):     # e.g. found ended at a start: expire and save it now
+            return 0.0
         wait = min(due - now if due else PRUNE_SECONDS, PRUNE_SECONDS)
         if engine.conflicts:
             wait = min(wait, CONFLICT_RETRY_SECONDS)

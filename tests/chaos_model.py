@@ -298,6 +298,8 @@ class ChaosMachine(RuleBasedStateMachine):
         self.run(restore())
         if self.source_text:
             self.run(self.deliver_source())   # the file source reads the list at start
+        if self.e.timers._wait() <= 0:        # the timer task's first round, when something is due at once
+            self.timer()
 
     async def deliver_source(self) -> None:
         """What ``FileSource`` does with the file's text: parse, then on_list or on_source_failure."""

@@ -200,3 +200,17 @@ def test_a_session_change_that_cannot_be_saved_gives_the_taken_address_back(mach
     machine.kernel_matches_persisted_policy()
     machine.session_addresses_follow_the_newest_session()
     assert machine.e.engine.reconciler.owner_of("mode4_32", "100.64.1.3") == loser
+
+
+def test_an_exemption_found_ended_at_a_start_is_expired_before_a_step_back(machine: Any) -> None:
+    """An operator's exemption ends while the daemon is down (here killed mid-change, after the
+    wall clock stepped forward past its end). The restart decides the subscriber restricted; the
+    ended exemption must then be dropped and saved at once (the timer's first round), not at
+    some later round: a clock step back in between made it look running again, in memory and on
+    disk, while the kernel held the restriction (found by the chaos model, 1,500 examples)."""
+    machine.boot(listed=["C-1"])
+    machine.exemption(end=False, seconds=60.0, sid="C-1")
+    machine.clock_step(seconds=120.0)
+    machine.kill_mid_session(leases=[("100.64.1.1", "02:00:00:00:00:03")])
+    machine.clock_step(seconds=-600.0)
+    machine.kernel_matches_persisted_policy()

@@ -301,3 +301,16 @@ async def test_a_list_entrys_past_exemption_is_enforced_once_not_at_every_round(
             await e.timers.tick()
         assert saved == [{"C-1"}], "the passed end was taken up again at later rounds"
         assert noticed(fake)
+
+
+async def test_an_exemption_that_ended_while_down_is_expired_at_once_after_the_start(tmp_path: Path) -> None:
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        assert (await exempt(e, "noc", "C-1", "outage", NOW + 60, "fault ticket"))[0] == 200
+    clocks.pass_(120)
+    async with enforcer(tmp_path, clocks, fake, listed=False) as e:
+        assert e.engine.decisions["C-1"].mode == Mode.NOTICE and noticed(fake)
+        assert e.timers._wait() == 0.0, "the timer would wait although an exemption has ended"
+        await e.timers.tick()
+        assert "C-1" not in persisted(tmp_path).exemptions
+        assert e.timers._wait() > 0.0
