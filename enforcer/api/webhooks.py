@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from ..event_sink import EventSink
-from ..events import EventError, parse_event
+from ..events import TYPES, EventError, parse_event
 from . import answer, json_response
 from .listeners import REJECT_LOG_EVERY, LogLimiter
 
@@ -142,11 +143,23 @@ async def post_event(request: web.Request) -> web.Response:
             raise EventError(problem)
         event = parse_event(event_id, body)
     except EventError as exc:
-        sink.count("unknown", "malformed")
+        sink.count(_type_label(body), "malformed")
         return json_response(400, {"error": str(exc), "id": event_id if not problem else event_id[:MAX_ID_CHARS]})
     # Shielded: a handler cancelled at shutdown must not cancel the future a retry of the
     # same id shares (the in-process sink hands it to both).
     return answer(await asyncio.shield(sink.submit(event, received)))
+
+
+def _type_label(body: bytes) -> str:
+    """A refused event's ``type`` for ``walled_garden_events_total`` when the body names a known
+    one (a payment without its subscriber is still a payment); otherwise ``unknown``, so a
+    label never takes a value billing (or anyone) made up."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return "unknown"
+    kind = data.get("type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) and kind in TYPES else "unknown"
 
 
 REJECT_LOG_KEY = web.AppKey("reject_log", LogLimiter)

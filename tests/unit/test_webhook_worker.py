@@ -78,9 +78,12 @@ async def test_events_flow_through_the_worker(bridge: Any) -> None:
     assert status == 401
     status, answer = await post(url, SECRET, {"type": "nonsense", "timestamp": 1, "data": {}})
     assert status == 400 and "type" in answer["error"]
+    status, answer = await post(url, SECRET, {"type": "payment.received", "timestamp": 1, "data": {}})
+    assert status == 400                      # a known type without its subscriber: counted under its type
     await asyncio.sleep(0.2)  # the counts travel on the socketpair
     assert enforcer.metrics.events.labels("unknown", "unauthorized")._value.get() == 1
     assert enforcer.metrics.events.labels("unknown", "malformed")._value.get() == 1
+    assert enforcer.metrics.events.labels("payment.received", "malformed")._value.get() == 1
 
 
 async def test_secret_reload_and_worker_restart(bridge: Any) -> None:
