@@ -171,6 +171,10 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
         host = request.headers.get(hdrs.HOST)
         if portal.is_addressed_by(host) or (request.secure and portal.names_host(host)):
             return await handler(request)
+        if request.path == CAPTIVE_API_PATH and (portal.names_host(host) or _names_this_socket(request, host)):
+            # RFC 8908's API as a client may be told it (DHCP option 114, RA) by address, or
+            # with another port: JSON, never a redirect a client cannot read as an answer.
+            return await handler(request)
         url = page_url(request.method, request.headers, request.raw_path)
         if url is not None and not portal.names_host(host) and not _names_this_socket(request, host):
             address = caller_address(request)

@@ -716,3 +716,21 @@ async def test_app_asks_the_enforcer_on_the_configured_socket(config: Config, tm
             page = await (await client.get("/", headers=on_portal())).text()
             assert "<code>R-1</code>" in page
         assert seen == [{"address": "127.0.0.1"}, {"address": "127.0.0.1"}]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("named,answered", [("this socket", True), ("portal other port", True),
+                                            ("example.com", False)])
+async def test_captive_api_by_the_gateways_address_is_answered_not_redirected(
+        config: Config, named: str, answered: bool) -> None:
+    """The RFC 8908 API told to clients by address (DHCP option 114, RA) or on another port of
+    the portal's host answers JSON; under any other host it is redirected like every page."""
+    async with portal(config, FakeEnforcer(OVERDUE)) as client:
+        host = {"this socket": f"127.0.0.1:{client.port}", "portal other port": "portal.isp.example:8081",
+                "example.com": "example.com"}[named]
+        response = await client.get("/api/captive", headers={"Host": host}, allow_redirects=False)
+        if answered:
+            assert response.status == 200 and response.headers["Content-Type"] == CAPTIVE_JSON
+            assert (await response.json(content_type=CAPTIVE_JSON))["captive"] is True
+        else:
+            assert response.status == 302 and response.headers["Location"] == PORTAL_URL
