@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from enforcer.api import http
@@ -106,3 +106,43 @@ RESULTS: dict[int, Callable[[str], Outcome | Refusal]] = {
     **{status: refusal(kind, status)
        for status, kind in [(400, Refused.INVALID), (403, Refused.FORBIDDEN), (404, Refused.NOT_FOUND),
                             (409, Refused.CONFLICT), (503, Refused.UNAVAILABLE)]}}
+
+
+class SteppedClocks:
+    """A wall clock that can be stepped, and the monotonic clock it is checked against (for the
+    clock-step tests: ``pass_`` is time going by, ``step`` the wall clock set)."""
+
+    def __init__(self, wall: float, mono: float = 1000.0) -> None:
+        self.wall = wall
+        self.mono = mono
+
+    def pass_(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
+        self.wall += seconds
+
+
+def grace_config(tmp: Any, grace: float) -> Any:
+    """A daemon config in ``tmp`` with a list source and ``payment_grace`` seconds."""
+    from enforcer.config import parse_config
+    return parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
+                        f"policy: {{payment_grace: {int(grace)}}}\n", str(tmp / "c.yaml"))
+
+
+@contextlib.asynccontextmanager
+async def clocked_enforcer(config: Any, clocks: SteppedClocks, fake: Any, listed: list[Any]) -> AsyncIterator[Any]:
+    """An ``Enforcer`` on ``fake`` with ``clocks``, restored, given ``listed`` as its first list
+    (none: no list), closed on the way out."""
+    from enforcer.daemon import Enforcer
+    from enforcer.sources import ListUpdate
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
+                 clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await e.engine.restore()
+    if listed:
+        await e.lists.on_list(ListUpdate(listed, "l.yaml", "1"))
+    try:
+        yield e
+    finally:
+        await e.close()

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from daemon_helpers import NoConntrack, exempt, handle_event
-from enforcer.config import parse_config
+from daemon_helpers import NoConntrack, SteppedClocks, clocked_enforcer, exempt, grace_config, handle_event
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, Event
@@ -38,38 +37,20 @@ GRACE = 3600.0
 SUB = Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue")
 
 
-class Clocks:
-    """A wall clock that can be stepped, and the monotonic clock it is checked against."""
-
+class Clocks(SteppedClocks):
     def __init__(self) -> None:
-        self.wall = NOW
-        self.mono = 1000.0
-
-    def pass_(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
-
-    def step(self, seconds: float) -> None:
-        self.wall += seconds
+        super().__init__(NOW)
 
 
 def config(tmp: Path) -> Any:
-    return parse_config(f"state_dir: {tmp}/state\nsubscribers: {{source: {tmp}/l.yaml}}\n"
-                        f"policy: {{payment_grace: {int(GRACE)}}}\n", str(tmp / "c.yaml"))
+    return grace_config(tmp, GRACE)
 
 
 @contextlib.asynccontextmanager
 async def enforcer(tmp: Path, clocks: Clocks, fake: FakeDataplane,
                    listed: bool = True) -> AsyncIterator[Enforcer]:
-    e = Enforcer(config(tmp), dataplane=fake, conntrack=NoConntrack(),  # type: ignore[arg-type]
-                 clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
-    await e.engine.restore()
-    if listed:
-        await e.lists.on_list(ListUpdate([SUB], "l.yaml", "1"))
-    try:
+    async with clocked_enforcer(config(tmp), clocks, fake, [SUB] if listed else []) as e:
         yield e
-    finally:
-        await e.close()
 
 
 def noticed(fake: FakeDataplane) -> bool:
