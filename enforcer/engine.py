@@ -236,7 +236,8 @@ class Engine:
             decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()
         try:
-            result = await self.kernel(self.reconciler.sync_all, decisions, read_kernel)
+            # who held a contested address before (at a start: the saved decisions) keeps it
+            result = await self.kernel(self.reconciler.sync_all, decisions, read_kernel, self.decisions)
         except DataplaneError as exc:
             self.metrics.sync_failures.inc()
             log.error("event=sync_failed kind=full error=%r", str(exc))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -110,8 +110,14 @@ class Reconciler:
         self.verified = True            # False from a start that trusted the mark, to the next full check
 
     # -- whole-state syncs -------------------------------------------------------------
-    def sync_all(self, decisions: Mapping[str, Decision], read_kernel: bool = False) -> SyncResult:
+    def sync_all(self, decisions: Mapping[str, Decision], read_kernel: bool = False,
+                 enforced: Mapping[str, Decision] | None = None) -> SyncResult:
         """Make the whole table match ``decisions``.
+
+        Where two subscribers claim one address (or a prefix around another's), who holds it in
+        the kernel now keeps it, then the lower id: ``enforced`` (the decisions enforced until now;
+        at a start, the saved ones, while ``owned`` is still empty) says who held it, so a
+        restart never hands an address to the other claimant and lifts what billing was told.
 
         With ``read_kernel`` (start-up, after a failure) the mirror is first rebuilt from what
         the kernel really holds, so restarting never opens a window: a matching table gets an
@@ -119,12 +125,10 @@ class Reconciler:
         that carries the digest of exactly these decisions' elements is not read back
         (``_carries``): the 125k elements of 100k subscribers take ~2 s to list and diff.
         """
-        desired, owned, owners, used, clashes = self._desired(decisions, decisions)
-        if clashes:  # rare: redo in a fixed order: who holds an address now keeps it, then by id
-            order = sorted(decisions, key=lambda sid: (sid not in self.owned, sid))
-            desired, owned, owners, used, clashes = self._desired(decisions, order)
-            for sid, holder in clashes:
-                log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, holder)
+        preferred = _Preferred(decisions, self.owned, enforced or {})
+        desired, owned, owners, used, clashes = self._desired(decisions, preferred)
+        for sid, holder in clashes:
+            log.warning("event=address_conflict subscriber=%s held_by=%s (not enforced)", sid, holder)
         layout = self.base_layout.with_prefixes(used)
         for name in [*layout.containers(), *(mode_map(v, p) for v, p in layout.prefixes)]:
             desired.setdefault(name, {})
@@ -470,6 +474,24 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
     """Addresses whose mode-map entry was added, removed or changed between two states, as
     keys (version, prefix length, text): no ``ipaddress`` object built."""
     return set(_changed(before, after))
+
+
+class _Preferred:
+    """The order a contested address is given in (``_desired_exact``): who holds it now first,
+    then by id. Sorted only when iterated: without a clash (nearly always) nobody asks."""
+
+    def __init__(self, decisions: Mapping[str, Decision], owned: Mapping[str, Decision],
+                 before: Mapping[str, Decision]) -> None:
+        self._decisions, self._owned, self._before = decisions, owned, before
+
+    def _held(self, sid: str) -> bool:
+        if sid in self._owned:
+            return True
+        previous = self._before.get(sid)
+        return previous is not None and previous.restricted
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._decisions, key=lambda sid: (not self._held(sid), sid)))
 
 
 def _nested(groups: Mapping[tuple[int, int, Mode], tuple[list[str], list[str]]]) -> bool:

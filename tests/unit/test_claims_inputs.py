@@ -179,3 +179,26 @@ async def test_a_list_prefix_around_an_address_an_event_holds_is_held_back_and_r
         holder = "C-5" if prefix.endswith("/30") else "C-1"      # the /16 covers C-1's address as well
         assert "C-6" in conflicts and holder in conflicts["C-6"]["detail"], conflicts
         assert e.engine.decisions["C-6"].mode == Mode.FREE
+
+
+@pytest.mark.parametrize("held", ["100.64.0.1", "100.64.0.0/30"])
+async def test_a_restart_keeps_a_contested_address_with_its_holder(tmp_path: Path, held: str) -> None:
+    """Billing restricts C-9 on ``held`` (200); a list then names C-2 on 100.64.0.1 (equal, or
+    inside the /30): C-2 is held back. A restart used to give the address to the lower id (the
+    reconciler's holders were empty at a start), lifting what billing was told and walling C-2
+    instead; the saved decisions now say who held it (found in review)."""
+    from daemon_helpers import SteppedClocks, clocked_enforcer, grace_config
+    clocks, fake = SteppedClocks(NOW), FakeDataplane()
+    other = sub("C-1", "100.64.0.100", mode=Mode.NOTICE)
+    key = ("mode4_" + held.split("/")[1] if "/" in held else "mode4_32", held.split("/")[0])
+
+    def kernel() -> str | None:
+        return fake.view.get(key[0], {}).get(key[1])
+    async with clocked_enforcer(grace_config(tmp_path, 3600), clocks, fake, [other]) as e:
+        assert (await handle_event(e, Event("r9", RESTRICTED, NOW, "C-9", sub("C-9", held)), 0.0))[0] == 200
+        await e.lists.on_list(ListUpdate([other, sub("C-2", "100.64.0.1", mode=Mode.NOTICE)], "l.yaml", "2"))
+        assert kernel() == "goto garden" and "C-2" in e.engine.conflicts
+    async with clocked_enforcer(grace_config(tmp_path, 3600), clocks, fake, []) as e:
+        await e.timers.tick()
+        assert kernel() == "goto garden", "a restart lifted the restriction billing was answered 200 for"
+        assert e.engine.decisions["C-9"].mode == Mode.WALLED_GARDEN and "C-2" in e.engine.conflicts
