@@ -145,15 +145,21 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- time and the kernel thread -------------------------------------------------------
-    def now(self, save_pending: bool = True) -> float:
+    def now(self, inside_operation: bool = False) -> float:
         """The instant to decide at (caller holds the lock). A forward step of the wall clock
         first moves the ends of graces and promises by as much: a jump never ends anyone's
-        freedom early (``receipt_clock``).
+        freedom early (``receipt_clock``); then what is pending (moved ends, ``save_later``) is
+        saved as memory holds it for those subscribers.
 
-        What is pending (moved ends, ``save_later``) is saved as memory holds it for those
-        subscribers, so only at the start of an operation, before it changes anything: inside
-        one (``sync_all``, a list's diff) memory may hold a change the operation still undoes,
-        and ``save_pending=False`` leaves the save to the next operation's start."""
+        Both only at the start of an operation, before it changes anything. Inside one
+        (``sync_all``, a list's diff: ``inside_operation``) memory may hold a change the
+        operation still undoes from a snapshot taken before: a step moved into memory there
+        would be undone with it (a grace ending early by the step), and a save would persist
+        the half-done change. So inside, the instant is the wall clock as it reads without a
+        step not yet taken up (``ReceiptClock.unstepped``); the next operation's start takes
+        the step up and saves."""
+        if inside_operation:
+            return self.receipts.unstepped()
         jump = self.receipts.step()
         if jump:
             now = self.clock()
@@ -165,7 +171,7 @@ class Engine:
             self._sessions_unsaved.update((s.id, s) for s in sessions)
             self._anchor_unsaved = True
             self.changed.set()   # the next session expiry moved too
-        if save_pending and (self._moved_unsaved or self._sessions_unsaved or self._anchor_unsaved):
+        if self._moved_unsaved or self._sessions_unsaved or self._anchor_unsaved:
             # The moved ends and the anchor they were moved by, in one commit: if it fails, the
             # saved anchor is the one before the step, and a restart moves the saved ends again.
             wall, mono = self.receipts.anchor
@@ -231,7 +237,7 @@ class Engine:
         later, still holding the lock (``ListIntake._enforce_first``)."""
         if self.rebuilding is not None:
             raise DataplaneError("the state was lost: the kernel table is kept as it is until the list arrives")
-        now = self.now(save_pending=False)    # maybe inside an operation that may still undo (``now``)
+        now = self.now(inside_operation=True)    # maybe inside an operation that may still undo (``now``)
         with gc_paused():   # 100k decisions that live on: no collection walks them half-built
             decisions = self.inputs.decide_all(now, self.decisions)
         started = time.perf_counter()

@@ -294,7 +294,7 @@ class ListIntake:
         if not changed:
             return
         try:
-            result = await engine.apply(engine.decide(sorted(changed), engine.now(save_pending=False)))
+            result = await engine.apply(engine.decide(sorted(changed), engine.now(inside_operation=True)))
         except AddressConflict as exc:
             log.warning("event=list_conflict origin=%s detail=%r (applying the list in a full pass)", origin, str(exc))
             await engine.sync_all(deferred=deferred)

@@ -59,6 +59,15 @@ class ReceiptClock:
         jump = (wall - then_wall) - (mono - then_mono)
         return jump if jump > STEP_THRESHOLD else 0.0
 
+    def unstepped(self) -> float:
+        """The wall clock as it would read had it not jumped forward since the last ``step``
+        (a step not yet taken up): what an operation already under way decides at, the ends it
+        weighs not yet moved by the step. Without such a jump, the wall clock itself."""
+        wall, mono = self.clock(), self.monotonic()
+        then_wall, then_mono = self._anchor
+        jump = (wall - then_wall) - (mono - then_mono)
+        return wall - jump if jump > STEP_THRESHOLD else wall
+
     def resume(self, wall: float, mono: float) -> None:
         """Continue from an anchor saved earlier on this boot (the next ``step`` reports any
         jump since it)."""

@@ -295,3 +295,39 @@ async def test_an_exemption_that_ended_while_down_is_expired_at_once_after_the_s
         await e.timers.tick()
         assert "C-1" not in persisted(tmp_path).exemptions
         assert e.timers._wait() > 0.0
+
+
+async def test_a_step_seen_inside_an_operation_that_is_undone_does_not_shorten_a_grace(tmp_path: Path) -> None:
+    """C-1 pays (grace 3600 s). An operator's change for C-1 needs a full sync (drift seen),
+    the wall clock steps +3000 s while it waits on the kernel, and its save fails, so it is
+    undone from the snapshot taken at its start. The step was moved into the grace inside the
+    operation and undone with it, so the grace ended 3000 s early: C-1 re-walled 700 s
+    later (found in review). Inside an operation the step is not taken up; the next start is."""
+    import sqlite3
+    clocks, fake = Clocks(), FakeDataplane()
+    async with enforcer(tmp_path, clocks, fake) as e:
+        assert (await handle_event(e, Event("p1", PAYMENT, NOW, "C-1", None), 0.0))[0] == 200
+        assert not noticed(fake)
+        e.engine.reconciler.needs_full = True
+        original = e.engine.reconciler.update
+
+        def update(decisions: Any) -> Any:
+            clocks.step(3000)          # stepped while the change waits for the kernel thread
+            e.engine.reconciler.update = original  # type: ignore[method-assign]
+            return original(decisions)
+        e.engine.reconciler.update = update  # type: ignore[method-assign]
+        saves: list[str] = []
+
+        def fault(name: str) -> None:
+            if name == "record_state":
+                saves.append(name)
+                if len(saves) == 2:         # the full sync's record passes, the change's fails
+                    raise sqlite3.OperationalError("disk I/O error (injected)")
+        e.engine.store.write_fault = fault
+        assert (await exempt(e, "noc", "C-1", "outage", NOW + 100_000, "ticket"))[0] == 503
+        e.engine.store.write_fault = None
+        await e.timers.tick()
+        clocks.pass_(700)                   # 3,700 s by the wall clock, 700 s by the receipt clock
+        await e.timers.tick()
+        assert not noticed(fake), "a paid subscriber re-walled early by a forward clock step"
+        assert persisted(tmp_path).graces["C-1"].until >= NOW + GRACE + 3000
