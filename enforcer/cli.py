@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -398,15 +399,19 @@ def _print_health(status: dict[str, Any]) -> None:
         print(f"state rows quarantined: {state['rows_quarantined']} (unreadable rows skipped at start)")
     for name, task in sorted((status.get("tasks") or {}).items()):
         if task.get("failures"):
-            error = f"; last error: {task['last_error']}" if task.get("last_error") else ""
-            print(f"task {name} FAILED {task['failures']} time(s), "
-                  f"{'running again' if task.get('running') else 'restarting'}{error}")
+            at = task.get("last_failure_at")
+            when = time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(at)) if isinstance(at, (int, float)) else ""
+            error = f": {task['last_error']}" if task.get("last_error") else ""
+            print(f"task {name} FAILED {task['failures']} time(s) since the start, last{when}{error}; "
+                  f"{'running again' if task.get('running') else 'restarting'}")
     conflicts = status.get("address_conflicts") or {}
     total = status.get("address_conflicts_total", len(conflicts))
     if total:
         print(f"address conflicts: {total} subscriber(s) not enforced as wanted (an address held by another):")
         for sid, clash in conflicts.items():
             print(f"  {sid}: wanted {clash.get('wanted')}; {clash.get('detail')}")
+        if total > len(conflicts):
+            print(f"  ... and {total - len(conflicts)} more (walled-garden status --json)")
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

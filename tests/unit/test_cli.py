@@ -344,6 +344,7 @@ async def test_plain_status_shows_a_quarantined_state_failed_tasks_and_address_c
     assert cli.cmd_status(cli.argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert "STATE QUARANTINED" in out and ".corrupt-" in out, out
-    assert "task policy_timer FAILED 2 time(s), running again; last error: boom" in out, out
+    assert "task policy_timer FAILED 2 time(s) since the start, last at 1970-01-01T00:00:01Z: boom; running again" \
+        in out, out
     assert "sessions FAILED" not in out
     assert "C-6: wanted walled-garden; 100.64.3.0/30 covers 100.64.3.3/32, held by subscriber C-5" in out, out
