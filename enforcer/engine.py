@@ -393,6 +393,10 @@ class Engine:
         the table is left enforcing exactly as it is until the list arrives: an empty state
         would otherwise free everyone the kernel restricts (``ListIntake`` rebuilds then)."""
         async with self.lock:
+            # A start is an operation's start: a step since the saved anchor (the daemon was down
+            # on this boot) moves the ends now, and this boot's anchor is saved at once, so a
+            # restart on it, after a later step, still sees that step.
+            self.now()
             unsaved = self.store.get_meta("list") is None and self.store.get_meta(PENDING_LIST) is not None
             if (unsaved or not self.inputs.known_ids()) and self.store.get_meta("list") is None:
                 view = with_mode_view(await self.kernel(self.reconciler.dataplane.read))

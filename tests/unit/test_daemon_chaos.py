@@ -214,3 +214,17 @@ def test_an_exemption_found_ended_at_a_start_is_expired_before_a_step_back(machi
     machine.kill_mid_session(leases=[("100.64.1.1", "02:00:00:00:00:03")])
     machine.clock_step(seconds=-600.0)
     machine.kernel_matches_persisted_policy()
+
+
+def test_a_step_after_a_reboot_is_seen_by_a_restart_on_the_same_boot(machine: Any) -> None:
+    """C-1 pays; the gateway reboots (a new boot: the monotonic clock starts over); the wall
+    clock steps +3600 s; the daemon restarts on that boot. The start after the reboot must save
+    this boot's clock anchor at once, or the restart cannot tell the step from time gone by and
+    the grace ends early (found by the chaos model after start-up stopped taking up steps inside
+    its full sync)."""
+    machine.boot(listed=["C-1"])
+    machine.burst(kinds=["payment.received", "payment.received"], sid="C-1", skews=[0, 0, 0, 0])
+    machine.restart(down=0.0, how="reboot")
+    machine.clock_step(seconds=3600.0)
+    machine.restart(down=0.0, how="close")
+    machine.payments_keep_subscribers_free()
