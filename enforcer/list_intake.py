@@ -119,6 +119,7 @@ class ListIntake:
         new = {s.id: s for s in update.subscribers}
         try:
             async with self.engine.lock:
+                self.engine.now()      # an operation's start: a clock step is taken up, pending saves run
                 await self._take(update, new, approved_by)
         finally:
             self.enforced.set()
