@@ -53,20 +53,23 @@ class ReceiptClock:
 
     def step(self) -> float:
         """Seconds the wall clock jumped forward since the last call (0 when it did not)."""
-        wall, mono = self.clock(), self.monotonic()
-        then_wall, then_mono = self._anchor
+        wall, mono, jump = self._jump()
         self._anchor = (wall, mono)
-        jump = (wall - then_wall) - (mono - then_mono)
-        return jump if jump > STEP_THRESHOLD else 0.0
+        return jump
 
     def unstepped(self) -> float:
         """The wall clock as it would read had it not jumped forward since the last ``step``
         (a step not yet taken up): what an operation already under way decides at, the ends it
         weighs not yet moved by the step. Without such a jump, the wall clock itself."""
+        wall, _, jump = self._jump()
+        return wall - jump
+
+    def _jump(self) -> tuple[float, float, float]:
+        """(wall, monotonic, forward jump since the anchor or 0) read now."""
         wall, mono = self.clock(), self.monotonic()
         then_wall, then_mono = self._anchor
         jump = (wall - then_wall) - (mono - then_mono)
-        return wall - jump if jump > STEP_THRESHOLD else wall
+        return wall, mono, jump if jump > STEP_THRESHOLD else 0.0
 
     def resume(self, wall: float, mono: float) -> None:
         """Continue from an anchor saved earlier on this boot (the next ``step`` reports any

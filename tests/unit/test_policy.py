@@ -397,3 +397,21 @@ def test_decide_all_and_preview_list_are_decide_one_by_one(people: list, ladder:
         return restricting, lifting
 
     assert policy.preview_list(inputs, new, now) == preview_one_by_one()
+
+
+def test_what_ended_is_seen_until_expire_drops_it():
+    """``ended_unexpired`` makes the timer run at once; ``expire`` must clear exactly what it
+    sees, or the timer would spin."""
+    from enforcer.exemptions import Exemption
+    from enforcer.promises import Promise
+    inputs = PolicyInputs(listed={}, overrides={}, graces={"A": Grace(T0 - 20, T0 - 1, "p")})
+    inputs.exemptions = {"B": {"outage": Exemption("outage", T0 - 1, "", "noc", T0 - 60)}}
+    inputs.promises = {"C": [Promise("C", T0 - 60, T0 - 1)]}
+    for sid in ("A", "B", "C"):
+        alone = PolicyInputs(listed={}, overrides={}, graces={k: v for k, v in inputs.graces.items() if k == sid})
+        alone.exemptions = {k: v for k, v in inputs.exemptions.items() if k == sid}
+        alone.promises = {k: v for k, v in inputs.promises.items() if k == sid}
+        assert alone.ended_unexpired(T0), sid
+        assert policy.expire(alone, T0) == {sid}
+        assert not alone.ended_unexpired(T0), sid
+    assert not PolicyInputs(listed={}, overrides={}, graces={"D": Grace(T0, T0 + 5, "p")}).ended_unexpired(T0)
