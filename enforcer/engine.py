@@ -320,21 +320,37 @@ class Engine:
             for sid in decisions:
                 self.conflicts.pop(sid, None)
             return result
+        # One at a time: those that gain no address first (they only let go), then the others;
+        # a claim that met an address still held is tried again while a round enforces someone
+        # more (a chain: A takes B's address while B takes C's), the rest wait in ``conflicts``.
         merged = SyncResult("partial", 0, [])
-        for sid, decision in decisions.items():
-            try:
-                one = await self.apply({sid: decision}, cause, deferred)
-            except AddressConflict as exc:
-                if sid not in self.conflicts:
-                    log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "
-                                "retried each timer round)", sid, why, str(exc))
-                self.conflicts.note(sid, str(exc), decision.mode.value, self.clock())
-                continue
-            self.conflicts.pop(sid, None)
-            merged.elements += one.elements
-            merged.changed += one.changed
-            merged.kind = "full" if one.kind == "full" else merged.kind
+        pending = dict(sorted(decisions.items(), key=lambda item: self._gains(*item)))
+        while pending:
+            refused: dict[str, str] = {}
+            for sid, decision in pending.items():
+                try:
+                    one = await self.apply({sid: decision}, cause, deferred)
+                except AddressConflict as exc:
+                    refused[sid] = str(exc)
+                    continue
+                self.conflicts.pop(sid, None)
+                merged.elements += one.elements
+                merged.changed += one.changed
+                merged.kind = "full" if one.kind == "full" else merged.kind
+            if len(refused) == len(pending):
+                for sid, detail in refused.items():
+                    if sid not in self.conflicts:
+                        log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "
+                                    "retried each timer round)", sid, why, detail)
+                    self.conflicts.note(sid, detail, decisions[sid].mode.value, self.clock())
+                break
+            pending = {sid: decisions[sid] for sid in refused}
         return merged
+
+    def _gains(self, sid: str, decision: Decision) -> bool:
+        """Does ``decision`` hold an address that ``sid``'s enforced one does not?"""
+        enforced = self.decisions.get(sid)
+        return not set(held_keys(decision)) <= set(held_keys(enforced) if enforced is not None else ())
 
     def _claim(self, decisions: Mapping[str, Decision]) -> list[tuple[str, tuple[Network, ...]]]:
         """Claim the decisions' addresses, or raise ``AddressConflict`` having claimed nothing;

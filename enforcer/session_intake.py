@@ -35,8 +35,6 @@ from .events import SESSION_STARTED, Event
 from .metrics import Metrics
 from .model import Network
 from .outcome import Outcome, Refusal, Refused, Result
-from .policy import Decision
-from .reconciler import SyncResult
 from .sessions.book import Change
 from .sessions.session import Session, SessionId, address_key
 from .sessions.source import PROBLEMS, SessionChangeFailed, SessionSource
@@ -202,7 +200,7 @@ class SessionIntake:
             writes: list[EnforcedWrite] = []
             cause = "sessions: " + ", ".join(sorted({r.source for r in batch}))
             try:
-                result = await self._apply(decisions, cause, cause, writes)
+                result = await engine.apply_resolving(decisions, cause, cause, deferred=writes)
             except DataplaneError as exc:
                 self._put_back(undo)
                 await self._reapply(touched, now)   # some subscribers may have been applied one by one
@@ -339,42 +337,10 @@ class SessionIntake:
         kernel refuses, the timer's repair does a full sync."""
         engine = self.engine
         try:
-            await self._apply(engine.decide(touched, now), "undo", "undo", [])
+            await engine.apply_resolving(engine.decide(touched, now), "undo", deferred=[])
         except DataplaneError:
             engine.reconciler.needs_full = True
             engine.changed.set()
-
-    async def _apply(self, decisions: dict[str, Decision], why: str, cause: str,
-                     deferred: list[EnforcedWrite]) -> SyncResult:
-        """``Engine.apply_resolving``, with the subscribers that gain no address first and those
-        a claim still held by another left out tried again once others have let go.
-
-        A session moves addresses between subscribers (and an undo moves them back): the loser
-        and the gainer are decided again together, and ``Engine.apply`` claims in the given
-        order among restricted ones. Were the gainer first, its claim would meet the address
-        still held by the loser: ``apply_resolving`` left the gainer in ``conflicts`` while the
-        loser freed the address, a restricted subscriber's address free until the timer's retry;
-        in an undo, a change answered failed that left the kernel changed. A chain (A takes B's
-        address, B takes C's) can meet that in either order, hence the retries, each one only
-        while it still enforces someone more."""
-        engine = self.engine
-        before = engine.decisions
-
-        def gains(sid: str) -> bool:
-            enforced = before.get(sid)
-            return bool(set(held(decisions[sid])) - set(held(enforced) if enforced is not None else ()))
-        ordered = dict(sorted(decisions.items(), key=lambda item: gains(item[0])))
-        result = await engine.apply_resolving(ordered, why, cause, deferred=deferred)
-        waiting = {sid: d for sid, d in ordered.items() if sid in engine.conflicts}
-        while waiting and len(waiting) < len(ordered):
-            again = await engine.apply_resolving(waiting, why, cause, deferred=deferred)
-            result = SyncResult("full" if "full" in (result.kind, again.kind) else result.kind,
-                                result.elements + again.elements, result.changed + again.changed)
-            left = {sid: d for sid, d in waiting.items() if sid in engine.conflicts}
-            if len(left) == len(waiting):
-                break
-            ordered, waiting = waiting, left
-        return result
 
     def _put_back(self, undo: Undo) -> None:
         book = self.engine.inputs.sessions

@@ -202,3 +202,26 @@ async def test_a_restart_keeps_a_contested_address_with_its_holder(tmp_path: Pat
         await e.timers.tick()
         assert kernel() == "goto garden", "a restart lifted the restriction billing was answered 200 for"
         assert e.engine.decisions["C-9"].mode == Mode.WALLED_GARDEN and "C-2" in e.engine.conflicts
+
+
+async def test_a_move_in_a_batch_with_an_unrelated_clash_still_moves(tmp_path: Path) -> None:
+    """A batch with a genuine clash (C-4 wants C-1's address) falls back to one subscriber at a
+    time; the move inside it (C-3 takes C-2's address) must still go through, in whatever order
+    the batch names them: releases first, and refused claims tried again while others let go.
+    Only C-4 waits in ``conflicts``. (A swap needs both at once: beside a clash it waits in
+    ``conflicts`` too, its addresses still held by their old holders.)"""
+    from enforcer.policy import Decision
+    async with enforcer(tmp_path) as (e, fake):
+        await _two_restricted(e)
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10", "2001:db8:10:100::/56"), sub("C-2", "100.64.0.20"),
+                                          sub("C-3", "100.64.0.30"), sub("C-4", "100.64.0.40")], "l.yaml", "3"))
+        batch = {"C-3": Decision("C-3", Mode.NOTICE, "moved", sub("C-3", "100.64.0.20", "100.64.0.30",
+                                                                   mode=Mode.NOTICE)),
+                 "C-4": Decision("C-4", Mode.WALLED_GARDEN, "clash", sub("C-4", "100.64.0.10")),
+                 "C-2": Decision("C-2", Mode.WALLED_GARDEN, "moved", sub("C-2", "100.64.0.21"))}
+        async with e.engine.lock:
+            await e.engine.apply_resolving(batch, "test")
+        assert set(e.engine.conflicts) == {"C-4"}, e.engine.conflicts
+        walled = _walled(fake)
+        assert walled.get("100.64.0.20") == "goto notice" and walled.get("100.64.0.21") == "goto garden", walled
+        assert walled.get("100.64.0.40") == "goto garden" and walled.get("100.64.0.10") == "goto garden", walled
