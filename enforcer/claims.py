@@ -26,7 +26,6 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .address_space import Span
 from .model import Network
 from .subscribers import Key, key_network, network_key
 
@@ -40,12 +39,6 @@ _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 def _value(key: Key) -> int:
     """The key's address as an integer (``int(network.network_address)``)."""
     return int.from_bytes(socket.inet_pton(_FAMILIES[key[0]], key[2]), "big")
-
-
-def key_span(key: Key) -> Span:
-    """The key as a ``Span`` (version, first address, last address), for ``find_span_overlaps``."""
-    first = _value(key)
-    return key[0], first, first | ((1 << (_BITS[key[0]] - key[1])) - 1)
 
 
 def _text(value: int, version: int) -> str:

