@@ -500,12 +500,16 @@ def _nested(groups: Mapping[tuple[int, int, Mode], tuple[list[str], list[str]]])
     /32s and /128s alone does no work here). Then, shortest length first, each key masked to
     every shorter length in use is looked up among that length's keys: one dict lookup per
     key and shorter length, no sort (158 -> 60 ms for 100k /64s beside 25k /56s)."""
-    lengths: dict[int, dict[int, list[tuple[str, str]]]] = {}
-    for (version, plen, _), (keys, sids) in groups.items():
-        lengths.setdefault(version, {}).setdefault(plen, []).extend(zip(keys, sids, strict=True))
-    for version, by_length in lengths.items():
-        if len(by_length) < 2:
-            continue
+    used: dict[int, set[int]] = {}
+    for version, plen, _ in groups:
+        used.setdefault(version, set()).add(plen)
+    for version, plens in used.items():
+        if len(plens) < 2:
+            continue      # nothing to look at: no pair list is built for 125k keys
+        by_length: dict[int, list[tuple[str, str]]] = {}
+        for (v, plen, _), (keys, sids) in groups.items():
+            if v == version:
+                by_length.setdefault(plen, []).extend(zip(keys, sids, strict=True))
         family, width = (socket.AF_INET, 32) if version == 4 else (socket.AF_INET6, 128)
         shorter: list[tuple[int, dict[int, str]]] = []      # (host bits, value -> holder)
         for plen in sorted(by_length):
