@@ -17,13 +17,14 @@ import hmac
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from ..event_sink import EventSink
-from ..events import TYPES, EventError, parse_event
+from ..events import TYPES, Event, EventError, parse_event
 from . import answer, json_response
 from .listeners import REJECT_LOG_EVERY, LogLimiter
 
@@ -142,12 +143,31 @@ async def post_event(request: web.Request) -> web.Response:
         if problem:
             raise EventError(problem)
         event = parse_event(event_id, body)
+        _not_ahead(event, request.headers["webhook-timestamp"])
     except EventError as exc:
         sink.count(_type_label(body), "malformed")
         return json_response(400, {"error": str(exc), "id": event_id if not problem else event_id[:MAX_ID_CHARS]})
     # Shielded: a handler cancelled at shutdown must not cancel the future a retry of the
     # same id shares (the in-process sink hands it to both).
     return answer(await asyncio.shield(sink.submit(event, received)))
+
+
+def _not_ahead(event: Event, signed: str) -> None:
+    """Refuse a body ``timestamp`` later than the moment billing signed it (plus the tolerance).
+
+    Billing's timestamps order its events (``billing_order``), so one stamped 2099 would make
+    every later release or restriction of that subscriber "older" and ignored for good, each
+    answered 200. The signature's timestamp is checked against our clock (within 5 minutes);
+    a body can be stamped before it (a payment booked late, a retry) but not after."""
+    ahead = event.timestamp - float(signed)   # verified: a number near our clock
+    if ahead > SIGNATURE_TOLERANCE:
+        raise EventError(f"timestamp {_utc(event.timestamp)} is {ahead:.0f} s after the webhook-timestamp "
+                         f"{_utc(float(signed))} it was signed at (at most {SIGNATURE_TOLERANCE:.0f} s "
+                         "allowed): the event cannot have happened after it was sent")
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _type_label(body: bytes) -> str:

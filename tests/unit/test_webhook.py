@@ -458,3 +458,24 @@ async def test_the_daemons_answer_reaches_billing_unchanged(setup: Any, monkeypa
     response = await client.post("/v1/events", data=body, headers=_headers(body, f"pass-{status}"))
     assert response.status == status
     assert await response.json() == {"id": f"pass-{status}", "error": f"daemon says {status}"}
+
+
+@pytest.mark.asyncio
+async def test_a_body_stamped_after_its_signature_is_400_and_orders_nothing(setup: Any) -> None:
+    """One event stamped 2099 would make every later event of that subscriber 'older' and
+    ignored (answered 200) for good: billing_order orders by the body's timestamp."""
+    client, enforcer, fake, _, _ = setup
+    sent = time.time()
+    body = _event("subscriber.restricted", "C-7", "2099-01-01T00:00:00Z", addresses=["100.64.0.77"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "f1", at=sent))
+    answer = await response.json()
+    assert response.status == 400, answer
+    assert "webhook-timestamp" in answer["error"] and "2099-01-01T00:00:00Z" in answer["error"]
+    assert "100.64.0.77" not in _restricted(fake)
+    assert "C-7" not in enforcer.engine.billing_order.newest
+    # within the tolerance a body may run ahead of the signature (two clocks at billing)
+    ahead = datetime.fromtimestamp(sent + 290, UTC).isoformat().replace("+00:00", "Z")
+    body = _event("subscriber.restricted", "C-7", ahead, addresses=["100.64.0.77"])
+    response = await client.post("/v1/events", data=body, headers=_headers(body, "f2", at=sent))
+    assert response.status == 200, await response.json()
+    assert "100.64.0.77" in _restricted(fake)
