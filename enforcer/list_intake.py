@@ -20,13 +20,13 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import policy
 from .dataplane.backend import DataplaneError
-from .dataplane.layout import mode_map
+from .dataplane.layout import mode_map, mode_prefix
 from .engine import PENDING_LIST, Engine
 from .guard import guard_reason
 from .metrics import Metrics
@@ -60,6 +60,23 @@ def _meta(update: ListUpdate, entries: int, now: float) -> dict[str, Any]:
     """The list in force's record (``status``: ``list_in_force``), saved with it."""
     return {"origin": update.origin, "loaded_at": now, "entries": entries, "fingerprint": update.fingerprint,
             "digest": update.digest}
+
+
+def _kernel_lifting(restricted: set[tuple[str, str]], new: Mapping[str, Subscriber]) -> tuple[int, int]:
+    """What the first list after a lost state would lift, and what the kernel restricts, both
+    weighed for the guard (``policy.key_weight``). Whose keys they were is lost with the state,
+    so each family's keys are summed and the larger family counts (a dual-stack subscriber
+    holds one key of each)."""
+    listed = {(mode_map(version, plen), key) for entry in new.values() for version, plen, key in entry.keys}
+
+    def weighed(keys: Iterable[tuple[str, str]]) -> int:
+        families = {4: 0, 6: 0}
+        for container, _ in keys:
+            version, plen = mode_prefix(container)
+            families[version] += policy.key_weight(version, plen)
+        return max(families.values())
+
+    return weighed(restricted - listed), weighed(restricted)
 
 
 def _undo(inputs: policy.PolicyInputs, changes: set[str]) -> list[policy.Snapshot]:
@@ -128,30 +145,20 @@ class ListIntake:
         """``on_list`` under the engine's lock."""
         engine = self.engine
         self.metrics.source_success.set(engine.clock())
+        if engine.rebuilding is not None and not engine.rebuild_unsaved and not approved_by:
+            weighed = self._weigh(update, 0, *_kernel_lifting(engine.rebuilding, new))
+            if weighed is None:
+                return
+            approved_by = weighed
         if engine.rebuilding is not None:
             approved_by = self._rebuild(new, update.digest, approved_by)
         if not approved_by:
             restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
             restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
-            why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
-            digest = list_digest(update.subscribers) if why else ""
-            verdict = self._take_verdict(digest) if why else None
-            if verdict is not None:   # the fleet decided before this gateway read it
-                self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
-                            "approved" if verdict[0] else "rejected", verdict[1])
-            if verdict is not None and not verdict[0]:
-                log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
-                            "gateway read it)", verdict[1], update.origin)
+            weighed = self._weigh(update, restricting, lifting, restricted_now)
+            if weighed is None:
                 return
-            if verdict is not None:
-                approved_by, why = verdict[1], ""
-            if why:
-                self.held = HeldChange(update, restricting, lifting, engine.clock(), why, digest)
-                self.source_error = None
-                self.metrics.held_changes.set(1)
-                log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
-                            "(walled-garden approve | reject)", update.origin, len(new), restricting, lifting, why)
-                return
+            approved_by = weighed
         if approved_by:
             log.warning("event=list_approved by=%s origin=%s entries=%d", approved_by, update.origin, len(new))
         if engine.rebuild_unsaved:   # another list than the one being saved, let through by the guard
@@ -167,6 +174,31 @@ class ListIntake:
             await self._apply(changed | self.session_owners, update.origin)
         except DataplaneError:
             engine.changed.set()  # the repair loop retries
+
+    def _weigh(self, update: ListUpdate, restricting: int, lifting: int, restricted_now: int) -> str | None:
+        """The mass-change guard's word on a list: "" (go ahead), who approved it (the fleet,
+        before this gateway read it), or None: held for an operator, or rejected (nothing applied)."""
+        engine = self.engine
+        why = guard_reason(restricting, lifting, restricted_now, engine.config.subscribers.guard)
+        if not why:
+            return ""
+        digest = list_digest(update.subscribers)
+        verdict = self._take_verdict(digest)
+        if verdict is not None:   # the fleet decided before this gateway read it
+            self._audit(HeldChange(update, restricting, lifting, engine.clock(), why, digest),
+                        "approved" if verdict[0] else "rejected", verdict[1])
+            if verdict[0]:
+                return verdict[1]
+            log.warning("event=list_rejected_by_operator by=%s origin=%s (rejected in the fleet before this "
+                        "gateway read it)", verdict[1], update.origin)
+            return None
+        self.held = HeldChange(update, restricting, lifting, engine.clock(), why, digest)
+        self.source_error = None
+        self.metrics.held_changes.set(1)
+        log.warning("event=list_held origin=%s entries=%d restricting=%d lifting=%d why=%r "
+                    "(walled-garden approve | reject)", update.origin, len(update.subscribers), restricting,
+                    lifting, why)
+        return None
 
     async def _save(self, update: ListUpdate, new: dict[str, Subscriber], approved_by: str) -> set[str] | None:
         """Put the list in the inputs and save it; None (inputs as they were) when it cannot be saved."""
@@ -308,8 +340,12 @@ class ListIntake:
         """The first list after the state was lost (caller holds the lock): a listed subscriber
         whom the kernel held free was free for a reason the lost state knew (a payment, a
         promise, an exemption), so they get a payment grace from now rather than being walled
-        again; a kernel restriction the list does not name is lifted (billing's word is gone
-        with the state, and billing retries its events). Returns who approved the list.
+        again; a kernel restriction the list does not name is lifted. That one was an event's
+        or an operator's, for a subscriber id the kernel does not keep: kept, nothing could
+        ever lift it (a payment names the subscriber, not the address), so a customer who paid
+        would stay walled. Billing was answered 200 for it, so the lift goes through the
+        mass-change guard first (``_take``, ``_kernel_lifting``): beyond its limits the kernel
+        is kept as it is until an operator approves. Returns who approved the list.
 
         When the state was not lost but a first list was being saved (``Engine.rebuild_unsaved``),
         the kernel holds that list: the state knows every input, so nobody gets a grace. The same
@@ -339,7 +375,7 @@ class ListIntake:
         engine.rebuilding = None
         engine.store.save_subscribers(engine.inputs, kept_free)
         log.warning("event=state_rebuilt listed=%d kept_free=%d", len(new), len(kept_free))
-        return "the rebuild from the kernel after the state was lost"
+        return approved_by or "the rebuild from the kernel after the state was lost"
 
     def applied_digest(self) -> str | None:
         """The content digest of the list in force (``sources.content_digest``): a source that

@@ -30,6 +30,7 @@ from .dataplane.layout import (
     Layout,
     ack_set,
     mode_map,
+    mode_prefix,
     placements,
     tag_address,
     with_mode_view,
@@ -538,7 +539,7 @@ def _changed(before: Mapping[str, Mapping[str, str | None]],
             continue
         keys = [k for k, v in new.items() if old.get(k, "absent") != v] if old else list(new)
         keys += [k for k in old if k not in new]
-        version, plen = _mode_prefix(container)
+        version, plen = mode_prefix(container)
         out.extend((version, plen, key) for key in keys)
     return out
 
@@ -557,7 +558,7 @@ def _implied(elements: Elements) -> Elements:
     for container, view in elements.items():
         if not container.startswith(MODE_PREFIX):
             continue
-        version, plen = _mode_prefix(container)
+        version, plen = mode_prefix(container)
         for mode, verdict in MODE_VERDICTS.items():
             keys = [key for key, value in view.items() if value == verdict]
             for name, value in placements(version, plen, mode)[1:]:
@@ -577,12 +578,6 @@ def _marks(state: TableState | None, layout: Layout) -> set[str]:
     if state is None or state.layout_tag != layout.tag:
         return set()
     return set(state.elements.get(TAG_SET, {})) - {tag_address(layout.tag)}
-
-
-def _mode_prefix(container: str) -> tuple[int, int]:
-    """(version, prefix length) of a mode view's name (``mode4_32`` → (4, 32))."""
-    version, plen = container[len(MODE_PREFIX):].split("_")
-    return int(version), int(plen)
 
 
 def probe(dataplane: Dataplane, layout: Layout) -> str:

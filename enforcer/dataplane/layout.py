@@ -100,6 +100,12 @@ def mode_map(version: int, prefixlen: int) -> str:
     return f"{MODE_PREFIX}{version}_{prefixlen}"
 
 
+def mode_prefix(container: str) -> tuple[int, int]:
+    """(version, prefix length) of a mode view's name (``mode4_32`` → (4, 32)): ``mode_map`` undone."""
+    version, plen = container[len(MODE_PREFIX):].split("_")
+    return int(version), int(plen)
+
+
 def redirect_set(version: int, prefixlen: int, mode: Mode = Mode.WALLED_GARDEN) -> str:
     """Where an address goes so its plain HTTP lands on the portal.
 
