@@ -49,7 +49,7 @@ import math
 
 from ..model import Mode
 from .ipset_sets import set_name, umbrella
-from .layout import DHCP_PORTS, PORTAL_CT_MARK, Layout, ack_set, redirect_set, throttle_set
+from .layout import DHCP_PORTS, LINK_LOCAL6, PORTAL_CT_MARK, Layout, ack_set, redirect_set, throttle_set
 
 #: (table, built-in chain, our chain) of the jumps ``rules: own`` inserts once each.
 JUMPS = (("filter", "FORWARD", "WALLED-GARDEN-FWD"), ("filter", "INPUT", "WALLED-GARDEN-IN"),
@@ -144,6 +144,8 @@ def _rules(layout: Layout, version: int) -> dict[str, list[str]]:
            f"-A WALLED-GARDEN-UP {_match(sets['throttle'], 'src')} -g WALLED-GARDEN-THROTTLE"]
     local_in = [f"-A WALLED-GARDEN-IN {i}{_match(sets[kind], 'src')} -g WALLED-GARDEN-LOCAL"
                 for i in ifaces for kind in ("portal", "notice")]
+    if version == 6 and layout.interfaces:   # link-local sources, as ``layout._input_hook`` says
+        local_in += [f"-A WALLED-GARDEN-IN {i}-s {LINK_LOCAL6} -g WALLED-GARDEN-LOCAL" for i in ifaces]
     filter_lines = fwd + down + up + _garden(layout, version, garden) + throttle + local_in + _local(layout, version)
 
     ports = sorted({*layout.portal_ports, 80, *((443,) if layout.portal_tls_port is not None else ())})

@@ -31,9 +31,14 @@ portal listens on ``0.0.0.0`` (or that address). Then:
 * the ``input`` hook sends packets whose source is a restricted subscriber (any ``portal``/``notice``
   set; throttle keys are in ``notice`` too) to the ``local`` chain, where only the portal ports,
   DNS (UDP/TCP 53), established/related traffic and the network-essential DHCP (UDP 67/68,
-  546/547) and ICMP/ICMPv6 (neighbour discovery, router solicitation, echo) pass; everything
-  else gets a TCP reset or ICMP admin-prohibited and counts in ``refused_local``. Free
-  subscribers never enter that chain.
+  546/547) and ICMP/ICMPv6 (neighbour discovery, router solicitation, echo) pass, and NTP
+  (UDP 123: a device with a wrong clock cannot check the portal's or a payment site's
+  certificate); everything else gets a TCP reset or ICMP admin-prohibited and counts in
+  ``refused_local``. Free subscribers never enter that chain for their own addresses; but every
+  host on a subscriber interface also has an IPv6 link-local address (``fe80::/10``) in no set,
+  which would reach a service listening on ``::`` (the webhook listener, metrics, SSH) even from
+  a restricted subscriber: with ``gateway.subscriber_interfaces`` set, link-local sources from
+  those interfaces go to ``local`` too, for everyone (none needs more of the gateway).
 
 Drift (docs/reference.md, Safety rules 8). Every reconciled set is created holding one sentinel
 element (``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved
@@ -194,6 +199,8 @@ def tag_address(tag: str) -> str:
 
 #: UDP ports of DHCP (v4 server/client) and DHCPv6 (client/server) a restricted subscriber keeps.
 DHCP_PORTS = (67, 68, 546, 547)
+#: IPv6 link-local sources: no subscriber set holds them (``_input_hook``).
+LINK_LOCAL6 = "fe80::/10"
 
 
 @dataclass(frozen=True)
@@ -424,6 +431,8 @@ class Layout:
             match = _masked_saddr(version, plen)
             rules.append(f"{iif}{match} @{redirect_set(version, plen)} goto local")
             rules.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto local")
+        if iif:   # whose a link-local source is, no set can say (see the module docstring)
+            rules.append(f"{iif}ip6 saddr {LINK_LOCAL6} goto local")
         return (["\tchain input {", "\t\ttype filter hook input priority filter - 10; policy accept;"]
                 + [f"\t\t{r}" for r in rules] + ["\t}"])
 

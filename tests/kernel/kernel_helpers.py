@@ -24,7 +24,8 @@ def tcp_connect(topo: Topology, netns: str, host: str, port: int) -> tuple[str, 
         s = socket.socket(family); s.settimeout(3)
         start = time.monotonic()
         try:
-            s.connect(({host!r}, {port})); result = "connected"
+            # getaddrinfo keeps a link-local address's %scope (a literal: no resolver asked)
+            s.connect(socket.getaddrinfo({host!r}, {port}, family, socket.SOCK_STREAM)[0][4]); result = "connected"
         except socket.timeout: result = "timeout"
         except OSError as exc: result = errno.errorcode.get(exc.errno, str(exc))
         print(result, time.monotonic() - start)
