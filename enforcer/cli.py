@@ -340,24 +340,76 @@ def _ask(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     return answer
 
 
+def _ago(seconds: float) -> str:
+    """A span for a person: ``5 s``, ``12 min``, ``3 h``, ``2 d`` (rounded; the ISO time beside
+    it is exact)."""
+    seconds = abs(seconds)
+    for unit, size, up_to in (("s", 1, 90), ("min", 60, 90 * 60), ("h", 3600, 48 * 3600)):
+        if seconds < up_to:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _when(at: Any, now: float | None = None) -> str:
+    """A unix time as the operator reads it: UTC ISO and how long ago (or how soon), e.g.
+    ``2026-12-01T20:09:10Z (5 s ago)``; ``never`` when there is none. The daemon's answers keep
+    unix seconds (``--json``); only the text is for people, who cannot read 1796414902."""
+    if not isinstance(at, (int, float)) or isinstance(at, bool) or not at:
+        return "never"
+    now = time.time() if now is None else now
+    try:
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    except (OverflowError, OSError, ValueError):   # out of the platform's range: say what was given
+        return f"unix time {at}"
+    if at > now + 1:   # a second of leeway: the daemon's clock read a moment before ours
+        return f"{iso} (in {_ago(at - now)})"
+    return f"{iso} ({_ago(now - at)} ago)"
+
+
+def _took(seconds: Any) -> str:
+    """How long something took: ``1.3 ms`` below a second, ``2.41 s`` from one up."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _sync_line(status: dict[str, Any], now: float) -> str:
+    """``kernel: in sync; last sync 2026-12-01T20:09:10Z (5 s ago), partial, 3 elements, 1.3 ms``."""
+    state = "in sync" if status["kernel_in_sync"] else "OUT OF SYNC (repairing)"
+    sync = status.get("last_sync") or {}
+    if not sync:
+        return f"kernel: {state}; no sync yet since the start"
+    return (f"kernel: {state}; last sync {_when(sync.get('at'), now)}, {sync.get('kind', '-')}, "
+            f"{sync.get('elements', 0)} elements, {_took(sync.get('seconds'))}")
+
+
+def _source_lines(source: dict[str, Any], now: float) -> list[str]:
+    """The list source: the list in force (when accepted, how long ago) and its last error."""
+    in_force = source.get("list_in_force") or {}
+    accepted = in_force.get("loaded_at")
+    lines = [f"source: {source['configured']}; list in force: {in_force.get('entries', 0)} entries"
+             + (f" from {in_force['origin']}" if in_force.get("origin") else "")
+             + (f", accepted {_when(accepted, now)}" if accepted else ", none accepted yet")]
+    error = source.get("last_error")
+    if error:
+        lines.append(f"source error {_when(error.get('at'), now)}: {error['message']} (the list in force stays)")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _ask(args, "GET", "/v1/status")
     if isinstance(status, int):
         return status
+    now = time.time()
     modes = ", ".join(f"{k}={v}" for k, v in status["modes"].items())
-    sync = status.get("last_sync") or {}
-    source = status["source"]
     print(f"restricted: {modes}")
-    print(f"kernel: {'in sync' if status['kernel_in_sync'] else 'OUT OF SYNC (repairing)'}; "
-          f"last sync {sync.get('kind', '-')} of {sync.get('elements', 0)} elements in {sync.get('seconds', 0)}s")
-    in_force = source.get("list_in_force") or {}
-    print(f"source: {source['configured']}; list in force: {in_force.get('entries', 0)} entries, "
-          f"age {source.get('list_age_seconds')}s")
-    if source.get("last_error"):
-        print(f"source error: {source['last_error']['message']}")
+    print(_sync_line(status, now))
+    for line in _source_lines(status["source"], now):
+        print(line)
     for held in status["held_changes"]:
+        since = f" (held since {_when(held['since'], now)})" if held.get("since") else ""
         print(f"HELD: a list from {held['origin']} would restrict {held['restricting']} and lift "
-              f"{held['lifting']}: {held['why']} -> walled-garden approve | reject")
+              f"{held['lifting']}: {held['why']}{since} -> walled-garden approve | reject")
     print(f"payment graces: {status['graces']}; overrides: {status['overrides']}; "
           f"held changes: {len(status['held_changes'])}")
     print(f"exemptions: {status.get('exemptions', 0)}; promises to pay in force: {status.get('promises_active', 0)}; "
@@ -365,11 +417,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"enforcement windows: {status.get('windows', '-')}; restrictions waiting for a window: "
           f"{status.get('waiting_for_window', 0)}")
     for name, source in (status.get("sessions") or {}).items():
-        lag = source.get("last_lag_seconds")
-        problems = ", ".join(f"{k}={v}" for k, v in sorted(source.get("problems", {}).items())) or "none"
-        print(f"sessions {name}: {source.get('sessions', 0)} now, {source.get('changes', 0)} changes"
-              + (f", last lag {lag:.3f}s" if lag is not None else "") + f"; problems: {problems}"
-              + (f" (last: {source['last_problem']})" if source.get("last_problem") else ""))
+        print(_session_line(name, source, now))
     fleet = status.get("fleet")
     if fleet:
         print(f"fleet: gateway {fleet['gateway']}, stream {fleet['stream']}: "
@@ -387,13 +435,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _session_line(name: str, source: dict[str, Any], now: float) -> str:
+    """One session source: sessions, changes and the last one's time and lag, when it last read
+    its file or heard a request (RADIUS), its problems."""
+    lag = source.get("last_lag_seconds")
+    problems = ", ".join(f"{k}={v}" for k, v in sorted(source.get("problems", {}).items())) or "none"
+    heard = [f"last {label} {_when(source[key], now)}" for key, label in (("last_read", "read"),
+                                                                          ("last_request", "request"))
+             if source.get(key)]
+    return (f"sessions {name}: {source.get('sessions', 0)} now, {source.get('changes', 0)} changes"
+            + (f", last change {_when(source['last_change'], now)}" if source.get("last_change") else "")
+            + (f", last lag {_took(lag)}" if lag is not None else "") + "".join(f", {h}" for h in heard)
+            + f"; problems: {problems}"
+            + (f" (last: {source['last_problem']})" if source.get("last_problem") else ""))
+
+
 def _print_health(status: dict[str, Any]) -> None:
     """The lines an operator must not miss: a state database moved aside, rows skipped, tasks
     that failed (and are restarting), addresses held back for a clash (docs/operations.md)."""
     state = status.get("state") or {}
     quarantined = state.get("quarantined")
     if quarantined:
-        print(f"STATE QUARANTINED: the state database was unusable ({quarantined.get('reason')}); moved to "
+        at = f" at {_when(quarantined['at'])}" if quarantined.get("at") else ""
+        print(f"STATE QUARANTINED{at}: the state database was unusable ({quarantined.get('reason')}); moved to "
               f"{quarantined.get('path')}; the daemon started from the list and the kernel")
     if state.get("rows_quarantined"):
         print(f"state rows quarantined: {state['rows_quarantined']} (unreadable rows skipped at start)")
@@ -409,7 +473,8 @@ def _print_health(status: dict[str, Any]) -> None:
     if total:
         print(f"address conflicts: {total} subscriber(s) not enforced as wanted (an address held by another):")
         for sid, clash in conflicts.items():
-            print(f"  {sid}: wanted {clash.get('wanted')}; {clash.get('detail')}")
+            since = f" (since {_when(clash['since'])})" if clash.get("since") else ""
+            print(f"  {sid}: wanted {clash.get('wanted')}; {clash.get('detail')}{since}")
         if total > len(conflicts):
             print(f"  ... and {total - len(conflicts)} more (walled-garden status --json)")
 
@@ -430,6 +495,32 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_state(answer: dict[str, Any]) -> str:
+    """The header's verdict, true to the kernel: what the policy wants and, when the kernel holds
+    something else (an address another subscriber holds, a change not applied yet), that too."""
+    wanted = answer["mode"] if answer["restricted"] else "free"
+    kernel = answer.get("enforced_in_kernel", wanted)
+    clash = answer.get("address_conflict")
+    if clash:
+        held = "NOT ENFORCED" if kernel == "free" else f"the kernel keeps {kernel}"
+        return f"wanted {clash.get('wanted') or wanted}, {held} ({_clash_text(clash)})"
+    if kernel == wanted:
+        return f"RESTRICTED ({wanted})" if answer["restricted"] else "free"
+    if kernel == "free":
+        return f"wanted {wanted}, NOT ENFORCED yet (the kernel holds them free)"
+    return f"wanted {wanted}, the kernel still holds {kernel}"
+
+
+def _clash_text(clash: dict[str, Any]) -> str:
+    """``address 100.64.0.3 held by E-11`` (or the daemon's own words when it gave no address)."""
+    if not clash.get("address"):
+        return str(clash.get("detail"))
+    theirs = clash.get("holders_address")
+    mine = f"address {clash['address']}" if theirs in (None, clash["address"]) else \
+        f"{clash['address']} (overlapping {theirs})"
+    return f"{mine} held by {clash.get('holder')}"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
@@ -439,20 +530,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not answer["found"]:
         print(f"{answer['query']}: not restricted ({answer['why']})")
         return 0
-    state = f"RESTRICTED ({answer['mode']})" if answer["restricted"] else "free"
-    print(f"{answer['subscriber']} [{answer['reference']}]: {state}")
+    now = time.time()
+    print(f"{answer['subscriber']} [{answer['reference']}]: {_explain_state(answer)}")
     print(f"  why: {answer['why']}")
     if answer["addresses"]:
         print(f"  addresses: {' '.join(answer['addresses'])}")
+    clash = answer.get("address_conflict")
+    if clash:
+        since = f" since {_when(clash['since'], now)}" if clash.get("since") else ""
+        print(f"  address conflict{since}: {_clash_text(clash)}; not enforced until it is free "
+              "(retried each timer round)")
     if answer["list"]:
         entry = answer["list"]
         print(f"  billing list: {entry['mode']}, reason {entry['reason'] or '-'}")
     else:
         print("  billing list: not listed")
-    for key, label in (("override", "last event"), ("payment_grace", "payment grace")):
-        if answer[key]:
-            print(f"  {label}: {answer[key]['cause']}" + (f", until {answer[key]['until']:.0f}"
-                                                         if "until" in answer[key] else ""))
+    override, grace = answer["override"], answer["payment_grace"]
+    if override:
+        at = f", at {_when(override['at'], now)}" if override.get("at") else ""
+        print(f"  last event: {override['cause']}{at}")
+    if grace:
+        until = f", until {_when(grace['until'], now)}" if grace.get("until") else ""
+        print(f"  payment grace: {grace['cause']}{until}")
     print(f"  in the kernel now: {answer['enforced_in_kernel']}")
     if answer.get("chain"):
         print("  chain of reasons:")

@@ -12,8 +12,9 @@ from typing import Any
 
 from . import policy
 from .address_lookup import lookup, promise_eligibility
+from .enforced import held
 from .engine import Engine
-from .model import Mode
+from .model import Mode, Network
 from .policy import Decision
 from .references import References
 
@@ -95,7 +96,22 @@ class Queries:
             "payment_grace": {"paid_at": grace.paid_at, "until": grace.until, "cause": grace.cause} if grace else None,
             "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
             "notice_acknowledged_until": engine.acknowledged.get(sid),
+            "address_conflict": self._clash(sid, decision),
         }
+
+    def _clash(self, sid: str, decision: Decision) -> dict[str, Any] | None:
+        """Why a restriction the policy wants is not in the kernel: another subscriber holds one
+        of its addresses (``status``'s ``address_conflicts`` entry, with the address and holder
+        as they stand now when the claims still say so). None when there is no clash: without
+        this the header said RESTRICTED while the kernel held the subscriber free."""
+        noted = self.engine.conflicts.get(sid)
+        if noted is None:
+            return None
+        clash = dict(noted)
+        found = self.engine.claims.conflict(sid, held(decision))
+        if found is not None:
+            clash |= {"address": _shown(found.network), "holder": found.holder, "holders_address": _shown(found.theirs)}
+        return clash
 
     def _holder_of(self, address: str) -> str | None:
         """Which known subscriber's addresses contain ``address`` (restricted or not): O(list),
@@ -151,3 +167,8 @@ class Queries:
             chain.append(f"window: {decision.pending.value} waits; windows are {inputs.rules.windows.describe()}")
         chain.append(f"result: {decision.mode.value}: {decision.cause}")
         return chain
+
+
+def _shown(network: Network) -> str:
+    """An address as an operator writes it: without ``/32`` or ``/128``, a prefix with its length."""
+    return str(network.network_address) if network.prefixlen == network.max_prefixlen else str(network)

@@ -108,6 +108,7 @@ class Applier:
         self.behind_since: float | None = None   # publish time of the oldest input known and not applied
         self.target: int | None = None           # the stream's last sequence when this connection began
         self.caught_up = asyncio.Event()
+        self.advanced = asyncio.Event()   # set at each input applied: the heartbeat tells the fleet at once
         self.results: OrderedDict[int, Result] = OrderedDict()
         self.kept: dict[int, float] = {}   # when each result was recorded (monotonic)
         self.answers: dict[int, asyncio.Future[Result]] = {}   # committed, answer still to come (the flush)
@@ -312,6 +313,7 @@ class Applier:
         else:
             self.metrics.fleet_applied.labels(kind, "refused" if isinstance(result, Refusal) else "applied").inc()
         self.applied = item.seq
+        self.advanced.set()
 
     def _record(self, seq: int, result: Result) -> None:
         """Kept for the publisher that may still ask (a webhook waits at most answer_timeout)."""

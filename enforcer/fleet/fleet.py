@@ -44,6 +44,10 @@ HALT_TIMEOUT = 6.0
 #: A promise this gateway accepted tells billing when applied within this long (a gateway rebuilt
 #: from the stream under the same name does not tell billing of old promises again).
 NOTIFY_WINDOW = 600.0
+#: A heartbeat goes out as soon as this gateway has applied more of the stream (so ``fleet status``
+#: on every gateway shows the new position within a moment, not up to ``BEAT`` later), but never
+#: sooner than this after the previous one: a burst of inputs costs NATS at most four a second.
+BEAT_GAP = 0.25
 
 
 class Fleet:
@@ -60,6 +64,7 @@ class Fleet:
         self.sessions = FleetSessions(self.relay, sessions)
         self.gateways = Gateways(self.link, config.gateway, metrics, engine.clock)
         self.error = ""
+        self.beaten: float | None = None     # when this process last wrote its heartbeat (engine clock)
         self.unreachable = asyncio.Event()   # the last attempt to connect failed
         self.wake = asyncio.Event()          # nats-py reconnected
         metrics.fleet_connected.set(0)
@@ -166,11 +171,32 @@ class Fleet:
             await asyncio.wait({follow, beat, stopped}, timeout=HALT_TIMEOUT)
 
     async def _beat(self, halt: asyncio.Event) -> None:
+        """Write this gateway's heartbeat every ``BEAT`` seconds and right after it applies more
+        of the stream (at most one per ``BEAT_GAP``); read everyone's every ``BEAT`` seconds (for
+        the metrics and the name check: the reads need not follow each input)."""
+        loop = asyncio.get_running_loop()
+        read_at = -BEAT
         while not halt.is_set():
-            await self.gateways.beat(self.applier.applied, self.applier.lag(self.engine.clock()))
-            with contextlib.suppress(Unavailable):
-                await self.gateways.read(self.applier.stream_last)
-            await asyncio.sleep(BEAT)
+            sent = self.applier.applied
+            await self.gateways.beat(sent, self.applier.lag(self.engine.clock()))
+            self.beaten, beaten = self.engine.clock(), loop.time()
+            if beaten - read_at >= BEAT - BEAT_GAP:   # a timer may fire a hair early
+                read_at = beaten
+                with contextlib.suppress(Unavailable):
+                    await self.gateways.read(self.applier.stream_last)
+            await self._until_applied(sent, beaten + BEAT, halt)
+            await asyncio.sleep(max(beaten + BEAT_GAP - loop.time(), 0.0))
+
+    async def _until_applied(self, sent: int, deadline: float, halt: asyncio.Event) -> None:
+        """Wait until the applier has gone past ``sent`` (the position last beaten), ``halt``, or
+        the loop's clock reaches ``deadline``."""
+        loop, advanced = asyncio.get_running_loop(), self.applier.advanced
+        while self.applier.applied == sent and not halt.is_set():
+            advanced.clear()   # checked just before with no await between: no advance is missed
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await _either(advanced, halt, remaining)
 
     async def _share_reference_key(self) -> None:
         """The first gateway's reference key becomes the fleet's; the others adopt it."""
@@ -199,16 +225,37 @@ class Fleet:
                 "error": self.gateways.conflict or self.error or None}
 
     async def status(self) -> dict[str, Any]:
-        """``walled-garden fleet status``: this gateway and every gateway's last heartbeat."""
+        """``walled-garden fleet status``: this gateway and every gateway's last heartbeat; this
+        gateway's own row is its live position (a heartbeat is up to ``BEAT_GAP`` old, and just
+        after an input was applied it named the sequence before)."""
         view = self.report()
         try:
             _, last, _ = await self.link.stream_bounds()
             view["stream_last_sequence"] = last
-            view["gateways"] = await self.gateways.read(last)
+            rows = await self.gateways.read(last)
         except Unavailable as exc:
-            view["gateways"] = self.gateways.last
+            rows = self.gateways.last
             view["error"] = f"{exc} (gateways as last read)"
+        view["gateways"] = self._with_own_row(rows, view["stream_last_sequence"])
         return view
+
+    def _with_own_row(self, rows: list[dict[str, Any]], stream_last: int) -> list[dict[str, Any]]:
+        """``rows`` with this gateway's row from the applier itself (applied, behind, lag) and
+        from its own last heartbeat written (last seen), by name as ``Gateways.read`` sorts them;
+        a gateway that has written no heartbeat and has none in the bucket is not listed."""
+        name, applier, now = self.config.gateway, self.applier, self.engine.clock()
+        others = [row for row in rows if row["gateway"] != name]
+        read = next((row for row in rows if row["gateway"] == name), None)
+        if read is None and self.beaten is None:
+            return others
+        own: dict[str, Any] = dict(read or {})
+        if self.beaten is not None:
+            ago = round(max(now - self.beaten, 0.0), 1)
+            own |= {"last_seen": self.beaten, "seen_seconds_ago": ago, "connected": self.link.connected and
+                    ago < 3 * BEAT}
+        own |= {"gateway": name, "applied_sequence": applier.applied,
+                "behind": max(stream_last - applier.applied, 0), "lag_seconds": round(applier.lag(now), 3)}
+        return sorted([*others, own], key=lambda row: str(row["gateway"]))
 
     async def close(self) -> None:
         await self.link.close()

@@ -1,6 +1,7 @@
 """Who is in the fleet and how far each has got: every gateway writes a heartbeat (its applied
-sequence and lag) into the KV bucket ``<stream>_gateways`` every ``BEAT`` seconds, and
-``walled-garden fleet status`` on any gateway reads them all. A gateway that stops writing is
+sequence and lag) into the KV bucket ``<stream>_gateways`` every ``BEAT`` seconds and right
+after it applies more of the stream (``Fleet._beat``), and ``walled-garden fleet status`` on any
+gateway reads them all (its own row from its applier, live). A gateway that stops writing is
 "not seen" for as long as its last heartbeat is old (the key is kept for a day, then expires).
 """
 
@@ -21,7 +22,9 @@ from .link import NATS_ERRORS, Link, Unavailable
 
 log = logging.getLogger("walled_garden.enforcer")
 BEAT = 2.0
-#: Our own heartbeat read back this many times in a row: a name conflict is over.
+#: Our own heartbeat read back this many times in a row, and no other instance's for this many
+#: beat intervals: a name conflict is over. Both, since a gateway also beats after each batch it
+#: applies (up to four a second), and five of those could fall between two beats of the other.
 QUIET_BEATS = 5
 KEEP = 86400.0
 
@@ -39,6 +42,7 @@ class Gateways:
         self.conflict = ""
         self._foreign: dict[str, float] = {}   # other instances' last beat under our name
         self._quiet = 0                        # our own beats read back in a row
+        self._foreign_at = 0.0                 # when another instance's beat under our name was last read
         self._observed: dict[str, tuple[float, float]] = {}   # peer -> (its last_seen, when we saw it change)
 
     async def open(self) -> None:
@@ -68,11 +72,12 @@ class Gateways:
         other, seen = beat.get("instance"), beat.get("last_seen")
         if other == self.instance:   # nobody else wrote since our last beat
             self._quiet += 1
-            if self.conflict and self._quiet >= QUIET_BEATS:
+            if self.conflict and self._quiet >= QUIET_BEATS and self.clock() - self._foreign_at >= QUIET_BEATS * BEAT:
                 log.warning("event=fleet_name_conflict_over gateway=%s", self.gateway)
                 self.conflict = ""
             return
         self._quiet = 0
+        self._foreign_at = self.clock()
         if not other or not isinstance(seen, (int, float)):
             return
         before, self._foreign[other] = self._foreign.get(other), seen
