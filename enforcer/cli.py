@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -44,7 +45,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = reading.config
     if config is not None:
         source = config.subscribers
-        if source.source and not source.is_url and not reading.refused("subscribers", "source"):
+        if source.source and source.is_url and not reading.refused_within("subscribers"):
+            listed, list_problems = _fetch_list(config)
+            entries = None if listed is None else len(listed)
+        elif source.source and not source.is_url and not reading.refused("subscribers", "source"):
             listed, list_problems = _read_list(config)
             entries = None if listed is None else len(listed)
             unreadable = unreadable_without_override(source.source, _daemon_groups(config))
@@ -268,6 +272,41 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
         return None, [str(i) for i in exc.issues] or [f"{source}: the subscriber list was refused"]
     except OSError as exc:
         return None, [f"{source}: cannot read the subscriber list: {exc.strerror or exc}"]
+
+
+def _fetch_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
+    """``_read_list`` for a URL source: one fetch as the daemon polls it (its timeout, CA,
+    client certificate and bearer token), so a list billing serves wrong, or a source out of
+    reach, is an error here and not first at the daemon's poll."""
+    import aiohttp
+
+    from .address_space import AddressSpace
+    from .sources import ListUpdate, SourceFailure, UrlSource, redact_url
+
+    got: list[Subscriber] = []
+    failed: list[SourceFailure] = []
+
+    async def on_list(update: ListUpdate) -> None:
+        got.extend(update.subscribers)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failed.append(failure)
+
+    async def on_unchanged(origin: str) -> None:   # no ETag or digest was given: never called
+        pass
+
+    async def fetch() -> bool:
+        source = UrlSource(config.subscribers, on_list, on_failure, on_unchanged,
+                           space=AddressSpace.from_config(config))
+        async with aiohttp.ClientSession(headers={"User-Agent": "walled-garden check-config"}) as session:
+            return await source.poll(session)
+
+    origin = redact_url(config.subscribers.source)
+    ok = asyncio.run(fetch())   # every failure to fetch or parse is reported through ``on_failure``
+    if not ok or failed:
+        return None, [f"subscribers.source: {f.message}" for f in failed] or [f"subscribers.source: {origin}: "
+                                                                              "the subscriber list was refused"]
+    return got, []
 
 
 def _external_rules(config: Config) -> str:

@@ -348,3 +348,49 @@ async def test_plain_status_shows_a_quarantined_state_failed_tasks_and_address_c
         in out, out
     assert "sessions FAILED" not in out
     assert "C-6: wanted walled-garden; 100.64.3.0/30 covers 100.64.3.3/32, held by subscriber C-5" in out, out
+
+
+def _serve(body: str, status: int = 200) -> tuple[str, Any]:
+    """A list served on loopback by a thread: (url, server to shut down)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/csv")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/restricted.csv", server
+
+
+@pytest.mark.parametrize(("body", "status", "exit_code", "needle"), [
+    ("id,addresses\nC-1,100.64.0.10\nC-2,100.64.0.11\n", 200, 0, "2 restricted subscriber(s) listed"),
+    ("id,addresses\nC-1,100.64.0.10\nC-2,100.64.0.10\n", 200, 1, "restricted.csv:3"),
+    ("id,addresses\nC-1,192.0.2.10\n", 200, 1, "restricted.csv:2"),
+    ("gone", 404, 1, "HTTP 404"),
+])
+def test_check_config_fetches_a_url_source_once_and_validates_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, status: int, exit_code: int,
+        needle: str) -> None:
+    """SPEC 1: check-config validates the subscriber list, a URL source's too (as the daemon
+    would fetch it: its timeout and credentials)."""
+    url, server = _serve(body, status)
+    try:
+        config = _setup(tmp_path, "gateway: {subscriber_prefixes: [100.64.0.0/10]}\n")
+        config.write_text(config.read_text().replace("source: list.yaml", f"source: {url}\n  timeout: 5s"))
+        assert main(["check-config", "--config", str(config)]) == exit_code
+        out = capsys.readouterr()
+        assert needle in out.out + out.err
+        if exit_code:
+            assert "subscribers.source" in out.err
+    finally:
+        server.shutdown()
