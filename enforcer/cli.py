@@ -498,6 +498,20 @@ def _print_health(status: dict[str, Any]) -> None:
         at = f" at {_when(quarantined['at'])}" if quarantined.get("at") else ""
         print(f"STATE QUARANTINED{at}: the state database was unusable ({quarantined.get('reason')}); moved to "
               f"{quarantined.get('path')}; the daemon started from the list and the kernel")
+    kept = state.get("kept_from_kernel")
+    if kept:
+        print(f"KERNEL KEPT AS IT IS ({kept.get('why')}): {kept.get('addresses')} restricted address(es) stay until "
+              "the list is read and enforcement rebuilt from both; webhooks and actions answer 503 meanwhile")
+    rebuilt = state.get("rebuilt")
+    if rebuilt:
+        lifted, keys = rebuilt.get("lifted", 0), rebuilt.get("lifted_keys") or []
+        shown = ", ".join(keys)
+        more = f" and {lifted - len(keys)} more" if lifted > len(keys) else ""
+        print(f"STATE REBUILT {_when(rebuilt['at'])} from the kernel and a list of {rebuilt.get('listed', 0)}: "
+              f"{rebuilt.get('kept_free', 0)} listed but free in the kernel kept free (a payment grace); "
+              f"{lifted} restricted address(es) no list entry names lifted"
+              + (f" ({shown}{more}): an event's or operator's restriction, whose subscriber id went with the state; "
+                 "billing must send it again" if lifted else ""))
     if state.get("rows_quarantined"):
         print(f"state rows quarantined: {state['rows_quarantined']} (unreadable rows skipped at start)")
     for name, task in sorted((status.get("tasks") or {}).items()):

@@ -133,6 +133,7 @@ class Engine:
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements in the kernel, until when
         self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
         self.rebuild_unsaved = False   # ... because a first list was being saved, not because the state was lost
+        self.rebuilt: dict[str, Any] | None = None   # what the rebuild after a lost state did (``ListIntake._rebuild``)
         self.last_sync: dict[str, Any] = {}
         self.table_repairs = 0
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from .reconciler import AddressConflict
 from .relay import Relay
 from .sources import ListUpdate, SourceFailure, redact_url
 from .store import StoreError
-from .subscribers import Subscriber
+from .subscribers import Subscriber, key_text
 
 log = logging.getLogger("walled_garden.enforcer")
 #: Seconds between attempts to save a list whose saving failed.
@@ -48,6 +48,8 @@ AUDIT_SUBJECT = "(list)"
 VERDICTS = "list_verdicts"
 VERDICT_DAYS = 1
 KEPT_VERDICTS = 16
+#: Addresses a rebuild after a lost state lifted that ``status`` and the log name (the count is whole).
+REBUILT_KEYS_SHOWN = 20
 
 
 def list_digest(subscribers: list[Subscriber]) -> str:
@@ -60,23 +62,6 @@ def _meta(update: ListUpdate, entries: int, now: float) -> dict[str, Any]:
     """The list in force's record (``status``: ``list_in_force``), saved with it."""
     return {"origin": update.origin, "loaded_at": now, "entries": entries, "fingerprint": update.fingerprint,
             "digest": update.digest}
-
-
-def _kernel_lifting(restricted: set[tuple[str, str]], new: Mapping[str, Subscriber]) -> tuple[int, int]:
-    """What the first list after a lost state would lift, and what the kernel restricts, both
-    weighed for the guard (``policy.key_weight``). Whose keys they were is lost with the state,
-    so each family's keys are summed and the larger family counts (a dual-stack subscriber
-    holds one key of each)."""
-    listed = {(mode_map(version, plen), key) for entry in new.values() for version, plen, key in entry.keys}
-
-    def weighed(keys: Iterable[tuple[str, str]]) -> int:
-        families = {4: 0, 6: 0}
-        for container, _ in keys:
-            version, plen = mode_prefix(container)
-            families[version] += policy.key_weight(version, plen)
-        return max(families.values())
-
-    return weighed(restricted - listed), weighed(restricted)
 
 
 def _undo(inputs: policy.PolicyInputs, changes: set[str]) -> list[policy.Snapshot]:
@@ -145,11 +130,6 @@ class ListIntake:
         """``on_list`` under the engine's lock."""
         engine = self.engine
         self.metrics.source_success.set(engine.clock())
-        if engine.rebuilding is not None and not engine.rebuild_unsaved and not approved_by:
-            weighed = self._weigh(update, 0, *_kernel_lifting(engine.rebuilding, new))
-            if weighed is None:
-                return
-            approved_by = weighed
         if engine.rebuilding is not None:
             approved_by = self._rebuild(new, update.digest, approved_by)
         if not approved_by:
@@ -340,12 +320,15 @@ class ListIntake:
         """The first list after the state was lost (caller holds the lock): a listed subscriber
         whom the kernel held free was free for a reason the lost state knew (a payment, a
         promise, an exemption), so they get a payment grace from now rather than being walled
-        again; a kernel restriction the list does not name is lifted. That one was an event's
-        or an operator's, for a subscriber id the kernel does not keep: kept, nothing could
-        ever lift it (a payment names the subscriber, not the address), so a customer who paid
-        would stay walled. Billing was answered 200 for it, so the lift goes through the
-        mass-change guard first (``_take``, ``_kernel_lifting``): beyond its limits the kernel
-        is kept as it is until an operator approves. Returns who approved the list.
+        again; a kernel restriction the list does not name is lifted, and reported
+        (``Engine.rebuilt``: log, ``status``). That one was an event's or an operator's, for a
+        subscriber id only the lost state knew: kept, nothing could ever lift it (a payment
+        names the subscriber, not the address), so a customer who paid would stay walled. Nor
+        is the lift held for an operator by the mass-change guard: until the rebuild every
+        webhook is answered 503 (nothing can be judged without the state), so a hold would keep
+        paying customers walled until someone acts; in a fleet the stream, replayed to this
+        gateway once the rebuild is done, restores the events' restrictions it still holds.
+        Returns who approved the list.
 
         When the state was not lost but a first list was being saved (``Engine.rebuild_unsaved``),
         the kernel holds that list: the state knows every input, so nobody gets a grace. The same
@@ -365,6 +348,8 @@ class ListIntake:
                         "weighed by the mass-change guard; the kernel is kept as it is meanwhile)", len(new))
             return ""
         now = engine.receipts.stamp()
+        listed = {(mode_map(version, plen), key) for entry in new.values() for version, plen, key in entry.keys}
+        lifted = sorted(key_text((*mode_prefix(container), key)) for container, key in engine.rebuilding - listed)
         kept_free = []
         for sid, subscriber in new.items():
             keys = {(mode_map(version, plen), key) for version, plen, key in subscriber.keys}
@@ -374,7 +359,11 @@ class ListIntake:
                 kept_free.append(sid)
         engine.rebuilding = None
         engine.store.save_subscribers(engine.inputs, kept_free)
-        log.warning("event=state_rebuilt listed=%d kept_free=%d", len(new), len(kept_free))
+        engine.rebuilt = {"at": now, "listed": len(new), "kept_free": len(kept_free), "lifted": len(lifted),
+                          "lifted_keys": lifted[:REBUILT_KEYS_SHOWN]}
+        log.warning("event=state_rebuilt listed=%d kept_free=%d lifted_unlisted=%d lifted_keys=%s (restrictions no "
+                    "list entry names: their subscriber ids went with the state; re-send them from billing)",
+                    len(new), len(kept_free), len(lifted), ",".join(lifted[:REBUILT_KEYS_SHOWN]))
         return approved_by or "the rebuild from the kernel after the state was lost"
 
     def applied_digest(self) -> str | None:

@@ -560,14 +560,9 @@ def weight(subscriber: Subscriber | None) -> int:
         return 1
     units = 1
     for version, prefixlen, _ in subscriber.keys:   # the kernel's keys: no networks built
-        units = max(units, key_weight(version, prefixlen))
+        spare = (32 - prefixlen) if version == 4 else (IPV6_UNIT - prefixlen)
+        units = max(units, 1 << spare if spare > 0 else 1)
     return units
-
-
-def key_weight(version: int, prefixlen: int) -> int:
-    """``weight`` of one address or prefix."""
-    spare = (32 - prefixlen) if version == 4 else (IPV6_UNIT - prefixlen)
-    return 1 << spare if spare > 0 else 1
 
 
 def preview_list(inputs: PolicyInputs, new: Mapping[str, Subscriber], now: float) -> tuple[int, int]:

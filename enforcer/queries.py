@@ -50,7 +50,12 @@ class Queries:
             "windows": inputs.rules.windows.describe(),
             "outbox": engine.store.outbox_size(),
             "state": {"quarantined": engine.store.quarantined, "rows_quarantined": engine.store.skipped_count,
-                      "skipped_rows": engine.store.skipped_rows[:20]},
+                      "skipped_rows": engine.store.skipped_rows[:20],
+                      "kept_from_kernel": None if engine.rebuilding is None else {
+                          "addresses": len(engine.rebuilding),
+                          "why": "a first list was being saved when the daemon stopped" if engine.rebuild_unsaved
+                          else "the state was lost"},
+                      "rebuilt": engine.rebuilt},
         }
 
     def explain(self, query: str) -> dict[str, Any]:

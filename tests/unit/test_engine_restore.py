@@ -22,7 +22,6 @@ from enforcer.config import parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.events import PAYMENT, RESTRICTED, Event
-from enforcer.outcome import Outcome
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Mode, Subscriber, parse_address
 
@@ -174,51 +173,36 @@ async def test_a_background_flush_that_fails_unexpectedly_is_logged_and_counted(
     await e.close()
 
 
-async def test_a_rebuild_that_would_lift_beyond_the_guard_waits_for_an_operator(tmp_path: Path) -> None:
-    """SPEC 8: the mass-change guard weighs the first list after a lost state too. What the list
-    does not name was restricted by events billing was answered 200 for; a bad export landing
-    with a state loss must not free them all unguarded: the kernel is kept until approval."""
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml, "
-                          "guard: {max_lift: 1, max_lift_share: 0.1}}\n", str(tmp_path / "c.yaml"))
+async def test_a_rebuild_names_what_it_lifted_and_status_shows_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The restrictions no list entry names (events', operators') cannot be kept (no id: no
+    payment could lift them) nor held for an operator (webhooks are 503 until the rebuild):
+    they are lifted, and the operator learns which from the log and ``status`` (SPEC 8)."""
+    from enforcer.cli import _print_health
+
+    config = make_config(tmp_path)
     fake = FakeDataplane()
     e = await started(config, fake)
     await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
-    for n in (6, 7, 8):
+    for n in (6, 7):
         status, _ = await handle_event(e, Event(f"r{n}", RESTRICTED, NOW, f"E-{n}", sub(f"E-{n}", f"100.64.0.{n}")),
                                        0.0)
         assert status == 200
     await e.close()
-    kernel = {"100.64.0.1", "100.64.0.6", "100.64.0.7", "100.64.0.8"}
-    assert set(fake.view["mode4_32"]) == kernel
-
     shutil.rmtree(tmp_path / "state")
     e = await started(config, fake, NOW + 60)
+    state = e.queries.status()["state"]
+    assert state["kept_from_kernel"] == {"addresses": 3, "why": "the state was lost"} and state["rebuilt"] is None
+    _print_health(e.queries.status())
+    assert "KERNEL KEPT AS IT IS (the state was lost): 3 restricted address(es)" in capsys.readouterr().out
     await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "2"))
-    status = e.queries.status()
-    assert status["rebuilding_from_kernel"] and set(fake.view["mode4_32"]) == kernel, "held: the kernel kept"
-    held = e.lists.held
-    assert held is not None and held.lifting == 3 and "lift 3" in held.why
-    await e.lists.on_list(ListUpdate([], "l.yaml", "3"))     # an empty export meanwhile: held too
-    assert e.lists.held is not None and e.lists.held.lifting == 4 and set(fake.view["mode4_32"]) == kernel
-    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "4"))
-    result = await e.lists.approve("noc", "checked with billing")
-    assert isinstance(result, Outcome), result
-    assert not e.queries.status()["rebuilding_from_kernel"] and e.lists.held is None
+    state = e.queries.status()["state"]
+    assert state["kept_from_kernel"] is None
+    assert state["rebuilt"] == {"at": NOW + 60, "listed": 1, "kept_free": 0, "lifted": 2,
+                                "lifted_keys": ["100.64.0.6/32", "100.64.0.7/32"]}
+    _print_health(e.queries.status())
+    out = capsys.readouterr().out
+    assert "STATE REBUILT" in out and "2 restricted address(es) no list entry names lifted" in out
+    assert "100.64.0.6/32, 100.64.0.7/32" in out and "KERNEL KEPT" not in out
     assert set(fake.view["mode4_32"]) == {"100.64.0.1"}
-    await e.close()
-
-
-async def test_a_rebuild_within_the_guard_goes_ahead_at_once(tmp_path: Path) -> None:
-    config = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml, "
-                          "guard: {max_lift: 1, max_lift_share: 0.1}}\n", str(tmp_path / "c.yaml"))
-    fake = FakeDataplane()
-    e = await started(config, fake)
-    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "1"))
-    await handle_event(e, Event("r6", RESTRICTED, NOW, "E-6", sub("E-6", "100.64.0.6")), 0.0)
-    await e.close()
-    shutil.rmtree(tmp_path / "state")
-    e = await started(config, fake, NOW + 60)
-    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "2"))
-    assert e.lists.held is None and not e.queries.status()["rebuilding_from_kernel"]
-    assert set(fake.view["mode4_32"]) == {"100.64.0.1", "100.64.0.2"}   # one lifted: within max_lift
     await e.close()
