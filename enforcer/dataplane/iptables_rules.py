@@ -145,7 +145,8 @@ def _rules(layout: Layout, version: int) -> dict[str, list[str]]:
     local_in = [f"-A WALLED-GARDEN-IN {i}{_match(sets[kind], 'src')} -g WALLED-GARDEN-LOCAL"
                 for i in ifaces for kind in ("portal", "notice")]
     if version == 6 and layout.interfaces:   # link-local sources, as ``layout._input_hook`` says
-        local_in += [f"-A WALLED-GARDEN-IN {i}-s {LINK_LOCAL6} -g WALLED-GARDEN-LOCAL" for i in ifaces]
+        local_in += [f"-A WALLED-GARDEN-IN {i}-s {LINK_LOCAL6} -p {proto} -g WALLED-GARDEN-LOCAL"
+                     for i in ifaces for proto in ("tcp", "udp")]
     filter_lines = fwd + down + up + _garden(layout, version, garden) + throttle + local_in + _local(layout, version)
 
     ports = sorted({*layout.portal_ports, 80, *((443,) if layout.portal_tls_port is not None else ())})

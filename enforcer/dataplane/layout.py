@@ -37,8 +37,11 @@ portal listens on ``0.0.0.0`` (or that address). Then:
   ``refused_local``. Free subscribers never enter that chain for their own addresses; but every
   host on a subscriber interface also has an IPv6 link-local address (``fe80::/10``) in no set,
   which would reach a service listening on ``::`` (the webhook listener, metrics, SSH) even from
-  a restricted subscriber: with ``gateway.subscriber_interfaces`` set, link-local sources from
-  those interfaces go to ``local`` too, for everyone (none needs more of the gateway).
+  a restricted subscriber: with ``gateway.subscriber_interfaces`` set, link-local TCP and UDP
+  from those interfaces goes to ``local`` too, whoever sends it (no subscriber needs more of the
+  gateway). Only TCP and UDP: VRRP and OSPFv3 from a peer on that link are their own protocols
+  and pass; a TCP/UDP protocol a peer opens towards the gateway from its link-local address
+  (BGP unnumbered, BFD) does not, while one the gateway opens does (established).
 
 Drift (docs/reference.md, Safety rules 8). Every reconciled set is created holding one sentinel
 element (``SENTINELS``: 255.255.255.255 and ffff:...:ffff, limited broadcast and reserved
@@ -432,7 +435,7 @@ class Layout:
             rules.append(f"{iif}{match} @{redirect_set(version, plen)} goto local")
             rules.append(f"{iif}{match} @{redirect_set(version, plen, Mode.NOTICE)} goto local")
         if iif:   # whose a link-local source is, no set can say (see the module docstring)
-            rules.append(f"{iif}ip6 saddr {LINK_LOCAL6} goto local")
+            rules.append(f"{iif}ip6 saddr {LINK_LOCAL6} meta l4proto {{ tcp, udp }} goto local")
         return (["\tchain input {", "\t\ttype filter hook input priority filter - 10; policy accept;"]
                 + [f"\t\t{r}" for r in rules] + ["\t}"])
 

@@ -381,7 +381,7 @@ def test_restricted_subscribers_reach_only_portal_dns_ntp_dhcp_and_icmp_on_the_g
         for kind in ("portal", "notice"):
             expected.append(f'iifname {{ "eth1" }} {match[(version, plen)]} @{kind}{version}_{plen} goto local')
     # a link-local source is in no set: from a subscriber interface, it is confined too
-    expected.append('iifname { "eth1" } ip6 saddr fe80::/10 goto local')
+    expected.append('iifname { "eth1" } ip6 saddr fe80::/10 meta l4proto { tcp, udp } goto local')
     assert jumps == expected
     anywhere = chain(layout(interfaces=()).render(), "input")
     assert not any("fe80::/10" in r for r in anywhere), "no interfaces named: the operator's own link-local too"
