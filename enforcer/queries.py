@@ -110,7 +110,7 @@ class Queries:
         as they stand now when the claims still say so). None when there is no clash: without
         this the header said RESTRICTED while the kernel held the subscriber free."""
         noted = self.engine.conflicts.get(sid)
-        if noted is None:
+        if noted is None or not decision.restricted:   # paid meanwhile: the timer's retry drops the entry
             return None
         clash = dict(noted)
         found = self.engine.claims.conflict(sid, held(decision))

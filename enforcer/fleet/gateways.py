@@ -43,6 +43,7 @@ class Gateways:
         self._foreign: dict[str, float] = {}   # other instances' last beat under our name
         self._quiet = 0                        # our own beats read back in a row
         self._foreign_at = 0.0                 # when another instance's beat under our name was last read
+        self.monotonic = time.monotonic        # for spans: a step of ``clock`` must not stretch one
         self._observed: dict[str, tuple[float, float]] = {}   # peer -> (its last_seen, when we saw it change)
 
     async def open(self) -> None:
@@ -72,12 +73,13 @@ class Gateways:
         other, seen = beat.get("instance"), beat.get("last_seen")
         if other == self.instance:   # nobody else wrote since our last beat
             self._quiet += 1
-            if self.conflict and self._quiet >= QUIET_BEATS and self.clock() - self._foreign_at >= QUIET_BEATS * BEAT:
+            if (self.conflict and self._quiet >= QUIET_BEATS
+                    and self.monotonic() - self._foreign_at >= QUIET_BEATS * BEAT):
                 log.warning("event=fleet_name_conflict_over gateway=%s", self.gateway)
                 self.conflict = ""
             return
         self._quiet = 0
-        self._foreign_at = self.clock()
+        self._foreign_at = self.monotonic()
         if not other or not isinstance(seen, (int, float)):
             return
         before, self._foreign[other] = self._foreign.get(other), seen

@@ -136,6 +136,10 @@ async def test_explain_of_a_subscriber_held_back_by_an_address_clash_says_it_is_
         assert "C-3" in e.engine.conflicts
         answer = e.queries.explain("C-3")
         holder = e.queries.explain("E-11")
+        status, _ = await handle_event(e, Event("p3", PAYMENT, NOW + 10, "C-3"), 0.0)   # C-3 pays meanwhile
+        assert status == 200
+        paid = e.queries.explain("C-3")
+    assert paid["address_conflict"] is None, "free now: no clash keeps a restriction out of the kernel"
     assert answer["address_conflict"]["holder"] == "E-11" and answer["address_conflict"]["address"] == "100.64.0.3"
     assert answer["enforced_in_kernel"] == "free"
     out = printed(monkeypatch, capsys, cli.cmd_explain, answer, NOW + 70, "C-3")

@@ -197,6 +197,7 @@ async def test_a_name_conflict_is_not_declared_over_between_two_of_the_others_be
     bucket = FakeBucket()
     gateways = Gateways(None, "gw-a", Metrics(), lambda: now[0])  # type: ignore[arg-type]
     gateways.kv = bucket  # type: ignore[assignment]
+    gateways.monotonic = lambda: now[0] - 1_796_000_000.0
 
     def twin_beats() -> None:
         bucket.value = json.dumps({"applied_sequence": 1, "lag_seconds": 0.0, "last_seen": now[0],
