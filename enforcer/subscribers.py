@@ -8,6 +8,7 @@ export can never lift or restrict anybody by accident. Every problem is reported
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import ipaddress
 import json
@@ -30,16 +31,27 @@ from .model import Mode, Network
 
 log = logging.getLogger(__name__)
 
-#: Broadest prefix one subscriber may hold; anything wider is almost surely an export bug.
-MIN_PREFIX = {4: 16, 6: 32}
+#: Broadest prefix one subscriber may hold; anything wider is almost surely an export bug (or
+#: one event walling a whole network). IPv6: /48 is the largest end-site assignment (RFC 6177).
+MIN_PREFIX = {4: 16, 6: 48}
+_MIN_PREFIX_WHY = {4: "", 6: " (/48 is the largest end-site assignment, RFC 6177)"}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")      # used with fullmatch: "$" would take "C-1\n"
+#: A reason once normalised (``_normal_reason``): a slug of at most 32 characters; one written
+#: as words (with spaces) also of at most ``_REASON_WORDS`` words and no digit (free text with
+#: an amount, a date or an account number in it).
 _REASON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_REASON_WORDS = 3
 #: Nodes a YAML/JSON list may have (about 7 per entry): far above any real export, and with
 #: anchors and aliases refused it bounds nothing but absurd documents.
 LIST_MAX_NODES = 20_000_000
 #: Fields of an entry; also the CSV column order when there is no header (``match`` came last,
 #: so exports written before it still read the same).
 _FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category", "match")
+#: The columns a CSV row without a line ending may end in: a cut ``mode`` is no mode (refused),
+#: a cut ``reason`` is harmless; any other cut cell could name another address or subscriber.
+_SAFE_LAST = ("mode", "reason")
+#: A positional CSV row (no header) without a line ending must hold these four, reason last.
+_POSITIONAL_COMPLETE = 4
 #: A CSV first row that starts with ``id`` and holds only bare words is a header (a data row's
 #: addresses or match hold digits, dots or ``=``): an unknown word in it is an error, not an id.
 _HEADER_WORD = re.compile(r"[a-z_]*")
@@ -213,14 +225,15 @@ def id_problem(ident: Any) -> str | None:
 def parse_address(text: str, space: AddressSpace | None = None) -> Network:
     """An address or prefix as billing writes it; host bits in a prefix are an error, and so
     are addresses never a subscriber's (loopback, multicast, ...: ``special_use_problem``) and,
-    given ``space``, addresses outside ``gateway.subscriber_prefixes``."""
+    given ``space``, addresses outside ``gateway.subscriber_prefixes`` or covering one of its
+    entries whole (``AddressSpace.problem``)."""
     text = text.strip()
     if "%" in text:    # ``ipaddress`` takes fe80::1%eth0 and the kernel's sets would drop the zone
         raise ValueError(f"{text} carries a zone (%...); a subscriber's address is written without one")
     network = _network(text)
     if network.prefixlen < MIN_PREFIX[network.version]:
-        raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; "
-                         "refusing a prefix that wide for one subscriber")
+        raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; refusing a prefix that wide "
+                         f"for one subscriber{_MIN_PREFIX_WHY[network.version]}")
     problem = space.problem(network) if space is not None else special_use_problem(network)
     if problem:
         raise ValueError(problem)
@@ -249,11 +262,12 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
                                        f"got {type(raw).__name__}"))
         return None
     before = len(issues)
+    raw, nulls = _without_nulls(raw)
     for key in raw:
         if key not in _FIELDS:
             issues.append(ListIssue(where, f"unknown field {key!r}; expected {', '.join(_FIELDS)}"))
     ident = raw.get("id")
-    problem = id_problem(ident)
+    problem = "id is empty (null); every entry needs its subscriber id" if "id" in nulls else id_problem(ident)
     if problem:
         issues.append(ListIssue(where, problem))
     match = _entry_match(raw, where, issues)
@@ -263,7 +277,8 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
     networks: list[Network] = []
     if addresses_raw is None or addresses_raw == []:
         if "match" not in raw:   # a given but bad match has its own issue
-            issues.append(ListIssue(where, "addresses (an IPv4/IPv6 address or prefix) or match "
+            empty = "".join(f"{key} is empty (null); " for key in ("addresses", "match") if key in nulls)
+            issues.append(ListIssue(where, f"{empty}addresses (an IPv4/IPv6 address or prefix) or match "
                                            f"({', '.join(MATCH_KEYS)}): at least one is required"))
     elif not isinstance(addresses_raw, list):
         issues.append(ListIssue(where, "addresses must be a list of IPv4/IPv6 addresses or prefixes, "
@@ -288,10 +303,13 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
         except ValueError:
             issues.append(ListIssue(where, f"mode {mode_raw!r} is not one of "
                                            f"{', '.join(m.value for m in Mode.restricting())}"))
-    reason = raw.get("reason") or ""
-    if reason and (not isinstance(reason, str) or not _REASON.fullmatch(reason)):
-        issues.append(ListIssue(where, f"reason {reason!r} must be a short category such as 'overdue' "
-                                       "(lowercase letters, digits, - and _; no names or amounts)"))
+    reason_raw = raw.get("reason") or ""
+    reason = _normal_reason(reason_raw) if isinstance(reason_raw, str) else None
+    if reason is None:
+        reason = ""
+        issues.append(ListIssue(where, f"reason {reason_raw!r} must be a short category such as 'overdue' "
+                                       "(letters, digits, - and _, at most 32; written as words: at most "
+                                       f"{_REASON_WORDS} and no digits; no names, amounts or dates)"))
     exempt_until, exempt_category = _entry_exemption(raw, where, issues)
     if len(issues) > before:
         return None
@@ -299,11 +317,47 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
     return Subscriber(str(ident), networks, mode, reason, exempt_until, exempt_category, match), networks
 
 
+def _without_nulls(raw: dict[Any, Any]) -> tuple[dict[Any, Any], set[Any]]:
+    """The entry without its null fields, and their names: a JSON ``null`` (``json.dumps`` of
+    None) or YAML's ``~``/``null``/empty value says "not given", so an optional field that is
+    null is one left out. ``id`` and ``addresses`` are kept out too, but named, so their
+    refusal can say they were null. Null match keys are left out likewise; a match of nothing
+    but nulls is a null match."""
+    nulls = {key for key, value in raw.items() if value is None}
+    match = raw.get("match")
+    if isinstance(match, dict) and any(value is None for value in match.values()):
+        kept = {key: value for key, value in match.items() if value is not None}
+        raw = {**raw, "match": kept or None}
+        if not kept:
+            nulls.add("match")
+    if not nulls:
+        return raw, nulls
+    return {key: value for key, value in raw.items() if key not in nulls}, nulls
+
+
+@functools.lru_cache(maxsize=1024)    # a list of 100k lines holds a handful of categories
+def _normal_reason(text: str) -> str | None:
+    """A reason as stored: stripped, lower case, each run of spaces one ``-`` (``Payment
+    overdue`` -> ``payment-overdue``, which the portal reads as it reads ``payment_overdue``);
+    ``""``: no reason. None when it is no short category (``_REASON``) or, written as words,
+    looks like free text: more than ``_REASON_WORDS`` words, or a digit (``owes 120 EUR``,
+    ``unpaid since 2026-01-01``). A reason written as a slug is checked as it always was, so
+    a list accepted before (``overdue-30``) still is."""
+    words = text.split()
+    reason = "-".join(words).lower()
+    if not _REASON.fullmatch(reason) and reason:
+        return None
+    if len(words) > 1 and (len(words) > _REASON_WORDS or any(c.isdigit() for c in reason)):
+        return None
+    return reason
+
+
 def _entry_match(raw: dict[str, Any], where: str, issues: list[ListIssue]) -> Match:
     """The entry's ``match`` keys, normalised (``parse_match``); none when the key is absent.
 
-    A ``match`` key that is present but empty (``match:``, ``{}``) is an error, not "no
-    match": it looks like an export that lost its values.
+    A ``match`` key that is present but empty (``{}``, a CSV cell of ``;``) is an error, not
+    "no match": it looks like an export that lost its values. A null one (``match: ~``, JSON
+    ``null``) never gets here: ``_without_nulls`` left it out.
     """
     if "match" not in raw:
         return NO_MATCH
@@ -348,6 +402,11 @@ def _entry_exemption(raw: dict[str, Any], where: str, issues: list[ListIssue]) -
 
 def detect_format(name: str, text: str, content_type: str = "") -> str:
     """``yaml``, ``json`` or ``csv`` from the content type, file suffix, or the text itself."""
+    return _content_type_format(content_type) or _name_or_text_format(name, text)
+
+
+def _content_type_format(content_type: str) -> str | None:
+    """The format an HTTP ``Content-Type`` names, or None."""
     content_type = content_type.split(";")[0].strip().lower()
     if content_type.endswith("json"):
         return "json"
@@ -355,6 +414,11 @@ def detect_format(name: str, text: str, content_type: str = "") -> str:
         return "yaml"
     if content_type in ("text/csv", "application/csv"):
         return "csv"
+    return None
+
+
+def _name_or_text_format(name: str, text: str) -> str:
+    """The format the file suffix names, else the one the text looks like."""
     suffix = PurePath(name.split("?")[0]).suffix.lower()
     if suffix in (".yaml", ".yml"):
         return "yaml"
@@ -397,10 +461,44 @@ def _parse_list(text: str, name: str, content_type: str, space: AddressSpace | N
     if not text.strip():
         raise ListError([ListIssue(f"{name}:1", "the list is empty (a truncated export?); "
                                                 "an empty list must be written explicitly")])
-    fmt = detect_format(name, text, content_type)
+    declared = _content_type_format(content_type)
+    fmt = declared or _name_or_text_format(name, text)
     if fmt == "csv":
         return _check_unique(_parse_csv(text, name, space), name)
-    return _check_unique(_parse_document(text, name, fmt, space), name)
+    try:
+        entries = _parse_document(text, name, fmt, space)
+    except _NoSubscribers:
+        # A CSV export saved as restricted.yaml (or .json): the suffix chose wrong and the
+        # content says which. Only for a text whose first line is a CSV header we accept:
+        # anything else is not guessed at, and keeps the YAML/JSON error.
+        if declared is not None or not _starts_with_csv_header(text):
+            raise
+        entries = _parse_csv(text, name, space)
+    return _check_unique(entries, name)
+
+
+class _NoSubscribers(ListError):
+    """The text is no YAML/JSON document with a ``subscribers:`` mapping at all (not one
+    with a bad entry): ``_parse_list`` then asks whether it is a CSV list instead."""
+
+
+def _starts_with_csv_header(text: str) -> bool:
+    """Whether the first line that is neither blank nor a ``#`` comment is a CSV header row
+    ``_parse_csv`` accepts, naming ``id`` and ``addresses`` or ``match`` (a header without
+    them heads no valid row: not worth a guess)."""
+    for line in io.StringIO(text, newline=""):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            cells = [c.strip() for c in next(csv.reader([line], strict=True), [])]
+        except csv.Error:
+            return False
+        if not cells or not _is_header(cells):
+            return False
+        scratch: list[ListIssue] = []
+        columns = _header_columns(cells, "", scratch)
+        return not scratch and ("addresses" in columns or "match" in columns)
+    return False
 
 
 Entry = tuple[Subscriber, int, list[Span]]   # a list line's subscriber, its line, its keys' spans
@@ -442,10 +540,10 @@ def _fast_entry(raw: Any, space: AddressSpace | None) -> tuple[Subscriber, list[
     Hand-written rather than a library's: the rules are ``_validated``'s own."""
     if not isinstance(raw, dict) or not raw.keys() <= _FAST_FIELDS:
         return None
-    ident, addresses, reason = raw.get("id"), raw.get("addresses"), raw.get("reason") or ""
+    ident, addresses, reason_raw = raw.get("id"), raw.get("addresses"), raw.get("reason") or ""
     mode = _MODES.get(raw.get("mode"), Mode.FREE) if isinstance(raw.get("mode"), (str, type(None))) else Mode.FREE
-    if (mode is Mode.FREE or not isinstance(ident, str) or not _ID.fullmatch(ident)
-            or not isinstance(reason, str) or (reason and not _REASON.fullmatch(reason))):
+    reason = _normal_reason(reason_raw) if isinstance(reason_raw, str) else None
+    if mode is Mode.FREE or not isinstance(ident, str) or not _ID.fullmatch(ident) or reason is None:
         return None
     items = addresses.split() if isinstance(addresses, str) else addresses
     if not isinstance(items, list) or not items:
@@ -484,20 +582,25 @@ def _fast_entry(raw: Any, space: AddressSpace | None) -> tuple[Subscriber, list[
 
 
 def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) -> list[Entry]:
+    """A YAML or JSON list; ``_NoSubscribers`` when the text is not such a document at all.
+
+    Values are read as written (``plain_strings``), except an unquoted null (JSON ``null``,
+    YAML ``~``, ``null`` or an empty value), which is None: not given (``_without_nulls``).
+    """
     if fmt == "json":
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ListError([ListIssue(f"{name}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from None
+            raise _NoSubscribers([ListIssue(f"{name}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from None
         except RecursionError:
             raise ListError([ListIssue(f"{name}:1", "not valid as a list: JSON nested too deeply")]) from None
     try:
-        located = yamlsource.load(text, plain_strings=True, aliases=False, max_nodes=LIST_MAX_NODES)
+        located = yamlsource.load(text, plain_strings=True, nulls=True, aliases=False, max_nodes=LIST_MAX_NODES)
     except yamlsource.YamlSyntaxError as exc:
-        raise ListError([ListIssue(f"{name}:{exc.line or 1}", f"not valid {fmt.upper()}: {exc}")]) from None
+        raise _NoSubscribers([ListIssue(f"{name}:{exc.line or 1}", f"not valid {fmt.upper()}: {exc}")]) from None
     data = located.data
     if not isinstance(data, dict) or "subscribers" not in data:
-        raise ListError([ListIssue(f"{name}:1", "expected a top-level 'subscribers:' list")])
+        raise _NoSubscribers([ListIssue(f"{name}:1", "expected a top-level 'subscribers:' list")])
     extra = [k for k in data if k != "subscribers"]
     issues: list[ListIssue] = [ListIssue(f"{name}:{located.line((k,))}", f"unknown top-level key {k!r}")
                                for k in extra]
@@ -520,22 +623,34 @@ def _parse_document(text: str, name: str, fmt: str, space: AddressSpace | None) 
 
 def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[Entry]:
     """Rows in ``_FIELDS`` order, or in the order a header row names (any order, e.g.
-    ``id,match,reason``). Trailing cells may be left out; an empty cell is an absent field."""
+    ``id,match,reason``). Trailing cells may be left out; an empty cell is an absent field.
+
+    The last line may lack its line ending (RFC 4180) only when a cut there cannot change
+    anything that matters (``_cut_risk``): an export cut off mid-line still parses, and
+    ``100.64.0.12`` cut to ``100.64.0.1`` is a valid address, someone else's."""
     issues: list[ListIssue] = []
     out: list[Entry] = []
     columns: tuple[str, ...] | None = None   # from the header row; None: positional
+    # The last row read: its line, and why it may be cut short ("": harmless), or its cells
+    # (a data row: ``_cut_risk`` weighs them once the reader is done, not for every row).
+    last: tuple[int, str | list[str]] = (1, "")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         for row in reader:
             line = reader.line_num
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                last = (line, "")    # a blank line or a comment: cut or not, nobody changes
                 continue
             cells = [c.strip() for c in row]
             if not out and not issues and columns is None and _is_header(cells):
                 columns = _header_columns(cells, f"{name}:{line}", issues)
+                last = (line, "the header row has no line ending and no row follows it (a truncated export?); "
+                              "an empty list is the header row and a line ending")
                 if issues:
+                    last = (line, "")
                     break        # rows cannot be read without their column names
                 continue
+            last = (line, cells)
             order = columns or _FIELDS
             if not 2 <= len(cells) <= len(order):
                 issues.append(ListIssue(f"{name}:{line}", f"expected 2 to {len(order)} columns "
@@ -549,13 +664,36 @@ def _parse_csv(text: str, name: str, space: AddressSpace | None) -> list[Entry]:
                 out.append((checked[0], line, checked[1]))
     except csv.Error as exc:
         issues.append(ListIssue(f"{name}:{reader.line_num}", f"not valid CSV: {exc}"))
-    if not text.endswith(("\n", "\r")):
-        # An export cut off mid-line still parses as CSV; refuse it rather than guess.
-        issues.append(ListIssue(f"{name}:{text.count(chr(10)) + 1}",
-                                "the last line has no line ending (a truncated export?)"))
+        last = (reader.line_num, "the last line has no line ending and could have been cut short "
+                                 "(a truncated export?)")
+    if last[1] and not text.endswith(("\n", "\r")):
+        risk = last[1] if isinstance(last[1], str) else _cut_risk(last[1], columns)
+        if risk:
+            issues.append(ListIssue(f"{name}:{last[0]}", risk))
     if issues:
         raise ListError(issues)
     return out
+
+
+def _cut_risk(cells: list[str], columns: tuple[str, ...] | None) -> str:
+    """Why a data row, were it the last line and without a line ending, could have been cut
+    short in a way that matters; "" when it could not.
+
+    Harmless: the row holds every column (the header's, or the four ``id,addresses,mode,reason``
+    without one) and ends in ``mode`` (a cut mode is no mode: the list is refused; an empty
+    one could be a whole mode cut away, so it must be written) or ``reason`` (only the
+    portal's sentence could change). Any other last cell, cut, could be another id, address,
+    match or exemption date, and still be valid.
+    """
+    complete = columns or _FIELDS[:_POSITIONAL_COMPLETE]
+    if len(cells) == len(complete) and complete[-1] in _SAFE_LAST and (cells[-1] or complete[-1] == "reason"):
+        return ""
+    order = columns or _FIELDS
+    column = order[len(cells) - 1] if len(cells) <= len(order) else "last"
+    shown = f"{column}, empty" if not cells[-1] else column
+    return (f"the last line has no line ending and its last cell ({shown}) could have been cut short "
+            f"(a truncated export?); end the file with a line ending (a last line without one must hold "
+            f"every column, {','.join(complete)}, and end in mode or reason)")
 
 
 def _is_header(cells: list[str]) -> bool:

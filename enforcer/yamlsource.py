@@ -7,6 +7,7 @@ map from key path to line number next to the plain Python data.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,23 +42,44 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PlainLoader = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 
 
+_NULL = "tag:yaml.org,2002:null"
+
+
+def _with_nulls(base: type[Any]) -> type[Any]:
+    """``base`` (a plain loader) that reads an unquoted null (``null``, ``Null``, ``NULL``,
+    ``~`` or no value at all) as None: JSON's ``null`` (``json.dumps`` of None) and YAML's
+    empty value say "not given", which the text "null" does not. A quoted ``"null"`` stays
+    that text: the resolver sees only plain scalars."""
+    loader: type[Any] = type(f"{base.__name__}WithNulls", (base,), {})
+    # YAML 1.1's own null pattern, as ``yaml.SafeLoader`` has it.
+    loader.add_implicit_resolver(_NULL, re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+    loader.add_constructor(_NULL, lambda _loader, _node: None)
+    return loader
+
+
+_PlainNullLoader = _with_nulls(_PlainLoader)
+
+
 #: Most nodes one document may have, counting a node again each time an alias repeats it: a
 #: 400-byte "billion laughs" document expands tenfold per level of aliases, so the cap (not
 #: the size of the text) is what bounds time and memory. ``load`` callers may set their own.
 MAX_NODES = 200_000
 
 
-def load(text: str, plain_strings: bool = False, *, aliases: bool = True,
+def load(text: str, plain_strings: bool = False, *, nulls: bool = False, aliases: bool = True,
          max_nodes: int = MAX_NODES) -> Located:
     """Parse one YAML (or JSON, a YAML subset) document keeping line numbers.
 
     ``plain_strings`` keeps every scalar as the text written: for billing data, where YAML 1.1
     would otherwise turn an id like ``0123`` into 83 or ``10:20`` into 620, and an empty value
-    into None. ``aliases=False`` refuses anchors and aliases (billing exports have no use for
-    them; they only serve to make a small text expand). A document of more than ``max_nodes``
-    nodes is refused before it is built. Raises ``YamlSyntaxError`` and nothing else.
+    into None. ``nulls`` (with ``plain_strings``) still reads an unquoted null (``null``,
+    ``Null``, ``NULL``, ``~``, an empty value) as None, so a JSON ``null`` or ``mode: ~`` is
+    "not given" rather than the text "null"; a quoted ``"null"`` stays text. ``aliases=False``
+    refuses anchors and aliases (billing exports have no use for them; they only serve to make
+    a small text expand). A document of more than ``max_nodes`` nodes is refused before it is
+    built. Raises ``YamlSyntaxError`` and nothing else.
     """
-    loader_class = _PlainLoader if plain_strings else _Loader
+    loader_class = (_PlainNullLoader if nulls else _PlainLoader) if plain_strings else _Loader
     try:
         loader = loader_class(text)
     except (ValueError, TypeError) as exc:     # text the reader cannot take at all (lone surrogates)

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.address_space import AddressSpace, find_overlaps, special_use_problem
+from enforcer.address_space import AddressSpace, find_overlaps, span, special_use_problem
 from enforcer.config import parse_config
 
 net = ipaddress.ip_network
 SPACE = AddressSpace((net("100.64.0.0/10"), net("2001:db8::/32")))
 
 
-@pytest.mark.parametrize("network", ["100.64.0.0/10", "100.64.0.5/32", "100.127.255.0/24", "2001:db8::/32",
+@pytest.mark.parametrize("network", ["100.64.0.0/11", "100.64.0.5/32", "100.127.255.0/24", "2001:db8::/33",
                                      "2001:db8:ffff:ff00::/56"])
 def test_inside_the_prefixes_is_fine(network: str) -> None:
     assert SPACE.problem(net(network)) is None
@@ -49,6 +49,47 @@ def test_from_config() -> None:
                           "gateway: {subscriber_prefixes: ['100.64.0.0/10', '2001:db8::/32']}\n", "c.yaml")
     assert AddressSpace.from_config(config) == SPACE
     assert AddressSpace.from_config(parse_config("subscribers: {source: /tmp/l.yaml}\n")) == AddressSpace()
+
+
+# -- a whole subscriber prefix is no one subscriber's -----------------------------------------
+
+NESTED = AddressSpace((net("100.64.0.0/10"), net("100.64.8.0/22"), net("2001:db8::/32"), net("2001:db8:5::/48")))
+
+
+@pytest.mark.parametrize("network, entry", [
+    ("100.64.8.0/22", "100.64.8.0/22"), ("100.64.8.0/21", "100.64.8.0/22"), ("100.64.0.0/16", "100.64.8.0/22"),
+    ("2001:db8:5::/48", "2001:db8:5::/48"), ("2001:db8:4::/46", "2001:db8:5::/48"),
+    ("100.64.0.0/10", "100.64.0.0/10"), ("2001:db8::/32", "2001:db8::/32"),
+])
+def test_covering_a_whole_entry_is_refused_naming_it(network: str, entry: str) -> None:
+    """``subscriber.restricted`` with ``2001:db8::/32`` (or a whole IPv4 pool) would wall every
+    subscriber of it; the message names the entry so the operator sees which."""
+    assert NESTED.problem(net(network)) == (f"{network} covers the whole gateway.subscriber_prefixes entry {entry}; "
+                                            "refusing a prefix that wide for one subscriber")
+
+
+@pytest.mark.parametrize("network", ["100.64.8.0/23", "100.64.8.7/32", "100.65.0.0/16", "2001:db8:5::/49",
+                                     "2001:db8:6::/48", "2001:db8:5:1::/64"])
+def test_inside_an_entry_without_covering_one_is_fine(network: str) -> None:
+    assert NESTED.problem(net(network)) is None
+
+
+_ANY = st.one_of(
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)).map(
+        lambda t: ipaddress.IPv4Network((t[0] >> (32 - t[1]) << (32 - t[1]), t[1]))),
+    st.tuples(st.sampled_from([0x2001_0DB8_0000, 0x2001_0DB8_0004, 0x2001_0DB8_0005, 0x2001_0DB9_0000]),
+              st.integers(0, 2**80 - 1), st.integers(28, 128)).map(
+        lambda t: ipaddress.IPv6Network(((t[0] << 80 | t[1]) >> (128 - t[2]) << (128 - t[2]), t[2]))),
+    st.sampled_from([net("100.64.8.0/22"), net("2001:db8:5::/48"), net("2001:db8:4::/46"), net("100.64.0.0/10")]))
+
+
+@given(_ANY, st.sampled_from([SPACE, NESTED, AddressSpace()]))
+@settings(max_examples=500, deadline=None)
+def test_accepts_agrees_with_problem(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                     space: AddressSpace) -> None:
+    """The bulk parser asks ``accepts``; the full check asks ``problem``: one answer."""
+    (version, first, last) = span(network)
+    assert space.accepts(version, first, last) == (space.problem(network) is None), network
 
 
 # -- find_overlaps ---------------------------------------------------------------------------

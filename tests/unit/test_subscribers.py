@@ -158,7 +158,8 @@ def test_subscriber_json_round_trip():
     ("100.64.0.10/24", "host bits"),
     ("2001:db8:10:101::/56", "host bits"),
     ("10.0.0.0/8", "broader than /16"),
-    ("2001:db8::/29", "broader than /32"),
+    ("2001:db8::/29", "broader than /48"),
+    ("2001:db8::/47", "broader than /48"),
     ("::/0", "broader"),
 ])
 def test_bad_address_in_yaml_reported_at_the_entry_line(address, fragment):
@@ -176,7 +177,7 @@ def test_bad_address_in_yaml_reported_at_the_entry_line(address, fragment):
 
 def test_broadest_allowed_prefixes():
     assert parse_address("100.64.0.0/16") == net("100.64.0.0/16")
-    assert parse_address("2001:db8::/32") == net("2001:db8::/32")
+    assert parse_address("2001:db8::/48") == net("2001:db8::/48")
     assert parse_address(" 100.64.0.1 ") == net("100.64.0.1/32")
 
 
@@ -193,7 +194,8 @@ def test_unknown_mode(mode):
     assert "mode" in found[0][1] and "walled-garden" in found[0][1]
 
 
-@pytest.mark.parametrize("reason", ["owes 120 EUR", "Overdue", "overdue!", "x" * 33, "unpaid since 2026-01-01"])
+@pytest.mark.parametrize("reason", ["owes 120 EUR", "overdue!", "x" * 33, "unpaid since 2026-01-01",
+                                    "customer has not paid", "acct 4711", "überfällig"])
 def test_bad_reason(reason):
     text = yaml_entry(f"""\
         - id: C-1
@@ -316,12 +318,17 @@ def test_csv_wrong_column_count(row, columns):
 def test_csv_without_trailing_newline_is_truncated():
     text = "C-1,100.64.0.1\nC-2,100.64.0.2\nC-3,100.64.0."
     found = issues(text, "l.csv")
-    assert ("l.csv:3", "the last line has no line ending (a truncated export?)") in found
+    assert [loc for loc, _ in found] == ["l.csv:3", "l.csv:3"]     # the bad address, and the cut
+    assert "no line ending" in found[1][1] and "(addresses)" in found[1][1]
 
 
 def test_csv_truncated_even_if_the_last_line_looks_fine():
+    """``100.64.0.2`` may be ``100.64.0.23`` cut short: a valid address, someone else's."""
     found = issues("C-1,100.64.0.1\nC-2,100.64.0.2", "l.csv")
-    assert found == [("l.csv:2", "the last line has no line ending (a truncated export?)")]
+    assert found == [("l.csv:2", "the last line has no line ending and its last cell (addresses) could have "
+                                 "been cut short (a truncated export?); end the file with a line ending (a last "
+                                 "line without one must hold every column, id,addresses,mode,reason, and end in "
+                                 "mode or reason)")]
 
 
 def test_csv_unterminated_quote():
@@ -400,14 +407,14 @@ def test_list_error_carries_every_issue_csv():
         C-1,100.64.0.300
         C-2,100.64.0.2,blocked
         C-3
-        C-4,100.64.0.4,,Overdue
+        C-4,100.64.0.4,,owes 50 EUR
         C-5,100.64.0.5
     """)
     assert locations(text, "restricted.csv") == [f"restricted.csv:{n}" for n in (2, 3, 4, 5)]
 
 
 def test_entry_with_several_problems_reports_each():
-    text = yaml_entry("- id: 'a b'\n  addresses: ['x']\n  mode: off-ish\n  reason: 'Big Debt'\n  foo: 1\n")
+    text = yaml_entry("- id: 'a b'\n  addresses: ['x']\n  mode: off-ish\n  reason: 'Big Debt 2026'\n  foo: 1\n")
     found = issues(text, "l.yaml")
     assert len(found) == 5
     assert {loc for loc, _ in found} == {"l.yaml:2"}
@@ -654,7 +661,7 @@ def test_node_cap_names_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     ("127.5.0.0/16", "loopback"), ("224.0.0.0/16", "multicast"), ("239.1.2.3", "multicast"),
     ("255.255.255.255", "broadcast"), ("240.0.0.1", "reserved"), ("::", "unspecified"), ("::1", "loopback"),
     ("ff02::1", "multicast"), ("::ffff:100.64.0.5", "IPv4-mapped"), ("::ffff:0:0/96", "IPv4-mapped"),
-    ("::/32", "unspecified"),
+    ("::/48", "unspecified"),
 ])
 def test_special_use_addresses_are_refused_by_name(address: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
