@@ -180,8 +180,7 @@ def parse_event(event_id: str, body: bytes | str) -> Event:
     subscriber = None
     if kind in (RESTRICTED, READDRESSED):
         issues: list[ListIssue] = []
-        entry = {"id": sid, "addresses": payload.get("addresses"),
-                 "mode": payload.get("mode"), "reason": payload.get("reason")}
+        entry = {"id": sid, **{k: payload[k] for k in ("addresses", "mode", "reason") if k in payload}}
         subscriber = validate_entry(entry, "data", issues)
         if subscriber is None:
             raise EventError("; ".join(i.message for i in issues))

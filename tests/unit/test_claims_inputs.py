@@ -50,7 +50,7 @@ async def test_a_broad_ipv4_prefix_event_is_refused(tmp_path: Path) -> None:
 
 async def test_a_broad_ipv6_prefix_event_is_refused(tmp_path: Path) -> None:
     async with enforcer(tmp_path) as (e, _):
-        status, answer = await handle_event(e, Event("r9", RESTRICTED, NOW, "C-9", sub("C-9", "2001:db8::/32")), 0.0)
+        status, answer = await handle_event(e, Event("r9", RESTRICTED, NOW, "C-9", sub("C-9", "2001:db8:10::/48")), 0.0)
         assert status == 409 and "C-1" in answer["error"]
 
 

@@ -207,7 +207,7 @@ def test_validate_entry_names_key_and_value() -> None:
 
 def test_validate_entry_keeps_its_other_checks_beside_match() -> None:
     found: list = []
-    raw = {"id": "C 1", "match": {"username": "u"}, "addresses": ["127.0.0.1"], "mode": "free", "reason": "Debt"}
+    raw = {"id": "C 1", "match": {"username": "u"}, "addresses": ["127.0.0.1"], "mode": "free", "reason": "owes 50 EUR"}
     assert validate_entry(raw, "data", found) is None
     assert len(found) == 4, found
 

@@ -46,7 +46,8 @@ payloads = st.fixed_dictionaries({"subscriber": st.sampled_from(["C-1", "C-9", "
 events = st.fixed_dictionaries({"type": st.sampled_from(TYPES) | json_values, "timestamp": timestamps,
                                 "data": payloads | json_values})
 plausible = st.fixed_dictionaries({
-    "type": st.sampled_from(TYPES), "timestamp": st.integers(1_700_000_000, 1_900_000_000),
+    # billing stamps an event before it signs it (a body later than its signature is 400)
+    "type": st.sampled_from(TYPES), "timestamp": st.integers(1_700_000_000, int(time.time())),
     "data": st.fixed_dictionaries({"subscriber": st.sampled_from(["C-1", "C-9", "C-10"]),
                                    "addresses": st.lists(st.sampled_from(["100.64.0.9", "100.64.0.10",
                                                                           "2001:db8:9::/56"]), min_size=1,
@@ -97,7 +98,7 @@ def test_the_webhook_handler_answers_only_the_specified_statuses(tmp_path: Path)
     seen: set[int] = set()
 
     @FUZZ
-    @example(body=b'{"type": "payment.received", "timestamp": 1800000000, "data": {"subscriber": "C-1"}}',
+    @example(body=b'{"type": "payment.received", "timestamp": 1790000000, "data": {"subscriber": "C-1"}}',
              how="valid", msg_id="fuzz-pay", extra={})
     @example(body=b'{"type": "payment.received"}', how="valid", msg_id="fuzz-bad", extra={})
     @example(body=b"{}", how="none", msg_id="", extra={})
