@@ -50,8 +50,6 @@ _FIELDS = ("id", "addresses", "mode", "reason", "exempt_until", "exempt_category
 #: The columns a CSV row without a line ending may end in: a cut ``mode`` is no mode (refused),
 #: a cut ``reason`` is harmless; any other cut cell could name another address or subscriber.
 _SAFE_LAST = ("mode", "reason")
-#: A positional CSV row (no header) without a line ending must hold these four, reason last.
-_POSITIONAL_COMPLETE = 4
 #: A CSV first row that starts with ``id`` and holds only bare words is a header (a data row's
 #: addresses or match hold digits, dots or ``=``): an unknown word in it is an error, not an id.
 _HEADER_WORD = re.compile(r"[a-z_]*")
@@ -265,7 +263,8 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
     raw, nulls = _without_nulls(raw)
     for key in raw:
         if key not in _FIELDS:
-            issues.append(ListIssue(where, f"unknown field {key!r}; expected {', '.join(_FIELDS)}"))
+            shown = "null" if key is None else repr(key)
+            issues.append(ListIssue(where, f"unknown field {shown}; expected {', '.join(_FIELDS)}"))
     ident = raw.get("id")
     problem = "id is empty (null); every entry needs its subscriber id" if "id" in nulls else id_problem(ident)
     if problem:
@@ -285,6 +284,9 @@ def _validated(raw: Any, where: str, issues: list[ListIssue],
                                        f"got {type(addresses_raw).__name__}"))
     else:
         for item in addresses_raw:
+            if item is None:   # an unquoted null in the list (YAML ~, JSON null): say it as written
+                issues.append(ListIssue(where, "address null: an empty item in addresses"))
+                continue
             try:
                 network = parse_address(str(item), space)
             except ValueError as exc:
@@ -341,13 +343,16 @@ def _normal_reason(text: str) -> str | None:
     overdue`` -> ``payment-overdue``, which the portal reads as it reads ``payment_overdue``);
     ``""``: no reason. None when it is no short category (``_REASON``) or, written as words,
     looks like free text: more than ``_REASON_WORDS`` words, or a digit (``owes 120 EUR``,
-    ``unpaid since 2026-01-01``). A reason written as a slug is checked as it always was, so
-    a list accepted before (``overdue-30``) still is."""
+    ``Owes-120-EUR``, ``unpaid since 2026-01-01``), or anything but ASCII (a Kelvin sign lower-
+    cases to ``k``). A reason already written as a slug is checked as it always was, so a list
+    accepted before (``overdue-30``) still is; one that needed normalising meets the limits."""
+    if not text.isascii():
+        return None
     words = text.split()
     reason = "-".join(words).lower()
     if not _REASON.fullmatch(reason) and reason:
         return None
-    if len(words) > 1 and (len(words) > _REASON_WORDS or any(c.isdigit() for c in reason)):
+    if reason != text and (len(words) > _REASON_WORDS or any(c.isdigit() for c in reason)):
         return None
     return reason
 
@@ -473,7 +478,14 @@ def _parse_list(text: str, name: str, content_type: str, space: AddressSpace | N
         # anything else is not guessed at, and keeps the YAML/JSON error.
         if declared is not None or not _starts_with_csv_header(text):
             raise
-        entries = _parse_csv(text, name, space)
+        try:
+            entries = _parse_csv(text, name, space)
+        except ListError as exc:   # say why CSV errors come back for a .yaml/.json name
+            raise ListError([ListIssue(i.location, f"read as CSV (its first line is a CSV header): {i.message}")
+                             for i in exc.issues]) from None
+        if not entries:   # an empty CSV lifts everyone: under a YAML/JSON name, only `subscribers: []` does
+            raise ListError([ListIssue(f"{name}:1", f"a CSV header and no row under a .{fmt} name; an empty "
+                                                    "list is written `subscribers: []`")]) from None
     return _check_unique(entries, name)
 
 
@@ -679,21 +691,23 @@ def _cut_risk(cells: list[str], columns: tuple[str, ...] | None) -> str:
     """Why a data row, were it the last line and without a line ending, could have been cut
     short in a way that matters; "" when it could not.
 
-    Harmless: the row holds every column (the header's, or the four ``id,addresses,mode,reason``
-    without one) and ends in ``mode`` (a cut mode is no mode: the list is refused; an empty
-    one could be a whole mode cut away, so it must be written) or ``reason`` (only the
-    portal's sentence could change). Any other last cell, cut, could be another id, address,
-    match or exemption date, and still be valid.
+    Harmless only under a header row: the row holds every column the header names and ends in
+    ``mode`` (a cut mode is no mode: the list is refused; an empty one could be a whole mode cut
+    away, so it must be written) or ``reason`` (only the portal's sentence could change). Any
+    other last cell, cut, could be another id, address, match or exemption date, and still be
+    valid. Without a header a row may run to seven columns, so any row could be a longer one cut
+    after a comma (an exemption date and its category lost: a subscriber billing exempted walled).
     """
-    complete = columns or _FIELDS[:_POSITIONAL_COMPLETE]
-    if len(cells) == len(complete) and complete[-1] in _SAFE_LAST and (cells[-1] or complete[-1] == "reason"):
+    if columns is None:
+        return ("the last line has no line ending and the list has no header row, so it could be a "
+                "longer row cut short (a truncated export?); end the file with a line ending")
+    if len(cells) == len(columns) and columns[-1] in _SAFE_LAST and (cells[-1] or columns[-1] == "reason"):
         return ""
-    order = columns or _FIELDS
-    column = order[len(cells) - 1] if len(cells) <= len(order) else "last"
+    column = columns[len(cells) - 1] if len(cells) <= len(columns) else "last"
     shown = f"{column}, empty" if not cells[-1] else column
     return (f"the last line has no line ending and its last cell ({shown}) could have been cut short "
             f"(a truncated export?); end the file with a line ending (a last line without one must hold "
-            f"every column, {','.join(complete)}, and end in mode or reason)")
+            f"every column of the header, {','.join(columns)}, and end in mode or reason)")
 
 
 def _is_header(cells: list[str]) -> bool:

@@ -319,16 +319,16 @@ def test_csv_without_trailing_newline_is_truncated():
     text = "C-1,100.64.0.1\nC-2,100.64.0.2\nC-3,100.64.0."
     found = issues(text, "l.csv")
     assert [loc for loc, _ in found] == ["l.csv:3", "l.csv:3"]     # the bad address, and the cut
-    assert "no line ending" in found[1][1] and "(addresses)" in found[1][1]
+    assert "no line ending" in found[1][1] and "no header row" in found[1][1]
 
 
 def test_csv_truncated_even_if_the_last_line_looks_fine():
     """``100.64.0.2`` may be ``100.64.0.23`` cut short: a valid address, someone else's."""
-    found = issues("C-1,100.64.0.1\nC-2,100.64.0.2", "l.csv")
-    assert found == [("l.csv:2", "the last line has no line ending and its last cell (addresses) could have "
+    found = issues("id,addresses\nC-1,100.64.0.1\nC-2,100.64.0.2", "l.csv")
+    assert found == [("l.csv:3", "the last line has no line ending and its last cell (addresses) could have "
                                  "been cut short (a truncated export?); end the file with a line ending (a last "
-                                 "line without one must hold every column, id,addresses,mode,reason, and end in "
-                                 "mode or reason)")]
+                                 "line without one must hold every column of the header, id,addresses, and end "
+                                 "in mode or reason)")]
 
 
 def test_csv_unterminated_quote():
