@@ -69,7 +69,7 @@ from .policy import LISTED, Decision, Grace, Origin, Override, PolicyInputs, Rea
 from .promises import Promise
 from .sessions.book import SessionBook
 from .sessions.session import Session, SessionId
-from .subscribers import Subscriber, parse_network
+from .subscribers import Subscriber, parse_network, saved_key
 
 log = logging.getLogger("walled_garden.store")
 
@@ -340,9 +340,9 @@ def _list_entry(sid: Any, addresses: Any, mode: Any, reason: Any, exempt_until: 
         if not isinstance(keys, dict):
             raise TypeError(f"match: expected an object, got {keys!r}")
         matched = Match.from_json(keys)
-    subscriber = Subscriber(_text(sid), tuple(parse_network(_text(a)) for a in items), _MODES[mode],
-                            _text(reason), None if exempt_until is None else _real(exempt_until),
-                            _text(category), matched)
+    subscriber = Subscriber.from_keys(_text(sid), tuple(saved_key(_text(a)) for a in items), _MODES[mode],
+                                      _text(reason), None if exempt_until is None else _real(exempt_until),
+                                      _text(category), matched)
     return sid, subscriber
 
 

@@ -72,6 +72,26 @@ def key_network(key: Key) -> Network:
     return ipaddress.IPv4Network((value, plen)) if version == 4 else ipaddress.IPv6Network((value, plen))
 
 
+def saved_key(text: str) -> Key:
+    """The key of an address as ``key_text`` wrote it into the state (``a/len``), read back
+    without an ``ipaddress`` network (a restart reads 125k; a third of its load was networks).
+    Only a text that is exactly what ``inet_ntop`` writes, with no host bits, takes the short
+    way; anything else (an older spelling, an embedded IPv4) goes through ``network_key`` of
+    the parsed network, which refuses what is wrong (ValueError), as before."""
+    address, slash, length = text.partition("/")
+    if slash and length.isascii() and length.isdigit() and len(length) <= 3:
+        version = 6 if ":" in address else 4
+        family, width, plen = _FAMILIES[version], 32 if version == 4 else 128, int(length)
+        try:
+            packed = socket.inet_pton(family, address)
+        except OSError:
+            packed = b""
+        if (packed and plen <= width and socket.inet_ntop(family, packed) == address
+                and not int.from_bytes(packed, "big") & ((1 << (width - plen)) - 1)):
+            return version, plen, address
+    return network_key(_network(text))
+
+
 def key_text(key: Key) -> str:
     """``str(key_network(key))`` without building the network: ``inet_ntop`` writes an address
     as ``ipaddress`` does (RFC 5952), except IPv6 with an embedded IPv4 (``::ffff:1.2.3.4``)."""
@@ -117,18 +137,20 @@ class Subscriber:
         assign(self, "match", match or NO_MATCH)
 
     @classmethod
-    def from_keys(cls, id: str, keys: tuple[Key, ...], mode: Mode, reason: str) -> Subscriber:
-        """An entry with addresses given as kernel keys, no exemption, no match: what the bulk
-        parser (``_fast_entry``) builds without an ``ipaddress`` network per address."""
+    def from_keys(cls, id: str, keys: tuple[Key, ...], mode: Mode, reason: str, exempt_until: float | None = None,
+                  exempt_category: str = "", match: Match = NO_MATCH) -> Subscriber:
+        """An entry with addresses given as kernel keys: what the bulk parser (``_fast_entry``)
+        and a restart's load of the saved list (``saved_key``) build without an ``ipaddress``
+        network per address."""
         self = cls.__new__(cls)
         assign = object.__setattr__
         assign(self, "id", id)
         assign(self, "keys", keys)
         assign(self, "mode", mode)
         assign(self, "reason", sys.intern(reason))
-        assign(self, "exempt_until", None)
-        assign(self, "exempt_category", "")
-        assign(self, "match", NO_MATCH)
+        assign(self, "exempt_until", exempt_until)
+        assign(self, "exempt_category", sys.intern(exempt_category))
+        assign(self, "match", match or NO_MATCH)
         return self
 
     @property   # type: ignore[no-redef]
