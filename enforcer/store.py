@@ -346,10 +346,6 @@ def _list_entry(sid: Any, addresses: Any, mode: Any, reason: Any, exempt_until: 
     return sid, subscriber
 
 
-#: An ``enforced`` row that says what its subscriber's list entry says, and reads (``load_state``).
-_SAME_AS_LISTED = ("EXISTS (SELECT 1 FROM list_entries l WHERE l.id = enforced.id AND l.mode = enforced.mode "
-                   "AND l.addresses = enforced.addresses AND l.reason = enforced.reason) "
-                   "AND typeof(enforced.since) IN ('integer', 'real')")
 #: A ``list_entries`` row as written.
 ListRow = tuple[str, str, str, str, float | None, str, str | None]
 
@@ -614,23 +610,29 @@ class Store:
         table) as decisions, in one read (a restart: the kernel's table is reconciled with them).
 
         An enforced row that says exactly what the subscriber's list entry says (mode, reason,
-        the addresses as text: SQLite compares them, ``_SAME_AS_LISTED``) becomes that entry's
-        own decision (``LISTED``, the entry's ``Subscriber`` object): no second parse of 125k
-        addresses, and a decision that has not changed since compares equal, so its row is not
-        written again. Other rows are decided "enforced before the restart" with a subscriber of
-        their own. A row whose mode or address no longer reads is left out (enforced as the
-        policy decides now)."""
+        the addresses as text, as stored: ``_load_inputs`` hands over the entries' texts) becomes
+        that entry's own decision (``LISTED``, the entry's ``Subscriber`` object): no second
+        parse of 125k addresses, and a decision that has not changed since compares equal, so its
+        row is not written again. Other rows are decided "enforced before the restart" with a
+        subscriber of their own. A row whose mode or address no longer reads is left out
+        (enforced as the policy decides now). The comparison is a dict lookup per row, not SQL's
+        correlated ``EXISTS`` (0.27 s of a 100k restart)."""
         with gc_paused():
-            inputs = self._load_inputs()
+            texts: dict[str, tuple[Any, Any, Any]] = {}
+            inputs = self._load_inputs(texts)
             listed = inputs.listed
             before: dict[str, Decision] = {}
             unread: list[Any] = []   # the other rows (and any whose entry did not read): decoded alone
-            for sid, same in self.db.execute(f"SELECT id, {_SAME_AS_LISTED} FROM enforced").fetchall():
-                entry = listed.get(sid) if same else None
-                if entry is None:
+            for sid, mode, addresses, reason, since in self.db.execute(
+                    "SELECT id, mode, addresses, reason, since FROM enforced").fetchall():
+                entry = listed.get(sid)
+                saved = texts.get(sid)
+                if (entry is None or saved is None or saved != (mode, addresses, reason) or None in saved
+                        or type(since) not in (int, float)):
                     unread.append(sid)
                 else:
                     before[sid] = Decision(sid, entry.mode, LISTED, entry)
+            del texts
 
             def decode(sid: Any, mode: Any, addresses: Any, reason: Any, since: Any) -> None:
                 _, row = _enforced(sid, mode, addresses, reason, since)
@@ -648,9 +650,17 @@ class Store:
                     pass
             return inputs, before
 
-    def _load_inputs(self) -> PolicyInputs:
-        listed = dict(self._decoded(
-            "list_entries", "id, addresses, mode, reason, exempt_until, exempt_category, match", _list_entry))
+    def _load_inputs(self, texts: dict[str, tuple[Any, Any, Any]] | None = None) -> PolicyInputs:
+        """``texts``, when given, receives each list entry's saved (mode, addresses, reason) as
+        stored (``load_state`` compares the ``enforced`` rows with them)."""
+        def noted(sid: Any, addresses: Any, mode: Any, reason: Any, *rest: Any) -> tuple[str, Subscriber]:
+            decoded = _list_entry(sid, addresses, mode, reason, *rest)
+            assert texts is not None
+            texts[decoded[0]] = (mode, addresses, reason)
+            return decoded
+
+        listed = dict(self._decoded("list_entries", "id, addresses, mode, reason, exempt_until, exempt_category, match",
+                                    _list_entry if texts is None else noted))
         overrides = dict(self._decoded("overrides", "id, restrict_, at, cause, entry, origin", _override))
         graces = dict(self._decoded("graces", "id, paid_at, until, cause", lambda sid, paid, until, cause: (
             _text(sid), Grace(_real(paid), _real(until), _text(cause)))))
