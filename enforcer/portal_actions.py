@@ -41,12 +41,24 @@ class _Ineligible(Exception):
     """Raised under the lock when a second press finds the promise no longer available."""
 
 
+#: The ``meta`` key of the notice acknowledgements in force: subscriber -> until (unix time).
+ACKNOWLEDGED = "notice_acknowledged"
+
+
 class PortalActions:
     def __init__(self, engine: Engine, references: References, metrics: Metrics) -> None:
         self.engine, self.references, self.metrics = engine, references, metrics
         self.outbox_wake = asyncio.Event()   # a new outgoing webhook is waiting
         self.relay: Relay | None = None      # the fleet's stream, when the gateway is one of a fleet
         engine.on_replaced.append(self._reacknowledge)
+        # The kernel keeps an acknowledgement (a timeout element) across a restart; so must we,
+        # or the portal and /api/captive call the subscriber captive again while HTTP passes,
+        # and a later table replace would not put it back (``_reacknowledge``).
+        saved = engine.store.get_meta(ACKNOWLEDGED)
+        now = engine.clock()
+        engine.acknowledged.update({sid: float(until) for sid, until in (saved or {}).items()
+                                    if isinstance(sid, str) and isinstance(until, (int, float)) and until > now}
+                                   if isinstance(saved, dict) else {})
 
     async def _not_a_caller(self, address: str, action: str) -> Refusal | None:
         """None when the kernel saw ``address`` connect to the portal recently."""
@@ -96,6 +108,11 @@ class PortalActions:
                 return Refusal(Refused.UNAVAILABLE, f"kernel change failed: {exc}")
             until = engine.clock() + seconds
             engine.acknowledged[sid] = until
+            now = engine.clock()
+            try:   # kept for a restart; the kernel change stands either way (it expires)
+                engine.store.set_meta(ACKNOWLEDGED, {s: u for s, u in engine.acknowledged.items() if u > now})
+            except (StoreError, sqlite3.Error) as exc:
+                log.error("event=acknowledgement_not_saved subscriber=%s error=%s", sid, str(exc))
             state = audit_state(decision)
             try:   # audited like every portal action; the kernel change stands either way (it expires)
                 engine.store.append_audit([(engine.clock(), sid, state, state, f"notice acknowledged on the portal "

@@ -71,3 +71,31 @@ async def test_the_portal_looks_up_only_its_callers(tmp_path: Path) -> None:
     assert (status, answer["subscriber"], answer["restricted"]) == (200, "C-1", True)
     assert e.queries.lookup("100.64.0.7")["restricted"] is False          # operators (explain) are not bound
     await e.close()
+
+
+async def test_an_acknowledgement_outlives_a_restart(tmp_path: Path) -> None:
+    """The kernel keeps an acknowledgement (a timeout element) across a restart; the daemon
+    must too, or the portal and /api/captive call the subscriber captive again while their HTTP
+    passes (found in audit), and a table replace would not put it back."""
+    config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          "portal: {notice_ack_for: 1h}\n", str(tmp_path / "c.yaml"))
+    fake = FakeDataplane()
+    now = [NOW]
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now[0])  # type: ignore[arg-type]
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")],
+                               "l.yaml", "1"))
+    assert (await acknowledge(e, "100.64.0.2"))[0] == 200
+    await e.close()
+    now[0] += 600
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now[0])  # type: ignore[arg-type]
+    await e.engine.restore()
+    status, answer = await portal_lookup(e, "100.64.0.2")
+    assert status == 200 and answer["ack_until"] == NOW + 3600, answer
+    await e.close()
+    now[0] += 3600    # ended while the daemon was down: not brought back
+    e = Enforcer(config, dataplane=fake, conntrack=NoConntrack(), clock=lambda: now[0])  # type: ignore[arg-type]
+    await e.engine.restore()
+    status, answer = await portal_lookup(e, "100.64.0.2")
+    assert status == 200 and answer["ack_until"] is None, answer
+    await e.close()
