@@ -24,6 +24,7 @@ from .. import control_protocol as protocol
 from ..events import SESSION_STARTED, SESSION_STOPPED, Event, EventError, load_json, session_fields
 from ..exemptions import check_category, parse_instant, parse_until
 from ..session_intake import CLI_SOURCE
+from ..subscribers import id_problem
 from . import answer, json_response
 
 if TYPE_CHECKING:
@@ -134,17 +135,34 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def post_operator(request: web.Request) -> web.Response:
-    body = await _body(request)
+#: The longest operator reason or note (a sentence for the audit log, not a document).
+MAX_NOTE = 500
+
+
+def _subscriber(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The body's subscriber id, or why it is none: every operator command checks it as the list
+    does (``lift 'C 1;rm'`` used to leave an override under that name for good)."""
     sid = body.get("subscriber")
     if not isinstance(sid, str) or not sid:
-        return json_response(400, {"error": "subscriber is required"})
+        return "", "subscriber is required"
+    problem = id_problem(sid)
+    return sid, f"subscriber: {problem}" if problem else None
+
+
+async def post_operator(request: web.Request) -> web.Response:
+    body = await _body(request)
+    sid, problem = _subscriber(body)
+    if problem:
+        return json_response(400, {"error": problem})
+    reason = str(body.get("reason") or "")
+    if len(reason) > MAX_NOTE:
+        return json_response(400, {"error": f"reason: at most {MAX_NOTE} characters"})
     restrict = request.path == protocol.RESTRICT
     addresses = body.get("addresses")
     if addresses is not None and not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
         return json_response(400, {"error": "addresses must be a list of strings"})
     return answer(await request.app[ENFORCER_KEY].operator.change(
-        peer(request), sid, restrict, str(body.get("reason") or ""), body.get("mode"), addresses))
+        peer(request), sid, restrict, reason, body.get("mode"), addresses))
 
 
 async def post_held(request: web.Request) -> web.Response:
@@ -157,9 +175,9 @@ async def post_held(request: web.Request) -> web.Response:
 async def post_exempt(request: web.Request) -> web.Response:
     body = await _body(request)
     enforcer = request.app[ENFORCER_KEY]
-    sid = body.get("subscriber")
-    if not isinstance(sid, str) or not sid:
-        return json_response(400, {"error": "subscriber is required"})
+    sid, problem = _subscriber(body)
+    if problem:
+        return json_response(400, {"error": problem})
     note = str(body.get("note") or "")
     if request.path == protocol.UNEXEMPT:
         try:
@@ -173,8 +191,8 @@ async def post_exempt(request: web.Request) -> web.Response:
     except (ValueError, OverflowError) as exc:  # 9999-12-31 ends in year 10000
         problem = f"until {body.get('until')!r}: out of range" if isinstance(exc, OverflowError) else str(exc)
         return json_response(400, {"error": problem})
-    if len(note) > 500:
-        return json_response(400, {"error": "note: at most 500 characters"})
+    if len(note) > MAX_NOTE:
+        return json_response(400, {"error": f"note: at most {MAX_NOTE} characters"})
     return answer(await enforcer.operator.exempt(peer(request), sid, category, until, note))
 
 

@@ -109,3 +109,22 @@ async def test_fleet_status_without_a_fleet_says_so(control: Any) -> None:
     response = await client.get("/v1/fleet")
     assert response.status == 404
     assert "fleet is not configured" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/lift", "/v1/restrict", "/v1/exempt", "/v1/unexempt"])
+@pytest.mark.parametrize("sid", ["C 1;rm", "-x", "\u00c7-1", "C" * 65, "C-1\n"])
+async def test_every_operator_command_checks_the_subscriber_id(control: Any, path: str, sid: str) -> None:
+    """``lift 'C 1;rm'`` was answered 200 and left an override under that name for good; only
+    ``restrict`` checked the id (operator audit)."""
+    client, enforcer, _ = control
+    body = {"subscriber": sid, "addresses": ["100.64.0.99"], "category": "other", "until": "1d", "reason": "x"}
+    response = await client.post(path, json=body)
+    answer = await response.json()
+    assert response.status == 400 and "not a subscriber id" in answer["error"], answer
+    assert sid not in enforcer.engine.inputs.overrides and sid not in enforcer.engine.inputs.exemptions
+
+
+async def test_an_operator_reason_is_a_sentence_not_a_document(control: Any) -> None:
+    client, _, _ = control
+    response = await client.post("/v1/lift", json={"subscriber": "C-1", "reason": "x" * 501})
+    assert response.status == 400 and "at most 500" in (await response.json())["error"]
