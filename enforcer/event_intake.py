@@ -22,7 +22,7 @@ from .dataplane.backend import DataplaneError
 from .enforced import held
 from .engine import Engine, Undo
 from .event_inputs import EventRules, apply_event
-from .events import SESSION_TYPES, Event
+from .events import PAYMENT, RELEASED, RESTRICTED, SESSION_TYPES, Event
 from .metrics import Metrics
 from .model import Mode
 from .outcome import Outcome, Refusal, Refused, Result
@@ -76,6 +76,8 @@ class EventIntake:
         self.batcher: Batcher[Pending] = Batcher(self._commit_batch)
         self.sessions: SessionEvents | None = None   # where session events go (wired by the daemon)
         self._pending: Pending | None = None          # the one ``submit`` queued last
+        for kind in (PAYMENT, RESTRICTED, RELEASED):   # samples from the start, not only after the first event
+            metrics.events.labels(kind, "applied")
 
     def rules(self) -> EventRules:
         policy = self.engine.config.policy

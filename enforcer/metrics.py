@@ -73,7 +73,8 @@ class Metrics:
                             "Outgoing webhooks to billing not yet delivered", registry=r)
         self.outbox_failures = Counter("walled_garden_outbox_failures",
                                        "Failed deliveries of outgoing webhooks (each is retried)", registry=r)
-        self.events = Counter("walled_garden_events", "Billing webhook requests by type and result",
+        self.events = Counter("walled_garden_events", "Billing events (webhooks, and operator restrict/lift "
+                              "commands as the event they stand for) by type and result",
                               ["type", "result"], registry=r)
         self.conntrack_flushed = Counter("walled_garden_conntrack_flushed_entries",
                                          "Tracked connections deleted on state changes", registry=r)
