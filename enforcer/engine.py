@@ -130,6 +130,10 @@ class Engine:
         self.record = EnforcedRecord()
         self.claims = ClaimsIndex()   # who holds which addresses in the kernel (rebuilt by sync_all)
         self.conflicts = Conflicts()   # decisions not enforced: an address is another's
+        # Listed subscribers the kernel holds free (a payment grace, an exemption, a promise):
+        # their list addresses are theirs all the same, so an event or operator command may not
+        # claim one for someone else (``EventIntake``): the paid customer would be walled by it.
+        self.free_listed = ClaimsIndex()
         self.acknowledged: dict[str, float] = {}   # notice acknowledgements in the kernel, until when
         self.rebuilding: set[tuple[str, str]] | None = None   # kernel keys kept until the list (restore)
         self.rebuild_unsaved = False   # ... because a first list was being saved, not because the state was lost
@@ -260,6 +264,7 @@ class Engine:
             decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
                                                                         "is enforced for another subscriber")
         previous, self.decisions = self.decisions, decisions
+        self._note_free_listed(decisions, whole=True)
         if deferred is not None:
             self.record.recount(decisions)
             self._counted()
@@ -299,6 +304,7 @@ class Engine:
         self._synced(result, time.perf_counter() - started)
         previous = {sid: self.decisions[sid] for sid in decisions if sid in self.decisions}
         self.decisions.update(decisions)
+        self._note_free_listed(decisions)
         write = self.record.partial(decisions, previous, self.clock(), cause)
         self._counted()
         if deferred is None:
@@ -306,6 +312,21 @@ class Engine:
         else:
             deferred.append(write)
         return result
+
+    def _note_free_listed(self, decisions: Mapping[str, Decision], whole: bool = False) -> None:
+        """Keep ``free_listed`` to the listed subscribers these decisions leave free (not one
+        held back by a clash: the address is its holder's until the clash ends)."""
+        listed, conflicts = self.inputs.listed, self.conflicts
+        if whole:   # one pass over the decisions: ~10 ms at 100k, once per full sync
+            self.free_listed.rebuild_keys({sid: entry.keys for sid, d in decisions.items()
+                                           if not d.restricted and sid not in conflicts
+                                           and (entry := listed.get(sid)) is not None and entry.keys})
+            return
+        for sid, decision in decisions.items():
+            entry = listed.get(sid)
+            keys = entry.keys if entry is not None and not decision.restricted and sid not in conflicts else ()
+            if keys or sid in self.free_listed.held:
+                self.free_listed.claim(sid, [key_network(k) for k in keys])
 
     async def apply_resolving(self, decisions: dict[str, Decision], why: str, cause: str = "",
                               deferred: list[EnforcedWrite] | None = None) -> SyncResult:

@@ -14,22 +14,24 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .batcher import Batcher
+from .claims import Conflict
 from .dataplane.backend import DataplaneError
 from .enforced import held
 from .engine import Engine, Undo
 from .event_inputs import EventRules, apply_event
 from .events import PAYMENT, RELEASED, RESTRICTED, SESSION_TYPES, Event
 from .metrics import Metrics
-from .model import Mode
+from .model import Mode, Network
 from .outcome import Outcome, Refusal, Refused, Result
 from .policy import Decision
 from .reconciler import AddressConflict, SyncResult
 from .store import EnforcedWrite, StoreError
-from .subscribers import Subscriber
+from .subscribers import Subscriber, network_key
 
 
 class SessionEvents(Protocol):
@@ -201,10 +203,13 @@ class EventIntake:
                     answers[index] = judged
                     continue
                 conflict = engine.claims.conflict(sid, held(judged))
-                if conflict is not None:
+                listed = None if conflict is not None else engine.free_listed.conflict(
+                    sid, _new_to(engine, sid, held(judged)))
+                if conflict is not None or listed is not None:
                     engine.undo(sid, undo)
                     self.count(item.event.type, "conflict")
-                    answers[index] = Refusal(Refused.CONFLICT, str(conflict), {"id": item.event.id})
+                    why = str(conflict) if conflict is not None else _listed_for(listed)
+                    answers[index] = Refusal(Refused.CONFLICT, why, {"id": item.event.id})
                     continue
                 touched[sid] = judged
                 claimed.append((sid, engine.claims.claim(sid, held(judged))))
@@ -351,3 +356,17 @@ def _committed(batch: list[Pending], answers: Answers) -> None:
         if result is None and item.answer.done() and not item.answer.cancelled():
             result = item.answer.result()
         item.committed.set_result(result or Refusal(Refused.UNAVAILABLE, "not processed"))
+
+
+def _new_to(engine: Engine, sid: str, networks: Iterable[Network]) -> list[Network]:
+    """``networks`` but those ``sid`` holds in the kernel already: a holder keeps what it holds
+    (a clash with the list waits in ``conflicts``), so only a new claim meets the list."""
+    kept = set(engine.claims.held.get(sid, ()))
+    return [network for network in networks if network_key(network) not in kept]
+
+
+def _listed_for(conflict: Conflict | None) -> str:
+    """A clash with a listed subscriber the kernel holds free (``Engine.free_listed``)."""
+    assert conflict is not None
+    return (f"{conflict.network} overlaps {conflict.theirs}, listed for subscriber {conflict.holder} (free now: "
+            "a payment grace, an exemption or a promise); the list must give the address to another first")

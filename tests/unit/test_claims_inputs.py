@@ -225,3 +225,34 @@ async def test_a_move_in_a_batch_with_an_unrelated_clash_still_moves(tmp_path: P
         walled = _walled(fake)
         assert walled.get("100.64.0.20") == "goto notice" and walled.get("100.64.0.21") == "goto garden", walled
         assert walled.get("100.64.0.40") == "goto garden" and walled.get("100.64.0.10") == "goto garden", walled
+
+
+@pytest.mark.parametrize("address", ["100.64.0.10", "2001:db8:10:100::1", "2001:db8:10::/48"])
+async def test_an_address_listed_for_a_subscriber_who_paid_is_still_theirs(tmp_path: Path, address: str) -> None:
+    """C-1 is listed but free on a payment grace: an event or operator command restricting
+    someone else on C-1's listed address (or inside or around it) would wall the customer who
+    paid; it is a 409 naming C-1, as for an enforced holder (SPEC 8; operator audit)."""
+    from enforcer.events import PAYMENT
+    async with enforcer(tmp_path) as (e, fake):
+        status, _ = await handle_event(e, Event("p1", PAYMENT, NOW, "C-1"), 0.0)
+        assert status == 200 and "100.64.0.10" not in fake.view["mode4_32"]
+        status, answer = await handle_event(e, Event("r2", RESTRICTED, NOW, "C-2", sub("C-2", address)), 0.0)
+        assert status == 409 and "listed for subscriber C-1" in answer["error"], answer
+        status, answer = await operator_change(e, "noc", "C-3", True, "test", addresses=[address])
+        assert status == 409 and "C-1" in answer["error"], answer
+        assert "100.64.0.10" not in fake.view["mode4_32"] and not fake.view.get("mode6_56")
+        # C-1 itself may be restricted again, and then the address is an enforced holder's as before
+        status, _ = await handle_event(e, Event("r1", RESTRICTED, NOW + 1, "C-1", sub("C-1", "100.64.0.10")), 0.0)
+        assert status == 200 and "100.64.0.10" in fake.view["mode4_32"]
+        status, answer = await handle_event(e, Event("r4", RESTRICTED, NOW, "C-4", sub("C-4", "100.64.0.10")), 0.0)
+        assert status == 409 and "held by subscriber C-1" in answer["error"], answer
+
+
+async def test_a_subscriber_no_longer_listed_frees_its_address_for_others(tmp_path: Path) -> None:
+    from enforcer.events import PAYMENT
+    async with enforcer(tmp_path) as (e, fake):
+        assert (await handle_event(e, Event("p1", PAYMENT, NOW, "C-1"), 0.0))[0] == 200
+        await e.lists.on_list(ListUpdate([], "l.yaml", "2"))   # billing reassigned the address
+        status, answer = await handle_event(e, Event("r2", RESTRICTED, NOW, "C-2", sub("C-2", "100.64.0.10")), 0.0)
+        assert status == 200, answer
+        assert "100.64.0.10" in fake.view["mode4_32"]

@@ -158,19 +158,23 @@ async def test_order_survives_a_restart_after_a_step_back(tmp_path: Path) -> Non
 
 
 async def test_an_address_conflict_in_the_timer_does_not_stop_the_timers(tmp_path: Path) -> None:
-    """C-1 pays, billing restricts C-2 on C-1's old address, C-1's grace ends: C-1 cannot be
-    walled on an address C-2 holds. That is reported and retried; the timer task lives on and
-    still ends C-3's grace."""
+    """C-1 pays, billing restricts C-2 on an address no list names, then a list gives it to
+    C-1, C-1's grace ends: C-1 cannot be walled on an address C-2 holds. That is reported and
+    retried; the timer task lives on and still ends C-3's grace. (While C-1 was listed on it,
+    a restriction of C-2 there would have been a 409: the address is listed for C-1.)"""
     import asyncio
 
     clocks = Clocks()
     c3 = Subscriber("C-3", (parse_address("100.64.0.30"),), Mode.WALLED_GARDEN, "overdue")
     async with enforcer(tmp_path, clocks, listed=False) as (e, fake):
-        await e.lists.on_list(ListUpdate([SUB, c3], "l.yaml", "2"))
+        await e.lists.on_list(ListUpdate([c3], "l.yaml", "2"))
         await send(e, PAYMENT, NOW, "p1")
         await handle_event(e, Event("p3", PAYMENT, NOW, "C-3"), 0.0)
         c2 = Subscriber("C-2", (parse_address("100.64.0.10"),), Mode.NOTICE, "overdue")
         assert (await handle_event(e, Event("r2", RESTRICTED, NOW + 1, "C-2", c2), 0.0))[0] == 200
+        await e.lists.on_list(ListUpdate([SUB, c3], "l.yaml", "3"))
+        assert (await handle_event(e, Event("r2b", RESTRICTED, NOW + 2, "C-2", c2), 0.0))[0] == 200, \
+            "C-2 holds it: a holder keeps what it holds"
         stop = asyncio.Event()
         timers = asyncio.create_task(e.timers.run(stop))
         await asyncio.sleep(0.05)   # the timer is waiting for its next instant
