@@ -9,17 +9,21 @@ Request flow, outermost first:
    than 511 because that is what makes Android, Apple, Windows and Firefox offer "sign in to
    network". It must stay cheap: it answers every HTTP request of every restricted subscriber,
    so it is outermost and counts its own requests. It notes the URL asked for
-   (``original_urls``), so a notice subscriber who presses "Continue" goes back there, and
-   closes the connection: a browser must not keep a connection that is really to the portal
-   under another site's name once it is let out.
+   (``original_urls``, per device: address and ``User-Agent``), so a notice subscriber who
+   presses "Continue" goes back there, and closes the connection: a browser must not keep a
+   connection that is really to the portal under another site's name once it is let out.
+   Its requests may carry long URLs and headers (``HANDLER_ARGS``): a site's 8 KB cookie must
+   still get the ``302``, not aiohttp's plain ``400``.
 2. ``count_requests``: every other request lands in ``walled_garden_portal_requests_total{kind}``.
-3. ``portal_not_found``: the portal host, but no such page: a small HTML 404.
+3. ``portal_not_found``: the portal host, but no such page or a method the route does not take:
+   a small HTML 404 or 405.
 4. ``guard_posts``: every POST the portal answers is rate limited per address (429), must not
-   come from another origin and must carry a CSRF token issued to the same address in the
-   last hour (403).
+   come from another origin and must carry a CSRF token issued in the last hour to the same
+   IPv4 address or IPv6 /64, or to the subscriber the enforcer says the address is (403).
 5. The handlers: the page at ``portal.url``'s path, the RFC 8908 API at ``/api/captive``,
-   ``POST /continue`` for the notice interstitial and ``POST /promise`` for "I promise to pay".
-   Only these ask the enforcer.
+   ``POST /continue`` for the notice interstitial and ``POST /promise`` for "I promise to pay"
+   (a ``GET`` of either, as a browser sends from its address bar or history after the POST, is
+   sent to the page). Only these ask the enforcer.
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ CAPTIVE_API_PATH = "/api/captive"
 CAPTIVE_JSON = "application/captive+json"  # RFC 8908 §5
 #: A form post is two short fields; nothing the portal accepts is bigger.
 MAX_BODY = 16 * 1024
+#: aiohttp's parser limits for every request: a request line (URL) and a header line each up to
+#: 64 KiB instead of 8190 bytes, at most 128 headers (aiohttp's default). Redirected requests are
+#: whatever a subscriber's browser sends to any site (an 8 KB cookie, a 9000-character URL), and
+#: over the default limit aiohttp answers a plain ``400`` ("Got more than 8190 bytes") instead of
+#: our ``302``; the redirect reads no header but ``Host`` anyway. A request's headers still stay
+#: bounded (128 x 64 KiB).
+MAX_LINE = 64 * 1024
+HANDLER_ARGS = {"max_line_size": MAX_LINE, "max_field_size": MAX_LINE, "max_headers": 128}
 
 CONFIG_KEY = web.AppKey("config", Config)
 PORTAL_URL_KEY = web.AppKey("portal_url", PortalUrl)
@@ -94,7 +106,7 @@ def create_app(config: Config, client: LookupClient | None = None, *,
     portal = PortalUrl.parse(config.portal.url)
     metrics = PortalMetrics()
     urls = OriginalUrls()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[
+    app = web.Application(client_max_size=MAX_BODY, handler_args=HANDLER_ARGS, middlewares=[
         redirect_other_hosts(portal, urls, metrics), count_requests(metrics), portal_not_found, guard_posts])
     app[CONFIG_KEY] = config
     app[PORTAL_URL_KEY] = portal
@@ -120,6 +132,9 @@ def create_app(config: Config, client: LookupClient | None = None, *,
         app.router.add_get(CAPTIVE_API_PATH, captive_api)
     app.router.add_post(CONTINUE_PATH, continue_post)
     app.router.add_post(PROMISE_PATH, promise_post)
+    for action in (CONTINUE_PATH, PROMISE_PATH):
+        if action != portal.path:
+            app.router.add_get(action, to_the_page)  # HEAD too
     return app
 
 
@@ -179,7 +194,7 @@ def redirect_other_hosts(portal: PortalUrl, urls: OriginalUrls, metrics: PortalM
         if url is not None and not portal.names_host(host) and not _names_this_socket(request, host):
             address = caller_address(request)
             if address is not None:
-                urls.remember(address, url)
+                urls.remember(address, url, user_agent=request.headers.get(hdrs.USER_AGENT))
         response = web.Response(status=302, body=body, headers=headers)
         response.force_close()
         metrics.count(RequestKind.REDIRECT)
@@ -205,29 +220,39 @@ def _names_this_socket(request: web.Request, host: str | None) -> bool:
         return False
 
 
-_NOT_FOUND_BODY = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                   '<meta name="viewport" content="width=device-width, initial-scale=1">'
-                   '<title>Not found</title></head>\n<body><h1>Not found</h1>'
-                   '<p><a href="{home}">{home}</a></p></body></html>\n')
+_SMALL_PAGE = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+               '<meta name="viewport" content="width=device-width, initial-scale=1">'
+               '<title>{title}</title></head>\n<body><h1>{title}</h1>'
+               '<p><a href="{home}">{home}</a></p></body></html>\n')
 
 
 @web.middleware
 async def portal_not_found(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A small HTML 404 with a way back to the page, instead of aiohttp's plain-text one."""
+    """A small HTML 404, or 405 (with ``Allow``), with a way back to the page, instead of
+    aiohttp's plain-text ones: no-store and the CSP like every other answer of the portal."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        request[KIND_KEY] = RequestKind.NOT_FOUND
-        home = escape(request.app[PORTAL_URL_KEY].url)
-        return web.Response(status=404, text=_NOT_FOUND_BODY.format(home=home), content_type="text/html",
-                            headers={hdrs.CACHE_CONTROL: NO_STORE, **SECURITY_HEADERS})
+        return _small_page(request, 404, "Not found")
+    except web.HTTPMethodNotAllowed as exc:
+        return _small_page(request, 405, "Method not allowed",
+                           {hdrs.ALLOW: ",".join(sorted(exc.allowed_methods))})
+
+
+def _small_page(request: web.Request, status: int, title: str,
+                headers: dict[str, str] | None = None) -> web.Response:
+    request[KIND_KEY] = RequestKind.NOT_FOUND
+    home = escape(request.app[PORTAL_URL_KEY].url)
+    return web.Response(status=status, text=_SMALL_PAGE.format(title=title, home=home), content_type="text/html",
+                        headers={hdrs.CACHE_CONTROL: NO_STORE, **SECURITY_HEADERS, **(headers or {})})
 
 
 @web.middleware
 async def guard_posts(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Rate limit, then origin and CSRF token, for every POST that reaches a handler.
 
-    The limit comes first so that even a flood of forged posts costs one dict operation each.
+    The limit comes first so that even a flood of forged posts costs one dict operation each
+    beyond the limit (within it, a forged token naming a subscriber costs a lookup).
     """
     if request.method != hdrs.METH_POST or request.match_info.http_exception is not None:
         return await handler(request)
@@ -245,10 +270,26 @@ async def guard_posts(request: web.Request, handler: Handler) -> web.StreamRespo
     lang = form.get("lang") if form is not None else None
     language = request_language(request, lang if isinstance(lang, str) else None)
     token = form.get("csrf") if form is not None else None
-    if (address is None or not origin_allowed(request) or not isinstance(token, str)
-            or not request.app[CSRF_KEY].check(token, address)):
+    if address is None or not origin_allowed(request) or not isinstance(token, str) \
+            or not await token_valid(request, token, address):
         return _problem(request, "expired", 403, language)
     return await handler(request)
+
+
+async def token_valid(request: web.Request, token: str, address: str) -> bool:
+    """Was ``token`` issued to this caller: its IPv4 address or IPv6 /64, else (a page fetched
+    over the other address family) the subscriber the enforcer says ``address`` belongs to?
+
+    The lookup happens only for a token that names a subscriber and fails the address check,
+    after the rate limit: a flood of forged posts costs no lookups beyond the limit.
+    """
+    tokens = request.app[CSRF_KEY]
+    if tokens.check(token, address):
+        return True
+    if not tokens.names_subscriber(token):
+        return False
+    lookup = await lookup_caller(request)
+    return lookup is not None and bool(lookup.subscriber) and tokens.check(token, address, lookup.subscriber)
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -266,6 +307,19 @@ def origin_allowed(request: web.Request) -> bool:
 
 
 # --- handlers --------------------------------------------------------------------------------
+
+async def to_the_page(request: web.Request) -> web.Response:
+    """``GET`` (or ``HEAD``) of a form's action: ``303`` to ``portal.url``, which shows where the
+    caller stands.
+
+    After "Continue" or "I promise to pay" the address bar shows ``/continue`` or ``/promise``;
+    Enter there, the history, or a restored session sends a ``GET``, which must neither act nor
+    be a bare error. Nothing is asked or changed here.
+    """
+    request[KIND_KEY] = RequestKind.NOT_FOUND
+    return web.Response(status=303, headers={hdrs.LOCATION: request.app[PORTAL_URL_KEY].url,
+                                             hdrs.CACHE_CONTROL: NO_STORE, **SECURITY_HEADERS})
+
 
 async def portal_page(request: web.Request) -> web.Response:
     """The page, in the caller's language; never an error page, even without the enforcer."""
@@ -314,7 +368,7 @@ async def continue_post(request: web.Request) -> web.StreamResponse:
     """"Continue to the internet": acknowledge the notice, then back to where they were going.
 
     ``guard_posts`` has checked rate, origin and token. The only places this redirects to are
-    the URL this address asked for when it was redirected here, and the portal page. A caller
+    the URL this device asked for when it was redirected here, and the portal page. A caller
     who is free by the time they press (a payment or a promise in between) goes there too,
     whatever the enforcer says about the acknowledgement: there is nothing left to read.
     """
@@ -342,8 +396,9 @@ async def continue_post(request: web.Request) -> web.StreamResponse:
 
 
 def _continue_to(request: web.Request, address: str, language: str) -> web.Response:
-    """``303`` to the URL this address was redirected from, else to the portal page."""
-    location = request.app[URLS_KEY].pop(address)
+    """``303`` to the URL this device (address and ``User-Agent``) was redirected from, else to
+    the portal page: another device behind the same address never gets this one's URL."""
+    location = request.app[URLS_KEY].pop(address, user_agent=request.headers.get(hdrs.USER_AGENT))
     if location is None:
         # The portal page, which now says "carry on"; in the language picked on the page if
         # that is not what the browser's Accept-Language gives anyway.
@@ -451,14 +506,17 @@ def _caller_page(request: web.Request, lookup: Lookup | None, language: str, *, 
     """The page for this caller as the enforcer last described them (``lookup``).
 
     A caller who may browse (promised just now, free, or an acknowledged notice) gets a link back
-    to the page they were redirected from, if it was noted: kept, not handed out once, so a
-    reload shows it again.
+    to the page this device was redirected from, if it was noted: kept, not handed out once, so
+    a reload shows it again. The form token names the subscriber too when the lookup does, so a
+    POST over the other address family is honoured.
     """
     address = caller_address(request) or ""
-    token = request.app[CSRF_KEY].issue(address) if address else ""
+    subscriber = lookup.subscriber if lookup is not None else ""
+    token = request.app[CSRF_KEY].issue(address, subscriber) if address else ""
     now = request.app[CLOCK_KEY]()
     browsing = promised_until is not None or _free(lookup) or (lookup is not None and lookup.acknowledged(now))
-    back_to = (request.app[URLS_KEY].peek(address) or "") if browsing and address else ""
+    agent = request.headers.get(hdrs.USER_AGENT)
+    back_to = (request.app[URLS_KEY].peek(address, user_agent=agent) or "") if browsing and address else ""
     caller = Caller(lookup, language, address, token, now, note, promised_until, back_to)
     pages = request.app[PAGES_KEY]
     return _html(pages.caller_page(caller), pages.catalogue(language)[0], status, headers)

@@ -40,6 +40,10 @@ class Messages(TypedDict):
     title_active: str
     heading_active: str
     summary_active: str
+    # the enforcer could not be asked: neither restricted nor active, how to pay and whom to call
+    title_unknown: str
+    heading_unknown: str
+    summary_unknown: str
     # why: one sentence per reason category
     reason_overdue: str
     reason_suspended: str
@@ -67,7 +71,7 @@ class Messages(TypedDict):
     promise_not_needed: str
     # the enforcer did not see this address connect to the portal lately, so it will not act for it
     reload_needed: str
-    # on a page of a caller who may browse: a link back to the page they had asked for
+    # on a page of a caller who may browse: the text of a link back to the page they had asked for
     back_to_page: str
     title_promised: str
     heading_promised: str
@@ -102,6 +106,7 @@ MessageKey = Literal[
     "title_throttle", "heading_throttle", "summary_throttle",
     "title_acknowledged", "heading_acknowledged", "summary_acknowledged",
     "title_active", "heading_active", "summary_active",
+    "title_unknown", "heading_unknown", "summary_unknown",
     "reason_overdue", "reason_suspended", "reason_notice", "reason_fair_use", "reason_security",
     "reason_verification", "reason_other",
     "pay_heading", "pay_online", "pay_contact", "pay_restore",

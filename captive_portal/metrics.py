@@ -26,7 +26,7 @@ class RequestKind(str, enum.Enum):
     PROMISE = "promise"          # "I promise to pay" posted (made, or refused: 403/409)
     RATE_LIMITED = "rate_limited"  # a POST over portal.posts_per_minute: 429
     FORBIDDEN = "forbidden"      # a POST without a valid CSRF token or from another origin: 403
-    NOT_FOUND = "not_found"      # the portal host, but no such page (or method)
+    NOT_FOUND = "not_found"      # the portal host, but no such page or method (404, 405; 303 for GET /continue)
     ERROR = "error"              # we could not answer (5xx: exception, enforcer unavailable)
 
 

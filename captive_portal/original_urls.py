@@ -2,21 +2,32 @@
 
 When the gateway sends a subscriber's plain HTTP request here and we answer ``302`` to the
 portal, we first note the URL they asked for (``http://`` + Host + path and query, exactly
-as sent), keyed by their address: one per address, the latest wins, forgotten after 15
-minutes, at most 65536 in all (oldest dropped) and at most 8 addresses per IPv4 address or
-IPv6 /64, so one subscriber cannot push out everyone else's. No enforcer lookup is involved,
-so this costs a few dict operations on the redirect path.
+as sent), keyed by the device: its address and a hash of its ``User-Agent``. One per device,
+the latest wins, forgotten after 15 minutes, at most 65536 in all (oldest dropped) and at
+most 16 devices per IPv4 address or IPv6 /64, so one subscriber cannot push out everyone
+else's. No enforcer lookup is involved, so this costs a few dict operations and a short hash
+on the redirect path.
+
+Why the ``User-Agent``: behind one NAT'd IPv4 address a whole household (a clinic's waiting
+room, a block of flats) is one address. Keyed by address alone, the phone that pressed
+"Continue" after the laptop was redirected went to the laptop's page, query string and all
+(``/results?patient=...``). Devices differ in their ``User-Agent`` and one browser keeps
+its own between the redirect, the page and the button, so the URL goes back only to the
+device that asked; any other device finds nothing and goes to the portal page. Two devices
+with the very same ``User-Agent`` behind one address remain indistinguishable to us.
 
 Only plausible page loads are noted: GET requests for a well-formed host, not the operating
 systems' captive-portal probes (returning someone to ``/generate_204`` would show a blank
 page), not requests that ask for something other than HTML (``Accept`` without ``text/html``
 or ``*/*``: app APIs, images), not static assets by file extension. An over-long URL is
-replaced by the site's front page. The URL is only ever handed back to the address that
-asked for it, in a ``Location`` header, so it must be printable ASCII without spaces.
+replaced by the site's front page. The URL is only ever handed back to the device that
+asked for it, in a ``Location`` header or a link's target (never as text on the page), so it
+must be printable ASCII without spaces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import OrderedDict
@@ -27,8 +38,8 @@ from .ratelimit import bucket_key
 
 TTL = 15 * 60.0
 MAX_ENTRIES = 65536
-#: Addresses remembered per subscriber key (an IPv4 address, an IPv6 /64).
-PER_KEY = 8
+#: Devices remembered per subscriber key (an IPv4 address, an IPv6 /64).
+PER_KEY = 16
 MAX_URL = 1024
 
 #: Hosts that exist only to detect captive portals (Android, Apple, Windows, Firefox, Linux).
@@ -50,16 +61,24 @@ _PATH = re.compile(r"/[\x21-\x7e]*")
 _URL_SAFE = "/:@!$&'()*+,;=?%~-._[]#"
 
 
+def device_key(address: str, user_agent: str | None) -> str:
+    """The device a request came from, as far as we can tell: its address and a hash of its
+    ``User-Agent`` (none sent hashes like an empty one). The hash only keeps memory small and
+    the header out of memory; it is no secret."""
+    agent = (user_agent or "").encode("utf-8", "surrogatepass")
+    return f"{address} {hashlib.blake2b(agent, digest_size=8).hexdigest()}"
+
+
 class OriginalUrls:
-    """Remembered URLs, at most ``per_key`` addresses per subscriber key and ``max_entries`` in all.
+    """Remembered URLs, at most ``per_key`` devices per subscriber key and ``max_entries`` in all.
 
     The key is ``ratelimit.bucket_key``: the address for IPv4, its /64 for IPv6. One subscriber's
     devices pick IPv6 addresses from a whole /64 at will, so keyed by full address one /64 could
-    write thousands of entries and push everyone else's out. Within a key
-    each address keeps its own URL (two devices of one household go back to their own pages),
-    but a key holds at most ``per_key`` of them, its own oldest dropped first; the global bound
-    then only ever drops the least recently written keys' entries, and one key can never hold
-    more than ``per_key`` of the ``max_entries``.
+    write thousands of entries and push everyone else's out. Within a key each device (address
+    and ``User-Agent``, ``device_key``) keeps its own URL (two devices of one household go back
+    to their own pages, and never to each other's), but a key holds at most ``per_key`` of them,
+    its own oldest dropped first; the global bound then only ever drops the least recently
+    written keys' entries, and one key can never hold more than ``per_key`` of the ``max_entries``.
     """
 
     def __init__(self, *, ttl: float = TTL, max_entries: int = MAX_ENTRIES, per_key: int = PER_KEY,
@@ -70,19 +89,21 @@ class OriginalUrls:
         self.max_entries = max_entries
         self.per_key = per_key
         self.clock = clock
-        # key → (address → (noted at, url)); both levels in write order, oldest first.
+        # key → (device → (noted at, url)); both levels in write order, oldest first.
         self._keys: OrderedDict[str, OrderedDict[str, tuple[float, str]]] = OrderedDict()
         self._count = 0
 
-    def remember(self, address: str, url: str) -> None:
+    def remember(self, address: str, url: str, *, user_agent: str | None) -> None:
+        """Note ``url`` for the device at ``address`` with this ``User-Agent`` (None: none sent)."""
         now = self.clock()
         key = bucket_key(address)
+        device = device_key(address, user_agent)
         entries = self._keys.pop(key, None)
         if entries is None:
             entries = OrderedDict()
-        elif entries.pop(address, None) is not None:
+        elif entries.pop(device, None) is not None:
             self._count -= 1
-        entries[address] = (now, url)
+        entries[device] = (now, url)
         self._count += 1
         while len(entries) > self.per_key:  # this subscriber's own oldest
             entries.popitem(last=False)
@@ -105,19 +126,19 @@ class OriginalUrls:
             if not entries:
                 del self._keys[key]
 
-    def peek(self, address: str) -> str | None:
-        """The URL noted for ``address`` within the TTL, kept (the page shows it as a link)."""
+    def peek(self, address: str, *, user_agent: str | None) -> str | None:
+        """The URL noted for this device within the TTL, kept (the page links to it)."""
         entries = self._keys.get(bucket_key(address))
-        entry = entries.get(address) if entries is not None else None
+        entry = entries.get(device_key(address, user_agent)) if entries is not None else None
         if entry is None or self.clock() - entry[0] >= self.ttl:
             return None
         return entry[1]
 
-    def pop(self, address: str) -> str | None:
-        """The URL noted for ``address`` within the TTL, forgotten as it is handed out."""
+    def pop(self, address: str, *, user_agent: str | None) -> str | None:
+        """The URL noted for this device within the TTL, forgotten as it is handed out."""
         key = bucket_key(address)
         entries = self._keys.get(key)
-        entry = entries.pop(address, None) if entries is not None else None
+        entry = entries.pop(device_key(address, user_agent), None) if entries is not None else None
         if entry is None:
             return None
         self._count -= 1

@@ -1,12 +1,18 @@
 """The portal page, in every state a caller can be in, and the small problem pages.
 
-States: ``restricted`` (walled garden, or the enforcer could not be asked), ``notice`` and
-``throttle`` (an interstitial with "Continue to the internet"), ``acknowledged`` (the notice
-was read: carry on), ``active`` (not restricted at all), ``promised`` (the subscriber has just
-promised to pay: service is back until a date), and ``problem`` (a form that expired, too many
-attempts). Any restricted state may also offer "I promise to pay", when the enforcer says so.
-The states in which the caller may browse (``acknowledged``, ``active``, ``promised``) link back
-to the page they had asked for when it was redirected here, if the portal noted it.
+States: ``restricted`` (walled garden), ``notice`` and ``throttle`` (an interstitial with
+"Continue to the internet"), ``acknowledged`` (the notice was read: carry on), ``active`` (not
+restricted at all), ``unknown`` (the enforcer could not be asked), ``promised`` (the subscriber
+has just promised to pay: service is back until a date), and ``problem`` (a form that expired,
+too many attempts). Any restricted state may also offer "I promise to pay", when the enforcer
+says so. The states in which the caller may browse (``acknowledged``, ``active``, ``promised``)
+link back to the page they had asked for when it was redirected here, if the portal noted it
+for this very device; the link's text is a fixed sentence, never the URL, since whoever holds
+the device next (or looks over a shoulder) need not learn where it was going.
+
+``unknown`` claims neither "restricted" nor "active": while the enforcer is down or restarting
+every caller gets it, paying customers included, so it says only that the account cannot be
+checked now and, for a service that does not work, how to pay and whom to call.
 
 The page is self-contained (inline CSS and an inlined logo; no scripts, fonts or other
 requests) because a restricted subscriber cannot fetch anything outside the walled garden,
@@ -44,8 +50,6 @@ _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 CONTINUE_PATH = "/continue"
 #: Where the "I promise to pay" form posts to.
 PROMISE_PATH = "/promise"
-#: The text (not the target) of the link back to a remembered page is cut to this many characters.
-MAX_LINK_TEXT = 80
 
 
 class Markup(str):
@@ -105,7 +109,7 @@ class Caller:
     now: float = 0.0            # unix time, for "is the acknowledgement still in force"
     note: MessageKey | None = None  # one sentence above everything (after "continue" went wrong)
     promised_until: float | None = None  # set: the caller has just promised to pay (unix time it lasts)
-    back_to: str = ""           # the page this caller had asked for, linked once they may browse
+    back_to: str = ""           # the page this device had asked for, linked (not shown) once they may browse
 
 
 @dataclass(frozen=True)
@@ -179,21 +183,23 @@ class Pages:
                            self._contact(m, None), self._account(m, caller))
             return self._render(lang, m, "promised", m["title_promised"], m["heading_promised"], summary, details,
                                 template)
-        if lookup is not None and not lookup.restricted:
+        if lookup is None:  # the enforcer could not be asked: no claim either way
+            state = "unknown"
+            details = join(note, self._payment(m, restore=False, fallback=False), self._contact(m, None),
+                           self._account(m, caller))
+        elif not lookup.restricted:
             state = "active"
             details = join(note, self._back(m, caller.back_to), self._contact(m, None), self._account(m, caller))
         else:
-            if lookup is None:
-                state = "restricted"
-            elif lookup.acknowledged(caller.now):
+            if lookup.acknowledged(caller.now):
                 state = "acknowledged"
             elif lookup.in_notice:
                 state = lookup.mode  # notice | throttle
             else:
                 state = "restricted"
             form = self._continue(m, lang, caller.token) if state in ("notice", "throttle") else Markup()
-            offer = lookup.promise if lookup is not None else None
-            promise = self._promise(m, lang, caller.token, offer) if offer and offer.eligible else Markup()
+            offer = lookup.promise
+            promise = self._promise(m, lang, caller.token, offer) if offer.eligible else Markup()
             back = self._back(m, caller.back_to) if state == "acknowledged" else Markup()
             details = join(note, back, self._reason(m, lookup), self._payment(m), form, promise,
                            self._contact(m, lookup), self._account(m, caller))
@@ -230,27 +236,32 @@ class Pages:
         return element("nav", element("ul", join(*items)), aria_label=m["language_label"])
 
     def _back(self, m: Messages, url: str) -> Markup:
-        """"Continue to the page you asked for: <link>", for a caller who may browse again.
+        """A link "Continue to the page you asked for", for a caller who may browse again.
 
-        ``url`` is what ``original_urls`` noted for this very caller (an ``http://`` URL of
-        printable ASCII); anything else is not linked. Long URLs are shortened in the text only.
+        ``url`` is what ``original_urls`` noted for this very device (an ``http://`` URL of
+        printable ASCII); anything else is not linked. The URL is the link's target only, never
+        its text: a page on screen must not tell anyone else where this device was going.
         """
         if not url or not _is_web_url(url):
             return Markup()
-        text = url if len(url) <= MAX_LINK_TEXT else url[:MAX_LINK_TEXT - 1] + "…"
-        return join("\n", element("p", join(m["back_to_page"], " ", element("a", text, href=url)), class_="back"))
+        return join("\n", element("p", element("a", m["back_to_page"], href=url), class_="back"))
 
     def _reason(self, m: Messages, lookup: Lookup | None) -> Markup:
         if lookup is None:
             return Markup()
         return join("\n", element("p", m[reason_key(lookup.reason)], class_="reason"))
 
-    def _payment(self, m: Messages, restore: bool = True) -> Markup:
-        parts: list[str] = ["\n", element("h2", m["pay_heading"])]
+    def _payment(self, m: Messages, restore: bool = True, fallback: bool = True) -> Markup:
+        """How to pay: the payment links, the website; ``restore`` adds "service returns once paid",
+        ``fallback`` "contact your provider to settle your account" when there is nothing to link
+        (both claim the account needs paying, which the ``unknown`` page must not)."""
         links = [link for link in self.payment_links if _is_web_url(link.url)]
+        website = self.provider.website.strip()
+        if not fallback and not links and not website:
+            return Markup()
+        parts: list[str] = ["\n", element("h2", m["pay_heading"])]
         if links:
             parts += ["\n", element("ul", join(*(_payment_link(link) for link in links)), class_="pay")]
-        website = self.provider.website.strip()
         if _is_web_url(website):
             parts += ["\n", element("p", join(m["pay_online"], " ", element("a", website, href=website)))]
         elif website:  # not a URL we dare to link (config checks it, texts may not): show as text
@@ -374,7 +385,8 @@ def largest_page(config: Config) -> tuple[str, int]:
         lookup = Lookup("203.0.113.255", True, "notice", reason, "WG-XXXX-XXXX", "X" * 24,
                         promise=PromiseOffer(True, "eligible", 30 * 86400.0))
         for language in pages.messages:
-            caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "f" * 8 + "." + "x" * 43,
+            token = "f" * 8 + ("." + "x" * 43) * 2   # a token naming the subscriber: two MACs
+            caller = Caller(lookup, language, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", token,
                             note="promise_refused_soon")
             size = len(pages.caller_page(caller).encode())
             where = language if reason == "verification" else f"{language}, reason {reason}"

@@ -157,6 +157,8 @@ class PortalServer:
 
     async def _runner(self, app: web.Application, shutdown_timeout: float) -> web.AppRunner:
         # No access log: it would record every subscriber's browsing while restricted, at volume.
+        # The parser's size limits travel with the app (app.HANDLER_ARGS), so a redirected
+        # request with an 8 KB cookie or a long URL still gets its 302 here and in tests alike.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
         await runner.setup()
         self._runners.append(runner)

@@ -267,14 +267,15 @@ async def test_active_page_when_not_restricted(config: Config) -> None:
 
 
 @pytest.mark.asyncio
-async def test_lookup_failure_still_shows_the_restricted_page_without_reason(config: Config) -> None:
+async def test_lookup_failure_still_shows_a_page_without_reason(config: Config) -> None:
+    """A page (200) with how to pay and whom to call; what it claims: test_portal_unavailable."""
     async with portal(config, FakeEnforcer(None)) as client:
         response = await client.get("/", headers=on_portal())
         assert response.status == 200
         page = await response.text()
         assert client.app[REGISTRY_KEY].get_sample_value("walled_garden_portal_lookup_failures_total") == 1
         assert requests_total(client, "page") == 1
-    assert "Your internet service is restricted" in page
+    assert f"<h1>{EN['heading_unknown']}</h1>" in page
     assert "Why:" not in page and "<code>" not in page and "<form" not in page
     assert f'href="{WEBSITE}"' in page
 
@@ -419,7 +420,7 @@ def test_every_language_renders_every_state(config: Config, language: str) -> No
     for lookup, heading in ((OVERDUE, "heading_restricted"), (FREE, "heading_active"),
                             (NOTICE, "heading_notice"), (replace(NOTICE, mode="throttle"), "heading_throttle"),
                             (replace(NOTICE, ack_until=time.time() + 60), "heading_acknowledged"),
-                            (None, "heading_restricted")):
+                            (None, "heading_unknown")):
         page = render_page(lookup, config.portal.provider, language)
         assert f'<html lang="{language}">' in page
         assert f"<h1>{m[heading]}</h1>" in page, (language, heading)  # type: ignore[literal-required]

@@ -130,10 +130,10 @@ async def test_continue_without_a_remembered_url_goes_to_the_portal_in_the_chose
 @pytest.mark.asyncio
 async def test_one_address_cannot_use_anothers_remembered_url(config: Config) -> None:
     async with portal(config, FakeEnforcer(NOTICE)) as client:
-        client.app[URLS_KEY].remember("100.64.0.99", "http://other.example/private")
+        client.app[URLS_KEY].remember("100.64.0.99", "http://other.example/private", user_agent=None)
         response = await post_continue(client, await notice_form(client))
         assert response.headers["Location"] == PORTAL_URL
-        assert client.app[URLS_KEY].pop("100.64.0.99") == "http://other.example/private"
+        assert client.app[URLS_KEY].pop("100.64.0.99", user_agent=None) == "http://other.example/private"
 
 
 @pytest.mark.asyncio
@@ -271,22 +271,24 @@ def test_token_bucket_refills_and_stays_bounded() -> None:
 
 # --- remembering where they were going ------------------------------------------------------------
 
-def test_original_urls_one_per_address_with_ttl_and_bounded() -> None:
+def test_original_urls_one_per_device_with_ttl_and_bounded() -> None:
     now = [0.0]
     urls = OriginalUrls(ttl=900, max_entries=3, clock=lambda: now[0])
-    urls.remember("a", "http://x/1")
-    urls.remember("a", "http://x/2")
+    ua = "Mozilla/5.0 (test)"
+    urls.remember("a", "http://x/1", user_agent=ua)
+    urls.remember("a", "http://x/2", user_agent=ua)
     assert len(urls) == 1
     now[0] = 899
-    assert urls.pop("a") == "http://x/2" and urls.pop("a") is None
-    urls.remember("a", "http://x/3")
+    assert urls.pop("a", user_agent=ua) == "http://x/2" and urls.pop("a", user_agent=ua) is None
+    urls.remember("a", "http://x/3", user_agent=ua)
     now[0] += 900
-    assert urls.pop("a") is None  # expired
+    assert urls.pop("a", user_agent=ua) is None  # expired
     for name in "bcdef":
-        urls.remember(name, f"http://x/{name}")
-    assert len(urls) == 3 and urls.pop("b") is None and urls.pop("f") == "http://x/f"  # oldest dropped
+        urls.remember(name, f"http://x/{name}", user_agent=ua)
+    assert len(urls) == 3 and urls.pop("b", user_agent=ua) is None  # oldest dropped
+    assert urls.pop("f", user_agent=ua) == "http://x/f"
     now[0] += 901
-    urls.remember("g", "http://x/g")
+    urls.remember("g", "http://x/g", user_agent=ua)
     assert len(urls) == 1  # expired ones are swept as new ones come
 
 
@@ -314,10 +316,11 @@ def test_which_redirected_requests_are_remembered(method: str, headers: dict[str
 
 
 @pytest.mark.asyncio
-async def test_redirects_remember_the_url_keyed_by_the_callers_address(config: Config) -> None:
+async def test_redirects_remember_the_url_keyed_by_the_callers_address_and_user_agent(config: Config) -> None:
     async with portal(config, FakeEnforcer(NOTICE)) as client:
-        await visit(client, "http://example.org/path?q=1")
-        assert client.app[URLS_KEY].pop("127.0.0.1") == "http://example.org/path?q=1"
+        await visit(client, "http://example.org/path?q=1", **{"User-Agent": "Phone/1"})
+        assert client.app[URLS_KEY].peek("127.0.0.1", user_agent="Laptop/2") is None
+        assert client.app[URLS_KEY].pop("127.0.0.1", user_agent="Phone/1") == "http://example.org/path?q=1"
         response = await client.post("/form", headers={"Host": "example.org"}, allow_redirects=False)
         assert response.status == 302 and len(client.app[URLS_KEY]) == 0
 
@@ -326,7 +329,8 @@ async def test_redirects_remember_the_url_keyed_by_the_callers_address(config: C
 async def test_get_continue_is_not_an_action(config: Config) -> None:
     enforcer = FakeEnforcer(NOTICE)
     async with portal(config, enforcer) as client:
-        assert (await client.get("/continue", headers=on_portal())).status == 405
+        response = await client.get("/continue", headers=on_portal(), allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"] == PORTAL_URL  # to the page, no action
         # and the portal host is required: elsewhere it is just another redirected request
         response = await client.post("/continue", headers={"Host": "example.com"}, allow_redirects=False)
         assert response.status == 302
@@ -348,26 +352,30 @@ def test_one_ipv6_64_cannot_evict_another_subscribers_remembered_url() -> None:
     """Keyed per /64 and bounded per key, a /64 writing thousands of distinct
     addresses keeps at most ``per_key`` entries and pushes nobody else out."""
     urls = OriginalUrls(max_entries=64, per_key=4)
-    urls.remember("100.64.0.7", "http://victim.example/4")
-    urls.remember("2001:db8:aaaa:1::7", "http://victim.example/6")
+    ua = "Mozilla/5.0 (test)"
+    urls.remember("100.64.0.7", "http://victim.example/4", user_agent=ua)
+    urls.remember("2001:db8:aaaa:1::7", "http://victim.example/6", user_agent=ua)
     for i in range(5000):
-        urls.remember(f"2001:db8:bbbb:1::{i:x}", f"http://flood.example/{i}")
-    assert len(urls) == 2 + 4
-    assert urls.pop("100.64.0.7") == "http://victim.example/4"
-    assert urls.pop("2001:db8:aaaa:1::7") == "http://victim.example/6"
+        urls.remember(f"2001:db8:bbbb:1::{i:x}", f"http://flood.example/{i}", user_agent=ua)
+    for i in range(5000):  # nor by User-Agents of its own making behind one address
+        urls.remember("100.64.0.8", f"http://flood.example/{i}", user_agent=f"agent {i}")
+    assert len(urls) == 2 + 4 + 4
+    assert urls.pop("100.64.0.7", user_agent=ua) == "http://victim.example/4"
+    assert urls.pop("2001:db8:aaaa:1::7", user_agent=ua) == "http://victim.example/6"
     # Within its own /64 the flooder keeps its newest few, each address its own URL.
-    assert urls.peek("2001:db8:bbbb:1::1387") == "http://flood.example/4999"
-    assert urls.peek("2001:db8:bbbb:1::0") is None
+    assert urls.peek("2001:db8:bbbb:1::1387", user_agent=ua) == "http://flood.example/4999"
+    assert urls.peek("2001:db8:bbbb:1::0", user_agent=ua) is None
 
 
 def test_addresses_in_one_64_keep_their_own_urls() -> None:
     urls = OriginalUrls()
-    urls.remember("2001:db8:1:2::a", "http://a.example/")
-    urls.remember("2001:db8:1:2::b", "http://b.example/")
-    assert urls.peek("2001:db8:1:2::a") == "http://a.example/"  # peek keeps it
-    assert urls.pop("2001:db8:1:2::a") == "http://a.example/"
-    assert urls.pop("2001:db8:1:2::a") is None and urls.pop("2001:db8:1:2::c") is None
-    assert urls.pop("2001:db8:1:2::b") == "http://b.example/" and len(urls) == 0
+    ua = "Mozilla/5.0 (test)"
+    urls.remember("2001:db8:1:2::a", "http://a.example/", user_agent=ua)
+    urls.remember("2001:db8:1:2::b", "http://b.example/", user_agent=ua)
+    assert urls.peek("2001:db8:1:2::a", user_agent=ua) == "http://a.example/"  # peek keeps it
+    assert urls.pop("2001:db8:1:2::a", user_agent=ua) == "http://a.example/"
+    assert urls.pop("2001:db8:1:2::a", user_agent=ua) is None and urls.pop("2001:db8:1:2::c", user_agent=ua) is None
+    assert urls.pop("2001:db8:1:2::b", user_agent=ua) == "http://b.example/" and len(urls) == 0
 
 
 def test_a_remembered_url_is_percent_encoded_where_a_url_may_not_hold_the_character() -> None:

@@ -150,8 +150,10 @@ async def exchange(portal: Portal, method: str, url: URL, headers: dict[str, str
         assert isinstance(answer["captive"], bool) and answer["user-portal-url"] == PORTAL_URL
     elif method == "HEAD" or status == 303:  # HEAD: no body; "Continue": a Location and nothing else
         assert not body
-    elif status not in (405, 413):  # aiohttp's own plain answers to a wrong method or an oversized body
+    elif status != 413:  # aiohttp's own plain answer to an oversized body
         assert status == 503 and content_type.split(";")[0] == "application/json", (status, content_type, body[:300])
+    if status == 405:  # a method the route does not take: the small HTML page, saying which it takes
+        assert content_type.startswith("text/html") and response.headers["Allow"], response.headers
     if status in (301, 302, 303, 307, 308):
         location = response.headers["Location"]
         assert location.startswith((PORTAL_URL, "http://")) and not any(c in location for c in " \r\n<>\"")
