@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from .config import Config, ConfigError, Reading, default_config_path, load_config, read_config
+from .config import ApiConfig, Config, ConfigError, Reading, default_config_path, read_config
 from .subscribers import Subscriber
 
 
+def _reading(args: argparse.Namespace) -> Reading:
+    return read_config(args.config or default_config_path())
+
+
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config or default_config_path())
+    """The whole config, valid, or ``ConfigError``: for the commands that run with it (``run``,
+    ``portal``, ``render``)."""
+    return _reading(args).valid()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon. Its state directory is made here first: one it cannot make (a read-only
+    file system, a directory it may not write) is a line naming ``state_dir``, not a traceback
+    from deep in the start."""
     from .service import run
-    return run(_config(args))
+
+    reading = _reading(args)
+    config = reading.valid()
+    try:
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        print(f"walled-garden: {reading.where('state_dir')}: {config.state_dir}: cannot create the state "
+              f"directory: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return run(config)
 
 
 def cmd_portal(args: argparse.Namespace) -> int:
@@ -45,15 +67,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = reading.config
     if config is not None:
         source = config.subscribers
+        where = reading.where("subscribers", "source")
         if source.source and source.is_url and not reading.refused_within("subscribers"):
-            listed, list_problems = _fetch_list(config)
+            listed, list_problems = _fetch_list(config, where)
             entries = None if listed is None else len(listed)
         elif source.source and not source.is_url and not reading.refused("subscribers", "source"):
-            listed, list_problems = _read_list(config)
+            listed, list_problems = _read_list(config, where)
             entries = None if listed is None else len(listed)
             unreadable = unreadable_without_override(source.source, _daemon_groups(config))
             if unreadable and listed is not None:
-                problems.append(unreadable)
+                problems.append(f"{where}: {unreadable}")
         problems += _secret_problems(reading, config)
         if not reading.refused_within("portal"):  # a default standing in could be misjudged
             from captive_portal.config_check import validate as validate_portal
@@ -91,32 +114,33 @@ LIST_PROBLEMS_SHOWN = 20
 
 
 def _secret_problems(reading: Reading, config: Config) -> list[str]:
-    """The inbound webhook secret, and the promise secret when promises go to billing."""
+    """The inbound webhook secret, the promise secret when promises go to billing, and the
+    RADIUS secrets' permissions; each problem named by its key and line, then the file."""
     from .api.webhooks import SecretError, load_webhook_secret
 
-    secrets = []
+    secrets: list[tuple[tuple[str, ...], str]] = []
     if not reading.refused("api", "webhook_secret_file"):
-        secrets.append(("api.webhook_secret_file", config.api.webhook_secret_file))
+        secrets.append((("api", "webhook_secret_file"), config.api.webhook_secret_file))
     promises = config.policy.promise_to_pay
     if promises.webhook_url and promises.webhook_secret_file and \
             not reading.refused("policy", "promise_to_pay", "webhook_secret_file"):
-        secrets.append(("policy.promise_to_pay.webhook_secret_file", promises.webhook_secret_file))
+        secrets.append((("policy", "promise_to_pay", "webhook_secret_file"), promises.webhook_secret_file))
     problems = []
     for i, source in enumerate(config.subscribers.sessions):
         if source.secret_file:   # the RADIUS secret: read by the config reader; here its permissions
             problem = secret_file_problem(source.secret_file, config.api.socket_group)
             if problem:
-                problems.append(f"{problem.replace('webhook secret', 'RADIUS secret')} "
-                                f"(subscribers.sessions[{i}].secret_file)")
+                problems.append(f"{reading.where('subscribers', 'sessions', i, 'secret_file')}: "
+                                f"{problem.replace('webhook secret', 'RADIUS secret')}")
     for key, path in secrets:
         try:
             load_webhook_secret(path)
         except SecretError as exc:
-            problems.append(str(exc))
+            problems.append(f"{reading.where(*key)}: {exc}")
             continue
         problem = secret_file_problem(path, config.api.socket_group)
         if problem:
-            problems.append(f"{problem} ({key})")
+            problems.append(f"{reading.where(*key)}: {problem}")
     return problems
 
 
@@ -259,8 +283,9 @@ def secret_file_problem(path: str, portal_group: str = "") -> str | None:
     return None
 
 
-def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
-    """The list file's entries, or None and the problems with it (file:line each); never raises."""
+def _read_list(config: Config, where: str = "subscribers.source") -> tuple[list[Subscriber] | None, list[str]]:
+    """The list file's entries, or None and the problems with it (file:line each; a file that
+    cannot be read at all behind ``where``, the key that names it); never raises."""
     from .address_space import AddressSpace
     from .sources import read_list_file
     from .subscribers import ListError
@@ -271,10 +296,10 @@ def _read_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
     except ListError as exc:
         return None, [str(i) for i in exc.issues] or [f"{source}: the subscriber list was refused"]
     except OSError as exc:
-        return None, [f"{source}: cannot read the subscriber list: {exc.strerror or exc}"]
+        return None, [f"{where}: {source}: cannot read the subscriber list: {exc.strerror or exc}"]
 
 
-def _fetch_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
+def _fetch_list(config: Config, where: str = "subscribers.source") -> tuple[list[Subscriber] | None, list[str]]:
     """``_read_list`` for a URL source: one fetch as the daemon polls it (its timeout, CA,
     client certificate and bearer token), so a list billing serves wrong, or a source out of
     reach, is an error here and not first at the daemon's poll."""
@@ -304,8 +329,8 @@ def _fetch_list(config: Config) -> tuple[list[Subscriber] | None, list[str]]:
     origin = redact_url(config.subscribers.source)
     ok = asyncio.run(fetch())   # every failure to fetch or parse is reported through ``on_failure``
     if not ok or failed:
-        return None, [f"subscribers.source: {f.message}" for f in failed] or [f"subscribers.source: {origin}: "
-                                                                              "the subscriber list was refused"]
+        refused = f"{where}: {origin}: the subscriber list was refused"
+        return None, [f"{where}: {f.message}" for f in failed] or [refused]
     return got, []
 
 
@@ -332,14 +357,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .reconciler import Reconciler
     from .table_layout import base_layout
 
-    config = _config(args)
+    reading = _reading(args)
+    config = reading.valid()
     listed = {}
     if config.subscribers.is_url:
         from .sources import redact_url
         print(f"walled-garden: the subscriber list comes from {redact_url(config.subscribers.source)} and is "
               "fetched at run time: the subscriber sets below are empty", file=sys.stderr)
     else:
-        entries, problems = _read_list(config)
+        entries, problems = _read_list(config, reading.where("subscribers", "source"))
         if entries is None:
             print(f"walled-garden: cannot render: the subscriber list {config.subscribers.source} "
                   "is not usable:", file=sys.stderr)
@@ -360,6 +386,27 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_socket(args: argparse.Namespace) -> str:
+    """``api.socket``, read leniently: the commands that only talk to the daemon must work while
+    the file has a mistake the daemon refused at ``SIGHUP`` (it runs on with the config it had),
+    or an operator could not lift a paying customer until someone fixed a typo elsewhere. The
+    key's value when it reads as a path, else the default; with a one-line warning on stderr
+    when the file has errors. ``run``, ``check-config`` and ``render`` stay strict."""
+    known = getattr(args, "control_socket", None)
+    if isinstance(known, str):
+        return known
+    reading = _reading(args)
+    if reading.config is not None and not reading.refused("api", "socket"):
+        socket = reading.config.api.socket
+    else:
+        socket = ApiConfig.socket
+    if reading.issues:
+        print(f"walled-garden: warning: the config file {reading.path} currently has {len(reading.issues)} error(s) "
+              f"(walled-garden check-config names them); asking the daemon on {socket}", file=sys.stderr)
+    args.control_socket = socket
+    return socket
+
+
 def _ask(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One request to the daemon; prints the answer itself for ``--json``.
 
@@ -369,7 +416,7 @@ def _ask(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     from .control import ControlError, request
 
     try:
-        answer = request(_config(args).api.socket, method, path, body)
+        answer = request(_control_socket(args), method, path, body)
     except ControlError as exc:
         print(f"walled-garden: {exc}", file=sys.stderr)
         return 1
@@ -574,14 +621,27 @@ def _clash_text(clash: dict[str, Any]) -> str:
     return f"{mine} held by {clash.get('holder')}"
 
 
+def explain_query(text: str) -> str:
+    """What the daemon's ``explain`` is asked for ``text``: a prefix as the list writes it
+    (``100.64.0.11/32``, ``2001:db8:10:100::/56``, copied from the list) is asked as its network
+    address, which lies in the prefix and so in whichever entry holds it; anything else as given."""
+    text = text.strip()
+    if "/" not in text:
+        return text
+    try:
+        return str(ipaddress.ip_network(text, strict=False).network_address)
+    except ValueError:
+        return text
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    answer = _ask(args, "GET", f"/v1/explain?q={quote(args.query)}")
+    answer = _ask(args, "GET", f"/v1/explain?q={quote(explain_query(args.query))}")
     if isinstance(answer, int):
         return answer
     if not answer["found"]:
-        print(f"{answer['query']}: not restricted ({answer['why']})")
+        print(f"{args.query.strip() or answer['query']}: not restricted ({answer['why']})")
         return 0
     now = time.time()
     print(f"{answer['subscriber']} [{answer['reference']}]: {_explain_state(answer)}")
@@ -629,9 +689,39 @@ def _control(args: argparse.Namespace, path: str, body: dict[str, Any]) -> int:
     if "mode" in answer:
         print(f"{answer.get('subscriber', body.get('subscriber'))}: now {answer['mode']} ({answer.get('cause', '')}); "
               f"{answer.get('connections_flushed') or 0} connection(s) flushed")
+    elif "approved" in answer or "rejected" in answer:
+        print(verdict_text(answer))
     else:
         print(", ".join(f"{k}: {v}" for k, v in answer.items()))
     return 0
+
+
+def verdict_text(answer: dict[str, Any]) -> str:
+    """``approve``/``reject`` as a sentence (the daemon's answer: ``{approved, restricting,
+    lifting, origin}``, ``{rejected, origin, note}``, or in a fleet ``{approved|rejected,
+    digest, note}`` for a list this gateway does not hold)."""
+    origin = f" from {answer['origin']}" if answer.get("origin") else ""
+    if answer.get("approved"):
+        if "restricting" in answer or "lifting" in answer:
+            return (f"approved: the held list{origin} is now in force; it restricted {answer.get('restricting', 0)} "
+                    f"and lifted {answer.get('lifting', 0)} subscriber(s)")
+        return f"approved: {answer.get('note') or 'recorded'}"
+    note = f"; {answer['note']}" if answer.get("note") else ""
+    return f"rejected: the held list{origin} is dropped{note}"
+
+
+def _was_restricted(before: dict[str, Any] | None, answer: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a lifted subscriber was restricted before the lift, and why not. The daemon's
+    answer says so when it carries ``was`` (the mode before); else what ``explain`` said just
+    before (None when it could not be asked: assumed restricted, the plain answer is printed)."""
+    if "was" in answer:
+        return answer["was"] != "free", "it was free"
+    if before is None:
+        return True, ""
+    if not before.get("found"):
+        return False, str(before.get("why") or "not known to this gateway")
+    restricted = bool(before.get("restricted")) or before.get("enforced_in_kernel", "free") != "free"
+    return restricted, str(before.get("why") or "")
 
 
 def cmd_restrict(args: argparse.Namespace) -> int:
@@ -642,7 +732,30 @@ def cmd_restrict(args: argparse.Namespace) -> int:
 
 
 def cmd_lift(args: argparse.Namespace) -> int:
-    return _control(args, "/v1/lift", {"subscriber": args.id, "reason": args.reason})
+    """Lift now. The daemon answers a lift of someone it never restricted as it answers any
+    lift (``now free``), which read as if something had changed: the text says so instead."""
+    from urllib.parse import quote
+
+    from .control import ControlError, request
+
+    if args.json:
+        return _control(args, "/v1/lift", {"subscriber": args.id, "reason": args.reason})
+    before = None
+    try:
+        before = request(_control_socket(args), "GET", f"/v1/explain?q={quote(args.id)}")
+    except (ControlError, ValueError):
+        pass   # the lift itself says why the daemon cannot be asked
+    answer = _ask(args, "POST", "/v1/lift", {"subscriber": args.id, "reason": args.reason})
+    if isinstance(answer, int):
+        return answer
+    restricted, why = _was_restricted(before if isinstance(before, dict) else None, answer)
+    sid = answer.get("subscriber", args.id)
+    if restricted:
+        print(f"{sid}: now {answer.get('mode', 'free')} ({answer.get('cause', '')}); "
+              f"{answer.get('connections_flushed') or 0} connection(s) flushed")
+    else:
+        print(f"{sid}: was not restricted ({why}); nothing to lift (the lift is recorded: {answer.get('cause', '')})")
+    return 0
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -681,7 +794,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
     from .audit import format_entry
-    query = {k: v for k, v in (("subscriber", args.id), ("since", args.since), ("limit", args.limit)) if v}
+    since: Since | None = args.since
+    query = {k: v for k, v in (("subscriber", args.id), ("since", since.instant if since else None),
+                               ("limit", args.limit)) if v}
     answer = _ask(args, "GET", "/v1/audit?" + urlencode(query))
     if isinstance(answer, int):
         return answer
@@ -689,8 +804,57 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(format_entry(entry))
     if not answer["entries"]:
         print("no audit entries" + (f" for {args.id}" if args.id else "")
-              + (f" since {args.since}" if args.since else ""))
+              + (f" since {since.given} ({since.instant})" if since else ""))
     return 0
+
+
+class Since(NamedTuple):
+    """``audit --since``: what the operator typed, and the RFC 3339 UTC instant sent to the daemon."""
+
+    given: str
+    instant: str
+
+
+_SPAN = re.compile(r"(\d{1,9})\s*(s|m|h|d|w)")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def since_argument(text: str, now: float | None = None) -> Since:
+    """``--since``: a date is the start of that day (UTC: the audit prints UTC), so
+    ``--since 2026-12-01`` includes all of that day; an RFC 3339 time as given (without a zone:
+    UTC); a span (``30m``, ``1h``, ``2d``, ``1w``) that long before now. The daemon is sent an
+    RFC 3339 time with ``Z``, which it reads as is (a bare date it would read as the *end* of
+    the day, an exemption's meaning)."""
+    given = text.strip()
+    try:
+        span = _SPAN.fullmatch(given)
+        if span:
+            moment = datetime.fromtimestamp(time.time() if now is None else now, UTC) \
+                - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
+        else:
+            try:
+                moment = datetime.combine(date.fromisoformat(given), datetime.min.time(), UTC)
+            except ValueError:
+                moment = datetime.fromisoformat(given)
+                moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (2026-12-01: from the start of that day, UTC), "
+                                         "an RFC 3339 time (2026-12-01T08:00:00Z) or a span such as 30m, 1h, "
+                                         "2d") from None
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of the range of dates") from None
+    return Since(given, moment.isoformat().replace("+00:00", "Z"))
+
+
+def positive_int(text: str) -> int:
+    """``--limit``: a whole number of at least 1 (0 or less would ask for nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -737,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     explain = add("explain", cmd_explain, "why a subscriber, address or portal reference code is (not) restricted")
     explain.add_argument("query", metavar="ID-or-ADDRESS-or-REFERENCE",
-                         help="a subscriber id, an address, or a portal reference code (WG-XXXX-XXXX)")
+                         help="a subscriber id, an address or prefix, or a portal reference code (WG-XXXX-XXXX)")
     explain.add_argument("--json", action="store_true", help=JSON_HELP)
     restrict = add("restrict", cmd_restrict, "restrict a subscriber now (audited)")
     restrict.add_argument("id")
@@ -772,8 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_argument("--json", action="store_true", help=JSON_HELP)
     audit = add("audit", cmd_audit, "the audit log: every change of a subscriber's state and its cause")
     audit.add_argument("id", nargs="?", help="one subscriber (default: all)")
-    audit.add_argument("--since", help="a date or RFC 3339 time")
-    audit.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
+    audit.add_argument("--since", type=since_argument, help="a date (from the start of that day, UTC), an RFC 3339 "
+                                                            "time, or a span back from now: 30m, 1h, 2d")
+    audit.add_argument("--limit", type=positive_int, default=200, help="newest N entries (default 200)")
     audit.add_argument("--json", action="store_true", help=JSON_HELP)
     fleet = add("fleet", cmd_fleet, "the fleet: each gateway's applied stream sequence, lag and last heartbeat")
     fleet.add_argument("action", choices=["status"])
@@ -783,10 +948,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status when stdout was closed early (``status | head -1``): 128 + SIGPIPE, as a
+#: command the signal had ended would have.
+BROKEN_PIPE = 141
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit finds nowhere to fail
+    (it would print ``Exception ignored ... BrokenPipeError``)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # not a real file (a test's capture)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()   # here, where a reader that went away is ours to handle
+        return code
+    except BrokenPipeError:
+        _stdout_gone()
+        return BROKEN_PIPE
     except ConfigError as exc:
         print(f"walled-garden: invalid configuration:\n{exc}", file=sys.stderr)
         return 1

@@ -19,6 +19,18 @@ ConfigIssue = Issue  # location is "key.path (file:line)"
 KeyPath = tuple[str | int, ...]
 
 
+def dotted(path: KeyPath) -> str:
+    """``subscribers.sessions[1].listen``: a key path as the documentation writes it."""
+    return ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path).replace(".[", "[")
+
+
+def where(located: yamlsource.Located | None, filename: str, path: KeyPath) -> str:
+    """``portal.url (config.yaml:7)``: the key path and the line of its closest known ancestor."""
+    line = located.line(path) if located is not None else None
+    location = f"{filename}:{line}" if line else filename
+    return f"{dotted(path) or '(top level)'} ({location})"
+
+
 class KeyReader:
     """Walks the raw mapping, records issues with key path and line, returns typed values."""
 
@@ -30,14 +42,20 @@ class KeyReader:
         self.refused: set[KeyPath] = set()
 
     def where(self, path: KeyPath) -> str:
-        dotted = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path).replace(".[", "[")
-        line = self.located.line(path)
-        location = f"{self.filename}:{line}" if line else self.filename
-        return f"{dotted or '(top level)'} ({location})"
+        return where(self.located, self.filename, path)
+
+    def given(self, path: KeyPath) -> bool:
+        """Whether the file itself names the key (not a default standing in)."""
+        return path in self.located.lines
 
     def fail(self, path: KeyPath, message: str) -> None:
         self.issues.append(ConfigIssue(self.where(path), message))
         self.refused.add(path)
+
+    def flag(self, path: KeyPath, message: str) -> None:
+        """An error about keys whose values are each valid but do not go together (two listeners
+        on one address): named, but no value is refused, so the checks that use them still run."""
+        self.issues.append(ConfigIssue(self.where(path), message))
 
     def section(self, raw: Any, path: KeyPath, known: set[str]) -> dict[str, Any]:
         if raw is None:

@@ -10,13 +10,13 @@ refused, so the checks that need the config (list, secrets, branding) run in the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import yamlsource
 from ..issues import IssuesError
 from . import sections, values
-from .keys import ConfigIssue, KeyPath, KeyReader
+from .keys import ConfigIssue, KeyPath, KeyReader, where
 from .schema import Config
 
 DEFAULT_PATH = "/etc/walled-garden/config.yaml"
@@ -41,6 +41,12 @@ class Reading:
     config: Config | None
     issues: tuple[ConfigIssue, ...]
     refused_paths: frozenset[KeyPath] = frozenset()
+    #: The keys' lines, for naming a key in a problem found after reading (``where``).
+    located: yamlsource.Located | None = field(default=None, compare=False, repr=False)
+
+    def where(self, *path: str | int) -> str:
+        """``api.webhook_secret_file (config.yaml:12)``: a key as check-config names it."""
+        return where(self.located, self.path, path)
 
     def refused(self, *path: str | int) -> bool:
         """True if the value at ``path``, or a section holding it, was refused."""
@@ -90,7 +96,7 @@ def read_text(text: str, path: str = "config.yaml") -> Reading:
     top = r.section(located.data, (), sections.TOP_LEVEL)
     if located.data is None:
         r.fail((), "the file is empty")
-    state_dir = r.get(top, ("state_dir",), values.string, "/var/lib/walled-garden")
+    state_dir = r.get(top, ("state_dir",), values.at_config(path, values.directory_to_be), "/var/lib/walled-garden")
     subscribers = sections.subscribers(r, top, path)
     gateway = sections.gateway(r, top)
     garden = sections.walled_garden(r, top)
@@ -101,7 +107,8 @@ def read_text(text: str, path: str = "config.yaml") -> Reading:
     fleet = sections.fleet(r, top)
     sections.separate_secrets(r, api, policy)
     sections.forwarder_port(r, garden, portal, api, metrics)
+    sections.distinct_listeners(r, subscribers, portal, api, metrics)
     sections.backend_support(r, gateway, garden, policy)
     config = Config(path=path, state_dir=state_dir, subscribers=subscribers, gateway=gateway,
                     walled_garden=garden, portal=portal, api=api, metrics=metrics, policy=policy, fleet=fleet)
-    return Reading(path, config, tuple(r.issues), frozenset(r.refused))
+    return Reading(path, config, tuple(r.issues), frozenset(r.refused), located)

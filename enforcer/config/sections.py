@@ -13,7 +13,6 @@ import itertools
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..address_space import special_use_problem
@@ -22,7 +21,7 @@ from ..model import DEFAULT_THROTTLE_RATE, SEVERITY, EscalationStep, Network, de
 from ..promises import PromiseRules
 from ..windows import HolidayError, Windows, check_zone, load_holidays, parse_days, parse_hours
 from . import values
-from .keys import KeyReader
+from .keys import KeyReader, dotted
 from .schema import (
     BACKENDS,
     IPSET_MIN_THROTTLE_RATE,
@@ -61,8 +60,8 @@ def subscribers(r: KeyReader, top: dict[str, Any], config_path: str) -> Subscrib
     source = r.get(raw, ("subscribers", "source"), values.string, "")
     if source.startswith(("http://", "https://")):
         r.get(raw, ("subscribers", "source"), values.http_url, "")
-    elif source and not source.startswith("/"):
-        source = str((Path(config_path).parent / source).resolve())
+    elif source:
+        source = values.relative_to(config_path, source)
     sub = ("subscribers",)
     guard_raw = r.section(raw.get("guard"), sub + ("guard",), set(Guard.__dataclass_fields__))
     guard = Guard(
@@ -72,7 +71,7 @@ def subscribers(r: KeyReader, top: dict[str, Any], config_path: str) -> Subscrib
         max_lift=r.get(guard_raw, sub + ("guard", "max_lift"), values.positive_int, Guard.max_lift),
         max_lift_share=r.get(guard_raw, sub + ("guard", "max_lift_share"), values.share, Guard.max_lift_share),
     )
-    files = {key: r.get(raw, sub + (key,), values.readable_file, "")
+    files = {key: r.get(raw, sub + (key,), values.at_config(config_path, values.readable_file), "")
              for key in ("bearer_token_file", "client_cert", "client_key", "ca_file")}
     if any(files.values()) and not source.startswith(("http://", "https://")):
         r.fail(sub, "bearer_token_file, client_cert, client_key and ca_file apply only to an http(s) source")
@@ -114,15 +113,13 @@ def _sessions(r: KeyReader, value: Any, config_path: str) -> tuple[SessionSource
                     r.fail(path + (key,), "required for a radius source")
             out.append(SessionSourceConfig(
                 kind, name, listen=r.get(raw, path + ("listen",), parse_listen, None),
-                secret_file=r.get(raw, path + ("secret_file",), values.secret_file, ""),
+                secret_file=r.get(raw, path + ("secret_file",), values.at_config(config_path, values.secret_file), ""),
                 clients=tuple(r.get(raw, path + ("clients",), values.networks, [])),
                 session_timeout=r.get(raw, path + ("session_timeout",), positive_duration, None)))
         else:
             if "path" not in raw:
                 r.fail(path + ("path",), f"required: the {kind} lease file")
-            file = r.get(raw, path + ("path",), values.string, "")
-            if file and not file.startswith("/"):
-                file = str((Path(config_path).parent / file).resolve())
+            file = r.get(raw, path + ("path",), values.at_config(config_path), "")
             out.append(SessionSourceConfig(kind, name, path=file,
                                            poll_interval=r.get(raw, path + ("poll_interval",), positive_duration,
                                                                0.25)))
@@ -368,12 +365,14 @@ def portal(r: KeyReader, top: dict[str, Any], config_path: str) -> PortalConfig:
             r.fail(base + ("tls",), f"missing {', '.join(missing)} (listen, cert and key are all needed)")
         else:
             tls = PortalTls(r.get(tls_raw, base + ("tls", "listen"), parse_listen, Listen("0.0.0.0", 8443)),
-                            r.get(tls_raw, base + ("tls", "cert"), values.readable_file, ""),
-                            r.get(tls_raw, base + ("tls", "key"), values.readable_file, ""))
+                            r.get(tls_raw, base + ("tls", "cert"), values.at_config(config_path, values.readable_file),
+                                  ""),
+                            r.get(tls_raw, base + ("tls", "key"), values.at_config(config_path, values.readable_file),
+                                  ""))
 
     branding_raw = r.section(raw.get("branding"), base + ("branding",), set(Branding.__dataclass_fields__))
     branding = Branding(
-        logo=r.get(branding_raw, base + ("branding", "logo"), values.logo, ""),
+        logo=r.get(branding_raw, base + ("branding", "logo"), values.at_config(config_path, values.logo), ""),
         primary_color=r.get(branding_raw, base + ("branding", "primary_color"), values.color,
                             Branding.primary_color),
         background_color=r.get(branding_raw, base + ("branding", "background_color"), values.color,
@@ -422,12 +421,9 @@ def _language_tag(value: Any) -> str:
 
 def _portal_dir(r: KeyReader, raw: dict[str, Any], path: tuple[str, ...], config_path: str) -> str:
     """A directory key (relative to the config file's directory) that must exist when given."""
-    directory = r.get(raw, path, values.string, "")
-    if directory:
-        if not directory.startswith("/"):
-            directory = str((Path(config_path).parent / directory).resolve())
-        if not os.path.isdir(directory):
-            r.fail(path, f"{directory}: not a directory")
+    directory = r.get(raw, path, values.at_config(config_path), "")
+    if directory and not os.path.isdir(directory):
+        r.fail(path, f"{directory}: not a directory")
     return str(directory)
 
 
@@ -473,13 +469,10 @@ def _portal_reasons(r: KeyReader, raw: Any, path: tuple[str | int, ...],
             r.fail(where, f"the same reason as another key here ({normal!r}: case, '-' and spaces do not matter)")
             continue
         page_raw = r.section(page, where, set(ReasonPage.__dataclass_fields__))
-        template = r.get(page_raw, where + ("template",), values.string, "")
-        if template:
-            if not template.startswith("/"):
-                template = str((Path(config_path).parent / template).resolve())
-            if not os.path.isfile(template):
-                r.fail(where + ("template",), f"{template}: no such file")
-                template = ""
+        template = r.get(page_raw, where + ("template",), values.at_config(config_path), "")
+        if template and not os.path.isfile(template):
+            r.fail(where + ("template",), f"{template}: no such file")
+            template = ""
         reasons[normal] = ReasonPage(template=template,
                                      texts=_portal_texts(r, page_raw.get("texts"), where + ("texts",)))
     return reasons
@@ -489,9 +482,9 @@ def api(r: KeyReader, top: dict[str, Any]) -> ApiConfig:
     """``api``: the control socket, the webhook listener and its secret."""
     raw = r.section(top.get("api"), ("api",), {"socket", "listen", "webhook_secret_file", "socket_group"})
     return ApiConfig(
-        socket=r.get(raw, ("api", "socket"), values.string, ApiConfig.socket),
+        socket=r.get(raw, ("api", "socket"), values.at_config(r.filename), ApiConfig.socket),
         listen=r.get(raw, ("api", "listen"), optional_listen, ApiConfig.listen),
-        webhook_secret_file=r.get(raw, ("api", "webhook_secret_file"), values.string,
+        webhook_secret_file=r.get(raw, ("api", "webhook_secret_file"), values.at_config(r.filename),
                                   ApiConfig.webhook_secret_file),
         socket_group=r.get(raw, ("api", "socket_group"), values.group, ""),
     )
@@ -519,12 +512,13 @@ def fleet(r: KeyReader, top: dict[str, Any]) -> FleetConfig | None:
     nats_raw = r.section(raw.get("nats"), nats_path, {"url", "creds_file", "ca_file", "cert_file", "key_file"})
     if raw.get("nats") is not None and "url" not in nats_raw:
         r.fail(nats_path + ("url",), "required: nats://host:port (or a list, one per cluster node)")
+    file = values.at_config(r.filename, values.readable_file)
     nats = NatsConfig(
         urls=tuple(r.get(nats_raw, nats_path + ("url",), values.nats_urls, ["nats://127.0.0.1:4222"])),
-        creds_file=r.get(nats_raw, nats_path + ("creds_file",), values.readable_file, ""),
-        ca_file=r.get(nats_raw, nats_path + ("ca_file",), values.readable_file, ""),
-        cert_file=r.get(nats_raw, nats_path + ("cert_file",), values.readable_file, ""),
-        key_file=r.get(nats_raw, nats_path + ("key_file",), values.readable_file, ""))
+        creds_file=r.get(nats_raw, nats_path + ("creds_file",), file, ""),
+        ca_file=r.get(nats_raw, nats_path + ("ca_file",), file, ""),
+        cert_file=r.get(nats_raw, nats_path + ("cert_file",), file, ""),
+        key_file=r.get(nats_raw, nats_path + ("key_file",), file, ""))
     if bool(nats.cert_file) != bool(nats.key_file):
         r.fail(nats_path + ("cert_file" if not nats.cert_file else "key_file",),
                "cert_file and key_file go together (a TLS client certificate and its key)")
@@ -571,7 +565,7 @@ def _windows(r: KeyReader, value: Any) -> Windows:
     holidays: frozenset[Any] = frozenset()
     if raw.get("holidays_file"):
         try:
-            holidays = load_holidays(values.string(raw["holidays_file"]))
+            holidays = load_holidays(values.at_config(r.filename)(raw["holidays_file"]))
         except HolidayError as exc:
             for issue in exc.issues:
                 r.fail(path + ("holidays_file",), str(issue))
@@ -632,7 +626,7 @@ def _promise_rules(r: KeyReader, value: Any) -> PromiseRules:
         period=r.get(raw, path + ("period",), positive_duration, defaults.period),
         reasons=r.get(raw, path + ("reasons",), reasons, defaults.reasons),
         webhook_url=r.get(raw, path + ("webhook_url",), values.http_url, None),
-        webhook_secret_file=r.get(raw, path + ("webhook_secret_file",), values.string, None))
+        webhook_secret_file=r.get(raw, path + ("webhook_secret_file",), values.at_config(r.filename), None))
     if rules.webhook_url and not rules.webhook_secret_file and "webhook_secret_file" not in raw:
         # Signing outgoing promises with the inbound secret would let whoever reads billing's
         # copy of it forge events to us; the outbox has its own secret.
@@ -658,6 +652,46 @@ def forwarder_port(r: KeyReader, garden: GardenConfig, portal_config: PortalConf
             r.fail(("walled_garden", "dns_forwarder", "port"),
                    f"{garden.forwarder.port} is {key}'s port too; the forwarder listens on every address: "
                    "pick another (default 5300)")
+
+
+#: Wildcard hosts: a listener on one takes its port on every address (``0.0.0.0`` binds IPv6 too).
+_WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+def _same_socket(a: Listen, b: Listen) -> bool:
+    """Whether two listeners would want one socket: the same port, and the same address or a
+    wildcard on either side."""
+    if a.port != b.port:
+        return False
+    first, second = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    return first == second or first in _WILDCARDS or second in _WILDCARDS
+
+
+def distinct_listeners(r: KeyReader, subscribers_config: SubscribersConfig, portal_config: PortalConfig,
+                       api_config: ApiConfig, metrics_config: MetricsConfig) -> None:
+    """Each of our TCP listeners (the portal's, its HTTPS, the webhooks', both metrics) on an
+    address:port of its own, and each RADIUS source (UDP) likewise: the second to bind one fails
+    at start, after check-config said OK. Named at the key the file gives (a default that clashes
+    with a key given is the given key's fault), with the other key in the message."""
+    tcp: list[tuple[tuple[str | int, ...], Listen | None]] = [
+        (("portal", "listen"), portal_config.listen),
+        (("portal", "tls", "listen"), portal_config.tls.listen if portal_config.tls else None),
+        (("api", "listen"), api_config.listen),
+        (("metrics", "listen"), metrics_config.listen),
+        (("metrics", "portal_listen"), metrics_config.portal_listen)]
+    udp: list[tuple[tuple[str | int, ...], Listen | None]] = [
+        (("subscribers", "sessions", i, "listen"), source.listen)
+        for i, source in enumerate(subscribers_config.sessions)]
+    for listeners in (tcp, udp):
+        for (first, a), (second, b) in itertools.combinations(listeners, 2):
+            if a is None or b is None or not _same_socket(a, b):
+                continue
+            blamed, other, mine, theirs = (second, first, b, a) if r.given(second) or not r.given(first) else \
+                (first, second, a, b)
+            other_key = dotted(other)
+            wildcard = "" if mine == theirs else f" ({theirs}: 0.0.0.0 and [::] take the port on every address)"
+            r.flag(blamed, f"{mine} is also {other_key}'s address{wildcard}; two listeners cannot share one address "
+                           "and port")
 
 
 def separate_secrets(r: KeyReader, api_config: ApiConfig, policy_config: PolicyConfig) -> None:

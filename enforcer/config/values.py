@@ -7,10 +7,14 @@ the issue at the key (``KeyReader.get``); the section readers combine them.
 
 from __future__ import annotations
 
+import errno
 import grp
 import ipaddress
 import os
 import re
+import stat
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -87,6 +91,48 @@ def readable_file(value: Any) -> str:
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise ValueError(f"{text}: not a readable file")
     return text
+
+
+def relative_to(config_path: str, text: str) -> str:
+    """``text`` as a path: absolute as given, relative against the config file's directory.
+
+    Every path key is read so (docs/reference.md, Configuration): the daemon runs from ``/``
+    under systemd and ``check-config`` from wherever the operator stands, so a path taken
+    relative to the current directory would name another file in each."""
+    if text.startswith("/"):
+        return text
+    return str((Path(config_path).parent / text).resolve())
+
+
+def at_config(config_path: str, convert: Callable[[str], str] = string) -> Callable[[Any], str]:
+    """A path key's converter: a non-empty string, made absolute (``relative_to``), then ``convert``."""
+    def converted(value: Any) -> str:
+        return convert(relative_to(config_path, string(value)))
+    return converted
+
+
+def directory_to_be(text: str) -> str:
+    """A directory that exists, or that ``mkdir -p`` can make: neither the path nor any
+    directory above it is a file. Write permission is the start's to find out (it creates
+    the directory at once and names ``state_dir`` when it cannot); a check run by a user who
+    may not look does not guess."""
+    probe = text
+    while True:
+        try:
+            info = os.stat(probe)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return text        # cannot look (permissions): not known to be wrong
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return text
+            probe = parent
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            return text
+        if probe == text:
+            raise ValueError(f"{text}: exists and is not a directory")
+        raise ValueError(f"{text}: cannot be created: {probe} is not a directory")
 
 
 def logo(value: Any) -> str:
