@@ -67,9 +67,10 @@ class Queries:
         if query in inputs.known_ids() or query in engine.decisions or query in inputs.exemptions:
             sid = query
         else:
+            probe = _address_of(query)
             try:
-                address = lookup(self.engine, self.references, query)
-                sid = address.subscriber or self._holder_of(query)
+                address = lookup(self.engine, self.references, probe)
+                sid = address.subscriber or self._holder_of(probe)
             except ValueError:
                 sid = self.references.find(query, inputs.known_ids())
         if sid is None:
@@ -177,3 +178,14 @@ class Queries:
 def _shown(network: Network) -> str:
     """An address as an operator writes it: without ``/32`` or ``/128``, a prefix with its length."""
     return str(network.network_address) if network.prefixlen == network.max_prefixlen else str(network)
+
+
+def _address_of(query: str) -> str:
+    """A prefix as the list writes it (``100.64.0.11/32``, ``2001:db8:10:100::/56``) stands
+    for its network address; anything else is asked as it is."""
+    if "/" in query:
+        try:
+            return str(ipaddress.ip_network(query, strict=False).network_address)
+        except ValueError:
+            pass
+    return query

@@ -128,3 +128,11 @@ async def test_an_operator_reason_is_a_sentence_not_a_document(control: Any) -> 
     client, _, _ = control
     response = await client.post("/v1/lift", json={"subscriber": "C-1", "reason": "x" * 501})
     assert response.status == 400 and "at most 500" in (await response.json())["error"]
+
+
+async def test_explain_takes_a_prefix_as_the_list_writes_it(control: Any) -> None:
+    client, _, _ = control
+    for query in ("100.64.0.10/32", "2001:db8:10:100::/56", "2001:db8:10:100::1/128"):
+        response = await client.get("/v1/explain", params={"q": query})
+        answer = await response.json()
+        assert response.status == 200 and answer.get("subscriber") == "C-1", (query, answer)
