@@ -8,6 +8,12 @@ the first moment, so a loop that hangs anywhere (start-up included) gets the pro
 ``SIGHUP`` re-reads the configuration: an invalid one is logged and changes nothing; a valid
 one is applied as far as it can be without a restart (``Engine.reload``), and the list
 source, the garden hostname resolver and the webhook secret are renewed here.
+
+Before all of that, ``run`` makes sure the start can harm nobody, touching nothing until it
+knows (``start_problem``): it takes the state directory's lock (``state_lock``: one daemon per
+state directory), and refuses, exit 1 with one line, when ``api.socket`` is answered by a live
+process or ``inet <gateway.table>`` is someone else's table (SPEC 7: the first sync would replace
+it, wiping their rules).
 """
 
 from __future__ import annotations
@@ -19,15 +25,16 @@ import ipaddress
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
-from . import garden_hosts, systemd_notify
+from . import garden_hosts, state_lock, systemd_notify
 from .api.control import control_app
-from .api.listeners import start_tcp_site, start_unix_site
+from .api.listeners import SocketInUse, socket_problem, start_tcp_site, start_unix_site
 from .api.scrape import metrics_app
 from .api.webhooks import SecretError, Verifier, load_webhook_secret
 from .backend_switch import remove_other_backend
@@ -43,7 +50,7 @@ from .sources import FileSource, UrlSource
 from .supervisor import Supervisor
 from .webhook_worker import WorkerBridge
 
-__all__ = ["run", "sd_notify", "serve", "setup_logging"]
+__all__ = ["run", "sd_notify", "serve", "setup_logging", "start_problem"]
 
 log = logging.getLogger("walled_garden.enforcer")
 #: How often the kernel is asked whether our table is still there; the longest gap after
@@ -394,8 +401,53 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
         log.info("event=stopped (restrictions stay in the kernel)")
 
 
+def table_problem(config: Config) -> str | None:
+    """Why ``inet <gateway.table>`` must not be taken, or None (absent, ours, or empty).
+
+    Asked whatever the backend: with ``ipset`` the daemon deletes that table once its own sets
+    are in place (``backend_switch``). Without libnftables there is no nftables table to lose
+    (and the nftables backend itself then fails to start, naming the library)."""
+    from .dataplane.kernel import Ownership, table_owner  # libnftables' binding: imported when asked
+    from .dataplane.libnftables import NftError
+
+    table = config.gateway.table
+    try:
+        owner = table_owner(table)
+    except NftError:
+        return None
+    except DataplaneError as exc:
+        error = " ".join(str(exc).split())   # nft's message spans lines: the refusal is one
+        return f"gateway.table: cannot tell whether table inet {table} is ours ({error}); nothing touched"
+    if owner is Ownership.FOREIGN:
+        return (f"gateway.table: table inet {table} exists and is not walled-garden's (its first sync would "
+                f"replace it, wiping its rules); set gateway.table to a table of our own (default walled_garden)")
+    if owner is Ownership.EMPTY:
+        log.warning("event=empty_table_taken table=%s (an empty inet %s, nobody's rules: it becomes ours)", table,
+                    table)
+    return None
+
+
+def start_problem(config: Config) -> str | None:
+    """Why this ``run`` must not start, or None; asked with the state lock held and before anything
+    touches the kernel, the state or a socket. A live ``api.socket`` belongs to a daemon with
+    another state directory; replacing it would leave that one unreachable."""
+    return socket_problem(config.api.socket) or table_problem(config)
+
+
+def _refuse(line: str) -> int:
+    """``run``'s refusal: one line, exit 1 (systemd retries; the line says what to do)."""
+    print(line, file=sys.stderr, flush=True)
+    return 1
+
+
 def run(config: Config) -> int:
     setup_logging()
+    try:
+        lock = state_lock.acquire(config.state_dir)
+    except state_lock.StateLocked as exc:
+        return _refuse(str(exc))
+    except OSError as exc:
+        return _refuse(f"state_dir: cannot lock {config.state_dir}/{state_lock.LOCK_NAME}: {exc.strerror or exc}")
 
     async def main() -> None:
         stop, hup = asyncio.Event(), asyncio.Event()
@@ -406,5 +458,12 @@ def run(config: Config) -> int:
             loop.add_signal_handler(sig, handler)
         await serve(config, stop, reload_requests=hup)
 
-    asyncio.run(main())
+    with lock:   # held until the process is done with the state (serve has closed everything)
+        problem = start_problem(config)
+        if problem is not None:
+            return _refuse(problem)
+        try:
+            asyncio.run(main())
+        except SocketInUse as exc:   # someone bound api.socket after start_problem looked
+            return _refuse(str(exc))
     return 0

@@ -15,10 +15,13 @@ the file descriptors that billing's next request needs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import logging
 import os
 import resource
+import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -63,15 +66,52 @@ class LogLimiter:
         return held
 
 
+class SocketInUse(OSError):
+    """``api.socket`` is answered by a live process, or is not a socket: never unlinked.
+    ``str()`` is the one line ``run`` prints."""
+
+
+def socket_problem(path: str) -> str | None:
+    """Why the control socket at ``path`` must not be replaced, or None (nothing there, or a
+    socket file nobody answers on: what a stopped or killed run leaves behind).
+
+    A live one belongs to a daemon started with another state directory (the state lock keeps
+    out a second one on the same): unlinking it would leave that daemon unreachable, for the
+    portal too, for good. A file that is not a socket is the operator's, not ours to delete."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(mode):
+        return f"api.socket: {path} exists and is not a socket; not removing it"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None   # stale: nobody listens
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):   # EAGAIN: a listener whose backlog is full
+            return f"api.socket: {path} cannot be probed ({exc.strerror}); not removing it"
+    finally:
+        probe.close()
+    return f"api.socket: {path} is answered by another process (another walled-garden run?); stop it first"
+
+
 async def start_unix_site(app: web.Application, path: str, group: str = "") -> web.AppRunner:
     """Serve ``app`` on a Unix socket usable by owner and group only (``group``, if named).
 
-    Changing the group needs no capability when we are a member of it (the unit's
+    A socket file left behind by an earlier run is replaced; a live one, or a file that is not
+    a socket, raises ``SocketInUse`` (``socket_problem``) and is left alone. Changing the group
+    needs no capability when we are a member of it (the unit's
     ``SupplementaryGroups=walled-garden``).
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    problem = socket_problem(path)
+    if problem is not None:
+        raise SocketInUse(problem)
     try:
-        os.unlink(path)   # the socket file a previous run left behind
+        os.unlink(path)   # the stale socket file a previous run left behind
     except FileNotFoundError:
         pass
     runner = web.AppRunner(app, access_log=None)

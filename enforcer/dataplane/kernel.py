@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import enum
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -18,6 +19,62 @@ from .transaction import Transaction
 _TAG = re.compile(r"walled-garden layout ([0-9a-f]+)")
 _MISSING = "No such file or directory"
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
+#: What every table of ours has carried since the first release (the table's comment and the
+#: ``layout`` chain's rule), in ``nft list table`` text: the marks of a table from before
+#: ``layouttag`` existed.
+_OURS_TEXT = ('comment "managed by walled-garden', 'comment "walled-garden layout ')
+
+
+class Ownership(enum.Enum):
+    """Whose ``inet <gateway.table>`` is in the kernel (``table_owner``)."""
+
+    ABSENT = "absent"     # no such table: ours to create
+    OURS = "ours"         # a table we made, this release or an earlier one
+    EMPTY = "empty"       # a table with nothing in it: nobody's rules to lose
+    FOREIGN = "foreign"   # someone else's: a sync would replace it and wipe their rules
+
+
+def table_owner(table: str, nft: Nftables | None = None) -> Ownership:
+    """Is ``inet <table>`` ours? Asked once at start, before anything writes to the kernel
+    (SPEC 7: own exactly one table, never touch another): ``gateway.table: filter`` names
+    Debian's own ``inet filter``, which the first full sync would replace.
+
+    Ours: the ``layouttag`` set (every release since 0.1.0; one small listing, ~0.3 ms whatever
+    the table holds), else the table's comment or the ``layout`` chain's comment, which every
+    table of ours has carried since the first commit (a text listing: only for an old table of
+    ours or someone else's). Raises ``DataplaneError`` when the kernel cannot be asked."""
+    if nft is None:
+        own = Nftables()
+        try:
+            return table_owner(table, own)
+        finally:
+            own.close()
+    try:
+        listed = nft.run_json("list tables inet")
+    except NftError as exc:
+        raise DataplaneError(f"list tables inet: {exc}") from None
+    names = {body.get("name") for obj in _objects(listed) if isinstance(body := obj.get("table"), dict)
+             and body.get("family", "inet") == "inet"}
+    if table not in names:
+        return Ownership.ABSENT
+    try:
+        nft.run_json(f"list set inet {table} {TAG_SET}")
+        return Ownership.OURS
+    except NftError as exc:
+        if _MISSING not in str(exc):
+            raise DataplaneError(f"list set inet {table} {TAG_SET}: {exc}") from None
+    try:
+        whole = nft.run_json(f"list table inet {table}")
+        text = nft.run(f"list table inet {table}")
+    except NftError as exc:
+        if _MISSING in str(exc):
+            return Ownership.ABSENT   # deleted between the two listings
+        raise DataplaneError(f"list table inet {table}: {exc}") from None
+    if any(mark in text for mark in _OURS_TEXT):
+        return Ownership.OURS
+    if all(set(obj) <= {"metainfo", "table"} for obj in _objects(whole)):
+        return Ownership.EMPTY
+    return Ownership.FOREIGN
 
 
 class KernelDataplane:
