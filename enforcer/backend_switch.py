@@ -39,6 +39,17 @@ def _remove_nftables_table(table: str) -> list[str]:
         return []
     if subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, timeout=60).returncode != 0:
         return []
+    from .dataplane.backend import DataplaneError
+    from .dataplane.kernel import Ownership, table_owner
+    try:
+        owner = table_owner(table)
+    except DataplaneError as exc:
+        log.error("event=other_backend_not_removed backend=nftables table=%s error=%s", table, exc)
+        return []
+    if owner is not Ownership.OURS:   # the start refuses a foreign one; never delete someone's table
+        log.warning("event=other_backend_not_removed backend=nftables table=%s why=not_ours owner=%s",
+                    table, owner.value)
+        return []
     done = subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         log.error("event=other_backend_not_removed backend=nftables table=%s error=%s", table, done.stderr.strip())
