@@ -5,7 +5,7 @@ wiping the operator's rules. Now ``run`` asks the kernel whose table it is befor
 touches the kernel, the state or a socket, and refuses with one line when it is not ours. Ours
 is a table with the ``layouttag`` set, or (a table made before that set existed) the comments
 every table of ours has carried since the first release. Here the kernel's answers are scripted;
-tests/kernel/test_foreign_table.py asks a real one.
+tests/kernel/test_gateway_table_not_ours.py asks a real one.
 """
 
 from __future__ import annotations
