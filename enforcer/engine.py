@@ -43,7 +43,7 @@ from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
-from .subscribers import Key, key_network
+from .subscribers import Key, key_network, network_key
 from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -143,7 +143,7 @@ class Engine:
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time
         self.reports: dict[str, Callable[[], Any]] = {}   # status sections, by key
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
-        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a reload's table replace (lock held)
+        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a table replace at a start or reload (lock held)
         self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step (or ended), not yet saved
         self._sessions_unsaved: dict[SessionId, Session] = {}   # sessions moved by it, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
@@ -314,19 +314,38 @@ class Engine:
         return result
 
     def _note_free_listed(self, decisions: Mapping[str, Decision], whole: bool = False) -> None:
-        """Keep ``free_listed`` to the listed subscribers these decisions leave free (not one
-        held back by a clash: the address is its holder's until the clash ends)."""
-        listed, conflicts = self.inputs.listed, self.conflicts
-        if whole:   # one pass over the decisions: ~10 ms at 100k, once per full sync
-            self.free_listed.rebuild_keys({sid: entry.keys for sid, d in decisions.items()
-                                           if not d.restricted and sid not in conflicts
-                                           and (entry := listed.get(sid)) is not None and entry.keys})
+        """Keep ``free_listed`` to the listed subscribers these decisions leave free (held back
+        by a clash included: the list gives them the address; its holder keeps what it holds,
+        ``EventIntake`` asks only about new claims)."""
+        if not whole:
+            for sid, decision in decisions.items():
+                self.note_free_listed(sid, decision)
             return
-        for sid, decision in decisions.items():
-            entry = listed.get(sid)
-            keys = entry.keys if entry is not None and not decision.restricted and sid not in conflicts else ()
-            if keys or sid in self.free_listed.held:
-                self.free_listed.claim(sid, [key_network(k) for k in keys])
+        listed, moved = self.inputs.listed, self.inputs.readdressed
+        # one pass over the decisions: a few ms at 100k, once per full sync; list entries never
+        # overlap (the list is refused otherwise), so they go in bulk
+        self.free_listed.rebuild_keys({sid: entry.keys for sid, d in decisions.items()
+                                       if not d.restricted and sid not in moved
+                                       and (entry := listed.get(sid)) is not None and entry.keys})
+        for sid in moved.keys() & listed.keys():
+            if sid in decisions:
+                self.note_free_listed(sid, decisions[sid])
+
+    def note_free_listed(self, sid: str, decision: Decision) -> tuple[Network, ...]:
+        """``sid``'s place in ``free_listed`` for ``decision``: its list addresses (billing's
+        newer ones after a ``subscriber.addresses_changed``) while listed and free, else none.
+        Returns what it had, for an undo (``free_listed.claim(sid, returned)``)."""
+        entry = self.inputs.listed.get(sid)
+        keys: tuple[Key, ...] = ()
+        if entry is not None and not decision.restricted:
+            moved = self.inputs.readdressed.get(sid)
+            keys = tuple(network_key(n) for n in moved.addresses) if moved is not None else entry.keys
+        if not keys and sid not in self.free_listed.held:
+            return ()
+        networks = [key_network(k) for k in keys]
+        if networks and self.free_listed.conflict(sid, networks) is not None:
+            networks = []   # another listed one's already (billing moved one onto another): the index stays sound
+        return self.free_listed.claim(sid, networks)
 
     async def apply_resolving(self, decisions: dict[str, Decision], why: str, cause: str = "",
                               deferred: list[EnforcedWrite] | None = None) -> SyncResult:
@@ -452,6 +471,9 @@ class Engine:
                                   len(restricted))
                     return None
             result = await self.sync_all(read_kernel=True)
+            if result.kind == "full":   # a new table (a reboot): what lives only in the kernel goes back in
+                for callback in self.on_replaced:
+                    await callback()
         log.info("event=restored restricted=%d kind=%s", sum(self.record.mode_counts.values()), result.kind)
         return result
 

@@ -189,6 +189,7 @@ class EventIntake:
         applied: list[Applied] = []
         touched: dict[str, Decision] = {}
         claimed: list[tuple[str, Any]] = []   # what the batch's claims replaced
+        listed_before: list[tuple[str, Any]] = []   # and its changes to ``engine.free_listed``
         result: SyncResult | None = None
         writes: list[EnforcedWrite] = []
         async with engine.lock:
@@ -213,6 +214,9 @@ class EventIntake:
                     continue
                 touched[sid] = judged
                 claimed.append((sid, engine.claims.claim(sid, held(judged))))
+                # at once, as claims: a later event of this batch must meet what this one left
+                # (a payment frees a listed subscriber whose address the next event claims)
+                listed_before.append((sid, engine.note_free_listed(sid, judged)))
                 applied.append(Applied(index, sid, undo))
             if touched:
                 before = {sid: engine.decisions.get(sid) or Decision(sid, Mode.FREE, "not enforced") for sid in touched}
@@ -221,6 +225,8 @@ class EventIntake:
                 except (DataplaneError, AddressConflict) as exc:  # nothing of the batch was applied
                     for sid, previous in reversed(claimed):
                         engine.claims.claim(sid, previous)
+                    for sid, previous in reversed(listed_before):
+                        engine.free_listed.claim(sid, previous)
                     self._refuse(batch, applied, answers, f"kernel change failed, retry later: {exc}")
                     applied = []
                     self._unjudge(answers, str(exc))

@@ -99,3 +99,26 @@ async def test_an_acknowledgement_outlives_a_restart(tmp_path: Path) -> None:
     status, answer = await portal_lookup(e, "100.64.0.2")
     assert status == 200 and answer["ack_until"] is None, answer
     await e.close()
+
+
+async def test_after_a_reboot_a_saved_acknowledgement_goes_back_into_the_kernel(tmp_path: Path) -> None:
+    """A reboot empties the kernel's acknowledgement sets while the state keeps them: the
+    start puts them back (the table is new: ``on_replaced``), or the page would say
+    "acknowledged" with no Continue while every request is redirected (review)."""
+    config = parse_config(f"state_dir: {tmp_path}/s\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                          "portal: {notice_ack_for: 1h}\n", str(tmp_path / "c.yaml"))
+    listed = [Subscriber("C-2", (parse_address("100.64.0.2"),), Mode.NOTICE, "overdue")]
+    now = [NOW]
+    e = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda: now[0])  # type: ignore[arg-type]
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate(listed, "l.yaml", "1"))
+    assert (await acknowledge(e, "100.64.0.2"))[0] == 200
+    await e.close()
+    now[0] += 600
+    rebooted = FakeDataplane()   # the table is gone
+    e = Enforcer(config, dataplane=rebooted, conntrack=NoConntrack(), clock=lambda: now[0])  # type: ignore[arg-type]
+    await e.engine.restore()
+    status, answer = await portal_lookup(e, "100.64.0.2")
+    assert status == 200 and answer["ack_until"] == NOW + 3600, answer
+    assert "100.64.0.2" in rebooted.view["noticeack4_32"], rebooted.view
+    await e.close()
