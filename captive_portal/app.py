@@ -277,19 +277,18 @@ async def guard_posts(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def token_valid(request: web.Request, token: str, address: str) -> bool:
-    """Was ``token`` issued to this caller: its IPv4 address or IPv6 /64, else (a page fetched
-    over the other address family) the subscriber the enforcer says ``address`` belongs to?
+    """Was ``token`` issued to this caller: to the subscriber the enforcer says ``address``
+    belongs to, for a token that names one (any of their addresses, either family), else (or
+    when the lookup names nobody) to its IPv4 address or IPv6 /64?
 
-    The lookup happens only for a token that names a subscriber and fails the address check,
-    after the rate limit: a flood of forged posts costs no lookups beyond the limit.
+    The lookup happens only for a token that names a subscriber, after the rate limit: a flood
+    of forged posts costs no lookups beyond the limit.
     """
     tokens = request.app[CSRF_KEY]
-    if tokens.check(token, address):
-        return True
     if not tokens.names_subscriber(token):
-        return False
+        return tokens.check(token, address)
     lookup = await lookup_caller(request)
-    return lookup is not None and bool(lookup.subscriber) and tokens.check(token, address, lookup.subscriber)
+    return tokens.check(token, address, lookup.subscriber if lookup is not None else "")
 
 
 def origin_allowed(request: web.Request) -> bool:

@@ -10,10 +10,11 @@ The first MAC binds the caller's IPv4 address or IPv6 /64 (``ratelimit.bucket_ke
 exact address: a phone picks a new IPv6 privacy address, or a browser opens the POST's
 connection over the other IPv6 address of its /64, between fetching the page and pressing the
 button, and that is still the same subscriber's connection. The optional second MAC binds the
-subscriber's account id, as the enforcer's lookup named it when the page was made: a page
-fetched over IPv6 and posted over IPv4 (a new connection may use either family) is accepted when
-the enforcer's lookup of the posting address names the same subscriber. Neither part reveals
-what it binds.
+subscriber's account id, as the enforcer's lookup named it when the page was made; when the
+lookup of the posting address names a subscriber, that part decides: a page fetched over IPv6
+and posted over IPv4 (a new connection may use either family) is accepted for the same
+subscriber, and one subscriber's token is no good to another on the same /64 (a /128 each on a
+shared /64). Neither part reveals what it binds.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class CsrfTokens:
         return f"{token}.{self._mac('subscriber', subscriber, slot)}" if subscriber else token
 
     def check(self, token: str, address: str, subscriber: str = "") -> bool:
-        """True for a token this process issued no more than ``max_age`` ago to ``address``'s IPv4
-        address or IPv6 /64, or, given ``subscriber`` (the enforcer's lookup of ``address``), one
-        issued to that subscriber."""
+        """True for a token this process issued no more than ``max_age`` ago: given ``subscriber``
+        (the enforcer's lookup of ``address`` names one), a token that names a subscriber must
+        name that one (subscribers may share a /64, a /128 each); otherwise, or without a lookup
+        (free now, the enforcer down: nothing to act for), the token's ``address`` IPv4 address
+        or IPv6 /64."""
         parts = token.split(".")
         if len(parts) not in (2, 3) or not 0 < len(parts[0]) <= 12 \
                 or any(len(mac) != _MAC_LENGTH for mac in parts[1:]):
@@ -64,10 +67,9 @@ class CsrfTokens:
         # one slot of slack in the future covers nothing but a clock stepping back a little.
         if not -_SLOT <= now - slot * _SLOT <= self.max_age:
             return False
-        if hmac.compare_digest(parts[1], self._mac("address", bucket_key(address), slot)):
-            return True
-        return bool(subscriber) and len(parts) == 3 and \
-            hmac.compare_digest(parts[2], self._mac("subscriber", subscriber, slot))
+        if len(parts) == 3 and subscriber:   # the lookup names one: only theirs, whichever /64 or family
+            return hmac.compare_digest(parts[2], self._mac("subscriber", subscriber, slot))
+        return hmac.compare_digest(parts[1], self._mac("address", bucket_key(address), slot))
 
     @staticmethod
     def names_subscriber(token: str) -> bool:

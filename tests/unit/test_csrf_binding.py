@@ -126,7 +126,8 @@ async def test_a_page_fetched_over_one_ipv6_address_is_posted_from_another_of_th
         response = await continue_from(client, HOME_V6_OTHER, fields)
         assert response.status == 303 and response.headers["Location"] == PORTAL_URL
     assert enforcer.acknowledged == [HOME_V6_OTHER]  # the POST's own address, as ever
-    assert enforcer.looked_up == []                   # the address part held: no lookup for the token
+    # the token names a subscriber, so the lookup is asked; it names nobody here: the /64 decides
+    assert enforcer.looked_up == [HOME_V6_OTHER]
 
 
 @pytest.mark.asyncio
@@ -167,3 +168,17 @@ async def test_a_token_naming_no_subscriber_costs_no_lookup_from_another_address
         response = await continue_from(client, HOME_V4, {"csrf": token, "lang": "en"})
         assert response.status == 403
     assert enforcer.looked_up == [] and enforcer.acknowledged == []
+
+
+@pytest.mark.asyncio
+async def test_subscribers_sharing_a_64_cannot_use_each_others_token(config: Config) -> None:
+    """Where each subscriber has a /128 on one shared /64, the /64 alone would let one
+    subscriber's page token act for another (a forged auto-POST from an old browser that sends
+    no Origin): a token naming a subscriber is checked against the subscriber the lookup names."""
+    enforcer = Household()
+    enforcer.owners[HOME_V6_OTHER] = "C-3"   # the same /64, another subscriber
+    async with portal(config, enforcer) as client:
+        fields = await form_from(client, HOME_V6)
+        response = await continue_from(client, HOME_V6_OTHER, fields)
+        assert response.status == 403
+    assert enforcer.acknowledged == []

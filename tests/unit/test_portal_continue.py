@@ -142,7 +142,7 @@ async def test_a_refused_acknowledgement_is_a_friendly_page(config: Config) -> N
     enforcer = FakeEnforcer(NOTICE, ack=Ack(False, error="not in notice mode"))
     async with portal(config, enforcer) as client:
         fields = await notice_form(client, "?lang=es")
-        enforcer.result = OVERDUE  # meanwhile walled in
+        enforcer.result = replace(OVERDUE, subscriber=NOTICE.subscriber)  # meanwhile walled in
         response = await post_continue(client, fields)
         assert response.status == 409
         assert response.headers["Content-Type"] == "text/html; charset=utf-8"

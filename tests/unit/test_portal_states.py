@@ -243,7 +243,7 @@ async def test_a_walled_in_caller_pressing_continue_still_gets_409(config: Confi
     enforcer = Enforcer(NOTICE)
     async with portal(config, enforcer) as client:
         form = fields((await page(client))[1])
-        enforcer.result = OVERDUE
+        enforcer.result = replace(OVERDUE, subscriber=NOTICE.subscriber)   # the same subscriber, walled in
         enforcer.ack = Ack(False, error="not in notice mode")
         response = await post(client, "/continue", form)
         text = await response.text()
