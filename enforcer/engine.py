@@ -143,7 +143,7 @@ class Engine:
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time
         self.reports: dict[str, Callable[[], Any]] = {}   # status sections, by key
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
-        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a table replace at a start or reload (lock held)
+        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a new table at a start or reload
         self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step (or ended), not yet saved
         self._sessions_unsaved: dict[SessionId, Session] = {}   # sessions moved by it, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
