@@ -44,7 +44,9 @@ def switch_to(netns: str, backend: str, table: str) -> str:
 
 def test_to_ipset_the_nftables_table_goes_and_nothing_else(netns: str) -> None:
     table = "wg_switch_test"
-    inside(netns, "nft", f"add table inet {table}\nadd table inet other_table\n"
+    # ours: the comment every table of ours carries (kernel.table_owner)
+    inside(netns, "nft", f"add table inet {table} {{ comment \"managed by walled-garden\"; }}\n"
+                         "add table inet other_table\n"
                          f"add set inet {table} portal4_32 {{ type ipv4_addr; elements = {{ 100.64.0.5 }}; }}")
     assert "nftables table inet wg_switch_test" in switch_to(netns, "ipset", table)
     assert inside(netns, "nft", "list", "table", "inet", table, check=False).returncode != 0
@@ -73,3 +75,14 @@ def test_to_nftables_our_ipsets_chains_and_jumps_go_and_nothing_else(netns: str)
         rules = inside(netns, f"iptables-{variant}", "-S").stdout
         assert "WALLED-GARDEN" not in rules
         assert f"--match-set {theirs} src -j DROP" in rules      # the operator's rule is untouched
+
+
+def test_to_ipset_a_table_of_that_name_that_is_not_ours_is_left_alone(netns: str) -> None:
+    """``gateway.table`` naming someone else's table: the start refuses it, and the switch
+    never deletes it either."""
+    table = "wg_switch_foreign"
+    inside(netns, "nft", f"add table inet {table}\n"
+                         f"add chain inet {table} input {{ type filter hook input priority 0; policy accept; }}\n"
+                         f"add rule inet {table} input tcp dport 22 accept")
+    assert switch_to(netns, "ipset", table).strip() == "[]"
+    assert "tcp dport 22 accept" in inside(netns, "nft", "list", "table", "inet", table).stdout

@@ -80,7 +80,7 @@ async def test_notice_page_is_an_interstitial_with_a_continue_form(config: Confi
 
 @pytest.mark.asyncio
 async def test_walled_garden_and_acknowledged_pages_have_no_form(config: Config) -> None:
-    acknowledged = replace(NOTICE, ack_until=time.time() + 600)
+    acknowledged = replace(NOTICE, ack_until=time.time() + 86_400)
     async with portal(config, FakeEnforcer(OVERDUE)) as walled, portal(config, FakeEnforcer(acknowledged)) as acked:
         walled_page = await (await walled.get("/", headers=on_portal())).text()
         acked_page = await (await acked.get("/", headers=on_portal())).text()

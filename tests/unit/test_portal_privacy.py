@@ -80,7 +80,7 @@ async def test_each_device_behind_one_address_goes_back_to_its_own_page(config: 
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("lookup", [FREE, replace(NOTICE, ack_until=time.time() + 600)])
+@pytest.mark.parametrize("lookup", [FREE, replace(NOTICE, ack_until=time.time() + 86_400)])
 async def test_the_page_links_back_under_a_sentence_and_never_shows_the_url(config: Config, lookup: Lookup) -> None:
     async with portal(config, FakeEnforcer(lookup)) as client:
         await redirected(client, PRIVATE, LAPTOP)

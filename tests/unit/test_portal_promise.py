@@ -103,7 +103,7 @@ async def post_promise(client: TestClient, data: Any, **headers: str) -> Any:
     (ELIGIBLE, True),
     (replace(NOTICE, promise=OFFER), True),
     (replace(NOTICE, mode="throttle", promise=OFFER), True),
-    (replace(NOTICE, ack_until=time.time() + 600, promise=OFFER), True),   # an acknowledged throttle is still slow
+    (replace(NOTICE, ack_until=time.time() + 86_400, promise=OFFER), True),   # an acknowledged throttle is still slow
     (OVERDUE, False),                                                      # an older enforcer says nothing
     (replace(OVERDUE, promise=PromiseOffer(False, "limit_reached")), False),
     (replace(OVERDUE, promise=PromiseOffer(False, "operator_restriction")), False),
