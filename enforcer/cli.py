@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -621,23 +619,10 @@ def _clash_text(clash: dict[str, Any]) -> str:
     return f"{mine} held by {clash.get('holder')}"
 
 
-def explain_query(text: str) -> str:
-    """What the daemon's ``explain`` is asked for ``text``: a prefix as the list writes it
-    (``100.64.0.11/32``, ``2001:db8:10:100::/56``, copied from the list) is asked as its network
-    address, which lies in the prefix and so in whichever entry holds it; anything else as given."""
-    text = text.strip()
-    if "/" not in text:
-        return text
-    try:
-        return str(ipaddress.ip_network(text, strict=False).network_address)
-    except ValueError:
-        return text
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    answer = _ask(args, "GET", f"/v1/explain?q={quote(explain_query(args.query))}")
+    answer = _ask(args, "GET", f"/v1/explain?q={quote(args.query.strip())}")   # a prefix too: Queries.explain
     if isinstance(answer, int):
         return answer
     if not answer["found"]:
@@ -815,22 +800,19 @@ class Since(NamedTuple):
     instant: str
 
 
-_SPAN = re.compile(r"(\d{1,9})\s*(s|m|h|d|w)")
-_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def since_argument(text: str, now: float | None = None) -> Since:
     """``--since``: a date is the start of that day (UTC: the audit prints UTC), so
     ``--since 2026-12-01`` includes all of that day; an RFC 3339 time as given (without a zone:
     UTC); a span (``30m``, ``1h``, ``2d``, ``1w``) that long before now. The daemon is sent an
     RFC 3339 time with ``Z``, which it reads as is (a bare date it would read as the *end* of
     the day, an exemption's meaning)."""
+    from .exemptions import span_seconds
+
     given = text.strip()
     try:
-        span = _SPAN.fullmatch(given)
-        if span:
-            moment = datetime.fromtimestamp(time.time() if now is None else now, UTC) \
-                - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
+        span = span_seconds(given.replace(" ", ""))
+        if span is not None:
+            moment = datetime.fromtimestamp(time.time() if now is None else now, UTC) - timedelta(seconds=span)
         else:
             try:
                 moment = datetime.combine(date.fromisoformat(given), datetime.min.time(), UTC)

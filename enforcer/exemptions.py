@@ -99,10 +99,20 @@ def parse_until(value: Any, now: float, zone: Any = None) -> float:
     return until
 
 
-def _relative(text: str, now: float) -> float | None:
-    units = {"h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-    if len(text) > 1 and text[-1] in units and text[:-1].isascii() and text[:-1].isdigit():
-        if len(text) > 12:       # "99999999999999999999d" would overflow a float; far beyond the maximum anyway
-            raise ValueError(f"until is more than {int(MAX_SECONDS // 86400)} days away; exemptions must be renewed")
-        return now + int(text[:-1]) * units[text[-1]]
+#: The units of a span an operator types (``exempt --until 14d``, ``audit --since 1h``).
+SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def span_seconds(text: str) -> int | None:
+    """``90s``, ``30m``, ``36h``, ``14d``, ``2w`` as seconds; None for anything else (a date, a
+    time). At most 11 digits: anything longer is far beyond every limit, and overflows a float."""
+    if 1 < len(text) <= 12 and text[-1] in SPAN_UNITS and text[:-1].isascii() and text[:-1].isdigit():
+        return int(text[:-1]) * SPAN_UNITS[text[-1]]
     return None
+
+
+def _relative(text: str, now: float) -> float | None:
+    if len(text) > 12 and text[-1:] in SPAN_UNITS and text[:-1].isascii() and text[:-1].isdigit():
+        raise ValueError(f"until is more than {int(MAX_SECONDS // 86400)} days away; exemptions must be renewed")
+    seconds = span_seconds(text)
+    return None if seconds is None else now + seconds

@@ -136,3 +136,11 @@ async def test_explain_takes_a_prefix_as_the_list_writes_it(control: Any) -> Non
         response = await client.get("/v1/explain", params={"q": query})
         answer = await response.json()
         assert response.status == 200 and answer.get("subscriber") == "C-1", (query, answer)
+
+
+def test_a_prefix_is_asked_as_its_network_address_and_anything_else_as_given() -> None:
+    from enforcer.queries import _address_of
+    assert _address_of("100.64.0.11/32") == "100.64.0.11"
+    assert _address_of("2001:db8:10:100::/56") == "2001:db8:10:100::"
+    assert _address_of("100.64.0.11/24") == "100.64.0.0"
+    assert _address_of("C-1/2") == "C-1/2" and _address_of("WG-ABCD-EFGH") == "WG-ABCD-EFGH"

@@ -278,12 +278,6 @@ async def test_explain_a_prefix_no_one_holds_says_so_with_the_query_as_typed(dae
     assert code == 0 and out == "100.64.9.0/24: not restricted (no restricted subscriber holds this address)\n"
 
 
-def test_explain_query() -> None:
-    assert cli.explain_query("100.64.0.11/32") == "100.64.0.11"
-    assert cli.explain_query("2001:db8:10:100::/56") == "2001:db8:10:100::"
-    assert cli.explain_query("100.64.0.11/24") == "100.64.0.0"
-    assert cli.explain_query("C-1/2") == "C-1/2" and cli.explain_query("WG-ABCD-EFGH") == "WG-ABCD-EFGH"
-
 
 # -- 5. a state_dir that cannot be a directory -------------------------------------------------
 
