@@ -4,6 +4,7 @@ every input travels through the stream and applies on both, in order, once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -92,8 +93,9 @@ class Gateway:
         return await asyncio.wait_for(self.e.sink.submit(event, time.perf_counter()), 10)
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway]]:
+@contextlib.asynccontextmanager
+async def two_gateways(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway]]:
+    """A nats-server of this test's own and gateways gw-a and gw-b on it, all stopped after."""
     (tmp_path / "l.yaml").write_text(LIST)
     server = NatsServer(tmp_path / "nats")
     server.start()
@@ -110,6 +112,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gate
                 await b.close()
             finally:
                 server.stop()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway]]:
+    async with two_gateways(tmp_path) as started:
+        yield started
 
 
 async def until(predicate: Any, timeout: float = 5.0) -> float:

@@ -27,8 +27,7 @@ from enforcer.fleet.gateways import BEAT, QUIET_BEATS, Gateways
 from enforcer.metrics import Metrics
 from enforcer.outcome import Outcome
 from tests.daemon_helpers import NoConntrack
-from tests.nats_server import NatsServer
-from tests.unit.test_fleet_inputs import LIST, Gateway, config, until
+from tests.unit.test_fleet_inputs import LIST, Gateway, config, two_gateways, until
 
 #: The periodic heartbeat, made too slow to matter here: what the rows show must come from the
 #: applier itself and from the beat that follows each applied batch.
@@ -38,22 +37,8 @@ SLOW_BEAT = 60.0
 @pytest.fixture
 async def slow_beats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Gateway, Gateway]]:
     monkeypatch.setattr(fleet_module, "BEAT", SLOW_BEAT)
-    (tmp_path / "l.yaml").write_text(LIST)
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    a, b = Gateway(tmp_path, "gw-a", server.url), Gateway(tmp_path, "gw-b", server.url)
-    try:
-        await a.start()
-        await b.start()
+    async with two_gateways(tmp_path) as (_, a, b):
         yield a, b
-    finally:
-        try:
-            await a.close()
-        finally:
-            try:
-                await b.close()
-            finally:
-                server.stop()
 
 
 async def rows(gw: Gateway) -> dict[str, dict[str, Any]]:
