@@ -15,7 +15,7 @@ and the DO/AD/CD/TC bits are untouched and nothing is ever forged; and it is fas
 parsed by hand only as far as the question (a label walk: ~1 µs against ~50 µs for dnspython's
 question-only parse, measured), answers only for allowed names (dnspython, ``answers``). The
 forwarder's own answers (REFUSED, FORMERR, SERVFAIL) are built from the query's header and
-question, without records.
+question, without records but an OPT when the query had one (RFC 6891 6.1.1).
 
 Bounds: at most ``MAX_OUTSTANDING`` queries in flight (beyond: REFUSED, counted "refused"),
 ``settings.tcp_clients`` TCP connections (beyond: closed at once), ``TCP_PIPELINE`` queries in
@@ -54,8 +54,8 @@ from .upstream import (
     large_receive_buffer,
 )
 
-__all__ = ["ADMIT_TIMEOUT", "MAX_OUTSTANDING", "TCP_IDLE", "TCP_PIPELINE", "Admit", "Forwarder", "Query",
-           "parse_query", "reply"]
+__all__ = ["ADMIT_TIMEOUT", "EDNS_PAYLOAD", "MAX_OUTSTANDING", "TCP_IDLE", "TCP_PIPELINE", "Admit", "Forwarder",
+           "Query", "parse_query", "reply"]
 
 log = logging.getLogger("walled_garden.dns")
 
@@ -71,6 +71,11 @@ TCP_IDLE = 10.0
 TCP_PIPELINE = 32
 
 RCODE_FORMERR, RCODE_SERVFAIL, RCODE_REFUSED = 1, 2, 5
+#: The UDP payload size the forwarder's own answers advertise in their OPT (RFC 6891 6.2.5): 1232,
+#: the DNS Flag Day 2020 value, which no usual path fragments.
+EDNS_PAYLOAD = 1232
+#: The DNSSEC OK bit of an OPT's flags (RFC 3225), copied from the query into the answer.
+EDNS_DO = 0x8000
 QTYPE_IXFR, QTYPE_AXFR = 251, 252
 
 
@@ -114,10 +119,59 @@ def parse_query(wire: bytes) -> Query | None:
 
 
 def reply(wire: bytes, rcode: int, question: bytes = b"") -> bytes:
-    """The forwarder's own answer to ``wire``: same ID, opcode and RD, ``rcode``, the question only."""
+    """The forwarder's own answer to ``wire``: same ID, opcode and RD, ``rcode``, the question, and
+    an OPT when the query had one (RFC 6891 6.1.1: a responder MUST answer an OPT with an OPT;
+    ``_edns_flags``): ``EDNS_PAYLOAD``, version 0, the query's DO bit (RFC 3225 3), no options."""
     flags = 0x80 | (wire[2] & 0x79)   # QR + the query's opcode and RD
+    edns = _edns_flags(wire)
+    opt = b"" if edns is None else (b"\x00\x00\x29" + EDNS_PAYLOAD.to_bytes(2, "big") + b"\x00\x00"
+                                    + (edns & EDNS_DO).to_bytes(2, "big") + b"\x00\x00")
     return (wire[:2] + bytes((flags, rcode & 0x0F)) + (b"\x00\x01" if question else b"\x00\x00")
-            + b"\x00\x00\x00\x00\x00\x00" + question)
+            + b"\x00\x00\x00\x00" + (b"\x00\x01" if opt else b"\x00\x00") + question + opt)
+
+
+def _edns_flags(wire: bytes) -> int | None:
+    """The flags of ``wire``'s OPT record (its TTL's low 16 bits), or None when it has none.
+
+    Walked record by record (names skipped, compression pointers included; every step checked
+    against the message's end): the forwarder answers malformed queries too, and a FORMERR to one
+    whose OPT is readable carries an OPT as well. Anything unreadable before the OPT: None."""
+    end = len(wire)
+    if end < 12:
+        return None
+    counts = [int.from_bytes(wire[at:at + 2], "big") for at in (4, 6, 8, 10)]
+    if not counts[3]:
+        return None
+    questions, additional = counts[0], counts[0] + counts[1] + counts[2]
+    pos = 12
+    for index in range(additional + counts[3]):   # each step moves ``pos`` on: bounded by ``end`` too
+        pos = _past_name(wire, pos)
+        if pos < 0:
+            return None
+        if index < questions:
+            pos += 4
+            continue
+        if pos + 10 > end:
+            return None
+        if index >= additional and wire[pos:pos + 2] == b"\x00\x29":
+            return int.from_bytes(wire[pos + 6:pos + 8], "big")
+        pos += 10 + int.from_bytes(wire[pos + 8:pos + 10], "big")
+    return None
+
+
+def _past_name(wire: bytes, pos: int) -> int:
+    """Where the name at ``pos`` ends (a pointer ends it), or -1 when it does not within ``wire``."""
+    end = len(wire)
+    while pos < end:
+        size = wire[pos]
+        if size == 0:
+            return pos + 1
+        if size >= 0xC0:
+            return pos + 2 if pos + 2 <= end else -1
+        if size > 63:
+            return -1
+        pos += size + 1
+    return -1
 
 
 #: ``IP_PKTINFO`` (<linux/in.h>); Python's socket module names only the IPv6 one.

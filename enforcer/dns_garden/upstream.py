@@ -7,8 +7,11 @@ Kaminsky-style spoofing (RFC 5452): each resolver gets a pool of ``POOL_SIZE`` c
 non-blocking sockets on kernel-chosen random source ports (each re-opened after
 ``REOPEN_AFTER`` queries, so the ports keep moving), each query gets a fresh random ID (never one
 outstanding on that socket), and an answer is accepted only from that resolver's address and port
-(the connected socket's kernel filter, checked again here), with an outstanding ID and a
-byte-equal question section. Anything else is dropped and counted
+(the connected socket's kernel filter, checked again here), with an outstanding ID and the
+same question section (``_is_answer_to``: the name compared without regard to letter case, as
+RFC 4343 compares names, since some resolvers and middleboxes answer with the name lowered; type
+and class exactly), or with no question at all when it is an error that RFC 1035 lets a server
+send without one (``_is_bare_error``). Anything else is dropped and counted
 (``upstream_answers_dropped``). The client's ID is put back in the answer, which otherwise passes
 byte for byte. A resolver that does not answer within ``timeout`` (or reports an ICMP error)
 is counted (``upstream_failures``) and the next one in ``settings.resolvers`` order is asked;
@@ -36,8 +39,8 @@ from dataclasses import dataclass
 
 from .stats import Stats
 
-__all__ = ["POOL_SIZE", "RECV_BATCH", "REOPEN_AFTER", "UDP_RECEIVE_BUFFER", "Answer", "TcpUpstreamSession",
-           "UdpUpstream", "UpstreamFailed", "large_receive_buffer", "resolver_label"]
+__all__ = ["BARE_ERRORS", "POOL_SIZE", "RECV_BATCH", "REOPEN_AFTER", "UDP_RECEIVE_BUFFER", "Answer",
+           "TcpUpstreamSession", "UdpUpstream", "UpstreamFailed", "large_receive_buffer", "resolver_label"]
 
 log = logging.getLogger("walled_garden.dns")
 
@@ -127,10 +130,65 @@ def _fresh_id(outstanding: Container[int]) -> int:
             return qid
 
 
+#: RCODEs an upstream may send without the question (QDCOUNT 0): FORMERR, SERVFAIL, NOTIMP, REFUSED.
+BARE_ERRORS = frozenset({1, 2, 4, 5})
+
+
 def _is_answer_to(data: bytes, question: bytes) -> bool:
-    """A response (QR set) with one question, byte-equal to ``question``."""
-    return (len(data) >= 12 + len(question) and data[2] & 0x80 != 0 and data[4:6] == b"\x00\x01"
-            and data[12:12 + len(question)] == question)
+    """Whether ``data`` (its ID and source already checked) answers ``question``: a response (QR
+    set) with that one question, or an error without any (``_is_bare_error``).
+
+    Byte-equal is the common case and is tested first; else the name is compared label by label
+    without regard to ASCII letter case (``_same_question``). A resolver or middlebox that lowers
+    the name (undoing a client's 0x20 mixed case) answers the same question (RFC 4343), and
+    dropping its answer would cost the client a SERVFAIL after ``upstream_timeout`` and the
+    resolver a failure it did not commit. The answer still passes as the resolver sent it."""
+    if len(data) < 12 or not data[2] & 0x80:
+        return False
+    if data[4:6] == b"\x00\x01":
+        end = 12 + len(question)
+        if len(data) < end:
+            return False
+        echoed = data[12:end]
+        return echoed == question or _same_question(echoed, question)
+    return data[4:6] == b"\x00\x00" and _is_bare_error(data)
+
+
+def _same_question(echoed: bytes, question: bytes) -> bool:
+    """``echoed`` (as long as ``question``) is ``question`` but for the ASCII letter case of its name.
+
+    Walked label by label over ``question`` (uncompressed: name, type, class): each length octet
+    equal exactly, each label's bytes equal after ``bytes.lower`` (which changes A-Z only, so no
+    other byte can come to match), the final type and class equal exactly (lowering them would
+    make type 0x0041 match 0x0061). A length octet is never lowered: only label bytes are."""
+    end = len(question) - 4
+    pos = 0
+    while pos < end:
+        size = question[pos]
+        if echoed[pos] != size or size > 63:
+            return False
+        if size == 0:
+            return pos + 1 == end and echoed[end:] == question[end:]
+        label, pos = pos + 1, pos + 1 + size
+        if echoed[label:pos].lower() != question[label:pos].lower():
+            return False
+    return False
+
+
+def _is_bare_error(data: bytes) -> bool:
+    """An error answer without a question section: RFC 1035 (4.1.1) lets a server that could not
+    read the query leave it out. Taken only when its RCODE is one of ``BARE_ERRORS`` and it holds
+    no record but, at most, one OPT (RFC 6891: a server that read the query's OPT answers with
+    one) with extended RCODE 0, and nothing after it: an error with nothing in it to admit or
+    to poison a cache with, passed to the client as it came (the forwarder admits nothing from it).
+    Its source and ID are checked by the caller, as for any answer."""
+    if data[3] & 0x0F not in BARE_ERRORS or data[6:10] != b"\x00\x00\x00\x00":
+        return False
+    if data[10:12] == b"\x00\x00":
+        return len(data) == 12
+    # One OPT: root owner, type 41, class (payload size), TTL (extended RCODE, version, flags), RDLENGTH.
+    return (data[10:12] == b"\x00\x01" and len(data) >= 23 and data[12:15] == b"\x00\x00\x29" and data[17] == 0
+            and len(data) == 23 + int.from_bytes(data[21:23], "big"))
 
 
 class _Pending:
