@@ -37,7 +37,9 @@ What is atomic (``apply``), precisely:
 
 Every tool runs through ``_run`` / ``_succeeds``: a tool that is missing, hangs or fails raises
 ``DataplaneError`` (the reconciler then sets ``needs_full``), never another exception; clean-ups
-that may fail without harm (``_destroy``, ``remove_everything``) log instead.
+that may fail without harm (``_destroy``, ``remove_everything``) log instead. A set of ours that
+cannot be destroyed (a rule not ours names it) is emptied instead (``_destroy_or_empty``): it
+must not keep walling whoever it held.
 
 No generation. nftables numbers every committed transaction in the namespace (the digest mark's
 proof that nobody changed the table since, ``Reconciler._carries``); ipset has no such number.
@@ -56,6 +58,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from . import iptables_rules
 from .backend import DataplaneError
@@ -676,32 +679,68 @@ class IpsetDataplane:
 
     def _destroy(self, names: list[str]) -> list[str]:
         """Destroy these sets (umbrellas first: their members cannot go while listed), each on its
-        own: one that cannot go (an operator's rule still names an obsolete set) is logged and
-        stays, the rest go all the same. One ``restore`` when all go; returns those that stayed."""
-        pending = sorted(dict.fromkeys(names), key=lambda name: not _is_list(name))
-        stayed: list[str] = []
+        own; returns those that stayed (``_destroy_or_empty``: emptied when they could be)."""
+        left = self._destroy_or_empty(names)
+        return [*left.emptied, *left.not_emptied]
+
+    def _destroy_or_empty(self, names: list[str]) -> SetsLeft:
+        """Destroy these sets; a set that cannot go is emptied instead, so nothing stays restricted by it.
+
+        A set of ours that an iptables rule not ours still names cannot be destroyed: an obsolete
+        per-prefix set a ``rules: external`` line names, or every set a switch to nftables leaves
+        behind while the operator's lines still name them (docs/ipset.md asks for those lines to
+        go first). Left as it was, it would keep walling whoever it held, a customer who paid
+        since included, with nothing of ours ever writing it again. So what the tool refused is
+        flushed (``ipset flush``: an empty set matches nobody), and destroyed again: a member that
+        stayed only because an emptied umbrella listed it goes now. Each set on its own: one that
+        cannot go is logged (``event=ipset_destroy_failed``, ``emptied=yes|no``), the rest go all
+        the same. A tool that fails as a whole (missing, hung) is logged and nothing more tried."""
+        refused, broken = self._each("destroy", sorted(dict.fromkeys(names), key=lambda name: not _is_list(name)))
+        if broken is not None:
+            log.warning("event=ipset_destroy_failed sets=%s error=%r", " ".join(refused), broken)
+            return SetsLeft((), tuple(refused))
+        if not refused:
+            return SetsLeft((), ())
+        not_emptied, broken = self._each("flush", list(refused))
+        stayed, _ = self._each("destroy", list(refused))
+        emptied: list[str] = []
+        for name in stayed:
+            empty = name not in not_emptied and broken is None
+            log.warning("event=ipset_destroy_failed set=%s emptied=%s error=%r", name, "yes" if empty else "no",
+                        stayed[name])
+            if empty:
+                emptied.append(name)
+        return SetsLeft(tuple(emptied), tuple(name for name in stayed if name not in emptied))
+
+    def _each(self, verb: str, names: list[str]) -> tuple[dict[str, str], str | None]:
+        """``verb`` (``destroy``, ``flush``) each of ``names``, in that order, in one ``ipset restore``
+        when all succeed; a line that fails is passed over (a set that does not exist: as done).
+        What failed, by name with the tool's message; and the error when the tool failed as a
+        whole (then every name not done yet is in the first)."""
+        failed: dict[str, str] = {}
+        pending = list(names)
         for _ in range(len(pending) + 1):   # each failure takes one name off: bounded
             if not pending:
                 break
             try:
-                _run(["ipset", "restore"], "".join(f"destroy {name}\n" for name in pending), timeout=60)
+                _run(["ipset", "restore"], "".join(f"{verb} {name}\n" for name in pending), timeout=60)
                 break
             except DataplaneError as exc:
                 match = _LINE.search(str(exc))
                 if match is None:
-                    log.warning("event=ipset_destroy_failed sets=%s error=%r", " ".join(pending), str(exc))
-                    return stayed + pending
-                failed = int(match.group(1)) - 1
+                    failed.update(dict.fromkeys(pending, str(exc)))
+                    return failed, str(exc)
+                line = int(match.group(1)) - 1
                 if "does not exist" not in str(exc):   # already gone: nothing to say
-                    stayed.append(pending[failed])
-                    log.warning("event=ipset_destroy_failed set=%s error=%r", pending[failed], str(exc))
-                pending = pending[failed + 1:]
-        return stayed
+                    failed[pending[line]] = str(exc)
+                pending = pending[line + 1:]
+        return failed, None
 
     # -- taking it all away (tests, ``walled-garden`` uninstall docs) -----------------------------
-    def remove_everything(self) -> None:
+    def remove_everything(self) -> SetsLeft:
         """Our jumps, chains and sets gone (the equivalent of ``nft delete table``); best effort:
-        what cannot be removed is logged."""
+        what cannot be removed is logged. The sets that stayed (``_destroy_or_empty``: a rule not
+        ours names them) are returned, emptied when they could be."""
         for version in (4, 6):
             for table, builtin, ours_ in iptables_rules.JUMPS:
                 for _ in range(10):   # each jump was inserted once; bounded all the same
@@ -716,8 +755,21 @@ class IpsetDataplane:
         except DataplaneError as exc:
             log.warning("event=ipset_remove_failed error=%r", str(exc))
             names = []
-        self._destroy(names)
+        left = self._destroy_or_empty(names)
         self._sizes.clear()
+        return left
+
+
+@dataclass(frozen=True)
+class SetsLeft:
+    """Sets of ours that could not be destroyed (an iptables rule not ours names them): ``emptied``
+    restrict nobody any more; ``not_emptied`` (the flush failed too) may still restrict whoever they hold."""
+
+    emptied: tuple[str, ...]
+    not_emptied: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.emptied or self.not_emptied)
 
 
 def _quietly(argv: list[str]) -> bool:

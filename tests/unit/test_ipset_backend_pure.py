@@ -252,7 +252,66 @@ def test_destroy_goes_on_past_a_set_in_use(tools: Tools) -> None:
     stayed = IpsetDataplane("t", "own", "nft")._destroy(["walled-portal4-24", "walled-notice4-24", "walled-portal4"])
     assert stayed == ["walled-portal4-24"]
     assert tools.restores() == [["destroy walled-portal4", "destroy walled-portal4-24", "destroy walled-notice4-24"],
-                                ["destroy walled-notice4-24"]], "the umbrella first, then on past the failure"
+                                ["destroy walled-notice4-24"],
+                                ["flush walled-portal4-24"],      # what stays is emptied
+                                ["destroy walled-portal4-24"]], "the umbrella first, then on past the failure"
+
+
+def _in_use(kept: set[str], broken_flush: set[str] | None = None) -> Reply:
+    """``ipset restore`` as the kernel answers it while rules not ours name ``kept``: their
+    ``destroy`` lines fail (the lines before are done), ``flush`` works but on ``broken_flush``."""
+    def reply(argv: list[str], data: str | None) -> tuple[int, str, str]:
+        if argv[:3] == ["ipset", "list", "-n"]:
+            return 0, "walled-portal4\nwalled-portal4-32\nwalled-allow4\nwalled-layouttag\noperator-set\n", ""
+        for number, line in enumerate((data or "").splitlines(), 1):
+            verb, name = line.split()
+            if (verb == "destroy" and name in kept) or (verb == "flush" and name in (broken_flush or set())):
+                what = "Set cannot be destroyed: it is in use by a kernel component" if verb == "destroy" else "boom"
+                return 1, "", f"ipset v7.17: Error in line {number}: {what}"
+        return 0, "", ""
+    return reply
+
+
+def test_a_set_a_rule_not_ours_still_names_is_emptied_not_left_restricting(tools: Tools) -> None:
+    """A switch to nftables while the operator's ``rules: external`` lines still name our umbrella
+    and allow set: those cannot be destroyed, so they are flushed (an empty set walls nobody), and
+    the umbrella's member, held only by the umbrella, goes once the umbrella is empty."""
+    kept = {"walled-portal4", "walled-allow4"}
+    state: dict[str, set[str]] = {"emptied": set()}
+
+    def reply(argv: list[str], data: str | None) -> tuple[int, str, str]:
+        lines = (data or "").splitlines()
+        # the member is in use while its umbrella still lists it
+        if "walled-portal4" not in state["emptied"] and "destroy walled-portal4-32" in lines:
+            index = lines.index("destroy walled-portal4-32")
+            if not any(line.split()[1] in kept for line in lines[:index]):
+                return 1, "", f"ipset v7.17: Error in line {index + 1}: Set cannot be destroyed: it is in use"
+        answer = _in_use(kept)(argv, data)
+        if answer[0] == 0:
+            state["emptied"].update(line.split()[1] for line in lines if line.startswith("flush "))
+        return answer
+
+    tools.reply = reply
+    left = IpsetDataplane("t", "own", "nft").remove_everything()
+    assert left.emptied == ("walled-portal4", "walled-allow4") and left.not_emptied == () and left
+    restores = tools.restores()
+    assert restores[-3:] == [["flush walled-portal4", "flush walled-portal4-32", "flush walled-allow4"],
+                             ["destroy walled-portal4", "destroy walled-portal4-32", "destroy walled-allow4"],
+                             ["destroy walled-portal4-32", "destroy walled-allow4"]], \
+        "emptied, then destroyed again: the member goes (line 2 failed: line 1 done)"
+    assert not any("operator-set" in line for lines in restores for line in lines)
+
+
+def test_a_set_that_cannot_even_be_emptied_is_said_so(tools: Tools) -> None:
+    tools.reply = _in_use({"walled-portal4"}, broken_flush={"walled-portal4"})
+    left = IpsetDataplane("t", "own", "nft").remove_everything()
+    assert left.emptied == () and left.not_emptied == ("walled-portal4",)
+
+
+def test_nothing_left_when_everything_goes(tools: Tools) -> None:
+    tools.reply = _in_use(set())
+    left = IpsetDataplane("t", "own", "nft").remove_everything()
+    assert not left and all(line.startswith("destroy ") for lines in tools.restores() for line in lines)
 
 
 def test_a_leftover_temporary_is_destroyed_before_a_set_grows(tools: Tools) -> None:
