@@ -625,11 +625,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
     answer = _ask(args, "GET", f"/v1/explain?q={quote(args.query.strip())}")   # a prefix too: Queries.explain
     if isinstance(answer, int):
         return answer
+    now = time.time()
+    giver = answer.get("session")   # the session holding the address asked about (SPEC §9)
+    given = ""
+    if giver:
+        whose = giver.get("subscriber") or "no listed subscriber (a paying customer)"
+        match = ";".join(f"{k}={v}" for k, v in (giver.get("match") or {}).items()) or "by id"
+        until = f" until {_when(giver['expires'], now)}" if giver.get("expires") else " (no expiry)"
+        given = (f"  address given by: {giver['source']} session {giver['key']} ({match}), subscriber {whose}, "
+                 f"holds {', '.join(giver.get('addresses') or []) or 'nothing now'}{until}")
     if not answer["found"]:
         print(f"{args.query.strip() or answer['query']}: not restricted ({answer['why']})")
+        if given:
+            print(given)
         return 0
-    now = time.time()
     print(f"{answer['subscriber']} [{answer['reference']}]: {_explain_state(answer)}")
+    if given:
+        print(given)
     print(f"  why: {answer['why']}")
     if answer["addresses"]:
         print(f"  addresses: {' '.join(answer['addresses'])}")

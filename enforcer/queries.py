@@ -17,6 +17,7 @@ from .engine import Engine
 from .model import Mode, Network
 from .policy import Decision
 from .references import References
+from .sessions.session import Session
 
 
 class Queries:
@@ -64,19 +65,25 @@ class Queries:
         query = query.strip()
         sid: str | None = None
         address = None
+        giver: Session | None = None   # the session holding the address asked about
         if query in inputs.known_ids() or query in engine.decisions or query in inputs.exemptions:
             sid = query
         else:
             probe = _address_of(query)
             try:
                 address = lookup(self.engine, self.references, probe)
-                sid = address.subscriber or self._holder_of(probe)
+                giver = self._session_at(probe)
+                sid = address.subscriber or self._holder_of(probe, giver)
             except ValueError:
                 sid = self.references.find(query, inputs.known_ids())
+        given = {"session": self._session_json(giver)} if giver is not None else {}
         if sid is None:
             why = ("no restricted subscriber holds this address" if address else
                    "not a subscriber id, address or reference code this gateway knows")
-            return {"query": query, "found": False, "restricted": False, "why": why}
+            if giver is not None:
+                why += f"; {giver.source} session {giver.key} holds it, a session of no listed subscriber (a paying " \
+                       "customer)"
+            return {"query": query, "found": False, "restricted": False, "why": why} | given
         now = engine.clock()
         enforced = engine.decisions.get(sid)
         decision = inputs.decide(sid, now, enforced)
@@ -103,7 +110,7 @@ class Queries:
             "enforced_in_kernel": (enforced.mode.value if enforced and enforced.restricted else Mode.FREE.value),
             "notice_acknowledged_until": engine.acknowledged.get(sid),
             "address_conflict": self._clash(sid, decision),
-        }
+        } | given
 
     def _clash(self, sid: str, decision: Decision) -> dict[str, Any] | None:
         """Why a restriction the policy wants is not in the kernel: another subscriber holds one
@@ -119,17 +126,33 @@ class Queries:
             clash |= {"address": _shown(found.network), "holder": found.holder, "holders_address": _shown(found.theirs)}
         return clash
 
-    def _holder_of(self, address: str) -> str | None:
-        """Which known subscriber's addresses contain ``address`` (restricted or not): O(list),
-        for the operator's ``explain`` of someone a promise, grace or exemption freed."""
+    def _session_at(self, address: str) -> Session | None:
+        """The session holding ``address`` (or a prefix containing it) now, whoever it belongs
+        to: SPEC §9, ``explain`` shows which session gave an address, a paying customer's too."""
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return self.engine.inputs.sessions.holder(ipaddress.ip_network(ip))
+
+    def _session_json(self, session: Session) -> dict[str, Any]:
+        """A session for ``explain``: where it comes from, whose it is (``subscriber``: the listed
+        subscriber it belongs to, None for a paying customer's), what it holds and until when."""
+        inputs = self.engine.inputs
+        return {"source": session.source, "key": session.key, "match": session.match.to_json(),
+                "subscriber": inputs.session_owner(session),
+                "addresses": [str(a) for a in inputs.sessions.held(session)], "expires": session.expires,
+                "seen": session.seen, "detail": session.detail}
+
+    def _holder_of(self, address: str, giver: Session | None) -> str | None:
+        """Which known subscriber's addresses contain ``address`` (restricted or not): the owner
+        of the session holding it (``giver``), else O(list), for the operator's ``explain`` of
+        someone a promise, grace or exemption freed."""
         ip = ipaddress.ip_address(address)
         inputs = self.engine.inputs
-        for session in inputs.sessions.sessions.values():
-            held = inputs.sessions.held(session)
-            if any(ip.version == n.version and ip in n for n in held):
-                owner = inputs.session_owner(session)
-                if owner is not None:
-                    return owner
+        if giver is not None:
+            owner = inputs.session_owner(giver)
+            if owner is not None:
+                return owner
         sources = [inputs.listed.items(), ((sid, o.subscriber) for sid, o in inputs.overrides.items() if o.subscriber)]
         for pairs in sources:
             for sid, subscriber in pairs:

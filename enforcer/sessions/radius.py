@@ -37,10 +37,15 @@ Choices, each deliberate:
   and the address in a later Interim-Update; not a problem, so not counted.
 - Stop ends the key. A Start or Interim-Update for a key stopped in the last
   ``TOMBSTONE_SECONDS`` (a retransmission that lost the race with its Stop) is answered and
-  ignored, so a stale packet never revives an ended session.
+  ignored, so a stale packet never revives an ended session; each is counted (``stale`` in
+  ``status``) and logged (``event=radius_stale_ignored``).
 - Accounting-On / Accounting-Off (the NAS rebooted, or is going down) end every session this
   receiver knows of that NAS: those the daemon holds (saved before a restart too), the ones
-  started since and those in flight.
+  started since and those in flight. They also forget that NAS's stopped keys: a rebooted NAS
+  numbers its sessions afresh (``00000001`` again), and its new Start must not be taken for a
+  late copy of the old session's (that left the new session unenforced for up to
+  ``TOMBSTONE_SECONDS``), and the duplicates in flight from its address (a packet it sends
+  after the reboot is new even when its octets equal one sent before it).
 - Packets of one session key are committed in arrival order (each waits for the previous
   one of its key); different keys commit concurrently, so the sink can batch them.
 - Duplicates (RFC 5080 section 2.2.2: same source address and port, Identifier and Request
@@ -289,12 +294,12 @@ class RadiusSource:
         self._transport: asyncio.DatagramTransport | None = None
         self._sink: SessionSink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._in_flight: set[tuple[str, int, int, bytes]] = set()   # (ip, port, id, authenticator)
+        self._in_flight: dict[tuple[str, int, int, bytes], asyncio.Task[None]] = {}   # (ip, port, id, authenticator)
         self._last: dict[tuple[str, str], asyncio.Task[None]] = {}  # (nas, session id) -> newest task
         self._known: dict[str, set[str]] = {}                        # nas -> session ids started
         self._stopped: dict[tuple[str, str], float] = {}             # (nas, session id) -> when stopped
         self.counts = {"requests": 0, "answered": 0, "dropped": 0, "duplicates": 0, "busy": 0,
-                       "failures": 0, "uncommitted": 0}
+                       "failures": 0, "uncommitted": 0, "stale": 0}
         self.last_request: float | None = None
 
     # -- SessionSource -----------------------------------------------------------------------
@@ -389,6 +394,7 @@ class RadiusSource:
         if accounting.status in _NAS_RESETS:
             ids = set(self._known.get(nas, ())) | {sid for (n, sid) in self._last if n == nas}
             stopped = [f"{nas}/{sid}" for sid in sorted(ids)]
+            self._forget(nas, duplicate[0])
         elif accounting.status == "Stop":
             ids = {accounting.session_id}
             stopped = [accounting.key]
@@ -396,7 +402,7 @@ class RadiusSource:
         elif accounting.status in _STARTS:
             ids = {accounting.session_id}
             session = self._session(sink, accounting, received)
-            if session is not None and self._alive(nas, accounting.session_id, received):
+            if session is not None and self._alive(accounting, received):
                 started = [session]
         else:
             ids = set()
@@ -405,14 +411,15 @@ class RadiusSource:
             self._commit(sink, request, accounting, started, stopped, after, duplicate, received),
             name=f"radius {accounting.key}")
         self._tasks.add(task)
-        self._in_flight.add(duplicate)
+        self._in_flight[duplicate] = task
         keys = [(nas, sid) for sid in ids]
         for key in keys:
             self._last[key] = task
 
         def done(finished: asyncio.Task[None]) -> None:
             self._tasks.discard(finished)
-            self._in_flight.discard(duplicate)
+            if self._in_flight.get(duplicate) is finished:   # not an equal packet's after a NAS reset
+                del self._in_flight[duplicate]
             for key in keys:
                 if self._last.get(key) is finished:
                     del self._last[key]
@@ -441,14 +448,33 @@ class RadiusSource:
         return Session(self.name, accounting.key, accounting.match, tuple(addresses), expires=expires,
                        detail=f"radius session {accounting.session_id} from {accounting.nas}")
 
-    def _alive(self, nas: str, session_id: str, now: float) -> bool:
-        """False for a key stopped recently (a Start/Interim-Update that lost the race with its Stop)."""
+    def _alive(self, accounting: Accounting, now: float) -> bool:
+        """False for a key stopped recently (a Start/Interim-Update that lost the race with its
+        Stop): counted and logged, for a NAS that keeps sending for a session it ended is
+        otherwise invisible (answered, and nothing enforced)."""
         while self._stopped:
             oldest, when = next(iter(self._stopped.items()))
             if when > now - TOMBSTONE_SECONDS and len(self._stopped) <= MAX_TOMBSTONES:
                 break
             del self._stopped[oldest]
-        return (nas, session_id) not in self._stopped
+        stopped = self._stopped.get((accounting.nas, accounting.session_id))
+        if stopped is None:
+            return True
+        self.counts["stale"] += 1
+        log.info("event=radius_stale_ignored source=%s session=%s status=%s stopped_seconds_ago=%.0f (answered; "
+                 "a packet for a key stopped in the last %.0f s does not start it again)", self.name, accounting.key,
+                 accounting.status, now - stopped, TOMBSTONE_SECONDS)
+        return False
+
+    def _forget(self, nas: str, ip: str) -> None:
+        """Accounting-On/Off: ``nas`` starts afresh. Its stopped keys no longer hold off a Start
+        (it reuses session ids after a reboot), and packets from its address in flight no longer
+        swallow an equal new one as a duplicate. ``_last`` stays: the new packets of its keys
+        must commit after the stops this reset makes. O(tombstones), once per reset."""
+        for key in [key for key in self._stopped if key[0] == nas]:
+            del self._stopped[key]
+        for duplicate in [d for d in self._in_flight if d[0] == ip]:
+            del self._in_flight[duplicate]
 
     async def _commit(self, sink: SessionSink, request: Any, accounting: Accounting, started: list[Session],
                       stopped: list[str], after: list[asyncio.Task[None]], duplicate: tuple[str, int, int, bytes],
