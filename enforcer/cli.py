@@ -559,6 +559,14 @@ def _print_health(status: dict[str, Any]) -> None:
                  "billing must send it again" if lifted else ""))
     if state.get("rows_quarantined"):
         print(f"state rows quarantined: {state['rows_quarantined']} (unreadable rows skipped at start)")
+    switch = status.get("backend_switch") or {}
+    if switch.get("sets_left_not_emptied"):
+        print(f"OLD IPSETS STILL RESTRICTING: {', '.join(switch['sets_left_not_emptied'])}: iptables rules not "
+              "ours name them and they could be neither destroyed nor emptied; delete those lines (docs/ipset.md, "
+              "Switching)")
+    if switch.get("sets_left_emptied"):
+        print(f"old ipsets left empty: {', '.join(switch['sets_left_emptied'])} (named by iptables rules not ours; "
+              "they restrict nobody); delete those lines and the next start destroys them (docs/ipset.md, Switching)")
     for name, task in sorted((status.get("tasks") or {}).items()):
         if task.get("failures"):
             at = task.get("last_failure_at")

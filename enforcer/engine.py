@@ -43,7 +43,7 @@ from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
-from .subscribers import Key, key_network, network_key
+from .subscribers import Key, Subscriber, key_network, network_key
 from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -350,9 +350,10 @@ class Engine:
     async def apply_resolving(self, decisions: dict[str, Decision], why: str, cause: str = "",
                               deferred: list[EnforcedWrite] | None = None) -> SyncResult:
         """``apply`` for changes that must not wait on one subscriber (timers, sessions): a
-        subscriber whose decision claims an address another holds keeps what is enforced now,
-        reported in ``conflicts`` and retried each timer round, while everyone else's change
-        applies. One reassigned address must never stop graces, promises and windows for all."""
+        subscriber whose decision claims an address another holds gets the rest of its change
+        (``_without_contested``), the contested address reported in ``conflicts`` and retried
+        each timer round, while everyone else's change applies. One reassigned address must
+        never stop graces, promises and windows for all, nor the subscriber's other addresses."""
         try:
             result = await self.apply(decisions, cause, deferred)
         except AddressConflict:
@@ -380,13 +381,45 @@ class Engine:
                 merged.kind = "full" if one.kind == "full" else merged.kind
             if len(refused) == len(pending):
                 for sid, detail in refused.items():
+                    trimmed = self._without_contested(sid, decisions[sid])
+                    if trimmed is not None:
+                        try:
+                            one = await self.apply({sid: trimmed}, cause, deferred)
+                        except AddressConflict:
+                            trimmed = None
+                        else:
+                            merged.elements += one.elements
+                            merged.changed += one.changed
+                            merged.kind = "full" if one.kind == "full" else merged.kind
                     if sid not in self.conflicts:
-                        log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (kept as enforced; "
-                                    "retried each timer round)", sid, why, detail)
+                        log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (%s; retried each "
+                                    "timer round)", sid, why, detail,
+                                    "kept as enforced" if trimmed is None else "the rest of the change applied")
                     self.conflicts.note(sid, detail, decisions[sid].mode.value, self.clock())
                 break
             pending = {sid: decisions[sid] for sid in refused}
         return merged
+
+    def _without_contested(self, sid: str, decision: Decision) -> Decision | None:
+        """``decision`` without the addresses another subscriber holds, or None when none of
+        its addresses is contested (the conflict is elsewhere: keep what is enforced). One
+        session address that is another's must not freeze the rest of the subscriber: its
+        other new addresses walled, and the old ones freed (they may be a paying customer's
+        now). The holder keeps what it holds; the contested address waits in ``conflicts``."""
+        subscriber = decision.subscriber
+        if not decision.restricted or subscriber is None:
+            return None
+        kept: list[Network] = []
+        contested: list[Network] = []
+        for network in subscriber.addresses:
+            (contested if self.claims.conflict(sid, (network,)) is not None else kept).append(network)
+        if not contested:
+            return None
+        s, d = subscriber, decision
+        return Decision(d.subscriber_id, d.mode,
+                        f"{d.cause}; held back (enforced for another subscriber): {', '.join(map(str, contested))}",
+                        Subscriber(s.id, tuple(kept), s.mode, s.reason, s.exempt_until, s.exempt_category, s.match),
+                        d.until, d.pending)
 
     def _gains(self, sid: str, decision: Decision) -> bool:
         """Does ``decision`` hold an address that ``sid``'s enforced one does not?"""

@@ -9,9 +9,9 @@ and the sessions are saved with the enforcement record in one commit. Only then 
 the change is in the kernel and survives a restart. If it cannot be made durable, the book
 and the kernel go back to how they were and the source is told (``SessionChangeFailed``).
 
-A session's addresses that belong to another subscriber's fixed list addresses are not taken
-from them: that subscriber keeps its restriction, the conflict is reported in ``status``
-(``conflicts``) and retried, and everyone else's change applies.
+A session's address that another subscriber holds (a fixed list address, say) is not taken
+from them: it is held back, reported in ``status`` (``conflicts``) and retried, and the rest of
+the change applies, this subscriber's other addresses included (``Engine.apply_resolving``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .sessions.book import Change
 from .sessions.session import Session, SessionId, address_key
 from .sessions.source import PROBLEMS, SessionChangeFailed, SessionSource
 from .store import EnforcedWrite, StoreError
-from .subscribers import Key
+from .subscribers import Key, breadth_problem
 
 log = logging.getLogger("walled_garden.sessions")
 
@@ -133,7 +133,9 @@ class SessionIntake:
                         source, kind, detail)
 
     def address_problem(self, network: Network) -> str | None:
-        return self.engine.space.problem(network)
+        """Why a session may not hold ``network``: too broad for one subscriber (a /33 lease
+        would wall half a /32 pool), or outside the address space."""
+        return breadth_problem(network) or self.engine.space.problem(network)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -320,7 +322,7 @@ class SessionIntake:
         rows: list[Row] = []
         for sid in touched:
             decision = self.engine.decisions.get(sid)
-            if decision is None or not decision.restricted or sid in self.engine.conflicts:
+            if decision is None or not decision.restricted:
                 continue
             old, new = set(held_before.get(sid, ())), set(held(decision))
             if old == new or sid not in held_before:

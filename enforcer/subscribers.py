@@ -242,6 +242,15 @@ def id_problem(ident: Any) -> str | None:
     return None
 
 
+def breadth_problem(network: Network, text: str = "") -> str | None:
+    """Why ``network`` is too broad to be one subscriber's (wider than /16 or /48), or None.
+    Every door checks it: lists, events, the CLI, and the sessions leases and RADIUS report."""
+    if network.prefixlen >= MIN_PREFIX[network.version]:
+        return None
+    return (f"{text or network} is broader than /{MIN_PREFIX[network.version]}; refusing a prefix that wide "
+            f"for one subscriber{_MIN_PREFIX_WHY[network.version]}")
+
+
 def parse_address(text: str, space: AddressSpace | None = None) -> Network:
     """An address or prefix as billing writes it; host bits in a prefix are an error, and so
     are addresses never a subscriber's (loopback, multicast, ...: ``special_use_problem``) and,
@@ -251,10 +260,8 @@ def parse_address(text: str, space: AddressSpace | None = None) -> Network:
     if "%" in text:    # ``ipaddress`` takes fe80::1%eth0 and the kernel's sets would drop the zone
         raise ValueError(f"{text} carries a zone (%...); a subscriber's address is written without one")
     network = _network(text)
-    if network.prefixlen < MIN_PREFIX[network.version]:
-        raise ValueError(f"{text} is broader than /{MIN_PREFIX[network.version]}; refusing a prefix that wide "
-                         f"for one subscriber{_MIN_PREFIX_WHY[network.version]}")
-    problem = space.problem(network) if space is not None else special_use_problem(network)
+    problem = breadth_problem(network, text) or (space.problem(network) if space is not None
+                                                 else special_use_problem(network))
     if problem:
         raise ValueError(problem)
     return network

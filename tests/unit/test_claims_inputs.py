@@ -208,7 +208,8 @@ async def test_a_move_in_a_batch_with_an_unrelated_clash_still_moves(tmp_path: P
     """A batch with a genuine clash (C-4 wants C-1's address) falls back to one subscriber at a
     time; the move inside it (C-3 takes C-2's address) must still go through, in whatever order
     the batch names them: releases first, and refused claims tried again while others let go.
-    Only C-4 waits in ``conflicts``. (A swap needs both at once: beside a clash it waits in
+    Only C-4 waits in ``conflicts``, its contested address held back and the rest of its change
+    applied (``Engine._without_contested``). (A swap needs both at once: beside a clash it waits in
     ``conflicts`` too, its addresses still held by their old holders.)"""
     from enforcer.policy import Decision
     async with enforcer(tmp_path) as (e, fake):
@@ -224,7 +225,10 @@ async def test_a_move_in_a_batch_with_an_unrelated_clash_still_moves(tmp_path: P
         assert set(e.engine.conflicts) == {"C-4"}, e.engine.conflicts
         walled = _walled(fake)
         assert walled.get("100.64.0.20") == "goto notice" and walled.get("100.64.0.21") == "goto garden", walled
-        assert walled.get("100.64.0.40") == "goto garden" and walled.get("100.64.0.10") == "goto garden", walled
+        # C-4's contested .10 stays C-1's (walled all the same); the rest of C-4's change applies:
+        # it no longer holds .40, which is let go (it may be someone else's now)
+        assert walled.get("100.64.0.10") == "goto garden" and "100.64.0.40" not in walled, walled
+        assert e.engine.reconciler.owned["C-1"].subscriber.keys[0][2] == "100.64.0.10"
 
 
 @pytest.mark.parametrize("address", ["100.64.0.10", "2001:db8:10:100::1", "2001:db8:10::/48"])

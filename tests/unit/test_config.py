@@ -345,13 +345,13 @@ def test_nan_duration_is_rejected(key):
 # -- subscribers.source ---------------------------------------------------------------------
 
 def test_missing_subscribers_section():
-    issues = issues_of("state_dir: /tmp/x\n")
+    issues = issues_of("state_dir: /nonexistent/wg-unit\n")
     assert [i.where for i in issues] == ["subscribers.source (config.yaml:1)"]
     assert "required" in issues[0].message
 
 
 def test_missing_subscribers_source():
-    text = "state_dir: /tmp/x\nsubscribers:\n  poll_interval: 30\n"
+    text = "state_dir: /nonexistent/wg-unit\nsubscribers:\n  poll_interval: 30\n"
     issues = issues_of(text)
     assert [i.where for i in issues] == ["subscribers.source (config.yaml:2)"]
 

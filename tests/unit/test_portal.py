@@ -38,14 +38,14 @@ PORTAL_URL = "http://portal.isp.example/"
 WEBSITE = "http://pay.isp.example/"
 
 CONFIG_YAML = f"""
-state_dir: /tmp/x
-subscribers: {{source: /tmp/x/list.yaml}}
+state_dir: /nonexistent/wg-unit
+subscribers: {{source: /nonexistent/wg-unit/list.yaml}}
 portal:
   listen: "0.0.0.0:8080"
   url: "{PORTAL_URL}"
   provider: {{name: "Example ISP", phone: "+420 123 456 789", email: "help@isp.example",
               website: "{WEBSITE}", hours: "Mon-Fri 8-18"}}
-api: {{socket: /tmp/x/control.sock}}
+api: {{socket: /nonexistent/wg-unit/control.sock}}
 """
 
 OVERDUE = Lookup("127.0.0.1", True, "walled-garden", "overdue", "R-7F3K", "C-1001")

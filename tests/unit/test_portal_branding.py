@@ -142,7 +142,8 @@ def test_page_stays_under_30_kb_with_a_12_kb_logo_in_every_language(config: Conf
     room = MAX_LOGO_BYTES - len(PNG)
     logo.write_bytes(PNG + bytes(range(256)) * (room // 256) + b"\0" * (room % 256))
     assert logo.stat().st_size == MAX_LOGO_BYTES
-    text = (f"state_dir: /tmp/x\nsubscribers: {{source: /tmp/x/l.yaml}}\nwalled_garden: {{allow: [pay.example]}}\n"
+    text = (f"state_dir: /nonexistent/wg-unit\nsubscribers: {{source: /nonexistent/wg-unit/l.yaml}}\n"
+            f"walled_garden: {{allow: [pay.example]}}\n"
             f"portal:\n  show_account: true\n  branding: {{logo: {logo}}}\n"
             f"  payment_links: [{{label: Card, url: 'https://pay.example/card'}}, "
             f"{{label: Bank transfer, url: 'https://pay.example/bank'}}]\n"

@@ -148,10 +148,10 @@ def test_the_page_date_names_the_operators_zone() -> None:
 # --- a provider's catalogue: Polish and German dropped in ------------------------------------------
 
 CONFIG = """
-state_dir: /tmp/x
-subscribers: {source: /tmp/x/list.yaml}
+state_dir: /nonexistent/wg-unit
+subscribers: {source: /nonexistent/wg-unit/list.yaml}
 portal: {url: "http://portal.isp.example/", provider: {name: "Example ISP", phone: "+48 22 000 00 00"}}
-api: {socket: /tmp/x/control.sock}
+api: {socket: /nonexistent/wg-unit/control.sock}
 """
 
 #: A few real sentences; every other message gets "[xx] " + English (a complete catalogue all the same).

@@ -19,8 +19,8 @@ from captive_portal.page import Caller, Pages
 from enforcer.config import Config, ConfigError, ReasonPage, parse_config
 
 CONFIG = """
-state_dir: /tmp/x
-subscribers: {source: /tmp/x/list.yaml}
+state_dir: /nonexistent/wg-unit
+subscribers: {source: /nonexistent/wg-unit/list.yaml}
 portal:
   url: "http://portal.isp.example/"
   provider: {name: "Example ISP", phone: "+420 123 456 789"}

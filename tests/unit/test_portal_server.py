@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PORTAL_HOST = "portal.isp.example"
 PORTAL_URL = f"http://{PORTAL_HOST}/"
 CONFIG_YAML = f"""
-state_dir: /tmp/x
-subscribers: {{source: /tmp/x/list.yaml}}
+state_dir: /nonexistent/wg-unit
+subscribers: {{source: /nonexistent/wg-unit/list.yaml}}
 portal: {{listen: "0.0.0.0:8080", url: "{PORTAL_URL}", provider: {{name: "Example ISP"}}}}
-api: {{socket: /tmp/x/control.sock}}
+api: {{socket: /nonexistent/wg-unit/control.sock}}
 """
 
 

@@ -177,9 +177,39 @@ async def test_a_session_on_another_subscribers_list_address_does_not_take_it(da
                                       Subscriber("C-2", (parse_address("100.64.0.30"),), reason="overdue")],
                                      "l", "2"))
     await e.sessions.replace("dnsmasq", [_lease("100.64.0.30", MAC_1), _lease("100.64.0.31", MAC_1)])
-    assert walled(fake) == {"100.64.0.30"}, "C-2 keeps its listed address; C-1's change waits (conflict)"
+    assert walled(fake) == {"100.64.0.30", "100.64.0.31"}, "C-2 keeps its listed address; C-1 gets the rest"
     assert "C-1" in e.engine.conflicts
     assert e.queries.status()["address_conflicts_total"] == 1
+    assert "held back (enforced for another subscriber): 100.64.0.30/32" in e.engine.decisions["C-1"].cause
+
+
+async def test_one_contested_session_address_does_not_freeze_the_subscribers_other_addresses(daemon: Any) -> None:
+    """A session address that is another subscriber's is held back alone: the subscriber's later
+    addresses are walled and its old ones freed (they may be a paying customer's now), and once
+    the holder lets go the held-back address is taken at the timer's retry."""
+    e, fake, clock = daemon
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1)),
+                                      Subscriber("C-2", (parse_address("100.64.0.30"),), reason="overdue")],
+                                     "l", "2"))
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.10", MAC_1)])
+    assert walled(fake) == {"100.64.0.10", "100.64.0.30"}
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.10", MAC_1), _lease("100.64.0.30", MAC_1)])
+    assert "C-1" in e.engine.conflicts and walled(fake) == {"100.64.0.10", "100.64.0.30"}
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.10", MAC_1), _lease("100.64.0.30", MAC_1),
+                                         _lease("100.64.0.11", MAC_1)])
+    assert walled(fake) == {"100.64.0.10", "100.64.0.11", "100.64.0.30"}, "the new address is walled"
+    # .10 re-leased to a paying customer: freed at once, though C-1's .30 is still contested
+    await e.sessions.replace("dnsmasq", [_lease("100.64.0.30", MAC_1), _lease("100.64.0.11", MAC_1),
+                                         _lease("100.64.0.10", MAC_2)])
+    assert walled(fake) == {"100.64.0.11", "100.64.0.30"}
+    assert e.engine.inputs.sessions and "C-1" in e.engine.conflicts
+    # C-2 leaves the list: the timer's retry gives C-1 the address, the conflict is gone
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (), reason="overdue", match=Match(mac=MAC_1))], "l", "3"))
+    clock.now += 60
+    await e.timers.tick()
+    assert walled(fake) == {"100.64.0.11", "100.64.0.30"} and "C-1" not in e.engine.conflicts
+    assert e.engine.reconciler.owned["C-1"].subscriber is not None
+    assert {k[2] for k in e.engine.reconciler.owned["C-1"].subscriber.keys} == {"100.64.0.11", "100.64.0.30"}
 
 
 async def test_the_cli_reports_a_bng_session(daemon: Any, tmp_path: Path) -> None:
@@ -315,3 +345,24 @@ async def test_a_lease_file_passing_addresses_along_a_chain_keeps_them_walled(da
     await e.sessions.replace("dnsmasq", [_lease("100.64.0.41", macs[a]), _lease("100.64.0.42", macs[b])])
     assert walled(fake) == {"100.64.0.41", "100.64.0.42"} and not e.engine.conflicts, e.engine.conflicts
     assert [e.engine.reconciler.owner_of("mode4_32", f"100.64.0.4{n}") for n in (1, 2)] == [a, b]
+
+
+async def test_a_kea_lease_broader_than_one_subscriber_may_hold_is_reported_and_left_out(
+        daemon: Any, tmp_path: Path) -> None:
+    """Lists and events refuse a prefix broader than /48 (/16 for IPv4); a delegated /33 in a
+    lease file must not wall half the pool either: reported, left out, the other leases applied."""
+    from enforcer.sessions.kea import KeaSource
+    e, fake, _ = daemon
+    path = tmp_path / "kea-leases6.csv"
+    head = ("address,duid,valid_lifetime,expire,subnet_id,pref_lifetime,lease_type,iaid,prefix_len,fqdn_fwd,"
+            "fqdn_rev,hostname,hwaddr,state,user_context,hwtype,hwaddr_source\n")
+    row = "{},00:03:00:01:{},3600,1796095685,1,1800,{},1,{},0,0,,{},0,,1,1\n"
+    mac = MAC_1
+    path.write_text(head + row.format("2001:db8:8000::", mac, 2, 33, mac)
+                    + row.format("2001:db8:1::5", mac, 0, 128, mac))
+    source = KeaSource("kea", path, 0.01, clock=lambda: NOW)
+    await source.poll(e.sessions)
+    assert not any(set_name.startswith("mode6_33") and items for set_name, items in fake.view.items())
+    assert {k[2] for k in e.engine.reconciler.owned["C-1"].subscriber.keys} == {"2001:db8:1::5"}
+    status = e.queries.status()
+    assert "broader than /48" in json.dumps(status), status
