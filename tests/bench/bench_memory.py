@@ -130,7 +130,9 @@ def structures(enforcer: Enforcer) -> dict[str, Any]:
 
 def report(phase: str, enforcer: Enforcer, trace: bool, top: int, seconds: float) -> None:
     gc.collect()
+    rss = rss_mb()   # before the walk below: its own set of ~1M ids would count (~45 MB at 100k)
     print(f"\n## {phase} ({seconds:.2f} s)")
+    print(f"VmRSS {rss:.1f} MB")
     if trace:
         current, peak = tracemalloc.get_traced_memory()
         print(f"python heap: {current / 1e6:.1f} MB held, peak {peak / 1e6:.1f} MB during the phase")
@@ -147,7 +149,7 @@ def report(phase: str, enforcer: Enforcer, trace: bool, top: int, seconds: float
     print("deep sizes (shared objects counted once, in this order):")
     for name, obj in structures(enforcer).items():
         print(f"  {deep_size(obj, seen) / 1e6:8.1f} MB  {name}")
-    print(f"VmRSS {rss_mb():.1f} MB")
+    print(f"VmRSS {rss_mb():.1f} MB after that walk (its transient set of ids included)")
     import ctypes
     ctypes.CDLL(None).malloc_trim(0)
     print(f"VmRSS {rss_mb():.1f} MB after malloc_trim(0)")
