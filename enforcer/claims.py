@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .model import Network
-from .subscribers import Key, key_network, network_key
+from .policy import Decision
+from .subscribers import Key, Subscriber, key_network, network_key
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -194,6 +195,20 @@ class ClaimsIndex:
             # tracked for ``inside`` upkeep from now on, though nothing of this length is held
             self._lengths[version] = sorted([*self._lengths[version], plen])
             self._exact.setdefault((version, plen), {})
+
+
+def uncontested(decision: Decision, kept: Iterable[Network], contested: Iterable[Network]) -> Decision:
+    """``decision`` holding only ``kept``; ``contested``, another subscriber's, named in its
+    cause. One address of a subscriber that another holds must not leave the rest of its
+    restriction out (its other addresses free): the holder keeps what it holds, this one gets
+    the rest. The engine's diffs and the full sync trim alike, so they enforce the same."""
+    subscriber = decision.subscriber
+    assert subscriber is not None
+    s, d = subscriber, decision
+    return Decision(d.subscriber_id, d.mode,
+                    f"{d.cause}; held back (enforced for another subscriber): {', '.join(map(str, contested))}",
+                    Subscriber(s.id, tuple(kept), s.mode, s.reason, s.exempt_until, s.exempt_category, s.match),
+                    d.until, d.pending)
 
 
 class Conflicts(dict[str, dict[str, Any]]):

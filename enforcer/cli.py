@@ -608,8 +608,11 @@ def _explain_state(answer: dict[str, Any]) -> str:
     kernel = answer.get("enforced_in_kernel", wanted)
     clash = answer.get("address_conflict")
     if clash:
+        wish = clash.get("wanted") or wanted
+        if kernel == wish:   # enforced on the rest of its addresses (``claims.uncontested``)
+            return f"RESTRICTED ({kernel}) but for {_clash_text(clash)}"
         held = "NOT ENFORCED" if kernel == "free" else f"the kernel keeps {kernel}"
-        return f"wanted {clash.get('wanted') or wanted}, {held} ({_clash_text(clash)})"
+        return f"wanted {wish}, {held} ({_clash_text(clash)})"
     if kernel == wanted:
         return f"RESTRICTED ({wanted})" if answer["restricted"] else "free"
     if kernel == "free":

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 from . import policy
 from .address_space import AddressSpace
 from .billing_order import BillingOrder
-from .claims import ClaimsIndex, Conflicts
+from .claims import ClaimsIndex, Conflicts, uncontested
 from .config import Config
 from .config.reload import reloadable
 from .dataplane.backend import Dataplane, DataplaneError
@@ -43,7 +43,7 @@ from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
 from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
-from .subscribers import Key, Subscriber, key_network, network_key
+from .subscribers import Key, key_network, network_key
 from .table_layout import base_layout
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -256,10 +256,11 @@ class Engine:
         self._synced(result, time.perf_counter() - started)
         owned = self.reconciler.owned
         self.claims.rebuild_keys({sid: held_keys(d) for sid, d in owned.items()})
-        # Only whom the sync left out (the conflicts: none at all, usually) are wanted still: an
-        # owned one is no conflict whether named or not, and 125k networks built took ~1 s.
-        wanted = {sid: (d.mode.value, held(d)) for sid, d in decisions.items() if sid not in owned and d.restricted}
-        self.conflicts.after_sync(wanted, owned, self.claims, self.clock())
+        # Only whom the sync left out or trimmed (the conflicts: none at all, usually) are wanted
+        # still: one enforced as decided is no conflict, and 125k networks built took ~1 s.
+        wanted = {sid: (d.mode.value, held(d)) for sid, d in decisions.items()
+                  if d.restricted and owned.get(sid) is not d}
+        self.conflicts.after_sync(wanted, owned.keys() - wanted.keys(), self.claims, self.clock())
         for sid in self.conflicts.keys() & decisions.keys():   # what the kernel holds for them, not their wish
             decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
                                                                         "is enforced for another subscriber")
@@ -365,8 +366,12 @@ class Engine:
         # One at a time: those that gain no address first (they only let go), then the others;
         # a claim that met an address still held is tried again while a round enforces someone
         # more (a chain: A takes B's address while B takes C's), the rest wait in ``conflicts``.
+        # A round that enforces nobody whole trims (once each) those refused, which may let go of
+        # what a later one claims (C-1 moves onto a contested address, C-2 takes C-1's old one):
+        # another round then. Each round applies someone or trims someone new, so it ends.
         merged = SyncResult("partial", 0, [])
         pending = dict(sorted(decisions.items(), key=lambda item: self._gains(*item)))
+        trimmed: set[str] = set()
         while pending:
             refused: dict[str, str] = {}
             for sid, decision in pending.items():
@@ -376,25 +381,26 @@ class Engine:
                     refused[sid] = str(exc)
                     continue
                 self.conflicts.pop(sid, None)
-                merged.elements += one.elements
-                merged.changed += one.changed
-                merged.kind = "full" if one.kind == "full" else merged.kind
-            if len(refused) == len(pending):
+                merged.add(one)
+            progress = len(refused) < len(pending)
+            if not progress:
+                for sid in refused.keys() - trimmed:
+                    rest = self._without_contested(sid, decisions[sid])
+                    if rest is None:
+                        continue
+                    try:
+                        one = await self.apply({sid: rest}, cause, deferred)
+                    except AddressConflict:
+                        continue
+                    trimmed.add(sid)
+                    merged.add(one)
+                    progress = True
+            if not progress:
                 for sid, detail in refused.items():
-                    trimmed = self._without_contested(sid, decisions[sid])
-                    if trimmed is not None:
-                        try:
-                            one = await self.apply({sid: trimmed}, cause, deferred)
-                        except AddressConflict:
-                            trimmed = None
-                        else:
-                            merged.elements += one.elements
-                            merged.changed += one.changed
-                            merged.kind = "full" if one.kind == "full" else merged.kind
                     if sid not in self.conflicts:
                         log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (%s; retried each "
                                     "timer round)", sid, why, detail,
-                                    "kept as enforced" if trimmed is None else "the rest of the change applied")
+                                    "the rest of the change applied" if sid in trimmed else "kept as enforced")
                     self.conflicts.note(sid, detail, decisions[sid].mode.value, self.clock())
                 break
             pending = {sid: decisions[sid] for sid in refused}
@@ -413,13 +419,7 @@ class Engine:
         contested: list[Network] = []
         for network in subscriber.addresses:
             (contested if self.claims.conflict(sid, (network,)) is not None else kept).append(network)
-        if not contested:
-            return None
-        s, d = subscriber, decision
-        return Decision(d.subscriber_id, d.mode,
-                        f"{d.cause}; held back (enforced for another subscriber): {', '.join(map(str, contested))}",
-                        Subscriber(s.id, tuple(kept), s.mode, s.reason, s.exempt_until, s.exempt_category, s.match),
-                        d.until, d.pending)
+        return uncontested(decision, kept, contested) if contested else None
 
     def _gains(self, sid: str, decision: Decision) -> bool:
         """Does ``decision`` hold an address that ``sid``'s enforced one does not?"""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .claims import ClaimsIndex
+from .claims import ClaimsIndex, uncontested
 from .dataplane.backend import Dataplane, DataplaneError
 from .dataplane.layout import (
     HOST_ALLOW,
@@ -37,7 +37,7 @@ from .dataplane.layout import (
 )
 from .dataplane.state import TableState, digest, digest_mark, element_hash, mark_digest
 from .dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
-from .model import Mode
+from .model import Mode, Network
 from .policy import Decision
 from .subscribers import Key, key_network
 
@@ -54,6 +54,12 @@ class SyncResult:
     #: Enforcement changed: flush their connections. Keys (version, prefix length, text), not
     #: networks: a cold start changes 125k addresses (``Flusher`` takes keys).
     changed: list[Key] = field(default_factory=list)
+
+    def add(self, other: SyncResult) -> None:
+        """Count ``other`` in (one subscriber at a time, ``Engine.apply_resolving``)."""
+        self.elements += other.elements
+        self.changed += other.changed
+        self.kind = "full" if other.kind == "full" else self.kind
 
 
 class Desired(NamedTuple):
@@ -201,7 +207,7 @@ class Reconciler:
         self.verified = False
         return True
 
-    def _desired(self, decisions: Mapping[str, Decision], order: Iterable[str]) -> Desired:
+    def _desired(self, decisions: Mapping[str, Decision], order: _Preferred) -> Desired:
         """Elements and owners for all decisions.
 
         Written for 100k subscribers (a cold load's budget is ~1.3x raw ``nft -f``): one
@@ -246,27 +252,46 @@ class Reconciler:
         for address in self.host_allow:
             desired.setdefault(HOST_ALLOW[6 if ":" in address else 4], {})[address] = None
 
-    def _desired_exact(self, decisions: Mapping[str, Decision], order: Iterable[str]) -> Desired:
-        """``_desired`` one subscriber at a time: the first in ``order`` keeps a contested
-        address (equal, or inside or around one it holds: ``ClaimsIndex``), a subscriber with
-        any contested address is left out whole (``clashes``)."""
+    def _desired_exact(self, decisions: Mapping[str, Decision], order: _Preferred) -> Desired:
+        """``_desired`` one address at a time. A contested address (equal, or inside or around
+        another's: ``ClaimsIndex``) stays with whoever holds it now (``order.holding``), then
+        goes to the lower id; a subscriber that loses one gets the rest of its addresses
+        (``claims.uncontested``, reported in ``clashes``), as ``Engine.apply_resolving`` does,
+        so a full sync enforces what the diffs enforced."""
         desired: Elements = {}
         owners: dict[str, dict[str, str]] = {}
         owned: dict[str, Decision] = {}
         slots: dict[tuple[int, int, Mode], tuple[list[tuple[dict[str, str | None], str | None]], dict[str, str]]] = {}
         clashes: list[tuple[str, str]] = []
         index = ClaimsIndex()
-        for sid in order:
+        wanted = {sid: s.keys for sid in order
+                  if (s := decisions[sid].subscriber) is not None and decisions[sid].restricted}
+        taken: dict[str, list[Network]] = {sid: [] for sid in wanted}
+        lost: dict[str, list[tuple[Network, str]]] = {}
+        # first what each holds now and still wants, then what it newly claims
+        for claiming_new in (False, True):
+            for sid, keys in wanted.items():
+                holding = order.holding(sid)
+                networks = [key_network(key) for key in keys if (key in holding) is not claiming_new]
+                for network in networks:
+                    conflict = index.conflict(sid, (network,))
+                    if conflict is None:
+                        taken[sid].append(network)
+                    else:
+                        lost.setdefault(sid, []).append((network, conflict.holder))
+                if networks:
+                    index.claim(sid, taken[sid])
+        for sid in wanted:
             decision = decisions[sid]
+            if sid in lost:
+                clashes.append((sid, lost[sid][0][1]))
+                if not taken[sid]:
+                    continue
+                kept = set(taken[sid])
+                decision = uncontested(decision, [key_network(k) for k in wanted[sid] if key_network(k) in kept],
+                                       [n for n, _ in lost[sid]])
             subscriber = decision.subscriber
-            if subscriber is None or not decision.restricted:
-                continue
-            networks = [key_network(key) for key in subscriber.keys]
-            conflict = index.conflict(sid, networks)
-            if conflict is not None:
-                clashes.append((sid, conflict.holder))
-                continue
-            index.claim(sid, networks)
+            assert subscriber is not None
             entries = []
             mode = decision.mode
             for version, plen, key in subscriber.keys:
@@ -478,21 +503,23 @@ def changed_networks(before: Mapping[str, Mapping[str, str | None]],
 
 
 class _Preferred:
-    """The order a contested address is given in (``_desired_exact``): who holds it now first,
-    then by id. Sorted only when iterated: without a clash (nearly always) nobody asks."""
+    """Who a contested address goes to (``_desired_exact``): whoever holds it now (in the
+    kernel; at a start, by the saved decisions), then the lower id. Iterated by id; sorted
+    only when iterated: without a clash (nearly always) nobody asks."""
 
     def __init__(self, decisions: Mapping[str, Decision], owned: Mapping[str, Decision],
                  before: Mapping[str, Decision]) -> None:
         self._decisions, self._owned, self._before = decisions, owned, before
 
-    def _held(self, sid: str) -> bool:
-        if sid in self._owned:
-            return True
-        previous = self._before.get(sid)
-        return previous is not None and previous.restricted
+    def holding(self, sid: str) -> tuple[Key, ...]:
+        """The keys ``sid`` holds now."""
+        current = self._owned.get(sid) or self._before.get(sid)
+        if current is None or not current.restricted or current.subscriber is None:
+            return ()
+        return current.subscriber.keys
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._decisions, key=lambda sid: (not self._held(sid), sid)))
+        return iter(sorted(self._decisions))
 
 
 def _nested(groups: Mapping[tuple[int, int, Mode], tuple[list[str], list[str]]]) -> bool:

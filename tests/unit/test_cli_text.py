@@ -168,3 +168,23 @@ def test_explain_header_when_the_kernel_has_not_caught_up(monkeypatch: pytest.Mo
     lifted = answer | {"restricted": False, "mode": "free", "enforced_in_kernel": "notice", "payment_grace": None}
     out = printed(monkeypatch, capsys, cli.cmd_explain, lifted, NOW, "C-1")
     assert out.startswith("C-1 [WG-AAAA-BBBB]: wanted free, the kernel still holds notice\n"), out
+
+
+async def test_explain_of_a_subscriber_enforced_but_for_one_address_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Billing restricts E-11 on 100.64.0.3; a list then names C-3 on that address and on
+    100.64.0.4: C-3 is enforced on .4 (``claims.uncontested``), and the header says which
+    address it is not enforced on and who holds it."""
+    clocks = SteppedClocks(NOW)
+    async with clocked_enforcer(grace_config(tmp_path, 3600), clocks, FakeDataplane(),
+                                [sub("C-1", "100.64.0.10")]) as e:
+        status, _ = await handle_event(e, Event("r11", RESTRICTED, NOW, "E-11", sub("E-11", "100.64.0.3")), 0.0)
+        assert status == 200
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10"), sub("C-3", "100.64.0.3", "100.64.0.4")],
+                                         "l.yaml", "2"))
+        answer = e.queries.explain("C-3")
+    assert answer["enforced_in_kernel"] == "walled-garden" and answer["address_conflict"]["holder"] == "E-11"
+    out = printed(monkeypatch, capsys, cli.cmd_explain, answer, NOW + 70, "C-3")
+    header = out.splitlines()[0]
+    assert re.fullmatch(r"C-3 \[WG-\S+\]: RESTRICTED \(walled-garden\) but for address 100\.64\.0\.3 held by E-11",
+                        header), header

@@ -18,7 +18,7 @@ from enforcer.dataplane.state import TableState
 from enforcer.dataplane.transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 from enforcer.model import Mode
 from enforcer.policy import Decision
-from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, changed_networks
+from enforcer.reconciler import AddressConflict, NeedsFullSync, Reconciler, _Preferred, changed_networks
 from enforcer.subscribers import Key, Subscriber, network_key
 
 net = ipaddress.ip_network
@@ -620,8 +620,8 @@ def test_grouped_desired_state_equals_the_exact_pass(seed: int) -> None:
     rec.host_allow = {"203.0.113.7": None}
     for _ in range(2):
         now = decisions()
-        fast = rec._desired(now, sorted(now))
-        exact = rec._desired_exact(now, sorted(now))
+        fast = rec._desired(now, _Preferred(now, {}, {}))
+        exact = rec._desired_exact(now, _Preferred(now, {}, {}))
         assert fast == exact
         assert clash or not exact.clashes, "without a deliberate clash the fast path itself was compared"
 
