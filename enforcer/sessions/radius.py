@@ -295,6 +295,7 @@ class RadiusSource:
         self._sink: SessionSink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[str, int, int, bytes], asyncio.Task[None]] = {}   # (ip, port, id, authenticator)
+        self._flying_for: dict[tuple[str, int, int, bytes], str] = {}   # the same keys: the NAS each is from
         self._last: dict[tuple[str, str], asyncio.Task[None]] = {}  # (nas, session id) -> newest task
         self._known: dict[str, set[str]] = {}                        # nas -> session ids started
         self._stopped: dict[tuple[str, str], float] = {}             # (nas, session id) -> when stopped
@@ -394,7 +395,7 @@ class RadiusSource:
         if accounting.status in _NAS_RESETS:
             ids = set(self._known.get(nas, ())) | {sid for (n, sid) in self._last if n == nas}
             stopped = [f"{nas}/{sid}" for sid in sorted(ids)]
-            self._forget(nas, duplicate[0])
+            self._forget(nas)
         elif accounting.status == "Stop":
             ids = {accounting.session_id}
             stopped = [accounting.key]
@@ -412,6 +413,7 @@ class RadiusSource:
             name=f"radius {accounting.key}")
         self._tasks.add(task)
         self._in_flight[duplicate] = task
+        self._flying_for[duplicate] = nas
         keys = [(nas, sid) for sid in ids]
         for key in keys:
             self._last[key] = task
@@ -420,6 +422,7 @@ class RadiusSource:
             self._tasks.discard(finished)
             if self._in_flight.get(duplicate) is finished:   # not an equal packet's after a NAS reset
                 del self._in_flight[duplicate]
+                self._flying_for.pop(duplicate, None)
             for key in keys:
                 if self._last.get(key) is finished:
                     del self._last[key]
@@ -466,15 +469,17 @@ class RadiusSource:
                  accounting.status, now - stopped, TOMBSTONE_SECONDS)
         return False
 
-    def _forget(self, nas: str, ip: str) -> None:
+    def _forget(self, nas: str) -> None:
         """Accounting-On/Off: ``nas`` starts afresh. Its stopped keys no longer hold off a Start
-        (it reuses session ids after a reboot), and packets from its address in flight no longer
-        swallow an equal new one as a duplicate. ``_last`` stays: the new packets of its keys
-        must commit after the stops this reset makes. O(tombstones), once per reset."""
+        (it reuses session ids after a reboot), and its packets in flight no longer swallow an
+        equal new one as a duplicate (only its own: behind a RADIUS proxy one source address
+        carries many NASes). ``_last`` stays: the new packets of its keys must commit after the
+        stops this reset makes. O(tombstones + packets in flight), once per reset."""
         for key in [key for key in self._stopped if key[0] == nas]:
             del self._stopped[key]
-        for duplicate in [d for d in self._in_flight if d[0] == ip]:
+        for duplicate in [d for d, of in self._flying_for.items() if of == nas]:
             del self._in_flight[duplicate]
+            del self._flying_for[duplicate]
 
     async def _commit(self, sink: SessionSink, request: Any, accounting: Accounting, started: list[Session],
                       stopped: list[str], after: list[asyncio.Task[None]], duplicate: tuple[str, int, int, bytes],

@@ -84,3 +84,21 @@ async def test_a_packet_after_the_reset_equal_to_one_still_in_flight_is_not_a_du
     assert [(len(started), stopped) for started, stopped in sink.updates] == [
         (1, []), (0, [f"{NAS}/00000001"]), (1, [])]
     assert sink.keys("radius") == {f"{NAS}/00000001"}
+
+
+async def test_a_reset_behind_a_proxy_keeps_the_other_nases_duplicates_detected() -> None:
+    """Behind a RADIUS proxy many NASes share one source address: one NAS's Accounting-On
+    forgets only its own packets in flight; another NAS's retransmission is still a duplicate."""
+    sink = Sink()
+    sink.gate = asyncio.Event()
+    async with receiver(sink) as (source, client):
+        other = start("00000009", nas="192.0.2.3", Framed_IP_Address="100.64.3.30").RequestPacket()
+        client.send(other)
+        await asyncio.wait_for(sink.called.wait(), WAIT)     # held in its commit
+        client.send(on().RequestPacket())                    # NAS 192.0.2.2 rebooted, same proxy address
+        client.send(other)                                   # 192.0.2.3 resends: still the same packet
+        await asyncio.sleep(0.2)
+        sink.gate.set()
+        for _ in range(2):
+            await client.reply()
+        assert source.status()["duplicates"] == 1
