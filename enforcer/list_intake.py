@@ -347,14 +347,20 @@ class ListIntake:
             log.warning("event=unsaved_list_changed listed=%d (not the list being saved when the daemon stopped: "
                         "weighed by the mass-change guard; the kernel is kept as it is meanwhile)", len(new))
             return ""
-        now = engine.receipts.stamp()
+        # The graces below run from now, but are ordered as received before every input still to
+        # come (``ReceiptClock.floor``): a stamp would raise the receipt floor to now, and the
+        # fleet's stream, replayed after this, would then count each old input as received now
+        # (a payment of last week given a fresh grace here while every other gateway walls them).
+        # Ordered before, any input the replay or billing brings about a subscriber kept free
+        # here is newer than this guess (a restriction the stream still holds restores it).
+        now, before = engine.clock(), engine.receipts.floor
         listed = {(mode_map(version, plen), key) for entry in new.values() for version, plen, key in entry.keys}
         lifted = sorted(key_text((*mode_prefix(container), key)) for container, key in engine.rebuilding - listed)
         kept_free = []
         for sid, subscriber in new.items():
             keys = {(mode_map(version, plen), key) for version, plen, key in subscriber.keys}
             if not keys & engine.rebuilding:
-                policy.record_payment(engine.inputs, sid, now, engine.config.policy.payment_grace,
+                policy.record_payment(engine.inputs, sid, before, engine.config.policy.payment_grace,
                                       "rebuilt after the state was lost: free in the kernel then", now)
                 kept_free.append(sid)
         engine.rebuilding = None

@@ -51,6 +51,16 @@ class ReceiptClock:
         self.last = max(now if at is None else min(at, now), self.last + TICK)
         return self.last
 
+    @property
+    def floor(self) -> float:
+        """The newest receipt instant handed out or stored: every later ``stamp`` sorts after it.
+
+        Reading it stamps nothing and raises nothing. For an input that stands for one received
+        at some unknown earlier time (a payment grace given by the rebuild after a lost state):
+        ordered before every input to come, without pushing theirs to now, as a ``stamp`` would
+        (a fleet's stream replayed after it would count each old input as received now)."""
+        return self.last
+
     def step(self) -> float:
         """Seconds the wall clock jumped forward since the last call (0 when it did not)."""
         wall, mono, jump = self._jump()

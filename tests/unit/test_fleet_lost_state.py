@@ -1,0 +1,286 @@
+"""A gateway of a fleet whose state was lost while its table stayed in the kernel (state_dir wiped,
+or the database quarantined): the rebuild from the kernel and the list, then the stream's replay,
+must leave it deciding what the fleet decides (SPEC §11: "every gateway decides the same").
+
+The rebuild's graces stand for inputs the lost state knew, received at some unknown earlier time:
+they must neither make the replayed inputs count as received now (an old payment's grace, an old
+promise's term starting again, so the subscriber is free here while every other gateway walls
+them) nor outweigh what the replay brings (a restriction the stream still holds). A gateway
+joining with no table at all is the control: what it applies from the stream is as old as it is.
+
+Two gateways (the daemon's parts, fake dataplanes that outlive a restart as the kernel's table
+does, one clock the test moves on) and one real nats-server on loopback (``two_gateways``' kind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from enforcer.config import Config, parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.events import PAYMENT, RESTRICTED, Event
+from enforcer.model import Mode
+from enforcer.outcome import Outcome, Result
+from enforcer.policy import when
+from enforcer.receipt_clock import ReceiptClock
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Subscriber, parse_address, parse_list
+from tests.daemon_helpers import NoConntrack, handle_event
+from tests.nats_server import NatsServer
+from tests.unit.test_fleet_inputs import LIST, until
+
+DAY = 86400.0
+GRACE = 3 * DAY          # the default payment grace, written out
+TERM = 120.0             # a promise's term: ends well within fleet.NOTIFY_WINDOW (10 minutes)
+
+
+class Clock:
+    """The gateways' wall clock: real time moved on by the test (time passing, not a step: it is
+    also each engine's monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def config(tmp: Path, name: str, url: str) -> Config:
+    secret = tmp / "outbox.secret"
+    return parse_config(
+        f"state_dir: {tmp}/{name}\n"
+        f"subscribers: {{source: {tmp}/l.yaml}}\n"
+        f"policy: {{payment_grace: {GRACE:.0f}s, promise_to_pay: {{enabled: true, term: {TERM:.0f}s, "
+        f"webhook_url: 'http://192.0.2.1/billing', webhook_secret_file: {secret}}}}}\n"
+        f"fleet: {{gateway: {name}, nats: {{url: '{url}'}}, stream: WG_LOST, catch_up_timeout: 5s, "
+        f"answer_timeout: 3s}}\n", str(tmp / f"{name}.yaml"))
+
+
+class Gateway:
+    """A gateway whose dataplane (the kernel's table) outlives its daemon; ``wipe`` loses its state."""
+
+    def __init__(self, tmp: Path, name: str, url: str, clock: Clock) -> None:
+        self.tmp, self.name, self.url, self.clock = tmp, name, url, clock
+        self.kernel = FakeDataplane()
+        self.enforcer: Enforcer | None = None
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def e(self) -> Enforcer:
+        assert self.enforcer is not None
+        return self.enforcer
+
+    async def start(self) -> None:
+        """What ``walled-garden run`` does, in its order: restore, the first list (a rebuild when
+        the state was lost), then the fleet's catch-up."""
+        self.enforcer = Enforcer(config(self.tmp, self.name, self.url), dataplane=self.kernel,
+                                 conntrack=NoConntrack(), clock=self.clock)
+        await self.e.engine.restore()
+        await self.e.lists.on_list(ListUpdate(parse_list(LIST, "l.yaml"), "l.yaml", "1"))
+        self.stop = asyncio.Event()
+        assert self.e.fleet is not None
+        self.task = asyncio.create_task(self.e.fleet.run(self.stop))
+        assert await self.e.fleet.caught_up(10), self.e.fleet.error
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            done, _ = await asyncio.wait({self.task}, timeout=10)
+            assert done, "fleet task did not end"
+            self.task = None
+        if self.enforcer is not None:
+            await self.enforcer.close()
+        self.enforcer = None
+
+    def wipe(self) -> None:
+        """The state directory gone (the table stays in ``kernel``)."""
+        shutil.rmtree(self.tmp / self.name)
+
+    def mode(self, sid: str) -> Mode:
+        decision = self.e.engine.decisions.get(sid)
+        return decision.mode if decision else Mode.FREE
+
+    def walled(self) -> set[str]:
+        """The IPv4 addresses the kernel walls in."""
+        return set(self.kernel.view.get("mode4_32", ()))
+
+    async def event(self, kind: str, sid: str, event_id: str, **kw: Any) -> Result:
+        event = Event(event_id, kind, self.clock(), sid, **kw)
+        return await asyncio.wait_for(self.e.sink.submit(event, time.perf_counter()), 10)
+
+    async def tick(self) -> None:
+        """A timer round (graces and promises that ended)."""
+        await self.e.timers.tick()
+
+
+@contextlib.asynccontextmanager
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway, Clock]]:
+    """A nats-server of this test's own and gateways gw-a and gw-b on it, all stopped after."""
+    (tmp_path / "l.yaml").write_text(LIST)
+    (tmp_path / "outbox.secret").write_text("whsec_" + "a2V5LWZvci10aGUtcHJvbWlzZS1vdXRib3gtdGVzdHM=\n")
+    (tmp_path / "outbox.secret").chmod(0o600)
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    clock = Clock()
+    a, b = Gateway(tmp_path, "gw-a", server.url, clock), Gateway(tmp_path, "gw-b", server.url, clock)
+    try:
+        await a.start()
+        await b.start()
+        yield server, a, b, clock
+    finally:
+        try:
+            await a.close()
+        finally:
+            try:
+                await b.close()
+            finally:
+                server.stop()
+
+
+async def restart_wiped(gateway: Gateway) -> None:
+    """Stop ``gateway``, lose its state, start it again over the same kernel table: it rebuilds."""
+    await gateway.close()
+    gateway.wipe()
+    await gateway.start()
+    assert gateway.e.engine.rebuilt is not None, "the rebuild from the kernel ran"
+
+
+async def test_a_wiped_gateway_does_not_give_an_old_payment_a_fresh_grace(tmp_path: Path) -> None:
+    """The audit's repro: paid on A, the grace over, both wall again; B loses its state and
+    rebuilds, then replays the payment: its grace is as old as it is on A (it walls, as A does),
+    not given in full again from B's restart."""
+    async with fleet(tmp_path) as (server, a, b, clock):
+        assert isinstance(await a.event(PAYMENT, "C-1", "evt-old-pay"), Outcome)
+        await until(lambda: b.mode("C-1") is Mode.FREE)
+        paid_at = a.e.engine.inputs.graces["C-1"].paid_at
+        clock.offset += GRACE + DAY                   # the grace is long over
+        for gateway in (a, b):
+            await gateway.tick()
+            assert gateway.mode("C-1") is Mode.WALLED_GARDEN and "100.64.0.10" in gateway.walled(), gateway.name
+
+        await restart_wiped(b)
+        grace = b.e.engine.inputs.graces.get("C-1")
+        assert grace is not None and abs(grace.paid_at - paid_at) < 1.0, (grace, paid_at, clock())
+        assert b.mode("C-1") is Mode.WALLED_GARDEN, b.e.queries.explain("C-1")
+        assert "100.64.0.10" in b.walled()
+        await b.tick()
+        assert b.mode("C-1") is Mode.WALLED_GARDEN and b.e.queries.explain("C-1")["mode"] == a.mode("C-1").value
+
+        # The control: a gateway joining with no table at all replays the same stream the same way.
+        c = Gateway(tmp_path, "gw-c", server.url, clock)
+        try:
+            await c.start()
+            assert c.e.engine.rebuilt is None
+            assert c.mode("C-1") is Mode.WALLED_GARDEN
+            joined = c.e.engine.inputs.graces.get("C-1")
+            assert joined is not None and grace is not None and joined.paid_at == grace.paid_at
+        finally:
+            await c.close()
+
+
+async def test_a_wiped_gateway_does_not_restart_an_old_promise(tmp_path: Path) -> None:
+    """A promise made on B's portal, its term over, B wiped within the ten minutes in which B
+    still tells billing of a promise it replays: the replayed promise keeps its own instant (B
+    walls, as A does), and whatever B sends billing again names that promise, not a new one."""
+    async with fleet(tmp_path) as (_, a, b, clock):
+        made = clock()
+        result = await b.e.portal.promise("100.64.0.10")
+        assert isinstance(result, Outcome) and result.body["promised"] is True, result
+        await until(lambda: a.mode("C-1") is Mode.FREE)
+        promise = b.e.engine.inputs.promise("C-1")
+        assert promise is not None and abs(promise.made_at - made) < 2.0
+        clock.offset += TERM + 60                      # over, and still within fleet.NOTIFY_WINDOW
+        for gateway in (a, b):
+            await gateway.tick()
+            assert gateway.mode("C-1") is Mode.WALLED_GARDEN, gateway.name
+
+        await restart_wiped(b)
+        replayed = b.e.engine.inputs.promise("C-1")
+        assert replayed is not None and replayed.made_at == promise.made_at and replayed.until == promise.until, \
+            (replayed, promise)
+        # B lost its outbox with its state: it may tell billing again, but of the promise made then.
+        told = [body for _, _, body, _ in b.e.engine.store.outbox_due(clock() + 1) if body["type"] == "promise.made"]
+        assert all(body["timestamp"] == when(promise.made_at) and body["data"]["until"] == when(promise.until)
+                   for body in told), (told, promise)
+        assert b.mode("C-1") is Mode.WALLED_GARDEN and "100.64.0.10" in b.walled(), b.e.queries.explain("C-1")
+
+
+async def test_a_restriction_the_stream_holds_outweighs_the_rebuilds_grace(tmp_path: Path) -> None:
+    """The rebuild keeps free a listed subscriber the kernel held free (a grace for a reason the lost
+    state knew); an input the stream holds about them is newer than that guess, whenever it was
+    received: a billing restriction B missed while it was down walls them on B too."""
+    async with fleet(tmp_path) as (_, a, b, _clock):
+        assert isinstance(await a.e.operator.change("root", "C-2", False, "called support"), Outcome)
+        await until(lambda: b.mode("C-2") is Mode.FREE)
+        await b.close()                                 # B is down: the restriction reaches A only
+        owes = Subscriber("C-2", (parse_address("100.64.0.20"),), Mode.WALLED_GARDEN, "overdue")
+        assert isinstance(await a.event(RESTRICTED, "C-2", "evt-missed", subscriber=owes), Outcome)
+        assert a.mode("C-2") is Mode.WALLED_GARDEN
+        assert "100.64.0.20" not in b.walled()          # B's table: still free when it went down
+
+        b.wipe()
+        await b.start()
+        assert b.e.engine.rebuilt is not None
+        kept = b.e.engine.inputs.graces.get("C-2")
+        assert kept is not None and kept.cause.startswith("rebuilt after the state was lost"), kept
+        assert b.mode("C-2") is Mode.WALLED_GARDEN and "100.64.0.20" in b.walled(), b.e.queries.explain("C-2")
+
+
+async def test_a_rebuild_takes_no_receipt_instant(tmp_path: Path) -> None:
+    """Without a fleet: the rebuild's graces are ordered before any later input but leave the
+    receipt floor where it was, so an input received later with an older instant (what a fleet's
+    replay hands in) keeps it; its grace ends when it would have anyway."""
+    now = 1_795_000_000.0
+    clock = [now]
+    kernel = FakeDataplane()
+    conf = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                        f"policy: {{payment_grace: {GRACE:.0f}s}}\n", str(tmp_path / "c.yaml"))
+    listed = [Subscriber(sid, (parse_address(addr),), Mode.WALLED_GARDEN, "overdue")
+              for sid, addr in (("C-1", "100.64.0.10"), ("C-2", "100.64.0.20"))]
+
+    async def started() -> Enforcer:
+        e = Enforcer(conf, dataplane=kernel, conntrack=NoConntrack(), clock=lambda: clock[0])
+        await e.engine.restore()
+        return e
+
+    e = await started()
+    await e.lists.on_list(ListUpdate(listed, "l.yaml", "1"))
+    status, _ = await handle_event(e, Event("evt-c2", PAYMENT, now, "C-2"))   # free in the kernel
+    assert status == 200
+    await e.close()
+    shutil.rmtree(tmp_path / "state")
+    clock[0] = now + 4 * DAY
+    e = await started()
+    await e.lists.on_list(ListUpdate(listed, "l.yaml", "3"))
+    assert e.engine.rebuilt is not None and e.engine.rebuilt["at"] == now + 4 * DAY
+    kept = e.engine.inputs.graces["C-2"]
+    assert kept.until == now + 4 * DAY + GRACE and e.queries.explain("C-2")["mode"] == "free"
+    # A payment received by another gateway four days ago, handed in now (a fleet's replay):
+    paid = Event("evt-old", PAYMENT, now, "C-1")
+    _, answer = e.events.submit_committed(paid, time.perf_counter(), now)
+    assert isinstance(await asyncio.wait_for(answer, 10), Outcome)
+    assert e.engine.inputs.graces["C-1"].paid_at == now and e.engine.inputs.graces["C-1"].until == now + GRACE
+    assert e.queries.explain("C-1")["mode"] == "walled-garden"
+    # A restriction handed in the same way outweighs the rebuild's grace, as any later input does.
+    owes = Subscriber("C-2", (parse_address("100.64.0.20"),), Mode.WALLED_GARDEN, "overdue")
+    _, answer = e.events.submit_committed(Event("evt-r", RESTRICTED, now + 1, "C-2", owes), time.perf_counter(),
+                                          now + 1)
+    assert isinstance(await asyncio.wait_for(answer, 10), Outcome)
+    assert e.queries.explain("C-2")["mode"] == "walled-garden"
+    await e.close()
+
+
+def test_the_floor_is_read_without_taking_an_instant() -> None:
+    """``floor``: every later stamp follows it, reading it moves nothing (``stamp`` does)."""
+    receipts = ReceiptClock(lambda: 1000.0, floor=500.0, monotonic=lambda: 0.0)
+    assert receipts.floor == 500.0 and receipts.floor == 500.0
+    assert receipts.stamp(600.0) == 600.0 and receipts.floor == 600.0
+    assert receipts.stamp(550.0) > 600.0   # never backwards: the floor's guarantee stays
