@@ -37,7 +37,7 @@ from .api.control import control_app
 from .api.listeners import SocketInUse, socket_problem, start_tcp_site, start_unix_site
 from .api.scrape import metrics_app
 from .api.webhooks import SecretError, Verifier, load_webhook_secret
-from .backend_switch import remove_other_backend
+from .backend_switch import BackendSwitch
 from .config import Config, ConfigError, load_config
 from .daemon import Enforcer
 from .dataplane.backend import DataplaneError
@@ -387,7 +387,10 @@ async def serve(config: Config, stop: asyncio.Event, enforcer: Enforcer | None =
                  config.api.listen, config.api.socket, config.metrics.listen, restricted)
         # Ours are in place: the backend not configured must not keep anyone walled (``backend_switch``).
         # In the background: a slow tool neither delays a stop nor, failing, ends the daemon.
-        enforcer.engine.spawn(asyncio.to_thread(remove_other_backend, config), "backend_switch")
+        # What could not be removed (an ipset a rule not ours names) is in ``status``.
+        switch = BackendSwitch(config)
+        enforcer.engine.reports["backend_switch"] = switch.status
+        enforcer.engine.spawn(asyncio.to_thread(switch.run), "backend_switch")
         await stop.wait()
     finally:
         systemd_notify.notify("STOPPING=1")

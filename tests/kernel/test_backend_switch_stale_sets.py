@@ -128,5 +128,10 @@ def test_a_customer_paying_after_the_switch_is_not_walled_by_a_stale_set(topo: T
         assert "event=other_backend_left" in log and "walled-portal4" in log, log
         assert "walled-portal4" in _in_gw(topo, "ipset", "list", "-n").split(), "named by a rule: it stays"
         assert "Number of entries: 0" in _in_gw(topo, "ipset", "list", "-t", "walled-portal4"), "but empty"
+        status = lab.status()
+        assert status is not None and "walled-portal4" in status["backend_switch"]["sets_left_emptied"], status
+        text = subprocess.run([sys.executable, "-m", "enforcer.cli", "status", "--config", str(lab.config_path)],
+                              capture_output=True, text=True, timeout=30)
+        assert "old ipsets left empty: " in text.stdout and "walled-portal4" in text.stdout, text
     finally:
         lab.stop_daemon()
