@@ -13,8 +13,8 @@ promise, by subscriber id, to the fleet's stream (``relay``); every gateway then
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import secrets
 import sqlite3
 from typing import Any
 
@@ -36,6 +36,13 @@ from .store import StoreError
 log = logging.getLogger("walled_garden.enforcer")
 NOT_AVAILABLE = "a promise to pay is not available for this connection"
 
+
+
+def promise_message_id(sid: str, made_at: float) -> str:
+    """The ``webhook-id`` of a promise's ``promise.made``: the same for the same promise (its
+    subscriber and instant), so when a gateway rebuilt from the fleet's stream tells billing of a
+    promise again (its outbox went with its state), billing sees the message it already has."""
+    return "wg_promise_" + hashlib.blake2b(f"{sid}\0{made_at!r}".encode(), digest_size=12).hexdigest()
 
 class _Ineligible(Exception):
     """Raised under the lock when a second press finds the promise no longer available."""
@@ -163,7 +170,7 @@ class PortalActions:
             policy.record_promise(engine.inputs, promise)
             made.update(until=promise.until, made_at=now)
             if notify and engine.config.policy.promise_to_pay.webhook_url:
-                message = made["message"] = f"wg_promise_{secrets.token_hex(12)}"
+                message = made["message"] = promise_message_id(sid, now)
                 engine.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
                     "subscriber": sid, "until": policy.when(promise.until), "reference": self.references.code(sid),
                     "address": address}}, now)

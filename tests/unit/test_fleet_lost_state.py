@@ -201,6 +201,9 @@ async def test_a_wiped_gateway_does_not_restart_an_old_promise(tmp_path: Path) -
         for gateway in (a, b):
             await gateway.tick()
             assert gateway.mode("C-1") is Mode.WALLED_GARDEN, gateway.name
+        sent = {message for message, _, body, _ in b.e.engine.store.outbox_due(clock() + 1)
+                if body["type"] == "promise.made"}
+        assert len(sent) == 1, sent
 
         await restart_wiped(b)
         replayed = b.e.engine.inputs.promise("C-1")
@@ -208,6 +211,9 @@ async def test_a_wiped_gateway_does_not_restart_an_old_promise(tmp_path: Path) -
             (replayed, promise)
         # B lost its outbox with its state: it may tell billing again, but of the promise made then.
         told = [body for _, _, body, _ in b.e.engine.store.outbox_due(clock() + 1) if body["type"] == "promise.made"]
+        again = {message for message, _, body, _ in b.e.engine.store.outbox_due(clock() + 1)
+                 if body["type"] == "promise.made"}
+        assert again <= sent, ("billing must be able to tell the promise it has by its webhook-id", again, sent)
         assert all(body["timestamp"] == when(promise.made_at) and body["data"]["until"] == when(promise.until)
                    for body in told), (told, promise)
         assert b.mode("C-1") is Mode.WALLED_GARDEN and "100.64.0.10" in b.walled(), b.e.queries.explain("C-1")
