@@ -254,6 +254,19 @@ class FileSource:
         await _hand_over("on_failure", self.path, self.on_failure(failure))
 
 
+async def _whole_body(content: aiohttp.StreamReader, cap: int) -> bytes:
+    """The body to its end (or its first ``cap`` bytes). ``StreamReader.read(n)`` returns what
+    has arrived so far, not ``n`` bytes: a list sent slowly, or one larger than a network
+    buffer, came back as its first part, a valid shorter list that lifted everyone after the
+    cut (found in a fault audit). A stall before the end is the poll's timeout."""
+    parts: list[bytes] = []
+    size = 0
+    while size < cap and (part := await content.read(min(1 << 20, cap - size))):
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
 class UrlSource:
     """Polls an http(s) URL; every failure class is reported and changes nothing."""
 
@@ -338,7 +351,7 @@ class UrlSource:
                                             f"{self.origin}: HTTP {response.status} {response.reason or ''}".strip())
                 if response.content_length is not None and response.content_length > MAX_BODY:
                     return await self._fail("too_large", f"{self.origin}: {response.content_length} bytes is too large")
-                body = await response.content.read(MAX_BODY + 1)
+                body = await _whole_body(response.content, MAX_BODY + 1)
                 if len(body) > MAX_BODY:
                     return await self._fail("too_large", f"{self.origin}: body larger than {MAX_BODY} bytes")
                 if response.content_length is not None and len(body) != response.content_length:

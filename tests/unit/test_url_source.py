@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ class Billing:
         self.content_type = "application/yaml"
         self.etag = '"v1"'
         self.truncate = False
+        self.stall_after: int | None = None   # bytes sent (no Content-Length), then silence
         self.seen: list[dict[str, str]] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -38,6 +40,14 @@ class Billing:
             return web.Response(status=self.status, text="billing is down")
         if request.headers.get("If-None-Match") == self.etag:
             return web.Response(status=304)
+        if self.stall_after is not None:   # a slow or stalled link: part of the list, then nothing
+            response = web.StreamResponse(headers={"Content-Type": self.content_type})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(self.body[:self.stall_after])
+            await asyncio.sleep(5)
+            await response.write(self.body[self.stall_after:])
+            return response
         if self.truncate:  # announce more than we send, then hang up
             response = web.StreamResponse(headers={"Content-Length": str(len(self.body) + 100),
                                                    "Content-Type": self.content_type})
@@ -382,3 +392,27 @@ async def test_file_source_refuses_entries_outside_the_subscriber_prefixes(tmp_p
     file_source, lists, failures = await _watch(path, space=AddressSpace((ipaddress.ip_network("100.64.0.0/10"),)))
     await file_source.check()
     assert not lists and f"{path}:2" in failures[0].message and "outside" in failures[0].message
+
+
+def _entries(n: int) -> bytes:
+    return ("subscribers:\n" + "".join(f"  - {{id: C-{i}, addresses: [100.64.{i // 250}.{i % 250 + 1}]}}\n"
+                                        for i in range(n))).encode()
+
+
+async def test_a_list_cut_by_a_stalled_link_is_a_timeout_not_a_shorter_list(source: Any) -> None:
+    """Ten whole entries arrive, then the link stalls: a valid list of ten that would lift the
+    other forty. The poll must wait for the end (its timeout), and hand over nothing."""
+    url_source, session, billing, lists, failures, _ = source
+    billing.body = _entries(50)
+    billing.stall_after = billing.body.index(b"  - {id: C-10,")
+    assert not await url_source.poll(session)
+    assert lists == [] and [f.reason for f in failures] == ["timeout"], failures
+
+
+async def test_a_list_larger_than_the_socket_buffer_arrives_whole(source: Any) -> None:
+    url_source, session, billing, lists, failures, _ = source
+    url_source.config = dataclasses.replace(url_source.config, timeout=30)
+    billing.body = _entries(40_000)            # ~2 MB
+    assert len(billing.body) > 1 << 20
+    assert await url_source.poll(session), failures
+    assert len(lists[0].subscribers) == 40_000 and not failures
