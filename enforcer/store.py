@@ -46,6 +46,7 @@ writes; other threads see the last commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import json
@@ -265,12 +266,13 @@ def _guarded(method: F, injectable: bool, name: str | None = None) -> F:
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
-            if not injectable:
-                return method(self, *args, **kwargs)
-            with self._transaction():
-                if self.write_fault is not None:
-                    self.write_fault(name)
-                return method(self, *args, **kwargs)
+            with self._calling():
+                if not injectable:
+                    return method(self, *args, **kwargs)
+                with self._transaction():
+                    if self.write_fault is not None:
+                        self.write_fault(name)
+                    return method(self, *args, **kwargs)
         except StoreError:
             raise
         except sqlite3.Error as exc:
@@ -397,6 +399,10 @@ class Store:
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        #: Store calls running, per thread ident: ``close()`` waits for other threads' (``_calling``).
+        self._busy: dict[int, int] = {}
+        self._calls = threading.Condition()
+        self._closing = False
         #: Set when this start moved an unusable database aside: ``{"path", "reason", "at"}``.
         self.quarantined: dict[str, Any] | None = None
         #: Rows moved to ``quarantined_rows`` by this process (the first ``SKIPPED_KEPT``).
@@ -527,17 +533,46 @@ class Store:
         """Rows in ``quarantined_rows`` (set aside by this or an earlier start)."""
         return int(self.db.execute("SELECT COUNT(*) FROM quarantined_rows").fetchone()[0])
 
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        """Count a store call running on this thread (``close`` waits for them)."""
+        ident = threading.get_ident()
+        with self._calls:
+            if self._closing:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            self._busy[ident] = self._busy.get(ident, 0) + 1
+        try:
+            yield
+        finally:
+            with self._calls:
+                left = self._busy.pop(ident) - 1
+                if left:
+                    self._busy[ident] = left
+                else:
+                    self._calls.notify_all()
+
     def close(self) -> None:
-        """Close every thread's connection. A write transaction still running on a worker
-        thread (a shutdown, a crash test) is waited for, at most ``BUSY_TIMEOUT``: closing a
-        connection under an open transaction crashes the interpreter (seen in the chaos
-        test). Later calls fail (``StoreError``), as on a closed connection."""
-        idle = self._write_lock.acquire(timeout=BUSY_TIMEOUT)
+        """Close every thread's connection. A write transaction or any other store call still
+        running on a worker thread (a shutdown while a read or a WAL checkpoint runs in
+        ``asyncio.to_thread``) is waited for, at most ``BUSY_TIMEOUT``: closing a connection
+        another thread is using crashes the interpreter (seen in the chaos test, and once in
+        libsqlite3 at a SIGTERM). A connection still in use after that is left open (the
+        process is ending). Later calls fail (``StoreError``), as on a closed connection."""
+        me = threading.get_ident()
+        with self._calls:   # no call starts from now on; those running end first
+            self._closing = True
+            self._calls.wait_for(lambda: not self._busy.keys() - {me}, timeout=BUSY_TIMEOUT)
+            busy = set(self._busy) - {me}
+        idle = self._write_lock.acquire(timeout=0 if busy else BUSY_TIMEOUT)
         try:
             with self._connections_lock:
                 self._closed = True
                 connections, self._connections = self._connections, []
-            for _, db in connections:
+            for thread, db in connections:
+                if thread.ident in busy:
+                    log.error("event=state_close_busy thread=%s (a store call still runs: its connection is left "
+                              "open)", thread.name)
+                    continue
                 db.close()
         finally:
             if idle:
@@ -547,7 +582,8 @@ class Store:
         """Copy the write-ahead log back into the database without waiting for (or blocking)
         writers (``PRAGMA wal_checkpoint(PASSIVE)``), on this thread's own connection."""
         try:
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            with self._calling():
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:   # the next one tries again; the autocheckpoint is the net
             log.warning("event=wal_checkpoint_failed error=%r", str(exc))
 

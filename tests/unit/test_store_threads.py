@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from enforcer import store as store_module
 from enforcer.store import Store, StoreError
 from enforcer.subscribers import Mode, Subscriber, parse_address
 
@@ -272,3 +273,30 @@ def test_a_thread_waiting_too_long_for_the_writer_gets_database_is_locked(tmp_pa
         worker.finish()
     store.write_fault = None
     assert worker.error is None and committed(tmp_path, "SELECT COUNT(*) FROM list_entries") == 100
+
+
+def test_close_waits_for_a_read_running_on_another_thread(tmp_path: Path) -> None:
+    """A shutdown while a read (or a WAL checkpoint) runs in ``asyncio.to_thread``: its
+    connection is closed only once the call is over (closing it under the call crashed
+    libsqlite3 once, at a SIGTERM); a call started after ``close`` fails cleanly."""
+    store = Store(str(tmp_path))
+    inside, results = threading.Event(), []
+
+    def slow_read() -> None:
+        def read(self: Store) -> Any:
+            inside.set()
+            time.sleep(0.3)                      # close() is called meanwhile
+            return self.db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        try:
+            results.append(store_module._reads(read)(store))
+        except Exception as exc:   # noqa: BLE001 - the test reports what happened
+            results.append(exc)
+
+    worker = threading.Thread(target=slow_read)
+    worker.start()
+    assert inside.wait(5)
+    store.close()
+    worker.join(5)
+    assert results == [0], results
+    with pytest.raises(StoreError):
+        store.get_meta("list")
