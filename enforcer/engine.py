@@ -20,7 +20,7 @@ import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -363,6 +363,29 @@ class Engine:
             for sid in decisions:
                 self.conflicts.pop(sid, None)
             return result
+        # Usually one lasting clash with someone outside the batch (a held-back address, retried
+        # each round): trimmed first, the whole batch still goes in one commit (one at a time,
+        # 1,500 ended graces took one kernel and one SQLite commit each).
+        rests = {sid: rest for sid, decision in decisions.items()
+                 if (rest := self._without_contested(sid, decision, decisions.keys())) is not None}
+        if rests:
+            try:
+                result = await self.apply({**decisions, **rests}, cause, deferred)
+            except AddressConflict:
+                pass   # a chain inside the batch as well: one at a time below
+            else:
+                for sid, decision in decisions.items():
+                    if sid not in rests:
+                        self.conflicts.pop(sid, None)
+                        continue
+                    found = self.claims.conflict(sid, held(decision))
+                    detail = (f"{found.network} is already enforced for subscriber {found.holder}" if found
+                              else "held back " + rests[sid].cause.rpartition("; held back ")[2])
+                    if sid not in self.conflicts:
+                        log.warning("event=address_conflict subscriber=%s cause=%s detail=%r (the rest of the "
+                                    "change applied; retried each timer round)", sid, why, detail)
+                    self.conflicts.note(sid, detail, decision.mode.value, self.clock())
+                return result
         # One at a time: those that gain no address first (they only let go), then the others;
         # a claim that met an address still held is tried again while a round enforces someone
         # more (a chain: A takes B's address while B takes C's), the rest wait in ``conflicts``.
@@ -406,7 +429,7 @@ class Engine:
             pending = {sid: decisions[sid] for sid in refused}
         return merged
 
-    def _without_contested(self, sid: str, decision: Decision) -> Decision | None:
+    def _without_contested(self, sid: str, decision: Decision, batch: Collection[str] = ()) -> Decision | None:
         """``decision`` without the addresses another subscriber holds, or None when none of
         its addresses is contested (the conflict is elsewhere: keep what is enforced). One
         session address that is another's must not freeze the rest of the subscriber: its
@@ -418,7 +441,10 @@ class Engine:
         kept: list[Network] = []
         contested: list[Network] = []
         for network in subscriber.addresses:
-            (contested if self.claims.conflict(sid, (network,)) is not None else kept).append(network)
+            conflict = self.claims.conflict(sid, (network,))
+            if conflict is not None and conflict.holder in batch:
+                return None   # its holder changes in this very batch: not known yet
+            (contested if conflict is not None else kept).append(network)
         return uncontested(decision, kept, contested) if contested else None
 
     def _gains(self, sid: str, decision: Decision) -> bool:

@@ -87,3 +87,32 @@ async def test_an_address_a_trim_lets_go_of_is_taken_by_its_new_lessee_at_once(t
         assert set(e.engine.conflicts) == {"C-1"}, dict(e.engine.conflicts)
     finally:
         await e.close()
+
+
+async def test_a_lasting_clash_does_not_split_a_timer_round_into_one_commit_each(tmp_path: Path) -> None:
+    """While one session address stays held back, a timer round that ends 80 graces is still one
+    kernel transaction (it was one per subscriber: 1,500 ended graces took 1,500 commits)."""
+    from enforcer import policy
+    fake, clock = FakeDataplane(), Clock()
+    e = await _daemon(tmp_path, fake, clock)
+    try:
+        listed = [Subscriber(f"C-{i:04d}", (parse_address(f"100.64.{1 + i // 200}.{i % 200 + 1}"),), reason="overdue")
+                  for i in range(80)]
+        await e.lists.on_list(ListUpdate([*listed, Subscriber("S", (), reason="overdue", match=Match(mac=MAC_1))],
+                                         "l", "2"))
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.10", MAC_1), _lease("100.64.1.1", MAC_1)])
+        assert set(e.engine.conflicts) == {"S"} and "100.64.0.10" in walled(fake)
+        async with e.engine.lock:
+            for entry in listed[1:]:
+                policy.record_payment(e.engine.inputs, entry.id, clock.now, 3600, "paid", clock.now)
+            e.engine.store.save_subscribers(e.engine.inputs, [entry.id for entry in listed[1:]])
+            await e.engine.sync_all()
+        assert len(walled(fake)) == 2
+        commits = len(fake.transactions)
+        clock.now += 3601
+        await e.timers.tick()
+        assert len(walled(fake)) == 81 and set(e.engine.conflicts) == {"S"}
+        assert len(fake.transactions) - commits == 1, len(fake.transactions) - commits
+        assert "100.64.1.1/32 is already enforced for subscriber C-0000" in e.engine.conflicts["S"]["detail"]
+    finally:
+        await e.close()
