@@ -349,12 +349,19 @@ class UrlSource:
                 if response.status != 200:
                     return await self._fail(f"http_{response.status}",
                                             f"{self.origin}: HTTP {response.status} {response.reason or ''}".strip())
+                framed = response.content_length is not None or "chunked" in response.headers.get(
+                    "Transfer-Encoding", "").lower()
+                if not framed:   # then a connection cut after a whole line looks like the end
+                    return await self._fail("truncated", f"{self.origin}: the answer gives neither its length "
+                                            "(Content-Length) nor chunks, so a cut connection could not be told "
+                                            "from its end; refused (serve the list with either)")
                 if response.content_length is not None and response.content_length > MAX_BODY:
                     return await self._fail("too_large", f"{self.origin}: {response.content_length} bytes is too large")
                 body = await _whole_body(response.content, MAX_BODY + 1)
                 if len(body) > MAX_BODY:
                     return await self._fail("too_large", f"{self.origin}: body larger than {MAX_BODY} bytes")
-                if response.content_length is not None and len(body) != response.content_length:
+                if (response.content_length is not None and len(body) != response.content_length
+                        and response.headers.get("Content-Encoding", "identity").lower() == "identity"):
                     return await self._fail("truncated", f"{self.origin}: body cut short ({len(body)} of "
                                                          f"{response.content_length} bytes)")
                 content_type = response.headers.get("Content-Type", "")

@@ -416,3 +416,50 @@ async def test_a_list_larger_than_the_socket_buffer_arrives_whole(source: Any) -
     assert len(billing.body) > 1 << 20
     assert await url_source.poll(session), failures
     assert len(lists[0].subscribers) == 40_000 and not failures
+
+
+@pytest.mark.parametrize("framing", ["close-delimited", "content-length", "chunked"])
+async def test_an_answer_that_cannot_tell_a_cut_from_its_end_is_refused(tmp_path: Path, framing: str) -> None:
+    """Without Content-Length or chunks (HTTP/1.0 style, the body ends when the connection
+    does), half a list cut after a whole line looks complete and would lift the other half."""
+    body = _entries(20)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/yaml\r\nConnection: close\r\n"
+        if framing == "content-length":
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        elif framing == "chunked":
+            writer.write(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        else:
+            writer.write(f"{head}\r\n".encode() + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lists: list[Any] = []
+    failures: list[SourceFailure] = []
+
+    async def on_list(update: Any) -> None:
+        lists.append(update)
+
+    async def on_failure(failure: SourceFailure) -> None:
+        failures.append(failure)
+
+    async def on_unchanged(origin: str) -> None:
+        pass
+
+    config = SubscribersConfig(source=f"http://127.0.0.1:{port}/export", poll_interval=60, timeout=5)
+    try:
+        async with aiohttp.ClientSession() as session:
+            ok = await UrlSource(config, on_list, on_failure, on_unchanged).poll(session)
+    finally:
+        server.close()
+        await server.wait_closed()
+    if framing == "close-delimited":
+        assert not ok and lists == [] and [f.reason for f in failures] == ["truncated"], failures
+        assert "Content-Length" in failures[0].message
+    else:
+        assert ok and len(lists[0].subscribers) == 20, failures
