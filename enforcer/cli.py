@@ -586,18 +586,24 @@ def _print_health(status: dict[str, Any]) -> None:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    """``fleet status``: each gateway of the fleet, how far it has applied the stream, when last seen."""
+    """``fleet status``: each gateway of the fleet, how far it has applied the stream, when last seen,
+    and its clock against NATS's as this gateway estimates it (``-``: not measured; SKEW beyond 30 s,
+    where a payment's grace may end early on a gateway ahead of the one that accepted it)."""
+    from .fleet.clocks import WARN
+
     view = _ask(args, "GET", "/v1/fleet")
     if isinstance(view, int):
         return view
     print(f"this gateway: {view['gateway']}; stream {view['stream']}: last sequence {view['stream_last_sequence']}; "
           f"{'connected' if view['connected'] else 'NOT CONNECTED'}"
           + (f" ({view['error']})" if view.get("error") else ""))
-    print(f"{'gateway':<24} {'applied':>10} {'behind':>8} {'lag':>8} {'last seen':>12}")
+    print(f"{'gateway':<24} {'applied':>10} {'behind':>8} {'lag':>8} {'last seen':>12} {'clock':>12}")
     for row in view["gateways"]:
         seen = f"{row['seen_seconds_ago']:.0f}s ago" if row["connected"] else f"{row['seen_seconds_ago']:.0f}s AGO"
+        offset = row.get("clock_offset_seconds")
+        clock = "-" if offset is None else f"{offset:+.1f}s" + (" SKEW" if abs(offset) > WARN else "")
         print(f"{row['gateway']:<24} {row['applied_sequence']:>10} {row['behind']:>8} {row['lag_seconds']:>7.1f}s "
-              f"{seen:>12}")
+              f"{seen:>12} {clock:>12}")
     return 0
 
 

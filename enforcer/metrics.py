@@ -193,6 +193,11 @@ class Metrics:
                                               buckets=_FLEET, registry=r)
         self.fleet_peer_seen = Gauge("walled_garden_fleet_peer_seen_seconds_ago", "Age of each fleet gateway's last "
                                      "heartbeat, as this gateway read it", ["peer"], registry=r)
+        self.fleet_clock_offset = Gauge("walled_garden_fleet_clock_offset_seconds", "Each fleet gateway's clock "
+                                        "minus the clock NATS stamps stored inputs with, as last estimated here "
+                                        "(a few seconds' precision): another gateway's from the inputs it "
+                                        "accepted, this gateway's own from inputs delivered to it live",
+                                        ["origin"], registry=r)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():

@@ -35,6 +35,7 @@ from ..events import SESSION_TYPES
 from ..metrics import Metrics
 from ..outcome import Refusal, Refused, Result
 from ..store import Store, StoreError
+from .clocks import ClockOffsets
 from .link import NATS_ERRORS, Link, Unavailable
 from .messages import EVENT, Message, MessageError, decode
 
@@ -113,6 +114,7 @@ class Applier:
         self.kept: dict[int, float] = {}   # when each result was recorded (monotonic)
         self.answers: dict[int, asyncio.Future[Result]] = {}   # committed, answer still to come (the flush)
         self.waiters: dict[int, list[asyncio.Future[Result]]] = {}
+        self.clocks = ClockOffsets(link.config.gateway, metrics)   # each gateway's clock against NATS's
         metrics.fleet_applied_sequence.set_function(lambda: self.applied)
         metrics.fleet_stream_sequence.set_function(lambda: self.stream_last)
         metrics.fleet_lag_seconds.set_function(lambda: self.lag(self.clock()))
@@ -169,7 +171,10 @@ class Applier:
         while not halt.is_set():
             if self.applied >= (self.target or 0):
                 self.caught_up.set()
+            waiting = subscription.pending_msgs == 0   # nothing received and not yet applied
             messages = await self.link.fetch(subscription, BATCH, FETCH_WAIT)
+            if messages and waiting:
+                self._live(messages[0], self.clock())
             if not messages:
                 idle += 1
                 if idle % IDLE_CHECKS == 0:
@@ -182,6 +187,22 @@ class Applier:
                 await self._apply(messages)
             except Gap as gap:   # from the top: the stream's bounds may have moved
                 raise Unavailable(f"a gap in the stream ({gap}); re-reading from {self.applied + 1}") from None
+
+    def _live(self, msg: Msg, now: float) -> None:
+        """This gateway's own clock offset from ``msg``, received at ``now``, if it came live.
+
+        Live is judged without this gateway's clock (the one in doubt): the message was stored
+        after this connection began (past ``target``), everything before it is applied here,
+        this gateway was waiting with nothing received, NATS had nothing after it to send
+        (``num_pending``) and sends it the first time. A catch-up fails the first two; a
+        backlog, the rest. What remains is delivery latency (milliseconds, or a stall of the
+        consumer, which ``ClockOffsets`` outweighs with the other samples of the minute)."""
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if meta.timestamp is None or meta.num_pending or meta.num_delivered != 1 \
+                or seq != self.applied + 1 or seq <= (self.target or 0):
+            return
+        self.clocks.live(now, meta.timestamp.timestamp())
 
     def _same_stream(self, identity: str, last: int) -> None:
         """A stream deleted and created again (a NATS store lost, a cluster rebuilt) numbers its
@@ -303,7 +324,10 @@ class Applier:
         kind = item.message.kind if item.message else "-"
         stored = item.msg.metadata.timestamp
         if stored is not None:   # publish -> committed here (the figure a fleet's dashboard watches)
-            self.metrics.fleet_commit_seconds.observe(max(self.clock() - stored.timestamp(), 0.0))
+            stamp = stored.timestamp()
+            self.metrics.fleet_commit_seconds.observe(max(self.clock() - stamp, 0.0))
+            if item.message is not None:   # the accepting gateway's clock against NATS's
+                self.clocks.accepted(item.message.gateway, item.message.at, stamp, item.seq <= (self.target or 0))
         if isinstance(result, Refusal) and result.extra.get("failed"):
             self.metrics.fleet_applied.labels(kind, "failed").inc()
         elif item.message is None or (isinstance(result, Refusal) and result.error.startswith("malformed")):

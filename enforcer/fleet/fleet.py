@@ -183,7 +183,8 @@ class Fleet:
             if beaten - read_at >= BEAT - BEAT_GAP:   # a timer may fire a hair early
                 read_at = beaten
                 with contextlib.suppress(Unavailable):
-                    await self.gateways.read(self.applier.stream_last)
+                    rows = await self.gateways.read(self.applier.stream_last)
+                    self.applier.clocks.retain(row["gateway"] for row in rows)   # gateways gone from the fleet
             await self._until_applied(sent, beaten + BEAT, halt)
             await asyncio.sleep(max(beaten + BEAT_GAP - loop.time(), 0.0))
 
@@ -222,12 +223,13 @@ class Fleet:
         return {"gateway": self.config.gateway, "stream": self.config.stream, "connected": self.link.connected,
                 "applied_sequence": applier.applied, "stream_last_sequence": applier.stream_last,
                 "lag_seconds": round(applier.lag(self.engine.clock()), 3), "caught_up": applier.caught_up.is_set(),
-                "error": self.gateways.conflict or self.error or None}
+                "error": self.gateways.conflict or self.error or None, "clock_offsets": applier.clocks.view()}
 
     async def status(self) -> dict[str, Any]:
         """``walled-garden fleet status``: this gateway and every gateway's last heartbeat; this
         gateway's own row is its live position (a heartbeat is up to ``BEAT_GAP`` old, and just
-        after an input was applied it named the sequence before)."""
+        after an input was applied it named the sequence before). Each row also carries the
+        gateway's clock offset against NATS as estimated here (``clocks``; None: not measured)."""
         view = self.report()
         try:
             _, last, _ = await self.link.stream_bounds()
@@ -236,7 +238,9 @@ class Fleet:
         except Unavailable as exc:
             rows = self.gateways.last
             view["error"] = f"{exc} (gateways as last read)"
-        view["gateways"] = self._with_own_row(rows, view["stream_last_sequence"])
+        offsets = view["clock_offsets"]
+        view["gateways"] = [{**row, "clock_offset_seconds": offsets.get(row["gateway"], {}).get("offset_seconds")}
+                            for row in self._with_own_row(rows, view["stream_last_sequence"])]
         return view
 
     def _with_own_row(self, rows: list[dict[str, Any]], stream_last: int) -> list[dict[str, Any]]:
