@@ -12,6 +12,7 @@ import enum
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from enforcer.listener_guard import SHED_REASONS
 from enforcer.metric_labels import Labelled
 from enforcer.process_metrics import add_standard_collectors
 
@@ -28,6 +29,7 @@ class RequestKind(str, enum.Enum):
     FORBIDDEN = "forbidden"      # a POST without a valid CSRF token or from another origin: 403
     NOT_FOUND = "not_found"      # the portal host, but no such page or method (404, 405; 303 for GET /continue)
     ERROR = "error"              # we could not answer (5xx: exception, enforcer unavailable)
+    BAD_REQUEST = "bad_request"  # aiohttp could not parse it (400: a line over 64 KiB, 129 headers, a BREW method)
 
 
 class PortalMetrics:
@@ -42,12 +44,23 @@ class PortalMetrics:
             "walled_garden_portal_lookup_failures",
             "Lookups the enforcer did not answer (socket missing, timeout, bad answer).",
             registry=self.registry)
+        self.shed = Counter(
+            "walled_garden_portal_connections_shed",
+            "Connections the portal closed or refused so that the others are served, by reason.",
+            ["reason"], registry=self.registry)
         # Every series exists from the start (so rate() sees the first one), and each request
         # increments a child looked up once here rather than per request.
         self._by_kind = {kind: self.requests.labels(kind=kind.value) for kind in RequestKind}
+        self._shed_by = {reason: self.shed.labels(reason=reason) for reason in SHED_REASONS}
 
     def count(self, kind: RequestKind) -> None:
         self._by_kind[kind].inc()
+
+    def bad_request(self) -> None:
+        self._by_kind[RequestKind.BAD_REQUEST].inc()
+
+    def connection_shed(self, reason: str) -> None:
+        self._shed_by[reason].inc()
 
 
 def create_metrics_app(registry: CollectorRegistry, labels: dict[str, str] | None = None) -> web.Application:

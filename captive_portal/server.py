@@ -11,6 +11,17 @@ With ``portal.tls`` the same app is also served over HTTPS on ``tls.listen`` (sa
 wildcards), from the certificate and key files named there. ``SIGHUP`` reloads them, so a
 renewed certificate needs no restart (connections already open keep the old one).
 
+Every socket is served through ``enforcer.listener_guard`` with one guard for the process
+(``LIMITS``): the portal answers every restricted subscriber, so one of them must not be able to
+take it away from the others (SPEC §5: the portal keeps working). A request head is due within
+10 s of connecting, its body within 10 s more; one IPv4 address or IPv6 /64 holds at most
+``PER_SOURCE`` connections (its oldest idle one is shed for its next); all of them at most
+``MAX_CONNECTIONS``, fewer under the open-files limit; a request sends at most
+``app.MAX_REQUEST_BYTES``. Sheds are counted in
+``walled_garden_portal_connections_shed_total{reason}``, requests aiohttp cannot parse in
+``walled_garden_portal_requests_total{kind="bad_request"}``, and both are logged at most once
+per 10 s, without what the request said.
+
 Under systemd (``Type=notify``) the portal says READY=1 once every socket is bound and pets
 the watchdog from its event loop, so a hung loop is restarted.
 """
@@ -19,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import signal
 import socket
@@ -29,9 +39,10 @@ from aiohttp import web
 
 from enforcer import systemd_notify
 from enforcer.config import Config, Listen, PortalTls
+from enforcer.listener_guard import ConnectionGuard, GuardedSite, Limits, RequestErrorLog, bind_socket
 from enforcer.logs import setup_logging
 
-from .app import REGISTRY_KEY, create_app
+from .app import MAX_REQUEST_BYTES, METRICS_KEY, REGISTRY_KEY, create_app
 from .enforcer_client import LookupClient
 from .metrics import create_metrics_app
 
@@ -41,6 +52,14 @@ WILDCARDS = ("0.0.0.0", "::")
 #: Long enough for an in-flight page (its lookup times out after 2 s), short enough for systemd.
 SHUTDOWN_TIMEOUT = 5.0
 BACKLOG = 1024
+#: Connections one IPv4 address or IPv6 /64 may hold: a household's browsers and apps, each
+#: redirect closing its connection, need a handful; past this its oldest idle one is shed.
+PER_SOURCE = 32
+#: Connections the portal keeps open in all (fewer when ``LimitNOFILE=`` is lower); with
+#: ``MAX_REQUEST_BYTES`` this bounds what the connections can make the portal hold.
+MAX_CONNECTIONS = 2048
+LIMITS = Limits(head_timeout=10.0, body_timeout=10.0, max_connections=MAX_CONNECTIONS, per_source=PER_SOURCE,
+                max_request_bytes=MAX_REQUEST_BYTES)
 #: What binding ``::`` fails with on a kernel or container without IPv6.
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 
@@ -52,13 +71,11 @@ def bind_sockets(listen: Listen) -> list[socket.socket]:
     sockets already made closed.
     """
     if listen.host not in WILDCARDS:
-        address = ipaddress.ip_address(listen.host)  # ValueError for a name: we never resolve
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        return [_bind(family, listen.host, listen.port)]
-    first = _bind(socket.AF_INET, "0.0.0.0", listen.port)
+        return [bind_socket(listen.host, listen.port)]  # ValueError for a name: we never resolve
+    first = bind_socket("0.0.0.0", listen.port)
     port = first.getsockname()[1]  # the same port on both, even when asked for port 0
     try:
-        second = _bind(socket.AF_INET6, "::", port)
+        second = bind_socket("::", port)
     except OSError as exc:
         if exc.errno not in _NO_IPV6:
             first.close()
@@ -66,20 +83,6 @@ def bind_sockets(listen: Listen) -> list[socket.socket]:
         log.warning("event=no_ipv6 error=%r (listening on IPv4 only)", exc.strerror or str(exc))
         return [first]
     return [first, second]
-
-
-def _bind(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def describe(sockets: list[socket.socket]) -> str:
@@ -110,6 +113,9 @@ class PortalServer:
     def __init__(self, config: Config, client: LookupClient | None = None) -> None:
         self.config = config
         self.app = create_app(config, client)
+        metrics = self.app[METRICS_KEY]
+        self.guard = ConnectionGuard("portal", LIMITS, on_shed=metrics.connection_shed)
+        self.errors = RequestErrorLog("portal", on_bad_request=metrics.bad_request)
         self.sockets: list[socket.socket] = []
         self.tls_sockets: list[socket.socket] = []
         self.metrics_sockets: list[socket.socket] = []
@@ -159,7 +165,11 @@ class PortalServer:
         # No access log: it would record every subscriber's browsing while restricted, at volume.
         # The parser's size limits travel with the app (app.HANDLER_ARGS), so a redirected
         # request with an 8 KB cookie or a long URL still gets its 302 here and in tests alike.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+        # Every listener of the process shares one guard (its caps are the process's) and one
+        # log for the requests aiohttp cannot parse.
+        app.middlewares.insert(0, self.guard.middleware)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                               logger=self.errors)
         await runner.setup()
         self._runners.append(runner)
         return runner
@@ -170,7 +180,7 @@ class PortalServer:
         started = 0
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=ssl_context).start()
+                await GuardedSite(runner, sock, self.guard, backlog=BACKLOG, ssl_context=ssl_context).start()
                 started += 1
         except BaseException:
             for sock in sockets[started:]:  # sites already started close theirs on cleanup

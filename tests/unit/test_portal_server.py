@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -21,6 +20,7 @@ import pytest
 from captive_portal.enforcer_client import Ack, Lookup
 from captive_portal.server import PortalServer, bind_sockets, tls_context
 from enforcer.config import Config, Listen, PortalTls, parse_config
+from required import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTAL_HOST = "portal.isp.example"
@@ -142,10 +142,9 @@ async def test_wildcard_server_answers_on_ipv4_and_ipv6_with_plain_peer_addresse
 
 def make_certificate(directory: Path, name: str = "portal") -> PortalTls:
     """A self-signed certificate for ``portal.isp.example`` (P-256: made in milliseconds)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+    openssl = tool("openssl", "openssl")
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-days", "2", "-subj", f"/CN={PORTAL_HOST}",
                     "-addext", f"subjectAltName=DNS:{PORTAL_HOST}",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=20)

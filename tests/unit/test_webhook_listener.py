@@ -15,7 +15,7 @@ from aiohttp import web
 from test_webhook import _event, _headers, setup  # noqa: F401  (a fixture)
 from test_webhook_worker import bridge  # noqa: F401  (a fixture: the worker over the fake kernel)
 
-from enforcer.api import listeners as api
+from enforcer import listener_guard
 from enforcer.api.listeners import start_tcp_site
 from enforcer.demo.billing import signed_request
 
@@ -62,13 +62,14 @@ async def _ok(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+SHORT = listener_guard.Limits(head_timeout=0.3, body_timeout=0.3)
+
+
 @pytest.fixture
-async def listener(unused_tcp_port: int, monkeypatch: Any) -> Any:
-    monkeypatch.setattr(api, "HEAD_TIMEOUT", 0.3)
-    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.3)
+async def listener(unused_tcp_port: int) -> Any:
     app = web.Application(client_max_size=1024)
     app.router.add_post("/", _ok)
-    runner = await start_tcp_site(app, "127.0.0.1", unused_tcp_port)
+    runner = await start_tcp_site(app, "127.0.0.1", unused_tcp_port, SHORT)
     yield unused_tcp_port
     await runner.cleanup()
 
@@ -121,9 +122,7 @@ async def test_an_oversized_chunked_body_is_413(listener: int) -> None:
             assert "larger than 1024" in (await response.json())["error"]
 
 
-async def test_the_cap_sheds_the_oldest_idle_connection_never_a_busy_one(unused_tcp_port: int,
-                                                                        monkeypatch: Any) -> None:
-    monkeypatch.setattr(api, "MAX_CONNECTIONS", 3)
+async def test_the_cap_sheds_the_oldest_idle_connection_never_a_busy_one(unused_tcp_port: int) -> None:
     release = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
@@ -133,7 +132,7 @@ async def test_the_cap_sheds_the_oldest_idle_connection_never_a_busy_one(unused_
     app = web.Application()
     app.router.add_post("/slow", slow)
     app.router.add_post("/", _ok)
-    runner = await start_tcp_site(app, "127.0.0.1", unused_tcp_port)
+    runner = await start_tcp_site(app, "127.0.0.1", unused_tcp_port, listener_guard.Limits(max_connections=3))
     url = f"http://127.0.0.1:{unused_tcp_port}"
     writers: list[asyncio.StreamWriter] = []
     try:
@@ -178,7 +177,7 @@ async def test_a_flood_of_unsigned_requests_is_counted_logged_sparingly_and_bill
 
 def test_the_log_limiter_says_how_many_it_held_back() -> None:
     now = [0.0]
-    limiter = api.LogLimiter(10.0, clock=lambda: now[0])
+    limiter = listener_guard.LogLimiter(10.0, clock=lambda: now[0])
     assert limiter.allow() == 0
     assert [limiter.allow() for _ in range(5)] == [None] * 5
     now[0] = 10.0
