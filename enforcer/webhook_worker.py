@@ -19,12 +19,10 @@ Wire format: one JSON object per line.
 The child exits when the daemon's end closes; the daemon restarts a child that dies.
 
 The listener faces the network, so it is built to survive it (docs/security.md): ``api.listeners.start_tcp_site``
-wraps each connection in ``api.listeners.GuardedConnection`` (aiohttp has no header timeout or
-connection cap, so the deadlines and the cap live in a small protocol wrapper there: a request
-head within ``listeners.HEAD_TIMEOUT`` s, its body within ``listeners.BODY_TIMEOUT`` s, and at most
-``listeners.max_connections()`` connections, the oldest idle one closed for a new one), bodies are
-capped at ``webhooks.MAX_EVENT_BYTES``, and refused requests are logged at most once per
-``listeners.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
+serves it through ``listener_guard`` (aiohttp has no header timeout or connection cap: a request
+head within 10 s, its body within 10 s, at most ``listener_guard.open_files_cap`` connections, the
+oldest idle one closed for a new one), bodies are capped at ``webhooks.MAX_EVENT_BYTES``, and
+refused requests are logged at most once per ``listener_guard.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
 have sent itself (``api.http``).
 """
 
