@@ -69,23 +69,29 @@ async def source(tmp_path: Path) -> Any:
     token.write_text("s3cret\n")
     config = SubscribersConfig(source=str(server.make_url("/export")), poll_interval=60, timeout=0.5,
                                bearer_token_file=str(token))
-    lists: list[Any] = []
-    failures: list[SourceFailure] = []
-    unchanged: list[str] = []
-
-    async def on_list(update: Any) -> None:
-        lists.append(update)
-
-    async def on_failure(failure: SourceFailure) -> None:
-        failures.append(failure)
-
-    async def on_unchanged(origin: str) -> None:
-        unchanged.append(origin)
-
-    url_source = UrlSource(config, on_list, on_failure, on_unchanged)
+    seen = Handed()
+    url_source = UrlSource(config, seen.on_list, seen.on_failure, seen.on_unchanged)
     async with aiohttp.ClientSession() as session:
-        yield url_source, session, billing, lists, failures, unchanged
+        yield url_source, session, billing, seen.lists, seen.failures, seen.unchanged
     await server.close()
+
+
+class Handed:
+    """What a source handed over: lists, failures, "unchanged"."""
+
+    def __init__(self) -> None:
+        self.lists: list[Any] = []
+        self.failures: list[SourceFailure] = []
+        self.unchanged: list[str] = []
+
+    async def on_list(self, update: Any) -> None:
+        self.lists.append(update)
+
+    async def on_failure(self, failure: SourceFailure) -> None:
+        self.failures.append(failure)
+
+    async def on_unchanged(self, origin: str) -> None:
+        self.unchanged.append(origin)
 
 
 async def test_good_list_then_304_uses_etag_and_bearer_token(source: Any) -> None:
@@ -439,22 +445,12 @@ async def test_an_answer_that_cannot_tell_a_cut_from_its_end_is_refused(tmp_path
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    lists: list[Any] = []
-    failures: list[SourceFailure] = []
-
-    async def on_list(update: Any) -> None:
-        lists.append(update)
-
-    async def on_failure(failure: SourceFailure) -> None:
-        failures.append(failure)
-
-    async def on_unchanged(origin: str) -> None:
-        pass
-
+    seen = Handed()
+    lists, failures = seen.lists, seen.failures
     config = SubscribersConfig(source=f"http://127.0.0.1:{port}/export", poll_interval=60, timeout=5)
     try:
         async with aiohttp.ClientSession() as session:
-            ok = await UrlSource(config, on_list, on_failure, on_unchanged).poll(session)
+            ok = await UrlSource(config, seen.on_list, seen.on_failure, seen.on_unchanged).poll(session)
     finally:
         server.close()
         await server.wait_closed()
