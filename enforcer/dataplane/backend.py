@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from .state import TableState
+from .layout import Layout
+from .state import Structure, TableState
 from .transaction import Transaction
 
 
@@ -34,6 +35,20 @@ class Dataplane(Protocol):
         """The cheap check, one batch of constant-time lookups (~0.3 ms at 100k elements): does
         the table exist with layout ``tag`` and does each of ``containers`` hold its sentinel?
         With ``mark``: and does ``layouttag`` hold that digest mark (``state.digest_mark``)?"""
+
+    def structure(self, layout: Layout) -> Structure | None:
+        """What the table is made of apart from the elements that change (``state.Structure``):
+        flags, chains, rules, set declarations, ``layout.static_sets``' elements, with the
+        fingerprint our own install marked on it. Cheap (no element of a reconciled, timeout or
+        dynamic set is read: ~5 ms at 100k subscribers), for the periodic check and every
+        start. None when the table is gone; a fingerprint of "" when the backend has nothing of
+        its own to fingerprint (the ipset backend with ``rules: external``)."""
+
+    def expected_structure(self, layout: Layout) -> str:
+        """The fingerprint a table of ``layout`` has when nobody changed it, when the backend can
+        tell without installing one (the ipset backend: its rules as this release renders them;
+        the fake); "" when only a reading right after our own install can (nftables: how the
+        kernel holds the rules is libnftables' translation of the rendered text)."""
 
     def generation(self) -> int:
         """The ruleset's generation id: every committed nftables transaction in the network

@@ -4,7 +4,13 @@ It fails where nftables fails (deleting a missing element, re-adding a map key w
 verdict, touching a container the layout does not have) and applies nothing of a failed
 transaction, so reconciler tests catch the mistakes the kernel would. It implements the whole
 ``Dataplane`` Protocol; ``tests/unit/test_dataplane_conformance.py`` holds it to the kernel's
-behaviour. ``flush_set`` and ``drop_element`` play another tool changing the table behind our back.
+behaviour. ``flush_set`` and ``drop_element`` play another tool changing the table behind our back;
+``delete_rule`` and ``make_dormant`` change its structure (``structure``) as ``nft`` would.
+
+The structure: a fake table's chains are named after the layout, each holding two rules, so a
+fresh table of a layout has a fingerprint known before it is installed (``expected_structure``,
+as the ipset backend's rendered rules), unless ``predicts_structure`` is False: then, as with
+nftables, only a reading after our own install knows it, and the reconciler marks it.
 """
 
 from __future__ import annotations
@@ -13,16 +19,21 @@ import ipaddress
 from collections.abc import Iterable
 
 from .backend import DataplaneError
-from .layout import COUNTERS, TAG_SET, tag_address, with_mode_view
-from .state import TableState
-from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
+from .layout import COUNTERS, TAG_SET, Layout, tag_address, with_mode_view
+from .state import STRUCTURE_COMMENT, Structure, TableState, fingerprint, marked_fingerprint
+from .transaction import AddElements, DeleteElements, MarkStructure, ReplaceTable, Transaction
+
+#: A fake table's chains (``structure``); each is created with ``_RULES`` rules.
+CHAINS = ("forward", "from_subscriber", "garden", "input", "prerouting")
+_RULES = 2
 
 
 class FakeDataplane:
-    def __init__(self, table: str = "walled_garden", callers_seen_by_default: bool = True) -> None:
+    def __init__(self, table: str = "walled_garden", callers_seen_by_default: bool = True,
+                 predicts_structure: bool = True) -> None:
         """``callers_seen_by_default``: ``recent_caller`` answers True for every address (tests
         that predate the portal-caller check); strict tests pass False and mark callers with
-        ``saw_caller``."""
+        ``saw_caller``. ``predicts_structure``: see the module docstring."""
         self.table = table
         self.state: TableState | None = None
         self.transactions: list[Transaction] = []
@@ -31,6 +42,12 @@ class FakeDataplane:
         self.callers: set[str] = set()
         self.counter_values: dict[str, tuple[int, int]] = {}
         self.generation_id = 1   # the kernel's ruleset generation: one more per committed change
+        self.predicts_structure = predicts_structure
+        #: chain → its rules (``structure``); None: as an install of the table's layout made them (a
+        #: table a test put in ``state`` itself)
+        self.chains: dict[str, list[str]] | None = None
+        self.dormant = False
+        self.structure_comment: str | None = None   # the layout tag element's comment (``MarkStructure``)
 
     def apply(self, tx: Transaction) -> None:
         if self.fail_next:
@@ -38,15 +55,22 @@ class FakeDataplane:
             raise DataplaneError(message)
         state = self.state.copy() if self.state else None
         replaced = False
+        chains, dormant, comment = self.chains, self.dormant, self.structure_comment
         for op in tx.operations:
             if isinstance(op, ReplaceTable):
                 names = [*op.layout.containers(), *op.layout.ack_sets()]
                 state = TableState(op.layout.tag, {name: {} for name in names}, set(op.layout.containers()))
                 state.elements[TAG_SET] = {tag_address(op.layout.tag): None}
+                chains, dormant, comment = None, False, None
                 replaced = True
                 continue
             if state is None:
                 raise DataplaneError(f"No such file or directory: table inet {self.table}")
+            if isinstance(op, MarkStructure):
+                if tag_address(op.tag) not in state.elements.get(TAG_SET, {}):
+                    raise DataplaneError(f"No such file or directory: {TAG_SET} {tag_address(op.tag)}")
+                comment = STRUCTURE_COMMENT + op.fingerprint
+                continue
             container = state.elements.get(op.container)
             if container is None:
                 raise DataplaneError(f"No such file or directory: {op.container}")
@@ -61,6 +85,7 @@ class FakeDataplane:
                         raise DataplaneError(f"No such file or directory: {op.container} {key}")
                     del container[key]
         self.state = state
+        self.chains, self.dormant, self.structure_comment = chains, dormant, comment
         if tx.operations:
             self.generation_id += 1
         if replaced:   # the caller sets are part of the table: a new table starts them empty
@@ -86,6 +111,20 @@ class FakeDataplane:
 
     def generation(self) -> int:
         return self.generation_id
+
+    def structure(self, layout: Layout) -> Structure | None:
+        if self.state is None:
+            return None
+        marked = self.structure_comment if self.state.layout_tag == layout.tag else None
+        return _structure(self._chains(), self.dormant, marked_fingerprint(marked))
+
+    def expected_structure(self, layout: Layout) -> str:
+        return _structure(_fresh_chains(layout.tag), False).fingerprint if self.predicts_structure else ""
+
+    def _chains(self) -> dict[str, list[str]]:
+        if self.chains is None:
+            self.chains = _fresh_chains(self.state.layout_tag if self.state and self.state.layout_tag else "")
+        return self.chains
 
     def read_sets(self, names: Iterable[str]) -> TableState | None:
         if self.state is None:
@@ -150,9 +189,34 @@ class FakeDataplane:
     def drop_table(self) -> None:
         """``nft delete table`` (or ``flush ruleset``) by someone else."""
         self.state = None
+        self.chains, self.dormant, self.structure_comment = None, False, None
         self.callers.clear()
+        self.generation_id += 1
+
+    def delete_rule(self, chain: str = "forward") -> None:
+        """``nft delete rule inet <table> <chain> handle N`` by someone else (the chain's first)."""
+        if self.state is None or not self._chains().get(chain):
+            raise DataplaneError(f"No such file or directory: rule in {chain}")
+        self._chains()[chain] = self._chains()[chain][1:]
+        self.generation_id += 1
+
+    def make_dormant(self) -> None:
+        """``nft add table inet <table> { flags dormant; }`` by someone else."""
+        if self.state is None:
+            raise DataplaneError(f"No such file or directory: table inet {self.table}")
+        self.dormant = True
         self.generation_id += 1
 
     def dump(self) -> str:
         """Every transaction applied so far as ``nft -f`` text."""
         return "".join(tx.render() for tx in self.transactions)
+
+
+def _fresh_chains(tag: str) -> dict[str, list[str]]:
+    """A fake table's chains as a fresh install of the layout with this tag makes them."""
+    return {chain: [f"{tag} {chain} {n}" for n in range(_RULES)] for chain in CHAINS}
+
+
+def _structure(chains: dict[str, list[str]], dormant: bool, marked: str = "") -> Structure:
+    parts = {"table": f"flags {int(dormant)}", **{f"chain {name}": " | ".join(rules) for name, rules in chains.items()}}
+    return Structure(fingerprint(parts), parts, {name: len(rules) for name, rules in chains.items()}, dormant, marked)

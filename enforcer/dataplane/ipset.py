@@ -41,6 +41,12 @@ that may fail without harm (``_destroy``, ``remove_everything``) log instead. A 
 cannot be destroyed (a rule not ours names it) is emptied instead (``_destroy_or_empty``): it
 must not keep walling whoever it held.
 
+The structure (``structure``, ``expected_structure``): with ``rules: own`` our chains and jumps,
+compared every few seconds by the table check (``reconciler.structure_problem``) with what this
+release renders for the layout, as ``_shape`` reads both: a rule deleted inside our chains is
+repaired within seconds, not at the next full check. Known from the render, it needs no mark on
+the sets (nftables needs one: its rules are known only as the kernel holds them).
+
 No generation. nftables numbers every committed transaction in the namespace (the digest mark's
 proof that nobody changed the table since, ``Reconciler._carries``); ipset has no such number.
 ``generation()`` therefore returns a number that is new on every call, and ``holds_layout`` with
@@ -86,7 +92,7 @@ from .ipset_sets import (
 )
 from .kernel import keep_big_blocks_apart
 from .layout import CALLER_SET, COUNTERS, SENTINELS, TAG_SET, Layout, sentinel_family, tag_address
-from .state import TableState
+from .state import Structure, TableState, fingerprint
 from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
 
 log = logging.getLogger("walled_garden.enforcer")
@@ -257,11 +263,12 @@ class IpsetDataplane:
         ops = tx.operations
         last = max((i for i, op in enumerate(ops) if isinstance(op, ReplaceTable)), default=None)
         if last is None:
-            self._diff([op for op in ops if not isinstance(op, ReplaceTable)])
+            self._diff([op for op in ops if isinstance(op, (AddElements, DeleteElements))])
             return
         replace = ops[last]
         assert isinstance(replace, ReplaceTable)
-        self._replace(replace.layout, [op for op in ops[last + 1:] if not isinstance(op, ReplaceTable)])
+        # ``MarkStructure`` is for nftables: the structure here is known from the render
+        self._replace(replace.layout, [op for op in ops[last + 1:] if isinstance(op, (AddElements, DeleteElements))])
 
     def generation(self) -> int:
         """Not a generation: ipset has none (module docstring). New on every call, so the
@@ -276,9 +283,10 @@ class IpsetDataplane:
         with ``rules: own`` our jumps missing or our chains stamped for other rules
         (``_rules_hold``: a few iptables processes, so a firewall reload that rewrote FORWARD is
         repaired within seconds). Not seen here, but at the full check (``read``): single
-        elements added or deleted, an umbrella listing a set it should not, a rule deleted or
-        changed inside our chains. With a digest mark: False, always (no generation proves the
-        mark; module docstring)."""
+        elements added or deleted, an umbrella listing a set it should not. A rule deleted or
+        changed inside our chains is seen by the same quick check's next step, the structure
+        (``structure``, compared with ``expected_structure``). With a digest mark: False,
+        always (no generation proves the mark; module docstring)."""
         if mark is not None:
             return False
         containers = list(containers)
@@ -290,6 +298,33 @@ class IpsetDataplane:
                 if not self._lookup.holds_member(umbrella(kind, version), set_name(f"{kind}{version}_{plen}")):
                     return False
         return self.rules != "own" or self._rules_hold(self._expected_stamp(tag, map(set_name, containers)))
+
+    def structure(self, layout: Layout) -> Structure | None:
+        """With ``rules: own``, our chains (declared or not, and their rules as ``_shape`` keeps
+        them, in order) and our three jumps (each exactly ``-A <built-in> -j <ours>``), both
+        families: one ``-save`` per family and table, four processes. With ``rules: external``
+        nothing to fingerprint (the rules are the operator's; the sets are checked by
+        ``holds_layout``). None when ``walled-layouttag`` lacks this layout's tag."""
+        if not self._lookup.holds(set_name(TAG_SET), tag_address(layout.tag)):
+            return None
+        if self.rules != "own":
+            return Structure("")
+        listed = {(version, table): _run([self._ipt(version, "save"), "-t", table], timeout=30).splitlines()
+                  for version in (4, 6) for table in iptables_rules.CHAINS}
+        return _rules_structure(listed)
+
+    def expected_structure(self, layout: Layout) -> str:
+        """With ``rules: own``: the fingerprint of our chains as this release renders them for
+        ``layout``, every jump in place (``structure`` of an untouched install); else ""."""
+        if self.rules != "own":
+            return ""
+        rendered: dict[tuple[int, str], list[str]] = {}
+        for version in (4, 6):
+            for table, lines in iptables_rules.chains(layout, version).items():
+                rendered[(version, table)] = ([f":{chain} - [0:0]" for chain in iptables_rules.CHAINS[table]] + lines
+                                              + [f"-A {builtin} -j {target}"
+                                                 for t, builtin, target in iptables_rules.JUMPS if t == table])
+        return _rules_structure(rendered).fingerprint
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         return [name for name in containers
@@ -772,6 +807,26 @@ class SetsLeft:
         return bool(self.emptied or self.not_emptied)
 
 
+def _rules_structure(listed: dict[tuple[int, str], list[str]]) -> Structure:
+    """``IpsetDataplane.structure`` of ``-save`` lines by (family, table): per family, each chain
+    of ours (absent, or its rules' ``_shape``s in order) and each jump (present or missing)."""
+    parts: dict[str, str] = {}
+    rules: dict[str, int] = {}
+    for (version, table), lines in listed.items():
+        shapes = _shapes(lines)
+        declared = {line.split()[0][1:] for line in lines if line.startswith(":")}
+        for chain in iptables_rules.CHAINS[table]:
+            label = f"{chain} ipv{version}"
+            found = shapes.get(chain, [])
+            parts[f"chain {label}"] = repr(found) if chain in declared else "absent"
+            rules[label] = len(found)
+        for t, builtin, target in iptables_rules.JUMPS:
+            if t == table:
+                present = f"-A {builtin} -j {target}" in lines
+                parts[f"jump {builtin}->{target} ipv{version}"] = "present" if present else "missing"
+    return Structure(fingerprint(parts), parts, rules)
+
+
 def _quietly(argv: list[str]) -> bool:
     """A clean-up step that may find nothing to do (a chain already gone): its success, never an
     exception."""
@@ -834,7 +889,8 @@ def render(tx: Transaction, rules: str = "own") -> str:
     replace = tx.operations[last]
     assert isinstance(replace, ReplaceTable)
     layout = replace.layout
-    wanted, contents = _contents(layout, [op for op in tx.operations[last + 1:] if not isinstance(op, ReplaceTable)])
+    wanted, contents = _contents(layout, [op for op in tx.operations[last + 1:]
+                                          if isinstance(op, (AddElements, DeleteElements))])
     out = ["# ipset restore -exist"]
     for name, items in contents.items():
         out.append(wanted[name].create(name, len(items)))

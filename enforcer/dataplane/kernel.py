@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backend import DataplaneError
-from .layout import CALLER_SET, SENTINELS, TAG_SET, sentinel_family, tag_address
+from .layout import CALLER_SET, SENTINELS, TAG_SET, Layout, sentinel_family, tag_address
 from .libnftables import Nftables, NftError
-from .nfnetlink import ElementLookup
-from .state import TableState
+from .nfnetlink import ElementLookup, TableStructure
+from .state import Structure, TableState
 from .transaction import Transaction
 
 _TAG = re.compile(r"walled-garden layout ([0-9a-f]+)")
@@ -86,6 +86,7 @@ class KernelDataplane:
         self._nft = nft or Nftables()
         self._reader: KernelDataplane | None = None
         self._lookup = ElementLookup(table)
+        self._structure = TableStructure(table, self._lookup.session)
 
     def reader(self) -> KernelDataplane:
         """The same table through a libnftables context of its own, for reads made off the
@@ -129,6 +130,16 @@ class KernelDataplane:
         lookups = [(TAG_SET, address) for address in marks]
         lookups += [(name, SENTINELS[sentinel_family(name)]) for name in containers]
         return all(self._lookup.holds(name, address) for name, address in lookups)
+
+    def structure(self, layout: Layout) -> Structure | None:
+        """The table's structure over netlink (``nfnetlink.TableStructure``), with the fingerprint
+        the layout tag's element carries as its comment (``transaction.MarkStructure``)."""
+        return self._structure.read(layout.static_sets(), (TAG_SET, tag_address(layout.tag)))
+
+    def expected_structure(self, layout: Layout) -> str:
+        """Unknown before an install: how the kernel holds a rule is libnftables' translation of
+        the rendered text, which differs between nft versions (the reconciler reads it back)."""
+        return ""
 
     def generation(self) -> int:
         """The ruleset's generation id (``ElementLookup.generation``)."""

@@ -55,7 +55,11 @@ Restart (issue 16). ``layouttag`` also holds the reconciler's digest mark: an IP
 upper 32 bits are all 1 (never a tag), carrying a 64-bit digest of the subscriber sets' elements
 and the ruleset generation our transaction commits as (``state.digest_mark``). A start whose
 saved decisions give the same digest, at the same generation, trusts the table instead of
-reading 125k elements back (``reconciler``).
+reading 125k elements back (``reconciler``). The tag's own element carries, as its comment, the
+fingerprint of the table's structure as our install left it (``state.Structure``: flags,
+chains, rules, set declarations, ``static_sets``' elements): a rule deleted or the table made
+``dormant`` frees subscribers while every element is in place, so the table check and every
+start compare the structure too (``reconciler``'s docstring says against what, and why).
 """
 
 from __future__ import annotations
@@ -283,8 +287,8 @@ class Layout:
             lines.append(f"\tset {HOST_ALLOW[version]} {{ type {addr}; }}")
             lines.append(f"\tset {CALLER_SET[version]} {{ type {addr}; size {THROTTLE_METER_SIZE}; "
                          f"flags dynamic,timeout; timeout {CALLER_TIMEOUT}; }}")
-            for name, servers in (("dns", self.dns), ("ntp", self.ntp)):
-                if servers is not None and not (name == "dns" and self.dns_port is not None):
+            for name, servers in self._server_sets():
+                if servers is not None:
                     listed = ", ".join(str(a) for a in servers if a.version == version)
                     elements = f" elements = {{ {listed} }};" if listed else ""
                     lines.append(f"\tset {name}{version} {{ type {addr};{elements} }}")
@@ -301,6 +305,18 @@ class Layout:
         for name in self.containers():
             lines.append(f"add element inet {self.table} {name} {{ {SENTINELS[sentinel_family(name)]} }}")
         return "\n".join(lines) + "\n"
+
+    def _server_sets(self) -> list[tuple[str, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None]]:
+        """The ``dns``/``ntp`` sets the table has (servers listed: not None), and their servers."""
+        return [(name, servers) for name, servers in (("dns", self.dns), ("ntp", self.ntp))
+                if not (name == "dns" and self.dns_port is not None)]
+
+    def static_sets(self) -> list[str]:
+        """The named sets whose elements the layout renders itself (``allow``, the listed ``dns``
+        and ``ntp`` servers): part of the table's structure (``Dataplane.structure``), unlike
+        the sets the reconciler, the kernel or the DNS forwarder fill."""
+        return [f"{name}{version}" for version in (4, 6)
+                for name in ["allow", *(n for n, servers in self._server_sets() if servers is not None)]]
 
     def garden_sets(self, version: int) -> list[str]:
         """The sets whose addresses a restricted subscriber may reach (never redirected or slowed)."""

@@ -7,6 +7,11 @@ transactions want. Two kinds of request want neither:
   element`` only after loading every set's elements into its cache whenever the ruleset changed
   since its last command, and again after a miss: ~0.5 s and ~60 MB of C heap at 125k elements
   (measured), on every check after a payment and at every start (``Reconciler._carries``).
+* ``TableStructure``: the table's structure (flags, chains, rules, set declarations, the
+  elements of the sets the layout fills itself) as the kernel holds it, for the table check.
+  ``nft -t list table`` (terse) would say the same in text, but nft 1.0.6 loads every set's
+  elements into its cache first, terse or not: ~0.6 s at 100k subscribers (measured), where
+  these dumps of the table's own objects take a few ms whatever the sets hold.
 * ``ElementWriter``: adding (with a timeout) and deleting elements of one set in one batch, for
   the DNS forwarder, which must put an allowed name's addresses in the kernel before it answers.
   Through libnftables that is a text parse plus a cache check, ~0.5 ms idle and several ms on a
@@ -25,6 +30,7 @@ on one object are serialised.
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import os
 import socket
@@ -34,15 +40,20 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from .backend import DataplaneError
+from .state import Structure, fingerprint, marked_fingerprint
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFPROTO_INET = 1
 NEWGEN, GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | 15, (NFNL_SUBSYS_NFTABLES << 8) | 16
 NEWSETELEM, GETSETELEM, DELSETELEM = ((NFNL_SUBSYS_NFTABLES << 8) | kind for kind in (12, 13, 14))
+NEWTABLE, GETTABLE, NEWCHAIN, GETCHAIN, NEWRULE, GETRULE, NEWSET, GETSET = (
+    (NFNL_SUBSYS_NFTABLES << 8) | kind for kind in (0, 1, 3, 4, 6, 7, 9, 10))
+NEWOBJ, GETOBJ, NEWFLOWTABLE, GETFLOWTABLE = ((NFNL_SUBSYS_NFTABLES << 8) | kind for kind in (18, 19, 22, 23))
 NESTED = 0x8000
 HEADER = struct.Struct("=IHHII")          # nlmsghdr: length, type, flags, seq, pid
 #: Answers read for one request at most: a bound, never a busy loop.
@@ -52,6 +63,10 @@ SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 MAX_BATCH_BYTES = 128 * 1024
 #: Elements per message: an attribute's length is 16 bits (~40 bytes per IPv6 element).
 ELEMENTS_PER_MESSAGE = 1000
+#: The receive buffer of one dump datagram (the kernel fills at most 32 KiB per datagram).
+DUMP_BUFFER = 256 * 1024
+#: Attempts at a reading of the structure that no commit interrupted (``TableStructure.read``).
+STRUCTURE_ATTEMPTS = 5
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -128,6 +143,47 @@ class NetlinkSession:
                 raise OSError(errno.EPROTO, "netlink: no acknowledgement")
             except (OSError, struct.error) as exc:
                 self._close()   # a fresh socket next time: no answer of this one is read late
+                raise DataplaneError(f"{what}: {exc}") from None
+
+    def dump(self, kind: int, body: bytes, what: str) -> list[bytes] | None:
+        """One dump request (``NLM_F_DUMP``): every message of the answer until ``NLMSG_DONE``;
+        None when the kernel says ENOENT (no such table or set). ``Interrupted`` when the kernel
+        marks the dump inconsistent (a commit during it); ``DataplaneError`` for anything else.
+
+        The socket never blocks here either: the kernel queues the dump's first datagram within
+        the ``send`` and each next one within the ``recv`` that makes room for it."""
+        with self._lock:
+            try:
+                sock = self._socket()
+                seq = self._next_seq(1)
+                sock.send(HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+                out: list[bytes] = []
+                for _ in range(MAX_ANSWERS):
+                    try:
+                        data, _, flags, _ = sock.recvmsg(DUMP_BUFFER)
+                    except BlockingIOError:
+                        raise OSError(errno.EPROTO, f"netlink: the dump of {what} stopped before its end") from None
+                    if flags & socket.MSG_TRUNC:
+                        raise OSError(errno.EPROTO, f"netlink: a datagram of the dump of {what} was cut")
+                    for message_kind, answer_seq, message in _messages(data):
+                        if answer_seq != seq:
+                            continue
+                        if struct.unpack_from("=H", message, 6)[0] & NLM_F_DUMP_INTR:
+                            raise Interrupted(f"{what}: the ruleset changed during the dump")
+                        if message_kind == NLMSG_DONE:
+                            return out
+                        if message_kind == NLMSG_ERROR:
+                            error = -struct.unpack_from("=i", message, 16)[0]
+                            if error == errno.ENOENT:
+                                return None
+                            raise OSError(error, os.strerror(error))
+                        out.append(message)
+                raise OSError(errno.EPROTO, f"netlink: more than {MAX_ANSWERS} datagrams in the dump of {what}")
+            except Interrupted:
+                self._close()   # the rest of that dump is never read by the next request
+                raise
+            except (OSError, struct.error) as exc:
+                self._close()
                 raise DataplaneError(f"{what}: {exc}") from None
 
     def batch(self, messages: Sequence[tuple[int, int, bytes]], what: str) -> None:
@@ -214,6 +270,10 @@ def _messages(data: bytes) -> Iterable[tuple[int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
+class Interrupted(DataplaneError):
+    """A dump the kernel marked inconsistent: a commit happened while it was being read."""
+
+
 class BatchRefused(DataplaneError):
     """The kernel refused a batch (nothing of it applied): ``errno`` of the first refused message
     and its ``index`` in the batch."""
@@ -233,6 +293,10 @@ class ElementLookup:
     def __init__(self, table: str, session: NetlinkSession | None = None) -> None:
         self._table = table.encode() + b"\0"
         self._session = session or NetlinkSession()
+
+    @property
+    def session(self) -> NetlinkSession:
+        return self._session
 
     def holds(self, container: str, address: str) -> bool:
         """Does ``container`` of our table hold ``address``? False when the element, the set or
@@ -255,6 +319,239 @@ class ElementLookup:
 
     def close(self) -> None:
         self._session.close()
+
+
+def _attributes(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute from ``offset`` on; the type without its
+    ``NESTED``/byte-order flag bits."""
+    out: list[tuple[int, bytes]] = []
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4 or offset + length > len(data):
+            raise OSError(errno.EPROTO, "netlink: malformed attribute")
+        out.append((kind & 0x3FFF, data[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def _encode(attrs: Iterable[tuple[int, bytes]]) -> bytes:
+    """A canonical byte string of attributes (type, length, payload), for hashing."""
+    return b"".join(struct.pack("=HI", kind, len(value)) + value for kind, value in attrs)
+
+
+def _first(attrs: Iterable[tuple[int, bytes]], kind: int) -> bytes | None:
+    return next((value for k, value in attrs if k == kind), None)
+
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").rstrip(b"\0").decode(errors="replace")
+
+
+def _u32(value: bytes | None) -> int:
+    return int(struct.unpack(">I", value)[0]) if value is not None and len(value) == 4 else 0
+
+
+#: What of an expression's data is state, not configuration (``linux/netfilter/nf_tables.h``):
+#: None, all of it (a counter's packets and bytes, ``last``'s time); else the attribute types
+#: dropped: the 64-bit alignment padding (present on some architectures only, by position) and a
+#: quota's consumed bytes. Everything else an expression dumps is what the rule says.
+_EXPRESSION_STATE: dict[str, frozenset[int] | None] = {
+    "counter": None, "last": None, "limit": frozenset({6}), "quota": frozenset({3, 4}),
+    "dynset": frozenset({8}), "connlimit": frozenset(),
+}
+#: ``dynset`` attributes holding expressions of their own (NFTA_DYNSET_EXPR, NFTA_DYNSET_EXPRESSIONS).
+_DYNSET_EXPR, _DYNSET_EXPRESSIONS = 7, 10
+
+
+def _expression(payload: bytes) -> bytes:
+    """One NFTA_LIST_ELEM of expressions (NFTA_EXPR_NAME, NFTA_EXPR_DATA) without its state."""
+    attrs = _attributes(payload)
+    name = _text(_first(attrs, 1))
+    out = [(1, name.encode())]
+    data = _first(attrs, 2)
+    dropped = _EXPRESSION_STATE.get(name, frozenset())
+    if data is not None and dropped is not None:
+        kept: list[tuple[int, bytes]] = []
+        for kind, value in _attributes(data):
+            if kind in dropped:
+                continue
+            if name == "dynset" and kind == _DYNSET_EXPR:
+                value = _expression(value)
+            elif name == "dynset" and kind == _DYNSET_EXPRESSIONS:
+                value = _expressions(value)
+            kept.append((kind, value))
+        out.append((2, _encode(kept)))
+    return _encode(out)
+
+
+#: The names of the expressions with state, as a dump spells them (NUL-terminated).
+_STATEFUL_NAMES = tuple(name.encode() + b"\0" for name in _EXPRESSION_STATE)
+
+
+def _expressions(payload: bytes) -> bytes:
+    """A list of expressions (NFTA_RULE_EXPRESSIONS, NFTA_SET_EXPRESSIONS), each without its
+    state; as dumped when none has any (most rules: the walk costs ~4x the dump)."""
+    if not any(name in payload for name in _STATEFUL_NAMES):
+        return payload
+    return _encode((1, _expression(value)) for kind, value in _attributes(payload) if kind == 1)
+
+
+def _kept(attrs: Iterable[tuple[int, bytes]], keep: frozenset[int]) -> list[tuple[int, bytes]]:
+    return [(kind, value) for kind, value in attrs if kind in keep]
+
+
+def _digest(*chunks: bytes) -> str:
+    out = hashlib.blake2b(digest_size=8)
+    for chunk in chunks:
+        out.update(struct.pack("=I", len(chunk)) + chunk)
+    return out.hexdigest()
+
+
+# What each object's dump keeps: its configuration, not its handle, use count, table name, the
+# chain's packet counters or alignment padding (linux/netfilter/nf_tables.h, by attribute number).
+_TABLE_KEEP = frozenset({1, 2, 6})                          # name, flags, userdata (comment)
+_CHAIN_KEEP = frozenset({3, 4, 5, 7, 10, 12})               # name, hook, policy, type, flags, userdata
+_RULE_KEEP = frozenset({5, 7})                              # compat, userdata (expressions apart)
+_SET_KEEP = frozenset({2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15})   # name ... obj type (expressions apart)
+_ELEMENT_KEEP = frozenset({1, 2, 3, 4, 6, 9, 10})           # key, data, flags, timeout, userdata, objref, key end
+_OBJECT_KEEP = frozenset({2, 3, 8})                         # name, type, userdata (data apart)
+_FLOWTABLE_KEEP = frozenset({2, 3, 7})                      # name, hook, flags
+_SET_ANONYMOUS = 0x1
+_TABLE_DORMANT = 0x1
+#: Object types whose data is state (NFT_OBJECT_COUNTER, NFT_OBJECT_QUOTA).
+_STATEFUL_OBJECTS = frozenset({1, 2})
+#: nftnl's userdata tag of an element's comment (NFTNL_UDATA_SET_ELEM_COMMENT).
+_UDATA_COMMENT = 0
+
+
+class TableStructure:
+    """The structure of one ``inet`` table as the kernel holds it (``state.Structure``), read with
+    netlink dumps of the table's own objects, so its cost does not grow with the sets' elements:
+    the table, its chains, rules, sets (declarations, and the elements of anonymous sets and of
+    ``static`` named sets), named objects and flowtables, each part without its state (counters,
+    handles, use counts). Elements of other sets are never read. Plus the comment of one element
+    (``mark``: the layout tag's, which carries the fingerprint of our own install).
+
+    A reading is one generation of the ruleset: the generation id before and after the dumps must
+    agree and no dump may be marked interrupted, else it is read again (``STRUCTURE_ATTEMPTS``)."""
+
+    def __init__(self, table: str, session: NetlinkSession) -> None:
+        self.table = table
+        self._name = table.encode() + b"\0"
+        self._session = session
+
+    def read(self, static: Iterable[str], mark: tuple[str, str] | None = None) -> Structure | None:
+        """The structure now; None when the table is gone. ``static``: named sets whose elements
+        belong to the structure; ``mark``: (set, address) whose element's comment is the mark."""
+        wanted = frozenset(static)
+        for _ in range(STRUCTURE_ATTEMPTS):
+            before = self._generation()
+            try:
+                structure = self._read(wanted, mark)
+            except Interrupted:
+                continue
+            if self._generation() == before:
+                return structure
+        raise DataplaneError(f"structure of table inet {self.table}: the ruleset changed during each of "
+                             f"{STRUCTURE_ATTEMPTS} readings")
+
+    def _generation(self) -> int:
+        return ElementLookup(self.table, self._session).generation()
+
+    def _head(self, family: int = NFPROTO_INET) -> bytes:
+        return struct.pack("=BBH", family, 0, 0)
+
+    def _dump(self, kind: int, what: str, extra: bytes = b"") -> list[list[tuple[int, bytes]]] | None:
+        """The attributes of each answer of one dump that belongs to our table (attribute 1 is
+        the table's name in every kind dumped here); None when the kernel has no such table."""
+        messages = self._session.dump(kind, self._head() + attr(1, self._name) + extra, what)
+        if messages is None:
+            return None
+        out = []
+        for message in messages:
+            attrs = _attributes(message, 20)
+            if _first(attrs, 1) == self._name:
+                out.append(attrs)
+        return out
+
+    def _read(self, static: frozenset[str], mark: tuple[str, str] | None) -> Structure | None:
+        table = self._session.ask(GETTABLE, self._head() + attr(1, self._name), (NEWTABLE,), f"get table {self.table}")
+        if table is None:
+            return None
+        table_attrs = _attributes(table, 20)
+        parts = {"table": _digest(_encode(_kept(table_attrs, _TABLE_KEEP)))}
+        dormant = bool(_u32(_first(table_attrs, 2)) & _TABLE_DORMANT)
+        chains = self._dump(GETCHAIN, f"chains of {self.table}")
+        rules = self._dump(GETRULE, f"rules of {self.table}")
+        sets = self._dump(GETSET, f"sets of {self.table}")
+        objects = self._dump(GETOBJ, f"objects of {self.table}")
+        flowtables = self._dump(GETFLOWTABLE, f"flowtables of {self.table}")
+        if chains is None or rules is None or sets is None or objects is None or flowtables is None:
+            return None   # deleted while we looked
+        by_chain: dict[str, list[bytes]] = {}
+        for attrs in rules:
+            expressions = _first(attrs, 4)
+            by_chain.setdefault(_text(_first(attrs, 2)), []).append(
+                _encode([*_kept(attrs, _RULE_KEEP), (4, _expressions(expressions or b""))]))
+        counts: dict[str, int] = {}
+        for attrs in chains:
+            name = _text(_first(attrs, 3))
+            body = by_chain.pop(name, [])
+            counts[name] = len(body)
+            parts[f"chain {name}"] = _digest(_encode(_kept(attrs, _CHAIN_KEEP)), *body)
+        for name, body in by_chain.items():   # rules of a chain the chain dump did not list
+            parts[f"rules of {name}"] = _digest(*body)
+        for attrs in sets:
+            name = _text(_first(attrs, 2))
+            declared = _kept(attrs, _SET_KEEP) + [(kind, _expressions(value) if kind == 18 else _expression(value))
+                                                 for kind, value in attrs if kind in (17, 18)]
+            chunks = [_encode(declared)]
+            if _u32(_first(attrs, 3)) & _SET_ANONYMOUS or name in static:
+                elements = self._elements(name)
+                if elements is None:
+                    return None
+                chunks += sorted(elements)
+            parts[f"set {name}"] = _digest(*chunks)
+        for attrs in objects:
+            kind = _u32(_first(attrs, 3))
+            data = [] if kind in _STATEFUL_OBJECTS else _kept(attrs, frozenset({4}))
+            parts[f"object {kind} {_text(_first(attrs, 2))}"] = _digest(_encode(_kept(attrs, _OBJECT_KEEP) + data))
+        for attrs in flowtables:
+            parts[f"flowtable {_text(_first(attrs, 2))}"] = _digest(_encode(_kept(attrs, _FLOWTABLE_KEEP)))
+        marked = self._comment(*mark) if mark is not None else None
+        return Structure(fingerprint(parts), parts, counts, dormant, marked_fingerprint(marked))
+
+    def _elements(self, name: str) -> list[bytes] | None:
+        """Each element of set ``name``, canonical (no expiry, no counters)."""
+        messages = self._session.dump(GETSETELEM, self._head() + attr(1, self._name) + attr(2, name.encode() + b"\0"),
+                                      f"elements of {self.table} {name}")
+        if messages is None:
+            return None
+        out: list[bytes] = []
+        for message in messages:
+            listed = _first(_attributes(message, 20), 3)
+            for kind, element in _attributes(listed or b""):
+                if kind == 1:
+                    out.append(_encode(_kept(_attributes(element), _ELEMENT_KEEP)))
+        return out
+
+    def _comment(self, container: str, address: str) -> str | None:
+        """The comment of one element (``nft add element ... { <address> comment "..." }``), None
+        when it has none or is missing."""
+        key = _element(ipaddress.ip_address(address), None)
+        body = self._head() + attr(1, self._name) + attr(2, container.encode() + b"\0") + attr(3 | NESTED, key)
+        answer = self._session.ask(GETSETELEM, body, (NEWSETELEM,), f"get element {address} in {container}")
+        if answer is None:
+            return None
+        for kind, element in _attributes(_first(_attributes(answer, 20), 3) or b""):
+            userdata = _first(_attributes(element), 6) if kind == 1 else None
+            offset = 0
+            while userdata is not None and offset + 2 <= len(userdata):
+                tag, length = userdata[offset], userdata[offset + 1]
+                if tag == _UDATA_COMMENT:
+                    return _text(userdata[offset + 2:offset + 2 + length])
+                offset += 2 + length
+        return None
 
 
 class ElementWriter:

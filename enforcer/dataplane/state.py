@@ -55,3 +55,73 @@ def mark_digest(mark: str) -> int | None:
     except OSError:
         return None
     return value & 0xFFFFFFFFFFFFFFFF if value >> 96 == 1 else None
+
+
+#: The comment the layout tag's element of ``layouttag`` carries once the structure fingerprint
+#: is known (``transaction.MarkStructure``), followed by the 16 hex digits of ``Structure.fingerprint``.
+STRUCTURE_COMMENT = "walled-garden structure "
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the table is made of, apart from the elements the daemon, the kernel and the DNS
+    forwarder change: its flags, chains (hook, priority, policy) and their rules in order, the
+    sets' and maps' declarations, the elements of the sets the layout fills itself (anonymous
+    sets, ``allow``/``dns``/``ntp``) and named objects (``dataplane.Dataplane.structure``).
+
+    ``fingerprint`` is a digest of it all ("" from a backend with nothing to fingerprint);
+    ``parts`` the digest of each part (``table``, ``chain forward``, ``set allow4``, ...) and
+    ``rules`` each chain's number of rules, so two readings can say what differs (``describe``);
+    ``dormant`` the table's ``dormant`` flag (no hook sees a packet); ``marked`` the fingerprint
+    the table carries from our own install (``STRUCTURE_COMMENT``), "" when none."""
+
+    fingerprint: str
+    parts: Mapping[str, str] = field(default_factory=dict)
+    rules: Mapping[str, int] = field(default_factory=dict)
+    dormant: bool = False
+    marked: str = ""
+
+
+def fingerprint(parts: Mapping[str, str]) -> str:
+    """16 hex digits over every part's name and digest, independent of their order."""
+    text = "\n".join(f"{name} {value}" for name, value in sorted(parts.items()))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def marked_fingerprint(comment: str | None) -> str:
+    """The fingerprint a ``STRUCTURE_COMMENT`` carries; "" for anything else."""
+    if comment is None or not comment.startswith(STRUCTURE_COMMENT):
+        return ""
+    value = comment[len(STRUCTURE_COMMENT):].strip()
+    return value if len(value) == 16 and all(c in "0123456789abcdef" for c in value) else ""
+
+
+def describe(reference: Structure | None, now: Structure, expected: str = "") -> str:
+    """What differs between the structure we left (``reference``; None: only its fingerprint
+    ``expected`` is known, e.g. from the table's mark at a start) and ``now``, in a line."""
+    problems: list[str] = []
+    if now.dormant and (reference is None or not reference.dormant):
+        problems.append("table made dormant (no hook of it sees a packet)")
+    if reference is None:
+        if not problems:
+            problems.append(f"fingerprint {now.fingerprint} instead of {expected or now.marked}: "
+                            "rules, chains, sets or flags changed")
+        return "; ".join(problems)
+    if not problems and reference.parts.get("table") != now.parts.get("table"):
+        problems.append("table flags or comment changed")
+    anonymous: list[str] = []
+    for name in sorted(reference.parts.keys() | now.parts.keys()):
+        if name == "table" or reference.parts.get(name) == now.parts.get(name):
+            continue
+        where = anonymous if name.startswith("set __") else problems
+        kind, _, label = name.partition(" ")
+        if name not in now.parts:
+            where.append(f"{name} deleted")
+        elif name not in reference.parts:
+            where.append(f"{name} added")
+        elif kind == "chain" and reference.rules.get(label) != now.rules.get(label):
+            where.append(f"{name}: {now.rules.get(label, 0)} rule(s) instead of {reference.rules.get(label, 0)}")
+        else:
+            where.append(f"{name} changed")
+    problems += anonymous if not problems else []   # a rule's anonymous set goes with the rule
+    return "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

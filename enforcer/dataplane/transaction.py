@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .layout import Layout
+from .layout import TAG_SET, Layout, tag_address
+from .state import STRUCTURE_COMMENT
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,18 @@ class DeleteElements:
     keys: tuple[str, ...]
 
 
-Operation = ReplaceTable | AddElements | DeleteElements
+@dataclass(frozen=True)
+class MarkStructure:
+    """Write the table's structure fingerprint (``state.Structure``) where a restart finds it:
+    as the comment of the layout tag's element in ``layouttag`` (``state.STRUCTURE_COMMENT``),
+    that element deleted and added again in the same transaction (never missing). Only for
+    a backend whose ``expected_structure`` is unknown (nftables); no set's elements change."""
+
+    tag: str
+    fingerprint: str
+
+
+Operation = ReplaceTable | AddElements | DeleteElements | MarkStructure
 
 
 @dataclass
@@ -54,12 +66,15 @@ class Transaction:
         if keys:
             self.operations.append(DeleteElements(container, keys))
 
+    def mark_structure(self, tag: str, fingerprint: str) -> None:
+        self.operations.append(MarkStructure(tag, fingerprint))
+
     def __bool__(self) -> bool:
         return bool(self.operations)
 
     def element_count(self) -> int:
         return sum(len(op.items) if isinstance(op, AddElements) else len(op.keys)
-                   for op in self.operations if not isinstance(op, ReplaceTable))
+                   for op in self.operations if isinstance(op, (AddElements, DeleteElements)))
 
     def render(self) -> str:
         out: list[str] = []
@@ -77,6 +92,10 @@ class Transaction:
                 else:   # the cold-load case: 100k+ plain set keys
                     body = ", ".join([key if value is None else f"{key} : {value}" for key, value in op.items])
                 out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
-            else:
+            elif isinstance(op, DeleteElements):
                 out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")
+            else:
+                tag, comment = tag_address(op.tag), f"{STRUCTURE_COMMENT}{op.fingerprint}"
+                out.append(f"delete element {prefix} {TAG_SET} {{ {tag} }}\n"
+                           f'add element {prefix} {TAG_SET} {{ {tag} comment "{comment}" }}\n')
         return "".join(out)
