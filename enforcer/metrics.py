@@ -45,6 +45,11 @@ class Metrics:
         for kind in ("full", "partial"):
             self.sync_seconds.labels(kind)
         self.sync_failures = Counter("walled_garden_sync_failures", "Kernel syncs that failed", registry=r)
+        self.table_repairs = Counter("walled_garden_table_repairs",
+                                     "Damage to our table found (by the check named) and repaired", ["check"],
+                                     registry=r)
+        for check in ("quick", "full", "start"):
+            self.table_repairs.labels(check)
         self.last_sync = Gauge("walled_garden_last_sync_timestamp_seconds",
                                "Unix time of the last successful kernel sync", registry=r)
         self.source_success = Gauge("walled_garden_source_last_success_timestamp_seconds",

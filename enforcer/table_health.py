@@ -79,6 +79,7 @@ class TableHealth:
 
     def _found(self, check: str, problem: str) -> None:
         self.engine.table_repairs += 1
+        self.engine.metrics.table_repairs.labels(check).inc()
         self.last_problem = {"check": check, "detail": problem, "at": self.engine.clock()}
 
     async def _count_start(self) -> None:

@@ -22,8 +22,8 @@ The listener faces the network, so it is built to survive it (docs/security.md):
 serves it through ``listener_guard`` (aiohttp has no header timeout or connection cap: a request
 head within 10 s, its body within 10 s, at most ``listener_guard.open_files_cap`` connections, the
 oldest idle one closed for a new one), bodies are capped at ``webhooks.MAX_EVENT_BYTES``, and
-refused requests are logged at most once per ``listener_guard.REJECT_LOG_EVERY`` s. The daemon's result reaches billing as the same HTTP answer it would
-have sent itself (``api.http``).
+refused requests are logged at most once per ``listener_guard.REJECT_LOG_EVERY`` s. The daemon's
+result reaches billing as the same HTTP answer it would have sent itself (``api.http``).
 """
 
 from __future__ import annotations

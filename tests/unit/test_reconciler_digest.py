@@ -13,6 +13,7 @@ from test_reconciler import BASE, TABLE, keys, net
 from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.layout import TAG_SET, tag_address
 from enforcer.dataplane.state import TableState, digest, digest_mark, element_hash, mark_digest
+from enforcer.metrics import Metrics
 from enforcer.model import Mode
 from enforcer.policy import Decision
 from enforcer.reconciler import Reconciler, _digested, audit
@@ -279,7 +280,8 @@ async def test_a_trusted_start_gets_its_full_comparison_at_the_first_table_check
         return fn(*args)
 
     config = SimpleNamespace(gateway=SimpleNamespace(table=TABLE))
-    engine = SimpleNamespace(reconciler=rec, kernel=kernel, config=config, table_repairs=0, changed=asyncio.Event())
+    engine = SimpleNamespace(reconciler=rec, kernel=kernel, config=config, table_repairs=0, changed=asyncio.Event(),
+                             metrics=Metrics())
     assert await TableHealth(engine).verify() is True  # type: ignore[arg-type]
     assert fake.reads == 1 and rec.verified is True, "the whole table was compared once"
     assert await TableHealth(engine).verify() is True  # type: ignore[arg-type]

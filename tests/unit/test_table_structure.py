@@ -27,6 +27,7 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.dataplane.layout import TAG_SET, tag_address
 from enforcer.dataplane.state import STRUCTURE_COMMENT, Structure, describe, fingerprint, marked_fingerprint
 from enforcer.dataplane.transaction import MarkStructure, ReplaceTable, Transaction
+from enforcer.metrics import Metrics
 from enforcer.reconciler import Reconciler, probe, structure_problem
 from enforcer.table_health import TableHealth
 
@@ -276,7 +277,7 @@ def _health(rec: Reconciler) -> tuple[TableHealth, Any]:
 
     config = SimpleNamespace(gateway=SimpleNamespace(table=TABLE))
     engine = SimpleNamespace(reconciler=rec, kernel=kernel, config=config, table_repairs=0, changed=asyncio.Event(),
-                             clock=lambda: 1000.0)
+                             clock=lambda: 1000.0, metrics=Metrics())
     return TableHealth(engine), engine   # type: ignore[arg-type]
 
 
@@ -290,6 +291,7 @@ async def test_the_quick_check_reports_counts_and_shows_a_structure_change(caplo
         assert await health.verify() is False
     assert "event=table_lost" in caplog.text and "check=quick" in caplog.text and "structure changed" in caplog.text
     assert engine.table_repairs == 1 and rec.needs_full and engine.changed.is_set()
+    assert engine.metrics.table_repairs.labels("quick")._value.get() == 1, "the NOC sees it too"
     report = health.report()
     assert report["last_problem"]["check"] == "quick" and "chain forward" in report["last_problem"]["detail"]
     assert report["structure"] == rec.structure.fingerprint
