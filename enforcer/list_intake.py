@@ -420,11 +420,16 @@ class ListIntake:
                                          {"actor": actor, "note": note, "digest": held.digest})
         return await (self.apply_approve if approve else self.apply_reject)(actor, note, held.digest)
 
-    def _elsewhere(self, approve: bool, by: str, digest: str) -> Result | None:
-        """A fleet's verdict on a list this gateway does not hold: kept for when it reads it."""
+    def _elsewhere(self, approve: bool, by: str, digest: str, at: float | None = None) -> Result | None:
+        """A fleet's verdict on a list this gateway does not hold: kept for when it reads it.
+
+        Kept as given at ``at`` (when the gateway that took it received it; an ``at`` ahead of
+        this clock counts as now): a gateway applying it hours later (catching up) keeps it for
+        what is left of ``VERDICT_DAYS``, as the others do, not for a day from its catch-up."""
         if self.held is not None and self.held.digest == digest:
             return None
-        self.verdicts[digest] = (approve, by, self.engine.clock())
+        now = self.engine.clock()
+        self.verdicts[digest] = (approve, by, now if at is None else min(at, now))
         while len(self.verdicts) > KEPT_VERDICTS:
             del self.verdicts[next(iter(self.verdicts))]
         self._save_verdicts()
@@ -446,9 +451,11 @@ class ListIntake:
         except (StoreError, sqlite3.Error) as exc:
             log.warning("event=list_verdicts_not_saved error=%r (kept in memory)", str(exc))
 
-    async def apply_approve(self, actor: str, note: str, digest: str, via: str = "") -> Result:
+    async def apply_approve(self, actor: str, note: str, digest: str, via: str = "",
+                            at: float | None = None) -> Result:
+        """``at``: in a fleet, when the accepting gateway received the verdict (``_elsewhere``)."""
         by = f"{actor}{' via ' + via if via else ''} ({note or 'no reason given'})"
-        elsewhere = self._elsewhere(True, by, digest)
+        elsewhere = self._elsewhere(True, by, digest, at)
         held = self.held
         if elsewhere is not None or held is None:
             return elsewhere or Refusal(Refused.CONFLICT, "no change is held")
@@ -457,8 +464,9 @@ class ListIntake:
         return Outcome({"approved": True, "restricting": held.restricting, "lifting": held.lifting,
                         "origin": held.update.origin})
 
-    async def apply_reject(self, actor: str, note: str, digest: str, via: str = "") -> Result:
-        elsewhere = self._elsewhere(False, f"{actor}{' via ' + via if via else ''}", digest)
+    async def apply_reject(self, actor: str, note: str, digest: str, via: str = "",
+                           at: float | None = None) -> Result:
+        elsewhere = self._elsewhere(False, f"{actor}{' via ' + via if via else ''}", digest, at)
         if elsewhere is not None:
             return elsewhere
         async with self.engine.lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import sqlite3
 from typing import Any
 
@@ -100,20 +101,29 @@ class PortalActions:
             return await self.relay.send("acknowledge", {"subscriber": found.subscriber, "address": found.address})
         return await self.apply_acknowledge(found.subscriber, found.address)
 
-    async def apply_acknowledge(self, sid: str, address: str, via: str = "") -> Result:
+    async def apply_acknowledge(self, sid: str, address: str, via: str = "", at: float | None = None) -> Result:
         """Stop redirecting ``sid``'s HTTP for ``portal.notice_ack_for`` (``via``: the fleet gateway
-        whose portal was used)."""
+        whose portal was used).
+
+        ``at``: when that gateway received it. The acknowledgement runs from then (an ``at`` ahead
+        of this clock counts as now, as for receipt instants): a gateway applying it hours later
+        (catching up) lets the subscriber through only for what is left of it, nothing once it
+        is over, as every other gateway does, instead of for a full term from its own catch-up."""
         engine = self.engine
-        seconds = int(engine.config.portal.notice_ack_for)
+        start = engine.clock() if at is None else min(at, engine.clock())
+        until = start + float(engine.config.portal.notice_ack_for)
         async with engine.lock:
+            now = engine.clock()
+            if until <= now:   # over already: nothing to let through
+                log.info("event=notice_acknowledgement_over subscriber=%s until=%d via=%s", sid, until, via or "-")
+                return Outcome(Acknowledged(True, until).to_json())
             decision = engine.decisions.get(sid)
             if decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
                 return Refusal(Refused.CONFLICT, "the restriction changed; reload the page")
-            try:
-                await engine.kernel(engine.reconciler.acknowledge, decision, seconds)
+            try:   # the kernel counts whole seconds: what is left, rounded up
+                await engine.kernel(engine.reconciler.acknowledge, decision, max(math.ceil(until - now), 1))
             except DataplaneError as exc:
                 return Refusal(Refused.UNAVAILABLE, f"kernel change failed: {exc}")
-            until = engine.clock() + seconds
             engine.acknowledged[sid] = until
             now = engine.clock()
             try:   # kept for a restart; the kernel change stands either way (it expires)

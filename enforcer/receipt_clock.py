@@ -19,6 +19,35 @@ in the future stays in the future (freedom lasts longer, never shorter).
 The anchor (a wall and a monotonic reading taken together) is kept with the state, with this
 boot's id: a restart on the same boot (the monotonic clock runs on) then sees a step that
 happened while the daemon was idle or down, which a fresh anchor would miss.
+
+In a fleet (SPEC §11) an input carries ``at``, when the gateway that accepted it received it,
+and every gateway applies the stream in its order. Each stream input is stamped
+``max(min(at, now), newest stream instant + TICK)``: its own instant, kept when a gateway
+applies it hours later (catching up after being down, or rebuilt after a lost state), so an old
+payment's grace is old there too; an ``at`` ahead of this clock counts as now. The floor is kept
+among the stream's inputs, also while catching up, rather than stamping ``min(at, now)`` alone:
+two inputs accepted on two gateways whose clocks differ (or on one whose clock was stepped back)
+can carry instants in the other order than the stream's, and every gateway following live floors
+them into the stream's order; a gateway catching up without the floor would weigh them the
+other way round (a payment before the restriction it followed) and decide otherwise.
+
+What must not floor a stream input is an instant taken *here*, for an input of this gateway's
+own (``stamp()`` without ``at``): it is now, and a gateway catching up would otherwise stamp
+every input replayed after it now+TICK (each old payment a fresh grace while the other gateways
+wall the subscriber; each old promise restarted, its webhook-id changed). So there are two
+floors. A local stamp follows every instant handed out or stored (the step-back guarantee, as
+on a lone gateway); a stream input follows the stream's inputs and the saved state, and is
+put after the local instants only when it is not older than the first of them (then it
+follows them all: instants never repeat); older, it keeps its instant and the local input,
+received now, stays the newer word. In a fleet no input should take a local instant at
+all: every door publishes to the stream, and code that records nothing takes none (a lease
+file re-read that changes nothing, the lease expiry duty); the second floor is what keeps one
+that slips in from moving everyone else's. On a lone gateway nothing carries ``at`` and the
+clock is a single floor, as before.
+
+A notice acknowledgement and a list verdict from the stream take no receipt instant (nothing is
+weighed against them), but what they last runs from the same ``min(at, now)``: applied hours
+later, an acknowledgement has ended there as it has everywhere else, and a verdict is as old.
 """
 
 from __future__ import annotations
@@ -37,29 +66,47 @@ class ReceiptClock:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.monotonic = monotonic
-        self.last = floor
+        self.last = floor          # the newest instant handed out or stored
+        self.streamed = floor      # the newest given to an input that carried ``at``, or stored
+        self._local: float | None = None   # the first local instant after ``streamed``, if any
         self._anchor = (clock(), monotonic())
 
     def stamp(self, at: float | None = None) -> float:
-        """A receipt instant for one input: now, but after every instant handed out before.
+        """A receipt instant for one input. Take it only for an input that records it: a stamp
+        moves the floors.
+
+        Without ``at`` (received here): now, but after every instant handed out or stored.
 
         ``at``: when the gateway of the fleet that accepted it received it. A gateway catching up
         then starts a payment's grace when the payment came, not when it heard of it (an old
         grace must not free someone the list restricted since); an ``at`` ahead of this clock
-        (the other gateway's clock runs fast) counts as now, so it cannot push this floor ahead."""
+        (the other gateway's clock runs fast) counts as now, so it cannot push a floor ahead.
+        Never before a stream input or saved instant already handed out; before the local
+        instants taken since, when older than all of them (see the module docstring)."""
         now = self.clock()
-        self.last = max(now if at is None else min(at, now), self.last + TICK)
-        return self.last
+        if at is None:
+            self.last = max(now, self.last + TICK)
+            if self._local is None:
+                self._local = self.last
+            return self.last
+        instant = max(min(at, now), self.streamed + TICK)
+        if self._local is not None and instant >= self._local:
+            instant = max(instant, self.last + TICK)   # after every local one: no instant twice
+        self.streamed = instant
+        if instant > self.last:
+            self.last, self._local = instant, None
+        return instant
 
     @property
     def floor(self) -> float:
-        """The newest receipt instant handed out or stored: every later ``stamp`` sorts after it.
+        """Every later ``stamp`` sorts after it: the newest instant of the stream's inputs and
+        the saved state (on a lone gateway, the saved state's).
 
         Reading it stamps nothing and raises nothing. For an input that stands for one received
         at some unknown earlier time (a payment grace given by the rebuild after a lost state):
         ordered before every input to come, without pushing theirs to now, as a ``stamp`` would
         (a fleet's stream replayed after it would count each old input as received now)."""
-        return self.last
+        return self.streamed
 
     def step(self) -> float:
         """Seconds the wall clock jumped forward since the last call (0 when it did not)."""

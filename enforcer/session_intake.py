@@ -253,8 +253,11 @@ class SessionIntake:
         changed touches that lease, not the thousands around it."""
         book = self.engine.inputs.sessions
         live = [s for s in request.started if s.expires is None or s.expires > now]
-        stamp = self.engine.receipts.stamp(request.at)
-        started = [s.stamped(stamp) for s in live if book.sessions.get(s.id) != s]
+        starting = [s for s in live if book.sessions.get(s.id) != s]
+        # An instant only for sessions that start: one taken for nothing (a re-read that changed
+        # nothing, the expiry duty) would move the receipt floor to now (``receipt_clock``).
+        stamp = self.engine.receipts.stamp(request.at) if starting else 0.0
+        started = [s.stamped(stamp) for s in starting]
         stopped: list[SessionId] = [(request.source, key) for key in request.stopped]
         if request.expiring:   # a renewal committed since the duty looked keeps its session
             stopped = [i for i in stopped if (s := book.sessions.get(i)) is not None

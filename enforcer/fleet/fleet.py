@@ -98,14 +98,14 @@ class Fleet:
             ours = via == self.config.gateway and self.engine.clock() - at < NOTIFY_WINDOW
             return self.portal.apply_promise(body["subscriber"], body["address"], at, via, notify=ours)
         if kind == "acknowledge":
-            return self.portal.apply_acknowledge(body["subscriber"], body["address"], via)
+            return self.portal.apply_acknowledge(body["subscriber"], body["address"], via, at)
         if kind == SESSIONS:
             return apply_sessions(self.sessions.intake, body, at)
         if kind == SESSION_EVENT:
             return self.sessions.intake.handle_event(event_of(message), body["source"], at)
         if kind == "list_approve":
-            return self.lists.apply_approve(body["actor"], body["note"], body["digest"], via)
-        return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via)
+            return self.lists.apply_approve(body["actor"], body["note"], body["digest"], via, at)
+        return self.lists.apply_reject(body["actor"], body["note"], body["digest"], via, at)
 
     async def caught_up(self, timeout: float) -> bool:
         """Wait (bounded) until everything the stream held when we connected is applied here;

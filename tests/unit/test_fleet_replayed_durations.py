@@ -1,0 +1,88 @@
+"""What lasts from a fleet input that takes no receipt instant runs from its ``at`` too: a notice
+acknowledgement and a list verdict applied by a gateway catching up hours later are as old there
+as everywhere else (``receipt_clock``'s module docstring; docs/reference.md, Fleet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
+from enforcer.list_intake import VERDICT_DAYS
+from enforcer.model import Mode
+from enforcer.outcome import Outcome
+from enforcer.portal_actions import ACKNOWLEDGED
+from enforcer.sources import ListUpdate
+from enforcer.subscribers import Subscriber, parse_address
+from tests.daemon_helpers import NoConntrack
+
+NOW = 1_795_000_000.0
+ACK_FOR = 3600.0
+
+
+async def gateway(tmp_path: Path, clock: list[float]) -> Enforcer:
+    conf = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                        f"portal: {{notice_ack_for: {ACK_FOR:.0f}s}}\n", str(tmp_path / "c.yaml"))
+    e = Enforcer(conf, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda: clock[0])
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-4", (parse_address("100.64.0.40"),), Mode.NOTICE, "overdue")],
+                                     "l.yaml", "1"))
+    return e
+
+
+def counting(e: Enforcer) -> list[int]:
+    """The seconds of each acknowledgement put in the kernel."""
+    given: list[int] = []
+    reconciler = e.engine.reconciler
+    kernel_ack = reconciler.acknowledge
+
+    def counted(decision: Any, seconds: int) -> None:
+        given.append(seconds)
+        kernel_ack(decision, seconds)
+
+    reconciler.acknowledge = counted   # type: ignore[method-assign]
+    return given
+
+
+async def test_an_acknowledgement_runs_from_when_the_fleet_received_it(tmp_path: Path) -> None:
+    clock = [NOW]
+    e = await gateway(tmp_path, clock)
+    kernel = counting(e)
+    try:
+        # Received elsewhere 20 minutes ago, applied here now: what is left of it, to the instant.
+        result = await e.portal.apply_acknowledge("C-4", "100.64.0.40", "gw-a", NOW - 1200)
+        assert isinstance(result, Outcome) and result.body["until"] == NOW - 1200 + ACK_FOR, result
+        assert kernel == [ACK_FOR - 1200] and e.engine.acknowledged["C-4"] == NOW - 1200 + ACK_FOR
+        # An ``at`` ahead of this clock counts as now (as for receipt instants).
+        await e.portal.apply_acknowledge("C-4", "100.64.0.40", "gw-a", NOW + 600)
+        assert kernel[-1] == ACK_FOR and e.engine.acknowledged["C-4"] == NOW + ACK_FOR
+        # Over by the time it is applied (a gateway catching up): nothing is let through, nothing kept.
+        del e.engine.acknowledged["C-4"]
+        result = await e.portal.apply_acknowledge("C-4", "100.64.0.40", "gw-a", NOW - ACK_FOR - 1)
+        assert isinstance(result, Outcome) and result.body["until"] == NOW - 1, result
+        assert len(kernel) == 2 and "C-4" not in e.engine.acknowledged
+        # A lone gateway's own: the full term from now.
+        await e.portal.apply_acknowledge("C-4", "100.64.0.40")
+        assert kernel[-1] == ACK_FOR and e.engine.store.get_meta(ACKNOWLEDGED)["C-4"] == NOW + ACK_FOR
+    finally:
+        await e.close()
+
+
+async def test_a_verdict_is_kept_from_when_the_fleet_received_it(tmp_path: Path) -> None:
+    clock = [NOW]
+    e = await gateway(tmp_path, clock)
+    day = VERDICT_DAYS * 86400.0
+    try:
+        old, recent, ahead = "a" * 64, "b" * 64, "c" * 64
+        for digest, at in ((old, NOW - day - 60), (recent, NOW - day + 60), (ahead, NOW + 600)):
+            answer = await e.lists.apply_approve("root", "checked", digest, "gw-a", at)
+            assert isinstance(answer, Outcome) and answer.body["approved"] is True, answer
+        assert e.lists.verdicts[ahead][2] == NOW                     # ahead of this clock: now
+        assert e.lists._take_verdict(old) is None                     # given more than a day ago
+        assert e.lists._take_verdict(recent) is not None
+        await e.lists.apply_reject("root", "no", old, "gw-a", NOW - 30)
+        assert e.lists.verdicts[old][2] == NOW - 30
+    finally:
+        await e.close()
