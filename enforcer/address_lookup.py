@@ -18,14 +18,19 @@ from .promises import Eligibility, eligibility
 from .references import References
 
 
-def promise_eligibility(engine: Engine, sid: str) -> Eligibility:
+def promise_eligibility(engine: Engine, sid: str, at: float | None = None) -> Eligibility:
+    """May ``sid`` promise to pay now, or at ``at`` (a promise from the fleet's stream is judged
+    at the instant its gateway received it, also on a gateway catching up hours later: judged
+    at the replay, an earlier promise no longer active or a limit window passed since would let
+    this gateway alone accept what the others refused)."""
+    now = engine.clock()
     decision = engine.decisions.get(sid)
     override = engine.inputs.overrides.get(sid)
     mode = decision.mode if decision else Mode.FREE
     reason = decision.subscriber.reason if decision and decision.subscriber else ""
     ordered = bool(override and override.restrict and override.operator)
     return eligibility(engine.config.policy.promise_to_pay, engine.inputs.promises.get(sid, []), mode, reason,
-                       ordered, engine.clock())
+                       ordered, now if at is None else min(at, now))
 
 
 def lookup(engine: Engine, references: References, address: str) -> Lookup:

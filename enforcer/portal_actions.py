@@ -164,7 +164,7 @@ class PortalActions:
         """Record ``sid``'s promise made from ``address`` if it is still available; ``notify``: tell
         billing (in a fleet, only the gateway whose portal was used does)."""
         engine = self.engine
-        verdict = promise_eligibility(engine, sid)
+        verdict = promise_eligibility(engine, sid, at)
         if not verdict.eligible:
             self.metrics.promises.labels("refused").inc()
             return Refusal(Refused.FORBIDDEN, NOT_AVAILABLE, {"eligible": False, "why": verdict.why})
@@ -173,7 +173,7 @@ class PortalActions:
         def record(now: float) -> None:
             # Again, under the lock: a second press (another address of theirs, a double click)
             # may have waited for the lock while the first one made its promise.
-            again = promise_eligibility(engine, sid)
+            again = promise_eligibility(engine, sid, now)
             if not again.eligible:
                 raise _Ineligible(again.why)
             promise = Promise(sid, now, now + verdict.term, address=address)

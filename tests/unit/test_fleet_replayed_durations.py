@@ -86,3 +86,24 @@ async def test_a_verdict_is_kept_from_when_the_fleet_received_it(tmp_path: Path)
         assert e.lists.verdicts[old][2] == NOW - 30
     finally:
         await e.close()
+
+
+async def test_a_replayed_promise_is_judged_when_the_fleet_received_it(tmp_path: Path) -> None:
+    """A second "I promise to pay" pressed while the first was running was refused by every live
+    gateway; one catching up after the first's term ends must refuse it too, not make it alone."""
+    clock = [NOW]
+    conf = parse_config(f"state_dir: {tmp_path}/state\nsubscribers: {{source: {tmp_path}/l.yaml}}\n"
+                        "policy: {promise_to_pay: {enabled: true, term: 1d}}\n", str(tmp_path / "c.yaml"))
+    e = Enforcer(conf, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda: clock[0])
+    await e.engine.restore()
+    await e.lists.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.WALLED_GARDEN,
+                                                 "overdue")], "l.yaml", "1"))
+    try:
+        clock[0] = NOW + 2 * 86400     # catching up two days later: the first promise's term is over
+        first = await e.portal.apply_promise("C-1", "100.64.0.10", NOW, "gw-a", notify=False)
+        assert isinstance(first, Outcome), first
+        second = await e.portal.apply_promise("C-1", "100.64.0.10", NOW + 600, "gw-a", notify=False)
+        assert not isinstance(second, Outcome) and "promise_active" in str(second), second
+        assert len(e.engine.inputs.promises["C-1"]) == 1
+    finally:
+        await e.close()
