@@ -21,6 +21,22 @@ from enforcer.dns_garden.stats import Stats
 Admitted = list[tuple[IPv4Address | IPv6Address, int]]
 
 
+async def udp_and_tcp(protocol: Callable[[], asyncio.DatagramProtocol], tcp_client: Any
+                      ) -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
+    """A scripted upstream's sockets: a free UDP port on loopback whose TCP twin is free too."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(20):
+        transport, _ = await loop.create_datagram_endpoint(protocol, local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        try:
+            return transport, await asyncio.start_server(tcp_client, "127.0.0.1", port), port
+        except OSError:
+            transport.close()
+            if attempt == 19:
+                raise
+    raise AssertionError("unreachable")
+
+
 class Upstream:
     """A scripted resolver on 127.0.0.1 (UDP and TCP, one port). Modes: answer, silent, spoof."""
 
@@ -45,18 +61,7 @@ class Upstream:
                 upstream.tasks.add(task)
                 task.add_done_callback(upstream.tasks.discard)
 
-        for attempt in range(20):   # a free UDP port whose TCP twin is free too
-            transport, _ = await loop.create_datagram_endpoint(Protocol, local_addr=("127.0.0.1", 0))
-            self.port = transport.get_extra_info("sockname")[1]
-            try:
-                self.server = await asyncio.start_server(self.tcp_client, "127.0.0.1", self.port)
-            except OSError:
-                transport.close()
-                if attempt == 19:
-                    raise
-                continue
-            self.udp = transport
-            break
+        self.udp, self.server, self.port = await udp_and_tcp(Protocol, self.tcp_client)
 
     def close(self) -> None:
         if self.udp:

@@ -15,6 +15,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
+from test_dns_forwarder import udp_and_tcp
 
 from enforcer.dns_garden.forwarder import EDNS_PAYLOAD, Forwarder
 from enforcer.dns_garden.settings import ForwarderSettings
@@ -45,7 +46,7 @@ class Upstream:
         return out
 
     async def start(self) -> None:
-        loop, upstream = asyncio.get_running_loop(), self
+        upstream = self
 
         class Protocol(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -53,18 +54,7 @@ class Upstream:
                 if out is not None and upstream.udp is not None:
                     upstream.udp.sendto(out, addr)
 
-        for attempt in range(20):   # a free UDP port whose TCP twin is free too
-            transport, _ = await loop.create_datagram_endpoint(Protocol, local_addr=("127.0.0.1", 0))
-            self.port = transport.get_extra_info("sockname")[1]
-            try:
-                self.server = await asyncio.start_server(self.tcp_client, "127.0.0.1", self.port)
-            except OSError:
-                transport.close()
-                if attempt == 19:
-                    raise
-                continue
-            self.udp = transport
-            return
+        self.udp, self.server, self.port = await udp_and_tcp(Protocol, self.tcp_client)
 
     async def tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
