@@ -3,10 +3,13 @@ and store directory, started and stopped by the test (never shared between tests
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from tests.required import tool
 
@@ -63,3 +66,33 @@ class NatsServer:
             return (self.workdir / "nats.log").read_text(errors="replace")
         except OSError:
             return ""
+
+
+class _Started(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+G = TypeVar("G", bound=_Started)
+
+
+@contextlib.asynccontextmanager
+async def pair_on_nats(workdir: Path, make: Callable[[str, str], G]) -> AsyncIterator[tuple[NatsServer, G, G]]:
+    """A nats-server of the test's own and gateways ``gw-a`` and ``gw-b`` on it (``make(name,
+    url)``), started in that order; all stopped after, the server last, whatever failed."""
+    server = NatsServer(workdir / "nats")
+    server.start()
+    a, b = make("gw-a", server.url), make("gw-b", server.url)
+    try:
+        await a.start()
+        await b.start()
+        yield server, a, b
+    finally:
+        try:
+            await a.close()
+        finally:
+            try:
+                await b.close()
+            finally:
+                server.stop()

@@ -33,7 +33,7 @@ from enforcer.outcome import Outcome
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import parse_list
 from tests.daemon_helpers import NoConntrack
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, pair_on_nats
 from tests.required import tool
 from tests.unit.test_fleet_inputs import LIST, Gateway, config, until
 
@@ -70,22 +70,9 @@ class SkewedGateway(Gateway):
 async def skewed_fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, SkewedGateway, SkewedGateway]]:
     """A nats-server of this test's own, gw-a on the right time and gw-b ``SKEW`` ahead, all stopped after."""
     (tmp_path / "l.yaml").write_text(LIST)
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    a = SkewedGateway(tmp_path, "gw-a", server.url, time.time)
-    b = SkewedGateway(tmp_path, "gw-b", server.url, lambda: time.time() + SKEW)
-    try:
-        await a.start()
-        await b.start()
-        yield server, a, b
-    finally:
-        try:
-            await a.close()
-        finally:
-            try:
-                await b.close()
-            finally:
-                server.stop()
+    clocks = {"gw-a": time.time, "gw-b": lambda: time.time() + SKEW}
+    async with pair_on_nats(tmp_path, lambda name, url: SkewedGateway(tmp_path, name, url, clocks[name])) as started:
+        yield started
 
 
 def offset(gw: Gateway, origin: str) -> float | None:

@@ -28,7 +28,7 @@ from enforcer.sessions.source import SessionChangeFailed
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_list
 from tests.daemon_helpers import NoConntrack
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, pair_on_nats
 
 LIST = """subscribers:
   - {id: C-1, addresses: [100.64.0.10], reason: overdue}
@@ -97,21 +97,8 @@ class Gateway:
 async def two_gateways(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gateway]]:
     """A nats-server of this test's own and gateways gw-a and gw-b on it, all stopped after."""
     (tmp_path / "l.yaml").write_text(LIST)
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    a, b = Gateway(tmp_path, "gw-a", server.url), Gateway(tmp_path, "gw-b", server.url)
-    try:
-        await a.start()
-        await b.start()
-        yield server, a, b
-    finally:
-        try:
-            await a.close()
-        finally:
-            try:
-                await b.close()
-            finally:
-                server.stop()
+    async with pair_on_nats(tmp_path, lambda name, url: Gateway(tmp_path, name, url)) as started:
+        yield started
 
 
 @pytest.fixture

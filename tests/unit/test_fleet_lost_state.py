@@ -37,7 +37,7 @@ from enforcer.sessions.session import Session
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address, parse_list
 from tests.daemon_helpers import NoConntrack, handle_event
-from tests.nats_server import NatsServer
+from tests.nats_server import NatsServer, pair_on_nats
 from tests.unit.test_fleet_inputs import LIST, until
 
 DAY = 86400.0
@@ -138,22 +138,9 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Gateway, Gate
     (tmp_path / "l.yaml").write_text(LOST_LIST)
     (tmp_path / "outbox.secret").write_text("whsec_" + "a2V5LWZvci10aGUtcHJvbWlzZS1vdXRib3gtdGVzdHM=\n")
     (tmp_path / "outbox.secret").chmod(0o600)
-    server = NatsServer(tmp_path / "nats")
-    server.start()
     clock = Clock()
-    a, b = Gateway(tmp_path, "gw-a", server.url, clock), Gateway(tmp_path, "gw-b", server.url, clock)
-    try:
-        await a.start()
-        await b.start()
+    async with pair_on_nats(tmp_path, lambda name, url: Gateway(tmp_path, name, url, clock)) as (server, a, b):
         yield server, a, b, clock
-    finally:
-        try:
-            await a.close()
-        finally:
-            try:
-                await b.close()
-            finally:
-                server.stop()
 
 
 async def restart_wiped(gateway: Gateway, before_catch_up: Callable[[Gateway], Awaitable[None]] | None = None
