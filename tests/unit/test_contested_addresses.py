@@ -116,3 +116,34 @@ async def test_a_lasting_clash_does_not_split_a_timer_round_into_one_commit_each
         assert "100.64.1.1/32 is already enforced for subscriber C-0000" in e.engine.conflicts["S"]["detail"]
     finally:
         await e.close()
+
+
+async def test_a_subscriber_whose_every_address_is_held_stays_restricted_through_syncs_and_timers(
+        tmp_path: Path) -> None:
+    """Z-sess's only lease moves onto A-holder's listed .30: the diffs keep Z-sess restricted with
+    nothing of its own to wall. A full sync used to leave it out whole, so the engine called it
+    free until the next timer round made it restricted again: two contradictory audit rows, a
+    flipping gauge and ``explain``, at every full sync while the clash lasted (review)."""
+    fake, clock = FakeDataplane(), Clock()
+    e = await _daemon(tmp_path, fake, clock)
+    try:
+        await e.lists.on_list(ListUpdate([
+            Subscriber("Z-sess", (), reason="overdue", match=Match(mac=MAC_1)),
+            Subscriber("A-holder", (parse_address("100.64.0.30"),), reason="overdue")], "l", "2"))
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.10", MAC_1)])
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.30", MAC_1)])
+        audit_rows = e.engine.store.db.execute("SELECT COUNT(*) FROM audit WHERE subscriber = 'Z-sess'").fetchone()[0]
+        for _ in range(3):
+            async with e.engine.lock:
+                await e.engine.sync_all()
+            clock.now += 60
+            await e.timers.tick()
+            decision = e.engine.decisions["Z-sess"]
+            assert decision.restricted and decision.mode.value == "walled-garden", decision
+            assert set(e.engine.conflicts) == {"Z-sess"}
+            assert walled(fake) == {"100.64.0.30"}
+            assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.30") == "A-holder"
+        assert e.engine.store.db.execute(
+            "SELECT COUNT(*) FROM audit WHERE subscriber = 'Z-sess'").fetchone()[0] == audit_rows
+    finally:
+        await e.close()
