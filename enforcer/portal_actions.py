@@ -41,8 +41,9 @@ NOT_AVAILABLE = "a promise to pay is not available for this connection"
 
 def promise_message_id(sid: str, made_at: float) -> str:
     """The ``webhook-id`` of a promise's ``promise.made``: the same for the same promise (its
-    subscriber and instant), so when a gateway rebuilt from the fleet's stream tells billing of a
-    promise again (its outbox went with its state), billing sees the message it already has."""
+    subscriber and the instant its fleet message carries, else the local one), so when a gateway
+    rebuilt from the fleet's stream tells billing of a promise again (its outbox went with its
+    state), billing sees the message it already has."""
     return "wg_promise_" + hashlib.blake2b(f"{sid}\0{made_at!r}".encode(), digest_size=12).hexdigest()
 
 class _Ineligible(Exception):
@@ -180,7 +181,9 @@ class PortalActions:
             policy.record_promise(engine.inputs, promise)
             made.update(until=promise.until, made_at=now)
             if notify and engine.config.policy.promise_to_pay.webhook_url:
-                message = made["message"] = promise_message_id(sid, now)
+                # from the stream's own instant when there is one: ``now`` is this gateway's receipt
+                # stamp, which a replay after a wipe may place elsewhere (review)
+                message = made["message"] = promise_message_id(sid, now if at is None else at)
                 engine.store.add_outbox(message, {"type": "promise.made", "timestamp": policy.when(now), "data": {
                     "subscriber": sid, "until": policy.when(promise.until), "reference": self.references.code(sid),
                     "address": address}}, now)

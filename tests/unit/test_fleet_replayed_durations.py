@@ -13,7 +13,7 @@ from enforcer.dataplane.fake import FakeDataplane
 from enforcer.list_intake import VERDICT_DAYS
 from enforcer.model import Mode
 from enforcer.outcome import Outcome
-from enforcer.portal_actions import ACKNOWLEDGED
+from enforcer.portal_actions import ACKNOWLEDGED, promise_message_id
 from enforcer.sources import ListUpdate
 from enforcer.subscribers import Subscriber, parse_address
 from tests.daemon_helpers import NoConntrack
@@ -107,3 +107,37 @@ async def test_a_replayed_promise_is_judged_when_the_fleet_received_it(tmp_path:
         assert len(e.engine.inputs.promises["C-1"]) == 1
     finally:
         await e.close()
+
+
+async def test_a_promise_tells_billing_under_the_id_its_fleet_message_gives_whatever_the_local_stamp(
+        tmp_path: Path) -> None:
+    """The ``promise.made`` webhook-id comes from the stream message's ``at``, not this gateway's
+    receipt stamp: a stamp is pushed past ``at`` by an earlier message stamped later (another
+    gateway's clock a little ahead), differently live and in a replay after a wipe, and billing
+    got the same promise twice under two ids (review)."""
+    ids = []
+    for clock_now, later_input in ((NOW + 0.1, NOW + 0.5), (NOW + 600, NOW + 0.5), (NOW + 0.1, None)):
+        work = tmp_path / f"g{len(ids)}"
+        work.mkdir()
+        (work / "outbox.secret").write_text("whsec_" + "b3V0Ym94LXNlY3JldC1mb3ItdGVzdHMtMTIzNDU2")
+        clock = [clock_now]
+        conf = parse_config(
+            f"state_dir: {work}/state\nsubscribers: {{source: {work}/l.yaml}}\n"
+            "policy: {promise_to_pay: {enabled: true, term: 1d, webhook_url: 'http://127.0.0.1:9/hook', "
+            f"webhook_secret_file: '{work}/outbox.secret'}}}}\n", str(work / "c.yaml"))
+        e = Enforcer(conf, dataplane=FakeDataplane(), conntrack=NoConntrack(), clock=lambda c=clock: c[0])
+        await e.engine.restore()
+        await e.lists.on_list(ListUpdate([Subscriber("C-1", (parse_address("100.64.0.10"),), Mode.WALLED_GARDEN,
+                                                     "overdue")], "l.yaml", "1"))
+        try:
+            if later_input is not None:   # a message the stream orders first, stamped after the promise
+                e.engine.receipts.stamp(later_input)
+            result = await e.portal.apply_promise("C-1", "100.64.0.10", NOW, "gw-a", notify=True)
+            assert isinstance(result, Outcome), result
+            sent = [message for message, _, body, _ in e.engine.store.outbox_due(clock[0] + 1)
+                    if body["type"] == "promise.made"]
+            assert len(sent) == 1, sent
+            ids.append(sent[0])
+        finally:
+            await e.close()
+    assert ids == [promise_message_id("C-1", NOW)] * 3, ids
