@@ -416,7 +416,32 @@ def post_payment(host: str, port: int, secret: str, sid: str, event_id: str, tim
 
 
 def python_cli() -> list[str]:
-    """The installed ``walled-garden`` entry point next to this interpreter (as the unit's
-    ExecStart), else ``python -m enforcer.cli``."""
+    """``walled-garden`` as the unit's ExecStart runs it, but with *this checkout's* code, compiled.
+
+    The venv's entry point alone is not enough: the venv's editable install maps ``enforcer`` to
+    the tree it was installed from, so a bench run from a ``git worktree`` of another commit
+    (``side_by_side.sh``) started that tree's daemon on both sides (found 2026-12-02). So
+    ``PYTHONPATH`` names this checkout, for the daemon and the worker it starts, and the answer is
+    checked. The checkout's modules are compiled to bytecode first, as pip and the .deb's postinst
+    compile an installed package: a source tree run under ``PYTHONDONTWRITEBYTECODE`` (as this
+    machine's shells set it) compiles every module of ours at every start, ~0.2 s of each start
+    that an installed daemon does not pay."""
+    use_this_checkout()
     script = Path(sys.executable).with_name("walled-garden")
     return [str(script)] if script.exists() else [sys.executable, "-m", "enforcer.cli"]
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def use_this_checkout() -> None:
+    """Make every process this bench starts import ``enforcer`` from :data:`CHECKOUT`, compiled."""
+    if os.environ.get("PYTHONPATH") == str(CHECKOUT):
+        return
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(CHECKOUT / "enforcer"),
+                    str(CHECKOUT / "captive_portal")], check=True, timeout=300, stdout=subprocess.DEVNULL)
+    os.environ["PYTHONPATH"] = str(CHECKOUT)
+    found = subprocess.run([sys.executable, "-c", "import enforcer; print(enforcer.__file__)"], cwd="/",
+                           capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    if Path(found).resolve() != CHECKOUT / "enforcer" / "__init__.py":
+        raise SystemExit(f"a started daemon would import {found}, not this checkout's {CHECKOUT}/enforcer")
