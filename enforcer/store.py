@@ -76,6 +76,9 @@ log = logging.getLogger("walled_garden.store")
 
 #: Meta key: the ``listed`` rows of an earlier version have been copied to ``list_entries``.
 LISTED_MIGRATED = "listed_migrated"
+#: Meta key: the ``list`` meta this version saved with ``list_entries`` last. Another ``list``
+#: meta beside it means a version before ``list_entries`` saved its list (into ``listed``) since.
+LIST_ENTRIES_OF = "list_entries_of"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Before version 2 of the list's rows: one JSON object per entry. Read once, into list_entries
@@ -756,20 +759,31 @@ class Store:
 
     def _migrate_listed(self) -> None:
         """Rows of the list in the ``listed`` table (one JSON object each, before version 2) are
-        copied to ``list_entries``, once (the ``listed_migrated`` meta); a row that does not decode
-        is set aside as any other. The old rows stay: an older version started on this database
-        again (a downgrade) finds the list it knew rather than none, which would free everyone it
-        restricted until an operator approved the list again (found in review)."""
-        if (self.get_meta(LISTED_MIGRATED) is not None
-                or self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None):
+        copied to ``list_entries``, replacing what is there, when an older version wrote them last:
+        on the first open after the upgrade (no ``listed_migrated`` meta), and after a downgrade
+        to such a version and back (its ``list`` meta is not the one saved with ``list_entries``,
+        ``LIST_ENTRIES_OF``): the list it took and saved, perhaps approved by an operator, is the
+        one in force, not the one before the downgrade, which would wall again whom it freed
+        (upgrade audit). A row that does not decode is set aside as any other. The old rows stay:
+        an older version started on this database again (a downgrade) finds the list it knew
+        rather than none, which would free everyone it restricted until an operator approved the
+        list again (found in review)."""
+        if self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None:
+            return
+        ours = self.get_meta(LIST_ENTRIES_OF)
+        again = ours is not None and ours != self.get_meta("list")
+        if self.get_meta(LISTED_MIGRATED) is not None and not again:
             return
         with gc_paused():
             rows = [_list_row(entry) for _, entry in self._decoded(
                 "listed", "id, entry", lambda sid, entry: (_text(sid), _subscriber(sid, entry)))]
         with self._transaction():
+            self.db.execute("DELETE FROM list_entries")
             self.db.executemany("INSERT OR REPLACE INTO list_entries VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta(LISTED_MIGRATED, {"rows": len(rows)})
-        log.warning("event=state_migrated table=listed rows=%d to=list_entries", len(rows))
+            self.set_meta(LIST_ENTRIES_OF, self.get_meta("list"))
+        log.warning("event=state_migrated table=listed rows=%d to=list_entries%s", len(rows),
+                    " cause=\"an older version saved the list since this one did\"" if again else "")
 
     def save_list(self, old: dict[str, Subscriber], new: dict[str, Subscriber], meta: dict[str, Any],
                   since: dict[str, float] | None = None, changed: set[str] | None = None) -> None:
@@ -797,6 +811,7 @@ class Store:
         self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
         self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
         self.set_meta("list", meta)
+        self.set_meta(LIST_ENTRIES_OF, meta)
 
     @_writes
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:

@@ -168,6 +168,37 @@ def test_a_list_saved_by_an_earlier_version_is_moved_to_its_columns_once(
     assert again.load_inputs().listed == entries and again.skipped_rows == []
 
 
+def test_a_list_an_older_version_saved_after_a_downgrade_is_the_one_in_force_after_the_upgrade_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Upgrade, downgrade to a version before ``list_entries`` (it saves its lists into
+    ``listed``, as a diff against what it found there), upgrade again: the list that version
+    took is in force, not the one from before the downgrade (which walled again five
+    subscribers an operator had approved freeing: upgrade audit). Without a downgrade the stale
+    ``listed`` rows are never read again."""
+    entries = listed_entries()
+    store = Store(str(tmp_path))
+    store.save_list({}, entries, {"entries": 3, "loaded_at": 1.5})
+    store.close()
+    # nothing written by another version: the stale (empty) ``listed`` changes nothing
+    assert Store(str(tmp_path)).load_inputs().listed == entries
+    # the older version: its list is L1 alone, saved its way
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.execute("INSERT INTO listed VALUES (?, ?)", ("L1", json.dumps(entries["L1"].to_json())))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('list', ?)", (json.dumps({"entries": 1, "loaded_at": 2.5}),))
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, "walled_garden.store"):
+        back = Store(str(tmp_path))
+    assert back.load_inputs().listed == {"L1": entries["L1"]}
+    assert any("an older version saved the list since" in r.getMessage() for r in caplog.records)
+    back.save_list({"L1": entries["L1"]}, entries, {"entries": 3, "loaded_at": 3.5})
+    back.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "walled_garden.store"):
+        assert Store(str(tmp_path)).load_inputs().listed == entries, "our own later save is kept"
+    assert not any("state_migrated" in r.getMessage() for r in caplog.records)
+
+
 def test_state_at_a_restart_shares_the_list_entries_the_kernel_enforced_unchanged(tmp_path: Path) -> None:
     """An enforced row saying what the entry says is that entry's decision (no second copy of its
     addresses, equal to what the policy decides again); any other row is its own subscriber."""
