@@ -12,7 +12,11 @@ table being repaired, so each runs here under its name and:
   the task for good;
 - a task that *returns* while the daemon is not stopping is the same failure (it must not end);
 - cancellation (a reload replacing the task, shutdown) and the stop event end a task normally,
-  counting nothing.
+  counting nothing;
+- a task that recovers from a failure itself without ending (``child_process.keep_running``: the
+  webhook worker or the DNS forwarder process died, or hung and was killed, and is started again)
+  reports it with ``report_failure``: counted and shown the same way under the task's name, so a
+  child that keeps dying is as visible as a task that keeps failing (SPEC §8).
 
 A task is given as a factory (a function returning a new coroutine), since a coroutine can
 run only once and a restart needs a fresh one.
@@ -24,10 +28,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
+if TYPE_CHECKING:   # the webhook worker process loads this module (child_process) but no metrics
+    from prometheus_client import Counter
 
 log = logging.getLogger("walled_garden.supervisor")
 
@@ -53,6 +59,35 @@ class TaskState:
     def to_json(self) -> dict[str, Any]:
         return {"running": self.running, "failures": self.failures, "last_error": self.last_error,
                 "last_failure_at": self.last_failure_at, "restart_at": self.restart_at}
+
+
+#: The supervised task the running coroutine belongs to (set by ``Supervisor._supervise`` in its
+#: own task's context, so code several calls down, e.g. a child process's bridge, can report a
+#: failure under the task's name without being handed the supervisor).
+_current: ContextVar[tuple[Supervisor, str, TaskState] | None] = ContextVar("walled_garden_supervised_task",
+                                                                            default=None)
+
+
+def report_failure(error: str, restart_in: float) -> str | None:
+    """Record a failure the running task recovered from itself (it restarts a child process in
+    ``restart_in`` s): counted in ``walled_garden_task_failures_total{task}`` and shown by
+    ``status`` (failures, last error and when, not running until ``report_running``), as a
+    failure of the task would be. The caller has logged it with its own event. Returns the task's
+    name; None outside a supervised task (a test driving a bridge by hand)."""
+    current = _current.get()
+    if current is None:
+        return None
+    supervisor, name, state = current
+    supervisor._record(name, state, error, restart_in)
+    state.running = False
+    return name
+
+
+def report_running() -> None:
+    """The running task's work runs again after a ``report_failure`` (its child was restarted)."""
+    current = _current.get()
+    if current is not None:
+        current[2].running, current[2].restart_at = True, None
 
 
 class Supervisor:
@@ -104,6 +139,7 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _supervise(self, name: str, factory: Factory, state: TaskState) -> None:
+        _current.set((self, name, state))   # this task's own context: seen by what it awaits
         delay = self.first_delay
         while not self.stop.is_set():
             started = time.monotonic()
@@ -128,15 +164,19 @@ class Supervisor:
 
     def _failed(self, name: str, state: TaskState, error: BaseException | None, delay: float) -> None:
         text = f"{type(error).__name__}: {error}" if error is not None else "ended without being asked to stop"
+        self._record(name, state, text, delay)
+        stopping = self.stop.is_set()
+        log.error("event=task_failed task=%s failures=%d error=%s restart_in=%s", name, state.failures, text,
+                  "-" if stopping else f"{delay:.0f}s", exc_info=error)
+
+    def _record(self, name: str, state: TaskState, text: str, delay: float) -> None:
+        """Count one failure of ``name`` and keep it for ``status``; the next start in ``delay`` s."""
         state.failures += 1
         state.last_error = text
         state.last_failure_at = self.clock()
-        stopping = self.stop.is_set()
-        state.restart_at = None if stopping else state.last_failure_at + delay
+        state.restart_at = None if self.stop.is_set() else state.last_failure_at + delay
         if self.failures is not None:
             self.failures.labels(name).inc()
-        log.error("event=task_failed task=%s failures=%d error=%s restart_in=%s", name, state.failures, text,
-                  "-" if stopping else f"{delay:.0f}s", exc_info=error)
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:

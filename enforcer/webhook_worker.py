@@ -38,7 +38,7 @@ import socket
 import sys
 from typing import Any
 
-from .child_process import keep_running
+from .child_process import describe_exit, keep_running
 from .event_sink import EventSink
 from .events import Event, event_from_wire, event_to_wire
 from .outcome import Outcome, Refusal, Refused, Result
@@ -245,9 +245,15 @@ class WorkerBridge:
         return process, ours
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run the worker until ``stop``, started again when it dies; each death is logged and
+        counted as a failure of the task running this (``webhooks``: ``child_process``)."""
         self._stop = stop
-        await keep_running(lambda: self._run_once(stop), stop, lambda code, delay: log.error(
-            "event=webhook_worker_exited code=%s restart_in=%.0fs", code, delay))
+
+        def exited(code: int | None, delay: float) -> str:
+            log.error("event=webhook_worker_exited code=%s restart_in=%.0fs", code, delay)
+            return f"webhook worker {describe_exit(code)}"
+
+        await keep_running(lambda: self._run_once(stop), stop, exited)
 
     async def _run_once(self, stop: asyncio.Event) -> int | None:
         early, self._early = self._early, None

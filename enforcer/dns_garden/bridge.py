@@ -2,11 +2,22 @@
 
 Modelled on ``webhook_worker.WorkerBridge``: the child (``process``) gets one end of a
 socketpair and the settings as JSON on its command line; it sends ``{"ready": true}`` once it
-listens and ``{"stats": ...}`` every second. When it exits it is started again after 1 s,
-doubling to 30 s while it keeps failing (back to 1 s after a run of a minute); on ``stop`` the
-daemon's end is closed (the child exits on EOF) and a child still there after ``STOP_GRACE`` s is
-killed, also when ``run`` is cancelled: the child is never left behind. Its stderr is read line by
-line into the daemon's log, and the last line is kept for ``status()`` (why it failed to start).
+listens and ``{"stats": ...}`` every second, idle or not, from the moment it connects (also while
+it seeds its sets). When it exits it is started again after 1 s, doubling to 30 s while it keeps
+failing (back to 1 s after a run of a minute); each such exit is logged and counted as a failure
+of the ``dns_forwarder`` task (``child_process``, ``supervisor.report_failure``).
+
+A child that stops talking is hung (stopped by a signal, a deadlock, a loop blocked for good):
+it would hold its port and answer nobody while ``up`` stayed 1. So a silence of ``SILENT_LIMIT``
+s (five missed stats lines; ``START_LIMIT`` before it is ready, while the interpreter starts) is
+logged (``event=dns_forwarder_unresponsive``), sets up to 0, and the child is killed with
+SIGKILL (a stopped process gets no SIGTERM until it is continued) and restarted as if it had
+died.
+
+On ``stop`` the daemon's end is closed (the child exits on EOF) and a child still there after
+``STOP_GRACE`` s is killed, also when ``run`` is cancelled: the child is never left behind. Its
+stderr is read line by line into the daemon's log, and the last line is kept for ``status()``
+(why it failed to start).
 
 Stats (``stats.Stats.drain``) are deltas: counts are added to the counters, gauges set, the
 histogram's per-bucket deltas summed (``metrics.DeltaHistogram``). A name the daemon does not
@@ -23,7 +34,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..child_process import keep_running
+from ..child_process import describe_exit, keep_running
+from .process import STATS_EVERY
 from .settings import ForwarderSettings
 from .stats import LATENCY_BUCKETS
 
@@ -39,6 +51,14 @@ _M = TypeVar("_M")
 
 #: Seconds the child gets to exit after the daemon's end closed (or SIGTERM) before SIGKILL.
 STOP_GRACE = 5.0
+#: Seconds without a line from a ready child before it is called hung and killed: five stats lines missed.
+SILENT_LIMIT = 5 * STATS_EVERY
+#: The same before it is ready: its interpreter starts and imports before the first line (well under
+#: a second on an idle machine; generous for a loaded one, or a slow seed of full garden sets).
+START_LIMIT = 30.0
+#: One more look after a silence, before calling the child hung: the daemon's own loop may have been
+#: busy past the limit with the child's lines waiting unread in the socket.
+RECHECK = 1.0
 #: Longest line from the child (a stats line with many resolvers is a few KiB).
 LINE_LIMIT = 1 << 20
 #: Counts that have no metric of their own, summed in ``walled_garden_dns_forwarder_events_total{event}``.
@@ -74,10 +94,11 @@ class ForwarderBridge:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the child until ``stop``, started again when it ends (``child_process``)."""
-        def exited(code: int | None, delay: float) -> None:
+        def exited(code: int | None, delay: float) -> str:
             self.restarts += 1
             log.error("event=dns_forwarder_exited code=%s error=%s restart_in=%.0fs", code, self.last_error or "",
                       delay)
+            return f"dns forwarder {describe_exit(code)}" + (f": {self.last_error}" if self.last_error else "")
 
         await keep_running(lambda: self._run_once(stop), stop, exited)
 
@@ -101,6 +122,9 @@ class ForwarderBridge:
         errors = asyncio.create_task(self._stderr(process))
         try:
             await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            silence = serving.result() if serving.done() and serving.exception() is None else None
+            if silence is not None:
+                self._hung(process, silence)
         finally:  # also when cancelled: never leave the child behind
             stopping.cancel()
             serving.cancel()
@@ -129,8 +153,30 @@ class ForwarderBridge:
                 self.last_error = text[:1000]
                 log.warning("event=dns_forwarder_stderr pid=%d line=%s", process.pid, text[:1000])
 
-    async def _serve(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
+    def _hung(self, process: asyncio.subprocess.Process, silence: float) -> None:
+        """The child sent nothing for ``silence`` s: down, and killed (SIGKILL, which also ends a
+        stopped process) so that ``keep_running`` starts a fresh one."""
+        self.ready.clear()
+        self.metrics.dns_forwarder_up.set(0)
+        self.last_error = f"unresponsive: sent nothing for {silence:.0f} s (it reports every {STATS_EVERY:g} s)"
+        log.error("event=dns_forwarder_unresponsive pid=%d silent=%.0fs action=kill", process.pid, silence)
+        if process.returncode is None:
+            process.kill()
+
+    async def _serve(self, reader: asyncio.StreamReader) -> float | None:
+        """Read the child's lines until EOF (None) or a silence longer than allowed (its length:
+        the child is hung)."""
+        while True:
+            limit = SILENT_LIMIT if self.ready.is_set() else START_LIMIT
+            try:
+                line = await asyncio.wait_for(reader.readline(), limit)
+            except TimeoutError:
+                try:   # a cancelled readline leaves what it had read in the buffer
+                    line = await asyncio.wait_for(reader.readline(), RECHECK)
+                except TimeoutError:
+                    return limit + RECHECK
+            if not line:
+                return None
             try:
                 message = json.loads(line)
                 if not isinstance(message, dict):

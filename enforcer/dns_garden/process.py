@@ -5,9 +5,11 @@ kernel writer (``garden_set.GardenSet``, seeded from what the sets hold, so a re
 tracking the addresses its predecessor added), starts the forwarder's listeners, and talks to the
 daemon over the socketpair end ``--fd`` in JSON lines:
 
-  child → daemon: ``{"ready": true}`` once it listens, then ``{"stats": Stats.drain()}`` every
-  ``STATS_EVERY`` s (deltas: a restarted child starts from zero without the daemon's counters
-  going backwards).
+  child → daemon: ``{"stats": Stats.drain()}`` at once and then every ``STATS_EVERY`` s, idle or
+  not, from the moment it is connected (while it loads, seeds and binds too), and ``{"ready":
+  true}`` once it listens (stats are deltas: a restarted child starts from zero without the
+  daemon's counters going backwards). The stats lines are also its heartbeat: the daemon kills a
+  child that misses five of them as hung (``bridge.SILENT_LIMIT``).
 
 It reads nothing from the daemon but EOF: when the daemon's end closes (the daemon stopped or
 died) it closes its listeners and exits, as it does on SIGTERM. A failure to start (a listener
@@ -55,13 +57,27 @@ def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 
 
 async def child_main(fd: int, settings: ForwarderSettings) -> int:
-    from ..dataplane.libnftables import Nftables, NftError
-    from .forwarder import Forwarder
-    from .garden_set import GardenSet, GardenSetError
     from .stats import Stats
 
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     stats = Stats()
+    stop = asyncio.Event()
+    # The heartbeat first: the daemon hears from the child before it imports, seeds and binds.
+    report = asyncio.create_task(_report(writer, stats, stop), name="stats_report")
+    await asyncio.sleep(0)   # its first line goes out now, not after the imports below
+    try:
+        return await _run(reader, writer, stats, stop, report, settings)
+    finally:
+        report.cancel()
+
+
+async def _run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Any, stop: asyncio.Event,
+               report: asyncio.Task[None], settings: ForwarderSettings) -> int:
+    """Build the forwarder and run it until ``stop``; ``report`` (the stats) already runs."""
+    from ..dataplane.libnftables import Nftables, NftError
+    from .forwarder import Forwarder
+    from .garden_set import GardenSet, GardenSetError
+
     try:
         nft = Nftables()
     except NftError as exc:
@@ -76,12 +92,10 @@ async def child_main(fd: int, settings: ForwarderSettings) -> int:
         await forwarder.start()
     except OSError as exc:
         return _start_failed(f"cannot listen on {', '.join(settings.listen)} port {settings.port}: {exc}")
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):   # SIGINT: a Ctrl-C on the daemon's terminal reaches us too
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(garden.watch(stop), name="marker_watch"),
-             asyncio.create_task(_report(writer, stats, stop), name="stats_report"),
+    tasks = [asyncio.create_task(garden.watch(stop), name="marker_watch"), report,
              asyncio.create_task(_until_eof(reader, stop), name="daemon_eof")]
     failed: list[BaseException] = []
 
@@ -128,13 +142,15 @@ async def _until_eof(reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
 
 
 async def _report(writer: asyncio.StreamWriter, stats: Any, stop: asyncio.Event) -> None:
+    """A stats line now and every ``STATS_EVERY`` s, empty or not: the daemon's sign of life."""
     while not stop.is_set():
-        await asyncio.sleep(STATS_EVERY)
         _send(writer, {"stats": stats.drain()})
         try:
             await writer.drain()
         except (ConnectionError, OSError):   # the daemon is gone: _until_eof sees it too
             stop.set()
+            return
+        await asyncio.sleep(STATS_EVERY)
 
 
 def _start_failed(error: str) -> int:
