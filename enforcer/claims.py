@@ -26,7 +26,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .model import Network
+from .model import Mode, Network
 from .policy import Decision
 from .subscribers import Key, Subscriber, key_network, network_key
 
@@ -195,6 +195,14 @@ class ClaimsIndex:
             # tracked for ``inside`` upkeep from now on, though nothing of this length is held
             self._lengths[version] = sorted([*self._lengths[version], plen])
             self._exact.setdefault((version, plen), {})
+
+
+def held_back(sid: str) -> Decision:
+    """What the kernel holds for a restricted subscriber every one of whose addresses another
+    holds: nothing, so free, with why (the wish waits in ``Conflicts``). The engine's diffs and its
+    full sync both say so: one said restricted and the other free, and the subscriber flipped
+    between them in the audit log, the gauge and ``explain`` at every full sync (review)."""
+    return Decision(sid, Mode.FREE, "an address of theirs is enforced for another subscriber")
 
 
 def uncontested(decision: Decision, kept: Iterable[Network], contested: Iterable[Network]) -> Decision:

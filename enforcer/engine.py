@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 from . import policy
 from .address_space import AddressSpace
 from .billing_order import BillingOrder
-from .claims import ClaimsIndex, Conflicts, uncontested
+from .claims import ClaimsIndex, Conflicts, held_back, uncontested
 from .config import Config
 from .config.reload import reloadable
 from .dataplane.backend import Dataplane, DataplaneError
@@ -37,7 +37,7 @@ from .enforced import EnforcedRecord, held
 from .flushing import Flusher
 from .gc_pause import gc_paused
 from .metrics import Metrics
-from .model import Mode, Network
+from .model import Network
 from .policy import Decision
 from .receipt_clock import ReceiptClock
 from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
@@ -262,8 +262,7 @@ class Engine:
                   if d.restricted and owned.get(sid) is not d}
         self.conflicts.after_sync(wanted, owned.keys() - wanted.keys(), self.claims, self.clock())
         for sid in self.conflicts.keys() & decisions.keys():   # what the kernel holds for them, not their wish
-            decisions[sid] = self.reconciler.owned.get(sid) or Decision(sid, Mode.FREE, "an address of theirs "
-                                                                        "is enforced for another subscriber")
+            decisions[sid] = self.reconciler.owned.get(sid) or held_back(sid)
         previous, self.decisions = self.decisions, decisions
         self._note_free_listed(decisions, whole=True)
         if deferred is not None:
@@ -445,7 +444,9 @@ class Engine:
             if conflict is not None and conflict.holder in batch:
                 return None   # its holder changes in this very batch: not known yet
             (contested if conflict is not None else kept).append(network)
-        return uncontested(decision, kept, contested) if contested else None
+        if not contested:
+            return None
+        return uncontested(decision, kept, contested) if kept else held_back(sid)
 
     def _gains(self, sid: str, decision: Decision) -> bool:
         """Does ``decision`` hold an address that ``sid``'s enforced one does not?"""

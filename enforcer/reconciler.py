@@ -438,8 +438,7 @@ class Reconciler:
             decision = decisions[sid]
             if sid in lost:
                 clashes.append((sid, lost[sid][0][1]))
-                if not taken[sid]:   # restricted with nothing of its own to wall, as the diffs leave it
-                    owned[sid] = uncontested(decision, [], [n for n, _ in lost[sid]])
+                if not taken[sid]:
                     continue
                 kept = set(taken[sid])
                 decision = uncontested(decision, [key_network(k) for k in wanted[sid] if key_network(k) in kept],

@@ -118,12 +118,12 @@ async def test_a_lasting_clash_does_not_split_a_timer_round_into_one_commit_each
         await e.close()
 
 
-async def test_a_subscriber_whose_every_address_is_held_stays_restricted_through_syncs_and_timers(
+async def test_a_subscriber_whose_every_address_is_held_is_held_back_alike_by_syncs_and_timers(
         tmp_path: Path) -> None:
-    """Z-sess's only lease moves onto A-holder's listed .30: the diffs keep Z-sess restricted with
-    nothing of its own to wall. A full sync used to leave it out whole, so the engine called it
-    free until the next timer round made it restricted again: two contradictory audit rows, a
-    flipping gauge and ``explain``, at every full sync while the clash lasted (review)."""
+    """Z-sess's only lease moves onto A-holder's listed .30: nothing of Z-sess's is in the kernel,
+    so it is free there, held back (``claims.held_back``) with its wish in ``conflicts``. The diffs
+    called it restricted with no address and a full sync called it free: it flipped between the
+    two in the audit log, the gauge and ``explain`` at every full sync and timer round (review)."""
     fake, clock = FakeDataplane(), Clock()
     e = await _daemon(tmp_path, fake, clock)
     try:
@@ -134,16 +134,22 @@ async def test_a_subscriber_whose_every_address_is_held_stays_restricted_through
         await e.sessions.replace("dnsmasq", [_lease("100.64.0.30", MAC_1)])
         audit_rows = e.engine.store.db.execute("SELECT COUNT(*) FROM audit WHERE subscriber = 'Z-sess'").fetchone()[0]
         for _ in range(3):
-            async with e.engine.lock:
-                await e.engine.sync_all()
-            clock.now += 60
-            await e.timers.tick()
-            decision = e.engine.decisions["Z-sess"]
-            assert decision.restricted and decision.mode.value == "walled-garden", decision
-            assert set(e.engine.conflicts) == {"Z-sess"}
-            assert walled(fake) == {"100.64.0.30"}
-            assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.30") == "A-holder"
+            for step in ("timer", "full sync"):
+                if step == "timer":
+                    clock.now += 60
+                    await e.timers.tick()
+                else:
+                    async with e.engine.lock:
+                        await e.engine.sync_all()
+                decision = e.engine.decisions["Z-sess"]
+                assert not decision.restricted and "enforced for another subscriber" in decision.cause, (step, decision)
+                assert e.engine.conflicts["Z-sess"]["wanted"] == "walled-garden", step
+                assert walled(fake) == {"100.64.0.30"}, step
+                assert e.engine.reconciler.owner_of("mode4_32", "100.64.0.30") == "A-holder", step
         assert e.engine.store.db.execute(
             "SELECT COUNT(*) FROM audit WHERE subscriber = 'Z-sess'").fetchone()[0] == audit_rows
+        await e.sessions.replace("dnsmasq", [_lease("100.64.0.11", MAC_1)])   # off the holder's address
+        assert e.engine.decisions["Z-sess"].restricted and "Z-sess" not in e.engine.conflicts
+        assert walled(fake) == {"100.64.0.11", "100.64.0.30"}
     finally:
         await e.close()
