@@ -46,14 +46,15 @@ async def keep_running(run_once: Callable[[], Awaitable[int | None]], stop: asyn
     """Run ``run_once`` (one life of the child, returning its exit code) again and again until
     ``stop``; after each unasked end, ``exited(code, seconds until the restart)`` logs it and
     returns what happened, one line, which the supervisor records as the task's failure."""
-    delay = RESTART_FIRST
+    delay = 0.0   # no exit yet: the first waits RESTART_FIRST
     while not stop.is_set():
         started = time.monotonic()
         report_running()
         code = await run_once()
         if stop.is_set():
             return
-        delay = RESTART_FIRST if time.monotonic() - started > HEALTHY_AFTER else min(delay * 2, RESTART_MAX)
+        healthy = time.monotonic() - started > HEALTHY_AFTER
+        delay = RESTART_FIRST if healthy or not delay else min(delay * 2, RESTART_MAX)
         report_failure(exited(code, delay), delay)
         try:
             await asyncio.wait_for(stop.wait(), delay)
