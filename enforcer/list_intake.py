@@ -129,14 +129,14 @@ class ListIntake:
     async def _take(self, update: ListUpdate, new: dict[str, Subscriber], approved_by: str) -> None:
         """``on_list`` under the engine's lock."""
         engine = self.engine
-        self.metrics.source_success.set(engine.clock())
         if engine.rebuilding is not None:
             approved_by = self._rebuild(new, update.digest, approved_by)
         if not approved_by:
             restricting, lifting = policy.preview_list(engine.inputs, new, engine.clock())
             restricted_now = sum(policy.weight(d.subscriber) for d in engine.decisions.values() if d.restricted)
             weighed = self._weigh(update, restricting, lifting, restricted_now)
-            if weighed is None:
+            if weighed is None:   # read and judged (held for an operator, or rejected): the source works
+                self.metrics.source_success.set(engine.clock())
                 return
             approved_by = weighed
         if approved_by:
@@ -205,6 +205,7 @@ class ListIntake:
         self.unsaved = None
         self.list_status, self.source_error = meta, None
         self.metrics.list_entries.set(len(new))
+        self.metrics.source_success.set(meta["loaded_at"])   # only once saved: one that is not is retried
         log.info("event=list_accepted origin=%s entries=%d changed=%d", update.origin, len(new), len(changed))
         return changed
 
@@ -276,6 +277,7 @@ class ListIntake:
             engine.changed.set()
             return True
         self.unsaved = None
+        self.metrics.source_success.set(meta["loaded_at"])
         log.info("event=list_saved origin=%s entries=%d", update.origin, len(new))
         if failed is not None:
             raise failed
@@ -390,7 +392,11 @@ class ListIntake:
             await self.on_list(self.unsaved, approved_by=self.unsaved_approval)
 
     async def on_source_unchanged(self, origin: str) -> None:
-        """The source answered 'not modified': the list in force is still current."""
+        """The source answered 'not modified': the list in force is still current; unless the
+        list it answered last could not be saved (a URL's ETag is kept once the body is handed
+        over): that list is not in force, and the failure stays reported until its save works."""
+        if self.unsaved is not None:
+            return
         self.metrics.source_success.set(self.engine.clock())
         self.source_error = None
 

@@ -28,6 +28,25 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 _SYNC = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FLEET = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
+# A labelled counter's series exists (at 0) from the start for every label value known in
+# advance: Prometheus's increase()/rate() never count a series' first sample, so a series
+# that a failure creates at 1 stays invisible to the alerts (and a broken list file is not
+# read again until it changes: there may never be a second). What cannot be known in advance
+# (a URL source's ``http_<status>``, a fleet message's kind) the alerts catch as a new series.
+
+#: ``walled_garden_source_failures_total{reason}``: every reason but ``http_<status>``
+#: (``sources.SourceFailure``; ``state``: a list that could not be saved, ``ListIntake``).
+SOURCE_FAILURE_REASONS = ("unreadable", "invalid", "unreachable", "timeout", "truncated", "too_large", "internal",
+                          "state")
+#: ``walled_garden_task_failures_total{task}`` of one-off work (``Engine.spawn``); the
+#: supervisor's tasks get theirs as they start (``Supervisor.start``).
+SPAWNED_TASKS = ("flush", "answers", "backend_switch")
+#: ``walled_garden_fleet_published_total{result}``, in a fleet (``FleetRelay.publish``).
+FLEET_PUBLISHED = ("accepted", "duplicate", "unavailable")
+#: ``walled_garden_fleet_applied_total{kind="-", result}`` that ``WalledGardenFleetInputsSkipped``
+#: watches, in a fleet (``Applier``); malformed and failed messages of a known kind carry it.
+FLEET_SKIPPED = ("malformed", "lost", "stream_replaced")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -57,6 +76,8 @@ class Metrics:
         self.source_failures = Counter("walled_garden_source_failures",
                                        "Subscriber lists that could not be read or were rejected",
                                        ["reason"], registry=r)
+        for reason in SOURCE_FAILURE_REASONS:
+            self.source_failures.labels(reason)
         self.held_changes = Gauge("walled_garden_held_changes",
                                   "List changes held by the mass-change guard, waiting for approve/reject",
                                   registry=r)
@@ -94,10 +115,13 @@ class Metrics:
                                ["result"], registry=r)
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
-        self.task_failures = Counter("walled_garden_task_failures", "Background tasks (source, timers, "
-                                     "table_check, outbox, webhooks, hosts, metrics_listener: restarted with "
-                                     "backoff, status: tasks) and one-off work after a commit (flush, answers) that "
-                                     "failed or ended unasked", ["task"], registry=r)
+        self.task_failures = Counter("walled_garden_task_failures", "Background tasks (source, sessions_<name>, "
+                                     "timers, table_check, outbox, webhooks, hosts, dns_forwarder, fleet, "
+                                     "metrics_listener: restarted with backoff, status: tasks) and one-off work "
+                                     "(flush, answers, backend_switch) that failed or ended unasked", ["task"],
+                                     registry=r)
+        for task in SPAWNED_TASKS:
+            self.task_failures.labels(task)
         self.kernel = KernelCounters()
         r.register(self.kernel)
         # Read at scrape time from the owners' own bookkeeping (O(1), or O(graces)): each owner
@@ -177,6 +201,8 @@ class Metrics:
                                       "and listens", registry=r)
         # -- fleet (docs/reference.md, Fleet); every sample then carries gateway="<fleet.gateway>"
         self.constant_labels: dict[str, str] = {}
+        self._fleet_series = False
+        r.register(_FleetSeries(self))   # before the fleet's counters: it creates their series
         self.fleet_connected = Gauge("walled_garden_fleet_connected", "1 while connected to the fleet's NATS",
                                      registry=r)
         self.fleet_applied_sequence = Gauge("walled_garden_fleet_applied_sequence",
@@ -188,7 +214,8 @@ class Metrics:
         self.fleet_published = Counter("walled_garden_fleet_published", "Inputs this gateway published to the "
                                        "stream, by result (accepted, duplicate, unavailable)", ["result"], registry=r)
         self.fleet_applied = Counter("walled_garden_fleet_applied", "Stream messages applied on this gateway, by "
-                                     "kind and result (applied, refused, malformed, lost)", ["kind", "result"],
+                                     "kind and result (applied, refused, malformed, failed, lost, stream_replaced)",
+                                     ["kind", "result"],
                                      registry=r)
         self.fleet_apply_retries = Counter("walled_garden_fleet_apply_retries", "Retries of a stream message whose "
                                            "local apply failed (kernel or state); nothing after it is applied "
@@ -203,6 +230,19 @@ class Metrics:
                                         "(a few seconds' precision): another gateway's from the inputs it "
                                         "accepted, this gateway's own from inputs delivered to it live",
                                         ["origin"], registry=r)
+
+    def expect_fleet(self) -> None:
+        """The fleet counters' series (at 0), once the daemon is one of a fleet: without
+        ``fleet`` they have no samples (docs/operations.md, Metrics). Called at each collect
+        (``_FleetSeries``) since the daemon says so only by ``constant_labels["gateway"]``:
+        Prometheus sees the series no later than if they were created at start."""
+        if self._fleet_series:
+            return
+        self._fleet_series = True
+        for result in FLEET_PUBLISHED:
+            self.fleet_published.labels(result)
+        for result in FLEET_SKIPPED:
+            self.fleet_applied.labels("-", result)
 
     def set_modes(self, counts: dict[Mode, int]) -> None:
         for mode in Mode.restricting():
@@ -263,6 +303,19 @@ class KernelCounters(Collector):
             octets.add_metric([name], size)
         yield packets
         yield octets
+
+
+class _FleetSeries(Collector):
+    """Yields nothing; in a fleet (``constant_labels`` has ``gateway``) it has the fleet
+    counters' series created (``Metrics.expect_fleet``) before they are collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        if "gateway" in self.metrics.constant_labels:
+            self.metrics.expect_fleet()
+        return iter(())
 
 
 class DeltaHistogram(Collector):

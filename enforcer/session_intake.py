@@ -97,13 +97,38 @@ class SourceState:
 class SessionIntake:
     def __init__(self, engine: Engine, metrics: Metrics, sources: Sequence[SessionSource] = ()) -> None:
         self.engine, self.metrics, self.sources = engine, metrics, list(sources)
-        self.prefix = ""   # in a fleet "<gateway>/": what this gateway's sources are called in every book
+        self._prefix = ""
         self.batcher: Batcher[Request] = Batcher(self._commit_batch)
         self._retry_at = 0.0   # the expiry duty waits until then after a failed commit
         self.state: dict[str, SourceState] = {}
         engine.duties.append(self)
         engine.reports["sessions"] = self.status
         self._counted()
+        self._expect_problems()
+
+    @property
+    def prefix(self) -> str:
+        """In a fleet "<gateway>/": what this gateway's sources are called in every book (set by
+        ``fleet.sessions.FleetSessions`` after this is built)."""
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, prefix: str) -> None:
+        if prefix == self._prefix:
+            return
+        for source in self._own():   # counted under the new names from now on
+            for kind in PROBLEMS:
+                self.metrics.session_errors.remove(source, kind)
+        self._prefix = prefix
+        self._expect_problems()
+
+    def _expect_problems(self) -> None:
+        """Each of this gateway's sources has its ``session_source_errors_total`` series (at 0)
+        from the start, under the name its problems are counted under: rate() never counts a
+        series' first sample, so a first problem that created it would go unseen."""
+        for source in self._own():
+            for kind in PROBLEMS:
+                self.metrics.session_errors.labels(source, kind)
 
     # -- SessionSink ------------------------------------------------------------------------
     async def replace(self, source: str, sessions: Sequence[Session], *, complete: bool = True,

@@ -104,6 +104,46 @@ async def test_a_list_that_cannot_be_saved_changes_nothing_and_is_retried(tmp_pa
     await e.close()
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["next_list", "first_list"])
+async def test_a_list_that_cannot_be_saved_does_not_advance_the_last_success(tmp_path: Path, first: bool) -> None:
+    """``walled_garden_source_last_success_timestamp_seconds`` moves only once a list is saved
+    (NOC audit: it moved before the save, so WalledGardenSourceStale stayed quiet while every list
+    failed to save with reason ``state``); nor does a 'not modified' answer move it (a URL source
+    keeps the ETag of the body it handed over) while that list is unsaved. The first list (enforced,
+    then saved) and the next ones (saved, then enforced) alike; the retry that saves it moves it."""
+    import sqlite3
+
+    now = [NOW]
+    e = Enforcer(make_config(tmp_path), dataplane=FakeDataplane(), conntrack=NoConntrack(),  # type: ignore[arg-type]
+                 clock=lambda: now[0])
+    await e.engine.restore()
+    success = e.metrics.source_success
+    if not first:
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1")], "l.yaml", "1"))
+        assert success._value.get() == NOW
+    real, failing = e.engine.store.save_list, [True]
+
+    def flaky(*args: object) -> None:
+        if failing[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(*args)  # type: ignore[arg-type]
+
+    e.engine.store.save_list = flaky  # type: ignore[method-assign]
+    before = success._value.get()
+    now[0] = NOW + 100
+    await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.1"), sub("C-2", "100.64.0.2")], "l.yaml", "2"))
+    assert e.lists.unsaved is not None and e.metrics.source_failures.labels("state")._value.get() == 1
+    assert success._value.get() == before, "a list that could not be saved is no success"
+    now[0] = NOW + 200
+    await e.lists.on_source_unchanged("l.yaml")    # the URL answered 304 for the unsaved list's ETag
+    assert success._value.get() == before and e.queries.status()["source"]["last_error"]["reason"] == "state"
+    failing[0] = False
+    now[0] = NOW + 300
+    await e.lists.run()                             # the timer's retry
+    assert e.lists.unsaved is None and success._value.get() == NOW + 300
+    await e.close()
+
+
 async def test_a_garbage_database_is_quarantined_and_the_kernel_keeps_enforcing(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     fake = FakeDataplane()

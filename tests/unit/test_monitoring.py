@@ -1,9 +1,13 @@
 """Monitoring over many gateways (issue 17): both registries export build info and the process
 collectors, every alert has a runbook in docs/operations.md and names its instance, and the
-dashboard selects a gateway's enforcer and portal alike."""
+dashboard selects a gateway's enforcer and portal alike. A fresh daemon's failure counters
+exist at 0 before any failure (NOC audit: increase() and rate() never count a series' first
+sample, so a first failure that created its series at 1 never alerted)."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -12,11 +16,18 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from captive_portal.metrics import PortalMetrics
+from daemon_helpers import NoConntrack
 from enforcer import process_metrics
+from enforcer.config import parse_config
+from enforcer.daemon import Enforcer
+from enforcer.dataplane.fake import FakeDataplane
 from enforcer.metric_labels import Labelled
-from enforcer.metrics import Metrics
+from enforcer.metrics import FLEET_PUBLISHED, FLEET_SKIPPED, SOURCE_FAILURE_REASONS, SPAWNED_TASKS, Metrics
+from enforcer.service import Service
+from enforcer.sessions.source import PROBLEMS
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -75,6 +86,118 @@ def test_the_docs_name_the_process_series_and_every_portal_kind() -> None:
     from captive_portal.metrics import RequestKind
     for kind in RequestKind:
         assert f"`{kind.value}`" in row, f"kind={kind.value} missing from the metrics table"
+
+
+# --- failure counters exist before the first failure -------------------------------------------
+
+def scrape(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """What /metrics serves (``api.scrape``): sample (name, labels) -> value."""
+    registry = Labelled(metrics.registry, metrics.constant_labels) if metrics.constant_labels else metrics.registry
+    text = generate_latest(registry).decode()  # type: ignore[arg-type]
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> dict[frozenset[Any], float]:
+    return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["alone", "fleet"])
+async def test_a_fresh_daemons_failure_counters_are_at_zero_before_any_failure(tmp_path: Path, fleet: bool) -> None:
+    """A started daemon (a list file, a dnsmasq lease source; in a fleet whose NATS does not
+    answer, or alone) serves every failure series an alert watches at 0: the list source's
+    reasons (http_<status> aside), every task's, each session source's kinds under the name its
+    problems are counted under, and in a fleet the published and skipped results (alone: none)."""
+    (tmp_path / "l.yaml").write_text("subscribers:\n  - {id: C-1, addresses: [100.64.0.10], reason: overdue}\n")
+    (tmp_path / "dnsmasq.leases").write_text("")
+    text = (f"state_dir: {tmp_path}/state\n"
+            f"subscribers: {{source: {tmp_path}/l.yaml, sessions: [{{kind: dnsmasq, name: leases, "
+            f"path: {tmp_path}/dnsmasq.leases}}]}}\n"
+            f"api: {{socket: {tmp_path}/control.sock, listen: null}}\n"
+            "metrics: {listen: null, portal_listen: null}\n")
+    if fleet:   # the discard port: nothing listens, the start goes on with the local state
+        text += "fleet: {gateway: bng-1, nats: {url: 'nats://127.0.0.1:9'}, stream: WG_TEST, catch_up_timeout: 1s}\n"
+    config = parse_config(text, str(tmp_path / "config.yaml"))
+    enforcer = Enforcer(config, dataplane=FakeDataplane(), conntrack=NoConntrack())  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    service = Service(config, enforcer, stop)
+    try:
+        await enforcer.engine.restore()
+        await asyncio.wait_for(service.start(), 30)
+        samples = scrape(enforcer.metrics)
+    finally:
+        stop.set()
+        await service.close()
+        await enforcer.close()
+    gateway = {("gateway", "bng-1")} if fleet else set()
+    failures = series(samples, "walled_garden_source_failures_total")
+    assert failures == {frozenset({("reason", r), *gateway}): 0.0 for r in SOURCE_FAILURE_REASONS}, failures
+    tasks = {dict(labels)["task"]: n for labels, n in series(samples, "walled_garden_task_failures_total").items()}
+    expected = {*SPAWNED_TASKS, "source", "sessions_leases", "timers", "table_check", *(["fleet"] if fleet else [])}
+    assert set(tasks) == expected and not any(tasks.values()), tasks
+    source = "bng-1/leases" if fleet else "leases"
+    errors = series(samples, "walled_garden_session_source_errors_total")
+    assert errors == {frozenset({("source", source), ("kind", k), *gateway}): 0.0 for k in PROBLEMS}, errors
+    published = series(samples, "walled_garden_fleet_published_total")
+    applied = series(samples, "walled_garden_fleet_applied_total")
+    if fleet:
+        assert published == {frozenset({("result", r), *gateway}): 0.0 for r in FLEET_PUBLISHED}, published
+        assert applied == {frozenset({("kind", "-"), ("result", r), *gateway}): 0.0 for r in FLEET_SKIPPED}, applied
+    else:
+        assert published == {} and applied == {}, (published, applied)
+
+
+def calls(method: str, pattern: str = "**/*.py") -> list[ast.Call]:
+    """Every call of ``<something>.<method>(...)`` or ``<method>(...)`` in the enforcer package's
+    modules that match ``pattern``."""
+    found = []
+    for path in sorted((ROOT / "enforcer").glob(pattern)):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and method in (getattr(node.func, "attr", None),
+                                                         getattr(node.func, "id", None)):
+                found.append(node)
+    return found
+
+
+def test_every_source_failure_reason_the_code_gives_is_created_at_start() -> None:
+    """A reason added to the code without its series at 0 would be silent on its first failure
+    again; only a URL's ``http_<status>`` cannot be known in advance (the alert catches it new)."""
+    reasons: set[str] = set()
+    for call in calls("SourceFailure") + calls("_fail", "sources.py"):   # UrlSource._fail(reason, message)
+        reason = call.args[1] if call.args and getattr(call.func, "id", None) == "SourceFailure" else \
+            call.args[0] if call.args else None
+        if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
+            reasons.add(reason.value)
+        elif isinstance(reason, ast.JoinedStr):
+            head = reason.values[0]
+            assert isinstance(head, ast.Constant) and head.value == "http_", ast.unparse(reason)
+    assert reasons and reasons <= set(SOURCE_FAILURE_REASONS), reasons - set(SOURCE_FAILURE_REASONS)
+    assert {"unreadable", "invalid", "internal", "state", "timeout"} <= reasons, reasons
+
+
+def test_every_one_off_task_name_is_created_at_start() -> None:
+    """``Engine.spawn(coro, name)`` counts a failure under ``name`` (default ``flush``); the
+    supervisor's tasks create theirs as they start."""
+    names = set()
+    for call in calls("spawn"):
+        if len(call.args) == 1 and not call.keywords:
+            names.add("flush")
+        elif len(call.args) == 2:
+            assert isinstance(call.args[1], ast.Constant), ast.unparse(call)
+            names.add(call.args[1].value)
+    assert names == set(SPAWNED_TASKS), names
+
+
+def test_the_skipped_results_the_code_counts_are_the_ones_the_alert_watches() -> None:
+    """Every ``fleet_applied`` result but applied and refused is a message skipped: the alert
+    names each, and those of kind "-" exist at 0 in a fleet (``FLEET_SKIPPED``)."""
+    results = set()
+    for call in calls("labels", "fleet/*.py"):
+        if ast.unparse(call.func).endswith("fleet_applied.labels"):   # ("-", "lost"), (kind, "refused" if ...)
+            results |= {c.value for c in ast.walk(call.args[1]) if isinstance(c, ast.Constant)}
+    [rule] = [r for r in alerts() if r["alert"] == "WalledGardenFleetInputsSkipped"]
+    watched = set(re.findall(r'result=~"([^"]+)"', rule["expr"])[0].split("|"))
+    assert results - {"applied", "refused"} == watched and set(FLEET_SKIPPED) <= watched, (results, watched)
 
 
 # --- alerts ------------------------------------------------------------------------------------
