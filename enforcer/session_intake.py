@@ -17,6 +17,7 @@ the change applies, this subscriber's other addresses included (``Engine.apply_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sqlite3
@@ -116,11 +117,16 @@ class SessionIntake:
     def prefix(self, prefix: str) -> None:
         if prefix == self._prefix:
             return
+        counts = self.engine.inputs.sessions.counts()
         for source in self._own():   # counted under the new names from now on
             for kind in PROBLEMS:
                 self.metrics.session_errors.remove(source, kind)
+            if source not in counts:   # the gauge made at start under the old name would stay 0 for good
+                with contextlib.suppress(KeyError):
+                    self.metrics.sessions.remove(source)
         self._prefix = prefix
         self._expect_problems()
+        self._counted()
 
     def _expect_problems(self) -> None:
         """Each of this gateway's sources has its ``session_source_errors_total`` series (at 0)

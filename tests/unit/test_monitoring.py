@@ -138,6 +138,8 @@ async def test_a_fresh_daemons_failure_counters_are_at_zero_before_any_failure(t
     source = "bng-1/leases" if fleet else "leases"
     errors = series(samples, "walled_garden_session_source_errors_total")
     assert errors == {frozenset({("source", source), ("kind", k), *gateway}): 0.0 for k in PROBLEMS}, errors
+    sessions = series(samples, "walled_garden_sessions")   # one gauge, under the name its sessions count under
+    assert sessions == {frozenset({("source", source), *gateway}): 0.0}, sessions
     published = series(samples, "walled_garden_fleet_published_total")
     applied = series(samples, "walled_garden_fleet_applied_total")
     if fleet:
