@@ -37,7 +37,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -55,11 +57,28 @@ from .dataplane.layout import (
     mode_map,
     mode_prefix,
     placements,
+    sentinel_family,
     tag_address,
     with_mode_view,
 )
-from .dataplane.state import Structure, TableState, describe, digest, digest_mark, element_hash, mark_digest
-from .dataplane.transaction import AddElements, DeleteElements, MarkStructure, ReplaceTable, Transaction
+from .dataplane.state import (
+    Expiring,
+    Structure,
+    TableState,
+    describe,
+    digest,
+    digest_mark,
+    element_hash,
+    mark_digest,
+)
+from .dataplane.transaction import (
+    AddElements,
+    AddExpiring,
+    DeleteElements,
+    MarkStructure,
+    ReplaceTable,
+    Transaction,
+)
 from .model import Mode, Network
 from .policy import Decision
 from .subscribers import Key, key_network
@@ -174,14 +193,17 @@ class Reconciler:
             desired.setdefault(name, {})
         target = digest(desired, _digested(layout))
         starting, kernel_read = self.layout is None, True
+        listed: _Listed | None = None   # the table as listed below, for ``_carry``
         if read_kernel and self.mirror is None and self._carries(layout, target, desired):
             assert self.mirror is not None
             before = self.mirror.elements   # the trusted table, whole
             log.info("event=kernel_trusted digest=%s (the table carries the digest of the decisions' elements: "
                      "not read back; the next full table check compares every element)", next(iter(self._marks)))
         elif read_kernel or self.mirror is None or self.needs_full:
-            generation = self.dataplane.generation()
-            self.mirror = with_mode_view(self.dataplane.read())
+            generation, read_at = self.dataplane.generation(), time.monotonic()
+            state = self.dataplane.read()
+            listed = _Listed(state.expiring if state is not None else {}, read_at)
+            self.mirror = with_mode_view(state)
             self._marks, self.verified = _marks(self.mirror, layout), True
             # the listing is the table at that generation only if nothing was committed meanwhile
             self._generation = generation if self.dataplane.generation() == generation else None
@@ -200,12 +222,13 @@ class Reconciler:
             replace = self._structure_changed(layout, starting)
         elif replace and starting and kernel_read:
             self._damage_at_start(layout)
-        predicted = ""
+        predicted, carried = "", 0
         if replace:
             tx.replace_table(layout)
             for container, items in desired.items():
                 if not container.startswith(MODE_PREFIX):   # the mode view never goes to the kernel
                     tx.add(container, items.items())
+            carried = self._carry(tx, layout, listed)
             if not self.dataplane.expected_structure(layout):   # marked in the same commit when known
                 predicted = self._learned.get(layout.tag, "")
                 if predicted:
@@ -216,7 +239,16 @@ class Reconciler:
             _diff(tx, before, desired)
         noted = True
         if replace:
-            count, noted = self._replace(tx, target, layout, predicted)
+            try:
+                count, noted = self._replace(tx, target, layout, predicted)
+            except DataplaneError as exc:
+                if not carried:
+                    raise
+                # never let what is carried keep the table from being replaced (or repaired)
+                log.warning("event=timeout_elements_dropped table=%s elements=%d error=%r (the replace is tried "
+                            "again without them)", self.dataplane.table, carried, str(exc))
+                tx.operations = [op for op in tx.operations if not isinstance(op, AddExpiring)]
+                count, noted = self._replace(tx, target, layout, predicted)
         else:
             count = self._apply(tx, target)
         self.layout, self.mirror = layout, TableState(layout.tag, _compact(desired), set(layout.containers()))
@@ -225,6 +257,48 @@ class Reconciler:
         if count >= BIG_TRANSACTION:
             _trim_heap()
         return SyncResult(kind, count, changed)
+
+    def _carry(self, tx: Transaction, layout: Layout, listed: _Listed | None) -> int:
+        """Add to ``tx``, which replaces the table, the elements the old table's timeout sets hold
+        (``Layout.carried_sets``: notice acknowledgements, the portal's recent callers, the DNS
+        forwarder's learnt addresses), each with its timeout and the time it has left: a replace
+        keeps what a restart without one keeps. Only into a set of the same name in ``layout``
+        (a name says its kind and family, so its type), at most as many as the new set takes
+        (the longest-lived first); returns how many.
+
+        Read from ``listed`` when this sync just listed the whole table (those sets are in the
+        listing), else by one small listing of just these sets (a start that trusted the digest
+        mark, a new layout from the mirror); the time since the listing is taken off, so nothing
+        lives longer than it would have but for the commit of the replace itself (rendering and
+        committing 125k elements: ~1 s at 100k subscribers). A failure to read is logged and
+        nothing carried: the replace goes ahead; a replace the kernel refuses with them is tried
+        again without them (``sync_all``)."""
+        sets = layout.carried_sets()
+        if listed is None:
+            if self.mirror is None:
+                return 0   # no table to carry from
+            read_at = time.monotonic()
+            try:
+                listed = _Listed(self.dataplane.read_timeouts(sets), read_at)
+            except DataplaneError as exc:
+                log.warning("event=timeout_elements_unread table=%s error=%r (the replace goes ahead: notice "
+                            "acknowledgements, portal callers and DNS-learnt addresses are not carried over)",
+                            self.dataplane.table, str(exc))
+                return 0
+        spent = math.ceil(time.monotonic() - listed.at)
+        count = 0
+        for name, most in sets.items():
+            v6, found = sentinel_family(name) == 6, listed.expiring.get(name, {})
+            items = sorted(((key, timeout, left - spent) for key, (timeout, left) in found.items()
+                            if left > spent and (":" in key) == v6 and key not in _SENTINEL_KEYS),
+                           key=lambda item: (-item[2], item[0]))
+            if most is not None:
+                del items[most:]
+            tx.add_expiring(name, items)
+            count += len(items)
+        if count:
+            log.info("event=timeout_elements_carried table=%s elements=%d", self.dataplane.table, count)
+        return count
 
     def _replace(self, tx: Transaction, target: int, layout: Layout, predicted: str) -> tuple[int, bool]:
         """``_apply`` of a transaction that replaces the table, then the new table's structure
@@ -621,6 +695,15 @@ class Reconciler:
         self._generation = generation + 1 if known else None
         return count
 
+
+class _Listed(NamedTuple):
+    """What a listing of the table gave of the carried timeout sets (``Reconciler._carry``)."""
+
+    expiring: Expiring
+    at: float   # ``time.monotonic()`` just before the listing
+
+
+_SENTINEL_KEYS = frozenset(SENTINELS.values())
 
 #: Elements in a sync above which the C heap is trimmed after it (``_trim_heap``).
 BIG_TRANSACTION = 10_000

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from .layout import Layout
-from .state import Structure, TableState
+from .state import Expiring, Structure, TableState
 from .transaction import Transaction
 
 
@@ -57,6 +57,12 @@ class Dataplane(Protocol):
     def read_sets(self, names: Iterable[str]) -> TableState | None:
         """Only these sets (small ones: each is listed on its own), ``None`` if the table or one
         of them is gone."""
+
+    def read_timeouts(self, names: Iterable[str]) -> Expiring:
+        """The elements of these timeout sets (small ones: each is listed on its own) that expire,
+        with their timeout and the seconds they have left; a set that does not exist (or the
+        table) is left out, an element without a timeout (a marker) too. What a replace of the
+        table carries over (``Reconciler._carry``) when it has not just listed the table."""
 
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """Which of ``containers`` no longer hold their sentinel element (flushed, deleted, or the

@@ -19,10 +19,12 @@ import ipaddress
 from collections.abc import Iterable
 
 from .backend import DataplaneError
-from .layout import COUNTERS, TAG_SET, Layout, tag_address, with_mode_view
-from .state import STRUCTURE_COMMENT, Structure, TableState, fingerprint, marked_fingerprint
-from .transaction import AddElements, DeleteElements, MarkStructure, ReplaceTable, Transaction
+from .layout import CALLER_SET, CALLER_TIMEOUT, COUNTERS, TAG_SET, Layout, carried_set, tag_address, with_mode_view
+from .state import STRUCTURE_COMMENT, Expiring, Structure, TableState, fingerprint, marked_fingerprint
+from .transaction import AddElements, AddExpiring, DeleteElements, MarkStructure, ReplaceTable, Transaction
 
+#: A caller's time in ``portalcallerV`` (``saw_caller``), in seconds.
+_CALLER_SECONDS = int(CALLER_TIMEOUT.rstrip("m")) * 60
 #: A fake table's chains (``structure``); each is created with ``_RULES`` rules.
 CHAINS = ("forward", "from_subscriber", "garden", "input", "prerouting")
 _RULES = 2
@@ -39,7 +41,7 @@ class FakeDataplane:
         self.transactions: list[Transaction] = []
         self.fail_next: str | None = None  # make the next apply fail with this message
         self.callers_seen_by_default = callers_seen_by_default
-        self.callers: set[str] = set()
+        self.callers: dict[str, tuple[int, int]] = {}   # address → (timeout, seconds left)
         self.counter_values: dict[str, tuple[int, int]] = {}
         self.generation_id = 1   # the kernel's ruleset generation: one more per committed change
         self.predicts_structure = predicts_structure
@@ -54,18 +56,21 @@ class FakeDataplane:
             message, self.fail_next = self.fail_next, None
             raise DataplaneError(message)
         state = self.state.copy() if self.state else None
-        replaced = False
         chains, dormant, comment = self.chains, self.dormant, self.structure_comment
+        callers = dict(self.callers)
         for op in tx.operations:
             if isinstance(op, ReplaceTable):
                 names = [*op.layout.containers(), *op.layout.ack_sets()]
                 state = TableState(op.layout.tag, {name: {} for name in names}, set(op.layout.containers()))
                 state.elements[TAG_SET] = {tag_address(op.layout.tag): None}
                 chains, dormant, comment = None, False, None
-                replaced = True
+                callers = {}   # the caller sets are part of the table: a new table starts them empty
                 continue
             if state is None:
                 raise DataplaneError(f"No such file or directory: table inet {self.table}")
+            if isinstance(op, AddExpiring) and op.container in CALLER_SET.values():
+                callers.update({key: (timeout, left) for key, timeout, left in op.items})
+                continue
             if isinstance(op, MarkStructure):
                 if tag_address(op.tag) not in state.elements.get(TAG_SET, {}):
                     raise DataplaneError(f"No such file or directory: {TAG_SET} {tag_address(op.tag)}")
@@ -79,17 +84,25 @@ class FakeDataplane:
                     if key in container and container[key] != value:
                         raise DataplaneError(f"File exists: {op.container} {key}")
                     container[key] = value
+                    if op.timeout and carried_set(op.container):   # a time that never runs: no clock here
+                        state.expiring.setdefault(op.container, {})[key] = (op.timeout, op.timeout)
+            elif isinstance(op, AddExpiring):
+                for key, timeout, left in op.items:
+                    if not 0 < left <= timeout:
+                        raise DataplaneError(f"Numerical result out of range: {op.container} {key}")
+                    container[key] = None
+                    state.expiring.setdefault(op.container, {})[key] = (timeout, left)
             elif isinstance(op, DeleteElements):
                 for key in op.keys:
                     if key not in container:
                         raise DataplaneError(f"No such file or directory: {op.container} {key}")
                     del container[key]
+                    state.expiring.get(op.container, {}).pop(key, None)
         self.state = state
         self.chains, self.dormant, self.structure_comment = chains, dormant, comment
+        self.callers = callers
         if tx.operations:
             self.generation_id += 1
-        if replaced:   # the caller sets are part of the table: a new table starts them empty
-            self.callers.clear()
         self.transactions.append(tx)
 
     @property
@@ -100,7 +113,12 @@ class FakeDataplane:
         return {} if state is None else state.elements
 
     def read(self) -> TableState | None:
-        return self.state.copy() if self.state else None
+        """The table, with the callers' expiry as a listing gives it (``TableState.expiring``)."""
+        if self.state is None:
+            return None
+        state = self.state.copy()
+        state.expiring.update({name: self._callers(version) for version, name in CALLER_SET.items()})
+        return state
 
     def layout_tag(self) -> str | None:
         return self.state.layout_tag if self.state else None
@@ -135,6 +153,21 @@ class FakeDataplane:
         return TableState(None, {name: dict(self.state.elements[name]) for name in wanted},
                           self.state.sealed.intersection(wanted))
 
+    def read_timeouts(self, names: Iterable[str]) -> Expiring:
+        """The acknowledgements' and the callers' expiry (as added: no clock runs here)."""
+        if self.state is None:
+            return {}
+        out: Expiring = {}
+        for name in names:
+            if name in CALLER_SET.values():
+                out[name] = self._callers(6 if name == CALLER_SET[6] else 4)
+            elif name in self.state.elements:
+                out[name] = dict(self.state.expiring.get(name, {}))
+        return out
+
+    def _callers(self, version: int) -> dict[str, tuple[int, int]]:
+        return {key: expiry for key, expiry in self.callers.items() if (":" in key) == (version == 6)}
+
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         sealed = self.state.sealed if self.state else set()
         return [name for name in containers if name not in sealed]
@@ -159,10 +192,11 @@ class FakeDataplane:
     # -- what the packet path and other tools do ------------------------------------------
     def saw_caller(self, address: str) -> None:
         """``address`` connected to the portal's ports (the kernel's input hook records it).
-        Needs the table, as the kernel does; lost when the table is replaced."""
+        Needs the table, as the kernel does; a new table starts without it (unless the
+        replacing transaction carries it over, ``AddExpiring``), as does a deleted one."""
         if self.state is None:
             raise DataplaneError(f"No such file or directory: table inet {self.table}")
-        self.callers.add(str(ipaddress.ip_address(address)))
+        self.callers[str(ipaddress.ip_address(address))] = (_CALLER_SECONDS, _CALLER_SECONDS)
 
     def flush_set(self, name: str) -> None:
         """``nft flush set``: every element goes, the sentinel too."""

@@ -91,9 +91,9 @@ from .ipset_sets import (
     umbrella,
 )
 from .kernel import keep_big_blocks_apart
-from .layout import CALLER_SET, COUNTERS, SENTINELS, TAG_SET, Layout, sentinel_family, tag_address
-from .state import Structure, TableState, fingerprint
-from .transaction import AddElements, DeleteElements, ReplaceTable, Transaction
+from .layout import CALLER_SET, COUNTERS, SENTINELS, TAG_SET, Layout, carried_set, sentinel_family, tag_address
+from .state import Expiring, Structure, TableState, fingerprint
+from .transaction import AddElements, AddExpiring, DeleteElements, ReplaceTable, Transaction
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -268,7 +268,8 @@ class IpsetDataplane:
         replace = ops[last]
         assert isinstance(replace, ReplaceTable)
         # ``MarkStructure`` is for nftables: the structure here is known from the render
-        self._replace(replace.layout, [op for op in ops[last + 1:] if isinstance(op, (AddElements, DeleteElements))])
+        self._replace(replace.layout, [op for op in ops[last + 1:]
+                                       if isinstance(op, (AddElements, AddExpiring, DeleteElements))])
 
     def generation(self) -> int:
         """Not a generation: ipset has none (module docstring). New on every call, so the
@@ -424,6 +425,16 @@ class IpsetDataplane:
         state = self._parse(self._save(wanted), want_tag=False)
         return state
 
+    def read_timeouts(self, names: Iterable[str]) -> Expiring:
+        """One ``ipset save`` batch of those of these sets that exist. ipset keeps one time per
+        element, what it has left: that is its timeout too."""
+        wanted = [name for name in names if carried_set(name)]
+        present = set(self._names())
+        state = self._parse(self._save([set_name(name) for name in wanted if set_name(name) in present]),
+                            want_tag=False)
+        return {} if state is None else {name: state.expiring.get(name, {}) for name in wanted
+                                         if name in state.elements}
+
     def counters(self) -> dict[str, tuple[int, int]]:
         """Our rules' counters (comment ``walled-garden counter <name>``), both families summed;
         zero with ``rules: external`` (the rules are the operator's); none without our sets."""
@@ -480,6 +491,10 @@ class IpsetDataplane:
                 state.sealed.add(container)
                 continue
             state.elements.setdefault(container, {})[key_of(container, text)] = None
+            if "timeout" in parts[3:-1] and carried_set(container):
+                left = int(parts[parts.index("timeout", 3) + 1])
+                if left >= 1:
+                    state.expiring.setdefault(container, {})[key_of(container, text)] = (left, left)
             if container == TAG_SET:
                 value = int(ipaddress.IPv6Address(text))
                 if value < 1 << 64:
@@ -605,7 +620,7 @@ class IpsetDataplane:
             self._destroy([temp])
         self._sizes[name] = (count, size)
 
-    def _replace(self, layout: Layout, ops: list[AddElements | DeleteElements]) -> None:
+    def _replace(self, layout: Layout, ops: list[AddElements | AddExpiring | DeleteElements]) -> None:
         """A full sync: fresh sets filled, the live ones prepared, then swapped in, then our rules
         (module docstring)."""
         wanted, contents = _contents(layout, ops)
@@ -855,10 +870,11 @@ def _names_a_list(line: str) -> bool:
     return len(parts) >= 2 and is_umbrella(parts[1])
 
 
-def _contents(layout: Layout, ops: list[AddElements | DeleteElements]
+def _contents(layout: Layout, ops: list[AddElements | AddExpiring | DeleteElements]
               ) -> tuple[dict[str, SetSpec], dict[str, dict[str, int | None]]]:
     """The layout's sets and what each holds once ``ops`` are applied to a fresh layout: element
-    → timeout (None: none). Fails as the kernel would (a set not in the layout, a missing element)."""
+    → timeout (None: none; a carried element's, ``AddExpiring``, is the time it has left).
+    Fails as the kernel would (a set not in the layout, a missing element)."""
     try:
         wanted = specs(layout)
     except ValueError as exc:
@@ -871,6 +887,10 @@ def _contents(layout: Layout, ops: list[AddElements | DeleteElements]
             raise DataplaneError(f"No such file or directory: set {name} is not in the layout")
         if isinstance(op, AddElements):
             contents[name].update(dict.fromkeys((element(op.container, k) for k, _ in op.items), op.timeout))
+        elif isinstance(op, AddExpiring):
+            if wanted[name].timeout is None:
+                raise DataplaneError(f"Operation not supported: {name} has no timeout")
+            contents[name].update({element(op.container, k): left for k, _, left in op.items})
         else:
             for key in op.keys:
                 if contents[name].pop(element(op.container, key), "missing") == "missing":

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backend import DataplaneError
-from .layout import CALLER_SET, SENTINELS, TAG_SET, Layout, sentinel_family, tag_address
+from .layout import CALLER_SET, SENTINELS, TAG_SET, Layout, carried_set, sentinel_family, tag_address
 from .libnftables import Nftables, NftError
 from .nfnetlink import ElementLookup, TableStructure
-from .state import Structure, TableState
+from .state import Expiring, Structure, TableState
 from .transaction import Transaction
 
 _TAG = re.compile(r"walled-garden layout ([0-9a-f]+)")
@@ -156,6 +156,15 @@ class KernelDataplane:
             out.sealed |= state.sealed
         return out
 
+    def read_timeouts(self, names: Iterable[str]) -> Expiring:
+        """One ``list set`` per name (``read_sets``), the expiry ``parse_listing`` keeps."""
+        out: Expiring = {}
+        for name in names:
+            state = self._listing(f"list set inet {self.table} {name}")
+            if state is not None and name in state.elements:
+                out[name] = state.expiring.get(name, {})
+        return out
+
     def missing_sentinels(self, containers: Iterable[str]) -> list[str]:
         """The sets whose sentinel the kernel does not find (a lookup each, whatever the set's size)."""
         return [name for name in containers if not self._lookup.holds(name, SENTINELS[sentinel_family(name)])]
@@ -229,7 +238,9 @@ def parse_listing(data: Any, table: str) -> TableState:
     """``nft -j list table`` output → layout tag and elements of every set and map.
 
     The layout's sentinels are not elements: they are taken out and their sets listed in
-    ``sealed``. Anything not shaped like nft's JSON raises ``DataplaneError`` naming what.
+    ``sealed``. The sets a replace carries over (``layout.carried_set``) also have their
+    elements' expiry kept (``TableState.expiring``). Anything not shaped like nft's JSON raises
+    ``DataplaneError`` naming what.
     """
     state = TableState(layout_tag=None)
     for obj in _objects(data):
@@ -255,7 +266,26 @@ def parse_listing(data: Any, table: str) -> TableState:
                     items.pop(key, None)
                 state.sealed.add(name)
             state.elements[name] = items
+            if kind == "set" and carried_set(name):
+                state.expiring[name] = _expiring(raw, body.get("timeout"))
     return state
+
+
+def _expiring(raw: list[Any], default: Any) -> dict[str, tuple[int, int]]:
+    """Key → (timeout, seconds left) of the elements that expire, from ``nft -j``: an element
+    lists ``expires`` (whole seconds, rounded down) and its ``timeout`` unless it is the set's
+    own (``default``). The others (the DNS forwarder's marker) are left out, the sentinels too."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in raw:
+        elem = item.get("elem") if isinstance(item, dict) else None
+        if not isinstance(elem, dict):
+            continue
+        left, timeout, key = elem.get("expires"), elem.get("timeout", default), elem.get("val")
+        if isinstance(left, (int, float)) and not isinstance(left, bool) and isinstance(key, str) \
+                and key not in _SENTINEL_KEYS and left >= 1:
+            span = int(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else 0
+            out[key] = (max(span, int(left)), int(left))
+    return out
 
 
 def _objects(data: Any) -> list[dict[str, Any]]:

@@ -184,6 +184,15 @@ CALLER_SET = {4: "portalcaller4", 6: "portalcaller6"}
 #: How long a caller stays in ``CALLER_SET`` after its last packet to the portal.
 CALLER_TIMEOUT = "15m"
 
+_CARRIED = re.compile(r"^(?:noticeack[46]_\d+|portalcaller[46]|dnsgarden[46])$")
+
+
+def carried_set(name: str) -> bool:
+    """Is ``name`` one of the sets ``Layout.carried_sets`` names, in some layout? (A listing keeps
+    the expiry of these sets' elements only: not of the throttle meters, up to a million.)"""
+    return _CARRIED.match(name) is not None
+
+
 #: The element every reconciled set holds from its creation on (see the module docstring); it is
 #: never mirrored, diffed or read back as an element: ``TableState.sealed`` says where it is.
 SENTINELS = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
@@ -255,6 +264,19 @@ class Layout:
     def ack_sets(self) -> list[str]:
         """Timeout sets the daemon adds to on request and the kernel empties by itself."""
         return [ack_set(version, plen) for version, plen in sorted(self.prefixes)]
+
+    def carried_sets(self) -> dict[str, int | None]:
+        """The timeout sets whose elements only the kernel holds (notice acknowledgements, the
+        portal's recent callers, with ``dns: gateway`` the DNS-learnt addresses), by name, with
+        the most elements a new table's set takes (its ``size``; less the DNS forwarder's marker
+        for ``dnsgarden``; None: no limit). A replace of the table carries their elements over
+        (``reconciler.Reconciler._carry``), as a restart without a replace keeps them. Not the
+        throttle meters: token buckets, full again within their timeout anyway."""
+        out: dict[str, int | None] = dict.fromkeys(self.ack_sets())
+        out.update(dict.fromkeys(CALLER_SET.values(), THROTTLE_METER_SIZE))
+        if self.dns_port is not None:
+            out.update(dict.fromkeys(DNS_GARDEN_SETS.values(), max(0, self.dns_garden_size - 1)))
+        return out
 
     @cached_property
     def tag(self) -> str:

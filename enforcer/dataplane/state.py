@@ -8,20 +8,28 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+#: The elements of timeout sets with their expiry: set → key → (timeout, seconds left), whole
+#: seconds, the time left rounded down (``Dataplane.read_timeouts``).
+Expiring = dict[str, dict[str, tuple[int, int]]]
+
 
 @dataclass
 class TableState:
     """``elements`` never include the layout's sentinel (``layout.SENTINELS``); ``sealed`` names
     the sets that still hold theirs. A set missing from ``sealed`` was flushed (or created by
-    someone else) since the layout created it, so its contents cannot be trusted as a diff base."""
+    someone else) since the layout created it, so its contents cannot be trusted as a diff base.
+    ``expiring``: for the sets a replace carries over (``layout.carried_set``) only, their
+    elements' expiry as the listing gave it (a replace reuses it instead of reading again); not
+    compared: two readings of one table differ in it by the time between them."""
 
     layout_tag: str | None
     elements: dict[str, dict[str, str | None]] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
+    expiring: Expiring = field(default_factory=dict, compare=False)
 
     def copy(self) -> TableState:
         return TableState(self.layout_tag, {name: dict(items) for name, items in self.elements.items()},
-                          set(self.sealed))
+                          set(self.sealed), {name: dict(items) for name, items in self.expiring.items()})
 
 
 def element_hash(container: str, key: str) -> int:

@@ -29,6 +29,17 @@ class AddElements:
 
 
 @dataclass(frozen=True)
+class AddExpiring:
+    """Elements of a timeout set carried into a replaced table (``Reconciler._carry``), each with
+    its own timeout and the time it had left: ``{ key timeout Ts expires Rs }`` (the kernel
+    refuses an ``expires`` above the ``timeout``, and one without a timeout in a set without a
+    default one). Not counted by ``element_count``: nothing of ours, the kernel's."""
+
+    container: str
+    items: tuple[tuple[str, int, int], ...]    # (key, timeout s, seconds left), left <= timeout
+
+
+@dataclass(frozen=True)
 class DeleteElements:
     container: str
     keys: tuple[str, ...]
@@ -45,7 +56,7 @@ class MarkStructure:
     fingerprint: str
 
 
-Operation = ReplaceTable | AddElements | DeleteElements | MarkStructure
+Operation = ReplaceTable | AddElements | AddExpiring | DeleteElements | MarkStructure
 
 
 @dataclass
@@ -60,6 +71,11 @@ class Transaction:
         items = tuple(items)
         if items:
             self.operations.append(AddElements(container, items, timeout))
+
+    def add_expiring(self, container: str, items: Iterable[tuple[str, int, int]]) -> None:
+        items = tuple(items)
+        if items:
+            self.operations.append(AddExpiring(container, items))
 
     def delete(self, container: str, keys: Iterable[str]) -> None:
         keys = tuple(keys)
@@ -91,6 +107,9 @@ class Transaction:
                                       for key, value in op.items])
                 else:   # the cold-load case: 100k+ plain set keys
                     body = ", ".join([key if value is None else f"{key} : {value}" for key, value in op.items])
+                out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
+            elif isinstance(op, AddExpiring):
+                body = ", ".join([f"{key} timeout {timeout}s expires {left}s" for key, timeout, left in op.items])
                 out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
             elif isinstance(op, DeleteElements):
                 out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")
