@@ -113,7 +113,9 @@ LIST_PROBLEMS_SHOWN = 20
 
 def _secret_problems(reading: Reading, config: Config) -> list[str]:
     """The inbound webhook secret, the promise secret when promises go to billing, and the
-    RADIUS secrets' permissions; each problem named by its key and line, then the file."""
+    permissions of the RADIUS secrets and of the list source's token and client key (anyone who
+    reads those may fetch billing's whole restricted list); each problem named by its key and
+    line, then the file."""
     from .api.webhooks import SecretError, load_webhook_secret
 
     secrets: list[tuple[tuple[str, ...], str]] = []
@@ -130,6 +132,14 @@ def _secret_problems(reading: Reading, config: Config) -> list[str]:
             if problem:
                 problems.append(f"{reading.where('subscribers', 'sessions', i, 'secret_file')}: "
                                 f"{problem.replace('webhook secret', 'RADIUS secret')}")
+    listing = config.subscribers   # who reads these fetches billing's whole restricted list
+    for key_name in ("bearer_token_file", "client_key") if listing.client_key else ("bearer_token_file", "client_cert"):
+        path = getattr(listing, key_name)
+        if path and not reading.refused("subscribers", key_name):
+            problem = secret_file_problem(path, config.api.socket_group)
+            if problem:
+                problems.append(f"{reading.where('subscribers', key_name)}: "
+                                f"{problem.replace('webhook secret', 'list source credential')}")
     for key, path in secrets:
         try:
             load_webhook_secret(path)

@@ -10,6 +10,7 @@ failures with jittered exponential backoff, so a struggling billing server is no
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -153,8 +154,21 @@ def _read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
     if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
         raise ListError([Issue(path, f"a symlink owned by uid {link.st_uid}, not root: refused (it could point "
                                      "the daemon at any file root may read); write the list itself there")])
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not stat.S_ISLNK(link.st_mode):
+        flags |= os.O_NOFOLLOW   # what was checked is what is opened: a symlink swapped in since is refused
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise ListError([Issue(path, "replaced by a symlink while being opened: refused (write the list itself "
+                                     "there, renamed into place)")]) from exc
     with open(fd, "rb") as handle:
+        if stat.S_ISLNK(link.st_mode):   # root's link: still root's, the same one, once opened
+            again = os.lstat(path)
+            if not stat.S_ISLNK(again.st_mode) or again.st_uid != 0 or again.st_ino != link.st_ino:
+                raise ListError([Issue(path, "the symlink changed while being opened: refused")])
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ListError([Issue(path, "not a regular file: refused (the list must be a file)")])

@@ -295,6 +295,29 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str], monk
     assert exit_.value.code == 0 and capsys.readouterr().out == expected, "from pyproject.toml when not installed"
 
 
+def test_check_config_checks_the_list_sources_credentials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bearer token or client key others may read lets any local user fetch billing's whole
+    restricted list (security audit: never mode-checked)."""
+    token, key = tmp_path / "list.token", tmp_path / "client.key"
+    token.write_text("t0ken\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    token.chmod(0o644)
+    key.chmod(0o604)
+    config = _setup(tmp_path)
+    config.write_text(config.read_text().replace(
+        "  source: list.yaml\n", f"  source: https://127.0.0.1:9/list.csv\n  bearer_token_file: {token}\n"
+        f"  client_cert: {key}\n  client_key: {key}\n"))
+    assert main(["check-config", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{token}: mode 0644 lets other users read or change the list source credential" in err, err
+    assert f"{key}: mode 0604 lets other users read or change the list source credential" in err, err
+    assert "subscribers.bearer_token_file" in err and "subscribers.client_key" in err, err
+    token.chmod(0o600)
+    key.chmod(0o600)
+    main(["check-config", "--config", str(config)])   # the source itself is unreachable here
+    assert "list source credential" not in capsys.readouterr().err
+
+
 def test_check_config_checks_session_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     radius = tmp_path / "radius.secret"
     radius.write_text("s3cret\n")

@@ -34,6 +34,50 @@ def test_a_symlink_another_user_made_is_refused_and_roots_own_is_followed(tmp_pa
         read_list_file(str(link))
 
 
+def _swapped_after_lstat(monkeypatch: pytest.MonkeyPatch, path: Path, target: Path) -> None:
+    """The race billing's account can run: the checked file replaced by a symlink to ``target``
+    right after the daemon's ``lstat`` (security audit: 6 reads of a root-only file in 6 s)."""
+    real = os.lstat
+    done = []
+
+    def lstat_then_swap(p: object) -> os.stat_result:
+        result = real(p)   # type: ignore[arg-type]
+        if not done and str(p) == str(path):
+            done.append(True)
+            swap = path.with_name("swap")
+            swap.symlink_to(target)
+            os.replace(swap, path)
+        return result
+
+    monkeypatch.setattr(sources.os, "lstat", lstat_then_swap)
+
+
+def test_a_file_swapped_for_a_symlink_after_the_check_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_text(LIST)
+    secret.chmod(0o600)
+    path = tmp_path / "list.yaml"
+    path.write_text("subscribers: []\n")
+    _swapped_after_lstat(monkeypatch, path, secret)
+    with pytest.raises(ListError, match="replaced by a symlink while being opened: refused"):
+        read_list_file(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink owned by root needs root")
+def test_roots_symlink_swapped_for_another_after_the_check_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "good").write_text(LIST)
+    secret = tmp_path / "root-only"
+    secret.write_text(LIST)
+    secret.chmod(0o600)
+    path = tmp_path / "list.yaml"
+    path.symlink_to(tmp_path / "good")
+    _swapped_after_lstat(monkeypatch, path, secret)
+    with pytest.raises(ListError, match="the symlink changed while being opened: refused"):
+        read_list_file(str(path))
+
+
 def test_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
     fifo = tmp_path / "list.yaml"
     os.mkfifo(fifo)
