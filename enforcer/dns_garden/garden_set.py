@@ -419,7 +419,11 @@ class GardenSet:
                    for family in (4, 6)}
         for family in (4, 6):    # the longest-lived first, should the sets have shrunk
             del entries[family][self.cap[family]:]
-        lines = [self._markers()]
+        # Flushed and written whole, in one transaction: a plain add keeps the timeout an element
+        # already has on kernels before 6.x's timeout update (Debian 12's 6.1), and a replace of the
+        # table may have carried an element with less time left than this process gave it since.
+        lines = [f"flush set inet {self.table} {name}\n" for name in DNS_GARDEN_SETS.values()]
+        lines.append(self._markers())
         for family, name in DNS_GARDEN_SETS.items():
             if entries[family]:
                 elements = ", ".join(f"{a} timeout {max(1, math.ceil(left))}s" for left, a in entries[family])

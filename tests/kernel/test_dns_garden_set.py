@@ -234,6 +234,24 @@ async def test_the_marker_check_refills_after_a_flush_and_a_recreated_table(ns: 
     assert set(ns.elements(6)) == {SENTINELS[6], "2001:db8::1"}
 
 
+async def test_a_refill_writes_the_sets_whole_with_the_times_this_process_gave(ns: Namespace) -> None:
+    """After a table replace carried the sets (with the time each element had left when the
+    daemon listed them) and left the marker out, the refill makes each set exactly what the
+    forwarder tracks, with its own times: a plain add would keep a carried element's shorter
+    timeout on kernels before the timeout update (Debian 12's 6.1), and keep what it no longer
+    tracks."""
+    ns.create_table(1000)
+    garden, _ = writer(ns)
+    await garden.seed()
+    await garden.admit([(A1, 300)])
+    ns.sh("nft", f"flush set inet {TABLE} dnsgarden4")    # the replace: no marker, a shorter time,
+    ns.sh("nft", f"add element inet {TABLE} dnsgarden4 {{ 192.0.2.1 timeout 20s, 198.51.100.9 timeout 40s }}")
+    await garden.check()                                   # and an element this process does not track
+    held = ns.elements(4)
+    assert set(held) == {SENTINELS[4], "192.0.2.1"}, held
+    assert held["192.0.2.1"] is not None and held["192.0.2.1"] > 200, held
+
+
 async def test_watch_notices_within_a_second_or_two(ns: Namespace) -> None:
     ns.create_table(1000)
     garden, _ = writer(ns)
