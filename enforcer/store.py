@@ -76,14 +76,23 @@ log = logging.getLogger("walled_garden.store")
 
 #: Meta key: the ``listed`` rows of an earlier version have been copied to ``list_entries``.
 LISTED_MIGRATED = "listed_migrated"
-#: Meta key: the ``list`` meta this version saved with ``list_entries`` last. Another ``list``
-#: meta beside it means a version before ``list_entries`` saved its list (into ``listed``) since.
-LIST_ENTRIES_OF = "list_entries_of"
+#: Meta key set by a trigger of the database itself whenever ``listed`` is written: only a version
+#: before ``list_entries`` writes it (this one reads it once), so it marks a downgrade to such a
+#: version that saved its list, which an upgrade back must take.
+LISTED_WRITTEN = "listed_written"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Before version 2 of the list's rows: one JSON object per entry. Read once, into list_entries
--- (``_migrate_listed``), and kept empty since.
+-- Before version 2 of the list's rows: one JSON object per entry. Read into list_entries on the
+-- first open (``_migrate_listed``) and kept as it was, for a downgrade; never written by us. The
+-- triggers (run by whichever version writes the table) mark that a version before list_entries
+-- saved its list into it since.
 CREATE TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS listed_inserted AFTER INSERT ON listed
+    BEGIN INSERT OR REPLACE INTO meta (key, value) VALUES ('listed_written', 'true'); END;
+CREATE TRIGGER IF NOT EXISTS listed_updated AFTER UPDATE ON listed
+    BEGIN INSERT OR REPLACE INTO meta (key, value) VALUES ('listed_written', 'true'); END;
+CREATE TRIGGER IF NOT EXISTS listed_deleted AFTER DELETE ON listed
+    BEGIN INSERT OR REPLACE INTO meta (key, value) VALUES ('listed_written', 'true'); END;
 -- The list in force, one column per field: read back in bulk at every start (no JSON object
 -- per row), ``addresses`` spelt exactly as ``enforced.addresses`` (``Subscriber.address_texts``, as
 -- JSON) so the two compare as text.
@@ -759,20 +768,21 @@ class Store:
 
     def _migrate_listed(self) -> None:
         """Rows of the list in the ``listed`` table (one JSON object each, before version 2) are
-        copied to ``list_entries``, replacing what is there, when an older version wrote them last:
-        on the first open after the upgrade (no ``listed_migrated`` meta), and after a downgrade
-        to such a version and back (its ``list`` meta is not the one saved with ``list_entries``,
-        ``LIST_ENTRIES_OF``): the list it took and saved, perhaps approved by an operator, is the
-        one in force, not the one before the downgrade, which would wall again whom it freed
-        (upgrade audit). A row that does not decode is set aside as any other. The old rows stay:
-        an older version started on this database again (a downgrade) finds the list it knew
-        rather than none, which would free everyone it restricted until an operator approved the
-        list again (found in review)."""
-        if self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None:
-            return
-        ours = self.get_meta(LIST_ENTRIES_OF)
-        again = ours is not None and ours != self.get_meta("list")
+        copied to ``list_entries``, replacing what is there: on the first open after the upgrade
+        (no ``listed_migrated`` meta), and after a downgrade to such a version that saved a list
+        and an upgrade back (``LISTED_WRITTEN``, set by the table's triggers, even when it saved
+        an empty list): the list it took, perhaps approved by an operator, is the one in force,
+        not the one before the downgrade, which would wall again whom it freed (upgrade audit). A
+        version between the two (``list_entries`` but no triggers) writes ``list_entries`` itself
+        and leaves ``listed`` alone, so nothing is copied after it (review: inferring it from the
+        ``list`` meta brought back the list of before the first upgrade). A row that does not
+        decode is set aside as any other. The old rows stay: an older version started on this
+        database again finds the list it knew rather than none, which would free everyone it
+        restricted until an operator approved the list again (found in review)."""
+        again = self.get_meta(LISTED_WRITTEN) is not None
         if self.get_meta(LISTED_MIGRATED) is not None and not again:
+            return
+        if not again and self.db.execute("SELECT 1 FROM listed LIMIT 1").fetchone() is None:
             return
         with gc_paused():
             rows = [_list_row(entry) for _, entry in self._decoded(
@@ -781,7 +791,7 @@ class Store:
             self.db.execute("DELETE FROM list_entries")
             self.db.executemany("INSERT OR REPLACE INTO list_entries VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta(LISTED_MIGRATED, {"rows": len(rows)})
-            self.set_meta(LIST_ENTRIES_OF, self.get_meta("list"))
+            self.db.execute("DELETE FROM meta WHERE key = ?", (LISTED_WRITTEN,))
         log.warning("event=state_migrated table=listed rows=%d to=list_entries%s", len(rows),
                     " cause=\"an older version saved the list since this one did\"" if again else "")
 
@@ -811,7 +821,6 @@ class Store:
         self.db.executemany("DELETE FROM overrides WHERE id = ?", superseded)
         self.db.executemany("DELETE FROM readdressed WHERE id = ?", superseded)
         self.set_meta("list", meta)
-        self.set_meta(LIST_ENTRIES_OF, meta)
 
     @_writes
     def save_subscribers(self, inputs: PolicyInputs, ids: Iterable[str]) -> None:

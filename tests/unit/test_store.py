@@ -168,25 +168,47 @@ def test_a_list_saved_by_an_earlier_version_is_moved_to_its_columns_once(
     assert again.load_inputs().listed == entries and again.skipped_rows == []
 
 
+def _as_an_older_version(path: Path, sql: str, *args: object) -> None:
+    """A write by another version: its own connection, no code of ours (the triggers still run)."""
+    db = sqlite3.connect(path / "state.sqlite3")
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+
 def test_a_list_an_older_version_saved_after_a_downgrade_is_the_one_in_force_after_the_upgrade_back(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Upgrade, downgrade to a version before ``list_entries`` (it saves its lists into
     ``listed``, as a diff against what it found there), upgrade again: the list that version
     took is in force, not the one from before the downgrade (which walled again five
-    subscribers an operator had approved freeing: upgrade audit). Without a downgrade the stale
-    ``listed`` rows are never read again."""
+    subscribers an operator had approved freeing: upgrade audit). A version between the two
+    writes ``list_entries`` and its ``list`` meta only: the stale ``listed`` rows stay unread
+    (review: inferring the downgrade from the ``list`` meta brought back the list of before the
+    first upgrade)."""
     entries = listed_entries()
-    store = Store(str(tmp_path))
-    store.save_list({}, entries, {"entries": 3, "loaded_at": 1.5})
-    store.close()
-    # nothing written by another version: the stale (empty) ``listed`` changes nothing
-    assert Store(str(tmp_path)).load_inputs().listed == entries
-    # the older version: its list is L1 alone, saved its way
-    db = sqlite3.connect(tmp_path / "state.sqlite3")
-    db.execute("INSERT INTO listed VALUES (?, ?)", ("L1", json.dumps(entries["L1"].to_json())))
-    db.execute("INSERT OR REPLACE INTO meta VALUES ('list', ?)", (json.dumps({"entries": 1, "loaded_at": 2.5}),))
+    db = sqlite3.connect(tmp_path / "state.sqlite3")   # a version before list_entries: L2 and L3
+    db.execute("CREATE TABLE listed (id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+    db.executemany("INSERT INTO listed VALUES (?, ?)", [(k, json.dumps(entries[k].to_json())) for k in ("L2", "L3")])
     db.commit()
     db.close()
+    store = Store(str(tmp_path))                           # the upgrade: moved once, then our own list
+    assert store.load_inputs().listed == {k: entries[k] for k in ("L2", "L3")}
+    store.save_list({k: entries[k] for k in ("L2", "L3")}, entries, {"entries": 3, "loaded_at": 1.5})
+    store.close()
+    # a version between (list_entries, no triggers): its own list, L1 and L2, and its meta
+    _as_an_older_version(tmp_path, "DELETE FROM list_entries WHERE id = 'L3'")
+    _as_an_older_version(tmp_path, "INSERT OR REPLACE INTO meta VALUES ('list', ?)",
+                         json.dumps({"entries": 2, "loaded_at": 2.0}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "walled_garden.store"):
+        assert Store(str(tmp_path)).load_inputs().listed == {k: entries[k] for k in ("L1", "L2")}
+    assert not any("state_migrated" in r.getMessage() for r in caplog.records)
+    # a version before list_entries: its list is L1 alone, saved its way (a diff against what it
+    # found in ``listed``: L2 and L3 of before the first upgrade)
+    _as_an_older_version(tmp_path, "DELETE FROM listed")
+    _as_an_older_version(tmp_path, "INSERT INTO listed VALUES (?, ?)", "L1", json.dumps(entries["L1"].to_json()))
+    _as_an_older_version(tmp_path, "INSERT OR REPLACE INTO meta VALUES ('list', ?)",
+                         json.dumps({"entries": 1, "loaded_at": 2.5}))
     with caplog.at_level(logging.WARNING, "walled_garden.store"):
         back = Store(str(tmp_path))
     assert back.load_inputs().listed == {"L1": entries["L1"]}
@@ -197,6 +219,9 @@ def test_a_list_an_older_version_saved_after_a_downgrade_is_the_one_in_force_aft
     with caplog.at_level(logging.WARNING, "walled_garden.store"):
         assert Store(str(tmp_path)).load_inputs().listed == entries, "our own later save is kept"
     assert not any("state_migrated" in r.getMessage() for r in caplog.records)
+    # that older version again, saving an empty list: empty after the upgrade back too
+    _as_an_older_version(tmp_path, "DELETE FROM listed")
+    assert Store(str(tmp_path)).load_inputs().listed == {}
 
 
 def test_state_at_a_restart_shares_the_list_entries_the_kernel_enforced_unchanged(tmp_path: Path) -> None:
