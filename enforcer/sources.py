@@ -141,34 +141,46 @@ def read_list_file(path: str, *, space: AddressSpace | None = None,
     return ListUpdate(parse_list(text, path, space=space), path, _fingerprint(st), digest)
 
 
+#: Symlinks followed (each root's own) from the configured path to the list file.
+MAX_LINKS = 8
+
+
 def _read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
     """The bytes of the list file, refusing what another account could use against the daemon.
 
     The file may sit in a directory billing's own user writes (the Debian package's drop
     directory), so: a symlink that user made (not root's) is refused, as it could point the
-    root daemon at any file root may read; only a regular file is read (a FIFO would block the
-    reader for ever; ``O_NONBLOCK`` opens one without waiting), and at most ``MAX_BODY`` bytes,
-    as from a URL (``/dev/zero`` would fill the memory).
+    root daemon at any file root may read, at every hop of a chain of links (root's link may point
+    into the drop directory, where billing's own link waits: review), and what the last hop names
+    is opened with ``O_NOFOLLOW``, so a symlink swapped in after the check is refused rather than
+    followed (security audit: a race read a root-only file); only a regular file is read (a FIFO
+    would block the reader for ever; ``O_NONBLOCK`` opens one without waiting), and at most
+    ``MAX_BODY`` bytes, as from a URL (``/dev/zero`` would fill the memory).
     """
-    link = os.lstat(path)
-    if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
-        raise ListError([Issue(path, f"a symlink owned by uid {link.st_uid}, not root: refused (it could point "
-                                     "the daemon at any file root may read); write the list itself there")])
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-    if not stat.S_ISLNK(link.st_mode):
-        flags |= os.O_NOFOLLOW   # what was checked is what is opened: a symlink swapped in since is refused
+    target = path
+    for _ in range(MAX_LINKS):
+        link = os.lstat(target)
+        if not stat.S_ISLNK(link.st_mode):
+            break
+        named = "a symlink" if target == path else f"{target}, a symlink it leads to,"
+        if link.st_uid != 0:
+            raise ListError([Issue(path, f"{named} owned by uid {link.st_uid}, not root: refused (it could "
+                                         "point the daemon at any file root may read); write the list itself there")])
+        hop = os.readlink(target)
+        again = os.lstat(target)
+        if not stat.S_ISLNK(again.st_mode) or again.st_uid != 0 or again.st_ino != link.st_ino:
+            raise ListError([Issue(path, "a symlink changed while being followed: refused")])
+        target = os.path.join(os.path.dirname(target), hop)
+    else:
+        raise ListError([Issue(path, f"more than {MAX_LINKS} symlinks to the file: refused")])
     try:
-        fd = os.open(path, flags)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
         raise ListError([Issue(path, "replaced by a symlink while being opened: refused (write the list itself "
                                      "there, renamed into place)")]) from exc
     with open(fd, "rb") as handle:
-        if stat.S_ISLNK(link.st_mode):   # root's link: still root's, the same one, once opened
-            again = os.lstat(path)
-            if not stat.S_ISLNK(again.st_mode) or again.st_uid != 0 or again.st_ino != link.st_ino:
-                raise ListError([Issue(path, "the symlink changed while being opened: refused")])
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ListError([Issue(path, "not a regular file: refused (the list must be a file)")])

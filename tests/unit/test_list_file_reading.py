@@ -74,8 +74,28 @@ def test_roots_symlink_swapped_for_another_after_the_check_is_refused(
     path = tmp_path / "list.yaml"
     path.symlink_to(tmp_path / "good")
     _swapped_after_lstat(monkeypatch, path, secret)
-    with pytest.raises(ListError, match="the symlink changed while being opened: refused"):
+    with pytest.raises(ListError, match="a symlink changed while being followed: refused"):
         read_list_file(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a symlink owned by another user needs root")
+def test_roots_symlink_into_the_drop_directory_does_not_follow_billings_own_link(tmp_path: Path) -> None:
+    """Root's link (in /etc, say) names the list in billing's drop directory, where billing put a
+    link of its own to a root-only file: refused at that hop, whatever root's link says (review)."""
+    secret = tmp_path / "root-only"
+    secret.write_text(LIST)
+    secret.chmod(0o600)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "list.yaml").symlink_to(secret)
+    os.lchown(drop / "list.yaml", 65534, 65534)
+    configured = tmp_path / "list.yaml"
+    configured.symlink_to(drop / "list.yaml")
+    with pytest.raises(ListError, match=r"a symlink it leads to, owned by uid 65534, not root: refused"):
+        read_list_file(str(configured))
+    (drop / "list.yaml").unlink()
+    (drop / "list.yaml").write_text(LIST)
+    assert [s.id for s in read_list_file(str(configured)).subscribers] == ["C-1"], "root's link to billing's file"
 
 
 def test_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
