@@ -531,9 +531,7 @@ class Engine:
                                   len(restricted))
                     return None
             result = await self.sync_all(read_kernel=True)
-            if result.kind == "full":   # a new table (a reboot): what lives only in the kernel goes back in
-                for callback in self.on_replaced:
-                    await callback()
+            await self.run_replaced(result)   # a new table (a reboot): what lives only in the kernel goes back in
         log.info("event=restored restricted=%d kind=%s", sum(self.record.mode_counts.values()), result.kind)
         return result
 
@@ -561,11 +559,18 @@ class Engine:
                 return restart   # the repair loop retries, with the new layout
             if not replacing:
                 return restart
-            if result.kind == "full":
-                for callback in self.on_replaced:
-                    await callback()
+            await self.run_replaced(result)
         log.info("event=layout_reloaded tag=%s", self.reconciler.layout.tag if self.reconciler.layout else "")
         return restart
+
+    async def run_replaced(self, result: SyncResult) -> None:
+        """After a ``sync_all`` (caller holds the lock): when it replaced the table (``kind``
+        ``full``), the ``on_replaced`` callbacks put back what the new table lacks and only the
+        daemon knows (notice acknowledgements, by subscriber: ``PortalActions._reacknowledge``).
+        Called after a start's, a reload's and the repair loop's sync (``Timers.tick``)."""
+        if result.kind == "full":
+            for callback in self.on_replaced:
+                await callback()
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import heapq
 import logging
 import math
+import re
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -242,8 +244,9 @@ class Reconciler:
             try:
                 count, noted = self._replace(tx, target, layout, predicted)
             except DataplaneError as exc:
-                if not carried:
-                    raise
+                sets = {op.container for op in tx.operations if isinstance(op, AddExpiring)}
+                if not carried or not carry_refused(str(exc), sets):
+                    raise   # not theirs (no memory, a rule, a subscriber's element): the repair loop retries
                 # never let what is carried keep the table from being replaced (or repaired)
                 log.warning("event=timeout_elements_dropped table=%s elements=%d error=%r (the replace is tried "
                             "again without them)", self.dataplane.table, carried, str(exc))
@@ -260,19 +263,21 @@ class Reconciler:
 
     def _carry(self, tx: Transaction, layout: Layout, listed: _Listed | None) -> int:
         """Add to ``tx``, which replaces the table, the elements the old table's timeout sets hold
-        (``Layout.carried_sets``: notice acknowledgements, the portal's recent callers, the DNS
-        forwarder's learnt addresses), each with its timeout and the time it has left: a replace
-        keeps what a restart without one keeps. Only into a set of the same name in ``layout``
-        (a name says its kind and family, so its type), at most as many as the new set takes
-        (the longest-lived first); returns how many.
+        (``Layout.carried_sets``: the portal's recent callers, the DNS forwarder's learnt
+        addresses; not the notice acknowledgements, which ``Engine.on_replaced`` puts back by
+        subscriber), each with its timeout and the time it has left: a replace keeps what a
+        restart without one keeps. Only into a set of the same name in ``layout`` (a name says
+        its kind and family, so its type), at most as many as ``carried_sets`` says (the callers:
+        ``CARRIED_CALLERS`` a family, though spoofed SYNs can put a million there), those with
+        the most time left; returns how many.
 
         Read from ``listed`` when this sync just listed the whole table (those sets are in the
         listing), else by one small listing of just these sets (a start that trusted the digest
         mark, a new layout from the mirror); the time since the listing is taken off, so nothing
         lives longer than it would have but for the commit of the replace itself (rendering and
         committing 125k elements: ~1 s at 100k subscribers). A failure to read is logged and
-        nothing carried: the replace goes ahead; a replace the kernel refuses with them is tried
-        again without them (``sync_all``)."""
+        nothing carried: the replace goes ahead; a replace the kernel refuses because of them
+        (``carry_refused``) is tried again without them (``sync_all``)."""
         sets = layout.carried_sets()
         if listed is None:
             if self.mirror is None:
@@ -289,11 +294,11 @@ class Reconciler:
         count = 0
         for name, most in sets.items():
             v6, found = sentinel_family(name) == 6, listed.expiring.get(name, {})
-            items = sorted(((key, timeout, left - spent) for key, (timeout, left) in found.items()
-                            if left > spent and (":" in key) == v6 and key not in _SENTINEL_KEYS),
-                           key=lambda item: (-item[2], item[0]))
-            if most is not None:
-                del items[most:]
+            alive = ((key, timeout, left - spent) for key, (timeout, left) in found.items()
+                     if left > spent and (":" in key) == v6 and key not in _SENTINEL_KEYS)
+            # the longest-lived ``most`` of up to a million: a heap of ``most``, not a sort of all
+            items = sorted(alive, key=_longest_lived) if most is None \
+                else heapq.nsmallest(most, alive, key=_longest_lived)
             tx.add_expiring(name, items)
             count += len(items)
         if count:
@@ -704,6 +709,39 @@ class _Listed(NamedTuple):
 
 
 _SENTINEL_KEYS = frozenset(SENTINELS.values())
+
+
+def _longest_lived(item: tuple[str, int, int]) -> tuple[int, str]:
+    """The order ``_carry`` keeps carried elements in: most time left first, then by key."""
+    return -item[2], item[0]
+
+
+#: How the kernel (through nft) refuses an element a replace carries (``carry_refused``): an
+#: expiry above its timeout (ERANGE), a set full (ENFILE), a timeout the set does not take
+#: (EINVAL), a timeout beyond nft's range. Measured with nft 1.0.6 on Linux 6.1; nft 1.0.6 echoes
+#: the first line of its input, not the failing one, so the message alone must do.
+_ELEMENT_REFUSALS = ("Numerical result out of range", "Too many open files in system", "Invalid argument",
+                     "value too large")
+#: The set a failure names as the one its failing line adds to: nft's echo of the command (an nft
+#: that echoes the failing line: 1.0.6 echoes the input's first one), the ipset backend's
+#: ``(adding to set NAME)`` (``IpsetDataplane._replace``).
+_FAILED_SET = re.compile(r"^add element inet \S+ ([\w-]+) \{|\(adding to set ([\w-]+)\)", re.MULTILINE)
+
+
+def carry_refused(message: str, carried: Collection[str]) -> bool:
+    """Could the failure ``message`` of a replace carrying elements into the sets ``carried``
+    (``Reconciler._carry``) be theirs, so that the replace without them may succeed? When the
+    message names the set its failing line adds to, whether that is one of ``carried``;
+    else whether it is how the kernel refuses an element such as these (``_ELEMENT_REFUSALS``).
+    Not a lack of memory or buffers, a permission, a missing object, a parse error (the keys
+    come from the kernel's own listing), a tool that hung: a replace without them would fail the
+    same way, 2 s later at 100k subscribers, and the log would blame them wrongly; the repair
+    loop tries again. (EINVAL may also be a rule's: then one replace more is tried, in vain.)"""
+    named = {name for match in _FAILED_SET.finditer(message) for name in match.groups() if name}
+    if named:
+        return not named.isdisjoint(carried)
+    return any(refusal in message for refusal in _ELEMENT_REFUSALS)
+
 
 #: Elements in a sync above which the C heap is trimmed after it (``_trim_heap``).
 BIG_TRANSACTION = 10_000

@@ -83,7 +83,9 @@ class TableHealth:
         self.last_problem = {"check": check, "detail": problem, "at": self.engine.clock()}
 
     async def _count_start(self) -> None:
-        """After a start's (or a reload's) replace: what the start found, counted at once."""
+        """After any replace (``Engine.run_replaced``: a start's, a reload's, a repair's): what a
+        start found, counted at once. After a repair there is nothing to take (the reconciler
+        keeps only a start's findings; the check that found the damage counted it)."""
         self._count_repaired()
 
     def _count_repaired(self) -> None:

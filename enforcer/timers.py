@@ -84,8 +84,8 @@ class Timers:
             if time.monotonic() - self._pruned > PRUNE_SECONDS:
                 self._prune()
             now = engine.now()     # first: saves what is pending (sync_all leaves that to us)
-            if engine.reconciler.needs_full:
-                await engine.sync_all(read_kernel=True)
+            if engine.reconciler.needs_full:   # a repair: a replace puts back the acknowledgements too
+                await engine.run_replaced(await engine.sync_all(read_kernel=True))
                 return
             lapsing = sum(1 for h in engine.inputs.promises.values()
                           if h and h[-1].outcome == "active" and h[-1].until <= now)

@@ -68,6 +68,11 @@ class FakeDataplane:
                 continue
             if state is None:
                 raise DataplaneError(f"No such file or directory: table inet {self.table}")
+            if isinstance(op, AddExpiring):   # as the kernel: an expiry above its timeout is refused
+                for key, timeout, left in op.items:
+                    if not 0 < left <= timeout:
+                        raise DataplaneError("Could not process rule: Numerical result out of range "
+                                             f"({op.container} {key})")
             if isinstance(op, AddExpiring) and op.container in CALLER_SET.values():
                 callers.update({key: (timeout, left) for key, timeout, left in op.items})
                 continue
@@ -84,12 +89,10 @@ class FakeDataplane:
                     if key in container and container[key] != value:
                         raise DataplaneError(f"File exists: {op.container} {key}")
                     container[key] = value
-                    if op.timeout and carried_set(op.container):   # a time that never runs: no clock here
+                    if op.timeout:   # an acknowledgement: listed with its expiry, as by the kernel
                         state.expiring.setdefault(op.container, {})[key] = (op.timeout, op.timeout)
             elif isinstance(op, AddExpiring):
                 for key, timeout, left in op.items:
-                    if not 0 < left <= timeout:
-                        raise DataplaneError(f"Numerical result out of range: {op.container} {key}")
                     container[key] = None
                     state.expiring.setdefault(op.container, {})[key] = (timeout, left)
             elif isinstance(op, DeleteElements):
@@ -113,10 +116,12 @@ class FakeDataplane:
         return {} if state is None else state.elements
 
     def read(self) -> TableState | None:
-        """The table, with the callers' expiry as a listing gives it (``TableState.expiring``)."""
+        """The table, with the expiry of the carried sets' elements as a listing gives it
+        (``TableState.expiring``: ``kernel.parse_listing`` keeps only ``carried_set``'s)."""
         if self.state is None:
             return None
         state = self.state.copy()
+        state.expiring = {name: items for name, items in state.expiring.items() if carried_set(name)}
         state.expiring.update({name: self._callers(version) for version, name in CALLER_SET.items()})
         return state
 
@@ -154,7 +159,8 @@ class FakeDataplane:
                           self.state.sealed.intersection(wanted))
 
     def read_timeouts(self, names: Iterable[str]) -> Expiring:
-        """The acknowledgements' and the callers' expiry (as added: no clock runs here)."""
+        """The expiry of these sets' elements added with one (the callers', acknowledgements',
+        elements carried in), as added: no clock runs here."""
         if self.state is None:
             return {}
         out: Expiring = {}

@@ -642,9 +642,9 @@ class IpsetDataplane:
                      else f"add {temporary(name)} {item} timeout {timeout}" for item, timeout in items.items()]
         try:
             _run(["ipset", "restore"], "".join(line + "\n" for line in fill))
-        except DataplaneError:
+        except DataplaneError as exc:
             self._destroy(temps)
-            raise
+            raise DataplaneError(f"{exc}{_failed_set(str(exc), fill)}") from None
 
         # 2. prepare the live sets: entering keys added, new sets renamed in, umbrellas listing both.
         prepare: list[tuple[str, str | None]] = []
@@ -870,6 +870,21 @@ def _names_a_list(line: str) -> bool:
     return len(parts) >= 2 and is_umbrella(parts[1])
 
 
+def _failed_set(message: str, lines: list[str]) -> str:
+    """`` (adding to set NAME)`` when the line of ``lines`` that ``ipset restore`` failed at
+    (``Error in line N``) adds to our set ``NAME`` (a reconciler container, or its temporary):
+    ``ipset`` gives only the number, and ``reconciler.carry_refused`` retries a replace without
+    the elements it carried only when the refused element can be theirs. Else ``""``."""
+    match = _LINE.search(message)
+    number = int(match.group(1)) if match else 0
+    parts = lines[number - 1].split() if 0 < number <= len(lines) else []
+    if len(parts) < 3 or parts[0] != "add":
+        return ""
+    name = PREFIX + parts[1][len(TEMP):] if parts[1].startswith(TEMP) else parts[1]
+    container = container_of(name)
+    return f" (adding to set {container})" if container else ""
+
+
 def _contents(layout: Layout, ops: list[AddElements | AddExpiring | DeleteElements]
               ) -> tuple[dict[str, SetSpec], dict[str, dict[str, int | None]]]:
     """The layout's sets and what each holds once ``ops`` are applied to a fresh layout: element
@@ -889,7 +904,7 @@ def _contents(layout: Layout, ops: list[AddElements | AddExpiring | DeleteElemen
             contents[name].update(dict.fromkeys((element(op.container, k) for k, _ in op.items), op.timeout))
         elif isinstance(op, AddExpiring):
             if wanted[name].timeout is None:
-                raise DataplaneError(f"Operation not supported: {name} has no timeout")
+                raise DataplaneError(f"Operation not supported: {name} has no timeout (adding to set {op.container})")
             contents[name].update({element(op.container, k): left for k, _, left in op.items})
         else:
             for key in op.keys:

@@ -184,7 +184,10 @@ CALLER_SET = {4: "portalcaller4", 6: "portalcaller6"}
 #: How long a caller stays in ``CALLER_SET`` after its last packet to the portal.
 CALLER_TIMEOUT = "15m"
 
-_CARRIED = re.compile(r"^(?:noticeack[46]_\d+|portalcaller[46]|dnsgarden[46])$")
+#: The most elements a replace carries over from each of ``CALLER_SET`` (``Layout.carried_sets``).
+CARRIED_CALLERS = 65_536
+
+_CARRIED = re.compile(r"^(?:portalcaller[46]|dnsgarden[46])$")
 
 
 def carried_set(name: str) -> bool:
@@ -266,14 +269,25 @@ class Layout:
         return [ack_set(version, plen) for version, plen in sorted(self.prefixes)]
 
     def carried_sets(self) -> dict[str, int | None]:
-        """The timeout sets whose elements only the kernel holds (notice acknowledgements, the
+        """The timeout sets whose elements only the kernel holds and no one puts back (the
         portal's recent callers, with ``dns: gateway`` the DNS-learnt addresses), by name, with
-        the most elements a new table's set takes (its ``size``; less the DNS forwarder's marker
-        for ``dnsgarden``; None: no limit). A replace of the table carries their elements over
-        (``reconciler.Reconciler._carry``), as a restart without a replace keeps them. Not the
-        throttle meters: token buckets, full again within their timeout anyway."""
-        out: dict[str, int | None] = dict.fromkeys(self.ack_sets())
-        out.update(dict.fromkeys(CALLER_SET.values(), THROTTLE_METER_SIZE))
+        the most elements a replace carries into each (None: no limit). A replace of the table
+        carries their elements over (``reconciler.Reconciler._carry``), as a restart without a
+        replace keeps them.
+
+        The callers: at most ``CARRIED_CALLERS`` per family (those with the most time left),
+        although the sets take ``THROTTLE_METER_SIZE``: anyone can fill them with spoofed SYNs
+        (docs/security.md), and every carried element costs a replace ~3.5 µs (a repair too,
+        while the flushed set's subscribers are free); a gateway's real callers within 15
+        minutes are far fewer. The DNS-learnt addresses: as many as the set takes (its ``size``
+        less the forwarder's marker), the forwarder's own bound.
+
+        Not the notice acknowledgements: they belong to a subscriber, not to an address, and
+        after a replace ``PortalActions._reacknowledge`` (``Engine.on_replaced``) puts back
+        those still due, at their subscribers' addresses now; carried by address, one would go
+        to whoever holds the address now, or outlive a subscriber no longer in notice. Nor
+        the throttle meters: token buckets, full again within their timeout anyway."""
+        out: dict[str, int | None] = dict.fromkeys(CALLER_SET.values(), CARRIED_CALLERS)
         if self.dns_port is not None:
             out.update(dict.fromkeys(DNS_GARDEN_SETS.values(), max(0, self.dns_garden_size - 1)))
         return out
