@@ -143,7 +143,7 @@ class Engine:
         self.changed = asyncio.Event()   # wakes the timer: something may now end at another time
         self.reports: dict[str, Callable[[], Any]] = {}   # status sections, by key
         self.duties: list[Duty] = []   # components' periodic work, run by the timer
-        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after a new table at a start or reload
+        self.on_replaced: list[Callable[[], Awaitable[None]]] = []   # after any new table (run_replaced)
         self._moved_unsaved: set[str] = set()   # graces/promises moved by a clock step (or ended), not yet saved
         self._sessions_unsaved: dict[SessionId, Session] = {}   # sessions moved by it, not yet saved
         self._kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="nft")
@@ -280,6 +280,7 @@ class Engine:
         # a pause that stalls every webhook in flight. Frozen objects are still freed by
         # reference counting when a later list replaces them.
         gc.freeze()
+        await self.run_replaced(result)
         return result
 
     async def apply(self, decisions: dict[str, Decision], cause: str = "",
@@ -530,8 +531,7 @@ class Engine:
                                   "as it is until the list arrives; then enforcement is rebuilt from both)",
                                   len(restricted))
                     return None
-            result = await self.sync_all(read_kernel=True)
-            await self.run_replaced(result)   # a new table (a reboot): what lives only in the kernel goes back in
+            result = await self.sync_all(read_kernel=True)   # a new table (a reboot): see run_replaced
         log.info("event=restored restricted=%d kind=%s", sum(self.record.mode_counts.values()), result.kind)
         return result
 
@@ -554,20 +554,21 @@ class Engine:
                 return restart
             self.reconciler.base_layout = layout
             try:   # windows/escalation alone: re-decide everyone (an element diff)
-                result = await self.sync_all()
+                await self.sync_all()
             except DataplaneError:
                 return restart   # the repair loop retries, with the new layout
             if not replacing:
                 return restart
-            await self.run_replaced(result)
         log.info("event=layout_reloaded tag=%s", self.reconciler.layout.tag if self.reconciler.layout else "")
         return restart
 
     async def run_replaced(self, result: SyncResult) -> None:
-        """After a ``sync_all`` (caller holds the lock): when it replaced the table (``kind``
-        ``full``), the ``on_replaced`` callbacks put back what the new table lacks and only the
-        daemon knows (notice acknowledgements, by subscriber: ``PortalActions._reacknowledge``).
-        Called after a start's, a reload's and the repair loop's sync (``Timers.tick``)."""
+        """The end of every ``sync_all`` (caller holds the lock): when it replaced the table
+        (``kind`` ``full``), the ``on_replaced`` callbacks put back what the new table lacks and
+        only the daemon knows (notice acknowledgements, by subscriber:
+        ``PortalActions._reacknowledge``), whoever caused the replace: a start, a reload, the
+        repair loop, or a webhook, operator action or list that found the table needing a full
+        sync (review: those lost every acknowledgement)."""
         if result.kind == "full":
             for callback in self.on_replaced:
                 await callback()

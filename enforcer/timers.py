@@ -85,7 +85,7 @@ class Timers:
                 self._prune()
             now = engine.now()     # first: saves what is pending (sync_all leaves that to us)
             if engine.reconciler.needs_full:   # a repair: a replace puts back the acknowledgements too
-                await engine.run_replaced(await engine.sync_all(read_kernel=True))
+                await engine.sync_all(read_kernel=True)
                 return
             lapsing = sum(1 for h in engine.inputs.promises.values()
                           if h and h[-1].outcome == "active" and h[-1].until <= now)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon_helpers import NoConntrack, acknowledge, portal_lookup
+from daemon_helpers import NoConntrack, acknowledge, operator_change, portal_lookup
 from enforcer.config import Config, parse_config
 from enforcer.daemon import Enforcer
 from enforcer.dataplane.fake import FakeDataplane
@@ -90,3 +90,18 @@ async def test_a_repair_puts_back_the_acknowledgement_of_a_subscriber_still_in_n
     assert set(fake.view["noticeack4_32"]) == {"100.64.0.10"}, fake.view["noticeack4_32"]
     assert e.engine.table_repairs == 1   # counted once, by the check (the repair's callbacks add none)
     await e.close()
+
+
+async def test_a_repair_made_by_an_operator_action_puts_back_the_acknowledgement(tmp_path: Path) -> None:
+    """The table check found damage (a full sync needed); the next change to come is an operator's,
+    whose ``Engine.apply`` makes the replace: the acknowledgement comes back there too (review:
+    only the timer's repair, a start and a reload put acknowledgements back)."""
+    e, fake = await started(tmp_path)
+    try:
+        await e.lists.on_list(ListUpdate([sub("C-1", "100.64.0.10"), sub("C-2", "100.64.0.11")], "l.yaml", "2"))
+        fake.flush_set("notice4_32")
+        assert not await e.health.verify()
+        await operator_change(e, "alice", "C-2", False, "checking")   # Engine.apply -> NeedsFullSync -> sync_all
+        assert set(fake.view["noticeack4_32"]) == {"100.64.0.10"}
+    finally:
+        await e.close()
