@@ -161,8 +161,8 @@ def compile_po(data: bytes, code: str, where: str) -> Translations:
     try:
         catalog = read_po(io.BytesIO(data), locale=code.replace("-", "_") if babel_locale(code) else None,
                           abort_invalid=True)
-    except (PoFileError, UnicodeDecodeError, ValueError) as exc:
-        raise CatalogueError(f"{where}: not a readable .po catalogue: {exc}") from exc
+    except (PoFileError, UnicodeDecodeError, ValueError, LookupError) as exc:   # LookupError: a charset
+        raise CatalogueError(f"{where}: not a readable .po catalogue: {exc}") from exc  # Python does not know
     for message in list(catalog):
         if message.id and isinstance(message.string, (list, tuple)) and not all(message.string):
             catalog.delete(message.id, message.context)  # write_mo would fill the gaps with the English
@@ -182,7 +182,9 @@ def _translations(mo: bytes, where: str) -> Translations:
     every lookup of the page and stop the portal, so the catalogue is refused here instead."""
     try:
         translations = Translations(io.BytesIO(mo))
-    except (OSError, ValueError, SyntaxError, UnicodeDecodeError) as exc:  # gettext's parser and c2py
+    except (OSError, ValueError, SyntaxError, UnicodeDecodeError, LookupError) as exc:  # gettext's parser, c2py,
+        # and an unknown charset (``charset=CHARSET``, as xgettext writes a .pot): a provider's file
+        # must never stop the portal (audit: the portal and check-config died on it)
         raise CatalogueError(f"{where}: not a usable catalogue: {exc}") from exc
     forms = _plural_count(translations)
     for n in PLURAL_PROBES:

@@ -307,6 +307,21 @@ def test_broken_catalogues_are_named_and_left_out(tmp_path: Path) -> None:
     assert "Powód" in pages.caller_page(Caller(OVERDUE, "pl"))
 
 
+def test_a_catalogue_in_a_charset_python_does_not_know_is_named_and_left_out(tmp_path: Path) -> None:
+    """``charset=CHARSET`` is what xgettext writes into a .pot; a provider's copy of it, or a .mo
+    naming a bogus charset, stopped the portal at start and made check-config print a traceback
+    (audit: LookupError is no ValueError)."""
+    po = catalogue_file("de", GERMAN, GERMAN_TERMS).replace(b"charset=utf-8", b"charset=CHARSET")
+    assert b"charset=CHARSET" in po
+    (tmp_path / "de.po").write_bytes(po)
+    (tmp_path / "pl.po").write_bytes(catalogue_file("pl", POLISH, POLISH_TERMS))
+    problems = validate(with_locale(tmp_path))
+    assert len(problems) == 1 and "de.po" in problems[0] and "charset" in problems[0].lower(), problems
+    pages = Pages.from_config(with_locale(tmp_path))
+    assert "de" not in pages.messages and "pl" in pages.messages
+    assert pages.caller_page(Caller(OVERDUE, "de"))
+
+
 @pytest.mark.parametrize(("rule", "why"), [("nplurals=2; plural=(n%0);", "fails for n=0"),
                                           ("nplurals=2; plural=(n+5);", "gives form 5 for n=0")])
 def test_a_plural_rule_that_compiles_but_cannot_answer_is_refused(tmp_path: Path, rule: str, why: str) -> None:
