@@ -18,6 +18,7 @@ import asyncio
 import functools
 import gc
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -40,7 +41,7 @@ from .metrics import Metrics
 from .model import Network
 from .policy import Decision
 from .receipt_clock import ReceiptClock
-from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult
+from .reconciler import AddressConflict, NeedsFullSync, Reconciler, SyncResult, acknowledgeable
 from .sessions.session import Session, SessionId
 from .store import EnforcedWrite, Store, StoreError
 from .subscribers import Key, key_network, network_key
@@ -52,6 +53,8 @@ CLOCK_ANCHOR = "clock_anchor"
 #: The meta key saying a first list is enforced and its save may not have finished
 #: (``ListIntake._enforce_first``; ``restore`` keeps the kernel's table until the list is read).
 PENDING_LIST = "list_pending"
+#: The ``meta`` key of the notice acknowledgements in force: subscriber -> until (unix time).
+ACKNOWLEDGED = "notice_acknowledged"
 T = TypeVar("T")
 
 
@@ -248,7 +251,8 @@ class Engine:
         started = time.perf_counter()
         try:
             # who held a contested address before (at a start: the saved decisions) keeps it
-            result = await self.kernel(self.reconciler.sync_all, decisions, read_kernel, self.decisions)
+            result = await self.kernel(self.reconciler.sync_all, decisions, read_kernel, self.decisions,
+                                       self._ack_seconds(self.acknowledged))
         except DataplaneError as exc:
             self.metrics.sync_failures.inc()
             log.error("event=sync_failed kind=full error=%r", str(exc))
@@ -265,6 +269,7 @@ class Engine:
             decisions[sid] = self.reconciler.owned.get(sid) or held_back(sid)
         previous, self.decisions = self.decisions, decisions
         self._note_free_listed(decisions, whole=True)
+        self.forget_acknowledgements(list(self.acknowledged))
         if deferred is not None:
             self.record.recount(decisions)
             self._counted()
@@ -292,7 +297,10 @@ class Engine:
         started = time.perf_counter()
         undo = self._claim(decisions)
         try:
-            result = await self.kernel(self.reconciler.update, decisions)
+            # the few acknowledged ones among them, if any (usually none: the call as ever)
+            acks = self._ack_seconds(decisions.keys() & self.acknowledged.keys())
+            result = await (self.kernel(self.reconciler.update, decisions, acks) if acks
+                            else self.kernel(self.reconciler.update, decisions))
         except NeedsFullSync:
             return await self.sync_all()
         except (DataplaneError, AddressConflict) as exc:
@@ -306,6 +314,7 @@ class Engine:
         previous = {sid: self.decisions[sid] for sid in decisions if sid in self.decisions}
         self.decisions.update(decisions)
         self._note_free_listed(decisions)
+        self.forget_acknowledgements(decisions.keys() & self.acknowledged.keys())
         write = self.record.partial(decisions, previous, self.clock(), cause)
         self._counted()
         if deferred is None:
@@ -313,6 +322,41 @@ class Engine:
         else:
             deferred.append(write)
         return result
+
+    # -- notice acknowledgements ----------------------------------------------------------
+    def _ack_seconds(self, sids: Iterable[str]) -> dict[str, int]:
+        """The seconds each of these acknowledged subscribers' acknowledgement has left (0: over,
+        though its element may linger a second: the kernel was given whole seconds, rounded
+        up), for the reconciler to move it with their addresses (``_move_acknowledgements``)."""
+        now = self.clock()
+        return {sid: max(math.ceil(until - now), 0) for sid in sids
+                if (until := self.acknowledged.get(sid)) is not None}
+
+    def forget_acknowledgements(self, sids: Collection[str]) -> None:
+        """Of these subscribers, forget the acknowledgements that are over or whose subscriber is
+        no longer in notice or throttle mode (their elements left the kernel with the change
+        that enforced it, ``Reconciler._move_acknowledgements``, or with a replace), and save
+        the rest (``ACKNOWLEDGED``): the portal, ``/api/captive`` and a restart agree with the
+        kernel. A subscriber back in notice later sees the notice again, as after a replace
+        (``PortalActions._reacknowledge``)."""
+        now = self.clock()
+        gone = [sid for sid in sids if sid in self.acknowledged
+                and (self.acknowledged[sid] <= now or not acknowledgeable(self.decisions.get(sid)))]
+        if not gone:
+            return
+        for sid in gone:
+            del self.acknowledged[sid]
+        log.info("event=notice_acknowledgements_ended subscribers=%s", ",".join(sorted(gone)[:20]))
+        self.save_acknowledged()
+
+    def save_acknowledged(self) -> None:
+        """``acknowledged`` (those still running) to meta, for a restart; a failure is logged: the
+        kernel is right either way, and a restart drops what the mode no longer allows."""
+        now = self.clock()
+        try:
+            self.store.set_meta(ACKNOWLEDGED, {s: u for s, u in self.acknowledged.items() if u > now})
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("event=acknowledgements_not_saved error=%s", str(exc))
 
     def _note_free_listed(self, decisions: Mapping[str, Decision], whole: bool = False) -> None:
         """Keep ``free_listed`` to the listed subscribers these decisions leave free (held back

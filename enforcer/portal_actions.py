@@ -24,7 +24,7 @@ from .address_lookup import lookup, promise_eligibility
 from .audit import state as audit_state
 from .control_protocol import NOT_RESTRICTED, Acknowledged, Promised, not_a_recent_caller
 from .dataplane.backend import DataplaneError
-from .engine import Engine
+from .engine import ACKNOWLEDGED, Engine
 from .input_change import change_inputs
 from .metrics import Metrics
 from .model import Mode
@@ -50,8 +50,6 @@ class _Ineligible(Exception):
     """Raised under the lock when a second press finds the promise no longer available."""
 
 
-#: The ``meta`` key of the notice acknowledgements in force: subscriber -> until (unix time).
-ACKNOWLEDGED = "notice_acknowledged"
 
 
 class PortalActions:
@@ -205,15 +203,15 @@ class PortalActions:
         return Outcome(Promised(True, made["until"], mode=result.body["mode"]).to_json())
 
     async def _reacknowledge(self) -> None:
-        """After a table replace: notice acknowledgements still running go back in (lock held)."""
+        """After a table replace: notice acknowledgements still running go back in (lock held).
+        Those over, or whose subscriber left notice and throttle, are forgotten (and saved so) as
+        an element diff forgets them (``Engine.forget_acknowledgements``)."""
         engine = self.engine
+        engine.forget_acknowledgements(list(engine.acknowledged))
         now = engine.clock()
         for sid, until in list(engine.acknowledged.items()):
-            decision = engine.decisions.get(sid)
-            if until <= now or decision is None or decision.mode not in (Mode.NOTICE, Mode.THROTTLE):
-                del engine.acknowledged[sid]
-                continue
+            decision = engine.decisions[sid]
             try:
-                await engine.kernel(engine.reconciler.acknowledge, decision, max(int(until - now), 1))
+                await engine.kernel(engine.reconciler.acknowledge, decision, max(math.ceil(until - now), 1))
             except DataplaneError as exc:
                 log.warning("event=acknowledgement_not_restored subscriber=%s error=%s", sid, str(exc))

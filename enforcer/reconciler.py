@@ -132,6 +132,51 @@ def subscriber_elements(decision: Decision) -> frozenset[Element]:
                      for container, value in placements(version, plen, decision.mode))
 
 
+#: The modes whose HTTP redirect a notice acknowledgement lets through (``Reconciler.acknowledge``).
+ACKNOWLEDGEABLE = (Mode.NOTICE, Mode.THROTTLE)
+
+
+def acknowledgeable(decision: Decision | None) -> bool:
+    """Does ``decision`` restrict its subscriber in a mode a notice acknowledgement applies to?"""
+    return decision is not None and decision.restricted and decision.mode in ACKNOWLEDGEABLE
+
+
+def _move_acknowledgements(tx: Transaction, was: Mapping[str, Decision | None], now: Mapping[str, Decision | None],
+                           acknowledged: Mapping[str, int]) -> None:
+    """Add to ``tx`` what keeps the notice acknowledgements (``noticeack`` elements, keyed by
+    address) with their subscribers (``acknowledged``: subscriber -> seconds left, 0 when over)
+    as their enforcement goes from ``was`` to ``now`` (None: free): an address a subscriber no
+    longer holds in notice or throttle mode (gone, or its mode changed, or the subscriber free)
+    loses its element, whoever holds it next (review: B, never acknowledged, skipped the notice
+    on A's old address for up to ``portal.notice_ack_for``); one it gains in those modes gets
+    one for the time left. Only these few subscribers are looked at, never the table.
+
+    The drops are ``DropElements`` (the element may have expired meanwhile, or never been put
+    in: a failed acknowledgement); an address dropped and then added (it moved between two
+    acknowledged subscribers) is dropped first, so it takes its new holder's timeout."""
+    drop: dict[str, list[str]] = {}
+    add: dict[tuple[str, int], list[str]] = {}
+    for sid, seconds in acknowledged.items():
+        if sid not in now:
+            continue
+        before, after = was.get(sid), now[sid]
+        had = set(before.subscriber.keys) if before is not None and before.restricted and \
+            before.subscriber is not None else set()
+        has = set(after.subscriber.keys) if after is not None and after.subscriber is not None and \
+            acknowledgeable(after) else set()
+        for version, plen, key in sorted(had - has):
+            drop.setdefault(ack_set(version, plen), []).append(key)
+        if seconds > 0 and acknowledgeable(before):
+            for version, plen, key in sorted(has - had):
+                add.setdefault((ack_set(version, plen), seconds), []).append(key)
+    for (name, _), keys in add.items():   # the new holder's timeout, not what is left of the old one's
+        drop.setdefault(name, []).extend(keys)
+    for name, keys in drop.items():
+        tx.drop(name, dict.fromkeys(keys))
+    for (name, seconds), keys in add.items():
+        tx.add(name, [(key, None) for key in keys], timeout=seconds)
+
+
 def _prefixes(decisions: Iterable[Decision]) -> set[tuple[int, int]]:
     """Prefix lengths the decisions use (small batches only: ``sync_all`` folds this in)."""
     out: set[tuple[int, int]] = set()
@@ -172,7 +217,8 @@ class Reconciler:
 
     # -- whole-state syncs -------------------------------------------------------------
     def sync_all(self, decisions: Mapping[str, Decision], read_kernel: bool = False,
-                 enforced: Mapping[str, Decision] | None = None) -> SyncResult:
+                 enforced: Mapping[str, Decision] | None = None,
+                 acknowledged: Mapping[str, int] | None = None) -> SyncResult:
         """Make the whole table match ``decisions``.
 
         Where two subscribers claim one address (or a prefix around another's), who holds it in
@@ -185,6 +231,11 @@ class Reconciler:
         element diff, anything else one atomic replace. At start-up (no mirror yet) a table
         that carries the digest of exactly these decisions' elements is not read back
         (``_carries``): the 125k elements of 100k subscribers take ~2 s to list and diff.
+
+        ``acknowledged``: the subscribers with a notice acknowledgement running, and the seconds
+        it has left; an element diff moves their acknowledgements with them in the same commit
+        (``_move_acknowledgements``). A replace does not: the new table has none, and
+        ``Engine.on_replaced`` puts them back by subscriber.
         """
         preferred = _Preferred(decisions, self.owned, enforced or {})
         desired, owned, owners, used, clashes = self._desired(decisions, preferred)
@@ -239,6 +290,9 @@ class Reconciler:
         else:
             kind = "partial"
             _diff(tx, before, desired)
+            if acknowledged:
+                was = {sid: self.owned.get(sid) or (enforced or {}).get(sid) for sid in acknowledged}
+                _move_acknowledgements(tx, was, {sid: owned.get(sid) for sid in acknowledged}, acknowledged)
         noted = True
         if replace:
             try:
@@ -543,8 +597,11 @@ class Reconciler:
         return Desired(desired, owned, owners, {(version, plen) for version, plen, _ in slots}, clashes)
 
     # -- small changes -----------------------------------------------------------------
-    def update(self, decisions: Mapping[str, Decision]) -> SyncResult:
-        """Apply new decisions for a few subscribers as an element diff."""
+    def update(self, decisions: Mapping[str, Decision], acknowledged: Mapping[str, int] | None = None
+               ) -> SyncResult:
+        """Apply new decisions for a few subscribers as an element diff; the notice
+        acknowledgements of those in ``acknowledged`` (subscriber -> seconds left) follow their
+        addresses in the same commit (``_move_acknowledgements``)."""
         if self.needs_full or self.mirror is None or self.layout is None:
             raise NeedsFullSync("the kernel table must be re-read and synced in full first")
         if not self.layout.prefixes >= _prefixes(decisions.values()):
@@ -574,6 +631,11 @@ class Reconciler:
                 new.setdefault(container, {})[key] = value
         tx = Transaction(self.dataplane.table)
         _diff(tx, old, {c: new.get(c, {}) for c in old.keys() | new.keys()})
+        concerned = [sid for sid in acknowledged or {} if sid in decisions]
+        if concerned:
+            assert acknowledged is not None
+            _move_acknowledgements(tx, {sid: self.owned.get(sid) for sid in concerned},
+                                   {sid: decisions[sid] for sid in concerned}, acknowledged)
         count = self._apply(tx, self._followed(tx))
         for container, items in old.items():   # the mode views: the sets' elements follow from them
             if container.startswith(MODE_PREFIX):
@@ -594,8 +656,10 @@ class Reconciler:
     def acknowledge(self, decision: Decision, seconds: int) -> None:
         """Let a notice subscriber's HTTP through for ``seconds`` (kernel-side expiry).
 
-        The elements are not mirrored: the kernel drops them on time, and nothing else
-        ever deletes them, so there is no state of ours that could go stale.
+        The elements are not mirrored: the kernel drops them on time, and an element diff that
+        takes an address from an acknowledged subscriber drops it there whether it is still in
+        the set or not (``_move_acknowledgements``), so there is no state of ours that could go
+        stale: the subscribers (``Engine.acknowledged``) are the daemon's record, not the keys.
         """
         if self.needs_full or self.layout is None:
             raise NeedsFullSync("the kernel table must be synced before acknowledging")

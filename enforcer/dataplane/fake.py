@@ -21,7 +21,15 @@ from collections.abc import Iterable
 from .backend import DataplaneError
 from .layout import CALLER_SET, CALLER_TIMEOUT, COUNTERS, TAG_SET, Layout, carried_set, tag_address, with_mode_view
 from .state import STRUCTURE_COMMENT, Expiring, Structure, TableState, fingerprint, marked_fingerprint
-from .transaction import AddElements, AddExpiring, DeleteElements, MarkStructure, ReplaceTable, Transaction
+from .transaction import (
+    AddElements,
+    AddExpiring,
+    DeleteElements,
+    DropElements,
+    MarkStructure,
+    ReplaceTable,
+    Transaction,
+)
 
 #: A caller's time in ``portalcallerV`` (``saw_caller``), in seconds.
 _CALLER_SECONDS = int(CALLER_TIMEOUT.rstrip("m")) * 60
@@ -100,6 +108,10 @@ class FakeDataplane:
                     if key not in container:
                         raise DataplaneError(f"No such file or directory: {op.container} {key}")
                     del container[key]
+                    state.expiring.get(op.container, {}).pop(key, None)
+            elif isinstance(op, DropElements):   # there or not (``transaction.DropElements``)
+                for key in op.keys:
+                    container.pop(key, None)
                     state.expiring.get(op.container, {}).pop(key, None)
         self.state = state
         self.chains, self.dormant, self.structure_comment = chains, dormant, comment

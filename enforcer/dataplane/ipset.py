@@ -93,7 +93,7 @@ from .ipset_sets import (
 from .kernel import keep_big_blocks_apart
 from .layout import CALLER_SET, COUNTERS, SENTINELS, TAG_SET, Layout, carried_set, sentinel_family, tag_address
 from .state import Expiring, Structure, TableState, fingerprint
-from .transaction import AddElements, AddExpiring, DeleteElements, ReplaceTable, Transaction
+from .transaction import AddElements, AddExpiring, DeleteElements, DropElements, ReplaceTable, Transaction
 
 log = logging.getLogger("walled_garden.enforcer")
 
@@ -263,11 +263,12 @@ class IpsetDataplane:
         ops = tx.operations
         last = max((i for i, op in enumerate(ops) if isinstance(op, ReplaceTable)), default=None)
         if last is None:
-            self._diff([op for op in ops if isinstance(op, (AddElements, DeleteElements))])
+            self._diff([op for op in ops if isinstance(op, (AddElements, DeleteElements, DropElements))])
             return
         replace = ops[last]
         assert isinstance(replace, ReplaceTable)
-        # ``MarkStructure`` is for nftables: the structure here is known from the render
+        # ``MarkStructure`` is for nftables: the structure here is known from the render; a
+        # ``DropElements`` (an acknowledgement) has nothing to drop from fresh sets
         self._replace(replace.layout, [op for op in ops[last + 1:]
                                        if isinstance(op, (AddElements, AddExpiring, DeleteElements))])
 
@@ -540,16 +541,21 @@ class IpsetDataplane:
         return True
 
     # -- writing -----------------------------------------------------------------------------------
-    def _diff(self, ops: list[AddElements | DeleteElements]) -> None:
+    def _diff(self, ops: list[AddElements | DeleteElements | DropElements]) -> None:
         """One ``ipset restore``, its additions first (module docstring): an addition of an element
         an earlier operation of the same diff deletes keeps its place after that deletion. A
-        failed line undoes the lines before it."""
+        failed line undoes the lines before it. The drops (``DropElements``: acknowledgements,
+        there or not) come last, ``-exist``, not undone, so a failure of any other line leaves
+        them in place; one the same diff adds again with a timeout is not dropped (that ``add
+        -exist`` sets its new timeout)."""
         first: list[tuple[str, str | None]] = []
         then: list[tuple[str, str | None]] = []
         deleted: set[tuple[str, str]] = set()
         growth: dict[str, int] = {}
         dropped: dict[str, int] = {}
         timed: set[str] = set()
+        refreshed: set[tuple[str, str]] = set()
+        drops: list[tuple[str, str]] = []
         for op in ops:
             name = set_name(op.container)
             if isinstance(op, AddElements):
@@ -562,6 +568,11 @@ class IpsetDataplane:
                         (f"add {name} {item} timeout {op.timeout} -exist", None) if op.timeout
                         else (f"add {name} {item}", f"del {name} {item}"))
                     (then if (name, item) in deleted else first).append(line)
+                    if op.timeout:
+                        refreshed.add((name, item))
+            elif isinstance(op, DropElements):
+                timed.add(name)   # how many were there is unknown: the size is read back
+                drops += [(name, element(op.container, key)) for key in op.keys]
             else:
                 dropped[name] = dropped.get(name, 0) + len(op.keys)
                 for key in op.keys:
@@ -569,12 +580,13 @@ class IpsetDataplane:
                     deleted.add((name, item))
                     then.append((f"del {name} {item}", f"add {name} {item}"))
         for name in timed:
-            # An acknowledgement may refresh an element already there (``-exist``): no counting
-            # can tell, so the set's size is read back when it is next needed.
+            # An acknowledgement may refresh an element already there (``-exist``), a drop find
+            # none: no counting can tell, so the set's size is read back when it is next needed.
             self._sizes.pop(name, None)
         for name, more in growth.items():
             self._make_room(name, more)
-        lines = first + then
+        lines = first + then + [(f"del {name} {item} -exist", None) for name, item in drops
+                                if (name, item) not in refreshed]
         try:
             _restore([line for line, _ in lines], [back for _, back in lines])
         except DataplaneError:

@@ -46,6 +46,20 @@ class DeleteElements:
 
 
 @dataclass(frozen=True)
+class DropElements:
+    """Delete these elements of a timeout set whether it still holds them or not: a notice
+    acknowledgement the kernel may have let expire meanwhile, which must not outlive its
+    subscriber's hold on the address (``Reconciler._move_acknowledgements``). nft 1.0.6 has no
+    ``destroy element`` and a ``delete`` of an absent element fails the whole transaction
+    (ENOENT), so it is rendered as an ``add`` (no error for an element already there) then the
+    ``delete``, in the same transaction; ipset: ``del ... -exist``. Not counted by
+    ``element_count``: the kernel's elements, not ours."""
+
+    container: str
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MarkStructure:
     """Write the table's structure fingerprint (``state.Structure``) where a restart finds it:
     as the comment of the layout tag's element in ``layouttag`` (``state.STRUCTURE_COMMENT``),
@@ -56,7 +70,7 @@ class MarkStructure:
     fingerprint: str
 
 
-Operation = ReplaceTable | AddElements | AddExpiring | DeleteElements | MarkStructure
+Operation = ReplaceTable | AddElements | AddExpiring | DeleteElements | DropElements | MarkStructure
 
 
 @dataclass
@@ -81,6 +95,11 @@ class Transaction:
         keys = tuple(keys)
         if keys:
             self.operations.append(DeleteElements(container, keys))
+
+    def drop(self, container: str, keys: Iterable[str]) -> None:
+        keys = tuple(keys)
+        if keys:
+            self.operations.append(DropElements(container, keys))
 
     def mark_structure(self, tag: str, fingerprint: str) -> None:
         self.operations.append(MarkStructure(tag, fingerprint))
@@ -113,6 +132,10 @@ class Transaction:
                 out.append(f"add element {prefix} {op.container} {{ {body} }}\n")
             elif isinstance(op, DeleteElements):
                 out.append(f"delete element {prefix} {op.container} {{ {', '.join(op.keys)} }}\n")
+            elif isinstance(op, DropElements):   # present or not: added first, so the delete finds it
+                keys = ", ".join(op.keys)
+                out.append(f"add element {prefix} {op.container} {{ {keys} }}\n"
+                           f"delete element {prefix} {op.container} {{ {keys} }}\n")
             else:
                 tag, comment = tag_address(op.tag), f"{STRUCTURE_COMMENT}{op.fingerprint}"
                 out.append(f"delete element {prefix} {TAG_SET} {{ {tag} }}\n"
