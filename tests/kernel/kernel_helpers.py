@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 from enforcer.demo.topology import Topology
 
 SUB1 = "C-1001"
+
+
+@contextlib.contextmanager
+def scratch_netns(prefix: str) -> Iterator[str]:
+    """A bare network namespace of the test's own (a unique name; only ``lo``, so no route out),
+    deleted with whatever the test put in it (tables, sets) however the test ends."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
 
 
 def python_in(topo: Topology, netns: str, code: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kernel_helpers import scratch_netns
 
 from required import tool
 
@@ -95,9 +95,8 @@ SCRIPT = textwrap.dedent(f"""
 
 
 class Namespace:
-    def __init__(self) -> None:
-        self.name = f"wg-ackmove-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=10)
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def steps(self, backend: str) -> dict[str, object]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -107,17 +106,12 @@ class Namespace:
         result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
         return result
 
-    def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=10)
 
 
 @pytest.fixture
 def ns() -> Iterator[Namespace]:
-    namespace = Namespace()
-    try:
-        yield namespace
-    finally:
-        namespace.close()   # the table and the ipsets go with it
+    with scratch_netns("wg-ackmove") as name:   # the table and the sets go with it
+        yield Namespace(name)
 
 
 def _close(found: dict[str, int], wanted: dict[str, int]) -> bool:

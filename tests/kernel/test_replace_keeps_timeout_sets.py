@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kernel_helpers import scratch_netns
 
 from required import tool
 
@@ -178,9 +178,8 @@ CARRIED = {
 
 
 class Namespace:
-    def __init__(self) -> None:
-        self.name = f"wg-carry-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=10)
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def run(self, *argv: str, timeout: float = 60) -> str:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -221,17 +220,12 @@ class Namespace:
                     items[elem["val"]] = (elem.get("timeout", found.get("timeout")), elem.get("expires"))
         return out
 
-    def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=10)
 
 
 @pytest.fixture
 def ns() -> Iterator[Namespace]:
-    namespace = Namespace()
-    try:
-        yield namespace
-    finally:
-        namespace.close()
+    with scratch_netns("wg-carry") as name:   # the table and the sets go with it
+        yield Namespace(name)
 
 
 def _fill(ns: Namespace) -> dict[str, dict[str, tuple[int | None, int | None]]]:
